@@ -1,0 +1,8 @@
+"""The ONNX side of onnx-admm: normalize, import through onnx2torch, weight map, write-back, encoders.
+
+Nothing here imports the ``onnx_admm`` engine.
+"""
+
+from converters.errors import UserError
+
+__all__ = ["UserError"]
