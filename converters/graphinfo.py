@@ -1,0 +1,272 @@
+"""Read-only facts about an ONNX graph: its real inputs, its compressible weights, its score output.
+
+Everything here works on the ORIGINAL ModelProto (no normalisation needed), so ``inspect``,
+``validate`` and the importer agree on what "the compressible weights" of a model are.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+# Op type -> input indices that hold a compressible weight (DESIGN §6: not biases, not norms).
+# MatMul is special-cased: whichever operand is constant.
+_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "Gather": (0,),
+    "MatMul": (0, 1),
+}
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input that the user must feed (initializers listed as inputs are excluded)."""
+
+    name: str
+    dtype: np.dtype
+    # Each dim is an int, a symbolic name (str), or None when unknown.
+    shape: tuple[int | str | None, ...] | None
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One use of a tensor: node ``node`` (its name, or ``#index`` when nameless) reads it at ``input_index``."""
+
+    node: str
+    op_type: str
+    input_index: int
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where a constant tensor lives in the model."""
+
+    name: str
+    location: str  # "initializer" | "constant" | "sparse_initializer"
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """A compressible weight: a constant tensor read as the weight of Conv/ConvTranspose/Gemm/MatMul/Gather."""
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    location: str
+    consumers: tuple[Consumer, ...] = field(default_factory=tuple)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    """The output the loss and the agreement metric use (DESIGN §6)."""
+
+    name: str
+    index: int
+    # "logits", "probabilities" (a Softmax made it) or "log_probabilities" (a LogSoftmax made it)
+    kind: str
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """A stable label for a node: its name, or ``#index`` for nameless nodes."""
+    return node.name or f"#{index}"
+
+
+def constant_sources(model: onnx.ModelProto) -> dict[str, TensorSource]:
+    """All constant tensors of the main graph by name: initializers, sparse initializers, Constant outputs."""
+    graph = model.graph
+    sources = {t.name: TensorSource(t.name, "initializer") for t in graph.initializer}
+    for sparse in graph.sparse_initializer:
+        sources[sparse.values.name] = TensorSource(sparse.values.name, "sparse_initializer")
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            sources[node.output[0]] = TensorSource(node.output[0], "constant")
+    return sources
+
+
+def identity_aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """Map each Identity output to the tensor it ultimately copies (chains followed)."""
+    direct = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input}
+    resolved = {}
+    for out in direct:
+        src, seen = direct[out], {out}
+        while src in direct and src not in seen:
+            seen.add(src)
+            src = direct[src]
+        resolved[out] = src
+    return resolved
+
+
+def resolve(name: str, aliases: dict[str, str]) -> str:
+    return aliases.get(name, name)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller feeds: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        ttype = value.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type)) if ttype.elem_type else np.dtype("float32")
+        shape = None
+        if ttype.HasField("shape"):
+            dims: list[int | str | None] = []
+            for d in ttype.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(int(d.dim_value))
+                elif d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
+            shape = tuple(dims)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def _tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tuple[tuple[int, ...], int]:
+    graph = model.graph
+    if source.location == "initializer":
+        t = next(t for t in graph.initializer if t.name == source.name)
+        return tuple(t.dims), t.data_type
+    if source.location == "sparse_initializer":
+        s = next(s for s in graph.sparse_initializer if s.values.name == source.name)
+        return tuple(s.dims), s.values.data_type
+    node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == source.name)
+    for attr in node.attribute:
+        if attr.name == "value":
+            return tuple(attr.t.dims), attr.t.data_type
+        if attr.name == "sparse_value":
+            return tuple(attr.sparse_tensor.dims), attr.sparse_tensor.values.data_type
+        if attr.name == "value_floats":
+            return (len(attr.floats),), onnx.TensorProto.FLOAT
+        if attr.name == "value_float":
+            return (), onnx.TensorProto.FLOAT
+    return (), onnx.TensorProto.UNDEFINED
+
+
+def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
+    """The float constant tensors used as weights by Conv, ConvTranspose, Gemm, MatMul or Gather.
+
+    Identity chains are followed back to the constant (exporters share tensors that way). A tensor used
+    by several weight consumers is listed once with all of them. Scalars and 1-D tensors of MatMul are
+    skipped: they are not weight matrices.
+    """
+    sources = constant_sources(model)
+    aliases = identity_aliases(model)
+    found: dict[str, tuple[str, list[Consumer]]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_INPUTS:
+            continue
+        for i in _WEIGHT_INPUTS[node.op_type]:
+            if i >= len(node.input) or not node.input[i]:
+                continue
+            src_name = resolve(node.input[i], aliases)
+            if src_name not in sources:
+                continue
+            if node.op_type == "MatMul" and i == 0 and resolve(node.input[1], aliases) in sources:
+                continue  # constant folding leftovers: both operands constant, not a layer
+            entry = found.setdefault(src_name, (node.op_type, []))
+            entry[1].append(Consumer(node_label(node, index), node.op_type, i))
+    weights = []
+    for name, (op_type, consumers) in found.items():
+        shape, dtype = _tensor_shape_and_type(model, sources[name])
+        if dtype not in FLOAT_TYPES or len(shape) < 2:
+            continue
+        weights.append(WeightInfo(name, op_type, shape, sources[name].location, tuple(consumers)))
+    return weights
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def find_score_output(model: onnx.ModelProto, override: str | None = None) -> ScoreOutput | None:
+    """The first float output shaped [N, C >= 2], or the output named by ``override`` (DESIGN §6).
+
+    Returns None when no output qualifies (the loss then falls back to MSE on all float outputs).
+    A Softmax/LogSoftmax producer (through Identity/Reshape/Flatten) marks probabilities.
+    """
+    producers = _producers(model)
+    outputs = list(model.graph.output)
+    if override is not None:
+        names = [o.name for o in outputs]
+        if override not in names:
+            from converters.errors import UserError
+
+            raise UserError(f"output {override!r} is not a graph output; choose one of {names}")
+        candidates = [(names.index(override), outputs[names.index(override)])]
+    else:
+        candidates = list(enumerate(outputs))
+    for index, value in candidates:
+        ttype = value.type.tensor_type
+        if ttype.elem_type not in FLOAT_TYPES:
+            continue
+        dims = list(ttype.shape.dim) if ttype.HasField("shape") else None
+        if override is None:
+            if dims is None or len(dims) != 2:
+                continue
+            if dims[1].HasField("dim_value") and dims[1].dim_value < 2:
+                continue
+        kind = "logits"
+        name = value.name
+        seen = set()
+        while name in producers and name not in seen:
+            seen.add(name)
+            node = producers[name]
+            if node.op_type == "Softmax":
+                kind = "probabilities"
+                break
+            if node.op_type == "LogSoftmax":
+                kind = "log_probabilities"
+                break
+            if node.op_type not in ("Identity", "Reshape", "Flatten", "Squeeze", "Cast"):
+                break
+            name = node.input[0]
+        return ScoreOutput(value.name, index, kind)
+    return None
+
+
+def tensor_value(model: onnx.ModelProto, source: TensorSource) -> np.ndarray:
+    """The value of a constant tensor (external data must already be loaded)."""
+    graph = model.graph
+    if source.location == "initializer":
+        return numpy_helper.to_array(next(t for t in graph.initializer if t.name == source.name))
+    if source.location == "sparse_initializer":
+        s = next(s for s in graph.sparse_initializer if s.values.name == source.name)
+        return _sparse_to_dense(s)
+    node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == source.name)
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "sparse_value":
+            return _sparse_to_dense(attr.sparse_tensor)
+        if attr.name == "value_floats":
+            return np.asarray(attr.floats, dtype=np.float32)
+        if attr.name == "value_float":
+            return np.asarray(attr.f, dtype=np.float32)
+    raise ValueError(f"Constant {source.name!r} holds no numeric tensor")
+
+
+def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
+    dense[indices] = values
+    return dense.reshape(tuple(sparse.dims))
