@@ -40,7 +40,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Consumer:
-    """One use of a tensor: node ``node`` (its name, or ``#index`` when nameless) reads it at ``input_index``."""
+    """One use of a tensor: node ``node`` (see ``node_label``) reads it at ``input_index``."""
 
     node: str
     op_type: str
@@ -81,8 +81,12 @@ class ScoreOutput:
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
-    """A stable label for a node: its name, or ``#index`` for nameless nodes."""
-    return node.name or f"#{index}"
+    """A stable label for a node: its name, or one made from its op type and position when nameless.
+
+    The normalize pass names nameless nodes with the same rule, so labels computed on the original
+    graph match the module names of the imported copy.
+    """
+    return node.name or f"{node.op_type}_{index}_unnamed"
 
 
 def constant_sources(model: onnx.ModelProto) -> dict[str, TensorSource]:
@@ -270,3 +274,13 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
         indices = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
     dense[indices] = values
     return dense.reshape(tuple(sparse.dims))
+
+
+def format_shape(shape: tuple[int | str | None, ...] | None) -> str:
+    """An ``InputSpec`` shape as users write it: ``[N, 1, 28, 28]``; ``?`` for an unknown dim.
+
+    A shape that is not declared at all reads ``[unknown shape]``.
+    """
+    if shape is None:
+        return "[unknown shape]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -1,0 +1,195 @@
+"""Normalize a COPY of a model so onnx2torch 1.5 can import what real exporters write.
+
+Each pass is a small function ``pass(model) -> bool`` that rewrites the model in place and says
+whether it changed anything (the onnx-ir pass shape). ``normalize`` runs them in order on a deep copy;
+the caller's model is never touched, because write-back needs the original graph byte for byte.
+
+Measured on torch 2.14 exports (DESIGN §4): opset 20 → 17 plus the cleanups below made LeNet-5,
+ResNet-18, MobileNetV2, VGG-11 and a transformer layer import and match onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, version_converter
+
+from converters.errors import UserError
+from converters.graphinfo import _sparse_to_dense, identity_aliases, node_label
+
+logger = logging.getLogger(__name__)
+
+# onnx2torch registers most converters up to opset 13-17.
+TARGET_OPSET = 17
+
+Pass = Callable[[onnx.ModelProto], bool]
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 0
+
+
+def name_nodes(model: onnx.ModelProto) -> bool:
+    """Give nameless nodes the label ``graphinfo.node_label`` computes on the original graph.
+
+    onnx2torch names modules after nodes, so this keeps module -> original node lookups exact.
+    Must run first, while node positions still match the original.
+    """
+    changed = False
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = node_label(node, index)
+            changed = True
+    return changed
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> bool:
+    """onnx2torch cannot read graph.sparse_initializer: turn each into a dense initializer."""
+    graph = model.graph
+    if not graph.sparse_initializer:
+        return False
+    for sparse in graph.sparse_initializer:
+        graph.initializer.append(numpy_helper.from_array(_sparse_to_dense(sparse), sparse.values.name))
+    del graph.sparse_initializer[:]
+    return True
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "sparse_value":
+            return _sparse_to_dense(attr.sparse_tensor)
+        if attr.name == "value_float":
+            return np.asarray(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.asarray(attr.floats, dtype=np.float32)
+        if attr.name == "value_int":
+            return np.asarray(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.asarray(attr.ints, dtype=np.int64)
+    return None
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> bool:
+    """Constant nodes become initializers of the same name (onnx2torch's Conv needs initializers;
+    paddle2onnx stores every weight as a Constant node)."""
+    graph = model.graph
+    keep, changed = [], False
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = _constant_value(node)
+            if value is not None:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                changed = True
+                continue
+        keep.append(node)
+    if changed:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return changed
+
+
+def bypass_identity_of_constants(model: onnx.ModelProto) -> bool:
+    """Point consumers of Identity(initializer) straight at the initializer and drop the Identity.
+
+    Exporters share one tensor between layers that way; onnx2torch would otherwise see a computed
+    value where it needs a constant weight.
+    """
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    aliases = {k: v for k, v in identity_aliases(model).items() if v in inits}
+    if not aliases:
+        return False
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] in aliases and node.output[0] not in outputs:
+            continue
+        for i, name in enumerate(node.input):
+            if name in aliases:
+                node.input[i] = aliases[name]
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return True
+
+
+def downconvert_opset(model: onnx.ModelProto) -> bool:
+    """Convert the default-domain opset down to 17 with onnx's version converter."""
+    version = _default_opset(model)
+    if version <= TARGET_OPSET:
+        return False
+    try:
+        converted = version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors / C++ errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot convert the model from opset {version} to {TARGET_OPSET} for import: {first}; "
+            f"re-export the model with opset_version={TARGET_OPSET}"
+        ) from None
+    model.CopyFrom(converted)
+    return True
+
+
+def drop_noop_with_empty_axes(model: onnx.ModelProto) -> bool:
+    """The down-converter leaves ``noop_with_empty_axes`` on Reduce* nodes where opset 17 rejects it."""
+    changed = False
+    for node in model.graph.node:
+        if node.op_type.startswith("Reduce") and node.op_type != "ReduceSum":
+            attrs = [a for a in node.attribute if a.name == "noop_with_empty_axes"]
+            for attr in attrs:
+                if attr.i != 0:
+                    raise UserError(
+                        f"node {node.name!r} ({node.op_type}) uses noop_with_empty_axes=1, which opset "
+                        f"{TARGET_OPSET} cannot express; re-export the model with opset_version={TARGET_OPSET}"
+                    )
+                node.attribute.remove(attr)
+                changed = True
+    return changed
+
+
+def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
+    """``allowzero=1`` only matters when the shape holds a 0; onnx2torch rejects the attribute."""
+    inits = {t.name: t for t in model.graph.initializer}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        for attr in [a for a in node.attribute if a.name == "allowzero" and a.i == 1]:
+            shape = inits.get(node.input[1]) if len(node.input) > 1 else None
+            if shape is not None and 0 not in numpy_helper.to_array(shape).tolist():
+                node.attribute.remove(attr)
+                changed = True
+    return changed
+
+
+PASSES: list[Pass] = [
+    name_nodes,
+    densify_sparse_initializers,
+    constants_to_initializers,
+    bypass_identity_of_constants,
+    downconvert_opset,
+    # The converter can add Constant nodes and Identity chains of its own: run the cleanups after it.
+    constants_to_initializers,
+    bypass_identity_of_constants,
+    drop_noop_with_empty_axes,
+    drop_reshape_allowzero,
+]
+
+
+def normalize(model: onnx.ModelProto, passes: list[Pass] | None = None) -> onnx.ModelProto:
+    """Return a normalized deep copy of ``model``; external data must already be loaded."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for p in PASSES if passes is None else passes:
+        if p(copy):
+            logger.debug("normalize: %s changed the model", p.__name__)
+    return copy
