@@ -1,0 +1,69 @@
+"""Tests for onnx_admm.schedule: stage lists and nested masks over a progressive run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onnx_admm.projections import Unstructured, Within, allocate_global, keep_count
+from onnx_admm.schedule import geometric_stages, validate_stages
+
+
+def test_geometric_stages_values():
+    assert geometric_stages(0.99, 2) == pytest.approx([0.9, 0.99])
+    assert geometric_stages(0.99, 2)[-1] == 0.99
+    assert geometric_stages(0.975, 1) == [0.975]
+    ratios = [1 / (1 - s) for s in geometric_stages(0.999, 3)]
+    assert ratios == pytest.approx([10, 100, 1000])
+    ratios = [1 / (1 - s) for s in geometric_stages(1 - 1 / 246, 4, first_ratio=4)]
+    assert ratios == pytest.approx([4, 15.78, 62.3, 246], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [((1.0, 2), r"\[0, 1\)"), ((-0.1, 2), r"\[0, 1\)"), ((0.9, 0), ">= 1"), ((0.9, 2.0), ">= 1"),
+     ((0.0, 3), "rise strictly"), ((0.9, 3, 20.0), "first_ratio")],
+)
+def test_geometric_stages_validates(args, match):
+    with pytest.raises(ValueError, match=match):
+        geometric_stages(*args)
+
+
+def test_validate_stages():
+    assert validate_stages((0.5, 0.9)) == [0.5, 0.9]
+    for bad, match in (([], "at least one"), ([0.5, 0.5], "rise strictly"), ([0.9, 0.5], "rise strictly"),
+                       ([0.5, 1.0], r"\[0, 1\)")):
+        with pytest.raises(ValueError, match=match):
+            validate_stages(bad)
+
+
+@pytest.mark.parametrize("global_target", [False, True])
+def test_progressive_masks_are_nested(global_target):
+    """Between stages every weight drifts (worst case: even pruned ones move, and kept ones hit 0)."""
+    g = torch.Generator().manual_seed(0)
+    weights = {"conv": torch.randn(8, 4, 3, 3, generator=g), "fc": torch.randn(20, 30, generator=g)}
+    supports = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    for stage, sparsity in enumerate(geometric_stages(0.98, 4)):
+        for name, w in weights.items():
+            w.add_(torch.randn(w.shape, generator=g))
+            w[supports[name] & (torch.rand(w.shape, generator=g) < 0.3)] = 0.0  # kept weights that are exactly 0
+        if global_target:
+            keeps = allocate_global(weights, sparsity, floor=0.01, allowed=supports)
+        else:
+            keeps = {n: keep_count(w.numel(), sparsity) for n, w in weights.items()}
+        new = {n: Within(Unstructured(keeps[n]), supports[n]).support(w) for n, w in weights.items()}
+        for name in weights:
+            assert not (new[name] & ~supports[name]).any(), f"stage {stage} revived a pruned entry of {name}"
+            assert int(new[name].sum()) == keeps[name]
+        supports = new
+    if global_target:
+        total = sum(int(s.sum()) for s in supports.values())
+        assert total == keep_count(sum(w.numel() for w in weights.values()), 0.98)
+
+
+def test_plain_projection_of_masked_weights_is_not_enough():
+    """Why Within exists: projecting w * previous_support breaks ties at 0 by index, not by support."""
+    w = torch.tensor([0.0, 0.0, 0.7, 0.0])
+    previous = torch.tensor([False, False, True, True])  # entry 3 was kept but is now exactly 0
+    assert Unstructured(2).support(w * previous).tolist() == [True, False, True, False]
+    assert Within(Unstructured(2), previous).support(w).tolist() == [False, False, True, True]
