@@ -1,0 +1,93 @@
+"""Shared pytest fixtures: the ONNX test models of ``tests/models.py`` and the bundled digits sample.
+
+Every fixture is session-scoped, and each model file is exported at most once per session, on first
+use, into one ``tmp_path_factory`` folder (all 13 files take about 10 s on 2 cores; the dynamo ones
+are the slow part, ≈ 1–4 s each). A test that needs one model pays only for that one.
+
+File keys (``models.ONNX_FILES``): ``<model>_torchscript`` and ``<model>_dynamo`` for the torch models
+``lenet5``, ``resnet_block``, ``mobilenet_block``, ``transformer``, ``two_outputs``; the bare name for
+the hand-written graphs ``constant_weights``, ``shared_gemm``, ``shared_matmul``. Every graph has one
+input named ``input`` with a dynamic batch axis; outputs are ``logits`` (``two_outputs``: ``logits``,
+``probs``). A dynamo file ``X.onnx`` has its weights in ``X.onnx.data`` beside it: load it by path.
+
+Fixtures:
+- ``onnx_models_dir`` → Path: the folder holding the exported files.
+- ``onnx_model_file`` → callable ``key -> Path``: exports one file on first call, e.g.
+  ``onnx_model_file("lenet5_dynamo")``.
+- ``onnx_models`` → ``dict[str, Path]``: every file key → path (exports them all).
+- ``any_onnx_model`` → ``models.OnnxFile`` (key, spec, exporter, path), parametrized over every file
+  key (test ids are the keys): a test that takes it runs once per file.
+- ``<key>_onnx`` → Path, one per file key: ``lenet5_torchscript_onnx``, ``lenet5_dynamo_onnx``,
+  ``resnet_block_torchscript_onnx`` (BatchNormalization kept), ``resnet_block_dynamo_onnx``,
+  ``mobilenet_block_torchscript_onnx``, ``mobilenet_block_dynamo_onnx``, ``transformer_torchscript_onnx``,
+  ``transformer_dynamo_onnx``, ``two_outputs_torchscript_onnx``, ``two_outputs_dynamo_onnx``,
+  ``constant_weights_onnx``, ``shared_gemm_onnx``, ``shared_matmul_onnx``.
+- ``digits_sample`` → ``models.DigitsSample`` with the paths ``model``, ``train``, ``test``, ``recipe`` and
+  ``dir`` of the committed ``samples/digits`` files (read-only: copy before changing them).
+
+Helpers for tests (import them: ``from models import MODELS, expected_weight_names``): see models.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from models import DIGITS_DIR, MODELS, ONNX_FILES, DigitsSample, OnnxFile, export
+
+
+@pytest.fixture(scope="session")
+def onnx_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx_models")
+
+
+@pytest.fixture(scope="session")
+def onnx_model_file(onnx_models_dir: Path) -> Callable[[str], Path]:
+    # A cache rather than one fixture that exports everything: most tests need one or two models.
+    exported: dict[str, Path] = {}
+
+    def get(key: str) -> Path:
+        if key not in exported:
+            name, exporter = ONNX_FILES[key]
+            exported[key] = export(name, exporter, onnx_models_dir / f"{key}.onnx")
+        return exported[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def onnx_models(onnx_model_file: Callable[[str], Path]) -> dict[str, Path]:
+    return {key: onnx_model_file(key) for key in ONNX_FILES}
+
+
+@pytest.fixture(scope="session", params=list(ONNX_FILES), ids=list(ONNX_FILES))
+def any_onnx_model(request: pytest.FixtureRequest, onnx_model_file: Callable[[str], Path]) -> OnnxFile:
+    name, exporter = ONNX_FILES[request.param]
+    return OnnxFile(request.param, MODELS[name], exporter, onnx_model_file(request.param))
+
+
+def _file_fixture(key: str) -> Callable[..., Path]:
+    @pytest.fixture(scope="session", name=f"{key}_onnx")
+    def fixture(onnx_model_file: Callable[[str], Path]) -> Path:
+        return onnx_model_file(key)
+
+    fixture.__doc__ = f"Path of the exported {key!r} ONNX file."
+    return fixture
+
+
+# One named fixture per file, generated so the list cannot drift from models.ONNX_FILES.
+for _key in ONNX_FILES:
+    globals()[f"_{_key}_onnx"] = _file_fixture(_key)
+
+
+@pytest.fixture(scope="session")
+def digits_sample() -> DigitsSample:
+    return DigitsSample(
+        dir=DIGITS_DIR,
+        model=DIGITS_DIR / "model.onnx",
+        train=DIGITS_DIR / "train.npz",
+        test=DIGITS_DIR / "test.npz",
+        recipe=DIGITS_DIR / "recipe.toml",
+    )
