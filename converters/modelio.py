@@ -52,6 +52,11 @@ def external_data_files(model: onnx.ModelProto) -> set[str]:
     return locations
 
 
+def uses_external_data(path: str | Path) -> bool:
+    """Whether the model file at ``path`` keeps tensors in external data files."""
+    return bool(external_data_files(onnx.load(str(path), load_external_data=False)))
+
+
 def _all_tensors(model: onnx.ModelProto):
     graph = model.graph
     yield from graph.initializer

@@ -1,0 +1,198 @@
+"""Pre-flight check for pipelines: can this model be imported, trained and written back faithfully?
+
+Steps, each PASS/FAIL with the measured figure:
+1. import through the normalize pass and onnx2torch;
+2. the torch module matches onnxruntime on the given (or synthesized) inputs;
+3. one backward pass reaches every trainable parameter;
+4. perturbed weights written back run in onnxruntime exactly like the torch module holding them;
+5. unchanged weights written back leave every tensor byte-identical (and graph I/O and node names).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from converters.errors import UserError
+from converters.graphinfo import constant_sources, tensor_value
+from converters.importer import ImportedModel, import_model
+from converters.inputs import synthesize_inputs
+from converters.modelio import load_model, save_model
+from converters.writeback import write_back
+
+logger = logging.getLogger(__name__)
+
+# torch vs onnxruntime on the same float32 weights: kernels differ in summation order, so allow a
+# small absolute error plus a relative one scaled by the output magnitude.
+ATOL = 1e-4
+RTOL = 1e-4
+
+
+@dataclass
+class Step:
+    name: str
+    passed: bool
+    detail: str
+    value: float | None = None
+
+
+@dataclass
+class CheckReport:
+    model: str
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.steps) and all(s.passed for s in self.steps)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "passed": self.passed, "steps": [asdict(s) for s in self.steps]}
+
+    def format(self) -> str:
+        lines = [f"check {self.model}"]
+        lines += [f"  {'PASS' if s.passed else 'FAIL'}  {s.name:<22} {s.detail}" for s in self.steps]
+        lines.append("all checks passed" if self.passed else "check FAILED")
+        return "\n".join(lines)
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Largest absolute difference over paired float outputs (0.0 when there are none)."""
+    diffs = [float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+             for x, y in zip(a, b) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+    return max(diffs, default=0.0)
+
+
+def within_tolerance(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[bool, float]:
+    """Outputs agree within ATOL + RTOL * max|reference| (non-float outputs must be equal)."""
+    ok = True
+    for ref, got in zip(reference, other):
+        if ref.shape != got.shape:
+            return False, float("inf")
+        if np.issubdtype(ref.dtype, np.floating):
+            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            ok &= bool(np.all(np.abs(ref.astype(np.float64) - got) <= ATOL + RTOL * scale))
+        else:
+            ok &= bool(np.array_equal(ref, got))
+    return ok, max_abs_diff(reference, other)
+
+
+def run_onnxruntime(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:
+    from onnx_admm.validate import open_session
+
+    session = open_session(path, threads)
+    return session.run(None, feeds)
+
+
+def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, seed: int = 0) -> CheckReport:
+    """Run every step; stops after the first failure that makes the rest meaningless.
+
+    Args:
+        model_path: the ONNX file (external data next to it).
+        feeds: inputs keyed by graph input name; synthesized from the graph when None.
+        seed: seed for synthesized inputs and perturbations.
+    """
+    model_path = Path(model_path)
+    report = CheckReport(str(model_path))
+    original = load_model(model_path)
+    try:
+        imported = import_model(original)
+    except UserError as exc:
+        report.steps.append(Step("import", False, str(exc)))
+        return report
+    n_params = sum(p.numel() for p in imported.module.parameters() if p.requires_grad)
+    report.steps.append(Step(
+        "import", True,
+        f"{len(imported.weights)} trainable tensors ({n_params} values), "
+        f"{len(imported.compressible())} compressible weights",
+    ))
+    if feeds is None:
+        feeds = synthesize_inputs(original, batch=2, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="onnx-admm-check-") as tmp:
+        reference = run_onnxruntime(model_path, feeds)
+        ok, diff = within_tolerance(reference, imported.run(feeds))
+        report.steps.append(Step("torch vs onnxruntime", ok, f"max abs diff {diff:.3g}", diff))
+        report.steps.append(_check_backward(imported, feeds))
+        report.steps.append(_check_perturbed(imported, feeds, Path(tmp), seed))
+        report.steps.append(_check_unchanged(original, model_path, Path(tmp)))
+    return report
+
+
+def _check_backward(imported: ImportedModel, feeds: dict[str, np.ndarray]) -> Step:
+    module = imported.module
+    module.zero_grad(set_to_none=True)
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in imported.input_names]
+    outputs = [o for o in module(*args) if o.is_floating_point()]
+    if not outputs:
+        return Step("backward", False, "the model has no float output to train on")
+    sum(o.float().pow(2).mean() for o in outputs).backward()
+    missing = [e.onnx_name for e in imported.weights if imported.parameter(e).grad is None]
+    module.zero_grad(set_to_none=True)
+    if missing:
+        return Step("backward", False, f"no gradient reaches {len(missing)} tensors, e.g. {missing[0]}")
+    return Step("backward", True, f"gradients reach all {len(imported.weights)} trainable tensors")
+
+
+def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Path, seed: int) -> Step:
+    generator = torch.Generator().manual_seed(seed)
+    saved = {e.param: imported.parameter(e).detach().clone() for e in imported.weights}
+    try:
+        with torch.no_grad():
+            for entry in imported.weights:
+                p = imported.parameter(entry)
+                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1 * (p.std() if p.numel() > 1 else 1.0))
+                if entry.compressible:  # zero most of it, so the sparse encoder is exercised too
+                    keep = torch.rand(p.shape, generator=generator) < 0.1
+                    p.mul_(keep.to(p.dtype))
+        expected = imported.run(feeds)
+        result = write_back(imported.original, imported.updates())
+        path = tmp / "perturbed.onnx"
+        save_model(result.model, path)
+        onnx.checker.check_model(str(path))
+        got = run_onnxruntime(path, feeds)
+    finally:
+        with torch.no_grad():
+            for entry in imported.weights:
+                imported.parameter(entry).copy_(saved[entry.param])
+    ok, diff = within_tolerance(expected, got)
+    kinds = sorted(set(result.encodings.values()))
+    return Step("perturbed write-back", ok, f"max abs diff {diff:.3g} (encodings: {', '.join(kinds) or 'none'})", diff)
+
+
+def _check_unchanged(original: onnx.ModelProto, model_path: Path, tmp: Path) -> Step:
+    # A fresh import, so nothing a previous step did to the module can leak in.
+    imported = import_model(original)
+    result = write_back(original, imported.updates())
+    path = tmp / "unchanged.onnx"
+    save_model(result.model, path)
+    written = load_model(path)
+    problems = _structural_differences(original, written)
+    if result.encodings:
+        problems.append(f"{len(result.encodings)} tensors rewritten")
+    if problems:
+        return Step("unchanged write-back", False, "; ".join(problems[:3]))
+    return Step("unchanged write-back", True, "graph I/O, node names and every tensor byte-identical")
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {name: tensor_value(model, src).tobytes() for name, src in constant_sources(model).items()}
+
+
+def _structural_differences(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
+    problems = []
+    if [i.SerializeToString() for i in a.graph.input] != [i.SerializeToString() for i in b.graph.input]:
+        problems.append("graph inputs differ")
+    if [o.SerializeToString() for o in a.graph.output] != [o.SerializeToString() for o in b.graph.output]:
+        problems.append("graph outputs differ")
+    if [n.name for n in a.graph.node] != [n.name for n in b.graph.node]:
+        problems.append("node names differ")
+    ta, tb = _tensor_bytes(a), _tensor_bytes(b)
+    changed = [k for k in ta if ta[k] != tb.get(k)]
+    if changed:
+        problems.append(f"{len(changed)} tensors differ, e.g. {changed[0]}")
+    return problems

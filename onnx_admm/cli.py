@@ -1,0 +1,244 @@
+"""The ``onnx-admm`` command line: a thin click layer over the Python API.
+
+Exit codes (DESIGN §6): 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy gate;
+130 interrupted (Ctrl-C), after saving the last completed stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from converters.errors import UserError
+from onnx_admm import __version__
+
+EXIT_GATE = 3
+EXIT_INTERRUPTED = 130
+
+
+class _Command(click.Command):
+    """Turn UserError into a one-line message and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _write_json(path: str | Path, data: dict) -> None:
+    """Atomic JSON write: a temporary file in the target directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".onnx-admm-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="onnx-admm")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Compress ONNX models with ADMM and write the result back into the original graph."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model: str, as_json: bool) -> None:
+    """List the compressible weights of MODEL, its score output, and anything that cannot be imported."""
+    from onnx_admm.inspection import format_inspection, inspect_model
+
+    info = inspect_model(model)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
+    if data is None:
+        return None
+    from converters.graphinfo import graph_inputs
+    from converters.modelio import load_model
+    from onnx_admm.data import LABELS, resolve_data
+
+    specs = graph_inputs(load_model(model_path))
+    feeds = resolve_data(data, specs).take(n)._feed(slice(None))
+    feeds.pop(LABELS, None)
+    return feeds
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", type=str, help="Inputs (.npz keyed by graph input names); synthesized when omitted.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def check(model: str, data: str | None, as_json: bool) -> None:
+    """Pre-flight: import MODEL, compare torch with onnxruntime, and prove write-back. Exit 0 only if all pass."""
+    from onnx_admm.check import check as run_check
+
+    report = run_check(model, _load_feeds(model, data))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("compressed", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=str, help="Held-out inputs (.npz; optional `labels`).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="onnxruntime threads.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None) -> None:
+    """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: agreement, accuracy, size, latency."""
+    from converters.graphinfo import graph_inputs
+    from converters.modelio import load_model
+    from onnx_admm.data import resolve_data
+    from onnx_admm.validate import format_table
+    from onnx_admm.validate import validate as run_validate
+
+    dataset = resolve_data(data, graph_inputs(load_model(original)))
+    report = run_validate(original, compressed, dataset, batch_size=batch_size, threads=threads)
+    click.echo(format_table(report))
+    if report_path:
+        _write_json(report_path, report.to_dict())
+
+
+class _Progress:
+    """One self-overwriting status line on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.stage = ""
+
+    def __call__(self, event: dict) -> None:
+        if self.quiet:
+            return
+        kind = event["kind"]
+        if kind == "stage":
+            target = event.get("target")
+            self.stage = f"stage {event['stage'] + 1}/{event['stages']}" + (f" (sparsity {target:.4g})" if target is not None else "")
+            click.echo(self.stage, err=True)
+        elif kind == "batch" and event["batch"] % 10 == 0:
+            acc = f" acc {event['acc']:.3f}" if event.get("acc") is not None else ""
+            click.echo(f"\r  {event['phase']:<7} epoch {event['epoch'] + 1} batch {event['batch']:>5} "
+                       f"loss {event['loss']:.4f}{acc}   ", err=True, nl=False)
+        elif kind == "val":
+            metric = f"{event['metric']:.4f}" if event.get("metric") is not None else "n/a"
+            click.echo(f"\r  retrain epoch {event['epoch'] + 1}: loss {event['loss']:.4f}, validation {metric}        ",
+                       err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed ONNX file to write.")
+@click.option("--data", required=True, type=str, help="Training data: .npz or package.module:function plugin.")
+@click.option("--val-data", type=str, help="Held-out data (default: val_fraction of --data).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; flags override it.")
+@click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
+@click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
+@click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage.")
+@click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--lr", type=float)
+@click.option("--rho", type=float, help="Initial ADMM rho.")
+@click.option("--seed", type=int)
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")
+@click.option("--device", type=str, help="cpu or cuda[:N].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Exit 3 when the drop exceeds this fraction.")
+@click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
+             stages: int | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
+             lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
+             report_path: str | None, max_accuracy_drop: float | None, save_stages: str | None, quiet: bool) -> None:
+    """Prune MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
+    from onnx_admm.api import CompressInterrupted
+    from onnx_admm.api import compress as run_compress
+    from onnx_admm.recipe import CompressConfig
+    from onnx_admm.validate import format_table
+
+    config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
+    prune_changes: dict[str, Any] = {"sparsity": sparsity, "stages": stages}
+    if sparsity is not None and config.prune.targets is not None:
+        prune_changes["targets"] = None  # --sparsity replaces the recipe's explicit stage list
+    config = config.replace(
+        train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device},
+        admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
+        prune=prune_changes,
+    )
+    if sparsity is not None and config.prune.targets is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, targets=None))
+    try:
+        result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet))
+    except CompressInterrupted as exc:
+        if exc.result is None:
+            click.echo("interrupted before the first stage completed; nothing was written", err=True)
+        else:
+            exc.result.save(output)
+            last = exc.result.stages[-1]
+            click.echo(f"interrupted: saved stage {last.index + 1} (sparsity {last.sparsity:.4f}) to {output}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if save_stages:
+        stem = Path(output).stem
+        for k, stage in enumerate(result.stages):
+            result.save(Path(save_stages) / f"{stem}.stage{stage.index + 1}.onnx", stage=k)
+    result.save(output)
+    report = result.report
+    report["output"] = str(output)
+    gate = _accuracy_drop(report)
+    report["accuracy_drop"] = gate
+    if report_path:
+        _write_json(report_path, report)
+    if not quiet:
+        click.echo(_summary(report))
+    from onnx_admm.validate import ValidationReport  # noqa: F401  (table comes from the report dict)
+
+    if max_accuracy_drop is not None and gate is not None and gate > max_accuracy_drop:
+        click.echo(f"accuracy gate failed: drop {gate:.4f} > --max-accuracy-drop {max_accuracy_drop}", err=True)
+        sys.exit(EXIT_GATE)
+
+
+def _accuracy_drop(report: dict) -> float | None:
+    m = report["metrics"]
+    if m.get("original_accuracy") is not None and m.get("compressed_accuracy") is not None:
+        return m["original_accuracy"] - m["compressed_accuracy"]
+    if m.get("agreement") is not None:
+        return 1.0 - m["agreement"]
+    return None
+
+
+def _summary(report: dict) -> str:
+    m = report["metrics"]
+    lines = [f"{'layer':<40} {'shape':<20} {'sparsity':>9} {'residual':>9}"]
+    for layer in report["layers"]:
+        res = f"{layer['residual']:.3g}" if layer["residual"] is not None else "-"
+        lines.append(f"{layer['name']:<40} {str(tuple(layer['shape'])):<20} {layer['sparsity']:>9.4f} {res:>9}")
+    ratio = report["compression_ratio"]
+    lines.append(f"weights: {report['params']['nonzero']} of {report['params']['total']} nonzero"
+                 + (f" ({ratio:.1f}x)" if ratio else ""))
+    lines.append(f"file: {report['original']['bytes']} -> {report['compressed']['bytes']} bytes "
+                 f"(gzip {report['original']['bytes_gzip']} -> {report['compressed']['bytes_gzip']})")
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    lines.append(f"held-out: accuracy {pct(m['original_accuracy'])} -> {pct(m['compressed_accuracy'])}, "
+                 f"agreement {pct(m['agreement'])}")
+    return "\n".join(lines)

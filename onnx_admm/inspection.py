@@ -1,0 +1,66 @@
+"""``inspect``: what a model holds that onnx-admm can compress, and what it cannot import and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from converters.errors import UserError
+from converters.graphinfo import compressible_weights, find_score_output, graph_inputs
+from converters.importer import import_model, unsupported_nodes
+from converters.modelio import load_model
+from converters.normalize import normalize
+
+
+def inspect_model(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready description: inputs, outputs, score output, compressible weights, import problems."""
+    model = load_model(path)
+    weights = compressible_weights(model)
+    score = find_score_output(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    problems: list[str] = []
+    trainable = None
+    try:
+        problems = unsupported_nodes(normalize(model))
+        if not problems:
+            trainable = len(import_model(model).weights)
+    except UserError as exc:
+        problems.append(str(exc))
+    return {
+        "model": str(path),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "opset": opset,
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape) if s.shape is not None else None}
+                   for s in graph_inputs(model)],
+        "outputs": [o.name for o in model.graph.output],
+        "score_output": None if score is None else {"name": score.name, "kind": score.kind},
+        "weights": [
+            {"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "params": w.size,
+             "location": w.location, "consumers": [c.node for c in w.consumers]}
+            for w in weights
+        ],
+        "total_params": sum(w.size for w in weights),
+        "trainable_tensors": trainable,
+        "importable": not problems,
+        "problems": problems,
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    lines = [f"{info['model']}  ({info['producer'] or 'unknown producer'}, opset {info['opset']})"]
+    for i in info["inputs"]:
+        lines.append(f"  input  {i['name']}: {i['dtype']} {i['shape']}")
+    score = info["score_output"]
+    for name in info["outputs"]:
+        mark = f"  <- score output ({score['kind']})" if score and score["name"] == name else ""
+        lines.append(f"  output {name}{mark}")
+    lines.append(f"  {'weight':<40} {'op':<14} {'shape':<20} {'params':>10}  stored as")
+    for w in info["weights"]:
+        lines.append(f"  {w['name']:<40} {w['op_type']:<14} {str(tuple(w['shape'])):<20} {w['params']:>10}  {w['location']}")
+    lines.append(f"  {len(info['weights'])} compressible weights, {info['total_params']} parameters")
+    if info["importable"]:
+        lines.append(f"  imports into PyTorch: {info['trainable_tensors']} trainable tensors")
+    else:
+        lines.append("  cannot import:")
+        lines += [f"    {p}" for p in info["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Compression recipes: frozen config dataclasses, the same objects a TOML recipe loads into.
+
+Layout of a recipe (every table optional, unknown keys are errors):
+
+    [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
+               val_fraction, output, update_bn
+    [admm]     epochs, retrain_epochs, period, rho, rho_growth, rho_max, rescale_dual
+    [prune]    sparsity (global target), stages, targets, floor
+    [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; skip
+
+Rules are tried in order and the first match wins. A rule's ``sparsity`` fixes that weight's own
+target; ``skip = true`` leaves it untouched. Weights no rule matches share the global
+``prune.sparsity``, spread over the layers by global magnitude ranking (DESIGN §6); without a
+global target they stay untouched. Structure and quantization keys will be added to the same tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from converters.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def _fail(message: str) -> None:
+    raise UserError(message)
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1.0):
+        _fail(f"{name} must be a fraction in [0, 1) (0.975 = 40x), got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How weights are trained during ADMM and retraining."""
+
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+    threads: int | None = None  # None: torch's default
+    device: str = "cpu"
+    val_fraction: float = 0.1
+    output: str | None = None  # score output override (DESIGN §6)
+    update_bn: bool = False  # let BatchNorm running statistics move while training
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            _fail(f"train.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not self.lr > 0:
+            _fail(f"train.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            _fail(f"train.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            _fail(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            _fail(f"train.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            _fail(f"train.threads must be a positive integer, got {self.threads!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            _fail(f"train.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not 0 < self.val_fraction < 1:
+            _fail(f"train.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass(frozen=True)
+class ADMMConfig:
+    """The ADMM schedule of one stage: ADMM epochs, then masked retraining."""
+
+    epochs: int = 10
+    retrain_epochs: int = 5
+    period: int = 1  # epochs between Z/U updates
+    rho: float = 1e-3
+    rho_growth: float = 1.3
+    rho_max: float = 1.0
+    # Textbook scaled ADMM rescales U when rho grows; the authors' code does not. Rescaling measured
+    # better (see onnx_admm.admm.ADMM), so it is the default.
+    rescale_dual: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "retrain_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                _fail(f"admm.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.period, int) or self.period < 1:
+            _fail(f"admm.period must be an integer >= 1 (epochs between Z/U updates), got {self.period!r}")
+        if not self.rho > 0:
+            _fail(f"admm.rho must be > 0 (typical: 1e-3), got {self.rho!r}")
+        if not self.rho_growth >= 1:
+            _fail(f"admm.rho_growth must be >= 1 (typical: 1.3), got {self.rho_growth!r}")
+        if not self.rho_max >= self.rho:
+            _fail(f"admm.rho_max must be >= admm.rho, got {self.rho_max!r} < {self.rho!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Global unstructured target and its progressive stages."""
+
+    sparsity: float | None = None
+    stages: int = 1  # stages to the target, spaced geometrically in compression ratio
+    targets: tuple[float, ...] | None = None  # explicit global stage targets (overrides stages)
+    floor: float = 0.01  # every layer keeps at least this fraction in global allocation
+
+    def __post_init__(self) -> None:
+        _check_fraction("prune.sparsity", self.sparsity)
+        if not isinstance(self.stages, int) or self.stages < 1:
+            _fail(f"prune.stages must be an integer >= 1, got {self.stages!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+            if not self.targets:
+                _fail("prune.targets must not be empty; give rising sparsities like [0.9, 0.96, 0.975]")
+            for t in self.targets:
+                _check_fraction("each of prune.targets", t)
+            if any(b <= a for a, b in zip(self.targets, self.targets[1:])):
+                _fail(f"prune.targets must rise strictly, got {list(self.targets)}")
+            if self.sparsity is not None and abs(self.targets[-1] - self.sparsity) > 1e-12:
+                _fail(f"prune.targets must end at prune.sparsity ({self.sparsity}), got {list(self.targets)}")
+        if not 0 <= self.floor < 1:
+            _fail(f"prune.floor must be in [0, 1), got {self.floor!r}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Per-weight settings; matches by ONNX tensor name glob and/or consumer op type."""
+
+    match: str | None = None
+    op_type: str | None = None
+    sparsity: float | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.match is None and self.op_type is None:
+            _fail("each [[rules]] entry needs `match` (a glob on weight names) or `op_type`")
+        _check_fraction("rules.sparsity", self.sparsity)
+        if self.skip and self.sparsity is not None:
+            _fail(f"rule {self.match or self.op_type!r}: `skip = true` and `sparsity` contradict; keep one")
+
+    def matches(self, name: str, op_type: str) -> bool:
+        return (self.match is None or fnmatch.fnmatchcase(name, self.match)) and (
+            self.op_type is None or self.op_type == op_type
+        )
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything ``compress`` needs; what a TOML recipe loads into."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    admm: ADMMConfig = field(default_factory=ADMMConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    @property
+    def targets_anything(self) -> bool:
+        return self.prune.sparsity is not None or self.prune.targets is not None or any(
+            r.sparsity is not None for r in self.rules
+        )
+
+    def rule_for(self, name: str, op_type: str) -> Rule | None:
+        return next((r for r in self.rules if r.matches(name, op_type)), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["rules"] = [{k: v for k, v in r.items() if v is not None and v is not False} for r in data["rules"]]
+        for table in ("train", "admm", "prune"):
+            data[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data[table].items() if v is not None}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
+        _reject_unknown("recipe", data, {"train", "admm", "prune", "rules"})
+        kwargs: dict[str, Any] = {}
+        for key, sub in (("train", TrainConfig), ("admm", ADMMConfig), ("prune", PruneConfig)):
+            if key in data:
+                kwargs[key] = _build(sub, data[key], f"[{key}]")
+        if "rules" in data:
+            if not isinstance(data["rules"], list):
+                _fail("`rules` must be an array of tables: write each rule as [[rules]]")
+            kwargs["rules"] = tuple(_build(Rule, r, "[[rules]]") for r in data["rules"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> CompressConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read recipe {path}: {exc.strerror}; pass an existing .toml file") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **tables: Mapping[str, Any]) -> CompressConfig:
+        """A copy with some fields of some tables changed: ``cfg.replace(train={"lr": 0.1})``."""
+        kwargs = {}
+        for table, changes in tables.items():
+            changes = {k: v for k, v in changes.items() if v is not None}
+            if changes:
+                kwargs[table] = dataclasses.replace(getattr(self, table), **changes)
+        return dataclasses.replace(self, **kwargs) if kwargs else self
+
+
+def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
+    if not isinstance(data, Mapping):
+        _fail(f"{where} must be a table, got {type(data).__name__}")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        _fail(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(known))}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    _reject_unknown(where, data, {f.name for f in fields(cls)})
+    values = dict(data)
+    if "targets" in values and values["targets"] is not None:
+        values["targets"] = tuple(values["targets"])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise UserError(f"bad value in {where}: {exc}") from None
