@@ -1,0 +1,513 @@
+"""Representative inputs for compress and validate: ``.npz`` files and Python loader plugins (DESIGN §6 "Data").
+
+An ``.npz`` holds one array per graph input, keyed by the input's name, plus optional ``labels``
+(integer class ids, one per sample). The first axis of an array is the sample axis when the input
+has one; an input without a sample axis (a fixed state, a lookup table) is passed as is in every
+batch. Which inputs are batched is decided once, from the graph's declared shapes and the array
+lengths (see ``from_arrays``).
+
+A loader plugin ``package.module:function`` is called with no arguments once per epoch and yields
+dicts ``{input_name: array, "labels": optional}``; each dict is checked with the same rules and
+messages as an ``.npz``.
+
+All problems with the user's data raise ``UserError`` with a one-line message naming the problem
+and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from converters.errors import UserError
+from converters.graphinfo import InputSpec, format_shape
+
+logger = logging.getLogger(__name__)
+
+LABELS = "labels"
+
+_PLUGIN_RE = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
+_NPZ_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class Dataset:
+    """Arrays in memory, keyed by graph input name, with optional integer labels.
+
+    Attributes:
+        inputs: One array per graph input.
+        labels: Integer class ids, shape [N], or None.
+        batched: Names of the inputs whose first axis is the sample axis; the others are passed as is.
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    batched: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        unknown = self.batched - set(self.inputs)
+        if unknown:
+            raise ValueError(f"batched names {sorted(unknown)} are not inputs {sorted(self.inputs)}")
+        counts = _sample_counts(self)
+        if not counts:
+            raise ValueError("a Dataset needs labels or at least one batched input")
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"inconsistent sample counts {counts}")
+
+    def __len__(self) -> int:
+        return next(iter(_sample_counts(self).values()))
+
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Split into (train, val) by a seeded permutation; labels follow their samples.
+
+        The same ``seed`` always gives the same split. Each part keeps the original sample order.
+        With ``val_fraction > 0`` the validation part holds at least one sample.
+
+        Args:
+            val_fraction: Fraction of samples held out, in [0, 1).
+            seed: Seed of the permutation.
+
+        Returns:
+            The training and validation datasets.
+        """
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        n = len(self)
+        n_val = int(round(n * val_fraction))
+        if val_fraction > 0:
+            if n < 2:
+                raise UserError(
+                    f"cannot hold out a validation split from {n} sample(s); pass more data or set val_fraction = 0"
+                )
+            n_val = min(max(n_val, 1), n - 1)
+        order = np.random.default_rng(seed).permutation(n)
+        return self._subset(np.sort(order[n_val:])), self._subset(np.sort(order[:n_val]))
+
+    def take(self, n: int) -> Dataset:
+        """The first ``n`` samples (all of them when there are fewer)."""
+        return self._subset(np.arange(min(n, len(self))))
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False
+    ) -> Iterator[Feed]:
+        """Feeds of ``batch_size`` samples: ``{input_name: array}`` plus ``"labels"`` when present.
+
+        Unbatched inputs appear unchanged in every feed. The last feed may be smaller unless
+        ``drop_last``.
+
+        Args:
+            batch_size: Samples per feed.
+            shuffle: Visit the samples in a permuted order.
+            seed: Seed of that permutation (None: a fresh one each call).
+            drop_last: Skip a final feed smaller than ``batch_size``.
+
+        Yields:
+            One feed per batch.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if drop_last and stop - start < batch_size:
+                break
+            # Slices are views: the unshuffled pass (validation) copies nothing.
+            yield self._feed(slice(start, stop) if order is None else order[start:stop])
+
+    def as_feed(self) -> Feed:
+        """All samples as one feed (``"labels"`` included when present)."""
+        return self._feed(slice(None))
+
+    def _feed(self, index: slice | np.ndarray) -> Feed:
+        feed = {name: (array[index] if name in self.batched else array) for name, array in self.inputs.items()}
+        if self.labels is not None:
+            feed[LABELS] = self.labels[index]
+        return feed
+
+    def _subset(self, index: slice | np.ndarray) -> Dataset:
+        feed = self._feed(index)
+        labels = feed.pop(LABELS, None)
+        return Dataset(feed, labels, set(self.batched))
+
+
+def _sample_counts(data: Dataset) -> dict[str, int]:
+    counts = {name: len(data.inputs[name]) for name in sorted(data.batched)}
+    if data.labels is not None:
+        counts[LABELS] = len(data.labels)
+    return counts
+
+
+def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
+    """Load an ``.npz`` keyed by graph input name (optional ``labels``) and check it against the graph.
+
+    A ``.npy`` file is accepted too when the graph has a single input. See ``from_arrays`` for the
+    rules (sample axis, dtype casts).
+
+    Args:
+        path: The file.
+        specs: The graph's inputs (``converters.graphinfo.graph_inputs``).
+
+    Returns:
+        The checked dataset.
+
+    Raises:
+        UserError: The file is missing or unreadable, or its arrays do not fit the graph.
+    """
+    path = Path(path)
+    return from_arrays(_read_arrays(path, specs), specs, source=str(path))
+
+
+def _read_arrays(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    fix = "write it with numpy.savez(path, <input name>=array, ..., labels=class_ids)"
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist; pass an .npz with one array per graph input ({fix})")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(6)
+        if not (magic.startswith(_NPZ_MAGIC) or magic == _NPY_MAGIC):
+            raise UserError(f"data file {path} is not an .npz archive; {fix}")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            if len(specs) != 1:
+                raise UserError(
+                    f"data file {path} holds a single .npy array, but the graph has {len(specs)} inputs "
+                    f"{[s.name for s in specs]}; {fix}"
+                )
+            return {specs[0].name: loaded}
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile, pickle and numpy format errors share no base class
+        raise UserError(f"cannot read data file {path} as .npz ({_exc_line(exc)}); {fix}") from None
+
+
+def from_arrays(arrays: Mapping[str, object], specs: list[InputSpec], source: str = "data") -> Dataset:
+    """Check arrays keyed by graph input name (plus optional ``labels``) against the graph inputs.
+
+    Rules:
+
+    - Every graph input needs an array; any other key except ``labels`` is an error. (A graph input
+      that is itself named ``labels`` takes that key.)
+    - dtypes: an array of the wrong kind is an error (an integer array for a float input: convert
+      and scale it yourself). Within a kind the array is cast to the graph's dtype silently — float64
+      to float32 in particular, because numpy creates float64 by default.
+    - Ranks must equal the graph's; every fixed dim after the first must match.
+    - ``labels``: integer class ids, 1-D, cast to int64.
+    - The sample count N is the length of ``labels``; else the common first-axis length of the
+      inputs whose first dim is symbolic or unknown; else the first-axis length of the first input.
+      An input is *batched* (its first axis is the sample axis) when its first dim is symbolic or
+      unknown — its length must then be N — or when its length equals N (a model exported with a
+      fixed batch size). An input whose first dim is fixed and whose length is that fixed size but
+      not N has no sample axis and is passed as is. Scalars are never batched.
+
+    Args:
+        arrays: Array-likes (numpy arrays, CPU torch tensors, lists) by name.
+        specs: The graph's inputs.
+        source: What the arrays came from, used in messages (a path, a plugin batch).
+
+    Returns:
+        The checked dataset.
+
+    Raises:
+        UserError: A rule above is broken, or there are no samples.
+    """
+    wanted = [spec.name for spec in specs]
+    missing = [name for name in wanted if name not in arrays]
+    if missing:
+        raise UserError(
+            f"{source} has no array for graph input(s) {', '.join(map(repr, missing))}: it has {sorted(arrays)}, "
+            f"the graph wants {wanted} (and optionally 'labels'); name each array after its graph input"
+        )
+    extra = sorted(key for key in arrays if key not in wanted and key != LABELS)
+    if extra:
+        raise UserError(
+            f"{source} has key(s) {', '.join(map(repr, extra))}, neither a graph input nor 'labels'; "
+            f"the graph inputs are {wanted}: rename or drop them"
+        )
+    inputs = {spec.name: _check_input(np.asarray(arrays[spec.name]), spec, source) for spec in specs}
+    labels = _check_labels(np.asarray(arrays[LABELS]), source) if LABELS in arrays and LABELS not in wanted else None
+    batched = _batched_inputs(inputs, labels, specs, source)
+    data = Dataset(inputs, labels, batched)
+    if len(data) == 0:
+        raise UserError(f"{source} holds no samples (its sample axis has length 0); pass at least one sample")
+    return data
+
+
+def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    want, have = spec.dtype, array.dtype
+    if want.kind != have.kind and not (want.kind in "iu" and have.kind in "iu"):
+        hint = " and scale it as the model expects" if want.kind == "f" else ""
+        raise UserError(
+            f"{source}: input {spec.name!r} holds {have} values, but the graph wants {want}; "
+            f"convert it with .astype(numpy.{want}){hint}"
+        )
+    if want.kind in "iu" and have != want and array.size:
+        info = np.iinfo(want)
+        if array.min() < info.min or array.max() > info.max:
+            raise UserError(
+                f"{source}: input {spec.name!r} has values outside the range of {want} "
+                f"[{info.min}, {info.max}]; fix the data"
+            )
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise UserError(
+                f"{source}: input {spec.name!r} has shape {array.shape} (rank {array.ndim}), but the graph wants "
+                f"rank {len(spec.shape)} {format_shape(spec.shape)}; reshape it (the first axis holds the samples)"
+            )
+        for axis, dim in enumerate(spec.shape[1:], start=1):
+            if isinstance(dim, int) and array.shape[axis] != dim:
+                raise UserError(
+                    f"{source}: input {spec.name!r} dim {axis} is {array.shape[axis]}, but the graph fixes it to "
+                    f"{dim} {format_shape(spec.shape)}; reshape or resize the data"
+                )
+    # float64 -> float32 (numpy's default float) and int32 -> int64 are the common, harmless casts.
+    return array.astype(want, copy=False)
+
+
+def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    if labels.dtype.kind not in "iu":
+        raise UserError(
+            f"{source}: 'labels' must be integer class ids, got {labels.dtype}; convert with "
+            "labels.astype(numpy.int64), or drop 'labels' to distil from the original model"
+        )
+    if labels.ndim != 1:
+        hint = " (one-hot labels: use labels.argmax(1))" if labels.ndim == 2 else ""
+        raise UserError(f"{source}: 'labels' must be 1-D class ids [N], got shape {labels.shape}{hint}")
+    return labels.astype(np.int64, copy=False)
+
+
+def _batched_inputs(
+    inputs: dict[str, np.ndarray], labels: np.ndarray | None, specs: list[InputSpec], source: str
+) -> set[str]:
+    ranked = [spec for spec in specs if inputs[spec.name].ndim >= 1]
+    dynamic = [spec for spec in ranked if spec.shape is None or not isinstance(spec.shape[0], int)]
+    counts = {spec.name: len(inputs[spec.name]) for spec in dynamic}
+    if labels is not None:
+        counts[LABELS] = len(labels)
+    if len(set(counts.values())) > 1:
+        raise UserError(
+            f"{source}: inconsistent sample counts (first-axis lengths) {counts}; "
+            "every input with a sample axis and 'labels' need the same length"
+        )
+    if counts:
+        n, origin = next(iter(counts.values())), ("'labels'" if labels is not None else "the dynamic inputs")
+    elif ranked:
+        n, origin = len(inputs[ranked[0].name]), repr(ranked[0].name)
+    else:
+        raise UserError(f"{source}: every graph input is a scalar and there are no 'labels', so there are no samples")
+    batched = {spec.name for spec in dynamic}
+    for spec in ranked:
+        if spec.name in batched:
+            continue
+        length, fixed = len(inputs[spec.name]), spec.shape[0]
+        if length == n:
+            batched.add(spec.name)
+            if length != fixed:
+                logger.info(
+                    "input %r: the graph fixes dim 0 to %d; its first axis is taken as the sample axis (%d samples)",
+                    spec.name, fixed, n,
+                )
+        elif length != fixed:
+            raise UserError(
+                f"{source}: input {spec.name!r} dim 0 is {length}, neither the graph's fixed size {fixed} "
+                f"{format_shape(spec.shape)} nor the sample count {n} (from {origin}); fix the data"
+            )
+    return batched
+
+
+def required_batch_size(specs: list[InputSpec], batched: set[str]) -> int | None:
+    """The batch size a model with a fixed leading dim on a batched input runs at, or None if any size runs.
+
+    Raises:
+        UserError: Two batched inputs fix different batch sizes.
+    """
+    fixed = {
+        spec.name: spec.shape[0]
+        for spec in specs
+        if spec.name in batched and spec.shape and isinstance(spec.shape[0], int)
+    }
+    if len(set(fixed.values())) > 1:
+        raise UserError(f"the graph fixes different batch sizes on its batched inputs {fixed}; it cannot be batched")
+    return next(iter(fixed.values()), None)
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def load_plugin(spec: str) -> Callable[[], Iterable[Mapping[str, object]]]:
+    """Import a loader plugin given as ``"package.module:function"``.
+
+    The current directory is searched before ``sys.path``, as ``python -m`` would, so a plugin file
+    next to the data works without setting PYTHONPATH.
+
+    Args:
+        spec: ``"package.module:function"``.
+
+    Returns:
+        The function.
+
+    Raises:
+        UserError: Bad syntax, the module does not import, or it has no such callable.
+    """
+    match = _PLUGIN_RE.fullmatch(spec)
+    if match is None:
+        raise UserError(f"loader plugin {spec!r} is not of the form 'package.module:function'")
+    module_name, attr = match.groups()
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the plugin's own import-time code may raise anything
+        raise UserError(
+            f"cannot import module {module_name!r} of loader plugin {spec!r} ({_exc_line(exc)}); "
+            "make it importable (current directory or PYTHONPATH)"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    function = getattr(module, attr, None)
+    if function is None:
+        raise UserError(f"module {module_name!r} has no attribute {attr!r}; check loader plugin {spec!r}")
+    if not callable(function):
+        raise UserError(f"{spec!r} names a {type(function).__name__!r} object, not a function; name a loader function")
+    return function
+
+
+class PluginData:
+    """Data yielded by a loader plugin, with the ``batches``/``take`` interface of ``Dataset``.
+
+    The function is called once per ``batches`` call (one epoch) and must return an iterable of dicts
+    ``{input_name: array, "labels": optional}``, each a chunk of samples. Every chunk is checked like an
+    ``.npz`` (``from_arrays``). Sample order is the plugin's own: ``shuffle`` and ``seed`` are ignored,
+    so a plugin that wants shuffling shuffles itself.
+    """
+
+    def __init__(
+        self, function: Callable[[], Iterable[Mapping[str, object]]], specs: list[InputSpec], name: str = "plugin"
+    ):
+        self.function = function
+        self.specs = specs
+        self.name = name
+
+    def chunks(self) -> Iterator[Dataset]:
+        """One epoch: call the plugin and yield each dict it gives, checked, as a Dataset."""
+        produced = self.function()
+        if isinstance(produced, Mapping) or not isinstance(produced, Iterable):
+            raise UserError(
+                f"loader plugin {self.name!r} returned {type(produced).__name__}; it must return or yield "
+                "dicts {input_name: array, 'labels': optional}"
+            )
+        for number, chunk in enumerate(produced, start=1):
+            if not isinstance(chunk, Mapping):
+                raise UserError(
+                    f"loader plugin {self.name!r} yielded a {type(chunk).__name__} as item {number}; "
+                    "it must yield dicts {input_name: array, 'labels': optional}"
+                )
+            yield from_arrays(chunk, self.specs, source=f"loader plugin {self.name!r} (item {number})")
+
+    def batches(
+        self, batch_size: int | None, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False
+    ) -> Iterator[Feed]:
+        """Feeds of ``batch_size`` samples re-batched across the plugin's dicts, or its dicts as they come.
+
+        Args:
+            batch_size: Samples per feed; None passes each dict through (checked and cast).
+            shuffle: Ignored (the plugin decides the order).
+            seed: Ignored.
+            drop_last: Skip a final feed smaller than ``batch_size``.
+
+        Yields:
+            One feed per batch.
+        """
+        if shuffle:
+            logger.debug("loader plugin %r: shuffle is left to the plugin", self.name)
+        if batch_size is None:
+            for chunk in self.chunks():
+                yield chunk.as_feed()
+            return
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pending: list[Dataset] = []
+        count = 0
+        for chunk in self.chunks():
+            pending.append(chunk)
+            count += len(chunk)
+            if count < batch_size:
+                continue
+            merged = _concat(pending, self.name)
+            full = count - count % batch_size
+            yield from merged._subset(slice(0, full)).batches(batch_size)
+            rest = merged._subset(slice(full, count))
+            pending, count = ([rest] if len(rest) else []), len(rest)
+        if count and not (drop_last and count < batch_size):
+            yield _concat(pending, self.name).as_feed()
+
+    def take(self, n: int | None = None) -> Dataset:
+        """The first ``n`` samples the plugin yields (None: one whole epoch), in memory."""
+        pending: list[Dataset] = []
+        count = 0
+        for chunk in self.chunks():
+            pending.append(chunk)
+            count += len(chunk)
+            if n is not None and count >= n:
+                break
+        if not pending:
+            raise UserError(f"loader plugin {self.name!r} yielded no data")
+        merged = _concat(pending, self.name)
+        return merged if n is None else merged.take(n)
+
+
+def _concat(parts: list[Dataset], name: str) -> Dataset:
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    for part in parts[1:]:
+        if part.batched != first.batched or (part.labels is None) != (first.labels is None):
+            raise UserError(
+                f"loader plugin {name!r}: its dicts disagree on which inputs have a sample axis or on 'labels'; "
+                "yield the same keys and layout every time"
+            )
+    inputs = {
+        key: (np.concatenate([p.inputs[key] for p in parts]) if key in first.batched else array)
+        for key, array in first.inputs.items()
+    }
+    labels = None if first.labels is None else np.concatenate([p.labels for p in parts])
+    return Dataset(inputs, labels, set(first.batched))
+
+
+def resolve_data(arg: str, specs: list[InputSpec]) -> Dataset | PluginData:
+    """Turn a ``--data`` argument into data: an ``.npz``/``.npy`` path or an existing file, else a plugin.
+
+    Args:
+        arg: A file path, or ``"package.module:function"``.
+        specs: The graph's inputs.
+
+    Returns:
+        A Dataset for a file, a PluginData for a plugin.
+
+    Raises:
+        UserError: The argument is neither, or loading fails.
+    """
+    path = Path(arg)
+    if arg.endswith((".npz", ".npy")) or path.exists():
+        return load_npz(path, specs)
+    if _PLUGIN_RE.fullmatch(arg):
+        return PluginData(load_plugin(arg), specs, name=arg)
+    raise UserError(f"data {arg!r} is neither an existing .npz file nor a loader plugin 'package.module:function'")

@@ -1,0 +1,476 @@
+"""Original vs compressed model in onnxruntime: outputs, agreement, accuracy, size, nonzeros, latency.
+
+Used by the ``validate`` command and at the end of ``compress``. Both models run in onnxruntime on
+the same held-out feeds; the report compares what a user deploys, not the torch copy we trained.
+
+Latency follows DESIGN §6: a fixed intra-op thread count, one inter-op thread, sequential execution,
+warm-up runs first, then the two models timed in interleaved turns (alternating which goes first),
+and the median per batch reported in milliseconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from converters.errors import UserError
+from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
+from converters.modelio import external_data_files, load_model
+from onnx_admm.data import LABELS, Dataset, PluginData, required_batch_size
+
+logger = logging.getLogger(__name__)
+
+_WARMUP_RUNS = 3
+_GZIP_CHUNK = 1 << 24
+
+# Ops that turn constant stored data into a weight at run time. A weight stored through one of them
+# (e.g. int8 DequantizeLinear) is counted as the decoded tensor its consumer reads. Future encoders
+# add their decoding ops here (a codebook encoding: "Cast", "Gather").
+_DECODING_OPS = ("DequantizeLinear",)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """Absolute difference between the two models on one output (None when it is not a tensor)."""
+
+    name: str
+    max_abs: float | None
+    mean_abs: float | None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What one model costs and scores.
+
+    ``bytes``/``gzip_bytes`` cover the model file and its external data files. ``parameters`` and
+    ``nonzeros`` count the compressible weights (DESIGN §6: not biases, not norm parameters).
+    """
+
+    path: str
+    files: tuple[str, ...]
+    bytes: int
+    gzip_bytes: int
+    parameters: int
+    nonzeros: int
+    accuracy: float | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The A/B comparison of an original model and its compressed version."""
+
+    original: ModelStats
+    compressed: ModelStats
+    outputs: tuple[OutputDiff, ...]
+    score_output: str | None
+    # Fraction of samples (positions, for a score output with more than two dims) whose top-1 class agrees.
+    agreement: float | None
+    samples: int
+    batch_size: int
+    latency_batch_size: int | None
+    threads: int
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """Original weights / compressed nonzero weights (DESIGN §6), counting removed weights as zeros."""
+        return self.original.parameters / self.compressed.nonzeros if self.compressed.nonzeros else None
+
+    @property
+    def size_ratio(self) -> float | None:
+        """Original bytes / compressed bytes."""
+        return self.original.bytes / self.compressed.bytes if self.compressed.bytes else None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Original accuracy minus compressed accuracy, an absolute fraction (0.01 = 1 point)."""
+        if self.original.accuracy is None or self.compressed.accuracy is None:
+            return None
+        return self.original.accuracy - self.compressed.accuracy
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field plus the derived ratios."""
+        result = asdict(self)
+        result["original"]["files"] = list(self.original.files)
+        result["compressed"]["files"] = list(self.compressed.files)
+        result["outputs"] = [asdict(diff) for diff in self.outputs]
+        result["compression_ratio"] = self.compression_ratio
+        result["size_ratio"] = self.size_ratio
+        result["accuracy_drop"] = self.accuracy_drop
+        return result
+
+
+def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    """An onnxruntime CPU session with a fixed thread count and sequential execution.
+
+    Args:
+        path: The .onnx file (its external data files next to it).
+        threads: Intra-op threads; inter-op is always 1.
+
+    Returns:
+        The session.
+
+    Raises:
+        UserError: The file is missing or onnxruntime cannot load it.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; pass the path of an .onnx model")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Errors only: onnxruntime's load warnings (unused initializers, ...) would drown the report.
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        raise UserError(
+            f"cannot load {path} in onnxruntime: {_ort_message(exc)}; check it with onnx.checker.check_model "
+            "and keep its external data files next to it"
+        ) from None
+
+
+def _ort_message(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    # "[ONNXRuntimeError] : 10 : INVALID_GRAPH : ..." -> "INVALID_GRAPH : ..."
+    prefix = "[ONNXRuntimeError] : "
+    if line.startswith(prefix):
+        line = line[len(prefix):].split(" : ", 1)[-1]
+    return line
+
+
+def validate(
+    original: str | Path,
+    compressed: str | Path,
+    data: Dataset | PluginData,
+    *,
+    batch_size: int = 64,
+    threads: int = 1,
+    latency_batches: int = 20,
+    score_output: str | None = None,
+) -> ValidationReport:
+    """Run both models in onnxruntime on the same feeds and compare them.
+
+    A model whose graph fixes the batch dim of a batched input runs at that size only: then it is
+    used instead of ``batch_size`` and an incomplete last batch is left out (logged). A PluginData
+    is read into memory first (one epoch).
+
+    Args:
+        original: The original .onnx file.
+        compressed: The compressed .onnx file (same graph inputs and outputs).
+        data: Held-out inputs, with labels for accuracy.
+        batch_size: Samples per onnxruntime run.
+        threads: onnxruntime intra-op threads for both models.
+        latency_batches: Timed runs per model (0 skips latency).
+        score_output: Output used for agreement and accuracy (default: ``find_score_output``).
+
+    Returns:
+        The report.
+
+    Raises:
+        UserError: A model does not load or run, or the two models' inputs/outputs differ.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    original, compressed = Path(original), Path(compressed)
+    models = load_model(original), load_model(compressed)
+    _check_same_io(*models)
+    if isinstance(data, PluginData):
+        logger.info("reading loader plugin %r into memory for validation", data.name)
+        data = data.take()
+    specs = graph_inputs(models[0])
+    fixed = required_batch_size(specs, data.batched)
+    if fixed is not None and fixed != batch_size:
+        logger.warning(
+            "the graph fixes the batch size to %d: validating at batch %d, leaving out the last %d sample(s)",
+            fixed, fixed, len(data) % fixed,
+        )
+        batch_size = fixed
+    if fixed is not None and len(data) < fixed:
+        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds {len(data)} samples; pass more")
+    score = find_score_output(models[0], score_output)
+    sessions = open_session(original, threads), open_session(compressed, threads)
+    names = [out.name for out in sessions[0].get_outputs()]
+
+    comparison = _Comparison(names, score.name if score else None)
+    timing_feeds: list[dict[str, np.ndarray]] = []
+    # A graph input that is itself named "labels" is an input, not class ids.
+    has_labels = LABELS not in {spec.name for spec in specs}
+    for feed in data.batches(batch_size, drop_last=fixed is not None):
+        labels = feed.pop(LABELS, None) if has_labels else None
+        results = [_run(session, path, names, feed) for session, path in zip(sessions, (original, compressed))]
+        comparison.add(results, labels)
+        if len(timing_feeds) < max(latency_batches, 1):
+            timing_feeds.append(feed)
+    samples = len(data) - (len(data) % batch_size if fixed is not None else 0)
+    latency_batch_size = min(batch_size, samples)
+    # Time full batches only, unless the data is smaller than one batch.
+    timing_feeds = timing_feeds[: max(1, samples // batch_size)]
+    latencies = _latencies(sessions, timing_feeds, latency_batches) if latency_batches > 0 else (None, None)
+
+    stats = [
+        _model_stats(path, model, accuracy, latency)
+        for path, model, accuracy, latency in zip((original, compressed), models, comparison.accuracies(), latencies)
+    ]
+    report = ValidationReport(
+        original=stats[0],
+        compressed=stats[1],
+        outputs=comparison.diffs(),
+        score_output=score.name if score else None,
+        agreement=comparison.agreement(),
+        samples=samples,
+        batch_size=batch_size,
+        latency_batch_size=latency_batch_size if latency_batches > 0 else None,
+        threads=threads,
+    )
+    logger.info("validated %s against %s on %d samples", compressed, original, samples)
+    return report
+
+
+def _check_same_io(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    for what, names in (
+        ("inputs", lambda m: [spec.name for spec in graph_inputs(m)]),
+        ("outputs", lambda m: [out.name for out in m.graph.output]),
+    ):
+        if sorted(names(original)) != sorted(names(compressed)):
+            raise UserError(
+                f"the compressed model's graph {what} {names(compressed)} differ from the original's "
+                f"{names(original)}; validate compares two versions of the same model"
+            )
+
+
+def _run(session: ort.InferenceSession, path: Path, names: list[str], feed: dict[str, np.ndarray]) -> dict:
+    try:
+        return dict(zip(names, session.run(names, feed)))
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        shapes = {name: tuple(array.shape) for name, array in feed.items()}
+        raise UserError(f"onnxruntime failed to run {path} on inputs {shapes}: {_ort_message(exc)}") from None
+
+
+class _Comparison:
+    """Running sums over batches: per-output differences, top-1 agreement, accuracy."""
+
+    def __init__(self, names: list[str], score: str | None):
+        self.names = names
+        self.score = score
+        self.max_abs = {name: 0.0 for name in names}
+        self.sum_abs = {name: 0.0 for name in names}
+        self.count = {name: 0 for name in names}
+        self.skipped: set[str] = set()
+        self.agree = self.positions = 0
+        self.correct = [0, 0]
+        self.labelled = 0
+
+    def add(self, results: list[dict], labels: np.ndarray | None) -> None:
+        for name in self.names:
+            a, b = results[0][name], results[1][name]
+            if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.dtype.kind not in "biuf":
+                self.skipped.add(name)  # sequences, maps (skl2onnx ZipMap), strings
+                continue
+            if a.shape != b.shape:
+                raise UserError(
+                    f"output {name!r} has shape {a.shape} in the original model but {b.shape} in the compressed one"
+                )
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            if diff.size:
+                self.max_abs[name] = max(self.max_abs[name], float(diff.max()))
+            self.sum_abs[name] += float(diff.sum())
+            self.count[name] += diff.size
+        if self.score is None or self.score in self.skipped:
+            return
+        top = [np.argmax(result[self.score], axis=-1) for result in results]
+        self.agree += int(np.count_nonzero(top[0] == top[1]))
+        self.positions += top[0].size
+        if labels is not None and top[0].ndim == 1:
+            for i in range(2):
+                self.correct[i] += int(np.count_nonzero(top[i] == labels))
+            self.labelled += len(labels)
+
+    def diffs(self) -> tuple[OutputDiff, ...]:
+        return tuple(
+            OutputDiff(name, None, None)
+            if name in self.skipped or not self.count[name]
+            else OutputDiff(name, self.max_abs[name], self.sum_abs[name] / self.count[name])
+            for name in self.names
+        )
+
+    def agreement(self) -> float | None:
+        return self.agree / self.positions if self.positions else None
+
+    def accuracies(self) -> tuple[float | None, float | None]:
+        if not self.labelled:
+            return None, None
+        return self.correct[0] / self.labelled, self.correct[1] / self.labelled
+
+
+def _latencies(
+    sessions: tuple[ort.InferenceSession, ...], feeds: list[dict[str, np.ndarray]], runs: int
+) -> list[float]:
+    for session in sessions:
+        for _ in range(_WARMUP_RUNS):
+            session.run(None, feeds[0])
+    times: list[list[float]] = [[] for _ in sessions]
+    for i in range(runs):
+        feed = feeds[i % len(feeds)]
+        # Alternate which model goes first so cache and clock effects fall on both alike.
+        order = range(len(sessions)) if i % 2 == 0 else reversed(range(len(sessions)))
+        for j in order:
+            start = time.perf_counter()
+            sessions[j].run(None, feed)
+            times[j].append(time.perf_counter() - start)
+    return [statistics.median(t) * 1000.0 for t in times]
+
+
+def _model_stats(path: Path, model: onnx.ModelProto, accuracy: float | None, latency: float | None) -> ModelStats:
+    files = model_files(path)
+    parameters, nonzeros = count_weights(model)
+    return ModelStats(
+        path=str(path),
+        files=tuple(str(f) for f in files),
+        bytes=sum(f.stat().st_size for f in files),
+        gzip_bytes=sum(_gzip_size(f) for f in files),
+        parameters=parameters,
+        nonzeros=nonzeros,
+        accuracy=accuracy,
+        latency_ms=latency,
+    )
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The model file followed by the external data files its tensors point to (sorted)."""
+    path = Path(path)
+    # The loaded model has its external data pulled in (and the references cleared): re-read the
+    # bare protobuf to see where the data lives.
+    bare = onnx.load(str(path), load_external_data=False)
+    return [path] + [path.parent / location for location in sorted(external_data_files(bare))]
+
+
+class _ByteCounter:
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, chunk: bytes) -> int:
+        self.size += len(chunk)
+        return len(chunk)
+
+    def flush(self) -> None:
+        pass
+
+
+def _gzip_size(path: Path) -> int:
+    """Size of ``gzip.compress(data, compresslevel=9)``, streamed so a large data file is not read at once."""
+    counter = _ByteCounter()
+    with path.open("rb") as source, gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9, mtime=0) as sink:
+        while chunk := source.read(_GZIP_CHUNK):
+            sink.write(chunk)
+    return counter.size
+
+
+def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
+    """(parameters, nonzeros) over the compressible weights, external data loaded.
+
+    Dense initializers, Constant nodes and sparse initializers are counted as the dense tensors they
+    hold; weights stored through a decoding op (``_DECODING_OPS``) as the tensor they decode to.
+    """
+    model = _decode_encoded_weights(model)
+    sources = constant_sources(model)
+    parameters = nonzeros = 0
+    for weight in compressible_weights(model):
+        value = tensor_value(model, sources[weight.name])
+        parameters += value.size
+        nonzeros += int(np.count_nonzero(value))
+    return parameters, nonzeros
+
+
+def _decode_encoded_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """HOOK for encoded weights: fold decoding nodes fed only by constants into initializers.
+
+    A quantized encoding stores ``DequantizeLinear(q, scale, zero_point) -> W`` where the float ``W``
+    was. Folding it (with ``onnx.reference``) lets ``compressible_weights`` find ``W`` under the name
+    its consumers read, so parameters and nonzeros count the same tensor as in the original model.
+    Returns ``model`` itself when there is nothing to fold, else a folded copy.
+    """
+    sources = constant_sources(model)
+    opsets = {entry.domain or "": entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")}
+    decoded: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        if node.op_type not in _DECODING_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if not all(not name or name in sources or name in decoded for name in node.input):
+            continue  # an activation's quantize/dequantize pair, not a stored weight
+        feeds = {
+            name: decoded[name] if name in decoded else tensor_value(model, sources[name])
+            for name in node.input
+            if name
+        }
+        outputs = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+        decoded.update(zip(node.output, outputs))
+    if not decoded:
+        return model
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    kept = [node for node in folded.graph.node if not set(node.output) <= set(decoded)]
+    del folded.graph.node[:]
+    folded.graph.node.extend(kept)
+    folded.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in decoded.items())
+    return folded
+
+
+def format_table(report: ValidationReport) -> str:
+    """The report as a readable text table."""
+
+    def size(n: int) -> str:
+        return f"{n / 1024:,.1f} KB" if n < 1024**2 else f"{n / 1024**2:,.2f} MB"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"({a / b:.2f}x)" if a is not None and b else ""
+
+    def percent(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f} ms"
+
+    o, c = report.original, report.compressed
+    rows = [
+        ("", "original", "compressed", "orig/comp"),
+        ("size", size(o.bytes), size(c.bytes), ratio(o.bytes, c.bytes)),
+        ("size gzip'd", size(o.gzip_bytes), size(c.gzip_bytes), ratio(o.gzip_bytes, c.gzip_bytes)),
+        ("weights", f"{o.parameters:,}", f"{c.parameters:,}", ""),
+        ("nonzero weights", f"{o.nonzeros:,}", f"{c.nonzeros:,}", ratio(o.parameters, c.nonzeros)),
+        ("accuracy", percent(o.accuracy), percent(c.accuracy),
+         "" if report.accuracy_drop is None else f"({0.0 - 100 * report.accuracy_drop:+.2f} pts)"),
+        (f"latency/batch of {report.latency_batch_size}", ms(o.latency_ms), ms(c.latency_ms),
+         ratio(o.latency_ms, c.latency_ms)),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"validation on {report.samples} samples, batch {report.batch_size}, {report.threads} thread(s)"]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    if report.score_output is not None:
+        lines.append(f"top-1 agreement on {report.score_output!r}: {percent(report.agreement)}")
+    lines.append("output differences (|original - compressed|):")
+    name_width = max((len(d.name) for d in report.outputs), default=0)
+    for diff in report.outputs:
+        if diff.max_abs is None:
+            detail = "not a tensor, not compared"
+        else:
+            detail = f"max {diff.max_abs:.3g}  mean {diff.mean_abs:.3g}"
+        lines.append(f"  {diff.name.ljust(name_width)}  {detail}")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Tests for onnx_admm.validate: onnxruntime A/B, sizes with external data, weight counts, latency."""
+
+import gzip
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from converters.errors import UserError
+from converters.graphinfo import graph_inputs
+from onnx_admm.data import Dataset, PluginData
+from onnx_admm.validate import count_weights, format_table, model_files, open_session, validate
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((5, 6)).astype(np.float32)  # Gemm transB=1: [classes, features]
+B = RNG.standard_normal(5).astype(np.float32)
+X = RNG.standard_normal((50, 6)).astype(np.float32)
+
+
+def _classifier(weight=W, batch="N", sparse=False) -> onnx.ModelProto:
+    """x[N, 6] -> Gemm -> logits[N, 5] -> Softmax -> probs."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "B"], ["logits"], name="fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1),
+    ]
+    inits = [numpy_helper.from_array(B, "B")]
+    sparse_inits = []
+    if sparse:
+        flat = weight.ravel()
+        nz = np.flatnonzero(flat).astype(np.int64)
+        sparse_inits.append(
+            helper.make_sparse_tensor(numpy_helper.from_array(flat[nz], "W"), numpy_helper.from_array(nz, "W_idx"), weight.shape)
+        )
+    else:
+        inits.append(numpy_helper.from_array(weight, "W"))
+    graph = helper.make_graph(
+        nodes,
+        "clf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 6])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, 5]),
+        ],
+        inits,
+        sparse_initializer=sparse_inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _save(model, path, **kwargs):
+    onnx.save(model, str(path), **kwargs)
+    return path
+
+
+def _data(labels=None):
+    return Dataset({"x": X}, labels, {"x"})
+
+
+def _logits(weight):
+    return X @ weight.T + B
+
+
+def test_model_against_itself(tmp_path):
+    path = _save(_classifier(), tmp_path / "m.onnx")
+    labels = np.argmax(_logits(W), 1)
+    labels[:10] = (labels[:10] + 1) % 5  # 40 of 50 right
+    report = validate(path, path, _data(labels), batch_size=16, latency_batches=4)
+    assert [d.name for d in report.outputs] == ["logits", "probs"]
+    assert all(d.max_abs == 0 and d.mean_abs == 0 for d in report.outputs)
+    assert report.score_output == "logits"
+    assert report.agreement == 1.0
+    assert report.original.accuracy == report.compressed.accuracy == pytest.approx(0.8)
+    assert report.samples == 50 and report.batch_size == 16 and report.latency_batch_size == 16
+    assert report.original.latency_ms > 0 and report.compressed.latency_ms > 0
+    assert report.original.parameters == W.size and report.original.nonzeros == W.size
+    assert report.original.bytes == path.stat().st_size
+    assert report.original.gzip_bytes == len(gzip.compress(path.read_bytes(), compresslevel=9))
+    assert report.accuracy_drop == 0
+    json.dumps(report.to_dict())
+    table = format_table(report)
+    assert "accuracy" in table and "80.00%" in table and "top-1 agreement on 'logits': 100.00%" in table
+
+
+def test_perturbed_weight_agreement_and_diffs(tmp_path):
+    perturbed = W.copy()
+    perturbed[2] += 1.5  # favours class 2
+    original = _save(_classifier(), tmp_path / "a.onnx")
+    compressed = _save(_classifier(perturbed), tmp_path / "b.onnx")
+    labels = np.argmax(_logits(W), 1)
+    report = validate(original, compressed, _data(labels), batch_size=7, latency_batches=0)
+    expected = np.mean(np.argmax(_logits(W), 1) == np.argmax(_logits(perturbed), 1))
+    assert 0 < expected < 1
+    assert report.agreement == pytest.approx(expected)
+    assert report.original.accuracy == 1.0
+    assert report.compressed.accuracy == pytest.approx(expected)
+    diff = np.abs(_logits(W).astype(np.float64) - _logits(perturbed))
+    logits = report.outputs[0]
+    assert logits.max_abs == pytest.approx(diff.max(), rel=1e-5)
+    assert logits.mean_abs == pytest.approx(diff.mean(), rel=1e-5)
+    assert report.original.latency_ms is None and report.latency_batch_size is None
+
+
+def test_sizes_include_external_data(tmp_path):
+    path = _save(_classifier(), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    data_file = tmp_path / "ext.onnx.data"
+    assert data_file.exists()
+    assert model_files(path) == [path, data_file]
+    report = validate(path, path, _data(), latency_batches=1)
+    files = (path, data_file)
+    assert report.original.files == tuple(map(str, files))
+    assert report.original.bytes == sum(f.stat().st_size for f in files)
+    assert report.original.gzip_bytes == sum(len(gzip.compress(f.read_bytes(), compresslevel=9)) for f in files)
+    assert report.original.parameters == W.size
+
+
+def test_sparse_initializer_counts_nonzeros(tmp_path):
+    pruned = W.copy()
+    pruned[np.abs(pruned) < 0.8] = 0
+    nonzeros = int(np.count_nonzero(pruned))
+    assert 0 < nonzeros < W.size
+    assert count_weights(_classifier(pruned, sparse=True)) == (W.size, nonzeros)
+    dense = _save(_classifier(pruned), tmp_path / "dense.onnx")
+    sparse = _save(_classifier(pruned, sparse=True), tmp_path / "sparse.onnx")
+    report = validate(dense, sparse, _data(), latency_batches=2)
+    assert report.outputs[0].max_abs == 0 and report.agreement == 1.0
+    assert report.compressed.nonzeros == nonzeros
+    assert report.compression_ratio == pytest.approx(W.size / nonzeros)
+
+
+def test_dequantized_weight_counted_as_decoded_tensor():
+    model = _classifier()
+    q = np.round(W / 0.1).astype(np.int8)
+    q[0] = 0
+    del model.graph.initializer[1:]  # drop W, keep B
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(q, "W_q"), numpy_helper.from_array(np.array(0.1, np.float32), "W_scale")]
+    )
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["W_q", "W_scale"], ["W"], name="W_dq"))
+    assert count_weights(model) == (W.size, int(np.count_nonzero(q)))
+
+
+def test_fixed_batch_model_runs_at_its_batch_size(tmp_path):
+    path = _save(_classifier(batch=4), tmp_path / "fixed.onnx")
+    report = validate(path, path, _data(), batch_size=64, latency_batches=2)
+    assert report.batch_size == 4 and report.samples == 48 and report.latency_batch_size == 4
+    assert report.agreement == 1.0
+
+
+def test_different_outputs_rejected(tmp_path):
+    original = _save(_classifier(), tmp_path / "a.onnx")
+    other = _classifier()
+    other.graph.output[1].name = "renamed"
+    other.graph.node[1].output[0] = "renamed"
+    with pytest.raises(UserError, match=r"compressed model's graph outputs \['logits', 'renamed'\] differ"):
+        validate(original, _save(other, tmp_path / "b.onnx"), _data(), latency_batches=0)
+
+
+def test_score_output_override(tmp_path):
+    path = _save(_classifier(), tmp_path / "m.onnx")
+    assert validate(path, path, _data(), score_output="probs", latency_batches=0).score_output == "probs"
+    with pytest.raises(UserError, match="output 'nope' is not a graph output"):
+        validate(path, path, _data(), score_output="nope", latency_batches=0)
+
+
+def test_open_session_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        open_session(tmp_path / "missing.onnx")
+    broken = _classifier()
+    broken.graph.node[0].input[1] = "undefined_tensor"
+    path = _save(broken, tmp_path / "broken.onnx")
+    with pytest.raises(UserError, match=r"cannot load .*broken.onnx in onnxruntime: .*; check it with onnx.checker") as info:
+        open_session(path)
+    assert "\n" not in str(info.value)
+    session = open_session(_save(_classifier(), tmp_path / "ok.onnx"), threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
+
+
+def test_plugin_data_is_read_in_full(tmp_path):
+    model = _classifier()
+    path = _save(model, tmp_path / "m.onnx")
+    labels = np.argmax(_logits(W), 1)
+
+    def chunks():
+        for start in range(0, len(X), 20):
+            yield {"x": X[start:start + 20], "labels": labels[start:start + 20]}
+
+    report = validate(path, path, PluginData(chunks, graph_inputs(model)), batch_size=8, latency_batches=0)
+    assert report.samples == len(X) and report.original.accuracy == 1.0
