@@ -85,7 +85,10 @@ class ADMMConfig:
     epochs: int = 10
     retrain_epochs: int = 5
     period: int = 1  # epochs between Z/U updates
-    rho: float = 1e-3
+    # The papers start at 1e-3 for runs of many epochs; with a few epochs at lr 0.01 that penalty barely
+    # moves W (residual ~1.0 after 10 epochs on the digits sample). 0.1 measured best there at 50x:
+    # 91.7% vs 88.3% (0.03), 87.2% (0.3), magnitude pruning 76.7% with the same 15 epochs.
+    rho: float = 0.1
     rho_growth: float = 1.3
     rho_max: float = 1.0
     # Textbook scaled ADMM rescales U when rho grows; the authors' code does not. Rescaling measured
@@ -100,7 +103,7 @@ class ADMMConfig:
         if not isinstance(self.period, int) or self.period < 1:
             _fail(f"admm.period must be an integer >= 1 (epochs between Z/U updates), got {self.period!r}")
         if not self.rho > 0:
-            _fail(f"admm.rho must be > 0 (typical: 1e-3), got {self.rho!r}")
+            _fail(f"admm.rho must be > 0 (typical: 1e-3 to 0.1), got {self.rho!r}")
         if not self.rho_growth >= 1:
             _fail(f"admm.rho_growth must be >= 1 (typical: 1.3), got {self.rho_growth!r}")
         if not self.rho_max >= self.rho:
