@@ -241,6 +241,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
         for use in tensor_uses:
             groups[(use[2], use[3])].append(use)
         for group_index, ((role, layout), group) in enumerate(groups.items()):
+            torch_shape = tuple(_current_value(gm, group[0]).shape)
             param = _tie(gm, params_container, group)
             consumers = tuple(c for c in orig_consumers.get(onnx_name, ()) if (c.op_type, c.input_index) in
                               {(op, i) for *_, op, i in group})
@@ -250,7 +251,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
                 location=sources[onnx_name].location,
                 role=role,
                 op_type=group[0][4],
-                onnx_shape=tuple(layout.to_onnx(np.empty(tuple(_current_value(gm, group[0]).shape))).shape),
+                onnx_shape=tuple(layout.to_onnx(np.empty(torch_shape)).shape),
                 onnx_dtype=_onnx_dtype(original, sources[onnx_name]),
                 consumers=consumers,
                 layout=layout,

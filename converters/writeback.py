@@ -119,6 +119,8 @@ def write_back(
             raise ValueError(f"{update.onnx_name!r} is not a constant tensor of the original model")
         old = tensor_value(original, source)
         value = np.asarray(update.value).astype(old.dtype, copy=False).reshape(old.shape)
+        if old.tobytes() == value.tobytes():
+            continue  # unchanged (bitwise): the tensor, and any sharing of it, stays as it was
         name = update.onnx_name
         if update.consumers:
             name = _fresh_name(f"{update.onnx_name}_untied", taken)
@@ -127,8 +129,6 @@ def write_back(
             changes.append(f"{name}: own copy of {update.onnx_name} for {', '.join(n for n, _ in update.consumers)}")
             location = "initializer"
         else:
-            if old.dtype == value.dtype and np.array_equal(old, value, equal_nan=True) and old.tobytes() == value.tobytes():
-                continue
             location = source.location
             _remove(model, name, location)
         # A Constant node or a name listed as a graph input can only hold a dense tensor in place.

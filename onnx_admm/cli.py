@@ -76,7 +76,7 @@ def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
     from onnx_admm.data import LABELS, resolve_data
 
     specs = graph_inputs(load_model(model_path))
-    feeds = resolve_data(data, specs).take(n)._feed(slice(None))
+    feeds = resolve_data(data, specs).take(n).as_feed()
     feeds.pop(LABELS, None)
     return feeds
 
