@@ -189,3 +189,41 @@ def test_normalize_drops_allowzero_only_without_zero(allowzero_shape, kept):
     changed = drop_reshape_allowzero(model)
     assert changed is (not kept)
     assert any(a.name == "allowzero" for a in model.graph.node[0].attribute) is kept
+
+
+def test_gather_embedding_table_is_a_compressible_parameter(tmp_path):
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, 5] ids) => (float[N, 3] logits) {
+            e = Gather (E, ids)
+            m = ReduceMean <axes = [1], keepdims = 0> (e)
+            logits = Gemm <transB = 1> (m, W, b)
+        }
+    """)
+    rng = np.random.default_rng(0)
+    for name, shape in (("E", (20, 8)), ("W", (3, 8)), ("b", (3,))):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name))
+    path = tmp_path / "emb.onnx"
+    onnx.save(model, str(path))
+    imported = import_model(load_model(path))
+    assert {(e.onnx_name, e.op_type) for e in imported.compressible()} == {("E", "Gather"), ("W", "Gemm")}
+    report = check(path)
+    assert report.passed, report.format()
+
+
+def test_compressed_sparse_model_imports_again(lenet5_torchscript_onnx, tmp_path):
+    original = load_model(lenet5_torchscript_onnx)
+    imported = import_model(original)
+    with torch.no_grad():
+        for entry in imported.compressible():
+            p = imported.parameter(entry)
+            p.mul_((p.abs() > p.abs().quantile(0.95)).float())
+    path = tmp_path / "sparse.onnx"
+    result = write_back(original, imported.updates())
+    assert set(result.encodings.values()) == {"sparse"}
+    save_model(result.model, path)
+    again = import_model(load_model(path))
+    for entry, value in zip(again.compressible(), again.onnx_values(again.compressible()).values()):
+        assert (value == 0).mean() >= 0.95
+    report = check(path)
+    assert report.passed, report.format()
