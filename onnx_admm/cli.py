@@ -6,6 +6,7 @@ Exit codes (DESIGN §6): 0 success; 1 bad input or a failed check; 2 usage error
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -170,21 +171,16 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     from onnx_admm.api import CompressInterrupted
     from onnx_admm.api import compress as run_compress
     from onnx_admm.recipe import CompressConfig
-    from onnx_admm.validate import format_table
 
     config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
-    prune_changes: dict[str, Any] = {"sparsity": sparsity, "stages": stages}
     if sparsity is not None and config.prune.targets is not None:
-        prune_changes["targets"] = None  # --sparsity replaces the recipe's explicit stage list
+        # --sparsity replaces the recipe's explicit stage list (whose last entry must equal the target).
+        config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, targets=None))
     config = config.replace(
         train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
-        prune=prune_changes,
+        prune={"sparsity": sparsity, "stages": stages},
     )
-    if sparsity is not None and config.prune.targets is not None:
-        import dataclasses
-
-        config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, targets=None))
     try:
         result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet))
     except CompressInterrupted as exc:
@@ -208,8 +204,6 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         _write_json(report_path, report)
     if not quiet:
         click.echo(_summary(report))
-    from onnx_admm.validate import ValidationReport  # noqa: F401  (table comes from the report dict)
-
     if max_accuracy_drop is not None and gate is not None and gate > max_accuracy_drop:
         click.echo(f"accuracy gate failed: drop {gate:.4f} > --max-accuracy-drop {max_accuracy_drop}", err=True)
         sys.exit(EXIT_GATE)
