@@ -254,16 +254,28 @@ def tensor_value(model: onnx.ModelProto, source: TensorSource) -> np.ndarray:
         s = next(s for s in graph.sparse_initializer if s.values.name == source.name)
         return _sparse_to_dense(s)
     node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == source.name)
+    value = constant_node_value(node)
+    if value is None:
+        raise ValueError(f"Constant {source.name!r} holds no numeric tensor")
+    return value
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value a Constant node produces, whichever attribute holds it (None for strings)."""
     for attr in node.attribute:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
         if attr.name == "sparse_value":
             return _sparse_to_dense(attr.sparse_tensor)
-        if attr.name == "value_floats":
-            return np.asarray(attr.floats, dtype=np.float32)
         if attr.name == "value_float":
             return np.asarray(attr.f, dtype=np.float32)
-    raise ValueError(f"Constant {source.name!r} holds no numeric tensor")
+        if attr.name == "value_floats":
+            return np.asarray(attr.floats, dtype=np.float32)
+        if attr.name == "value_int":
+            return np.asarray(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.asarray(attr.ints, dtype=np.int64)
+    return None
 
 
 def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
 from converters.errors import UserError
-from converters.graphinfo import _sparse_to_dense, identity_aliases, node_label
+from converters.graphinfo import _sparse_to_dense, constant_node_value, identity_aliases, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +59,6 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "sparse_value":
-            return _sparse_to_dense(attr.sparse_tensor)
-        if attr.name == "value_float":
-            return np.asarray(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.asarray(attr.floats, dtype=np.float32)
-        if attr.name == "value_int":
-            return np.asarray(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.asarray(attr.ints, dtype=np.int64)
-    return None
-
-
 def constants_to_initializers(model: onnx.ModelProto) -> bool:
     """Constant nodes become initializers of the same name (onnx2torch's Conv needs initializers;
     paddle2onnx stores every weight as a Constant node)."""
@@ -85,7 +67,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> bool:
     outputs = {o.name for o in graph.output}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
-            value = _constant_value(node)
+            value = constant_node_value(node)
             if value is not None:
                 graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
                 changed = True
