@@ -34,7 +34,7 @@ from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.projections import Unstructured, Within, allocate_global, keep_count
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.schedule import geometric_stages
-from onnx_admm.train import Batch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +210,12 @@ def compress(
     specs = graph_inputs(original)
     train_data, held_out = _resolve_splits(data, val_data, specs, cfg)
     score = ScoreSpec(imported.score.index if imported.score else None, imported.score.kind if imported.score else "logits")
-    has_labels = held_out.labels is not None
+    # The teacher serves distillation (training batches without labels, or any batch when there is no
+    # score output for labels to apply to) and agreement (held-out split without labels). A plugin's
+    # labels are unknown until it runs, so it always gets one.
+    train_labeled = isinstance(train_data, Dataset) and train_data.labels is not None
     teacher = None
-    if not has_labels:
+    if held_out.labels is None or not train_labeled or score.index is None:
         teacher = copy.deepcopy(imported.module).eval()
         teacher.requires_grad_(False)
     loss_fn = Loss(score)
@@ -242,6 +245,10 @@ def compress(
                     on_batch=lambda i, loss, acc: emit({"kind": "batch", "stage": stage, "phase": phase,
                                                         "epoch": epoch, "batch": i, "loss": loss, "acc": acc}),
                 )
+                # The loss check sees a step's damage only at the next batch: after the epoch's last step
+                # a non-finite weight would otherwise reach the next snapshot and make rollback useless.
+                if not all(bool(torch.isfinite(imported.parameter(e)).all()) for e in imported.weights):
+                    raise NonFiniteLoss("a weight is NaN or infinite after the epoch's last step")
             except NonFiniteLoss as exc:
                 _load_values(imported, snapshot[0])
                 optimizer.load_state_dict(snapshot[1])
@@ -249,6 +256,12 @@ def compress(
                            f"and stopped the {phase} phase")
                 logger.warning("%s", message)
                 return message
+            except EmptyEpoch:
+                # A loader plugin that returns an exhausted generator yields data once, then nothing.
+                raise UserError(
+                    f"the training data yielded no samples in stage {stage} {phase} epoch {epoch}; a loader "
+                    "plugin is called once per epoch and must yield a fresh, non-empty stream every time"
+                ) from None
             finally:
                 epoch_counter[0] += 1
             on_epoch_end(epoch, stats)

@@ -37,6 +37,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the caller rolls back to its last good state."""
 
 
+class EmptyEpoch(ValueError):
+    """An epoch's batches were empty: the data (e.g. a loader plugin on a later epoch) yielded nothing."""
+
+
 def log_probs(score: Tensor, kind: str) -> Tensor:
     """Log-probabilities from a score output of the given kind."""
     if kind == "probabilities":
@@ -105,11 +109,14 @@ def train_epoch(
 
     Raises:
         NonFiniteLoss: as soon as a loss is NaN or infinite (before any step is taken with it).
+        EmptyEpoch: ``batches`` yielded nothing.
     """
     total_loss, hits, seen, counted = 0.0, 0, 0, False
     for i, batch in enumerate(batches):
+        # With labels and a score output the loss ignores the teacher: skip its forward pass.
+        needs_teacher = teacher is not None and (batch.labels is None or loss_fn.score.index is None)
         with torch.no_grad():
-            teacher_out = teacher(*batch.inputs) if teacher is not None else None
+            teacher_out = teacher(*batch.inputs) if needs_teacher else None
         outputs = model(*batch.inputs)
         loss = loss_fn(outputs, batch.labels, teacher_out)
         value = loss.item()
@@ -132,7 +139,7 @@ def train_epoch(
         if on_batch is not None:
             on_batch(i, value, batch_hits / n if batch_hits is not None else None)
     if seen == 0:
-        raise ValueError("no training batches: the data set is empty")
+        raise EmptyEpoch("no training batches: the data set is empty")
     return EpochStats(total_loss / seen, hits / seen if counted else None, seen)
 
 
