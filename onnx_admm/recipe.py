@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -231,8 +233,31 @@ def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> Non
         _fail(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(known))}")
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "an array"}
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, (list, tuple))
+    if kind in (int, float):  # TOML's true is no number; an integer is a fine float
+        return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Reject values of the wrong TOML type with a message, rather than a traceback or a silent cast."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints[key]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not any(_type_ok(value, kind) for kind in kinds):
+            wanted = " or ".join(_TYPE_NAMES.get(typing.get_origin(k) or k, str(k)) for k in kinds if k is not type(None))
+            _fail(f"{where} {key} must be {wanted}, got {value!r}")
+
+
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     _reject_unknown(where, data, {f.name for f in fields(cls)})
+    _check_types(cls, data, where)
     values = dict(data)
     if "targets" in values and values["targets"] is not None:
         values["targets"] = tuple(values["targets"])
