@@ -1,0 +1,207 @@
+"""The `compress` command end to end on the digits sample: output, report, accuracy gate, errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from converters.graphinfo import constant_sources, tensor_value
+from onnx_admm import cli
+from onnx_admm.cli import main
+from onnx_admm.projections import keep_count
+from onnx_admm.schedule import geometric_stages
+
+WEIGHTS = ("0.weight", "2.weight", "5.weight", "7.weight")  # the compressible weights of the digits CNN
+TOTAL = 38160
+
+
+def _compress(digits_sample, out, *args: str):
+    argv = ["compress", str(digits_sample.model), "-o", str(out), "--data", str(digits_sample.train),
+            "--threads", "1", *[str(a) for a in args]]
+    return CliRunner().invoke(main, argv)
+
+
+def _accuracy(path, digits_sample) -> float:
+    test = np.load(digits_sample.test)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {"input": test["input"]})[0].argmax(1) == test["labels"]).mean())
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_compress_end_to_end_writes_model_and_report(digits_sample, tmp_path):
+    out, report_path = tmp_path / "out" / "digits.onnx", tmp_path / "r.json"
+    result = _compress(digits_sample, out, "--sparsity", "0.9", "--admm-epochs", "1", "--retrain-epochs", "1",
+                       "--val-data", digits_sample.test, "--report", report_path, "--max-accuracy-drop", "0.5")
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and report_path.is_file()
+    report = json.loads(report_path.read_text())
+
+    assert report["original"]["bytes"] == digits_sample.model.stat().st_size
+    assert report["compressed"]["bytes"] == out.stat().st_size
+    assert 0 < report["compressed"]["bytes_gzip"] < report["compressed"]["bytes"] < report["original"]["bytes"]
+    assert report["params"] == {"total": TOTAL, "nonzero": keep_count(TOTAL, 0.9)}
+    assert report["compression_ratio"] == pytest.approx(TOTAL / keep_count(TOTAL, 0.9))
+
+    layers = report["layers"]
+    assert tuple(layer["name"] for layer in layers) == WEIGHTS
+    assert [layer["shape"] for layer in layers] == [[16, 1, 3, 3], [32, 16, 3, 3], [64, 512], [10, 64]]
+    for layer in layers:
+        assert 0 < layer["sparsity"] < 1
+        assert len(layer["residual_history"]) == 1 and layer["residual"] == layer["residual_history"][-1]
+        assert 0 < layer["residual"] < 2
+    assert sum(layer["params"] * (1 - layer["sparsity"]) for layer in layers) == pytest.approx(keep_count(TOTAL, 0.9))
+
+    assert [(s["index"], s["target"]) for s in report["stages"]] == [(0, 0.9)]
+    assert report["stages"][0]["rolled_back"] is None
+    m = report["metrics"]
+    assert m["original_accuracy"] == pytest.approx(350 / 360)  # samples/digits/README.md, on --val-data
+    # Measured 0.933 at this setting (1 + 1 epochs); magnitude pruning alone gives 0.717.
+    assert m["compressed_accuracy"] >= 0.88
+    assert m["compressed_accuracy"] == pytest.approx(_accuracy(out, digits_sample))  # the report is about `out`
+    assert 0.88 <= m["agreement"] <= 1 and m["max_abs_diff"] > 0
+    assert report["accuracy_drop"] == pytest.approx(m["original_accuracy"] - m["compressed_accuracy"])
+    assert report["wall_s"] > 0 and report["peak_rss_mb"] > 0
+    assert report["config"]["prune"]["sparsity"] == 0.9 and report["config"]["admm"]["epochs"] == 1
+
+    # The table goes to stdout; progress to stderr.
+    assert "5.weight" in result.stdout and f"{keep_count(TOTAL, 0.9)} of {TOTAL} nonzero" in result.stdout
+    assert "stage 1/1" in result.stderr
+
+
+def test_accuracy_gate_exits_3_and_still_writes(digits_sample, tmp_path):
+    # Measured: 98% magnitude-pruned without any training keeps 22% accuracy (drop 0.78 on the split).
+    out, report_path = tmp_path / "gated.onnx", tmp_path / "r.json"
+    result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
+                       "--max-accuracy-drop", "0", "--report", report_path, "-q")
+    assert result.exit_code == 3, result.output
+    assert "accuracy gate failed" in result.stderr
+    assert out.is_file() and report_path.is_file()
+    report = json.loads(report_path.read_text())
+    assert report["accuracy_drop"] > 0.3
+    assert report["params"]["nonzero"] == keep_count(TOTAL, 0.98)
+    assert result.stdout == ""  # --quiet
+
+
+def test_accuracy_gate_without_labels_uses_agreement(digits_sample, tmp_path):
+    data = tmp_path / "unlabeled.npz"
+    np.savez(data, input=np.load(digits_sample.train)["input"])
+    out = tmp_path / "gated.onnx"
+    argv = ["compress", str(digits_sample.model), "-o", str(out), "--data", str(data), "--threads", "1",
+            "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0", "--max-accuracy-drop", "0.1",
+            "--report", str(tmp_path / "r.json"), "-q"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 3, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metrics"]["compressed_accuracy"] is None
+    assert report["accuracy_drop"] == pytest.approx(1 - report["metrics"]["agreement"]) and report["accuracy_drop"] > 0.1
+    assert out.is_file()
+
+
+def test_flags_override_the_recipe(digits_sample, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nseed = 3\n[admm]\nepochs = 7\nretrain_epochs = 7\n"
+                      "[prune]\nsparsity = 0.5\ntargets = [0.3, 0.5]\n")
+    report_path = tmp_path / "r.json"
+    result = _compress(digits_sample, tmp_path / "o.onnx", "--recipe", recipe, "--sparsity", "0.8",
+                       "--admm-epochs", "1", "--retrain-epochs", "0", "--report", report_path, "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["config"]["train"]["seed"] == 3  # from the recipe
+    assert report["config"]["admm"]["epochs"] == 1 and report["config"]["admm"]["retrain_epochs"] == 0
+    assert "targets" not in report["config"]["prune"]  # --sparsity replaces the recipe's stage list
+    assert [s["target"] for s in report["stages"]] == [0.8]
+    assert report["params"]["nonzero"] == keep_count(TOTAL, 0.8)
+
+
+def test_save_stages_writes_every_stage(digits_sample, tmp_path):
+    out = tmp_path / "d.onnx"
+    result = _compress(digits_sample, out, "--sparsity", "0.9", "--stages", "2", "--admm-epochs", "1",
+                       "--retrain-epochs", "0", "--save-stages", tmp_path / "stages", "-q")
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    assert files == ["d.stage1.onnx", "d.stage2.onnx"]
+    nonzeros = []
+    for name in files:
+        model = onnx.load(str(tmp_path / "stages" / name))
+        sources = constant_sources(model)
+        nonzeros.append(sum(int(np.count_nonzero(tensor_value(model, sources[w]))) for w in WEIGHTS))
+    assert nonzeros == [keep_count(TOTAL, s) for s in geometric_stages(0.9, 2)]
+    assert _accuracy(tmp_path / "stages" / "d.stage2.onnx", digits_sample) == pytest.approx(_accuracy(out, digits_sample))
+
+
+def test_unknown_recipe_key_is_one_line_error_and_writes_nothing(digits_sample, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[admm]\nepochs = 1\nretrain_epoch = 1\n")
+    out = tmp_path / "out.onnx"
+    result = _compress(digits_sample, out, "--recipe", recipe, "--sparsity", "0.9")
+    _assert_one_line_error(result, "unknown key 'retrain_epoch'", "[admm]")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [recipe]
+
+
+@pytest.mark.parametrize("value", ["1.5", "1", "-0.1"])
+def test_sparsity_out_of_range_is_an_error_and_writes_nothing(digits_sample, tmp_path, value):
+    out = tmp_path / "out.onnx"
+    result = _compress(digits_sample, out, "--sparsity", value)
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output and "sparsity" in result.output and "[0, 1)" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--sparsity", "0.9999"], ["impossible target", "floor"]),
+    ([], ["nothing to compress", "--sparsity"]),
+    (["--sparsity", "0.9", "--recipe", "missing.toml"], ["cannot read recipe", "missing.toml"]),
+], ids=["floors", "no-target", "no-recipe"])
+def test_target_errors_are_one_line(digits_sample, tmp_path, args, fragments):
+    out = tmp_path / "out.onnx"
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        result = _compress(digits_sample, out, *args)
+    _assert_one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def _interrupt_in_stage(monkeypatch, stage: int) -> None:
+    real = cli._Progress.__call__
+
+    def interrupting(self, event):
+        real(self, event)
+        if event["kind"] == "batch" and event["stage"] == stage and event["batch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli._Progress, "__call__", interrupting)
+
+
+def test_ctrl_c_in_stage_one_exits_130_and_writes_nothing(digits_sample, tmp_path, monkeypatch):
+    _interrupt_in_stage(monkeypatch, 0)
+    out = tmp_path / "out.onnx"
+    result = _compress(digits_sample, out, "--sparsity", "0.9", "--admm-epochs", "1", "--retrain-epochs", "1")
+    assert result.exit_code == cli.EXIT_INTERRUPTED, result.output
+    assert "nothing was written" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_saves_the_last_completed_stage_and_exits_130(digits_sample, tmp_path, monkeypatch):
+    _interrupt_in_stage(monkeypatch, 1)
+    out = tmp_path / "out.onnx"
+    result = _compress(digits_sample, out, "--sparsity", "0.9", "--stages", "2", "--admm-epochs", "1",
+                       "--retrain-epochs", "1", "--report", tmp_path / "r.json")
+    assert result.exit_code == cli.EXIT_INTERRUPTED, result.output
+    assert "saved stage 1" in result.stderr and str(out) in result.stderr
+    assert out.is_file() and _accuracy(out, digits_sample) > 0.8
+    assert not (tmp_path / "r.json").exists()

@@ -1,0 +1,235 @@
+"""Tests for onnx_admm.recipe: TOML loading, unknown keys, value checks, rule matching, replace."""
+
+from __future__ import annotations
+
+import pytest
+
+from converters.errors import UserError
+from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, Rule, TrainConfig
+
+RECIPE = """\
+[train]
+optimizer = "adam"
+lr = 0.003
+weight_decay = 1e-4
+batch_size = 32
+seed = 7
+threads = 1
+output = "logits"
+
+[admm]
+epochs = 4
+retrain_epochs = 2
+period = 2
+rho = 0.01
+rho_growth = 1.5
+rho_max = 0.5
+rescale_dual = false
+
+[prune]
+sparsity = 0.975
+targets = [0.9, 0.96, 0.975]
+floor = 0.02
+
+[[rules]]
+match = "7.*"
+sparsity = 0.5
+
+[[rules]]
+op_type = "Conv"
+skip = true
+"""
+
+
+def _write(tmp_path, text: str, name: str = "recipe.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _to_toml(data: dict) -> str:
+    """Just enough of a TOML writer for ``CompressConfig.to_dict()`` (no tomli_w here)."""
+    lines = []
+    for table in ("train", "admm", "prune"):
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data[table].items()]
+    for rule in data["rules"]:
+        lines.append("[[rules]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in rule.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_toml_loads_every_table(tmp_path):
+    config = CompressConfig.from_toml(_write(tmp_path, RECIPE))
+    assert config.train == TrainConfig(optimizer="adam", lr=0.003, weight_decay=1e-4, batch_size=32, seed=7,
+                                       threads=1, output="logits")
+    assert config.admm == ADMMConfig(epochs=4, retrain_epochs=2, period=2, rho=0.01, rho_growth=1.5, rho_max=0.5,
+                                     rescale_dual=False)
+    assert config.prune == PruneConfig(sparsity=0.975, targets=(0.9, 0.96, 0.975), floor=0.02)
+    assert config.rules == (Rule(match="7.*", sparsity=0.5), Rule(op_type="Conv", skip=True))
+
+
+def test_round_trip_toml_dict_toml(tmp_path):
+    config = CompressConfig.from_toml(_write(tmp_path, RECIPE))
+    data = config.to_dict()
+    assert CompressConfig.from_dict(data) == config
+    # to_dict is TOML-writable (no None values) and reloads to the same config.
+    again = CompressConfig.from_toml(_write(tmp_path, _to_toml(data), "again.toml"))
+    assert again == config
+    assert again.to_dict() == data
+
+
+def test_round_trip_defaults():
+    config = CompressConfig()
+    assert CompressConfig.from_dict(config.to_dict()) == config
+    assert CompressConfig.from_dict({}) == config
+
+
+@pytest.mark.parametrize(
+    "text,key,where",
+    [
+        ("spars = 0.9\n", "spars", "recipe"),
+        ("[train]\nlearning_rate = 0.1\n", "learning_rate", "[train]"),
+        ("[admm]\nepochs = 1\nrho_init = 0.1\n", "rho_init", "[admm]"),
+        ("[prune]\nsparsity = 0.9\nfloors = 0.1\n", "floors", "[prune]"),
+        ('[[rules]]\nmatch = "a*"\nsparsity = 0.5\n[[rules]]\nop = "Conv"\n', "op", "[[rules]]"),
+        ("[pruning]\nsparsity = 0.9\n", "pruning", "recipe"),
+    ],
+    ids=["top", "train", "admm", "prune", "rules", "table"],
+)
+def test_unknown_key_is_an_error_naming_it(tmp_path, text, key, where):
+    with pytest.raises(UserError) as info:
+        CompressConfig.from_toml(_write(tmp_path, text))
+    message = str(info.value)
+    assert repr(key) in message and where in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["1.0", "1", "1.5", "-0.1", "-1"])
+@pytest.mark.parametrize("where", ["prune", "rules"])
+def test_sparsity_outside_unit_interval_is_an_error(tmp_path, value, where):
+    text = f"[prune]\nsparsity = {value}\n" if where == "prune" else f'[[rules]]\nmatch = "*"\nsparsity = {value}\n'
+    with pytest.raises(UserError, match=r"sparsity must be a fraction in \[0, 1\)"):
+        CompressConfig.from_toml(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[train]\ndevice = 1\n", "[train] device must be a string, got 1"),
+        ("[train]\nbatch_size = true\n", "[train] batch_size must be an integer, got True"),
+        ("[train]\nthreads = 1.5\n", "[train] threads must be an integer, got 1.5"),
+        ('[train]\nlr = "0.1"\n', "[train] lr must be a number, got '0.1'"),
+        ('[admm]\nrescale_dual = "no"\n', "[admm] rescale_dual must be true or false, got 'no'"),
+        ("[prune]\nsparsity = true\n", "[prune] sparsity must be a number, got True"),
+        ("[prune]\ntargets = 0.9\n", "[prune] targets must be an array, got 0.9"),
+        ("[[rules]]\nmatch = 5\n", "[[rules]] match must be a string, got 5"),
+    ],
+)
+def test_wrong_value_types_are_user_errors(tmp_path, text, message):
+    # Before: device = 1 and match = 5 crashed with a traceback; batch_size = true ran with batch size 1 and
+    # rescale_dual = "no" meant true.
+    with pytest.raises(UserError) as info:
+        CompressConfig.from_toml(_write(tmp_path, text))
+    assert str(info.value) == message
+
+
+def test_integers_are_fine_numbers(tmp_path):
+    config = CompressConfig.from_toml(_write(tmp_path, "[train]\nlr = 1\n[admm]\nrho = 1\nrho_max = 2\n"))
+    assert config.train.lr == 1 and config.admm.rho == 1
+
+
+@pytest.mark.parametrize("targets", [[0.9, 0.8], [0.9, 0.9], [0.5, 1.0], [-0.1, 0.5], []])
+def test_prune_targets_must_rise_within_unit_interval(targets):
+    with pytest.raises(UserError, match="prune.targets"):
+        CompressConfig.from_dict({"prune": {"targets": targets}})
+
+
+def test_prune_targets_must_end_at_sparsity():
+    with pytest.raises(UserError, match="end at prune.sparsity"):
+        PruneConfig(sparsity=0.99, targets=(0.9, 0.95))
+    assert PruneConfig(sparsity=0.95, targets=[0.9, 0.95]).targets == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"device": "tpu"}}, "train.device"),
+        ({"admm": {"epochs": -1}}, "admm.epochs"),
+        ({"admm": {"period": 0}}, "admm.period"),
+        ({"admm": {"rho": 0.5, "rho_max": 0.1}}, "admm.rho_max"),
+        ({"prune": {"stages": 0}}, "prune.stages"),
+        ({"rules": [{"sparsity": 0.5}]}, "match"),
+        ({"rules": [{"match": "*", "sparsity": 0.5, "skip": True}]}, "contradict"),
+        ({"rules": {"match": "*"}}, r"\[\[rules\]\]"),
+        ({"train": 3}, "must be a table"),
+    ],
+)
+def test_bad_values_are_user_errors(data, match):
+    with pytest.raises(UserError, match=match):
+        CompressConfig.from_dict(data)
+
+
+def test_invalid_toml_and_missing_file_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not valid TOML"):
+        CompressConfig.from_toml(_write(tmp_path, "[prune\nsparsity = 0.9\n"))
+    with pytest.raises(UserError, match="cannot read recipe"):
+        CompressConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_rules_first_match_wins():
+    config = CompressConfig(rules=(
+        Rule(match="5.*", sparsity=0.5),
+        Rule(op_type="Gemm", sparsity=0.9),
+        Rule(match="*.weight", op_type="Conv", skip=True),
+    ))
+    assert config.rule_for("5.weight", "Gemm").sparsity == 0.5  # matches rules 1 and 2: the first wins
+    assert config.rule_for("7.weight", "Gemm").sparsity == 0.9
+    assert config.rule_for("0.weight", "Conv").skip
+    assert config.rule_for("0.bias", "Conv") is None  # glob and op type must both match
+    assert config.rule_for("x", "MatMul") is None
+    reordered = CompressConfig(rules=config.rules[1:] + config.rules[:1])
+    assert reordered.rule_for("5.weight", "Gemm").sparsity == 0.9
+
+
+def test_glob_is_case_sensitive_and_whole_name():
+    rule = Rule(match="conv*")
+    assert rule.matches("conv1.weight", "Conv")
+    assert not rule.matches("Conv1.weight", "Conv")
+    assert not rule.matches("layer.conv1.weight", "Conv")
+
+
+def test_replace_ignores_none_and_keeps_other_fields():
+    config = CompressConfig(train=TrainConfig(lr=0.05, seed=3), prune=PruneConfig(sparsity=0.9, stages=2))
+    same = config.replace(train={"lr": None, "seed": None}, admm={"epochs": None}, prune={"sparsity": None})
+    assert same == config
+    changed = config.replace(train={"lr": 0.1, "seed": None}, admm={"epochs": 2}, prune={"stages": None})
+    assert changed.train == TrainConfig(lr=0.1, seed=3)
+    assert changed.admm == ADMMConfig(epochs=2)
+    assert changed.prune == PruneConfig(sparsity=0.9, stages=2)
+    assert config.train.lr == 0.05  # the original is a frozen value, untouched
+
+
+def test_replace_validates_the_new_values():
+    with pytest.raises(UserError, match="prune.sparsity"):
+        CompressConfig().replace(prune={"sparsity": 1.5})
+
+
+def test_targets_anything():
+    assert not CompressConfig().targets_anything
+    assert CompressConfig(prune=PruneConfig(sparsity=0.5)).targets_anything
+    assert CompressConfig(rules=(Rule(match="*", sparsity=0.5),)).targets_anything
+    assert not CompressConfig(rules=(Rule(match="*", skip=True),)).targets_anything

@@ -1,0 +1,227 @@
+"""Tests for onnx_admm.train: the loss per DESIGN §6, the epoch loop and its hooks, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, log_probs, make_optimizer, train_epoch
+
+
+def _logits(seed=0, n=8, c=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+def test_labels_give_cross_entropy_on_logits():
+    logits, labels = _logits()
+    extra = torch.randn(8, 3)  # a second output before the score output is ignored
+    loss = Loss(ScoreSpec(1, "logits"))((extra, logits), labels, None)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_labels_on_probabilities_give_nll_of_log_p():
+    logits, labels = _logits(1)
+    probs = torch.softmax(logits, dim=-1)
+    loss = Loss(ScoreSpec(0, "probabilities"))((probs,), labels, None)
+    expected = -torch.log(probs[torch.arange(8), labels]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Not cross-entropy applied to the probabilities as if they were logits.
+    assert loss.item() != pytest.approx(F.cross_entropy(probs, labels).item(), rel=1e-3)
+
+
+def test_labels_on_log_probabilities():
+    logits, labels = _logits(2)
+    logp = F.log_softmax(logits, dim=-1)
+    loss = Loss(ScoreSpec(0, "log_probabilities"))((logp,), labels, None)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_probability_of_zero_stays_finite():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss = Loss(ScoreSpec(0, "probabilities"))((probs,), torch.tensor([1, 1]), None)
+    assert math.isfinite(loss.item()) and loss.item() > 10  # log clamped at 1e-12, not -inf
+    assert torch.isfinite(log_probs(probs, "probabilities")).all()
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities", "log_probabilities"])
+def test_distillation_kl_is_zero_for_identical_student_and_positive_otherwise(kind):
+    logits, _ = _logits(3)
+    as_kind = {"logits": logits, "probabilities": torch.softmax(logits, -1),
+               "log_probabilities": F.log_softmax(logits, -1)}[kind]
+    loss = Loss(ScoreSpec(0, kind))
+    assert loss((as_kind,), None, (as_kind.clone(),)).item() == pytest.approx(0.0, abs=1e-6)
+    other, _ = _logits(4)
+    other_kind = {"logits": other, "probabilities": torch.softmax(other, -1),
+                  "log_probabilities": F.log_softmax(other, -1)}[kind]
+    value = loss((other_kind,), None, (as_kind,)).item()
+    expected = F.kl_div(F.log_softmax(other, -1), F.log_softmax(logits, -1), log_target=True,
+                        reduction="batchmean").item()
+    assert value == pytest.approx(expected, rel=1e-4) and value > 0.1
+
+
+def test_distillation_temperature_on_logits():
+    logits, _ = _logits(5)
+    student, _ = _logits(6)
+    t = 4.0
+    value = Loss(ScoreSpec(0, "logits"), temperature=t)((student,), None, (logits,)).item()
+    expected = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(logits / t, -1), log_target=True,
+                        reduction="batchmean").item() * t**2
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_labels_win_over_teacher():
+    logits, labels = _logits(7)
+    loss = Loss(ScoreSpec(0))((logits,), labels, (logits,))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_no_score_output_gives_mse_over_float_outputs():
+    a, b = torch.randn(4, 3), torch.randn(4, 7)
+    ta, tb = torch.randn(4, 3), torch.randn(4, 7)
+    ints = torch.arange(4)
+    loss = Loss(ScoreSpec(None))((a, ints, b), None, (ta, ints + 1, tb))
+    assert loss.item() == pytest.approx((F.mse_loss(a, ta) + F.mse_loss(b, tb)).item(), rel=1e-6)
+    assert Loss(ScoreSpec(None))((a, b), torch.zeros(4, dtype=torch.long), (a, b)).item() == 0.0  # labels unused
+
+
+def test_errors_without_teacher_or_float_outputs():
+    logits, _ = _logits()
+    with pytest.raises(ValueError, match="teacher"):
+        Loss(ScoreSpec(0))((logits,), None, None)
+    with pytest.raises(ValueError, match="float output"):
+        Loss(ScoreSpec(None))((torch.arange(3),), None, (torch.arange(3),))
+
+
+class _Linear(nn.Module):
+    """Returns a tuple, as OnnxModule does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return (self.fc(x),)
+
+
+def _batches(n_batches=3, seed=0, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    return [Batch((torch.randn(5, 4, generator=g),), torch.randint(0, 3, (5,), generator=g) if labels else None)
+            for _ in range(n_batches)]
+
+
+def test_train_epoch_runs_hooks_in_order_and_reports_stats():
+    torch.manual_seed(0)
+    model = _Linear()
+    optimizer = make_optimizer(model.parameters(), "sgd", 0.1, 0.9, 0.0)
+    calls = []
+    stats = train_epoch(model, _batches(), Loss(ScoreSpec(0)), optimizer,
+                        after_backward=[lambda: calls.append(("backward", model.fc.weight.grad is not None))],
+                        after_step=[lambda: calls.append(("step", None))],
+                        on_batch=lambda i, loss, acc: calls.append(("batch", i)))
+    assert calls == [event for i in range(3) for event in (("backward", True), ("step", None), ("batch", i))]
+    assert stats.samples == 15 and 0.0 <= stats.accuracy <= 1.0 and stats.loss > 0
+
+
+def test_train_epoch_without_labels_reports_agreement_with_teacher():
+    torch.manual_seed(0)
+    model = _Linear()
+    teacher = _Linear()
+    teacher.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model.parameters(), "adam", 1e-9, 0.0, 0.0)
+    stats = train_epoch(model, _batches(labels=False), Loss(ScoreSpec(0)), optimizer, teacher=teacher)
+    assert stats.accuracy == 1.0 and stats.loss == pytest.approx(0.0, abs=1e-6)
+
+
+class _Counting(_Linear):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("labels,index,teacher_runs", [(True, 0, False), (False, 0, True), (True, None, True)])
+def test_teacher_runs_only_when_the_loss_uses_it(labels, index, teacher_runs):
+    model, teacher = _Linear(), _Counting()
+    optimizer = make_optimizer(model.parameters(), "sgd", 0.1, 0.0, 0.0)
+    train_epoch(model, _batches(3, labels=labels), Loss(ScoreSpec(index)), optimizer, teacher=teacher)
+    assert teacher.calls == (3 if teacher_runs else 0)
+
+
+class _NaNAt:
+    """A loss that is NaN on call ``k`` (0-based) and cross-entropy otherwise."""
+
+    def __init__(self, k):
+        self.k, self.calls, self.score = k, 0, ScoreSpec(0)
+
+    def __call__(self, outputs, labels, teacher):
+        loss = F.cross_entropy(outputs[0], labels)
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 == self.k else loss
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_train_epoch_raises_on_nan_before_stepping(k):
+    torch.manual_seed(0)
+    model = _Linear()
+    optimizer = make_optimizer(model.parameters(), "sgd", 0.1, 0.9, 0.0)
+    steps, seen = [], []
+    batches = _batches(4)
+    # Weights right before the NaN batch: what the parameters must still hold when it raises.
+    reference = _Linear()
+    reference.load_state_dict(model.state_dict())
+    ref_opt = make_optimizer(reference.parameters(), "sgd", 0.1, 0.9, 0.0)
+    if k:
+        train_epoch(reference, batches[:k], Loss(ScoreSpec(0)), ref_opt)
+    with pytest.raises(NonFiniteLoss, match=f"nan at batch {k}"):
+        train_epoch(model, batches, _NaNAt(k), optimizer,
+                    after_step=[lambda: steps.append(1)], on_batch=lambda i, loss, acc: seen.append(i))
+    assert len(steps) == k and seen == list(range(k))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q) and torch.isfinite(p).all()
+
+
+def test_train_epoch_raises_on_infinite_loss():
+    model = _Linear()
+    optimizer = make_optimizer(model.parameters(), "sgd", 0.1, 0.0, 0.0)
+
+    def inf_loss(outputs, labels, teacher):
+        return outputs[0].sum() * float("inf")
+
+    inf_loss.score = ScoreSpec(0)
+    with pytest.raises(NonFiniteLoss, match="inf"):
+        train_epoch(model, _batches(), inf_loss, optimizer)
+
+
+def test_train_epoch_on_no_batches_raises():
+    model = _Linear()
+    with pytest.raises(EmptyEpoch, match="empty"):
+        train_epoch(model, [], Loss(ScoreSpec(0)), make_optimizer(model.parameters(), "sgd", 0.1, 0.0, 0.0))
+
+
+def test_evaluate_accuracy_agreement_and_no_score():
+    torch.manual_seed(0)
+    model = _Linear()
+    batches = _batches(3)
+    predicted = torch.cat([model(b.inputs[0])[0].argmax(-1) for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    assert evaluate(model, batches, ScoreSpec(0)) == pytest.approx(float((predicted == labels).float().mean()))
+    unlabeled = _batches(3, labels=False)
+    assert evaluate(model, unlabeled, ScoreSpec(0), teacher=model) == 1.0
+    assert evaluate(model, batches, ScoreSpec(None)) is None
+
+
+def test_make_optimizer_skips_frozen_params():
+    model = _Linear()
+    model.fc.bias.requires_grad_(False)
+    sgd = make_optimizer(model.parameters(), "sgd", 0.1, 0.9, 1e-4)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["params"] == [model.fc.weight]
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["weight_decay"] == 1e-4
+    assert isinstance(make_optimizer(model.parameters(), "adam", 0.1, 0.9, 0.0), torch.optim.Adam)
