@@ -25,7 +25,7 @@ import torch
 
 from converters.errors import UserError
 from converters.graphinfo import graph_inputs
-from converters.importer import ImportedModel, WeightEntry, import_model
+from converters.importer import ImportedModel, import_model
 from converters.modelio import load_model, save_model, uses_external_data
 from converters.writeback import write_back
 from onnx_admm import __version__
@@ -141,6 +141,11 @@ def _plan_targets(imported: ImportedModel, config: CompressConfig) -> _Targets:
             "nothing to compress: no compressible weight has a target; pass --sparsity (e.g. 0.9) "
             "or a recipe rule with `sparsity`"
         )
+    # A compressible weight without a target (skipped, or outside every rule with no global target) is
+    # left untouched: it does not train either.
+    for entry in imported.compressible():
+        if entry.param not in own and entry.param not in shared:
+            imported.parameter(entry).requires_grad_(False)
     global_stages = None
     if shared:
         global_stages = list(prune.targets) if prune.targets else (
@@ -160,7 +165,7 @@ def _stage_constraints(
             keeps.update(allocate_global(pool, targets.global_stages[stage], config.prune.floor,
                                          allowed=None if previous is None else {n: previous[n] for n in pool}))
         except ValueError as exc:
-            raise UserError(f"impossible target: {exc}") from None
+            raise UserError(f"impossible target: {exc} (the floor is `floor` in the recipe's [prune] table)") from None
     constraints = {}
     for name, keep in keeps.items():
         c = Unstructured(keep)
@@ -200,8 +205,17 @@ def compress(
     external = original_path is not None and uses_external_data(original_path)
     imported = import_model(original, output=cfg.output)
     torch.manual_seed(cfg.seed)
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _compress(original, original_path, external, imported, data, val_data, config, progress, started)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _compress(original, original_path, external, imported, data, val_data, config, progress, started) -> CompressResult:
+    cfg = config.train
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {cfg.device!r} requested but CUDA is not available; use --device cpu")
@@ -218,6 +232,9 @@ def compress(
     if held_out.labels is None or not train_labeled or score.index is None:
         teacher = copy.deepcopy(imported.module).eval()
         teacher.requires_grad_(False)
+    if score.index is None and held_out.labels is not None:
+        logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
+                       "to the original model's outputs")
     loss_fn = Loss(score)
     targets = _plan_targets(imported, config)
     emit = progress or (lambda event: None)
@@ -311,7 +328,8 @@ def compress(
             zeros = sum(int((p == 0).sum()) for p in params.values())
             stages.append(StageResult(
                 index=stage, target=targets.global_stages[stage] if targets.global_stages else None,
-                sparsity=zeros / total, val_metric=best["metric"], rolled_back=rolled or rolled_r,
+                sparsity=zeros / total, val_metric=best["metric"],
+                rolled_back="; ".join(m for m in (rolled, rolled_r) if m) or None,
                 values=best["values"], residuals={n: list(h) for n, h in admm.residual_history.items()},
             ))
             logger.info("stage %d done: sparsity %.4f, validation %s", stage, zeros / total, best["metric"])
@@ -321,7 +339,10 @@ def compress(
                                   if stages else None) from None
 
     result = CompressResult(imported, config, stages, external_data=external)
-    result.report = _report(result, original_path, held_out, dense_metric, cfg, started)
+    try:
+        result.report = _report(result, original_path, held_out, dense_metric, cfg, started)
+    except KeyboardInterrupt:
+        raise CompressInterrupted(result) from None
     return result
 
 
@@ -387,7 +408,15 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             "max_abs_diff": max(diffs, default=None),
             "torch_dense_val_metric": dense_metric,
         },
-        "validation": validation.to_dict(),
+        "validation": _without_paths(validation.to_dict()),
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _without_paths(validation: dict) -> dict:
+    """The validation ran on temporary copies: their paths mean nothing once compress returns."""
+    for side in ("original", "compressed"):
+        validation[side].pop("path", None)
+        validation[side].pop("files", None)
+    return validation

@@ -173,9 +173,10 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     from onnx_admm.recipe import CompressConfig
 
     config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
-    if sparsity is not None and config.prune.targets is not None:
-        # --sparsity replaces the recipe's explicit stage list (whose last entry must equal the target).
-        config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, targets=None))
+    if (sparsity is not None or stages is not None) and config.prune.targets is not None:
+        # --sparsity/--stages replace the recipe's explicit stage list; its last entry stays the target.
+        config = dataclasses.replace(config, prune=dataclasses.replace(
+            config.prune, targets=None, sparsity=config.prune.targets[-1]))
     config = config.replace(
         train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},

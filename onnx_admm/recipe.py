@@ -3,7 +3,7 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output, update_bn
+               val_fraction, output
     [admm]     epochs, retrain_epochs, period, rho, rho_growth, rho_max, rescale_dual
     [prune]    sparsity (global target), stages, targets, floor
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; skip
@@ -59,7 +59,6 @@ class TrainConfig:
     device: str = "cpu"
     val_fraction: float = 0.1
     output: str | None = None  # score output override (DESIGN §6)
-    update_bn: bool = False  # let BatchNorm running statistics move while training
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
