@@ -287,7 +287,8 @@ class _Comparison:
                 )
             diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
             if diff.size:
-                self.max_abs[name] = max(self.max_abs[name], float(diff.max()))
+                # np.max propagates NaN; Python's max() would silently drop it and report 0.
+                self.max_abs[name] = float(np.max([self.max_abs[name], diff.max()]))
             self.sum_abs[name] += float(diff.sum())
             self.count[name] += diff.size
         if self.score is None or self.score in self.skipped:

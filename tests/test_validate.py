@@ -190,3 +190,16 @@ def test_plugin_data_is_read_in_full(tmp_path):
 
     report = validate(path, path, PluginData(chunks, graph_inputs(model)), batch_size=8, latency_batches=0)
     assert report.samples == len(X) and report.original.accuracy == 1.0
+
+
+def test_nan_outputs_are_not_hidden_in_the_difference(tmp_path):
+    from onnx_admm.validate import _Comparison
+
+    comparison = _Comparison(["y"], None)
+    good = np.ones((2, 3), np.float32)
+    bad = good.copy()
+    bad[0, 0] = np.nan
+    comparison.add([{"y": good}, {"y": bad}], None)
+    comparison.add([{"y": good}, {"y": good}], None)
+    (diff,) = comparison.diffs()
+    assert np.isnan(diff.max_abs)
