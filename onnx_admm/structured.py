@@ -1,0 +1,170 @@
+"""Column-wise and block-wise structured sparsity (DESIGN section 6), beside ``projections.Filter``/``Channel``.
+
+Both view a weight as the matrix ``[out, in*kh*kw]`` (a Linear weight already is one):
+
+- :class:`Column` (StructADMM's shape-wise pruning): a group is one column of that matrix, i.e. one
+  (input channel, kh, kw) position across all filters -- a column of the im2col product.
+- :class:`Block` (memristor-crossbar pruning): a group is one ``rows x cols`` tile of that matrix, tiled
+  from the top-left corner; the tiles on the bottom and right edges are partial when the sizes do not
+  divide.
+
+Groups are ranked by L2 norm / sqrt(group size), exactly ``keep_groups`` are kept, ties go to the lower
+group index (row-major tile order for blocks), and ``allowed`` behaves as in ``projections``: a group is
+eligible when any of its entries is allowed, entries outside ``allowed`` count as zero when ranking, and
+eligible groups always rank above the others. The constraints follow the same protocol as
+``projections.Unstructured`` (``project`` / ``support``), so ADMM and :class:`projections.Within` take
+them unchanged.
+
+For equal-sized groups (every column; blocks when the tile divides the matrix) the ranking is the
+Euclidean projection onto "at most ``keep_groups`` nonzero groups". With partial edge tiles the
+normalised ranking is the DESIGN convention instead: it does not favour the larger full tiles, which
+the plain Euclidean projection would.
+
+Column- and block-pruned weights stay dense with zeros in ONNX; only whole filters/channels can be
+removed from the graph (``converters.shrink``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from onnx_admm.projections import (
+    Channel,
+    _check_allowed,
+    _check_count,
+    _keep_support,
+    keep_count,
+    topk_mask,
+)
+
+__all__ = ["Block", "Column", "group_keep_count"]
+
+
+def group_keep_count(n_groups: int, sparsity: float, min_keep: int = 1) -> int:
+    """Number of groups to keep when a fraction ``sparsity`` of ``n_groups`` groups is removed.
+
+    :func:`projections.keep_count` on the group count (round half up), raised to ``min_keep``: a
+    structured layer that loses every filter or every column is no longer a layer, so by default at
+    least one group survives (the exact count then is ``max(min_keep, keep_count(n_groups, sparsity))``).
+
+    Args:
+        n_groups: Number of groups of the weight, >= 0 (see ``Column.n_groups`` / ``Block.n_groups``).
+        sparsity: Fraction of groups removed, in [0, 1).
+        min_keep: Groups kept whatever the sparsity (capped at ``n_groups``); 0 allows emptying.
+
+    Returns:
+        The number of groups to keep, in [0, n_groups].
+    """
+    if not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"min_keep is a number of groups >= 0, got {min_keep!r}")
+    return max(min(min_keep, n_groups), keep_count(n_groups, sparsity))
+
+
+def _as_matrix(w: Tensor, what: str) -> Tensor:
+    if w.dim() < 2:
+        raise ValueError(
+            f"{what} groups the weight viewed as [out, in*kh*kw]; a tensor of shape {tuple(w.shape)} has no "
+            "such view (use Unstructured for it)"
+        )
+    return w.reshape(w.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class Column:
+    """Keep ``keep_groups`` columns of the weight viewed as ``[out, in*kh*kw]`` (shape-wise pruning).
+
+    Attributes:
+        keep_groups: Number of columns to keep (``in*kh*kw`` in all); see :func:`group_keep_count`.
+    """
+
+    keep_groups: int
+
+    def __post_init__(self) -> None:
+        _check_count(self.keep_groups, "Column(keep_groups=...)", "columns", "Column.n_groups(w.shape)")
+
+    @staticmethod
+    def n_groups(shape: tuple[int, ...] | torch.Size) -> int:
+        """Number of columns of a weight of this shape: the product of all dims but the first."""
+        return math.prod(shape[1:])
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Mask of the ``keep_groups`` columns with the largest L2 norm / sqrt(out)."""
+        matrix = _as_matrix(w, "Column")
+        if allowed is not None:
+            allowed = _check_allowed(w, allowed).reshape(matrix.shape)
+        # A column of the [out, rest] view is an input channel of that matrix: Channel ranks exactly that.
+        return Channel(self.keep_groups).support(matrix, allowed).reshape(w.shape)
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``w`` with every column outside :meth:`support` set to zero."""
+        return _keep_support(w, self.support(w, allowed))
+
+
+@dataclass(frozen=True)
+class Block:
+    """Keep ``keep_groups`` tiles of ``rows x cols`` entries of the weight viewed as ``[out, in*kh*kw]``.
+
+    Tiles are numbered row-major from the top-left corner (that order breaks ties); edge tiles are
+    partial and are ranked by their own size.
+
+    Attributes:
+        rows: Tile height (output channels per tile), >= 1.
+        cols: Tile width (columns of the ``[out, in*kh*kw]`` view per tile), >= 1.
+        keep_groups: Number of tiles to keep; see :meth:`n_groups` and :func:`group_keep_count`.
+    """
+
+    rows: int
+    cols: int
+    keep_groups: int
+
+    def __post_init__(self) -> None:
+        for field_name in ("rows", "cols"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Block({field_name}=...) is a tile size >= 1 (a Python int), got {value!r}")
+        _check_count(self.keep_groups, "Block(keep_groups=...)", "tiles", "Block(...).n_groups(w.shape)")
+
+    def grid(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+        """(tile rows, tile columns) covering a weight of this shape, edge tiles included."""
+        return -(-shape[0] // self.rows), -(-math.prod(shape[1:]) // self.cols)
+
+    def n_groups(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """Number of tiles of a weight of this shape (edge tiles included)."""
+        grid_rows, grid_cols = self.grid(shape)
+        return grid_rows * grid_cols
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Mask of the ``keep_groups`` tiles with the largest L2 norm / sqrt(tile size)."""
+        matrix = _as_matrix(w.detach(), "Block")
+        if allowed is not None:
+            allowed = _check_allowed(w, allowed).reshape(matrix.shape)
+            matrix = _keep_support(matrix, allowed)
+        grid_rows, grid_cols = self.grid(w.shape)
+        norms = torch.linalg.vector_norm(self._tiles(matrix, grid_rows, grid_cols), dim=-1)
+        row_sizes = torch.full((grid_rows,), self.rows, device=w.device)
+        row_sizes[-1] = matrix.shape[0] - self.rows * (grid_rows - 1)
+        col_sizes = torch.full((grid_cols,), self.cols, device=w.device)
+        col_sizes[-1] = matrix.shape[1] - self.cols * (grid_cols - 1)
+        scores = norms / torch.outer(row_sizes, col_sizes).to(norms.dtype).sqrt()
+        tile_allowed = None if allowed is None else self._tiles(allowed, grid_rows, grid_cols).any(dim=-1)
+        tiles = topk_mask(scores, self.keep_groups, tile_allowed)
+        mask = tiles.repeat_interleave(self.rows, dim=0).repeat_interleave(self.cols, dim=1)
+        mask = mask[: matrix.shape[0], : matrix.shape[1]]
+        if allowed is not None:
+            mask = mask & allowed
+        return mask.reshape(w.shape).contiguous()
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``w`` with every tile outside :meth:`support` set to zero."""
+        return _keep_support(w, self.support(w, allowed))
+
+    def _tiles(self, matrix: Tensor, grid_rows: int, grid_cols: int) -> Tensor:
+        # Zero padding to whole tiles: padded entries add nothing to a norm or to an any().
+        padded = torch.zeros((grid_rows * self.rows, grid_cols * self.cols), dtype=matrix.dtype, device=matrix.device)
+        padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+        tiles = padded.reshape(grid_rows, self.rows, grid_cols, self.cols).transpose(1, 2)
+        return tiles.reshape(grid_rows, grid_cols, self.rows * self.cols)

@@ -1,0 +1,177 @@
+"""Property tests for onnx_admm.structured: exact group counts, whole groups, idempotence, ties, optimality."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from onnx_admm.projections import Constraint, Within, keep_count
+from onnx_admm.structured import Block, Column, group_keep_count
+
+SHAPES = [(4, 3), (3, 2, 2, 2), (5, 7), (6, 4, 1, 3)]
+BLOCKS = [(1, 1), (2, 2), (2, 3), (4, 4), (8, 8)]
+
+
+def _random(shape, seed, quantize=False):
+    g = torch.Generator().manual_seed(seed)
+    if quantize:  # few distinct values: many ties between groups
+        return torch.randint(-1, 2, shape, generator=g).float()
+    return torch.randn(shape, generator=g)
+
+
+def _column_ids(shape):
+    """Group id of every entry for Column: its column of the [out, rest] view."""
+    out = shape[0]
+    return torch.arange(Column.n_groups(shape)).repeat(out).reshape(shape)
+
+
+def _block_ids(block: Block, shape):
+    """Group id of every entry for Block: row-major tile number."""
+    out, rest = shape[0], Column.n_groups(shape)
+    _, grid_cols = block.grid(shape)
+    rows = torch.arange(out).unsqueeze(1) // block.rows
+    cols = torch.arange(rest).unsqueeze(0) // block.cols
+    return (rows * grid_cols + cols).reshape(shape)
+
+
+def _constraints(shape, fraction):
+    n = Column.n_groups(shape)
+    yield Column(int(fraction * n)), _column_ids(shape)
+    for rows, cols in BLOCKS:
+        probe = Block(rows, cols, 0)
+        yield Block(rows, cols, int(fraction * probe.n_groups(shape))), _block_ids(probe, shape)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
+def test_exact_group_count_whole_groups_idempotent(fraction):
+    for seed, shape in itertools.product(range(6), SHAPES):
+        w = _random(shape, seed, quantize=seed % 2 == 0)
+        for constraint, ids in _constraints(shape, fraction):
+            assert isinstance(constraint, Constraint)
+            mask = constraint.support(w)
+            assert mask.dtype == torch.bool and mask.shape == w.shape
+            n_groups = int(ids.max()) + 1
+            kept = torch.zeros(n_groups, dtype=torch.bool).index_put_((ids[mask],), torch.tensor(True))
+            assert int(kept.sum()) == constraint.keep_groups, constraint
+            # whole groups: a group is either entirely kept or entirely zeroed
+            assert torch.equal(mask, kept[ids]), constraint
+            projected = constraint.project(w)
+            assert torch.equal(projected, torch.where(mask, w, torch.zeros(())))
+            assert torch.equal(constraint.project(projected), projected)
+            assert torch.equal(constraint.support(projected), mask)
+
+
+def test_column_is_one_kernel_position_across_all_filters():
+    w = torch.ones(3, 2, 2, 2)
+    w[:, 1, 0, 1] = 5.0  # column 1*4 + 0*2 + 1 = 5
+    w[:, 0, 1, 1] = 4.0  # column 3
+    mask = Column(2).support(w)
+    assert mask[:, 1, 0, 1].all() and mask[:, 0, 1, 1].all()
+    assert int(mask.sum()) == 2 * 3
+
+
+def test_ties_lower_group_wins():
+    w = torch.ones(4, 6)
+    assert Column(2).support(w)[0].tolist() == [True, True, False, False, False, False]
+    tiles = Block(2, 2, 3).support(w)  # 2x3 grid of tiles; first three in row-major order
+    assert tiles[:2].all() and not tiles[2:].any()
+    # sign does not matter, only the norm
+    w = torch.tensor([[1.0, -2.0, 2.0], [1.0, 2.0, -2.0]])
+    assert Column(1).support(w)[0].tolist() == [False, True, False]
+
+
+def test_block_edge_tiles_are_ranked_by_their_own_size():
+    # 3x3 with 2x2 tiles: tile (0,0) has 4 entries, the corner tile (1,1) one entry.
+    w = torch.full((3, 3), 1.0)
+    w[2, 2] = 1.5  # corner: norm 1.5 / sqrt(1) beats 2 / sqrt(4) = 1
+    mask = Block(2, 2, 1).support(w)
+    assert mask.tolist() == [[False] * 3, [False] * 3, [False, False, True]]
+
+
+def test_zero_and_all_groups():
+    w = _random((5, 3, 2, 2), 3)
+    for constraint_type in (lambda k: Column(k), lambda k: Block(2, 3, k)):
+        assert not constraint_type(0).support(w).any()
+        assert torch.equal(constraint_type(0).project(w), torch.zeros_like(w))
+    assert Column(Column.n_groups(w.shape)).support(w).all()
+    assert Block(2, 3, Block(2, 3, 0).n_groups(w.shape)).support(w).all()
+    with pytest.raises(ValueError, match="keep must be in"):
+        Column(13).support(w)
+    with pytest.raises(ValueError, match="keep must be in"):
+        Block(2, 3, Block(2, 3, 0).n_groups(w.shape) + 1).support(w)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="keep_count|n_groups"):
+        Column(-1)
+    with pytest.raises(ValueError, match="tile size"):
+        Block(0, 2, 1)
+    with pytest.raises(ValueError, match=r"\[out, in\*kh\*kw\]"):
+        Column(1).support(torch.ones(4))
+    with pytest.raises(ValueError, match="allowed must be a bool tensor"):
+        Block(2, 2, 1).support(torch.ones(4, 4), torch.ones(4, 4))
+
+
+def _brute_force_best(w, ids, keep, allowed=None):
+    """Smallest ||w - P(w)||^2 over every choice of ``keep`` eligible groups."""
+    n_groups = int(ids.max()) + 1
+    eligible = [g for g in range(n_groups) if allowed is None or allowed[ids == g].any()]
+    target = w if allowed is None else torch.where(allowed, w, torch.zeros(()))
+    best = None
+    for chosen in itertools.combinations(eligible, keep):
+        mask = torch.isin(ids, torch.tensor(chosen, dtype=ids.dtype))
+        if allowed is not None:
+            mask &= allowed
+        dist = float(((w - torch.where(mask, target, torch.zeros(()))) ** 2).sum())
+        best = dist if best is None else min(best, dist)
+    return best
+
+
+def test_euclidean_optimal_for_equal_groups():
+    # Equal group sizes: every column; blocks that tile the matrix exactly.
+    for seed in range(8):
+        for shape, constraint_of in [
+            ((3, 2, 1, 3), lambda k: Column(k)),
+            ((4, 6), lambda k: Column(k)),
+            ((4, 6), lambda k: Block(2, 2, k)),
+            ((4, 6), lambda k: Block(1, 3, k)),
+            ((6, 2, 2), lambda k: Block(3, 2, k)),
+        ]:
+            w = _random(shape, seed)
+            probe = constraint_of(0)
+            ids = _column_ids(shape) if isinstance(probe, Column) else _block_ids(probe, shape)
+            n_groups = int(ids.max()) + 1
+            allowed = _random(shape, seed + 100) > -0.3 if seed % 2 else None
+            n_eligible = n_groups if allowed is None else len({int(i) for i in ids[allowed]})
+            for keep in range(0, n_eligible + 1):
+                constraint = constraint_of(keep)
+                projected = constraint.project(w, allowed)
+                dist = float(((w - projected) ** 2).sum())
+                assert dist == pytest.approx(_brute_force_best(w, ids, keep, allowed), rel=1e-6, abs=1e-9)
+
+
+def test_allowed_nests_and_within():
+    for seed, shape in itertools.product(range(4), SHAPES):
+        w = _random(shape, seed)
+        for constraint, ids in _constraints(shape, 0.5):
+            first = constraint.support(w)
+            smaller = type(constraint)(**{**constraint.__dict__, "keep_groups": constraint.keep_groups // 2})
+            second = smaller.support(w, first)
+            assert not (second & ~first).any()
+            assert torch.equal(Within(smaller, first).support(w), second)
+            # allowed exact zeros beat large values outside allowed
+            big_outside = torch.where(first, torch.zeros(()), w * 100)
+            assert not (smaller.support(big_outside, first) & ~first).any()
+
+
+def test_group_keep_count():
+    assert group_keep_count(20, 0.5) == 10
+    assert group_keep_count(20, 0.75) == 5
+    assert group_keep_count(3, 0.9) == 1  # never empties the layer by default
+    assert group_keep_count(3, 0.9, min_keep=0) == keep_count(3, 0.9) == 0
+    assert group_keep_count(0, 0.5) == 0
+    assert group_keep_count(7, 0.0) == 7
+    with pytest.raises(ValueError):
+        group_keep_count(7, 1.0)
