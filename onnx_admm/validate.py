@@ -397,6 +397,46 @@ def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
     return parameters, nonzeros
 
 
+# Above this many distinct nonzero values a weight counts as full-precision float.
+_MAX_CODEBOOK = 256
+
+
+def tensor_storage_bits(value: np.ndarray) -> int:
+    """The weight-storage figure the ADMM papers quote, for one weight tensor.
+
+    values: nonzeros x value bits, where value bits = ceil(log2(distinct nonzero values)) when the
+    tensor (or, if smaller, each output channel) holds at most 256 distinct nonzero values (quantized or
+    clustered: plus 32 bits per codebook entry), else 32; indices: for a tensor with zeros, nonzeros x ceil(log2(largest gap between
+    consecutive nonzeros in flat order + 1)) (relative indexing, as in CSR with relative offsets).
+    """
+    flat = value.reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    nnz = nonzero.size
+    if nnz == 0:
+        return 0
+    # Per tensor (one codebook) or per output channel (per-channel scales): whichever is smaller.
+    rows = value.reshape(value.shape[0], -1) if value.ndim > 1 else flat[None]
+    options = []
+    for distinct, tables in ((np.unique(flat[nonzero]).size, None),
+                             (max(np.unique(r[r != 0]).size for r in rows), sum(np.unique(r[r != 0]).size for r in rows))):
+        if distinct > _MAX_CODEBOOK:
+            options.append(nnz * 32)
+        else:
+            options.append(nnz * max(1, int(np.ceil(np.log2(distinct)))) + 32 * (tables if tables is not None else distinct))
+    total = min(options)
+    if nnz < flat.size:
+        gaps = np.diff(np.concatenate([[-1], nonzero]))
+        total += nnz * max(1, int(np.ceil(np.log2(gaps.max() + 1))))
+    return int(total)
+
+
+def weight_storage_bits(path: str | Path) -> int:
+    """``tensor_storage_bits`` summed over the compressible weights of the model at ``path``."""
+    model = _decode_encoded_weights(load_model(path))
+    sources = constant_sources(model)
+    return sum(tensor_storage_bits(tensor_value(model, sources[w.name])) for w in compressible_weights(model))
+
+
 def _decode_encoded_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """HOOK for encoded weights: fold decoding nodes fed only by constants into initializers.
 

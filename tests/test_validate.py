@@ -203,3 +203,16 @@ def test_nan_outputs_are_not_hidden_in_the_difference(tmp_path):
     comparison.add([{"y": good}, {"y": good}], None)
     (diff,) = comparison.diffs()
     assert np.isnan(diff.max_abs)
+
+
+def test_tensor_storage_bits_paper_style():
+    from onnx_admm.validate import tensor_storage_bits
+
+    dense = np.arange(1, 1001, dtype=np.float32)  # 1000 distinct values: fp32, no index
+    assert tensor_storage_bits(dense) == 1000 * 32
+    pruned = np.zeros(100, np.float32)
+    pruned[[3, 50, 99]] = [0.5, -0.25, 0.125]  # 3 distinct -> 2 bits + codebook; largest gap 49 -> 6 bits
+    assert tensor_storage_bits(pruned) == 3 * 2 + 3 * 32 + 3 * 6
+    binary = np.where(np.arange(64) % 2 == 0, 0.3, -0.3).astype(np.float32)
+    assert tensor_storage_bits(binary) == 64 * 1 + 2 * 32
+    assert tensor_storage_bits(np.zeros(10, np.float32)) == 0

@@ -1,0 +1,55 @@
+"""The Fashion-MNIST benchmark suite's plumbing (`bench.py --quick`): every row produced and well-formed.
+
+Accuracy is not asserted: --quick trains on 300 images. Skipped when Debian's dataset-fashion-mnist
+is not installed (`.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "samples" / "lenet5_fashion_mnist" / "bench.py"
+KEYS = {"id", "method", "target", "top1", "drop_pt", "ratio", "bytes", "bytes_gzip", "storage_bits", "epochs",
+        "wall_s", "peak_rss_mb"}
+
+
+def _bench():
+    if "bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["bench"]
+
+
+@pytest.mark.skipif(not (_bench().DEFAULT_DATA / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_quick_run_produces_every_row(tmp_path):
+    bench = _bench()
+    assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["id"] for r in results] == [r.id for r in bench.rows(12)]
+    for row in results:
+        assert KEYS <= set(row), row
+        assert 0.0 <= row["top1"] <= 1.0 and row["bytes"] > 0 and row["bytes_gzip"] > 0
+    pruned = {r["id"]: r for r in results if r["id"].split("-")[-1] in ("10x", "40x", "100x")}
+    for rid, row in pruned.items():
+        target = float(rid.split("-")[-1][:-1])
+        assert row["ratio"] == pytest.approx(target, rel=0.01), rid
+        assert row["epochs"] == 12, rid
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert table.count("\n| ") == len(results) + 2  # header and separator rows
+    # Resumable: a second run skips every row already in results.json.
+    before = (tmp_path / "results.json").read_text()
+    assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert (tmp_path / "results.json").read_text() == before
+
+
+def test_epochs_must_split_evenly():
+    with pytest.raises(SystemExit, match="multiple of 12"):
+        _bench().rows(10)
