@@ -1,0 +1,160 @@
+"""converters.groups: which output channels can be removed, what is coupled to them, and why not."""
+
+from __future__ import annotations
+
+import onnx
+import onnx.parser
+import pytest
+
+from converters.groups import ChannelGroup, TensorSlice, channel_groups, channel_groups_summary
+from models import _floats
+
+
+def _groups(path) -> dict[str, ChannelGroup]:
+    return {g.name: g for g in channel_groups(onnx.load(str(path)))}
+
+
+def _cuts(slices: tuple[TensorSlice, ...]) -> set[tuple[str, int, int]]:
+    return {(s.tensor, s.axis, s.inner) for s in slices}
+
+
+def test_lenet5_chain_conv_conv_flatten_gemm(onnx_model_file):
+    groups = _groups(onnx_model_file("lenet5_torchscript"))
+    assert list(groups) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+    conv1, conv2, fc1, fc2 = groups.values()
+    assert conv1.prunable and conv1.n_channels == 20
+    assert _cuts(conv1.outputs) == {("conv1.weight", 0, 1), ("conv1.bias", 0, 1)}
+    assert _cuts(conv1.consumers) == {("conv2.weight", 1, 1)}
+    # conv2 -> MaxPool -> Flatten: each channel owns a block of 4*4 columns of fc1
+    assert conv2.prunable and _cuts(conv2.consumers) == {("fc1.weight", 1, 16)}
+    assert fc1.prunable and _cuts(fc1.consumers) == {("fc2.weight", 1, 1)}
+    assert not fc2.prunable and "graph output 'logits'" in fc2.reason
+
+
+def test_lenet5_dynamo_reshape_constant_is_rewritten(onnx_model_file):
+    conv2 = _groups(onnx_model_file("lenet5_dynamo"))["conv2.weight"]
+    assert conv2.prunable
+    assert [(e.tensor, e.index, e.per_channel) for e in conv2.reshapes] == [("val_7", 1, 16)]
+
+
+def test_resnet_block_batchnorm_and_residual_coupling(onnx_model_file):
+    groups = _groups(onnx_model_file("resnet_block_torchscript"))
+    conv1 = groups["conv1.weight"]
+    assert conv1.prunable
+    assert _cuts(conv1.outputs) == {
+        ("conv1.weight", 0, 1),
+        *(("bn1." + p, 0, 1) for p in ("weight", "bias", "running_mean", "running_var")),
+    }
+    assert _cuts(conv1.consumers) == {("conv2.weight", 1, 1)}
+    # The stem's and conv2's channels meet in the residual Add: coupled, left alone.
+    for name in ("stem.weight", "conv2.weight"):
+        assert not groups[name].prunable
+        assert "coupled through Add /Add" in groups[name].reason
+    assert not groups["fc.weight"].prunable
+
+
+def test_mobilenet_block_depthwise_follows_the_stem(onnx_model_file):
+    groups = list(_groups(onnx_model_file("mobilenet_block_torchscript")).values())
+    stem, depthwise, pointwise, fc = groups
+    assert stem.prunable and stem.depthwise_nodes == ("/depthwise/depthwise.0/Conv",)
+    assert {s.tensor for s in stem.depthwise} == {"onnx::Conv_43", "onnx::Conv_44"}
+    assert _cuts(stem.consumers) == {("onnx::Conv_46", 1, 1)}  # pointwise input channels
+    assert not depthwise.prunable and "follow group 'onnx::Conv_40'" in depthwise.reason
+    assert pointwise.prunable and _cuts(pointwise.consumers) == {("fc.weight", 1, 1)}
+    assert not fc.prunable
+
+
+def test_transformer_feed_forward_hidden_units_are_prunable(onnx_model_file):
+    groups = channel_groups(onnx.load(str(onnx_model_file("transformer_torchscript"))))
+    prunable = [g for g in groups if g.prunable]
+    assert len(prunable) == 1 and prunable[0].op_type == "MatMul" and prunable[0].n_channels == 64
+    assert not any(g.prunable for g in groups if g.n_channels == 96)  # QKV: reshaped into heads
+
+
+def test_weight_shared_in_two_roles_is_not_prunable(onnx_model_file):
+    (group,) = _groups(onnx_model_file("shared_gemm")).values()
+    assert not group.prunable and "cut differently" in group.reason
+
+
+def _model(body: str, inits: str, inputs="float[N, 2, 6, 6] input", outputs="float[N, 3] logits") -> onnx.ModelProto:
+    return onnx.parser.parse_model(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g ({inputs}) => ({outputs}) <{inits}> {{ {body} }}"""
+    )
+
+
+_CONV = "float[4, 2, 3, 3] w = " + _floats((4, 2, 3, 3), 1) + ", float[4] b = " + _floats((4,), 2)
+_HEAD = "float[3, 4] fc = " + _floats((3, 4), 3) + ", float[3] fb = " + _floats((3,), 4)
+_GAP_HEAD = """
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    logits = Gemm <transB = 1> (f, fc, fb)
+"""
+
+
+@pytest.mark.parametrize(
+    "body, inits, reason",
+    [
+        (  # Concat of the channels with something else
+            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r0 = Relu (c)\n r = Concat <axis = 1> (r0, r0)"
+            + _GAP_HEAD.replace("fc, fb", "fc8, fb"),
+            _CONV + ", float[3, 8] fc8 = " + _floats((3, 8), 5) + ", float[3] fb = " + _floats((3,), 4),
+            "Concat",
+        ),
+        (  # Softmax over the channel axis mixes them
+            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r = Softmax <axis = 1> (c)" + _GAP_HEAD,
+            _CONV + ", " + _HEAD,
+            "Softmax",
+        ),
+        (  # a grouped (not depthwise) consumer
+            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n"
+            " r = Conv <kernel_shape = [1, 1], group = 2> (c, gw)" + _GAP_HEAD,
+            _CONV + ", float[4, 2, 1, 1] gw = " + _floats((4, 2, 1, 1), 6) + ", " + _HEAD,
+            "grouped Conv",
+        ),
+        (  # one initializer read by two BatchNorm nodes (exporters merge equal tensors)
+            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n"
+            " n = BatchNormalization (c, ones, zeros, zeros, ones)\n"
+            " c2 = Conv <kernel_shape = [1, 1]> (n, w2, b)\n"
+            " n2 = BatchNormalization (c2, ones, zeros, zeros, ones)\n"
+            " r = Relu (n2)" + _GAP_HEAD,
+            _CONV + ", float[4, 4, 1, 1] w2 = " + _floats((4, 4, 1, 1), 7)
+            + ", float[4] ones = {1.0, 1.0, 1.0, 1.0}, float[4] zeros = {0.0, 0.0, 0.0, 0.0}, " + _HEAD,
+            "also read by",
+        ),
+        (  # a Reshape that splits the channels
+            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n"
+            " s = Reshape (c, split)\n r = Relu (s)\n f = Flatten (r)\n logits = Gemm <transB = 1> (f, fc64, fb)",
+            _CONV + ", int64[5] split = {0, 2, 2, 4, 4}, float[3, 64] fc64 = " + _floats((3, 64), 8)
+            + ", float[3] fb = " + _floats((3,), 4),
+            "splits or reorders",
+        ),
+    ],
+    ids=["concat", "softmax", "grouped_conv", "merged_initializer", "reshape_split"],
+)
+def test_stops_with_a_reason(body, inits, reason):
+    model = _model(body, inits)
+    onnx.checker.check_model(model, full_check=True)
+    group = channel_groups(model)[0]
+    assert group.name == "w" and not group.prunable
+    assert reason in group.reason
+
+
+def test_summary_for_inspect(onnx_model_file):
+    groups = channel_groups(onnx.load(str(onnx_model_file("lenet5_dynamo"))))
+    summary = channel_groups_summary(groups)
+    assert [row["name"] for row in summary] == [g.name for g in groups]
+    conv2 = summary[1]
+    assert conv2 == {
+        "name": "conv2.weight",
+        "node": "node_conv2d_1",
+        "op_type": "Conv",
+        "channels": 50,
+        "prunable": True,
+        "reason": None,
+        "sliced": ["conv2.weight[axis 0]", "conv2.bias[axis 0]"],
+        "depthwise": [],
+        "consumers": ["fc1.weight[axis 1, block 16]"],
+        "reshapes": ["val_7[1] (-16 per channel)"],
+    }
+    assert summary[-1]["prunable"] is False and "graph output" in summary[-1]["reason"]
