@@ -1,0 +1,376 @@
+"""converters.shrink: removing channels from the graph computes what the masked dense model computes.
+
+Oracle: removing channel c is exactly zeroing every consumer weight that reads c (whatever the
+producer's filter, bias and BatchNorm shift make of it). Each case below says by hand, independently of
+``converters.groups``, which consumer entries that zeroes and which shapes the shrunk tensors get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from converters.graphinfo import node_label
+from converters.groups import channel_groups
+from converters.shrink import count_macs, kept_channels, shrink
+from models import _floats
+
+
+def _mask(n: int, removed: list[int]) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[removed] = False
+    return keep
+
+
+def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+    return out
+
+
+def _value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    raise KeyError(name)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+@dataclass
+class Case:
+    """keep: group -> removed channels; zero: tensor -> (axis, positions) the dense reference zeroes;
+    shapes: tensor -> shape after shrinking."""
+
+    keep: dict[str, list[int]]
+    zero: dict[str, tuple[int, list[int]]]
+    shapes: dict[str, tuple[int, ...]]
+    input_shape: tuple[int, ...]
+    attrs: dict[str, int] = field(default_factory=dict)  # node label -> group attribute after shrinking
+
+
+def _block(channels: list[int], size: int) -> list[int]:
+    return [c * size + i for c in channels for i in range(size)]
+
+
+CASES = {
+    "lenet5_torchscript": Case(
+        keep={"conv1.weight": [0, 3, 4, 9, 17], "conv2.weight": list(range(0, 50, 2)), "fc1.weight": list(range(100))},
+        zero={
+            "conv2.weight": (1, [0, 3, 4, 9, 17]),
+            "fc1.weight": (1, _block(list(range(0, 50, 2)), 16)),
+            "fc2.weight": (1, list(range(100))),
+        },
+        shapes={
+            "conv1.weight": (15, 1, 5, 5),
+            "conv1.bias": (15,),
+            "conv2.weight": (25, 15, 5, 5),
+            "conv2.bias": (25,),
+            "fc1.weight": (400, 400),
+            "fc1.bias": (400,),
+            "fc2.weight": (10, 400),
+            "fc2.bias": (10,),
+        },
+        input_shape=(1, 28, 28),
+    ),
+    "lenet5_dynamo": Case(  # the flatten is a Reshape with the constant [-1, 800]
+        keep={"conv2.weight": list(range(10, 50))},
+        zero={"fc1.weight": (1, _block(list(range(10, 50)), 16))},
+        shapes={"conv2.weight": (10, 20, 5, 5), "fc1.weight": (500, 160), "val_7": (2,)},
+        input_shape=(1, 28, 28),
+    ),
+    "resnet_block_torchscript": Case(  # BatchNorm kept; only conv1 is free of the residual Add
+        keep={"conv1.weight": [1, 2, 6]},
+        zero={"conv2.weight": (1, [1, 2, 6])},
+        shapes={
+            "conv1.weight": (5, 8, 3, 3),
+            **{f"bn1.{p}": (5,) for p in ("weight", "bias", "running_mean", "running_var")},
+            "conv2.weight": (8, 5, 3, 3),
+            "stem.weight": (8, 3, 3, 3),
+            "bn2.weight": (8,),
+        },
+        input_shape=(3, 16, 16),
+    ),
+    "mobilenet_block_torchscript": Case(  # the stem's channels run through the depthwise conv
+        keep={"onnx::Conv_40": [0, 5, 7], "onnx::Conv_46": [2, 3, 11, 12, 13]},
+        zero={"onnx::Conv_46": (1, [0, 5, 7]), "fc.weight": (1, [2, 3, 11, 12, 13])},
+        shapes={
+            "onnx::Conv_40": (5, 3, 3, 3),
+            "onnx::Conv_41": (5,),
+            "onnx::Conv_43": (5, 1, 3, 3),
+            "onnx::Conv_44": (5,),
+            "onnx::Conv_46": (11, 5, 1, 1),
+            "onnx::Conv_47": (11,),
+            "fc.weight": (10, 11),
+        },
+        input_shape=(3, 16, 16),
+        attrs={"/depthwise/depthwise.0/Conv": 5},
+    ),
+    "mobilenet_block_dynamo": Case(  # ReduceMean + Reshape [-1, 16] head
+        keep={"pointwise.0.weight": [0, 1, 2, 3, 4, 5, 6, 7]},
+        zero={"fc.weight": (1, [0, 1, 2, 3, 4, 5, 6, 7])},
+        shapes={"pointwise.0.weight": (8, 8, 1, 1), "fc.weight": (10, 8), "val_44": (2,)},
+        input_shape=(3, 16, 16),
+    ),
+}
+
+
+def _check_equivalent(model: onnx.ModelProto, case: Case) -> onnx.ModelProto:
+    groups = {g.name: g for g in channel_groups(model)}
+    keep = {name: _mask(groups[name].n_channels, removed) for name, removed in case.keep.items()}
+    result = shrink(model, keep)
+    shrunk = result.model
+    onnx.checker.check_model(shrunk, full_check=True)
+
+    for name, shape in case.shapes.items():
+        assert _value(shrunk, name).shape == shape, name
+    for label, group in case.attrs.items():
+        node = next(n for i, n in enumerate(shrunk.graph.node) if node_label(n, i) == label)
+        assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "group")) == group
+    # graph I/O and node names unchanged; the input model untouched
+    assert [i.SerializeToString() for i in shrunk.graph.input] == [i.SerializeToString() for i in model.graph.input]
+    assert [o.SerializeToString() for o in shrunk.graph.output] == [o.SerializeToString() for o in model.graph.output]
+    assert [(n.name, n.op_type) for n in shrunk.graph.node] == [(n.name, n.op_type) for n in model.graph.node]
+    # tensors outside every group's cut stay byte-identical
+    cut = {s.tensor for name in case.keep for s in groups[name].slices} | {
+        e.tensor for name in case.keep for e in groups[name].reshapes
+    }
+    originals = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    for t in shrunk.graph.initializer:
+        if t.name not in cut:
+            assert t.SerializeToString() == originals[t.name], t.name
+
+    dense = {}
+    for name, (axis, positions) in case.zero.items():
+        value = _value(model, name).copy()
+        index = [slice(None)] * value.ndim
+        index[axis] = positions
+        value[tuple(index)] = 0.0
+        dense[name] = value
+    reference = _with_values(model, dense)
+    rng = np.random.default_rng(0)
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, *case.input_shape)).astype(np.float32)
+        (want,), (got,) = _run(reference, x), _run(shrunk, x)
+        assert got.shape == want.shape
+        tolerance = 1e-4 + 1e-4 * float(np.abs(want).max())
+        assert float(np.abs(got - want).max()) <= tolerance
+    return shrunk
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_shrunk_model_matches_masked_dense_model(key, onnx_model_file):
+    model = onnx.load(str(onnx_model_file(key)))
+    _check_equivalent(model, CASES[key])
+
+
+def test_lenet5_macs_fall_as_expected(onnx_model_file):
+    model = onnx.load(str(onnx_model_file("lenet5_torchscript")))
+    before = count_macs(model)
+    conv1, conv2, fc1, fc2 = "/conv1/Conv", "/conv2/Conv", "/fc1/Gemm", "/fc2/Gemm"
+    assert {k: v["macs"] for k, v in before["nodes"].items()} == {
+        conv1: 24 * 24 * 20 * 25,
+        conv2: 8 * 8 * 50 * 20 * 25,
+        fc1: 500 * 800,
+        fc2: 10 * 500,
+    }
+    assert before["params"] == 431_080 and before["unknown"] == []
+    k1, k2, k3 = 10, 12, 250
+    keep = {"conv1.weight": list(range(k1)), "conv2.weight": list(range(k2)), "fc1.weight": list(range(k3))}
+    after = count_macs(shrink(model, keep).model)
+    assert {k: v["macs"] for k, v in after["nodes"].items()} == {
+        conv1: 24 * 24 * k1 * 25,
+        conv2: 8 * 8 * k2 * k1 * 25,
+        fc1: k3 * k2 * 16,
+        fc2: 10 * k3,
+    }
+    assert after["macs"] == sum(v["macs"] for v in after["nodes"].values())
+    assert after["nodes"][conv2]["params"] == k2 * k1 * 25 + k2
+    assert count_macs(model, batch=4)["macs"] == 4 * before["macs"]
+
+
+def _text_model(body: str, inits: str, inputs: str, outputs: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g ({inputs}) => ({outputs}) <{inits}> {{ {body} }}"""
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_channels_last_flatten_after_transpose():
+    # tf2onnx-style: Conv, Transpose to NHWC, per-channel Mul on the last axis, Reshape [-1, 48], MatMul.
+    # In the flattened features channel c sits at h*4*3 + w*3 + c: strided, not a block.
+    model = _text_model(
+        """
+        c = Conv <kernel_shape = [3, 3]> (input, w, b)
+        t = Transpose <perm = [0, 2, 3, 1]> (c)
+        s = Mul (t, scale)
+        f = Reshape (s, shape)
+        logits = MatMul (f, fc)
+        """,
+        "float[3, 2, 3, 3] w = " + _floats((3, 2, 3, 3), 1) + ", float[3] b = " + _floats((3,), 2)
+        + ", float[1, 1, 1, 3] scale = {0.5, -2.0, 1.5}, int64[2] shape = {-1, 48}, float[48, 5] fc = "
+        + _floats((48, 5), 3),
+        "float[N, 2, 6, 6] input",
+        "float[N, 5] logits",
+    )
+    (group, _) = channel_groups(model)
+    assert group.prunable and [(s.tensor, s.axis, s.outer) for s in group.consumers] == [("fc", 0, 16)]
+    removed = [1]
+    rows = [hw * 3 + c for hw in range(16) for c in removed]
+    shrunk = _check_equivalent(
+        model,
+        Case(
+            keep={"w": removed},
+            zero={"fc": (0, rows)},
+            shapes={"w": (2, 2, 3, 3), "b": (2,), "scale": (1, 1, 1, 2), "fc": (32, 5)},
+            input_shape=(2, 6, 6),
+        ),
+    )
+    assert _value(shrunk, "shape").tolist() == [-1, 32]
+
+
+def test_swish_prelu_reduce_squeeze_and_depthwise_multiplier():
+    # stem -> x * sigmoid(x) -> PRelu (per-channel slope) -> depthwise with multiplier 2 -> pointwise
+    # -> ReduceMean over H, W -> Squeeze -> Gemm.
+    model = _text_model(
+        """
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w, b)
+        sg = Sigmoid (c)
+        sw = Mul (c, sg)
+        p = PRelu (sw, slope)
+        d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 4> (p, dw, db)
+        r = Relu (d)
+        pw = Conv <kernel_shape = [1, 1]> (r, pw_w, pw_b)
+        m = ReduceMean <axes = [2, 3], keepdims = 1> (pw)
+        q = Squeeze (m, sq_axes)
+        logits = Gemm <transB = 1> (q, fc, fb)
+        """,
+        "float[4, 3, 3, 3] w = " + _floats((4, 3, 3, 3), 1) + ", float[4] b = " + _floats((4,), 2)
+        + ", float[4, 1, 1] slope = {0.1, 0.2, 0.3, 0.4}"
+        + ", float[8, 1, 3, 3] dw = " + _floats((8, 1, 3, 3), 3) + ", float[8] db = " + _floats((8,), 4)
+        + ", float[6, 8, 1, 1] pw_w = " + _floats((6, 8, 1, 1), 5) + ", float[6] pw_b = " + _floats((6,), 6)
+        + ", int64[2] sq_axes = {2, 3}, float[3, 6] fc = " + _floats((3, 6), 7) + ", float[3] fb = " + _floats((3,), 8),
+        "float[N, 3, 8, 8] input",
+        "float[N, 3] logits",
+    )
+    groups = {g.name: g for g in channel_groups(model)}
+    assert groups["w"].prunable and groups["pw_w"].prunable and not groups["dw"].prunable
+    _check_equivalent(
+        model,
+        Case(
+            keep={"w": [0, 2], "pw_w": [5]},
+            # depthwise multiplier 2: stem channel c feeds depthwise outputs 2c, 2c + 1
+            zero={"pw_w": (1, [0, 1, 4, 5]), "fc": (1, [5])},
+            shapes={
+                "w": (2, 3, 3, 3),
+                "slope": (2, 1, 1),
+                "dw": (4, 1, 3, 3),
+                "db": (4,),
+                "pw_w": (5, 4, 1, 1),
+                "fc": (3, 5),
+            },
+            input_shape=(3, 8, 8),
+            attrs={"Conv_4_unnamed": 2},  # nameless nodes stay nameless; group 4 -> 2
+        ),
+    )
+
+
+def test_matmul_producer_and_constant_node_weights(onnx_model_file):
+    mlp = _text_model(
+        """
+        h = MatMul (input, w1)
+        a = Add (h, b1)
+        r = Relu (a)
+        logits = MatMul (r, w2)
+        """,
+        "float[4, 6] w1 = " + _floats((4, 6), 1) + ", float[6] b1 = " + _floats((6,), 2)
+        + ", float[6, 3] w2 = " + _floats((6, 3), 3),
+        "float[N, 4] input",
+        "float[N, 3] logits",
+    )
+    _check_equivalent(
+        mlp,
+        Case(
+            keep={"w1": [0, 4]},
+            zero={"w2": (0, [0, 4])},
+            shapes={"w1": (4, 4), "b1": (4,), "w2": (4, 3)},
+            input_shape=(4,),
+        ),
+    )
+    # Weights held by Constant nodes (paddle2onnx): shrunk in place, Conv -> Relu -> Flatten -> Gemm.
+    model = onnx.load(str(onnx_model_file("constant_weights")))
+    shrunk = shrink(model, {"conv_w": [True, False, True, False]}).model
+    assert _value(shrunk, "conv_w").shape == (2, 1, 3, 3) and _value(shrunk, "fc_w").shape == (10, 72)
+    onnx.checker.check_model(shrunk, full_check=True)
+    x = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    fc_w = _value(model, "fc_w").copy()
+    fc_w[:, _block([1, 3], 36)] = 0.0
+    masked = onnx.ModelProto()  # the same graph with the consumer columns zeroed in the Constant node
+    masked.CopyFrom(model)
+    constant = next(n for n in masked.graph.node if n.output[0] == "fc_w")
+    constant.attribute[0].t.CopyFrom(numpy_helper.from_array(fc_w, "fc_w_value"))
+    np.testing.assert_allclose(_run(shrunk, x)[0], _run(masked, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_initializer_consumer_is_reencoded(onnx_model_file):
+    model = onnx.load(str(onnx_model_file("lenet5_torchscript")))
+    fc1 = _value(model, "fc1.weight").copy()
+    fc1[np.abs(fc1) < 0.03] = 0.0
+    sparse = onnx.ModelProto()
+    sparse.CopyFrom(model)
+    index = next(i for i, t in enumerate(sparse.graph.initializer) if t.name == "fc1.weight")
+    del sparse.graph.initializer[index]
+    flat = fc1.reshape(-1)
+    nz = np.flatnonzero(flat).astype(np.int64)
+    sparse.graph.sparse_initializer.append(
+        helper.make_sparse_tensor(
+            numpy_helper.from_array(flat[nz], "fc1.weight"),
+            numpy_helper.from_array(nz, "fc1.weight_indices"),
+            [500, 800],
+        )
+    )
+    shrunk = shrink(sparse, {"conv2.weight": list(range(25))}).model
+    onnx.checker.check_model(shrunk)
+    (tensor,) = shrunk.graph.sparse_initializer
+    assert list(tensor.dims) == [500, 400] and tensor.indices.data_type == onnx.TensorProto.INT64
+    x = np.random.default_rng(2).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    fc1[:, 400:] = 0.0
+    reference = _with_values(model, {"fc1.weight": fc1})
+    np.testing.assert_allclose(_run(shrunk, x)[0], _run(reference, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_errors_and_no_op(onnx_model_file):
+    model = onnx.load(str(onnx_model_file("resnet_block_torchscript")))
+    with pytest.raises(ValueError, match=r"'conv2.weight' cannot be shrunk: coupled through Add /Add"):
+        shrink(model, {"conv2.weight": [0, 1]})
+    with pytest.raises(ValueError, match="not a channel group"):
+        shrink(model, {"bn1.weight": [0]})
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        shrink(model, {"conv1.weight": np.ones(7, dtype=bool)})
+    with pytest.raises(ValueError, match="removes every channel"):
+        shrink(model, {"conv1.weight": np.zeros(8, dtype=bool)})
+    with pytest.raises(ValueError, match="distinct and in"):
+        shrink(model, {"conv1.weight": [0, 8]})
+    group = next(g for g in channel_groups(model) if g.name == "conv1.weight")
+    assert kept_channels(group, [5, 1]).tolist() == [1, 5]
+    result = shrink(model, {"conv1.weight": np.ones(8, dtype=bool)})
+    assert result.changes == [] and result.model.SerializeToString() == model.SerializeToString()
