@@ -298,9 +298,19 @@ def _compress(original, original_path, external, imported, data, val_data, confi
             optimizer = make_optimizer(imported.module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
             hooks_b = [admm.add_penalty_grad] + ([pinned.mask_grads] if pinned else [])
             hooks_s = [lambda: pinned.apply(optimizer)] if pinned else []
+            if admm_cfg.period < 1:
+                every = max(1, round(admm_cfg.period * _batches_per_epoch(train_data, cfg.batch_size)))
+                steps = [0]
+
+                def step_update(admm=admm, every=every, steps=steps):
+                    steps[0] += 1
+                    if steps[0] % every == 0:
+                        admm.update()
+
+                hooks_s.append(step_update)
 
             def admm_epoch_end(epoch, stats, admm=admm):
-                if (epoch + 1) % admm_cfg.period == 0:
+                if admm_cfg.period >= 1 and (epoch + 1) % int(admm_cfg.period) == 0:
                     admm.update()
 
             rolled = run_phase("admm", stage, admm_cfg.epochs, optimizer, hooks_b, hooks_s, admm_epoch_end)
@@ -344,6 +354,13 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     except KeyboardInterrupt:
         raise CompressInterrupted(result) from None
     return result
+
+
+def _batches_per_epoch(data: Dataset | PluginData, batch_size: int) -> int:
+    if not isinstance(data, Dataset):
+        raise UserError("admm.period below 1 needs in-memory data (.npz), whose batches per epoch are known; "
+                        "use a whole number of epochs with a loader plugin")
+    return -(-len(data) // batch_size)
 
 
 def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, Dataset]:

@@ -533,3 +533,14 @@ def test_plugin_exhausted_after_one_epoch_is_a_user_error(digits, tmp_path, monk
 def test_missing_data_file_is_a_user_error(digits, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         compress(digits["model"], str(tmp_path / "nope.npz"), _config(0.9))
+
+
+@pytest.mark.parametrize("period, updates", [(1, 2), (0.25, 8), (2, 1)])
+def test_admm_period_sets_the_number_of_z_u_updates(digits, period, updates):
+    # 21 batches per epoch: period 0.25 updates every round(0.25 * 21) = 5 batches -> 4 per epoch.
+    config = _config(0.9, 2, 0)
+    config = config.replace(admm={"period": period})
+    result = compress(digits["model"], digits["train"], config)
+    histories = result.stages[0].residuals.values()
+    assert {len(h) for h in histories} == {updates}
+    assert all(len(layer["residual_history"]) == updates for layer in result.report["layers"])
