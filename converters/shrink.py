@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from converters.graphinfo import constant_sources, graph_inputs, node_label, tensor_value
 from converters.groups import ChannelGroup, channel_groups
+from converters.writeback import SparseEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +166,7 @@ def _set_tensor(model: onnx.ModelProto, location: str, name: str, value: np.ndar
         next(t for t in graph.initializer if t.name == name).CopyFrom(tensor)
     elif location == "sparse_initializer":
         sparse = next(s for s in graph.sparse_initializer if s.values.name == name)
-        flat = value.reshape(-1)
-        indices = np.flatnonzero(flat).astype(np.int64)  # INT64 linear: the only index form the checker takes
-        sparse.CopyFrom(
-            helper.make_sparse_tensor(
-                numpy_helper.from_array(np.ascontiguousarray(flat[indices]), name),
-                numpy_helper.from_array(indices, sparse.indices.name or f"{name}_indices"),
-                list(value.shape),
-            )
-        )
+        sparse.CopyFrom(SparseEncoder().encode(name, value).sparse_initializers[0])
     else:
         node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
         del node.attribute[:]
