@@ -5,13 +5,16 @@ Layout of a recipe (every table optional, unknown keys are errors):
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
                val_fraction, output
     [admm]     epochs, retrain_epochs, period, rho, rho_growth, rho_max, rescale_dual
-    [prune]    sparsity (global target), stages, targets, floor
-    [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; skip
+    [prune]    sparsity (global target), stages, targets, floor, structure, block
+    [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
+               per_channel
+    [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
+               ternary; clusters; skip
 
 Rules are tried in order and the first match wins. A rule's ``sparsity`` fixes that weight's own
 target; ``skip = true`` leaves it untouched. Weights no rule matches share the global
 ``prune.sparsity``, spread over the layers by global magnitude ranking (DESIGN §6); without a
-global target they stay untouched. Structure and quantization keys will be added to the same tables.
+global target they stay unpruned. A rule's quantization keys replace [quantize] for that weight.
 """
 
 from __future__ import annotations
@@ -122,8 +125,15 @@ class PruneConfig:
     stages: int = 1  # stages to the target, spaced geometrically in compression ratio
     targets: tuple[float, ...] | None = None  # explicit global stage targets (overrides stages)
     floor: float = 0.01  # every layer keeps at least this fraction in global allocation
+    # unstructured | filter (output channels) | channel (input channels) | column | block (DESIGN §6)
+    structure: str = "unstructured"
+    block: tuple[int, int] = (64, 64)  # rows x cols of a block (crossbar tile), for structure = "block"
 
     def __post_init__(self) -> None:
+        _check_structure("prune.structure", self.structure)
+        object.__setattr__(self, "block", tuple(self.block))
+        if len(self.block) != 2 or not all(isinstance(b, int) and b >= 1 for b in self.block):
+            _fail(f"prune.block must be two positive integers [rows, cols], got {list(self.block)!r}")
         _check_fraction("prune.sparsity", self.sparsity)
         if not isinstance(self.stages, int) or self.stages < 1:
             _fail(f"prune.stages must be an integer >= 1, got {self.stages!r}")
@@ -141,6 +151,49 @@ class PruneConfig:
             _fail(f"prune.floor must be in [0, 1), got {self.floor!r}")
 
 
+STRUCTURES = ("unstructured", "filter", "channel", "column", "block")
+
+
+def _check_structure(name: str, value: str | None) -> None:
+    if value is not None and value not in STRUCTURES:
+        _fail(f"{name} must be one of {', '.join(STRUCTURES)}, got {value!r}")
+
+
+def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, clusters: int | None) -> None:
+    chosen = [k for k, v in (("bits", bits), ("ternary", ternary or None), ("clusters", clusters)) if v is not None]
+    if len(chosen) > 1:
+        _fail(f"{where}: choose one of bits, ternary and clusters, got {', '.join(chosen)}")
+    for b in (bits if isinstance(bits, tuple) else () if bits is None else (bits,)):
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8:
+            _fail(f"{where} bits must be integers from 1 (binary) to 8, got {b!r}")
+    if isinstance(bits, tuple):
+        if not bits:
+            _fail(f"{where} bits must not be an empty list")
+        if any(b2 >= b1 for b1, b2 in zip(bits, bits[1:])):
+            _fail(f"{where} bits stages must fall strictly (e.g. [8, 4, 2]), got {list(bits)}")
+    if clusters is not None and (not isinstance(clusters, int) or isinstance(clusters, bool) or not 2 <= clusters <= 256):
+        _fail(f"{where} clusters must be an integer from 2 to 256, got {clusters!r}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Weights on levels: symmetric k-bit (1 = binary), ternary, or a k-means codebook (DESIGN §6)."""
+
+    bits: int | tuple[int, ...] | None = None  # a list: progressive stages, e.g. [8, 4, 2, 1]
+    ternary: bool = False
+    clusters: int | None = None
+    per_channel: bool = False  # one scale per output channel (uniform, binary, ternary)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, list):
+            object.__setattr__(self, "bits", tuple(self.bits))
+        _check_quant("[quantize]", self.bits, self.ternary, self.clusters)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None or self.ternary or self.clusters is not None
+
+
 @dataclass(frozen=True)
 class Rule:
     """Per-weight settings; matches by ONNX tensor name glob and/or consumer op type."""
@@ -148,12 +201,20 @@ class Rule:
     match: str | None = None
     op_type: str | None = None
     sparsity: float | None = None
+    structure: str | None = None
+    bits: int | tuple[int, ...] | None = None
+    ternary: bool = False
+    clusters: int | None = None
     skip: bool = False
 
     def __post_init__(self) -> None:
         if self.match is None and self.op_type is None:
             _fail("each [[rules]] entry needs `match` (a glob on weight names) or `op_type`")
         _check_fraction("rules.sparsity", self.sparsity)
+        _check_structure("rules.structure", self.structure)
+        if isinstance(self.bits, list):
+            object.__setattr__(self, "bits", tuple(self.bits))
+        _check_quant(f"rule {self.match or self.op_type!r}", self.bits, self.ternary, self.clusters)
         if self.skip and self.sparsity is not None:
             _fail(f"rule {self.match or self.op_type!r}: `skip = true` and `sparsity` contradict; keep one")
 
@@ -170,32 +231,29 @@ class CompressConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     rules: tuple[Rule, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
-
-    @property
-    def targets_anything(self) -> bool:
-        return self.prune.sparsity is not None or self.prune.targets is not None or any(
-            r.sparsity is not None for r in self.rules
-        )
 
     def rule_for(self, name: str, op_type: str) -> Rule | None:
         return next((r for r in self.rules if r.matches(name, op_type)), None)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["rules"] = [{k: v for k, v in r.items() if v is not None and v is not False} for r in data["rules"]]
-        for table in ("train", "admm", "prune"):
+        data["rules"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()
+                          if v is not None and v is not False} for r in data["rules"]]
+        for table in ("train", "admm", "prune", "quantize"):
             data[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data[table].items() if v is not None}
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
-        _reject_unknown("recipe", data, {"train", "admm", "prune", "rules"})
+        _reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "rules"})
         kwargs: dict[str, Any] = {}
-        for key, sub in (("train", TrainConfig), ("admm", ADMMConfig), ("prune", PruneConfig)):
+        for key, sub in (("train", TrainConfig), ("admm", ADMMConfig), ("prune", PruneConfig),
+                         ("quantize", QuantizeConfig)):
             if key in data:
                 kwargs[key] = _build(sub, data[key], f"[{key}]")
         if "rules" in data:
@@ -261,8 +319,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     _reject_unknown(where, data, {f.name for f in fields(cls)})
     _check_types(cls, data, where)
     values = dict(data)
-    if "targets" in values and values["targets"] is not None:
-        values["targets"] = tuple(values["targets"])
+    for key in ("targets", "block", "bits"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     try:
         return cls(**values)
     except TypeError as exc:

@@ -226,10 +226,3 @@ def test_replace_ignores_none_and_keeps_other_fields():
 def test_replace_validates_the_new_values():
     with pytest.raises(UserError, match="prune.sparsity"):
         CompressConfig().replace(prune={"sparsity": 1.5})
-
-
-def test_targets_anything():
-    assert not CompressConfig().targets_anything
-    assert CompressConfig(prune=PruneConfig(sparsity=0.5)).targets_anything
-    assert CompressConfig(rules=(Rule(match="*", sparsity=0.5),)).targets_anything
-    assert not CompressConfig(rules=(Rule(match="*", skip=True),)).targets_anything
