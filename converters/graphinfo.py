@@ -23,6 +23,10 @@ _WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Gemm": (1,),
     "Gather": (0,),
     "MatMul": (0, 1),
+    # Recurrent layers: W (input weights) and R (recurrence weights), [directions, gates*hidden, in/hidden].
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
 }
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -57,7 +61,8 @@ class TensorSource:
 
 @dataclass(frozen=True)
 class WeightInfo:
-    """A compressible weight: a constant tensor read as the weight of Conv/ConvTranspose/Gemm/MatMul/Gather."""
+    """A compressible weight: a constant tensor read as the weight of Conv/ConvTranspose/Gemm/MatMul/Gather,
+    or as W or R of LSTM/GRU/RNN."""
 
     name: str
     op_type: str
@@ -164,7 +169,7 @@ def _tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tupl
 
 
 def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
-    """The float constant tensors used as weights by Conv, ConvTranspose, Gemm, MatMul or Gather.
+    """The float constant tensors used as weights by Conv, ConvTranspose, Gemm, MatMul, Gather, LSTM/GRU/RNN.
 
     Identity chains are followed back to the constant (exporters share tensors that way). A tensor used
     by several weight consumers is listed once with all of them. Scalars and 1-D tensors of MatMul are
