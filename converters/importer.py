@@ -7,6 +7,13 @@ the layout transform between them, so write-back can put trained values exactly 
 
 Module names are ONNX node names ('.' replaced by '/'), which is how a torch module is traced back to
 its node and its node's inputs to initializer names (verified by value in the tests).
+
+Graphs with parts onnx2torch cannot convert (skl2onnx's ai.onnx.ml ArrayFeatureExtractor / ZipMap
+after the probabilities) import the largest convertible part: the float tensors that convertible
+nodes compute from trainable weights and that feed either a graph output or an unconvertible node.
+The module is built from that sub-model and returns those tensors (``ImportedModel.output_names``);
+the graph outputs computed from them by the rest of the graph are ``passed_through``: write-back is by
+tensor name on the ORIGINAL graph, so they keep working with the trained weights.
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
+from onnx import defs, helper
 from onnx2torch import convert
 from onnx2torch.node_converters import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from torch import fx, nn
 
+from converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
+from converters.batch_axis import baked_batch, inferred_types
 from converters.errors import UserError
 from converters.graphinfo import (
+    FLOAT_TYPES,
     Consumer,
     ScoreOutput,
     _tensor_shape_and_type,
@@ -45,7 +56,7 @@ logger = logging.getLogger(__name__)
 # other op (Reshape shapes, Clip bounds, Resize scales, Pow exponents ...) stay fixed buffers.
 _TRAINABLE_CONSUMERS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Add", "Sub", "Mul", "PRelu",
-    "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+    "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LSTM", "GRU", "RNN",
 }  # fmt: skip
 
 # Layers onnx2torch builds with their own Parameters: (parameter attribute, ONNX input index, role).
@@ -55,6 +66,8 @@ for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspo
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
              nn.InstanceNorm3d, nn.GroupNorm):
     _MODULE_PARAMS[_cls] = (("weight", 1, "scale"), ("bias", 2, "shift"))
+# LSTM/GRU/RNN hold W, R, B (and P) in ONNX layout: identity Layout.
+_MODULE_PARAMS[onnx_ops.OnnxRecurrent] = onnx_ops.RECURRENT_PARAMS
 
 
 @dataclass(frozen=True)
@@ -115,10 +128,20 @@ class ImportedModel:
     module: OnnxModule
     weights: list[WeightEntry]
     input_names: list[str]
+    # The tensors the module returns, in order: the graph outputs, or, when parts of the graph cannot be
+    # converted, the float tensors it trains on (graph outputs or inputs of the unconverted part).
     output_names: list[str]
-    score: ScoreOutput | None
+    score: ScoreOutput | None  # index into output_names
     original: onnx.ModelProto
-    normalized: onnx.ModelProto
+    normalized: onnx.ModelProto  # what onnx2torch converted: the normalized copy, or its trainable sub-model
+    # Graph outputs the module does not compute; the original graph computes them from output_names
+    # with the nodes listed in not_converted (one line each: node, op, opset), kept as they are.
+    passed_through: list[str] = field(default_factory=list)
+    not_converted: list[str] = field(default_factory=list)
+    # The batch size a fixed-shape export baked in (the module runs at any batch), and the batch axis of
+    # each input and output_names tensor; None / {} when the model's batch was dynamic.
+    baked_batch: int | None = None
+    batch_axes: dict[str, int] = field(default_factory=dict)
 
     def parameter(self, entry: WeightEntry) -> nn.Parameter:
         return self.module.get_parameter(entry.param)
@@ -156,24 +179,119 @@ def unsupported_nodes(normalized: onnx.ModelProto) -> list[str]:
     opsets = {o.domain: o.version for o in normalized.opset_import}
     problems = []
     for node in normalized.graph.node:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        version = opsets.get(domain, opsets.get("ai.onnx", 0))
-        try:
-            get_converter(domain=domain, operation_type=node.op_type, version=version)
-        except NotImplementedError:
+        if not _has_converter(node, opsets):
+            domain, version = _domain_version(node, opsets)
             where = f"{domain}." if domain else ""
             problems.append(f"node {node.name!r}: {where}{node.op_type} (opset {version}) has no converter")
     return problems
 
 
+def _domain_version(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[str, int]:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return domain, opsets.get(domain, opsets.get("ai.onnx", 0))
+
+
+def _has_converter(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
+    domain, version = _domain_version(node, opsets)
+    try:
+        get_converter(domain=domain, operation_type=node.op_type, version=version)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """The sub-model onnx2torch converts and the tensors it outputs (module doc).
+
+    Args:
+        normalized: the normalized copy.
+        problems: ``unsupported_nodes(normalized)``.
+
+    Returns the normalized model itself and its graph outputs when every node converts.
+
+    Raises:
+        UserError: an unconverted op is not a standard ONNX op (onnxruntime could not run the part
+            passed through), or no float tensor that depends on a trainable weight can be computed.
+    """
+    graph = normalized.graph
+    if not problems:
+        return normalized, [o.name for o in graph.output]
+    opsets = {o.domain: o.version for o in normalized.opset_import}
+    bad = [node for node in graph.node if not _has_converter(node, opsets)]
+    if any(not defs.has(n.op_type, _domain_version(n, opsets)[0]) for n in bad):
+        _raise_unsupported(problems, "")
+    bad_ids = {id(n) for n in bad}  # by identity: protobuf == compares whole messages
+    inits = {t.name: t for t in graph.initializer}
+    available = {v.name for v in graph.input} | set(inits) | {""}
+    converted: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) not in bad_ids and all(name in available for name in node.input):
+            converted.append(node)
+            available.update(node.output)
+    producer = {out: node for node in converted for out in node.output}
+    converted_ids = {id(n) for n in converted}
+    read_by_rest = {name for node in graph.node if id(node) not in converted_ids for name in node.input}
+    candidates = [o.name for o in graph.output if o.name in producer]
+    candidates += [out for node in converted for out in node.output if out in read_by_rest and out not in candidates]
+    types = inferred_types(normalized)
+    trained = [name for name in candidates
+               if types.get(name, (0,))[0] in FLOAT_TYPES and _reads_trainable_weight(name, producer, inits)]
+    if not trained:
+        _raise_unsupported(problems, ", and no float tensor that depends on a trainable weight can be computed "
+                                     "without it")
+    return _sub_model(normalized, trained, producer, types), trained
+
+
+def _raise_unsupported(problems: list[str], why: str) -> None:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise UserError(
+        f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, "
+        "or re-export without that op"
+    )
+
+
+def _reads_trainable_weight(name: str, producer: dict[str, onnx.NodeProto], inits: dict) -> bool:
+    seen, stack = set(), [name]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in _TRAINABLE_CONSUMERS and any(
+            i in inits and inits[i].data_type in FLOAT_TYPES and len(inits[i].dims) >= 1 for i in node.input
+        ):
+            return True
+        stack.extend(node.input)
+    return False
+
+
+def _sub_model(model: onnx.ModelProto, outputs: list[str], producer: dict, types: dict) -> onnx.ModelProto:
+    """The nodes computing ``outputs`` (in graph order), the inputs and initializers they read."""
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    nodes = [n for n in model.graph.node if id(n) in needed]
+    read = {name for n in nodes for name in n.input}
+    graph = helper.make_graph(
+        nodes,
+        model.graph.name,
+        [v for v in model.graph.input if v.name in read],
+        [onnx.ValueInfoProto(name=name) for name in outputs],
+        [t for t in model.graph.initializer if t.name in read],
+    )
+    for value, name in zip(graph.output, outputs):
+        elem_type, dims = types[name]
+        value.CopyFrom(helper.make_tensor_value_info(name, elem_type, list(dims) if dims is not None else None))
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    sub.metadata_props.extend(model.metadata_props)
+    return sub
+
+
 def _convert(normalized: onnx.ModelProto) -> fx.GraphModule:
-    problems = unsupported_nodes(normalized)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(
-            f"cannot import the model: {problems[0]}{more}; run `onnx-admm inspect` for the full list, "
-            "or re-export without that op"
-        )
     try:
         return convert(normalized, attach_onnx_mapping=True)
     except (KeyError, NotImplementedError, ValueError, RuntimeError, AttributeError, TypeError) as exc:
@@ -197,6 +315,8 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
         UserError: when the model cannot be imported (the message names the node and the op).
     """
     normalized = normalize(original)
+    not_converted = unsupported_nodes(normalized)
+    normalized, trained = _trainable_part(normalized, not_converted)
     gm = _convert(normalized)
     onnx_nodes = OnnxGraph(normalized.graph).nodes
     sources = constant_sources(original)
@@ -261,14 +381,17 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     gm.recompile()
     _freeze_unmapped(gm, {w.param for w in weights})
 
-    names = [spec.name for spec in graph_inputs(original)]
-    output_names = [o.name for o in original.graph.output]
+    names = [spec.name for spec in graph_inputs(normalized)]  # the converted graph's placeholders, in order
     module = OnnxModule(gm, *_output_picks(normalized, onnx_nodes))
     for w in weights:
         w.param = "graph_module." + w.param
     module.eval()
-    return ImportedModel(module, weights, names, output_names, find_score_output(original, output), original,
-                         normalized)
+    passed = [o.name for o in original.graph.output if o.name not in trained]
+    score = find_score_output(original if not passed else normalized, output)
+    batch, axes = baked_batch(normalized)
+    axes = {name: axes[name] for name in names + trained if name in axes}
+    return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
+                         not_converted if passed else [], batch, axes)
 
 
 def _linear_layout(node: onnx.NodeProto, index: int) -> Layout:

@@ -6,6 +6,15 @@ the caller's model is never touched, because write-back needs the original graph
 
 Measured on torch 2.14 exports (DESIGN §4): opset 20 → 17 plus the cleanups below made LeNet-5,
 ResNet-18, MobileNetV2, VGG-11 and a transformer layer import and match onnxruntime.
+
+onnx's version converter has no way down for some ops (Gelu 20, Mish 18, Split 18, Pad 18+,
+GlobalMaxPool 22: "No Adapter ...") and one failure stops the whole conversion. Before converting,
+``stash_ops`` moves such nodes to the private domain ``STASH_DOMAIN``, where the converter leaves them
+alone and ``converters.onnx_ops`` registers onnx2torch converters for them at their newest semantics.
+Nodes onnx2torch mishandles go there too: Pad from opset 11 (it pads reflect/edge only on trailing
+dims), Clip with an empty or computed bound (it wants constants), LayerNormalization whose input
+shape inference cannot tell (it sizes the layer from that shape).
+``unbake_batch`` (``converters.batch_axis``) frees a batch size baked into fixed-shape exports.
 """
 
 from __future__ import annotations
@@ -13,9 +22,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+from onnx import defs, helper, numpy_helper, version_converter
 
+from converters.batch_axis import inferred_shapes, unbake_batch
 from converters.errors import UserError
 from converters.graphinfo import _sparse_to_dense, constant_node_value, identity_aliases, node_label
 
@@ -25,6 +36,11 @@ logger = logging.getLogger(__name__)
 TARGET_OPSET = 17
 
 Pass = Callable[[onnx.ModelProto], bool]
+
+# Nodes onnx2torch (after down-conversion) cannot take are moved to this domain; converters.onnx_ops
+# registers a converter for every op in STASHED_OPS there.
+STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
+STASHED_OPS = frozenset({"Clip", "Gelu", "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "Split"})
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -121,6 +137,81 @@ def downconvert_opset(model: onnx.ModelProto) -> bool:
     return True
 
 
+def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shapes: Callable[[], dict]) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in STASHED_OPS:
+        return False
+    if node.op_type == "LayerNormalization":
+        # onnx2torch sizes its LayerNorm from the input's inferred shape (0 for an unknown dim).
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        shape = shapes().get(node.input[0])
+        return shape is None or any(d is None for d in shape[axis:])
+    if node.op_type == "Pad":
+        # onnx2torch's Pad 11/13 pads reflect/edge only on the trailing spatial dims; ours pads any axis.
+        return opset >= 11
+    if node.op_type == "Clip":
+        # onnx2torch reads Clip bounds as constants and cannot skip an empty min before a given max.
+        bounds = list(node.input[1:])
+        return opset >= 11 and any((not name and any(bounds[k + 1:])) or (name and name not in initializers)
+                                   for k, name in enumerate(bounds))
+    try:
+        since = defs.get_schema(node.op_type, opset, "").since_version
+    except defs.SchemaError:
+        return False
+    return since > TARGET_OPSET
+
+
+def stash_ops(model: onnx.ModelProto) -> bool:
+    """Move nodes the version converter or onnx2torch cannot take to ``STASH_DOMAIN`` (module doc)."""
+    opset = _default_opset(model)
+    initializers = {t.name for t in model.graph.initializer}
+    cache: list[dict] = []
+
+    def shapes() -> dict:
+        if not cache:
+            cache.append(inferred_shapes(model))
+        return cache[0]
+
+    stashed = [node for node in model.graph.node if _needs_stash(node, opset, initializers, shapes)]
+    for node in stashed:
+        node.domain = STASH_DOMAIN
+    if stashed and not any(o.domain == STASH_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(STASH_DOMAIN, 1))
+    return bool(stashed)
+
+
+def expand_resize_axes(model: onnx.ModelProto) -> bool:
+    """Resize 18+ with an ``axes`` attribute: spell scales/sizes out for every axis and drop ``axes``
+    (the version converter refuses ``axes``; onnx2torch's Resize takes full-rank scales)."""
+    nodes = [n for n in model.graph.node if n.op_type == "Resize" and any(a.name == "axes" for a in n.attribute)]
+    if not nodes:
+        return False
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = inferred_shapes(model)
+    changed = False
+    for node in nodes:
+        shape = shapes.get(node.input[0])
+        axes_attr = next(a for a in node.attribute if a.name == "axes")
+        index = 3 if len(node.input) > 3 and node.input[3] else 2
+        if shape is None or index >= len(node.input) or node.input[index] not in inits:
+            continue  # left for the converter to report
+        rank = len(shape)
+        axes = [a % rank for a in axes_attr.ints]
+        given = numpy_helper.to_array(inits[node.input[index]])
+        if index == 3:
+            if any(d is None for d in shape):
+                continue
+            full = np.asarray(shape, dtype=given.dtype)
+        else:
+            full = np.ones(rank, dtype=given.dtype)
+        full[axes] = given
+        name = f"{node.input[index]}__{node.name}__full"
+        model.graph.initializer.append(numpy_helper.from_array(full, name))
+        node.input[index] = name
+        node.attribute.remove(axes_attr)
+        changed = True
+    return changed
+
+
 def drop_noop_with_empty_axes(model: onnx.ModelProto) -> bool:
     """The down-converter leaves ``noop_with_empty_axes`` on Reduce* nodes where opset 17 rejects it."""
     changed = False
@@ -158,6 +249,10 @@ PASSES: list[Pass] = [
     densify_sparse_initializers,
     constants_to_initializers,
     bypass_identity_of_constants,
+    # Before the down-conversion: shape inference and the batch rules work at the exporter's opset.
+    unbake_batch,
+    expand_resize_axes,
+    stash_ops,
     downconvert_opset,
     # The converter can add Constant nodes and Identity chains of its own: run the cleanups after it.
     constants_to_initializers,

@@ -1,11 +1,17 @@
 """Pre-flight check for pipelines: can this model be imported, trained and written back faithfully?
 
 Steps, each PASS/FAIL with the measured figure:
-1. import through the normalize pass and onnx2torch;
+1. import through the normalize pass and onnx2torch (saying which outputs are trained and which are
+   passed through, and any baked batch size made dynamic);
 2. the torch module matches onnxruntime on the given (or synthesized) inputs;
 3. one backward pass reaches every trainable parameter;
 4. perturbed weights written back run in onnxruntime exactly like the torch module holding them;
 5. unchanged weights written back leave every tensor byte-identical (and graph I/O and node names).
+
+A model exported with a fixed batch b is checked at a batch size that differs from b (3 for b = 1,
+else 2b): the torch module runs it at once, while onnxruntime runs the original, which only takes b,
+in chunks of b whose outputs are concatenated along each output's batch axis. When only part of the
+graph converts, onnxruntime is asked for the trained tensors themselves (added as outputs of a copy).
 """
 
 from __future__ import annotations
@@ -106,15 +112,14 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
         report.steps.append(Step("import", False, str(exc)))
         return report
     n_params = sum(p.numel() for p in imported.module.parameters() if p.requires_grad)
-    report.steps.append(Step(
-        "import", True,
-        f"{len(imported.weights)} trainable tensors ({n_params} values), "
-        f"{len(imported.compressible())} compressible weights",
-    ))
+    batch = check_batch_size(imported)
+    report.steps.append(Step("import", True, "; ".join(_import_facts(imported, n_params, batch, feeds is None))))
     if feeds is None:
-        feeds = synthesize_inputs(original, batch=2, seed=seed)
+        feeds = synthesize_inputs(_with_dynamic_batch(original, imported), batch=batch, seed=seed)
+    elif imported.baked_batch is not None:
+        feeds = _whole_chunks(feeds, imported)
     with tempfile.TemporaryDirectory(prefix="onnx-admm-check-") as tmp:
-        reference = run_onnxruntime(model_path, feeds)
+        reference = trained_outputs_in_onnxruntime(original, model_path, feeds, imported, Path(tmp))
         ok, diff = within_tolerance(reference, imported.run(feeds))
         report.steps.append(Step("torch vs onnxruntime", ok, f"max abs diff {diff:.3g}", diff))
         report.steps.append(_check_backward(imported, feeds))
@@ -123,7 +128,88 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
     return report
 
 
+def check_batch_size(imported: ImportedModel) -> int:
+    """The batch ``check`` synthesizes: 2, or for a baked batch b a multiple of b that is not b."""
+    b = imported.baked_batch
+    return 2 if b is None else (3 if b == 1 else 2 * b)
+
+
+def _import_facts(imported: ImportedModel, n_params: int, batch: int, synthesized: bool) -> list[str]:
+    facts = [f"{len(imported.weights)} trainable tensors ({n_params} values), "
+             f"{len(imported.compressible())} compressible weights"]
+    if imported.passed_through:
+        facts.append(f"trains {', '.join(imported.output_names)}; passes through {', '.join(imported.passed_through)} "
+                     "(computed from them by the unconverted part of the graph)")
+    if imported.baked_batch is not None:
+        where = f"checked at batch {batch}" if synthesized else "checked on the given inputs"
+        facts.append(f"fixed batch {imported.baked_batch} made dynamic, {where} (onnxruntime in chunks of "
+                     f"{imported.baked_batch})")
+    return facts
+
+
+def _with_dynamic_batch(original: onnx.ModelProto, imported: ImportedModel) -> onnx.ModelProto:
+    """The original's graph inputs, with the baked batch dims symbolic (what ``synthesize_inputs`` reads)."""
+    if imported.baked_batch is None:
+        return original
+    view = onnx.ModelProto()
+    view.graph.input.extend(original.graph.input)
+    for tensor in original.graph.initializer:
+        view.graph.initializer.add(name=tensor.name)  # names only: graph_inputs skips initializers
+    for value in view.graph.input:
+        if value.name in imported.batch_axes:
+            dim = value.type.tensor_type.shape.dim[imported.batch_axes[value.name]]
+            dim.Clear()
+            dim.dim_param = "batch"
+    return view
+
+
+def _whole_chunks(feeds: dict[str, np.ndarray], imported: ImportedModel) -> dict[str, np.ndarray]:
+    """Given inputs cut to a whole number of baked batches, so onnxruntime can run every sample."""
+    b = imported.baked_batch
+    n = min(len(feeds[name]) for name in imported.batch_axes if name in feeds)
+    if n < b:
+        raise UserError(f"the model runs in onnxruntime only at its fixed batch size {b}; pass at least {b} samples")
+    return {k: v[: n - n % b] if k in imported.batch_axes else v for k, v in feeds.items()}
+
+
+def trained_outputs_in_onnxruntime(
+    model: onnx.ModelProto, path: Path, feeds: dict[str, np.ndarray], imported: ImportedModel, tmp: Path
+) -> list[np.ndarray]:
+    """What onnxruntime computes for ``imported.output_names`` on ``model`` (saved at ``path``).
+
+    Tensors that are not graph outputs are exposed through a copy saved in ``tmp``; a baked batch
+    runs in chunks of that batch (module doc).
+    """
+    if [o.name for o in model.graph.output] != imported.output_names:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(imported.normalized.graph.output)
+        path = tmp / "probe.onnx"
+        save_model(probe, path)
+    return run_batched(path, feeds, imported)
+
+
+def run_batched(path: Path, feeds: dict[str, np.ndarray], imported: ImportedModel) -> list[np.ndarray]:
+    """All outputs of the model at ``path``, run in chunks of the baked batch size when there is one."""
+    b = imported.baked_batch
+    if b is None:
+        return run_onnxruntime(path, feeds)
+    from onnx_admm.validate import open_session
+
+    session = open_session(path, 1)
+    names = [o.name for o in session.get_outputs()]
+    n = min(len(feeds[name]) for name in imported.batch_axes if name in feeds)
+    chunks = [session.run(None, {k: v[i:i + b] if k in imported.batch_axes else v for k, v in feeds.items()})
+              for i in range(0, n, b)]
+    return [np.concatenate([c[j] for c in chunks], axis=imported.batch_axes.get(name, 0))
+            if isinstance(chunks[0][j], np.ndarray) else sum((list(c[j]) for c in chunks), [])  # ZipMap: lists
+            for j, name in enumerate(names)]
+
+
 def _check_backward(imported: ImportedModel, feeds: dict[str, np.ndarray]) -> Step:
+    if not imported.weights:
+        return Step("backward", False, "the model has no trainable tensor (no constant weight feeds a converted op)")
     module = imported.module
     module.zero_grad(set_to_none=True)
     args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in imported.input_names]
@@ -154,14 +240,18 @@ def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp:
         path = tmp / "perturbed.onnx"
         save_model(result.model, path)
         onnx.checker.check_model(str(path))
-        got = run_onnxruntime(path, feeds)
+        got = trained_outputs_in_onnxruntime(result.model, path, feeds, imported, tmp)
+        if imported.passed_through:
+            run_batched(path, feeds, imported)  # the passed-through outputs still compute
     finally:
         with torch.no_grad():
             for entry in imported.weights:
                 imported.parameter(entry).copy_(saved[entry.param])
     ok, diff = within_tolerance(expected, got)
     kinds = sorted(set(result.encodings.values()))
-    return Step("perturbed write-back", ok, f"max abs diff {diff:.3g} (encodings: {', '.join(kinds) or 'none'})", diff)
+    passed = f"; passed-through {', '.join(imported.passed_through)} run" if imported.passed_through else ""
+    return Step("perturbed write-back", ok,
+                f"max abs diff {diff:.3g} (encodings: {', '.join(kinds) or 'none'}){passed}", diff)
 
 
 def _check_unchanged(original: onnx.ModelProto, model_path: Path, tmp: Path) -> Step:

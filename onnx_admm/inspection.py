@@ -20,12 +20,16 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     problems: list[str] = []
     trainable = None
+    imported = None
     try:
-        problems = unsupported_nodes(normalize(model))
-        if not problems:
-            trainable = len(import_model(model).weights)
+        imported = import_model(model)
+        trainable = len(imported.weights)
     except UserError as exc:
         problems.append(str(exc))
+        try:
+            problems += unsupported_nodes(normalize(model))
+        except UserError:
+            pass
     return {
         "model": str(path),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
@@ -43,6 +47,12 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "trainable_tensors": trainable,
         "importable": not problems,
         "problems": problems,
+        # What training sees: the outputs the torch module computes, and the graph outputs the original
+        # graph computes from them with parts onnx-admm does not convert (kept as they are).
+        "trained_outputs": imported.output_names if imported else [],
+        "passed_through": imported.passed_through if imported else [],
+        "not_converted": imported.not_converted if imported else [],
+        "baked_batch": imported.baked_batch if imported else None,
     }
 
 
@@ -60,6 +70,13 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append(f"  {len(info['weights'])} compressible weights, {info['total_params']} parameters")
     if info["importable"]:
         lines.append(f"  imports into PyTorch: {info['trainable_tensors']} trainable tensors")
+        if info["passed_through"]:
+            lines.append(f"  trains {', '.join(info['trained_outputs'])}; passes through "
+                         f"{', '.join(info['passed_through'])}, computed by nodes kept as they are:")
+            lines += [f"    {p}" for p in info["not_converted"]]
+        if info["baked_batch"] is not None:
+            lines.append(f"  exported with a fixed batch of {info['baked_batch']}: trains at any batch size; "
+                         f"onnxruntime runs the original in batches of {info['baked_batch']}")
     else:
         lines.append("  cannot import:")
         lines += [f"    {p}" for p in info["problems"]]

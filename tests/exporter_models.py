@@ -1,0 +1,183 @@
+"""Models from the "hard" exporters (issue 3): recurrent torch models, scikit-learn through skl2onnx,
+fixed-batch dynamo exports, single ONNX nodes at chosen opsets. Builders only; fixtures live in the
+test modules (tests/test_exporters.py, tests/test_ops.py).
+
+- ``RecurrentClassifier``: a 2-layer bidirectional LSTM or GRU (batch_first) with a Linear head on the
+  last step. Both torch exporters write each layer as one ONNX LSTM/GRU node (W, R, B initializers,
+  zero initial states computed from the input's run-time shape); GRU with ``linear_before_reset=1``.
+- ``export_torch``: either torch exporter, with or without a dynamic batch axis (without: the dynamo
+  exporter bakes the example batch into the graph, DESIGN §4).
+- ``sklearn_mlp``: an MLPClassifier trained on scikit-learn's digits, converted by skl2onnx (opset 21,
+  ai.onnx.ml ArrayFeatureExtractor for the label, ZipMap for the probabilities unless disabled).
+- ``recurrent_node``: one LSTM/GRU/RNN node with every option exposed, and feeds for it.
+- ``op_model``: a one-input graph in ONNX text at a given opset, with named float initializers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# torch models
+# ----------------------------------------------------------------------------------------------
+
+SEQ, FEATURES, HIDDEN, CLASSES = 7, 10, 12, 5
+
+
+class RecurrentClassifier(nn.Module):
+    """2-layer bidirectional LSTM or GRU over [N, 7, 10], Linear head on the last step's 24 features."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        cls = {"lstm": nn.LSTM, "gru": nn.GRU}[kind]
+        self.rnn = cls(FEATURES, HIDDEN, num_layers=2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(2 * HIDDEN, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x)
+        return self.fc(y[:, -1])
+
+
+def recurrent_classifier(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return RecurrentClassifier(kind).eval()
+
+
+def export_torch(module: nn.Module, example: torch.Tensor, path: Path, exporter: str, dynamic: bool = True) -> Path:
+    """Export ``module`` with input ``input`` and output ``logits``.
+
+    Args:
+        exporter: ``"torchscript"`` (opset 17) or ``"dynamo"`` (its default opset, weights in ``path.data``).
+        dynamic: declare the batch axis dynamic; without it the export batch is baked in.
+    """
+    path = Path(path)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning, tracer warnings
+        if exporter == "torchscript":
+            axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+        else:
+            shapes = ({0: torch.export.Dim("N")},) if dynamic else None
+            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes=shapes)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# scikit-learn
+# ----------------------------------------------------------------------------------------------
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as float32 in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype(np.float32), y.astype(np.int64)
+
+
+def sklearn_mlp(path: Path, zipmap: bool) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An MLPClassifier (64-16-10) trained briefly on digits, written by skl2onnx; returns (path, X, classes)."""
+    import skl2onnx
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = digits()
+    classifier = MLPClassifier(hidden_layer_sizes=(16,), max_iter=40, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        classifier.fit(x, y)
+    options = None if zipmap else {id(classifier): {"zipmap": False}}
+    model = skl2onnx.to_onnx(classifier, x[:1], options=options)
+    onnx.save(model, str(path))
+    return Path(path), x, classifier.classes_
+
+
+# ----------------------------------------------------------------------------------------------
+# single nodes
+# ----------------------------------------------------------------------------------------------
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def recurrent_node(
+    op: str,
+    direction: str = "forward",
+    layout: int = 0,
+    opset: int = 17,
+    initial_state: bool = False,
+    sequence_lens: list[int] | None = None,
+    peepholes: bool = False,
+    bias: bool = True,
+    outputs: int = 3,
+    batch: int = 3,
+    **attributes,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """One LSTM/GRU/RNN node (hidden 5, input 4, 6 steps) with random weights, and feeds for ``batch``.
+
+    ``attributes`` go to the node as they are (clip, linear_before_reset, activations ...).
+    """
+    hidden, features, steps = 5, 4, 6
+    gates, dirs = _GATES[op], 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(0)
+
+    def tensor(name, shape):
+        return numpy_helper.from_array(rng.normal(0.0, 0.5, shape).astype(np.float32), name)
+
+    initializers = [tensor("W", (dirs, gates * hidden, features)), tensor("R", (dirs, gates * hidden, hidden))]
+    if bias:
+        initializers.append(tensor("B", (dirs, 2 * gates * hidden)))
+    x_shape = [steps, "N", features] if layout == 0 else ["N", steps, features]
+    state_shape = [dirs, "N", hidden] if layout == 0 else ["N", dirs, hidden]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    names = ["X", "W", "R", "B" if bias else "", "sequence_lens" if sequence_lens is not None else ""]
+    if sequence_lens is not None:
+        inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["N"]))
+    if initial_state:
+        names.append("initial_h")
+        inputs.append(helper.make_tensor_value_info("initial_h", TensorProto.FLOAT, state_shape))
+        if op == "LSTM":
+            names.append("initial_c")
+            inputs.append(helper.make_tensor_value_info("initial_c", TensorProto.FLOAT, state_shape))
+    if peepholes:
+        names += [""] * (7 - len(names)) + ["P"]
+        initializers.append(tensor("P", (dirs, 3 * hidden)))
+    while names[-1] == "":
+        names.pop()
+    if opset >= 14:
+        attributes["layout"] = layout
+    out_names = ["Y", "Y_h", "Y_c"][: min(outputs, 3 if op == "LSTM" else 2)]
+    node = helper.make_node(op, names, out_names, hidden_size=hidden, direction=direction, **attributes)
+    graph = helper.make_graph([node], op.lower(), inputs,
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in out_names],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    feeds = {"X": rng.normal(size=(steps, batch, features) if layout == 0 else (batch, steps, features))
+             .astype(np.float32)}
+    if sequence_lens is not None:
+        feeds["sequence_lens"] = np.asarray(sequence_lens, np.int32)
+    if initial_state:
+        shape = (dirs, batch, hidden) if layout == 0 else (batch, dirs, hidden)
+        feeds["initial_h"] = rng.normal(size=shape).astype(np.float32)
+        if op == "LSTM":
+            feeds["initial_c"] = rng.normal(size=shape).astype(np.float32)
+    return model, feeds
+
+
+def op_model(signature: str, body: str, opset: int, initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """``<ir_version: 10, opset_import: ["" : opset]> g signature { body }`` plus the initializers."""
+    model = onnx.parser.parse_model(f'<ir_version: 10, opset_import: ["" : {opset}]>\ng {signature} {{\n{body}\n}}')
+    for name, value in (initializers or {}).items():
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -1,0 +1,229 @@
+"""The hard exporters (issue 3): recurrent torch models from both exporters, scikit-learn MLPs through
+skl2onnx (graph parts that stay as they are), models exported with a fixed batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from exporter_models import export_torch, op_model, recurrent_classifier, recurrent_node, sklearn_mlp
+from models import LeNet5
+
+from converters.errors import UserError
+from converters.graphinfo import constant_sources, tensor_value
+from converters.importer import import_model
+from converters.inputs import synthesize_inputs
+from converters.modelio import load_model, save_model
+from converters.writeback import write_back
+from onnx_admm.check import check, run_batched, within_tolerance
+from onnx_admm.inspection import format_inspection, inspect_model
+from onnx_admm.train import Batch, Loss, ScoreSpec, train_epoch
+
+
+def _ort(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _assert_close(reference, got):
+    ok, diff = within_tolerance(reference, got)
+    assert ok, diff
+
+
+def _train(imported, batches, lr=0.1):
+    """A few SGD steps through onnx_admm.train on the imported module; returns the weights before."""
+    before = {e.onnx_name: imported.parameter(e).detach().clone() for e in imported.weights}
+    imported.module.train()
+    optimizer = torch.optim.SGD([p for p in imported.module.parameters() if p.requires_grad], lr=lr)
+    score = ScoreSpec(imported.score.index, imported.score.kind)
+    train_epoch(imported.module, batches, Loss(score), optimizer)
+    imported.module.eval()
+    return before
+
+
+# ----------------------------------------------------------------------------------------------
+# LSTM / GRU from both torch exporters
+# ----------------------------------------------------------------------------------------------
+
+RECURRENT = [("lstm", "torchscript"), ("lstm", "dynamo"), ("gru", "torchscript"), ("gru", "dynamo")]
+
+
+@pytest.fixture(scope="module", params=RECURRENT, ids=[f"{k}-{e}" for k, e in RECURRENT])
+def recurrent_onnx(request, tmp_path_factory):
+    kind, exporter = request.param
+    path = tmp_path_factory.mktemp("recurrent") / f"{kind}_{exporter}.onnx"
+    example = torch.randn(2, 7, 10)
+    return kind, export_torch(recurrent_classifier(kind), example, path, exporter)
+
+
+def test_recurrent_check_passes(recurrent_onnx):
+    # check's "perturbed write-back" step perturbs every trainable tensor (W, R, B included), zeroes 90%
+    # of W and R, writes them back into the original graph and compares onnxruntime with torch.
+    _, path = recurrent_onnx
+    report = check(path)
+    assert report.passed, report.format()
+    perturbed = next(s for s in report.steps if s.name == "perturbed write-back")
+    assert "sparse" in perturbed.detail and perturbed.value is not None
+
+
+def test_recurrent_weight_map_and_gradients(recurrent_onnx):
+    kind, path = recurrent_onnx
+    original = load_model(path)
+    nodes = [n for n in original.graph.node if n.op_type == kind.upper()]
+    assert len(nodes) == 2  # one bidirectional node per layer
+    if kind == "gru":
+        assert all(a.i == 1 for n in nodes for a in n.attribute if a.name == "linear_before_reset")
+    imported = import_model(original)
+    roles = {(n.input[i], role) for n in nodes for i, role in ((1, "weight"), (2, "weight"), (3, "bias"))}
+    entries = {(e.onnx_name, e.role) for e in imported.weights if e.op_type == kind.upper()}
+    assert entries == roles
+    compressible = {e.onnx_name for e in imported.compressible() if e.op_type == kind.upper()}
+    assert compressible == {n.input[i] for n in nodes for i in (1, 2)}
+    sources = constant_sources(original)
+    values = imported.onnx_values()
+    for entry in imported.weights:  # ONNX layout: the values are the tensors themselves
+        np.testing.assert_array_equal(values[entry.param], tensor_value(original, sources[entry.onnx_name]))
+    feeds = synthesize_inputs(original, batch=3)
+    (logits,) = imported.module(torch.from_numpy(feeds["input"]))
+    logits.pow(2).mean().backward()
+    for entry in imported.weights:
+        grad = imported.parameter(entry).grad
+        assert grad is not None and bool(grad.abs().sum() > 0), entry.onnx_name
+
+
+def test_time_major_input_with_fixed_sequence_is_not_a_baked_batch():
+    # X is [6, N, 4]: its fixed first dim is the sequence, and the batch is already dynamic.
+    imported = import_model(recurrent_node("GRU", linear_before_reset=1)[0])
+    assert imported.baked_batch is None
+
+
+# ----------------------------------------------------------------------------------------------
+# scikit-learn MLPClassifier through skl2onnx
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sklearn_mlp_trains_and_its_label_output_still_works(tmp_path):
+    path, x, classes = sklearn_mlp(tmp_path / "mlp.onnx", zipmap=False)
+    report = check(path)
+    assert report.passed, report.format()
+    assert "trains probabilities; passes through label" in report.steps[0].detail
+    original = load_model(path)
+    imported = import_model(original)
+    assert (imported.output_names, imported.passed_through) == (["probabilities"], ["label"])
+    assert imported.score.kind == "probabilities"
+    assert {e.onnx_name for e in imported.compressible()} == {"coefficient", "coefficient1"}
+    _, y = x, np.random.default_rng(0).integers(0, 10, len(x))  # new labels: training must move the weights
+    batches = [Batch((torch.from_numpy(x[i:i + 64]),), torch.from_numpy(y[i:i + 64])) for i in range(0, 320, 64)]
+    before = _train(imported, batches)
+    for entry in imported.weights:
+        assert not torch.equal(before[entry.onnx_name], imported.parameter(entry)), entry.onnx_name
+    out = tmp_path / "trained.onnx"
+    save_model(write_back(original, imported.updates()).model, out)
+    label, probabilities = _ort(out, {"X": x[:200]})
+    _assert_close([probabilities], imported.run({"X": x[:200]}))
+    np.testing.assert_array_equal(label, classes[probabilities.argmax(1)])
+
+
+def test_sklearn_zipmap_output_is_passed_through(tmp_path):
+    path, x, classes = sklearn_mlp(tmp_path / "mlp_zipmap.onnx", zipmap=True)
+    report = check(path)
+    assert report.passed, report.format()
+    imported = import_model(load_model(path))
+    assert sorted(imported.passed_through) == ["output_label", "output_probability"]
+    (trained,) = imported.output_names  # the Softmax output the ZipMap reads
+    assert trained not in [o.name for o in imported.original.graph.output]
+    assert imported.score is not None and imported.score.kind == "probabilities"
+    info = inspect_model(path)
+    assert info["importable"] and info["trained_outputs"] == [trained]
+    assert any("ZipMap" in line for line in info["not_converted"])
+    assert "passes through output_label, output_probability" in format_inspection(info)
+
+
+def test_no_trainable_weight_before_the_unconverted_part_is_an_error():
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
+        g (float[N, 3] x) => (int64[N, 1] y) <int64[3] classes = {7, 8, 9}> {
+            a = ArgMax <axis = 1> (x)
+            y = ai.onnx.ml.ArrayFeatureExtractor (classes, a)
+        }
+    """)
+    with pytest.raises(UserError, match="ArrayFeatureExtractor.*no float tensor that depends on a trainable weight"):
+        import_model(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baked batch sizes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lenet5_fixed_batch_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("baked") / "lenet5_batch1.onnx"
+    return export_torch(LeNet5().eval(), torch.randn(1, 1, 28, 28), path, "dynamo", dynamic=False)
+
+
+def test_fixed_batch_lenet_checks_at_another_batch(lenet5_fixed_batch_onnx):
+    original = load_model(lenet5_fixed_batch_onnx)
+    assert original.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    report = check(lenet5_fixed_batch_onnx)
+    assert report.passed, report.format()
+    assert "fixed batch 1 made dynamic, checked at batch 3" in report.steps[0].detail
+    assert inspect_model(lenet5_fixed_batch_onnx)["baked_batch"] == 1
+
+
+def test_fixed_batch_lenet_trains_at_batch_32(lenet5_fixed_batch_onnx, tmp_path):
+    original = load_model(lenet5_fixed_batch_onnx)
+    imported = import_model(original)
+    assert imported.baked_batch == 1 and imported.batch_axes == {"input": 0, "logits": 0}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    batches = [Batch((torch.from_numpy(x[i:i + 32]),), torch.from_numpy(y[i:i + 32])) for i in (0, 32)]
+    before = _train(imported, batches, lr=0.01)
+    assert all(not torch.equal(before[e.onnx_name], imported.parameter(e)) for e in imported.compressible())
+    result = write_back(original, imported.updates())
+    out = tmp_path / "trained.onnx"
+    save_model(result.model, out)
+    assert [i.SerializeToString() for i in result.model.graph.input] == [
+        i.SerializeToString() for i in original.graph.input]  # the written model keeps its fixed batch
+    feeds = {"input": x[:32]}
+    _assert_close(run_batched(out, feeds, imported), imported.run(feeds))
+
+
+def test_fixed_batch_reshapes_are_rewritten_only_on_the_batch_axis(tmp_path):
+    # Batch 2 baked into two Reshapes of the activations; a weight reshaped to [2, 5] must stay as it is.
+    rng = np.random.default_rng(0)
+    model = op_model("(float[2, 6] x) => (float[2, 15] y)", """
+        s1 = Constant <value = int64[3] {2, 3, 2}> ()
+        s2 = Constant <value = int64[2] {2, 15}> ()
+        ws = Constant <value = int64[2] {2, 5}> ()
+        h = Reshape (x, s1)
+        w = Reshape (wflat, ws)
+        m = MatMul (h, w)
+        b = Add (m, bias)
+        y = Reshape (b, s2)
+    """, 17, {"wflat": rng.normal(size=10).astype(np.float32), "bias": rng.normal(size=5).astype(np.float32)})
+    path = tmp_path / "fixed2.onnx"
+    onnx.save(model, str(path))
+    imported = import_model(model)
+    assert imported.baked_batch == 2
+    shapes = {n.name or n.output[0]: onnx.numpy_helper.to_array(
+        next(t for t in imported.normalized.graph.initializer if t.name == n.input[1])).tolist()
+        for n in imported.normalized.graph.node if n.op_type == "Reshape"}
+    assert sorted(shapes.values()) == [[-1, 3, 2], [-1, 15], [2, 5]]
+    report = check(path)
+    assert report.passed, report.format()
+    assert "checked at batch 4" in report.steps[0].detail
+
+
+@pytest.mark.parametrize("output, body, node", [
+    ("float[3, 8] y", "s = Constant <value = int64[2] {3, 8}> ()\n y = Reshape (x, s)", "merge"),
+    ("float y", "y = ReduceSum <keepdims = 0> (x)", "reduce"),
+])
+def test_unprovable_fixed_batch_names_the_node_and_the_fix(output, body, node):
+    model = op_model(f"(float[2, 3, 4] x) => ({output})", body, 17)
+    model.graph.node[-1].name = node
+    with pytest.raises(UserError, match=rf"fixed batch size of 2 .*node '{node}'.*re-export the model with a dynamic batch"):
+        import_model(model)

@@ -1,0 +1,246 @@
+"""Op coverage (issue 3, item 4): each op onnx2torch lacks, or cannot reach through the opset down-conversion,
+at every opset exporters write it, imported and compared with onnxruntime (the ``check`` tolerance);
+the LSTM/GRU/RNN converters' options against onnxruntime; the normalize passes behind them.
+
+``python tests/test_ops.py`` prints the largest torch-vs-onnxruntime difference per case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from exporter_models import export_torch, op_model, recurrent_node
+from torch import nn
+
+from converters.importer import import_model
+from converters.normalize import STASH_DOMAIN, STASHED_OPS, normalize
+from onnx_admm.check import within_tolerance
+
+RNG = np.random.default_rng(0)
+_G6, _B6 = RNG.normal(size=6).astype(np.float32), RNG.normal(size=6).astype(np.float32)
+_G36, _B36 = RNG.normal(size=(3, 6)).astype(np.float32), RNG.normal(size=(3, 6)).astype(np.float32)
+
+X2 = "(float[N, 6] x) => (float[N, 6] y)"
+X3 = "(float[N, 3, 4] x) => (float[?, ?, ?] y)"
+R3 = "(float[N, 3, 4] x) => (float[?, ?] y)"  # one axis reduced away
+X4 = "(float[N, 3, 4, 4] x) => (float[?, ?, ?, ?] y)"
+
+# (case, signature, body, opsets, initializers). Opsets: those where the op's definition changes or an
+# exporter writes it (torch's TorchScript exporter 11-17, dynamo 18-20+); 18+ goes through the stash or
+# the version converter.
+CASES = [
+    ("GlobalMaxPool", X4, "y = GlobalMaxPool (x)", [1, 11, 17, 22], None),
+    ("HardSigmoid", X2, "y = HardSigmoid <alpha = 0.3, beta = 0.4> (x)", [6, 11, 17, 22], None),
+    ("HardSwish", X2, "y = HardSwish (x)", [14, 17, 22], None),
+    ("ReduceMean-axes-attr", R3, "y = ReduceMean <axes = [1], keepdims = 0> (x)", [11, 13, 17], None),
+    ("ReduceMean-axes-input", R3,
+     "a = Constant <value = int64[1] {1}> ()\n y = ReduceMean <keepdims = 0> (x, a)", [18, 20], None),
+    ("ReduceSum-axes-input", X3,
+     "a = Constant <value = int64[1] {-1}> ()\n y = ReduceSum <keepdims = 1> (x, a)", [13, 17, 18, 20], None),
+    ("ReduceSum-axes-attr", R3, "y = ReduceSum <axes = [2], keepdims = 0> (x)", [11], None),
+    ("ReduceSum-all", "(float[N, 3, 4] x) => (float y)", "y = ReduceSum <keepdims = 0> (x)", [13, 18], None),
+    ("Split-split-input", "(float[N, 6] x) => (float[?, ?] a, float[?, ?] b)",
+     "s = Constant <value = int64[2] {2, 4}> ()\n a, b = Split <axis = 1> (x, s)", [13, 17, 18, 20], None),
+    ("Split-num_outputs", "(float[N, 7] x) => (float[?, ?] a, float[?, ?] b)",
+     "a, b = Split <axis = 1, num_outputs = 2> (x)", [18, 20], None),
+    ("Pad-constant", X4, "p = Constant <value = int64[8] {0, 0, 0, 1, 0, 0, 1, 2}> ()\n"
+     " v = Constant <value = float {0.5}> ()\n y = Pad (x, p, v)", [11, 13, 18, 19, 21], None),
+    ("Pad-reflect-axes", X4, "p = Constant <value = int64[4] {0, 1, 1, 2}> ()\n"
+     " a = Constant <value = int64[2] {2, 3}> ()\n y = Pad <mode = \"reflect\"> (x, p, , a)", [18, 19, 21], None),
+    ("Pad-edge", X4, "p = Constant <value = int64[8] {0, 1, 0, 1, 0, 0, 1, 2}> ()\n y = Pad <mode = \"edge\"> (x, p)",
+     [11, 13, 18, 21], None),
+    ("Pad-wrap", X4, "p = Constant <value = int64[8] {0, 0, 1, 1, 0, 0, 1, 2}> ()\n y = Pad <mode = \"wrap\"> (x, p)",
+     [19, 21], None),
+    ("Pad-crop", X4, "p = Constant <value = int64[8] {0, 0, -1, 1, 0, 0, 1, -2}> ()\n y = Pad (x, p)", [13, 18], None),
+    ("Resize-linear", X4, "s = Constant <value = float[4] {1, 1, 2, 2}> ()\n y = Resize <mode = \"linear\"> (x, , s)",
+     [13, 18, 19], None),
+    ("Resize-nearest", X4, "s = Constant <value = float[4] {1, 1, 2, 2}> ()\n"
+     " y = Resize <mode = \"nearest\", nearest_mode = \"floor\", coordinate_transformation_mode = \"asymmetric\"> "
+     "(x, , s)", [13, 18, 19], None),
+    ("Resize-axes", X4, "s = Constant <value = float[2] {2, 2}> ()\n"
+     " y = Resize <mode = \"linear\", axes = [2, 3]> (x, , s)", [18, 19], None),
+    ("Expand", "(float[N, 1] x) => (float[?, ?] y)", "s = Constant <value = int64[2] {1, 5}> ()\n y = Expand (x, s)",
+     [13, 17, 20], None),
+    ("Clip-no-bounds", X2, "y = Clip (x)", [11, 13, 17], None),
+    ("Clip-min-only", X2, "m = Constant <value = float {-0.5}> ()\n y = Clip (x, m)", [11, 13, 17], None),
+    ("Clip-max-only", X2, "m = Constant <value = float {0.5}> ()\n y = Clip (x, , m)", [11, 13, 17], None),
+    ("Clip-runtime-bound", X2, "m = ReduceMean <keepdims = 0> (x)\n y = Clip (x, , m)", [13, 17], None),
+    ("Gelu", X2, "y = Gelu (x)", [20, 21], None),
+    ("Gelu-tanh", X2, "y = Gelu <approximate = \"tanh\"> (x)", [20], None),
+    ("Mish", X2, "y = Mish (x)", [18, 20], None),
+    ("LayerNormalization", "(float[N, 3, 6] x) => (float[?, ?, ?] y)",
+     "y = LayerNormalization <axis = -1, epsilon = 0.001> (x, g, b)", [17, 18, 20], {"g": _G6, "b": _B6}),
+    ("LayerNormalization-2-axes", "(float[N, 3, 6] x) => (float[?, ?, ?] y)",
+     "y = LayerNormalization <axis = 1> (x, g, b)", [17], {"g": _G36, "b": _B36}),
+]
+
+OP_PARAMS = [pytest.param(case, opset, id=f"{case[0]}-opset{opset}") for case in CASES for opset in case[3]]
+
+
+def _input_shape(model: onnx.ModelProto, batch: int = 3) -> tuple[int, ...]:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return tuple(batch if d.dim_param else d.dim_value for d in dims)
+
+
+def torch_vs_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], reference=None) -> float:
+    """Import ``model``, assert its outputs match onnxruntime's (or ``reference``) within the check
+    tolerance, return the largest absolute difference."""
+    if reference is None:
+        reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = import_model(model).run(feeds)
+    ok, diff = within_tolerance(reference, got)
+    assert ok, diff
+    return diff
+
+
+def op_case(case, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    _name, signature, body, _opsets, initializers = case
+    model = op_model(signature, body, opset, initializers)
+    x = np.random.default_rng(opset).standard_normal(_input_shape(model)).astype(np.float32)
+    return model, {"x": x}
+
+
+@pytest.mark.parametrize("case, opset", OP_PARAMS)
+def test_op_matches_onnxruntime(case, opset):
+    torch_vs_onnxruntime(*op_case(case, opset))
+
+
+def test_stashed_ops_leave_the_default_domain_before_down_conversion():
+    model = op_model(X2, "g = Gelu (x)\n y = Mish (g)", 20)
+    normalized = normalize(model)
+    assert {(n.domain, n.op_type) for n in normalized.graph.node} == {(STASH_DOMAIN, "Gelu"), (STASH_DOMAIN, "Mish")}
+    assert {o.domain: o.version for o in normalized.opset_import} == {"": 17, STASH_DOMAIN: 1}
+    assert model.graph.node[0].domain == ""  # the caller's model is untouched
+
+
+def test_every_stashed_op_has_a_converter():
+    from onnx2torch.node_converters import get_converter
+
+    for op in STASHED_OPS:
+        get_converter(domain=STASH_DOMAIN, operation_type=op, version=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch exports of the same ops
+# ----------------------------------------------------------------------------------------------
+
+
+class OpZoo(nn.Module):
+    """One module using the ops above the way torch code does; each exporter writes its own ops for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 3, 8, 8]
+        a, b = torch.split(x, [1, 2], dim=1)
+        y = torch.cat([F.hardswish(a), F.hardsigmoid(b)], 1)
+        y = F.pad(y, (1, 2, 0, 1), mode="reflect") + F.pad(y, (1, 2, 0, 1))
+        y = F.interpolate(y, scale_factor=2, mode="nearest")[..., :8, :8]
+        y = self.norm(F.gelu(y) + F.mish(y) + F.gelu(y, approximate="tanh") + F.relu6(y))
+        pooled = F.adaptive_max_pool2d(y, 1).flatten(1) + y.mean(dim=(2, 3)) + y.sum(dim=(2, 3))
+        return pooled + pooled[:, :1].expand(-1, 3)
+
+
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 11), ("torchscript", 13), ("torchscript", 17),
+                                             ("dynamo", None)], ids=["ts11", "ts13", "ts17", "dynamo"])
+def test_torch_exports_of_the_ops_import(exporter, opset, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = OpZoo().eval()
+    example = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "zoo.onnx"
+    if opset is not None:  # export_torch writes TorchScript at 17; older opsets through its own call
+        original = torch.onnx.export
+
+        def export_at(*args, **kwargs):
+            kwargs["opset_version"] = opset
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.onnx, "export", export_at)
+    export_torch(module, example, path, exporter)
+    model = onnx.load(str(path))
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    torch_vs_onnxruntime(model, {"input": x}, reference)
+    with torch.no_grad():
+        np.testing.assert_allclose(reference[0], module(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# LSTM / GRU / RNN
+# ----------------------------------------------------------------------------------------------
+
+RECURRENT_CASES = [
+    pytest.param(dict(op=op, direction=direction, initial_state=state), id=f"{op}-{direction}-state{int(state)}")
+    for op in ("LSTM", "GRU", "RNN")
+    for direction in ("forward", "reverse", "bidirectional")
+    for state in (False, True)
+] + [
+    pytest.param(dict(op="GRU", linear_before_reset=1, direction="bidirectional", initial_state=True), id="GRU-lbr1"),
+    pytest.param(dict(op="GRU", linear_before_reset=0, sequence_lens=[6, 2, 5]), id="GRU-lbr0-seqlens"),
+    pytest.param(dict(op="LSTM", direction="bidirectional", sequence_lens=[6, 3, 1], initial_state=True),
+                 id="LSTM-seqlens"),
+    pytest.param(dict(op="RNN", direction="reverse", sequence_lens=[2, 6, 4]), id="RNN-reverse-seqlens"),
+    pytest.param(dict(op="LSTM", peepholes=True, direction="bidirectional", initial_state=True), id="LSTM-peepholes"),
+    pytest.param(dict(op="LSTM", input_forget=1), id="LSTM-input_forget"),
+    pytest.param(dict(op="LSTM", direction="bidirectional", clip=0.3), id="LSTM-clip"),
+    pytest.param(dict(op="GRU", clip=0.3), id="GRU-clip"),
+    pytest.param(dict(op="LSTM", opset=7, bias=False), id="LSTM-opset7-nobias"),
+    pytest.param(dict(op="GRU", opset=7, linear_before_reset=1), id="GRU-opset7"),
+    pytest.param(dict(op="LSTM", opset=22, direction="bidirectional"), id="LSTM-opset22"),
+    pytest.param(dict(op="GRU", opset=22, linear_before_reset=1), id="GRU-opset22"),
+    pytest.param(dict(op="LSTM", outputs=1), id="LSTM-Y-only"),
+    pytest.param(dict(op="LSTM", activations=["HardSigmoid", "LeakyRelu", "ScaledTanh"],
+                      activation_alpha=[0.3, 0.05, 1.5], activation_beta=[0.4, 0.7]), id="LSTM-activations"),
+    pytest.param(dict(op="GRU", direction="bidirectional", activations=["Sigmoid", "Softsign", "HardSigmoid", "Elu"],
+                      activation_alpha=[0.25, 0.9]), id="GRU-activations"),
+    pytest.param(dict(op="RNN", activations=["Relu"]), id="RNN-relu"),
+    pytest.param(dict(op="RNN", activations=["Affine"], activation_alpha=[0.5], activation_beta=[0.1]), id="RNN-affine"),
+]
+
+
+@pytest.mark.parametrize("options", RECURRENT_CASES)
+def test_recurrent_matches_onnxruntime(options):
+    torch_vs_onnxruntime(*recurrent_node(**options))
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("seqlens", [False, True], ids=["full", "seqlens"])
+def test_recurrent_layout_1_matches_layout_0(op, seqlens):
+    # onnxruntime's CPU kernels refuse layout=1 ("Batchwise recurrent operations"): compare with its
+    # layout-0 run of the same weights on transposed inputs.
+    options = dict(op=op, direction="bidirectional", initial_state=True, opset=14,
+                   sequence_lens=[2, 6, 4] if seqlens else None)
+    model, feeds = recurrent_node(layout=1, **options)
+    twin, _ = recurrent_node(layout=0, **options)
+    twin_feeds = {k: (v.transpose(1, 0, 2) if v.ndim == 3 else v) for k, v in feeds.items()}
+    y, *states = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, twin_feeds)
+    reference = [y.transpose(2, 0, 1, 3)] + [s.transpose(1, 0, 2) for s in states]
+    torch_vs_onnxruntime(model, feeds, reference)
+
+
+def test_recurrent_weights_are_parameters_in_onnx_layout():
+    model, feeds = recurrent_node("LSTM", direction="bidirectional", peepholes=True)
+    imported = import_model(model)
+    entries = {e.onnx_name: e for e in imported.weights}
+    assert {n: (e.role, e.compressible) for n, e in entries.items()} == {
+        "W": ("weight", True), "R": ("weight", True), "B": ("bias", False), "P": ("param", False)}
+    for name, entry in entries.items():
+        tensor = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+        np.testing.assert_array_equal(imported.onnx_values([entry])[entry.param], tensor)
+    outputs = imported.module(*[torch.from_numpy(feeds[n]) for n in imported.input_names])
+    sum(o.pow(2).mean() for o in outputs).backward()
+    assert all(imported.parameter(e).grad is not None for e in imported.weights)
+
+
+if __name__ == "__main__":
+    for case in CASES:
+        for opset in case[3]:
+            diff = torch_vs_onnxruntime(*op_case(case, opset))
+            print(f"{case[0]:<28} opset {opset:<3} max |torch - onnxruntime| {diff:.2g}")
+    for param in RECURRENT_CASES:
+        print(f"{param.id:<28} max |torch - onnxruntime| {torch_vs_onnxruntime(*recurrent_node(**param.values[0])):.2g}")
