@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from converters.graphinfo import constant_sources, graph_inputs, node_label, tensor_value
 from converters.groups import ChannelGroup, channel_groups
-from converters.writeback import SparseEncoder
+from converters.writeback import DenseEncoder, SparseEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +159,27 @@ def shrink(
 
 
 def _set_tensor(model: onnx.ModelProto, location: str, name: str, value: np.ndarray) -> None:
-    """Replace constant ``name`` where it lives, keeping its place and dtype (external data becomes inline)."""
+    """Replace constant ``name`` with its cut value (external data becomes inline).
+
+    An initializer or sparse initializer is stored again by the smaller of the dense and sparse encodings:
+    a pruned weight stored sparse before the cut is mostly dense after it. A Constant node keeps its place.
+    """
     graph = model.graph
-    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
-    if location == "initializer":
-        next(t for t in graph.initializer if t.name == name).CopyFrom(tensor)
-    elif location == "sparse_initializer":
-        sparse = next(s for s in graph.sparse_initializer if s.values.name == name)
-        sparse.CopyFrom(SparseEncoder().encode(name, value).sparse_initializers[0])
+    if location in ("initializer", "sparse_initializer"):
+        candidates = [DenseEncoder().encode(name, value)]
+        if name not in {i.name for i in graph.input}:
+            candidates.append(SparseEncoder().encode(name, value))
+        best = min((c for c in candidates if c is not None), key=lambda c: c.nbytes)
+        kept = [t for t in graph.initializer if t.name != name]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + best.initializers)
+        kept_sparse = [t for t in graph.sparse_initializer if t.values.name != name]
+        del graph.sparse_initializer[:]
+        graph.sparse_initializer.extend(kept_sparse + best.sparse_initializers)
     else:
         node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
         del node.attribute[:]
-        node.attribute.append(helper.make_attribute("value", tensor))
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
 
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict:

@@ -104,8 +104,10 @@ def train_epoch(
     after_backward: Sequence[Callable[[], None]] = (),
     after_step: Sequence[Callable[[], None]] = (),
     on_batch: Callable[[int, float, float | None], None] | None = None,
+    before_forward: Sequence[Callable[[], None]] = (),
 ) -> EpochStats:
-    """One pass over ``batches``; hooks run after ``backward()`` and after ``optimizer.step()``.
+    """One pass over ``batches``; hooks run before the forward pass, after ``backward()`` and after
+    ``optimizer.step()``.
 
     Raises:
         NonFiniteLoss: as soon as a loss is NaN or infinite (before any step is taken with it).
@@ -117,6 +119,8 @@ def train_epoch(
         needs_teacher = teacher is not None and (batch.labels is None or loss_fn.score.index is None)
         with torch.no_grad():
             teacher_out = teacher(*batch.inputs) if needs_teacher else None
+        for hook in before_forward:
+            hook()
         outputs = model(*batch.inputs)
         loss = loss_fn(outputs, batch.labels, teacher_out)
         value = loss.item()

@@ -318,6 +318,22 @@ class _Comparison:
         return self.correct[0] / self.labelled, self.correct[1] / self.labelled
 
 
+def latency_ms(original: str | Path, compressed: str | Path, data: Dataset, batch_size: int, *, threads: int = 1,
+               runs: int = 20) -> tuple[float, float]:
+    """Median onnxruntime latency (ms per batch of ``batch_size``) of both models, interleaved (DESIGN §6).
+
+    The batch is the first ``batch_size`` samples of ``data``, repeated when the data holds fewer.
+    """
+    feed = next(data.batches(batch_size))
+    feed.pop(LABELS, None)
+    if any(len(feed[name]) < batch_size for name in data.batched):
+        reps = -(-batch_size // len(data))
+        feed = {k: (np.concatenate([v] * reps)[:batch_size] if k in data.batched else v) for k, v in feed.items()}
+    sessions = open_session(original, threads), open_session(compressed, threads)
+    first, second = _latencies(sessions, [feed], runs)
+    return first, second
+
+
 def _latencies(
     sessions: tuple[ort.InferenceSession, ...], feeds: list[dict[str, np.ndarray]], runs: int
 ) -> list[float]:

@@ -1,0 +1,78 @@
+"""Retraining on fixed levels: FixedLevels projection and the straight-through estimator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onnx_admm.levels import FixedLevels, StraightThrough
+
+
+def _random(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fixed_levels_projects_to_the_nearest_level_per_tensor():
+    levels = torch.tensor([-1.0, -0.25, 0.0, 0.5, 2.0])
+    fixed = FixedLevels(levels[None])
+    w = torch.tensor([[-3.0, -0.7, -0.1, 0.2, 0.3, 1.2, 1.3, 9.0]])
+    expected = torch.tensor([[-1.0, -1.0, 0.0, 0.0, 0.5, 0.5, 2.0, 2.0]])
+    assert torch.equal(fixed.project(w), expected)
+
+
+def test_fixed_levels_of_a_projected_tensor_is_idempotent_and_keeps_values():
+    w = _random((6, 10))
+    q = torch.round(w * 3) / 3  # on a grid
+    for axis in (None, 0, 1):
+        fixed = FixedLevels.of(q, axis=axis)
+        assert torch.equal(fixed.project(q), q)
+        moved = fixed.project(w + 0.01)
+        assert torch.equal(fixed.project(moved), moved)
+        assert set(moved.unique().tolist()) <= set(q.unique().tolist())
+
+
+def test_per_channel_levels_stay_in_their_channel():
+    q = torch.tensor([[0.1, -0.1, 0.1], [5.0, -5.0, 5.0]])
+    fixed = FixedLevels.of(q, axis=0)
+    out = fixed.project(torch.tensor([[4.0, -4.0, 0.0], [0.2, 0.3, -9.0]]))
+    assert torch.equal(out, torch.tensor([[0.1, -0.1, -0.1], [5.0, 5.0, -5.0]]))  # ties go to the lower level
+
+
+def test_pruned_zero_is_not_a_level_for_kept_weights():
+    q = torch.tensor([0.0, 0.0, 0.5, -0.5])
+    support = torch.tensor([False, False, True, True])
+    fixed = FixedLevels.of(q, support)
+    out = fixed.project(torch.tensor([0.3, 0.01, 0.01, -0.02]), support)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.5, -0.5]))  # kept entries never fall to 0
+
+
+def test_straight_through_trains_latent_and_ends_on_levels():
+    torch.manual_seed(0)
+    target = _random((4, 8), 1)
+    w = torch.nn.Parameter(_random((4, 8), 2))
+    levels = FixedLevels(torch.tensor([[-1.0, -0.5, 0.5, 1.0]]))
+    ste = StraightThrough({"w": w}, {"w": levels})
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    losses = []
+    for _ in range(60):
+        ste.before_forward()
+        assert set(w.detach().unique().tolist()) <= {-1.0, -0.5, 0.5, 1.0}
+        loss = (w - target).pow(2).sum()
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        ste.before_step()
+        optimizer.step()
+    ste.finish()
+    assert torch.equal(w.detach(), levels.project(w.detach()))  # exactly on levels
+    best = float((levels.project(target) - target).pow(2).sum())  # the best point of the level set
+    final = float((w.detach() - target).pow(2).sum())
+    assert final < losses[0] / 2 and final <= best * 1.5, (losses[0], final, best)
+
+
+def test_projected_context_restores_the_latent():
+    w = torch.nn.Parameter(torch.tensor([0.3, -0.8]))
+    ste = StraightThrough({"w": w}, {"w": FixedLevels(torch.tensor([[-1.0, 1.0]]))})
+    with ste.projected():
+        assert w.detach().tolist() == [1.0, -1.0]
+    assert w.detach().tolist() == pytest.approx([0.3, -0.8])
