@@ -13,9 +13,24 @@ stage masks nested (:class:`Within` binds it to a constraint so the ADMM engine 
 Entries outside ``allowed`` never win a tie against entries inside it, even when those are exactly 0.
 
 Sparsity constraints here: :class:`Unstructured` (top-k magnitudes) and the shape-wise :class:`Filter`
-and :class:`Channel` (top groups by L2 norm / sqrt(group size), DESIGN section 6). Column, block and the
-quantizing projections (k-bit levels, binary, ternary, codebook) are meant to be added beside them as
-further dataclasses with the same two methods.
+and :class:`Channel` (top groups by L2 norm / sqrt(group size), DESIGN section 6). Column and block
+pruning are meant to be added beside them as further dataclasses with the same two methods.
+
+Quantizing constraints: :class:`UniformQuant` (symmetric k-bit levels q*s), :class:`Binary` ({-a, +a}),
+:class:`Ternary` ({-a, 0, +a}), :class:`Codebook` (k-means levels) and :class:`Joint` (prune, then
+quantize what is kept). They share these rules:
+
+- Quantizing never prunes: ``support`` is ``allowed`` (everything when None); zero is just a level an
+  entry may leave again in retraining. Pruning comes from ``allowed`` or from :class:`Joint`.
+- Entries outside ``allowed`` and exact zeros of ``w`` project to exactly 0 (pruned zeros stay zero),
+  and they are left out of the fit of the scale or the codebook.
+- Idempotence is exact (bitwise): a tensor already in the set projects to itself (distance 0 is the
+  projection), which the k-bit and codebook projections detect explicitly rather than hope the search
+  lands on the same scale twice.
+- ``quantize(w, allowed)`` (k-bit, binary, ternary) returns a :class:`QuantizedTensor`: integers ``q``
+  and float ``scale`` with ``project(w) == q * scale`` bitwise, computed as one float multiply in the
+  weight's dtype -- what ONNX DequantizeLinear computes, so an export can store the integers and
+  reproduce the projected floats exactly.
 
 Counting conventions (DESIGN section 6) live here too: :func:`keep_count` for one tensor and
 :func:`allocate_global` for a global target split over layers.
@@ -35,9 +50,15 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Binary",
     "Channel",
+    "Codebook",
     "Constraint",
     "Filter",
+    "Joint",
+    "QuantizedTensor",
+    "Ternary",
+    "UniformQuant",
     "Unstructured",
     "Within",
     "allocate_global",
@@ -332,3 +353,517 @@ def allocate_global(
             keeps[name] += extra
     logger.debug("global allocation at sparsity %s: %s", sparsity, keeps)
     return keeps
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantizing constraints
+# ----------------------------------------------------------------------------------------------
+
+# UniformQuant's scale search. Exact when rows x entries x qmax <= _EXACT_BUDGET (a sweep over every scale
+# where some entry changes level). Beyond that: a grid of clipping scales f * max|w| / qmax, f in [0.3, 1]
+# (the authors search around max|W|/n), plus the exact-fit scales max|w| / j for j = 1..min(qmax, 15) (the
+# maximum lands on level j: a coarser grid that can fit better than any clipping one), then Lloyd refinement.
+_EXACT_BUDGET = 1 << 22
+_GRID = 100
+_GRID_LOW = 0.3
+_EXACT_FIT = 15
+_LLOYD_STEPS = 20
+_KMEANS_STEPS = 50
+# Entries per chunk when the scale search evaluates many candidate scales at once (memory bound).
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A tensor on symmetric integer levels: ``value = q * scale`` (scale broadcast along ``axis``).
+
+    Attributes:
+        q: int8 tensor shaped like the weight, ``|q| <= 2**(bits-1) - 1``.
+        scale: Positive float tensor in the weight's dtype: shape ``()`` per tensor, or ``(C,)`` with
+            ``C = q.shape[axis]`` per channel.
+        axis: The channel axis of ``scale``, or None for one scale.
+        bits: k of DESIGN section 6: levels ``q`` in [-(2^(k-1) - 1), 2^(k-1) - 1]; binary and ternary
+            are stored as k = 2 (levels -1, 0, 1).
+    """
+
+    q: Tensor
+    scale: Tensor
+    axis: int | None
+    bits: int
+
+    def dequantize(self) -> Tensor:
+        """``q * scale`` in the scale's dtype: one rounding per entry, as DequantizeLinear computes it."""
+        return self.q.to(self.scale.dtype) * _along(self.scale, self.axis, self.q.dim())
+
+
+def _along(scale: Tensor, axis: int | None, ndim: int) -> Tensor:
+    if axis is None:
+        return scale
+    return scale.reshape([-1 if i == axis else 1 for i in range(ndim)])
+
+
+def _check_bool(value: object, what: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} takes True or False, got {value!r}")
+
+
+def _channel_axis(w: Tensor, per_channel: bool, axis: int, owner: str) -> int | None:
+    if not per_channel:
+        return None
+    if not -w.dim() <= axis < w.dim() or w.dim() == 0:
+        raise ValueError(
+            f"{owner}(per_channel=True, axis={axis}) needs a tensor with that axis, got shape {tuple(w.shape)}; "
+            "use per_channel=False for it"
+        )
+    return axis % w.dim()
+
+
+def _rows(w: Tensor, axis: int | None) -> Tensor:
+    """``w`` as [C, n]: one row per channel along ``axis`` (one row for the whole tensor when None)."""
+    if axis is None:
+        return w.reshape(1, -1)
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
+
+
+def _unrows(rows: Tensor, like: Tensor, axis: int | None) -> Tensor:
+    if axis is None:
+        return rows.reshape(like.shape)
+    moved = list(like.movedim(axis, 0).shape)
+    return rows.reshape(moved).movedim(0, axis)
+
+
+def _fit_inputs(w: Tensor, allowed: Tensor | None, axis: int | None) -> tuple[Tensor, Tensor]:
+    """Rows of ``w`` with entries outside ``allowed`` set to 0, and rows of the mask of entries to fit."""
+    w = w.detach()
+    keep = w != 0
+    if allowed is not None:
+        keep &= _check_allowed(w, allowed)
+    x = _keep_support(w, keep)
+    return _rows(x, axis), _rows(keep, axis)
+
+
+def _full_support(w: Tensor, allowed: Tensor | None) -> Tensor:
+    if allowed is None:
+        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    return _check_allowed(w, allowed).clone()
+
+
+def _rounded(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """Nearest level index of every entry of rows ``x`` for per-row ``scale`` [C] (ties: half to even)."""
+    return torch.clamp(torch.round(x / scale[:, None]), -qmax, qmax)
+
+
+@dataclass(frozen=True, eq=False)
+class _SortedRows:
+    """Sorted magnitudes of each row with prefix sums of |x| and x^2 (float64), so any statistic of a
+    contiguous magnitude range costs two lookups instead of a pass over the row."""
+
+    mag: Tensor  # [C, n] ascending, float64 (the signed values with ``signed=True``)
+    s1: Tensor  # [C, n + 1]
+    s2: Tensor  # [C, n + 1]
+
+    @classmethod
+    def of(cls, x: Tensor, signed: bool = False) -> _SortedRows:
+        x = x.detach().to(torch.float64)
+        mag = torch.sort(x if signed else x.abs(), dim=1).values
+        zero = torch.zeros((mag.shape[0], 1), dtype=torch.float64, device=mag.device)
+        return cls(mag, torch.cat([zero, mag.cumsum(dim=1)], dim=1), torch.cat([zero, mag.square().cumsum(dim=1)], dim=1))
+
+    def ranges(self, edges: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Count, sum |x| and sum x^2 between consecutive ``edges`` [C, ..., m] (sorted positions)."""
+        flat = edges.reshape(edges.shape[0], -1)
+        shape = edges.shape
+
+        def between(prefix: Tensor) -> Tensor:
+            return prefix.gather(1, flat).reshape(shape).diff(dim=-1)
+
+        return edges.diff(dim=-1).to(torch.float64), between(self.s1), between(self.s2)
+
+
+def _level_fit(rows: _SortedRows, scales: Tensor, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For each row and candidate scale ``scales`` [C, T]: the error ||row - Q_s(row)||^2, and <|x|, q> and
+    <q, q> of the nearest levels (what the least-squares scale for those levels needs). Entries go to level
+    round(|x| / s) clipped at qmax, found by binary search of the level boundaries (j + 1/2) s."""
+    c, n = rows.mag.shape
+    step = max(1, _CHUNK // max(c * qmax, 1))
+    parts = []
+    half = torch.arange(qmax, dtype=torch.float64, device=scales.device) + 0.5
+    j = torch.arange(qmax + 1, dtype=torch.float64, device=scales.device)
+    for start in range(0, scales.shape[1], step):
+        s = scales[:, start : start + step].to(torch.float64)
+        t = s.shape[1]
+        inner = torch.searchsorted(rows.mag, (s[:, :, None] * half).reshape(c, -1)).reshape(c, t, qmax)
+        edges = torch.cat([inner.new_zeros(c, t, 1), inner, inner.new_full((c, t, 1), n)], dim=2)
+        count, s1, s2 = rows.ranges(edges)
+        s = s[:, :, None]
+        error = (s2 - 2 * j * s * s1 + (j * s).square() * count).sum(dim=2)
+        parts.append(torch.stack([error, (j * s1).sum(dim=2), (j.square() * count).sum(dim=2)]))
+    error, num, den = torch.cat(parts, dim=2)
+    return error, num, den
+
+
+def _on_grid(x: Tensor, qmax: int) -> Tensor | None:
+    """Per-row scales s with every entry of rows ``x`` exactly ``q * s`` (|q| <= qmax), or None.
+
+    Such a tensor is in the set, so it is its own projection. Because the largest |x| is ``j * s`` for some
+    level j, only ``max|x| / j`` (and its float neighbours, for the rounding of that division) can be s.
+    """
+    mag = torch.sort(x.abs(), dim=1).values
+    if x.shape[1] > 1 and bool(((mag[:, 1:] != mag[:, :-1]).sum(dim=1) + 1 > qmax + 1).any()):
+        return None  # more distinct magnitudes than levels
+    top = mag[:, -1]
+    scale = torch.ones_like(top)
+    found = top == 0
+    inf = torch.full_like(top, math.inf)
+    for j in range(qmax, 0, -1):
+        if bool(found.all()):
+            return scale
+        rows = (~found).nonzero().squeeze(1)
+        base = top[rows] / j
+        candidates = [base]
+        for direction in (inf, -inf):
+            s = base
+            for _ in range(2):
+                s = torch.nextafter(s, direction[rows])
+                candidates.append(s)
+        for s in candidates:
+            q = torch.round(x[rows] / s[:, None])
+            ok = ((q.abs() <= qmax) & (q * s[:, None] == x[rows])).all(dim=1) & ~found[rows]
+            scale[rows[ok]] = s[ok]
+            found[rows[ok]] = True
+    return scale if bool(found.all()) else None
+
+
+def _search_scale(x: Tensor, qmax: int) -> Tensor:
+    """Per-row scale minimising ||row - Q_s(row)||: exact sweep when small enough, else grid + Lloyd."""
+    c, n = x.shape
+    if c * n * qmax <= _EXACT_BUDGET:
+        rows_per_chunk = max(1, (_EXACT_BUDGET // 4) // max(n * qmax, 1))
+        scale = torch.cat([_sweep_scale(x[i : i + rows_per_chunk], qmax) for i in range(0, c, rows_per_chunk)])
+    else:
+        scale = _grid_scale(x, qmax)
+    top = x.abs().amax(dim=1)
+    return torch.where((top > 0) & (scale > 0), scale, torch.ones_like(scale))
+
+
+def _sweep_scale(x: Tensor, qmax: int) -> Tensor:
+    """The L2-optimal scale of each row, by a sweep over s.
+
+    Entry i sits on level min(round(|x_i| / s), qmax), which drops from j + 1 to j as s passes
+    |x_i| / (j + 1/2). Between consecutive such breakpoints the levels are fixed, the error
+    ||x||^2 - 2 s <|x|, q> + s^2 <q, q> is a parabola in s, and its minimum on the piece is the
+    least-squares scale clamped to the piece. Cumulative sums over the sorted breakpoints give every
+    piece's <|x|, q> and <q, q> at once: rows x entries x qmax work, so only for small tensors.
+    """
+    mag = x.detach().abs().to(torch.float64)
+    c, n = mag.shape
+    half = torch.arange(qmax, dtype=torch.float64, device=x.device) + 0.5
+    points = (mag[:, :, None] / half).reshape(c, -1)
+    d_linear = (-mag[:, :, None]).expand(c, n, qmax).reshape(c, -1)
+    d_square = (-2 * half).expand(c, n, qmax).reshape(c, -1)  # j^2 - (j + 1)^2 = -(2j + 1)
+    points, order = torch.sort(points, dim=1)
+    zero = torch.zeros((c, 1), dtype=torch.float64, device=x.device)
+    linear = qmax * mag.sum(dim=1, keepdim=True) + torch.cat([zero, d_linear.gather(1, order).cumsum(dim=1)], dim=1)
+    square = float(qmax * qmax * n) + torch.cat([zero, d_square.gather(1, order).cumsum(dim=1)], dim=1)
+    low = torch.cat([zero, points], dim=1)
+    high = torch.cat([points, torch.full_like(zero, math.inf)], dim=1)
+    best = torch.where(square > 0.5, linear / square.clamp(min=1), low)
+    best = torch.minimum(torch.maximum(best, low), high)
+    error = mag.square().sum(dim=1, keepdim=True) - 2 * best * linear + best.square() * square
+    pick = error.argmin(dim=1, keepdim=True)
+    return best.gather(1, pick).squeeze(1).to(x.dtype)
+
+
+def _grid_scale(x: Tensor, qmax: int) -> Tensor:
+    """Grid of clipping and exact-fit scales, then Lloyd refinement (levels <-> least-squares scale)."""
+    rows = _SortedRows.of(x)
+    top = rows.mag[:, -1]
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    fractions = torch.linspace(_GRID_LOW, 1.0, _GRID, dtype=torch.float64, device=x.device)
+    levels = torch.arange(1, min(qmax, _EXACT_FIT) + 1, dtype=torch.float64, device=x.device)
+    candidates = torch.cat([safe[:, None] / levels, safe[:, None] * fractions / qmax], dim=1).to(x.dtype)
+    errors, _, _ = _level_fit(rows, candidates, qmax)
+    best = errors.argmin(dim=1, keepdim=True)  # first of equal errors: the coarsest exact fit
+    scale = candidates.gather(1, best).squeeze(1)
+    error = errors.gather(1, best).squeeze(1)
+    for _ in range(_LLOYD_STEPS):
+        # For fixed levels q the best scale is <|x|, q> / <q, q>; the new scale's own nearest levels can only
+        # lower the error further, so each accepted step is an improvement.
+        _, num, den = _level_fit(rows, scale[:, None], qmax)
+        refined = (num / den.clamp(min=1)).squeeze(1).to(x.dtype)
+        refined = torch.where((den.squeeze(1) > 0) & (refined > 0), refined, scale)
+        new_error = _level_fit(rows, refined[:, None], qmax)[0].squeeze(1)
+        better = new_error < error
+        if not bool(better.any()):
+            break
+        scale = torch.where(better, refined, scale)
+        error = torch.where(better, new_error, error)
+    return scale
+
+
+@dataclass(frozen=True)
+class UniformQuant:
+    """Symmetric k-bit levels ``q * s``, ``q`` integer in [-(2^(k-1) - 1), 2^(k-1) - 1] (DESIGN section 6).
+
+    The scale s (per tensor, or per channel along ``axis``) minimises ||W - Q(W)|| over the fitted entries
+    (allowed, nonzero); each entry then goes to its nearest level (ties: half to even, so Q(-w) = -Q(w)).
+    How s is found depends on the size:
+
+    - exact when channels x entries x qmax <= 2^22 (e.g. any tensor up to 33k weights at 8 bits, 600k at
+      4 bits, 4M at 2 bits): a sweep over every scale at which some entry changes level, solving the
+      least-squares scale on each piece (:func:`_sweep_scale`). Measured against a 20,000-point brute-force
+      grid on 800 small random tensors it was never worse by more than float rounding (2e-7 relative) and
+      better in most 8-bit cases;
+    - otherwise a grid (100 clipping scales f * max|w| / qmax, f in [0.3, 1], as the authors search around
+      max|W|/n, plus the exact-fit scales max|w| / j, j <= 15), refined by alternating "nearest levels for
+      this scale" / "least-squares scale for these levels" (Lloyd) while the error falls. Measured against
+      the exact sweep on 40,000-entry tensors: at most 0.3% more squared error at 8 bits, 0.015% at 4 bits.
+
+        Attributes:
+        bits: k, from 2 ({-s, 0, s}) to 8.
+        per_channel: One scale per index of ``axis`` instead of one per tensor.
+        axis: The channel axis for ``per_channel`` (0: output channels of Conv / Gemm(transB=1) weights
+            in ONNX layout; a MatMul weight [in, out] has its output channels on axis 1).
+    """
+
+    bits: int
+    per_channel: bool = False
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise ValueError(
+                f"UniformQuant(bits=...) takes an int from 2 to 8, got {self.bits!r}; "
+                "use Binary() or Ternary() for 1-bit / ternary levels"
+            )
+        _check_bool(self.per_channel, "UniformQuant(per_channel=...)")
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise ValueError(f"UniformQuant(axis=...) takes an int, got {self.axis!r}")
+
+    @property
+    def qmax(self) -> int:
+        """Largest level index, 2^(k-1) - 1."""
+        return 2 ** (self.bits - 1) - 1
+
+    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
+        """Levels and scales of the projection of ``w`` (zero outside ``allowed``)."""
+        axis = _channel_axis(w, self.per_channel, self.axis, "UniformQuant")
+        x, _ = _fit_inputs(w, allowed, axis)
+        # Entries outside ``allowed`` are 0 in every point of the set whatever their value, so the fitted
+        # rows alone decide whether w is already on a grid.
+        scale = _on_grid(x, self.qmax)
+        if scale is None:
+            scale = _search_scale(x, self.qmax)
+        q = _rounded(x, scale, self.qmax).to(torch.int8)
+        return QuantizedTensor(_unrows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, self.bits)
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """The nearest tensor on the fitted levels (exactly ``quantize(w, allowed).dequantize()``)."""
+        return self.quantize(w, allowed).dequantize()
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed`` (all True when None): quantizing never prunes."""
+        return _full_support(w, allowed)
+
+
+def _sign_levels(x: Tensor, chosen: Tensor) -> Tensor:
+    """Per-row scale = mean |x| over ``chosen``; exactly the common value when those are all equal (so a
+    tensor already on {-a, 0, a} keeps its a bitwise, whatever the float rounding of a mean)."""
+    mag = x.abs()
+    total = torch.where(chosen, mag, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1, dtype=torch.float64)
+    count = chosen.sum(dim=1)
+    scale = (total / count.clamp(min=1)).to(x.dtype)
+    high = torch.where(chosen, mag, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).amax(dim=1)
+    low = torch.where(chosen, mag, torch.full((), math.inf, dtype=x.dtype, device=x.device)).amin(dim=1)
+    scale = torch.where(high == low, high, scale)
+    return torch.where(count > 0, scale, torch.ones_like(scale))
+
+
+def _sign_quantized(w: Tensor, x: Tensor, chosen: Tensor, axis: int | None) -> QuantizedTensor:
+    q = torch.where(chosen, torch.sign(x), torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.int8)
+    scale = _sign_levels(x, chosen)
+    return QuantizedTensor(_unrows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, 2)
+
+
+@dataclass(frozen=True)
+class Binary:
+    """Levels {-a, +a} with a = mean |w| (the L2-optimal scale for the signs), per tensor or per channel.
+
+    Entries outside ``allowed`` (and exact zeros) stay 0 and a is the mean over the rest: with pruning the
+    levels are {-a, 0, +a}, stored in 2 bits (DESIGN section 6).
+
+    Attributes:
+        per_channel: One a per index of ``axis``.
+        axis: The channel axis for ``per_channel``.
+    """
+
+    per_channel: bool = False
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bool(self.per_channel, "Binary(per_channel=...)")
+
+    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
+        """Signs (int8, 0 where pruned) and the per-tensor / per-channel a."""
+        axis = _channel_axis(w, self.per_channel, self.axis, "Binary")
+        x, keep = _fit_inputs(w, allowed, axis)
+        return _sign_quantized(w, x, keep, axis)
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``a * sign(w)`` on the fitted entries, 0 elsewhere."""
+        return self.quantize(w, allowed).dequantize()
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed`` (all True when None): quantizing never prunes."""
+        return _full_support(w, allowed)
+
+
+@dataclass(frozen=True)
+class Ternary:
+    """Levels {-a, 0, +a} with the exact L2-optimal threshold and a, per tensor or per channel.
+
+    For a kept set of the k largest |w| the best a is their mean and the error is
+    ||w||^2 - (sum of top k)^2 / k, so k maximises (sum of top k)^2 / k. Only k at the end of a run of equal
+    magnitudes is considered (the objective cannot peak inside a run), so tied entries always share a level.
+
+    Attributes:
+        per_channel: One a (and threshold) per index of ``axis``.
+        axis: The channel axis for ``per_channel``.
+    """
+
+    per_channel: bool = False
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bool(self.per_channel, "Ternary(per_channel=...)")
+
+    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
+        """Levels -1/0/+1 (int8) and the per-tensor / per-channel a."""
+        axis = _channel_axis(w, self.per_channel, self.axis, "Ternary")
+        x, _ = _fit_inputs(w, allowed, axis)
+        mag = torch.sort(x.abs(), dim=1, descending=True).values
+        sums = mag.cumsum(dim=1, dtype=torch.float64)
+        k = torch.arange(1, mag.shape[1] + 1, dtype=torch.float64, device=x.device)
+        objective = sums.square() / k
+        run_end = torch.ones_like(mag, dtype=torch.bool)
+        run_end[:, :-1] = mag[:, :-1] > mag[:, 1:]
+        objective = torch.where(run_end & (mag > 0), objective, torch.full_like(objective, -1.0))
+        best = objective.argmax(dim=1, keepdim=True)  # the smallest k among equal objectives
+        threshold = mag.gather(1, best)
+        chosen = (x.abs() >= threshold) & (objective.gather(1, best) > 0)
+        return _sign_quantized(w, x, chosen, axis)
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``a * sign(w)`` where |w| reaches the fitted threshold, 0 elsewhere."""
+        return self.quantize(w, allowed).dequantize()
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed`` (all True when None): a ternary zero is a level, not a pruned weight."""
+        return _full_support(w, allowed)
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """At most ``clusters`` distinct nonzero levels, fitted by 1-D k-means; zero stays an extra level.
+
+    k-means runs over the fitted entries (allowed and nonzero) from a deterministic start (the values at
+    quantiles (i + 1/2) / clusters), for at most 50 Lloyd iterations or until assignments stop changing;
+    an empty cluster keeps its centroid. It is a local optimum, not the exact projection (1-D k-means has an
+    exact dynamic program, quadratic in the number of weights). A tensor that already has at most
+    ``clusters`` distinct nonzero values is returned as is (it is in the set).
+
+    Zero is kept for pruned weights on top of the centroids: with pruning, ``clusters = 2**k - 1`` keeps
+    every weight within a k-bit index (16 centroids plus zero would need 5 bits).
+
+    Attributes:
+        clusters: Number of centroids, 1 to 256.
+    """
+
+    clusters: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.clusters, int) or isinstance(self.clusters, bool) or not 1 <= self.clusters <= 256:
+            raise ValueError(
+                f"Codebook(clusters=...) takes an int from 1 to 256 (2**k for k bits), got {self.clusters!r}"
+            )
+
+    def fit(self, w: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The codebook and the assignment of the fitted entries.
+
+        Returns:
+            ``(centroids, index)``: sorted 1-D centroids in ``w``'s dtype, and an int64 tensor shaped like
+            ``w`` giving each entry's centroid, -1 where the entry stays 0.
+        """
+        x, keep = _fit_inputs(w, allowed, None)
+        x, keep = x.reshape(-1), keep.reshape(-1)
+        values = x[keep]
+        index = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
+        distinct = torch.unique(values)
+        if distinct.numel() <= self.clusters:
+            centroids = distinct
+            index[keep] = torch.searchsorted(distinct, values)
+            return centroids, index.reshape(w.shape)
+        data = values.to(torch.float64)
+        rows = _SortedRows.of(data[None, :], signed=True)
+        ordered = rows.mag[0]
+        picks = ((torch.arange(self.clusters, device=x.device) + 0.5) * data.numel() / self.clusters).long()
+        centroids = ordered[picks]
+        previous = None
+        for _ in range(_KMEANS_STEPS):
+            # Sorted data: each cell is a contiguous range, found by binary search of the midpoints (a value
+            # on a midpoint goes to the lower centroid, as bucketize below assigns it).
+            inner = torch.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, right=True)
+            edges = torch.cat([inner.new_zeros(1), inner, inner.new_full((1,), data.numel())])
+            if previous is not None and torch.equal(edges, previous):
+                break
+            previous = edges
+            count, total, _ = rows.ranges(edges[None, :])
+            centroids = torch.sort(torch.where(count[0] > 0, total[0] / count[0].clamp(min=1), centroids)).values
+        levels = centroids.to(x.dtype)
+        index[keep] = torch.bucketize(data, (centroids[1:] + centroids[:-1]) / 2)
+        return levels, index.reshape(w.shape)
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Each fitted entry replaced by its centroid, 0 elsewhere."""
+        centroids, index = self.fit(w, allowed)
+        if centroids.numel() == 0:
+            return torch.zeros_like(w)
+        return torch.where(index >= 0, centroids[index.clamp(min=0)], torch.zeros((), dtype=w.dtype, device=w.device))
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed`` (all True when None): clustering never prunes."""
+        return _full_support(w, allowed)
+
+
+@dataclass(frozen=True)
+class Joint:
+    """Prune, then quantize the kept entries: ``quant.project(w, allowed=sparsity.support(w, allowed))``.
+
+    This is the standard heuristic (the authors' prune-then-quantize composition), not the exact Euclidean
+    projection onto the intersection of both sets: the exact one would choose the kept entries and the
+    levels together. Its support is the sparsity support, so masked retraining keeps pruned weights at 0.
+
+    Attributes:
+        sparsity: A pruning constraint (Unstructured, Filter, Channel, Within, ...).
+        quant: A quantizing constraint (UniformQuant, Binary, Ternary, Codebook).
+    """
+
+    sparsity: Constraint
+    quant: Constraint
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """The sparsity constraint's support."""
+        return self.sparsity.support(w, allowed)
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """The kept entries quantized, zeros elsewhere."""
+        return self.quant.project(w, self.support(w, allowed))
+
+    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
+        """``quant.quantize`` on the kept entries (k-bit, binary and ternary quantizers only)."""
+        quantize = getattr(self.quant, "quantize", None)
+        if quantize is None:
+            raise TypeError(
+                f"{type(self.quant).__name__} has no integer levels and scale; use Joint.project for its values"
+            )
+        return quantize(w, self.support(w, allowed))
