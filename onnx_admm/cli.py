@@ -151,6 +151,14 @@ class _Progress:
 @click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; flags override it.")
 @click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
 @click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
+@click.option("--structure", type=click.Choice(["unstructured", "filter", "channel", "column", "block"]),
+              help="What the pruning removes (filters and channels also shrink the graph).")
+@click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
+@click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to symmetric k-bit levels.")
+@click.option("--binary", is_flag=True, help="Binarize weights to {-a, +a} (with pruning {-a, 0, +a}).")
+@click.option("--ternary", is_flag=True, help="Ternarize weights to {-a, 0, +a}.")
+@click.option("--clusters", type=click.IntRange(2, 256), help="Cluster weights to a k-means codebook of N values.")
+@click.option("--per-channel/--per-tensor", default=None, help="One quantization scale per output channel or per tensor.")
 @click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage.")
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
@@ -164,10 +172,11 @@ class _Progress:
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
-             stages: int | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
+             stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
+             ternary: bool, clusters: int | None, per_channel: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              report_path: str | None, max_accuracy_drop: float | None, save_stages: str | None, quiet: bool) -> None:
-    """Prune MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
+    """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import CompressInterrupted
     from onnx_admm.api import compress as run_compress
     from onnx_admm.recipe import CompressConfig
@@ -177,10 +186,19 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         # --sparsity/--stages replace the recipe's explicit stage list; its last entry stays the target.
         config = dataclasses.replace(config, prune=dataclasses.replace(
             config.prune, targets=None, sparsity=config.prune.targets[-1]))
+    quant_flags = [f for f, on in (("--bits", bits is not None), ("--binary", binary), ("--ternary", ternary),
+                                    ("--clusters", clusters is not None)) if on]
+    if len(quant_flags) > 1:
+        raise click.UsageError(f"choose one of {', '.join(quant_flags)}")
+    if quant_flags:
+        # A quantization flag replaces the recipe's quantization choice.
+        config = dataclasses.replace(config, quantize=dataclasses.replace(
+            config.quantize, bits=1 if binary else bits, ternary=ternary, clusters=clusters))
     config = config.replace(
         train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
-        prune={"sparsity": sparsity, "stages": stages},
+        prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block)},
+        quantize={"per_channel": per_channel},
     )
     try:
         result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet))
@@ -208,6 +226,15 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     if max_accuracy_drop is not None and gate is not None and gate > max_accuracy_drop:
         click.echo(f"accuracy gate failed: drop {gate:.4f} > --max-accuracy-drop {max_accuracy_drop}", err=True)
         sys.exit(EXIT_GATE)
+
+
+def _parse_block(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected ROWSxCOLS such as 64x64, got {text!r}", param_hint="--block")
+    return int(parts[0]), int(parts[1])
 
 
 def _accuracy_drop(report: dict) -> float | None:

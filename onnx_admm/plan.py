@@ -1,0 +1,187 @@
+"""From a recipe to constraints: which weights are compressed, how, and with what target at each stage.
+
+Pure torch (plus the recipe dataclasses). A *plan* fixes, per compressed weight, its per-stage
+sparsity (or none), the structure of that sparsity, and its per-stage quantizer (or none); the
+constraints of a stage are then built from the weights' current values and the previous stage's
+supports (nested masks, DESIGN §6).
+
+Stage counts: the pruning schedule (``prune.stages`` or ``prune.targets``) and the bit schedule
+(``quantize.bits = [8, 4, 2]``) run side by side; a schedule of one stage applies at every stage;
+two schedules of several stages must have the same length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from converters.errors import UserError
+from onnx_admm.projections import Channel, Filter, Unstructured, Within, allocate_global, keep_count
+from onnx_admm.recipe import CompressConfig
+from onnx_admm.schedule import geometric_stages
+from onnx_admm.structured import Block, Column, group_keep_count
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """What the plan needs to know about one compressible weight (from the importer's weight map)."""
+
+    name: str  # parameter name
+    label: str  # ONNX tensor name (rules match it)
+    op_type: str
+    # Axis of the torch parameter that indexes output channels (filters): 0 for Conv/Linear, 1 for a
+    # MatMul weight [K, N], None where filters make no sense (Gather tables).
+    out_axis: int | None = 0
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    """One stage's quantization of one weight (what [quantize] or a rule asked for)."""
+
+    bits: int | None = None  # 1 = binary
+    ternary: bool = False
+    clusters: int | None = None
+    per_channel: bool = False
+
+    def describe(self) -> str:
+        if self.ternary:
+            return "ternary"
+        if self.clusters:
+            return f"{self.clusters} clusters"
+        return "binary" if self.bits == 1 else f"{self.bits}-bit"
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    spec: WeightSpec
+    sparsity: tuple[float, ...] | None  # per stage; None: not pruned
+    shared: bool  # part of the global pool (its keep count comes from global ranking)
+    structure: str
+    quant: tuple[QuantChoice | None, ...]  # per stage
+
+
+@dataclass(frozen=True)
+class Plan:
+    weights: tuple[WeightPlan, ...]
+    n_stages: int
+    global_stages: tuple[float, ...] | None
+    floor: float
+    block: tuple[int, int]
+
+    def by_name(self) -> dict[str, WeightPlan]:
+        return {w.spec.name: w for w in self.weights}
+
+    def untouched(self, specs: Sequence[WeightSpec]) -> list[str]:
+        planned = {w.spec.name for w in self.weights}
+        return [s.name for s in specs if s.name not in planned]
+
+
+def _stretch(values: Sequence[Any], n: int, what: str) -> tuple[Any, ...]:
+    if len(values) == n:
+        return tuple(values)
+    if len(values) == 1:
+        return tuple(values) * n
+    raise UserError(f"{what} has {len(values)} stages but the run has {n}; give both schedules the same "
+                    "number of stages, or one of them a single stage")
+
+
+def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
+    """Decide, for every compressible weight, its targets; raises UserError when nothing is compressed."""
+    prune, quantize = config.prune, config.quantize
+    global_target = prune.targets[-1] if prune.targets else prune.sparsity
+    prune_stages = len(prune.targets) if prune.targets else prune.stages
+    bit_stages = len(quantize.bits) if isinstance(quantize.bits, tuple) else 1
+    rows = []
+    for spec in specs:
+        rule = config.rule_for(spec.label, spec.op_type)
+        if rule is not None and rule.skip:
+            continue
+        sparsity = rule.sparsity if rule is not None and rule.sparsity is not None else None
+        shared = sparsity is None and global_target is not None
+        structure = (rule.structure if rule is not None and rule.structure else None) or prune.structure
+        if rule is not None and (rule.bits is not None or rule.ternary or rule.clusters is not None):
+            quant = (rule.bits, rule.ternary, rule.clusters)
+        else:
+            quant = (quantize.bits, quantize.ternary, quantize.clusters)
+        if sparsity is None and not shared and not any(q not in (None, False) for q in quant):
+            continue
+        if structure != "unstructured" and (sparsity is not None or shared):
+            if spec.out_axis is None:
+                raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no filters or channels: "
+                                f"structure {structure!r} cannot apply; add a rule with structure = \"unstructured\"")
+        rows.append((spec, sparsity, shared, structure, quant))
+    if not rows:
+        raise UserError("nothing to compress: no compressible weight has a target; pass --sparsity (e.g. 0.9), "
+                        "--bits, or a recipe rule with `sparsity` or `bits`")
+    n = max([prune_stages if any(r[1] is not None or r[2] for r in rows) else 1]
+            + [len(r[4][0]) if isinstance(r[4][0], tuple) else 1 for r in rows] + [bit_stages if quantize.enabled else 1])
+    global_stages = None
+    if any(r[2] for r in rows):
+        global_stages = _stretch(list(prune.targets) if prune.targets else _geometric(global_target, prune_stages),
+                                 n, "the pruning schedule")
+    weights = []
+    for spec, sparsity, shared, structure, (bits, ternary, clusters) in rows:
+        own = None if sparsity is None else _stretch(_geometric(sparsity, prune_stages), n, "the pruning schedule")
+        if bits is not None:
+            bit_list = bits if isinstance(bits, tuple) else (bits,)
+            quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel) for b in bit_list], n,
+                             "the bit schedule")
+        elif ternary or clusters is not None:
+            quant = (QuantChoice(ternary=ternary, clusters=clusters, per_channel=config.quantize.per_channel),) * n
+        else:
+            quant = (None,) * n
+        weights.append(WeightPlan(spec, own, shared, structure, quant))
+    return Plan(tuple(weights), n, global_stages, prune.floor, prune.block)
+
+
+def _geometric(target: float, n: int) -> list[float]:
+    return geometric_stages(target, n) if target > 0 else [0.0] * n
+
+
+def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, sparsity: float, block: tuple[int, int]):
+    """The sparsity constraint of one weight; ``keep`` is given for unstructured pool members."""
+    structure = w.structure
+    if structure == "unstructured":
+        return Unstructured(keep if keep is not None else keep_count(int(torch.Size(shape).numel()), sparsity))
+    out_axis = w.spec.out_axis
+    if structure in ("filter", "channel"):
+        # filters index the output axis; channels the input axis (the other one for a matrix)
+        axis = out_axis if structure == "filter" else (1 - out_axis if len(shape) == 2 else 1)
+        n_groups = shape[axis]
+        cls = Filter if axis == 0 else Channel
+        return cls(group_keep_count(n_groups, sparsity))
+    if structure == "column":
+        return Column(group_keep_count(Column.n_groups(shape), sparsity))
+    rows, cols = block
+    return Block(rows, cols, group_keep_count(Block(rows, cols, 0).n_groups(shape), sparsity))
+
+
+def sparsity_constraints(
+    plan: Plan, params: Mapping[str, Tensor], stage: int, previous: Mapping[str, Tensor] | None
+) -> dict[str, Any]:
+    """Stage ``stage``'s sparsity constraint per pruned weight (restricted to the previous support)."""
+    pool = [w for w in plan.weights if w.shared and w.structure == "unstructured"]
+    keeps: dict[str, int] = {}
+    if pool:
+        weights = {w.spec.name: params[w.spec.name].detach() for w in pool}
+        try:
+            keeps = allocate_global(weights, plan.global_stages[stage], plan.floor,
+                                    allowed=None if previous is None else {n: previous[n] for n in weights})
+        except ValueError as exc:
+            raise UserError(f"impossible target: {exc} (the floor is `floor` in the recipe's [prune] table)") from None
+    out = {}
+    for w in plan.weights:
+        if w.sparsity is None and not w.shared:
+            continue
+        # Structured members of the global pool get the global target layer by layer.
+        target = w.sparsity[stage] if w.sparsity is not None else plan.global_stages[stage]
+        c = _sparsity_constraint(w, params[w.spec.name].shape, keeps.get(w.spec.name), target, plan.block)
+        out[w.spec.name] = c if previous is None or w.spec.name not in previous else Within(c, previous[w.spec.name])
+    return out

@@ -1,0 +1,74 @@
+"""From recipe to per-stage constraints (onnx_admm.plan)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converters.errors import UserError
+from onnx_admm.plan import QuantChoice, WeightSpec, make_plan, sparsity_constraints
+from onnx_admm.projections import Filter, Unstructured, Within
+from onnx_admm.recipe import CompressConfig
+from onnx_admm.structured import Block, Column
+
+SPECS = [WeightSpec("conv", "conv.weight", "Conv"), WeightSpec("fc", "fc.weight", "Gemm"),
+         WeightSpec("emb", "emb", "Gather", None)]
+
+
+def _plan(data):
+    return make_plan(SPECS, CompressConfig.from_dict(data))
+
+
+def test_global_pool_and_rules():
+    plan = _plan({"prune": {"sparsity": 0.9, "stages": 2},
+                  "rules": [{"match": "emb", "skip": True}, {"op_type": "Conv", "sparsity": 0.5}]})
+    by = plan.by_name()
+    assert set(by) == {"conv", "fc"} and plan.untouched(SPECS) == ["emb"]
+    assert by["conv"].sparsity == pytest.approx((1 - 0.5 ** 0.5, 0.5)) and not by["conv"].shared
+    assert by["fc"].shared and plan.global_stages == pytest.approx((1 - 0.1 ** 0.5, 0.9))
+    assert plan.n_stages == 2
+
+
+def test_bit_schedule_and_pruning_schedule_run_side_by_side():
+    plan = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": [8, 4, 2]},
+                  "rules": [{"match": "emb", "skip": True}]})
+    assert plan.n_stages == 3
+    assert [q.bits for q in plan.by_name()["fc"].quant] == [8, 4, 2]
+    single = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": 4},
+                    "rules": [{"match": "emb", "skip": True}]})
+    assert single.by_name()["fc"].quant == (QuantChoice(bits=4),) * 3
+
+
+def test_mismatched_schedules_are_an_error():
+    with pytest.raises(UserError, match="same number of stages"):
+        _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": [8, 4]}})
+
+
+def test_quantize_only_and_nothing_to_do():
+    plan = _plan({"quantize": {"ternary": True}})
+    assert all(w.sparsity is None and not w.shared and w.quant[0].ternary for w in plan.weights)
+    with pytest.raises(UserError, match="nothing to compress"):
+        _plan({})
+
+
+def test_structure_needs_filters():
+    with pytest.raises(UserError, match="has no filters"):
+        _plan({"prune": {"sparsity": 0.5, "structure": "filter"}})
+    plan = _plan({"prune": {"sparsity": 0.5, "structure": "filter"},
+                  "rules": [{"op_type": "Gather", "structure": "unstructured"}]})
+    assert plan.by_name()["emb"].structure == "unstructured"
+
+
+@pytest.mark.parametrize("structure, kind", [("unstructured", Unstructured), ("filter", Filter),
+                                              ("column", Column), ("block", Block)])
+def test_stage_constraints_and_nesting(structure, kind):
+    plan = _plan({"prune": {"sparsity": 0.75, "stages": 2, "structure": structure, "block": [2, 2]},
+                  "rules": [{"match": "emb", "skip": True}]})
+    params = {"conv": torch.randn(8, 4, 3, 3), "fc": torch.randn(8, 16)}
+    first = sparsity_constraints(plan, params, 0, None)
+    assert all(isinstance(c, kind) for c in first.values())
+    supports = {n: c.support(params[n]) for n, c in first.items()}
+    second = sparsity_constraints(plan, params, 1, supports)
+    assert all(isinstance(c, Within) for c in second.values())
+    for name, c in second.items():
+        assert not (c.support(params[name]) & ~supports[name]).any()  # nested
