@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,18 @@ _RECURRENT = {
 RECURRENT_PARAMS = (("W", 1, "weight"), ("R", 2, "weight"), ("B", 3, "bias"), ("P", 7, "param"))
 
 
-def _activation_list(node: OnnxNode, per_direction: tuple[str, ...], directions: int) -> list[Callable]:
+class _Activation(NamedTuple):
+    """An ONNX recurrent activation with its alpha/beta (a value, so the module pickles and deep-copies)."""
+
+    name: str  # a key of _ACTIVATIONS
+    alpha: float | None
+    beta: float | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _ACTIVATIONS[self.name][0](x, self.alpha, self.beta)
+
+
+def _activation_list(node: OnnxNode, per_direction: tuple[str, ...], directions: int) -> list[_Activation]:
     """The activations with their alpha/beta bound, ``directions * len(per_direction)`` of them.
 
     alpha and beta values are consumed in order by the activations that take them (onnxruntime's
@@ -78,13 +90,12 @@ def _activation_list(node: OnnxNode, per_direction: tuple[str, ...], directions:
     betas = list(node.attributes.get("activation_beta", []))
     result = []
     for name in names:
-        try:
-            fn, default_a, default_b = _ACTIVATIONS[name.lower()]
-        except KeyError:
-            raise NotImplementedError(f"{node.operation_type} activation {name!r} is not supported") from None
+        if name.lower() not in _ACTIVATIONS:
+            raise NotImplementedError(f"{node.operation_type} activation {name!r} is not supported")
+        _, default_a, default_b = _ACTIVATIONS[name.lower()]
         a = (alphas.pop(0) if alphas else default_a) if default_a is not None else None
         b = (betas.pop(0) if betas else default_b) if default_b is not None else None
-        result.append(lambda x, fn=fn, a=a, b=b: fn(x, a, b))
+        result.append(_Activation(name.lower(), a, b))
     return result
 
 
@@ -106,7 +117,7 @@ class OnnxRecurrent(nn.Module, OnnxToTorchModule):
         hidden_size: int,
         direction: str,
         layout: int,
-        activations: list[Callable],
+        activations: list[_Activation],
         clip: float | None,
         linear_before_reset: bool,
         input_forget: bool,
