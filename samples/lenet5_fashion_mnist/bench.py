@@ -37,6 +37,8 @@ FILES = {
     "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz",
 }
 logger = logging.getLogger("bench")
+# --quick: one training batch per epoch, a small test set; it checks the plumbing, not accuracy.
+QUICK_TRAIN, QUICK_TEST = 128, 100
 
 
 # ---------------------------------------------------------------- data and the dense model
@@ -135,6 +137,25 @@ def rows(epochs: int) -> list[Row]:
                 {"admm": {"epochs": epochs // 6, "retrain_epochs": epochs // 3 - epochs // 6},
                  "prune": {"sparsity": s, "stages": 3}}),
         ]
+    admm_split = {"epochs": 2 * epochs // 3, "retrain_epochs": epochs // 3}
+    for name, quant in (("8bit", {"bits": 8}), ("4bit", {"bits": 4}), ("2bit", {"bits": 2}),
+                        ("binary", {"bits": 1}), ("ternary", {"ternary": True}), ("16clusters", {"clusters": 16})):
+        out.append(Row(f"admm-{name}", f"ADMM quantization ({name}, all layers)", name, "compress", None,
+                       {"admm": admm_split, "quantize": {**quant, "per_channel": "clusters" not in quant}}))
+    for ratio, bits in ((40, 4), (100, 2)):
+        s = 1 - 1 / ratio
+        out.append(Row(f"admm-{ratio}x-{bits}bit", f"ADMM joint pruning + {bits}-bit", f"{ratio}x+{bits}bit",
+                       "compress", s, {"admm": admm_split, "prune": {"sparsity": s, "stages": 1},
+                                       "quantize": {"bits": bits, "per_channel": True}}))
+    for fraction in (0.5, 0.75):
+        pct = int(fraction * 100)
+        out += [
+            Row(f"filter-magnitude-{pct}", "filter pruning by norm + fine-tune", f"{pct}% filters", "compress", None,
+                {"admm": {"epochs": 0, "retrain_epochs": epochs},
+                 "prune": {"sparsity": fraction, "structure": "filter"}}),
+            Row(f"filter-admm-{pct}", "structured ADMM (filters)", f"{pct}% filters", "compress", None,
+                {"admm": admm_split, "prune": {"sparsity": fraction, "structure": "filter"}}),
+        ]
     out += [
         Row("ort-dynamic-int8", "onnxruntime quantize_dynamic", "int8", "ort_dynamic"),
         Row("ort-static-qdq", "onnxruntime quantize_static (QDQ, per-channel)", "int8", "ort_static"),
@@ -151,6 +172,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
     started = time.perf_counter()
     out = work / f"{row.id}.onnx"
     epochs = 0
+    structure = None
     if row.kind == "dense":
         out = dense
     elif row.kind == "compress":
@@ -162,8 +184,9 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         train = Dataset({"input": data["train_x"]}, data["train_y"], {"input"})
         result = compress(dense, train, config)
         result.save(out)
-        n_stages = len(config.prune.targets) if config.prune.targets else config.prune.stages
+        n_stages = len(result.stages)
         epochs = n_stages * (config.admm.epochs + config.admm.retrain_epochs)
+        structure = result.report.get("structure")
     elif row.kind == "ort_dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -183,7 +206,14 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
     wall = time.perf_counter() - started
     report = validate(dense, out, test, batch_size=64, threads=1)
     stats = report.compressed
+    extra = {}
+    if structure:  # onnxruntime latency, measured in the compress run (interleaved, median)
+        lat = structure["latency"]
+        extra = {"latency_ms_b1": lat["batch_1"]["compressed_ms"], "latency_ms_b64": lat["batch_64"]["compressed_ms"],
+                 "dense_latency_ms_b1": lat["batch_1"]["original_ms"],
+                 "dense_latency_ms_b64": lat["batch_64"]["original_ms"]}
     return {
+        **extra,
         "id": row.id, "method": row.method, "target": row.target,
         "top1": stats.accuracy, "drop_pt": 100 * (report.original.accuracy - stats.accuracy),
         "ratio": report.compression_ratio, "bytes": stats.bytes, "bytes_gzip": stats.gzip_bytes,
@@ -215,6 +245,15 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
         lines.append(f"| {r['method']} | {r['target']} | {100 * r['top1']:.2f}% | {r['drop_pt']:.2f} | {ratio} | "
                      f"{r['bytes']:,} | {r['bytes_gzip']:,} | {r['storage_bits'] or '-'} | {r['epochs']} | "
                      f"{r['wall_s']} | {r['peak_rss_mb']} |")
+    timed = [r for r in results if "latency_ms_b64" in r]
+    if timed:
+        lines += ["", "Structured rows, onnxruntime latency (ms per batch, median of interleaved runs):", "",
+                  "| method | target | batch 1 | dense batch 1 | speed-up | batch 64 | dense batch 64 | speed-up |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in timed:
+            lines.append(f"| {r['method']} | {r['target']} | {r['latency_ms_b1']:.3f} | {r['dense_latency_ms_b1']:.3f} | "
+                         f"{r['dense_latency_ms_b1'] / r['latency_ms_b1']:.2f}x | {r['latency_ms_b64']:.2f} | "
+                         f"{r['dense_latency_ms_b64']:.2f} | {r['dense_latency_ms_b64'] / r['latency_ms_b64']:.2f}x |")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -249,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="models and scratch (default: OUT/work)")
     parser.add_argument("--only", default="*", help="run rows whose id matches this glob")
     parser.add_argument("--force", action="store_true", help="rerun rows already in results.json")
-    parser.add_argument("--quick", action="store_true", help="300 training images, 1 dense epoch, in-process")
+    parser.add_argument("--quick", action="store_true", help="128 training images, 1 dense epoch, in-process")
     parser.add_argument("--epochs", type=int, default=12, help="total training epochs per pruning row (multiple of 12)")
     parser.add_argument("--dense-epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
@@ -263,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = load_fashion_mnist(args.data_dir)
     if args.quick:
-        data = {"train_x": data["train_x"][:300], "train_y": data["train_y"][:300],
-                "test_x": data["test_x"][:200], "test_y": data["test_y"][:200]}
+        data = {"train_x": data["train_x"][:QUICK_TRAIN], "train_y": data["train_y"][:QUICK_TRAIN],
+                "test_x": data["test_x"][:QUICK_TEST], "test_y": data["test_y"][:QUICK_TEST]}
     dense = train_dense(work, data, args.dense_epochs, args.threads)
     table = {r.id: r for r in rows(args.epochs)}
     if args.row:
