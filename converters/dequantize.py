@@ -1,0 +1,162 @@
+"""Weights stored through decoding nodes, and the normalize pass that folds them back into floats.
+
+The quantized encoders of ``converters.writeback`` store a weight ``W`` as constants feeding small
+decoding subgraphs whose output is named ``W``:
+
+- ``DequantizeLinear(q, scale[, zero_point]) -> W`` (int8 / int4 / int2, per tensor or per axis, also
+  with ``q`` in a sparse initializer);
+- ``Gather(codebook, Cast(indices, to=INT64)) -> W`` (uint8 / uint4 / uint2 codebook indices).
+
+:func:`weight_decoders` finds such subgraphs (every input a constant), :func:`decode` computes the float
+tensor they produce, :func:`remove_decoders` deletes them with the constants only they read, and
+:func:`fold_weight_decoders` -- a normalize pass -- puts the decoded floats back as initializers under the
+weight's name, so a compressed model imports into onnx2torch and can be compressed again. Write-back
+uses the same functions to replace a decoded weight of an already-compressed model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from converters.graphinfo import constant_sources, tensor_value
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_INDEX_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+_REFERENCE_DEQUANTIZE = 19
+
+
+@dataclass(frozen=True)
+class WeightDecoder:
+    """A decoding subgraph fed only by constants, producing the tensor ``output``.
+
+    ``nodes`` are positions in ``model.graph.node`` of the model it was found in (the decoding node last);
+    ``inputs`` are the constant tensors those nodes read.
+    """
+
+    output: str
+    op_type: str  # "DequantizeLinear" or "Gather"
+    nodes: tuple[int, ...]
+    inputs: tuple[str, ...]
+
+
+def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
+    """Every DequantizeLinear and codebook Gather of the main graph whose inputs are all constants.
+
+    A Gather qualifies when its data is a 1-D constant (the codebook), it gathers along axis 0, and its
+    indices are a constant or the output of a Cast to int32/int64 of a constant that nothing else reads
+    (the Cast then belongs to the decoder). Outputs that are graph outputs are left alone.
+    """
+    graph = model.graph
+    sources = constant_sources(model)
+    graph_outputs = {o.name for o in graph.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    found: dict[str, WeightDecoder] = {}
+    for index, node in enumerate(graph.node):
+        if node.domain not in _DEFAULT_DOMAINS or len(node.output) != 1 or node.output[0] in graph_outputs:
+            continue
+        inputs = [name for name in node.input if name]
+        if node.op_type == "DequantizeLinear" and inputs and all(name in sources for name in inputs):
+            found[node.output[0]] = WeightDecoder(node.output[0], node.op_type, (index,), tuple(inputs))
+        elif node.op_type == "Gather" and len(inputs) == 2 and inputs[0] in sources:
+            if _attribute(node, "axis", 0) not in (0, -1):
+                continue
+            indices = inputs[1]
+            if indices in sources:
+                nodes, constants = (index,), tuple(inputs)
+            else:
+                cast_index = producers.get(indices)
+                cast = graph.node[cast_index] if cast_index is not None else None
+                if not (
+                    cast is not None
+                    and cast.op_type == "Cast"
+                    and cast.domain in _DEFAULT_DOMAINS
+                    and len(cast.input) == 1
+                    and cast.input[0] in sources
+                    and _attribute(cast, "to", None) in _INDEX_TYPES
+                    and readers.get(indices, 0) == 1
+                ):
+                    continue
+                nodes, constants = (cast_index, index), (inputs[0], cast.input[0])
+            # Checked last: reading the data tensor is the one costly step (an embedding table, say).
+            if tensor_value(model, sources[inputs[0]]).ndim == 1:
+                found[node.output[0]] = WeightDecoder(node.output[0], node.op_type, nodes, constants)
+    return found
+
+
+def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
+    """The tensor ``decoder`` produces, computed with onnx's reference implementation of its nodes."""
+    sources = constant_sources(model)
+    version = next((e.version for e in model.opset_import if e.domain in _DEFAULT_DOMAINS), 0)
+    values: dict[str, np.ndarray] = {}
+    for index in decoder.nodes:
+        node = model.graph.node[index]
+        feeds = {
+            name: values[name] if name in values else tensor_value(model, sources[name]) for name in node.input if name
+        }
+        # onnx 1.23's reference runtime implements DequantizeLinear from opset 19 only; 13-18 compute the same
+        # (19 added float8 inputs and float16 scales), so those models are decoded with the opset-19 kernel.
+        opset = max(version, _REFERENCE_DEQUANTIZE) if node.op_type == "DequantizeLinear" else version
+        (out,) = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+        values[node.output[0]] = np.asarray(out)
+    return values[decoder.output]
+
+
+def remove_decoders(model: onnx.ModelProto, decoders: Iterable[WeightDecoder]) -> None:
+    """Delete the decoders' nodes, then every constant they read that nothing else reads any more.
+
+    All ``decoders`` must come from one :func:`weight_decoders` call on ``model`` as it is now (node
+    positions). Initializers, sparse initializers and Constant nodes are removed alike.
+    """
+    decoders = list(decoders)
+    graph = model.graph
+    dropped = {i for d in decoders for i in d.nodes}
+    kept = [node for i, node in enumerate(graph.node) if i not in dropped]
+    still_read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    unused = {name for d in decoders for name in d.inputs} - still_read
+    if unused:
+        kept = [node for node in kept if not (node.op_type == "Constant" and node.output and node.output[0] in unused)]
+        initializers = [t for t in graph.initializer if t.name not in unused]
+        sparse = [s for s in graph.sparse_initializer if s.values.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+        del graph.sparse_initializer[:]
+        graph.sparse_initializer.extend(sparse)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def fold_weight_decoders(model: onnx.ModelProto) -> bool:
+    """Normalize pass: each weight decoder becomes a float initializer under its output name.
+
+    Run it before the opset down-conversion (onnx2torch needs opset 17, where int4/int2 tensors do not
+    exist). The decoded values are exactly what onnxruntime computes (float32 ``(q - zero_point) * scale``).
+    """
+    decoders = weight_decoders(model)
+    if not decoders:
+        return False
+    values = {name: decode(model, d) for name, d in decoders.items()}
+    remove_decoders(model, decoders.values())
+    model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in values.items())
+    logger.debug("folded %d weight decoders: %s", len(values), sorted(values))
+    return True
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
