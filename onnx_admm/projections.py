@@ -467,7 +467,8 @@ class _SortedRows:
         x = x.detach().to(torch.float64)
         mag = torch.sort(x if signed else x.abs(), dim=1).values
         zero = torch.zeros((mag.shape[0], 1), dtype=torch.float64, device=mag.device)
-        return cls(mag, torch.cat([zero, mag.cumsum(dim=1)], dim=1), torch.cat([zero, mag.square().cumsum(dim=1)], dim=1))
+        linear = torch.cat([zero, mag.cumsum(dim=1)], dim=1)
+        return cls(mag, linear, torch.cat([zero, mag.square().cumsum(dim=1)], dim=1))
 
     def ranges(self, edges: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Count, sum |x| and sum x^2 between consecutive ``edges`` [C, ..., m] (sorted positions)."""
