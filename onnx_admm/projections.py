@@ -402,9 +402,11 @@ def _along(scale: Tensor, axis: int | None, ndim: int) -> Tensor:
     return scale.reshape([-1 if i == axis else 1 for i in range(ndim)])
 
 
-def _check_bool(value: object, what: str) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{what} takes True or False, got {value!r}")
+def _check_channels(owner: str, per_channel: object, axis: object) -> None:
+    if not isinstance(per_channel, bool):
+        raise ValueError(f"{owner}(per_channel=...) takes True or False, got {per_channel!r}")
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise ValueError(f"{owner}(axis=...) takes an int, got {axis!r}")
 
 
 def _channel_axis(w: Tensor, per_channel: bool, axis: int, owner: str) -> int | None:
@@ -440,12 +442,6 @@ def _fit_inputs(w: Tensor, allowed: Tensor | None, axis: int | None) -> tuple[Te
         keep &= _check_allowed(w, allowed)
     x = _keep_support(w, keep)
     return _rows(x, axis), _rows(keep, axis)
-
-
-def _full_support(w: Tensor, allowed: Tensor | None) -> Tensor:
-    if allowed is None:
-        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
-    return _check_allowed(w, allowed).clone()
 
 
 def _rounded(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
@@ -602,8 +598,23 @@ def _grid_scale(x: Tensor, qmax: int) -> Tensor:
     return scale
 
 
+class _Quantizer:
+    """What the quantizing constraints share: they never prune, and (k-bit, binary, ternary) project by
+    dequantizing their own integer levels, so ``project`` and the export see the very same floats."""
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """The projection of ``w`` (zero outside ``allowed``): exactly ``quantize(w, allowed).dequantize()``."""
+        return self.quantize(w, allowed).dequantize()  # type: ignore[attr-defined]
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed`` (all True when None): quantizing never prunes; zero is a level, not a pruned weight."""
+        if allowed is None:
+            return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+        return _check_allowed(w, allowed).clone()
+
+
 @dataclass(frozen=True)
-class UniformQuant:
+class UniformQuant(_Quantizer):
     """Symmetric k-bit levels ``q * s``, ``q`` integer in [-(2^(k-1) - 1), 2^(k-1) - 1] (DESIGN section 6).
 
     The scale s (per tensor, or per channel along ``axis``) minimises ||W - Q(W)|| over the fitted entries
@@ -637,9 +648,7 @@ class UniformQuant:
                 f"UniformQuant(bits=...) takes an int from 2 to 8, got {self.bits!r}; "
                 "use Binary() or Ternary() for 1-bit / ternary levels"
             )
-        _check_bool(self.per_channel, "UniformQuant(per_channel=...)")
-        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
-            raise ValueError(f"UniformQuant(axis=...) takes an int, got {self.axis!r}")
+        _check_channels(type(self).__name__, self.per_channel, self.axis)
 
     @property
     def qmax(self) -> int:
@@ -657,14 +666,6 @@ class UniformQuant:
             scale = _search_scale(x, self.qmax)
         q = _rounded(x, scale, self.qmax).to(torch.int8)
         return QuantizedTensor(_unrows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, self.bits)
-
-    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """The nearest tensor on the fitted levels (exactly ``quantize(w, allowed).dequantize()``)."""
-        return self.quantize(w, allowed).dequantize()
-
-    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``allowed`` (all True when None): quantizing never prunes."""
-        return _full_support(w, allowed)
 
 
 def _sign_levels(x: Tensor, chosen: Tensor) -> Tensor:
@@ -687,7 +688,7 @@ def _sign_quantized(w: Tensor, x: Tensor, chosen: Tensor, axis: int | None) -> Q
 
 
 @dataclass(frozen=True)
-class Binary:
+class Binary(_Quantizer):
     """Levels {-a, +a} with a = mean |w| (the L2-optimal scale for the signs), per tensor or per channel.
 
     Entries outside ``allowed`` (and exact zeros) stay 0 and a is the mean over the rest: with pruning the
@@ -702,7 +703,7 @@ class Binary:
     axis: int = 0
 
     def __post_init__(self) -> None:
-        _check_bool(self.per_channel, "Binary(per_channel=...)")
+        _check_channels(type(self).__name__, self.per_channel, self.axis)
 
     def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
         """Signs (int8, 0 where pruned) and the per-tensor / per-channel a."""
@@ -710,17 +711,9 @@ class Binary:
         x, keep = _fit_inputs(w, allowed, axis)
         return _sign_quantized(w, x, keep, axis)
 
-    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``a * sign(w)`` on the fitted entries, 0 elsewhere."""
-        return self.quantize(w, allowed).dequantize()
-
-    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``allowed`` (all True when None): quantizing never prunes."""
-        return _full_support(w, allowed)
-
 
 @dataclass(frozen=True)
-class Ternary:
+class Ternary(_Quantizer):
     """Levels {-a, 0, +a} with the exact L2-optimal threshold and a, per tensor or per channel.
 
     For a kept set of the k largest |w| the best a is their mean and the error is
@@ -736,7 +729,7 @@ class Ternary:
     axis: int = 0
 
     def __post_init__(self) -> None:
-        _check_bool(self.per_channel, "Ternary(per_channel=...)")
+        _check_channels(type(self).__name__, self.per_channel, self.axis)
 
     def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
         """Levels -1/0/+1 (int8) and the per-tensor / per-channel a."""
@@ -754,17 +747,9 @@ class Ternary:
         chosen = (x.abs() >= threshold) & (objective.gather(1, best) > 0)
         return _sign_quantized(w, x, chosen, axis)
 
-    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``a * sign(w)`` where |w| reaches the fitted threshold, 0 elsewhere."""
-        return self.quantize(w, allowed).dequantize()
-
-    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``allowed`` (all True when None): a ternary zero is a level, not a pruned weight."""
-        return _full_support(w, allowed)
-
 
 @dataclass(frozen=True)
-class Codebook:
+class Codebook(_Quantizer):
     """At most ``clusters`` distinct nonzero levels, fitted by 1-D k-means; zero stays an extra level.
 
     k-means runs over the fitted entries (allowed and nonzero) from a deterministic start (the values at
@@ -830,10 +815,6 @@ class Codebook:
         if centroids.numel() == 0:
             return torch.zeros_like(w)
         return torch.where(index >= 0, centroids[index.clamp(min=0)], torch.zeros((), dtype=w.dtype, device=w.device))
-
-    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``allowed`` (all True when None): clustering never prunes."""
-        return _full_support(w, allowed)
 
 
 @dataclass(frozen=True)

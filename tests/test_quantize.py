@@ -71,6 +71,7 @@ def test_quantizers_are_constraints_and_hashable_values():
         (lambda: UniformQuant(4.0), "from 2 to 8"),
         (lambda: UniformQuant(4, per_channel=1), "True or False"),
         (lambda: Ternary(per_channel="yes"), "True or False"),
+        (lambda: Binary(axis=1.0), "takes an int"),
         (lambda: Codebook(0), "1 to 256"),
         (lambda: Codebook(257), "1 to 256"),
     ],
