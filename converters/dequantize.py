@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _INDEX_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-_REFERENCE_DEQUANTIZE = 19
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,7 @@ def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
         feeds = {
             name: values[name] if name in values else tensor_value(model, sources[name]) for name in node.input if name
         }
-        # onnx 1.23's reference runtime implements DequantizeLinear from opset 19 only; 13-18 compute the same
-        # (19 added float8 inputs and float16 scales), so those models are decoded with the opset-19 kernel.
-        opset = max(version, _REFERENCE_DEQUANTIZE) if node.op_type == "DequantizeLinear" else version
-        (out,) = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+        (out,) = ReferenceEvaluator(node, opsets={"": version}).run(None, feeds)
         values[node.output[0]] = np.asarray(out)
     return values[decoder.output]
 
