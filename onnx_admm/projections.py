@@ -27,10 +27,11 @@ quantize what is kept). They share these rules:
 - Idempotence is exact (bitwise): a tensor already in the set projects to itself (distance 0 is the
   projection), which the k-bit and codebook projections detect explicitly rather than hope the search
   lands on the same scale twice.
-- ``quantize(w, allowed)`` (k-bit, binary, ternary) returns a :class:`QuantizedTensor`: integers ``q``
-  and float ``scale`` with ``project(w) == q * scale`` bitwise, computed as one float multiply in the
-  weight's dtype -- what ONNX DequantizeLinear computes, so an export can store the integers and
-  reproduce the projected floats exactly.
+- ``quantize(w, allowed)`` (k-bit, binary, ternary; :func:`quantize` reaches them inside Joint and
+  Within too) returns a :class:`QuantizedTensor`: integers ``q`` and float ``scale`` with
+  ``project(w) == q * scale`` bitwise, computed as one float multiply in the weight's dtype -- what ONNX
+  DequantizeLinear computes, so an export can store the integers and reproduce the projected floats
+  exactly.
 
 Counting conventions (DESIGN section 6) live here too: :func:`keep_count` for one tensor and
 :func:`allocate_global` for a global target split over layers.
@@ -63,6 +64,7 @@ __all__ = [
     "Within",
     "allocate_global",
     "keep_count",
+    "quantize",
     "topk_mask",
 ]
 
@@ -841,11 +843,17 @@ class Joint:
         """The kept entries quantized, zeros elsewhere."""
         return self.quant.project(w, self.support(w, allowed))
 
-    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
-        """``quant.quantize`` on the kept entries (k-bit, binary and ternary quantizers only)."""
-        quantize = getattr(self.quant, "quantize", None)
-        if quantize is None:
-            raise TypeError(
-                f"{type(self.quant).__name__} has no integer levels and scale; use Joint.project for its values"
-            )
-        return quantize(w, self.support(w, allowed))
+
+def quantize(constraint: Constraint, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor | None:
+    """Integer levels and scales of ``constraint.project(w, allowed)``, for export; None when it has none.
+
+    k-bit, binary and ternary constraints have them, also inside :class:`Joint` and :class:`Within`;
+    pruning-only constraints and :class:`Codebook` (non-uniform levels) return None.
+    ``quantize(c, w, allowed).dequantize()`` equals ``c.project(w, allowed)`` bitwise.
+    """
+    if isinstance(constraint, Within):
+        return quantize(constraint.constraint, w, constraint._both(allowed))
+    if isinstance(constraint, Joint):
+        return quantize(constraint.quant, w, constraint.support(w, allowed))
+    method = getattr(constraint, "quantize", None)
+    return None if method is None else method(w, allowed)

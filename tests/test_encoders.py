@@ -33,7 +33,7 @@ from converters.writeback import (
     integer_levels,
     write_back,
 )
-from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, Unstructured
+from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, Unstructured, quantize
 
 RTOL = 1e-5
 
@@ -62,8 +62,8 @@ def _weight(model, name="W"):
 
 def _update(constraint, w, name="W", allowed=None):
     """The projected float value and its QuantSpec, as the engine hands them to write-back."""
-    if hasattr(constraint, "quantize"):
-        qt = constraint.quantize(w, allowed)
+    qt = quantize(constraint, w, allowed)
+    if qt is not None:
         return TensorUpdate(name, qt.dequantize().numpy(), quant=QuantSpec(qt.bits, qt.scale.numpy(), qt.axis))
     return TensorUpdate(name, constraint.project(w, allowed).numpy(), quant=QuantSpec(8))
 

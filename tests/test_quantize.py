@@ -18,6 +18,7 @@ from onnx_admm.projections import (
     UniformQuant,
     Unstructured,
     Within,
+    quantize,
 )
 
 SHAPES = [(1,), (7,), (4, 5), (3, 2, 3, 3), (16, 24)]
@@ -196,8 +197,8 @@ def test_all_zero_tensor(c):
     for shape in ((5,), (3, 4)):
         p = c.project(torch.zeros(shape))
         assert torch.equal(p, torch.zeros(shape)) and not torch.signbit(p).any()
-    if hasattr(c, "quantize"):
-        qt = c.quantize(torch.zeros(3, 4))
+    qt = quantize(c, torch.zeros(3, 4))
+    if qt is not None:
         assert torch.isfinite(qt.scale).all() and (qt.scale > 0).all() and not qt.q.any()
 
 
@@ -277,10 +278,19 @@ def test_joint_prunes_then_quantizes():
             assert not p[~support].any() and int((p != 0).sum()) <= keep
             assert torch.equal(p, quant.project(w, support))
             assert torch.equal(c.project(p), p)
-        qt = Joint(Unstructured(keep), UniformQuant(4)).quantize(w)
+        qt = quantize(Joint(Unstructured(keep), UniformQuant(4)), w)
         assert torch.equal(qt.dequantize(), Joint(Unstructured(keep), UniformQuant(4)).project(w))
-    with pytest.raises(TypeError, match="no integer levels"):
-        Joint(Unstructured(2), Codebook(4)).quantize(torch.ones(4))
+
+
+def test_quantize_reaches_levels_inside_joint_and_within():
+    w = _random((8, 3, 3, 3), 1, 0)
+    stage1 = Filter(4).support(w)
+    c = Within(Joint(Filter(2), Ternary(per_channel=True)), stage1)
+    qt = quantize(c, w)
+    assert qt.bits == 2 and qt.axis == 0 and torch.equal(qt.dequantize(), c.project(w))
+    assert quantize(UniformQuant(3), w).bits == 3
+    for no_levels in (Unstructured(5), Codebook(4), Joint(Unstructured(5), Codebook(4)), Within(Filter(2), stage1)):
+        assert quantize(no_levels, w) is None
 
 
 def test_joint_with_filters_and_nested_stage():
