@@ -12,7 +12,8 @@ tensor. The smallest valid encoding in raw bytes wins (DESIGN §6):
 - ``DequantizeLinearEncoder``: integers + scale (+ zero point) -> DequantizeLinear, in the smallest
   container the integers fit: int2 (opset 25), int4 (opset 21), int8 (opset 13);
 - ``SparseDequantizeLinearEncoder``: int8 integers in a sparse initializer -> DequantizeLinear;
-- ``CodebookEncoder``: uint2/uint4/uint8 indices -> Cast(INT64) -> Gather(codebook).
+- ``CodebookEncoder``: uint2/uint4/uint8 indices -> Cast(INT64) -> Gather(codebook);
+- ``SparseCodebookEncoder``: uint8 indices in a sparse initializer -> Cast(INT64) -> Gather(codebook).
 
 The quantized encoders apply only to a tensor whose ``TensorUpdate`` carries a :class:`QuantSpec`, so
 plain (pruned) tensors are stored exactly as before. They are exact: an encoder whose decoded floats
@@ -49,6 +50,7 @@ from onnx import helper, numpy_helper, version_converter
 from converters.dequantize import decode, remove_decoders, weight_decoders
 from converters.graphinfo import constant_sources, node_label, tensor_value
 from converters.inputs import synthesize_inputs
+from converters.normalize import densify_sparse_initializers
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +281,15 @@ class SparseDequantizeLinearEncoder:
         )
 
 
+def _codebook_values(value: np.ndarray, quant: QuantSpec | None) -> bool:
+    return quant is not None and value.ndim > 0 and value.dtype.kind == "f" and bool(np.all(np.isfinite(value)))
+
+
+def _gather_nodes(name: str, indices: str, codebook: str) -> list[onnx.NodeProto]:
+    cast = helper.make_node("Cast", [indices], [f"{name}_indices_int64"], name=f"{name}_Cast", to=onnx.TensorProto.INT64)
+    return [cast, helper.make_node("Gather", [codebook, cast.output[0]], [name], name=f"{name}_Gather")]
+
+
 class CodebookEncoder:
     """Indices into the sorted distinct values -> Cast(to INT64) -> Gather(codebook, indices).
 
@@ -291,7 +302,7 @@ class CodebookEncoder:
     kind = "codebook"
 
     def encode(self, name: str, value: np.ndarray, quant: QuantSpec | None = None) -> Encoding | None:
-        if quant is None or value.ndim == 0 or value.dtype.kind != "f" or not np.all(np.isfinite(value)):
+        if not _codebook_values(value, quant):
             return None
         codebook = np.unique(value)  # sorted; -0.0 and 0.0 are one level
         if codebook.size > 256:
@@ -304,15 +315,38 @@ class CodebookEncoder:
                 _tensor(indices, elem_type, f"{name}_indices"),
                 numpy_helper.from_array(codebook, f"{name}_codebook"),
             ]
-            cast = helper.make_node(
-                "Cast", [tensors[0].name], [f"{name}_indices_int64"], name=f"{name}_Cast", to=onnx.TensorProto.INT64
-            )
-            gather = helper.make_node("Gather", [tensors[1].name, cast.output[0]], [name], name=f"{name}_Gather")
-            return Encoding(
-                f"codebook-uint{bits}", _nbytes(tensors), initializers=tensors, nodes=[cast, gather], min_opset=opset
-            )
+            nodes = _gather_nodes(name, tensors[0].name, tensors[1].name)
+            return Encoding(f"codebook-uint{bits}", _nbytes(tensors), initializers=tensors, nodes=nodes, min_opset=opset)
 
         return _containers(_UNSIGNED, needed, build)
+
+
+class SparseCodebookEncoder:
+    """Pruned + clustered: uint8 indices in a COO sparse initializer -> Cast(to INT64) -> Gather(codebook).
+
+    The codebook starts with 0.0, so the implicit zeros of the sparse indices decode to the pruned zeros; a
+    nonzero costs 1 + 8 bytes, as in :class:`SparseDequantizeLinearEncoder`. Applies with a ``QuantSpec``
+    and at most 255 distinct nonzero values.
+    """
+
+    kind = "sparse-codebook"
+
+    def encode(self, name: str, value: np.ndarray, quant: QuantSpec | None = None) -> Encoding | None:
+        if not _codebook_values(value, quant):
+            return None
+        levels = np.unique(value[value != 0])
+        if levels.size > 255:
+            return None
+        codebook = numpy_helper.from_array(np.concatenate([np.zeros(1, value.dtype), levels]), f"{name}_codebook")
+        indices = np.where(value != 0, np.searchsorted(levels, value) + 1, 0)
+        sparse, nbytes = _coo(indices, f"{name}_indices", onnx.TensorProto.UINT8)
+        return Encoding(
+            self.kind,
+            nbytes + len(codebook.raw_data),
+            initializers=[codebook],
+            sparse_initializers=[sparse],
+            nodes=_gather_nodes(name, sparse.values.name, codebook.name),
+        )
 
 
 DEFAULT_ENCODERS: tuple[Encoder, ...] = (
@@ -321,6 +355,7 @@ DEFAULT_ENCODERS: tuple[Encoder, ...] = (
     DequantizeLinearEncoder(),
     SparseDequantizeLinearEncoder(),
     CodebookEncoder(),
+    SparseCodebookEncoder(),
 )
 
 
@@ -566,8 +601,12 @@ def _raise_opset(model: onnx.ModelProto, target: int, node_names: set[str]) -> t
     and model metadata are the original's (the converter drops metadata and adds inferred value_info).
     """
     current = _default_opset(model)
+    # The converter does not know sparse initializers ("input ... is undefined"): show it dense copies.
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    densify_sparse_initializers(dense)
     try:
-        converted = version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(dense, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors / C++ errors
         raise _OpsetError(
             f"onnx.version_converter cannot convert opset {current} to {target}: {_first_line(exc)}"
@@ -594,7 +633,7 @@ def _raise_opset(model: onnx.ModelProto, target: int, node_names: set[str]) -> t
         nodes.append(new)
     del raised.graph.node[:]
     raised.graph.node.extend(nodes)
-    existing = {t.name for t in raised.graph.initializer}
+    existing = {t.name for t in dense.graph.initializer}
     raised.graph.initializer.extend(t for t in converted.graph.initializer if t.name not in existing)
     for opset in raised.opset_import:
         if opset.domain in ("", "ai.onnx"):

@@ -144,9 +144,14 @@ def test_int4_and_int2_are_packed_and_sizes_on_a_500x800_weight():
 def test_pruned_and_quantized_takes_the_smallest_encoding():
     model = _gemm_model((500, 800))
     w = _weight(model)
-    for keep, expected in ((10_000, "sparse-int8"), (200_000, "int4")):  # 40x: 2.5% density; 50%
-        c = Joint(Unstructured(keep), UniformQuant(4))
-        update = _update(c, w)
+    cases = [
+        (10_000, UniformQuant(4), "sparse-int8"),  # 40x: 2.5% density
+        (200_000, UniformQuant(4), "int4"),  # 50%
+        (10_000, Codebook(15), "sparse-codebook"),
+        (200_000, Codebook(15), "codebook-uint4"),
+    ]
+    for keep, quant, expected in cases:
+        update = _update(Joint(Unstructured(keep), quant), w)
         result = write_back(model, [update])
         assert result.encodings == {"W": expected}
         decoded = _check_gemm(result, update)
@@ -259,7 +264,7 @@ def test_lenet_export_matches_torch_keeps_graph_and_reimports(lenet5_torchscript
     constraints = [
         UniformQuant(8, per_channel=True),
         Codebook(15),
-        Joint(Unstructured(8000), UniformQuant(4)),
+        Joint(Unstructured(8000), Codebook(15)),
         Ternary(),
     ]
     updates = _quantize_lenet(imported, lambda i: constraints[i])
@@ -269,7 +274,7 @@ def test_lenet_export_matches_torch_keeps_graph_and_reimports(lenet5_torchscript
     assert result.encodings == {
         "conv1.weight": "int8",
         "conv2.weight": "codebook-uint4",
-        "fc1.weight": "sparse-int8",
+        "fc1.weight": "sparse-codebook",
         "fc2.weight": "int2",
     }
     assert _opset(result.model) == 25 and result.model.ir_version >= 13 and not result.notes
@@ -303,7 +308,9 @@ def test_lenet_export_matches_torch_keeps_graph_and_reimports(lenet5_torchscript
 
 def test_compressed_model_compresses_again(lenet5_torchscript_onnx):
     original = load_model(lenet5_torchscript_onnx)
-    first = write_back(original, _quantize_lenet(import_model(original), lambda i: UniformQuant(4)))
+    pruned = Joint(Unstructured(2000), UniformQuant(4))
+    first = write_back(original, _quantize_lenet(import_model(original), lambda i: pruned if i == 2 else UniformQuant(4)))
+    assert first.encodings["fc1.weight"] == "sparse-int8"
     compressed = first.model
     # the compressed model imports (after folding), its weights change again, write-back replaces decoders
     imported = import_model(normalize(compressed, passes=[fold_weight_decoders, *PASSES]))
@@ -311,7 +318,9 @@ def test_compressed_model_compresses_again(lenet5_torchscript_onnx):
     feeds = synthesize_inputs(original, batch=2, seed=3)
     expected = imported.run(feeds)
     second = write_back(compressed, updates)
-    assert set(second.encodings.values()) == {"int2"}
+    # fc1 (2000 weights on the 4-bit grid) is already ternary: unchanged, its sparse decoder stays
+    assert second.encodings == {"conv1.weight": "int2", "conv2.weight": "int2", "fc2.weight": "int2"}
+    assert not second.notes and _opset(second.model) == 25
     assert sum(n.op_type == "DequantizeLinear" for n in second.model.graph.node) == 4
     assert len({n.name for n in second.model.graph.node}) == len(second.model.graph.node)
     assert not [t for t in second.model.graph.initializer if t.name.endswith("2")], "old parts removed, names reused"
