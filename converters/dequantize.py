@@ -150,6 +150,21 @@ def fold_weight_decoders(model: onnx.ModelProto) -> bool:
     return True
 
 
+def decoded_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """A copy of ``model`` whose weight decoders are float initializers, and the decoded names.
+
+    Lets code that reads weights as constants (the weight map, inspect, validate's counts) see the
+    weights of an already-compressed model; ``model`` itself is returned when it has no decoders.
+    """
+    decoders = weight_decoders(model)
+    if not decoders:
+        return model, set()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    fold_weight_decoders(copy)
+    return copy, set(decoders)
+
+
 def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
     for attr in node.attribute:
         if attr.name == name:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from converters.graphinfo import (
     FLOAT_TYPES,
     Consumer,
     ScoreOutput,
+    TensorSource,
     _tensor_shape_and_type,
     compressible_weights,
     constant_sources,
@@ -47,8 +49,9 @@ from converters.graphinfo import (
     node_label,
     resolve,
 )
+from converters.dequantize import decoded_view
 from converters.normalize import normalize
-from converters.writeback import TensorUpdate
+from converters.writeback import QuantSpec, TensorUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ class WeightEntry:
 
     param: str  # qualified name in ImportedModel.module.named_parameters()
     onnx_name: str
-    location: str  # initializer | constant | sparse_initializer (in the ORIGINAL model)
+    location: str  # initializer | constant | sparse_initializer | decoded (in the ORIGINAL model)
     role: str  # weight | bias | scale | shift | param
     op_type: str  # op type of the (first) consumer
     onnx_shape: tuple[int, ...]
@@ -157,12 +160,19 @@ class ImportedModel:
             values[entry.param] = entry.layout.to_onnx(tensor).astype(entry.onnx_dtype, copy=False)
         return values
 
-    def updates(self, entries: list[WeightEntry] | None = None) -> list[TensorUpdate]:
-        """Write-back requests for the current values of ``entries`` (default: every weight)."""
+    def updates(self, entries: list[WeightEntry] | None = None,
+                quant: Mapping[str, QuantSpec] | None = None) -> list[TensorUpdate]:
+        """Write-back requests for the current values of ``entries`` (default: every weight).
+
+        ``quant`` maps a parameter name to how its values were quantized (ONNX layout), so the quantized
+        encoders may store integers for it.
+        """
         values = self.onnx_values(entries)
+        quant = quant or {}
         return [
             TensorUpdate(e.onnx_name, values[e.param],
-                         () if e.owns_tensor else tuple((c.node, c.input_index) for c in e.consumers))
+                         () if e.owns_tensor else tuple((c.node, c.input_index) for c in e.consumers),
+                         quant=quant.get(e.param))
             for e in (self.weights if entries is None else entries)
         ]
 
@@ -319,9 +329,13 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     normalized, trained = _trainable_part(normalized, not_converted)
     gm = _convert(normalized)
     onnx_nodes = OnnxGraph(normalized.graph).nodes
-    sources = constant_sources(original)
-    compressible_names = {w.name for w in compressible_weights(original)}
-    orig_consumers = _consumers_of_constants(original)
+    # Weights of an already-compressed model are decoder outputs (DequantizeLinear, codebook Gather):
+    # read everything about them from a view where they are plain constants.
+    view, decoded = decoded_view(original)
+    view_sources = constant_sources(view)
+    sources = {**view_sources, **{name: TensorSource(name, "decoded") for name in decoded}}
+    compressible_names = {w.name for w in compressible_weights(view)}
+    orig_consumers = _consumers_of_constants(view)
 
     # Every use of a constant tensor by a converted op: (owner module, attribute, role, layout, input index)
     uses: dict[str, list[tuple[nn.Module, str, str, Layout, str, int]]] = defaultdict(list)
@@ -372,7 +386,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
                 role=role,
                 op_type=group[0][4],
                 onnx_shape=tuple(layout.to_onnx(np.empty(torch_shape)).shape),
-                onnx_dtype=_onnx_dtype(original, sources[onnx_name]),
+                onnx_dtype=_onnx_dtype(view, view_sources[onnx_name]),
                 consumers=consumers,
                 layout=layout,
                 compressible=role == "weight" and onnx_name in compressible_names,

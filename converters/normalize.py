@@ -27,6 +27,7 @@ import onnx
 from onnx import defs, helper, numpy_helper, version_converter
 
 from converters.batch_axis import inferred_shapes, unbake_batch
+from converters.dequantize import fold_weight_decoders
 from converters.errors import UserError
 from converters.graphinfo import _sparse_to_dense, constant_node_value, identity_aliases, node_label
 
@@ -246,6 +247,9 @@ def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
 
 PASSES: list[Pass] = [
     name_nodes,
+    # A compressed model's DequantizeLinear / Cast+Gather weights become float initializers again, so it
+    # can be compressed further (int4/int2 do not exist at the opset we convert down to).
+    fold_weight_decoders,
     densify_sparse_initializers,
     constants_to_initializers,
     bypass_identity_of_constants,

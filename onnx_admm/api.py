@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import resource
 import tempfile
 import time
@@ -31,13 +32,13 @@ from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import load_model, save_model, uses_external_data
 from converters.shrink import count_macs, shrink
-from converters.writeback import write_back
+from converters.writeback import QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.plan import Plan, QuantChoice, WeightSpec, make_plan, sparsity_constraints
-from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant
+from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
@@ -64,6 +65,7 @@ class StageResult:
     residuals: dict[str, list[float]] = field(default_factory=dict)
     quant: dict[str, QuantChoice] = field(default_factory=dict)  # quantized weights of this stage
     kept_channels: dict[str, np.ndarray] = field(default_factory=dict)  # filter groups: channels kept
+    quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -91,11 +93,19 @@ class CompressResult:
             "onnx_admm.recipe": json.dumps(self.config.to_dict(), sort_keys=True),
             "onnx_admm.stage": str(self.stages[stage].index),
         }
-        model = write_back(self.imported.original, self.imported.updates(), metadata=metadata).model
-        kept = self.stages[stage].kept_channels
+        return self.export(stage, metadata).model
+
+    def export(self, stage: int = -1, metadata: dict[str, str] | None = None) -> WriteBackResult:
+        """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
+        chosen = self.stages[stage]
+        _load_values(self.imported, chosen.values)
+        kept = chosen.kept_channels
+        # The shrink pass cuts plain tensors: filter-pruned runs store dense/sparse, then cut.
+        quant = {} if kept else chosen.quant_specs
+        result = write_back(self.imported.original, self.imported.updates(quant=quant), metadata=metadata)
         if kept:  # filters removed: make the graph physically smaller
-            model = shrink(model, kept).model
-        return model
+            result.model = shrink(result.model, kept).model
+        return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
         """Write the model atomically (with external data if the original had it); returns the files."""
@@ -281,6 +291,9 @@ class _Runner:
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, constraints, previous)
+        # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
+        scales = {name: quantize(constraints[name], params[name].detach()) for name in params
+                  if self.plan.by_name()[name].quant[stage] is not None}
         supports = admm.hard_project()
         levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(self.plan, name, stage))
                   for name in params if self.plan.by_name()[name].quant[stage] is not None}
@@ -296,6 +309,8 @@ class _Runner:
             rolled_back="; ".join(m for m in (rolled, rolled_r) if m) or None,
             values=values, residuals={n: list(h) for n, h in admm.residual_history.items()},
             quant={n: self.plan.by_name()[n].quant[stage] for n in levels}, kept_channels=kept,
+            quant_specs={n: _quant_spec(self.imported, n, self.plan.by_name()[n].quant[stage], scales[n])
+                         for n in levels},
         ))
         logger.info("stage %d done: sparsity %.4f, validation %s", stage, zeros / total, metric)
         return supports
@@ -453,6 +468,18 @@ def _quantizer(choice: QuantChoice, spec: WeightSpec):
     if choice.bits == 1:
         return Binary(per_channel=choice.per_channel, axis=axis)
     return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis)
+
+
+def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) -> QuantSpec:
+    """How a quantized weight is stored, in its ONNX layout (Gemm weights may be transposed and scaled)."""
+    if qt is None:  # a codebook: its levels are the values themselves
+        return QuantSpec(bits=max(1, math.ceil(math.log2(max(2, choice.clusters)))))
+    entry = next(e for e in imported.weights if e.param == param)
+    scale = qt.scale.detach().cpu().numpy().astype(np.float32) / np.float32(entry.layout.scale)
+    axis = qt.axis
+    if axis is not None and entry.layout.transpose:
+        axis = qt.q.dim() - 1 - axis
+    return QuantSpec(bits=qt.bits, scale=scale, axis=axis)
 
 
 def _level_axis(plan: Plan, name: str, stage: int) -> int | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, find_score_output, graph_inputs
 from converters.importer import import_model, unsupported_nodes
@@ -15,7 +17,9 @@ from converters.normalize import normalize
 def inspect_model(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description: inputs, outputs, score output, compressible weights, import problems."""
     model = load_model(path)
-    weights = compressible_weights(model)
+    view, decoded = decoded_view(model)  # weights of a compressed model sit behind decoders
+    weights = [dataclasses.replace(w, location="decoded") if w.name in decoded else w
+               for w in compressible_weights(view)]
     score = find_score_output(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     problems: list[str] = []

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
-from onnx.reference import ReferenceEvaluator
 
+from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
 from converters.modelio import external_data_files, load_model
@@ -36,7 +35,6 @@ _GZIP_CHUNK = 1 << 24
 # Ops that turn constant stored data into a weight at run time. A weight stored through one of them
 # (e.g. int8 DequantizeLinear) is counted as the decoded tensor its consumer reads. Future encoders
 # add their decoding ops here (a codebook encoding: "Cast", "Gather").
-_DECODING_OPS = ("DequantizeLinear",)
 
 
 @dataclass(frozen=True)
@@ -401,9 +399,9 @@ def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
     """(parameters, nonzeros) over the compressible weights, external data loaded.
 
     Dense initializers, Constant nodes and sparse initializers are counted as the dense tensors they
-    hold; weights stored through a decoding op (``_DECODING_OPS``) as the tensor they decode to.
+    hold; weights stored through a decoder (DequantizeLinear, codebook Cast+Gather) as the tensor they decode to.
     """
-    model = _decode_encoded_weights(model)
+    model = decoded_view(model)[0]
     sources = constant_sources(model)
     parameters = nonzeros = 0
     for weight in compressible_weights(model):
@@ -448,43 +446,9 @@ def tensor_storage_bits(value: np.ndarray) -> int:
 
 def weight_storage_bits(path: str | Path) -> int:
     """``tensor_storage_bits`` summed over the compressible weights of the model at ``path``."""
-    model = _decode_encoded_weights(load_model(path))
+    model = decoded_view(load_model(path))[0]
     sources = constant_sources(model)
     return sum(tensor_storage_bits(tensor_value(model, sources[w.name])) for w in compressible_weights(model))
-
-
-def _decode_encoded_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """HOOK for encoded weights: fold decoding nodes fed only by constants into initializers.
-
-    A quantized encoding stores ``DequantizeLinear(q, scale, zero_point) -> W`` where the float ``W``
-    was. Folding it (with ``onnx.reference``) lets ``compressible_weights`` find ``W`` under the name
-    its consumers read, so parameters and nonzeros count the same tensor as in the original model.
-    Returns ``model`` itself when there is nothing to fold, else a folded copy.
-    """
-    sources = constant_sources(model)
-    opsets = {entry.domain or "": entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")}
-    decoded: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        if node.op_type not in _DECODING_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        if not all(not name or name in sources or name in decoded for name in node.input):
-            continue  # an activation's quantize/dequantize pair, not a stored weight
-        feeds = {
-            name: decoded[name] if name in decoded else tensor_value(model, sources[name])
-            for name in node.input
-            if name
-        }
-        outputs = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
-        decoded.update(zip(node.output, outputs))
-    if not decoded:
-        return model
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    kept = [node for node in folded.graph.node if not set(node.output) <= set(decoded)]
-    del folded.graph.node[:]
-    folded.graph.node.extend(kept)
-    folded.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in decoded.items())
-    return folded
 
 
 def format_table(report: ValidationReport) -> str:
