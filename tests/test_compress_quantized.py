@@ -1,0 +1,106 @@
+"""ADMM quantization end to end on the digits sample: levels exact, export in DequantizeLinear/codebook,
+onnxruntime equal to the torch module holding the projected float weights, re-import and re-compress."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from converters.dequantize import decoded_view
+from converters.graphinfo import constant_sources, tensor_value
+from converters.modelio import load_model
+from onnx_admm.api import compress
+from onnx_admm.check import check, within_tolerance
+from onnx_admm.cli import main
+from onnx_admm.recipe import CompressConfig
+
+WEIGHTS = ("0.weight", "2.weight", "5.weight", "7.weight")
+
+
+def _config(quantize, prune=None, admm=1, retrain=1):
+    return CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": admm, "retrain_epochs": retrain},
+                                     "quantize": quantize, **({"prune": prune} if prune else {})})
+
+
+def _weights(path):
+    """The weight values a runtime sees (decoders evaluated), by name."""
+    view, _ = decoded_view(load_model(path))
+    sources = constant_sources(view)
+    return {n: tensor_value(view, sources[n]) for n in WEIGHTS}
+
+
+def _ort(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+
+
+@pytest.mark.parametrize("quantize, ops, max_levels", [
+    ({"bits": 4}, {"DequantizeLinear"}, 15),
+    ({"bits": 4, "per_channel": True}, {"DequantizeLinear"}, None),
+    ({"bits": 1}, {"DequantizeLinear"}, 2),
+    ({"ternary": True}, {"DequantizeLinear"}, 3),
+    ({"clusters": 16}, {"Cast", "Gather"}, 16),
+])
+def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, quantize, ops, max_levels):
+    result = compress(digits_sample.model, str(digits_sample.train), _config(quantize),
+                      val_data=str(digits_sample.test))
+    out = tmp_path / "q.onnx"
+    result.save(out)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert ops <= {n.op_type for n in model.graph.node}
+    weights = _weights(out)
+    for name, value in weights.items():
+        levels = np.unique(value)
+        if max_levels is not None:
+            assert levels.size <= max_levels, (name, levels.size)
+        if quantize.get("bits") == 1:
+            assert levels.size == 2 and levels[0] == -levels[1]  # exactly {-a, +a}
+        if quantize.get("ternary"):
+            assert levels.size == 3 and levels[1] == 0 and levels[0] == -levels[2]
+    # The reference is the torch module holding the projected float weights, not the exported integers.
+    x = np.load(digits_sample.test)["input"][:32]
+    ok, diff = within_tolerance(result.imported.run({"input": x}), _ort(out, x))
+    assert ok, diff
+    for layer in result.report["layers"]:
+        assert layer["levels"] == np.unique(weights[layer["name"]]).size
+    assert check(out).passed  # a compressed model imports again and writes back faithfully
+
+
+def test_joint_pruning_and_4bit_keeps_zeros_and_is_small(digits_sample, tmp_path):
+    result = compress(digits_sample.model, str(digits_sample.train),
+                      _config({"bits": 4, "per_channel": True}, {"sparsity": 0.9}, admm=2, retrain=1),
+                      val_data=str(digits_sample.test))
+    out = tmp_path / "pq.onnx"
+    result.save(out)
+    weights = _weights(out)
+    nonzero = sum(int(np.count_nonzero(w)) for w in weights.values())
+    assert nonzero <= round(0.1 * 38160)  # the pruning target holds; 4-bit rounding may add zeros
+    for w in weights.values():  # per output channel: at most 14 nonzero 4-bit levels (q in -7..7, q != 0)
+        assert all(np.unique(row[row != 0]).size <= 14 for row in w.reshape(w.shape[0], -1))
+    report = result.report
+    assert report["compressed"]["bytes_gzip"] * 10 < report["original"]["bytes_gzip"]
+    assert report["storage_bits"]["compressed"] * 12 < report["storage_bits"]["original"]  # measured 16.8x
+    assert report["metrics"]["compressed_accuracy"] > 0.85
+
+
+def test_progressive_bits_and_cli_flags(digits_sample, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[train]\nthreads = 1\n[admm]\nepochs = 1\nretrain_epochs = 1\n[quantize]\nbits = [8, 4, 2]\n')
+    out, report = tmp_path / "b.onnx", tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["compress", str(digits_sample.model), "--data", str(digits_sample.train),
+                                       "--val-data", str(digits_sample.test), "--recipe", str(recipe), "-o", str(out),
+                                       "--report", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert len(data["stages"]) == 3
+    assert {layer["quantization"] for layer in data["layers"]} == {"2-bit"}
+    assert all(np.unique(w).size <= 3 for w in _weights(out).values())
+    bad = CliRunner().invoke(main, ["compress", str(digits_sample.model), "--data", str(digits_sample.train),
+                                    "--bits", "4", "--ternary", "-o", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2 and "choose one of" in bad.output
+    assert not (tmp_path / "x.onnx").exists()
