@@ -690,7 +690,18 @@ def _sign_quantized(w: Tensor, x: Tensor, chosen: Tensor, axis: int | None) -> Q
 
 
 @dataclass(frozen=True)
-class Binary(_Quantizer):
+class _ScaledSigns(_Quantizer):
+    """Shared fields of the quantizers with one scale a per tensor or per channel (binary, ternary)."""
+
+    per_channel: bool = False
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        _check_channels(type(self).__name__, self.per_channel, self.axis)
+
+
+@dataclass(frozen=True)
+class Binary(_ScaledSigns):
     """Levels {-a, +a} with a = mean |w| (the L2-optimal scale for the signs), per tensor or per channel.
 
     Entries outside ``allowed`` (and exact zeros) stay 0 and a is the mean over the rest: with pruning the
@@ -701,12 +712,6 @@ class Binary(_Quantizer):
         axis: The channel axis for ``per_channel``.
     """
 
-    per_channel: bool = False
-    axis: int = 0
-
-    def __post_init__(self) -> None:
-        _check_channels(type(self).__name__, self.per_channel, self.axis)
-
     def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
         """Signs (int8, 0 where pruned) and the per-tensor / per-channel a."""
         axis = _channel_axis(w, self.per_channel, self.axis, "Binary")
@@ -715,7 +720,7 @@ class Binary(_Quantizer):
 
 
 @dataclass(frozen=True)
-class Ternary(_Quantizer):
+class Ternary(_ScaledSigns):
     """Levels {-a, 0, +a} with the exact L2-optimal threshold and a, per tensor or per channel.
 
     For a kept set of the k largest |w| the best a is their mean and the error is
@@ -726,12 +731,6 @@ class Ternary(_Quantizer):
         per_channel: One a (and threshold) per index of ``axis``.
         axis: The channel axis for ``per_channel``.
     """
-
-    per_channel: bool = False
-    axis: int = 0
-
-    def __post_init__(self) -> None:
-        _check_channels(type(self).__name__, self.per_channel, self.axis)
 
     def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
         """Levels -1/0/+1 (int8) and the per-tensor / per-channel a."""
