@@ -83,11 +83,10 @@ class CompressResult:
     stages: list[StageResult]
     report: dict[str, Any] = field(default_factory=dict)
     external_data: bool = False  # the original kept its weights in a .data file: so does the output
-    groups: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)
+    groups: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)  # of the original graph
 
     def model(self, stage: int = -1) -> onnx.ModelProto:
         """The original graph with the weights of ``stage`` (default: the last) written back."""
-        _load_values(self.imported, self.stages[stage].values)
         metadata = {
             "onnx_admm.version": __version__,
             "onnx_admm.recipe": json.dumps(self.config.to_dict(), sort_keys=True),
@@ -104,7 +103,7 @@ class CompressResult:
         quant = {} if kept else chosen.quant_specs
         result = write_back(self.imported.original, self.imported.updates(quant=quant), metadata=metadata)
         if kept:  # filters removed: make the graph physically smaller
-            result.model = shrink(result.model, kept).model
+            result.model = shrink(result.model, kept, groups=list(self.groups.values())).model
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
