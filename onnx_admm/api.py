@@ -516,6 +516,7 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
 def _report(result: CompressResult, original_path: Path | None, held_out: Dataset, dense_metric, cfg, started) -> dict:
     imported = result.imported
     final = result.stages[-1]
+    exported = result.export(-1, {"onnx_admm.version": __version__})
     layers = []
     total = nonzero = 0
     for entry in imported.compressible():
@@ -531,6 +532,11 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             "levels": int(torch.unique(value).numel()) if entry.param in final.quant else None,
             "quantization": final.quant[entry.param].describe() if entry.param in final.quant else None,
             "storage_bits": tensor_storage_bits(entry.layout.to_onnx(value.numpy())),
+            # how write-back stored it: encoding and bits per weight actually in the file (raw bytes)
+            "encoding": exported.encodings.get(entry.onnx_name, "unchanged"),
+            "stored_bits_per_weight": (8 * exported.nbytes[entry.onnx_name] / n
+                                       if entry.onnx_name in exported.nbytes else None),
+            "note": exported.notes.get(entry.onnx_name),
         })
     structure = None
     with tempfile.TemporaryDirectory(prefix="onnx-admm-") as tmp:
@@ -539,7 +545,7 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             orig = Path(tmp) / "original.onnx"
             save_model(imported.original, orig)
         out = Path(tmp) / "compressed.onnx"
-        result.save(out)
+        save_model(exported.model, out, external_data=result.external_data)
         validation = validate(orig, out, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
                               score_output=cfg.output)
         if final.kept_channels:
