@@ -87,12 +87,15 @@ class CompressResult:
 
     def model(self, stage: int = -1) -> onnx.ModelProto:
         """The original graph with the weights of ``stage`` (default: the last) written back."""
-        metadata = {
+        return self.export(stage, self.metadata(stage)).model
+
+    def metadata(self, stage: int = -1) -> dict[str, str]:
+        """The ``metadata_props`` a saved model carries: tool version, recipe and stage."""
+        return {
             "onnx_admm.version": __version__,
             "onnx_admm.recipe": json.dumps(self.config.to_dict(), sort_keys=True),
             "onnx_admm.stage": str(self.stages[stage].index),
         }
-        return self.export(stage, metadata).model
 
     def export(self, stage: int = -1, metadata: dict[str, str] | None = None) -> WriteBackResult:
         """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
@@ -516,7 +519,7 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
 def _report(result: CompressResult, original_path: Path | None, held_out: Dataset, dense_metric, cfg, started) -> dict:
     imported = result.imported
     final = result.stages[-1]
-    exported = result.export(-1, {"onnx_admm.version": __version__})
+    exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
     layers = []
     total = nonzero = 0
     for entry in imported.compressible():
