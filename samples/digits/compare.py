@@ -1,6 +1,10 @@
 """ADMM vs magnitude pruning on the bundled digits CNN, same total epochs, same run.
 
     python samples/digits/compare.py [--sparsity 0.98] [--stages 2] [--admm-epochs 10] [--retrain-epochs 5]
+    python samples/digits/compare.py --quantize 4     # or 2, 1 (binary): ADMM + STE vs STE alone
+
+With --quantize the rows are ADMM then retraining with the straight-through estimator, against the
+hard projection followed by STE retraining alone (ADMM epochs 0), per-channel levels, no pruning.
 
 Both rows use the recipe in this folder; the magnitude row sets ADMM epochs to 0 (one-shot magnitude
 projection per stage) and gives those epochs to masked retraining instead, so both train
@@ -26,22 +30,33 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--admm-epochs", type=int, default=10)
     parser.add_argument("--retrain-epochs", type=int, default=5)
+    parser.add_argument("--quantize", type=int, choices=range(1, 9), metavar="BITS",
+                        help="compare quantization (1 = binary) instead of pruning")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     base = CompressConfig.from_toml(HERE / "recipe.toml").replace(
         prune={"sparsity": args.sparsity, "stages": args.stages})
+    if args.quantize:
+        import dataclasses
+
+        from onnx_admm.recipe import PruneConfig, QuantizeConfig
+
+        base = dataclasses.replace(base, prune=PruneConfig(),
+                                   quantize=QuantizeConfig(bits=args.quantize, per_channel=True))
     epochs = args.admm_epochs + args.retrain_epochs
     rows = []
-    for method, admm_epochs, retrain_epochs in (("magnitude", 0, epochs), ("admm", args.admm_epochs, args.retrain_epochs)):
+    baseline = "STE only" if args.quantize else "magnitude"
+    for method, admm_epochs, retrain_epochs in ((baseline, 0, epochs), ("admm", args.admm_epochs, args.retrain_epochs)):
         config = base.replace(admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs})
         started = time.perf_counter()
-        report = compress(HERE / "model.onnx", str(HERE / "train.npz"), config, val_data=str(HERE / "test.npz")).report
+        result = compress(HERE / "model.onnx", str(HERE / "train.npz"), config, val_data=str(HERE / "test.npz"))
+        report = result.report
         m = report["metrics"]
         rows.append({
-            "method": method, "sparsity": args.sparsity, "ratio": round(report["compression_ratio"], 1),
+            "method": method, "sparsity": None if args.quantize else args.sparsity, "bits": args.quantize, "ratio": round(report["compression_ratio"], 1),
             "top1": m["compressed_accuracy"], "dense_top1": m["original_accuracy"],
             "drop_pt": 100 * (m["original_accuracy"] - m["compressed_accuracy"]),
-            "epochs": args.stages * epochs, "wall_s": round(time.perf_counter() - started, 1),
+            "epochs": len(result.stages) * epochs, "wall_s": round(time.perf_counter() - started, 1),
             "bytes": report["compressed"]["bytes"], "bytes_gzip": report["compressed"]["bytes_gzip"],
         })
     print(f"{'method':<10} {'ratio':>6} {'top1':>7} {'drop':>6} {'epochs':>6} {'bytes':>7} {'gzip':>6} {'wall':>6}")
