@@ -38,7 +38,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from converters.errors import UserError
-from converters.graphinfo import node_label
+from converters.graphinfo import node_attr, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +117,6 @@ class _Context:
         self.rewrites.append((node, index, name))
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _only(axes_in: list[int | None], allowed: int = 0) -> int:
     """The batch axis of input ``allowed``, refusing a batch-carrying tensor at any other input."""
     for i, a in enumerate(axes_in):
@@ -155,7 +148,7 @@ def _reshape(node: onnx.NodeProto, axis: int, ctx: _Context) -> int:
         raise _NotBatch("its target shape is computed at run time")
     src = ctx.static_shape(node.input[0])
     target = [int(v) for v in ctx.inits[node.input[1]].reshape(-1).tolist()]
-    allowzero = _attr(node, "allowzero", 0)
+    allowzero = node_attr(node, "allowzero", 0)
     resolved = [src[i] if d == 0 and not allowzero else d for i, d in enumerate(target)]
     if resolved.count(-1) == 1:
         known = math.prod(d for d in resolved if d != -1)
@@ -215,7 +208,7 @@ def _matmul(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -> i
 
 
 def _recurrent(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -> list[int | None]:
-    layout = _attr(node, "layout", 0)
+    layout = node_attr(node, "layout", 0)
     want_x, want_state = (1, 1) if layout == 0 else (0, 0)
     for i, a in enumerate(axes_in):
         if i in (1, 2, 3, 7) and a is not None:
@@ -271,33 +264,33 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
     axis = _only(axes_in)
     rank = len(ctx.shape(node.input[0]))
     if op == "Gemm":
-        want = 1 if _attr(node, "transA", 0) else 0
+        want = 1 if node_attr(node, "transA", 0) else 0
         if axis != want:
             raise _NotBatch("the batch is not on the rows of A")
         return [0]
     if op == "Transpose":
-        perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+        perm = list(node_attr(node, "perm", list(range(rank))[::-1]))
         return [perm.index(axis)]
     if op == "Flatten":
-        k = _attr(node, "axis", 1) % rank if rank else 0
+        k = node_attr(node, "axis", 1) % rank if rank else 0
         shape = ctx.shape(node.input[0])
         if axis >= k or any(shape[i] != 1 for i in range(k) if i != axis):
             raise _NotBatch("it merges the batch axis with other dims")
         return [0]
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         default = -1 if ctx.opset >= 13 else 1
-        k = _attr(node, "axis", default) % rank
+        k = node_attr(node, "axis", default) % rank
         if axis == k or (ctx.opset < 13 and axis >= k):
             raise _NotBatch(f"{op} normalizes over the batch axis")
         return [axis]
     if op in ("LayerNormalization",):
-        k = _attr(node, "axis", -1) % rank
+        k = node_attr(node, "axis", -1) % rank
         if axis >= k:
             raise _NotBatch("it normalizes over the batch axis")
         return [axis] * n_out
     if op in _REDUCE or op in ("ArgMax", "ArgMin"):
         if op in ("ArgMax", "ArgMin"):
-            axes = [_attr(node, "axis", 0)]
+            axes = [node_attr(node, "axis", 0)]
         else:
             axes = ctx.ints(node, "axes", 1)
         if not axes:
@@ -305,7 +298,7 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
         axes = _normalize_axes(axes, rank)
         if axis in axes:
             raise _NotBatch("it reduces over the batch axis")
-        keep = _attr(node, "keepdims", 1)
+        keep = node_attr(node, "keepdims", 1)
         return [axis if keep else axis - sum(a < axis for a in axes)]
     if op == "Squeeze":
         axes = ctx.ints(node, "axes", 1)
@@ -324,24 +317,24 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
         kept = [i for i in range(rank + len(axes)) if i not in axes]
         return [kept[axis]]
     if op == "Concat":
-        if _attr(node, "axis", 0) % rank == axis:
+        if node_attr(node, "axis", 0) % rank == axis:
             raise _NotBatch("it concatenates along the batch axis")
         return [axis]
     if op == "Split":
-        if _attr(node, "axis", 0) % rank == axis:
+        if node_attr(node, "axis", 0) % rank == axis:
             raise _NotBatch("it splits the batch axis")
         return [axis] * n_out
     if op == "Slice":
         return [_slice(node, axis, rank, ctx)]
     if op == "Gather":
-        k = _attr(node, "axis", 0) % rank
+        k = node_attr(node, "axis", 0) % rank
         if axis == k:
             raise _NotBatch("it gathers along the batch axis")
         return [axis if axis < k else axis + len(ctx.shape(node.input[1])) - 1]
     if op in ("Pad", "Tile"):
         return [_pad_or_tile(node, axis, rank, ctx)]
     if op in ("TopK", "CumSum"):
-        k = (_attr(node, "axis", -1) if op == "TopK" else (ctx.ints(node, "", 1) or [0])[0]) % rank
+        k = (node_attr(node, "axis", -1) if op == "TopK" else (ctx.ints(node, "", 1) or [0])[0]) % rank
         if axis == k:
             raise _NotBatch(f"{op} runs along the batch axis")
         return [axis] * n_out

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from converters.graphinfo import constant_sources, tensor_value
+from converters.graphinfo import constant_sources, node_attr, tensor_value
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
         if node.op_type == "DequantizeLinear" and inputs and all(name in sources for name in inputs):
             found[node.output[0]] = WeightDecoder(node.output[0], node.op_type, (index,), tuple(inputs))
         elif node.op_type == "Gather" and len(inputs) == 2 and inputs[0] in sources:
-            if _attribute(node, "axis", 0) not in (0, -1):
+            if node_attr(node, "axis", 0) not in (0, -1):
                 continue
             indices = inputs[1]
             if indices in sources:
@@ -84,7 +84,7 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
                     and cast.domain in _DEFAULT_DOMAINS
                     and len(cast.input) == 1
                     and cast.input[0] in sources
-                    and _attribute(cast, "to", None) in _INDEX_TYPES
+                    and node_attr(cast, "to", None) in _INDEX_TYPES
                     and readers.get(indices, 0) == 1
                 ):
                     continue
@@ -165,9 +165,4 @@ def decoded_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     return copy, set(decoders)
 
 
-def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 

@@ -85,6 +85,14 @@ class ScoreOutput:
     kind: str
 
 
+def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """The value of attribute ``name`` of ``node``, or ``default`` when the node does not set it."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """A stable label for a node: its name, or one made from its op type and position when nameless.
 

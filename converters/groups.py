@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from converters.graphinfo import (
     TensorSource,
     constant_sources,
     identity_aliases,
+    node_attr,
     node_label,
     resolve,
     tensor_value,
@@ -200,13 +200,6 @@ def channel_groups_summary(groups: list[ChannelGroup]) -> list[dict]:
     ]
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 class _Analysis:
     """Graph facts shared by every group's walk."""
 
@@ -313,7 +306,7 @@ class _Analysis:
         shape = self.value(weight).shape
         walk = _Walk(self, weight, _out_channels(node, shape))
         if node.op_type == "Conv":
-            groups = _attr(node, "group", 1)
+            groups = node_attr(node, "group", 1)
             if groups != 1:
                 if shape[1] == 1:  # weight [C*m, C_in/group, ...] with C_in/group == 1
                     raise _Depthwise
@@ -323,7 +316,7 @@ class _Analysis:
                 walk.slice_input(node.input[2], 0, "bias", _Layout(0), (label, 2))
             start = _Layout(1)
         elif node.op_type == "Gemm":
-            trans_b = _attr(node, "transB", 0)
+            trans_b = node_attr(node, "transB", 0)
             walk.slice(weight, 0 if trans_b else 1, "weight", _Layout(0), (label, 1))
             if len(node.input) > 2 and node.input[2]:
                 if self.constant(node.input[2]) is None:
@@ -364,11 +357,11 @@ class _Depthwise(Exception):
 
 def _out_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
     if node.op_type == "Gemm":
-        return shape[0] if _attr(node, "transB", 0) else shape[1]
+        return shape[0] if node_attr(node, "transB", 0) else shape[1]
     if node.op_type == "MatMul":
         return shape[-1]
     if node.op_type == "ConvTranspose":
-        return shape[1] * _attr(node, "group", 1)
+        return shape[1] * node_attr(node, "group", 1)
     return shape[0]
 
 
@@ -565,9 +558,9 @@ class _Walk:
             return self._conv(i, layout)
         if op == "Gemm":
             data_input_only()
-            if _attr(node, "transA", 0) or rank != 2 or layout.axis != 1:
+            if node_attr(node, "transA", 0) or rank != 2 or layout.axis != 1:
                 raise NotPrunable(f"Gemm {label} reads the channels transposed")
-            trans_b = _attr(node, "transB", 0)
+            trans_b = node_attr(node, "transB", 0)
             self.slice_input(node.input[1], 1 if trans_b else 0, "consumer", layout, (label, 1))
             return []
         if op == "MatMul":
@@ -581,14 +574,14 @@ class _Walk:
         if op == "Flatten":
             data_input_only()
             dims = a.shape(name)
-            axis = _attr(node, "axis", 1)
+            axis = node_attr(node, "axis", 1)
             return [(node.output[0], self._flatten(dims, layout, axis + rank if axis < 0 else axis, label))]
         if op == "Reshape":
             data_input_only()
             return [(node.output[0], self._reshape(i, name, layout))]
         if op == "Transpose":
             data_input_only()
-            perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+            perm = list(node_attr(node, "perm", list(range(rank))[::-1]))
             return [(node.output[0], _Layout(perm.index(layout.axis), layout.inner, layout.outer))]
         if op in ("Squeeze", "Unsqueeze"):
             data_input_only()
@@ -612,17 +605,17 @@ class _Walk:
             data_input_only()
             axes = self._axes(node, label)
             if not axes:
-                if _attr(node, "noop_with_empty_axes", 0) and axes is not None:
+                if node_attr(node, "noop_with_empty_axes", 0) and axes is not None:
                     return [(node.output[0], layout)]
                 raise NotPrunable(f"{op} {label} reduces over every axis, channels included")
             axes = [x % rank for x in axes]
             if layout.axis in axes:
                 raise NotPrunable(f"{op} {label} reduces over the channel axis")
-            new = layout.axis if _attr(node, "keepdims", 1) else layout.axis - sum(ax < layout.axis for ax in axes)
+            new = layout.axis if node_attr(node, "keepdims", 1) else layout.axis - sum(ax < layout.axis for ax in axes)
             return [(node.output[0], _Layout(new, layout.inner, layout.outer))]
         if op == "Pad":
             data_input_only()
-            pads = _attr(node, "pads")
+            pads = node_attr(node, "pads")
             if pads is None and len(node.input) > 1 and a.constant(node.input[1]) is not None:
                 pads = a.value(a.constant(node.input[1])).tolist()
             if pads is None or (len(node.input) > 3 and node.input[3]):
@@ -646,7 +639,7 @@ class _Walk:
         if weight is None:
             raise NotPrunable(f"Conv {label} has a computed weight")
         shape = a.value(weight).shape
-        groups = _attr(node, "group", 1)
+        groups = node_attr(node, "group", 1)
         full = layout.outer * self.n * layout.inner
         if groups == 1:
             self.slice(weight, 1, "consumer", layout, (label, 1))
@@ -716,7 +709,7 @@ class _Walk:
 
     def _axes(self, node: onnx.NodeProto, label: str) -> list[int] | None:
         """The ``axes`` of Squeeze/Unsqueeze/Reduce*, from the attribute or a constant input; None if absent."""
-        axes = _attr(node, "axes")
+        axes = node_attr(node, "axes")
         if axes is not None:
             return list(axes)
         if len(node.input) > 1 and node.input[1]:
