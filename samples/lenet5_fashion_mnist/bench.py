@@ -263,16 +263,20 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
     except ImportError:
         logger.info("matplotlib not installed: no results.png")
         return
+    # x: weight-storage reduction (the papers' figure: nonzeros x bits + index bits), so pruned,
+    # quantized and joint rows share one axis; rows without a storage figure are left out.
+    dense_bits = next((r["storage_bits"] for r in results if r["id"] == "dense"), None)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method: dict[str, list[dict]] = {}
     for r in results:
-        if r.get("ratio"):
+        if r.get("storage_bits") and dense_bits:
             by_method.setdefault(r["method"], []).append(r)
     for method, points in by_method.items():
-        points.sort(key=lambda r: r["ratio"])
-        ax.plot([p["ratio"] for p in points], [100 * p["top1"] for p in points], marker="o", label=method)
+        points.sort(key=lambda r: dense_bits / r["storage_bits"])
+        ax.plot([dense_bits / p["storage_bits"] for p in points], [100 * p["top1"] for p in points], marker="o",
+                label=method)
     ax.set_xscale("log")
-    ax.set_xlabel("compression ratio (weights / nonzero weights)")
+    ax.set_xlabel("weight-storage reduction (fp32 bits / nonzeros x bits + index bits)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Fashion-MNIST LeNet-5: accuracy vs compression")
     ax.grid(True, which="both", alpha=0.3)
