@@ -143,8 +143,9 @@ def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
     specs = []
     for entry in imported.compressible():
         # The torch parameter's output-channel axis: Conv/Linear keep filters first; a MatMul weight
-        # [K, N] (kept in ONNX layout) has them last; a Gather table has none.
-        out_axis = {"MatMul": 1, "Gather": None}.get(entry.op_type, 0)
+        # [K, N] (kept in ONNX layout) has them last; Gather tables and recurrent W/R
+        # [directions, gates*hidden, in] have no filters to prune whole.
+        out_axis = {"MatMul": 1, "Gather": None, "LSTM": None, "GRU": None, "RNN": None}.get(entry.op_type, 0)
         specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, out_axis))
     return specs
 
