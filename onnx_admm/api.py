@@ -17,7 +17,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.levels import FixedLevels, StraightThrough
-from onnx_admm.plan import Plan, QuantChoice, WeightSpec, make_plan, sparsity_constraints
+from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, make_plan, sparsity_constraints
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
@@ -294,12 +294,12 @@ class _Runner:
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, constraints, previous)
+        quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
-        scales = {name: quantize(constraints[name], params[name].detach()) for name in params
-                  if self.plan.by_name()[name].quant[stage] is not None}
+        scales = {name: quantize(constraints[name], params[name].detach()) for name in quantized}
         supports = admm.hard_project()
-        levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(self.plan, name, stage))
-                  for name in params if self.plan.by_name()[name].quant[stage] is not None}
+        levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
+                  for name, w in quantized.items()}
         kept = self.removed_filters(supports)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels)
@@ -311,9 +311,8 @@ class _Runner:
             sparsity=zeros / total, val_metric=metric,
             rolled_back="; ".join(m for m in (rolled, rolled_r) if m) or None,
             values=values, residuals={n: list(h) for n, h in admm.residual_history.items()},
-            quant={n: self.plan.by_name()[n].quant[stage] for n in levels}, kept_channels=kept,
-            quant_specs={n: _quant_spec(self.imported, n, self.plan.by_name()[n].quant[stage], scales[n])
-                         for n in levels},
+            quant={n: w.quant[stage] for n, w in quantized.items()}, kept_channels=kept,
+            quant_specs={n: _quant_spec(self.imported, n, w.quant[stage], scales[n]) for n, w in quantized.items()},
         ))
         logger.info("stage %d done: sparsity %.4f, validation %s", stage, zeros / total, metric)
         return supports
@@ -389,7 +388,7 @@ class _Runner:
 
         def epoch_end(epoch, stats) -> None:
             scheduler.step()
-            with ste.projected() if ste else _nothing():
+            with ste.projected() if ste else nullcontext():
                 metric = self.val_metric()
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
                     best.update(metric=metric if metric is not None else best["metric"], values=_snapshot(self.imported))
@@ -457,11 +456,6 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tupl
     return dataclasses.replace(plan, weights=tuple(kept)), left_alone
 
 
-@contextmanager
-def _nothing():
-    yield
-
-
 def _quantizer(choice: QuantChoice, spec: WeightSpec):
     axis = spec.out_axis or 0
     if choice.ternary:
@@ -485,9 +479,8 @@ def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) ->
     return QuantSpec(bits=qt.bits, scale=scale, axis=axis)
 
 
-def _level_axis(plan: Plan, name: str, stage: int) -> int | None:
+def _level_axis(w: WeightPlan, stage: int) -> int | None:
     """Per-channel quantizers keep one level set per output channel; the others one per tensor."""
-    w = plan.by_name()[name]
     choice = w.quant[stage]
     return (w.spec.out_axis or 0) if choice.per_channel and choice.clusters is None else None
 
