@@ -5,9 +5,7 @@ dim to the export batch and writes that batch into Reshape shape constants (``[1
 model only runs at that batch. ``unbake_batch`` makes the batch symbolic again when it can *prove*
 where the batch axis goes, and rewrites only the constants that hold it:
 
-1. Hypothesis: every graph input has the same fixed first dim b, and that axis is the batch. When
-   some other input dim is symbolic (a time-major ``[seq, N, features]`` input, say) the fixed first
-   dim need not be a batch: a failed proof then leaves the model as it is instead of failing.
+1. Hypothesis: every graph input has the same fixed first dim b, and that axis is the batch.
 2. The batch axis is followed through the graph node by node, with a rule per op (elementwise ops
    keep it; Transpose moves it; Conv/pools need it at 0; reductions, Softmax, Concat, Split, Gather,
    Slice, Pad must not act on it; Gemm/MatMul keep it on the row side; LSTM/GRU/RNN read it at axis 1
@@ -18,7 +16,11 @@ where the batch axis goes, and rewrites only the constants that hold it:
    taken — the convention of every exporter we know. Expand: a b at the batch position becomes 1.
 4. Any op without a rule, a rule that finds the batch axis used as something else (reduced over,
    concatenated on, a constant broadcast against it with b entries ...), or an unknown shape stops
-   the proof: ``UserError`` naming the node and the fix (re-export with a dynamic batch axis).
+   the proof. The graph then keeps its fixed batch, and the copy's metadata records b and the node
+   that stopped the proof (``FIXED_BATCH_KEY``): the importer runs the module in chunks of b (a
+   training step accumulates the gradients of its chunks) and onnxruntime runs at b. A first dim of b
+   > 1 beside dynamic dims need not be a batch (a time-major ``[seq, N, features]`` input): then the
+   model is left as it is.
 
 When the proof succeeds the inputs' first dim and every tagged graph output's batch dim become the
 symbol ``batch``, stale ``value_info`` is dropped, and the baked size and each tensor's batch axis
@@ -37,22 +39,22 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.errors import UserError
-from converters.graphinfo import node_attr, node_label
+from converters.graphinfo import dim_value, node_attr, node_label
 
 logger = logging.getLogger(__name__)
 
 BATCH_DIM = "batch"
 BAKED_BATCH_KEY = "onnx_admm.baked_batch"
 BATCH_AXES_KEY = "onnx_admm.batch_axes"
+FIXED_BATCH_KEY = "onnx_admm.fixed_batch"
 
-_UNARY = {
+UNARY_OPS = {
     "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Cos",
     "Cosh", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf",
     "IsNaN", "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Shrink", "Sigmoid",
     "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
 }  # fmt: skip
-_BROADCAST = {
+BROADCAST_OPS = {
     "Add", "And", "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Div", "Equal", "Greater", "GreaterOrEqual",
     "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum", "Where", "Xor",
 }  # fmt: skip
@@ -238,9 +240,9 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
         raise _NotBatch(f"onnx-admm has no batch rule for domain {node.domain!r}")
     if op in ("Shape", "Size"):
         return [None] * n_out  # a run-time value: follows the batch by itself
-    if op in _UNARY:
+    if op in UNARY_OPS:
         return [_only(axes_in)] * n_out
-    if op in _BROADCAST:
+    if op in BROADCAST_OPS:
         return [_broadcast(node, axes_in, ctx)] * n_out
     if op in _BATCH_FIRST:
         if _only(axes_in) != 0:
@@ -383,7 +385,7 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | s
         ttype = value.type.tensor_type
         dims = None
         if ttype.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim)
+            dims = tuple(dim_value(d) for d in ttype.shape.dim)
         result[value.name] = (ttype.elem_type, dims)
     return result
 
@@ -404,9 +406,9 @@ def _fixed_batch(model: onnx.ModelProto) -> tuple[int, list[onnx.ValueInfoProto]
         dims = value.type.tensor_type.shape.dim
         if not value.type.tensor_type.HasField("shape") or len(dims) == 0:
             continue
-        if not dims[0].HasField("dim_value"):
+        if not isinstance(dim_value(dims[0]), int):
             return None  # a symbolic or unknown leading dim: the batch is dynamic already
-        static &= all(d.HasField("dim_value") for d in dims)
+        static &= all(isinstance(dim_value(d), int) for d in dims)
         batched.append(value)
         sizes.add(dims[0].dim_value)
     if len(sizes) != 1:
@@ -417,8 +419,8 @@ def _fixed_batch(model: onnx.ModelProto) -> tuple[int, list[onnx.ValueInfoProto]
 def unbake_batch(model: onnx.ModelProto) -> bool:
     """Make a baked (fixed) batch size symbolic where the batch axis is provable; see the module doc.
 
-    Raises:
-        UserError: the inputs fix a batch size and the batch axis cannot be followed through a node.
+    When the proof fails on a graph whose inputs are all static (or whose fixed first dim is 1), the
+    graph keeps its batch and ``FIXED_BATCH_KEY`` records it with the reason (see ``fixed_batch``).
     """
     found = _fixed_batch(model)
     if found is None:
@@ -439,20 +441,17 @@ def unbake_batch(model: onnx.ModelProto) -> bool:
         try:
             out = _propagate(node, axes_in, ctx)
         except _NotBatch as exc:
-            if not static:
-                # Other dims are dynamic (e.g. a time-major [seq, N, features] input): the fixed first
-                # dim need not be a batch at all, so a failed proof only means "leave it as it is".
+            if not static and b != 1:
+                # Other dims are dynamic (e.g. a time-major [seq, N, features] input): a fixed first dim
+                # above 1 need not be a batch at all, so a failed proof only means "leave it as it is".
                 logger.debug("fixed first dim %d left as is: node %s: %s", b, node_label(node, index), exc)
                 return False
-            first = inputs[0]
-            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
-                    for d in first.type.tensor_type.shape.dim]
-            raise UserError(
-                f"the model was exported with a fixed batch size of {b} (input {first.name!r} is {dims}) and "
-                f"onnx-admm cannot follow the batch axis through node {node_label(node, index)!r} ({node.op_type}): "
-                f"{exc}; re-export the model with a dynamic batch axis (torch.onnx.export(..., dynamic_shapes=...) "
-                "or dynamic_axes=...)"
-            ) from None
+            # A fixed first dim of 1 beside dynamic dims ([1, 3, 32, W]) is a batch of one in every export
+            # we know. The graph keeps it: the module runs in chunks of b (FIXED_BATCH_KEY).
+            reason = f"the batch axis cannot be followed through node {node_label(node, index)!r} ({node.op_type}): {exc}"
+            logger.info("fixed batch %d kept: %s", b, reason)
+            model.metadata_props.add(key=FIXED_BATCH_KEY, value=json.dumps({"batch": b, "reason": reason}))
+            return True
         for name, axis in zip(node.output, out):
             if name and axis is not None:
                 axes[name] = axis
@@ -470,6 +469,15 @@ def unbake_batch(model: onnx.ModelProto) -> bool:
     model.metadata_props.add(key=BATCH_AXES_KEY, value=json.dumps(axes, sort_keys=True))
     logger.info("baked batch size %d made symbolic (%d shape constants rewritten)", b, len(ctx.rewrites))
     return True
+
+
+def fixed_batch(model: onnx.ModelProto) -> tuple[int | None, str | None]:
+    """What ``unbake_batch`` recorded when the proof failed: (the batch the graph runs at, why), or (None, None)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if FIXED_BATCH_KEY not in props:
+        return None, None
+    record = json.loads(props[FIXED_BATCH_KEY])
+    return int(record["batch"]), record["reason"]
 
 
 def baked_batch(model: onnx.ModelProto) -> tuple[int | None, dict[str, int]]:

@@ -93,6 +93,17 @@ def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object
     return default
 
 
+def dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A declared dim: its size, its symbol, or None when unknown.
+
+    A negative size is unknown too: paddle2onnx and tf2onnx write ``dim_value: -1`` for a dynamic
+    batch, which onnxruntime runs at any size.
+    """
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value) if dim.dim_value >= 0 else None
+    return dim.dim_param or None
+
+
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """A stable label for a node: its name, or one made from its op type and position when nameless.
 
@@ -142,15 +153,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type)) if ttype.elem_type else np.dtype("float32")
         shape = None
         if ttype.HasField("shape"):
-            dims: list[int | str | None] = []
-            for d in ttype.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(int(d.dim_value))
-                elif d.HasField("dim_param"):
-                    dims.append(d.dim_param)
-                else:
-                    dims.append(None)
-            shape = tuple(dims)
+            shape = tuple(dim_value(d) for d in ttype.shape.dim)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
 

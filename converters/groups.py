@@ -40,6 +40,7 @@ import onnx
 from converters.graphinfo import (
     TensorSource,
     constant_sources,
+    dim_value,
     identity_aliases,
     node_attr,
     node_label,
@@ -744,7 +745,5 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]
         ttype = value.type.tensor_type
         if not ttype.HasField("shape"):
             continue
-        shapes[value.name] = [
-            int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim
-        ]
+        shapes[value.name] = [dim_value(d) for d in ttype.shape.dim]
     return shapes

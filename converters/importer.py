@@ -33,7 +33,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from torch import fx, nn
 
 from converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
-from converters.batch_axis import baked_batch, inferred_types
+from converters.batch_axis import baked_batch, fixed_batch, inferred_types
 from converters.errors import UserError
 from converters.graphinfo import (
     FLOAT_TYPES,
@@ -43,6 +43,7 @@ from converters.graphinfo import (
     _tensor_shape_and_type,
     compressible_weights,
     constant_sources,
+    dim_value,
     find_score_output,
     graph_inputs,
     identity_aliases,
@@ -110,18 +111,60 @@ class WeightEntry:
 
 class OnnxModule(nn.Module):
     """The converted GraphModule, called with the graph inputs in order, returning every graph output
-    in order as a tuple (onnx2torch returns one value per *producing node*, deduplicated)."""
+    in order as a tuple (onnx2torch returns one value per *producing node*, deduplicated).
 
-    def __init__(self, graph_module: fx.GraphModule, output_picks: list[tuple[int, int | None]], single: bool):
+    A graph that runs only at a fixed batch b (``converters.batch_axis.fixed_batch``) is called in
+    chunks of b along the first axis of its batched inputs, and the outputs are concatenated along
+    their batch axes: any number of samples goes through, each graph run sees b, and a backward pass
+    over the whole batch sums the gradients of the chunks (gradient accumulation). A last chunk short
+    of b is padded with copies of its last sample, whose outputs are dropped.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, output_picks: list[tuple[int, int | None]], single: bool,
+                 fixed_batch: int | None = None, batched_inputs: tuple[int, ...] = (),
+                 output_axes: tuple[int | None, ...] = ()):
         super().__init__()
         self.graph_module = graph_module
         self._picks = output_picks
         self._single = single
+        self.fixed_batch = fixed_batch
+        self._batched = batched_inputs
+        self._axes = output_axes
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _once(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         raw = self.graph_module(*inputs)
         raw = (raw,) if self._single else tuple(raw)
         return tuple(raw[i] if j is None else raw[i][j] for i, j in self._picks)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = self.fixed_batch
+        n = inputs[self._batched[0]].shape[0] if b is not None and self._batched else b
+        if n == b:
+            return self._once(inputs)
+        # An output without a batch axis mixes the samples of its chunk: a padded chunk would change it,
+        # so a last chunk short of b is left out instead (the teacher's outputs are cut the same way).
+        per_sample = all(axis is not None for axis in self._axes)
+        pieces = []
+        for start in range(0, n, b):
+            short = max(0, start + b - n)
+            if short and not per_sample:
+                break
+            chunk = list(inputs)
+            for i in self._batched:
+                part = inputs[i][start:start + b]
+                chunk[i] = torch.cat([part, part[-1:].expand(short, *part.shape[1:])]) if short else part
+            outs = self._once(tuple(chunk))
+            pieces.append([o.narrow(axis, 0, b - short) if short else o for o, axis in zip(outs, self._axes)])
+        return tuple(join_chunks([p[k] for p in pieces], axis, torch) for k, axis in enumerate(self._axes))
+
+
+def join_chunks(parts: list, axis: int | None, lib=np):
+    """Outputs of consecutive chunks as one: joined on their batch axis, or, without one, stacked on a
+    new first axis when 0-d and concatenated on the first otherwise (``lib``: numpy or torch)."""
+    if axis is None and parts[0].ndim == 0:
+        return lib.stack(parts)
+    join = lib.concatenate if lib is np else lib.cat
+    return join(parts, **{"axis" if lib is np else "dim": axis or 0})
 
 
 @dataclass
@@ -144,7 +187,17 @@ class ImportedModel:
     # The batch size a fixed-shape export baked in (the module runs at any batch), and the batch axis of
     # each input and output_names tensor; None / {} when the model's batch was dynamic.
     baked_batch: int | None = None
-    batch_axes: dict[str, int] = field(default_factory=dict)
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    # The batch a graph whose batch axis cannot be followed keeps (the module runs in chunks of it), and
+    # the node that stopped the proof; batch_axes then holds the inputs' and outputs' batch axes (None:
+    # an output with no dim of that size).
+    fixed_batch: int | None = None
+    fixed_batch_reason: str | None = None
+
+    @property
+    def ort_batch(self) -> int | None:
+        """The only batch size onnxruntime runs the original graph at (None: any)."""
+        return self.baked_batch or self.fixed_batch
 
     def parameter(self, entry: WeightEntry) -> nn.Parameter:
         return self.module.get_parameter(entry.param)
@@ -395,17 +448,37 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     gm.recompile()
     _freeze_unmapped(gm, {w.param for w in weights})
 
-    names = [spec.name for spec in graph_inputs(normalized)]  # the converted graph's placeholders, in order
-    module = OnnxModule(gm, *_output_picks(normalized, onnx_nodes))
+    specs = graph_inputs(normalized)  # the converted graph's placeholders, in order
+    names = [spec.name for spec in specs]
+    fixed, fixed_reason = fixed_batch(normalized)
+    fixed_axes = _fixed_batch_axes(normalized, specs, trained, fixed) if fixed is not None else {}
+    module = OnnxModule(gm, *_output_picks(normalized, onnx_nodes), fixed_batch=fixed,
+                        batched_inputs=tuple(i for i, n in enumerate(names) if n in fixed_axes),
+                        output_axes=tuple(fixed_axes.get(n) for n in trained))
     for w in weights:
         w.param = "graph_module." + w.param
     module.eval()
     passed = [o.name for o in original.graph.output if o.name not in trained]
     score = find_score_output(original if not passed else normalized, output)
     batch, axes = baked_batch(normalized)
-    axes = {name: axes[name] for name in names + trained if name in axes}
+    axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
-                         not_converted if passed else [], batch, axes)
+                         not_converted if passed else [], batch, axes, fixed, fixed_reason)
+
+
+def _fixed_batch_axes(normalized: onnx.ModelProto, specs, outputs: list[str], b: int) -> dict[str, int | None]:
+    """Batch axes of a graph that keeps its fixed batch b: 0 on every input whose first dim is b; on each
+    output the first dim of size b in its inferred (else declared) shape — a seq-first [T, 1, C] output
+    has it at 1 — or None when no dim is b (the graph merged the samples)."""
+    axes = {s.name: 0 for s in specs if s.shape and s.shape[0] == b}
+    types = inferred_types(normalized)
+    declared = {v.name: v for v in normalized.graph.output}
+    for name in outputs:
+        dims = types.get(name, (0, None))[1]
+        if dims is None and name in declared:
+            dims = tuple(dim_value(d) for d in declared[name].type.tensor_type.shape.dim)
+        axes[name] = next((k for k, d in enumerate(dims or ()) if d == b), None)
+    return axes
 
 
 def _linear_layout(node: onnx.NodeProto, index: int) -> Layout:

@@ -29,15 +29,24 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated or not ONNX?") from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{path}: not an ONNX model (no graph found); pass a .onnx file exported by a framework")
+    folder = path.parent.resolve()
     for location in sorted(external_data_files(model)):
+        target = (path.parent / location).resolve()
+        if not target.is_relative_to(folder):
+            # A location leaving the model's folder (../../etc/passwd) is a path-traversal attempt: refuse it.
+            raise UserError(
+                f"{path}: external data location {location!r} points outside the model's folder {path.parent}; "
+                "keep the data files next to the model and refer to them by file name"
+            )
         if not (path.parent / location).is_file():
             raise UserError(
                 f"{path}: external data file {location!r} is missing; keep it next to the model (in {path.parent})"
             )
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: cannot read its external data ({exc}); is the .data file truncated?") from None
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read its external data ({first}); is the .data file truncated?") from None
     return model
 
 

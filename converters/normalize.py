@@ -14,7 +14,9 @@ alone and ``converters.onnx_ops`` registers onnx2torch converters for them at th
 Nodes onnx2torch mishandles go there too: Pad from opset 11 (it pads reflect/edge only on trailing
 dims), Clip with an empty or computed bound (it wants constants), LayerNormalization whose input
 shape inference cannot tell (it sizes the layer from that shape).
-``unbake_batch`` (``converters.batch_axis``) frees a batch size baked into fixed-shape exports.
+``unbake_batch`` (``converters.batch_axis``) frees a batch size baked into fixed-shape exports;
+``annotate_unknown_ranks`` (``converters.ranks``) gives rank-dependent nodes the input rank shape
+inference could not.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from converters.batch_axis import inferred_shapes, unbake_batch
 from converters.dequantize import fold_weight_decoders
 from converters.errors import UserError
 from converters.graphinfo import _sparse_to_dense, constant_node_value, identity_aliases, node_label
+from converters.ranks import annotate_unknown_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,21 @@ def name_nodes(model: onnx.ModelProto) -> bool:
         if not node.name:
             node.name = node_label(node, index)
             changed = True
+    return changed
+
+
+def clear_negative_dims(model: onnx.ModelProto) -> bool:
+    """Declared dims of -1 (paddle2onnx's and tf2onnx's dynamic batch) become unknown dims.
+
+    Shape inference, the batch rules and onnx2torch would otherwise read -1 as a size.
+    """
+    graph = model.graph
+    changed = False
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+                changed = True
     return changed
 
 
@@ -247,6 +265,7 @@ def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
 
 PASSES: list[Pass] = [
     name_nodes,
+    clear_negative_dims,
     # A compressed model's DequantizeLinear / Cast+Gather weights become float initializers again, so it
     # can be compressed further (int4/int2 do not exist at the opset we convert down to).
     fold_weight_decoders,
@@ -263,6 +282,8 @@ PASSES: list[Pass] = [
     bypass_identity_of_constants,
     drop_noop_with_empty_axes,
     drop_reshape_allowzero,
+    # Last: onnx2torch reads these ranks from the graph it converts (opset 17, cleaned up).
+    annotate_unknown_ranks,
 ]
 
 

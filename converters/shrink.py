@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.graphinfo import constant_sources, graph_inputs, node_label, tensor_value
+from converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from converters.groups import ChannelGroup, channel_groups
 from converters.writeback import DenseEncoder, SparseEncoder
 
@@ -204,14 +204,15 @@ def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict:
     real_inputs = {spec.name for spec in graph_inputs(probe)}
     for value in probe.graph.input:
         dims = value.type.tensor_type.shape.dim
-        if value.name in real_inputs and dims and not dims[0].HasField("dim_value"):
+        if value.name in real_inputs and dims and not isinstance(dim_value(dims[0]), int):
+            dims[0].Clear()
             dims[0].dim_value = batch
     inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     shapes: dict[str, list[int | None]] = {}
     for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         ttype = value.type.tensor_type
         if ttype.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+            shapes[value.name] = [d if isinstance(d, int) else None for d in map(dim_value, ttype.shape.dim)]
     sources = constant_sources(model)
     constant_shapes: dict[str, tuple[int, ...]] = {}
     params = 0

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import resource
 import tempfile
 import time
@@ -37,6 +38,7 @@ from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.levels import FixedLevels, StraightThrough
+from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
 from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, make_plan, sparsity_constraints
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
@@ -157,6 +159,7 @@ def compress(
     *,
     val_data: str | Dataset | None = None,
     progress: Progress | None = None,
+    output: str | Path | None = None,
 ) -> CompressResult:
     """Compress ``model`` with progressive ADMM pruning and validate it in onnxruntime.
 
@@ -167,15 +170,21 @@ def compress(
         val_data: held-out data; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
             ``PLUGIN_VAL_SAMPLES`` samples of a plugin.
         progress: called with event dicts (``kind`` = stage | epoch | batch) for progress display.
+        output: where to save the compressed model. Checked for writability before training and written
+            as soon as training ends, before the validation and the report, so a failure there keeps it.
 
     Returns:
         A CompressResult with ``.save(path)`` and ``.report``.
 
     Raises:
-        UserError: bad model, data or recipe.
+        UserError: bad model, data or recipe; every training phase diverged; or (``ReportFailed``, the
+            model saved to ``output``) the validation or the report failed after training.
         CompressInterrupted: on Ctrl-C, carrying the completed stages.
     """
     started = time.perf_counter()
+    check_config(config)
+    if output is not None:
+        check_writable(output, "output")
     cfg = config.train
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     original = load_model(model) if original_path is not None else model
@@ -186,16 +195,19 @@ def compress(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _compress(original, original_path, external, imported, data, val_data, config, progress, started)
+        return _compress(original, original_path, external, imported, data, val_data, config, progress, started,
+                         output)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _compress(original, original_path, external, imported, data, val_data, config, progress, started) -> CompressResult:
+def _compress(original, original_path, external, imported, data, val_data, config, progress, started,
+              output) -> CompressResult:
     cfg = config.train
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {cfg.device!r} requested but CUDA is not available; use --device cpu")
+    check_weights(imported)
+    if not imported.compressible():
+        raise UserError(_nothing_to_compress(imported))
     imported.module.to(device)
     specs = _weight_specs(imported)
     plan = make_plan(specs, config)
@@ -208,19 +220,67 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     for name in plan.untouched(specs):
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
+    check_labels(imported, train_data, held_out)
     runner = _Runner(imported, config, plan, train_data, held_out, device, progress or (lambda event: None), groups)
     try:
         runner.run()
     except KeyboardInterrupt:
         raise CompressInterrupted(runner.result(external) if runner.stages else None) from None
     result = runner.result(external)
+    diverged = _all_phases_rolled_back(result.stages, config)
+    if diverged:
+        raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
+                        f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or admm.rho (now {config.admm.rho})")
     try:
+        if output is not None:
+            result.save(output)
         result.report = _report(result, original_path, held_out, runner.dense_metric, cfg, started)
         if left_alone:
             result.report["left_alone"] = left_alone
     except KeyboardInterrupt:
         raise CompressInterrupted(result) from None
+    except Exception as exc:
+        if output is None or not Path(output).is_file():
+            raise
+        logger.debug("after training", exc_info=True)
+        raise ReportFailed(result, output, exc) from None
     return result
+
+
+class ReportFailed(UserError):
+    """Training finished and the model was saved, but validating it or building the report failed."""
+
+    def __init__(self, result: CompressResult, output: str | Path, cause: BaseException) -> None:
+        text = str(cause).strip().splitlines()
+        line = text[0] if text else type(cause).__name__
+        if not isinstance(cause, UserError):
+            line = f"{type(cause).__name__}: {line}"
+        super().__init__(f"training finished and the compressed model is saved to {output}, but validating it "
+                         f"failed: {line}")
+        self.result = result
+
+
+def _nothing_to_compress(imported: ImportedModel) -> str:
+    where = ""
+    if imported.passed_through:
+        where = (f" (onnx-admm trains {', '.join(imported.output_names)} and passes {', '.join(imported.passed_through)} "
+                 f"through unconverted nodes: {'; '.join(imported.not_converted)})")
+    return (f"the model has no compressible weight that onnx-admm can train{where}; compress needs a Conv, "
+            "ConvTranspose, Gemm, MatMul, Gather or recurrent weight in the converted part of the graph")
+
+
+# "stage S PHASE epoch E: ...": the rollback notes of _Runner.run_phase, one per phase stopped.
+_ROLLBACK_RE = re.compile(r"stage \d+ (admm|retrain) epoch \d+:")
+
+
+def _all_phases_rolled_back(stages: list[StageResult], config: CompressConfig) -> str | None:
+    """The first rollback note when every phase that had epochs was rolled back and stopped, else None."""
+    phases = (config.admm.epochs > 0) + (config.admm.retrain_epochs > 0)
+    if not phases or not stages:
+        return None
+    if any(len(_ROLLBACK_RE.findall(stage.rolled_back or "")) < phases for stage in stages):
+        return None
+    return stages[0].rolled_back.split(";")[0]
 
 
 class _Runner:
@@ -546,10 +606,16 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
         validation = validate(orig, out, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
                               score_output=cfg.output)
         if final.kept_channels:
-            structure = _structure_report(orig, out, final.kept_channels, held_out, cfg.threads or 1)
+            structure = _structure_report(orig, out, final.kept_channels, held_out, cfg.threads or 1,
+                                          imported.ort_batch)
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
         "structure": structure,
+        "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
+        # What was trained, and the graph outputs computed from it by nodes kept as they are.
+        "trained_outputs": list(imported.output_names),
+        "passed_through": list(imported.passed_through),
+        "not_converted": list(imported.not_converted),
         "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers)},
         "tool": {"name": "onnx-admm", "version": __version__},
         "config": result.config.to_dict(),
@@ -572,12 +638,29 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
     }
 
 
+def _batch_report(imported: ImportedModel, batch_size: int, validated_at: int) -> dict:
+    """How the batch was handled: dynamic, a baked batch made dynamic, or a fixed batch kept."""
+    if imported.fixed_batch is not None:
+        b = imported.fixed_batch
+        note = (f"{imported.fixed_batch_reason}: trained at the graph's fixed batch {b}, each step accumulating "
+                f"the gradients of {batch_size} samples in chunks of {b}; validated in onnxruntime at batch {b}")
+        mode = "fixed"
+    elif imported.baked_batch is not None:
+        b = imported.baked_batch
+        note = f"fixed batch {b} made dynamic: trained at batch {batch_size}; onnxruntime runs the graph at batch {b}"
+        mode = "unbaked"
+    else:
+        b, note, mode = None, "dynamic batch", "dynamic"
+    return {"mode": mode, "graph_batch": b, "train_batch": batch_size, "validation_batch": validated_at, "note": note}
+
+
 def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarray], held_out: Dataset,
-                      threads: int) -> dict:
-    """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64."""
+                      threads: int, fixed: int | None = None) -> dict:
+    """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64
+    (only at its batch for a graph that runs at one batch)."""
     before, after = count_macs(load_model(original)), count_macs(load_model(compressed))
     latency = {}
-    for batch in (1, 64):
+    for batch in (1, 64) if fixed is None else (fixed,):
         latency[f"batch_{batch}"] = dict(zip(("original_ms", "compressed_ms"),
                                              latency_ms(original, compressed, held_out, batch, threads=threads)))
     return {

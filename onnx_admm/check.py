@@ -27,7 +27,7 @@ import torch
 
 from converters.errors import UserError
 from converters.graphinfo import constant_sources, tensor_value
-from converters.importer import ImportedModel, import_model
+from converters.importer import ImportedModel, import_model, join_chunks
 from converters.inputs import synthesize_inputs
 from converters.modelio import load_model, save_model
 from converters.writeback import write_back
@@ -88,13 +88,6 @@ def within_tolerance(reference: list[np.ndarray], other: list[np.ndarray]) -> tu
     return ok, max_abs_diff(reference, other)
 
 
-def run_onnxruntime(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:
-    from onnx_admm.validate import open_session
-
-    session = open_session(path, threads)
-    return session.run(None, feeds)
-
-
 def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, seed: int = 0) -> CheckReport:
     """Run every step; stops after the first failure that makes the rest meaningless.
 
@@ -116,7 +109,7 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
     report.steps.append(Step("import", True, "; ".join(_import_facts(imported, n_params, batch, feeds is None))))
     if feeds is None:
         feeds = synthesize_inputs(_with_dynamic_batch(original, imported), batch=batch, seed=seed)
-    elif imported.baked_batch is not None:
+    elif imported.ort_batch is not None:
         feeds = _whole_chunks(feeds, imported)
     with tempfile.TemporaryDirectory(prefix="onnx-admm-check-") as tmp:
         reference = trained_outputs_in_onnxruntime(original, model_path, feeds, imported, Path(tmp))
@@ -129,8 +122,8 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
 
 
 def check_batch_size(imported: ImportedModel) -> int:
-    """The batch ``check`` synthesizes: 2, or for a baked batch b a multiple of b that is not b."""
-    b = imported.baked_batch
+    """The batch ``check`` synthesizes: 2, or for a fixed batch b a multiple of b that is not b."""
+    b = imported.ort_batch
     return 2 if b is None else (3 if b == 1 else 2 * b)
 
 
@@ -144,12 +137,16 @@ def _import_facts(imported: ImportedModel, n_params: int, batch: int, synthesize
         where = f"checked at batch {batch}" if synthesized else "checked on the given inputs"
         facts.append(f"fixed batch {imported.baked_batch} made dynamic, {where} (onnxruntime in chunks of "
                      f"{imported.baked_batch})")
+    if imported.fixed_batch is not None:
+        where = f"checked on {batch} samples" if synthesized else "checked on the given inputs"
+        facts.append(f"runs only at its fixed batch {imported.fixed_batch} ({imported.fixed_batch_reason}): torch "
+                     f"and onnxruntime run in chunks of {imported.fixed_batch}, {where}")
     return facts
 
 
 def _with_dynamic_batch(original: onnx.ModelProto, imported: ImportedModel) -> onnx.ModelProto:
     """The original's graph inputs, with the baked batch dims symbolic (what ``synthesize_inputs`` reads)."""
-    if imported.baked_batch is None:
+    if imported.ort_batch is None:
         return original
     view = onnx.ModelProto()
     view.graph.input.extend(original.graph.input)
@@ -164,8 +161,8 @@ def _with_dynamic_batch(original: onnx.ModelProto, imported: ImportedModel) -> o
 
 
 def _whole_chunks(feeds: dict[str, np.ndarray], imported: ImportedModel) -> dict[str, np.ndarray]:
-    """Given inputs cut to a whole number of baked batches, so onnxruntime can run every sample."""
-    b = imported.baked_batch
+    """Given inputs cut to a whole number of fixed batches, so onnxruntime can run every sample."""
+    b = imported.ort_batch
     n = min(len(feeds[name]) for name in imported.batch_axes if name in feeds)
     if n < b:
         raise UserError(f"the model runs in onnxruntime only at its fixed batch size {b}; pass at least {b} samples")
@@ -191,18 +188,19 @@ def trained_outputs_in_onnxruntime(
 
 
 def run_batched(path: Path, feeds: dict[str, np.ndarray], imported: ImportedModel) -> list[np.ndarray]:
-    """All outputs of the model at ``path``, run in chunks of the baked batch size when there is one."""
-    b = imported.baked_batch
-    if b is None:
-        return run_onnxruntime(path, feeds)
-    from onnx_admm.validate import open_session
+    """All outputs of the model at ``path``, run in chunks of the fixed batch size when there is one."""
+    from onnx_admm.validate import open_session, run_session
 
     session = open_session(path, 1)
     names = [o.name for o in session.get_outputs()]
+    b = imported.ort_batch
+    if b is None:
+        return list(run_session(session, path, names, feeds).values())
     n = min(len(feeds[name]) for name in imported.batch_axes if name in feeds)
-    chunks = [session.run(None, {k: v[i:i + b] if k in imported.batch_axes else v for k, v in feeds.items()})
+    chunks = [list(run_session(session, path, names,
+                               {k: v[i:i + b] if k in imported.batch_axes else v for k, v in feeds.items()}).values())
               for i in range(0, n, b)]
-    return [np.concatenate([c[j] for c in chunks], axis=imported.batch_axes.get(name, 0))
+    return [join_chunks([c[j] for c in chunks], imported.batch_axes.get(name, 0))
             if isinstance(chunks[0][j], np.ndarray) else sum((list(c[j]) for c in chunks), [])  # ZipMap: lists
             for j, name in enumerate(names)]
 

@@ -145,7 +145,8 @@ class _Progress:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Compressed ONNX file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Compressed ONNX file to write; a folder (existing, or ending in /) gets MODEL's name + .admm.onnx.")
 @click.option("--data", required=True, type=str, help="Training data: .npz or package.module:function plugin.")
 @click.option("--val-data", type=str, help="Held-out data (default: val_fraction of --data).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; flags override it.")
@@ -179,6 +180,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import CompressInterrupted
     from onnx_admm.api import compress as run_compress
+    from onnx_admm.preflight import check_writable
     from onnx_admm.recipe import CompressConfig
 
     config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
@@ -200,8 +202,13 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block)},
         quantize={"per_channel": per_channel},
     )
+    output = _output_file(output, model)
+    if report_path:
+        check_writable(report_path, "--report")
+    if save_stages:
+        check_writable(save_stages, "--save-stages folder", folder=True)
     try:
-        result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet))
+        result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet), output=output)
     except CompressInterrupted as exc:
         if exc.result is None:
             click.echo("interrupted before the first stage completed; nothing was written", err=True)
@@ -210,22 +217,37 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
             last = exc.result.stages[-1]
             click.echo(f"interrupted: saved stage {last.index + 1} (sparsity {last.sparsity:.4f}) to {output}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    if save_stages:
-        stem = Path(output).stem
-        for k, stage in enumerate(result.stages):
-            result.save(Path(save_stages) / f"{stem}.stage{stage.index + 1}.onnx", stage=k)
-    result.save(output)
     report = result.report
     report["output"] = str(output)
     gate = _accuracy_drop(report)
     report["accuracy_drop"] = gate
-    if report_path:
-        _write_json(report_path, report)
+    try:
+        if save_stages:
+            stem = Path(output).stem
+            for k, stage in enumerate(result.stages):
+                result.save(Path(save_stages) / f"{stem}.stage{stage.index + 1}.onnx", stage=k)
+        if report_path:
+            _write_json(report_path, report)
+    except OSError as exc:
+        raise UserError(f"the compressed model is saved to {output}, but writing {exc.filename or 'a file'} failed: "
+                        f"{exc.strerror or exc}") from None
     if not quiet:
         click.echo(_summary(report))
     if max_accuracy_drop is not None and gate is not None and gate > max_accuracy_drop:
         click.echo(f"accuracy gate failed: drop {gate:.4f} > --max-accuracy-drop {max_accuracy_drop}", err=True)
         sys.exit(EXIT_GATE)
+
+
+def _output_file(output: str, model: str) -> Path:
+    """``-o`` names a file, or a folder (an existing one, or a path ending in a separator) that gets
+    MODEL's stem + ``.admm.onnx``."""
+    from onnx_admm.preflight import check_writable
+
+    path = Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        path = path / f"{Path(model).stem}.admm.onnx"
+    check_writable(path, "output")
+    return path
 
 
 def _parse_block(text: str | None) -> tuple[int, int] | None:
@@ -263,4 +285,10 @@ def _summary(report: dict) -> str:
 
     lines.append(f"held-out: accuracy {pct(m['original_accuracy'])} -> {pct(m['compressed_accuracy'])}, "
                  f"agreement {pct(m['agreement'])}")
+    if report.get("passed_through"):
+        lines.append(f"trained: {', '.join(report['trained_outputs'])}; passed through unchanged: "
+                     f"{', '.join(report['passed_through'])} (computed by nodes onnx-admm does not convert: "
+                     f"{'; '.join(report['not_converted'])})")
+    if report.get("batch", {}).get("mode") == "fixed":
+        lines.append(f"batch: {report['batch']['note']}")
     return "\n".join(lines)

@@ -273,6 +273,12 @@ def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
                     f"{source}: input {spec.name!r} dim {axis} is {array.shape[axis]}, but the graph fixes it to "
                     f"{dim} {format_shape(spec.shape)}; reshape or resize the data"
                 )
+    if want.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise UserError(
+            f"{source}: input {spec.name!r} holds {bad} NaN or infinite value(s); every loss would be NaN: "
+            "clean or drop those samples"
+        )
     # float64 -> float32 (numpy's default float) and int32 -> int64 are the common, harmless casts.
     return array.astype(want, copy=False)
 
@@ -286,7 +292,25 @@ def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:
     if labels.ndim != 1:
         hint = " (one-hot labels: use labels.argmax(1))" if labels.ndim == 2 else ""
         raise UserError(f"{source}: 'labels' must be 1-D class ids [N], got shape {labels.shape}{hint}")
+    if labels.size and labels.min() < 0:
+        raise UserError(
+            f"{source}: 'labels' holds {labels.min()}, but class ids start at 0; fix the labels, or drop "
+            "'labels' to distil from the original model"
+        )
     return labels.astype(np.int64, copy=False)
+
+
+def check_label_range(labels: np.ndarray, classes: int, source: str) -> None:
+    """Class ids must be below the number of classes the model's score output has.
+
+    Raises:
+        UserError: A label is ``classes`` or more.
+    """
+    if labels.size and labels.max() >= classes:
+        raise UserError(
+            f"{source}: 'labels' holds {labels.max()}, but the model's score output has {classes} classes "
+            f"(ids 0 to {classes - 1}); fix the labels, or drop 'labels' to distil from the original model"
+        )
 
 
 def _batched_inputs(
@@ -405,22 +429,46 @@ class PluginData:
         self.function = function
         self.specs = specs
         self.name = name
+        # Set once the model's class count is known: every chunk's labels are then checked against it.
+        self.n_classes: int | None = None
 
     def chunks(self) -> Iterator[Dataset]:
-        """One epoch: call the plugin and yield each dict it gives, checked, as a Dataset."""
-        produced = self.function()
+        """One epoch: call the plugin and yield each dict it gives, checked, as a Dataset.
+
+        Raises:
+            UserError: The plugin raised (when called or while yielding), or yielded something else.
+        """
+        try:
+            produced = self.function()
+        except Exception as exc:  # the user's code may raise anything
+            raise UserError(f"loader plugin {self.name!r} raised {_exc_line(exc)} when called; fix the plugin") from None
         if isinstance(produced, Mapping) or not isinstance(produced, Iterable):
             raise UserError(
                 f"loader plugin {self.name!r} returned {type(produced).__name__}; it must return or yield "
                 "dicts {input_name: array, 'labels': optional}"
             )
-        for number, chunk in enumerate(produced, start=1):
+        iterator = iter(produced)
+        number = 0
+        while True:
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # the user's generator may raise anything
+                raise UserError(
+                    f"loader plugin {self.name!r} raised {_exc_line(exc)} after yielding {number} item(s); fix the plugin"
+                ) from None
+            number += 1
             if not isinstance(chunk, Mapping):
                 raise UserError(
                     f"loader plugin {self.name!r} yielded a {type(chunk).__name__} as item {number}; "
                     "it must yield dicts {input_name: array, 'labels': optional}"
                 )
-            yield from_arrays(chunk, self.specs, source=f"loader plugin {self.name!r} (item {number})")
+            source = f"loader plugin {self.name!r} (item {number})"
+            data = from_arrays(chunk, self.specs, source=source)
+            if self.n_classes is not None and data.labels is not None:
+                check_label_range(data.labels, self.n_classes, source)
+            yield data
 
     def batches(
         self, batch_size: int | None, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False

@@ -57,6 +57,8 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "passed_through": imported.passed_through if imported else [],
         "not_converted": imported.not_converted if imported else [],
         "baked_batch": imported.baked_batch if imported else None,
+        "fixed_batch": imported.fixed_batch if imported else None,
+        "fixed_batch_reason": imported.fixed_batch_reason if imported else None,
     }
 
 
@@ -81,6 +83,9 @@ def format_inspection(info: dict[str, Any]) -> str:
         if info["baked_batch"] is not None:
             lines.append(f"  exported with a fixed batch of {info['baked_batch']}: trains at any batch size; "
                          f"onnxruntime runs the original in batches of {info['baked_batch']}")
+        if info["fixed_batch"] is not None:
+            lines.append(f"  runs only at its fixed batch of {info['fixed_batch']} ({info['fixed_batch_reason']}): "
+                         f"trains in chunks of {info['fixed_batch']}, accumulating gradients up to the batch size")
     else:
         lines.append("  cannot import:")
         lines += [f"    {p}" for p in info["problems"]]

@@ -269,6 +269,8 @@ class CompressConfig:
             text = path.read_text()
         except OSError as exc:
             raise UserError(f"cannot read recipe {path}: {exc.strerror}; pass an existing .toml file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"recipe {path} is not UTF-8 text (is it a binary file?); pass a TOML recipe") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -25,7 +25,7 @@ from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
 from converters.modelio import external_data_files, load_model
-from onnx_admm.data import LABELS, Dataset, PluginData, required_batch_size
+from onnx_admm.data import LABELS, Dataset, PluginData, check_label_range, required_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +193,11 @@ def validate(
     specs = graph_inputs(models[0])
     fixed = required_batch_size(specs, data.batched)
     if fixed is not None and fixed != batch_size:
-        logger.warning(
+        left_out = len(data) % fixed
+        # Only the samples left out are worth a warning; the batch size itself is the graph's to choose.
+        (logger.warning if left_out else logger.info)(
             "the graph fixes the batch size to %d: validating at batch %d, leaving out the last %d sample(s)",
-            fixed, fixed, len(data) % fixed,
+            fixed, fixed, left_out,
         )
         batch_size = fixed
     if fixed is not None and len(data) < fixed:
@@ -210,7 +212,7 @@ def validate(
     has_labels = LABELS not in {spec.name for spec in specs}
     for feed in data.batches(batch_size, drop_last=fixed is not None):
         labels = feed.pop(LABELS, None) if has_labels else None
-        results = [_run(session, path, names, feed) for session, path in zip(sessions, (original, compressed))]
+        results = [run_session(session, path, names, feed) for session, path in zip(sessions, (original, compressed))]
         comparison.add(results, labels)
         if len(timing_feeds) < max(latency_batches, 1):
             timing_feeds.append(feed)
@@ -251,7 +253,8 @@ def _check_same_io(original: onnx.ModelProto, compressed: onnx.ModelProto) -> No
             )
 
 
-def _run(session: ort.InferenceSession, path: Path, names: list[str], feed: dict[str, np.ndarray]) -> dict:
+def run_session(session: ort.InferenceSession, path: Path, names: list[str], feed: dict[str, np.ndarray]) -> dict:
+    """``session.run`` keyed by output name; an onnxruntime failure becomes a one-line UserError."""
     try:
         return dict(zip(names, session.run(names, feed)))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -295,6 +298,7 @@ class _Comparison:
         self.agree += int(np.count_nonzero(top[0] == top[1]))
         self.positions += top[0].size
         if labels is not None and top[0].ndim == 1:
+            check_label_range(labels, results[0][self.score].shape[-1], "validation data")
             for i in range(2):
                 self.correct[i] += int(np.count_nonzero(top[i] == labels))
             self.labelled += len(labels)

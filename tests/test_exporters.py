@@ -218,12 +218,23 @@ def test_fixed_batch_reshapes_are_rewritten_only_on_the_batch_axis(tmp_path):
     assert "checked at batch 4" in report.steps[0].detail
 
 
-@pytest.mark.parametrize("output, body, node", [
-    ("float[3, 8] y", "s = Constant <value = int64[2] {3, 8}> ()\n y = Reshape (x, s)", "merge"),
-    ("float y", "y = ReduceSum <keepdims = 0> (x)", "reduce"),
+@pytest.mark.parametrize("output, body, node, why", [
+    ("float[3, 8] y", "s = Constant <value = int64[2] {3, 8}> ()\n y = Reshape (x, s)", "merge",
+     "it reshapes [2, 3, 4] to [3, 8], merging the batch axis 0 with other dims"),
+    ("float y", "y = ReduceSum <keepdims = 0> (x)", "reduce", "it reduces over every axis, the batch included"),
 ])
-def test_unprovable_fixed_batch_names_the_node_and_the_fix(output, body, node):
+def test_unprovable_fixed_batch_is_kept_and_the_node_named(output, body, node, why, tmp_path):
+    # The batch axis is lost in the node: the graph keeps batch 2 and the module runs it in chunks of 2.
     model = op_model(f"(float[2, 3, 4] x) => ({output})", body, 17)
     model.graph.node[-1].name = node
-    with pytest.raises(UserError, match=rf"fixed batch size of 2 .*node '{node}'.*re-export the model with a dynamic batch"):
-        import_model(model)
+    imported = import_model(model)
+    assert imported.baked_batch is None and imported.fixed_batch == 2 and imported.ort_batch == 2
+    assert imported.fixed_batch_reason == f"the batch axis cannot be followed through node '{node}' ({model.graph.node[-1].op_type}): {why}"
+    assert imported.batch_axes == {"x": 0, "y": None}  # no output dim is the batch
+    x = np.arange(5 * 12, dtype=np.float32).reshape(5, 3, 4)
+    got = imported.run({"x": x})[0]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # Two whole chunks of 2; the fifth sample cannot be padded into an output that mixes samples.
+    want = [session.run(None, {"x": x[i:i + 2]})[0] for i in (0, 2)]
+    want = np.stack(want) if want[0].ndim == 0 else np.concatenate(want)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

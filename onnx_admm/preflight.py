@@ -1,0 +1,113 @@
+"""Checks that run before any training, so a bad input fails in one line at once, not after minutes.
+
+``compress`` calls them in order: the recipe's numbers, the seed and the device (``check_config``);
+the output files the run will write (``check_writable``); the model's weights (``check_weights``);
+the class ids of the labelled data against the model's score output (``check_label_range``). Each
+raises ``UserError`` with the problem and the fix. Non-finite input *values* are rejected where the
+data is read (``onnx_admm.data``), so a loader plugin's batches are checked as they arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converters.errors import UserError
+from converters.importer import ImportedModel
+from onnx_admm.data import Dataset, PluginData, check_label_range
+from onnx_admm.recipe import CompressConfig
+
+# Seeds feed numpy's and torch's generators (and seed + epoch for shuffling): keep them in the range
+# both take everywhere.
+MAX_SEED = 2**32 - 1
+
+_DEVICE_RE = re.compile(r"cpu|cuda(?::(\d+))?")
+
+
+def check_config(config: CompressConfig) -> None:
+    """Every number of the recipe finite, the seed in range, the device one this machine has."""
+    for table in ("train", "admm", "prune", "quantize"):
+        for f in dataclasses.fields(getattr(config, table)):
+            value = getattr(getattr(config, table), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{table}.{f.name} must be a finite number, got {value}; set it in the recipe or "
+                                "with its flag")
+    seed = config.train.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"train.seed must be an integer in [0, {MAX_SEED}], got {seed}")
+    check_device(config.train.device)
+
+
+def check_device(device: str) -> None:
+    """``cpu``, or ``cuda[:N]`` with CUDA present and at least N + 1 devices."""
+    match = _DEVICE_RE.fullmatch(device)
+    if match is None:
+        raise UserError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N' (N a device index); pass one of those")
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    index, count = int(match.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise UserError(f"device {device!r} requested but this machine has {count} CUDA device(s) "
+                        f"(cuda:0 to cuda:{count - 1}); pick one of those or cpu")
+
+
+def check_writable(path: str | Path, what: str, *, folder: bool = False) -> None:
+    """``path`` (a file, or with ``folder`` a directory) can be created or replaced.
+
+    Missing parent folders are fine (they are created at save time): the nearest one that exists must be
+    a folder in which a file can be created, which is tried for real (read-only file systems, immutable
+    folders and permissions are all caught that way).
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"{what} {path} is {kind}; pass the path of {'a folder' if folder else 'a file'}")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {what} {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnx-admm-probe-", dir=existing)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: folder {existing} is not writable ({exc.strerror}); "
+                        "choose a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_weights(imported: ImportedModel) -> None:
+    """The model's trainable tensors are finite: a NaN weight makes every loss NaN."""
+    for entry in imported.weights:
+        value = imported.parameter(entry)
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"the model's tensor {entry.onnx_name!r} holds {bad} NaN or infinite value(s); "
+                            "training cannot start from it: fix or re-export the model")
+
+
+def check_labels(imported: ImportedModel, train: Dataset | PluginData, held_out: Dataset) -> None:
+    """Labels are class ids of the score output: in [0, C), C read from one run of the module.
+
+    A plugin's labels are checked as its batches arrive (``PluginData.n_classes``).
+    """
+    labelled = [(name, d) for name, d in (("training data", train), ("validation data", held_out))
+                if isinstance(d, PluginData) or d.labels is not None]
+    if imported.score is None or not labelled:
+        return
+    sample = held_out.take(1).as_feed()
+    classes = int(np.shape(imported.run(sample)[imported.score.index])[-1])
+    for name, data in labelled:
+        if isinstance(data, PluginData):
+            data.n_classes = classes
+        else:
+            check_label_range(data.labels, classes, name)

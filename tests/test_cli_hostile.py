@@ -1,0 +1,389 @@
+"""Hostile and odd inputs from real models in the wild: each gives a one-line error and exit 1, or works.
+
+Every model and data file is generated here (tiny Gemm graphs, so a compress run takes about a second):
+batch dims written as -1 (paddle2onnx), a fixed batch of 1 that the batch rules cannot follow (a
+Concat or a Reshape carrying the batch), non-finite data, hyper-parameters and weights, labels out of
+range, external data outside the model's folder, unwritable output paths, loader plugins that raise,
+binary recipes, bad devices and seeds, ops onnx2torch cannot convert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from exporter_models import op_model
+from onnx_admm.cli import main
+from test_cli import _assert_one_line_error
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(4, 10)).astype(np.float32)
+B = RNG.normal(size=10).astype(np.float32)
+X = RNG.normal(size=(90, 4)).astype(np.float32)
+LABELS = RNG.integers(0, 10, 90)
+QUICK = ("--sparsity", "0.5", "--admm-epochs", "1", "--retrain-epochs", "1", "--threads", "1", "-q")
+
+
+def _run(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _gemm(tmp_path, name="model.onnx", signature="(float[N, 4] x) => (float[N, 10] y)", body="y = Gemm (x, W, B)"):
+    path = tmp_path / name
+    onnx.save(op_model(signature, body, 17, {"W": W, "B": B}), str(path))
+    return path
+
+
+def _npz(tmp_path, name="train.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def _compress(model, data, out, *args):
+    return _run("compress", model, "-o", out, "--data", data, *QUICK, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch conventions
+# ----------------------------------------------------------------------------------------------
+
+
+def _negative_batch_model(tmp_path):
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = -1  # how paddle2onnx writes a dynamic batch
+    path = tmp_path / "neg.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_minus_one_batch_checks_compresses_and_validates(tmp_path):
+    model, data = _negative_batch_model(tmp_path), _npz(tmp_path, x=X, labels=LABELS)
+    assert _run("check", model).exit_code == 0
+    assert _run("check", model, "--data", data).exit_code == 0
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = _compress(model, data, out, "--report", report)
+    assert result.exit_code == 0, result.output
+    batch = json.loads(report.read_text())["batch"]
+    assert batch["mode"] == "dynamic" and batch["validation_batch"] == 64
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # graph I/O kept
+    result = _run("validate", model, out, "--data", data)
+    assert result.exit_code == 0 and "validation on 90 samples, batch 64" in result.output, result.output
+
+
+def test_fixed_batch_through_a_concat_trains_at_that_batch(tmp_path):
+    # The batch of 1 is concatenated on: no rule can follow it, so the graph keeps batch 1.
+    model = _gemm(tmp_path, "concat.onnx", "(float[1, 4] x) => (float[2, 10] y)",
+                  "h = Gemm (x, W, B)\n y = Concat <axis = 0> (h, h)")
+    data = _npz(tmp_path, x=X)
+    check = _run("check", model)
+    assert check.exit_code == 0, check.output
+    assert "runs only at its fixed batch 1 (the batch axis cannot be followed through node 'Concat_1_unnamed'" in check.output
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = _compress(model, data, out, "--report", report, "--batch-size", "16")
+    assert result.exit_code == 0, result.output
+    batch = json.loads(report.read_text())["batch"]
+    assert batch["mode"] == "fixed" and batch["graph_batch"] == 1 and batch["validation_batch"] == 1
+    assert "accumulating the gradients of 16 samples in chunks of 1" in batch["note"]
+    assert "Concat_1_unnamed" in batch["note"]
+
+
+def test_batch_one_with_seq_first_output_checks_on_given_data(tmp_path):
+    # A CRNN exported with batch 1: the Reshape merges the batch away, the output is seq-first [T, 1, C].
+    model = _gemm(tmp_path, "crnn.onnx", "(float[1, T, 4] x) => (float[T, 1, 10] y)", """
+        t = Transpose <perm = [1, 0, 2]> (x)
+        s = Constant <value = int64[2] {-1, 4}> ()
+        r = Reshape (t, s)
+        h = MatMul (r, W)
+        h2 = Add (h, B)
+        a = Constant <value = int64[1] {1}> ()
+        y = Unsqueeze (h2, a)""")
+    data = _npz(tmp_path, x=RNG.normal(size=(8, 5, 4)).astype(np.float32))
+    result = _run("check", model, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert "torch and onnxruntime run in chunks of 1, checked on the given inputs" in result.output
+
+
+def test_fixed_batch_two_pads_the_last_chunk():
+    from converters.importer import import_model
+
+    # Einsum has no batch rule: the graph keeps batch 2, and its output has the batch on axis 0.
+    model = op_model("(float[2, 4] x) => (float[2, 10] y)", 'h = Gemm (x, W, B)\n y = Einsum <equation = "ij->ij"> (h)',
+                     17, {"W": W, "B": B})
+    imported = import_model(model)
+    assert imported.fixed_batch == 2 and imported.batch_axes == {"x": 0, "y": 0}
+    # Chunks [0:2], [2:4] and [4:5] padded to 2 with a copy of sample 4, whose output is dropped.
+    got = imported.run({"x": X[:5]})[0]
+    np.testing.assert_allclose(got, X[:5] @ W + B, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# No lost work: output written before anything that can fail after training
+# ----------------------------------------------------------------------------------------------
+
+
+def test_failure_after_training_keeps_the_saved_model_and_names_it(tmp_path, monkeypatch):
+    from onnx_admm import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation exploded")
+
+    monkeypatch.setattr(api, "_report", broken)
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    out = tmp_path / "sub" / "out.onnx"
+    result = _compress(model, data, out)
+    _assert_one_line_error(result, f"the compressed model is saved to {out}", "RuntimeError: validation exploded")
+    assert out.is_file()
+    onnx.checker.check_model(str(out))
+
+
+def test_output_folder_with_trailing_slash_gets_the_model_name(tmp_path):
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    result = _compress(model, data, f"{tmp_path / 'newdir'}/")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "newdir" / "model.admm.onnx").is_file()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report", "--save-stages"])
+def test_unwritable_paths_fail_before_training(tmp_path, flag):
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    out = tmp_path / "out.onnx"
+    args = {"-o": ["-o", blocker / "out.onnx"], "--report": ["-o", out, "--report", blocker / "r.json"],
+            "--save-stages": ["-o", out, "--save-stages", blocker / "stages"]}[flag]
+    result = _run("compress", model, "--data", data, *QUICK, *args)
+    _assert_one_line_error(result, f"{blocker} is a file, not a folder")
+    assert not out.exists()
+
+
+def test_report_path_that_is_a_folder_fails_before_training(tmp_path):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    (tmp_path / "rdir").mkdir()
+    result = _compress(model, data, out, "--report", tmp_path / "rdir")
+    assert result.exit_code == 2 and "Invalid value for '--report'" in result.output  # click's usage error
+    assert "is a directory" in result.output and not out.exists()
+
+
+def test_read_only_folder_fails_before_training(tmp_path, monkeypatch):
+    # As root no folder is read-only by its mode bits, so the refusal of the file system is simulated.
+    from onnx_admm import preflight
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", refuse)
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    result = _compress(model, data, tmp_path / "ro" / "out.onnx")
+    _assert_one_line_error(result, f"cannot write output {tmp_path / 'ro' / 'out.onnx'}: folder {tmp_path} is not "
+                                   "writable (Read-only file system)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder whatever its mode")
+def test_read_only_folder_by_mode_fails_before_training(tmp_path):
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        _assert_one_line_error(_compress(model, data, ro / "out.onnx"), f"folder {ro} is not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values, labels out of range, rollbacks
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_nan(array):
+    bad = array.copy()
+    bad[3, 1] = np.nan
+    return bad
+
+
+@pytest.mark.parametrize("where", ["--data", "--val-data"])
+def test_nan_in_data_is_an_input_error(tmp_path, where):
+    model, out = _gemm(tmp_path), tmp_path / "out.onnx"
+    good, bad = _npz(tmp_path, "good.npz", x=X), _npz(tmp_path, "bad.npz", x=_with_nan(X))
+    train, val = (bad, good) if where == "--data" else (good, bad)
+    result = _compress(model, train, out, "--val-data", val)
+    _assert_one_line_error(result, f"{bad}: input 'x' holds 1 NaN or infinite value(s)")
+    assert not out.exists()
+
+
+def test_inf_in_a_plugin_batch_is_an_input_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "x.npy", X)
+    (tmp_path / "inf_plugin.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def batches():
+            x = np.load("x.npy")
+            yield {"x": x[:40]}
+            x[50, 0] = np.inf
+            yield {"x": x[40:]}
+    """))
+    model, out = _gemm(tmp_path), tmp_path / "out.onnx"
+    result = _compress(model, "inf_plugin:batches", out)
+    _assert_one_line_error(result, "loader plugin 'inf_plugin:batches' (item 2): input 'x' holds 1 NaN or infinite")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, recipe, message", [
+    (["--lr", "inf"], "", "train.lr must be a finite number, got inf"),
+    ([], "[train]\nweight_decay = nan\n", "train.weight_decay must be a finite number, got nan"),
+    ([], "[admm]\nrho_max = inf\n", "admm.rho_max must be a finite number, got inf"),
+    ([], '[train]\ndevice = "gpu0"\n', "train.device must be 'cpu' or 'cuda[:N]', got 'gpu0'"),
+    (["--device", "cudax"], "", "device 'cudax' is not 'cpu', 'cuda' or 'cuda:N'"),
+    (["--seed", "-1"], "", "train.seed must be an integer in [0, 4294967295], got -1"),
+    (["--seed", str(2**70)], "", f"train.seed must be an integer in [0, 4294967295], got {2**70}"),
+])
+def test_bad_hyper_parameters_fail_before_training(tmp_path, flags, recipe, message):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    path = tmp_path / "r.toml"
+    path.write_text(recipe)
+    _assert_one_line_error(_compress(model, data, out, "--recipe", path, *flags), message)
+    assert not out.exists()
+
+
+def test_cuda_device_beyond_what_the_machine_has(tmp_path):
+    import torch
+
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    result = _compress(model, data, out, "--device", "cuda:9")
+    if torch.cuda.is_available() and torch.cuda.device_count() <= 9:
+        _assert_one_line_error(result, "device 'cuda:9' requested but this machine has")
+    elif not torch.cuda.is_available():
+        _assert_one_line_error(result, "device 'cuda:9' requested but CUDA is not available; use --device cpu")
+
+
+def test_binary_recipe_is_one_line(tmp_path):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    recipe = tmp_path / "bin.toml"
+    recipe.write_bytes(b"\xff\xfe\x00\x81\x9c binary")
+    _assert_one_line_error(_compress(model, data, out, "--recipe", recipe), f"recipe {recipe} is not UTF-8 text")
+
+
+def test_nan_weight_is_an_input_error(tmp_path):
+    bad = W.copy()
+    bad[0, 0] = np.nan
+    path = tmp_path / "nanw.onnx"
+    onnx.save(op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": bad, "B": B}), str(path))
+    out = tmp_path / "out.onnx"
+    _assert_one_line_error(_compress(path, _npz(tmp_path, x=X), out), "the model's tensor 'W' holds 1 NaN or infinite")
+    assert not out.exists()
+
+
+def test_every_phase_diverging_is_a_failure(tmp_path):
+    # A finite but absurd learning rate: the second batch of each phase has a NaN loss.
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    result = _compress(model, data, out, "--lr", "3e38", "--batch-size", "8")
+    _assert_one_line_error(result, "training diverged in every phase", "nothing was written", "lower train.lr (now 3e+38)")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("label", [107, -1])
+@pytest.mark.parametrize("where", ["--data", "--val-data", "validate"])
+def test_labels_out_of_range(tmp_path, label, where):
+    model, out = _gemm(tmp_path), tmp_path / "out.onnx"
+    labels = LABELS.copy()
+    labels[5] = label
+    good, bad = _npz(tmp_path, "good.npz", x=X, labels=LABELS), _npz(tmp_path, "bad.npz", x=X, labels=labels)
+    if where == "validate":
+        result = _run("validate", model, model, "--data", bad)
+    else:
+        train, val = (bad, good) if where == "--data" else (good, bad)
+        result = _compress(model, train, out, "--val-data", val)
+    fragment = ("but the model's score output has 10 classes (ids 0 to 9)" if label == 107
+                else "'labels' holds -1, but class ids start at 0")
+    _assert_one_line_error(result, fragment)
+    assert not out.exists()
+
+
+def test_labels_out_of_range_in_a_plugin_batch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "label_plugin.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def batches():
+            rng = np.random.default_rng(0)
+            yield {"x": rng.normal(size=(70, 4)).astype(np.float32), "labels": np.full(70, 3)}
+            yield {"x": rng.normal(size=(20, 4)).astype(np.float32), "labels": np.full(20, 107)}
+    """))
+    val = _npz(tmp_path, "val.npz", x=X, labels=LABELS)
+    result = _compress(_gemm(tmp_path), "label_plugin:batches", tmp_path / "out.onnx", "--val-data", val)
+    _assert_one_line_error(result, "loader plugin 'label_plugin:batches' (item 2): 'labels' holds 107")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader plugins that raise, external data outside the folder, unconvertible ops
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when, where", [("at_once", "--data"), ("midway", "--data"), ("midway", "--val-data")])
+def test_raising_plugin_is_one_line(tmp_path, monkeypatch, when, where):
+    monkeypatch.chdir(tmp_path)
+    module = f"raising_{when}_{where.strip('-').replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def at_once():
+            raise ValueError("no such bucket")
+        def midway():
+            yield {"x": np.ones((70, 4), np.float32)}
+            raise ValueError("no such bucket")
+    """))
+    sys.modules.pop(module, None)
+    plugin = f"{module}:{when}"
+    data = plugin if where == "--data" else _npz(tmp_path, x=X)
+    extra = ["--val-data", plugin] if where == "--val-data" else []
+    result = _compress(_gemm(tmp_path), data, tmp_path / "out.onnx", *extra)
+    after = "when called" if when == "at_once" else "after yielding 1 item(s)"
+    _assert_one_line_error(result, f"loader plugin {plugin!r} raised ValueError: no such bucket {after}")
+
+
+@pytest.mark.parametrize("command", ["inspect", "check", "compress"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, command):
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../../../../etc/passwd")
+    path = tmp_path / "evil.onnx"
+    onnx.save(model, str(path))
+    args = [command, path] + (["-o", tmp_path / "o.onnx", "--data", _npz(tmp_path, x=X)] if command == "compress" else [])
+    _assert_one_line_error(_run(*args), "external data location '../../../../etc/passwd' points outside the model's folder")
+
+
+def test_unconvertible_op_is_passed_through_and_said_so(tmp_path):
+    model = _gemm(tmp_path, "hardmax.onnx", body="h = Gemm (x, W, B)\n y = Hardmax (h)")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = _run("compress", model, "-o", out, "--data", _npz(tmp_path, x=X), "--sparsity", "0.5",
+                  "--admm-epochs", "1", "--retrain-epochs", "1", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert ("trained: h; passed through unchanged: y (computed by nodes onnx-admm does not convert: node "
+            "'Hardmax_1_unnamed': Hardmax (opset 17) has no converter)") in result.output
+    data = json.loads(report.read_text())
+    assert data["trained_outputs"] == ["h"] and data["passed_through"] == ["y"]
+
+
+def test_nothing_compressible_left_fails(tmp_path):
+    # The converted part trains only a bias: there is no weight to compress.
+    model = op_model("(float[N, 4] x) => (float[N, 4] y)", "h = Add (x, bias)\n y = Hardmax (h)", 17,
+                     {"bias": B[:4].copy()})
+    path = tmp_path / "bias.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "out.onnx"
+    result = _compress(path, _npz(tmp_path, x=X), out)
+    _assert_one_line_error(result, "the model has no compressible weight that onnx-admm can train",
+                           "passes y through unconverted nodes")
+    assert not out.exists()

@@ -1,0 +1,69 @@
+"""converters.ranks: rank-dependent converters (BatchNormalization, pools) when shape inference gives no rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from converters.errors import UserError
+from converters.importer import import_model
+from onnx_admm.check import check
+
+RNG = np.random.default_rng(0)
+
+
+def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+    # paddle2onnx keeps every weight in a Constant node.
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _model(after_bn: list[onnx.NodeProto], output: str, out_shape) -> onnx.ModelProto:
+    """x [?, ?, ?, ?] -> Conv -> Unsqueeze(computed axes) -> Squeeze() -> BatchNormalization -> ...
+
+    The Squeeze without axes on unknown dims leaves the BatchNormalization input without a rank.
+    """
+    nodes = [
+        _constant("w1", RNG.normal(size=(8, 3, 3, 3))), _constant("scale", RNG.random(8) + 0.5),
+        _constant("shift", RNG.normal(size=8)), _constant("mean", RNG.normal(size=8) * 0.1),
+        _constant("var", RNG.random(8) + 0.5), _constant("axf", np.array([2.0])),
+        helper.make_node("Cast", ["axf"], ["axes"], to=TensorProto.INT64),
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Unsqueeze", ["h", "axes"], ["hu"], name="unsqueeze"),
+        helper.make_node("Squeeze", ["hu"], ["hs"], name="squeeze"),
+        helper.make_node("BatchNormalization", ["hs", "scale", "shift", "mean", "var"], ["hb"], name="bn"),
+        *after_bn,
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b", "c", "d"])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    assert not any(v.name == "hs" and v.type.tensor_type.HasField("shape") for v in inferred.graph.value_info)
+    return model
+
+
+def test_batchnorm_rank_comes_from_the_pool_after_it(tmp_path):
+    model = _model([
+        helper.make_node("Relu", ["hb"], ["hr"]),
+        helper.make_node("MaxPool", ["hr"], ["hp"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Flatten", ["hp"], ["f"]),
+        _constant("w2", RNG.normal(size=(5, 8 * 4 * 4))),
+        helper.make_node("Gemm", ["f", "w2"], ["y"], transB=1, name="fc"),
+    ], "y", ["n", 5])
+    imported = import_model(model)
+    assert {e.onnx_name for e in imported.compressible()} == {"w1", "w2"}
+    assert {e.onnx_name for e in imported.weights} >= {"scale", "shift"}  # the BatchNorm trains
+    path = tmp_path / "svtr_like.onnx"
+    onnx.save(model, str(path))
+    report = check(path, {"x": RNG.normal(size=(3, 3, 8, 8)).astype(np.float32)})
+    assert report.passed, report.format()
+
+
+def test_underivable_rank_names_the_node():
+    # Nothing after the BatchNormalization has a rank either: the rank cannot be told without data.
+    model = _model([helper.make_node("Squeeze", ["hb"], ["y"])], "y", ["n"])
+    model.graph.output[0].type.tensor_type.ClearField("shape")  # a declared output rank would give it away
+    with pytest.raises(UserError, match=r"cannot tell the rank of 'hs', the input of node 'bn' \(BatchNormalization\)"):
+        import_model(model)
