@@ -51,6 +51,7 @@ from converters.graphinfo import (
 )
 from converters.dequantize import decoded_view
 from converters.normalize import normalize
+from converters.quantized import dequantize_model
 from converters.writeback import QuantSpec, TensorUpdate
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class ImportedModel:
     # converted, the float tensors it trains on (graph outputs or inputs of the unconverted part).
     output_names: list[str]
     score: ScoreOutput | None  # index into output_names
+    # The graph write-back writes into: the user's model, or for a model quantized by onnxruntime its
+    # float form (``converters.quantized``), whose replacements ``dequantized`` lists.
     original: onnx.ModelProto
     normalized: onnx.ModelProto  # what onnx2torch converted: the normalized copy, or its trainable sub-model
     # Graph outputs the module does not compute; the original graph computes them from output_names
@@ -145,6 +148,7 @@ class ImportedModel:
     # each input and output_names tensor; None / {} when the model's batch was dynamic.
     baked_batch: int | None = None
     batch_axes: dict[str, int] = field(default_factory=dict)
+    dequantized: list[str] = field(default_factory=list)
 
     def parameter(self, entry: WeightEntry) -> nn.Parameter:
         return self.module.get_parameter(entry.param)
@@ -318,12 +322,14 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     """Import ``original`` (external data loaded) into a trainable :class:`OnnxModule` with a weight map.
 
     Args:
-        original: the user's model; it is not modified.
-        output: name of the score output, overriding DESIGN §6 detection.
+        original: the user's model; it is not modified. A model quantized by onnxruntime's quantizer is
+            imported (and written back) as its float form.
+        output: name of the score output, overriding the detection of ``graphinfo.find_score_output``.
 
     Raises:
         UserError: when the model cannot be imported (the message names the node and the op).
     """
+    original, dequantized = dequantize_model(original)
     normalized = normalize(original)
     not_converted = unsupported_nodes(normalized)
     normalized, trained = _trainable_part(normalized, not_converted)
@@ -405,7 +411,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes}
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
-                         not_converted if passed else [], batch, axes)
+                         not_converted if passed else [], batch, axes, dequantized)
 
 
 def _linear_layout(node: onnx.NodeProto, index: int) -> Layout:
