@@ -52,6 +52,7 @@ from converters.graphinfo import (
 )
 from converters.dequantize import decoded_view
 from converters.normalize import normalize
+from converters.quantized import dequantize_model
 from converters.writeback import QuantSpec, TensorUpdate
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ class ImportedModel:
     # converted, the float tensors it trains on (graph outputs or inputs of the unconverted part).
     output_names: list[str]
     score: ScoreOutput | None  # index into output_names
+    # The graph write-back writes into: the user's model, or for a model quantized by onnxruntime its
+    # float form (``converters.quantized``), whose replacements ``dequantized`` lists.
     original: onnx.ModelProto
     normalized: onnx.ModelProto  # what onnx2torch converted: the normalized copy, or its trainable sub-model
     # Graph outputs the module does not compute; the original graph computes them from output_names
@@ -193,6 +196,8 @@ class ImportedModel:
     # an output with no dim of that size).
     fixed_batch: int | None = None
     fixed_batch_reason: str | None = None
+    # onnxruntime-quantized nodes replaced by their float form (one line each).
+    dequantized: list[str] = field(default_factory=list)
 
     @property
     def ort_batch(self) -> int | None:
@@ -371,12 +376,14 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     """Import ``original`` (external data loaded) into a trainable :class:`OnnxModule` with a weight map.
 
     Args:
-        original: the user's model; it is not modified.
-        output: name of the score output, overriding DESIGN §6 detection.
+        original: the user's model; it is not modified. A model quantized by onnxruntime's quantizer is
+            imported (and written back) as its float form.
+        output: name of the score output, overriding the detection of ``graphinfo.find_score_output``.
 
     Raises:
         UserError: when the model cannot be imported (the message names the node and the op).
     """
+    original, dequantized = dequantize_model(original)
     normalized = normalize(original)
     not_converted = unsupported_nodes(normalized)
     normalized, trained = _trainable_part(normalized, not_converted)
@@ -463,7 +470,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
-                         not_converted if passed else [], batch, axes, fixed, fixed_reason)
+                         not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized)
 
 
 def _fixed_batch_axes(normalized: onnx.ModelProto, specs, outputs: list[str], b: int) -> dict[str, int | None]:

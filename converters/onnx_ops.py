@@ -8,6 +8,8 @@
   ``sequence_lens`` as inputs (empty optional inputs allowed), the ONNX activation list, ``clip`` and
   LSTM's ``input_forget``. Multi-layer torch RNNs export as a chain of such nodes.
 - ``GlobalMaxPool`` (opset 1).
+- ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
+  indices counted from ``depth``, out-of-range indices giving the off value everywhere.
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
   bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22),
   and those onnx2torch mishandles: ``Pad`` from opset 11 (reflect/edge on trailing dims only), ``Clip``
@@ -450,3 +452,27 @@ for _op, _converter in _STASH_CONVERTERS.items():
     add_converter(operation_type=_op, version=1, domain=STASH_DOMAIN)(_converter)
 add_converter(operation_type="GlobalMaxPool", version=1)(_STASH_CONVERTERS["GlobalMaxPool"])
 
+
+
+class OnnxOneHot(nn.Module, OnnxToTorchModule):
+    """OneHot(indices, depth, values=[off, on]) along ``axis``; the result has the dtype of ``values``."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, indices: torch.Tensor, depth: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        n = int(depth.reshape(-1)[0])
+        idx = indices.long()
+        idx = torch.where(idx < 0, idx + n, idx)
+        valid = (idx >= 0) & (idx < n)
+        hot = F.one_hot(idx.clamp(0, n - 1), n) & valid.unsqueeze(-1).long()
+        off, on = values.reshape(-1)[0], values.reshape(-1)[1]
+        out = torch.where(hot.bool(), on, off)
+        axis = self.axis if self.axis >= 0 else out.dim() + self.axis
+        return out if axis == out.dim() - 1 else out.movedim(-1, axis)
+
+
+for _version in (9, 11):
+    add_converter(operation_type="OneHot", version=_version)(
+        _simple(lambda node: OnnxOneHot(int(node.attributes.get("axis", -1)))))

@@ -624,6 +624,8 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
         "params": {"total": total, "nonzero": nonzero},
         "compression_ratio": total / nonzero if nonzero else None,
         "layers": layers,
+        # onnxruntime-quantized nodes the output replaced by float ones (converters.quantized)
+        "dequantized": imported.dequantized,
         "stages": [s.summary() for s in result.stages],
         "metrics": {
             "original_accuracy": validation.original.accuracy,

@@ -12,11 +12,14 @@ from converters.graphinfo import compressible_weights, find_score_output, graph_
 from converters.importer import import_model, unsupported_nodes
 from converters.modelio import load_model
 from converters.normalize import normalize
+from converters.quantized import dequantize_model
 
 
 def inspect_model(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description: inputs, outputs, score output, compressible weights, import problems."""
-    model = load_model(path)
+    quantized = load_model(path)
+    # A model quantized by onnxruntime is compressed as its float form: describe that one's weights.
+    model, dequantized = dequantize_model(quantized)
     view, decoded = decoded_view(model)  # weights of a compressed model sit behind decoders
     weights = [dataclasses.replace(w, location="decoded") if w.name in decoded else w
                for w in compressible_weights(view)]
@@ -26,7 +29,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     trainable = None
     imported = None
     try:
-        imported = import_model(model)
+        imported = import_model(quantized)
         trainable = len(imported.weights)
     except UserError as exc:
         problems.append(str(exc))
@@ -59,6 +62,8 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "baked_batch": imported.baked_batch if imported else None,
         "fixed_batch": imported.fixed_batch if imported else None,
         "fixed_batch_reason": imported.fixed_batch_reason if imported else None,
+        # onnxruntime-quantized nodes replaced by float ones in the graph compress writes into.
+        "dequantized": dequantized,
     }
 
 
@@ -86,7 +91,10 @@ def format_inspection(info: dict[str, Any]) -> str:
         if info["fixed_batch"] is not None:
             lines.append(f"  runs only at its fixed batch of {info['fixed_batch']} ({info['fixed_batch_reason']}): "
                          f"trains in chunks of {info['fixed_batch']}, accumulating gradients up to the batch size")
-    else:
+    if info["dequantized"]:
+        lines.append("  quantized by onnxruntime: imported and written back as its float form, replacing")
+        lines += [f"    {d}" for d in info["dequantized"]]
+    if not info["importable"]:
         lines.append("  cannot import:")
         lines += [f"    {p}" for p in info["problems"]]
     return "\n".join(lines)

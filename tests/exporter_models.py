@@ -11,6 +11,8 @@ test modules (tests/test_exporters.py, tests/test_ops.py).
   ai.onnx.ml ArrayFeatureExtractor for the label, ZipMap for the probabilities unless disabled).
 - ``recurrent_node``: one LSTM/GRU/RNN node with every option exposed, and feeds for it.
 - ``op_model``: a one-input graph in ONNX text at a given opset, with named float initializers.
+- ``ort_quantized``: a float model quantized by onnxruntime.quantization in one of the forms it writes
+  (``QUANT_FORMATS``: dynamic, dynamic per channel, QDQ per channel, QOperator), calibrated on given feeds.
 """
 
 from __future__ import annotations
@@ -181,3 +183,40 @@ def op_model(signature: str, body: str, opset: int, initializers: dict[str, np.n
         model.graph.initializer.append(numpy_helper.from_array(value, name))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# onnxruntime.quantization
+# ----------------------------------------------------------------------------------------------
+
+QUANT_FORMATS = ("dynamic", "dynamic_per_channel", "qdq", "qoperator")
+
+
+def ort_quantized(source: Path, path: Path, form: str, calibration: list[dict[str, np.ndarray]]) -> Path:
+    """``source`` quantized by onnxruntime's quantizer as ``form`` (one of ``QUANT_FORMATS``) into ``path``.
+
+    Static forms are calibrated on ``calibration`` (feeds keyed by input name); QDQ is per channel.
+    """
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(calibration)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    # The quantizer logs a warning per tensor it cannot type and suggests pre-processing: noise here.
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        if form.startswith("dynamic"):
+            quantize_dynamic(str(source), str(path), per_channel=form == "dynamic_per_channel")
+        else:
+            fmt = QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator
+            quantize_static(str(source), str(path), Reader(), quant_format=fmt, per_channel=form == "qdq")
+    finally:
+        logging.getLogger().setLevel(level)
+    return Path(path)

@@ -244,3 +244,21 @@ if __name__ == "__main__":
             print(f"{case[0]:<28} opset {opset:<3} max |torch - onnxruntime| {diff:.2g}")
     for param in RECURRENT_CASES:
         print(f"{param.id:<28} max |torch - onnxruntime| {torch_vs_onnxruntime(*recurrent_node(**param.values[0])):.2g}")
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+@pytest.mark.parametrize("opset", [11, 17])
+def test_onehot_matches_onnxruntime_and_trains_what_follows(axis, opset):
+    """tf2onnx's byte/token models start OneHot(int32 x) -> MatMul: without a converter the MatMul and
+    everything after it were passed through untrained."""
+    w = RNG.normal(size=(5, 3)).astype(np.float32) if axis == -1 else None
+    body = ("d = Constant <value = int32 {5}> ()\n v = Constant <value = float[2] {-0.5, 2}> ()\n"
+            f" h = OneHot <axis = {axis}> (x, d, v)\n" + (" y = MatMul (h, w)" if w is not None else " y = Identity (h)"))
+    model = op_model("(int32[N, 4] x) => (float[?, ?, ?] y)", body, opset, {"w": w} if w is not None else None)
+    x = np.array([[0, 4, -1, 7], [2, -5, 3, -6]], np.int32)  # -1 -> 4, -5 -> 0; 7 and -6 out of range
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    imported = import_model(model)
+    ok, diff = within_tolerance(reference, imported.run({"x": x}))
+    assert ok, diff
+    assert not imported.passed_through
+    assert [e.onnx_name for e in imported.compressible()] == (["w"] if w is not None else [])

@@ -1,0 +1,192 @@
+"""Models quantized by onnxruntime's quantizer (converters.quantized): they import as their float form,
+which stays within a stated tolerance of the quantized file in onnxruntime, and compress writes a
+float model with the quantized file's graph inputs and outputs, saying what it replaced."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from converters.importer import import_model
+from converters.modelio import load_model
+from converters.quantized import dequantize_model, is_quantized
+from exporter_models import QUANT_FORMATS, export_torch, ort_quantized, recurrent_classifier
+from onnx_admm.api import compress
+from onnx_admm.check import QUANTIZED_RTOL, check
+from onnx_admm.cli import main
+from onnx_admm.inspection import inspect_model
+from onnx_admm.recipe import CompressConfig
+
+# Ops onnx2torch has no converter for: none may be left in the float form.
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
+                 "QLinearGlobalAveragePool", "DynamicQuantizeLSTM"}
+
+
+def _ort(path_or_model, feeds):
+    source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[bytes], list[bytes]]:
+    return ([v.SerializeToString() for v in model.graph.input], [v.SerializeToString() for v in model.graph.output])
+
+
+@pytest.fixture(scope="module")
+def digits_data(digits_sample):
+    train, test = np.load(digits_sample.train), np.load(digits_sample.test)
+    return train["input"], test["input"]
+
+
+@pytest.fixture(scope="module")
+def quantized_digits(digits_sample, digits_data, tmp_path_factory):
+    """The trained digits CNN in every form onnxruntime's quantizer writes, calibrated on 256 images."""
+    folder = tmp_path_factory.mktemp("quantized")
+    calibration = [{"input": digits_data[0][i:i + 16]} for i in range(0, 256, 16)]
+    return {form: ort_quantized(digits_sample.model, folder / f"digits.{form}.onnx", form, calibration)
+            for form in QUANT_FORMATS}
+
+
+@pytest.mark.parametrize("form", QUANT_FORMATS)
+def test_float_form_imports_and_follows_the_quantized_model(quantized_digits, digits_data, form):
+    path = quantized_digits[form]
+    quantized = load_model(path)
+    assert is_quantized(quantized)
+    imported = import_model(quantized)
+    assert imported.dequantized
+    float_ops = {n.op_type for n in imported.original.graph.node}
+    assert not float_ops & QUANTIZED_OPS, float_ops
+    assert _io(imported.original) == _io(quantized)
+    # Nodes the quantizer kept (Relu, Flatten ...) keep their names; replaced ones take the quantized node's.
+    kept = {n.name for n in quantized.graph.node if n.op_type in float_ops}
+    assert kept <= {n.name for n in imported.original.graph.node}
+    x = digits_data[1]
+    reference = _ort(path, {"input": x})[0]
+    got = imported.run({"input": x})[0]
+    # Stated tolerance: the float form drops the int8 activation rounding and the saturation at the top
+    # of the calibrated ranges. Measured on the 360 test images: at most 6% of max|logit| on the worst
+    # image (one beyond the calibrated range), under 1% for 99% of them, <= 1.2% of predictions changed.
+    per_image = np.max(np.abs(got - reference), axis=1) / np.max(np.abs(reference))
+    assert per_image.max() <= QUANTIZED_RTOL
+    assert np.percentile(per_image, 99) <= 0.02
+    assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.98
+    # torch computes what onnxruntime computes on the float form, to float32 summation order.
+    assert np.allclose(got, _ort(imported.original, {"input": x})[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qoperator"])
+def test_compress_writes_a_float_model_with_the_quantized_graph_io(quantized_digits, digits_data, tmp_path, form):
+    path = quantized_digits[form]
+    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 64},
+                                       "admm": {"epochs": 2, "retrain_epochs": 1}, "prune": {"sparsity": 0.5}})
+    train = tmp_path / "train.npz"
+    np.savez(train, input=digits_data[0])
+    result = compress(path, str(train), config)
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    written, quantized = load_model(out), load_model(path)
+    assert _io(written) == _io(quantized)
+    report = result.report
+    assert report["dequantized"] == result.imported.dequantized
+    replaced = " ".join(report["dequantized"])
+    assert ("ConvInteger" in replaced) if form == "dynamic" else ("QLinearConv" in replaced and "QGemm" in replaced)
+    # Exactly half of the weights pruned, and the predictions follow the quantized original.
+    assert report["params"]["nonzero"] == round(0.5 * report["params"]["total"]) and report["params"]["total"] > 30000
+    x = digits_data[1]
+    agreement = np.mean(_ort(out, {"input": x})[0].argmax(1) == _ort(path, {"input": x})[0].argmax(1))
+    assert agreement >= 0.95
+    assert report["metrics"]["agreement"] >= 0.9
+
+
+def test_check_and_inspect_on_quantized_files(quantized_digits, digits_data):
+    def step(feeds):
+        report = check(quantized_digits["qdq"], feeds)
+        return report, next(s for s in report.steps if s.name == "dequantized")
+
+    # On the user's images the float form is gated at QUANTIZED_RTOL ...
+    report, found = step({"input": digits_data[1]})
+    assert report.passed and found.value <= QUANTIZED_RTOL, report.format()
+    # ... and fails where the quantized model saturates (images 20x brighter than calibrated for).
+    report, found = step({"input": digits_data[1] * 20})
+    assert not report.passed and not found.passed and found.value > QUANTIZED_RTOL
+    # Synthesized N(0, 1) inputs lie outside the calibrated ranges: the figure is shown, not gated.
+    report, found = step(None)
+    assert report.passed and "not gated" in found.detail, report.format()
+    info = inspect_model(quantized_digits["qoperator"])
+    assert info["importable"] and info["total_params"] > 30000
+    assert any("QLinearConv" in line for line in info["dequantized"])
+    runner = CliRunner()
+    shown = runner.invoke(main, ["inspect", str(quantized_digits["dynamic"])])
+    assert shown.exit_code == 0 and "ConvInteger '" in shown.output
+    as_json = json.loads(runner.invoke(main, ["inspect", "--json", str(quantized_digits["dynamic"])]).output)
+    assert as_json["dequantized"]
+
+
+@pytest.mark.parametrize("kind", ["lstm_dynamic", "transformer_qoperator", "resnet_block_qoperator"])
+def test_check_passes_on_other_quantized_operators(onnx_model_file, tmp_path, kind):
+    """DynamicQuantizeLSTM; QLinearMatMul, QLinearAdd/Mul/Softmax; QLinearAdd on a residual, QLinearGlobalAveragePool."""
+    if kind == "lstm_dynamic":
+        source = export_torch(recurrent_classifier("lstm"), torch.randn(2, 7, 10), tmp_path / "lstm.onnx", "torchscript")
+        path = ort_quantized(source, tmp_path / "lstm.q.onnx", "dynamic", [])
+        expected = {"DynamicQuantizeLSTM", "MatMulInteger"}
+    else:
+        source = onnx_model_file(kind.rsplit("_", 1)[0] + "_torchscript")
+        dims = [d.dim_value or 4 for d in onnx.load(str(source)).graph.input[0].type.tensor_type.shape.dim]
+        rng = np.random.default_rng(0)
+        calibration = [{"input": rng.standard_normal(dims).astype(np.float32)} for _ in range(4)]
+        path = ort_quantized(source, tmp_path / "q.onnx", "qoperator", calibration)
+        expected = {"QLinearMatMul", "QLinearSoftmax"} if kind.startswith("transformer") else {
+            "QLinearAdd", "QLinearGlobalAveragePool"}
+    assert expected <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    report = check(path)
+    assert report.passed, report.format()
+    assert all(any(op in line for line in import_model(load_model(path)).dequantized) for op in expected
+               if op != "DynamicQuantizeLinear")
+
+
+def _qdq_model(zero_point_type: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 3] y) <float[4, 3] w = {{{", ".join(str(v) for v in np.linspace(-1, 1, 12))}}},
+                                            float s = {{0.05}}, {zero_point_type} zp = {{0}}> {{
+            h = MatMul(x, w)
+            q = QuantizeLinear(h, s, zp)
+            r = Reshape(q, shape)
+            y = DequantizeLinear(r, s, zp)
+        }}
+    """.replace("<float[4, 3] w", "<int64[2] shape = {-1, 3}, float[4, 3] w"))
+
+
+@pytest.mark.parametrize("zero_point_type, relu", [("uint8", True), ("int8", False)])
+def test_a_range_starting_at_zero_becomes_the_relu_the_quantizer_dropped(zero_point_type, relu):
+    model = _qdq_model(zero_point_type)
+    onnx.checker.check_model(model)
+    floats, notes = dequantize_model(model)
+    # The DequantizeLinear that wrote the graph output stays as an Identity, so the output keeps its name.
+    expected = ["MatMul", "Relu", "Reshape", "Identity"] if relu else ["MatMul", "Reshape", "Identity"]
+    assert [n.op_type for n in floats.graph.node] == expected
+    assert any("activation QuantizeLinear" in line for line in notes)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    x = np.concatenate([x, -x])  # MatMul is linear: half of the rows give negative values
+    quantized, ours = _ort(model, {"x": x})[0], _ort(floats, {"x": x})[0]
+    # One rounding step of the scale 0.05 apart, inside the int8 range; uint8 clamps negatives to 0 in both.
+    assert np.max(np.abs(quantized - ours)) <= 0.025 + 1e-6
+    assert (np.min(ours) >= 0) == relu
+
+
+def test_models_without_onnxruntime_quantization_are_left_alone(digits_sample, tmp_path):
+    model = load_model(digits_sample.model)
+    assert dequantize_model(model) == (model, [])
+    # A model compressed by this tool holds only DequantizeLinear weight decoders: it keeps them.
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 0, "retrain_epochs": 1},
+                                       "quantize": {"bits": 4}})
+    result = compress(digits_sample.model, str(digits_sample.train), config, val_data=str(digits_sample.test))
+    compressed = result.model()
+    assert "DequantizeLinear" in {n.op_type for n in compressed.graph.node}
+    assert not is_quantized(compressed) and dequantize_model(compressed)[0] is compressed
