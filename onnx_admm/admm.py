@@ -19,13 +19,19 @@ Pure torch, and it hooks into any training loop (the way Torch-Pruning's regular
         optimizer.step()
         keeper.apply(optimizer)              # pruned weights stay exactly 0.0
 
+A global budget couples the layers: pass ``constraints`` as a function of the current values
+(name -> tensor) that returns the per-weight constraints. ADMM calls it with W at the start, with
+W + U at every Z step and with W for the hard projection, so a budget split over layers
+(``onnx_admm.allocation``) is recomputed each time and moves between layers while training. For the
+``global`` allocation that makes Z the exact Euclidean projection of W + U onto the global set.
+
 Memory: besides W, each compressed weight holds only Z and U (same shape, dtype, device).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +43,9 @@ from onnx_admm.projections import Constraint
 logger = logging.getLogger(__name__)
 
 __all__ = ["ADMM", "FixedSupport", "RhoSchedule"]
+
+# Per-weight constraints, or a function of the current values that returns them (a coupled budget).
+Constraints = Mapping[str, Constraint] | Callable[[Mapping[str, Tensor]], Mapping[str, Constraint]]
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,8 @@ class ADMM:
 
     Args:
         params: Name -> Parameter of each compressed weight.
-        constraints: Name -> constraint (same names as ``params``).
+        constraints: Name -> constraint (same names as ``params``), or a function from name -> values
+            to that mapping, re-evaluated at every Z step and at the hard projection.
         rho: One schedule for all weights, or name -> schedule.
         rescale_dual: Rescale U <- U * rho_old / rho_new whenever rho changes, as textbook scaled ADMM does
             (Boyd et al. 2011, section 3.4.1), so the unscaled dual Y = rho U is unchanged by the rho
@@ -102,10 +112,16 @@ class ADMM:
     def __init__(
         self,
         params: Mapping[str, torch.nn.Parameter],
-        constraints: Mapping[str, Constraint],
+        constraints: Constraints,
         rho: RhoSchedule | Mapping[str, RhoSchedule] = RhoSchedule(),
         rescale_dual: bool = True,
     ) -> None:
+        if callable(constraints):
+            self._split = constraints
+        else:
+            fixed = dict(constraints)
+            self._split = lambda values: fixed
+        constraints = self._split({n: p.detach() for n, p in params.items()})
         if set(params) != set(constraints):
             missing = sorted(set(params) - set(constraints))
             extra = sorted(set(constraints) - set(params))
@@ -162,9 +178,11 @@ class ADMM:
         """
         residuals: dict[str, float] = {}
         with torch.no_grad():
+            targets = {name: p.detach() + self.U[name] for name, p in self.params.items()}
+            self.constraints = dict(self._split(targets))
             for name, p in self.params.items():
                 w = p.detach()
-                z = self.constraints[name].project(w + self.U[name])
+                z = self.constraints[name].project(targets[name])
                 diff = w - z
                 self.U[name].add_(diff)
                 self.Z[name] = z
@@ -192,6 +210,7 @@ class ADMM:
         """
         supports: dict[str, Tensor] = {}
         with torch.no_grad():
+            self.constraints = dict(self._split({n: p.detach() for n, p in self.params.items()}))
             for name, p in self.params.items():
                 constraint = self.constraints[name]
                 supports[name] = constraint.support(p.detach())

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
-import re
 import resource
 import tempfile
 import time
@@ -39,9 +39,10 @@ from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
-from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, make_plan, sparsity_constraints
+from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, sparsity_constraints
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
+from onnx_admm.schedule import PhaseBudget, lr_factor
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
@@ -67,12 +68,14 @@ class StageResult:
     residuals: dict[str, list[float]] = field(default_factory=dict)
     quant: dict[str, QuantChoice] = field(default_factory=dict)  # quantized weights of this stage
     kept_channels: dict[str, np.ndarray] = field(default_factory=dict)  # filter groups: channels kept
+    epochs: dict[str, float] = field(default_factory=dict)  # epochs of each phase
+    stopped: list[str] = field(default_factory=list)  # phases a non-finite loss rolled back and stopped
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
 
     def summary(self) -> dict[str, Any]:
         return {
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
-            "val_metric": self.val_metric, "rolled_back": self.rolled_back,
+            "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
         }
 
 
@@ -211,6 +214,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     imported.module.to(device)
     specs = _weight_specs(imported)
     plan = make_plan(specs, config)
+    floors = check_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     groups, left_alone = {}, {}
     if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
         groups = {g.name: g for g in channel_groups(original)}
@@ -219,15 +223,16 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
         imported.module.get_parameter(name).requires_grad_(False)
-    train_data, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
+    train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
-    runner = _Runner(imported, config, plan, train_data, held_out, device, progress or (lambda event: None), groups)
+    runner = _Runner(imported, config, plan, train_data, select, held_out, device, progress or (lambda event: None),
+                     groups)
     try:
         runner.run()
     except KeyboardInterrupt:
         raise CompressInterrupted(runner.result(external) if runner.stages else None) from None
     result = runner.result(external)
-    diverged = _all_phases_rolled_back(result.stages, config)
+    diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
                         f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or admm.rho (now {config.admm.rho})")
@@ -237,6 +242,12 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         result.report = _report(result, original_path, held_out, runner.dense_metric, cfg, started)
         if left_alone:
             result.report["left_alone"] = left_alone
+        result.report["warnings"] = []
+        if floors is not None and floors > 0.5:
+            message = (f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
+                       "the allocation barely chooses; lower them")
+            logger.warning("%s", message)
+            result.report["warnings"].append(message)
     except KeyboardInterrupt:
         raise CompressInterrupted(result) from None
     except Exception as exc:
@@ -270,27 +281,27 @@ def _nothing_to_compress(imported: ImportedModel) -> str:
 
 
 # "stage S PHASE epoch E: ...": the rollback notes of _Runner.run_phase, one per phase stopped.
-_ROLLBACK_RE = re.compile(r"stage \d+ (admm|retrain) epoch \d+:")
 
 
-def _all_phases_rolled_back(stages: list[StageResult], config: CompressConfig) -> str | None:
+def _all_phases_rolled_back(stages: list[StageResult]) -> str | None:
     """The first rollback note when every phase that had epochs was rolled back and stopped, else None."""
-    phases = (config.admm.epochs > 0) + (config.admm.retrain_epochs > 0)
-    if not phases or not stages:
+    if not stages:
         return None
-    if any(len(_ROLLBACK_RE.findall(stage.rolled_back or "")) < phases for stage in stages):
-        return None
+    for stage in stages:
+        phases = {phase for phase, epochs in stage.epochs.items() if epochs > 0}
+        if not phases or not phases <= set(stage.stopped):
+            return None
     return stages[0].rolled_back.split(";")[0]
 
 
 class _Runner:
     """One compress run: the stages of ADMM, hard projection and retraining over the planned weights."""
 
-    def __init__(self, imported: ImportedModel, config: CompressConfig, plan: Plan, train_data, held_out: Dataset,
-                 device: torch.device, emit: Progress, groups: dict[str, ChannelGroup]) -> None:
+    def __init__(self, imported: ImportedModel, config: CompressConfig, plan: Plan, train_data, select: Dataset,
+                 held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup]) -> None:
         self.imported, self.config, self.plan, self.groups = imported, config, plan, groups
         self.cfg = config.train
-        self.train_data, self.held_out, self.device, self.emit = train_data, held_out, device, emit
+        self.train_data, self.select, self.held_out, self.device, self.emit = train_data, select, held_out, device, emit
         score = imported.score
         self.score = ScoreSpec(score.index if score else None, score.kind if score else "logits")
         # The teacher serves distillation (training batches without labels, or any batch when there is no
@@ -298,7 +309,7 @@ class _Runner:
         # labels are unknown until it runs, so it always gets one.
         train_labeled = isinstance(train_data, Dataset) and train_data.labels is not None
         self.teacher = None
-        if held_out.labels is None or not train_labeled or self.score.index is None:
+        if held_out.labels is None or select.labels is None or not train_labeled or self.score.index is None:
             self.teacher = copy.deepcopy(imported.module).eval()
             self.teacher.requires_grad_(False)
         if self.score.index is None and held_out.labels is not None:
@@ -317,7 +328,12 @@ class _Runner:
                            self.device)
 
     def val_metric(self) -> float | None:
+        """The metric on the held-out split (reported only, never used to choose)."""
         return evaluate(self.imported.module, self.batches(self.held_out, False), self.score, self.teacher)
+
+    def select_metric(self) -> float | None:
+        """The metric on the selection split, which picks the retraining state kept."""
+        return evaluate(self.imported.module, self.batches(self.select, False), self.score, self.teacher)
 
     def optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -331,11 +347,14 @@ class _Runner:
 
     def run(self) -> None:
         previous: dict[str, torch.Tensor] | None = None
+        budgets = self.config.stage_budgets(self.plan.n_stages)
         for stage in range(self.plan.n_stages):
-            previous = self.stage(stage, previous)
+            previous = self.stage(stage, previous, budgets[stage])
 
-    def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        sparsity = sparsity_constraints(self.plan, self.params, stage, previous)
+    def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None,
+                    values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Each weight's constraint at ``stage``; a global budget is split over layers by ``values``."""
+        sparsity = sparsity_constraints(self.plan, values, stage, previous)
         out = {}
         for w in self.plan.weights:
             name, choice = w.spec.name, w.quant[stage]
@@ -348,21 +367,24 @@ class _Runner:
                 out[name] = sparsity[name]
         return out
 
-    def stage(self, stage: int, previous: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        constraints = self.constraints(stage, previous)
-        params = {name: self.params[name] for name in constraints}
+    def current(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.params.items()}
+
+    def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget) -> dict[str, torch.Tensor]:
+        params = {name: self.params[name] for name in self.constraints(stage, previous, self.current())}
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
-        rolled, admm = self.admm_phase(stage, params, constraints, previous)
+        rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
         quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
-        scales = {name: quantize(constraints[name], params[name].detach()) for name in quantized}
+        final = self.constraints(stage, previous, self.current())
+        scales = {name: quantize(final[name], params[name].detach()) for name in quantized}
         supports = admm.hard_project()
         levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
                   for name, w in quantized.items()}
         kept = self.removed_filters(supports)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
-        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels)
+        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain)
         _load_values(self.imported, values)
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
@@ -373,8 +395,10 @@ class _Runner:
             values=values, residuals={n: list(h) for n, h in admm.residual_history.items()},
             quant={n: w.quant[stage] for n, w in quantized.items()}, kept_channels=kept,
             quant_specs={n: _quant_spec(self.imported, n, w.quant[stage], scales[n]) for n, w in quantized.items()},
+            epochs={"admm": budget.admm, "retrain": budget.retrain},
+            stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
         ))
-        logger.info("stage %d done: sparsity %.4f, validation %s", stage, zeros / total, metric)
+        logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports
 
     def removed_filters(self, supports: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -406,50 +430,63 @@ class _Runner:
                 supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
         return kept_channels
 
-    def admm_phase(self, stage, params, constraints, previous):
+    def admm_phase(self, stage, params, previous, epochs: float):
         """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""
         admm_cfg = self.config.admm
         pinned = None
         if previous:  # every earlier mask, consumers of removed channels included
             pinned = FixedSupport({n: self.imported.module.get_parameter(n) for n in previous}, previous)
-        admm = ADMM(params, constraints, RhoSchedule(admm_cfg.rho, admm_cfg.rho_growth, admm_cfg.rho_max),
-                    rescale_dual=admm_cfg.rescale_dual)
+        admm = ADMM(params, lambda values: self.constraints(stage, previous, values),
+                    RhoSchedule(admm_cfg.rho, admm_cfg.rho_growth, admm_cfg.rho_max), rescale_dual=admm_cfg.rescale_dual)
         optimizer = self.optimizer()
+        per_epoch = self.steps_per_epoch()
+        # Z/U period in steps (in-memory data) or epochs (a plugin, whose epoch length is unknown).
+        period = admm_cfg.period
+        if per_epoch is None:
+            if period is not None and period < 1:
+                raise UserError("admm.period below 1 needs in-memory data (.npz), whose batches per epoch are "
+                                "known; use a whole number of epochs with a loader plugin")
+            every = int(period) if period is not None else max(1, round(epochs) // admm_cfg.updates)
+        elif period is not None:
+            every = max(1, round(period * per_epoch))
+        else:
+            every = max(1, round(epochs * per_epoch) // admm_cfg.updates)
+        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer).
+        limit = admm_cfg.updates if period is None else None
         hooks_b = [admm.add_penalty_grad] + ([pinned.mask_grads] if pinned else [])
         hooks_s = [lambda: pinned.apply(optimizer)] if pinned else []
-        if admm_cfg.period < 1:
-            every = max(1, round(admm_cfg.period * _batches_per_epoch(self.train_data, self.cfg.batch_size)))
+        if per_epoch is not None:
             steps = [0]
 
             def step_update() -> None:
                 steps[0] += 1
-                if steps[0] % every == 0:
+                if steps[0] % every == 0 and (limit is None or admm.n_updates < limit):
                     admm.update()
 
             hooks_s.append(step_update)
+            on_epoch_end = None
+        else:  # a plugin: periods are whole epochs
+            def on_epoch_end(epoch, stats) -> None:
+                if (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
+                    admm.update()
 
-        def epoch_end(epoch, stats) -> None:
-            if admm_cfg.period >= 1 and (epoch + 1) % int(admm_cfg.period) == 0:
-                admm.update()
-
-        message = self.run_phase("admm", stage, admm_cfg.epochs, optimizer, hooks_b, hooks_s, epoch_end)
+        message = self.run_phase("admm", stage, epochs, optimizer, hooks_b, hooks_s, on_epoch_end,
+                                 lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every))
         return message, admm
 
-    def retrain_phase(self, stage, params, supports, levels):
-        """Masked retraining (cosine LR) that keeps the best validation state; quantized weights train
-        through the straight-through estimator on the hard projection's levels."""
+    def retrain_phase(self, stage, params, supports, levels, epochs: float):
+        """Masked retraining (LR annealed to 0 over the phase) that keeps the best state on the selection
+        split; quantized weights train through the straight-through estimator on the hard projection's levels."""
         fixed = FixedSupport(params, supports)
         fixed.apply()
         ste = StraightThrough({n: params[n] for n in levels}, levels, supports) if levels else None
         optimizer = self.optimizer()
-        epochs = self.config.admm.retrain_epochs
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
-        best = {"metric": self.val_metric(), "values": _snapshot(self.imported)}
+        with ste.projected() if ste else nullcontext():
+            best = {"metric": self.select_metric(), "values": _snapshot(self.imported)}
 
         def epoch_end(epoch, stats) -> None:
-            scheduler.step()
             with ste.projected() if ste else nullcontext():
-                metric = self.val_metric()
+                metric = self.select_metric()
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
                     best.update(metric=metric if metric is not None else best["metric"], values=_snapshot(self.imported))
             self.emit({"kind": "val", "stage": stage, "epoch": epoch, "metric": metric, "loss": stats.loss})
@@ -457,20 +494,51 @@ class _Runner:
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
         hooks_f = [ste.before_forward] if ste else []
         message = self.run_phase("retrain", stage, epochs, optimizer, hooks_b, [lambda: fixed.apply(optimizer)],
-                                 epoch_end, hooks_f)
+                                 epoch_end, hooks_f, lr=lambda step, total: lr_factor(step, total, "cosine"))
         return best["metric"], best["values"], message
 
-    def run_phase(self, phase: str, stage: int, epochs: int, optimizer, hooks_backward, hooks_step, on_epoch_end,
-                  hooks_forward=()) -> str | None:
-        """Train ``epochs`` epochs; on a non-finite loss roll back to the epoch's start and stop the phase."""
+    def steps_per_epoch(self) -> int | None:
+        if not isinstance(self.train_data, Dataset):
+            return None
+        return -(-len(self.train_data) // self.cfg.batch_size)
+
+    def run_phase(self, phase: str, stage: int, epochs: float, optimizer, hooks_backward, hooks_step, on_epoch_end,
+                  hooks_forward=(), lr: Callable[[int, int], float] | None = None) -> str | None:
+        """Train ``epochs`` epochs (the last one cut short for a fraction); ``lr(step, total)`` scales the
+        learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase."""
         imported = self.imported
-        for epoch in range(epochs):
+        per_epoch = self.steps_per_epoch()
+        if per_epoch is None:  # a loader plugin: whole epochs, the LR schedule counts epochs
+            n_epochs, total = max(1, round(epochs)) if epochs > 0 else 0, None
+        else:
+            total = round(epochs * per_epoch)
+            n_epochs = -(-total // per_epoch)
+        base = [group["lr"] for group in optimizer.param_groups]
+        done = [0]
+
+        def set_lr() -> None:
+            if lr is None:
+                return
+            factor = lr(done[0], total) if total is not None else lr(epoch, n_epochs)
+            for group, value in zip(optimizer.param_groups, base):
+                group["lr"] = value * factor
+
+        def count() -> None:
+            done[0] += 1
+            if total is not None:
+                set_lr()
+
+        for epoch in range(n_epochs):
             snapshot = (_snapshot(imported), copy.deepcopy(optimizer.state_dict()))
-            self.emit({"kind": "epoch", "stage": stage, "phase": phase, "epoch": epoch, "epochs": epochs})
+            set_lr()
+            self.emit({"kind": "epoch", "stage": stage, "phase": phase, "epoch": epoch, "epochs": n_epochs})
+            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter)
+            if total is not None:
+                batches = itertools.islice(batches, min(per_epoch, total - epoch * per_epoch))
             try:
                 stats = train_epoch(
-                    imported.module, self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter),
-                    self.loss_fn, optimizer, self.teacher, hooks_backward, hooks_step,
+                    imported.module, batches, self.loss_fn, optimizer, self.teacher, hooks_backward,
+                    [*hooks_step, count],
                     on_batch=lambda i, loss, acc: self.emit({"kind": "batch", "stage": stage, "phase": phase,
                                                              "epoch": epoch, "batch": i, "loss": loss, "acc": acc}),
                     before_forward=hooks_forward,
@@ -494,7 +562,8 @@ class _Runner:
                 ) from None
             finally:
                 self.epoch_counter += 1
-            on_epoch_end(epoch, stats)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, stats)
         return None
 
 
@@ -545,29 +614,33 @@ def _level_axis(w: WeightPlan, stage: int) -> int | None:
     return (w.spec.out_axis or 0) if choice.per_channel and choice.clusters is None else None
 
 
-def _batches_per_epoch(data: Dataset | PluginData, batch_size: int) -> int:
-    if not isinstance(data, Dataset):
-        raise UserError("admm.period below 1 needs in-memory data (.npz), whose batches per epoch are known; "
-                        "use a whole number of epochs with a loader plugin")
-    return -(-len(data) // batch_size)
+def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, Dataset, Dataset]:
+    """Training data, the selection split and the held-out split.
 
-
-def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, Dataset]:
+    The selection split (``val_fraction`` of the training data, never trained on) picks the best
+    retraining state; the held-out split (``val_data``, else another ``val_fraction`` of the training
+    data) is only measured: the report and the accuracy gate read it, nothing is chosen by it.
+    """
     if isinstance(data, (str, Path)):
         data = resolve_data(str(data), specs)
     if isinstance(val_data, (str, Path)):
         val_data = resolve_data(str(val_data), specs)
         if isinstance(val_data, PluginData):
             val_data = val_data.take(PLUGIN_VAL_SAMPLES)
-    if val_data is not None:
-        return data, val_data
     if isinstance(data, PluginData):
-        logger.warning("validating on the first %d samples of the loader plugin (they are also trained on); "
-                       "pass val_data for a true held-out split", PLUGIN_VAL_SAMPLES)
-        return data, data.take(PLUGIN_VAL_SAMPLES)
+        logger.warning("selecting retraining states on the first %d samples of the loader plugin (they are also "
+                       "trained on)", PLUGIN_VAL_SAMPLES)
+        select = data.take(PLUGIN_VAL_SAMPLES)
+        if val_data is None:
+            logger.warning("validating on the same %d samples; pass val_data for a true held-out split",
+                           PLUGIN_VAL_SAMPLES)
+        return data, select, val_data if val_data is not None else select
     if len(data) == 0:
         raise UserError("the data holds no samples; pass a non-empty .npz")
-    return data.split(cfg.val_fraction, cfg.seed)
+    if val_data is None:
+        data, val_data = data.split(cfg.val_fraction, cfg.seed)
+    data, select = data.split(cfg.val_fraction, cfg.seed + 1)
+    return data, select, val_data
 
 
 def _report(result: CompressResult, original_path: Path | None, held_out: Dataset, dense_metric, cfg, started) -> dict:

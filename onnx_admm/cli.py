@@ -160,7 +160,11 @@ class _Progress:
 @click.option("--ternary", is_flag=True, help="Ternarize weights to {-a, 0, +a}.")
 @click.option("--clusters", type=click.IntRange(2, 256), help="Cluster weights to a k-means codebook of N values.")
 @click.option("--per-channel/--per-tensor", default=None, help="One quantization scale per output channel or per tensor.")
-@click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
+              help="Total training budget in epochs; the tool splits it over stages and phases.")
+@click.option("--allocation", type=click.Choice(["lamp", "global", "erk", "uniform"]),
+              help="How a global --sparsity is split over layers (default lamp).")
+@click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage (instead of --epochs).")
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=float)
@@ -174,7 +178,8 @@ class _Progress:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
-             ternary: bool, clusters: int | None, per_channel: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
+             ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
+             allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              report_path: str | None, max_accuracy_drop: float | None, save_stages: str | None, quiet: bool) -> None:
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
@@ -197,9 +202,11 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         config = dataclasses.replace(config, quantize=dataclasses.replace(
             config.quantize, bits=1 if binary else bits, ternary=ternary, clusters=clusters))
     config = config.replace(
-        train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device},
+        train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device,
+               "epochs": epochs},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
-        prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block)},
+        prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
+               "allocation": allocation},
         quantize={"per_channel": per_channel},
     )
     output = _output_file(output, model)

@@ -3,7 +3,7 @@
 Pure torch (plus the recipe dataclasses). A *plan* fixes, per compressed weight, its per-stage
 sparsity (or none), the structure of that sparsity, and its per-stage quantizer (or none); the
 constraints of a stage are then built from the weights' current values and the previous stage's
-supports (nested masks, DESIGN §6).
+supports (nested masks: each stage only adds zeros).
 
 Stage counts: the pruning schedule (``prune.stages`` or ``prune.targets``) and the bit schedule
 (``quantize.bits = [8, 4, 2]``) run side by side; a schedule of one stage applies at every stage;
@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from converters.errors import UserError
-from onnx_admm.projections import Channel, Filter, Unstructured, Within, allocate_global, keep_count
+from onnx_admm.allocation import Allocation, allocate, floor_share
+from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import geometric_stages
+from onnx_admm.schedule import auto_stages, geometric_stages
 from onnx_admm.structured import Block, Column, group_keep_count
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Plan:
     weights: tuple[WeightPlan, ...]
     n_stages: int
     global_stages: tuple[float, ...] | None
-    floor: float
+    allocation: Allocation
     block: tuple[int, int]
 
     def by_name(self) -> dict[str, WeightPlan]:
@@ -96,7 +97,10 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
     """Decide, for every compressible weight, its targets; raises UserError when nothing is compressed."""
     prune, quantize = config.prune, config.quantize
     global_target = prune.targets[-1] if prune.targets else prune.sparsity
-    prune_stages = len(prune.targets) if prune.targets else prune.stages
+    own_targets = [r.sparsity for r in config.rules if r.sparsity is not None]
+    deepest = max([t for t in [global_target, *own_targets] if t is not None], default=0.0)
+    prune_stages = (len(prune.targets) if prune.targets
+                    else prune.stages if prune.stages is not None else auto_stages(deepest, config.budget))
     bit_stages = len(quantize.bits) if isinstance(quantize.bits, tuple) else 1
     rows = []
     for spec in specs:
@@ -138,7 +142,7 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
         else:
             quant = (None,) * n
         weights.append(WeightPlan(spec, own, shared, structure, quant))
-    return Plan(tuple(weights), n, global_stages, prune.floor, prune.block)
+    return Plan(tuple(weights), n, global_stages, Allocation(prune.allocation, prune.min_keep, prune.floor), prune.block)
 
 
 def _geometric(target: float, n: int) -> list[float]:
@@ -163,25 +167,58 @@ def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, spa
     return Block(rows, cols, group_keep_count(Block(rows, cols, 0).n_groups(shape), sparsity))
 
 
+def pool(plan: Plan) -> list[WeightPlan]:
+    """The unstructured weights that share the global target (one budget split over them)."""
+    return [w for w in plan.weights if w.shared and w.structure == "unstructured"]
+
+
+def global_keep(plan: Plan, params: Mapping[str, Tensor], stage: int) -> int:
+    """How many weights the global pool keeps at ``stage``."""
+    return keep_count(sum(params[w.spec.name].numel() for w in pool(plan)), plan.global_stages[stage])
+
+
+def check_budget(plan: Plan, params: Mapping[str, Tensor]) -> float | None:
+    """Fail before any training when the per-layer minimums exceed the last stage's global budget.
+
+    Returns:
+        The share of the final budget the minimums take (None without a global pool).
+    """
+    members = pool(plan)
+    if not members:
+        return None
+    weights = {w.spec.name: params[w.spec.name] for w in members}
+    keep = global_keep(plan, params, plan.n_stages - 1)
+    floors = sum(plan.allocation.minimum(t.numel()) for t in weights.values())
+    if floors > keep:
+        raise UserError(f"impossible target: the per-layer minimums alone keep {floors} weights but the target keeps "
+                        f"only {keep} of {sum(t.numel() for t in weights.values())}; lower min_keep/floor or the "
+                        "sparsity (min_keep and floor are in the recipe's [prune] table)")
+    return floor_share(weights, keep, plan.allocation)
+
+
 def sparsity_constraints(
-    plan: Plan, params: Mapping[str, Tensor], stage: int, previous: Mapping[str, Tensor] | None
+    plan: Plan, values: Mapping[str, Tensor], stage: int, previous: Mapping[str, Tensor] | None
 ) -> dict[str, Any]:
-    """Stage ``stage``'s sparsity constraint per pruned weight (restricted to the previous support)."""
-    pool = [w for w in plan.weights if w.shared and w.structure == "unstructured"]
+    """Stage ``stage``'s sparsity constraint per pruned weight (restricted to the previous support).
+
+    The global pool's budget is split over its layers by ranking ``values``: the weights themselves for
+    the hard projection, W + U for an ADMM Z step (so the split follows training).
+    """
+    members = pool(plan)
     keeps: dict[str, int] = {}
-    if pool:
-        weights = {w.spec.name: params[w.spec.name].detach() for w in pool}
+    if members:
+        weights = {w.spec.name: values[w.spec.name].detach() for w in members}
         try:
-            keeps = allocate_global(weights, plan.global_stages[stage], plan.floor,
-                                    allowed=None if previous is None else {n: previous[n] for n in weights})
+            keeps = allocate(weights, global_keep(plan, values, stage), plan.allocation,
+                             allowed=None if previous is None else {n: previous[n] for n in weights})
         except ValueError as exc:
-            raise UserError(f"impossible target: {exc} (the floor is `floor` in the recipe's [prune] table)") from None
+            raise UserError(f"impossible target: {exc} (min_keep and floor are in the recipe's [prune] table)") from None
     out = {}
     for w in plan.weights:
         if w.sparsity is None and not w.shared:
             continue
         # Structured members of the global pool get the global target layer by layer.
         target = w.sparsity[stage] if w.sparsity is not None else plan.global_stages[stage]
-        c = _sparsity_constraint(w, params[w.spec.name].shape, keeps.get(w.spec.name), target, plan.block)
+        c = _sparsity_constraint(w, values[w.spec.name].shape, keeps.get(w.spec.name), target, plan.block)
         out[w.spec.name] = c if previous is None or w.spec.name not in previous else Within(c, previous[w.spec.name])
     return out

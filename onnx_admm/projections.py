@@ -33,8 +33,8 @@ quantize what is kept). They share these rules:
   DequantizeLinear computes, so an export can store the integers and reproduce the projected floats
   exactly.
 
-Counting conventions (DESIGN section 6) live here too: :func:`keep_count` for one tensor and
-:func:`allocate_global` for a global target split over layers.
+Counting conventions live here too: :func:`keep_count` for one tensor (round half up); how a global
+target is split over layers is :mod:`onnx_admm.allocation`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ __all__ = [
     "UniformQuant",
     "Unstructured",
     "Within",
-    "allocate_global",
     "keep_count",
     "quantize",
     "topk_mask",
@@ -278,83 +277,6 @@ class Within:
 
     def _both(self, allowed: Tensor | None) -> Tensor:
         return self.allowed if allowed is None else self.allowed & allowed
-
-
-def allocate_global(
-    weights: Mapping[str, Tensor],
-    sparsity: float,
-    floor: float = 0.01,
-    allowed: Mapping[str, Tensor] | None = None,
-) -> dict[str, int]:
-    """Split a global keep target over layers by global ``|W|`` ranking, with a per-layer floor.
-
-    Keeps ``K = keep_count(N, sparsity)`` weights in total (N = all entries). Each layer first gets its
-    floor ``max(1, ceil(floor * n_layer))`` (never more than the layer has), taken from its own largest
-    entries; the rest of K goes to the largest remaining entries over all layers. That is the top-K
-    selection with the largest total |W| that respects the floors. Ties rank by layer order in
-    ``weights``, then by flat index, so ``Unstructured(keep)`` per layer selects the same entries.
-
-    Args:
-        weights: Layer name -> weight tensor (any shapes, any devices).
-        sparsity: Global fraction of zeros, in [0, 1).
-        floor: Fraction of each layer that is always kept, in [0, 1] (0 still keeps one entry).
-        allowed: Optional layer name -> bool mask (the previous stage's support): only allowed entries
-            are ranked, as :func:`topk_mask` does for one layer.
-
-    Returns:
-        Layer name -> number of entries to keep; the values sum to K exactly.
-    """
-    _check_sparsity(sparsity)
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"floor is a fraction of each layer in [0, 1], got {floor}")
-    if allowed is not None and set(allowed) != set(weights):
-        raise ValueError("allowed must have exactly the same layer names as weights")
-    total = sum(w.numel() for w in weights.values())
-    target = keep_count(total, sparsity)
-
-    floors: dict[str, int] = {}
-    tails: list[Tensor] = []
-    owners: list[Tensor] = []
-    for i, (name, w) in enumerate(weights.items()):
-        n = w.numel()
-        n_allowed = n if allowed is None else int(_check_allowed(w, allowed[name]).sum())
-        floors[name] = min(n, max(1, math.ceil(round(floor * n, _COUNT_DECIMALS))))
-        if floors[name] > n_allowed:
-            raise ValueError(
-                f"layer {name!r} must keep at least {floors[name]} weights (floor={floor}) but only "
-                f"{n_allowed} are allowed by the previous stage; lower floor"
-            )
-        magnitude = w.detach().reshape(-1).abs().cpu()
-        order = torch.sort(magnitude, descending=True, stable=True).indices
-        if allowed is not None:
-            order = order[allowed[name].reshape(-1).cpu()[order]]  # boolean indexing keeps the order
-        tail = magnitude[order[floors[name] :]]
-        tails.append(tail)
-        owners.append(torch.full((tail.numel(),), i, dtype=torch.long))
-
-    floor_sum = sum(floors.values())
-    if floor_sum > target:
-        raise ValueError(
-            f"the per-layer floors alone keep {floor_sum} weights but sparsity={sparsity} keeps only "
-            f"{target} of {total}; lower floor (now {floor}) or lower the sparsity"
-        )
-    rest = target - floor_sum
-    n_rankable = sum(t.numel() for t in tails)
-    if rest > n_rankable:
-        raise ValueError(
-            f"sparsity={sparsity} keeps {target} weights but only {floor_sum + n_rankable} are allowed by the "
-            "previous stage; a nested stage must have a higher sparsity than the one before"
-        )
-    keeps = dict(floors)
-    if rest > 0:
-        # Concatenated in layer order and sorted stably, so ties go to the earlier layer, then lower index.
-        values = torch.cat(tails)
-        winners = torch.cat(owners)[torch.sort(values, descending=True, stable=True).indices[:rest]]
-        counts = torch.bincount(winners, minlength=len(weights)).tolist()
-        for name, extra in zip(weights, counts):
-            keeps[name] += extra
-    logger.debug("global allocation at sparsity %s: %s", sparsity, keeps)
-    return keeps
 
 
 # ----------------------------------------------------------------------------------------------

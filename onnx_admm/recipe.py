@@ -3,9 +3,10 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output
-    [admm]     epochs, retrain_epochs, period, rho, rho_growth, rho_max, rescale_dual
-    [prune]    sparsity (global target), stages, targets, floor, structure, block
+               val_fraction, output, epochs (the total budget)
+    [admm]     epochs, retrain_epochs (per stage), period, updates, rho, rho_growth, rho_max, rescale_dual,
+               lr_policy
+    [prune]    sparsity (global target), stages, targets, allocation, min_keep, floor, structure, block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
                per_channel
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
@@ -13,8 +14,9 @@ Layout of a recipe (every table optional, unknown keys are errors):
 
 Rules are tried in order and the first match wins. A rule's ``sparsity`` fixes that weight's own
 target; ``skip = true`` leaves it untouched. Weights no rule matches share the global
-``prune.sparsity``, spread over the layers by global magnitude ranking (DESIGN §6); without a
-global target they stay unpruned. A rule's quantization keys replace [quantize] for that weight.
+``prune.sparsity``, spread over the layers by ``prune.allocation`` (LAMP scores by default; see
+onnx_admm.allocation) and re-split at every ADMM Z/U update; without a global target they stay
+unpruned. A rule's quantization keys replace [quantize] for that weight.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import UserError
+from onnx_admm.allocation import ALLOCATIONS
+from onnx_admm.schedule import LR_POLICIES, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+# The budget when a recipe gives neither train.epochs nor per-stage epochs; and the per-stage default of
+# whichever of admm.epochs / admm.retrain_epochs is left out when the other is given.
+DEFAULT_EPOCHS = 15
+DEFAULT_ADMM_EPOCHS = 10
+DEFAULT_RETRAIN_EPOCHS = 5
 
 
 def _fail(message: str) -> None:
@@ -61,7 +72,10 @@ class TrainConfig:
     threads: int | None = None  # None: torch's default
     device: str = "cpu"
     val_fraction: float = 0.1
-    output: str | None = None  # score output override (DESIGN §6)
+    output: str | None = None  # which output carries the scores, when the automatic choice is wrong
+    # Total training budget in epochs, split over stages and phases by the tool (schedule.split_budget).
+    # Exclusive with admm.epochs / admm.retrain_epochs, which fix each stage's phases instead.
+    epochs: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -78,19 +92,24 @@ class TrainConfig:
             _fail(f"train.threads must be a positive integer, got {self.threads!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             _fail(f"train.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if not 0 < self.val_fraction < 1:
-            _fail(f"train.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not 0 < self.val_fraction < 0.5:
+            _fail(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
+            _fail(f"train.epochs is the total training budget and must be > 0, got {self.epochs!r}")
 
 
 @dataclass(frozen=True)
 class ADMMConfig:
     """The ADMM schedule of one stage: ADMM epochs, then masked retraining."""
 
-    epochs: int = 10
-    retrain_epochs: int = 5
-    # Epochs between Z/U updates; a fraction updates within the epoch (0.25: four times per epoch), which
-    # helps short schedules converge (needs in-memory data, whose batches per epoch are known).
-    period: float = 1
+    # Per stage; None: derived from train.epochs (or DEFAULT_EPOCHS when neither is given).
+    epochs: int | None = None
+    retrain_epochs: int | None = None
+    # Epochs between Z/U updates; a fraction updates within the epoch (0.25: four times per epoch; needs
+    # in-memory data, whose batches per epoch are known). None: `updates` Z/U updates per ADMM phase,
+    # whatever its length (short budgets still get several updates).
+    period: float | None = None
+    updates: int = 10
     # The papers start at 1e-3 for runs of many epochs; with a few epochs at lr 0.01 that penalty barely
     # moves W (residual ~1.0 after 10 epochs on the digits sample). 0.1 measured best there at 50x:
     # 91.7% vs 88.3% (0.03), 87.2% (0.3), magnitude pruning 76.7% with the same 15 epochs.
@@ -100,13 +119,20 @@ class ADMMConfig:
     # Textbook scaled ADMM rescales U when rho grows; the authors' code does not. Rescaling measured
     # better (see onnx_admm.admm.ADMM), so it is the default.
     rescale_dual: bool = True
+    # Learning rate inside the ADMM phase: reset (anneal within every Z/U period, restart at each update),
+    # cosine (one anneal over the phase) or constant. Masked retraining always anneals to 0.
+    lr_policy: str = "reset"
 
     def __post_init__(self) -> None:
+        if self.lr_policy not in LR_POLICIES:
+            _fail(f"admm.lr_policy must be one of {', '.join(LR_POLICIES)}, got {self.lr_policy!r}")
         for name in ("epochs", "retrain_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value is not None and (not isinstance(value, int) or value < 0):
                 _fail(f"admm.{name} must be an integer >= 0, got {value!r}")
-        if not self.period > 0 or (self.period >= 1 and self.period != int(self.period)):
+        if not isinstance(self.updates, int) or isinstance(self.updates, bool) or self.updates < 1:
+            _fail(f"admm.updates must be an integer >= 1 (Z/U updates per ADMM phase), got {self.updates!r}")
+        if self.period is not None and (not self.period > 0 or (self.period >= 1 and self.period != int(self.period))):
             _fail(f"admm.period must be a whole number of epochs, or a fraction below 1 (0.25 = four Z/U "
                   f"updates per epoch), got {self.period!r}")
         if not self.rho > 0:
@@ -122,9 +148,14 @@ class PruneConfig:
     """Global unstructured target and its progressive stages."""
 
     sparsity: float | None = None
-    stages: int = 1  # stages to the target, spaced geometrically in compression ratio
+    # Stages to the target, spaced geometrically in compression ratio; None: one per ~6x of ratio
+    # (schedule.auto_stages), at most one per 2 epochs of a train.epochs budget.
+    stages: int | None = None
     targets: tuple[float, ...] | None = None  # explicit global stage targets (overrides stages)
-    floor: float = 0.01  # every layer keeps at least this fraction in global allocation
+    # How the global target is split over layers (onnx_admm.allocation): lamp | global | erk | uniform.
+    allocation: str = "lamp"
+    min_keep: int = 1  # every layer keeps at least this many weights (0: a layer may be emptied)
+    floor: float = 0.0  # every layer keeps at least this fraction (a minimum count, taken first)
     # unstructured | filter (output channels) | channel (input channels) | column | block (DESIGN §6)
     structure: str = "unstructured"
     block: tuple[int, int] = (64, 64)  # rows x cols of a block (crossbar tile), for structure = "block"
@@ -135,7 +166,7 @@ class PruneConfig:
         if len(self.block) != 2 or not all(isinstance(b, int) and b >= 1 for b in self.block):
             _fail(f"prune.block must be two positive integers [rows, cols], got {list(self.block)!r}")
         _check_fraction("prune.sparsity", self.sparsity)
-        if not isinstance(self.stages, int) or self.stages < 1:
+        if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
             _fail(f"prune.stages must be an integer >= 1, got {self.stages!r}")
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
@@ -149,6 +180,10 @@ class PruneConfig:
                 _fail(f"prune.targets must end at prune.sparsity ({self.sparsity}), got {list(self.targets)}")
         if not 0 <= self.floor < 1:
             _fail(f"prune.floor must be in [0, 1), got {self.floor!r}")
+        if self.allocation not in ALLOCATIONS:
+            _fail(f"prune.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if not isinstance(self.min_keep, int) or isinstance(self.min_keep, bool) or self.min_keep < 0:
+            _fail(f"prune.min_keep must be an integer >= 0, got {self.min_keep!r}")
 
 
 STRUCTURES = ("unstructured", "filter", "channel", "column", "block")
@@ -236,6 +271,27 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.train.epochs is not None and (self.admm.epochs not in (None, 0) or self.admm.retrain_epochs is not None):
+            _fail("train.epochs (the total budget, --epochs) and admm.epochs / admm.retrain_epochs (per stage, "
+                  "--admm-epochs / --retrain-epochs) contradict; give one or the other (admm.epochs = 0 with "
+                  "train.epochs spends the whole budget on masked retraining)")
+
+    @property
+    def budget(self) -> float | None:
+        """The total epoch budget the tool splits itself, or None when the recipe fixes each stage's phases."""
+        if self.train.epochs is not None:
+            return self.train.epochs
+        if self.admm.epochs is not None or self.admm.retrain_epochs is not None:
+            return None
+        return DEFAULT_EPOCHS
+
+    def stage_budgets(self, n_stages: int) -> list[PhaseBudget]:
+        """Epochs of ADMM and of masked retraining for each stage."""
+        if self.budget is None:
+            admm = DEFAULT_ADMM_EPOCHS if self.admm.epochs is None else self.admm.epochs
+            retrain = DEFAULT_RETRAIN_EPOCHS if self.admm.retrain_epochs is None else self.admm.retrain_epochs
+            return [PhaseBudget(admm, retrain)] * n_stages
+        return split_budget(self.budget, n_stages, admm=self.admm.epochs != 0)
 
     def rule_for(self, name: str, op_type: str) -> Rule | None:
         return next((r for r in self.rules if r.matches(name, op_type)), None)

@@ -1,9 +1,9 @@
-"""Progressive compression schedules: plain functions that return lists of stage sparsities.
+"""Schedules: plain functions for progressive stage sparsities, learning rates and the epoch budget.
 
-Each stage starts from the previous stage's retrained weights and must keep its zeros (DESIGN section 6:
-"progressive masks are nested"). Nesting is guaranteed by the projection, not by the weights' values:
+Each stage starts from the previous stage's retrained weights and must keep its zeros (progressive
+masks are nested). Nesting is guaranteed by the projection, not by the weights' values:
 wrap each stage's constraint as ``Within(constraint, previous_support)`` (and pass the previous supports
-to ``allocate_global(..., allowed=...)`` for a global target). ``topk_mask`` then ranks every previously
+to ``allocation.allocate(..., allowed=...)`` for a global target). ``topk_mask`` then ranks every previously
 kept entry above every previously pruned one, whatever their magnitudes, so even a kept weight that is
 exactly 0.0 beats a pruned one in a tie, and a pruned weight that drifted away from 0 during the next
 stage's ADMM training cannot come back. The only requirement is a rising target, which
@@ -13,11 +13,13 @@ stage's ADMM training cannot come back. The only requirement is a rising target,
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["geometric_stages", "validate_stages"]
+__all__ = ["PhaseBudget", "auto_stages", "geometric_stages", "lr_factor", "split_budget", "validate_stages"]
 
 
 def validate_stages(stages: Sequence[float]) -> list[float]:
@@ -80,3 +82,74 @@ def geometric_stages(target_sparsity: float, n_stages: int, first_ratio: float |
     stages = [1.0 - 1.0 / r for r in ratios] + [float(target_sparsity)]
     logger.debug("geometric stages to %s: %s", target_sparsity, stages)
     return validate_stages(stages)
+
+
+LR_POLICIES = ("reset", "cosine", "constant")
+
+
+def lr_factor(step: int, total: int, policy: str, period: int | None = None) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of a phase of ``total`` steps.
+
+    ``cosine`` anneals from 1 to 0 over the phase; ``reset`` anneals from 1 to 0 inside every ADMM period
+    of ``period`` steps and starts again at each Z/U update (the authors' progressive code does this: W
+    settles before each projection); ``constant`` is 1 throughout.
+    """
+    if policy not in LR_POLICIES:
+        raise ValueError(f"lr policy must be one of {', '.join(LR_POLICIES)}, got {policy!r}")
+    if policy == "constant" or total <= 0:
+        return 1.0
+    if policy == "reset":
+        if not period or period < 1:
+            raise ValueError(f"the reset policy needs a period of >= 1 step, got {period!r}")
+        # The last period can be cut short by the end of the phase: it anneals over what is left.
+        start = (step // period) * period
+        length = min(period, total - start)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, length)))
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+@dataclass(frozen=True)
+class PhaseBudget:
+    """Epochs of one stage's two phases (fractions allowed: the last epoch of a phase is cut short)."""
+
+    admm: float
+    retrain: float
+
+
+# How a total budget of E epochs is split when the user gives one number (train.epochs):
+# FINAL_SHARE of it is the last stage's closing masked retraining; the rest is spread evenly over the
+# stages, ADMM_SHARE of each stage's part in ADMM and the remainder in masked retraining.
+FINAL_SHARE = 0.3
+ADMM_SHARE = 0.6
+
+
+def split_budget(epochs: float, n_stages: int, admm: bool = True) -> list[PhaseBudget]:
+    """Split ``epochs`` over ``n_stages`` stages; with ``admm=False`` every epoch is masked retraining.
+
+    Each stage gets ``(1 - FINAL_SHARE) * epochs / n_stages`` epochs, ``ADMM_SHARE`` of them ADMM; the last
+    stage's retraining also gets the closing ``FINAL_SHARE * epochs``. The parts sum to ``epochs``.
+    """
+    if not epochs > 0:
+        raise ValueError(f"the training budget must be > 0 epochs, got {epochs!r}")
+    if not isinstance(n_stages, int) or n_stages < 1:
+        raise ValueError(f"n_stages must be an int >= 1, got {n_stages!r}")
+    share = (1.0 - FINAL_SHARE) * epochs / n_stages
+    admm_part = ADMM_SHARE * share if admm else 0.0
+    out = [PhaseBudget(admm_part, share - admm_part) for _ in range(n_stages)]
+    out[-1] = PhaseBudget(admm_part, epochs - admm_part - (n_stages - 1) * share)
+    return out
+
+
+# Progressive stages: one per STAGE_RATIO of compression (Ye et al. step about 3-4x), at most one per
+# MIN_STAGE_EPOCHS of budget.
+STAGE_RATIO = 6.0
+MIN_STAGE_EPOCHS = 2.0
+
+
+def auto_stages(target_sparsity: float, epochs: float | None) -> int:
+    """Number of progressive stages to reach ``target_sparsity`` when the user does not say."""
+    ratio = 1.0 / (1.0 - target_sparsity)
+    n = max(1, math.ceil(math.log(ratio) / math.log(STAGE_RATIO) - 1e-9))
+    if epochs is not None:
+        n = min(n, max(1, int(epochs // MIN_STAGE_EPOCHS)))
+    return n

@@ -33,25 +33,20 @@ def test_quick_run_produces_every_row(tmp_path):
     bench = _bench()
     assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["id"] for r in results] == [r.id for r in bench.rows(12)]
+    assert [r["id"] for r in results] == [r.id for r in bench.rows(1)]
     for row in results:
         assert KEYS <= set(row), row
         assert 0.0 <= row["top1"] <= 1.0 and row["bytes"] > 0 and row["bytes_gzip"] > 0
-    pruned = {r["id"]: r for r in results if r["id"].split("-")[-1] in ("10x", "40x", "100x")}
+    pruned = {r["id"]: r for r in results if r.get("density") and r["target"].endswith("x")}
+    assert len(pruned) == 6 * len(bench.TARGETS)
     for rid, row in pruned.items():
-        target = float(rid.split("-")[-1][:-1])
+        target = float(row["target"][:-1])
         assert row["ratio"] == pytest.approx(target, rel=0.01), rid
-        assert row["epochs"] == 12, rid
+        assert row["epochs"] == pytest.approx(1.0), rid  # every row the same budget
+        assert set(row["density"]) == {"0.weight", "2.weight", "5.weight", "7.weight"}
     main_table = (tmp_path / "RESULTS.md").read_text().split("\n\n")[1]
-    assert main_table.count("\n| ") == len(results) + 1  # separator row and one row per result
-    timed = [r for r in results if r["id"].startswith("filter-")]
-    assert timed and all(r["latency_ms_b64"] > 0 and r["dense_latency_ms_b64"] > 0 for r in timed)
+    assert main_table.count("\n| ") == len(results) + 1  # separator row and one row per result (one seed)
     # Resumable: a second run skips every row already in results.json.
     before = (tmp_path / "results.json").read_text()
     assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
     assert (tmp_path / "results.json").read_text() == before
-
-
-def test_epochs_must_split_evenly():
-    with pytest.raises(SystemExit, match="multiple of 12"):
-        _bench().rows(10)

@@ -60,9 +60,9 @@ def test_compress_end_to_end_writes_model_and_report(digits_sample, tmp_path):
     assert tuple(layer["name"] for layer in layers) == WEIGHTS
     assert [layer["shape"] for layer in layers] == [[16, 1, 3, 3], [32, 16, 3, 3], [64, 512], [10, 64]]
     for layer in layers:
-        assert 0 < layer["sparsity"] < 1
+        assert 0 <= layer["sparsity"] < 1  # LAMP may keep a small layer (conv1: 144 weights) whole
         assert len(layer["residual_history"]) == 1 and layer["residual"] == layer["residual_history"][-1]
-        assert 0 < layer["residual"] < 2
+        assert 0 <= layer["residual"] < 2
     assert sum(layer["params"] * (1 - layer["sparsity"]) for layer in layers) == pytest.approx(keep_count(TOTAL, 0.9))
 
     assert [(s["index"], s["target"]) for s in report["stages"]] == [(0, 0.9)]
@@ -164,7 +164,7 @@ def test_sparsity_out_of_range_is_an_error_and_writes_nothing(digits_sample, tmp
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["--sparsity", "0.9999"], ["impossible target", "floor"]),
+    (["--sparsity", "0.99999"], ["impossible target", "minimums", "floor"]),
     ([], ["nothing to compress", "--sparsity"]),
     (["--sparsity", "0.9", "--recipe", "missing.toml"], ["cannot read recipe", "missing.toml"]),
 ], ids=["floors", "no-target", "no-recipe"])

@@ -14,7 +14,6 @@ from onnx_admm.projections import (
     Filter,
     Unstructured,
     Within,
-    allocate_global,
     keep_count,
     topk_mask,
 )
@@ -187,65 +186,3 @@ def test_within_restricts_groups_and_entries():
         Within(Filter(4), allowed).support(w)
 
 
-def _global_reference(weights, keeps):
-    """Entries chosen by per-layer top-k with the allocated keeps."""
-    return {n: topk_mask(w, keeps[n]) for n, w in weights.items()}
-
-
-def test_allocate_global_sums_exactly_and_respects_floors():
-    for seed in range(15):
-        g = torch.Generator().manual_seed(seed)
-        weights = {
-            "conv": torch.randn(8, 3, 3, 3, generator=g) * 3,
-            "fc1": torch.randn(300, 40, generator=g) * 0.1,
-            "fc2": torch.randint(-1, 2, (10, 30), generator=g).float(),  # ties
-        }
-        n_total = sum(w.numel() for w in weights.values())
-        for sparsity in (0.0, 0.5, 0.9, 0.97):
-            keeps = allocate_global(weights, sparsity, floor=0.01)
-            assert sum(keeps.values()) == keep_count(n_total, sparsity)
-            for name, w in weights.items():
-                assert max(1, math.ceil(0.01 * w.numel())) <= keeps[name] <= w.numel()
-            assert allocate_global(weights, sparsity, floor=0.01) == keeps
-
-
-def test_allocate_global_follows_global_ranking_without_floors():
-    g = torch.Generator().manual_seed(1)
-    weights = {"a": torch.randn(50, generator=g), "b": torch.randn(30, generator=g) * 2}
-    keeps = allocate_global(weights, 0.75, floor=0.0)
-    all_mag = torch.cat([w.abs() for w in weights.values()])
-    threshold = all_mag.sort(descending=True).values[keeps["a"] + keeps["b"] - 1]
-    assert keeps == {n: int((w.abs() >= threshold).sum()) for n, w in weights.items()}
-
-
-def test_allocate_global_floor_never_empties_a_layer():
-    weights = {"big": torch.full((100,), 10.0), "tiny": torch.full((100,), 1e-6)}
-    assert allocate_global(weights, 0.9, floor=0.0) == {"big": 19, "tiny": 1}
-    assert allocate_global(weights, 0.9, floor=0.05) == {"big": 15, "tiny": 5}
-    # ties across layers go to the earlier layer
-    assert allocate_global({"x": torch.ones(4), "y": torch.ones(4)}, 0.5, floor=0.0) == {"x": 3, "y": 1}
-
-
-def test_allocate_global_impossible_floors_raise():
-    weights = {"a": torch.randn(100), "b": torch.randn(100)}
-    with pytest.raises(ValueError, match="lower floor"):
-        allocate_global(weights, 0.95, floor=0.1)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        allocate_global(weights, 1.0)
-    with pytest.raises(ValueError, match="floor"):
-        allocate_global(weights, 0.5, floor=1.5)
-
-
-def test_allocate_global_with_allowed_matches_within_projection():
-    g = torch.Generator().manual_seed(2)
-    weights = {"a": torch.randn(40, generator=g), "b": torch.randn(6, 10, generator=g)}
-    prev = allocate_global(weights, 0.5)
-    allowed = {n: topk_mask(w, prev[n]) for n, w in weights.items()}
-    drifted = {n: w + 0.5 * torch.randn(w.shape, generator=g) for n, w in weights.items()}
-    keeps = allocate_global(drifted, 0.8, allowed=allowed)
-    assert sum(keeps.values()) == keep_count(100, 0.8)
-    for n, w in drifted.items():
-        s = Within(Unstructured(keeps[n]), allowed[n]).support(w)
-        assert not (s & ~allowed[n]).any()
-    with pytest.raises(ValueError, match="higher sparsity"):
-        allocate_global(drifted, 0.3, allowed=allowed)

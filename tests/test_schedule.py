@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onnx_admm.projections import Unstructured, Within, allocate_global, keep_count
+from onnx_admm.allocation import Allocation, allocate
+from onnx_admm.projections import Unstructured, Within, keep_count
 from onnx_admm.schedule import geometric_stages, validate_stages
 
 
@@ -48,7 +49,8 @@ def test_progressive_masks_are_nested(global_target):
             w.add_(torch.randn(w.shape, generator=g))
             w[supports[name] & (torch.rand(w.shape, generator=g) < 0.3)] = 0.0  # kept weights that are exactly 0
         if global_target:
-            keeps = allocate_global(weights, sparsity, floor=0.01, allowed=supports)
+            keeps = allocate(weights, keep_count(sum(w.numel() for w in weights.values()), sparsity),
+                             Allocation("global", floor=0.01), allowed=supports)
         else:
             keeps = {n: keep_count(w.numel(), sparsity) for n, w in weights.items()}
         new = {n: Within(Unstructured(keeps[n]), supports[n]).support(w) for n, w in weights.items()}

@@ -1,0 +1,222 @@
+"""How a global pruning budget is split over layers (pure torch).
+
+A global target keeps ``K`` weights in total over a pool of layers. An *allocation* decides how many
+each layer keeps; the per-layer projection then keeps that layer's largest ``|w|``. Methods:
+
+- ``lamp`` (default): Layer-Adaptive Magnitude-based Pruning scores (Lee et al., ICLR 2021). Within a
+  layer, with entries sorted by ``w**2`` ascending, entry ``u`` scores ``w_u**2 / sum_{v >= u} w_v**2``
+  (its share of what is left of the layer when everything smaller is gone); the top ``K`` scores over
+  all layers are kept. The score is scale-free per layer, so no layer is emptied because its weights
+  happen to be small, and large layers lose the most.
+- ``global``: raw ``|w|`` ranked over all layers. Keeping the top ``K`` is the Euclidean projection onto
+  {at most ``K`` nonzeros in the pool} (with the minimums below: onto that set intersected with the
+  per-layer minimums), which is what ADMM's Z step needs for an exact global constraint; but it depends
+  on each layer's scale.
+- ``erk``: Erdos-Renyi-Kernel densities (Evci et al., 2020): density proportional to
+  ``sum(shape) / prod(shape)``, capped at 1, scaled to the budget.
+- ``uniform``: every layer keeps the same fraction.
+
+Minimums: every layer keeps at least ``min_keep`` entries (default 1, so no layer is emptied unless
+``min_keep = 0``), and at least ``ceil(floor * n)`` for a fractional ``floor`` (default 0). They are
+minimum counts, taken first; if they alone exceed the budget the allocation fails with a message, and
+:func:`floor_share` tells how much of the budget they hold (the report warns above one half).
+
+With ``allowed`` (the previous stage's support, for nested progressive masks) only allowed entries are
+ranked and counted; a layer never keeps more than it is allowed.
+
+Counts are exact: the keeps sum to ``K`` and ties break deterministically (layer order, then flat index).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ALLOCATIONS", "Allocation", "allocate", "erk_densities", "floor_share", "lamp_scores"]
+
+ALLOCATIONS = ("lamp", "global", "erk", "uniform")
+_COUNT_DECIMALS = 9
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a global budget is split: the method and the per-layer minimums.
+
+    Attributes:
+        method: One of ``ALLOCATIONS``.
+        min_keep: Every layer keeps at least this many entries (0 lets a layer be emptied).
+        floor: Every layer keeps at least this fraction of its entries, in [0, 1).
+    """
+
+    method: str = "lamp"
+    min_keep: int = 1
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.method!r}")
+        if not isinstance(self.min_keep, int) or isinstance(self.min_keep, bool) or self.min_keep < 0:
+            raise ValueError(f"min_keep must be an integer >= 0, got {self.min_keep!r}")
+        if not 0.0 <= self.floor < 1.0:
+            raise ValueError(f"floor is a fraction of each layer in [0, 1), got {self.floor!r}")
+
+    def minimum(self, n: int) -> int:
+        """The least number of entries a layer of ``n`` entries keeps."""
+        return min(n, max(self.min_keep, math.ceil(round(self.floor * n, _COUNT_DECIMALS))))
+
+
+def lamp_scores(w: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """LAMP score of every entry of ``w`` (same shape, float64 on the CPU); -1 outside ``allowed``.
+
+    Ties in ``|w|`` rank by flat index (the lower index counts as the larger), as :func:`allocate` does.
+    """
+    sq = w.detach().reshape(-1).double().cpu() ** 2
+    ok = torch.ones_like(sq, dtype=torch.bool) if allowed is None else allowed.reshape(-1).cpu()
+    sq = torch.where(ok, sq, torch.zeros_like(sq))
+    # Descending order by |w| with lower index first among ties; the "rest of the layer" of an entry is
+    # itself and everything ranked after it.
+    order = torch.sort(sq, descending=True, stable=True).indices
+    sorted_sq = sq[order]
+    # Sum of entries ranked at or after each position: total minus the prefix before it.
+    prefix = torch.cumsum(sorted_sq, 0) - sorted_sq
+    rest = sorted_sq.sum() - prefix
+    scores_sorted = torch.where(rest > 0, sorted_sq / torch.where(rest > 0, rest, torch.ones_like(rest)),
+                                torch.zeros_like(rest))
+    scores = torch.empty_like(sq)
+    scores[order] = scores_sorted
+    scores = torch.where(ok, scores, torch.full_like(scores, -1.0))
+    return scores.reshape(w.shape)
+
+
+def erk_densities(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
+    """Unnormalised Erdos-Renyi-Kernel density of each layer: ``sum(shape) / prod(shape)``."""
+    out = {}
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = (sum(shape) / n) if n else 0.0
+    return out
+
+
+def floor_share(weights: Mapping[str, Tensor], keep: int, allocation: Allocation) -> float:
+    """Fraction of a budget of ``keep`` entries that the per-layer minimums alone take."""
+    floors = sum(allocation.minimum(w.numel()) for w in weights.values())
+    return floors / keep if keep else (1.0 if floors else 0.0)
+
+
+def allocate(
+    weights: Mapping[str, Tensor],
+    keep: int,
+    allocation: Allocation = Allocation(),
+    allowed: Mapping[str, Tensor] | None = None,
+) -> dict[str, int]:
+    """Split a budget of ``keep`` entries over the layers of ``weights``.
+
+    Args:
+        weights: Layer name -> current values (the ADMM Z step passes W + U).
+        keep: Total entries to keep, in [0, total].
+        allocation: Method and minimums.
+        allowed: Optional layer name -> bool mask; only allowed entries can be kept.
+
+    Returns:
+        Layer name -> entries to keep; the values sum to ``keep`` exactly.
+
+    Raises:
+        ValueError: the minimums alone exceed ``keep``, or ``keep`` exceeds what ``allowed`` permits.
+    """
+    if allowed is not None and set(allowed) != set(weights):
+        raise ValueError("allowed must have exactly the same layer names as weights")
+    total = sum(w.numel() for w in weights.values())
+    if not 0 <= keep <= total:
+        raise ValueError(f"keep must be in [0, {total}], got {keep}")
+    caps = {n: w.numel() if allowed is None else int(allowed[n].sum()) for n, w in weights.items()}
+    mins = {n: min(caps[n], allocation.minimum(w.numel())) for n, w in weights.items()}
+    for name, w in weights.items():
+        if allocation.minimum(w.numel()) > caps[name]:
+            raise ValueError(f"layer {name!r} must keep at least {allocation.minimum(w.numel())} weights but only "
+                             f"{caps[name]} are allowed by the previous stage; lower min_keep/floor")
+    if sum(mins.values()) > keep:
+        raise ValueError(f"the per-layer minimums alone keep {sum(mins.values())} weights but the target keeps "
+                         f"only {keep} of {total}; lower min_keep/floor or the sparsity")
+    if keep > sum(caps.values()):
+        raise ValueError(f"the target keeps {keep} weights but only {sum(caps.values())} are allowed by the previous "
+                         "stage; a nested stage must have a higher sparsity than the one before")
+    if allocation.method in ("lamp", "global"):
+        keeps = _by_scores(weights, keep, allocation.method, mins, allowed)
+    else:
+        if allocation.method == "uniform":
+            quotas = {n: float(w.numel()) for n, w in weights.items()}
+        else:
+            dens = erk_densities({n: tuple(w.shape) for n, w in weights.items()})
+            quotas = {n: dens[n] * w.numel() for n, w in weights.items()}
+        keeps = _integer_quotas(quotas, mins, caps, keep)
+    logger.debug("%s allocation of %d: %s", allocation.method, keep, keeps)
+    return keeps
+
+
+def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:
+    # Each layer's minimum comes from its own top entries (by |w|, which orders LAMP scores the same
+    # way within a layer); the rest of the budget goes to the best remaining scores over all layers.
+    tails, owners = [], []
+    for i, (name, w) in enumerate(weights.items()):
+        mask = None if allowed is None else allowed[name]
+        if method == "lamp":
+            score = lamp_scores(w, mask).reshape(-1)
+        else:
+            score = w.detach().reshape(-1).abs().double().cpu()
+            if mask is not None:
+                score = torch.where(mask.reshape(-1).cpu(), score, torch.full_like(score, -1.0))
+        order = torch.sort(score, descending=True, stable=True).indices
+        n_ok = score.numel() if mask is None else int(mask.sum())
+        tail = score[order[mins[name]:n_ok]]
+        tails.append(tail)
+        owners.append(torch.full((tail.numel(),), i, dtype=torch.long))
+    keeps = dict(mins)
+    rest = keep - sum(mins.values())
+    if rest > 0:
+        values = torch.cat(tails)
+        winners = torch.cat(owners)[torch.sort(values, descending=True, stable=True).indices[:rest]]
+        for name, extra in zip(weights, torch.bincount(winners, minlength=len(weights)).tolist()):
+            keeps[name] += extra
+    return keeps
+
+
+def _integer_quotas(quotas, mins, caps, keep) -> dict[str, int]:
+    """Integers within [min, cap] summing to ``keep``, proportional to ``quotas`` where no bound binds."""
+    names = list(quotas)
+
+    def filled(t: float) -> dict[str, float]:
+        return {n: min(caps[n], max(mins[n], t * quotas[n])) for n in names}
+
+    lo, hi = 0.0, 1.0
+    while sum(filled(hi).values()) < keep and hi < 1e30:
+        hi *= 2
+    for _ in range(200):  # bisection on the common scale
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(filled(mid).values()) < keep else (lo, mid)
+    real = filled(hi)
+    keeps = {n: min(caps[n], max(mins[n], math.floor(real[n]))) for n in names}
+    short = keep - sum(keeps.values())
+    # Largest remainders first; then any layer with room (caps can make the rounding uneven).
+    order = sorted(names, key=lambda n: (-(real[n] - math.floor(real[n])), names.index(n)))
+    while short > 0:
+        progressed = False
+        for n in order:
+            if short and keeps[n] < caps[n]:
+                keeps[n] += 1
+                short -= 1
+                progressed = True
+        if not progressed:
+            break
+    while short < 0:
+        for n in reversed(order):
+            if short and keeps[n] > mins[n]:
+                keeps[n] -= 1
+                short += 1
+    return keeps
