@@ -309,13 +309,14 @@ class _Runner:
         # labels are unknown until it runs, so it always gets one.
         train_labeled = isinstance(train_data, Dataset) and train_data.labels is not None
         self.teacher = None
-        if held_out.labels is None or select.labels is None or not train_labeled or self.score.index is None:
+        if (held_out.labels is None or select.labels is None or not train_labeled or self.score.index is None
+                or self.cfg.distill > 0):
             self.teacher = copy.deepcopy(imported.module).eval()
             self.teacher.requires_grad_(False)
         if self.score.index is None and held_out.labels is not None:
             logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
                            "to the original model's outputs")
-        self.loss_fn = Loss(self.score)
+        self.loss_fn = Loss(self.score, distill=self.cfg.distill)
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0

@@ -3,9 +3,9 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output, epochs (the total budget)
+               val_fraction, output, epochs (the total budget), distill
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, rho_growth, rho_max, rescale_dual,
-               lr_policy
+               lr_policy, share
     [prune]    sparsity (global target), stages, targets, allocation, min_keep, floor, structure, block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
                per_channel
@@ -33,7 +33,7 @@ from typing import Any
 
 from converters.errors import UserError
 from onnx_admm.allocation import ALLOCATIONS
-from onnx_admm.schedule import LR_POLICIES, PhaseBudget, split_budget
+from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +76,8 @@ class TrainConfig:
     # Total training budget in epochs, split over stages and phases by the tool (schedule.split_budget).
     # Exclusive with admm.epochs / admm.retrain_epochs, which fix each stage's phases instead.
     epochs: float | None = None
+    # With labels: weight of distillation from the original model in the loss, (1 - d) CE + d KL.
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -94,6 +96,8 @@ class TrainConfig:
             _fail(f"train.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 0 < self.val_fraction < 0.5:
             _fail(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
+        if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
+            _fail(f"train.distill must be a fraction in [0, 1] (0: labels only), got {self.distill!r}")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
             _fail(f"train.epochs is the total training budget and must be > 0, got {self.epochs!r}")
 
@@ -122,8 +126,13 @@ class ADMMConfig:
     # Learning rate inside the ADMM phase: reset (anneal within every Z/U period, restart at each update),
     # cosine (one anneal over the phase) or constant. Masked retraining always anneals to 0.
     lr_policy: str = "reset"
+    # With a total budget (train.epochs): the fraction of each stage's part spent in ADMM, the rest in
+    # masked retraining (schedule.split_budget).
+    share: float = ADMM_SHARE
 
     def __post_init__(self) -> None:
+        if not 0 <= self.share < 1:
+            _fail(f"admm.share must be a fraction in [0, 1), got {self.share!r}")
         if self.lr_policy not in LR_POLICIES:
             _fail(f"admm.lr_policy must be one of {', '.join(LR_POLICIES)}, got {self.lr_policy!r}")
         for name in ("epochs", "retrain_epochs"):
@@ -291,7 +300,7 @@ class CompressConfig:
             admm = DEFAULT_ADMM_EPOCHS if self.admm.epochs is None else self.admm.epochs
             retrain = DEFAULT_RETRAIN_EPOCHS if self.admm.retrain_epochs is None else self.admm.retrain_epochs
             return [PhaseBudget(admm, retrain)] * n_stages
-        return split_budget(self.budget, n_stages, admm=self.admm.epochs != 0)
+        return split_budget(self.budget, n_stages, share=self.admm.share if self.admm.epochs != 0 else 0.0)
 
     def rule_for(self, name: str, op_type: str) -> Rule | None:
         return next((r for r in self.rules if r.matches(name, op_type)), None)

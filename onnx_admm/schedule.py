@@ -123,20 +123,22 @@ FINAL_SHARE = 0.3
 ADMM_SHARE = 0.6
 
 
-def split_budget(epochs: float, n_stages: int, admm: bool = True) -> list[PhaseBudget]:
-    """Split ``epochs`` over ``n_stages`` stages; with ``admm=False`` every epoch is masked retraining.
+def split_budget(epochs: float, n_stages: int, share: float = ADMM_SHARE) -> list[PhaseBudget]:
+    """Split ``epochs`` over ``n_stages`` stages; with ``share=0`` every epoch is masked retraining.
 
-    Each stage gets ``(1 - FINAL_SHARE) * epochs / n_stages`` epochs, ``ADMM_SHARE`` of them ADMM; the last
+    Each stage gets ``(1 - FINAL_SHARE) * epochs / n_stages`` epochs, ``share`` of them ADMM; the last
     stage's retraining also gets the closing ``FINAL_SHARE * epochs``. The parts sum to ``epochs``.
     """
     if not epochs > 0:
         raise ValueError(f"the training budget must be > 0 epochs, got {epochs!r}")
     if not isinstance(n_stages, int) or n_stages < 1:
         raise ValueError(f"n_stages must be an int >= 1, got {n_stages!r}")
-    share = (1.0 - FINAL_SHARE) * epochs / n_stages
-    admm_part = ADMM_SHARE * share if admm else 0.0
-    out = [PhaseBudget(admm_part, share - admm_part) for _ in range(n_stages)]
-    out[-1] = PhaseBudget(admm_part, epochs - admm_part - (n_stages - 1) * share)
+    if not 0 <= share < 1:
+        raise ValueError(f"share must be in [0, 1), got {share!r}")
+    part = (1.0 - FINAL_SHARE) * epochs / n_stages
+    admm_part = share * part
+    out = [PhaseBudget(admm_part, part - admm_part) for _ in range(n_stages)]
+    out[-1] = PhaseBudget(admm_part, epochs - admm_part - (n_stages - 1) * part)
     return out
 
 

@@ -52,29 +52,45 @@ def log_probs(score: Tensor, kind: str) -> Tensor:
 
 
 class Loss:
-    """Cross-entropy on labels, else KL to the teacher on the score output, else MSE on float outputs."""
+    """Cross-entropy on labels, else KL to the teacher on the score output, else MSE on float outputs.
 
-    def __init__(self, score: ScoreSpec, temperature: float = 1.0) -> None:
+    With labels and ``distill`` > 0 the loss mixes both: ``(1 - distill) * CE + distill * KL(teacher)``
+    (knowledge distillation from the original model, which compressed models recover faster with).
+    """
+
+    def __init__(self, score: ScoreSpec, temperature: float = 1.0, distill: float = 0.0) -> None:
         self.score = score
         self.temperature = temperature
+        self.distill = distill
+
+    def uses_teacher(self, labels: Tensor | None) -> bool:
+        """Whether a batch with these labels needs the teacher's outputs."""
+        return labels is None or self.score.index is None or self.distill > 0
 
     def __call__(self, outputs: Sequence[Tensor], labels: Tensor | None, teacher: Sequence[Tensor] | None) -> Tensor:
-        index, kind = self.score.index, self.score.kind
+        index = self.score.index
         if labels is not None and index is not None:
-            return F.nll_loss(log_probs(outputs[index], kind), labels)
+            ce = F.nll_loss(log_probs(outputs[index], self.score.kind), labels)
+            if self.distill > 0 and teacher is not None:
+                return (1 - self.distill) * ce + self.distill * self._kl(outputs, teacher)
+            return ce
         if teacher is None:
             raise ValueError("without labels, training needs the teacher's outputs (distillation)")
         if index is not None:
-            student = log_probs(outputs[index], kind)
-            target = log_probs(teacher[index], kind)
-            if kind == "logits" and self.temperature != 1.0:
-                student = F.log_softmax(outputs[index] / self.temperature, dim=-1)
-                target = F.log_softmax(teacher[index] / self.temperature, dim=-1)
-            return F.kl_div(student, target, log_target=True, reduction="batchmean") * self.temperature**2
+            return self._kl(outputs, teacher)
         terms = [F.mse_loss(o, t) for o, t in zip(outputs, teacher) if o.is_floating_point()]
         if not terms:
             raise ValueError("the model has no float output to train on")
         return torch.stack(terms).sum()
+
+    def _kl(self, outputs: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        index, kind = self.score.index, self.score.kind
+        student = log_probs(outputs[index], kind)
+        target = log_probs(teacher[index], kind)
+        if kind == "logits" and self.temperature != 1.0:
+            student = F.log_softmax(outputs[index] / self.temperature, dim=-1)
+            target = F.log_softmax(teacher[index] / self.temperature, dim=-1)
+        return F.kl_div(student, target, log_target=True, reduction="batchmean") * self.temperature**2
 
 
 @dataclass
@@ -115,8 +131,8 @@ def train_epoch(
     """
     total_loss, hits, seen, counted = 0.0, 0, 0, False
     for i, batch in enumerate(batches):
-        # With labels and a score output the loss ignores the teacher: skip its forward pass.
-        needs_teacher = teacher is not None and (batch.labels is None or loss_fn.score.index is None)
+        # With labels and a score output the loss ignores the teacher unless it distils: skip its pass.
+        needs_teacher = teacher is not None and loss_fn.uses_teacher(batch.labels)
         with torch.no_grad():
             teacher_out = teacher(*batch.inputs) if needs_teacher else None
         for hook in before_forward:

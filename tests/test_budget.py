@@ -33,7 +33,7 @@ def test_reset_restarts_at_every_period_and_anneals_a_short_last_one():
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_split_budget_sums_to_the_budget(epochs, n):
     for admm in (True, False):
-        parts = split_budget(epochs, n, admm=admm)
+        parts = split_budget(epochs, n, share=0.6 if admm else 0.0)
         assert len(parts) == n
         assert sum(p.admm + p.retrain for p in parts) == pytest.approx(epochs)
         assert all(p.admm >= 0 and p.retrain > 0 for p in parts)

@@ -225,3 +225,17 @@ def test_make_optimizer_skips_frozen_params():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["params"] == [model.fc.weight]
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["weight_decay"] == 1e-4
     assert isinstance(make_optimizer(model.parameters(), "adam", 0.1, 0.9, 0.0), torch.optim.Adam)
+
+
+def test_distillation_with_labels_mixes_cross_entropy_and_kl():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    spec = ScoreSpec(0, "logits")
+    ce = F.cross_entropy(student, labels)
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    mixed = Loss(spec, distill=0.25)((student,), labels, (teacher,))
+    assert torch.allclose(mixed, 0.75 * ce + 0.25 * kl)
+    assert torch.allclose(Loss(spec)((student,), labels, (teacher,)), ce)  # distill 0: the teacher is ignored
+    assert Loss(spec, distill=0.25).uses_teacher(labels) and not Loss(spec).uses_teacher(labels)
+    assert Loss(spec).uses_teacher(None)

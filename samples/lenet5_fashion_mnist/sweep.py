@@ -35,6 +35,14 @@ def configs(s: float) -> dict[str, dict]:
         "AGP global": {"prune": {"sparsity": s, "targets": agp, "allocation": "global"}, "admm": {"epochs": 0}},
         "AGP lamp": {"prune": {"sparsity": s, "targets": agp}, "admm": {"epochs": 0}},
         "magnitude progressive (auto stages)": {"prune": {"sparsity": s}, "admm": {"epochs": 0}},
+        "ADMM rho 1e-2 AGP targets": {"prune": {"sparsity": s, "targets": agp}, "admm": {"rho": 1e-2}},
+        "ADMM rho 3e-2 AGP targets": {"prune": {"sparsity": s, "targets": agp}, "admm": {"rho": 3e-2}},
+        "ADMM rho 1e-2 AGP targets share 0.3": {"prune": {"sparsity": s, "targets": agp},
+                                                "admm": {"rho": 1e-2, "share": 0.3}},
+        "AGP lamp + distill 0.5": {"prune": {"sparsity": s, "targets": agp}, "admm": {"epochs": 0},
+                                   "train": {"distill": 0.5}},
+        "ADMM rho 1e-2 AGP targets + distill 0.5": {"prune": {"sparsity": s, "targets": agp}, "admm": {"rho": 1e-2},
+                                                    "train": {"distill": 0.5}},
         "ADMM rho 1e-3 reset": admm(rho=1e-3),
         "ADMM rho 1e-2 reset": admm(rho=1e-2),
         "ADMM rho 1e-1 reset": admm(rho=1e-1),
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
             if any(r["name"] == name and r["seed"] == seed and r["epochs"] == args.epochs for r in results):
                 continue
             recipe_full = {**recipe, "train": {"batch_size": 128, "lr": 0.01, "threads": args.threads,
-                                               "seed": seed, "epochs": args.epochs}}
+                                               "seed": seed, "epochs": args.epochs, **recipe.get("train", {})}}
             started = time.perf_counter()
             result = compress(dense, train, CompressConfig.from_dict(recipe_full), val_data=test)
             m = result.report["metrics"]
