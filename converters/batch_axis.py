@@ -1,4 +1,4 @@
-"""Free a batch size baked into a model exported with fixed shapes, in the normalized copy (DESIGN §4).
+"""Free a batch size baked into a model exported with fixed shapes, in the normalized copy.
 
 The dynamo exporter without dynamic shapes (and many other exporters) fixes the graph inputs' first
 dim to the export batch and writes that batch into Reshape shape constants (``[1, 800]``), so the

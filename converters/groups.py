@@ -2,7 +2,7 @@
 
 A *channel group* is the set of output channels (filters) of one Conv (group=1), Gemm or MatMul weight,
 together with every constant that must shrink with them for the graph to stay valid and to compute the
-same thing on the kept channels (DESIGN section 6: "a channel is physically removed only when every
+same thing on the kept channels ("a channel is physically removed only when every
 consumer drops it"). Starting at the producer's output, the channels are followed forward through ops
 that keep channels apart:
 

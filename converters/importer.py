@@ -57,7 +57,7 @@ from converters.writeback import QuantSpec, TensorUpdate
 
 logger = logging.getLogger(__name__)
 
-# Ops whose float constant inputs are trainable (DESIGN §6 "trainable set"). Constants feeding any
+# Ops whose float constant inputs are trainable (the trainable set). Constants feeding any
 # other op (Reshape shapes, Clip bounds, Resize scales, Pow exponents ...) stay fixed buffers.
 _TRAINABLE_CONSUMERS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Add", "Sub", "Mul", "PRelu",

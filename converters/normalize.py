@@ -4,7 +4,7 @@ Each pass is a small function ``pass(model) -> bool`` that rewrites the model in
 whether it changed anything (the onnx-ir pass shape). ``normalize`` runs them in order on a deep copy;
 the caller's model is never touched, because write-back needs the original graph byte for byte.
 
-Measured on torch 2.14 exports (DESIGN §4): opset 20 → 17 plus the cleanups below made LeNet-5,
+Measured on torch 2.14 exports: opset 20 → 17 plus the cleanups below made LeNet-5,
 ResNet-18, MobileNetV2, VGG-11 and a transformer layer import and match onnxruntime.
 
 onnx's version converter has no way down for some ops (Gelu 20, Mish 18, Split 18, Pad 18+,

@@ -5,8 +5,8 @@ weight), the channels to keep, and cuts every tensor of the group: the producer'
 BatchNormalization parameters, per-channel constants, depthwise Conv weights (and their ``group``
 attribute), the consumers' input channels (Conv axis 1; Gemm B columns for transB=1, rows for
 transB=0; MatMul rows; a block of ``H*W`` features per channel after a flatten) and the Reshape shape
-constants holding a flattened size. Graph inputs, outputs and node names stay as they were (DESIGN
-section 6: "the shrink pass changes shapes, never graph I/O"); the ``value_info`` of every tensor whose
+constants holding a flattened size. Graph inputs, outputs and node names stay as they were (the
+shrink pass changes shapes, never graph I/O); the ``value_info`` of every tensor whose
 shape changes is dropped, so no stale shape survives (onnxruntime re-infers).
 
 Removing channel ``c`` computes exactly what the dense model computes once the consumers' weights that

@@ -6,7 +6,7 @@ initializer, sparse initializer or Constant node, in their original layout and d
 outputs, node names and every untouched tensor stay byte-identical.
 
 How a changed tensor is stored is the job of *encoders*: small objects that offer an encoding of one
-tensor. The smallest valid encoding in raw bytes wins (DESIGN §6):
+tensor. The smallest valid encoding in raw bytes wins:
 
 - ``DenseEncoder``, ``SparseEncoder``: a float initializer, or a COO sparse initializer;
 - ``DequantizeLinearEncoder``: integers + scale (+ zero point) -> DequantizeLinear, in the smallest
@@ -80,7 +80,7 @@ class QuantSpec:
     """How a quantized tensor's values were made: what the quantized encoders need to store integers.
 
     Attributes:
-        bits: k of DESIGN §6, 2..8: the values are ``q * scale`` with integer ``|q| <= 2**(k-1) - 1``
+        bits: k, 2..8: the values are ``q * scale`` with integer ``|q| <= 2**(k-1) - 1``
             (binary and ternary weights are k = 2). For codebook levels, the index bits.
         scale: Positive float32 scale, shape ``()`` per tensor or ``(C,)`` along ``axis``; None for
             non-uniform levels (a codebook), which only :class:`CodebookEncoder` stores.

@@ -1,6 +1,6 @@
 """The ``onnx-admm`` command line: a thin click layer over the Python API.
 
-Exit codes (DESIGN §6): 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy gate;
+Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy gate;
 130 interrupted (Ctrl-C), after saving the last completed stage.
 """
 

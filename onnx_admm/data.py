@@ -1,4 +1,4 @@
-"""Representative inputs for compress and validate: ``.npz`` files and Python loader plugins (DESIGN §6 "Data").
+"""Representative inputs for compress and validate: ``.npz`` files and Python loader plugins (the data convention).
 
 An ``.npz`` holds one array per graph input, keyed by the input's name, plus optional ``labels``
 (integer class ids, one per sample). The first axis of an array is the sample axis when the input

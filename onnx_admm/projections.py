@@ -13,7 +13,7 @@ stage masks nested (:class:`Within` binds it to a constraint so the ADMM engine 
 Entries outside ``allowed`` never win a tie against entries inside it, even when those are exactly 0.
 
 Sparsity constraints here: :class:`Unstructured` (top-k magnitudes) and the shape-wise :class:`Filter`
-and :class:`Channel` (top groups by L2 norm / sqrt(group size), DESIGN section 6). Column and block
+and :class:`Channel` (top groups by L2 norm / sqrt(group size)). Column and block
 pruning are meant to be added beside them as further dataclasses with the same two methods.
 
 Quantizing constraints: :class:`UniformQuant` (symmetric k-bit levels q*s), :class:`Binary` ({-a, +a}),
@@ -306,7 +306,7 @@ class QuantizedTensor:
         scale: Positive float tensor in the weight's dtype: shape ``()`` per tensor, or ``(C,)`` with
             ``C = q.shape[axis]`` per channel.
         axis: The channel axis of ``scale``, or None for one scale.
-        bits: k of DESIGN section 6: levels ``q`` in [-(2^(k-1) - 1), 2^(k-1) - 1]; binary and ternary
+        bits: k: levels ``q`` in [-(2^(k-1) - 1), 2^(k-1) - 1]; binary and ternary
             are stored as k = 2 (levels -1, 0, 1).
     """
 
@@ -539,7 +539,7 @@ class _Quantizer:
 
 @dataclass(frozen=True)
 class UniformQuant(_Quantizer):
-    """Symmetric k-bit levels ``q * s``, ``q`` integer in [-(2^(k-1) - 1), 2^(k-1) - 1] (DESIGN section 6).
+    """Symmetric k-bit levels ``q * s``, ``q`` integer in [-(2^(k-1) - 1), 2^(k-1) - 1].
 
     The scale s (per tensor, or per channel along ``axis``) minimises ||W - Q(W)|| over the fitted entries
     (allowed, nonzero); each entry then goes to its nearest level (ties: half to even, so Q(-w) = -Q(w)).
@@ -627,7 +627,7 @@ class Binary(_ScaledSigns):
     """Levels {-a, +a} with a = mean |w| (the L2-optimal scale for the signs), per tensor or per channel.
 
     Entries outside ``allowed`` (and exact zeros) stay 0 and a is the mean over the rest: with pruning the
-    levels are {-a, 0, +a}, stored in 2 bits (DESIGN section 6).
+    levels are {-a, 0, +a}, stored in 2 bits.
 
     Attributes:
         per_channel: One a per index of ``axis``.

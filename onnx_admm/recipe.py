@@ -165,7 +165,7 @@ class PruneConfig:
     allocation: str = "lamp"
     min_keep: int = 1  # every layer keeps at least this many weights (0: a layer may be emptied)
     floor: float = 0.0  # every layer keeps at least this fraction (a minimum count, taken first)
-    # unstructured | filter (output channels) | channel (input channels) | column | block (DESIGN §6)
+    # unstructured | filter (output channels) | channel (input channels) | column | block
     structure: str = "unstructured"
     block: tuple[int, int] = (64, 64)  # rows x cols of a block (crossbar tile), for structure = "block"
 
@@ -221,7 +221,7 @@ def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Weights on levels: symmetric k-bit (1 = binary), ternary, or a k-means codebook (DESIGN §6)."""
+    """Weights on levels: symmetric k-bit (1 = binary), ternary, or a k-means codebook."""
 
     bits: int | tuple[int, ...] | None = None  # a list: progressive stages, e.g. [8, 4, 2, 1]
     ternary: bool = False

@@ -1,4 +1,4 @@
-"""Column-wise and block-wise structured sparsity (DESIGN section 6), beside ``projections.Filter``/``Channel``.
+"""Column-wise and block-wise structured sparsity, beside ``projections.Filter``/``Channel``.
 
 Both view a weight as the matrix ``[out, in*kh*kw]`` (a Linear weight already is one):
 
@@ -17,7 +17,7 @@ them unchanged.
 
 For equal-sized groups (every column; blocks when the tile divides the matrix) the ranking is the
 Euclidean projection onto "at most ``keep_groups`` nonzero groups". With partial edge tiles the
-normalised ranking is the DESIGN convention instead: it does not favour the larger full tiles, which
+normalised ranking (L2 / sqrt(group size), the project's convention) is used instead: it does not favour the larger full tiles, which
 the plain Euclidean projection would.
 
 Column- and block-pruned weights stay dense with zeros in ONNX; only whole filters/channels can be

@@ -6,7 +6,7 @@ test modules (tests/test_exporters.py, tests/test_ops.py).
   last step. Both torch exporters write each layer as one ONNX LSTM/GRU node (W, R, B initializers,
   zero initial states computed from the input's run-time shape); GRU with ``linear_before_reset=1``.
 - ``export_torch``: either torch exporter, with or without a dynamic batch axis (without: the dynamo
-  exporter bakes the example batch into the graph, DESIGN §4).
+  exporter bakes the example batch into the graph).
 - ``sklearn_mlp``: an MLPClassifier trained on scikit-learn's digits, converted by skl2onnx (opset 21,
   ai.onnx.ml ArrayFeatureExtractor for the label, ZipMap for the probabilities unless disabled).
 - ``recurrent_node``: one LSTM/GRU/RNN node with every option exposed, and feeds for it.

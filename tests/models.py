@@ -1,6 +1,6 @@
 """The ONNX test models every test uses: small torch models exported both ways, and hand-written graphs.
 
-Why these models: each one exercises a path the product must handle on real exports (DESIGN §4, §5).
+Why these models: each one exercises a path the product must handle on real exports.
 
 - ``lenet5``: Caffe LeNet-5 (20-50-500-10) — Conv and Gemm weights, the paper's headline model.
 - ``resnet_block``: BatchNormalization *kept* in the graph (TorchScript, training=PRESERVE, no constant
@@ -30,7 +30,7 @@ What the exporters do here (torch 2.14.1, measured):
   ones, such as 20-element biases, stay inline). All our torch models have larger tensors, so every
   dynamo file here has a sidecar; ``export`` checks that and fails loudly if a torch upgrade changes it.
   The dynamic batch is declared with ``dynamic_shapes`` (a ``torch.export.Dim``), so the files run at any
-  batch size (without it the exporter bakes the example batch into Reshape shapes, DESIGN §4).
+  batch size (without it the exporter bakes the example batch into Reshape shapes).
 
 Public API: ``MODELS`` (name → ``ModelSpec``), ``ONNX_FILES`` (file key → (model name, exporter)),
 ``file_key``, ``export(name, exporter, path)``, the test oracle ``expected_weight_names(model_proto)``,
@@ -55,7 +55,7 @@ Exporter = Literal["torchscript", "dynamo", "text"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-# The TorchScript exporter's opset must be one onnx2torch reads without conversion (DESIGN §4).
+# The TorchScript exporter's opset must be one onnx2torch reads without conversion.
 TORCHSCRIPT_OPSET = 17
 
 
@@ -68,7 +68,7 @@ def _randomise_batchnorm(module: nn.Module) -> None:
     """Give every BatchNorm random, mutually different statistics and affine parameters.
 
     Untrained BN has weight = running_var = 1 and bias = running_mean = 0, and the exporters merge
-    equal initializers into one (DESIGN §4), which would hide the per-role tensors tests need.
+    equal initializers into one, which would hide the per-role tensors tests need.
     """
     for bn in module.modules():
         if isinstance(bn, nn.BatchNorm2d):
@@ -183,7 +183,7 @@ def _floats(shape: tuple[int, ...], seed: int) -> str:
 
 
 def _constant_weights_text() -> str:
-    # Weights as Constant nodes and no initializers at all: what paddle2onnx writes (DESIGN §4).
+    # Weights as Constant nodes and no initializers at all: what paddle2onnx writes.
     return f"""
     <ir_version: 8, opset_import: ["" : 17]>
     constant_weights (float[N, 1, 8, 8] input) => (float[N, 10] logits) {{
@@ -201,7 +201,7 @@ def _constant_weights_text() -> str:
 
 def _shared_gemm_text() -> str:
     # One initializer feeding two Gemm nodes, each through its own Identity: how the exporters
-    # write a tensor that several nodes use (DESIGN §4). Both uses are the same role (Gemm B).
+    # write a tensor that several nodes use. Both uses are the same role (Gemm B).
     return f"""
     <ir_version: 8, opset_import: ["" : 17]>
     shared_gemm (float[N, 16] input) => (float[N, 16] logits)

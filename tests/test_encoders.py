@@ -121,7 +121,7 @@ def test_dequantize_linear_per_tensor_and_per_axis(bits, kind, opset, per_channe
 
 
 def test_int4_and_int2_are_packed_and_sizes_on_a_500x800_weight():
-    """Measured file sizes (fp32 1.60 MB in DESIGN §4): int8 0.40 MB, int4 0.20 MB, int2 0.10 MB."""
+    """Measured file sizes (fp32 1.60 MB): int8 0.40 MB, int4 0.20 MB, int2 0.10 MB."""
     model = _gemm_model((500, 800))
     w = _weight(model)
     n = w.numel()

@@ -67,7 +67,7 @@ def test_resnet_block_keeps_batchnorm_with_distinct_tensors(resnet_block_torchsc
     batchnorms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(batchnorms) == 3
     params = [name for n in batchnorms for name in n.input[1:]]
-    # Randomised statistics: the exporter had no equal tensors to merge (DESIGN §4).
+    # Randomised statistics: the exporter had no equal tensors to merge.
     assert len(set(params)) == len(params) == 12
     assert set(params) <= {t.name for t in model.graph.initializer}
 
