@@ -24,7 +24,7 @@ from converters.errors import UserError
 from onnx_admm.allocation import Allocation, allocate, floor_share
 from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import auto_stages, geometric_stages
+from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
 from onnx_admm.structured import Block, Column, group_keep_count
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,11 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
     global_target = prune.targets[-1] if prune.targets else prune.sparsity
     own_targets = [r.sparsity for r in config.rules if r.sparsity is not None]
     deepest = max([t for t in [global_target, *own_targets] if t is not None], default=0.0)
+    # Stages: as given; else chosen from the ratio when the tool splits a total budget; one stage when the
+    # recipe fixes each stage's epochs itself (admm.epochs / retrain_epochs).
     prune_stages = (len(prune.targets) if prune.targets
-                    else prune.stages if prune.stages is not None else auto_stages(deepest, config.budget))
+                    else prune.stages if prune.stages is not None
+                    else auto_stages(deepest, config.budget) if config.budget is not None else 1)
     bit_stages = len(quantize.bits) if isinstance(quantize.bits, tuple) else 1
     rows = []
     for spec in specs:
@@ -128,11 +131,12 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
             + [len(r[4][0]) if isinstance(r[4][0], tuple) else 1 for r in rows] + [bit_stages if quantize.enabled else 1])
     global_stages = None
     if any(r[2] for r in rows):
-        global_stages = _stretch(list(prune.targets) if prune.targets else _geometric(global_target, prune_stages),
+        global_stages = _stretch(list(prune.targets) if prune.targets else _spaced(global_target, prune_stages, prune.spacing),
                                  n, "the pruning schedule")
     weights = []
     for spec, sparsity, shared, structure, (bits, ternary, clusters) in rows:
-        own = None if sparsity is None else _stretch(_geometric(sparsity, prune_stages), n, "the pruning schedule")
+        own = None if sparsity is None else _stretch(_spaced(sparsity, prune_stages, prune.spacing), n,
+                                                     "the pruning schedule")
         if bits is not None:
             bit_list = bits if isinstance(bits, tuple) else (bits,)
             quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel) for b in bit_list], n,
@@ -145,8 +149,10 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
     return Plan(tuple(weights), n, global_stages, Allocation(prune.allocation, prune.min_keep, prune.floor), prune.block)
 
 
-def _geometric(target: float, n: int) -> list[float]:
-    return geometric_stages(target, n) if target > 0 else [0.0] * n
+def _spaced(target: float, n: int, spacing: str) -> list[float]:
+    if target <= 0:
+        return [0.0] * n
+    return cubic_stages(target, n) if spacing == "cubic" else geometric_stages(target, n)
 
 
 def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, sparsity: float, block: tuple[int, int]):

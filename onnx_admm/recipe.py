@@ -6,7 +6,7 @@ Layout of a recipe (every table optional, unknown keys are errors):
                val_fraction, output, epochs (the total budget), distill
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, rho_growth, rho_max, rescale_dual,
                lr_policy, share
-    [prune]    sparsity (global target), stages, targets, allocation, min_keep, floor, structure, block
+    [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure, block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
                per_channel
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
@@ -33,7 +33,7 @@ from typing import Any
 
 from converters.errors import UserError
 from onnx_admm.allocation import ALLOCATIONS
-from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PhaseBudget, split_budget
+from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,6 +160,9 @@ class PruneConfig:
     # Stages to the target, spaced geometrically in compression ratio; None: one per ~6x of ratio
     # (schedule.auto_stages), at most one per 2 epochs of a train.epochs budget.
     stages: int | None = None
+    # How stage targets rise to the sparsity: cubic (gradual pruning's curve, in sparsity) or geometric
+    # (in compression ratio, as the progressive ADMM papers step).
+    spacing: str = "cubic"
     targets: tuple[float, ...] | None = None  # explicit global stage targets (overrides stages)
     # How the global target is split over layers (onnx_admm.allocation): lamp | global | erk | uniform.
     allocation: str = "lamp"
@@ -189,6 +192,8 @@ class PruneConfig:
                 _fail(f"prune.targets must end at prune.sparsity ({self.sparsity}), got {list(self.targets)}")
         if not 0 <= self.floor < 1:
             _fail(f"prune.floor must be in [0, 1), got {self.floor!r}")
+        if self.spacing not in SPACINGS:
+            _fail(f"prune.spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
         if self.allocation not in ALLOCATIONS:
             _fail(f"prune.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not isinstance(self.min_keep, int) or isinstance(self.min_keep, bool) or self.min_keep < 0:

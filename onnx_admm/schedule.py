@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PhaseBudget", "auto_stages", "geometric_stages", "lr_factor", "split_budget", "validate_stages"]
+__all__ = ["PhaseBudget", "auto_stages", "cubic_stages", "geometric_stages", "lr_factor", "split_budget", "validate_stages"]
 
 
 def validate_stages(stages: Sequence[float]) -> list[float]:
@@ -46,6 +46,23 @@ def validate_stages(stages: Sequence[float]) -> list[float]:
                 f"but stage {i} ({s}) is not above stage {i - 1} ({out[i - 1]})"
             )
     return out
+
+
+def cubic_stages(target_sparsity: float, n_stages: int) -> list[float]:
+    """Stage sparsities on gradual magnitude pruning's cubic curve: ``s_f (1 - (1 - k/n)**3)``, k = 1..n.
+
+    Zhu and Gupta (2017): the steps are large while many redundant weights remain and small near the
+    target, so the late stages (where each weight counts) get the most retraining per weight removed.
+    """
+    if not 0.0 <= target_sparsity < 1.0:
+        raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}; 40x is 0.975")
+    if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 1:
+        raise ValueError(f"n_stages must be an int >= 1, got {n_stages!r}")
+    stages = [target_sparsity * (1 - (1 - k / n_stages) ** 3) for k in range(1, n_stages)] + [float(target_sparsity)]
+    return validate_stages(stages)
+
+
+SPACINGS = ("cubic", "geometric")
 
 
 def geometric_stages(target_sparsity: float, n_stages: int, first_ratio: float | None = None) -> list[float]:
@@ -142,7 +159,8 @@ def split_budget(epochs: float, n_stages: int, share: float = ADMM_SHARE) -> lis
     return out
 
 
-# Progressive stages: one per STAGE_RATIO of compression (Ye et al. step about 3-4x), at most one per
+# Progressive stages: one per STAGE_RATIO of compression plus one (measured on Fashion-MNIST LeNet-5 at
+# 200x, 10 epochs: 4 cubic stages beat 3 geometric ones by 0.2-0.8 point), at most one per
 # MIN_STAGE_EPOCHS of budget.
 STAGE_RATIO = 6.0
 MIN_STAGE_EPOCHS = 2.0
@@ -150,8 +168,10 @@ MIN_STAGE_EPOCHS = 2.0
 
 def auto_stages(target_sparsity: float, epochs: float | None) -> int:
     """Number of progressive stages to reach ``target_sparsity`` when the user does not say."""
+    if target_sparsity <= 0:
+        return 1
     ratio = 1.0 / (1.0 - target_sparsity)
-    n = max(1, math.ceil(math.log(ratio) / math.log(STAGE_RATIO) - 1e-9))
+    n = 1 + max(1, math.ceil(math.log(ratio) / math.log(STAGE_RATIO) - 1e-9))
     if epochs is not None:
         n = min(n, max(1, int(epochs // MIN_STAGE_EPOCHS)))
     return n

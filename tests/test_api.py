@@ -27,7 +27,7 @@ from onnx_admm.api import CompressInterrupted, compress
 from onnx_admm.data import Dataset
 from onnx_admm.projections import keep_count
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import geometric_stages
+from onnx_admm.schedule import cubic_stages
 from onnx_admm.train import Loss
 
 # The four compressible weights of samples/digits/model.onnx (samples/digits/README.md).
@@ -126,9 +126,9 @@ def test_rule_targets_are_exact_per_weight_in_the_written_file(digits, onnx_name
     # Each stage holds its own geometric target exactly too.
     for k, stage in enumerate(result.stages):
         counts = {n: int((v != 0).sum()) for n, v in _weights_of(stage, onnx_name).items()}
-        assert counts["5.weight"] == keep_count(32768, geometric_stages(0.95, 2)[k])
-        assert counts["7.weight"] == keep_count(640, geometric_stages(0.6, 2)[k])
-        assert counts["2.weight"] == keep_count(4608, geometric_stages(0.5, 2)[k])
+        assert counts["5.weight"] == keep_count(32768, cubic_stages(0.95, 2)[k])
+        assert counts["7.weight"] == keep_count(640, cubic_stages(0.6, 2)[k])
+        assert counts["2.weight"] == keep_count(4608, cubic_stages(0.5, 2)[k])
 
 
 def test_impossible_global_target_is_a_user_error(digits):
@@ -217,7 +217,7 @@ def test_progressive_masks_are_nested_and_each_stage_exact(digits, onnx_name, li
     config = _config(0.95, 1, 1, prune={"stages": 3}).replace(admm={"period": 1})
     result = compress(digits["model"], digits["train"], config, progress=drift)
     assert pruned  # the drift happened
-    targets = geometric_stages(0.95, 3)
+    targets = cubic_stages(0.95, 3)
     assert [s.target for s in result.stages] == pytest.approx(targets)
     assert [s.index for s in result.stages] == [0, 1, 2]
     previous = None
@@ -379,7 +379,7 @@ def test_ctrl_c_mid_stage_two_keeps_stage_one(digits, onnx_name, tmp_path):
         compress(digits["model"], digits["train"], config, progress=_interrupt_at(1))
     partial = info.value.result
     assert partial is not None and [s.index for s in partial.stages] == [0]
-    first = geometric_stages(0.9, 3)[0]
+    first = cubic_stages(0.9, 3)[0]
     out = tmp_path / "partial.onnx"
     assert partial.save(out) == [out]
     weights = _file_weights(out)
@@ -586,7 +586,7 @@ def test_without_val_data_the_held_out_and_selection_splits_are_disjoint():
 def test_epoch_budget_is_split_over_stages_and_spent_exactly(digits):
     config = CompressConfig.from_dict({"train": {"threads": 1, "epochs": 4}, "prune": {"sparsity": 0.98}})
     result = compress(digits["model"], digits["train"], config)
-    assert len(result.stages) == 2  # 50x: 3 stages by ratio, at most one per 2 epochs of budget
+    assert len(result.stages) == 2  # 50x: 4 stages by ratio, at most one per 2 epochs of budget
     spent = [stage.epochs for stage in result.stages]
     assert sum(p["admm"] + p["retrain"] for p in spent) == pytest.approx(4)
     assert spent[-1]["retrain"] > spent[0]["retrain"]  # the closing retraining

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from onnx_admm.recipe import DEFAULT_EPOCHS, CompressConfig
-from onnx_admm.schedule import FINAL_SHARE, PhaseBudget, auto_stages, lr_factor, split_budget
+from onnx_admm.schedule import FINAL_SHARE, PhaseBudget, auto_stages, cubic_stages, lr_factor, split_budget
 from converters.errors import UserError
 
 
@@ -51,10 +51,17 @@ def test_split_budget_rejects_nonsense():
 
 
 def test_auto_stages_grow_with_the_ratio_and_fit_the_budget():
-    assert auto_stages(0.5, None) == 1
-    assert [auto_stages(1 - 1 / r, None) for r in (5, 40, 200, 1000)] == [1, 3, 3, 4]
+    assert auto_stages(0.0, None) == 1
+    assert [auto_stages(1 - 1 / r, None) for r in (2, 5, 10, 40, 200, 400, 1000)] == [2, 2, 3, 4, 4, 5, 5]
     assert auto_stages(1 - 1 / 1000, 4) == 2  # at most one stage per 2 epochs
     assert auto_stages(1 - 1 / 1000, 1) == 1
+
+
+def test_cubic_stages_follow_gradual_pruning():
+    assert cubic_stages(0.995, 4) == pytest.approx([0.575234375, 0.870625, 0.979453125, 0.995])
+    assert cubic_stages(0.9, 1) == [0.9]
+    with pytest.raises(ValueError):
+        cubic_stages(1.0, 2)
 
 
 def test_recipe_budget_resolution():

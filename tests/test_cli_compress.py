@@ -14,7 +14,7 @@ from converters.graphinfo import constant_sources, tensor_value
 from onnx_admm import cli
 from onnx_admm.cli import main
 from onnx_admm.projections import keep_count
-from onnx_admm.schedule import geometric_stages
+from onnx_admm.schedule import cubic_stages
 
 WEIGHTS = ("0.weight", "2.weight", "5.weight", "7.weight")  # the compressible weights of the digits CNN
 TOTAL = 38160
@@ -141,7 +141,7 @@ def test_save_stages_writes_every_stage(digits_sample, tmp_path):
         model = onnx.load(str(tmp_path / "stages" / name))
         sources = constant_sources(model)
         nonzeros.append(sum(int(np.count_nonzero(tensor_value(model, sources[w]))) for w in WEIGHTS))
-    assert nonzeros == [keep_count(TOTAL, s) for s in geometric_stages(0.9, 2)]
+    assert nonzeros == [keep_count(TOTAL, s) for s in cubic_stages(0.9, 2)]
     assert _accuracy(tmp_path / "stages" / "d.stage2.onnx", digits_sample) == pytest.approx(_accuracy(out, digits_sample))
 
 

@@ -20,13 +20,15 @@ def _plan(data):
 
 
 def test_global_pool_and_rules():
-    plan = _plan({"prune": {"sparsity": 0.9, "stages": 2},
+    plan = _plan({"prune": {"sparsity": 0.9, "stages": 2, "spacing": "geometric"},
                   "rules": [{"match": "emb", "skip": True}, {"op_type": "Conv", "sparsity": 0.5}]})
     by = plan.by_name()
     assert set(by) == {"conv", "fc"} and plan.untouched(SPECS) == ["emb"]
     assert by["conv"].sparsity == pytest.approx((1 - 0.5 ** 0.5, 0.5)) and not by["conv"].shared
     assert by["fc"].shared and plan.global_stages == pytest.approx((1 - 0.1 ** 0.5, 0.9))
     assert plan.n_stages == 2
+    cubic = _plan({"prune": {"sparsity": 0.9, "stages": 2}})  # the default spacing: 0.9 (1 - 0.5**3), 0.9
+    assert cubic.global_stages == pytest.approx((0.7875, 0.9))
 
 
 def test_bit_schedule_and_pruning_schedule_run_side_by_side():
