@@ -258,11 +258,26 @@ def _score_kind(name: str, producers: dict[str, onnx.NodeProto], rank: int | Non
     return "logits"
 
 
-def _qualifies(dims: tuple | None, kind: str) -> int | None:
+def _made_by_a_linear_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether a MatMul/Gemm (+ bias Add) computes ``name``: a classifier head, not a Concat of a
+    detector's boxes and scores."""
+    seen = set()
+    while name in producers and name not in seen:
+        seen.add(name)
+        node = producers[name]
+        if node.op_type in ("MatMul", "Gemm"):
+            return True
+        if node.op_type not in _SCORE_PASSTHROUGH + ("Add",):
+            return False
+        name = node.input[0]
+    return False
+
+
+def _qualifies(dims: tuple | None, kind: str, linear_head: bool = True) -> int | None:
     """The tier at which a float tensor is a score (1 wins over 2 over 3), or None.
 
     1: [N, C >= 2]; 2: made by a Softmax/LogSoftmax/Sigmoid (sequences, maps, [N, 1] probabilities);
-    3: [N, T, C] or [T, N, C] logits.
+    3: [N, T, C] or [T, N, C] logits of a linear head.
     """
     if dims is None:
         return None
@@ -273,7 +288,7 @@ def _qualifies(dims: tuple | None, kind: str) -> int | None:
         return 1
     if kind != "logits" and rank >= 3:
         return 2
-    if rank == 3 and not (isinstance(last, int) and last < 2):
+    if rank == 3 and not (isinstance(last, int) and last < 2) and linear_head:
         return 3
     return None
 
@@ -302,7 +317,7 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
 
     In order: the first float output shaped [N, C >= 2]; else the first made by a Softmax/LogSoftmax
     over its class axis (sequences, maps) or a Sigmoid (per-element probabilities); else the first
-    [N, T, C] / [T, N, C] float output (per-position logits); else, when the outputs are integer ids,
+    [N, T, C] / [T, N, C] float output a MatMul/Gemm head computes (per-position logits); else, when the outputs are integer ids,
     the float tensor their ArgMax reads. ``override`` names a graph output or any tensor a node computes.
     """
     producers = _producers(model)
@@ -353,7 +368,7 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
         if dims is None:
             dims = types().get(value.name, (elem, None))[1]
         kind = _score_kind(value.name, producers, len(dims) if dims is not None else None)
-        tier = _qualifies(dims, kind)
+        tier = _qualifies(dims, kind, _made_by_a_linear_head(value.name, producers))
         if tier is not None and (best is None or tier < best[0]):
             best = (tier, index, kind)
     if best is not None:
