@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -178,7 +178,9 @@ class ImportedModel:
     # The tensors the module returns, in order: the graph outputs, or, when parts of the graph cannot be
     # converted, the float tensors it trains on (graph outputs or inputs of the unconverted part).
     output_names: list[str]
-    score: ScoreOutput | None  # index into output_names
+    # The loss's tensor; index into output_names (an inner tensor, ``graphinfo.find_score_output``, is
+    # returned by the module after the graph outputs).
+    score: ScoreOutput | None
     # The graph write-back writes into: the user's model, or for a model quantized by onnxruntime its
     # float form (``converters.quantized``), whose replacements ``dequantized`` lists.
     original: onnx.ModelProto
@@ -385,6 +387,10 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     """
     original, dequantized = dequantize_model(original)
     normalized = normalize(original)
+    inner = find_score_output(original, output)
+    inner = inner if inner is not None and inner.internal else None
+    if inner is not None:
+        _expose(normalized, inner.name)
     not_converted = unsupported_nodes(normalized)
     normalized, trained = _trainable_part(normalized, not_converted)
     gm = _convert(normalized)
@@ -466,11 +472,27 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
         w.param = "graph_module." + w.param
     module.eval()
     passed = [o.name for o in original.graph.output if o.name not in trained]
-    score = find_score_output(original if not passed else normalized, output)
+    if inner is not None:
+        if inner.name not in trained:
+            raise UserError(f"score tensor {inner.name!r} is computed by a part of the graph onnx-admm cannot convert "
+                            f"({not_converted[0] if not_converted else 'no trainable weight feeds it'}); name another "
+                            "with [train] output")
+        score = replace(inner, index=trained.index(inner.name))
+    else:
+        score = find_score_output(original if not passed else normalized, output)
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
                          not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized)
+
+
+def _expose(normalized: onnx.ModelProto, name: str) -> None:
+    """Make the inner tensor ``name`` an extra graph output of the normalized copy, so the module returns it."""
+    if not any(name in node.output for node in normalized.graph.node):
+        raise UserError(f"score tensor {name!r} is not computed by any node of the imported graph; name a graph "
+                        "output or another inner tensor with [train] output")
+    elem, dims = inferred_types(normalized).get(name, (onnx.TensorProto.FLOAT, None))
+    normalized.graph.output.append(helper.make_tensor_value_info(name, elem, list(dims) if dims is not None else None))
 
 
 def _fixed_batch_axes(normalized: onnx.ModelProto, specs, outputs: list[str], b: int) -> dict[str, int | None]:

@@ -83,6 +83,19 @@ def clear_negative_dims(model: onnx.ModelProto) -> bool:
     return changed
 
 
+def dropout_to_identity(model: onnx.ModelProto) -> bool:
+    """Dropout is the identity at inference (onnx2torch has no converter for it before opset 10): make
+    it an Identity under the same name, unless a node or the graph reads its mask output."""
+    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and (len(node.output) < 2 or not node.output[1] or node.output[1] not in read):
+            replacement = helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+            node.CopyFrom(replacement)
+            changed = True
+    return changed
+
+
 def densify_sparse_initializers(model: onnx.ModelProto) -> bool:
     """onnx2torch cannot read graph.sparse_initializer: turn each into a dense initializer."""
     graph = model.graph
@@ -266,6 +279,7 @@ def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
 PASSES: list[Pass] = [
     name_nodes,
     clear_negative_dims,
+    dropout_to_identity,
     # A compressed model's DequantizeLinear / Cast+Gather weights become float initializers again, so it
     # can be compressed further (int4/int2 do not exist at the opset we convert down to).
     fold_weight_decoders,

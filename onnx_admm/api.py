@@ -688,6 +688,9 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
         "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
         # What was trained, and the graph outputs computed from it by nodes kept as they are.
         "trained_outputs": list(imported.output_names),
+        # The tensor the loss and the agreement used, how (onnx_admm.train.describe_score), and for an
+        # inner tensor the integer graph output it feeds.
+        "score": validation.score,
         "passed_through": list(imported.passed_through),
         "not_converted": list(imported.not_converted),
         "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers)},

@@ -44,7 +44,8 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape) if s.shape is not None else None}
                    for s in graph_inputs(model)],
         "outputs": [o.name for o in model.graph.output],
-        "score_output": None if score is None else {"name": score.name, "kind": score.kind},
+        "score_output": None if score is None else {"name": score.name, "kind": score.kind,
+                                                    **({"feeds": score.feeds} if score.feeds else {})},
         "weights": [
             {"name": w.name, "op_type": w.op_type, "shape": list(w.shape), "params": w.size,
              "location": w.location, "consumers": [c.node for c in w.consumers]}
@@ -74,6 +75,8 @@ def format_inspection(info: dict[str, Any]) -> str:
     score = info["score_output"]
     for name in info["outputs"]:
         mark = f"  <- score output ({score['kind']})" if score and score["name"] == name else ""
+        if score and score.get("feeds") == name:
+            mark = f"  <- integer ids; the loss uses the float tensor {score['name']!r} ({score['kind']}) behind them"
         lines.append(f"  output {name}{mark}")
     lines.append(f"  {'weight':<40} {'op':<14} {'shape':<20} {'params':>10}  stored as")
     for w in info["weights"]:

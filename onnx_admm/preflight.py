@@ -105,7 +105,12 @@ def check_labels(imported: ImportedModel, train: Dataset | PluginData, held_out:
     if imported.score is None or not labelled:
         return
     sample = held_out.take(1).as_feed()
-    classes = int(np.shape(imported.run(sample)[imported.score.index])[-1])
+    shape = np.shape(imported.run(sample)[imported.score.index])
+    if len(shape) != 2 or imported.score.kind.startswith("binary"):
+        raise UserError(f"{labelled[0][0]} has 'labels' (one class id per sample), but the score output "
+                        f"{imported.score.name!r} is shaped {list(shape)} ({imported.score.kind}), not [N, C]; "
+                        "drop 'labels' to distil on the original model")
+    classes = int(shape[-1])
     for name, data in labelled:
         if isinstance(data, PluginData):
             data.n_classes = classes

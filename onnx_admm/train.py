@@ -27,10 +27,42 @@ class Batch:
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """Which output carries class scores and in what form (DESIGN §6); None index = no score output."""
+    """Which output carries the scores and in what form; None index = no score output (MSE on every
+    float output).
+
+    Kinds: ``logits``, ``probabilities``, ``log_probabilities`` are class scores over the class axis
+    (``class_axis``): one prediction per sample ([N, C]), per time step ([N, T, C] or seq-first
+    [T, N, C]) or per pixel ([N, C, H, W]). ``binary_probabilities`` (a Sigmoid's output) and
+    ``binary_logits`` make every element a probability of its own (a [N, 1, H, W] map: one per pixel).
+    """
 
     index: int | None
-    kind: str = "logits"  # logits | probabilities | log_probabilities
+    kind: str = "logits"  # logits | probabilities | log_probabilities | binary_probabilities | binary_logits
+
+    @property
+    def binary(self) -> bool:
+        return self.kind.startswith("binary")
+
+
+def class_axis(rank: int) -> int:
+    """The class axis of a categorical score: the last one up to rank 3, axis 1 (channels) from rank 4.
+
+    The same rule as ``converters.graphinfo.class_axis``, restated because the engine imports no ONNX code.
+    """
+    return 1 if rank >= 4 else rank - 1
+
+
+def describe_score(kind: str, shape: Sequence[int | str | None] | None) -> dict:
+    """What the loss and the agreement metric do with a score output of this kind and shape (report text):
+    ``loss``, ``metric`` and ``per`` (sample, time step, pixel or element)."""
+    rank = len(shape) if shape is not None else 2
+    if kind.startswith("binary"):
+        per = "per element" if rank <= 2 else "per pixel" if rank >= 4 else "per time step"
+        return {"kind": kind, "loss": "binary cross-entropy to the original's probability", "metric": "agreement at 0.5",
+                "per": per}
+    per = "per sample" if rank <= 2 else "per time step" if rank == 3 else "per pixel"
+    return {"kind": kind, "loss": "KL divergence to the original's class distribution", "metric": "top-1 agreement",
+            "per": per}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,21 +73,43 @@ class EmptyEpoch(ValueError):
     """An epoch's batches were empty: the data (e.g. a loader plugin on a later epoch) yielded nothing."""
 
 
-def log_probs(score: Tensor, kind: str) -> Tensor:
-    """Log-probabilities from a score output of the given kind."""
+def log_probs(score: Tensor, kind: str, dim: int = -1) -> Tensor:
+    """Log-probabilities from a score output of the given kind, classes on ``dim``."""
     if kind == "probabilities":
         # Exported classifiers often end in Softmax: the log of a probability can be -inf, so clamp.
         return torch.log(score.clamp_min(1e-12))
     if kind == "log_probabilities":
         return score
-    return F.log_softmax(score, dim=-1)
+    return F.log_softmax(score, dim=dim)
+
+
+def _binary_logits(score: Tensor, kind: str) -> Tensor:
+    """Logits of per-element probabilities (clamped so a saturated Sigmoid stays finite)."""
+    if kind == "binary_logits":
+        return score
+    p = score.clamp(1e-7, 1 - 1e-7)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def predictions(score: Tensor, kind: str) -> Tensor:
+    """One prediction per position: the top-1 class over the class axis, or the probability above 0.5."""
+    if kind == "binary_logits":
+        return score > 0
+    if kind == "binary_probabilities":
+        return score > 0.5
+    return score.argmax(dim=class_axis(score.dim()))
 
 
 class Loss:
-    """Cross-entropy on labels, else KL to the teacher on the score output, else MSE on float outputs.
+    """Cross-entropy on labels, else distillation to the teacher on the score output, else MSE on float outputs.
+
+    Distillation is KL per position over the class axis (mean over samples and positions; over samples
+    only it is torch's ``batchmean``), or, for binary kinds, cross-entropy minus the teacher's entropy
+    per element (zero when they agree). The teacher's other float outputs (a recurrent state, a second
+    head) add their MSE divided by the teacher's variance, so their scale does not outweigh the scores.
 
     With labels and ``distill`` > 0 the loss mixes both: ``(1 - distill) * CE + distill * KL(teacher)``
-    (knowledge distillation from the original model, which compressed models recover faster with).
+    (knowledge distillation from the original model on the labelled batches).
     """
 
     def __init__(self, score: ScoreSpec, temperature: float = 1.0, distill: float = 0.0) -> None:
@@ -63,51 +117,62 @@ class Loss:
         self.temperature = temperature
         self.distill = distill
 
-    def uses_teacher(self, labels: Tensor | None) -> bool:
-        """Whether a batch with these labels needs the teacher's outputs."""
-        return labels is None or self.score.index is None or self.distill > 0
-
     def __call__(self, outputs: Sequence[Tensor], labels: Tensor | None, teacher: Sequence[Tensor] | None) -> Tensor:
-        index = self.score.index
-        if labels is not None and index is not None:
-            ce = F.nll_loss(log_probs(outputs[index], self.score.kind), labels)
+        index, kind = self.score.index, self.score.kind
+        if labels is not None and index is not None and outputs[index].dim() == 2 and not self.score.binary:
+            ce = F.nll_loss(log_probs(outputs[index], kind), labels)
             if self.distill > 0 and teacher is not None:
-                return (1 - self.distill) * ce + self.distill * self._kl(outputs, teacher)
+                return (1 - self.distill) * ce + self.distill * self._distil(outputs[index], teacher[index])
             return ce
         if teacher is None:
+            if labels is not None and index is not None:
+                raise ValueError(f"labels are class ids of an [N, C] score output, but the score output is shaped "
+                                 f"{list(outputs[index].shape)} ({kind}); train without labels to distil on it")
             raise ValueError("without labels, training needs the teacher's outputs (distillation)")
-        if index is not None:
-            return self._kl(outputs, teacher)
-        terms = [F.mse_loss(o, t) for o, t in zip(outputs, teacher) if o.is_floating_point()]
-        if not terms:
-            raise ValueError("the model has no float output to train on")
-        return torch.stack(terms).sum()
+        if index is None:
+            terms = [F.mse_loss(o, t) for o, t in zip(outputs, teacher) if o.is_floating_point()]
+            if not terms:
+                raise ValueError("the model has no float output to train on")
+            return torch.stack(terms).sum()
+        loss = self._distil(outputs[index], teacher[index])
+        others = [F.mse_loss(o, t) / (t.detach().float().var(unbiased=False) + 1e-6)
+                  for i, (o, t) in enumerate(zip(outputs, teacher)) if i != index and o.is_floating_point() and o.numel()]
+        return loss + torch.stack(others).mean() if others else loss
 
-    def _kl(self, outputs: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        index, kind = self.score.index, self.score.kind
-        student = log_probs(outputs[index], kind)
-        target = log_probs(teacher[index], kind)
+    def _distil(self, student: Tensor, teacher: Tensor) -> Tensor:
+        kind = self.score.kind
+        if self.score.binary:
+            s, t = _binary_logits(student, kind), _binary_logits(teacher, kind)
+            target = torch.sigmoid(t)
+            entropy = F.binary_cross_entropy_with_logits(t, target)
+            return F.binary_cross_entropy_with_logits(s, target) - entropy
+        dim = class_axis(student.dim())
         if kind == "logits" and self.temperature != 1.0:
-            student = F.log_softmax(outputs[index] / self.temperature, dim=-1)
-            target = F.log_softmax(teacher[index] / self.temperature, dim=-1)
-        return F.kl_div(student, target, log_target=True, reduction="batchmean") * self.temperature**2
+            s = F.log_softmax(student / self.temperature, dim=dim)
+            t = F.log_softmax(teacher / self.temperature, dim=dim)
+        else:
+            s, t = log_probs(student, kind, dim), log_probs(teacher, kind, dim)
+        positions = student.numel() // max(student.shape[dim], 1)
+        return F.kl_div(s, t, log_target=True, reduction="sum") / max(positions, 1) * self.temperature**2
 
 
 @dataclass
 class EpochStats:
     loss: float
-    accuracy: float | None  # with labels: top-1 accuracy; without: agreement with the teacher
+    accuracy: float | None  # with labels: top-1 accuracy; without: agreement with the teacher (per position)
     samples: int
 
 
-def _top1_hits(outputs: Sequence[Tensor], batch: Batch, teacher: Sequence[Tensor] | None, index: int | None) -> int | None:
-    if index is None:
+def _top1_hits(outputs: Sequence[Tensor], batch: Batch, teacher: Sequence[Tensor] | None,
+               score: ScoreSpec) -> tuple[int, int] | None:
+    """(positions that agree, positions): with labels, per sample of an [N, C] output; else with the teacher."""
+    if score.index is None:
         return None
-    predicted = outputs[index].argmax(dim=-1)
-    if batch.labels is not None:
-        return int((predicted == batch.labels).sum())
+    predicted = predictions(outputs[score.index], score.kind)
+    if batch.labels is not None and predicted.dim() == 1:
+        return int((predicted == batch.labels).sum()), predicted.numel()
     if teacher is not None:
-        return int((predicted == teacher[index].argmax(dim=-1)).sum())
+        return int((predicted == predictions(teacher[score.index], score.kind)).sum()), predicted.numel()
     return None
 
 
@@ -129,15 +194,18 @@ def train_epoch(
         NonFiniteLoss: as soon as a loss is NaN or infinite (before any step is taken with it).
         EmptyEpoch: ``batches`` yielded nothing.
     """
-    total_loss, hits, seen, counted = 0.0, 0, 0, False
+    total_loss, hits, positions, seen, counted = 0.0, 0, 0, 0, False
     for i, batch in enumerate(batches):
-        # With labels and a score output the loss ignores the teacher unless it distils: skip its pass.
-        needs_teacher = teacher is not None and loss_fn.uses_teacher(batch.labels)
-        with torch.no_grad():
-            teacher_out = teacher(*batch.inputs) if needs_teacher else None
         for hook in before_forward:
             hook()
         outputs = model(*batch.inputs)
+        # Labels of an [N, C] score output make the teacher unused (unless it distils): skip its pass.
+        index = loss_fn.score.index
+        labelled = (batch.labels is not None and index is not None and outputs[index].dim() == 2
+                    and not loss_fn.score.binary)
+        with torch.no_grad():
+            teacher_out = (teacher(*batch.inputs) if teacher is not None and (not labelled or loss_fn.distill > 0)
+                           else None)
         loss = loss_fn(outputs, batch.labels, teacher_out)
         value = loss.item()
         if not math.isfinite(value):
@@ -152,31 +220,33 @@ def train_epoch(
         n = batch.inputs[0].shape[0] if batch.inputs and batch.inputs[0].dim() else 1
         total_loss += value * n
         seen += n
-        batch_hits = _top1_hits(outputs, batch, teacher_out, loss_fn.score.index)
+        batch_hits = _top1_hits(outputs, batch, teacher_out, loss_fn.score)
         if batch_hits is not None:
-            hits += batch_hits
+            hits += batch_hits[0]
+            positions += batch_hits[1]
             counted = True
         if on_batch is not None:
-            on_batch(i, value, batch_hits / n if batch_hits is not None else None)
+            on_batch(i, value, batch_hits[0] / max(batch_hits[1], 1) if batch_hits is not None else None)
     if seen == 0:
         raise EmptyEpoch("no training batches: the data set is empty")
-    return EpochStats(total_loss / seen, hits / seen if counted else None, seen)
+    return EpochStats(total_loss / seen, hits / max(positions, 1) if counted else None, seen)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], score: ScoreSpec, teacher: nn.Module | None = None) -> float | None:
-    """Top-1 accuracy (labels) or agreement with ``teacher`` on the score output; None without one."""
+    """Top-1 accuracy (labels, [N, C] scores) or agreement with ``teacher`` per position on the score
+    output (``predictions``); None without one."""
     if score.index is None:
         return None
     hits, seen = 0, 0
     for batch in batches:
         outputs = model(*batch.inputs)
         teacher_out = teacher(*batch.inputs) if teacher is not None and batch.labels is None else None
-        batch_hits = _top1_hits(outputs, batch, teacher_out, score.index)
+        batch_hits = _top1_hits(outputs, batch, teacher_out, score)
         if batch_hits is None:
             return None
-        hits += batch_hits
-        seen += outputs[score.index].shape[0]
+        hits += batch_hits[0]
+        seen += batch_hits[1]
     return hits / seen if seen else None
 
 

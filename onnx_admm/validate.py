@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import logging
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
-from converters.modelio import external_data_files, load_model
+from converters.modelio import external_data_files, load_model, save_model
 from onnx_admm.data import LABELS, Dataset, PluginData, check_label_range, required_batch_size
+from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +75,16 @@ class ValidationReport:
     compressed: ModelStats
     outputs: tuple[OutputDiff, ...]
     score_output: str | None
-    # Fraction of samples (positions, for a score output with more than two dims) whose top-1 class agrees.
+    # Fraction of the score output's positions whose prediction agrees (``onnx_admm.train.predictions``):
+    # top-1 per sample, time step or pixel, or the 0.5-thresholded probability per element.
     agreement: float | None
     samples: int
     batch_size: int
     latency_batch_size: int | None
     threads: int
+    # How the score output was read: its kind, loss and metric (``onnx_admm.train.describe_score``), its
+    # shape per batch and, for an inner tensor, the integer graph output it feeds.
+    score: dict | None = None
 
     @property
     def compression_ratio(self) -> float | None:
@@ -206,16 +213,23 @@ def validate(
     sessions = open_session(original, threads), open_session(compressed, threads)
     names = [out.name for out in sessions[0].get_outputs()]
 
-    comparison = _Comparison(names, score.name if score else None)
+    comparison = _Comparison(names, score.name if score else None, score.kind if score else "logits")
     timing_feeds: list[dict[str, np.ndarray]] = []
     # A graph input that is itself named "labels" is an input, not class ids.
     has_labels = LABELS not in {spec.name for spec in specs}
-    for feed in data.batches(batch_size, drop_last=fixed is not None):
-        labels = feed.pop(LABELS, None) if has_labels else None
-        results = [run_session(session, path, names, feed) for session, path in zip(sessions, (original, compressed))]
-        comparison.add(results, labels)
-        if len(timing_feeds) < max(latency_batches, 1):
-            timing_feeds.append(feed)
+    with tempfile.TemporaryDirectory(prefix="onnx-admm-validate-") as tmp:
+        # An inner score tensor is read from copies that also output it; latency is timed on the files.
+        compared, paths = sessions, (original, compressed)
+        if score is not None and score.internal:
+            paths = tuple(_with_output(model, score.name, Path(tmp) / f"{i}.onnx") for i, model in enumerate(models))
+            compared = tuple(open_session(path, threads) for path in paths)
+        run_names = names + ([score.name] if score is not None and score.internal else [])
+        for feed in data.batches(batch_size, drop_last=fixed is not None):
+            labels = feed.pop(LABELS, None) if has_labels else None
+            results = [run_session(session, path, run_names, feed) for session, path in zip(compared, paths)]
+            comparison.add(results, labels)
+            if len(timing_feeds) < max(latency_batches, 1):
+                timing_feeds.append(feed)
     samples = len(data) - (len(data) % batch_size if fixed is not None else 0)
     latency_batch_size = min(batch_size, samples)
     # Time full batches only, unless the data is smaller than one batch.
@@ -236,6 +250,8 @@ def validate(
         batch_size=batch_size,
         latency_batch_size=latency_batch_size if latency_batches > 0 else None,
         threads=threads,
+        score=None if score is None else {"tensor": score.name, "feeds": score.feeds, "shape": comparison.score_shape,
+                                          **describe_score(score.kind, comparison.score_shape)},
     )
     logger.info("validated %s against %s on %d samples", compressed, original, samples)
     return report
@@ -253,6 +269,15 @@ def _check_same_io(original: onnx.ModelProto, compressed: onnx.ModelProto) -> No
             )
 
 
+def _with_output(model: onnx.ModelProto, name: str, path: Path) -> Path:
+    """A copy of ``model`` saved at ``path`` that also outputs its inner tensor ``name``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    save_model(probe, path)
+    return path
+
+
 def run_session(session: ort.InferenceSession, path: Path, names: list[str], feed: dict[str, np.ndarray]) -> dict:
     """``session.run`` keyed by output name; an onnxruntime failure becomes a one-line UserError."""
     try:
@@ -265,9 +290,11 @@ def run_session(session: ort.InferenceSession, path: Path, names: list[str], fee
 class _Comparison:
     """Running sums over batches: per-output differences, top-1 agreement, accuracy."""
 
-    def __init__(self, names: list[str], score: str | None):
+    def __init__(self, names: list[str], score: str | None, kind: str = "logits"):
         self.names = names
         self.score = score
+        self.kind = kind
+        self.score_shape: list[int] | None = None
         self.max_abs = {name: 0.0 for name in names}
         self.sum_abs = {name: 0.0 for name in names}
         self.count = {name: 0 for name in names}
@@ -294,10 +321,12 @@ class _Comparison:
             self.count[name] += diff.size
         if self.score is None or self.score in self.skipped:
             return
-        top = [np.argmax(result[self.score], axis=-1) for result in results]
+        if self.score_shape is None:
+            self.score_shape = list(np.shape(results[0][self.score]))
+        top = [predictions(torch.from_numpy(np.asarray(result[self.score])), self.kind).numpy() for result in results]
         self.agree += int(np.count_nonzero(top[0] == top[1]))
         self.positions += top[0].size
-        if labels is not None and top[0].ndim == 1:
+        if labels is not None and top[0].ndim == 1 and not self.kind.startswith("binary"):
             check_label_range(labels, results[0][self.score].shape[-1], "validation data")
             for i in range(2):
                 self.correct[i] += int(np.count_nonzero(top[i] == labels))
@@ -489,7 +518,11 @@ def format_table(report: ValidationReport) -> str:
         lines.append("  ".join(cells).rstrip())
     lines.append("")
     if report.score_output is not None:
-        lines.append(f"top-1 agreement on {report.score_output!r}: {percent(report.agreement)}")
+        how = report.score or {}
+        metric = how.get("metric", "top-1 agreement")
+        via = f" (the float scores behind output {how['feeds']!r})" if how.get("feeds") else ""
+        per = f" ({how['per']})" if how.get("per") else ""
+        lines.append(f"{metric} on {report.score_output!r}{via}: {percent(report.agreement)}{per}")
     lines.append("output differences (|original - compressed|):")
     name_width = max((len(d.name) for d in report.outputs), default=0)
     for diff in report.outputs:

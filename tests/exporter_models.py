@@ -220,3 +220,52 @@ def ort_quantized(source: Path, path: Path, form: str, calibration: list[dict[st
     finally:
         logging.getLogger().setLevel(level)
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# score outputs other than [N, C] (issue 11): sequences, seq-first sequences, argmax ids, maps
+# ----------------------------------------------------------------------------------------------
+
+TAGGER_FEATURES, TAGGER_CLASSES = 8, 5
+
+
+def sequence_tagger(layout: str = "NTC", ids: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """Per-position classifier: x -> MatMul 8x64 + Add -> Relu -> MatMul 64x5 + Add -> scores.
+
+    x is [N, T, 8]; ``layout`` "NTC" writes logits[N, T, 5], "TNC" transposes them seq-first to
+    [T, N, 5] (as CRNN exports do). With ``ids`` the only graph output is ArgMax over the classes
+    (int64 ids[N, T] / [T, N]), so the float logits are an inner tensor. Weights are scaled so the top
+    class is confident and depends on the input.
+    """
+    rng = np.random.default_rng(seed)
+    dims = ["N", "T"] if layout == "NTC" else ["T", "N"]
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
+        ("W1", rng.normal(0, 0.6, (TAGGER_FEATURES, 64))), ("b1", rng.normal(0, 0.1, 64)),
+        ("W2", rng.normal(0, 0.4, (64, TAGGER_CLASSES))), ("b2", rng.normal(0, 0.1, TAGGER_CLASSES)))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["hb"], name="b1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "W2"], ["s"], name="fc2"),
+             helper.make_node("Add", ["s", "b2"], ["logits" if layout == "NTC" else "ntc"], name="b2")]
+    if layout != "NTC":
+        nodes.append(helper.make_node("Transpose", ["ntc"], ["logits"], name="seq_first", perm=[1, 0, 2]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dims + [TAGGER_CLASSES])]
+    if ids:
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["ids"], name="argmax", axis=2, keepdims=0))
+        outputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, dims)]
+    graph = helper.make_graph(nodes, "tagger", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", TAGGER_FEATURES])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def segmenter(seed: int = 0) -> onnx.ModelProto:
+    """Dense map: x[N, 3, H, W] -> Conv 3x3 (48) -> Relu -> Conv 1x1 (1) -> Sigmoid -> mask[N, 1, H, W]."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
+        ("W1", rng.normal(0, 0.5, (48, 3, 3, 3))), ("b1", rng.normal(0, 0.1, 48)),
+        ("W2", rng.normal(0, 0.8, (1, 48, 1, 1))), ("b2", np.array([-1.0])))]
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Sigmoid", ["c2"], ["mask"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "segmenter", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, "H", "W"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -69,6 +69,10 @@ CASES = [
     ("Clip-min-only", X2, "m = Constant <value = float {-0.5}> ()\n y = Clip (x, m)", [11, 13, 17], None),
     ("Clip-max-only", X2, "m = Constant <value = float {0.5}> ()\n y = Clip (x, , m)", [11, 13, 17], None),
     ("Clip-runtime-bound", X2, "m = ReduceMean <keepdims = 0> (x)\n y = Clip (x, , m)", [13, 17], None),
+    # Inference Dropout is an Identity (opset 9: onnx-caffe2's AlexNet; 12+: a ratio input; a mask output).
+    ("Dropout", X2, "y = Dropout <ratio = 0.5> (x)", [7, 9, 10], None),
+    ("Dropout-ratio-input", X2, "r = Constant <value = float {0.3}> ()\n y = Dropout (x, r)", [12, 13, 17], None),
+    ("Dropout-unread-mask", X2, "y, m = Dropout (x)", [9, 13], None),
     ("Gelu", X2, "y = Gelu (x)", [20, 21], None),
     ("Gelu-tanh", X2, "y = Gelu <approximate = \"tanh\"> (x)", [20], None),
     ("Mish", X2, "y = Mish (x)", [18, 20], None),

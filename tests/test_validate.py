@@ -162,7 +162,7 @@ def test_different_outputs_rejected(tmp_path):
 def test_score_output_override(tmp_path):
     path = _save(_classifier(), tmp_path / "m.onnx")
     assert validate(path, path, _data(), score_output="probs", latency_batches=0).score_output == "probs"
-    with pytest.raises(UserError, match="output 'nope' is not a graph output"):
+    with pytest.raises(UserError, match="output 'nope' is neither a graph output nor a tensor a node computes"):
         validate(path, path, _data(), score_output="nope", latency_batches=0)
 
 
