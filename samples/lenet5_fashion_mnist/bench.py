@@ -148,6 +148,8 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             ("admm-oneshot", "ADMM one-shot", {"prune": {"sparsity": s, "stages": 1}}),
             ("admm-progressive", "ADMM progressive (3 stages)", {"prune": {"sparsity": s, "stages": 3}}),
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
+            ("default-global", "onnx-admm default, global |W| allocation",
+             {"prune": {"sparsity": s, "allocation": "global"}}),
         ]
         # several seeds where the issue asks for a spread (40x-200x); one at 400x, to save time
         for seed in (seeds if ratio != TARGETS[-1] else seeds[:1]):
