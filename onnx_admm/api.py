@@ -73,9 +73,15 @@ class StageResult:
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
 
     def summary(self) -> dict[str, Any]:
+        # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
+        # should fall during the ADMM phase.
+        histories = [h for h in self.residuals.values() if h]
+        n = min((len(h) for h in histories), default=0)
+        mean = [sum(h[k] for h in histories) / len(histories) for k in range(n)]
         return {
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
+            "mean_residual": mean,
         }
 
 

@@ -608,3 +608,13 @@ def test_the_global_budget_moves_between_layers_during_admm(digits, monkeypatch)
     compress(digits["model"], digits["train"], _config(0.98, 3, 0, prune={"allocation": "global"}))
     assert len(set(sum(c) for c in counts)) == 1  # the total is the target at every update
     assert len(set(counts)) > 1  # but its split over layers moved
+
+
+def test_report_shows_the_mean_residual_of_every_stage(digits):
+    result = compress(digits["model"], digits["train"], _config(0.95, 2, 1, prune={"stages": 2}))
+    for stage, summary in zip(result.stages, result.report["stages"]):
+        curve = summary["mean_residual"]
+        assert len(curve) == 10  # admm.updates
+        per_layer = [h for h in stage.residuals.values() if h]
+        assert curve == pytest.approx([sum(h[k] for h in per_layer) / len(per_layer) for k in range(10)])
+        assert all(0 <= r < 2 for r in curve)

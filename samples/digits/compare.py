@@ -34,13 +34,15 @@ def main() -> None:
                         help="compare quantization (1 = binary) instead of pruning")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    import dataclasses
+
+    from onnx_admm.recipe import PruneConfig, QuantizeConfig
+
     base = CompressConfig.from_toml(HERE / "recipe.toml").replace(
         prune={"sparsity": args.sparsity, "stages": args.stages})
+    # This script fixes each stage's epochs itself: drop the recipe's total budget.
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=None))
     if args.quantize:
-        import dataclasses
-
-        from onnx_admm.recipe import PruneConfig, QuantizeConfig
-
         base = dataclasses.replace(base, prune=PruneConfig(),
                                    quantize=QuantizeConfig(bits=args.quantize, per_channel=True))
     epochs = args.admm_epochs + args.retrain_epochs
