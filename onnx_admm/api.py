@@ -286,9 +286,6 @@ def _nothing_to_compress(imported: ImportedModel) -> str:
             "ConvTranspose, Gemm, MatMul, Gather or recurrent weight in the converted part of the graph")
 
 
-# "stage S PHASE epoch E: ...": the rollback notes of _Runner.run_phase, one per phase stopped.
-
-
 def _all_phases_rolled_back(stages: list[StageResult]) -> str | None:
     """The first rollback note when every phase that had epochs was rolled back and stopped, else None."""
     if not stages:
