@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 logger = logging.getLogger(__name__)
 
-# Op type -> input indices that hold a compressible weight (DESIGN §6: not biases, not norms).
+# Op type -> input indices that hold a compressible weight (not biases, not norms).
 # MatMul is special-cased: whichever operand is constant.
 _WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1,),

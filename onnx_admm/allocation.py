@@ -215,8 +215,12 @@ def _integer_quotas(quotas, mins, caps, keep) -> dict[str, int]:
         if not progressed:
             break
     while short < 0:
+        progressed = False
         for n in reversed(order):
             if short and keeps[n] > mins[n]:
                 keeps[n] -= 1
                 short += 1
+                progressed = True
+        if not progressed:  # cannot happen while sum(mins) <= keep, which allocate checks
+            break
     return keeps

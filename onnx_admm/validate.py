@@ -3,7 +3,7 @@
 Used by the ``validate`` command and at the end of ``compress``. Both models run in onnxruntime on
 the same held-out feeds; the report compares what a user deploys, not the torch copy we trained.
 
-Latency follows DESIGN §6: a fixed intra-op thread count, one inter-op thread, sequential execution,
+Latency: a fixed intra-op thread count, one inter-op thread, sequential execution,
 warm-up runs first, then the two models timed in interleaved turns (alternating which goes first),
 and the median per batch reported in milliseconds.
 """
@@ -54,7 +54,7 @@ class ModelStats:
     """What one model costs and scores.
 
     ``bytes``/``gzip_bytes`` cover the model file and its external data files. ``parameters`` and
-    ``nonzeros`` count the compressible weights (DESIGN §6: not biases, not norm parameters).
+    ``nonzeros`` count the compressible weights (not biases, not norm parameters).
     """
 
     path: str
@@ -88,7 +88,7 @@ class ValidationReport:
 
     @property
     def compression_ratio(self) -> float | None:
-        """Original weights / compressed nonzero weights (DESIGN §6), counting removed weights as zeros."""
+        """Original weights / compressed nonzero weights, counting removed weights as zeros."""
         return self.original.parameters / self.compressed.nonzeros if self.compressed.nonzeros else None
 
     @property
@@ -351,7 +351,7 @@ class _Comparison:
 
 def latency_ms(original: str | Path, compressed: str | Path, data: Dataset, batch_size: int, *, threads: int = 1,
                runs: int = 20) -> tuple[float, float]:
-    """Median onnxruntime latency (ms per batch of ``batch_size``) of both models, interleaved (DESIGN §6).
+    """Median onnxruntime latency (ms per batch of ``batch_size``) of both models, interleaved.
 
     The batch is the first ``batch_size`` samples of ``data``, repeated when the data holds fewer.
     """
