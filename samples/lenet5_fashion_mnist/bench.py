@@ -142,13 +142,13 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
         agp = agp_targets(s, 4)
         methods = [
             ("magnitude", "magnitude one-shot + fine-tune", {"admm": {"epochs": 0}, "prune": {"sparsity": s, "stages": 1}}),
-            ("agp-global", "AGP (4 steps), global |W|",
+            ("agp-global", "AGP (4 steps), global magnitude",
              {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, "allocation": "global"}}),
             ("agp-lamp", "AGP (4 steps), LAMP", {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp}}),
             ("admm-oneshot", "ADMM one-shot", {"prune": {"sparsity": s, "stages": 1}}),
             ("admm-progressive", "ADMM progressive (3 stages)", {"prune": {"sparsity": s, "stages": 3}}),
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
-            ("default-global", "onnx-admm default, global |W| allocation",
+            ("default-global", "onnx-admm default, global magnitude allocation",
              {"prune": {"sparsity": s, "allocation": "global"}}),
         ]
         # several seeds where the issue asks for a spread (40x-200x); one at 400x, to save time

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(results, indent=1) + "\n")
     lines = [f"| row | seed | top-1 | drop (pt) | stages | per-layer density | wall s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        dens = ", ".join(f"{100 * v:.2g}%" for v in r["density"].values())
+        dens = ", ".join(f"{100 * v:.3g}%" for v in r["density"].values())
         lines.append(f"| {r['name']} | {r['seed']} | {100 * r['top1']:.2f}% | {100 * (r['dense'] - r['top1']):.2f} | "
                      f"{r['stages']} | {dens} | {r['wall_s']} |")
     (args.out / f"sweep-{args.ratio:g}x.md").write_text(
