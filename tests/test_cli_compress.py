@@ -169,7 +169,8 @@ def test_sparsity_out_of_range_is_an_error_and_writes_nothing(digits_sample, tmp
     (["--sparsity", "0.99999"], ["impossible target", "minimums", "floor"]),
     ([], ["nothing to compress", "--sparsity"]),
     (["--sparsity", "0.9", "--recipe", "missing.toml"], ["cannot read recipe", "missing.toml"]),
-], ids=["floors", "no-target", "no-recipe"])
+    (["--sparsity", "0.9", "--epochs", "4", "--admm-epochs", "2"], ["train.epochs", "contradict", "--admm-epochs"]),
+], ids=["floors", "no-target", "no-recipe", "budget-and-per-stage"])
 def test_target_errors_are_one_line(digits_sample, tmp_path, args, fragments):
     out = tmp_path / "out.onnx"
     with CliRunner().isolated_filesystem(temp_dir=tmp_path):
@@ -207,3 +208,14 @@ def test_ctrl_c_saves_the_last_completed_stage_and_exits_130(digits_sample, tmp_
     assert "saved stage 1" in result.stderr and str(out) in result.stderr
     assert out.is_file() and _accuracy(out, digits_sample) > 0.8
     assert not (tmp_path / "r.json").exists()
+
+
+def test_epochs_budget_and_allocation_flags(digits_sample, tmp_path):
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = _compress(digits_sample, out, "--sparsity", "0.98", "--epochs", "4", "--allocation", "global",
+                       "--report", report_path, "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["config"]["train"]["epochs"] == 4 and report["config"]["prune"]["allocation"] == "global"
+    assert sum(s["epochs"]["admm"] + s["epochs"]["retrain"] for s in report["stages"]) == pytest.approx(4)
+    assert report["params"]["nonzero"] == keep_count(TOTAL, 0.98)
