@@ -192,14 +192,17 @@ def check_budget(plan: Plan, params: Mapping[str, Tensor]) -> float | None:
     members = pool(plan)
     if not members:
         return None
-    weights = {w.spec.name: params[w.spec.name] for w in members}
+    weights = {w.spec.name: params[w.spec.name].detach() for w in members}
     keep = global_keep(plan, params, plan.n_stages - 1)
-    floors = sum(plan.allocation.minimum(t.numel()) for t in weights.values())
-    if floors > keep:
-        raise UserError(f"impossible target: the per-layer minimums alone keep {floors} weights but the target keeps "
-                        f"only {keep} of {sum(t.numel() for t in weights.values())}; lower min_keep/floor or the "
-                        "sparsity (min_keep and floor are in the recipe's [prune] table)")
+    _allocate(plan, weights, keep, None)
     return floor_share(weights, keep, plan.allocation)
+
+
+def _allocate(plan: Plan, weights: Mapping[str, Tensor], keep: int, allowed) -> dict[str, int]:
+    try:
+        return allocate(weights, keep, plan.allocation, allowed=allowed)
+    except ValueError as exc:
+        raise UserError(f"impossible target: {exc} (min_keep and floor are in the recipe's [prune] table)") from None
 
 
 def sparsity_constraints(
@@ -214,11 +217,8 @@ def sparsity_constraints(
     keeps: dict[str, int] = {}
     if members:
         weights = {w.spec.name: values[w.spec.name].detach() for w in members}
-        try:
-            keeps = allocate(weights, global_keep(plan, values, stage), plan.allocation,
-                             allowed=None if previous is None else {n: previous[n] for n in weights})
-        except ValueError as exc:
-            raise UserError(f"impossible target: {exc} (min_keep and floor are in the recipe's [prune] table)") from None
+        keeps = _allocate(plan, weights, global_keep(plan, values, stage),
+                          None if previous is None else {n: previous[n] for n in weights})
     out = {}
     for w in plan.weights:
         if w.sparsity is None and not w.shared:

@@ -120,7 +120,9 @@ class Row:
 
 def agp_targets(final: float, steps: int) -> list[float]:
     """Gradual magnitude pruning's cubic schedule s_t = s_f (1 - (1 - t/n)^3), t = 1..n."""
-    return [round(final * (1 - (1 - t / steps) ** 3), 6) for t in range(1, steps + 1)]
+    from onnx_admm.schedule import cubic_stages
+
+    return [round(s, 6) for s in cubic_stages(final, steps)]
 
 
 TARGETS = (40, 100, 200, 400)
