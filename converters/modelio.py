@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -81,32 +87,175 @@ def _all_tensors(model: onnx.ModelProto):
 def save_model(model: onnx.ModelProto, path: str | Path, external_data: bool = False) -> list[Path]:
     """Write ``model`` atomically; returns the files written (model, then its data file if any).
 
-    Everything is written under temporary names in the target directory and renamed at the end, so
-    an interrupted or failed save leaves no half-written output. A model too large for one protobuf
+    Everything is written under temporary names beside the target and renamed at the end, so an
+    interrupted or failed save leaves no half-written output. A model too large for one protobuf
     is always saved with external data.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not external_data and model.ByteSize() > _PROTOBUF_LIMIT:
-        external_data = True
-    data_name = path.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnx-admm-", dir=path.parent))
     try:
+        with Staged() as staged:
+            return staged.commit(staged.model(model, Path(path), external_data))
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def save_json(data: dict, path: str | Path) -> Path:
+    """Write ``data`` as indented JSON atomically (temporary file beside ``path``, then rename)."""
+    try:
+        with Staged() as staged:
+            return staged.commit([staged.json(data, Path(path))])[0]
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def _write_error(path: str | Path, exc: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {exc.strerror or exc}; nothing was written there, choose a writable location")
+
+
+# Every temporary file or folder onnx-admm makes starts with this, then ``<host>-<pid>-``: a later run
+# can tell which ones belong to a process that is gone (SIGKILL, power cut) and remove them.
+TEMP_PREFIX = ".onnx-admm-tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def temp_dir(folder: str | Path) -> Path:
+    """A new private folder inside ``folder`` (created if missing), named with TEMP_PREFIX, host and pid.
+
+    Stale ones left in ``folder`` by dead onnx-admm processes of this host are removed first.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=folder))
+
+
+def temp_prefix() -> str:
+    """The name every temporary entry of this process starts with (mkdtemp/mkstemp add a random tail)."""
+    return f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-"
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary entries in ``folder`` whose onnx-admm process (same host) no longer runs."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        parts = entry.name[len(TEMP_PREFIX):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue  # another host's, a live process's, or not named by us
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            logger.debug("could not remove stale temporary %s: %s", entry, exc)
+            continue
+        logger.info("removed %s, left by onnx-admm process %s that no longer runs", entry, parts[1])
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+@contextmanager
+def scratch_dir(folder: str | Path | None = None) -> Iterator[Path]:
+    """A temporary folder (in ``folder``, default the system's), removed with its contents on exit."""
+    path = temp_dir(folder if folder is not None else tempfile.gettempdir())
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Staged:
+    """Files written under temporary names beside their targets, renamed into place by ``commit``.
+
+    A context manager: on exit every temporary folder it made is removed, with whatever was not
+    committed, and so are the folders it created for targets that received no file.
+    """
+
+    def __init__(self) -> None:
+        self._temps: dict[Path, Path] = {}  # target folder -> its temporary folder
+        self._given: dict[Path, Path] = {}  # temporary folder -> its target folder as the caller wrote it
+        self._extra: list[Path] = []
+        self._created: list[Path] = []  # target folders that did not exist, outermost first
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def folder(self, target: Path) -> Path:
+        """The temporary folder beside ``target`` (same file system, so the rename is atomic)."""
+        parent = target.parent.absolute()
+        if parent not in self._temps:
+            self._temps[parent] = self._temp_in(parent)
+            self._given[self._temps[parent]] = target.parent
+        return self._temps[parent]
+
+    def scratch(self, folder: Path) -> Path:
+        """Another temporary folder in ``folder``, for files that are never committed."""
+        path = self._temp_in(Path(folder).absolute())
+        self._extra.append(path)
+        return path
+
+    def _temp_in(self, folder: Path) -> Path:
+        self._created.extend(reversed([p for p in (folder, *folder.parents) if not p.exists()]))
+        return temp_dir(folder)
+
+    def model(self, model: onnx.ModelProto, target: Path, external_data: bool = False) -> list[Path]:
+        """Stage ``model`` for ``target``; returns the staged files (model, then its data file if any)."""
+        if not external_data and model.ByteSize() > _PROTOBUF_LIMIT:
+            external_data = True
+        tmp = self.folder(target)
+        data_name = target.name + ".data"
+        staged = tmp / target.name
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        tmp_model = tmp_dir / path.name
         if external_data:
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:
-            onnx.save_model(copy, str(tmp_model))
-        written = [path]
-        if external_data and (tmp_dir / data_name).exists():
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-            written.append(path.parent / data_name)
-        os.replace(tmp_model, path)
-        return written
-    finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
+            onnx.save_model(copy, str(staged))
+        return [staged] + ([tmp / data_name] if external_data and (tmp / data_name).exists() else [])
+
+    def json(self, data: dict, target: Path) -> Path:
+        """Stage ``data`` as indented JSON for ``target``."""
+        staged = self.folder(target) / target.name
+        staged.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        return staged
+
+    def commit(self, staged: list[Path]) -> list[Path]:
+        """Rename staged files onto their targets; a model's data file first, so no model points at a
+        missing one. Returns the targets, in the order given."""
+        targets = [self._given[path.parent] / path.name for path in staged]
+        for path, target in reversed(list(zip(staged, targets))):
+            os.replace(path, target)
+        return targets
+
+    def close(self) -> None:
+        for tmp in [*self._extra, *self._temps.values()]:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._temps.clear()
+        self._extra.clear()
+        for folder in reversed(self._created):  # innermost first; rmdir leaves any that received a file
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self._created.clear()

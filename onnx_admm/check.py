@@ -27,7 +27,6 @@ graph converts, onnxruntime is asked for the trained tensors themselves (added a
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from converters.errors import UserError
 from converters.graphinfo import constant_sources, tensor_value
 from converters.importer import ImportedModel, import_model, join_chunks
 from converters.inputs import synthesize_inputs
-from converters.modelio import load_model, save_model
+from converters.modelio import load_model, save_model, scratch_dir
 from converters.writeback import write_back
 
 logger = logging.getLogger(__name__)
@@ -133,7 +132,7 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
         feeds = synthesize_inputs(_with_dynamic_batch(original, imported), batch=batch, seed=seed)
     elif imported.ort_batch is not None:
         feeds = _whole_chunks(feeds, imported)
-    with tempfile.TemporaryDirectory(prefix="onnx-admm-check-") as tmp:
+    with scratch_dir() as tmp:
         graph, graph_path = original, model_path
         if imported.dequantized:
             graph, graph_path = imported.original, Path(tmp) / "dequantized.onnx"

@@ -1,7 +1,8 @@
 """Checks that run before any training, so a bad input fails in one line at once, not after minutes.
 
 ``compress`` calls them in order: the recipe's numbers, the seed and the device (``check_config``);
-the output files the run will write (``check_writable``); the model's weights (``check_weights``);
+the output files the run will write (``check_writable``, through ``onnx_admm.outputs``, which also
+refuses outputs that would overwrite an input or each other); the model's weights (``check_weights``);
 the class ids of the labelled data against the model's score output (``check_label_range``). Each
 raises ``UserError`` with the problem and the fix. Non-finite input *values* are rejected where the
 data is read (``onnx_admm.data``), so a loader plugin's batches are checked as they arrive.
@@ -21,6 +22,7 @@ import torch
 
 from converters.errors import UserError
 from converters.importer import ImportedModel
+from converters.modelio import temp_prefix
 from onnx_admm.data import Dataset, PluginData, check_label_range
 from onnx_admm.recipe import CompressConfig
 
@@ -68,16 +70,23 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> None
     folders and permissions are all caught that way).
     """
     path = Path(path)
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        # os.replace would put a regular file in place of a device node, FIFO or socket.
+        raise UserError(f"{what} {path} exists and is not a regular file (a device, FIFO or socket); choose the path "
+                        f"of {'a folder' if folder else 'a file'}")
     if path.exists() and path.is_dir() != folder:
         kind = "a folder" if path.is_dir() else "a file"
         raise UserError(f"{what} {path} is {kind}; pass the path of {'a folder' if folder else 'a file'}")
+    if path.is_file() and not os.access(path, os.W_OK):
+        # Renaming over it would succeed (only the folder's permissions count), but its owner made it read-only.
+        raise UserError(f"{what} {path} is read-only; make it writable or choose another path")
     existing = path if folder and path.is_dir() else path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"cannot write {what} {path}: {existing} is a file, not a folder; choose another path")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".onnx-admm-probe-", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(), dir=existing)
     except OSError as exc:
         raise UserError(f"cannot write {what} {path}: folder {existing} is not writable ({exc.strerror}); "
                         "choose a writable location") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import logging
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
-from converters.modelio import external_data_files, load_model, save_model
+from converters.modelio import external_data_files, load_model, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, check_label_range, required_batch_size
 from onnx_admm.train import describe_score, predictions
 
@@ -167,6 +166,7 @@ def validate(
     threads: int = 1,
     latency_batches: int = 20,
     score_output: str | None = None,
+    scratch: str | Path | None = None,
 ) -> ValidationReport:
     """Run both models in onnxruntime on the same feeds and compare them.
 
@@ -182,6 +182,7 @@ def validate(
         threads: onnxruntime intra-op threads for both models.
         latency_batches: Timed runs per model (0 skips latency).
         score_output: Output used for agreement and accuracy (default: ``find_score_output``).
+        scratch: folder for temporary copies (default: the system's temporary folder).
 
     Returns:
         The report.
@@ -217,7 +218,7 @@ def validate(
     timing_feeds: list[dict[str, np.ndarray]] = []
     # A graph input that is itself named "labels" is an input, not class ids.
     has_labels = LABELS not in {spec.name for spec in specs}
-    with tempfile.TemporaryDirectory(prefix="onnx-admm-validate-") as tmp:
+    with scratch_dir(scratch) as tmp:
         # An inner score tensor is read from copies that also output it; latency is timed on the files.
         compared, paths = sessions, (original, compressed)
         if score is not None and score.internal:
