@@ -1,0 +1,89 @@
+"""Interrupts: SIGTERM handled like Ctrl-C, and file writes a signal cannot cut in half.
+
+CI runners, Kubernetes and ``timeout`` stop a process with SIGTERM, whose default action kills it at
+once: no stage saved, temporary files left behind. While ``sigterm_interrupts`` is active SIGTERM
+raises ``Terminated``, a KeyboardInterrupt, so every ``except KeyboardInterrupt`` and ``finally``
+that serves Ctrl-C serves it too. ``deferred`` holds SIGINT and SIGTERM back while a file is written,
+so the write finishes and the signal lands right after it.
+
+Handlers can only be installed from the main thread: elsewhere both are no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt."""
+
+
+def exit_status(interrupt: BaseException | None) -> int:
+    """The shell's status for a process stopped by this signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + int(signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def signal_name(interrupt: BaseException | None) -> str:
+    return "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C (SIGINT)"
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises Terminated inside the block, unless someone already handles (or ignores) it."""
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def deferred(deliver: bool = True) -> Iterator[None]:
+    """SIGINT and SIGTERM received inside the block take effect when it ends.
+
+    With ``deliver`` the first one is then raised again through the handler it would have met (so
+    Ctrl-C still raises KeyboardInterrupt, a default SIGTERM still ends the process); without it the
+    caller is already handling an interrupt and later ones are dropped. Ignored signals stay ignored.
+    """
+    if not _main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum, frame) -> None:
+        received.append(signum)
+
+    previous = {}
+    for signum in _HELD:
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN and handler is not None:
+            previous[signum] = signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            logger.info("a signal (%d) arrived during a file write; it takes effect now that the write is done",
+                        received[0])
+            if deliver:
+                signal.raise_signal(received[0])
