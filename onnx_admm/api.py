@@ -31,18 +31,21 @@ from converters.errors import UserError
 from converters.graphinfo import graph_inputs
 from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
-from converters.modelio import load_model, save_model, uses_external_data
+from converters.modelio import Staged, load_model, save_model
 from converters.shrink import count_macs, shrink
 from converters.writeback import QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.levels import FixedLevels, StraightThrough
+from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
+                               stage_path)
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
 from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, sparsity_constraints
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.schedule import PhaseBudget, lr_factor
+from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
@@ -95,6 +98,9 @@ class CompressResult:
     report: dict[str, Any] = field(default_factory=dict)
     external_data: bool = False  # the original kept its weights in a .data file: so does the output
     groups: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)  # of the original graph
+    name: str = "model.onnx"  # the original's file name: a folder given to save() gets its stem + .admm.onnx
+    inputs: list[tuple[str, Path]] = field(default_factory=list, repr=False)  # files save() must not overwrite
+    files: list[Path] = field(default_factory=list)  # what compress(output=...) wrote
 
     def model(self, stage: int = -1) -> onnx.ModelProto:
         """The original graph with the weights of ``stage`` (default: the last) written back."""
@@ -121,16 +127,59 @@ class CompressResult:
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
-        """Write the model atomically (with external data if the original had it); returns the files."""
-        return save_model(self.model(stage), path, external_data=self.external_data)
+        """Write the model atomically (with external data if the original had it); returns the files.
+
+        ``path`` may be a folder (existing, or ending in ``/``): the file is then the original's stem +
+        ``.admm.onnx`` in it. A path that is one of the run's inputs is refused (UserError). Ctrl-C and
+        SIGTERM wait until the file is written.
+        """
+        target = model_output(path, self.name)
+        check_collisions([("the output", target), ("the output's external data", data_file(target))], self.inputs)
+        check_writable(target, "the output")
+        with deferred():
+            return save_model(self.model(stage), target, external_data=self.external_data)
 
 
 class CompressInterrupted(Exception):
-    """Ctrl-C during ``compress``; ``result`` holds the completed stages (None when none completed)."""
+    """Ctrl-C or SIGTERM during ``compress``.
 
-    def __init__(self, result: CompressResult | None) -> None:
+    ``result`` holds the completed stages (None when none completed); ``saved`` the files written
+    (with ``output``, the last completed stage is saved there before this is raised); ``final``
+    says training had finished; ``exit_status`` is the shell's code for the signal (130 or 143).
+    """
+
+    def __init__(self, result: CompressResult | None, saved: list[Path] | None = None,
+                 interrupt: BaseException | None = None, final: bool = False, unwritten: list[Path] | None = None) -> None:
         super().__init__("interrupted")
-        self.result = result
+        self.result, self.saved, self.final = result, list(saved or []), final
+        self.unwritten = list(unwritten or [])
+        self.signal = signal_name(interrupt)
+        self.exit_status = exit_status(interrupt)
+
+    def describe(self) -> str:
+        """One line: what was interrupted and what was written."""
+        if self.result is None:
+            return f"interrupted by {self.signal} before the first stage completed; nothing was written"
+        last = self.result.stages[-1]
+        when = "after training" if self.final else f"during stage {last.index + 2}"
+        stage = f"stage {last.index + 1} (sparsity {last.sparsity:.4f})"
+        if not self.saved:
+            return f"interrupted by {self.signal} {when}; {stage} is complete but nothing was written (no output given)"
+        line = f"interrupted by {self.signal} {when}: saved {stage} to {self.saved[0]}"
+        if self.unwritten:
+            line += f"; not written: {', '.join(map(str, self.unwritten))}"
+        return line
+
+
+class AccuracyGateFailed(Exception):
+    """The accuracy drop exceeds ``max_accuracy_drop``; the outputs are written, the model under its
+    ``.gate-failed`` name (or not at all without ``keep_failed``)."""
+
+    def __init__(self, result: CompressResult, drop: float, limit: float, saved: Path | None) -> None:
+        where = (f"the model is saved as {saved}, not under the output name" if saved is not None
+                 else "the model was not written")
+        super().__init__(f"accuracy gate failed: drop {drop:.4f} > max accuracy drop {limit}; {where}")
+        self.result, self.drop, self.limit, self.saved = result, drop, limit, saved
 
 
 def _load_values(imported: ImportedModel, values: dict[str, torch.Tensor]) -> None:
@@ -169,6 +218,11 @@ def compress(
     val_data: str | Dataset | None = None,
     progress: Progress | None = None,
     output: str | Path | None = None,
+    report_path: str | Path | None = None,
+    save_stages: str | Path | None = None,
+    max_accuracy_drop: float | None = None,
+    keep_failed: bool = True,
+    protect: dict[str, str | Path | None] | None = None,
 ) -> CompressResult:
     """Compress ``model`` with progressive ADMM pruning and validate it in onnxruntime.
 
@@ -179,39 +233,62 @@ def compress(
         val_data: held-out data; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
             ``PLUGIN_VAL_SAMPLES`` samples of a plugin.
         progress: called with event dicts (``kind`` = stage | epoch | batch) for progress display.
-        output: where to save the compressed model. Checked for writability before training and written
-            as soon as training ends, before the validation and the report, so a failure there keeps it.
+        output: where to save the compressed model (a folder, existing or ending in ``/``, gets the
+            model's stem + ``.admm.onnx``). It is saved as soon as training ends, beside its target under
+            a temporary name, validated there, then renamed into place, so a failure in the validation
+            keeps it (``ReportFailed``).
+        report_path: where to write the JSON report.
+        save_stages: a folder that also gets every stage's model (``<output stem>.stage<N>.onnx``).
+        max_accuracy_drop: the accuracy gate: a larger drop on the held-out split raises
+            ``AccuracyGateFailed`` after writing the model as ``<output stem>.gate-failed.onnx``.
+        keep_failed: False: a model that fails the gate is not written at all.
+        protect: more files the run reads (label -> path, e.g. the recipe) that no output may overwrite.
+
+    Every output is checked before any work: writable, and none of them an input (the model, its
+    external data, the data files, ``protect``) or another output. While compress runs in the main
+    thread SIGTERM acts like Ctrl-C, and a signal during a file write waits until the file is whole.
 
     Returns:
-        A CompressResult with ``.save(path)`` and ``.report``.
+        A CompressResult with ``.save(path)``, ``.report`` and ``.files`` (what was written).
 
     Raises:
-        UserError: bad model, data or recipe; every training phase diverged; or (``ReportFailed``, the
-            model saved to ``output``) the validation or the report failed after training.
-        CompressInterrupted: on Ctrl-C, carrying the completed stages.
+        UserError: bad model, data, recipe or output path; every training phase diverged; or
+            (``ReportFailed``, the model saved to ``output``) the validation or the report failed after training.
+        CompressInterrupted: on Ctrl-C or SIGTERM, carrying the completed stages (the last one saved to
+            ``output`` when given).
+        AccuracyGateFailed: the drop exceeds ``max_accuracy_drop`` (the outputs are written).
     """
     started = time.perf_counter()
     check_config(config)
-    if output is not None:
-        check_writable(output, "output")
-    cfg = config.train
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
-    original = load_model(model) if original_path is not None else model
-    external = original_path is not None and uses_external_data(original_path)
-    imported = import_model(original, output=cfg.output)
-    torch.manual_seed(cfg.seed)
+    files = RunFiles.plan(_model_name(original_path), output, report_path, save_stages,
+                          gated=max_accuracy_drop is not None, keep_failed=keep_failed)
+    # Read once: its external data files are inputs to protect, and the output keeps its weights outside too.
+    locations = external_locations(original_path) if original_path is not None else set()
+    inputs = input_files(model, data, val_data, protect, locations=locations)
+    files.check(inputs)
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _compress(original, original_path, external, imported, data, val_data, config, progress, started,
-                         output)
-    finally:
-        torch.set_num_threads(threads_before)
+    with sigterm_interrupts():
+        try:
+            cfg = config.train
+            original = load_model(model) if original_path is not None else model
+            external = bool(locations)
+            imported = import_model(original, output=cfg.output)
+            torch.manual_seed(cfg.seed)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            result, measured = _compress(original, original_path, external, imported, data, val_data, config,
+                                         progress, files, inputs)
+            return _finish(result, measured, files, original_path, started, max_accuracy_drop)
+        except KeyboardInterrupt as exc:  # before training started: nothing to keep
+            raise CompressInterrupted(None, interrupt=exc) from None
+        finally:
+            torch.set_num_threads(threads_before)
 
 
-def _compress(original, original_path, external, imported, data, val_data, config, progress, started,
-              output) -> CompressResult:
+def _compress(original, original_path, external, imported, data, val_data, config, progress, files,
+              inputs) -> tuple[CompressResult, _Measured]:
+    """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
     device = torch.device(cfg.device)
     check_weights(imported)
@@ -233,35 +310,161 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     check_labels(imported, train_data, held_out)
     runner = _Runner(imported, config, plan, train_data, select, held_out, device, progress or (lambda event: None),
                      groups)
+    name = _model_name(original_path)
     try:
         runner.run()
-    except KeyboardInterrupt:
-        raise CompressInterrupted(runner.result(external) if runner.stages else None) from None
-    result = runner.result(external)
+    except KeyboardInterrupt as exc:
+        partial = runner.result(external, name, inputs) if runner.stages else None
+        saved = _save_last(partial, files.model, None, None) if partial is not None else []
+        raise CompressInterrupted(partial, saved, exc, unwritten=_unwritten(files, saved)) from None
+    result = runner.result(external, name, inputs)
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
                         f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or admm.rho (now {config.admm.rho})")
+    warnings = []
+    if floors is not None and floors > 0.5:
+        warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
+                        "the allocation barely chooses; lower them")
+        logger.warning("%s", warnings[-1])
+    return result, _Measured(held_out, runner.dense_metric, left_alone, warnings)
+
+
+def _model_name(original_path: Path | None) -> str:
+    """The file name outputs are named after (a ModelProto has none)."""
+    return original_path.name if original_path is not None else "model.onnx"
+
+
+@dataclass
+class _Measured:
+    """What the training leaves for the report: the held-out split, the dense metric, notes."""
+
+    held_out: Dataset
+    dense_metric: float | None
+    left_alone: dict[str, str]
+    warnings: list[str]
+
+
+def _finish(result: CompressResult, measured: _Measured, files: RunFiles, original_path: Path | None,
+            started: float, max_accuracy_drop: float | None) -> CompressResult:
+    """Save, validate and report; then put every output in place, each whole or not at all.
+
+    The model is staged (written beside its target under a temporary name) first and validated
+    there, so the report describes exactly the file that lands; only then do the files take their
+    names: the model first (it is the work of the whole run), then the stage files and the report.
+    Any exit the process can handle removes what was staged and not committed; an interrupt at any
+    point still leaves the trained model at ``output``.
+    """
+    out = _Writing()
+    with Staged() as staged:
+        try:
+            return _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged, out)
+        except KeyboardInterrupt as exc:
+            if not out.model_done:
+                out.written = _save_last(result, out.target if out.decided else files.model, staged, out.model_files)
+            raise CompressInterrupted(result, out.written, exc, final=True,
+                                      unwritten=_unwritten(files, out.written)) from None
+
+
+@dataclass
+class _Writing:
+    """How far ``_finish`` got: the staged final model, the files committed so far."""
+
+    model_files: list[Path] | None = None
+    decided: bool = False  # the gate has chosen ``target``: OUT, the gate-failed name, or None (not written)
+    target: Path | None = None
+    model_done: bool = False  # the final model is at ``target``, or goes nowhere
+    written: list[Path] = field(default_factory=list)
+
+
+def _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged: Staged,
+                   out: _Writing) -> CompressResult:
+    cfg = result.config.train
+    exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
     try:
-        if output is not None:
-            result.save(output)
-        result.report = _report(result, original_path, held_out, runner.dense_metric, cfg, started)
-        if left_alone:
-            result.report["left_alone"] = left_alone
-        result.report["warnings"] = []
-        if floors is not None and floors > 0.5:
-            message = (f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
-                       "the allocation barely chooses; lower them")
-            logger.warning("%s", message)
-            result.report["warnings"].append(message)
-    except KeyboardInterrupt:
-        raise CompressInterrupted(result) from None
+        with deferred():
+            if files.model is not None:
+                out.model_files = staged.model(exported.model, files.model, result.external_data)
+                compressed = out.model_files[0]
+            else:
+                compressed = staged.scratch(Path(tempfile.gettempdir())) / "compressed.onnx"
+                save_model(exported.model, compressed, external_data=result.external_data)
+        report = _report(result, exported, compressed, original_path, staged, measured, cfg, started)
     except Exception as exc:
-        if output is None or not Path(output).is_file():
+        if out.model_files is None:
+            if isinstance(exc, OSError):
+                raise UserError(f"training finished but saving the model to {files.model or 'a temporary file'} "
+                                f"failed ({exc.strerror or exc}); nothing was written") from None
             raise
+        out.written = _save_last(result, files.model, staged, out.model_files)
+        out.model_done = True
         logger.debug("after training", exc_info=True)
-        raise ReportFailed(result, output, exc) from None
+        raise ReportFailed(result, out.written[0], exc) from None
+    if measured.left_alone:
+        report["left_alone"] = measured.left_alone
+    report["warnings"] = measured.warnings
+    report["accuracy_drop"] = drop = accuracy_drop(report)
+    passed = max_accuracy_drop is None or drop is None or drop <= max_accuracy_drop
+    report["gate"] = None if max_accuracy_drop is None else {"max_accuracy_drop": max_accuracy_drop, "passed": passed}
+    target = files.model if passed else files.failed
+    out.target, out.decided = target, True
+    report["output"] = None if target is None else str(target)
+    result.report = report
+
+    writing = target
+    try:
+        with deferred():
+            if target is not None:
+                if target != files.model:  # saved again so that its external data is named after it
+                    out.model_files = staged.model(exported.model, target, result.external_data)
+                out.written += staged.commit(out.model_files)
+            out.model_done = True
+        for k, stage in enumerate(result.stages if files.stages is not None else []):
+            writing = stage_path(files.stages, files.model or Path(result.name), stage.index)
+            with deferred():
+                out.written += staged.commit(staged.model(result.model(k), writing, result.external_data))
+        if files.report is not None:
+            writing = files.report
+            with deferred():
+                out.written += staged.commit([staged.json(report, files.report)])
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if target is not None and out.written:
+            raise UserError(f"the compressed model is saved to {out.written[0]}, but writing {writing} failed: "
+                            f"{reason}") from None
+        raise UserError(f"training finished but writing {writing} failed ({reason}); choose a writable location") from None
+    result.files = list(out.written)
+    if not passed:
+        raise AccuracyGateFailed(result, drop, max_accuracy_drop, target)
     return result
+
+
+def _save_last(result: CompressResult, target: Path | None, staged: Staged | None,
+               model_files: list[Path] | None) -> list[Path]:
+    """Put the last completed stage at ``target`` (its staged copy, if one is ready for that name) while
+    already handling an interrupt or a failure: a second signal must neither cut this save short nor
+    escape as a bare one."""
+    if target is None:
+        return []
+    with deferred(deliver=False):
+        if model_files is not None and model_files[0].name == target.name:
+            return staged.commit(model_files)
+        return save_model(result.model(-1), target, external_data=result.external_data)
+
+
+def _unwritten(files: RunFiles, written: list[Path]) -> list[Path]:
+    stages = [] if files.stages is None or any(p.parent == files.stages for p in written) else [files.stages]
+    return [p for p in (files.report,) if p is not None and p not in written] + stages
+
+
+def accuracy_drop(report: dict) -> float | None:
+    """Original minus compressed accuracy on the held-out split; without labels 1 - agreement."""
+    m = report["metrics"]
+    if m.get("original_accuracy") is not None and m.get("compressed_accuracy") is not None:
+        return m["original_accuracy"] - m["compressed_accuracy"]
+    if m.get("agreement") is not None:
+        return 1.0 - m["agreement"]
+    return None
 
 
 class ReportFailed(UserError):
@@ -343,9 +546,9 @@ class _Runner:
         cfg = self.cfg
         return make_optimizer(self.imported.module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
 
-    def result(self, external: bool) -> CompressResult:
+    def result(self, external: bool, name: str, inputs: list[tuple[str, Path]]) -> CompressResult:
         return CompressResult(self.imported, self.config, list(self.stages), external_data=external,
-                              groups=self.groups)
+                              groups=self.groups, name=name, inputs=inputs)
 
     # -- the run
 
@@ -647,10 +850,12 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     return data, select, val_data
 
 
-def _report(result: CompressResult, original_path: Path | None, held_out: Dataset, dense_metric, cfg, started) -> dict:
+def _report(result: CompressResult, exported: WriteBackResult, compressed: Path, original_path: Path | None,
+            staged: Staged, measured: _Measured, cfg, started) -> dict:
+    """The JSON report of ``compressed`` (the saved final model) against the original, in onnxruntime."""
     imported = result.imported
     final = result.stages[-1]
-    exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
+    held_out = measured.held_out
     layers = []
     total = nonzero = 0
     for entry in imported.compressible():
@@ -673,18 +878,18 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             "note": exported.notes.get(entry.onnx_name),
         })
     structure = None
-    with tempfile.TemporaryDirectory(prefix="onnx-admm-") as tmp:
-        orig = original_path
-        if orig is None:
-            orig = Path(tmp) / "original.onnx"
-            save_model(imported.original, orig)
-        out = Path(tmp) / "compressed.onnx"
-        save_model(exported.model, out, external_data=result.external_data)
-        validation = validate(orig, out, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
-                              score_output=cfg.output)
-        if final.kept_channels:
-            structure = _structure_report(orig, out, final.kept_channels, held_out, cfg.threads or 1,
-                                          imported.ort_batch)
+    # compressed lies in a temporary folder beside the output (or in the system's temporary folder):
+    # every other temporary file of the report goes there too, never elsewhere.
+    folder = compressed.parent.parent
+    orig = original_path
+    if orig is None:  # a ModelProto: onnxruntime needs a file
+        orig = staged.scratch(folder) / "original.onnx"
+        save_model(imported.original, orig)
+    validation = validate(orig, compressed, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
+                          score_output=cfg.output, scratch=folder)
+    if final.kept_channels:
+        structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
+                                      imported.ort_batch)
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
         "structure": structure,
@@ -712,7 +917,7 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             "compressed_accuracy": validation.compressed.accuracy,
             "agreement": validation.agreement,
             "max_abs_diff": max(diffs, default=None),
-            "torch_dense_val_metric": dense_metric,
+            "torch_dense_val_metric": measured.dense_metric,
         },
         "validation": _without_paths(validation.to_dict()),
         "wall_s": time.perf_counter() - started,

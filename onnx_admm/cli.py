@@ -1,7 +1,7 @@
 """The ``onnx-admm`` command line: a thin click layer over the Python API.
 
 Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy gate;
-130 interrupted (Ctrl-C), after saving the last completed stage.
+130 interrupted by Ctrl-C, 143 by SIGTERM (compress saves the last completed stage first).
 """
 
 from __future__ import annotations
@@ -9,44 +9,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
 
 from converters.errors import UserError
 from onnx_admm import __version__
+from onnx_admm.signals import exit_status, sigterm_interrupts, signal_name
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class _Command(click.Command):
-    """Turn UserError into a one-line message and exit status 1, never a traceback."""
+    """Turn UserError into a one-line message and exit status 1, never a traceback; SIGTERM acts like
+    Ctrl-C, and either ends the command with 130 or 143 (not click's "Aborted!" and 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with sigterm_interrupts():
+                return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt as exc:
+            click.echo(f"interrupted by {signal_name(exc)}", err=True)
+            sys.exit(exit_status(exc))
 
 
 class _Group(click.Group):
     command_class = _Command
-
-
-def _write_json(path: str | Path, data: dict) -> None:
-    """Atomic JSON write: a temporary file in the target directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-admm-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 @click.group(cls=_Group)
@@ -106,16 +99,21 @@ def check(model: str, data: str | None, as_json: bool) -> None:
 def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None) -> None:
     """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: agreement, accuracy, size, latency."""
     from converters.graphinfo import graph_inputs
-    from converters.modelio import load_model
+    from converters.modelio import load_model, save_json
     from onnx_admm.data import resolve_data
+    from onnx_admm.outputs import RunFiles, input_files
     from onnx_admm.validate import format_table
     from onnx_admm.validate import validate as run_validate
 
+    if report_path:
+        RunFiles.plan(original, None, report_path).check(
+            input_files(original, label="the original model") + input_files(compressed, label="the compressed model")
+            + input_files(None, protect={"the data": data}))
     dataset = resolve_data(data, graph_inputs(load_model(original)))
     report = run_validate(original, compressed, dataset, batch_size=batch_size, threads=threads)
     click.echo(format_table(report))
     if report_path:
-        _write_json(report_path, report.to_dict())
+        save_json(report.to_dict(), report_path)
 
 
 class _Progress:
@@ -124,6 +122,13 @@ class _Progress:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.stage = ""
+        self.mid_line = False  # the last output was a batch line without a newline
+
+    def end_line(self) -> None:
+        """Start a fresh line, so a message does not land on the end of a batch line."""
+        if self.mid_line:
+            click.echo("", err=True)
+            self.mid_line = False
 
     def __call__(self, event: dict) -> None:
         if self.quiet:
@@ -132,15 +137,18 @@ class _Progress:
         if kind == "stage":
             target = event.get("target")
             self.stage = f"stage {event['stage'] + 1}/{event['stages']}" + (f" (sparsity {target:.4g})" if target is not None else "")
+            self.end_line()
             click.echo(self.stage, err=True)
         elif kind == "batch" and event["batch"] % 10 == 0:
             acc = f" acc {event['acc']:.3f}" if event.get("acc") is not None else ""
             click.echo(f"\r  {event['phase']:<7} epoch {event['epoch'] + 1} batch {event['batch']:>5} "
                        f"loss {event['loss']:.4f}{acc}   ", err=True, nl=False)
+            self.mid_line = True
         elif kind == "val":
             metric = f"{event['metric']:.4f}" if event.get("metric") is not None else "n/a"
             click.echo(f"\r  retrain epoch {event['epoch'] + 1}: loss {event['loss']:.4f}, validation {metric}        ",
                        err=True)
+            self.mid_line = False
 
 
 @main.command()
@@ -173,7 +181,10 @@ class _Progress:
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")
 @click.option("--device", type=str, help="cpu or cuda[:N].")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Exit 3 when the drop exceeds this fraction.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
+              help="Exit 3 when the drop exceeds this fraction; the model is then written as OUT's stem + .gate-failed.onnx.")
+@click.option("--keep-failed/--discard-failed", default=True, show_default=True,
+              help="Whether a model that fails --max-accuracy-drop is written (under its .gate-failed name).")
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
@@ -181,11 +192,11 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
              ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
-             report_path: str | None, max_accuracy_drop: float | None, save_stages: str | None, quiet: bool) -> None:
+             report_path: str | None, max_accuracy_drop: float | None, keep_failed: bool, save_stages: str | None,
+             quiet: bool) -> None:
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
-    from onnx_admm.api import CompressInterrupted
+    from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
     from onnx_admm.api import compress as run_compress
-    from onnx_admm.preflight import check_writable
     from onnx_admm.recipe import CompressConfig
 
     config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
@@ -209,52 +220,24 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
                "allocation": allocation},
         quantize={"per_channel": per_channel},
     )
-    output = _output_file(output, model)
-    if report_path:
-        check_writable(report_path, "--report")
-    if save_stages:
-        check_writable(save_stages, "--save-stages folder", folder=True)
+    progress = _Progress(quiet)
     try:
-        result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet), output=output)
+        result = run_compress(model, data, config, val_data=val_data, progress=progress, output=output,
+                              report_path=report_path, save_stages=save_stages, max_accuracy_drop=max_accuracy_drop,
+                              keep_failed=keep_failed, protect={"the recipe": recipe})
     except CompressInterrupted as exc:
-        if exc.result is None:
-            click.echo("interrupted before the first stage completed; nothing was written", err=True)
-        else:
-            exc.result.save(output)
-            last = exc.result.stages[-1]
-            click.echo(f"interrupted: saved stage {last.index + 1} (sparsity {last.sparsity:.4f}) to {output}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    report = result.report
-    report["output"] = str(output)
-    gate = _accuracy_drop(report)
-    report["accuracy_drop"] = gate
-    try:
-        if save_stages:
-            stem = Path(output).stem
-            for k, stage in enumerate(result.stages):
-                result.save(Path(save_stages) / f"{stem}.stage{stage.index + 1}.onnx", stage=k)
-        if report_path:
-            _write_json(report_path, report)
-    except OSError as exc:
-        raise UserError(f"the compressed model is saved to {output}, but writing {exc.filename or 'a file'} failed: "
-                        f"{exc.strerror or exc}") from None
-    if not quiet:
-        click.echo(_summary(report))
-    if max_accuracy_drop is not None and gate is not None and gate > max_accuracy_drop:
-        click.echo(f"accuracy gate failed: drop {gate:.4f} > --max-accuracy-drop {max_accuracy_drop}", err=True)
+        progress.end_line()
+        click.echo(exc.describe(), err=True)
+        sys.exit(exc.exit_status)
+    except AccuracyGateFailed as exc:
+        progress.end_line()
+        if not quiet:
+            click.echo(_summary(exc.result.report))
+        click.echo(str(exc), err=True)
         sys.exit(EXIT_GATE)
-
-
-def _output_file(output: str, model: str) -> Path:
-    """``-o`` names a file, or a folder (an existing one, or a path ending in a separator) that gets
-    MODEL's stem + ``.admm.onnx``."""
-    from onnx_admm.preflight import check_writable
-
-    path = Path(output)
-    if output.endswith(("/", os.sep)) or path.is_dir():
-        path = path / f"{Path(model).stem}.admm.onnx"
-    check_writable(path, "output")
-    return path
+    progress.end_line()
+    if not quiet:
+        click.echo(_summary(result.report))
 
 
 def _parse_block(text: str | None) -> tuple[int, int] | None:
@@ -264,15 +247,6 @@ def _parse_block(text: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise click.BadParameter(f"expected ROWSxCOLS such as 64x64, got {text!r}", param_hint="--block")
     return int(parts[0]), int(parts[1])
-
-
-def _accuracy_drop(report: dict) -> float | None:
-    m = report["metrics"]
-    if m.get("original_accuracy") is not None and m.get("compressed_accuracy") is not None:
-        return m["original_accuracy"] - m["compressed_accuracy"]
-    if m.get("agreement") is not None:
-        return 1.0 - m["agreement"]
-    return None
 
 
 def _summary(report: dict) -> str:
@@ -299,3 +273,7 @@ def _summary(report: dict) -> str:
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(prog_name="onnx-admm")

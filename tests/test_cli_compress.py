@@ -84,18 +84,42 @@ def test_compress_end_to_end_writes_model_and_report(digits_sample, tmp_path):
     assert "stage 1/1" in result.stderr
 
 
-def test_accuracy_gate_exits_3_and_still_writes(digits_sample, tmp_path):
+def test_accuracy_gate_exits_3_and_writes_the_model_under_a_failing_name(digits_sample, tmp_path):
     # Measured: 98% magnitude-pruned without any training keeps 22% accuracy (drop 0.78 on the split).
     out, report_path = tmp_path / "gated.onnx", tmp_path / "r.json"
     result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
                        "--max-accuracy-drop", "0", "--report", report_path, "-q")
     assert result.exit_code == 3, result.output
-    assert "accuracy gate failed" in result.stderr
-    assert out.is_file() and report_path.is_file()
+    failed = tmp_path / "gated.gate-failed.onnx"
+    assert "accuracy gate failed" in result.stderr and f"saved as {failed}" in result.stderr
+    # A pipeline step that only checks for OUT finds nothing to ship.
+    assert not out.exists() and failed.is_file() and report_path.is_file()
     report = json.loads(report_path.read_text())
     assert report["accuracy_drop"] > 0.3
+    assert report["gate"] == {"max_accuracy_drop": 0.0, "passed": False} and report["output"] == str(failed)
     assert report["params"]["nonzero"] == keep_count(TOTAL, 0.98)
     assert result.stdout == ""  # --quiet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gated.gate-failed.onnx", "r.json"]
+
+
+def test_accuracy_gate_with_discard_failed_writes_no_model(digits_sample, tmp_path):
+    out, report_path = tmp_path / "gated.onnx", tmp_path / "r.json"
+    result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
+                       "--max-accuracy-drop", "0", "--discard-failed", "--report", report_path, "-q")
+    assert result.exit_code == 3, result.output
+    assert "the model was not written" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert json.loads(report_path.read_text())["output"] is None
+
+
+def test_accuracy_gate_passed_writes_the_output_name(digits_sample, tmp_path):
+    out, report_path = tmp_path / "gated.onnx", tmp_path / "r.json"
+    result = _compress(digits_sample, out, "--sparsity", "0.5", "--admm-epochs", "0", "--retrain-epochs", "0",
+                       "--max-accuracy-drop", "0.5", "--report", report_path, "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gated.onnx", "r.json"]
+    report = json.loads(report_path.read_text())
+    assert report["gate"]["passed"] and report["output"] == str(out)
 
 
 def test_accuracy_gate_without_labels_uses_agreement(digits_sample, tmp_path):
@@ -110,7 +134,7 @@ def test_accuracy_gate_without_labels_uses_agreement(digits_sample, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["metrics"]["compressed_accuracy"] is None
     assert report["accuracy_drop"] == pytest.approx(1 - report["metrics"]["agreement"]) and report["accuracy_drop"] > 0.1
-    assert out.is_file()
+    assert (tmp_path / "gated.gate-failed.onnx").is_file() and not out.exists()
 
 
 def test_flags_override_the_recipe(digits_sample, tmp_path):

@@ -185,7 +185,7 @@ def test_read_only_folder_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.tempfile, "mkstemp", refuse)
     model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
     result = _compress(model, data, tmp_path / "ro" / "out.onnx")
-    _assert_one_line_error(result, f"cannot write output {tmp_path / 'ro' / 'out.onnx'}: folder {tmp_path} is not "
+    _assert_one_line_error(result, f"cannot write the output {tmp_path / 'ro' / 'out.onnx'}: folder {tmp_path} is not "
                                    "writable (Read-only file system)")
 
 

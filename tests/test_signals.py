@@ -1,0 +1,246 @@
+"""Signals sent to real ``onnx-admm compress`` processes: SIGTERM saves the last completed stage
+(exit 143), Ctrl-C during the final save lets it finish (exit 130), SIGKILL leaves only a prefixed
+temporary folder beside the output that the next run removes.
+
+The processes run side by side (each pays ~5 s of imports; one after another they would take three
+times that): ``_drive`` starts them all, watches each one's stderr for its marker and sends its signal
+then. The slow points (the final save, the validation) come from a wrapper that patches them to print
+a marker and wait for a ``go`` file, so a signal lands inside them without any blind sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from converters.graphinfo import constant_sources, tensor_value
+from converters.modelio import TEMP_PREFIX
+from onnx_admm.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from onnx_admm.projections import keep_count
+from onnx_admm.schedule import cubic_stages
+from onnx_admm.signals import Terminated, deferred, sigterm_interrupts
+from test_cli_hostile import QUICK, X, _gemm, _npz
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "samples" / "digits"
+WEIGHTS = ("0.weight", "2.weight", "5.weight", "7.weight")
+TOTAL = 38160
+TWO_STAGES = ("--sparsity", "0.9", "--stages", "2", "--admm-epochs", "1", "--retrain-epochs", "1")
+ONE_STAGE = ("--sparsity", "0.9", "--admm-epochs", "0", "--retrain-epochs", "1")
+
+# Patches the final save (after the staged file is written, before its rename) or the validation
+# (ONNX_ADMM_TEST_HOLD = save | validate) to print a marker and wait until the test has sent its signal.
+WRAPPER = r"""
+import os, sys, time
+from pathlib import Path
+import converters.modelio as modelio
+import onnx_admm.api as api
+
+GO = Path(os.environ["ONNX_ADMM_TEST_GO"])
+
+def hold(what):
+    if what != os.environ["ONNX_ADMM_TEST_HOLD"]:
+        return
+    print(f"SLOW {what}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 60
+    while not GO.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+real_model, real_validate = modelio.Staged.model, api.validate
+
+def slow_model(self, model, target, external_data=False):
+    staged = real_model(self, model, target, external_data)
+    if target.name == "out.onnx":
+        hold("save")
+    return staged
+
+def slow_validate(*args, **kwargs):
+    hold("validate")
+    return real_validate(*args, **kwargs)
+
+modelio.Staged.model = slow_model
+api.validate = slow_validate
+from onnx_admm.cli import main
+main(sys.argv[1:], prog_name="onnx-admm")
+"""
+
+
+@dataclass
+class Run:
+    """One compress process, the marker on its stderr at which it gets ``signum``."""
+
+    folder: Path
+    args: tuple[str, ...]
+    marker: str
+    signum: int
+    hold: str | None = None  # run through WRAPPER, held at this point
+    proc: subprocess.Popen | None = None
+    lines: list[str] = field(default_factory=list)
+    signalled: bool = False
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "out.onnx"
+
+    def start(self) -> None:
+        (self.folder / "systmp").mkdir(parents=True)
+        entry = ["-c", WRAPPER] if self.hold else ["-m", "onnx_admm.cli"]
+        argv = [sys.executable, *entry, "compress", str(DIGITS / "model.onnx"), "-o", str(self.out), "--data",
+                str(DIGITS / "train.npz"), "--report", str(self.folder / "r.json"), "--threads", "1", *self.args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(self.folder / "systmp"),
+               "ONNX_ADMM_TEST_GO": str(self.folder / "go"), "ONNX_ADMM_TEST_HOLD": self.hold or ""}
+        # A shell that starts the suite in the background ignores SIGINT in its children: undo that.
+        self.proc = subprocess.Popen(argv, cwd=self.folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+
+    def poll(self) -> None:
+        if not self.signalled and self.proc.poll() is None and self.marker in self.stderr:
+            self.proc.send_signal(self.signum)
+            self.signalled = True
+            time.sleep(0.1)  # let the handler run before the held save may go on
+            (self.folder / "go").touch()
+
+    def temps(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.name.startswith(TEMP_PREFIX))
+
+    def system_temps(self) -> list[Path]:
+        return sorted(p for p in (self.folder / "systmp").iterdir() if "onnx-admm" in p.name)
+
+
+def _drive(runs: dict[str, Run], timeout: float = 150) -> None:
+    for run in runs.values():
+        run.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(run.proc.poll() is None for run in runs.values()):
+        for run in runs.values():
+            run.poll()
+        time.sleep(0.02)
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+        run.proc.wait()
+        time.sleep(0.05)  # the reader thread drains the pipe
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    root = tmp_path_factory.mktemp("signals")
+    runs = {
+        # Ctrl-C mid-training is also covered in process (test_cli_compress, test_api).
+        "sigterm_mid_training": Run(root / "term", TWO_STAGES, "stage 2/2", signal.SIGTERM),
+        "sigint_during_final_save": Run(root / "save", ONE_STAGE, "SLOW save", signal.SIGINT, hold="save"),
+        "sigkill_during_validation": Run(root / "kill", ONE_STAGE, "SLOW validate", signal.SIGKILL, hold="validate"),
+    }
+    _drive(runs)
+    return runs
+
+
+def _nonzero(path: Path) -> int:
+    model = onnx.load(str(path))
+    sources = constant_sources(model)
+    return sum(int(np.count_nonzero(tensor_value(model, sources[w]))) for w in WEIGHTS)
+
+
+def test_sigterm_mid_training_saves_the_last_completed_stage_and_exits_143(runs):
+    run = runs["sigterm_mid_training"]
+    assert run.signalled and run.proc.returncode == EXIT_TERMINATED, run.stderr
+    assert "interrupted by SIGTERM during stage 2: saved stage 1 (sparsity " in run.stderr
+    assert f"to {run.out}; not written: {run.folder / 'r.json'}" in run.stderr
+    assert "Traceback" not in run.stderr and "Aborted" not in run.stderr
+    assert _nonzero(run.out) == keep_count(TOTAL, cubic_stages(0.9, 2)[0])
+    assert not (run.folder / "r.json").exists() and run.temps() == [] and run.system_temps() == []
+
+
+def test_sigint_during_the_final_save_finishes_it(runs):
+    run = runs["sigint_during_final_save"]
+    assert run.signalled and run.proc.returncode == EXIT_INTERRUPTED, run.stderr
+    assert "interrupted by Ctrl-C (SIGINT) after training: saved stage 1 (sparsity 0.9000) to" in run.stderr
+    assert "Traceback" not in run.stderr and "Aborted" not in run.stderr
+    onnx.checker.check_model(str(run.out))
+    assert _nonzero(run.out) == keep_count(TOTAL, 0.9)  # the whole final model, not a stage of it
+    assert run.temps() == [] and run.system_temps() == []
+
+
+def test_sigkill_leaves_one_prefixed_folder_beside_the_output_and_the_next_run_removes_it(runs):
+    run = runs["sigkill_during_validation"]
+    assert run.signalled and run.proc.returncode == -signal.SIGKILL, run.stderr
+    # The validation reads the staged model beside the output: nothing in the system's temporary folder.
+    assert not run.out.exists() and run.system_temps() == []
+    (temp,) = run.temps()
+    assert temp.name.startswith(f"{TEMP_PREFIX}") and f"-{run.proc.pid}-" in temp.name
+    assert [p.name for p in temp.iterdir()] == ["out.onnx"]
+    # A later run writing into the same folder (a tiny Gemm model: the cleanup is the point).
+    model, data = _gemm(run.folder), _npz(run.folder, x=X)
+    result = CliRunner().invoke(main, ["compress", str(model), "-o", str(run.folder / "next.onnx"), "--data", str(data),
+                                       *QUICK])
+    assert result.exit_code == 0, result.output
+    assert run.temps() == [] and (run.folder / "next.onnx").is_file()
+
+
+# --- the signal helpers themselves, with real signals to this process ---
+
+
+def test_deferred_holds_ctrl_c_until_the_write_is_done():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("write finished")
+    assert done == ["write finished"]
+    with deferred(deliver=False):  # already handling an interrupt: a second one is dropped
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_raises_terminated_only_inside_the_block():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(Terminated):
+        with sigterm_interrupts():
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with sigterm_interrupts(), pytest.raises(Terminated), deferred():
+        signal.raise_signal(signal.SIGTERM)  # held, then raised as Terminated when the block ends
+
+
+def test_sigterm_during_validate_exits_143_and_removes_its_temporaries(tmp_path, monkeypatch):
+    # A real SIGTERM to this process, from inside the validation's temporary folder: the CLI's handler
+    # turns it into an interrupt, so the folder goes away and the command exits 143 in one line.
+    import tempfile
+
+    from onnx_admm import validate
+
+    system = tmp_path / "systmp"
+    system.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system))
+    seen = []
+    real = validate.run_session
+
+    def ours():  # torch keeps its own folder there too
+        return [name for name in os.listdir(system) if "onnx-admm" in name]
+
+    def terminated(*args, **kwargs):
+        seen.append(ours())
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "run_session", terminated)
+    model = _gemm(tmp_path)
+    result = CliRunner().invoke(main, ["validate", str(model), str(model), "--data", str(_npz(tmp_path, x=X))])
+    assert result.exit_code == EXIT_TERMINATED and result.output.strip() == "interrupted by SIGTERM", result.output
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(TEMP_PREFIX) and ours() == []
