@@ -24,12 +24,16 @@ Fixtures:
   ``constant_weights_onnx``, ``shared_gemm_onnx``, ``shared_matmul_onnx``.
 - ``digits_sample`` → ``models.DigitsSample`` with the paths ``model``, ``train``, ``test``, ``recipe`` and
   ``dir`` of the committed ``samples/digits`` files (read-only: copy before changing them).
+- ``system_temp`` → callable ``() -> list[str]``: makes a private folder stand in for the system's
+  temporary folder (``tempfile.gettempdir()``) for the test, and lists the onnx-admm entries in it.
 
 Helpers for tests (import them: ``from models import MODELS, expected_weight_names``): see models.py.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,3 +95,12 @@ def digits_sample() -> DigitsSample:
         test=DIGITS_DIR / "test.npz",
         recipe=DIGITS_DIR / "recipe.toml",
     )
+
+
+@pytest.fixture
+def system_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
+    folder = tmp_path / "systmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    # torch keeps a folder of its own there: only onnx-admm's entries count.
+    return lambda: sorted(name for name in os.listdir(folder) if "onnx-admm" in name)

@@ -218,24 +218,16 @@ def test_sigterm_raises_terminated_only_inside_the_block():
         signal.raise_signal(signal.SIGTERM)  # held, then raised as Terminated when the block ends
 
 
-def test_sigterm_during_validate_exits_143_and_removes_its_temporaries(tmp_path, monkeypatch):
+def test_sigterm_during_validate_exits_143_and_removes_its_temporaries(tmp_path, monkeypatch, system_temp):
     # A real SIGTERM to this process, from inside the validation's temporary folder: the CLI's handler
     # turns it into an interrupt, so the folder goes away and the command exits 143 in one line.
-    import tempfile
-
     from onnx_admm import validate
 
-    system = tmp_path / "systmp"
-    system.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(system))
     seen = []
     real = validate.run_session
 
-    def ours():  # torch keeps its own folder there too
-        return [name for name in os.listdir(system) if "onnx-admm" in name]
-
     def terminated(*args, **kwargs):
-        seen.append(ours())
+        seen.append(system_temp())
         signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
@@ -243,4 +235,4 @@ def test_sigterm_during_validate_exits_143_and_removes_its_temporaries(tmp_path,
     model = _gemm(tmp_path)
     result = CliRunner().invoke(main, ["validate", str(model), str(model), "--data", str(_npz(tmp_path, x=X))])
     assert result.exit_code == EXIT_TERMINATED and result.output.strip() == "interrupted by SIGTERM", result.output
-    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(TEMP_PREFIX) and ours() == []
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(TEMP_PREFIX) and system_temp() == []
