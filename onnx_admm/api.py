@@ -597,7 +597,7 @@ def _quantizer(choice: QuantChoice, spec: WeightSpec):
         return Codebook(choice.clusters)
     if choice.bits == 1:
         return Binary(per_channel=choice.per_channel, axis=axis)
-    return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis)
+    return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis, symmetric=choice.symmetric)
 
 
 def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) -> QuantSpec:

@@ -155,7 +155,7 @@ class _Progress:
 @click.option("--structure", type=click.Choice(["unstructured", "filter", "channel", "column", "block"]),
               help="What the pruning removes (filters and channels also shrink the graph).")
 @click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
-@click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to symmetric k-bit levels.")
+@click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to k-bit levels (the int container's range).")
 @click.option("--binary", is_flag=True, help="Binarize weights to {-a, +a} (with pruning {-a, 0, +a}).")
 @click.option("--ternary", is_flag=True, help="Ternarize weights to {-a, 0, +a}.")
 @click.option("--clusters", type=click.IntRange(2, 256), help="Cluster weights to a k-means codebook of N values.")

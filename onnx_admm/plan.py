@@ -50,6 +50,7 @@ class QuantChoice:
     ternary: bool = False
     clusters: int | None = None
     per_channel: bool = False
+    symmetric: bool = False  # k-bit: drop the container's most negative level
 
     def describe(self) -> str:
         if self.ternary:
@@ -139,7 +140,8 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
                                                      "the pruning schedule")
         if bits is not None:
             bit_list = bits if isinstance(bits, tuple) else (bits,)
-            quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel) for b in bit_list], n,
+            quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel,
+                                          symmetric=config.quantize.symmetric) for b in bit_list], n,
                              "the bit schedule")
         elif ternary or clusters is not None:
             quant = (QuantChoice(ternary=ternary, clusters=clusters, per_channel=config.quantize.per_channel),) * n

@@ -8,7 +8,7 @@ Layout of a recipe (every table optional, unknown keys are errors):
                lr_policy, share
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure, block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
-               per_channel
+               per_channel, symmetric
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
                ternary; clusters; skip
 
@@ -228,12 +228,17 @@ def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Weights on levels: symmetric k-bit (1 = binary), ternary, or a k-means codebook."""
+    """Weights on levels: k-bit (1 = binary), ternary, or a k-means codebook.
+
+    k-bit levels use the container's whole range, q in [-2^(k-1), 2^(k-1) - 1] (2 bits: four levels);
+    ``symmetric = true`` drops the most negative one (2 bits then equal a uniform ternary grid).
+    """
 
     bits: int | tuple[int, ...] | None = None  # a list: progressive stages, e.g. [8, 4, 2, 1]
     ternary: bool = False
     clusters: int | None = None
     per_channel: bool = False  # one scale per output channel (uniform, binary, ternary)
+    symmetric: bool = False  # k-bit levels symmetric around 0 (one level fewer)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
