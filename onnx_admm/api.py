@@ -383,12 +383,13 @@ class _Runner:
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
         final = self.constraints(stage, previous, self.current())
         scales = {name: quantize(final[name], params[name].detach()) for name in quantized}
+        latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
         supports = admm.hard_project()
         levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
                   for name, w in quantized.items()}
         kept = self.removed_filters(supports)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
-        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain)
+        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         _load_values(self.imported, values)
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
@@ -478,12 +479,12 @@ class _Runner:
                                  lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every))
         return message, admm
 
-    def retrain_phase(self, stage, params, supports, levels, epochs: float):
+    def retrain_phase(self, stage, params, supports, levels, epochs: float, latent=None):
         """Masked retraining (LR annealed to 0 over the phase) that keeps the best state on the selection
         split; quantized weights train through the straight-through estimator on the hard projection's levels."""
         fixed = FixedSupport(params, supports)
         fixed.apply()
-        ste = StraightThrough({n: params[n] for n in levels}, levels, supports) if levels else None
+        ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent) if levels else None
         optimizer = self.optimizer()
         with ste.projected() if ste else nullcontext():
             best = {"metric": self.select_metric(), "values": _snapshot(self.imported)}
