@@ -42,7 +42,7 @@ from onnx_admm.preflight import check_config, check_labels, check_weights, check
 from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, sparsity_constraints
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import PhaseBudget, lr_factor
+from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
@@ -241,7 +241,8 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
-                        f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or admm.rho (now {config.admm.rho})")
+                        f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or set admm.rho "
+                        f"(now {config.admm.rho if config.admm.rho is not None else 'chosen per phase; see the log'})")
     try:
         if output is not None:
             result.save(output)
@@ -435,15 +436,21 @@ class _Runner:
                 supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
         return kept_channels
 
+    def initial_rho(self, steps_per_period: int | None) -> float:
+        """admm.rho, or the one whose pull per Z/U period is the same at every budget (schedule.auto_rho).
+        With Adam, or a loader plugin (steps per period unknown), 1e-2."""
+        if self.config.admm.rho is not None:
+            return self.config.admm.rho
+        if self.cfg.optimizer != "sgd" or steps_per_period is None:
+            return 1e-2
+        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period)
+
     def admm_phase(self, stage, params, previous, epochs: float):
         """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""
         admm_cfg = self.config.admm
         pinned = None
         if previous:  # every earlier mask, consumers of removed channels included
             pinned = FixedSupport({n: self.imported.module.get_parameter(n) for n in previous}, previous)
-        admm = ADMM(params, lambda values: self.constraints(stage, previous, values),
-                    RhoSchedule(admm_cfg.rho, admm_cfg.rho_growth, admm_cfg.rho_max), rescale_dual=admm_cfg.rescale_dual)
-        optimizer = self.optimizer()
         per_epoch = self.steps_per_epoch()
         # Z/U period in steps (in-memory data) or epochs (a plugin, whose epoch length is unknown).
         period = admm_cfg.period
@@ -455,9 +462,20 @@ class _Runner:
         elif period is not None:
             every = max(1, round(period * per_epoch))
         else:
-            every = max(1, round(epochs * per_epoch) // admm_cfg.updates)
-        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer).
-        limit = admm_cfg.updates if period is None else None
+            updates = admm_updates(round(epochs * per_epoch), admm_cfg.updates)
+            every = max(1, round(epochs * per_epoch) // updates)
+        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer),
+        # fewer in a phase too short for periods of schedule.MIN_PERIOD_STEPS steps.
+        limit = (updates if per_epoch is not None else admm_cfg.updates) if period is None else None
+        rho = self.initial_rho(every if per_epoch is not None else None)
+        cap = admm_cfg.rho_max
+        if cap is None:
+            cap = max(rho, rho_cap(self.cfg.lr, self.cfg.momentum)) if self.cfg.optimizer == "sgd" else math.inf
+        admm = ADMM(params, lambda values: self.constraints(stage, previous, values),
+                    RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
+        logger.info("stage %d ADMM: rho %.3g (x%.3g per update), a Z/U update every %d %s", stage, rho,
+                    admm_cfg.rho_growth, every, "steps" if per_epoch is not None else "epochs")
+        optimizer = self.optimizer()
         hooks_b = [admm.add_penalty_grad] + ([pinned.mask_grads] if pinned else [])
         hooks_s = [lambda: pinned.apply(optimizer)] if pinned else []
         if per_epoch is not None:

@@ -168,7 +168,7 @@ class _Progress:
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=float)
-@click.option("--rho", type=float, help="Initial ADMM rho.")
+@click.option("--rho", type=float, help="Initial ADMM rho (default: chosen from lr, momentum and steps per Z/U update).")
 @click.option("--seed", type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")
 @click.option("--device", type=str, help="cpu or cuda[:N].")

@@ -110,9 +110,11 @@ def topk_mask(w: Tensor, keep: int, allowed: Tensor | None = None) -> Tensor:
 
     Ranking is by ``|w|`` descending; among equal magnitudes the lower flat index wins. With ``allowed``
     every allowed entry ranks above every other entry, whatever the magnitudes (so an allowed exact zero
-    beats a large entry outside ``allowed``). Stable sorts give these rules on every device; ``torch.topk``
-    does not promise an order among ties. NaN ranks as the largest magnitude: catch non-finite weights
-    before projecting.
+    beats a large entry outside ``allowed``). One O(n) selection of the keep-th largest magnitude
+    (``torch.kthvalue``) and the lowest-index ties give exactly a stable descending sort's first
+    ``keep`` entries, at a fraction of a sort's cost (this runs at every ADMM Z/U update); ``torch.topk``
+    alone does not promise an order among ties. NaN ranks as the largest magnitude (with +inf): catch
+    non-finite weights before projecting.
 
     Args:
         w: Any-shaped tensor.
@@ -134,15 +136,19 @@ def topk_mask(w: Tensor, keep: int, allowed: Tensor | None = None) -> Tensor:
                 f"keep={keep} exceeds the {n_allowed} allowed entries of a tensor of shape {tuple(w.shape)}; "
                 "a nested stage cannot keep more than the previous stage did (raise the stage's sparsity)"
             )
-    mask = torch.zeros(numel, dtype=torch.bool, device=w.device)
     if keep == 0:
-        return mask.reshape(w.shape)
-    order = torch.sort(flat, descending=True, stable=True).indices
+        return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    if keep == numel:
+        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    key = torch.nan_to_num(flat, nan=math.inf)
     if allowed is not None:
-        # A second stable sort on the primary key keeps the |w| order within each class: lexicographic
-        # (allowed first, then |w| descending, then flat index).
-        order = order[torch.sort(allowed_flat[order].to(torch.uint8), descending=True, stable=True).indices]
-    mask[order[:keep]] = True
+        # keep <= the allowed count, so ranking every other entry below any magnitude (-1 < 0) puts all
+        # allowed entries first, exact zeros included.
+        key = torch.where(allowed_flat, key, torch.full_like(key, -1.0))
+    threshold = torch.kthvalue(key, numel - keep + 1).values
+    mask = key > threshold
+    ties = (key == threshold).nonzero().squeeze(1)
+    mask[ties[: keep - int(mask.sum())]] = True
     return mask.reshape(w.shape)
 
 

@@ -114,12 +114,12 @@ class ADMMConfig:
     # whatever its length (short budgets still get several updates).
     period: float | None = None
     updates: int = 10
-    # Measured on Fashion-MNIST LeNet-5 at 200x with a 10-epoch budget (samples/lenet5_fashion_mnist/
-    # sweep.py): with the LR reset per period, 1e-3 (the papers' start, for runs of 100+ epochs) barely
-    # pulls W (82.5%), 1e-2 83.3-83.5%, 3e-2 83.6%, 1e-1 83.7%; with a constant LR, 1e-2 84.6%.
-    rho: float = 1e-2
+    # None (default): chosen per ADMM phase from the learning rate, momentum and steps per Z/U period so
+    # that the penalty's pull is the same at any budget (schedule.auto_rho); with Adam, whose steps do not
+    # scale with the gradient, 1e-2. A number fixes the initial rho.
+    rho: float | None = None
     rho_growth: float = 1.3
-    rho_max: float = 1.0
+    rho_max: float | None = None  # cap on rho (None: where one SGD step alone closes 10% of the gap)
     # Textbook scaled ADMM rescales U when rho grows; the authors' code does not. Rescaling measured
     # better (see onnx_admm.admm.ADMM), so it is the default.
     rescale_dual: bool = True
@@ -146,11 +146,13 @@ class ADMMConfig:
         if self.period is not None and (not self.period > 0 or (self.period >= 1 and self.period != int(self.period))):
             _fail(f"admm.period must be a whole number of epochs, or a fraction below 1 (0.25 = four Z/U "
                   f"updates per epoch), got {self.period!r}")
-        if not self.rho > 0:
+        if self.rho is not None and not self.rho > 0:
             _fail(f"admm.rho must be > 0 (typical: 1e-3 to 0.1), got {self.rho!r}")
         if not self.rho_growth >= 1:
             _fail(f"admm.rho_growth must be >= 1 (typical: 1.3), got {self.rho_growth!r}")
-        if not self.rho_max >= self.rho:
+        if self.rho_max is not None and not self.rho_max > 0:
+            _fail(f"admm.rho_max must be > 0, got {self.rho_max!r}")
+        if self.rho is not None and self.rho_max is not None and not self.rho_max >= self.rho:
             _fail(f"admm.rho_max must be >= admm.rho, got {self.rho_max!r} < {self.rho!r}")
 
 

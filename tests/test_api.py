@@ -294,11 +294,12 @@ def test_no_score_output_trains_on_mse_to_the_original(with_labels):
     x = rng.normal(size=(256, 8)).astype(np.float32)
     labels = rng.integers(0, 2, 256) if with_labels else None  # nothing to apply labels to: ignored
     data = Dataset({"input": x}, labels, {"input"})
-    trained = compress(_regressor(), data, _config(0.5, 4, 4)).report
+    trained = compress(_regressor(), data, _config(0.5, 16, 16, train={"lr": 0.05})).report
     untrained = compress(_regressor(), data, _config(0.5, 0, 0)).report
     assert trained["params"] == {"total": 144, "nonzero": 72}
     assert trained["metrics"]["compressed_accuracy"] is None and trained["metrics"]["agreement"] is None
-    # Measured: max |difference| to the original 0.29 after 4 + 4 epochs, 0.46 magnitude-pruned (LAMP).
+    # Measured: max |difference| to the original 0.28 after 16 + 16 epochs (4 steps each), 0.46
+    # magnitude-pruned (LAMP).
     assert trained["metrics"]["max_abs_diff"] < 0.9 * untrained["metrics"]["max_abs_diff"]
 
 
@@ -541,10 +542,10 @@ def test_missing_data_file_is_a_user_error(digits, tmp_path):
         compress(digits["model"], str(tmp_path / "nope.npz"), _config(0.9))
 
 
-@pytest.mark.parametrize("period, updates", [(1, 2), (0.25, 7), (2, 1), (None, 10)])
+@pytest.mark.parametrize("period, updates", [(1, 2), (0.25, 7), (2, 1), (None, 3)])
 def test_admm_period_sets_the_number_of_z_u_updates(digits, period, updates):
     # 19 batches per epoch, 2 epochs: period 0.25 updates every round(0.25 * 19) = 5 batches -> 7 in 38;
-    # no period: exactly admm.updates (10) per phase, every 38 // 10 = 3 batches, none after the 10th.
+    # no period: admm.updates (10) per phase, but no period shorter than 10 steps: 38 // 10 = 3 updates.
     config = _config(0.9, 2, 0)
     config = config.replace(admm={"period": period}) if period is not None else config
     result = compress(digits["model"], digits["train"], config)
@@ -590,7 +591,9 @@ def test_epoch_budget_is_split_over_stages_and_spent_exactly(digits):
     spent = [stage.epochs for stage in result.stages]
     assert sum(p["admm"] + p["retrain"] for p in spent) == pytest.approx(4)
     assert spent[-1]["retrain"] > spent[0]["retrain"]  # the closing retraining
-    assert [len(h) for h in result.stages[0].residuals.values()] == [10] * 4  # admm.updates per phase
+    # admm.updates (10) per phase, fewer when a period would be shorter than 10 steps
+    lengths = {len(h) for h in result.stages[0].residuals.values()}
+    assert len(lengths) == 1 and 1 <= lengths.pop() < 10
     assert result.report["stages"][0]["epochs"] == spent[0]
 
 
@@ -614,7 +617,16 @@ def test_report_shows_the_mean_residual_of_every_stage(digits):
     result = compress(digits["model"], digits["train"], _config(0.95, 2, 1, prune={"stages": 2}))
     for stage, summary in zip(result.stages, result.report["stages"]):
         curve = summary["mean_residual"]
-        assert len(curve) == 10  # admm.updates
+        assert len(curve) == 3  # 38 steps: one update per 10 (admm.updates 10 is the most)
         per_layer = [h for h in stage.residuals.values() if h]
-        assert curve == pytest.approx([sum(h[k] for h in per_layer) / len(per_layer) for k in range(10)])
+        assert curve == pytest.approx([sum(h[k] for h in per_layer) / len(per_layer) for k in range(3)])
         assert all(0 <= r < 2 for r in curve)
+
+
+def test_the_primal_residual_falls_during_admm(digits):
+    # rho is chosen from the steps per period (schedule.auto_rho) and grows per update, so W is pulled
+    # onto Z within the phase: the mean residual ends lower than it starts (measured: 0.46 -> 0.11).
+    result = compress(digits["model"], digits["train"], _config(0.95, 6, 0))
+    curve = result.report["stages"][0]["mean_residual"]
+    assert len(curve) == 10
+    assert curve[-1] < 0.5 * curve[0]
