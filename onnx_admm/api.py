@@ -27,12 +27,13 @@ import numpy as np
 import onnx
 import torch
 
+from converters.dequantize import decoded_view, stored_nbytes
 from converters.errors import UserError
-from converters.graphinfo import graph_inputs
+from converters.graphinfo import constant_sources, graph_inputs, tensor_value
 from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import load_model, save_model, uses_external_data
-from converters.shrink import count_macs, shrink
+from converters.shrink import count_macs, cut_update, shrink
 from converters.writeback import QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
@@ -112,12 +113,16 @@ class CompressResult:
         """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
         chosen = self.stages[stage]
         _load_values(self.imported, chosen.values)
-        kept = chosen.kept_channels
-        # The shrink pass cuts plain tensors: filter-pruned runs store dense/sparse, then cut.
-        quant = {} if kept else chosen.quant_specs
-        result = write_back(self.imported.original, self.imported.updates(quant=quant), metadata=metadata)
-        if kept:  # filters removed: make the graph physically smaller
-            result.model = shrink(result.model, kept, groups=list(self.groups.values())).model
+        target, updates = self.imported.original, self.imported.updates(quant=chosen.quant_specs)
+        shrunk = None
+        if chosen.kept_channels:
+            # Filters removed: shrink the original graph first, then write the cut values into it, so the
+            # quantized encoders store the shrunk tensors as integers (cut before encoding, not after).
+            shrunk = shrink(target, chosen.kept_channels, groups=list(self.groups.values()))
+            target, updates = shrunk.model, [cut_update(u, shrunk.cuts) for u in updates]
+        result = write_back(target, updates, metadata=metadata)
+        if shrunk is not None:
+            result.changes[:0] = shrunk.changes
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
@@ -248,7 +253,6 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         result.report = _report(result, original_path, held_out, runner.dense_metric, cfg, started)
         if left_alone:
             result.report["left_alone"] = left_alone
-        result.report["warnings"] = []
         if floors is not None and floors > 0.5:
             message = (f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                        "the allocation barely chooses; lower them")
@@ -647,31 +651,51 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     return data, select, val_data
 
 
+# Encodings that store a weight as float32 values: a quantized weight stored so has lost its levels' savings.
+_FLOAT_ENCODINGS = ("dense", "sparse", "unchanged")
+
+
 def _report(result: CompressResult, original_path: Path | None, held_out: Dataset, dense_metric, cfg, started) -> dict:
     imported = result.imported
     final = result.stages[-1]
     exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
-    layers = []
+    # The figures below come from the file: each weight as a runtime sees it (decoders evaluated, removed
+    # filters gone) and the bytes the file spends on it.
+    in_file = decoded_view(exported.model)[0]
+    file_sources = constant_sources(in_file)
+    nbytes = stored_nbytes(exported.model, [e.onnx_name for e in imported.compressible()])
+    layers, warnings = [], []
     total = nonzero = 0
     for entry in imported.compressible():
         value = final.values[entry.param]
         n, nz = value.numel(), int((value != 0).sum())
         total += n
         nonzero += nz
+        name = entry.onnx_name
+        stored = (tensor_value(in_file, file_sources[name]) if name in file_sources
+                  else entry.layout.to_onnx(value.numpy()))
+        bits = 8 * nbytes[name] if name in nbytes else None
+        encoding = exported.encodings.get(name, "unchanged")
+        quantization = final.quant[entry.param].describe() if entry.param in final.quant else None
         layers.append({
-            "name": entry.onnx_name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
+            "name": name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
+            "stored_shape": list(stored.shape),
             "params": n, "nonzero": nz, "sparsity": 1 - nz / n,
             "residual": final.residuals[entry.param][-1] if final.residuals.get(entry.param) else None,
             "residual_history": final.residuals.get(entry.param, []),
             "levels": int(torch.unique(value).numel()) if entry.param in final.quant else None,
-            "quantization": final.quant[entry.param].describe() if entry.param in final.quant else None,
-            "storage_bits": tensor_storage_bits(entry.layout.to_onnx(value.numpy())),
-            # how write-back stored it: encoding and bits per weight actually in the file (raw bytes)
-            "encoding": exported.encodings.get(entry.onnx_name, "unchanged"),
-            "stored_bits_per_weight": (8 * exported.nbytes[entry.onnx_name] / n
-                                       if entry.onnx_name in exported.nbytes else None),
-            "note": exported.notes.get(entry.onnx_name),
+            "quantization": quantization,
+            "storage_bits": tensor_storage_bits(stored),
+            # how write-back stored it: encoding, raw bits in the file and bits per stored weight
+            "encoding": encoding,
+            "stored_bits": bits,
+            "stored_bits_per_weight": bits / stored.size if bits is not None and stored.size else None,
+            "note": exported.notes.get(name),
         })
+        if quantization is not None and encoding in _FLOAT_ENCODINGS:
+            why = exported.notes.get(name) or "no integer or codebook encoding reproduces its values here"
+            warnings.append(f"{name} is on {quantization} levels but stored as float32 ({encoding}): {why}")
+            logger.warning("%s", warnings[-1])
     structure = None
     with tempfile.TemporaryDirectory(prefix="onnx-admm-") as tmp:
         orig = original_path
@@ -696,7 +720,10 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
         "score": validation.score,
         "passed_through": list(imported.passed_through),
         "not_converted": list(imported.not_converted),
-        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers)},
+        # The papers' figure (nonzeros x value bits + index bits + codebooks), and the raw bits of the
+        # compressed weights' encodings in the file.
+        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers),
+                         "in_file": sum(layer["stored_bits"] or 0 for layer in layers)},
         "tool": {"name": "onnx-admm", "version": __version__},
         "config": result.config.to_dict(),
         "original": {"bytes": validation.original.bytes, "bytes_gzip": validation.original.gzip_bytes},
@@ -715,6 +742,7 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             "torch_dense_val_metric": dense_metric,
         },
         "validation": _without_paths(validation.to_dict()),
+        "warnings": warnings,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -740,7 +768,8 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
                       threads: int, fixed: int | None = None) -> dict:
     """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64
     (only at its batch for a graph that runs at one batch)."""
-    before, after = count_macs(load_model(original)), count_macs(load_model(compressed))
+    # Weights behind DequantizeLinear / codebook decoders count as the tensors they decode to.
+    before, after = (count_macs(decoded_view(load_model(path))[0]) for path in (original, compressed))
     latency = {}
     for batch in (1, 64) if fixed is None else (fixed,):
         latency[f"batch_{batch}"] = dict(zip(("original_ms", "compressed_ms"),
