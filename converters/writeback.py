@@ -15,6 +15,9 @@ tensor. The smallest valid encoding in raw bytes wins:
 - ``CodebookEncoder``: uint2/uint4/uint8 indices -> Cast(INT64) -> Gather(codebook);
 - ``SparseCodebookEncoder``: uint8 indices in a sparse initializer -> Cast(INT64) -> Gather(codebook).
 
+``DENSE_ENCODERS`` are those that keep every entry in the weight's own shape (no COO), for a zero
+pattern a runtime reads from the dense tensor (N:M sparsity).
+
 The quantized encoders apply only to a tensor whose ``TensorUpdate`` carries a :class:`QuantSpec`, so
 plain (pruned) tensors are stored exactly as before. They are exact: an encoder whose decoded floats
 would differ from the update's values in any bit does not apply.
@@ -362,6 +365,10 @@ DEFAULT_ENCODERS: tuple[Encoder, ...] = (
     CodebookEncoder(),
     SparseCodebookEncoder(),
 )
+
+# The encoders that store every entry, zeros included, in the weight's own shape (no COO): for a weight
+# whose zero pattern a runtime reads from the dense tensor (N:M sparsity).
+DENSE_ENCODERS: tuple[Encoder, ...] = tuple(e for e in DEFAULT_ENCODERS if not e.kind.startswith("sparse"))
 
 
 @dataclass(frozen=True)

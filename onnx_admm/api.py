@@ -27,22 +27,25 @@ import numpy as np
 import onnx
 import torch
 
+from converters.dequantize import decoded_view, stored_nbytes
 from converters.errors import UserError
-from converters.graphinfo import graph_inputs
+from converters.graphinfo import constant_sources, graph_inputs, tensor_value
 from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import load_model, save_model, uses_external_data
-from converters.shrink import count_macs, shrink
-from converters.writeback import QuantSpec, WriteBackResult, write_back
+from converters.shrink import count_macs, cut_update, shrink
+from converters.writeback import DENSE_ENCODERS, QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
-from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, sparsity_constraints
+from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
+                            nm_constraint, reduction_axis, sparsity_constraints)
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
-from onnx_admm.recipe import CompressConfig
+from onnx_admm.recipe import CompressConfig, nm_pattern
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
+from onnx_admm.structured import NM, nm_runtimes
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
@@ -71,6 +74,7 @@ class StageResult:
     epochs: dict[str, float] = field(default_factory=dict)  # epochs of each phase
     stopped: list[str] = field(default_factory=list)  # phases a non-finite loss rolled back and stopped
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
+    patterns: dict[str, NM] = field(default_factory=dict)  # N:M weights: param name -> pattern (torch layout)
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -112,12 +116,20 @@ class CompressResult:
         """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
         chosen = self.stages[stage]
         _load_values(self.imported, chosen.values)
-        kept = chosen.kept_channels
-        # The shrink pass cuts plain tensors: filter-pruned runs store dense/sparse, then cut.
-        quant = {} if kept else chosen.quant_specs
-        result = write_back(self.imported.original, self.imported.updates(quant=quant), metadata=metadata)
-        if kept:  # filters removed: make the graph physically smaller
-            result.model = shrink(result.model, kept, groups=list(self.groups.values())).model
+        target, updates = self.imported.original, self.imported.updates(quant=chosen.quant_specs)
+        # N:M weights stay in their own shape, zeros included: the runtimes that read the pattern (TensorRT)
+        # check it on the dense weight, and a COO sparse initializer saves little at 2:4.
+        updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if e.param in chosen.patterns else u
+                   for e, u in zip(self.imported.weights, updates)]
+        shrunk = None
+        if chosen.kept_channels:
+            # Filters removed: shrink the original graph first, then write the cut values into it, so the
+            # quantized encoders store the shrunk tensors as integers (cut before encoding, not after).
+            shrunk = shrink(target, chosen.kept_channels, groups=list(self.groups.values()))
+            target, updates = shrunk.model, [cut_update(u, shrunk.cuts) for u in updates]
+        result = write_back(target, updates, metadata=metadata)
+        if shrunk is not None:
+            result.changes[:0] = shrunk.changes
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
@@ -225,6 +237,10 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
         groups = {g.name: g for g in channel_groups(original)}
         plan, left_alone = _keep_removable_filters(plan, groups)
+    if any(nm_pattern(w.structure) for w in plan.weights):
+        shapes = {s.name: imported.module.get_parameter(s.name).shape for s in specs}
+        plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
+        left_alone.update(nm_alone)
     # A compressible weight without a target (skipped, or outside every rule with no global target) is
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
@@ -249,7 +265,6 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         result.report = _report(result, original_path, held_out, runner.dense_metric, cfg, started)
         if left_alone:
             result.report["left_alone"] = left_alone
-        result.report["warnings"] = []
         if floors is not None and floors > 0.5:
             message = (f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                        "the allocation barely chooses; lower them")
@@ -401,6 +416,8 @@ class _Runner:
             values=values, residuals={n: list(h) for n, h in admm.residual_history.items()},
             quant={n: w.quant[stage] for n, w in quantized.items()}, kept_channels=kept,
             quant_specs={n: _quant_spec(self.imported, n, w.quant[stage], scales[n]) for n, w in quantized.items()},
+            patterns={w.spec.name: nm_constraint(w) for w in self.plan.weights
+                      if w.spec.name in params and nm_constraint(w) is not None},
             epochs={"admm": budget.admm, "retrain": budget.retrain},
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
         ))
@@ -592,20 +609,54 @@ class _Runner:
 
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
     """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
-    kept, left_alone = [], {}
+    left_alone = {}
     for w in plan.weights:
         group = groups.get(w.spec.label)
         if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
-            reason = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
-            left_alone[w.spec.label] = reason
-            logger.warning("filters of %s are left alone: %s", w.spec.label, reason)
-            if all(q is None for q in w.quant):
-                continue
-            w = dataclasses.replace(w, sparsity=None, shared=False, structure="unstructured")
-        kept.append(w)
-    if not kept:
-        raise UserError("no weight can lose whole filters: " + "; ".join(f"{k}: {v}" for k, v in left_alone.items()))
-    return dataclasses.replace(plan, weights=tuple(kept)), left_alone
+            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
+    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+
+
+# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
+# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
+_NM_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
+                     groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
+    """N:M only on Conv/Gemm/MatMul weights whose input axis splits into runs of M and keeps its length;
+    the others are left alone (as filters coupled through the graph are), since a layer with 3 input
+    channels is common."""
+    # Input channels removed with the filters that feed them would shift every run after them.
+    shrinking = {piece.tensor: w.spec.label for w in plan.weights
+                 if w.structure == "filter" and (w.sparsity is not None or w.shared) and w.spec.label in groups
+                 for piece in groups[w.spec.label].consumers}
+    left_alone = {}
+    for w in plan.weights:
+        pattern = nm_pattern(w.structure)
+        if pattern is None:
+            continue
+        length = shapes[w.spec.name][reduction_axis(w.spec)]
+        if w.spec.op_type not in _NM_OPS:
+            left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
+        elif length % pattern[1]:
+            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern[1]}; it holds {length} "
+                                        "(input channels per group of the layer)")
+        elif w.spec.label in shrinking:
+            left_alone[w.spec.label] = (f"its input channels leave the graph with the filters of "
+                                        f"{shrinking[w.spec.label]!r} (filter pruning), which would break the runs")
+    return _left_alone(plan, left_alone, "N:M", "no weight can take the N:M pattern")
+
+
+def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str) -> tuple[Plan, dict[str, str]]:
+    """``leave_alone`` with a warning per weight; an error when no weight keeps a target."""
+    for label, reason in reasons.items():
+        logger.warning("%s is left alone (%s): %s", label, what, reason)
+    plan = leave_alone(plan, list(reasons))
+    if not plan.weights:
+        raise UserError(f"{none_left}: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                        + "; choose another structure, or add rules for the weights that can take it")
+    return plan, reasons
 
 
 def _quantizer(choice: QuantChoice, spec: WeightSpec):
@@ -666,31 +717,57 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     return data, select, val_data
 
 
+# Encodings that store a weight as float32 values: a quantized weight stored so has lost its levels' savings.
+_FLOAT_ENCODINGS = ("dense", "sparse", "unchanged")
+
+
 def _report(result: CompressResult, original_path: Path | None, held_out: Dataset, dense_metric, cfg, started) -> dict:
     imported = result.imported
     final = result.stages[-1]
     exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
-    layers = []
+    # The figures below come from the file: each weight as a runtime sees it (decoders evaluated, removed
+    # filters gone) and the bytes the file spends on it.
+    in_file = decoded_view(exported.model)[0]
+    file_sources = constant_sources(in_file)
+    nbytes = stored_nbytes(exported.model, [e.onnx_name for e in imported.compressible()])
+    layers, warnings = [], []
     total = nonzero = 0
     for entry in imported.compressible():
         value = final.values[entry.param]
         n, nz = value.numel(), int((value != 0).sum())
         total += n
         nonzero += nz
+        name = entry.onnx_name
+        stored = (tensor_value(in_file, file_sources[name]) if name in file_sources
+                  else entry.layout.to_onnx(value.numpy()))
+        bits = 8 * nbytes[name] if name in nbytes else None
+        encoding = exported.encodings.get(name, "unchanged")
+        quantization = final.quant[entry.param].describe() if entry.param in final.quant else None
         layers.append({
-            "name": entry.onnx_name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
+            "name": name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
+            "stored_shape": list(stored.shape),
             "params": n, "nonzero": nz, "sparsity": 1 - nz / n,
             "residual": final.residuals[entry.param][-1] if final.residuals.get(entry.param) else None,
             "residual_history": final.residuals.get(entry.param, []),
             "levels": int(torch.unique(value).numel()) if entry.param in final.quant else None,
-            "quantization": final.quant[entry.param].describe() if entry.param in final.quant else None,
-            "storage_bits": tensor_storage_bits(entry.layout.to_onnx(value.numpy())),
-            # how write-back stored it: encoding and bits per weight actually in the file (raw bytes)
-            "encoding": exported.encodings.get(entry.onnx_name, "unchanged"),
-            "stored_bits_per_weight": (8 * exported.nbytes[entry.onnx_name] / n
-                                       if entry.onnx_name in exported.nbytes else None),
-            "note": exported.notes.get(entry.onnx_name),
+            "quantization": quantization,
+            "storage_bits": tensor_storage_bits(stored),
+            # how write-back stored it: encoding, raw bits in the file and bits per stored weight
+            "encoding": encoding,
+            "stored_bits": bits,
+            "stored_bits_per_weight": bits / stored.size if bits is not None and stored.size else None,
+            "note": exported.notes.get(name),
         })
+        if quantization is not None and encoding in _FLOAT_ENCODINGS:
+            why = exported.notes.get(name) or "no integer or codebook encoding reproduces its values here"
+            warnings.append(f"{name} is on {quantization} levels but stored as float32 ({encoding}): {why}")
+            logger.warning("%s", warnings[-1])
+    nm = _nm_report(imported, final.patterns, in_file, file_sources)
+    for layer in (nm or {}).get("layers", []):
+        if not layer["holds"]:
+            warnings.append(f"{layer['name']} should hold {layer['pattern']} but a run of the file holds "
+                            f"{layer['max_nonzeros_per_run']} nonzeros")
+            logger.warning("%s", warnings[-1])
     structure = None
     with tempfile.TemporaryDirectory(prefix="onnx-admm-") as tmp:
         orig = original_path
@@ -707,6 +784,7 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
         "structure": structure,
+        "nm": nm,
         "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
         # What was trained, and the graph outputs computed from it by nodes kept as they are.
         "trained_outputs": list(imported.output_names),
@@ -715,7 +793,10 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
         "score": validation.score,
         "passed_through": list(imported.passed_through),
         "not_converted": list(imported.not_converted),
-        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers)},
+        # The papers' figure (nonzeros x value bits + index bits + codebooks), and the raw bits of the
+        # compressed weights' encodings in the file.
+        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers),
+                         "in_file": sum(layer["stored_bits"] or 0 for layer in layers)},
         "tool": {"name": "onnx-admm", "version": __version__},
         "config": result.config.to_dict(),
         "original": {"bytes": validation.original.bytes, "bytes_gzip": validation.original.gzip_bytes},
@@ -734,6 +815,7 @@ def _report(result: CompressResult, original_path: Path | None, held_out: Datase
             "torch_dense_val_metric": dense_metric,
         },
         "validation": _without_paths(validation.to_dict()),
+        "warnings": warnings,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -759,7 +841,8 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
                       threads: int, fixed: int | None = None) -> dict:
     """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64
     (only at its batch for a graph that runs at one batch)."""
-    before, after = count_macs(load_model(original)), count_macs(load_model(compressed))
+    # Weights behind DequantizeLinear / codebook decoders count as the tensors they decode to.
+    before, after = (count_macs(decoded_view(load_model(path))[0]) for path in (original, compressed))
     latency = {}
     for batch in (1, 64) if fixed is None else (fixed,):
         latency[f"batch_{batch}"] = dict(zip(("original_ms", "compressed_ms"),
@@ -771,6 +854,34 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
         "params": {"original": before["params"], "compressed": after["params"]},
         "latency": latency,
         "note": "column- and block-pruned weights stay dense with zeros; removed filters are gone from the graph",
+    }
+
+
+def _nm_report(imported: ImportedModel, patterns: dict[str, NM], in_file: onnx.ModelProto,
+               sources: dict) -> dict | None:
+    """The N:M weights as the file holds them: pattern, the ONNX axis its runs follow, the fullest run,
+    and which runtimes can use the pattern."""
+    if not patterns:
+        return None
+    layers = []
+    for entry in imported.compressible():
+        constraint = patterns.get(entry.param)
+        if constraint is None:
+            continue
+        value = tensor_value(in_file, sources[entry.onnx_name])
+        # A Gemm weight stored as B [K, N] (transB = 0) is the transpose of the torch weight.
+        axis = value.ndim - 1 - constraint.axis if entry.layout.transpose else constraint.axis
+        worst = dataclasses.replace(constraint, axis=axis).max_nonzeros(torch.tensor(value))
+        layers.append({"name": entry.onnx_name, "pattern": constraint.pattern, "axis": axis,
+                       "runs": value.size // constraint.m, "max_nonzeros_per_run": worst,
+                       "holds": worst <= constraint.n})
+    used = sorted({c.pattern for c in patterns.values()})
+    return {
+        "layers": layers,
+        "runs": ("M consecutive weights along the input axis, as sparse tensor cores read them: K of a Gemm/MatMul "
+                 "weight, the input channels of a Conv weight at each (output channel, kernel position)"),
+        "storage": "dense weights with exact zeros (or their int8/int4/int2/codebook encoding), no sparse initializer",
+        "runtimes": {p: nm_runtimes(*nm_pattern(p)) for p in used},
     }
 
 

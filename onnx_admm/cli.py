@@ -152,8 +152,10 @@ class _Progress:
 @click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; flags override it.")
 @click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
 @click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
-@click.option("--structure", type=click.Choice(["unstructured", "filter", "channel", "column", "block"]),
-              help="What the pruning removes (filters and channels also shrink the graph).")
+@click.option("--structure", callback=lambda ctx, param, value: _check_structure(value),
+              help="What the pruning removes: unstructured, filter, channel, column, block (filters and channels "
+                   "also shrink the graph), or an N:M pattern such as 2:4 (N of every M weights along the input "
+                   "axis; no --sparsity needed).")
 @click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
 @click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to k-bit levels (the int container's range).")
 @click.option("--binary", is_flag=True, help="Binarize weights to {-a, +a} (with pruning {-a, 0, +a}).")
@@ -257,6 +259,18 @@ def _output_file(output: str, model: str) -> Path:
     return path
 
 
+def _check_structure(value: str | None) -> str | None:
+    """The recipe's own check of a structure name, as a usage error."""
+    from onnx_admm.recipe import PruneConfig
+
+    if value is not None:
+        try:
+            PruneConfig(structure=value)
+        except UserError as exc:
+            raise click.BadParameter(str(exc).replace("prune.structure ", "", 1), param_hint="--structure") from None
+    return value
+
+
 def _parse_block(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -296,6 +310,14 @@ def _summary(report: dict) -> str:
         lines.append(f"trained: {', '.join(report['trained_outputs'])}; passed through unchanged: "
                      f"{', '.join(report['passed_through'])} (computed by nodes onnx-admm does not convert: "
                      f"{'; '.join(report['not_converted'])})")
+    nm = report.get("nm") or {}
+    for pattern, runtimes in nm.get("runtimes", {}).items():
+        count = sum(layer["pattern"] == pattern for layer in nm["layers"])
+        lines.append(f"{pattern} sparsity on {count} weight(s); runtimes: {'; '.join(runtimes)}")
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m onnx_admm.cli, without the installed entry point
+    main()

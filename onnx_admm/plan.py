@@ -12,6 +12,7 @@ two schedules of several stages must have the same length.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from torch import Tensor
 from converters.errors import UserError
 from onnx_admm.allocation import Allocation, allocate, floor_share
 from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count
-from onnx_admm.recipe import CompressConfig
+from onnx_admm.recipe import CompressConfig, nm_pattern
 from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
-from onnx_admm.structured import Block, Column, group_keep_count
+from onnx_admm.structured import NM, Block, Column, group_keep_count
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
         sparsity = rule.sparsity if rule is not None and rule.sparsity is not None else None
         shared = sparsity is None and global_target is not None
         structure = (rule.structure if rule is not None and rule.structure else None) or prune.structure
+        pattern = nm_pattern(structure)
+        if pattern is not None:  # the pattern is the target: N of every M kept, whatever the pool does
+            sparsity, shared = 1 - pattern[0] / pattern[1], False
         if rule is not None and (rule.bits is not None or rule.ternary or rule.clusters is not None):
             quant = (rule.bits, rule.ternary, rule.clusters)
         else:
@@ -122,8 +126,9 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
             continue
         if structure != "unstructured" and (sparsity is not None or shared):
             if spec.out_axis is None:
-                raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no filters or channels: "
-                                f"structure {structure!r} cannot apply; add a rule with structure = \"unstructured\"")
+                has = "input axis to group along" if pattern is not None else "filters or channels"
+                raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no {has}: structure {structure!r} "
+                                "cannot apply; add a rule with structure = \"unstructured\"")
         rows.append((spec, sparsity, shared, structure, quant))
     if not rows:
         raise UserError("nothing to compress: no compressible weight has a target; pass --sparsity (e.g. 0.9), "
@@ -136,8 +141,11 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
                                  n, "the pruning schedule")
     weights = []
     for spec, sparsity, shared, structure, (bits, ternary, clusters) in rows:
-        own = None if sparsity is None else _stretch(_spaced(sparsity, prune_stages, prune.spacing), n,
-                                                     "the pruning schedule")
+        if nm_pattern(structure) is not None:
+            own = (sparsity,) * n  # the whole pattern at every stage
+        else:
+            own = None if sparsity is None else _stretch(_spaced(sparsity, prune_stages, prune.spacing), n,
+                                                         "the pruning schedule")
         if bits is not None:
             bit_list = bits if isinstance(bits, tuple) else (bits,)
             quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel,
@@ -171,8 +179,34 @@ def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, spa
         return cls(group_keep_count(n_groups, sparsity))
     if structure == "column":
         return Column(group_keep_count(Column.n_groups(shape), sparsity))
+    if nm_pattern(structure) is not None:
+        return nm_constraint(w)
     rows, cols = block
     return Block(rows, cols, group_keep_count(Block(rows, cols, 0).n_groups(shape), sparsity))
+
+
+def reduction_axis(spec: WeightSpec) -> int:
+    """The torch parameter's input (reduction) axis: 1 for Conv/Linear, 0 for a MatMul weight [K, N]."""
+    return 0 if spec.out_axis == 1 else 1
+
+
+def nm_constraint(w: WeightPlan) -> NM | None:
+    """The N:M constraint of a weight whose structure is an N:M pattern (runs along its input axis)."""
+    pattern = nm_pattern(w.structure)
+    return None if pattern is None else NM(*pattern, axis=reduction_axis(w.spec))
+
+
+def leave_alone(plan: Plan, labels: Sequence[str]) -> Plan:
+    """The plan without the pruning of the weights ``labels`` names (ONNX names): a quantized one keeps
+    its quantization, unpruned; the others leave the plan (untouched, they do not train either)."""
+    weights = []
+    for w in plan.weights:
+        if w.spec.label in labels:
+            if all(q is None for q in w.quant):
+                continue
+            w = dataclasses.replace(w, sparsity=None, shared=False, structure="unstructured")
+        weights.append(w)
+    return dataclasses.replace(plan, weights=tuple(weights))
 
 
 def pool(plan: Plan) -> list[WeightPlan]:

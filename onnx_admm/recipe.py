@@ -6,7 +6,8 @@ Layout of a recipe (every table optional, unknown keys are errors):
                val_fraction, output, epochs (the total budget), distill
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, rho_growth, rho_max, rescale_dual,
                lr_policy, share
-    [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure, block
+    [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
+               (unstructured, filter, channel, column, block, or an N:M pattern such as "2:4"), block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
                per_channel, symmetric
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
@@ -16,13 +17,15 @@ Rules are tried in order and the first match wins. A rule's ``sparsity`` fixes t
 target; ``skip = true`` leaves it untouched. Weights no rule matches share the global
 ``prune.sparsity``, spread over the layers by ``prune.allocation`` (LAMP scores by default; see
 onnx_admm.allocation) and re-split at every ADMM Z/U update; without a global target they stay
-unpruned. A rule's quantization keys replace [quantize] for that weight.
+unpruned. An N:M structure needs no target: it prunes every weight it applies to to its pattern. A
+rule's quantization keys replace [quantize] for that weight.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import sys
 import types
 import typing
@@ -172,12 +175,17 @@ class PruneConfig:
     allocation: str = "lamp"
     min_keep: int = 1  # every layer keeps at least this many weights (0: a layer may be emptied)
     floor: float = 0.0  # every layer keeps at least this fraction (a minimum count, taken first)
-    # unstructured | filter (output channels) | channel (input channels) | column | block
+    # unstructured | filter (output channels) | channel (input channels) | column | block, or an N:M pattern
+    # ("2:4", "4:8": at most N nonzeros in every M consecutive weights along the input axis; it fixes the
+    # sparsity at 1 - N/M, so `sparsity` may be left out)
     structure: str = "unstructured"
     block: tuple[int, int] = (64, 64)  # rows x cols of a block (crossbar tile), for structure = "block"
 
     def __post_init__(self) -> None:
         _check_structure("prune.structure", self.structure)
+        _check_nm_sparsity("prune.structure", self.structure, self.sparsity)
+        if nm_pattern(self.structure) is not None and self.targets is not None:
+            _fail(f"prune.structure {self.structure!r} applies its pattern whole at every stage; drop prune.targets")
         object.__setattr__(self, "block", tuple(self.block))
         if len(self.block) != 2 or not all(isinstance(b, int) and b >= 1 for b in self.block):
             _fail(f"prune.block must be two positive integers [rows, cols], got {list(self.block)!r}")
@@ -205,11 +213,34 @@ class PruneConfig:
 
 
 STRUCTURES = ("unstructured", "filter", "channel", "column", "block")
+_NM = re.compile(r"(\d+):(\d+)")
+
+
+def nm_pattern(structure: str | None) -> tuple[int, int] | None:
+    """``(n, m)`` of an N:M structure such as ``"2:4"``; None for the named structures."""
+    match = _NM.fullmatch(structure) if isinstance(structure, str) else None
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def _check_structure(name: str, value: str | None) -> None:
-    if value is not None and value not in STRUCTURES:
-        _fail(f"{name} must be one of {', '.join(STRUCTURES)}, got {value!r}")
+    if value is None or value in STRUCTURES:
+        return
+    pattern = nm_pattern(value)
+    if pattern is None:
+        _fail(f"{name} must be one of {', '.join(STRUCTURES)} or an N:M pattern such as \"2:4\", got {value!r}")
+    if not 1 <= pattern[0] < pattern[1]:
+        _fail(f"{name} {value!r}: an N:M pattern keeps N of every M weights, 1 <= N < M (2:4, 4:8)")
+
+
+def _check_nm_sparsity(name: str, structure: str | None, sparsity: float | None) -> None:
+    """An N:M pattern fixes the sparsity at 1 - N/M: a different target contradicts it."""
+    pattern = nm_pattern(structure)
+    if pattern is None or sparsity is None:
+        return
+    implied = 1 - pattern[0] / pattern[1]
+    if abs(sparsity - implied) > 1e-9:
+        _fail(f"{name} {structure!r} keeps {pattern[0]} of every {pattern[1]} weights, sparsity {implied:g}, but the "
+              f"target is {sparsity!r}; drop the sparsity or set it to {implied:g}")
 
 
 def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, clusters: int | None) -> None:
@@ -270,6 +301,7 @@ class Rule:
             _fail("each [[rules]] entry needs `match` (a glob on weight names) or `op_type`")
         _check_fraction("rules.sparsity", self.sparsity)
         _check_structure("rules.structure", self.structure)
+        _check_nm_sparsity("rules.structure", self.structure, self.sparsity)
         if isinstance(self.bits, list):
             object.__setattr__(self, "bits", tuple(self.bits))
         _check_quant(f"rule {self.match or self.op_type!r}", self.bits, self.ternary, self.clusters)

@@ -9,7 +9,7 @@ from converters.errors import UserError
 from onnx_admm.plan import QuantChoice, WeightSpec, make_plan, sparsity_constraints
 from onnx_admm.projections import Filter, Unstructured, Within
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.structured import Block, Column
+from onnx_admm.structured import NM, Block, Column
 
 SPECS = [WeightSpec("conv", "conv.weight", "Conv"), WeightSpec("fc", "fc.weight", "Gemm"),
          WeightSpec("emb", "emb", "Gather", None)]
@@ -74,3 +74,22 @@ def test_stage_constraints_and_nesting(structure, kind):
     assert all(isinstance(c, Within) for c in second.values())
     for name, c in second.items():
         assert not (c.support(params[name]) & ~supports[name]).any()  # nested
+
+
+def test_nm_structure_needs_no_target_and_runs_along_the_input_axis():
+    specs = [WeightSpec("conv", "conv.weight", "Conv"), WeightSpec("mm", "mm", "MatMul", 1),
+             WeightSpec("fc", "fc.weight", "Gemm")]
+    config = CompressConfig.from_dict({"prune": {"structure": "2:4", "stages": 2},
+                                       "rules": [{"match": "fc*", "structure": "unstructured", "sparsity": 0.9}]})
+    plan = make_plan(specs, config)
+    by = plan.by_name()
+    assert by["conv"].sparsity == (0.5, 0.5) and not by["conv"].shared and by["fc"].sparsity[-1] == 0.9
+    params = {"conv": torch.randn(8, 4, 3, 3), "mm": torch.randn(8, 6), "fc": torch.randn(4, 8)}
+    first = sparsity_constraints(plan, params, 0, None)
+    assert first["conv"] == NM(2, 4, axis=1) and first["mm"] == NM(2, 4, axis=0)  # MatMul [K, N]: K is axis 0
+    assert isinstance(first["fc"], Unstructured)
+    supports = {n: c.support(params[n]) for n, c in first.items()}
+    second = sparsity_constraints(plan, params, 1, supports)
+    assert torch.equal(second["conv"].support(params["conv"]), supports["conv"])  # the same pattern, nested
+    with pytest.raises(UserError, match="'emb' \\(Gather\\) has no input axis to group along: structure '2:4'"):
+        _plan({"prune": {"structure": "2:4"}})
