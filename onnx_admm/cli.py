@@ -299,3 +299,7 @@ def _summary(report: dict) -> str:
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m onnx_admm.cli, e.g. from a checkout that is not installed
+    main()

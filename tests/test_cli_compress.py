@@ -179,6 +179,17 @@ def test_target_errors_are_one_line(digits_sample, tmp_path, args, fragments):
     assert not out.exists()
 
 
+def test_a_rule_matching_no_weight_is_a_one_line_error_naming_the_weights(digits_sample, tmp_path):
+    # The README's old example: a torch Sequential export has no weight called conv1*.
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[prune]\nsparsity = 0.9\n[[rules]]\nmatch = "conv1*"\nsparsity = 0.5\n')
+    out = tmp_path / "out.onnx"
+    result = _compress(digits_sample, out, "--recipe", recipe)
+    _assert_one_line_error(result, 'rule 1 (match = "conv1*") matches no compressible weight',
+                           "0.weight (Conv), 2.weight (Conv), 5.weight (Gemm), 7.weight (Gemm)")
+    assert not out.exists()
+
+
 def _interrupt_in_stage(monkeypatch, stage: int) -> None:
     real = cli._Progress.__call__
 
