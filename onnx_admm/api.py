@@ -17,7 +17,7 @@ import math
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ from converters.shrink import count_macs, shrink
 from converters.writeback import QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
-from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
+from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
 from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, sparsity_constraints
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 PLUGIN_VAL_SAMPLES = 1000
 
 Progress = Callable[[dict[str, Any]], None]
+# What ``compress`` takes as data (onnx_admm.data.as_data): a path or plugin, arrays, dicts, a function.
+Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
+        | Dataset | PluginData)
 
 
 @dataclass
@@ -163,10 +166,10 @@ def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
 
 def compress(
     model: str | Path | onnx.ModelProto,
-    data: str | Dataset | PluginData,
+    data: Data,
     config: CompressConfig = CompressConfig(),
     *,
-    val_data: str | Dataset | None = None,
+    val_data: Data | None = None,
     progress: Progress | None = None,
     output: str | Path | None = None,
 ) -> CompressResult:
@@ -174,9 +177,13 @@ def compress(
 
     Args:
         model: path to an ONNX file (external data beside it), or a loaded ModelProto.
-        data: training data: an .npz path, a ``module:function`` loader plugin, or a Dataset.
+        data: training data: an .npz path or a ``module:function`` loader plugin; a dict
+            ``{input_name: array, "labels": class ids}`` of numpy arrays or torch tensors; an iterable of
+            such dicts (read once into memory); a function returning one (called once per epoch, like a
+            plugin); or a Dataset. Every form is checked like an .npz (``onnx_admm.data.as_data``): names,
+            dtypes (float64 is cast to the graph's float type), shapes, finite values, labels.
         config: the recipe (see ``onnx_admm.recipe``).
-        val_data: held-out data; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
+        val_data: held-out data, in any form ``data`` takes; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
             ``PLUGIN_VAL_SAMPLES`` samples of a plugin.
         progress: called with event dicts (``kind`` = stage | epoch | batch) for progress display.
         output: where to save the compressed model. Checked for writability before training and written
@@ -625,10 +632,9 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     retraining state; the held-out split (``val_data``, else another ``val_fraction`` of the training
     data) is only measured: the report and the accuracy gate read it, nothing is chosen by it.
     """
-    if isinstance(data, (str, Path)):
-        data = resolve_data(str(data), specs)
-    if isinstance(val_data, (str, Path)):
-        val_data = resolve_data(str(val_data), specs)
+    data = as_data(data, specs, "data")
+    if val_data is not None:
+        val_data = as_data(val_data, specs, "val_data")
         if isinstance(val_data, PluginData):
             val_data = val_data.take(PLUGIN_VAL_SAMPLES)
     if isinstance(data, PluginData):
