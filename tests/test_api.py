@@ -454,6 +454,39 @@ def test_loader_plugin_without_labels_or_validation(digits, tmp_path, monkeypatc
     assert result.report["validation"]["samples"] == 600  # the plugin's first PLUGIN_VAL_SAMPLES (all 600)
 
 
+# --- progress ---
+
+
+def test_progress_events_give_totals_and_the_report_keeps_each_epoch(digits):
+    events = []
+    result = compress(digits["model"], digits["train"], _config(0.9, 2, 1), progress=events.append)
+    kinds = [e["kind"] for e in events if e["kind"] != "batch"]
+    assert kinds == ["run", "stage", "phase", "epoch", "epoch_end", "epoch", "epoch_end", "phase_end",
+                     "phase", "epoch", "epoch_end", "phase_end", "validate"]
+    run, phase = events[0], next(e for e in events if e["kind"] == "phase")
+    assert run["steps"] == 3 * BATCHES and run["batches"] == BATCHES
+    assert (phase["phase"], phase["epochs"], phase["steps"]) == ("admm", 2, 2 * BATCHES)
+    ends = [e for e in events if e["kind"] == "epoch_end"]
+    assert all(e["metric"] is not None and e["samples"] > 0 and e["seconds"] > 0 for e in ends)
+    assert [e["residual"] is not None for e in ends] == [True, True, False]  # ADMM only
+    history = result.report["stages"][0]["history"]
+    assert history == [{k: e[k] for k in history[0]} for e in ends]
+    assert history[1]["residual"] == pytest.approx(
+        sum(h[-1] for h in result.stages[0].residuals.values()) / len(WEIGHTS))
+    assert history[-1]["metric"] <= result.stages[0].val_metric  # retraining keeps its best state
+
+
+def test_progress_lines_from_the_api_go_to_stderr(digits, capsys):
+    compress(digits["model"], digits["train"], _config(0.9, 1, 1), progress="lines")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines[0] == "stage 1/1: target sparsity 0.9 (10.0x)"
+    assert [line.split(":")[0] for line in lines[1:3]] == ["stage 1/1 admm epoch 1/1", "stage 1/1 retrain epoch 1/1"]
+    with pytest.raises(UserError, match="progress must be one of"):
+        compress(digits["model"], digits["train"], _config(0.9), progress="bar")
+
+
 # --- arrays: what Python users have ---
 
 
