@@ -17,7 +17,7 @@ import math
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +37,12 @@ from converters.shrink import count_macs, cut_update, shrink
 from converters.writeback import DENSE_ENCODERS, QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
-from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
+from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
 from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
                             nm_constraint, reduction_axis, sparsity_constraints)
+from onnx_admm.progress import Progress, display
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig, nm_pattern
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
@@ -55,7 +56,9 @@ logger = logging.getLogger(__name__)
 # separate validation data is given.
 PLUGIN_VAL_SAMPLES = 1000
 
-Progress = Callable[[dict[str, Any]], None]
+# What ``compress`` takes as data (onnx_admm.data.as_data): a path or plugin, arrays, dicts, a function.
+Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
+        | Dataset | PluginData)
 
 
 @dataclass
@@ -75,6 +78,9 @@ class StageResult:
     stopped: list[str] = field(default_factory=list)  # phases a non-finite loss rolled back and stopped
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
     patterns: dict[str, NM] = field(default_factory=dict)  # N:M weights: param name -> pattern (torch layout)
+    # One record per epoch trained (the ``epoch_end`` progress event): phase, epoch, loss, train_metric,
+    # metric (selection split), residual (mean ADMM primal residual), samples, seconds.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -85,7 +91,7 @@ class StageResult:
         return {
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
-            "mean_residual": mean,
+            "mean_residual": mean, "history": self.history,
         }
 
 
@@ -175,22 +181,28 @@ def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
 
 def compress(
     model: str | Path | onnx.ModelProto,
-    data: str | Dataset | PluginData,
+    data: Data,
     config: CompressConfig = CompressConfig(),
     *,
-    val_data: str | Dataset | None = None,
-    progress: Progress | None = None,
+    val_data: Data | None = None,
+    progress: Progress | str | None = None,
     output: str | Path | None = None,
 ) -> CompressResult:
     """Compress ``model`` with progressive ADMM pruning and validate it in onnxruntime.
 
     Args:
         model: path to an ONNX file (external data beside it), or a loaded ModelProto.
-        data: training data: an .npz path, a ``module:function`` loader plugin, or a Dataset.
+        data: training data: an .npz path or a ``module:function`` loader plugin; a dict
+            ``{input_name: array, "labels": class ids}`` of numpy arrays or torch tensors; an iterable of
+            such dicts (read once into memory); a function returning one (called once per epoch, like a
+            plugin); or a Dataset. Every form is checked like an .npz (``onnx_admm.data.as_data``): names,
+            dtypes (float64 is cast to the graph's float type), shapes, finite values, labels.
         config: the recipe (see ``onnx_admm.recipe``).
-        val_data: held-out data; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
+        val_data: held-out data, in any form ``data`` takes; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
             ``PLUGIN_VAL_SAMPLES`` samples of a plugin.
-        progress: called with event dicts (``kind`` = stage | epoch | batch) for progress display.
+        progress: a callable, called with event dicts (``onnx_admm.progress`` lists them); or a display mode:
+            ``"auto"`` (a tqdm bar per phase on a terminal, else a log line per epoch), ``"bars"``, ``"lines"``
+            or ``"off"``, written to stderr. None: no progress.
         output: where to save the compressed model. Checked for writability before training and written
             as soon as training ends, before the validation and the report, so a failure there keeps it.
 
@@ -204,6 +216,7 @@ def compress(
     """
     started = time.perf_counter()
     check_config(config)
+    shown = display(progress)
     if output is not None:
         check_writable(output, "output")
     cfg = config.train
@@ -216,13 +229,14 @@ def compress(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _compress(original, original_path, external, imported, data, val_data, config, progress, started,
-                         output)
+        with shown as emit:
+            return _compress(original, original_path, external, imported, data, val_data, config,
+                             emit or (lambda event: None), started, output)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _compress(original, original_path, external, imported, data, val_data, config, progress, started,
+def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, started,
               output) -> CompressResult:
     cfg = config.train
     device = torch.device(cfg.device)
@@ -247,8 +261,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
-    runner = _Runner(imported, config, plan, train_data, select, held_out, device, progress or (lambda event: None),
-                     groups)
+    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
     try:
         runner.run()
     except KeyboardInterrupt:
@@ -262,6 +275,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     try:
         if output is not None:
             result.save(output)
+        emit({"kind": "validate", "samples": len(held_out)})
         result.report = _report(result, original_path, held_out, runner.dense_metric, cfg, started)
         if left_alone:
             result.report["left_alone"] = left_alone
@@ -339,6 +353,7 @@ class _Runner:
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
+        self.history: list[dict[str, Any]] = []  # the current stage's epoch records
         self.dense_metric = self.val_metric()
 
     # -- helpers
@@ -368,6 +383,9 @@ class _Runner:
     def run(self) -> None:
         previous: dict[str, torch.Tensor] | None = None
         budgets = self.config.stage_budgets(self.plan.n_stages)
+        lengths = [self.phase_length(epochs)[1] for b in budgets for epochs in (b.admm, b.retrain)]
+        self.emit({"kind": "run", "stages": self.plan.n_stages, "batches": self.steps_per_epoch(),
+                   "steps": None if None in lengths else sum(lengths)})
         for stage in range(self.plan.n_stages):
             previous = self.stage(stage, previous, budgets[stage])
 
@@ -392,6 +410,7 @@ class _Runner:
 
     def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget) -> dict[str, torch.Tensor]:
         params = {name: self.params[name] for name in self.constraints(stage, previous, self.current())}
+        self.history = []
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
@@ -420,6 +439,7 @@ class _Runner:
                       if w.spec.name in params and nm_constraint(w) is not None},
             epochs={"admm": budget.admm, "retrain": budget.retrain},
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
+            history=self.history,
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports
@@ -504,11 +524,12 @@ class _Runner:
                     admm.update()
 
             hooks_s.append(step_update)
-            on_epoch_end = None
-        else:  # a plugin: periods are whole epochs
-            def on_epoch_end(epoch, stats) -> None:
-                if (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
-                    admm.update()
+
+        def on_epoch_end(epoch, stats) -> dict[str, Any]:
+            if per_epoch is None and (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
+                admm.update()  # a plugin: periods are whole epochs
+            # For people watching: the dense W on the selection split, and how far W still is from Z.
+            return {"metric": self.select_metric(), "residual": _mean_residual(admm)}
 
         message = self.run_phase("admm", stage, epochs, optimizer, hooks_b, hooks_s, on_epoch_end,
                                  lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every))
@@ -524,12 +545,12 @@ class _Runner:
         with ste.projected() if ste else nullcontext():
             best = {"metric": self.select_metric(), "values": _snapshot(self.imported)}
 
-        def epoch_end(epoch, stats) -> None:
+        def epoch_end(epoch, stats) -> dict[str, Any]:
             with ste.projected() if ste else nullcontext():
                 metric = self.select_metric()
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
                     best.update(metric=metric if metric is not None else best["metric"], values=_snapshot(self.imported))
-            self.emit({"kind": "val", "stage": stage, "epoch": epoch, "metric": metric, "loss": stats.loss})
+            return {"metric": metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
         hooks_f = [ste.before_forward] if ste else []
@@ -542,17 +563,28 @@ class _Runner:
             return None
         return -(-len(self.train_data) // self.cfg.batch_size)
 
+    def phase_length(self, epochs: float) -> tuple[int, int | None]:
+        """(epochs run, steps) of a phase of ``epochs`` epochs; steps are None for a loader plugin, which
+        runs whole epochs of unknown length."""
+        per_epoch = self.steps_per_epoch()
+        if per_epoch is None:
+            return (max(1, round(epochs)) if epochs > 0 else 0), None
+        total = round(epochs * per_epoch)
+        return -(-total // per_epoch), total
+
     def run_phase(self, phase: str, stage: int, epochs: float, optimizer, hooks_backward, hooks_step, on_epoch_end,
                   hooks_forward=(), lr: Callable[[int, int], float] | None = None) -> str | None:
         """Train ``epochs`` epochs (the last one cut short for a fraction); ``lr(step, total)`` scales the
-        learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase."""
+        learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase.
+
+        ``on_epoch_end(epoch, stats)`` returns the epoch's ``metric`` and ``residual`` for its history record.
+        """
         imported = self.imported
         per_epoch = self.steps_per_epoch()
-        if per_epoch is None:  # a loader plugin: whole epochs, the LR schedule counts epochs
-            n_epochs, total = max(1, round(epochs)) if epochs > 0 else 0, None
-        else:
-            total = round(epochs * per_epoch)
-            n_epochs = -(-total // per_epoch)
+        n_epochs, total = self.phase_length(epochs)  # a loader plugin: the LR schedule counts epochs
+        where = {"stage": stage, "stages": self.plan.n_stages, "phase": phase}
+        if n_epochs:
+            self.emit({"kind": "phase", **where, "epochs": n_epochs, "steps": total, "batches": per_epoch})
         base = [group["lr"] for group in optimizer.param_groups]
         done = [0]
 
@@ -569,12 +601,14 @@ class _Runner:
                 set_lr()
 
         for epoch in range(n_epochs):
+            started = time.perf_counter()
             snapshot = (_snapshot(imported), copy.deepcopy(optimizer.state_dict()))
             set_lr()
-            self.emit({"kind": "epoch", "stage": stage, "phase": phase, "epoch": epoch, "epochs": n_epochs})
+            steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
+            self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
             batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter)
-            if total is not None:
-                batches = itertools.islice(batches, min(per_epoch, total - epoch * per_epoch))
+            if steps is not None:
+                batches = itertools.islice(batches, steps)
             try:
                 stats = train_epoch(
                     imported.module, batches, self.loss_fn, optimizer, self.teacher, hooks_backward,
@@ -593,6 +627,7 @@ class _Runner:
                 message = (f"stage {stage} {phase} epoch {epoch}: {exc}; rolled back to the start of the epoch "
                            f"and stopped the {phase} phase")
                 logger.warning("%s", message)
+                self.emit({"kind": "phase_end", **where, "stopped": message})
                 return message
             except EmptyEpoch:
                 # A loader plugin that returns an exhausted generator yields data once, then nothing.
@@ -602,9 +637,21 @@ class _Runner:
                 ) from None
             finally:
                 self.epoch_counter += 1
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, stats)
+            measured = on_epoch_end(epoch, stats)
+            record = {"phase": phase, "epoch": epoch, "loss": stats.loss, "train_metric": stats.accuracy,
+                      "metric": measured.get("metric"), "residual": measured.get("residual"),
+                      "samples": stats.samples, "seconds": time.perf_counter() - started}
+            self.history.append(record)
+            self.emit({"kind": "epoch_end", **where, "epochs": n_epochs, **record})
+        if n_epochs:
+            self.emit({"kind": "phase_end", **where, "stopped": None})
         return None
+
+
+def _mean_residual(admm: ADMM) -> float | None:
+    """The mean over the weights of the primal residual at the last Z/U update (None before the first)."""
+    last = [h[-1] for h in admm.residual_history.values() if h]
+    return sum(last) / len(last) if last else None
 
 
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
@@ -695,10 +742,9 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     retraining state; the held-out split (``val_data``, else another ``val_fraction`` of the training
     data) is only measured: the report and the accuracy gate read it, nothing is chosen by it.
     """
-    if isinstance(data, (str, Path)):
-        data = resolve_data(str(data), specs)
-    if isinstance(val_data, (str, Path)):
-        val_data = resolve_data(str(val_data), specs)
+    data = as_data(data, specs, "data")
+    if val_data is not None:
+        val_data = as_data(val_data, specs, "val_data")
         if isinstance(val_data, PluginData):
             val_data = val_data.take(PLUGIN_VAL_SAMPLES)
     if isinstance(data, PluginData):

@@ -118,31 +118,6 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
         _write_json(report_path, report.to_dict())
 
 
-class _Progress:
-    """One self-overwriting status line on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.stage = ""
-
-    def __call__(self, event: dict) -> None:
-        if self.quiet:
-            return
-        kind = event["kind"]
-        if kind == "stage":
-            target = event.get("target")
-            self.stage = f"stage {event['stage'] + 1}/{event['stages']}" + (f" (sparsity {target:.4g})" if target is not None else "")
-            click.echo(self.stage, err=True)
-        elif kind == "batch" and event["batch"] % 10 == 0:
-            acc = f" acc {event['acc']:.3f}" if event.get("acc") is not None else ""
-            click.echo(f"\r  {event['phase']:<7} epoch {event['epoch'] + 1} batch {event['batch']:>5} "
-                       f"loss {event['loss']:.4f}{acc}   ", err=True, nl=False)
-        elif kind == "val":
-            metric = f"{event['metric']:.4f}" if event.get("metric") is not None else "n/a"
-            click.echo(f"\r  retrain epoch {event['epoch'] + 1}: loss {event['loss']:.4f}, validation {metric}        ",
-                       err=True)
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(),
@@ -177,7 +152,8 @@ class _Progress:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Exit 3 when the drop exceeds this fraction.")
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress and no summary table (warnings and errors still go to stderr).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
              ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
@@ -217,7 +193,10 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     if save_stages:
         check_writable(save_stages, "--save-stages folder", folder=True)
     try:
-        result = run_compress(model, data, config, val_data=val_data, progress=_Progress(quiet), output=output)
+        # The library draws the progress (stderr: bars on a terminal, a line per epoch in logs); stdout
+        # keeps the results.
+        result = run_compress(model, data, config, val_data=val_data, progress="off" if quiet else "auto",
+                              output=output)
     except CompressInterrupted as exc:
         if exc.result is None:
             click.echo("interrupted before the first stage completed; nothing was written", err=True)
@@ -319,5 +298,5 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m onnx_admm.cli, without the installed entry point
+if __name__ == "__main__":  # python -m onnx_admm.cli, e.g. from a checkout that is not installed
     main()

@@ -24,7 +24,7 @@ from torch import Tensor
 from converters.errors import UserError
 from onnx_admm.allocation import Allocation, allocate, floor_share
 from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count
-from onnx_admm.recipe import CompressConfig, nm_pattern
+from onnx_admm.recipe import CompressConfig, Rule, nm_pattern
 from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
 from onnx_admm.structured import NM, Block, Column, group_keep_count
 
@@ -95,8 +95,51 @@ def _stretch(values: Sequence[Any], n: int, what: str) -> tuple[Any, ...]:
                     "number of stages, or one of them a single stage")
 
 
+# How many weight names an unmatched-rule error lists before it counts the rest (a transformer has
+# hundreds; the message must stay one readable line).
+LISTED_NAMES = 12
+
+
+def check_rules(specs: Sequence[WeightSpec], rules: Sequence[Rule]) -> None:
+    """Every rule decides at least one weight: one that matches none, or only weights an earlier rule
+    already claims, does nothing, and a recipe that silently does something else is worse than an error.
+
+    Raises:
+        UserError: naming the rule and the weights that exist (the names ``onnx-admm inspect`` prints).
+    """
+    claimed: dict[str, int] = {}
+    for number, rule in enumerate(rules, start=1):
+        matched = [s for s in specs if rule.matches(s.label, s.op_type)]
+        if not matched:
+            raise UserError(f"recipe rule {number} ({rule.describe()}) matches no compressible weight of this "
+                            f"model, whose weights are {weight_names(specs)}; match those names (globs work, e.g. "
+                            f"\"{_glob_example(specs[0].label)}\") or op types, or remove the rule "
+                            "(`onnx-admm inspect MODEL` lists every name)")
+        fresh = [s for s in matched if s.label not in claimed]
+        if not fresh:
+            earlier = sorted({claimed[s.label] for s in matched})
+            raise UserError(f"recipe rule {number} ({rule.describe()}) matches only {weight_names(matched)}, "
+                            f"which an earlier rule ({', '.join(map(str, earlier))}) claims first (the first "
+                            "matching rule wins): the rule does nothing; reorder or remove it")
+        claimed.update((s.label, number) for s in fresh)
+
+
+def weight_names(specs: Sequence[WeightSpec], limit: int = LISTED_NAMES) -> str:
+    """``name (op), ...`` for messages, the first ``limit`` of them and a count of the rest."""
+    shown = ", ".join(f"{s.label} ({s.op_type})" for s in specs[:limit])
+    return shown + (f" and {len(specs) - limit} more" if len(specs) > limit else "")
+
+
+def _glob_example(name: str) -> str:
+    """A glob that matches ``name`` and its siblings: ``0.weight`` -> ``0.*``, ``conv1`` -> ``conv1*``."""
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return f"{stem}.*" if stem != name else f"{name}*"
+
+
 def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
-    """Decide, for every compressible weight, its targets; raises UserError when nothing is compressed."""
+    """Decide, for every compressible weight, its targets; raises UserError when nothing is compressed
+    or a recipe rule decides no weight."""
+    check_rules(specs, config.rules)
     prune, quantize = config.prune, config.quantize
     global_target = prune.targets[-1] if prune.targets else prune.sparsity
     own_targets = [r.sparsity for r in config.rules if r.sparsity is not None]

@@ -13,7 +13,9 @@ Layout of a recipe (every table optional, unknown keys are errors):
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
                ternary; clusters; skip
 
-Rules are tried in order and the first match wins. A rule's ``sparsity`` fixes that weight's own
+Rules are tried in order and the first match wins; ``match`` globs the ONNX weight names that
+``onnx-admm inspect`` prints. A rule that decides no weight (it matches none, or only weights an
+earlier rule claims) is an error when the plan is made (``onnx_admm.plan.check_rules``). A rule's ``sparsity`` fixes that weight's own
 target; ``skip = true`` leaves it untouched. Weights no rule matches share the global
 ``prune.sparsity``, spread over the layers by ``prune.allocation`` (LAMP scores by default; see
 onnx_admm.allocation) and re-split at every ADMM Z/U update; without a global target they stay
@@ -307,6 +309,11 @@ class Rule:
         _check_quant(f"rule {self.match or self.op_type!r}", self.bits, self.ternary, self.clusters)
         if self.skip and self.sparsity is not None:
             _fail(f"rule {self.match or self.op_type!r}: `skip = true` and `sparsity` contradict; keep one")
+
+    def describe(self) -> str:
+        """How the recipe wrote the rule's selector: ``match = "0.*", op_type = "Conv"``."""
+        return ", ".join(f'{key} = "{value}"' for key, value in (("match", self.match), ("op_type", self.op_type))
+                         if value is not None)
 
     def matches(self, name: str, op_type: str) -> bool:
         return (self.match is None or fnmatch.fnmatchcase(name, self.match)) and (
