@@ -12,6 +12,7 @@ tensor they produce, :func:`remove_decoders` deletes them with the constants onl
 :func:`fold_weight_decoders` -- a normalize pass -- puts the decoded floats back as initializers under the
 weight's name, so a compressed model imports into onnx2torch and can be compressed again. Write-back
 uses the same functions to replace a decoded weight of an already-compressed model.
+:func:`stored_nbytes` counts the bytes a model file spends on each weight, decoders included.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from converters.graphinfo import constant_sources, node_attr, tensor_value
+from converters.graphinfo import TensorSource, constant_sources, node_attr, tensor_value
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +167,58 @@ def decoded_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
 
 
 
+
+
+# Bits per element of the packed sub-byte types; every other type stores whole numpy items.
+_PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2,
+                onnx.TensorProto.UINT2: 2}
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    n = int(np.prod(tensor.dims)) if tensor.dims else 1
+    if tensor.data_type in _PACKED_BITS:
+        return -(-n * _PACKED_BITS[tensor.data_type] // 8)
+    return n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _sparse_nbytes(sparse: onnx.SparseTensorProto) -> int:
+    return _tensor_nbytes(sparse.values) + _tensor_nbytes(sparse.indices)
+
+
+def _constant_nbytes(model: onnx.ModelProto, source: TensorSource) -> int:
+    graph, name, location = model.graph, source.name, source.location
+    if location == "initializer":
+        return _tensor_nbytes(next(t for t in graph.initializer if t.name == name))
+    if location == "sparse_initializer":
+        return _sparse_nbytes(next(s for s in graph.sparse_initializer if s.values.name == name))
+    node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
+    for attr in node.attribute:
+        if attr.name == "value":
+            return _tensor_nbytes(attr.t)
+        if attr.name == "sparse_value":
+            return _sparse_nbytes(attr.sparse_tensor)
+    return tensor_value(model, source).nbytes  # value_float(s) / value_int(s) attributes
+
+
+def stored_nbytes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, int]:
+    """The raw bytes ``model`` spends on each weight of ``names`` (external data must be loaded).
+
+    A plain or sparse constant counts its own data (a sparse one: values and indices); a weight made by a
+    decoder counts every constant the decoder reads (integers + scale + zero point; indices + codebook).
+    Names that are neither are left out. Names and protobuf framing are not counted: these are the bits
+    of the values themselves, as the report's bits per weight states them.
+    """
+    sources = constant_sources(model)
+    decoders = weight_decoders(model)
+    out = {}
+    for name in names:
+        if name in decoders:
+            parts = decoders[name].inputs
+        elif name in sources:
+            parts = (name,)
+        else:
+            continue
+        out[name] = sum(_constant_nbytes(model, sources[part]) for part in parts)
+    return out

@@ -15,16 +15,21 @@ consumers still read it (a bias or a BatchNorm shift makes the channel a nonzero
 equivalent to removing it: prune the consumers' input channels with the filters.
 
 Tensors may live in initializers, sparse initializers (re-encoded as COO) or Constant nodes; external
-data must be loaded. ``count_macs`` gives multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul node
+data must be loaded. ``ShrinkResult.cuts`` records what was taken out of each tensor, so that
+:func:`cut_update` can cut a trained value and its quantization (a per-channel scale along a cut axis)
+the same way: compress shrinks the original graph first and then writes the cut, still quantized values
+into it, so the encoders of ``converters.writeback`` (int8/int4/int2 + DequantizeLinear, codebook) see
+the shrunk tensors. ``count_macs`` gives multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul node
 from shapes inferred at a fixed batch size, and parameter counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -32,19 +37,55 @@ from onnx import helper, numpy_helper
 
 from converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from converters.groups import ChannelGroup, channel_groups
-from converters.writeback import DenseEncoder, SparseEncoder
+from converters.writeback import DenseEncoder, SparseEncoder, TensorUpdate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShrinkResult", "count_macs", "kept_channels", "shrink"]
+__all__ = ["ShrinkResult", "TensorCut", "count_macs", "cut_update", "kept_channels", "shrink"]
+
+
+@dataclass(frozen=True)
+class TensorCut:
+    """What the shrink pass took out of one constant: its shape before, then each cut in the order made,
+    as (axis, the indices kept along it)."""
+
+    shape: tuple[int, ...]
+    steps: tuple[tuple[int, np.ndarray], ...]
+
+    def apply(self, value: np.ndarray) -> np.ndarray:
+        """``value`` (shaped like the tensor before the cut, in any layout that reshapes to it) cut."""
+        value = np.asarray(value).reshape(self.shape)
+        for axis, kept in self.steps:
+            value = np.take(value, kept, axis=axis)
+        return value
 
 
 @dataclass
 class ShrinkResult:
-    """The shrunk model (a new ModelProto) and one line per change, for the report."""
+    """The shrunk model (a new ModelProto), one line per change for the report, and the cuts by tensor."""
 
     model: onnx.ModelProto
     changes: list[str]
+    cuts: dict[str, TensorCut] = field(default_factory=dict)
+
+
+def cut_update(update: TensorUpdate, cuts: Mapping[str, TensorCut]) -> TensorUpdate:
+    """``update`` for the shrunk graph: the removed channels taken out of its value, and out of its
+    per-channel scale where the scale runs along a cut axis (the zero point is made from the scale).
+
+    A codebook keeps its levels: the encoder builds the codebook from the cut value itself.
+    """
+    cut = cuts.get(update.onnx_name)
+    if cut is None:
+        return update
+    quant = update.quant
+    if quant is not None and quant.axis is not None:
+        scale = np.asarray(quant.scale)
+        for axis, kept in cut.steps:
+            if axis == quant.axis % len(cut.shape):
+                scale = np.take(scale, kept)
+        quant = dataclasses.replace(quant, scale=scale)
+    return dataclasses.replace(update, value=cut.apply(update.value), quant=quant)
 
 
 def kept_channels(group: ChannelGroup, keep: np.ndarray | Sequence[int] | Sequence[bool]) -> np.ndarray:
@@ -91,7 +132,7 @@ def shrink(
         groups: ``channel_groups(model)`` when already computed.
 
     Returns:
-        The shrunk model and the list of changes.
+        The shrunk model, the list of changes and what was cut out of each constant.
 
     Raises:
         ValueError: a name is not a group, a group is not prunable, or a mask does not fit.
@@ -102,6 +143,8 @@ def shrink(
     out.CopyFrom(model)
     sources = constant_sources(out)
     values: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # before any cut
+    steps: dict[str, list[tuple[int, np.ndarray]]] = {}
     cut_axes: dict[str, set[int]] = {}
     summary: list[str] = []
     changes: list[str] = []
@@ -111,6 +154,7 @@ def shrink(
     def current(name: str) -> np.ndarray:
         if name not in values:
             values[name] = tensor_value(out, sources[name])
+            shapes[name] = values[name].shape
         return values[name]
 
     for name, mask in keep.items():
@@ -125,7 +169,9 @@ def shrink(
             if s.axis in cut_axes.setdefault(s.tensor, set()):
                 raise ValueError(f"{s.tensor!r} would be cut twice along axis {s.axis} (by group {name!r})")
             cut_axes[s.tensor].add(s.axis)
-            values[s.tensor] = np.take(current(s.tensor), s.positions(group.n_channels, kept), axis=s.axis)
+            positions = s.positions(group.n_channels, kept)
+            values[s.tensor] = np.take(current(s.tensor), positions, axis=s.axis)
+            steps.setdefault(s.tensor, []).append((s.axis, positions))
         for edit in group.reshapes:
             shape = current(edit.tensor).copy()
             shape.reshape(-1)[edit.index] -= removed * edit.per_channel
@@ -155,7 +201,8 @@ def shrink(
     out.graph.value_info.extend(kept_info)
     changes = summary + changes
     logger.info("shrink: %s", "; ".join(changes) or "nothing to remove")
-    return ShrinkResult(out, changes)
+    cuts = {name: TensorCut(shapes[name], tuple(cut)) for name, cut in steps.items()}
+    return ShrinkResult(out, changes, cuts)
 
 
 def _set_tensor(model: onnx.ModelProto, location: str, name: str, value: np.ndarray) -> None:

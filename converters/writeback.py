@@ -15,6 +15,9 @@ tensor. The smallest valid encoding in raw bytes wins:
 - ``CodebookEncoder``: uint2/uint4/uint8 indices -> Cast(INT64) -> Gather(codebook);
 - ``SparseCodebookEncoder``: uint8 indices in a sparse initializer -> Cast(INT64) -> Gather(codebook).
 
+``DENSE_ENCODERS`` are those that keep every entry in the weight's own shape (no COO), for a zero
+pattern a runtime reads from the dense tensor (N:M sparsity).
+
 The quantized encoders apply only to a tensor whose ``TensorUpdate`` carries a :class:`QuantSpec`, so
 plain (pruned) tensors are stored exactly as before. They are exact: an encoder whose decoded floats
 would differ from the update's values in any bit does not apply.
@@ -112,6 +115,11 @@ class QuantSpec:
         """Largest integer level, 2^(k-1) - 1."""
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def qmin(self) -> int:
+        """Most negative integer level, -2^(k-1) (the container's two's-complement range)."""
+        return -(2 ** (self.bits - 1))
+
 
 class Encoder(Protocol):
     kind: str
@@ -201,7 +209,7 @@ def integer_levels(value: np.ndarray, quant: QuantSpec) -> np.ndarray | None:
         scale = scale.reshape([-1 if i == quant.axis % value.ndim else 1 for i in range(value.ndim)])
     with np.errstate(all="ignore"):
         q = np.rint(value / scale)
-    if not np.all(np.isfinite(q)) or (q.size and np.abs(q).max() > quant.qmax):
+    if not np.all(np.isfinite(q)) or (q.size and (q.max() > quant.qmax or q.min() < quant.qmin)):
         return None
     if not np.array_equal(q.astype(np.float32) * scale, value):
         return None
@@ -209,9 +217,9 @@ def integer_levels(value: np.ndarray, quant: QuantSpec) -> np.ndarray | None:
 
 
 def _signed_bits(q: np.ndarray) -> int:
-    """Bits of the smallest symmetric container for q: |q| <= 1 -> 2, <= 7 -> 4, else 8."""
-    top = int(np.abs(q).max()) if q.size else 0
-    return 2 if top <= 1 else 4 if top <= 7 else 8
+    """Bits of the smallest two's-complement container for q: [-2, 1] -> 2, [-8, 7] -> 4, else 8."""
+    low, high = (int(q.min()), int(q.max())) if q.size else (0, 0)
+    return 2 if -2 <= low and high <= 1 else 4 if -8 <= low and high <= 7 else 8
 
 
 def _axis(quant: QuantSpec, value: np.ndarray) -> int | None:
@@ -234,8 +242,8 @@ def _scale_tensors(name: str, quant: QuantSpec, elem_type: int) -> list[onnx.Ten
 class DequantizeLinearEncoder:
     """Integers + float32 scale + zero point 0 -> DequantizeLinear (per tensor, or per axis).
 
-    The container is the smallest holding the integers actually present: |q| <= 1 -> int2 (opset 25),
-    |q| <= 7 -> int4 (opset 21), else int8 (opset 13), each chained to the larger ones as fallbacks.
+    The container is the smallest holding the integers actually present: [-2, 1] -> int2 (opset 25),
+    [-8, 7] -> int4 (opset 21), else int8 (opset 13), each chained to the larger ones as fallbacks.
     Applies only with a ``QuantSpec`` that has a scale and reproduces the float32 values exactly.
     """
 
@@ -357,6 +365,10 @@ DEFAULT_ENCODERS: tuple[Encoder, ...] = (
     CodebookEncoder(),
     SparseCodebookEncoder(),
 )
+
+# The encoders that store every entry, zeros included, in the weight's own shape (no COO): for a weight
+# whose zero pattern a runtime reads from the dense tensor (N:M sparsity).
+DENSE_ENCODERS: tuple[Encoder, ...] = tuple(e for e in DEFAULT_ENCODERS if not e.kind.startswith("sparse"))
 
 
 @dataclass(frozen=True)

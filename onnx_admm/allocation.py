@@ -72,26 +72,33 @@ class Allocation:
         return min(n, max(self.min_keep, math.ceil(round(self.floor * n, _COUNT_DECIMALS))))
 
 
+def _sorted_lamp(w: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """LAMP scores of the allowed entries of ``w`` in descending |w| order (lower index first among ties),
+    and that order (flat indices). The scores fall along it: w^2 falls and the sum above it grows."""
+    mag = w.detach().reshape(-1).abs().cpu()
+    if allowed is not None:
+        mag = torch.where(allowed.reshape(-1).cpu(), mag, torch.full_like(mag, -1.0))
+    order = torch.sort(mag, descending=True, stable=True).indices
+    if allowed is not None:
+        order = order[: int(allowed.sum())]
+    sorted_sq = mag[order].double().square()
+    # An entry's denominator: its own square and those of every entry ranked before it (at least as large).
+    above = torch.cumsum(sorted_sq, 0)
+    scores = torch.where(above > 0, sorted_sq / torch.where(above > 0, above, torch.ones_like(above)),
+                         torch.zeros_like(above))
+    return scores, order
+
+
 def lamp_scores(w: Tensor, allowed: Tensor | None = None) -> Tensor:
     """LAMP score of every entry of ``w`` (same shape, float64 on the CPU); -1 outside ``allowed``.
 
-    Ties in ``|w|`` rank by flat index (the lower index counts as the larger), as :func:`allocate` does.
+    Lee et al. (ICLR 2021): ``w_u^2 / sum of w_v^2 over the entries v with |w_v| >= |w_u|`` (u included),
+    so every layer's largest weight scores 1 and a layer's scores do not depend on its scale. Ties in
+    ``|w|`` rank by flat index (the lower index counts as the larger), as :func:`allocate` does.
     """
-    sq = w.detach().reshape(-1).double().cpu() ** 2
-    ok = torch.ones_like(sq, dtype=torch.bool) if allowed is None else allowed.reshape(-1).cpu()
-    sq = torch.where(ok, sq, torch.zeros_like(sq))
-    # Descending order by |w| with lower index first among ties; the "rest of the layer" of an entry is
-    # itself and everything ranked after it.
-    order = torch.sort(sq, descending=True, stable=True).indices
-    sorted_sq = sq[order]
-    # Sum of entries ranked at or after each position: total minus the prefix before it.
-    prefix = torch.cumsum(sorted_sq, 0) - sorted_sq
-    rest = sorted_sq.sum() - prefix
-    scores_sorted = torch.where(rest > 0, sorted_sq / torch.where(rest > 0, rest, torch.ones_like(rest)),
-                                torch.zeros_like(rest))
-    scores = torch.empty_like(sq)
-    scores[order] = scores_sorted
-    scores = torch.where(ok, scores, torch.full_like(scores, -1.0))
+    sorted_scores, order = _sorted_lamp(w, allowed)
+    scores = torch.full((w.numel(),), -1.0, dtype=torch.float64)
+    scores[order] = sorted_scores
     return scores.reshape(w.shape)
 
 
@@ -163,28 +170,45 @@ def allocate(
 def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:
     # Each layer's minimum comes from its own top entries (by |w|, which orders LAMP scores the same
     # way within a layer); the rest of the budget goes to the best remaining scores over all layers.
-    tails, owners = [], []
-    for i, (name, w) in enumerate(weights.items()):
+    # Only counts come out, so only each layer's multiset of remaining scores matters: no per-layer
+    # sort for `global`, and one selection (not a sort) over all layers; ties between layers go to the
+    # earlier layer, as a stable sort of the concatenation would.
+    tails = []
+    for name, w in weights.items():
         mask = None if allowed is None else allowed[name]
         if method == "lamp":
-            score = lamp_scores(w, mask).reshape(-1)
-        else:
-            score = w.detach().reshape(-1).abs().double().cpu()
-            if mask is not None:
-                score = torch.where(mask.reshape(-1).cpu(), score, torch.full_like(score, -1.0))
-        order = torch.sort(score, descending=True, stable=True).indices
-        n_ok = score.numel() if mask is None else int(mask.sum())
-        tail = score[order[mins[name]:n_ok]]
-        tails.append(tail)
-        owners.append(torch.full((tail.numel(),), i, dtype=torch.long))
+            tails.append(_sorted_lamp(w, mask)[0][mins[name]:])
+            continue
+        score = w.detach().reshape(-1).abs().cpu()
+        if mask is not None:
+            score = score[mask.reshape(-1).cpu()]
+        if mins[name]:
+            score = score.clone()
+            score[torch.topk(score, mins[name]).indices] = -1.0
+            score = score[score >= 0]
+        tails.append(score)
     keeps = dict(mins)
     rest = keep - sum(mins.values())
     if rest > 0:
-        values = torch.cat(tails)
-        winners = torch.cat(owners)[torch.sort(values, descending=True, stable=True).indices[:rest]]
-        for name, extra in zip(weights, torch.bincount(winners, minlength=len(weights)).tolist()):
+        values = torch.cat([t.double() for t in tails])
+        owners = torch.repeat_interleave(torch.arange(len(tails)), torch.tensor([t.numel() for t in tails]))
+        chosen = _top_count(values, rest)
+        for name, extra in zip(weights, torch.bincount(owners[chosen], minlength=len(weights)).tolist()):
             keeps[name] += extra
     return keeps
+
+
+def _top_count(values: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` largest of ``values`` (1-D), lower index first among ties: a stable descending
+    sort's first k, found by one O(n) selection of the k-th largest value."""
+    n = values.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    threshold = torch.kthvalue(values, n - k + 1).values
+    chosen = values > threshold
+    ties = (values == threshold).nonzero().squeeze(1)
+    chosen[ties[: k - int(chosen.sum())]] = True
+    return chosen
 
 
 def _integer_quotas(quotas, mins, caps, keep) -> dict[str, int]:

@@ -17,7 +17,7 @@ import math
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,24 +27,28 @@ import numpy as np
 import onnx
 import torch
 
+from converters.dequantize import decoded_view, stored_nbytes
 from converters.errors import UserError
-from converters.graphinfo import graph_inputs
+from converters.graphinfo import constant_sources, graph_inputs, tensor_value
 from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import Staged, load_model, save_model
-from converters.shrink import count_macs, shrink
-from converters.writeback import QuantSpec, WriteBackResult, write_back
+from converters.shrink import count_macs, cut_update, shrink
+from converters.writeback import DENSE_ENCODERS, QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
-from onnx_admm.data import LABELS, Dataset, PluginData, resolve_data
+from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
                                stage_path)
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
-from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, sparsity_constraints
+from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
+                            nm_constraint, reduction_axis, sparsity_constraints)
+from onnx_admm.progress import Progress, display
 from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
-from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import PhaseBudget, lr_factor
+from onnx_admm.recipe import CompressConfig, nm_pattern
+from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
+from onnx_admm.structured import NM, nm_runtimes
 from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
@@ -55,7 +59,9 @@ logger = logging.getLogger(__name__)
 # separate validation data is given.
 PLUGIN_VAL_SAMPLES = 1000
 
-Progress = Callable[[dict[str, Any]], None]
+# What ``compress`` takes as data (onnx_admm.data.as_data): a path or plugin, arrays, dicts, a function.
+Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
+        | Dataset | PluginData)
 
 
 @dataclass
@@ -74,6 +80,10 @@ class StageResult:
     epochs: dict[str, float] = field(default_factory=dict)  # epochs of each phase
     stopped: list[str] = field(default_factory=list)  # phases a non-finite loss rolled back and stopped
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
+    patterns: dict[str, NM] = field(default_factory=dict)  # N:M weights: param name -> pattern (torch layout)
+    # One record per epoch trained (the ``epoch_end`` progress event): phase, epoch, loss, train_metric,
+    # metric (selection split), residual (mean ADMM primal residual), samples, seconds.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -84,7 +94,7 @@ class StageResult:
         return {
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
-            "mean_residual": mean,
+            "mean_residual": mean, "history": self.history,
         }
 
 
@@ -118,12 +128,20 @@ class CompressResult:
         """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
         chosen = self.stages[stage]
         _load_values(self.imported, chosen.values)
-        kept = chosen.kept_channels
-        # The shrink pass cuts plain tensors: filter-pruned runs store dense/sparse, then cut.
-        quant = {} if kept else chosen.quant_specs
-        result = write_back(self.imported.original, self.imported.updates(quant=quant), metadata=metadata)
-        if kept:  # filters removed: make the graph physically smaller
-            result.model = shrink(result.model, kept, groups=list(self.groups.values())).model
+        target, updates = self.imported.original, self.imported.updates(quant=chosen.quant_specs)
+        # N:M weights stay in their own shape, zeros included: the runtimes that read the pattern (TensorRT)
+        # check it on the dense weight, and a COO sparse initializer saves little at 2:4.
+        updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if e.param in chosen.patterns else u
+                   for e, u in zip(self.imported.weights, updates)]
+        shrunk = None
+        if chosen.kept_channels:
+            # Filters removed: shrink the original graph first, then write the cut values into it, so the
+            # quantized encoders store the shrunk tensors as integers (cut before encoding, not after).
+            shrunk = shrink(target, chosen.kept_channels, groups=list(self.groups.values()))
+            target, updates = shrunk.model, [cut_update(u, shrunk.cuts) for u in updates]
+        result = write_back(target, updates, metadata=metadata)
+        if shrunk is not None:
+            result.changes[:0] = shrunk.changes
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
@@ -212,11 +230,11 @@ def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
 
 def compress(
     model: str | Path | onnx.ModelProto,
-    data: str | Dataset | PluginData,
+    data: Data,
     config: CompressConfig = CompressConfig(),
     *,
-    val_data: str | Dataset | None = None,
-    progress: Progress | None = None,
+    val_data: Data | None = None,
+    progress: Progress | str | None = None,
     output: str | Path | None = None,
     report_path: str | Path | None = None,
     save_stages: str | Path | None = None,
@@ -228,11 +246,17 @@ def compress(
 
     Args:
         model: path to an ONNX file (external data beside it), or a loaded ModelProto.
-        data: training data: an .npz path, a ``module:function`` loader plugin, or a Dataset.
+        data: training data: an .npz path or a ``module:function`` loader plugin; a dict
+            ``{input_name: array, "labels": class ids}`` of numpy arrays or torch tensors; an iterable of
+            such dicts (read once into memory); a function returning one (called once per epoch, like a
+            plugin); or a Dataset. Every form is checked like an .npz (``onnx_admm.data.as_data``): names,
+            dtypes (float64 is cast to the graph's float type), shapes, finite values, labels.
         config: the recipe (see ``onnx_admm.recipe``).
-        val_data: held-out data; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
+        val_data: held-out data, in any form ``data`` takes; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
             ``PLUGIN_VAL_SAMPLES`` samples of a plugin.
-        progress: called with event dicts (``kind`` = stage | epoch | batch) for progress display.
+        progress: a callable, called with event dicts (``onnx_admm.progress`` lists them); or a display mode:
+            ``"auto"`` (a tqdm bar per phase on a terminal, else a log line per epoch), ``"bars"``, ``"lines"``
+            or ``"off"``, written to stderr. None: no progress.
         output: where to save the compressed model (a folder, existing or ending in ``/``, gets the
             model's stem + ``.admm.onnx``). It is saved as soon as training ends, beside its target under
             a temporary name, validated there, then renamed into place, so a failure in the validation
@@ -260,6 +284,7 @@ def compress(
     """
     started = time.perf_counter()
     check_config(config)
+    shown = display(progress)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     files = RunFiles.plan(_model_name(original_path), output, report_path, save_stages,
                           gated=max_accuracy_drop is not None, keep_failed=keep_failed)
@@ -277,16 +302,18 @@ def compress(
             torch.manual_seed(cfg.seed)
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            result, measured = _compress(original, original_path, external, imported, data, val_data, config,
-                                         progress, files, inputs)
-            return _finish(result, measured, files, original_path, started, max_accuracy_drop)
+            with shown as emit:
+                emit = emit or (lambda event: None)
+                result, measured = _compress(original, original_path, external, imported, data, val_data, config,
+                                             emit, files, inputs)
+                return _finish(result, measured, files, original_path, started, max_accuracy_drop, emit)
         except KeyboardInterrupt as exc:  # before training started: nothing to keep
             raise CompressInterrupted(None, interrupt=exc) from None
         finally:
             torch.set_num_threads(threads_before)
 
 
-def _compress(original, original_path, external, imported, data, val_data, config, progress, files,
+def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, files,
               inputs) -> tuple[CompressResult, _Measured]:
     """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
@@ -302,14 +329,17 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
         groups = {g.name: g for g in channel_groups(original)}
         plan, left_alone = _keep_removable_filters(plan, groups)
+    if any(nm_pattern(w.structure) for w in plan.weights):
+        shapes = {s.name: imported.module.get_parameter(s.name).shape for s in specs}
+        plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
+        left_alone.update(nm_alone)
     # A compressible weight without a target (skipped, or outside every rule with no global target) is
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
-    runner = _Runner(imported, config, plan, train_data, select, held_out, device, progress or (lambda event: None),
-                     groups)
+    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
     name = _model_name(original_path)
     try:
         runner.run()
@@ -321,7 +351,8 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
-                        f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or admm.rho (now {config.admm.rho})")
+                        f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or set admm.rho "
+                        f"(now {config.admm.rho if config.admm.rho is not None else 'chosen per phase; see the log'})")
     warnings = []
     if floors is not None and floors > 0.5:
         warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
@@ -346,7 +377,7 @@ class _Measured:
 
 
 def _finish(result: CompressResult, measured: _Measured, files: RunFiles, original_path: Path | None,
-            started: float, max_accuracy_drop: float | None) -> CompressResult:
+            started: float, max_accuracy_drop: float | None, emit: Progress) -> CompressResult:
     """Save, validate and report; then put every output in place, each whole or not at all.
 
     The model is staged (written beside its target under a temporary name) first and validated
@@ -358,7 +389,8 @@ def _finish(result: CompressResult, measured: _Measured, files: RunFiles, origin
     out = _Writing()
     with Staged() as staged:
         try:
-            return _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged, out)
+            return _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged, out,
+                                  emit)
         except KeyboardInterrupt as exc:
             if not out.model_done:
                 out.written = _save_last(result, out.target if out.decided else files.model, staged, out.model_files)
@@ -378,7 +410,7 @@ class _Writing:
 
 
 def _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged: Staged,
-                   out: _Writing) -> CompressResult:
+                   out: _Writing, emit: Progress) -> CompressResult:
     cfg = result.config.train
     exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
     try:
@@ -389,6 +421,7 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
             else:
                 compressed = staged.scratch(Path(tempfile.gettempdir())) / "compressed.onnx"
                 save_model(exported.model, compressed, external_data=result.external_data)
+        emit({"kind": "validate", "samples": len(measured.held_out)})
         report = _report(result, exported, compressed, original_path, staged, measured, cfg, started)
     except Exception as exc:
         if out.model_files is None:
@@ -402,7 +435,7 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
         raise ReportFailed(result, out.written[0], exc) from None
     if measured.left_alone:
         report["left_alone"] = measured.left_alone
-    report["warnings"] = measured.warnings
+    report["warnings"] = measured.warnings + report["warnings"]
     report["accuracy_drop"] = drop = accuracy_drop(report)
     passed = max_accuracy_drop is None or drop is None or drop <= max_accuracy_drop
     report["gate"] = None if max_accuracy_drop is None else {"max_accuracy_drop": max_accuracy_drop, "passed": passed}
@@ -526,6 +559,7 @@ class _Runner:
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
+        self.history: list[dict[str, Any]] = []  # the current stage's epoch records
         self.dense_metric = self.val_metric()
 
     # -- helpers
@@ -555,6 +589,9 @@ class _Runner:
     def run(self) -> None:
         previous: dict[str, torch.Tensor] | None = None
         budgets = self.config.stage_budgets(self.plan.n_stages)
+        lengths = [self.phase_length(epochs)[1] for b in budgets for epochs in (b.admm, b.retrain)]
+        self.emit({"kind": "run", "stages": self.plan.n_stages, "batches": self.steps_per_epoch(),
+                   "steps": None if None in lengths else sum(lengths)})
         for stage in range(self.plan.n_stages):
             previous = self.stage(stage, previous, budgets[stage])
 
@@ -579,6 +616,7 @@ class _Runner:
 
     def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget) -> dict[str, torch.Tensor]:
         params = {name: self.params[name] for name in self.constraints(stage, previous, self.current())}
+        self.history = []
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
@@ -586,12 +624,13 @@ class _Runner:
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
         final = self.constraints(stage, previous, self.current())
         scales = {name: quantize(final[name], params[name].detach()) for name in quantized}
+        latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
         supports = admm.hard_project()
         levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
                   for name, w in quantized.items()}
         kept = self.removed_filters(supports)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
-        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain)
+        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         _load_values(self.imported, values)
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
@@ -602,8 +641,11 @@ class _Runner:
             values=values, residuals={n: list(h) for n, h in admm.residual_history.items()},
             quant={n: w.quant[stage] for n, w in quantized.items()}, kept_channels=kept,
             quant_specs={n: _quant_spec(self.imported, n, w.quant[stage], scales[n]) for n, w in quantized.items()},
+            patterns={w.spec.name: nm_constraint(w) for w in self.plan.weights
+                      if w.spec.name in params and nm_constraint(w) is not None},
             epochs={"admm": budget.admm, "retrain": budget.retrain},
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
+            history=self.history,
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports
@@ -637,15 +679,21 @@ class _Runner:
                 supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
         return kept_channels
 
+    def initial_rho(self, steps_per_period: int | None) -> float:
+        """admm.rho, or the one whose pull per Z/U period is the same at every budget (schedule.auto_rho).
+        With Adam, or a loader plugin (steps per period unknown), 1e-2."""
+        if self.config.admm.rho is not None:
+            return self.config.admm.rho
+        if self.cfg.optimizer != "sgd" or steps_per_period is None:
+            return 1e-2
+        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period)
+
     def admm_phase(self, stage, params, previous, epochs: float):
         """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""
         admm_cfg = self.config.admm
         pinned = None
         if previous:  # every earlier mask, consumers of removed channels included
             pinned = FixedSupport({n: self.imported.module.get_parameter(n) for n in previous}, previous)
-        admm = ADMM(params, lambda values: self.constraints(stage, previous, values),
-                    RhoSchedule(admm_cfg.rho, admm_cfg.rho_growth, admm_cfg.rho_max), rescale_dual=admm_cfg.rescale_dual)
-        optimizer = self.optimizer()
         per_epoch = self.steps_per_epoch()
         # Z/U period in steps (in-memory data) or epochs (a plugin, whose epoch length is unknown).
         period = admm_cfg.period
@@ -657,9 +705,20 @@ class _Runner:
         elif period is not None:
             every = max(1, round(period * per_epoch))
         else:
-            every = max(1, round(epochs * per_epoch) // admm_cfg.updates)
-        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer).
-        limit = admm_cfg.updates if period is None else None
+            updates = admm_updates(round(epochs * per_epoch), admm_cfg.updates)
+            every = max(1, round(epochs * per_epoch) // updates)
+        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer),
+        # fewer in a phase too short for periods of schedule.MIN_PERIOD_STEPS steps.
+        limit = (updates if per_epoch is not None else admm_cfg.updates) if period is None else None
+        rho = self.initial_rho(every if per_epoch is not None else None)
+        cap = admm_cfg.rho_max
+        if cap is None:
+            cap = max(rho, rho_cap(self.cfg.lr, self.cfg.momentum)) if self.cfg.optimizer == "sgd" else math.inf
+        admm = ADMM(params, lambda values: self.constraints(stage, previous, values),
+                    RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
+        logger.info("stage %d ADMM: rho %.3g (x%.3g per update), a Z/U update every %d %s", stage, rho,
+                    admm_cfg.rho_growth, every, "steps" if per_epoch is not None else "epochs")
+        optimizer = self.optimizer()
         hooks_b = [admm.add_penalty_grad] + ([pinned.mask_grads] if pinned else [])
         hooks_s = [lambda: pinned.apply(optimizer)] if pinned else []
         if per_epoch is not None:
@@ -671,32 +730,33 @@ class _Runner:
                     admm.update()
 
             hooks_s.append(step_update)
-            on_epoch_end = None
-        else:  # a plugin: periods are whole epochs
-            def on_epoch_end(epoch, stats) -> None:
-                if (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
-                    admm.update()
+
+        def on_epoch_end(epoch, stats) -> dict[str, Any]:
+            if per_epoch is None and (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
+                admm.update()  # a plugin: periods are whole epochs
+            # For people watching: the dense W on the selection split, and how far W still is from Z.
+            return {"metric": self.select_metric(), "residual": _mean_residual(admm)}
 
         message = self.run_phase("admm", stage, epochs, optimizer, hooks_b, hooks_s, on_epoch_end,
                                  lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every))
         return message, admm
 
-    def retrain_phase(self, stage, params, supports, levels, epochs: float):
+    def retrain_phase(self, stage, params, supports, levels, epochs: float, latent=None):
         """Masked retraining (LR annealed to 0 over the phase) that keeps the best state on the selection
         split; quantized weights train through the straight-through estimator on the hard projection's levels."""
         fixed = FixedSupport(params, supports)
         fixed.apply()
-        ste = StraightThrough({n: params[n] for n in levels}, levels, supports) if levels else None
+        ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent) if levels else None
         optimizer = self.optimizer()
         with ste.projected() if ste else nullcontext():
             best = {"metric": self.select_metric(), "values": _snapshot(self.imported)}
 
-        def epoch_end(epoch, stats) -> None:
+        def epoch_end(epoch, stats) -> dict[str, Any]:
             with ste.projected() if ste else nullcontext():
                 metric = self.select_metric()
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
                     best.update(metric=metric if metric is not None else best["metric"], values=_snapshot(self.imported))
-            self.emit({"kind": "val", "stage": stage, "epoch": epoch, "metric": metric, "loss": stats.loss})
+            return {"metric": metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
         hooks_f = [ste.before_forward] if ste else []
@@ -709,17 +769,28 @@ class _Runner:
             return None
         return -(-len(self.train_data) // self.cfg.batch_size)
 
+    def phase_length(self, epochs: float) -> tuple[int, int | None]:
+        """(epochs run, steps) of a phase of ``epochs`` epochs; steps are None for a loader plugin, which
+        runs whole epochs of unknown length."""
+        per_epoch = self.steps_per_epoch()
+        if per_epoch is None:
+            return (max(1, round(epochs)) if epochs > 0 else 0), None
+        total = round(epochs * per_epoch)
+        return -(-total // per_epoch), total
+
     def run_phase(self, phase: str, stage: int, epochs: float, optimizer, hooks_backward, hooks_step, on_epoch_end,
                   hooks_forward=(), lr: Callable[[int, int], float] | None = None) -> str | None:
         """Train ``epochs`` epochs (the last one cut short for a fraction); ``lr(step, total)`` scales the
-        learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase."""
+        learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase.
+
+        ``on_epoch_end(epoch, stats)`` returns the epoch's ``metric`` and ``residual`` for its history record.
+        """
         imported = self.imported
         per_epoch = self.steps_per_epoch()
-        if per_epoch is None:  # a loader plugin: whole epochs, the LR schedule counts epochs
-            n_epochs, total = max(1, round(epochs)) if epochs > 0 else 0, None
-        else:
-            total = round(epochs * per_epoch)
-            n_epochs = -(-total // per_epoch)
+        n_epochs, total = self.phase_length(epochs)  # a loader plugin: the LR schedule counts epochs
+        where = {"stage": stage, "stages": self.plan.n_stages, "phase": phase}
+        if n_epochs:
+            self.emit({"kind": "phase", **where, "epochs": n_epochs, "steps": total, "batches": per_epoch})
         base = [group["lr"] for group in optimizer.param_groups]
         done = [0]
 
@@ -736,12 +807,14 @@ class _Runner:
                 set_lr()
 
         for epoch in range(n_epochs):
+            started = time.perf_counter()
             snapshot = (_snapshot(imported), copy.deepcopy(optimizer.state_dict()))
             set_lr()
-            self.emit({"kind": "epoch", "stage": stage, "phase": phase, "epoch": epoch, "epochs": n_epochs})
+            steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
+            self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
             batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter)
-            if total is not None:
-                batches = itertools.islice(batches, min(per_epoch, total - epoch * per_epoch))
+            if steps is not None:
+                batches = itertools.islice(batches, steps)
             try:
                 stats = train_epoch(
                     imported.module, batches, self.loss_fn, optimizer, self.teacher, hooks_backward,
@@ -760,6 +833,7 @@ class _Runner:
                 message = (f"stage {stage} {phase} epoch {epoch}: {exc}; rolled back to the start of the epoch "
                            f"and stopped the {phase} phase")
                 logger.warning("%s", message)
+                self.emit({"kind": "phase_end", **where, "stopped": message})
                 return message
             except EmptyEpoch:
                 # A loader plugin that returns an exhausted generator yields data once, then nothing.
@@ -769,27 +843,73 @@ class _Runner:
                 ) from None
             finally:
                 self.epoch_counter += 1
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, stats)
+            measured = on_epoch_end(epoch, stats)
+            record = {"phase": phase, "epoch": epoch, "loss": stats.loss, "train_metric": stats.accuracy,
+                      "metric": measured.get("metric"), "residual": measured.get("residual"),
+                      "samples": stats.samples, "seconds": time.perf_counter() - started}
+            self.history.append(record)
+            self.emit({"kind": "epoch_end", **where, "epochs": n_epochs, **record})
+        if n_epochs:
+            self.emit({"kind": "phase_end", **where, "stopped": None})
         return None
+
+
+def _mean_residual(admm: ADMM) -> float | None:
+    """The mean over the weights of the primal residual at the last Z/U update (None before the first)."""
+    last = [h[-1] for h in admm.residual_history.values() if h]
+    return sum(last) / len(last) if last else None
 
 
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
     """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
-    kept, left_alone = [], {}
+    left_alone = {}
     for w in plan.weights:
         group = groups.get(w.spec.label)
         if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
-            reason = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
-            left_alone[w.spec.label] = reason
-            logger.warning("filters of %s are left alone: %s", w.spec.label, reason)
-            if all(q is None for q in w.quant):
-                continue
-            w = dataclasses.replace(w, sparsity=None, shared=False, structure="unstructured")
-        kept.append(w)
-    if not kept:
-        raise UserError("no weight can lose whole filters: " + "; ".join(f"{k}: {v}" for k, v in left_alone.items()))
-    return dataclasses.replace(plan, weights=tuple(kept)), left_alone
+            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
+    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+
+
+# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
+# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
+_NM_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
+                     groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
+    """N:M only on Conv/Gemm/MatMul weights whose input axis splits into runs of M and keeps its length;
+    the others are left alone (as filters coupled through the graph are), since a layer with 3 input
+    channels is common."""
+    # Input channels removed with the filters that feed them would shift every run after them.
+    shrinking = {piece.tensor: w.spec.label for w in plan.weights
+                 if w.structure == "filter" and (w.sparsity is not None or w.shared) and w.spec.label in groups
+                 for piece in groups[w.spec.label].consumers}
+    left_alone = {}
+    for w in plan.weights:
+        pattern = nm_pattern(w.structure)
+        if pattern is None:
+            continue
+        length = shapes[w.spec.name][reduction_axis(w.spec)]
+        if w.spec.op_type not in _NM_OPS:
+            left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
+        elif length % pattern[1]:
+            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern[1]}; it holds {length} "
+                                        "(input channels per group of the layer)")
+        elif w.spec.label in shrinking:
+            left_alone[w.spec.label] = (f"its input channels leave the graph with the filters of "
+                                        f"{shrinking[w.spec.label]!r} (filter pruning), which would break the runs")
+    return _left_alone(plan, left_alone, "N:M", "no weight can take the N:M pattern")
+
+
+def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str) -> tuple[Plan, dict[str, str]]:
+    """``leave_alone`` with a warning per weight; an error when no weight keeps a target."""
+    for label, reason in reasons.items():
+        logger.warning("%s is left alone (%s): %s", label, what, reason)
+    plan = leave_alone(plan, list(reasons))
+    if not plan.weights:
+        raise UserError(f"{none_left}: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                        + "; choose another structure, or add rules for the weights that can take it")
+    return plan, reasons
 
 
 def _quantizer(choice: QuantChoice, spec: WeightSpec):
@@ -800,7 +920,7 @@ def _quantizer(choice: QuantChoice, spec: WeightSpec):
         return Codebook(choice.clusters)
     if choice.bits == 1:
         return Binary(per_channel=choice.per_channel, axis=axis)
-    return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis)
+    return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis, symmetric=choice.symmetric)
 
 
 def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) -> QuantSpec:
@@ -828,10 +948,9 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     retraining state; the held-out split (``val_data``, else another ``val_fraction`` of the training
     data) is only measured: the report and the accuracy gate read it, nothing is chosen by it.
     """
-    if isinstance(data, (str, Path)):
-        data = resolve_data(str(data), specs)
-    if isinstance(val_data, (str, Path)):
-        val_data = resolve_data(str(val_data), specs)
+    data = as_data(data, specs, "data")
+    if val_data is not None:
+        val_data = as_data(val_data, specs, "val_data")
         if isinstance(val_data, PluginData):
             val_data = val_data.take(PLUGIN_VAL_SAMPLES)
     if isinstance(data, PluginData):
@@ -850,33 +969,59 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
     return data, select, val_data
 
 
+# Encodings that store a weight as float32 values: a quantized weight stored so has lost its levels' savings.
+_FLOAT_ENCODINGS = ("dense", "sparse", "unchanged")
+
+
 def _report(result: CompressResult, exported: WriteBackResult, compressed: Path, original_path: Path | None,
             staged: Staged, measured: _Measured, cfg, started) -> dict:
     """The JSON report of ``compressed`` (the saved final model) against the original, in onnxruntime."""
     imported = result.imported
     final = result.stages[-1]
     held_out = measured.held_out
-    layers = []
+    # The figures below come from the file: each weight as a runtime sees it (decoders evaluated, removed
+    # filters gone) and the bytes the file spends on it.
+    in_file = decoded_view(exported.model)[0]
+    file_sources = constant_sources(in_file)
+    nbytes = stored_nbytes(exported.model, [e.onnx_name for e in imported.compressible()])
+    layers, warnings = [], []
     total = nonzero = 0
     for entry in imported.compressible():
         value = final.values[entry.param]
         n, nz = value.numel(), int((value != 0).sum())
         total += n
         nonzero += nz
+        name = entry.onnx_name
+        stored = (tensor_value(in_file, file_sources[name]) if name in file_sources
+                  else entry.layout.to_onnx(value.numpy()))
+        bits = 8 * nbytes[name] if name in nbytes else None
+        encoding = exported.encodings.get(name, "unchanged")
+        quantization = final.quant[entry.param].describe() if entry.param in final.quant else None
         layers.append({
-            "name": entry.onnx_name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
+            "name": name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
+            "stored_shape": list(stored.shape),
             "params": n, "nonzero": nz, "sparsity": 1 - nz / n,
             "residual": final.residuals[entry.param][-1] if final.residuals.get(entry.param) else None,
             "residual_history": final.residuals.get(entry.param, []),
             "levels": int(torch.unique(value).numel()) if entry.param in final.quant else None,
-            "quantization": final.quant[entry.param].describe() if entry.param in final.quant else None,
-            "storage_bits": tensor_storage_bits(entry.layout.to_onnx(value.numpy())),
-            # how write-back stored it: encoding and bits per weight actually in the file (raw bytes)
-            "encoding": exported.encodings.get(entry.onnx_name, "unchanged"),
-            "stored_bits_per_weight": (8 * exported.nbytes[entry.onnx_name] / n
-                                       if entry.onnx_name in exported.nbytes else None),
-            "note": exported.notes.get(entry.onnx_name),
+            "quantization": quantization,
+            "storage_bits": tensor_storage_bits(stored),
+            # how write-back stored it: encoding, raw bits in the file and bits per stored weight
+            "encoding": encoding,
+            "stored_bits": bits,
+            "stored_bits_per_weight": bits / stored.size if bits is not None and stored.size else None,
+            "note": exported.notes.get(name),
         })
+        if quantization is not None and encoding in _FLOAT_ENCODINGS:
+            why = exported.notes.get(name) or "no integer or codebook encoding reproduces its values here"
+            warnings.append(f"{name} is on {quantization} levels but stored as float32 ({encoding}): {why}")
+            logger.warning("%s", warnings[-1])
+    nm = _nm_report(imported, final.patterns, in_file, file_sources)
+    for layer in (nm or {}).get("layers", []):
+        if not layer["holds"]:
+            warnings.append(f"{layer['name']} should hold {layer['pattern']} but a run of the file holds "
+                            f"{layer['max_nonzeros_per_run']} nonzeros")
+            logger.warning("%s", warnings[-1])
     structure = None
     # compressed lies in a temporary folder beside the output (or in the system's temporary folder):
     # every other temporary file of the report goes there too, never elsewhere.
@@ -893,6 +1038,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
         "structure": structure,
+        "nm": nm,
         "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
         # What was trained, and the graph outputs computed from it by nodes kept as they are.
         "trained_outputs": list(imported.output_names),
@@ -901,7 +1047,10 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
         "score": validation.score,
         "passed_through": list(imported.passed_through),
         "not_converted": list(imported.not_converted),
-        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers)},
+        # The papers' figure (nonzeros x value bits + index bits + codebooks), and the raw bits of the
+        # compressed weights' encodings in the file.
+        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers),
+                         "in_file": sum(layer["stored_bits"] or 0 for layer in layers)},
         "tool": {"name": "onnx-admm", "version": __version__},
         "config": result.config.to_dict(),
         "original": {"bytes": validation.original.bytes, "bytes_gzip": validation.original.gzip_bytes},
@@ -920,6 +1069,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
             "torch_dense_val_metric": measured.dense_metric,
         },
         "validation": _without_paths(validation.to_dict()),
+        "warnings": warnings,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -945,7 +1095,8 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
                       threads: int, fixed: int | None = None) -> dict:
     """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64
     (only at its batch for a graph that runs at one batch)."""
-    before, after = count_macs(load_model(original)), count_macs(load_model(compressed))
+    # Weights behind DequantizeLinear / codebook decoders count as the tensors they decode to.
+    before, after = (count_macs(decoded_view(load_model(path))[0]) for path in (original, compressed))
     latency = {}
     for batch in (1, 64) if fixed is None else (fixed,):
         latency[f"batch_{batch}"] = dict(zip(("original_ms", "compressed_ms"),
@@ -957,6 +1108,34 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
         "params": {"original": before["params"], "compressed": after["params"]},
         "latency": latency,
         "note": "column- and block-pruned weights stay dense with zeros; removed filters are gone from the graph",
+    }
+
+
+def _nm_report(imported: ImportedModel, patterns: dict[str, NM], in_file: onnx.ModelProto,
+               sources: dict) -> dict | None:
+    """The N:M weights as the file holds them: pattern, the ONNX axis its runs follow, the fullest run,
+    and which runtimes can use the pattern."""
+    if not patterns:
+        return None
+    layers = []
+    for entry in imported.compressible():
+        constraint = patterns.get(entry.param)
+        if constraint is None:
+            continue
+        value = tensor_value(in_file, sources[entry.onnx_name])
+        # A Gemm weight stored as B [K, N] (transB = 0) is the transpose of the torch weight.
+        axis = value.ndim - 1 - constraint.axis if entry.layout.transpose else constraint.axis
+        worst = dataclasses.replace(constraint, axis=axis).max_nonzeros(torch.tensor(value))
+        layers.append({"name": entry.onnx_name, "pattern": constraint.pattern, "axis": axis,
+                       "runs": value.size // constraint.m, "max_nonzeros_per_run": worst,
+                       "holds": worst <= constraint.n})
+    used = sorted({c.pattern for c in patterns.values()})
+    return {
+        "layers": layers,
+        "runs": ("M consecutive weights along the input axis, as sparse tensor cores read them: K of a Gemm/MatMul "
+                 "weight, the input channels of a Conv weight at each (output channel, kernel position)"),
+        "storage": "dense weights with exact zeros (or their int8/int4/int2/codebook encoding), no sparse initializer",
+        "runtimes": {p: nm_runtimes(*nm_pattern(p)) for p in used},
     }
 
 

@@ -116,41 +116,6 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
         save_json(report.to_dict(), report_path)
 
 
-class _Progress:
-    """One self-overwriting status line on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.stage = ""
-        self.mid_line = False  # the last output was a batch line without a newline
-
-    def end_line(self) -> None:
-        """Start a fresh line, so a message does not land on the end of a batch line."""
-        if self.mid_line:
-            click.echo("", err=True)
-            self.mid_line = False
-
-    def __call__(self, event: dict) -> None:
-        if self.quiet:
-            return
-        kind = event["kind"]
-        if kind == "stage":
-            target = event.get("target")
-            self.stage = f"stage {event['stage'] + 1}/{event['stages']}" + (f" (sparsity {target:.4g})" if target is not None else "")
-            self.end_line()
-            click.echo(self.stage, err=True)
-        elif kind == "batch" and event["batch"] % 10 == 0:
-            acc = f" acc {event['acc']:.3f}" if event.get("acc") is not None else ""
-            click.echo(f"\r  {event['phase']:<7} epoch {event['epoch'] + 1} batch {event['batch']:>5} "
-                       f"loss {event['loss']:.4f}{acc}   ", err=True, nl=False)
-            self.mid_line = True
-        elif kind == "val":
-            metric = f"{event['metric']:.4f}" if event.get("metric") is not None else "n/a"
-            click.echo(f"\r  retrain epoch {event['epoch'] + 1}: loss {event['loss']:.4f}, validation {metric}        ",
-                       err=True)
-            self.mid_line = False
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(),
@@ -160,10 +125,12 @@ class _Progress:
 @click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; flags override it.")
 @click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
 @click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
-@click.option("--structure", type=click.Choice(["unstructured", "filter", "channel", "column", "block"]),
-              help="What the pruning removes (filters and channels also shrink the graph).")
+@click.option("--structure", callback=lambda ctx, param, value: _check_structure(value),
+              help="What the pruning removes: unstructured, filter, channel, column, block (filters and channels "
+                   "also shrink the graph), or an N:M pattern such as 2:4 (N of every M weights along the input "
+                   "axis; no --sparsity needed).")
 @click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
-@click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to symmetric k-bit levels.")
+@click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to k-bit levels (the int container's range).")
 @click.option("--binary", is_flag=True, help="Binarize weights to {-a, +a} (with pruning {-a, 0, +a}).")
 @click.option("--ternary", is_flag=True, help="Ternarize weights to {-a, 0, +a}.")
 @click.option("--clusters", type=click.IntRange(2, 256), help="Cluster weights to a k-means codebook of N values.")
@@ -176,7 +143,7 @@ class _Progress:
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=float)
-@click.option("--rho", type=float, help="Initial ADMM rho.")
+@click.option("--rho", type=float, help="Initial ADMM rho (default: chosen from lr, momentum and steps per Z/U update).")
 @click.option("--seed", type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")
 @click.option("--device", type=str, help="cpu or cuda[:N].")
@@ -186,7 +153,8 @@ class _Progress:
 @click.option("--keep-failed/--discard-failed", default=True, show_default=True,
               help="Whether a model that fails --max-accuracy-drop is written (under its .gate-failed name).")
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress and no summary table (warnings and errors still go to stderr).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
              ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
@@ -220,24 +188,35 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
                "allocation": allocation},
         quantize={"per_channel": per_channel},
     )
-    progress = _Progress(quiet)
     try:
-        result = run_compress(model, data, config, val_data=val_data, progress=progress, output=output,
-                              report_path=report_path, save_stages=save_stages, max_accuracy_drop=max_accuracy_drop,
-                              keep_failed=keep_failed, protect={"the recipe": recipe})
+        # The library draws the progress (stderr: bars on a terminal, a line per epoch in logs); stdout
+        # keeps the results.
+        result = run_compress(model, data, config, val_data=val_data, progress="off" if quiet else "auto",
+                              output=output, report_path=report_path, save_stages=save_stages,
+                              max_accuracy_drop=max_accuracy_drop, keep_failed=keep_failed,
+                              protect={"the recipe": recipe})
     except CompressInterrupted as exc:
-        progress.end_line()
         click.echo(exc.describe(), err=True)
         sys.exit(exc.exit_status)
     except AccuracyGateFailed as exc:
-        progress.end_line()
         if not quiet:
             click.echo(_summary(exc.result.report))
         click.echo(str(exc), err=True)
         sys.exit(EXIT_GATE)
-    progress.end_line()
     if not quiet:
         click.echo(_summary(result.report))
+
+
+def _check_structure(value: str | None) -> str | None:
+    """The recipe's own check of a structure name, as a usage error."""
+    from onnx_admm.recipe import PruneConfig
+
+    if value is not None:
+        try:
+            PruneConfig(structure=value)
+        except UserError as exc:
+            raise click.BadParameter(str(exc).replace("prune.structure ", "", 1), param_hint="--structure") from None
+    return value
 
 
 def _parse_block(text: str | None) -> tuple[int, int] | None:
@@ -270,10 +249,14 @@ def _summary(report: dict) -> str:
         lines.append(f"trained: {', '.join(report['trained_outputs'])}; passed through unchanged: "
                      f"{', '.join(report['passed_through'])} (computed by nodes onnx-admm does not convert: "
                      f"{'; '.join(report['not_converted'])})")
+    nm = report.get("nm") or {}
+    for pattern, runtimes in nm.get("runtimes", {}).items():
+        count = sum(layer["pattern"] == pattern for layer in nm["layers"])
+        lines.append(f"{pattern} sparsity on {count} weight(s); runtimes: {'; '.join(runtimes)}")
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main(prog_name="onnx-admm")
+if __name__ == "__main__":  # python -m onnx_admm.cli, e.g. from a checkout that is not installed
+    main()

@@ -8,7 +8,8 @@ lengths (see ``from_arrays``).
 
 A loader plugin ``package.module:function`` is called with no arguments once per epoch and yields
 dicts ``{input_name: array, "labels": optional}``; each dict is checked with the same rules and
-messages as an ``.npz``.
+messages as an ``.npz``. The Python API also takes arrays (a dict of numpy arrays or torch tensors), an
+iterable of such dicts and a function returning one (``as_data``), all checked the same way.
 
 All problems with the user's data raise ``UserError`` with a one-line message naming the problem
 and the fix.
@@ -237,13 +238,29 @@ def from_arrays(arrays: Mapping[str, object], specs: list[InputSpec], source: st
             f"{source} has key(s) {', '.join(map(repr, extra))}, neither a graph input nor 'labels'; "
             f"the graph inputs are {wanted}: rename or drop them"
         )
-    inputs = {spec.name: _check_input(np.asarray(arrays[spec.name]), spec, source) for spec in specs}
-    labels = _check_labels(np.asarray(arrays[LABELS]), source) if LABELS in arrays and LABELS not in wanted else None
+    inputs = {spec.name: _check_input(_as_array(arrays[spec.name], spec.name, source), spec, source) for spec in specs}
+    labels = (_check_labels(_as_array(arrays[LABELS], LABELS, source), source)
+              if LABELS in arrays and LABELS not in wanted else None)
     batched = _batched_inputs(inputs, labels, specs, source)
     data = Dataset(inputs, labels, batched)
     if len(data) == 0:
         raise UserError(f"{source} holds no samples (its sample axis has length 0); pass at least one sample")
     return data
+
+
+def _as_array(value: object, key: str, source: str) -> np.ndarray:
+    """A numpy array from an array-like: numpy arrays, lists, and torch tensors on any device, with or
+    without grad (duck-typed, so this module needs no torch)."""
+    detach = getattr(value, "detach", None)
+    try:
+        if callable(detach):
+            value = detach().cpu()
+        return np.asarray(value)
+    except Exception as exc:  # ragged lists, dtypes numpy lacks (bfloat16): anything
+        raise UserError(
+            f"{source}: {key!r} is a {type(value).__name__} that does not convert to a numpy array "
+            f"({_exc_line(exc)}); pass a numpy array or a tensor of a numpy dtype"
+        ) from None
 
 
 def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
@@ -424,11 +441,14 @@ class PluginData:
     """
 
     def __init__(
-        self, function: Callable[[], Iterable[Mapping[str, object]]], specs: list[InputSpec], name: str = "plugin"
+        self, function: Callable[[], Iterable[Mapping[str, object]]], specs: list[InputSpec], name: str = "plugin",
+        what: str | None = None,
     ):
         self.function = function
         self.specs = specs
         self.name = name
+        # How messages name the source: a loader plugin, or what the Python API was given (``as_data``).
+        self.what = what or f"loader plugin {name!r}"
         # Set once the model's class count is known: every chunk's labels are then checked against it.
         self.n_classes: int | None = None
 
@@ -441,10 +461,10 @@ class PluginData:
         try:
             produced = self.function()
         except Exception as exc:  # the user's code may raise anything
-            raise UserError(f"loader plugin {self.name!r} raised {_exc_line(exc)} when called; fix the plugin") from None
+            raise UserError(f"{self.what} raised {_exc_line(exc)} when called; fix it") from None
         if isinstance(produced, Mapping) or not isinstance(produced, Iterable):
             raise UserError(
-                f"loader plugin {self.name!r} returned {type(produced).__name__}; it must return or yield "
+                f"{self.what} returned {type(produced).__name__}; it must return or yield "
                 "dicts {input_name: array, 'labels': optional}"
             )
         iterator = iter(produced)
@@ -456,15 +476,15 @@ class PluginData:
                 return
             except Exception as exc:  # the user's generator may raise anything
                 raise UserError(
-                    f"loader plugin {self.name!r} raised {_exc_line(exc)} after yielding {number} item(s); fix the plugin"
+                    f"{self.what} raised {_exc_line(exc)} after yielding {number} item(s); fix it"
                 ) from None
             number += 1
             if not isinstance(chunk, Mapping):
                 raise UserError(
-                    f"loader plugin {self.name!r} yielded a {type(chunk).__name__} as item {number}; "
+                    f"{self.what} yielded a {type(chunk).__name__} as item {number}; "
                     "it must yield dicts {input_name: array, 'labels': optional}"
                 )
-            source = f"loader plugin {self.name!r} (item {number})"
+            source = f"{self.what} (item {number})"
             data = from_arrays(chunk, self.specs, source=source)
             if self.n_classes is not None and data.labels is not None:
                 check_label_range(data.labels, self.n_classes, source)
@@ -499,13 +519,13 @@ class PluginData:
             count += len(chunk)
             if count < batch_size:
                 continue
-            merged = _concat(pending, self.name)
+            merged = _concat(pending, self.what)
             full = count - count % batch_size
             yield from merged._subset(slice(0, full)).batches(batch_size)
             rest = merged._subset(slice(full, count))
             pending, count = ([rest] if len(rest) else []), len(rest)
         if count and not (drop_last and count < batch_size):
-            yield _concat(pending, self.name).as_feed()
+            yield _concat(pending, self.what).as_feed()
 
     def take(self, n: int | None = None) -> Dataset:
         """The first ``n`` samples the plugin yields (None: one whole epoch), in memory."""
@@ -517,19 +537,19 @@ class PluginData:
             if n is not None and count >= n:
                 break
         if not pending:
-            raise UserError(f"loader plugin {self.name!r} yielded no data")
-        merged = _concat(pending, self.name)
+            raise UserError(f"{self.what} yielded no data")
+        merged = _concat(pending, self.what)
         return merged if n is None else merged.take(n)
 
 
-def _concat(parts: list[Dataset], name: str) -> Dataset:
+def _concat(parts: list[Dataset], what: str) -> Dataset:
     first = parts[0]
     if len(parts) == 1:
         return first
     for part in parts[1:]:
         if part.batched != first.batched or (part.labels is None) != (first.labels is None):
             raise UserError(
-                f"loader plugin {name!r}: its dicts disagree on which inputs have a sample axis or on 'labels'; "
+                f"{what}: its dicts disagree on which inputs have a sample axis or on 'labels'; "
                 "yield the same keys and layout every time"
             )
     inputs = {
@@ -559,3 +579,41 @@ def resolve_data(arg: str, specs: list[InputSpec]) -> Dataset | PluginData:
     if _PLUGIN_RE.fullmatch(arg):
         return PluginData(load_plugin(arg), specs, name=arg)
     raise UserError(f"data {arg!r} is neither an existing .npz file nor a loader plugin 'package.module:function'")
+
+
+def as_data(data: object, specs: list[InputSpec], name: str = "data") -> Dataset | PluginData:
+    """What the Python API takes as data, checked with the rules and messages of an ``.npz`` (``from_arrays``).
+
+    Args:
+        data: an ``.npz`` path or a ``module:function`` plugin (``resolve_data``); a dict
+            ``{input_name: array, "labels": optional}`` of numpy arrays, torch tensors or lists; a
+            Dataset (checked again: one built by hand may hold float64 arrays); a function returning an
+            iterable of such dicts, called once per epoch like a loader plugin (for data that does not
+            fit in memory); any other iterable of such dicts, read once into memory; or a PluginData.
+        specs: The graph's inputs.
+        name: What the caller called it (``data``, ``val_data``), for messages.
+
+    Returns:
+        A Dataset (in memory), or a PluginData for plugins and functions.
+
+    Raises:
+        UserError: ``data`` is none of those, or its arrays break a rule of ``from_arrays``.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return resolve_data(str(data), specs)
+    if isinstance(data, PluginData):
+        return data
+    if isinstance(data, Dataset):
+        return from_arrays(data.as_feed(), specs, source=f"{name} (Dataset)")
+    if isinstance(data, Mapping):
+        return from_arrays(data, specs, source=f"{name} (dict)")
+    if callable(data):
+        label = getattr(data, "__qualname__", type(data).__name__)
+        return PluginData(data, specs, name=label, what=f"{name} function {label!r}")
+    if isinstance(data, Iterable):
+        # Read once: a generator could not be replayed each epoch, and a list is in memory already.
+        return PluginData(lambda: data, specs, name=name, what=f"{name} iterable").take()
+    raise UserError(
+        f"{name} is of type {type(data).__name__}; pass an .npz path, a dict {{input_name: array, 'labels': class ids}}, "
+        "an iterable of such dicts, or a function returning one"
+    )

@@ -82,6 +82,10 @@ def format_inspection(info: dict[str, Any]) -> str:
     for w in info["weights"]:
         lines.append(f"  {w['name']:<40} {w['op_type']:<14} {str(tuple(w['shape'])):<20} {w['params']:>10}  {w['location']}")
     lines.append(f"  {len(info['weights'])} compressible weights, {info['total_params']} parameters")
+    if info["weights"]:
+        first = info["weights"][0]["name"]
+        lines.append(f"  recipe rules match these weight names: [[rules]] match = \"{first}\" (a glob: \"*\" and "
+                     "\"?\" work), and/or op_type")
     if info["importable"]:
         lines.append(f"  imports into PyTorch: {info['trainable_tensors']} trainable tensors")
         if info["passed_through"]:

@@ -81,14 +81,26 @@ class StraightThrough:
         params: Name -> Parameter.
         levels: Name -> constraint whose ``project`` gives the weight's levels (e.g. :class:`FixedLevels`).
         supports: Optional name -> bool mask; entries outside it project to 0.
+        start: Optional name -> the latent weights to start from (default: the parameters as they are).
+            After a hard projection the parameters sit exactly on their levels, so a latent started there
+            must travel a whole level spacing before its level changes (for binary weights: from +a to
+            below 0); started from the weights before the projection (same levels, same forward pass),
+            the entries near a threshold can change level at the first steps.
     """
 
     def __init__(self, params: Mapping[str, torch.nn.Parameter], levels: Mapping[str, object],
-                 supports: Mapping[str, Tensor] | None = None) -> None:
+                 supports: Mapping[str, Tensor] | None = None, start: Mapping[str, Tensor] | None = None) -> None:
         self.params = dict(params)
         self.levels = dict(levels)
         self.supports = dict(supports or {})
+        start = dict(start or {})
         self.latent = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for name, value in start.items():
+                latent = value.to(self.latent[name])
+                support = self.supports.get(name)
+                self.latent[name] = latent if support is None else torch.where(support, latent, 0.0)
+                self.params[name].copy_(self.latent[name])
 
     def _project(self, name: str, w: Tensor) -> Tensor:
         return self.levels[name].project(w, self.supports.get(name))

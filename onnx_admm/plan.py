@@ -12,6 +12,7 @@ two schedules of several stages must have the same length.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from torch import Tensor
 from converters.errors import UserError
 from onnx_admm.allocation import Allocation, allocate, floor_share
 from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count
-from onnx_admm.recipe import CompressConfig
+from onnx_admm.recipe import CompressConfig, Rule, nm_pattern
 from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
-from onnx_admm.structured import Block, Column, group_keep_count
+from onnx_admm.structured import NM, Block, Column, group_keep_count
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class QuantChoice:
     ternary: bool = False
     clusters: int | None = None
     per_channel: bool = False
+    symmetric: bool = False  # k-bit: drop the container's most negative level
 
     def describe(self) -> str:
         if self.ternary:
@@ -93,8 +95,51 @@ def _stretch(values: Sequence[Any], n: int, what: str) -> tuple[Any, ...]:
                     "number of stages, or one of them a single stage")
 
 
+# How many weight names an unmatched-rule error lists before it counts the rest (a transformer has
+# hundreds; the message must stay one readable line).
+LISTED_NAMES = 12
+
+
+def check_rules(specs: Sequence[WeightSpec], rules: Sequence[Rule]) -> None:
+    """Every rule decides at least one weight: one that matches none, or only weights an earlier rule
+    already claims, does nothing, and a recipe that silently does something else is worse than an error.
+
+    Raises:
+        UserError: naming the rule and the weights that exist (the names ``onnx-admm inspect`` prints).
+    """
+    claimed: dict[str, int] = {}
+    for number, rule in enumerate(rules, start=1):
+        matched = [s for s in specs if rule.matches(s.label, s.op_type)]
+        if not matched:
+            raise UserError(f"recipe rule {number} ({rule.describe()}) matches no compressible weight of this "
+                            f"model, whose weights are {weight_names(specs)}; match those names (globs work, e.g. "
+                            f"\"{_glob_example(specs[0].label)}\") or op types, or remove the rule "
+                            "(`onnx-admm inspect MODEL` lists every name)")
+        fresh = [s for s in matched if s.label not in claimed]
+        if not fresh:
+            earlier = sorted({claimed[s.label] for s in matched})
+            raise UserError(f"recipe rule {number} ({rule.describe()}) matches only {weight_names(matched)}, "
+                            f"which an earlier rule ({', '.join(map(str, earlier))}) claims first (the first "
+                            "matching rule wins): the rule does nothing; reorder or remove it")
+        claimed.update((s.label, number) for s in fresh)
+
+
+def weight_names(specs: Sequence[WeightSpec], limit: int = LISTED_NAMES) -> str:
+    """``name (op), ...`` for messages, the first ``limit`` of them and a count of the rest."""
+    shown = ", ".join(f"{s.label} ({s.op_type})" for s in specs[:limit])
+    return shown + (f" and {len(specs) - limit} more" if len(specs) > limit else "")
+
+
+def _glob_example(name: str) -> str:
+    """A glob that matches ``name`` and its siblings: ``0.weight`` -> ``0.*``, ``conv1`` -> ``conv1*``."""
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return f"{stem}.*" if stem != name else f"{name}*"
+
+
 def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
-    """Decide, for every compressible weight, its targets; raises UserError when nothing is compressed."""
+    """Decide, for every compressible weight, its targets; raises UserError when nothing is compressed
+    or a recipe rule decides no weight."""
+    check_rules(specs, config.rules)
     prune, quantize = config.prune, config.quantize
     global_target = prune.targets[-1] if prune.targets else prune.sparsity
     own_targets = [r.sparsity for r in config.rules if r.sparsity is not None]
@@ -113,6 +158,9 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
         sparsity = rule.sparsity if rule is not None and rule.sparsity is not None else None
         shared = sparsity is None and global_target is not None
         structure = (rule.structure if rule is not None and rule.structure else None) or prune.structure
+        pattern = nm_pattern(structure)
+        if pattern is not None:  # the pattern is the target: N of every M kept, whatever the pool does
+            sparsity, shared = 1 - pattern[0] / pattern[1], False
         if rule is not None and (rule.bits is not None or rule.ternary or rule.clusters is not None):
             quant = (rule.bits, rule.ternary, rule.clusters)
         else:
@@ -121,8 +169,9 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
             continue
         if structure != "unstructured" and (sparsity is not None or shared):
             if spec.out_axis is None:
-                raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no filters or channels: "
-                                f"structure {structure!r} cannot apply; add a rule with structure = \"unstructured\"")
+                has = "input axis to group along" if pattern is not None else "filters or channels"
+                raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no {has}: structure {structure!r} "
+                                "cannot apply; add a rule with structure = \"unstructured\"")
         rows.append((spec, sparsity, shared, structure, quant))
     if not rows:
         raise UserError("nothing to compress: no compressible weight has a target; pass --sparsity (e.g. 0.9), "
@@ -135,11 +184,15 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
                                  n, "the pruning schedule")
     weights = []
     for spec, sparsity, shared, structure, (bits, ternary, clusters) in rows:
-        own = None if sparsity is None else _stretch(_spaced(sparsity, prune_stages, prune.spacing), n,
-                                                     "the pruning schedule")
+        if nm_pattern(structure) is not None:
+            own = (sparsity,) * n  # the whole pattern at every stage
+        else:
+            own = None if sparsity is None else _stretch(_spaced(sparsity, prune_stages, prune.spacing), n,
+                                                         "the pruning schedule")
         if bits is not None:
             bit_list = bits if isinstance(bits, tuple) else (bits,)
-            quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel) for b in bit_list], n,
+            quant = _stretch([QuantChoice(bits=b, per_channel=config.quantize.per_channel,
+                                          symmetric=config.quantize.symmetric) for b in bit_list], n,
                              "the bit schedule")
         elif ternary or clusters is not None:
             quant = (QuantChoice(ternary=ternary, clusters=clusters, per_channel=config.quantize.per_channel),) * n
@@ -169,8 +222,34 @@ def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, spa
         return cls(group_keep_count(n_groups, sparsity))
     if structure == "column":
         return Column(group_keep_count(Column.n_groups(shape), sparsity))
+    if nm_pattern(structure) is not None:
+        return nm_constraint(w)
     rows, cols = block
     return Block(rows, cols, group_keep_count(Block(rows, cols, 0).n_groups(shape), sparsity))
+
+
+def reduction_axis(spec: WeightSpec) -> int:
+    """The torch parameter's input (reduction) axis: 1 for Conv/Linear, 0 for a MatMul weight [K, N]."""
+    return 0 if spec.out_axis == 1 else 1
+
+
+def nm_constraint(w: WeightPlan) -> NM | None:
+    """The N:M constraint of a weight whose structure is an N:M pattern (runs along its input axis)."""
+    pattern = nm_pattern(w.structure)
+    return None if pattern is None else NM(*pattern, axis=reduction_axis(w.spec))
+
+
+def leave_alone(plan: Plan, labels: Sequence[str]) -> Plan:
+    """The plan without the pruning of the weights ``labels`` names (ONNX names): a quantized one keeps
+    its quantization, unpruned; the others leave the plan (untouched, they do not train either)."""
+    weights = []
+    for w in plan.weights:
+        if w.spec.label in labels:
+            if all(q is None for q in w.quant):
+                continue
+            w = dataclasses.replace(w, sparsity=None, shared=False, structure="unstructured")
+        weights.append(w)
+    return dataclasses.replace(plan, weights=tuple(weights))
 
 
 def pool(plan: Plan) -> list[WeightPlan]:

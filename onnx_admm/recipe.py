@@ -6,23 +6,28 @@ Layout of a recipe (every table optional, unknown keys are errors):
                val_fraction, output, epochs (the total budget), distill
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, rho_growth, rho_max, rescale_dual,
                lr_policy, share
-    [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure, block
+    [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
+               (unstructured, filter, channel, column, block, or an N:M pattern such as "2:4"), block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
-               per_channel
+               per_channel, symmetric
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
                ternary; clusters; skip
 
-Rules are tried in order and the first match wins. A rule's ``sparsity`` fixes that weight's own
+Rules are tried in order and the first match wins; ``match`` globs the ONNX weight names that
+``onnx-admm inspect`` prints. A rule that decides no weight (it matches none, or only weights an
+earlier rule claims) is an error when the plan is made (``onnx_admm.plan.check_rules``). A rule's ``sparsity`` fixes that weight's own
 target; ``skip = true`` leaves it untouched. Weights no rule matches share the global
 ``prune.sparsity``, spread over the layers by ``prune.allocation`` (LAMP scores by default; see
 onnx_admm.allocation) and re-split at every ADMM Z/U update; without a global target they stay
-unpruned. A rule's quantization keys replace [quantize] for that weight.
+unpruned. An N:M structure needs no target: it prunes every weight it applies to to its pattern. A
+rule's quantization keys replace [quantize] for that weight.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import sys
 import types
 import typing
@@ -114,12 +119,12 @@ class ADMMConfig:
     # whatever its length (short budgets still get several updates).
     period: float | None = None
     updates: int = 10
-    # Measured on Fashion-MNIST LeNet-5 at 200x with a 10-epoch budget (samples/lenet5_fashion_mnist/
-    # sweep.py): with the LR reset per period, 1e-3 (the papers' start, for runs of 100+ epochs) barely
-    # pulls W (82.5%), 1e-2 83.3-83.5%, 3e-2 83.6%, 1e-1 83.7%; with a constant LR, 1e-2 84.6%.
-    rho: float = 1e-2
+    # None (default): chosen per ADMM phase from the learning rate, momentum and steps per Z/U period so
+    # that the penalty's pull is the same at any budget (schedule.auto_rho); with Adam, whose steps do not
+    # scale with the gradient, 1e-2. A number fixes the initial rho.
+    rho: float | None = None
     rho_growth: float = 1.3
-    rho_max: float = 1.0
+    rho_max: float | None = None  # cap on rho (None: where one SGD step alone closes 10% of the gap)
     # Textbook scaled ADMM rescales U when rho grows; the authors' code does not. Rescaling measured
     # better (see onnx_admm.admm.ADMM), so it is the default.
     rescale_dual: bool = True
@@ -146,11 +151,13 @@ class ADMMConfig:
         if self.period is not None and (not self.period > 0 or (self.period >= 1 and self.period != int(self.period))):
             _fail(f"admm.period must be a whole number of epochs, or a fraction below 1 (0.25 = four Z/U "
                   f"updates per epoch), got {self.period!r}")
-        if not self.rho > 0:
+        if self.rho is not None and not self.rho > 0:
             _fail(f"admm.rho must be > 0 (typical: 1e-3 to 0.1), got {self.rho!r}")
         if not self.rho_growth >= 1:
             _fail(f"admm.rho_growth must be >= 1 (typical: 1.3), got {self.rho_growth!r}")
-        if not self.rho_max >= self.rho:
+        if self.rho_max is not None and not self.rho_max > 0:
+            _fail(f"admm.rho_max must be > 0, got {self.rho_max!r}")
+        if self.rho is not None and self.rho_max is not None and not self.rho_max >= self.rho:
             _fail(f"admm.rho_max must be >= admm.rho, got {self.rho_max!r} < {self.rho!r}")
 
 
@@ -170,12 +177,17 @@ class PruneConfig:
     allocation: str = "lamp"
     min_keep: int = 1  # every layer keeps at least this many weights (0: a layer may be emptied)
     floor: float = 0.0  # every layer keeps at least this fraction (a minimum count, taken first)
-    # unstructured | filter (output channels) | channel (input channels) | column | block
+    # unstructured | filter (output channels) | channel (input channels) | column | block, or an N:M pattern
+    # ("2:4", "4:8": at most N nonzeros in every M consecutive weights along the input axis; it fixes the
+    # sparsity at 1 - N/M, so `sparsity` may be left out)
     structure: str = "unstructured"
     block: tuple[int, int] = (64, 64)  # rows x cols of a block (crossbar tile), for structure = "block"
 
     def __post_init__(self) -> None:
         _check_structure("prune.structure", self.structure)
+        _check_nm_sparsity("prune.structure", self.structure, self.sparsity)
+        if nm_pattern(self.structure) is not None and self.targets is not None:
+            _fail(f"prune.structure {self.structure!r} applies its pattern whole at every stage; drop prune.targets")
         object.__setattr__(self, "block", tuple(self.block))
         if len(self.block) != 2 or not all(isinstance(b, int) and b >= 1 for b in self.block):
             _fail(f"prune.block must be two positive integers [rows, cols], got {list(self.block)!r}")
@@ -203,11 +215,34 @@ class PruneConfig:
 
 
 STRUCTURES = ("unstructured", "filter", "channel", "column", "block")
+_NM = re.compile(r"(\d+):(\d+)")
+
+
+def nm_pattern(structure: str | None) -> tuple[int, int] | None:
+    """``(n, m)`` of an N:M structure such as ``"2:4"``; None for the named structures."""
+    match = _NM.fullmatch(structure) if isinstance(structure, str) else None
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def _check_structure(name: str, value: str | None) -> None:
-    if value is not None and value not in STRUCTURES:
-        _fail(f"{name} must be one of {', '.join(STRUCTURES)}, got {value!r}")
+    if value is None or value in STRUCTURES:
+        return
+    pattern = nm_pattern(value)
+    if pattern is None:
+        _fail(f"{name} must be one of {', '.join(STRUCTURES)} or an N:M pattern such as \"2:4\", got {value!r}")
+    if not 1 <= pattern[0] < pattern[1]:
+        _fail(f"{name} {value!r}: an N:M pattern keeps N of every M weights, 1 <= N < M (2:4, 4:8)")
+
+
+def _check_nm_sparsity(name: str, structure: str | None, sparsity: float | None) -> None:
+    """An N:M pattern fixes the sparsity at 1 - N/M: a different target contradicts it."""
+    pattern = nm_pattern(structure)
+    if pattern is None or sparsity is None:
+        return
+    implied = 1 - pattern[0] / pattern[1]
+    if abs(sparsity - implied) > 1e-9:
+        _fail(f"{name} {structure!r} keeps {pattern[0]} of every {pattern[1]} weights, sparsity {implied:g}, but the "
+              f"target is {sparsity!r}; drop the sparsity or set it to {implied:g}")
 
 
 def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, clusters: int | None) -> None:
@@ -228,12 +263,17 @@ def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Weights on levels: symmetric k-bit (1 = binary), ternary, or a k-means codebook."""
+    """Weights on levels: k-bit (1 = binary), ternary, or a k-means codebook.
+
+    k-bit levels use the container's whole range, q in [-2^(k-1), 2^(k-1) - 1] (2 bits: four levels);
+    ``symmetric = true`` drops the most negative one (2 bits then equal a uniform ternary grid).
+    """
 
     bits: int | tuple[int, ...] | None = None  # a list: progressive stages, e.g. [8, 4, 2, 1]
     ternary: bool = False
     clusters: int | None = None
     per_channel: bool = False  # one scale per output channel (uniform, binary, ternary)
+    symmetric: bool = False  # k-bit levels symmetric around 0 (one level fewer)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
@@ -263,11 +303,17 @@ class Rule:
             _fail("each [[rules]] entry needs `match` (a glob on weight names) or `op_type`")
         _check_fraction("rules.sparsity", self.sparsity)
         _check_structure("rules.structure", self.structure)
+        _check_nm_sparsity("rules.structure", self.structure, self.sparsity)
         if isinstance(self.bits, list):
             object.__setattr__(self, "bits", tuple(self.bits))
         _check_quant(f"rule {self.match or self.op_type!r}", self.bits, self.ternary, self.clusters)
         if self.skip and self.sparsity is not None:
             _fail(f"rule {self.match or self.op_type!r}: `skip = true` and `sparsity` contradict; keep one")
+
+    def describe(self) -> str:
+        """How the recipe wrote the rule's selector: ``match = "0.*", op_type = "Conv"``."""
+        return ", ".join(f'{key} = "{value}"' for key, value in (("match", self.match), ("op_type", self.op_type))
+                         if value is not None)
 
     def matches(self, name: str, op_type: str) -> bool:
         return (self.match is None or fnmatch.fnmatchcase(name, self.match)) and (

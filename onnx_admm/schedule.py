@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PhaseBudget", "auto_stages", "cubic_stages", "geometric_stages", "lr_factor", "split_budget", "validate_stages"]
+__all__ = ["PhaseBudget", "admm_updates", "auto_rho", "auto_stages", "cubic_stages", "geometric_stages", "lr_factor", "split_budget",
+           "rho_cap", "validate_stages"]
 
 
 def validate_stages(stages: Sequence[float]) -> list[float]:
@@ -175,3 +176,40 @@ def auto_stages(target_sparsity: float, epochs: float | None) -> int:
     if epochs is not None:
         n = min(n, max(1, int(epochs // MIN_STAGE_EPOCHS)))
     return n
+
+
+# The pull of the ADMM penalty over one Z/U period: how much of the gap between W and Z - U the penalty
+# alone closes in ``every`` SGD steps, kappa = rho * lr / (1 - momentum) * every (the relaxation rate of the
+# quadratic term per step, times the steps). A fixed rho means very different things at different
+# budgets: rho 1e-2 with lr 0.01, momentum 0.9 and 11 steps per period is kappa 0.011, the penalty
+# barely acts and W walks away from Z (the primal residual rose in every stage, measured on LeNet-5 at
+# 200x). The authors' rho 1e-3 works for them because a period is one or more whole epochs (thousands
+# of steps). ``auto_rho`` picks the rho whose first period has pull PULL_START; the schedule's growth
+# then raises it per update (1.3^9 = 10.6 over 10 updates), so late periods close most of the gap.
+PULL_START = 0.2
+# ADMM assumes each W step nearly converges between Z/U updates; a period of one or two steps with a
+# dual update each time oscillates (measured on the digits CNN: residuals above 1 and a dead network at a
+# 6-epoch budget, 17 steps for 10 updates). So a phase makes at most one update per MIN_PERIOD_STEPS
+# steps, and rho stops growing where one step alone would close STEP_PULL_MAX of the gap.
+MIN_PERIOD_STEPS = 10
+STEP_PULL_MAX = 0.1
+
+
+def admm_updates(steps: int, wanted: int) -> int:
+    """Z/U updates for an ADMM phase of ``steps`` steps: ``wanted``, fewer when periods would drop below
+    MIN_PERIOD_STEPS steps, at least 1."""
+    return max(1, min(wanted, steps // MIN_PERIOD_STEPS))
+
+
+def rho_cap(lr: float, momentum: float) -> float:
+    """The rho at which one SGD step's pull is STEP_PULL_MAX (the cap of the automatic schedule)."""
+    return STEP_PULL_MAX * (1 - momentum) / lr
+
+
+def auto_rho(lr: float, momentum: float, every: int, pull: float = PULL_START) -> float:
+    """The initial rho whose penalty alone closes about ``pull`` of the W-to-Z gap in one period of ``every``
+    SGD steps at learning rate ``lr`` and ``momentum`` (see PULL_START)."""
+    if not lr > 0 or not 0 <= momentum < 1 or every < 1 or not pull > 0:
+        raise ValueError(f"auto_rho needs lr > 0, momentum in [0, 1), every >= 1, pull > 0; got "
+                         f"{lr}, {momentum}, {every}, {pull}")
+    return pull * (1 - momentum) / (lr * every)

@@ -1,4 +1,4 @@
-"""Column-wise and block-wise structured sparsity, beside ``projections.Filter``/``Channel``.
+"""Column-wise, block-wise and N:M structured sparsity, beside ``projections.Filter``/``Channel``.
 
 Both view a weight as the matrix ``[out, in*kh*kw]`` (a Linear weight already is one):
 
@@ -22,6 +22,15 @@ the plain Euclidean projection would.
 
 Column- and block-pruned weights stay dense with zeros in ONNX; only whole filters/channels can be
 removed from the graph (``converters.shrink``).
+
+:class:`NM` (N:M semi-structured sparsity, e.g. 2:4) is of another kind: not a number of groups to
+keep but a pattern every group obeys -- at most ``n`` nonzeros in each run of ``m`` consecutive weights
+along the reduction (input) axis. That is the layout NVIDIA's sparse tensor cores read (cuSPARSELt,
+TensorRT, PyTorch's ASP): for a Linear/Gemm weight ``[out, in]`` the runs go along ``in`` within each
+row; for a Conv weight ``[out, in, kh, kw]`` they go along ``in`` at each fixed ``(out, kh, kw)``, i.e.
+along the convolution's GEMM reduction axis ``kh*kw*in`` in the ``(kh, kw, in)`` order of the NHWC
+kernels, where the input channel runs fastest -- not along the flattened ``in*kh*kw`` of the ONNX
+``OIHW`` layout, whose consecutive entries are kernel positions.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from onnx_admm.projections import (
     topk_mask,
 )
 
-__all__ = ["Block", "Column", "group_keep_count"]
+__all__ = ["Block", "Column", "NM", "group_keep_count", "nm_runtimes"]
 
 
 def group_keep_count(n_groups: int, sparsity: float, min_keep: int = 1) -> int:
@@ -168,3 +177,99 @@ class Block:
         padded[: matrix.shape[0], : matrix.shape[1]] = matrix
         tiles = padded.reshape(grid_rows, self.rows, grid_cols, self.cols).transpose(1, 2)
         return tiles.reshape(grid_rows, grid_cols, self.rows * self.cols)
+
+
+@dataclass(frozen=True)
+class NM:
+    """At most ``n`` nonzeros in every run of ``m`` consecutive entries along ``axis`` (N:M sparsity).
+
+    The projection keeps, in each run, the ``n`` entries of largest ``|w|`` (ties: the lower index) and
+    zeroes the rest. The set is a product of one set per run, so this is its exact Euclidean projection,
+    and after it every run holds exactly ``n`` free entries (some may be 0). With ``allowed``, entries
+    outside it are 0 and rank below every allowed entry: a run keeps its ``n`` largest allowed entries,
+    or all of them when it has fewer (a nested stage cannot add entries back).
+
+    Attributes:
+        n: Nonzeros kept per run, 1 <= n < m.
+        m: Run length; ``w.shape[axis]`` must be a multiple of it.
+        axis: The reduction axis of the torch weight: 1 for Conv ``[out, in, kh, kw]`` and Linear
+            ``[out, in]`` (see the module docstring for the conv layout), 0 for a MatMul weight ``[in, out]``.
+    """
+
+    n: int
+    m: int
+    axis: int = 1
+
+    def __post_init__(self) -> None:
+        for field_name in ("n", "m", "axis"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"NM({field_name}=...) takes a Python int, got {value!r}")
+        if not 1 <= self.n < self.m:
+            raise ValueError(f"NM(n, m) needs 1 <= n < m (e.g. 2:4), got {self.n}:{self.m}")
+
+    @property
+    def pattern(self) -> str:
+        """``"n:m"``."""
+        return f"{self.n}:{self.m}"
+
+    def runs(self, w: Tensor) -> Tensor:
+        """``w`` viewed as ``[..., runs, m]``: the runs along ``axis``, the other axes in front.
+
+        Raises:
+            ValueError: ``w`` lacks ``axis`` or its length there is not a multiple of ``m``.
+        """
+        if not -w.dim() <= self.axis < w.dim():
+            raise ValueError(f"N:M {self.pattern} runs along axis {self.axis}, which a tensor of shape "
+                             f"{tuple(w.shape)} lacks")
+        length = w.shape[self.axis]
+        if length % self.m:
+            raise ValueError(f"N:M {self.pattern} needs the reduction axis in multiples of {self.m}; axis "
+                             f"{self.axis} of shape {tuple(w.shape)} holds {length}")
+        moved = w.movedim(self.axis, -1)
+        return moved.reshape(*moved.shape[:-1], length // self.m, self.m)
+
+    def max_nonzeros(self, w: Tensor) -> int:
+        """The most nonzeros any run of ``w`` holds (``w`` obeys the pattern when this is <= n)."""
+        runs = self.runs(w)
+        return int((runs != 0).sum(dim=-1).max()) if runs.numel() else 0
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Mask of the ``n`` largest ``|w|`` of every run (allowed entries first; ties: lower index)."""
+        runs = self.runs(w.detach()).abs()
+        order = torch.sort(runs, dim=-1, descending=True, stable=True).indices
+        allowed_runs = None
+        if allowed is not None:
+            allowed_runs = self.runs(_check_allowed(w, allowed))
+            # A second stable sort on the primary key keeps the |w| order within each class.
+            primary = torch.gather(allowed_runs, -1, order).to(torch.uint8)
+            order = torch.gather(order, -1, torch.sort(primary, dim=-1, descending=True, stable=True).indices)
+        first = torch.zeros(runs.shape, dtype=torch.bool, device=w.device)
+        first[..., : self.n] = True
+        mask = torch.zeros_like(first).scatter(-1, order, first)
+        if allowed_runs is not None:
+            mask &= allowed_runs
+        moved = w.movedim(self.axis, -1).shape
+        return mask.reshape(moved).movedim(-1, self.axis).contiguous()
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``w`` with everything outside :meth:`support` set to zero."""
+        return _keep_support(w, self.support(w, allowed))
+
+
+def nm_runtimes(n: int, m: int) -> list[str]:
+    """Which runtimes can turn an ``n:m`` pattern into speed, one line each, for the report.
+
+    The sparse tensor cores of NVIDIA Ampere and later GPUs read 2:4 runs along the reduction axis. An
+    ``n:m`` pattern with ``4 | m`` and ``n <= 2`` implies 2:4 (every aligned run of 4 lies in one run of
+    ``m``); others, 4:8 among them, do not, and no runtime this tool knows of reads them faster.
+    """
+    if m % 4 == 0 and n <= 2:
+        gpu = ("TensorRT 8+ on NVIDIA Ampere or later GPUs: sparse tensor cores, 2:4 along the reduction "
+               "axis, for Conv and fully connected (Gemm/MatMul) layers with fp16 or int8 weights; build with "
+               "the SPARSE_WEIGHTS flag (trtexec --sparsity=enable)")
+    else:
+        gpu = (f"none known: {n}:{m} does not imply 2:4, the pattern the sparse tensor cores of NVIDIA Ampere "
+               "and later GPUs read (TensorRT, cuSPARSELt); it saves no time there")
+    return [gpu, "onnxruntime (CPU execution provider): no speed-up; the zeros are stored and multiplied like "
+                 "any other weight"]

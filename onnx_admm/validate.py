@@ -26,7 +26,7 @@ from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
 from converters.modelio import external_data_files, load_model, save_model, scratch_dir
-from onnx_admm.data import LABELS, Dataset, PluginData, check_label_range, required_batch_size
+from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _ort_message(exc: Exception) -> str:
 def validate(
     original: str | Path,
     compressed: str | Path,
-    data: Dataset | PluginData,
+    data: object,
     *,
     batch_size: int = 64,
     threads: int = 1,
@@ -177,7 +177,8 @@ def validate(
     Args:
         original: The original .onnx file.
         compressed: The compressed .onnx file (same graph inputs and outputs).
-        data: Held-out inputs, with labels for accuracy.
+        data: Held-out inputs, with labels for accuracy: any form ``onnx_admm.data.as_data`` takes (an
+            .npz path, a dict of arrays, an iterable of dicts, a Dataset, a plugin).
         batch_size: Samples per onnxruntime run.
         threads: onnxruntime intra-op threads for both models.
         latency_batches: Timed runs per model (0 skips latency).
@@ -195,10 +196,11 @@ def validate(
     original, compressed = Path(original), Path(compressed)
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)
-    if isinstance(data, PluginData):
-        logger.info("reading loader plugin %r into memory for validation", data.name)
-        data = data.take()
     specs = graph_inputs(models[0])
+    data = as_data(data, specs)
+    if isinstance(data, PluginData):
+        logger.info("reading %s into memory for validation", data.what)
+        data = data.take()
     fixed = required_batch_size(specs, data.batched)
     if fixed is not None and fixed != batch_size:
         left_out = len(data) % fixed

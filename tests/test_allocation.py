@@ -58,15 +58,23 @@ def test_minimums_that_exceed_the_budget_raise_and_their_share_is_reported():
 
 
 def _lamp_brute(w: torch.Tensor) -> torch.Tensor:
-    """LAMP by its definition: w_u^2 / sum over entries v with |w_v| >= |w_u| (ties: v at or after u)."""
+    """LAMP by its definition: w_u^2 / sum over entries v with |w_v| >= |w_u| (u included; among equal
+    magnitudes the lower index counts as the larger)."""
     flat = w.reshape(-1).double()
     out = torch.empty_like(flat)
     order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))
-    rank = {i: r for r, i in enumerate(order)}
+    rank = {i: r for r, i in enumerate(order)}  # 0: the largest
     for u in range(flat.numel()):
-        rest = sum(float(flat[v]) ** 2 for v in range(flat.numel()) if rank[v] >= rank[u])
+        rest = sum(float(flat[v]) ** 2 for v in range(flat.numel()) if rank[v] <= rank[u])
         out[u] = float(flat[u]) ** 2 / rest if rest > 0 else 0.0
     return out.reshape(w.shape)
+
+
+def test_lamp_scores_by_hand():
+    # w^2 over the squares of the entries at least as large: the largest scores 1, the smallest least.
+    scores = lamp_scores(torch.tensor([1.0, 3.0, -2.0]))
+    assert torch.allclose(scores, torch.tensor([1 / 14, 1.0, 4 / 13], dtype=torch.float64))
+    assert lamp_scores(torch.tensor([2.0, 2.0])).tolist() == [1.0, 0.5]  # ties: the lower index ranks first
 
 
 def test_lamp_scores_match_a_brute_force_reference():

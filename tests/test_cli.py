@@ -45,6 +45,12 @@ def test_inspect_json_lists_weights(digits_sample):
     assert info["importable"] and info["total_params"] == 38160
 
 
+def test_inspect_table_says_what_rules_match(digits_sample):
+    result = _run("inspect", digits_sample.model)
+    assert result.exit_code == 0, result.output
+    assert 'recipe rules match these weight names: [[rules]] match = "0.weight"' in result.output
+
+
 def test_inspect_names_probabilities_output(two_outputs_torchscript_onnx):
     info = json.loads(_run("inspect", two_outputs_torchscript_onnx, "--json").output)
     assert info["score_output"]["name"] == "logits"

@@ -112,6 +112,10 @@ def test_dequantize_linear_per_tensor_and_per_axis(bits, kind, opset, per_channe
     zero_point = next(t for t in result.model.graph.initializer if t.name == "W_zero_point")
     assert zero_point.data_type == _quantized_tensor(result.model).data_type
     assert not numpy_helper.to_array(zero_point).astype(np.int64).any()
+    stored = numpy_helper.to_array(_quantized_tensor(result.model)).astype(np.int64)
+    assert -(2 ** (bits - 1)) <= stored.min() and stored.max() <= 2 ** (bits - 1) - 1
+    if bits == 2:  # the level only the full two's-complement range has is used and stored as is
+        assert stored.min() == -2
     model = _check_gemm(result, update)
     # onnx's numpy-only reference runtime agrees with onnxruntime on the decoded weight (it has no
     # DequantizeLinear before opset 19, so not on the int8 models)

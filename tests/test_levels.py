@@ -76,3 +76,28 @@ def test_projected_context_restores_the_latent():
     with ste.projected():
         assert w.detach().tolist() == [1.0, -1.0]
     assert w.detach().tolist() == pytest.approx([0.3, -0.8])
+
+
+def test_straight_through_can_start_from_the_weights_before_projection():
+    # Binary levels {-1, +1}; the weight before the hard projection was +0.01 (one small step from
+    # flipping), after it +1. The same gradient step flips the level only from the unprojected start.
+    before = torch.tensor([0.01, -2.0])
+    levels = FixedLevels(torch.tensor([[-1.0, 1.0]]))
+    flipped = {}
+    for start in (None, {"w": before}):
+        p = torch.nn.Parameter(levels.project(before))
+        ste = StraightThrough({"w": p}, {"w": levels}, start=start)
+        ste.before_forward()
+        assert torch.equal(p.detach(), torch.tensor([1.0, -1.0]))  # the forward pass sees the same levels
+        (p * torch.tensor([1.0, 0.0])).sum().backward()
+        ste.before_step()
+        with torch.no_grad():
+            p -= 0.05 * p.grad
+        ste.finish()
+        flipped[start is None] = p.detach()[0].item()
+    assert flipped == {True: 1.0, False: -1.0}
+    # a start outside the support is masked to 0 and stays 0
+    p = torch.nn.Parameter(torch.zeros(2))
+    ste = StraightThrough({"w": p}, {"w": levels}, {"w": torch.tensor([True, False])}, start={"w": before})
+    ste.finish()
+    assert torch.equal(p.detach(), torch.tensor([1.0, 0.0]))

@@ -9,7 +9,7 @@ from converters.errors import UserError
 from onnx_admm.plan import QuantChoice, WeightSpec, make_plan, sparsity_constraints
 from onnx_admm.projections import Filter, Unstructured, Within
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.structured import Block, Column
+from onnx_admm.structured import NM, Block, Column
 
 SPECS = [WeightSpec("conv", "conv.weight", "Conv"), WeightSpec("fc", "fc.weight", "Gemm"),
          WeightSpec("emb", "emb", "Gather", None)]
@@ -74,3 +74,75 @@ def test_stage_constraints_and_nesting(structure, kind):
     assert all(isinstance(c, Within) for c in second.values())
     for name, c in second.items():
         assert not (c.support(params[name]) & ~supports[name]).any()  # nested
+
+
+def test_nm_structure_needs_no_target_and_runs_along_the_input_axis():
+    specs = [WeightSpec("conv", "conv.weight", "Conv"), WeightSpec("mm", "mm", "MatMul", 1),
+             WeightSpec("fc", "fc.weight", "Gemm")]
+    config = CompressConfig.from_dict({"prune": {"structure": "2:4", "stages": 2},
+                                       "rules": [{"match": "fc*", "structure": "unstructured", "sparsity": 0.9}]})
+    plan = make_plan(specs, config)
+    by = plan.by_name()
+    assert by["conv"].sparsity == (0.5, 0.5) and not by["conv"].shared and by["fc"].sparsity[-1] == 0.9
+    params = {"conv": torch.randn(8, 4, 3, 3), "mm": torch.randn(8, 6), "fc": torch.randn(4, 8)}
+    first = sparsity_constraints(plan, params, 0, None)
+    assert first["conv"] == NM(2, 4, axis=1) and first["mm"] == NM(2, 4, axis=0)  # MatMul [K, N]: K is axis 0
+    assert isinstance(first["fc"], Unstructured)
+    supports = {n: c.support(params[n]) for n, c in first.items()}
+    second = sparsity_constraints(plan, params, 1, supports)
+    assert torch.equal(second["conv"].support(params["conv"]), supports["conv"])  # the same pattern, nested
+    with pytest.raises(UserError, match="'emb' \\(Gather\\) has no input axis to group along: structure '2:4'"):
+        _plan({"prune": {"structure": "2:4"}})
+
+
+# --- rules that decide nothing are errors naming the weights that exist ---
+
+
+@pytest.mark.parametrize("rule, fragments", [
+    ({"match": "conv1*", "sparsity": 0.5}, ['rule 1 (match = "conv1*")', "matches no compressible weight"]),
+    ({"op_type": "LSTM", "skip": True}, ['rule 1 (op_type = "LSTM")', "matches no compressible weight"]),
+    ({"match": "fc.*", "op_type": "Conv", "skip": True}, ['(match = "fc.*", op_type = "Conv")']),
+], ids=["glob", "op-type", "both"])
+def test_a_rule_that_matches_no_weight_is_an_error_naming_the_weights(rule, fragments):
+    with pytest.raises(UserError) as info:
+        _plan({"prune": {"sparsity": 0.9}, "rules": [{"match": "emb", "skip": True}, rule]})
+    message = str(info.value).replace("rule 2", "rule 1")
+    assert "\n" not in message
+    for fragment in [*fragments, "conv.weight (Conv), fc.weight (Gemm), emb (Gather)", "onnx-admm inspect"]:
+        assert fragment in message, message
+
+
+def test_a_rule_shadowed_by_earlier_rules_is_an_error():
+    with pytest.raises(UserError, match=r"rule 3 \(op_type = \"Gemm\"\) matches only fc.weight \(Gemm\), which an "
+                                        r"earlier rule \(2\) claims first"):
+        _plan({"prune": {"sparsity": 0.9}, "rules": [{"match": "emb", "skip": True},
+                                                     {"match": "fc.*", "sparsity": 0.5},
+                                                     {"op_type": "Gemm", "sparsity": 0.8}]})
+
+
+def test_the_unmatched_rule_error_lists_a_dozen_names_and_counts_the_rest():
+    specs = [WeightSpec(f"layer{i}", f"layers.{i}.weight", "MatMul", 1) for i in range(40)]
+    with pytest.raises(UserError) as info:
+        make_plan(specs, CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "rules": [{"match": "conv*"}]}))
+    message = str(info.value)
+    assert "layers.11.weight (MatMul) and 28 more" in message and "layers.12.weight" not in message
+    assert '"layers.0.*"' in message  # a glob built from a real name
+
+
+def test_the_readme_recipe_applies_to_the_digits_sample(digits_sample):
+    """The README's recipe block names real weights of the bundled sample (its rules all take effect)."""
+    import re
+    import tomllib
+
+    import onnx
+
+    from converters.importer import import_model
+    from onnx_admm.api import _weight_specs
+
+    readme = (digits_sample.dir.parent.parent / "README.md").read_text()
+    block = re.search(r"## Recipes.*?```toml\n(.*?)```", readme, re.S).group(1)
+    config = CompressConfig.from_dict(tomllib.loads(block))
+    assert config.rules  # the example shows rules
+    plan = make_plan(_weight_specs(import_model(onnx.load(str(digits_sample.model)))), config)
+    by_label = {w.spec.label: w for w in plan.weights}
+    assert by_label["0.weight"].sparsity[-1] == 0.5 and "7.weight" not in by_label

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from converters.errors import UserError
-from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, Rule, TrainConfig
+from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, Rule, TrainConfig, nm_pattern
 
 RECIPE = """\
 [train]
@@ -226,3 +226,22 @@ def test_replace_ignores_none_and_keeps_other_fields():
 def test_replace_validates_the_new_values():
     with pytest.raises(UserError, match="prune.sparsity"):
         CompressConfig().replace(prune={"sparsity": 1.5})
+
+
+def test_nm_structures():
+    assert PruneConfig(structure="2:4").structure == "2:4"
+    assert PruneConfig(structure="4:8", sparsity=0.5).sparsity == 0.5  # the sparsity the pattern implies
+    assert nm_pattern("2:4") == (2, 4) and nm_pattern("16:32") == (16, 32)
+    assert nm_pattern("block") is None and nm_pattern("2:4:8") is None and nm_pattern(None) is None
+    assert Rule(match="fc*", structure="1:4").structure == "1:4"
+    for bad, match in [("4:2", "1 <= N < M"), ("0:4", "1 <= N < M"), ("2:4:8", "N:M pattern such as"),
+                       ("2 : 4", "N:M pattern such as"), ("rows", "must be one of unstructured")]:
+        with pytest.raises(UserError, match=match):
+            PruneConfig(structure=bad)
+    with pytest.raises(UserError, match=r"prune.structure '2:4' keeps 2 of every 4 weights, sparsity 0.5, but the "
+                                        r"target is 0.9; drop the sparsity or set it to 0.5"):
+        CompressConfig.from_dict({"prune": {"structure": "2:4", "sparsity": 0.9}})
+    with pytest.raises(UserError, match="rules.structure '1:4' keeps 1 of every 4"):
+        Rule(match="*", structure="1:4", sparsity=0.5)
+    with pytest.raises(UserError, match="drop prune.targets"):
+        PruneConfig(structure="2:4", targets=(0.25, 0.5))

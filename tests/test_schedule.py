@@ -69,3 +69,17 @@ def test_plain_projection_of_masked_weights_is_not_enough():
     previous = torch.tensor([False, False, True, True])  # entry 3 was kept but is now exactly 0
     assert Unstructured(2).support(w * previous).tolist() == [True, False, True, False]
     assert Within(Unstructured(2), previous).support(w).tolist() == [False, False, True, True]
+
+
+def test_auto_rho_gives_the_same_pull_per_period_at_any_budget():
+    from onnx_admm.schedule import PULL_START, admm_updates, auto_rho, rho_cap
+
+    for lr, momentum, every in ((0.01, 0.9, 11), (0.1, 0.0, 40), (0.001, 0.5, 300)):
+        rho = auto_rho(lr, momentum, every)
+        assert rho * lr / (1 - momentum) * every == pytest.approx(PULL_START)
+    assert auto_rho(0.01, 0.9, 10) == pytest.approx(10 * auto_rho(0.01, 0.9, 100))
+    assert rho_cap(0.01, 0.9) == pytest.approx(1.0)  # one step alone closes 10% of the gap
+    with pytest.raises(ValueError, match="auto_rho needs"):
+        auto_rho(0.0, 0.9, 10)
+    # at most one Z/U update per 10 steps, at least one
+    assert [admm_updates(steps, 10) for steps in (0, 5, 10, 38, 99, 100, 5000)] == [1, 1, 1, 3, 9, 10, 10]

@@ -18,7 +18,8 @@ from onnx import helper, numpy_helper
 
 from converters.graphinfo import node_label
 from converters.groups import channel_groups
-from converters.shrink import count_macs, kept_channels, shrink
+from converters.shrink import count_macs, cut_update, kept_channels, shrink
+from converters.writeback import QuantSpec, TensorUpdate, write_back
 from models import _floats
 
 
@@ -374,3 +375,37 @@ def test_errors_and_no_op(onnx_model_file):
     assert kept_channels(group, [5, 1]).tolist() == [1, 5]
     result = shrink(model, {"conv1.weight": np.ones(8, dtype=bool)})
     assert result.changes == [] and result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_quantized_updates_are_cut_with_their_scales(onnx_model_file):
+    # conv1 loses 5 of its 20 filters: its int8 integers and its per-filter scales lose them, conv2's int4
+    # integers lose the input channels that read them while its per-filter scales stay whole.
+    model = onnx.load(str(onnx_model_file("lenet5_torchscript")))
+    rng = np.random.default_rng(3)
+    removed = [0, 3, 4, 9, 17]
+    s1 = rng.uniform(0.01, 0.05, 20).astype(np.float32)
+    s2 = rng.uniform(0.01, 0.05, 50).astype(np.float32)
+    w1 = rng.integers(-127, 128, (20, 1, 5, 5)).astype(np.float32) * s1[:, None, None, None]
+    q2 = rng.integers(-7, 8, (50, 20, 5, 5))
+    q2[:, removed] = 0  # the masked model: the consumers' input channels of removed filters are zero
+    w2 = q2.astype(np.float32) * s2[:, None, None, None]
+    shrunk = shrink(model, {"conv1.weight": _mask(20, removed)})
+    assert shrunk.cuts["conv2.weight"].shape == (50, 20, 5, 5)
+    updates = [TensorUpdate("conv1.weight", w1, quant=QuantSpec(8, s1, 0)),
+               TensorUpdate("conv2.weight", w2, quant=QuantSpec(4, s2, 0))]
+    cut = [cut_update(u, shrunk.cuts) for u in updates]
+    assert cut[0].quant.scale.shape == (15,) and cut[1].quant.scale.shape == (50,)
+    assert cut[1].value.shape == (50, 15, 5, 5)
+    result = write_back(shrunk.model, cut)
+    assert result.encodings == {"conv1.weight": "int8", "conv2.weight": "int4"}
+    inits = {t.name: t for t in result.model.graph.initializer}
+    assert list(inits["conv1.weight_quantized"].dims) == [15, 1, 5, 5]
+    assert list(inits["conv2.weight_quantized"].dims) == [50, 15, 5, 5]
+    assert inits["conv2.weight_quantized"].data_type == onnx.TensorProto.INT4
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["conv1.weight_scale"]), np.delete(s1, removed))
+    x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    reference = _with_values(model, {"conv1.weight": w1, "conv2.weight": w2})
+    np.testing.assert_allclose(_run(result.model, x)[0], _run(reference, x)[0], rtol=1e-4, atol=1e-4)
+    # an update of a tensor the shrink pass did not cut is returned as it is
+    fc2 = TensorUpdate("fc2.weight", _value(model, "fc2.weight"))
+    assert cut_update(fc2, shrunk.cuts) is fc2

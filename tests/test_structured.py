@@ -1,4 +1,5 @@
-"""Property tests for onnx_admm.structured: exact group counts, whole groups, idempotence, ties, optimality."""
+"""Property tests for onnx_admm.structured: exact group counts, whole groups, idempotence, ties, optimality;
+N:M: the exact pattern, the Euclidean projection (brute force), the conv run layout, ADMM with it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import itertools
 import pytest
 import torch
 
+from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.projections import Constraint, Within, keep_count
-from onnx_admm.structured import Block, Column, group_keep_count
+from onnx_admm.structured import NM, Block, Column, group_keep_count, nm_runtimes
 
 SHAPES = [(4, 3), (3, 2, 2, 2), (5, 7), (6, 4, 1, 3)]
 BLOCKS = [(1, 1), (2, 2), (2, 3), (4, 4), (8, 8)]
@@ -175,3 +177,138 @@ def test_group_keep_count():
     assert group_keep_count(7, 0.0) == 7
     with pytest.raises(ValueError):
         group_keep_count(7, 1.0)
+
+
+
+# (shape, axis): Linear [out, in], Conv [out, in, kh, kw], MatMul [in, out] (runs along axis 0).
+NM_SHAPES = [((4, 8), 1), ((3, 8, 2, 2), 1), ((16, 3), 0), ((2, 16, 1, 3), 1)]
+PATTERNS = [(2, 4), (4, 8), (1, 4), (1, 2)]
+
+
+def _run_ids(shape, axis, m):
+    """Run id of every entry, by hand: entries that share every index but ``axis`` and ``index // m`` there."""
+    index = torch.stack(torch.meshgrid(*[torch.arange(d) for d in shape], indexing="ij"))
+    index[axis] //= m
+    flat = torch.zeros(shape, dtype=torch.long)
+    for k in range(len(shape)):
+        flat = flat * (shape[k] // m if k == axis else shape[k]) + index[k]
+    return flat
+
+
+def test_nm_exact_pattern_and_idempotent():
+    for (shape, axis), (n, m), seed in itertools.product(NM_SHAPES, PATTERNS, range(4)):
+        w = _random(shape, seed)
+        constraint = NM(n, m, axis)
+        assert isinstance(constraint, Constraint)
+        mask = constraint.support(w)
+        ids = _run_ids(shape, axis, m)
+        per_run = torch.bincount(ids[mask], minlength=int(ids.max()) + 1)
+        assert per_run.tolist() == [n] * (w.numel() // m), (shape, n, m)  # exactly n free entries per run
+        projected = constraint.project(w)
+        assert torch.equal(projected, torch.where(mask, w, torch.zeros(())))
+        assert constraint.max_nonzeros(projected) == n
+        assert torch.equal(constraint.project(projected), projected)  # idempotent
+        assert torch.equal(constraint.support(projected), mask)
+        # the kept entries of a run are its n largest |w|
+        for run in range(int(ids.max()) + 1):
+            values = w[ids == run].abs()
+            assert values[mask[ids == run]].min() >= values[~mask[ids == run]].max()
+
+
+def test_conv_runs_go_along_input_channels_at_each_kernel_position():
+    # [out, in, kh, kw] = [1, 4, 1, 2]: the runs are w[0, :, 0, 0] and w[0, :, 0, 1], not four consecutive
+    # entries of the flattened OIHW weight (which would mix kernel positions).
+    w = torch.tensor([[[[1.0, 8.0]], [[2.0, 7.0]], [[3.0, 6.0]], [[4.0, 5.0]]]])
+    mask = NM(2, 4).support(w)
+    assert mask[0, :, 0, 0].tolist() == [False, False, True, True]
+    assert mask[0, :, 0, 1].tolist() == [True, True, False, False]
+    # a MatMul weight [in, out] runs down its columns
+    matmul = torch.tensor([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]])
+    assert NM(1, 4, axis=0).support(matmul).tolist() == [[False, True], [False, False], [False, False], [True, False]]
+
+
+def _brute_force_nm(w, ids, n, allowed=None):
+    """Smallest ||w - x||^2 over every x with at most n nonzeros per run (zero outside ``allowed``)."""
+    flat, run = w.reshape(-1), ids.reshape(-1)
+    free = torch.ones_like(flat, dtype=torch.bool) if allowed is None else allowed.reshape(-1)
+    size = flat.numel()
+    masks = ((torch.arange(2**size)[:, None] >> torch.arange(size)) & 1).bool() & free  # every support
+    counts = torch.zeros(masks.shape[0], int(run.max()) + 1, dtype=torch.long).index_add_(1, run, masks.long())
+    valid = masks[(counts <= n).all(dim=1)]
+    return float(torch.where(valid, torch.zeros(()), flat.square()).sum(dim=1).min())
+
+
+def test_nm_is_the_euclidean_projection():
+    for seed in range(6):
+        for shape, axis, (n, m) in [((2, 8), 1, (2, 4)), ((2, 4, 1, 2), 1, (2, 4)), ((1, 8), 1, (4, 8)),
+                                    ((8, 2), 0, (1, 4)), ((2, 8), 1, (3, 4))]:
+            w = _random(shape, seed, quantize=seed % 3 == 2)  # some seeds: many ties
+            allowed = _random(shape, seed + 50) > -0.5 if seed % 2 else None
+            projected = NM(n, m, axis).project(w, allowed)
+            ids = _run_ids(shape, axis, m)
+            if allowed is not None:
+                assert not projected[~allowed].any()
+            dist = float(((w - projected) ** 2).sum())
+            assert dist == pytest.approx(_brute_force_nm(w, ids, n, allowed), rel=1e-6, abs=1e-9), (shape, n, m)
+
+
+def test_nm_ties_allowed_and_nesting():
+    w = torch.ones(1, 8)
+    assert NM(2, 4).support(w).tolist() == [[True, True, False, False] * 2]  # ties: the lower index
+    # allowed entries first, even exact zeros against large entries outside it
+    allowed = torch.tensor([[False, False, True, True, True, False, False, False]])
+    big = torch.tensor([[9.0, 9.0, 0.0, 0.0, 1.0, 9.0, 9.0, 9.0]])
+    assert NM(2, 4).support(big, allowed).tolist() == [[False, False, True, True, True, False, False, False]]
+    # a run with fewer allowed entries than n keeps only those: nothing outside the previous support
+    for seed, (shape, axis) in itertools.product(range(4), NM_SHAPES):
+        w = _random(shape, seed)
+        first = NM(2, 4, axis).support(w)
+        second = NM(1, 4, axis).support(w, first)
+        assert not (second & ~first).any() and NM(1, 4, axis).max_nonzeros(torch.where(second, w, 0.0)) == 1
+        assert torch.equal(Within(NM(1, 4, axis), first).support(w), second)
+        assert torch.equal(NM(2, 4, axis).support(w, first), first)  # the same pattern again: the same support
+
+
+def test_nm_with_admm_and_masked_retraining():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)
+    target = x @ torch.randn(16, 8, generator=g)
+    w = torch.nn.Parameter(torch.randn(8, 16, generator=g))
+    constraint = NM(2, 4)
+    admm = ADMM({"w": w}, {"w": constraint}, RhoSchedule(1e-2, 1.3, 1.0))
+    opt = torch.optim.SGD([w], lr=0.05)
+    for _ in range(10):
+        for _ in range(10):
+            opt.zero_grad()
+            ((x @ w.T - target) ** 2).mean().backward()
+            admm.add_penalty_grad()
+            opt.step()
+        admm.update()
+    supports = admm.hard_project()
+    assert constraint.max_nonzeros(w.detach()) <= 2 and int(supports["w"].sum()) == w.numel() // 2
+    fixed = FixedSupport({"w": w}, supports)
+    for _ in range(5):
+        opt.zero_grad()
+        ((x @ w.T - target) ** 2).mean().backward()
+        fixed.mask_grads()
+        opt.step()
+        fixed.apply(opt)
+    assert constraint.max_nonzeros(w.detach()) <= 2 and not (w.detach()[~supports["w"]]).any()
+
+
+def test_nm_bad_arguments_and_runtimes():
+    with pytest.raises(ValueError, match="1 <= n < m"):
+        NM(4, 4)
+    with pytest.raises(ValueError, match="1 <= n < m"):
+        NM(0, 4)
+    with pytest.raises(ValueError, match="Python int"):
+        NM(2.0, 4)
+    with pytest.raises(ValueError, match="multiples of 4; axis 1 of shape \\(8, 3, 3, 3\\) holds 3"):
+        NM(2, 4).support(torch.ones(8, 3, 3, 3))
+    with pytest.raises(ValueError, match="lacks"):
+        NM(2, 4, axis=2).support(torch.ones(4, 8))
+    assert NM(2, 4).pattern == "2:4"
+    assert nm_runtimes(2, 4)[0].startswith("TensorRT 8+ on NVIDIA Ampere")
+    assert nm_runtimes(1, 8)[0].startswith("TensorRT")  # 1:8 implies 2:4
+    assert nm_runtimes(4, 8)[0].startswith("none known: 4:8 does not imply 2:4")
+    assert all("onnxruntime" in r[1] and "no speed-up" in r[1] for r in (nm_runtimes(2, 4), nm_runtimes(4, 8)))
