@@ -480,7 +480,7 @@ class _Runner:
             return self.config.admm.rho
         if self.cfg.optimizer != "sgd" or steps_per_period is None:
             return 1e-2
-        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period)
+        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period, self.config.admm.pull)
 
     def admm_phase(self, stage, params, previous, epochs: float):
         """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""
