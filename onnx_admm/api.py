@@ -45,7 +45,7 @@ from onnx_admm.preflight import check_config, check_labels, check_weights, check
 from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
                             nm_constraint, reduction_axis, sparsity_constraints)
 from onnx_admm.progress import Progress, display
-from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
+from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig, nm_pattern
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.structured import NM, nm_runtimes
@@ -686,7 +686,7 @@ class _Runner:
             return self.config.admm.rho
         if self.cfg.optimizer != "sgd" or steps_per_period is None:
             return 1e-2
-        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period)
+        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period, self.config.admm.pull)
 
     def admm_phase(self, stage, params, previous, epochs: float):
         """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""

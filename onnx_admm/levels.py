@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from onnx_admm.quantizers import _rows, _unrows
+
 
 @dataclass(frozen=True, eq=False)
 class FixedLevels:
@@ -57,17 +59,6 @@ class FixedLevels:
 
     def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         return torch.ones_like(w, dtype=torch.bool) if allowed is None else allowed.clone()
-
-
-def _rows(w: Tensor, axis: int | None) -> Tensor:
-    return w.reshape(1, -1) if axis is None else w.movedim(axis, 0).reshape(w.shape[axis], -1)
-
-
-def _unrows(rows: Tensor, like: Tensor, axis: int | None) -> Tensor:
-    if axis is None:
-        return rows.reshape(like.shape)
-    moved = list(like.movedim(axis, 0).shape)
-    return rows.reshape(moved).movedim(0, axis)
 
 
 class StraightThrough:

@@ -4,7 +4,7 @@ Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
                val_fraction, output, epochs (the total budget), distill
-    [admm]     epochs, retrain_epochs (per stage), period, updates, rho, rho_growth, rho_max, rescale_dual,
+    [admm]     epochs, retrain_epochs (per stage), period, updates, rho, pull, rho_growth, rho_max, rescale_dual,
                lr_policy, share
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
                (unstructured, filter, channel, column, block, or an N:M pattern such as "2:4"), block
@@ -38,7 +38,7 @@ from typing import Any
 
 from converters.errors import UserError
 from onnx_admm.allocation import ALLOCATIONS
-from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, SPACINGS, PhaseBudget, split_budget
+from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,6 +123,9 @@ class ADMMConfig:
     # that the penalty's pull is the same at any budget (schedule.auto_rho); with Adam, whose steps do not
     # scale with the gradient, 1e-2. A number fixes the initial rho.
     rho: float | None = None
+    # With rho = None: the fraction of the W-to-Z gap the penalty alone closes in the first Z/U period
+    # (schedule.auto_rho); it grows with rho (x rho_growth per update).
+    pull: float = PULL_START
     rho_growth: float = 1.3
     rho_max: float | None = None  # cap on rho (None: where one SGD step alone closes 10% of the gap)
     # Textbook scaled ADMM rescales U when rho grows; the authors' code does not. Rescaling measured
@@ -155,6 +158,9 @@ class ADMMConfig:
             _fail(f"admm.rho must be > 0 (typical: 1e-3 to 0.1), got {self.rho!r}")
         if not self.rho_growth >= 1:
             _fail(f"admm.rho_growth must be >= 1 (typical: 1.3), got {self.rho_growth!r}")
+        if not 0 < self.pull <= 1:
+            _fail(f"admm.pull must be in (0, 1] (the fraction of the gap closed per period; default {PULL_START}), "
+                  f"got {self.pull!r}")
         if self.rho_max is not None and not self.rho_max > 0:
             _fail(f"admm.rho_max must be > 0, got {self.rho_max!r}")
         if self.rho is not None and self.rho_max is not None and not self.rho_max >= self.rho:

@@ -33,7 +33,8 @@ from converters.writeback import (
     integer_levels,
     write_back,
 )
-from onnx_admm.projections import Binary, Codebook, Joint, Ternary, UniformQuant, Unstructured, quantize
+from onnx_admm.projections import Unstructured
+from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 
 RTOL = 1e-5
 

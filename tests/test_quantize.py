@@ -1,4 +1,4 @@
-"""Property tests for the quantizing projections of onnx_admm.projections: levels, exact idempotence,
+"""Property tests for the quantizing projections of onnx_admm.quantizers: levels, exact idempotence,
 optimal scales, pruned zeros, per-channel scales, ties, all-zero tensors."""
 
 from __future__ import annotations
@@ -6,20 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import onnx_admm.projections as projections
+import onnx_admm.quantizers as quantizers
 from onnx_admm.admm import ADMM, RhoSchedule
-from onnx_admm.projections import (
-    Binary,
-    Codebook,
-    Constraint,
-    Filter,
-    Joint,
-    Ternary,
-    UniformQuant,
-    Unstructured,
-    Within,
-    quantize,
-)
+from onnx_admm.projections import Constraint, Filter, Unstructured, Within
+from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 
 SHAPES = [(1,), (7,), (4, 5), (3, 2, 3, 3), (16, 24)]
 
@@ -183,7 +173,7 @@ def test_uniform_recovers_a_known_scale(bits):
 def test_uniform_scale_is_optimal_against_brute_force(bits, symmetric, exact, monkeypatch):
     # The exact sweep beats a dense brute-force grid; the grid + Lloyd search comes within 2%.
     if not exact:
-        monkeypatch.setattr(projections, "_EXACT_BUDGET", 0)
+        monkeypatch.setattr(quantizers, "_EXACT_BUDGET", 0)
     qmax = 2 ** (bits - 1) - 1
     qmin = -qmax if symmetric else -qmax - 1
     for seed in range(12):
@@ -201,7 +191,7 @@ def test_uniform_scale_is_optimal_against_brute_force(bits, symmetric, exact, mo
 def test_large_tensor_grid_search_is_close_to_the_exact_sweep(bits, monkeypatch):
     w = _random((1, 20000), 5, 0)
     exact = _sq_error(w, UniformQuant(bits).project(w))
-    monkeypatch.setattr(projections, "_EXACT_BUDGET", 0)
+    monkeypatch.setattr(quantizers, "_EXACT_BUDGET", 0)
     grid = _sq_error(w, UniformQuant(bits).project(w))
     assert exact * (1 - 1e-9) <= grid <= exact * 1.01
 

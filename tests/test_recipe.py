@@ -171,6 +171,8 @@ def test_prune_targets_must_end_at_sparsity():
         ({"admm": {"epochs": -1}}, "admm.epochs"),
         ({"admm": {"period": 0}}, "admm.period"),
         ({"admm": {"rho": 0.5, "rho_max": 0.1}}, "admm.rho_max"),
+        ({"admm": {"pull": 0}}, "admm.pull"),
+        ({"admm": {"pull": 1.5}}, "admm.pull"),
         ({"prune": {"stages": 0}}, "prune.stages"),
         ({"rules": [{"sparsity": 0.5}]}, "match"),
         ({"rules": [{"match": "*", "sparsity": 0.5, "skip": True}]}, "contradict"),

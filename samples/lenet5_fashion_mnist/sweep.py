@@ -51,6 +51,11 @@ def configs(s: float) -> dict[str, dict]:
         "ADMM rho 1e-2 growth 1.0": admm(rho=1e-2, rho_growth=1.0),
         "ADMM rho 1e-2 30 updates": admm(rho=1e-2, updates=30),
         "ADMM rho 1e-2 global alloc": {"prune": {"sparsity": s, "allocation": "global"}, "admm": {"rho": 1e-2}},
+        # rho chosen per phase from the steps per Z/U period (admm.rho unset), at three strengths
+        "ADMM auto rho, pull 0.05": admm(pull=0.05),
+        "ADMM auto rho, pull 0.2 (default)": admm(),
+        "ADMM auto rho, pull 0.5": admm(pull=0.5),
+        "ADMM auto rho, pull 0.2, LR reset per period": admm(lr_policy="reset"),
     }
 
 
