@@ -555,7 +555,7 @@ class _Runner:
         if self.score.index is None and held_out.labels is not None:
             logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
                            "to the original model's outputs")
-        self.loss_fn = Loss(self.score, distill=self.cfg.distill)
+        self.loss_fn = Loss(self.score, distill=self.cfg.distill, balance=self.cfg.balance)
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0

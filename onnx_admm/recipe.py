@@ -3,7 +3,7 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output, epochs (the total budget), distill
+               val_fraction, output, epochs (the total budget), distill, balance
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, pull, rho_growth, rho_max, rescale_dual,
                lr_policy, share
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
@@ -39,6 +39,7 @@ from typing import Any
 from converters.errors import UserError
 from onnx_admm.allocation import ALLOCATIONS
 from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
+from onnx_admm.train import BALANCE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,6 +84,10 @@ class TrainConfig:
     epochs: float | None = None
     # With labels: weight of distillation from the original model in the loss, (1 - d) CE + d KL.
     distill: float = 0.0
+    # Distillation on a per-position score (sequences, maps): the share of the weight spread evenly over
+    # the teacher's predicted classes, so its majority (CTC blanks, background) does not take the whole
+    # loss (train.balance_weights). 0: every position weighs the same.
+    balance: float = BALANCE
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -103,6 +108,9 @@ class TrainConfig:
             _fail(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
         if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
             _fail(f"train.distill must be a fraction in [0, 1] (0: labels only), got {self.distill!r}")
+        if not (isinstance(self.balance, (int, float)) and not isinstance(self.balance, bool) and 0 <= self.balance <= 1):
+            _fail(f"train.balance must be a fraction in [0, 1] (0: every position weighs the same, 1: every "
+                  f"predicted class does), got {self.balance!r}")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
             _fail(f"train.epochs is the total training budget and must be > 0, got {self.epochs!r}")
 
