@@ -131,8 +131,10 @@ class Loss:
     With labels and ``distill`` > 0 the loss mixes both: ``(1 - distill) * CE + distill * KL(teacher)``
     (knowledge distillation from the original model on the labelled batches).
 
-    ``balance`` re-weights the positions of a per-position score (sequences, maps; not [N, C] per-sample
-    scores): see ``balance_weights``. 0 is the plain mean over positions.
+    ``balance`` > 0 re-weights the positions of a per-position score (sequences, maps; not [N, C]
+    per-sample scores) by ``balance_weights``, and with such a score takes the other outputs' term as
+    ``log1p(MSE / var)``, so a head far from the teacher does not swamp the score's gradient. 0 is the
+    plain mean over positions and the plain MSE ratio.
     """
 
     def __init__(self, score: ScoreSpec, temperature: float = 1.0, distill: float = 0.0,
@@ -162,13 +164,24 @@ class Loss:
         loss = self._distil(outputs[index], teacher[index])
         others = [F.mse_loss(o, t) / (t.detach().float().var(unbiased=False) + 1e-6)
                   for i, (o, t) in enumerate(zip(outputs, teacher)) if i != index and o.is_floating_point() and o.numel()]
-        return loss + torch.stack(others).mean() if others else loss
+        if not others:
+            return loss
+        others = torch.stack(others)
+        if self._balance(outputs[index]) > 0:
+            # A second head that pruning threw off (a detector's boxes: MSE several times the teacher's
+            # variance) otherwise owns the step and wrecks the score output; log1p keeps the MSE where the
+            # student follows and divides its gradient by 1 + MSE / var where it does not.
+            others = torch.log1p(others)
+        return loss + others.mean()
+
+    def _balance(self, score: Tensor) -> float:
+        # Per-sample scores ([N, C], [N, 1]) keep the plain mean: balancing the batch's classes would
+        # re-weight whole samples, not the majority positions of a sequence or a map.
+        return self.balance if score.dim() >= 3 else 0.0
 
     def _distil(self, student: Tensor, teacher: Tensor) -> Tensor:
         kind = self.score.kind
-        # Per-sample scores ([N, C], [N, 1]) keep the plain mean: balancing the batch's classes would
-        # re-weight whole samples, not the majority positions of a sequence or a map.
-        balance = self.balance if student.dim() >= 3 else 0.0
+        balance = self._balance(student)
         if self.score.binary:
             s, t = _binary_logits(student, kind), _binary_logits(teacher, kind)
             target = torch.sigmoid(t)

@@ -309,3 +309,18 @@ def test_balance_on_a_binary_map_weighs_the_teachers_sides_of_one_half():
     assert share == pytest.approx(0.5 / 2 + 0.5 * positive.float().mean().item(), rel=1e-5)
     assert Loss(spec, balance=0.5)((student,), None, (teacher,)) > 2 * Loss(spec, balance=0.0)((student,), None, (teacher,))
     assert Loss(spec, balance=0.5)((teacher.clone(),), None, (teacher,)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_balance_takes_the_other_outputs_mse_ratio_through_log1p():
+    g = torch.Generator().manual_seed(2)
+    maps = torch.sigmoid(torch.randn(4, 64, 1, generator=g) * 3)
+    boxes = torch.randn(4, 8, 3, generator=g)
+    off = boxes + 2 * torch.randn(4, 8, 3, generator=g)  # a second head far from the teacher
+    spec = ScoreSpec(0, "binary_probabilities")
+    ratio = F.mse_loss(off, boxes) / boxes.var(unbiased=False)
+    assert Loss(spec, balance=0.0)((maps, off), None, (maps, boxes)).item() == pytest.approx(ratio.item(), rel=1e-4)
+    assert Loss(spec, balance=0.5)((maps, off), None, (maps, boxes)).item() == pytest.approx(
+        math.log1p(ratio.item()), rel=1e-4)
+    per_sample = torch.randn(4, 5, generator=g)  # an [N, C] score keeps the plain ratio
+    assert Loss(ScoreSpec(0), balance=0.5)((per_sample, off), None, (per_sample, boxes)).item() == pytest.approx(
+        ratio.item(), rel=1e-4)
