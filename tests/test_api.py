@@ -136,8 +136,9 @@ def test_impossible_global_target_is_a_user_error(digits):
     # 0.999 keeps 38 weights; 1% floors alone would keep 2 + 47 + 328 + 7 = 384.
     with pytest.raises(UserError, match="impossible target: the per-layer minimums alone keep 384 weights.*floor"):
         compress(digits["model"], digits["train"], _config(0.999, prune={"floor": 0.01}))
-    # With the default minimum (one weight per layer) it is possible, and exact.
-    result = compress(digits["model"], digits["train"], _config(0.999, 0, 0))
+    # With the default minimum (one weight per layer) it is possible, and exact (1000x untrained keeps
+    # about 5% of the accuracy: the metric floor is off, this is about the counts).
+    result = compress(digits["model"], digits["train"], _config(0.999, 0, 0), metric_floor=0)
     assert result.report["params"]["nonzero"] == keep_count(38160, 0.999)
     assert all(layer["nonzero"] >= 1 for layer in result.report["layers"])
 
@@ -216,7 +217,8 @@ def test_progressive_masks_are_nested_and_each_stage_exact(digits, onnx_name, li
                     params[n][mask] = 1.0
 
     config = _config(0.95, 1, 1, prune={"stages": 3}).replace(admm={"period": 1})
-    result = compress(digits["model"], digits["train"], config, progress=drift)
+    # The drift wrecks the model on purpose: the metric floor is off, this is about the masks.
+    result = compress(digits["model"], digits["train"], config, progress=drift, metric_floor=0)
     assert pruned  # the drift happened
     targets = cubic_stages(0.95, 3)
     assert [s.target for s in result.stages] == pytest.approx(targets)
@@ -715,7 +717,8 @@ def test_the_global_budget_moves_between_layers_during_admm(digits, monkeypatch)
         return out
 
     monkeypatch.setattr(api.ADMM, "update", recording)
-    compress(digits["model"], digits["train"], _config(0.98, 3, 0, prune={"allocation": "global"}))
+    # ADMM alone, without retraining: the floor is off, this is about the Z steps.
+    compress(digits["model"], digits["train"], _config(0.98, 3, 0, prune={"allocation": "global"}), metric_floor=0)
     assert len(set(sum(c) for c in counts)) == 1  # the total is the target at every update
     assert len(set(counts)) > 1  # but its split over layers moved
 
