@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from converters.dequantize import decoded_view, stored_nbytes
-from converters.errors import UserError
+from converters.errors import OnnxAdmmError, UserError
 from converters.graphinfo import constant_sources, graph_inputs, tensor_value
 from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
@@ -112,10 +112,16 @@ class CompressResult:
     name: str = "model.onnx"  # the original's file name: a folder given to save() gets its stem + .admm.onnx
     inputs: list[tuple[str, Path]] = field(default_factory=list, repr=False)  # files save() must not overwrite
     files: list[Path] = field(default_factory=list)  # what compress(output=...) wrote
+    # The last write-back, by (stage index, metadata): asking for the same stage again (the final model
+    # saved, then again among --save-stages) reuses it. One only, so memory stays one model's.
+    _export_cache: tuple | None = field(default=None, repr=False)
 
     def model(self, stage: int = -1) -> onnx.ModelProto:
-        """The original graph with the weights of ``stage`` (default: the last) written back."""
-        return self.export(stage, self.metadata(stage)).model
+        """The original graph with the weights of ``stage`` (default: the last) written back (a copy the
+        caller may change)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.export(stage, self.metadata(stage)).model)
+        return model
 
     def metadata(self, stage: int = -1) -> dict[str, str]:
         """The ``metadata_props`` a saved model carries: tool version, recipe and stage."""
@@ -126,10 +132,16 @@ class CompressResult:
         }
 
     def export(self, stage: int = -1, metadata: dict[str, str] | None = None) -> WriteBackResult:
-        """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
-        chosen = self.stages[stage]
-        _load_values(self.imported, chosen.values)
-        target, updates = self.imported.original, self.imported.updates(quant=chosen.quant_specs)
+        """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored (computed
+        once per stage and metadata; the live module is left as it is)."""
+        key = (range(len(self.stages))[stage], tuple(sorted((metadata or {}).items())))
+        if self._export_cache is None or self._export_cache[0] != key:
+            self._export_cache = (key, self._export(self.stages[stage], metadata))
+        return self._export_cache[1]
+
+    def _export(self, chosen: StageResult, metadata: dict[str, str] | None) -> WriteBackResult:
+        target = self.imported.original
+        updates = self.imported.updates(quant=chosen.quant_specs, values=chosen.values)
         # N:M weights stay in their own shape, zeros included: the runtimes that read the pattern (TensorRT)
         # check it on the dense weight, and a COO sparse initializer saves little at 2:4.
         updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if e.param in chosen.patterns else u
@@ -159,8 +171,9 @@ class CompressResult:
             return save_model(self.model(stage), target, external_data=self.external_data)
 
 
-class CompressInterrupted(Exception):
-    """Ctrl-C or SIGTERM during ``compress``.
+class CompressInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during ``compress``: a KeyboardInterrupt, so a caller's ``except Exception``
+    does not swallow the user's request to stop.
 
     ``result`` holds the completed stages (None when none completed); ``saved`` the files written
     (with ``output``, the last completed stage is saved there before this is raised); ``final``
@@ -190,7 +203,7 @@ class CompressInterrupted(Exception):
         return line
 
 
-class AccuracyGateFailed(Exception):
+class AccuracyGateFailed(OnnxAdmmError):
     """The compressed model fails the gate (``onnx_admm.gate``: the accuracy drop exceeds
     ``max_accuracy_drop``, or its task metric falls under the floor); the outputs are written, the model
     under its ``.gate-failed`` name (or not at all without ``keep_failed``)."""
@@ -222,11 +235,7 @@ def _to_batches(feeds, input_names: list[str], device: torch.device):
 def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
     specs = []
     for entry in imported.compressible():
-        # The torch parameter's output-channel axis: Conv/Linear keep filters first; a MatMul weight
-        # [K, N] (kept in ONNX layout) has them last; Gather tables and recurrent W/R
-        # [directions, gates*hidden, in] have no filters to prune whole.
-        out_axis = {"MatMul": 1, "Gather": None, "LSTM": None, "GRU": None, "RNN": None}.get(entry.op_type, 0)
-        specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, out_axis))
+        specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, *entry.channel_axes))
     return specs
 
 
@@ -316,6 +325,8 @@ def compress(
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
                                              emit, files, inputs)
                 return _finish(result, measured, files, original_path, started, gate, emit)
+        except CompressInterrupted:  # raised by a later step with what it kept
+            raise
         except KeyboardInterrupt as exc:  # before training started: nothing to keep
             raise CompressInterrupted(None, interrupt=exc) from None
         finally:

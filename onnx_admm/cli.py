@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from converters.errors import UserError
+from converters.modelio import json_safe
 from onnx_admm import __version__
 from onnx_admm.signals import exit_status, sigterm_interrupts, signal_name
 
@@ -59,7 +60,7 @@ def inspect(model: str, as_json: bool) -> None:
     from onnx_admm.inspection import format_inspection, inspect_model
 
     info = inspect_model(model)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    click.echo(json.dumps(json_safe(info), indent=2, allow_nan=False) if as_json else format_inspection(info))
 
 
 def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
@@ -84,7 +85,7 @@ def check(model: str, data: str | None, as_json: bool) -> None:
     from onnx_admm.check import check as run_check
 
     report = run_check(model, _load_feeds(model, data))
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    click.echo(json.dumps(json_safe(report.to_dict()), indent=2, allow_nan=False) if as_json else report.format())
     if not report.passed:
         sys.exit(1)
 
@@ -138,8 +139,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
 @click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
 @click.option("--structure", callback=lambda ctx, param, value: _check_structure(value),
-              help="What the pruning removes: unstructured, filter, channel, column, block (filters and channels "
-                   "also shrink the graph), or an N:M pattern such as 2:4 (N of every M weights along the input "
+              help="What the pruning removes: unstructured, filter, channel, column, block (filter pruning also "
+                   "removes the filters from the graph; the others store zeros), or an N:M pattern such as 2:4 (N of every M weights along the input "
                    "axis; no --sparsity needed).")
 @click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
 @click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to k-bit levels (the int container's range).")

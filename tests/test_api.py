@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -740,3 +741,39 @@ def test_the_primal_residual_falls_during_admm(digits):
     curve = result.report["stages"][0]["mean_residual"]
     assert len(curve) == 10
     assert curve[-1] < 0.5 * curve[0]
+
+
+def test_export_leaves_the_live_module_alone_and_a_stage_is_written_back_once(digits, monkeypatch):
+    result = compress(digits["model"], digits["train"], _config(0.9, 1, 1, prune={"stages": 2}))
+    live = {n: p.detach().clone() for n, p in result.imported.module.named_parameters()}
+    last = result.model()
+    first = result.model(0)
+    # Asking for stage 1 neither changes the module nor what the last stage exports.
+    assert all(torch.equal(p, live[n]) for n, p in result.imported.module.named_parameters())
+    assert last.SerializeToString() == result.model().SerializeToString()
+    assert first.SerializeToString() != last.SerializeToString()
+    calls = []
+    original = api.write_back
+    monkeypatch.setattr(api, "write_back", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result.model(0)
+    calls.clear()
+    result.model()
+    result.model()
+    assert len(calls) == 1  # the same stage twice: one write-back
+    result.model().graph.name = "changed by the caller"
+    assert result.model().graph.name != "changed by the caller"  # each call hands out its own copy
+
+
+def test_errors_share_one_base_and_an_interrupt_is_not_an_exception():
+    from onnx_admm import OnnxAdmmError
+
+    assert issubclass(UserError, OnnxAdmmError) and issubclass(api.AccuracyGateFailed, OnnxAdmmError)
+    assert issubclass(api.ReportFailed, OnnxAdmmError)
+    # A caller's `except Exception` must not swallow Ctrl-C.
+    assert issubclass(api.CompressInterrupted, KeyboardInterrupt) and not issubclass(api.CompressInterrupted, Exception)
+
+
+def test_the_package_ships_its_type_marker_and_declares_tomli_before_311():
+    root = Path(api.__file__).resolve().parents[1]
+    assert (root / "onnx_admm" / "py.typed").is_file()
+    assert "tomli>=1.1; python_version < '3.11'" in (root / "pyproject.toml").read_text()
