@@ -103,6 +103,15 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}_unnamed"
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base2``, ``base3`` ... : the first not in ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
 def constant_sources(model: onnx.ModelProto) -> dict[str, TensorSource]:
     """All constant tensors of the main graph by name: initializers, sparse initializers, Constant outputs."""
     graph = model.graph
@@ -202,8 +211,45 @@ def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     return weights
 
 
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output}
+class GraphView:
+    """One index of a graph that the analyses share instead of each rebuilding its own: the nodes and
+    their labels (``node_label``), the node that produces each tensor, who reads each tensor, and the
+    Identity aliases (``identity_aliases``). Built once per graph; the graph must not change under it.
+
+    ``readers[name]`` lists (node index, input index) in graph order; a subgraph (If branch, Loop/Scan
+    body) reading an outer name counts as a read by its node, at input index -1.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.labels = [node_label(n, i) for i, n in enumerate(self.nodes)]
+        self.by_label = dict(zip(self.labels, self.nodes))
+        self.producers = {out: node for node in self.nodes for out in node.output if out}
+        self.readers: dict[str, list[tuple[int, int]]] = {}
+        for i, node in enumerate(self.nodes):
+            reads = list(enumerate(node.input)) + [(-1, name) for name in sorted(subgraph_reads(node))]
+            for k, name in reads:
+                if name:
+                    self.readers.setdefault(name, []).append((i, k))
+        self._aliases: dict[str, str] | None = None
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        if self._aliases is None:
+            self._aliases = identity_aliases(self.model)
+        return self._aliases
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the node's subgraphs (If branches, Loop/Scan bodies) read, at any depth."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names.update(n for n in inner.input if n)
+                names.update(subgraph_reads(inner))
+    return names
 
 
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
@@ -299,7 +345,7 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
     [N, T, C] / [T, N, C] float output a MatMul/Gemm head computes (per-position logits); else, when the outputs are integer ids,
     the float tensor their ArgMax reads. ``override`` names a graph output or any tensor a node computes.
     """
-    producers = _producers(model)
+    producers = GraphView(model).producers
     outputs = list(model.graph.output)
     names = [o.name for o in outputs]
     declared = {o.name: (o.type.tensor_type.elem_type,

@@ -38,23 +38,23 @@ from converters.errors import UserError
 from converters.graphinfo import (
     FLOAT_TYPES,
     Consumer,
+    GraphView,
     ScoreOutput,
     TensorSource,
-    tensor_shape_and_type,
     compressible_weights,
     constant_sources,
     dim_value,
     find_score_output,
     graph_inputs,
-    identity_aliases,
-    node_label,
     resolve,
+    tensor_shape_and_type,
 )
 from converters.dequantize import decoded_view
 from converters.normalize import normalize
 from converters.quantized import dequantize_model
 from converters.shapes import inferred_types
-from converters.writeback import QuantSpec, TensorUpdate
+from converters.encoders import QuantSpec
+from converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -583,15 +583,14 @@ def _freeze_unmapped(gm: fx.GraphModule, mapped: set[str]) -> None:
 
 
 def _consumers_of_constants(model: onnx.ModelProto) -> dict[str, list[Consumer]]:
-    aliases = identity_aliases(model)
-    result: dict[str, list[Consumer]] = defaultdict(list)
-    for index, node in enumerate(model.graph.node):
-        if node.op_type == "Identity":
-            continue
-        for i, name in enumerate(node.input):
-            if name:
-                result[resolve(name, aliases)].append(Consumer(node_label(node, index), node.op_type, i))
-    return result
+    """The nodes reading each tensor through Identity chains (Identity nodes themselves left out), in graph order."""
+    view = GraphView(model)
+    reads: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for name, readers in view.readers.items():
+        reads[resolve(name, view.aliases)] += [(i, k) for i, k in readers
+                                               if k >= 0 and view.nodes[i].op_type != "Identity"]
+    return {name: [Consumer(view.labels[i], view.nodes[i].op_type, k) for i, k in sorted(pairs)]
+            for name, pairs in reads.items() if pairs}
 
 
 def _onnx_dtype(model: onnx.ModelProto, source) -> np.dtype:

@@ -34,7 +34,8 @@ from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import Staged, load_model, save_model
 from converters.shrink import count_macs, cut_update, shrink
-from converters.writeback import DENSE_ENCODERS, QuantSpec, WriteBackResult, write_back
+from converters.encoders import DENSE_ENCODERS, QuantSpec
+from converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data

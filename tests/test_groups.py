@@ -197,3 +197,21 @@ def test_the_onnx_side_has_no_import_cycle():
 
     for name in sorted(deps):
         visit(name, [])
+
+
+def test_graph_view_indexes_producers_readers_and_subgraph_reads():
+    from converters.graphinfo import GraphView
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2] x, bool c) => (float[2] y) <float[2] k = {1.0, 2.0}> {
+            a = Add (x, k)
+            i = Identity (k)
+            y = If (c) <then_branch = t () => (float[2] o) { o = Mul (a, i) },
+                        else_branch = e () => (float[2] o2) { o2 = Sub (a, x) }>
+        }""")
+    view = GraphView(model)
+    assert view.producers["a"].op_type == "Add" and "x" not in view.producers
+    assert view.readers["k"] == [(0, 1), (1, 0)]
+    assert view.readers["a"] == [(2, -1)]  # read inside the If's branches: the If node, input -1
+    assert view.readers["x"] == [(0, 0), (2, -1)] and view.readers["c"] == [(2, 0)]
+    assert view.aliases == {"i": "k"} and view.by_label[view.labels[2]].op_type == "If"
