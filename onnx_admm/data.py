@@ -415,6 +415,8 @@ def load_plugin(spec: str) -> Callable[[], Iterable[Mapping[str, object]]]:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # exiting is never the plugin's call: the run decides its own exit status
+        raise _plugin_error(f"module {module_name!r} of loader plugin {spec!r}", exc, "when imported") from None
     except Exception as exc:  # the plugin's own import-time code may raise anything
         raise UserError(
             f"cannot import module {module_name!r} of loader plugin {spec!r} ({_exc_line(exc)}); "
@@ -429,6 +431,15 @@ def load_plugin(spec: str) -> Callable[[], Iterable[Mapping[str, object]]]:
     if not callable(function):
         raise UserError(f"{spec!r} names a {type(function).__name__!r} object, not a function; name a loader function")
     return function
+
+
+def _plugin_error(what: str, exc: BaseException, when: str) -> UserError:
+    """The one line for a loader plugin that raised, or called ``sys.exit``: SystemExit is no Exception, so
+    without this a plugin's ``sys.exit(0)`` would end the whole run with status 0 and nothing written."""
+    if isinstance(exc, SystemExit):
+        return UserError(f"{what} called sys.exit({exc.code!r}) {when}; a loader plugin must return or yield its "
+                         "batches, never exit the process: fix it")
+    return UserError(f"{what} raised {_exc_line(exc)} {when}; fix it")
 
 
 class PluginData:
@@ -460,8 +471,8 @@ class PluginData:
         """
         try:
             produced = self.function()
-        except Exception as exc:  # the user's code may raise anything
-            raise UserError(f"{self.what} raised {_exc_line(exc)} when called; fix it") from None
+        except (Exception, SystemExit) as exc:  # the user's code may raise anything, or call sys.exit
+            raise _plugin_error(self.what, exc, "when called") from None
         if isinstance(produced, Mapping) or not isinstance(produced, Iterable):
             raise UserError(
                 f"{self.what} returned {type(produced).__name__}; it must return or yield "
@@ -474,10 +485,8 @@ class PluginData:
                 chunk = next(iterator)
             except StopIteration:
                 return
-            except Exception as exc:  # the user's generator may raise anything
-                raise UserError(
-                    f"{self.what} raised {_exc_line(exc)} after yielding {number} item(s); fix it"
-                ) from None
+            except (Exception, SystemExit) as exc:  # the user's generator may raise anything, or call sys.exit
+                raise _plugin_error(self.what, exc, f"after yielding {number} item(s)") from None
             number += 1
             if not isinstance(chunk, Mapping):
                 raise UserError(

@@ -350,6 +350,35 @@ def test_raising_plugin_is_one_line(tmp_path, monkeypatch, when, where):
     _assert_one_line_error(result, f"loader plugin {plugin!r} raised ValueError: no such bucket {after}")
 
 
+@pytest.mark.parametrize("when, code", [("at_import", 0), ("at_once", 0), ("midway", 0), ("midway", 3),
+                                        ("midway", None), ("midway", "'bye'")])
+def test_plugin_that_exits_is_the_plugins_error(tmp_path, monkeypatch, when, code):
+    # SystemExit is no Exception: sys.exit(0) inside a plugin used to end the run with status 0, nothing written.
+    monkeypatch.chdir(tmp_path)
+    module = f"exiting_{when}_{abs(hash(str(code)))}"
+    exit_call = f"sys.exit({'' if code is None else code})"
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        {exit_call if when == "at_import" else ""}
+        def at_import():
+            yield {{"x": np.ones((70, 4), np.float32)}}
+        def at_once():
+            {exit_call}
+        def midway():
+            yield {{"x": np.ones((70, 4), np.float32)}}
+            {exit_call}
+    """))
+    sys.modules.pop(module, None)
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), f"{module}:{when}", out)
+    shown = "None" if code is None else str(code)
+    where = {"at_import": "when imported", "at_once": "when called", "midway": "after yielding 1 item(s)"}[when]
+    _assert_one_line_error(result, f"loader plugin '{module}:{when}'", f"called sys.exit({shown}) {where}",
+                           "must return or yield its batches, never exit the process")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["inspect", "check", "compress"])
 def test_external_data_outside_the_model_folder_is_refused(tmp_path, command):
     model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
