@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.errors import UserError
+from converters.files import require_file
 from converters.graphinfo import InputSpec, format_shape
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
 
 def _read_arrays(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     fix = "write it with numpy.savez(path, <input name>=array, ..., labels=class_ids)"
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; pass an .npz with one array per graph input ({fix})")
+    require_file(path, "data file", f"pass an .npz with one array per graph input ({fix})")
     try:
         with path.open("rb") as handle:
             magic = handle.read(6)

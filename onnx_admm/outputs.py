@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from converters.errors import UserError
-from converters.modelio import external_data_files
+from converters.modelio import external_data_files, require_model_file
 from onnx_admm.preflight import check_writable
 
 # A model that fails --max-accuracy-drop is written as OUT's stem + this + OUT's suffix.
@@ -132,7 +132,7 @@ def input_files(model: str | Path | onnx.ModelProto | None, data: object = None,
         path = Path(model)
         files.append((label, path))
         if locations is None:
-            locations = external_locations(path)
+            locations = external_locations(path, label)
         files += [(f"{label}'s external data", path.parent / location) for location in sorted(locations)]
     for label, value in (("the training data", data), ("the validation data", val_data),
                          *((protect or {}).items())):
@@ -142,8 +142,13 @@ def input_files(model: str | Path | onnx.ModelProto | None, data: object = None,
     return files
 
 
-def external_locations(path: Path) -> set[str]:
-    """The external data files the model at ``path`` refers to (none when it cannot be read)."""
+def external_locations(path: Path, label: str = "the model") -> set[str]:
+    """The external data files the model at ``path`` refers to (none when it cannot be read).
+
+    Raises:
+        UserError: ``path`` is not a regular file (reading a FIFO would block the run).
+    """
+    require_model_file(path, label.removeprefix("the "))
     try:
         return external_data_files(onnx.load(str(path), load_external_data=False))
     except Exception:  # unreadable: load_model reports it in its own words

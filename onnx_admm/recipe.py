@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import UserError
+from converters.files import require_file
 from onnx_admm.allocation import ALLOCATIONS
 from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
@@ -388,7 +389,7 @@ class CompressConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> CompressConfig:
-        path = Path(path)
+        path = require_file(path, "recipe", "pass a TOML recipe file")
         try:
             text = path.read_text()
         except OSError as exc:

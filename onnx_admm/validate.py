@@ -25,7 +25,7 @@ import torch
 from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
-from converters.modelio import external_data_files, load_model, save_model, scratch_dir
+from converters.modelio import external_data_files, load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
 from onnx_admm.train import describe_score, predictions
 
@@ -129,9 +129,7 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; pass the path of an .onnx model")
+    path = require_model_file(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

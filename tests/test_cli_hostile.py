@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import onnx
@@ -199,6 +200,60 @@ def test_read_only_folder_by_mode_fails_before_training(tmp_path):
         _assert_one_line_error(_compress(model, data, ro / "out.onnx"), f"folder {ro} is not writable")
     finally:
         ro.chmod(0o700)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe. Opening it to read blocks until a writer comes: should onnx-admm ever open it, a writer
+    comes after 30 s so the test fails instead of hanging."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(30):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # nobody is reading it
+                pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    yield path
+    done.set()
+
+
+FIFO_INPUTS = {
+    "compress MODEL": lambda m, d, f, o: ["compress", f, "-o", o, "--data", d, *QUICK],
+    "compress --recipe": lambda m, d, f, o: ["compress", m, "-o", o, "--data", d, "--recipe", f, *QUICK],
+    "compress --data": lambda m, d, f, o: ["compress", m, "-o", o, "--data", f, *QUICK],
+    "compress --val-data": lambda m, d, f, o: ["compress", m, "-o", o, "--data", d, "--val-data", f, *QUICK],
+    "check MODEL": lambda m, d, f, o: ["check", f],
+    "check --data": lambda m, d, f, o: ["check", m, "--data", f],
+    "inspect MODEL": lambda m, d, f, o: ["inspect", f],
+    "validate ORIGINAL": lambda m, d, f, o: ["validate", f, m, "--data", d, "--report", o.with_suffix(".json")],
+    "validate COMPRESSED": lambda m, d, f, o: ["validate", m, f, "--data", d],
+    "validate --data": lambda m, d, f, o: ["validate", m, m, "--data", f],
+}
+
+
+@pytest.mark.parametrize("where", list(FIFO_INPUTS))
+def test_fifo_as_an_input_is_refused_without_opening_it(tmp_path, fifo, where):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    result = _run(*FIFO_INPUTS[where](model, data, fifo, out))
+    _assert_one_line_error(result, f"{fifo} is a FIFO (named pipe), not a regular file; pass ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "model.onnx", "train.npz"]
+
+
+def test_fifo_as_external_data_is_refused_without_opening_it(tmp_path, fifo):
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="fifo")
+    path = tmp_path / "piped.onnx"
+    onnx.save(model, str(path))
+    _assert_one_line_error(_run("check", path), f"external data file {fifo} is a FIFO (named pipe), not a regular file")
 
 
 # ----------------------------------------------------------------------------------------------
