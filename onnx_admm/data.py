@@ -583,7 +583,7 @@ def resolve_data(arg: str, specs: list[InputSpec]) -> Dataset | PluginData:
         UserError: The argument is neither, or loading fails.
     """
     path = Path(arg)
-    if arg.endswith((".npz", ".npy")) or path.exists():
+    if arg.endswith((".npz", ".npy")) or os.path.exists(path):  # False for a name too long to look up
         return load_npz(path, specs)
     if _PLUGIN_RE.fullmatch(arg):
         return PluginData(load_plugin(arg), specs, name=arg)

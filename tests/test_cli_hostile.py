@@ -256,6 +256,49 @@ def test_fifo_as_external_data_is_refused_without_opening_it(tmp_path, fifo):
     _assert_one_line_error(_run("check", path), f"external data file {fifo} is a FIFO (named pipe), not a regular file")
 
 
+@pytest.mark.parametrize("flag", ["-o", "--report", "validate --report"])
+def test_read_only_file_by_mode_is_refused_even_for_root(tmp_path, flag):
+    # os.access says every file is writable for root (the suite runs as root here): the mode bits decide.
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    target = tmp_path / ("ro.onnx" if flag == "-o" else "ro.json")
+    target.write_text("keep me")
+    target.chmod(0o444)
+    if flag == "validate --report":
+        result = _run("validate", model, model, "--data", data, "--report", target)
+    else:
+        result = _run("compress", model, "--data", data, *QUICK, *(["-o", target] if flag == "-o" else
+                                                                    ["-o", out, "--report", target]))
+    label = "the output" if flag == "-o" else "the report"
+    _assert_one_line_error(result, f"{label} {target} is read-only; make it writable or choose another path")
+    assert target.read_text() == "keep me" and target.stat().st_mode & 0o777 == 0o444
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report", "--save-stages", "validate --report"])
+def test_file_name_too_long_is_one_line(tmp_path, flag):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    long = tmp_path / ("a" * 256 + ".onnx")  # one name over the 255 bytes of most file systems
+    if flag == "validate --report":
+        result = _run("validate", model, model, "--data", data, "--report", long)
+    else:
+        result = _run("compress", model, "--data", data, *QUICK, *(["-o", long] if flag == "-o" else
+                                                                    ["-o", out, flag, long]))
+    label = {"-o": "the output", "--save-stages": "the --save-stages folder"}.get(flag, "the report")
+    _assert_one_line_error(result, f"cannot write {label} {long}: File name too long; choose a shorter name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "train.npz"]
+
+
+@pytest.mark.parametrize("flag", ["MODEL", "--data", "--recipe"])
+def test_input_name_too_long_is_one_line(tmp_path, flag):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    long = tmp_path / ("a" * 256 + ".npz")
+    args = {"MODEL": [long, "--data", data], "--data": [model, "--data", long],
+            "--recipe": [model, "--data", data, "--recipe", long]}[flag]
+    what = {"MODEL": "model", "--data": "data file", "--recipe": "recipe"}[flag]
+    _assert_one_line_error(_run("compress", *args, "-o", out, *QUICK), f"cannot read {what} {long}: File name too long")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Non-finite values, labels out of range, rollbacks
 # ----------------------------------------------------------------------------------------------
