@@ -309,6 +309,12 @@ def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:
     if labels.ndim != 1:
         hint = " (one-hot labels: use labels.argmax(1))" if labels.ndim == 2 else ""
         raise UserError(f"{source}: 'labels' must be 1-D class ids [N], got shape {labels.shape}{hint}")
+    if labels.size and labels.dtype.kind == "u" and labels.max() > np.iinfo(np.int64).max:
+        # Checked before the cast below, which would wrap such a label to a negative one.
+        raise UserError(
+            f"{source}: 'labels' holds {labels.max()}, too large for any class id; fix the labels, or drop "
+            "'labels' to distil from the original model"
+        )
     if labels.size and labels.min() < 0:
         raise UserError(
             f"{source}: 'labels' holds {labels.min()}, but class ids start at 0; fix the labels, or drop "

@@ -408,6 +408,19 @@ def test_labels_out_of_range(tmp_path, label, where):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("label", [2**63 + 5, 2**64 - 1, 2**63 - 1])
+def test_uint64_labels_above_any_class_id(tmp_path, label):
+    # Above 2^63 a uint64 label would wrap to a negative int64 after a check in the signed domain.
+    labels = LABELS.astype(np.uint64)
+    labels[5] = label
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), _npz(tmp_path, x=X, labels=labels), out)
+    fragment = ("but the model's score output has 10 classes" if label < 2**63
+                else f"'labels' holds {label}, too large for any class id")
+    _assert_one_line_error(result, fragment)
+    assert not out.exists()
+
+
 def test_labels_out_of_range_in_a_plugin_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "label_plugin.py").write_text(textwrap.dedent("""
