@@ -2,7 +2,8 @@
 
 ``compress`` calls them in order: the recipe's numbers, the seed and the device (``check_config``);
 the output files the run will write (``check_writable``, through ``onnx_admm.outputs``, which also
-refuses outputs that would overwrite an input or each other); the model's weights (``check_weights``);
+refuses outputs that would overwrite an input or each other); the graph's outputs (``check_outputs``);
+the model's weights (``check_weights``);
 the class ids of the labelled data against the model's score output (``check_label_range``). Each
 raises ``UserError`` with the problem and the fix. Non-finite input *values* are rejected where the
 data is read (``onnx_admm.data``), so a loader plugin's batches are checked as they arrive.
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from converters.errors import UserError
@@ -107,6 +109,13 @@ def unwritable(what: str, path: str | Path, exc: OSError) -> UserError:
     fix = ("choose a shorter name (most file systems allow 255 bytes per name)" if exc.errno == errno.ENAMETOOLONG
            else "choose another path")
     return UserError(f"cannot write {what} {path}: {exc.strerror}; {fix}")
+
+
+def check_outputs(model: onnx.ModelProto) -> None:
+    """The graph declares outputs: training fits the original's outputs and validation compares them."""
+    if not model.graph.output:
+        raise UserError("the model's graph declares no outputs, so there is nothing to train on or to validate; "
+                        "re-export the model with its outputs")
 
 
 def check_weights(imported: ImportedModel) -> None:

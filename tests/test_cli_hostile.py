@@ -516,6 +516,16 @@ def test_unconvertible_op_is_passed_through_and_said_so(tmp_path):
     assert data["trained_outputs"] == ["h"] and data["passed_through"] == ["y"]
 
 
+def test_graph_without_outputs_is_refused(tmp_path):
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    del model.graph.output[:]
+    path, out = tmp_path / "no_outputs.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(path))
+    _assert_one_line_error(_compress(path, _npz(tmp_path, x=X), out), "the model's graph declares no outputs",
+                           "re-export the model with its outputs")
+    assert not out.exists()
+
+
 def test_nothing_compressible_left_fails(tmp_path):
     # The converted part trains only a bias: there is no weight to compress.
     model = op_model("(float[N, 4] x) => (float[N, 4] y)", "h = Add (x, bias)\n y = Hardmax (h)", 17,
