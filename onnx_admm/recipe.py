@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import re
 import sys
 import types
@@ -152,7 +153,9 @@ class ADMMConfig:
                 _fail(f"admm.{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.updates, int) or isinstance(self.updates, bool) or self.updates < 1:
             _fail(f"admm.updates must be an integer >= 1 (Z/U updates per ADMM phase), got {self.updates!r}")
-        if self.period is not None and (not self.period > 0 or (self.period >= 1 and self.period != int(self.period))):
+        # Finite first: int(inf) raises OverflowError (a count of epochs must be a number the schedule can reach).
+        if self.period is not None and (not math.isfinite(self.period) or not self.period > 0
+                                        or (self.period >= 1 and self.period != int(self.period))):
             _fail(f"admm.period must be a whole number of epochs, or a fraction below 1 (0.25 = four Z/U "
                   f"updates per epoch), got {self.period!r}")
         if self.rho is not None and not self.rho > 0:
