@@ -115,6 +115,18 @@ def test_batch_one_with_seq_first_output_checks_on_given_data(tmp_path):
     assert "torch and onnxruntime run in chunks of 1, checked on the given inputs" in result.output
 
 
+def test_check_refuses_to_synthesize_inputs_of_an_absurd_declared_shape(tmp_path):
+    # [N, 1, 1e6, 1e6] floats at batch 2: 7,450 GiB that numpy would try to allocate.
+    kernel = RNG.normal(size=(1, 1, 3, 3)).astype(np.float32)
+    model = op_model("(float[N, 1, 1000000, 1000000] x) => (float[N, 1, 999998, 999998] y)", "y = Conv (x, K)", 17,
+                     {"K": kernel})
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    _assert_one_line_error(_run("check", path), "graph input 'x' [N, 1, 1000000, 1000000] would be synthesized as "
+                           "[2, 1, 1000000, 1000000] float32 (7,450.6 GiB", "pass real inputs with --data",
+                           "or fix the declared shape")
+
+
 def test_fixed_batch_two_pads_the_last_chunk():
     from converters.importer import import_model
 
