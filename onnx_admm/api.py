@@ -41,7 +41,8 @@ from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
                                stage_path)
-from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights, check_writable
+from onnx_admm.preflight import (check_accuracy_drop, check_config, check_labels, check_outputs, check_weights,
+                                  check_writable)
 from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
                             nm_constraint, reduction_axis, sparsity_constraints)
 from onnx_admm.progress import Progress, display
@@ -284,6 +285,7 @@ def compress(
     """
     started = time.perf_counter()
     check_config(config)
+    check_accuracy_drop(max_accuracy_drop)
     shown = display(progress)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     files = RunFiles.plan(_model_name(original_path), output, report_path, save_stages,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 import re
 import sys
 import types
@@ -57,6 +58,22 @@ DEFAULT_RETRAIN_EPOCHS = 5
 
 def _fail(message: str) -> None:
     raise UserError(message)
+
+
+# More threads than 4 per CPU never run faster, and a number like 100000 makes torch's OpenMP runtime fail
+# (libgomp: out of memory, or a crash) instead of erring in a line.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def check_threads(name: str, value: object) -> None:
+    """``value`` is a thread count from 1 to ``MAX_THREADS`` (torch's for training, onnxruntime's for validation).
+
+    Raises:
+        UserError: It is not.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_THREADS:
+        _fail(f"{name} must be an integer from 1 to {MAX_THREADS} (4 per CPU; this machine has {os.cpu_count()}), "
+              f"got {value!r}; one per core is usually fastest")
 
 
 def _check_fraction(name: str, value: float | None) -> None:
@@ -97,8 +114,8 @@ class TrainConfig:
             _fail(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             _fail(f"train.batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            _fail(f"train.threads must be a positive integer, got {self.threads!r}")
+        if self.threads is not None:
+            check_threads("train.threads", self.threads)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             _fail(f"train.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 0 < self.val_fraction < 0.5:

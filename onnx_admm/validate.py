@@ -27,6 +27,7 @@ from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
 from converters.modelio import external_data_files, load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
+from onnx_admm.recipe import check_threads
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def validate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_threads("threads (--threads)", threads)
     original, compressed = Path(original), Path(compressed)
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)

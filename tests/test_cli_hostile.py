@@ -360,6 +360,10 @@ def test_inf_in_a_plugin_batch_is_an_input_error(tmp_path, monkeypatch):
     (["--device", "cudax"], "", "device 'cudax' is not 'cpu', 'cuda' or 'cuda:N'"),
     (["--seed", "-1"], "", "train.seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**70)], "", f"train.seed must be an integer in [0, 4294967295], got {2**70}"),
+    (["--max-accuracy-drop", "nan"], "", "max_accuracy_drop (--max-accuracy-drop) must be a finite number >= 0"),
+    (["--max-accuracy-drop", "inf"], "", "max_accuracy_drop (--max-accuracy-drop) must be a finite number >= 0"),
+    (["--threads", "100000"], "", f"train.threads must be an integer from 1 to {4 * os.cpu_count()} (4 per CPU"),
+    ([], "[train]\nthreads = 100000\n", "got 100000; one per core is usually fastest"),
 ])
 def test_bad_hyper_parameters_fail_before_training(tmp_path, flags, recipe, message):
     model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
@@ -367,6 +371,12 @@ def test_bad_hyper_parameters_fail_before_training(tmp_path, flags, recipe, mess
     path.write_text(recipe)
     _assert_one_line_error(_compress(model, data, out, "--recipe", path, *flags), message)
     assert not out.exists()
+
+
+def test_validate_refuses_absurd_thread_counts(tmp_path):
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    _assert_one_line_error(_run("validate", model, model, "--data", data, "--threads", 100000),
+                           f"threads (--threads) must be an integer from 1 to {4 * os.cpu_count()}")
 
 
 def test_cuda_device_beyond_what_the_machine_has(tmp_path):
