@@ -10,13 +10,15 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from converters.errors import UserError
 from onnx_admm import __version__
-from onnx_admm.signals import exit_status, sigterm_interrupts, signal_name
+from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
@@ -24,22 +26,49 @@ EXIT_TERMINATED = 143
 
 
 class _Command(click.Command):
-    """Turn UserError into a one-line message and exit status 1, never a traceback; SIGTERM acts like
-    Ctrl-C, and either ends the command with 130 or 143 (not click's "Aborted!" and 1)."""
+    """Turn UserError into a one-line message and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with sigterm_interrupts():
-                return super().invoke(ctx)
+            return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt as exc:
+
+
+@contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """Inside the block SIGTERM acts like Ctrl-C, and either ends the process with 130 or 143 and one line.
+
+    Outside it click would answer Ctrl-C with "Aborted!" and status 1, and SIGTERM would kill the process
+    without a word: the block must cover click's parsing too, whose option callbacks import torch (seconds).
+    """
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt as exc:
+        with deferred(deliver=False):  # a second signal must not cut the line short
             click.echo(f"interrupted by {signal_name(exc)}", err=True)
             sys.exit(exit_status(exc))
 
 
 class _Group(click.Group):
+    """The command group. Signals are handled from the moment ``main`` runs: click's own ``main`` turns a
+    KeyboardInterrupt into "Aborted!", so parsing (``make_context``) and the command (``invoke``) each get
+    the handling inside it as well."""
+
     command_class = _Command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with _signals_end_the_run():
+            return super().main(*args, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _signals_end_the_run():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _signals_end_the_run():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_Group)

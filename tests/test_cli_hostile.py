@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -562,3 +566,42 @@ def test_nothing_compressible_left_fails(tmp_path):
     _assert_one_line_error(result, "the model has no compressible weight that onnx-admm can train",
                            "passes y through unconverted nodes")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals during start-up
+# ----------------------------------------------------------------------------------------------
+
+# The CLI's entry point, marking on stderr the moment it is called (what the console script runs).
+_ENTRY = "import sys; from onnx_admm.cli import main; print('STARTED', file=sys.stderr, flush=True); main()"
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted by Ctrl-C (SIGINT)"),
+                                                (signal.SIGTERM, 143, "interrupted by SIGTERM")])
+def test_signal_during_start_up_exits_with_the_documented_status_and_line(tmp_path, signum, code, line):
+    # Click parses the arguments first, and an option callback imports torch there (seconds): a signal then
+    # used to print click's "Aborted!" with status 1 (SIGINT) or kill the process without a word (SIGTERM).
+    # Each delay after the entry point is called must give the same status and line, whatever it lands in.
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    procs = {}
+    for delay in (0.05, 0.3, 1.0):
+        out = tmp_path / f"out{delay}.onnx"
+        # A shell that starts the suite in the background ignores SIGINT in its children: undo that.
+        procs[delay] = subprocess.Popen(
+            [sys.executable, "-c", _ENTRY, "compress", model, "-o", out, "--data", data, *QUICK], env=env,
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for delay, proc in procs.items():
+        assert proc.stderr.readline() == "STARTED\n"
+    started = time.monotonic()
+    for delay, proc in sorted(procs.items()):
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        proc.send_signal(signum)
+    for delay, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = [text for text in err.splitlines() if text.strip()]
+        assert proc.returncode == code, (delay, err)
+        assert len(lines) == 1 and lines[0].startswith(line), (delay, err)
+        assert not (tmp_path / f"out{delay}.onnx").exists()
