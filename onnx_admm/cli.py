@@ -7,9 +7,11 @@ Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,17 +20,27 @@ import click
 
 from converters.errors import UserError
 from onnx_admm import __version__
-from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
+from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+# What the commands import (torch, onnx, onnxruntime, onnx2torch and their C extensions), loaded before
+# any command runs.
+_LIBRARIES = ("onnx_admm.api", "onnx_admm.check", "onnx_admm.inspection", "onnx_admm.validate")
+
+
 class _Command(click.Command):
     """Turn UserError into a one-line message and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # An interrupt raised inside an extension's initialisation can abort the process from C++ (std::terminate)
+        # or leave a module half-built: the libraries load with signals held, which land when they are loaded.
+        with deferred():
+            for name in _LIBRARIES:
+                importlib.import_module(name)
         try:
             return super().invoke(ctx)
         except UserError as exc:
@@ -37,29 +49,57 @@ class _Command(click.Command):
 
 @contextmanager
 def _signals_end_the_run() -> Iterator[None]:
-    """Inside the block SIGTERM acts like Ctrl-C, and either ends the process with 130 or 143 and one line.
+    """Ctrl-C or SIGTERM inside the block ends the process with 130 or 143 and one line.
 
-    Outside it click would answer Ctrl-C with "Aborted!" and status 1, and SIGTERM would kill the process
-    without a word: the block must cover click's parsing too, whose option callbacks import torch (seconds).
+    Without it click would answer Ctrl-C with "Aborted!" and status 1, and SIGTERM would kill the process
+    without a word. An interrupt that an extension's import swallowed, or turned into another error (a
+    RecursionError in numpy's import machinery), counts as the interrupt it was.
     """
     try:
-        with sigterm_interrupts():
-            yield
+        yield
+        interrupt = pending_interrupt()
     except KeyboardInterrupt as exc:
+        interrupt = exc
+    except Exception:
+        interrupt = pending_interrupt()
+        if interrupt is None:
+            raise
+    if interrupt is not None:
         with deferred(deliver=False):  # a second signal must not cut the line short
-            click.echo(f"interrupted by {signal_name(exc)}", err=True)
-            sys.exit(exit_status(exc))
+            click.echo(f"interrupted by {signal_name(interrupt)}", err=True)
+            sys.exit(exit_status(interrupt))
+
+
+@contextmanager
+def _warnings_logged() -> Iterator[None]:
+    """Library warnings (torch's, onnx2torch's UserWarnings) go to the log at INFO, shown with -v.
+
+    Printed raw they would land on stderr in the middle of the progress display. The logger is
+    ``py.warnings``, as ``logging.captureWarnings`` names it; the message keeps its category and origin.
+    """
+    logger = logging.getLogger("py.warnings")
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        logger.info("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 class _Group(click.Group):
     """The command group. Signals are handled from the moment ``main`` runs: click's own ``main`` turns a
     KeyboardInterrupt into "Aborted!", so parsing (``make_context``) and the command (``invoke``) each get
-    the handling inside it as well."""
+    the handling inside it as well. Library warnings go to the log for the whole run."""
 
     command_class = _Command
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        with _signals_end_the_run():
+        # The handling outermost: a signal that lands while the handlers are being installed is caught too.
+        with _signals_end_the_run(), interrupts(), _warnings_logged():
             return super().main(*args, **kwargs)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:

@@ -40,8 +40,7 @@ from typing import Any
 
 from converters.errors import UserError
 from converters.files import require_file
-from onnx_admm.allocation import ALLOCATIONS
-from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
+from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib

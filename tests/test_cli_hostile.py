@@ -568,6 +568,38 @@ def test_nothing_compressible_left_fails(tmp_path):
     assert not out.exists()
 
 
+# Runs the CLI with import_model patched to warn, as onnx2torch's converters and torch do (a UserWarning from
+# the Slice converter, for one).
+_WARNING_ENTRY = """
+import sys, warnings
+from onnx_admm import api
+from onnx_admm.cli import main
+real = api.import_model
+def warning_import(*args, **kwargs):
+    warnings.warn("a library's word of caution", UserWarning)
+    return real(*args, **kwargs)
+api.import_model = warning_import
+main()
+"""
+
+
+def test_library_warnings_go_to_the_log_not_over_the_progress(tmp_path):
+    # Printed raw ("file.py:12: UserWarning: ..."), such a line lands in the middle of the progress bars.
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-c", _WARNING_ENTRY, "-v", "compress", _gemm(tmp_path), "-o", out,
+                           "--data", _npz(tmp_path, x=X), *QUICK], env=_child_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "UserWarning" in line]
+    assert len(warned) == 1 and warned[0].startswith("INFO py.warnings: UserWarning: a library's word of caution ("), \
+        proc.stderr
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a CLI child process: this checkout first on its path."""
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
 # ----------------------------------------------------------------------------------------------
 # Signals during start-up
 # ----------------------------------------------------------------------------------------------
@@ -579,12 +611,13 @@ _ENTRY = "import sys; from onnx_admm.cli import main; print('STARTED', file=sys.
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted by Ctrl-C (SIGINT)"),
                                                 (signal.SIGTERM, 143, "interrupted by SIGTERM")])
 def test_signal_during_start_up_exits_with_the_documented_status_and_line(tmp_path, signum, code, line):
-    # Click parses the arguments first, and an option callback imports torch there (seconds): a signal then
+    # Click parses the arguments first, and an option callback imported torch there (seconds): a signal then
     # used to print click's "Aborted!" with status 1 (SIGINT) or kill the process without a word (SIGTERM).
-    # Each delay after the entry point is called must give the same status and line, whatever it lands in.
+    # Raised inside an extension's import, an interrupt could also abort the process from C++ or end in a
+    # RecursionError. Each delay after the entry point is called must give the same status and line,
+    # whatever it lands in: parsing, the libraries' import, the run.
     model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = _child_env()
     procs = {}
     for delay in (0.05, 0.3, 1.0):
         out = tmp_path / f"out{delay}.onnx"
@@ -605,3 +638,24 @@ def test_signal_during_start_up_exits_with_the_documented_status_and_line(tmp_pa
         assert proc.returncode == code, (delay, err)
         assert len(lines) == 1 and lines[0].startswith(line), (delay, err)
         assert not (tmp_path / f"out{delay}.onnx").exists()
+
+
+@pytest.mark.parametrize("swallowed_into", [RecursionError, None])
+def test_interrupt_swallowed_by_library_code_still_ends_the_run(tmp_path, monkeypatch, swallowed_into):
+    # The C code of an extension being imported can turn a KeyboardInterrupt into another error (numpy's
+    # import machinery: a RecursionError), or drop it: the run still ends as interrupted.
+    from onnx_admm import api
+
+    def swallowing_import(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            if swallowed_into is not None:
+                raise swallowed_into("maximum recursion depth exceeded") from None
+
+    monkeypatch.setattr(api, "import_model", swallowing_import)
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), _npz(tmp_path, x=X), out)
+    assert result.exit_code == 130, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == ["interrupted by Ctrl-C (SIGINT)"]
+    assert not out.exists()
