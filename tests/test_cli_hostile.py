@@ -56,6 +56,18 @@ def _compress(model, data, out, *args):
     return _run("compress", model, "-o", out, "--data", data, *QUICK, *args)
 
 
+def _external_data_model(path, location: str):
+    """The Gemm model saved at ``path`` with its weight W pointing at external data ``location``."""
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    onnx.save(model, str(path))
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Batch conventions
 # ----------------------------------------------------------------------------------------------
@@ -261,14 +273,7 @@ def test_fifo_as_an_input_is_refused_without_opening_it(tmp_path, fifo, where):
 
 
 def test_fifo_as_external_data_is_refused_without_opening_it(tmp_path, fifo):
-    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.ClearField("float_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    tensor.external_data.add(key="location", value="fifo")
-    path = tmp_path / "piped.onnx"
-    onnx.save(model, str(path))
+    path = _external_data_model(tmp_path / "piped.onnx", "fifo")
     _assert_one_line_error(_run("check", path), f"external data file {fifo} is a FIFO (named pipe), not a regular file")
 
 
@@ -521,14 +526,7 @@ def test_plugin_that_exits_is_the_plugins_error(tmp_path, monkeypatch, when, cod
 
 @pytest.mark.parametrize("command", ["inspect", "check", "compress"])
 def test_external_data_outside_the_model_folder_is_refused(tmp_path, command):
-    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.ClearField("float_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    tensor.external_data.add(key="location", value="../../../../etc/passwd")
-    path = tmp_path / "evil.onnx"
-    onnx.save(model, str(path))
+    path = _external_data_model(tmp_path / "evil.onnx", "../../../../etc/passwd")
     args = [command, path] + (["-o", tmp_path / "o.onnx", "--data", _npz(tmp_path, x=X)] if command == "compress" else [])
     _assert_one_line_error(_run(*args), "external data location '../../../../etc/passwd' points outside the model's folder")
 
