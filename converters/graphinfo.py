@@ -13,21 +13,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-logger = logging.getLogger(__name__)
+from converters.optable import WEIGHT_INPUTS
+from converters.shapes import dim_value, inferred_types
 
-# Op type -> input indices that hold a compressible weight (not biases, not norms).
-# MatMul is special-cased: whichever operand is constant.
-_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1,),
-    "ConvTranspose": (1,),
-    "Gemm": (1,),
-    "Gather": (0,),
-    "MatMul": (0, 1),
-    # Recurrent layers: W (input weights) and R (recurrence weights), [directions, gates*hidden, in/hidden].
-    "LSTM": (1, 2),
-    "GRU": (1, 2),
-    "RNN": (1, 2),
-}
+logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -105,17 +94,6 @@ def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object
     return default
 
 
-def dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    """A declared dim: its size, its symbol, or None when unknown.
-
-    A negative size is unknown too: paddle2onnx and tf2onnx write ``dim_value: -1`` for a dynamic
-    batch, which onnxruntime runs at any size.
-    """
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value) if dim.dim_value >= 0 else None
-    return dim.dim_param or None
-
-
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """A stable label for a node: its name, or one made from its op type and position when nameless.
 
@@ -170,7 +148,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tuple[tuple[int, ...], int]:
+def tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tuple[tuple[int, ...], int]:
+    """(shape, ONNX elem type) of a constant tensor, wherever it is stored."""
     graph = model.graph
     if source.location == "initializer":
         t = next(t for t in graph.initializer if t.name == source.name)
@@ -202,9 +181,9 @@ def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     aliases = identity_aliases(model)
     found: dict[str, tuple[str, list[Consumer]]] = {}
     for index, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_INPUTS:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_INPUTS:
             continue
-        for i in _WEIGHT_INPUTS[node.op_type]:
+        for i in WEIGHT_INPUTS[node.op_type]:
             if i >= len(node.input) or not node.input[i]:
                 continue
             src_name = resolve(node.input[i], aliases)
@@ -216,7 +195,7 @@ def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
             entry[1].append(Consumer(node_label(node, index), node.op_type, i))
     weights = []
     for name, (op_type, consumers) in found.items():
-        shape, dtype = _tensor_shape_and_type(model, sources[name])
+        shape, dtype = tensor_shape_and_type(model, sources[name])
         if dtype not in FLOAT_TYPES or len(shape) < 2:
             continue
         weights.append(WeightInfo(name, op_type, shape, sources[name].location, tuple(consumers)))
@@ -330,8 +309,6 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
 
     def types() -> dict:
         if not inferred:
-            from converters.batch_axis import inferred_types  # batch_axis imports this module
-
             inferred.update(inferred_types(model))
             inferred.update({k: v for k, v in declared.items() if v[1] is not None})
         return inferred
@@ -389,7 +366,7 @@ def tensor_value(model: onnx.ModelProto, source: TensorSource) -> np.ndarray:
         return numpy_helper.to_array(next(t for t in graph.initializer if t.name == source.name))
     if source.location == "sparse_initializer":
         s = next(s for s in graph.sparse_initializer if s.values.name == source.name)
-        return _sparse_to_dense(s)
+        return sparse_to_dense(s)
     node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == source.name)
     value = constant_node_value(node)
     if value is None:
@@ -403,7 +380,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
         if attr.name == "sparse_value":
-            return _sparse_to_dense(attr.sparse_tensor)
+            return sparse_to_dense(attr.sparse_tensor)
         if attr.name == "value_float":
             return np.asarray(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
@@ -415,7 +392,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     values = numpy_helper.to_array(sparse.values)
     indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
     dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)

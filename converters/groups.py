@@ -47,6 +47,8 @@ from converters.graphinfo import (
     resolve,
     tensor_value,
 )
+from converters.optable import BROADCAST, LINEAR, POOLS, REDUCE, UNARY
+from converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
 
@@ -144,23 +146,6 @@ class _Layout:
     outer: int = 1
 
 
-# Ops whose output 0 equals the op applied entry by entry to input 0 (other inputs: scalars).
-_UNARY = {
-    "Abs", "Acos", "Asin", "Atan", "Cast", "Ceil", "Celu", "Clip", "Cos", "Elu", "Erf", "Exp", "Floor",
-    "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN", "LeakyRelu", "Log", "Mish", "Neg",
-    "Not", "Reciprocal", "Relu", "Round", "Selu", "Shrink", "Sigmoid", "Sign", "Sin", "Softplus",
-    "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu", "Dropout",
-}  # fmt: skip
-# Ops computed per channel over the spatial dims of an NCHW tensor (output 0 only).
-_SPATIAL = {"AveragePool", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "LpPool", "MaxPool"}
-# Elementwise ops with broadcasting over several inputs.
-_BROADCAST = {"Add", "And", "BitShift", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
-              "Max", "Mean", "Min", "Mod", "Mul", "Or", "PRelu", "Pow", "Sub", "Sum", "Where", "Xor"}  # fmt: skip
-_REDUCE = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-           "ReduceProd", "ReduceSum", "ReduceSumSquare"}  # fmt: skip
-_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-
-
 def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
     """The channel groups of every Conv/Gemm/MatMul weight, in graph order.
 
@@ -227,7 +212,8 @@ class _Analysis:
                 src = self.constant(name)
                 if src is not None and node.op_type != "Identity":
                     self.constant_reads.setdefault(src, set()).add((self.labels[i], k))
-        self.shapes = _inferred_shapes(model)
+        self.shapes = {name: list(dims) for name, (_, dims) in inferred_types(model, data_prop=True).items()
+                       if dims is not None}
         self._values: dict[str, np.ndarray] = {}
 
     # -- constants -----------------------------------------------------------------------------------
@@ -256,7 +242,7 @@ class _Analysis:
         depthwise_of: dict[str, str] = {}  # depthwise node label -> group name
         pending_depthwise: list[tuple[int, str, int]] = []
         for i, node in enumerate(self.nodes):
-            if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_OPS:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in LINEAR:
                 continue
             # MatMul: the constant right operand; a constant left one is listed as not prunable.
             index = 0 if node.op_type == "MatMul" and self.constant(node.input[1]) is None else 1
@@ -422,7 +408,7 @@ class _Walk:
     def _blocking_operand(self, i: int) -> str | None:
         """For a broadcasting op, an operand that is computed but does not carry this group's channels."""
         node = self.a.nodes[i]
-        if node.op_type not in _BROADCAST:
+        if node.op_type not in BROADCAST:
             return None
         for name in node.input:
             if name and self.a.constant(name) is None and name not in self.reached:
@@ -525,10 +511,10 @@ class _Walk:
                 if j not in indices and out and (out in a.readers or out in a.outputs):
                     raise NotPrunable(f"output {j} of {op} {label} is used, which is not handled")
 
-        if op in _UNARY:
+        if op in UNARY:
             data_input_only()
             return [(out, layout) for out in node.output if out]
-        if op in _BROADCAST:
+        if op in BROADCAST:
             out_shape = a.shape(node.output[0])
             if out_shape is None:
                 raise NotPrunable(f"the shape of the output of {op} {label} is unknown")
@@ -542,7 +528,7 @@ class _Walk:
                 else:
                     self.broadcast_constant(name2, layout, (label, k2), out_rank)
             return [(node.output[0], layout)]
-        if op in _SPATIAL:
+        if op in POOLS:
             data_input_only()
             outputs_used((0,))
             self._need_nchw(layout, op, label)
@@ -602,7 +588,7 @@ class _Walk:
                 raise NotPrunable(f"Squeeze {label} removes the channel axis")
             new = layout.axis - sum(ax < layout.axis for ax in squeezed)
             return [(node.output[0], _Layout(new, layout.inner, layout.outer))]
-        if op in _REDUCE:
+        if op in REDUCE:
             data_input_only()
             axes = self._axes(node, label)
             if not axes:
@@ -730,20 +716,3 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
                 names.update(n for n in inner.input if n)
                 names.update(_subgraph_reads(inner))
     return names
-
-
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Shapes of every value ONNX shape inference knows (dims: int, symbolic name or None)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 -- inference errors are many types; the walk then stops early
-        logger.warning("shape inference failed (%s); channel groups that need shapes are not prunable", exc)
-        inferred = model
-    shapes: dict[str, list[int | str | None]] = {}
-    graph = inferred.graph
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        ttype = value.type.tensor_type
-        if not ttype.HasField("shape"):
-            continue
-        shapes[value.name] = [dim_value(d) for d in ttype.shape.dim]
-    return shapes

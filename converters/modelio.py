@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -107,6 +108,19 @@ def save_json(data: dict, path: str | Path) -> Path:
             return staged.commit([staged.json(data, Path(path))])[0]
     except OSError as exc:
         raise _write_error(path, exc) from None
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinite float replaced by None (recursively through dicts, lists and
+    tuples): Python's json writes them as the tokens NaN/Infinity, which strict JSON parsers (jq, JavaScript,
+    Go) refuse, and a report a pipeline cannot read is no report."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _write_error(path: str | Path, exc: OSError) -> UserError:
@@ -237,9 +251,9 @@ class Staged:
         return [staged] + ([tmp / data_name] if external_data and (tmp / data_name).exists() else [])
 
     def json(self, data: dict, target: Path) -> Path:
-        """Stage ``data`` as indented JSON for ``target``."""
+        """Stage ``data`` as indented, strict JSON for ``target`` (``json_safe``)."""
         staged = self.folder(target) / target.name
-        staged.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        staged.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
         return staged
 
     def commit(self, staged: list[Path]) -> list[Path]:

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from converters.errors import UserError
+from converters.modelio import json_safe
 from onnx_admm import __version__
 from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
@@ -128,7 +129,7 @@ def inspect(model: str, as_json: bool) -> None:
     from onnx_admm.inspection import format_inspection, inspect_model
 
     info = inspect_model(model)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    click.echo(json.dumps(json_safe(info), indent=2, allow_nan=False) if as_json else format_inspection(info))
 
 
 def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
@@ -153,7 +154,7 @@ def check(model: str, data: str | None, as_json: bool) -> None:
     from onnx_admm.check import check as run_check
 
     report = run_check(model, _load_feeds(model, data))
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    click.echo(json.dumps(json_safe(report.to_dict()), indent=2, allow_nan=False) if as_json else report.format())
     if not report.passed:
         sys.exit(1)
 
@@ -165,15 +166,23 @@ def check(model: str, data: str | None, as_json: bool) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="onnxruntime threads.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None) -> None:
-    """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: agreement, accuracy, size, latency."""
+@click.option("--metric-floor", type=float, default=0.5, show_default=True,
+              help="Exit 3 when COMPRESSED keeps less than this share of ORIGINAL's figure (accuracy with labels, "
+                   "else the task metric against ORIGINAL); 0 turns it off.")
+@click.option("--max-accuracy-drop", type=float,
+              help="Exit 3 when the drop (accuracy with labels, else 1 - the task metric) exceeds this fraction.")
+def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None,
+             metric_floor: float, max_accuracy_drop: float | None) -> None:
+    """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: the task metric, accuracy, size, latency."""
     from converters.graphinfo import graph_inputs
     from converters.modelio import load_model, save_json
     from onnx_admm.data import resolve_data
     from onnx_admm.outputs import RunFiles, input_files
+    from onnx_admm.gate import Gate
     from onnx_admm.validate import format_table
     from onnx_admm.validate import validate as run_validate
 
+    gate = Gate(max_accuracy_drop, metric_floor)
     if report_path:
         RunFiles.plan(original, None, report_path).check(
             input_files(original, label="the original model") + input_files(compressed, label="the compressed model")
@@ -181,8 +190,12 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
     dataset = resolve_data(data, graph_inputs(load_model(original)))
     report = run_validate(original, compressed, dataset, batch_size=batch_size, threads=threads)
     click.echo(format_table(report))
+    verdict, failure = gate.judge(report.drop, report.retained)
     if report_path:
-        save_json(report.to_dict(), report_path)
+        save_json({**report.to_dict(), "gate": verdict}, report_path)
+    if failure is not None:
+        click.echo(failure, err=True)
+        sys.exit(EXIT_GATE)
 
 
 @main.command()
@@ -195,8 +208,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
 @click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
 @click.option("--structure", callback=lambda ctx, param, value: _check_structure(value),
-              help="What the pruning removes: unstructured, filter, channel, column, block (filters and channels "
-                   "also shrink the graph), or an N:M pattern such as 2:4 (N of every M weights along the input "
+              help="What the pruning removes: unstructured, filter, channel, column, block (filter pruning also "
+                   "removes the filters from the graph; the others store zeros), or an N:M pattern such as 2:4 (N of every M weights along the input "
                    "axis; no --sparsity needed).")
 @click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
 @click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to k-bit levels (the int container's range).")
@@ -219,8 +232,13 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
               help="Exit 3 when the drop exceeds this fraction; the model is then written as OUT's stem + .gate-failed.onnx.")
+@click.option("--metric-floor", type=float, default=0.5, show_default=True,
+              help="Exit 3 when the compressed model keeps less than this share of the original's figure on the "
+                   "held-out split (accuracy with labels, else the task metric against the original: top-1 "
+                   "agreement, CTC sequence match, positive-set F1); 0 turns it off.")
 @click.option("--keep-failed/--discard-failed", default=True, show_default=True,
-              help="Whether a model that fails --max-accuracy-drop is written (under its .gate-failed name).")
+              help="Whether a model that fails the gate (--max-accuracy-drop, --metric-floor) is written "
+                   "(under its .gate-failed name).")
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress and no summary table (warnings and errors still go to stderr).")
@@ -229,8 +247,8 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
              ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
-             report_path: str | None, max_accuracy_drop: float | None, keep_failed: bool, save_stages: str | None,
-             quiet: bool) -> None:
+             report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
+             save_stages: str | None, quiet: bool) -> None:
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
     from onnx_admm.api import compress as run_compress
@@ -262,7 +280,8 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         # keeps the results.
         result = run_compress(model, data, config, val_data=val_data, progress="off" if quiet else "auto",
                               output=output, report_path=report_path, save_stages=save_stages,
-                              max_accuracy_drop=max_accuracy_drop, keep_failed=keep_failed,
+                              max_accuracy_drop=max_accuracy_drop, metric_floor=metric_floor,
+                              keep_failed=keep_failed,
                               protect={"the recipe": recipe})
     except CompressInterrupted as exc:
         click.echo(exc.describe(), err=True)
@@ -298,6 +317,8 @@ def _parse_block(text: str | None) -> tuple[int, int] | None:
 
 
 def _summary(report: dict) -> str:
+    from onnx_admm.validate import describe_task
+
     m = report["metrics"]
     lines = [f"{'layer':<40} {'shape':<20} {'sparsity':>9} {'residual':>9}"]
     for layer in report["layers"]:
@@ -324,6 +345,10 @@ def _summary(report: dict) -> str:
         lines.append(f"{pattern} sparsity on {count} weight(s); runtimes: {'; '.join(runtimes)}")
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
+    task = m.get("task")
+    if task is not None:  # first: what the model still does is the figure a pipeline ships on
+        lines.insert(0, describe_task(task, report["score"]["tensor"] if report.get("score") else None,
+                                      report.get("score")))
     return "\n".join(lines)
 
 

@@ -51,13 +51,6 @@ def check_config(config: CompressConfig) -> None:
     check_device(config.train.device)
 
 
-def check_accuracy_drop(limit: float | None) -> None:
-    """The accuracy gate's limit, when given, is a finite fraction >= 0: NaN would pass every model, inf too."""
-    if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= 0):
-        raise UserError(f"max_accuracy_drop (--max-accuracy-drop) must be a finite number >= 0, an absolute fraction "
-                        f"(0.01 = 1 point), got {limit!r}")
-
-
 def check_device(device: str) -> None:
     """``cpu``, or ``cuda[:N]`` with CUDA present and at least N + 1 devices."""
     match = _DEVICE_RE.fullmatch(device)

@@ -3,7 +3,7 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output, epochs (the total budget), distill
+               val_fraction, output, blank, epochs (the total budget), distill
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, pull, rho_growth, rho_max, rescale_dual,
                lr_policy, share
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
@@ -96,6 +96,9 @@ class TrainConfig:
     device: str = "cpu"
     val_fraction: float = 0.1
     output: str | None = None  # which output carries the scores, when the automatic choice is wrong
+    # The CTC blank class of a per-time-step score output, for the task metric (None: the original's
+    # most frequent class when it covers at least half of the steps; onnx_admm.metrics).
+    blank: int | None = None
     # Total training budget in epochs, split over stages and phases by the tool (schedule.split_budget).
     # Exclusive with admm.epochs / admm.retrain_epochs, which fix each stage's phases instead.
     epochs: float | None = None
@@ -121,6 +124,8 @@ class TrainConfig:
             _fail(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
         if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
             _fail(f"train.distill must be a fraction in [0, 1] (0: labels only), got {self.distill!r}")
+        if self.blank is not None and (not isinstance(self.blank, int) or isinstance(self.blank, bool) or self.blank < 0):
+            _fail(f"train.blank is the CTC blank's class index and must be an integer >= 0, got {self.blank!r}")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
             _fail(f"train.epochs is the total training budget and must be > 0, got {self.epochs!r}")
 

@@ -154,3 +154,9 @@ def test_bad_npz_is_one_line_error(tmp_path, digits_sample, arrays, fragments):
 def test_validate_different_io_is_error(tmp_path, digits_sample, lenet5_torchscript_onnx):
     _assert_one_line_error(
         _run("validate", digits_sample.model, lenet5_torchscript_onnx, "--data", digits_sample.test))
+
+
+def test_structure_help_says_only_filter_pruning_shrinks_the_graph():
+    shown = " ".join(CliRunner().invoke(main, ["compress", "--help"]).output.split())
+    assert "filter pruning also removes the filters from the graph; the others store zeros" in shown
+    assert "channels also shrink" not in shown

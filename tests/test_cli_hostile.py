@@ -369,8 +369,8 @@ def test_inf_in_a_plugin_batch_is_an_input_error(tmp_path, monkeypatch):
     (["--device", "cudax"], "", "device 'cudax' is not 'cpu', 'cuda' or 'cuda:N'"),
     (["--seed", "-1"], "", "train.seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**70)], "", f"train.seed must be an integer in [0, 4294967295], got {2**70}"),
-    (["--max-accuracy-drop", "nan"], "", "max_accuracy_drop (--max-accuracy-drop) must be a finite number >= 0"),
-    (["--max-accuracy-drop", "inf"], "", "max_accuracy_drop (--max-accuracy-drop) must be a finite number >= 0"),
+    (["--max-accuracy-drop", "nan"], "", "max_accuracy_drop must be a finite fraction >= 0 (0.01 = 1 point), got nan"),
+    (["--max-accuracy-drop", "inf"], "", "max_accuracy_drop must be a finite fraction >= 0 (0.01 = 1 point), got inf"),
     (["--threads", "100000"], "", f"train.threads must be an integer from 1 to {4 * os.cpu_count()} (4 per CPU"),
     ([], "[train]\nthreads = 100000\n", "got 100000; one per core is usually fastest"),
 ])

@@ -158,3 +158,42 @@ def test_summary_for_inspect(onnx_model_file):
         "reshapes": ["val_7[1] (-16 per channel)"],
     }
     assert summary[-1]["prunable"] is False and "graph output" in summary[-1]["reason"]
+
+
+@pytest.mark.parametrize("op", ["Sinh", "Cosh", "Asinh", "Atanh", "Relu"])
+def test_every_unary_op_of_the_op_table_passes_the_channels_through(op):
+    # The walk asks converters.optable like the batch-axis proof: Sinh & co. once stopped the group here.
+    from converters.optable import UNARY
+
+    assert op in UNARY
+    model = _model(f"c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r0 = {op} (c)\n r = Relu (r0)" + _GAP_HEAD,
+                   _CONV + ", " + _HEAD)
+    onnx.checker.check_model(model, full_check=True)
+    group = channel_groups(model)[0]
+    assert group.name == "w" and group.prunable, group.reason
+
+
+def test_the_onnx_side_has_no_import_cycle():
+    """Each converters module imports only modules below it: a walk of the import graph finds no cycle."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "converters"
+    deps = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps[path.stem] = {node.module.split(".")[1] for node in ast.walk(tree)
+                           if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("converters.")}
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        assert state.get(name) != 1, f"import cycle: {' -> '.join(trail + [name])}"
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        for dep in sorted(deps.get(name, ())):
+            visit(dep, trail + [name])
+        state[name] = 2
+
+    for name in sorted(deps):
+        visit(name, [])
