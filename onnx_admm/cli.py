@@ -19,7 +19,6 @@ from typing import Any
 import click
 
 from converters.errors import UserError
-from converters.modelio import json_safe
 from onnx_admm import __version__
 from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
@@ -126,6 +125,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(model: str, as_json: bool) -> None:
     """List the compressible weights of MODEL, its score output, and anything that cannot be imported."""
+    from converters.modelio import json_safe
     from onnx_admm.inspection import format_inspection, inspect_model
 
     info = inspect_model(model)
@@ -151,6 +151,7 @@ def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check(model: str, data: str | None, as_json: bool) -> None:
     """Pre-flight: import MODEL, compare torch with onnxruntime, and prove write-back. Exit 0 only if all pass."""
+    from converters.modelio import json_safe
     from onnx_admm.check import check as run_check
 
     report = run_check(model, _load_feeds(model, data))
