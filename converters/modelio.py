@@ -18,6 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from converters.errors import UserError
+from converters.files import require_file
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +26,14 @@ logger = logging.getLogger(__name__)
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
+def require_model_file(path: str | Path, what: str = "model") -> Path:
+    """``path`` names a regular file, checked before anything opens it (a FIFO would block the run)."""
+    return require_file(path, what, "pass the path of an .onnx model")
+
+
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Load an ONNX file with its external data, or raise UserError naming the problem and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; pass the path of an .onnx model")
+    path = require_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
@@ -45,10 +49,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                 f"{path}: external data location {location!r} points outside the model's folder {path.parent}; "
                 "keep the data files next to the model and refer to them by file name"
             )
-        if not (path.parent / location).is_file():
-            raise UserError(
-                f"{path}: external data file {location!r} is missing; keep it next to the model (in {path.parent})"
-            )
+        require_file(path.parent / location, f"{path}: external data file",
+                     f"keep the model's data files next to it (in {path.parent})")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:

@@ -43,7 +43,7 @@ from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
                                stage_path)
-from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
+from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights, check_writable
 from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
                             nm_constraint, reduction_axis, sparsity_constraints)
 from onnx_admm.progress import Progress, display
@@ -316,6 +316,7 @@ def compress(
         try:
             cfg = config.train
             original = load_model(model) if original_path is not None else model
+            check_outputs(original)
             external = bool(locations)
             imported = import_model(original, output=cfg.output)
             torch.manual_seed(cfg.seed)

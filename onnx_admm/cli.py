@@ -7,40 +7,108 @@ Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from converters.errors import UserError
-from converters.modelio import json_safe
 from onnx_admm import __version__
-from onnx_admm.signals import exit_status, sigterm_interrupts, signal_name
+from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+# What the commands import (torch, onnx, onnxruntime, onnx2torch and their C extensions), loaded before
+# any command runs.
+_LIBRARIES = ("onnx_admm.api", "onnx_admm.check", "onnx_admm.inspection", "onnx_admm.validate")
+
+
 class _Command(click.Command):
-    """Turn UserError into a one-line message and exit status 1, never a traceback; SIGTERM acts like
-    Ctrl-C, and either ends the command with 130 or 143 (not click's "Aborted!" and 1)."""
+    """Turn UserError into a one-line message and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # An interrupt raised inside an extension's initialisation can abort the process from C++ (std::terminate)
+        # or leave a module half-built: the libraries load with signals held, which land when they are loaded.
+        with deferred():
+            for name in _LIBRARIES:
+                importlib.import_module(name)
         try:
-            with sigterm_interrupts():
-                return super().invoke(ctx)
+            return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt as exc:
-            click.echo(f"interrupted by {signal_name(exc)}", err=True)
-            sys.exit(exit_status(exc))
+
+
+@contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside the block ends the process with 130 or 143 and one line.
+
+    Without it click would answer Ctrl-C with "Aborted!" and status 1, and SIGTERM would kill the process
+    without a word. An interrupt that an extension's import swallowed, or turned into another error (a
+    RecursionError in numpy's import machinery), counts as the interrupt it was.
+    """
+    try:
+        yield
+        interrupt = pending_interrupt()
+    except KeyboardInterrupt as exc:
+        interrupt = exc
+    except Exception:
+        interrupt = pending_interrupt()
+        if interrupt is None:
+            raise
+    if interrupt is not None:
+        with deferred(deliver=False):  # a second signal must not cut the line short
+            click.echo(f"interrupted by {signal_name(interrupt)}", err=True)
+            sys.exit(exit_status(interrupt))
+
+
+@contextmanager
+def _warnings_logged() -> Iterator[None]:
+    """Library warnings (torch's, onnx2torch's UserWarnings) go to the log at INFO, shown with -v.
+
+    Printed raw they would land on stderr in the middle of the progress display. The logger is
+    ``py.warnings``, as ``logging.captureWarnings`` names it; the message keeps its category and origin.
+    """
+    logger = logging.getLogger("py.warnings")
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        logger.info("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 class _Group(click.Group):
+    """The command group. Signals are handled from the moment ``main`` runs: click's own ``main`` turns a
+    KeyboardInterrupt into "Aborted!", so parsing (``make_context``) and the command (``invoke``) each get
+    the handling inside it as well. Library warnings go to the log for the whole run."""
+
     command_class = _Command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # The handling outermost: a signal that lands while the handlers are being installed is caught too.
+        with _signals_end_the_run(), interrupts(), _warnings_logged():
+            return super().main(*args, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _signals_end_the_run():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _signals_end_the_run():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_Group)
@@ -57,6 +125,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(model: str, as_json: bool) -> None:
     """List the compressible weights of MODEL, its score output, and anything that cannot be imported."""
+    from converters.modelio import json_safe
     from onnx_admm.inspection import format_inspection, inspect_model
 
     info = inspect_model(model)
@@ -82,6 +151,7 @@ def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check(model: str, data: str | None, as_json: bool) -> None:
     """Pre-flight: import MODEL, compare torch with onnxruntime, and prove write-back. Exit 0 only if all pass."""
+    from converters.modelio import json_safe
     from onnx_admm.check import check as run_check
 
     report = run_check(model, _load_feeds(model, data))

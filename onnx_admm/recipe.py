@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import os
 import re
 import sys
 import types
@@ -37,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import UserError
-from onnx_admm.allocation import ALLOCATIONS
-from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
+from converters.files import require_file
+from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,6 +57,22 @@ DEFAULT_RETRAIN_EPOCHS = 5
 
 def _fail(message: str) -> None:
     raise UserError(message)
+
+
+# More threads than 4 per CPU never run faster, and a number like 100000 makes torch's OpenMP runtime fail
+# (libgomp: out of memory, or a crash) instead of erring in a line.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def check_threads(name: str, value: object) -> None:
+    """``value`` is a thread count from 1 to ``MAX_THREADS`` (torch's for training, onnxruntime's for validation).
+
+    Raises:
+        UserError: It is not.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_THREADS:
+        _fail(f"{name} must be an integer from 1 to {MAX_THREADS} (4 per CPU; this machine has {os.cpu_count()}), "
+              f"got {value!r}; one per core is usually fastest")
 
 
 def _check_fraction(name: str, value: float | None) -> None:
@@ -98,8 +116,8 @@ class TrainConfig:
             _fail(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             _fail(f"train.batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            _fail(f"train.threads must be a positive integer, got {self.threads!r}")
+        if self.threads is not None:
+            check_threads("train.threads", self.threads)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             _fail(f"train.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 0 < self.val_fraction < 0.5:
@@ -156,7 +174,9 @@ class ADMMConfig:
                 _fail(f"admm.{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.updates, int) or isinstance(self.updates, bool) or self.updates < 1:
             _fail(f"admm.updates must be an integer >= 1 (Z/U updates per ADMM phase), got {self.updates!r}")
-        if self.period is not None and (not self.period > 0 or (self.period >= 1 and self.period != int(self.period))):
+        # Finite first: int(inf) raises OverflowError (a count of epochs must be a number the schedule can reach).
+        if self.period is not None and (not math.isfinite(self.period) or not self.period > 0
+                                        or (self.period >= 1 and self.period != int(self.period))):
             _fail(f"admm.period must be a whole number of epochs, or a fraction below 1 (0.25 = four Z/U "
                   f"updates per epoch), got {self.period!r}")
         if self.rho is not None and not self.rho > 0:
@@ -393,7 +413,7 @@ class CompressConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> CompressConfig:
-        path = Path(path)
+        path = require_file(path, "recipe", "pass a TOML recipe file")
         try:
             text = path.read_text()
         except OSError as exc:

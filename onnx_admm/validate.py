@@ -25,10 +25,11 @@ import torch
 from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
-from converters.modelio import external_data_files, load_model, save_model, scratch_dir
+from converters.modelio import external_data_files, load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
 from onnx_admm.gate import retained
 from onnx_admm.metrics import TaskMetric, for_score
+from onnx_admm.recipe import check_threads
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
@@ -148,9 +149,7 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; pass the path of an .onnx model")
+    path = require_model_file(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -215,6 +214,7 @@ def validate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_threads("threads (--threads)", threads)
     original, compressed = Path(original), Path(compressed)
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)

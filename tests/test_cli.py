@@ -99,7 +99,7 @@ def test_truncated_file(tmp_path, digits_sample):
 
 
 def test_missing_file(tmp_path):
-    _assert_one_line_error(_run("inspect", tmp_path / "nope.onnx"), "no such file")
+    _assert_one_line_error(_run("inspect", tmp_path / "nope.onnx"), "nope.onnx does not exist; pass the path of an .onnx model")
 
 
 def test_missing_external_data(tmp_path, lenet5_dynamo_onnx):

@@ -249,7 +249,7 @@ def test_sparsity_out_of_range_is_an_error_and_writes_nothing(digits_sample, tmp
 @pytest.mark.parametrize("args,fragments", [
     (["--sparsity", "0.99999"], ["impossible target", "minimums", "floor"]),
     ([], ["nothing to compress", "--sparsity"]),
-    (["--sparsity", "0.9", "--recipe", "missing.toml"], ["cannot read recipe", "missing.toml"]),
+    (["--sparsity", "0.9", "--recipe", "missing.toml"], ["recipe missing.toml does not exist"]),
     (["--sparsity", "0.9", "--epochs", "4", "--admm-epochs", "2"], ["train.epochs", "contradict", "--admm-epochs"]),
 ], ids=["floors", "no-target", "no-recipe", "budget-and-per-stage"])
 def test_target_errors_are_one_line(digits_sample, tmp_path, args, fragments):

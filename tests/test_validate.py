@@ -167,7 +167,7 @@ def test_score_output_override(tmp_path):
 
 
 def test_open_session_errors(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UserError, match="missing.onnx does not exist"):
         open_session(tmp_path / "missing.onnx")
     broken = _classifier()
     broken.graph.node[0].input[1] = "undefined_tensor"
