@@ -40,6 +40,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from converters.graphinfo import dim_value, node_attr, node_label
+from converters.optable import BROADCAST, CHANNEL_FIRST, RECURRENT, REDUCE, UNARY
+from converters.shapes import inferred_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -47,29 +49,6 @@ BATCH_DIM = "batch"
 BAKED_BATCH_KEY = "onnx_admm.baked_batch"
 BATCH_AXES_KEY = "onnx_admm.batch_axes"
 FIXED_BATCH_KEY = "onnx_admm.fixed_batch"
-
-UNARY_OPS = {
-    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Cos",
-    "Cosh", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf",
-    "IsNaN", "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Shrink", "Sigmoid",
-    "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
-}  # fmt: skip
-BROADCAST_OPS = {
-    "Add", "And", "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Div", "Equal", "Greater", "GreaterOrEqual",
-    "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum", "Where", "Xor",
-}  # fmt: skip
-# Ops whose first input is N x C x ...: the batch must be axis 0 and stays there.
-_BATCH_FIRST = {
-    "AveragePool", "BatchNormalization", "Conv", "ConvTranspose", "DepthToSpace", "GlobalAveragePool",
-    "GlobalLpPool", "GlobalMaxPool", "GroupNormalization", "InstanceNormalization", "LRN", "LpPool", "MaxPool",
-    "SpaceToDepth",
-}  # fmt: skip
-_REDUCE = {
-    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
-    "ReduceSum", "ReduceSumSquare",
-}  # fmt: skip
-_RECURRENT = {"LSTM", "GRU", "RNN"}
-
 
 class _NotBatch(Exception):
     """The batch hypothesis fails at a node (the message says why)."""
@@ -240,11 +219,11 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
         raise _NotBatch(f"onnx-admm has no batch rule for domain {node.domain!r}")
     if op in ("Shape", "Size"):
         return [None] * n_out  # a run-time value: follows the batch by itself
-    if op in UNARY_OPS:
+    if op in UNARY:
         return [_only(axes_in)] * n_out
-    if op in BROADCAST_OPS:
+    if op in BROADCAST:
         return [_broadcast(node, axes_in, ctx)] * n_out
-    if op in _BATCH_FIRST:
+    if op in CHANNEL_FIRST:
         if _only(axes_in) != 0:
             raise _NotBatch(f"{op} needs the batch at axis 0")
         return [0] * n_out
@@ -255,7 +234,7 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
         if sizes:
             raise _NotBatch("its constant output sizes fix the batch")
         return [0]
-    if op in _RECURRENT:
+    if op in RECURRENT:
         return _recurrent(node, axes_in, ctx)
     if op == "Reshape":
         return [_reshape(node, _only(axes_in), ctx)]
@@ -290,7 +269,7 @@ def _propagate(node: onnx.NodeProto, axes_in: list[int | None], ctx: _Context) -
         if axis >= k:
             raise _NotBatch("it normalizes over the batch axis")
         return [axis] * n_out
-    if op in _REDUCE or op in ("ArgMax", "ArgMin"):
+    if op in REDUCE or op in ("ArgMax", "ArgMin"):
         if op in ("ArgMax", "ArgMin"):
             axes = [node_attr(node, "axis", 0)]
         else:
@@ -368,32 +347,6 @@ def _pad_or_tile(node: onnx.NodeProto, axis: int, rank: int, ctx: _Context) -> i
         if a == axis and pads and (pads[k] or pads[k + n]):
             raise _NotBatch("it pads the batch axis")
     return axis
-
-
-def inferred_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...] | None]]:
-    """(elem type, dims) of every typed tensor after ONNX shape inference (non-strict, best effort).
-
-    A dim is its value, its symbol, or None when unknown; dims is None when the rank is unknown.
-    """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # inference is best effort; a missing shape stops whoever needs it, with a message
-        inferred = model
-    result = {}
-    graph = inferred.graph
-    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-        ttype = value.type.tensor_type
-        dims = None
-        if ttype.HasField("shape"):
-            dims = tuple(dim_value(d) for d in ttype.shape.dim)
-        result[value.name] = (ttype.elem_type, dims)
-    return result
-
-
-def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Static shapes from ``inferred_types`` by tensor name; a symbolic or unknown dim is None."""
-    return {name: tuple(d if isinstance(d, int) else None for d in dims)
-            for name, (_, dims) in inferred_types(model).items() if dims is not None}
 
 
 def _fixed_batch(model: onnx.ModelProto) -> tuple[int, list[onnx.ValueInfoProto], bool] | None:

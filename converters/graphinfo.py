@@ -13,21 +13,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-logger = logging.getLogger(__name__)
+from converters.optable import WEIGHT_INPUTS
+from converters.shapes import dim_value, inferred_types
 
-# Op type -> input indices that hold a compressible weight (not biases, not norms).
-# MatMul is special-cased: whichever operand is constant.
-_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1,),
-    "ConvTranspose": (1,),
-    "Gemm": (1,),
-    "Gather": (0,),
-    "MatMul": (0, 1),
-    # Recurrent layers: W (input weights) and R (recurrence weights), [directions, gates*hidden, in/hidden].
-    "LSTM": (1, 2),
-    "GRU": (1, 2),
-    "RNN": (1, 2),
-}
+logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -105,17 +94,6 @@ def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object
     return default
 
 
-def dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    """A declared dim: its size, its symbol, or None when unknown.
-
-    A negative size is unknown too: paddle2onnx and tf2onnx write ``dim_value: -1`` for a dynamic
-    batch, which onnxruntime runs at any size.
-    """
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value) if dim.dim_value >= 0 else None
-    return dim.dim_param or None
-
-
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """A stable label for a node: its name, or one made from its op type and position when nameless.
 
@@ -123,6 +101,15 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
     graph match the module names of the imported copy.
     """
     return node.name or f"{node.op_type}_{index}_unnamed"
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base2``, ``base3`` ... : the first not in ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    return name
 
 
 def constant_sources(model: onnx.ModelProto) -> dict[str, TensorSource]:
@@ -170,7 +157,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tuple[tuple[int, ...], int]:
+def tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tuple[tuple[int, ...], int]:
+    """(shape, ONNX elem type) of a constant tensor, wherever it is stored."""
     graph = model.graph
     if source.location == "initializer":
         t = next(t for t in graph.initializer if t.name == source.name)
@@ -202,9 +190,9 @@ def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     aliases = identity_aliases(model)
     found: dict[str, tuple[str, list[Consumer]]] = {}
     for index, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_INPUTS:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_INPUTS:
             continue
-        for i in _WEIGHT_INPUTS[node.op_type]:
+        for i in WEIGHT_INPUTS[node.op_type]:
             if i >= len(node.input) or not node.input[i]:
                 continue
             src_name = resolve(node.input[i], aliases)
@@ -216,15 +204,52 @@ def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
             entry[1].append(Consumer(node_label(node, index), node.op_type, i))
     weights = []
     for name, (op_type, consumers) in found.items():
-        shape, dtype = _tensor_shape_and_type(model, sources[name])
+        shape, dtype = tensor_shape_and_type(model, sources[name])
         if dtype not in FLOAT_TYPES or len(shape) < 2:
             continue
         weights.append(WeightInfo(name, op_type, shape, sources[name].location, tuple(consumers)))
     return weights
 
 
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output}
+class GraphView:
+    """One index of a graph that the analyses share instead of each rebuilding its own: the nodes and
+    their labels (``node_label``), the node that produces each tensor, who reads each tensor, and the
+    Identity aliases (``identity_aliases``). Built once per graph; the graph must not change under it.
+
+    ``readers[name]`` lists (node index, input index) in graph order; a subgraph (If branch, Loop/Scan
+    body) reading an outer name counts as a read by its node, at input index -1.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.labels = [node_label(n, i) for i, n in enumerate(self.nodes)]
+        self.by_label = dict(zip(self.labels, self.nodes))
+        self.producers = {out: node for node in self.nodes for out in node.output if out}
+        self.readers: dict[str, list[tuple[int, int]]] = {}
+        for i, node in enumerate(self.nodes):
+            reads = list(enumerate(node.input)) + [(-1, name) for name in sorted(subgraph_reads(node))]
+            for k, name in reads:
+                if name:
+                    self.readers.setdefault(name, []).append((i, k))
+        self._aliases: dict[str, str] | None = None
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        if self._aliases is None:
+            self._aliases = identity_aliases(self.model)
+        return self._aliases
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the node's subgraphs (If branches, Loop/Scan bodies) read, at any depth."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names.update(n for n in inner.input if n)
+                names.update(subgraph_reads(inner))
+    return names
 
 
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
@@ -320,7 +345,7 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
     [N, T, C] / [T, N, C] float output a MatMul/Gemm head computes (per-position logits); else, when the outputs are integer ids,
     the float tensor their ArgMax reads. ``override`` names a graph output or any tensor a node computes.
     """
-    producers = _producers(model)
+    producers = GraphView(model).producers
     outputs = list(model.graph.output)
     names = [o.name for o in outputs]
     declared = {o.name: (o.type.tensor_type.elem_type,
@@ -330,8 +355,6 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
 
     def types() -> dict:
         if not inferred:
-            from converters.batch_axis import inferred_types  # batch_axis imports this module
-
             inferred.update(inferred_types(model))
             inferred.update({k: v for k, v in declared.items() if v[1] is not None})
         return inferred
@@ -389,7 +412,7 @@ def tensor_value(model: onnx.ModelProto, source: TensorSource) -> np.ndarray:
         return numpy_helper.to_array(next(t for t in graph.initializer if t.name == source.name))
     if source.location == "sparse_initializer":
         s = next(s for s in graph.sparse_initializer if s.values.name == source.name)
-        return _sparse_to_dense(s)
+        return sparse_to_dense(s)
     node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == source.name)
     value = constant_node_value(node)
     if value is None:
@@ -403,7 +426,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
         if attr.name == "sparse_value":
-            return _sparse_to_dense(attr.sparse_tensor)
+            return sparse_to_dense(attr.sparse_tensor)
         if attr.name == "value_float":
             return np.asarray(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
@@ -415,7 +438,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     values = numpy_helper.to_array(sparse.values)
     indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
     dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)

@@ -33,27 +33,28 @@ from onnx2torch.onnx_graph import OnnxGraph
 from torch import fx, nn
 
 from converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
-from converters.batch_axis import baked_batch, fixed_batch, inferred_types
+from converters.batch_axis import baked_batch, fixed_batch
 from converters.errors import UserError
 from converters.graphinfo import (
     FLOAT_TYPES,
     Consumer,
+    GraphView,
     ScoreOutput,
     TensorSource,
-    _tensor_shape_and_type,
     compressible_weights,
     constant_sources,
     dim_value,
     find_score_output,
     graph_inputs,
-    identity_aliases,
-    node_label,
     resolve,
+    tensor_shape_and_type,
 )
 from converters.dequantize import decoded_view
 from converters.normalize import normalize
 from converters.quantized import dequantize_model
-from converters.writeback import QuantSpec, TensorUpdate
+from converters.shapes import inferred_types
+from converters.encoders import QuantSpec
+from converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.In
     _MODULE_PARAMS[_cls] = (("weight", 1, "scale"), ("bias", 2, "shift"))
 # LSTM/GRU/RNN hold W, R, B (and P) in ONNX layout: identity Layout.
 _MODULE_PARAMS[onnx_ops.OnnxRecurrent] = onnx_ops.RECURRENT_PARAMS
+
+
+# The torch parameter's (output-channel, input-channel) axes per consuming op: Conv and Linear (Gemm)
+# keep filters first; a ConvTranspose weight is [in, out / groups, k...]; a MatMul weight [K, N] stays in
+# ONNX layout. Ops absent here (Gather tables, recurrent W/R [directions, gates*hidden, in]) have no
+# filters or channels to prune whole.
+CHANNEL_AXES: dict[str, tuple[int, int]] = {"Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": (0, 1), "MatMul": (1, 0)}
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,11 @@ class WeightEntry:
     # False when this tensor also feeds consumers in another role: write-back gives this entry its own
     # copy of the tensor and rewires ``consumers`` to it.
     owns_tensor: bool = True
+
+    @property
+    def channel_axes(self) -> tuple[int | None, int | None]:
+        """The torch parameter's (output-channel, input-channel) axes (``CHANNEL_AXES``); (None, None) without."""
+        return CHANNEL_AXES.get(self.op_type, (None, None))
 
 
 class OnnxModule(nn.Module):
@@ -212,22 +225,26 @@ class ImportedModel:
     def compressible(self) -> list[WeightEntry]:
         return [e for e in self.weights if e.compressible]
 
-    def onnx_values(self, entries: list[WeightEntry] | None = None) -> dict[str, np.ndarray]:
-        """Current values in ONNX layout and dtype, keyed by ``WeightEntry.param``."""
-        values = {}
+    def onnx_values(self, entries: list[WeightEntry] | None = None,
+                    values: Mapping[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Values in ONNX layout and dtype, keyed by ``WeightEntry.param``: the module's current ones, or
+        ``values`` (torch layout, keyed by parameter name) without touching the module."""
+        out = {}
         for entry in self.weights if entries is None else entries:
-            tensor = self.parameter(entry).detach().cpu().numpy()
-            values[entry.param] = entry.layout.to_onnx(tensor).astype(entry.onnx_dtype, copy=False)
-        return values
+            tensor = (values[entry.param] if values is not None else self.parameter(entry)).detach().cpu().numpy()
+            out[entry.param] = entry.layout.to_onnx(tensor).astype(entry.onnx_dtype, copy=False)
+        return out
 
     def updates(self, entries: list[WeightEntry] | None = None,
-                quant: Mapping[str, QuantSpec] | None = None) -> list[TensorUpdate]:
-        """Write-back requests for the current values of ``entries`` (default: every weight).
+                quant: Mapping[str, QuantSpec] | None = None,
+                values: Mapping[str, torch.Tensor] | None = None) -> list[TensorUpdate]:
+        """Write-back requests for ``entries`` (default: every weight): the module's current values, or
+        ``values`` (torch layout, keyed by parameter name).
 
         ``quant`` maps a parameter name to how its values were quantized (ONNX layout), so the quantized
         encoders may store integers for it.
         """
-        values = self.onnx_values(entries)
+        values = self.onnx_values(entries, values)
         quant = quant or {}
         return [
             TensorUpdate(e.onnx_name, values[e.param],
@@ -566,19 +583,18 @@ def _freeze_unmapped(gm: fx.GraphModule, mapped: set[str]) -> None:
 
 
 def _consumers_of_constants(model: onnx.ModelProto) -> dict[str, list[Consumer]]:
-    aliases = identity_aliases(model)
-    result: dict[str, list[Consumer]] = defaultdict(list)
-    for index, node in enumerate(model.graph.node):
-        if node.op_type == "Identity":
-            continue
-        for i, name in enumerate(node.input):
-            if name:
-                result[resolve(name, aliases)].append(Consumer(node_label(node, index), node.op_type, i))
-    return result
+    """The nodes reading each tensor through Identity chains (Identity nodes themselves left out), in graph order."""
+    view = GraphView(model)
+    reads: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for name, readers in view.readers.items():
+        reads[resolve(name, view.aliases)] += [(i, k) for i, k in readers
+                                               if k >= 0 and view.nodes[i].op_type != "Identity"]
+    return {name: [Consumer(view.labels[i], view.nodes[i].op_type, k) for i, k in sorted(pairs)]
+            for name, pairs in reads.items() if pairs}
 
 
 def _onnx_dtype(model: onnx.ModelProto, source) -> np.dtype:
-    _, elem_type = _tensor_shape_and_type(model, source)
+    _, elem_type = tensor_shape_and_type(model, source)
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 

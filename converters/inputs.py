@@ -7,6 +7,8 @@ the graph's declared inputs (``graphinfo.graph_inputs``).
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -19,6 +21,11 @@ logger = logging.getLogger(__name__)
 # Size given to a symbolic or unknown dim that is not the leading (batch) dim: small enough to be
 # cheap, large enough that sequence/spatial ops (pooling, attention) have something to work on.
 OTHER_DYNAMIC_DIM = 8
+
+# At most this many bytes of synthesized inputs in all: ``check`` runs them through torch and onnxruntime,
+# which hold several times as much in activations, and a declared shape such as [N, 1, 1000000, 1000000]
+# would otherwise be allocated (14.6 TiB) before anything could say why.
+MAX_SYNTHESIZED_BYTES = 2**30
 
 # Integer inputs are drawn from [0, INT_HIGH): the safe range of an index (embedding rows, token ids)
 # cannot be known from the graph, and small non-negative values are valid for most index tables.
@@ -45,17 +52,38 @@ def synthesize_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> 
 
     Raises:
         UserError: An input has no declared shape, or a dtype that cannot be synthesized (strings,
-            complex numbers); real inputs must then be passed with ``--data``.
+            complex numbers), or the inputs would take more than ``MAX_SYNTHESIZED_BYTES``; real inputs
+            must then be passed with ``--data``.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     rng = np.random.default_rng(seed)
+    shapes = {spec.name: (spec, _concrete_shape(spec, batch)) for spec in graph_inputs(model)}
+    _check_size(shapes.values())
     feeds = {}
-    for spec in graph_inputs(model):
-        shape = _concrete_shape(spec, batch)
-        feeds[spec.name] = _random_array(spec, shape, rng)
-        logger.debug("synthesized input %r: %s %s", spec.name, spec.dtype, shape)
+    for name, (spec, shape) in shapes.items():
+        feeds[name] = _random_array(spec, shape, rng)
+        logger.debug("synthesized input %r: %s %s", name, spec.dtype, shape)
     return feeds
+
+
+def _check_size(shapes: Iterable[tuple[InputSpec, tuple[int, ...]]]) -> None:
+    """Refuse, before allocating anything, inputs whose bytes add up past ``MAX_SYNTHESIZED_BYTES``."""
+    shapes = list(shapes)
+    # Python integers: a product of declared dims cannot overflow here the way it would in numpy.
+    sizes = [(spec, shape, math.prod(shape) * spec.dtype.itemsize) for spec, shape in shapes]
+    total = sum(size for *_, size in sizes)
+    if total > MAX_SYNTHESIZED_BYTES:
+        spec, shape, size = max(sizes, key=lambda entry: entry[2])
+        raise UserError(
+            f"graph input {spec.name!r} {format_shape(spec.shape)} would be synthesized as {list(shape)} {spec.dtype} "
+            f"({_gib(size)}; {_gib(total)} for all inputs, over the {_gib(MAX_SYNTHESIZED_BYTES)} limit); pass real "
+            "inputs with --data (an .npz keyed by input name) or fix the declared shape"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def _concrete_shape(spec: InputSpec, batch: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from converters.errors import UserError
+from converters.files import require_file
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +26,14 @@ logger = logging.getLogger(__name__)
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
+def require_model_file(path: str | Path, what: str = "model") -> Path:
+    """``path`` names a regular file, checked before anything opens it (a FIFO would block the run)."""
+    return require_file(path, what, "pass the path of an .onnx model")
+
+
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Load an ONNX file with its external data, or raise UserError naming the problem and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; pass the path of an .onnx model")
+    path = require_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
@@ -44,10 +49,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                 f"{path}: external data location {location!r} points outside the model's folder {path.parent}; "
                 "keep the data files next to the model and refer to them by file name"
             )
-        if not (path.parent / location).is_file():
-            raise UserError(
-                f"{path}: external data file {location!r} is missing; keep it next to the model (in {path.parent})"
-            )
+        require_file(path.parent / location, f"{path}: external data file",
+                     f"keep the model's data files next to it (in {path.parent})")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
@@ -105,6 +108,19 @@ def save_json(data: dict, path: str | Path) -> Path:
             return staged.commit([staged.json(data, Path(path))])[0]
     except OSError as exc:
         raise _write_error(path, exc) from None
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinite float replaced by None (recursively through dicts, lists and
+    tuples): Python's json writes them as the tokens NaN/Infinity, which strict JSON parsers (jq, JavaScript,
+    Go) refuse, and a report a pipeline cannot read is no report."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _write_error(path: str | Path, exc: OSError) -> UserError:
@@ -235,9 +251,9 @@ class Staged:
         return [staged] + ([tmp / data_name] if external_data and (tmp / data_name).exists() else [])
 
     def json(self, data: dict, target: Path) -> Path:
-        """Stage ``data`` as indented JSON for ``target``."""
+        """Stage ``data`` as indented, strict JSON for ``target`` (``json_safe``)."""
         staged = self.folder(target) / target.name
-        staged.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        staged.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
         return staged
 
     def commit(self, staged: list[Path]) -> list[Path]:

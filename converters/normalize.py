@@ -28,11 +28,12 @@ import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper, version_converter
 
-from converters.batch_axis import inferred_shapes, unbake_batch
+from converters.batch_axis import unbake_batch
 from converters.dequantize import fold_weight_decoders
 from converters.errors import UserError
-from converters.graphinfo import _sparse_to_dense, constant_node_value, identity_aliases, node_label
+from converters.graphinfo import constant_node_value, identity_aliases, node_label, sparse_to_dense
 from converters.ranks import annotate_unknown_ranks
+from converters.shapes import inferred_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def densify_sparse_initializers(model: onnx.ModelProto) -> bool:
     if not graph.sparse_initializer:
         return False
     for sparse in graph.sparse_initializer:
-        graph.initializer.append(numpy_helper.from_array(_sparse_to_dense(sparse), sparse.values.name))
+        graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sparse), sparse.values.name))
     del graph.sparse_initializer[:]
     return True
 

@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.batch_axis import BROADCAST_OPS, UNARY_OPS, inferred_types
 from converters.errors import UserError
 from converters.graphinfo import node_attr, node_label
+from converters.optable import BROADCAST, KERNEL_POOLS, UNARY
+from converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,17 @@ logger = logging.getLogger(__name__)
 # would silently average over no axis without it).
 RANK_DEPENDENT = frozenset({"BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool", "GlobalAveragePool"})
 # Ops whose output 0 has the rank of input 0.
-_KEEP_RANK = UNARY_OPS | {
+_KEEP_RANK = UNARY | {
     "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization", "LRN",
     "Softmax", "LogSoftmax", "Hardmax", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Resize", "Upsample",
 }
-_POOLS = {"MaxPool", "AveragePool", "LpPool"}
 
 
 def _implied_input_rank(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> int | None:
     """The rank input 0 must have whatever the graph computes before it (Conv weight, pool kernel)."""
     if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in inits:
         return inits[node.input[1]].ndim
-    if node.op_type in _POOLS and node_attr(node, "kernel_shape") is not None:
+    if node.op_type in KERNEL_POOLS and node_attr(node, "kernel_shape") is not None:
         return len(node_attr(node, "kernel_shape")) + 2
     return None
 
@@ -56,9 +56,9 @@ def _forward(node: onnx.NodeProto, ranks: dict[str, int], inits: dict[str, np.nd
     op, known = node.op_type, [ranks.get(name) if name else None for name in node.input]
     if op in _KEEP_RANK:
         return known[0] if known else None
-    if op in BROADCAST_OPS:
+    if op in BROADCAST:
         return max(known) if known and None not in known else None
-    if op in ("Conv", "ConvTranspose") or op in _POOLS:
+    if op in ("Conv", "ConvTranspose") or op in KERNEL_POOLS:
         return _implied_input_rank(node, inits)
     if op in ("Flatten", "Gemm"):
         return 2
@@ -87,7 +87,7 @@ def _backward(node: onnx.NodeProto, ranks: dict[str, int], inits: dict[str, np.n
         return {}
     if node.op_type in _KEEP_RANK:
         return {x: out}
-    if node.op_type in BROADCAST_OPS:
+    if node.op_type in BROADCAST:
         unknown = [name for name in node.input if name and name not in ranks]
         if len(unknown) == 1 and all(ranks[name] < out for name in node.input if name and name in ranks):
             return {unknown[0]: out}

@@ -37,7 +37,8 @@ from onnx import helper, numpy_helper
 
 from converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from converters.groups import ChannelGroup, channel_groups
-from converters.writeback import DenseEncoder, SparseEncoder, TensorUpdate
+from converters.encoders import DenseEncoder, SparseEncoder
+from converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
 

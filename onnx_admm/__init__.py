@@ -1,7 +1,7 @@
 """onnx-admm: ADMM compression of ONNX models, written back into the original graph."""
 
-from converters.errors import UserError
+from converters.errors import OnnxAdmmError, UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "__version__"]
+__all__ = ["OnnxAdmmError", "UserError", "__version__"]

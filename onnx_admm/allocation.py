@@ -37,11 +37,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from onnx_admm.schedule import ALLOCATIONS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ALLOCATIONS", "Allocation", "allocate", "erk_densities", "floor_share", "lamp_scores"]
 
-ALLOCATIONS = ("lamp", "global", "erk", "uniform")
 _COUNT_DECIMALS = 9
 
 

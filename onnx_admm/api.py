@@ -28,20 +28,22 @@ import onnx
 import torch
 
 from converters.dequantize import decoded_view, stored_nbytes
-from converters.errors import UserError
+from converters.errors import OnnxAdmmError, UserError
 from converters.graphinfo import constant_sources, graph_inputs, tensor_value
 from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import Staged, load_model, save_model
 from converters.shrink import count_macs, cut_update, shrink
-from converters.writeback import DENSE_ENCODERS, QuantSpec, WriteBackResult, write_back
+from converters.encoders import DENSE_ENCODERS, QuantSpec
+from converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
+from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
                                stage_path)
-from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
+from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights, check_writable
 from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
                             nm_constraint, reduction_axis, sparsity_constraints)
 from onnx_admm.progress import Progress, display
@@ -111,10 +113,16 @@ class CompressResult:
     name: str = "model.onnx"  # the original's file name: a folder given to save() gets its stem + .admm.onnx
     inputs: list[tuple[str, Path]] = field(default_factory=list, repr=False)  # files save() must not overwrite
     files: list[Path] = field(default_factory=list)  # what compress(output=...) wrote
+    # The last write-back, by (stage index, metadata): asking for the same stage again (the final model
+    # saved, then again among --save-stages) reuses it. One only, so memory stays one model's.
+    _export_cache: tuple | None = field(default=None, repr=False)
 
     def model(self, stage: int = -1) -> onnx.ModelProto:
-        """The original graph with the weights of ``stage`` (default: the last) written back."""
-        return self.export(stage, self.metadata(stage)).model
+        """The original graph with the weights of ``stage`` (default: the last) written back (a copy the
+        caller may change)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.export(stage, self.metadata(stage)).model)
+        return model
 
     def metadata(self, stage: int = -1) -> dict[str, str]:
         """The ``metadata_props`` a saved model carries: tool version, recipe and stage."""
@@ -125,10 +133,16 @@ class CompressResult:
         }
 
     def export(self, stage: int = -1, metadata: dict[str, str] | None = None) -> WriteBackResult:
-        """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored."""
-        chosen = self.stages[stage]
-        _load_values(self.imported, chosen.values)
-        target, updates = self.imported.original, self.imported.updates(quant=chosen.quant_specs)
+        """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored (computed
+        once per stage and metadata; the live module is left as it is)."""
+        key = (range(len(self.stages))[stage], tuple(sorted((metadata or {}).items())))
+        if self._export_cache is None or self._export_cache[0] != key:
+            self._export_cache = (key, self._export(self.stages[stage], metadata))
+        return self._export_cache[1]
+
+    def _export(self, chosen: StageResult, metadata: dict[str, str] | None) -> WriteBackResult:
+        target = self.imported.original
+        updates = self.imported.updates(quant=chosen.quant_specs, values=chosen.values)
         # N:M weights stay in their own shape, zeros included: the runtimes that read the pattern (TensorRT)
         # check it on the dense weight, and a COO sparse initializer saves little at 2:4.
         updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if e.param in chosen.patterns else u
@@ -158,8 +172,9 @@ class CompressResult:
             return save_model(self.model(stage), target, external_data=self.external_data)
 
 
-class CompressInterrupted(Exception):
-    """Ctrl-C or SIGTERM during ``compress``.
+class CompressInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during ``compress``: a KeyboardInterrupt, so a caller's ``except Exception``
+    does not swallow the user's request to stop.
 
     ``result`` holds the completed stages (None when none completed); ``saved`` the files written
     (with ``output``, the last completed stage is saved there before this is raised); ``final``
@@ -189,15 +204,16 @@ class CompressInterrupted(Exception):
         return line
 
 
-class AccuracyGateFailed(Exception):
-    """The accuracy drop exceeds ``max_accuracy_drop``; the outputs are written, the model under its
-    ``.gate-failed`` name (or not at all without ``keep_failed``)."""
+class AccuracyGateFailed(OnnxAdmmError):
+    """The compressed model fails the gate (``onnx_admm.gate``: the accuracy drop exceeds
+    ``max_accuracy_drop``, or its task metric falls under the floor); the outputs are written, the model
+    under its ``.gate-failed`` name (or not at all without ``keep_failed``)."""
 
-    def __init__(self, result: CompressResult, drop: float, limit: float, saved: Path | None) -> None:
+    def __init__(self, result: CompressResult, reason: str, saved: Path | None) -> None:
         where = (f"the model is saved as {saved}, not under the output name" if saved is not None
                  else "the model was not written")
-        super().__init__(f"accuracy gate failed: drop {drop:.4f} > max accuracy drop {limit}; {where}")
-        self.result, self.drop, self.limit, self.saved = result, drop, limit, saved
+        super().__init__(f"{reason}; {where}")
+        self.result, self.reason, self.saved = result, reason, saved
 
 
 def _load_values(imported: ImportedModel, values: dict[str, torch.Tensor]) -> None:
@@ -220,11 +236,7 @@ def _to_batches(feeds, input_names: list[str], device: torch.device):
 def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
     specs = []
     for entry in imported.compressible():
-        # The torch parameter's output-channel axis: Conv/Linear keep filters first; a MatMul weight
-        # [K, N] (kept in ONNX layout) has them last; Gather tables and recurrent W/R
-        # [directions, gates*hidden, in] have no filters to prune whole.
-        out_axis = {"MatMul": 1, "Gather": None, "LSTM": None, "GRU": None, "RNN": None}.get(entry.op_type, 0)
-        specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, out_axis))
+        specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, *entry.channel_axes))
     return specs
 
 
@@ -239,6 +251,7 @@ def compress(
     report_path: str | Path | None = None,
     save_stages: str | Path | None = None,
     max_accuracy_drop: float | None = None,
+    metric_floor: float = DEFAULT_FLOOR,
     keep_failed: bool = True,
     protect: dict[str, str | Path | None] | None = None,
 ) -> CompressResult:
@@ -263,8 +276,12 @@ def compress(
             keeps it (``ReportFailed``).
         report_path: where to write the JSON report.
         save_stages: a folder that also gets every stage's model (``<output stem>.stage<N>.onnx``).
-        max_accuracy_drop: the accuracy gate: a larger drop on the held-out split raises
-            ``AccuracyGateFailed`` after writing the model as ``<output stem>.gate-failed.onnx``.
+        max_accuracy_drop: the accuracy gate: a larger drop on the held-out split (without labels:
+            1 - the task metric against the original) raises ``AccuracyGateFailed`` after writing the
+            model as ``<output stem>.gate-failed.onnx``.
+        metric_floor: the compressed model must keep this share of the original's figure on the
+            held-out split (accuracy with labels, else the task metric against the original), or
+            ``AccuracyGateFailed`` is raised the same way; 0 turns it off (``onnx_admm.gate``).
         keep_failed: False: a model that fails the gate is not written at all.
         protect: more files the run reads (label -> path, e.g. the recipe) that no output may overwrite.
 
@@ -280,14 +297,16 @@ def compress(
             (``ReportFailed``, the model saved to ``output``) the validation or the report failed after training.
         CompressInterrupted: on Ctrl-C or SIGTERM, carrying the completed stages (the last one saved to
             ``output`` when given).
-        AccuracyGateFailed: the drop exceeds ``max_accuracy_drop`` (the outputs are written).
+        AccuracyGateFailed: the drop exceeds ``max_accuracy_drop`` or the task metric falls under
+            ``metric_floor`` (the outputs are written).
     """
     started = time.perf_counter()
+    gate = Gate(max_accuracy_drop, metric_floor)
     check_config(config)
     shown = display(progress)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     files = RunFiles.plan(_model_name(original_path), output, report_path, save_stages,
-                          gated=max_accuracy_drop is not None, keep_failed=keep_failed)
+                          gated=gate.active, keep_failed=keep_failed)
     # Read once: its external data files are inputs to protect, and the output keeps its weights outside too.
     locations = external_locations(original_path) if original_path is not None else set()
     inputs = input_files(model, data, val_data, protect, locations=locations)
@@ -297,6 +316,7 @@ def compress(
         try:
             cfg = config.train
             original = load_model(model) if original_path is not None else model
+            check_outputs(original)
             external = bool(locations)
             imported = import_model(original, output=cfg.output)
             torch.manual_seed(cfg.seed)
@@ -306,7 +326,9 @@ def compress(
                 emit = emit or (lambda event: None)
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
                                              emit, files, inputs)
-                return _finish(result, measured, files, original_path, started, max_accuracy_drop, emit)
+                return _finish(result, measured, files, original_path, started, gate, emit)
+        except CompressInterrupted:  # raised by a later step with what it kept
+            raise
         except KeyboardInterrupt as exc:  # before training started: nothing to keep
             raise CompressInterrupted(None, interrupt=exc) from None
         finally:
@@ -377,7 +399,7 @@ class _Measured:
 
 
 def _finish(result: CompressResult, measured: _Measured, files: RunFiles, original_path: Path | None,
-            started: float, max_accuracy_drop: float | None, emit: Progress) -> CompressResult:
+            started: float, gate: Gate, emit: Progress) -> CompressResult:
     """Save, validate and report; then put every output in place, each whole or not at all.
 
     The model is staged (written beside its target under a temporary name) first and validated
@@ -389,8 +411,7 @@ def _finish(result: CompressResult, measured: _Measured, files: RunFiles, origin
     out = _Writing()
     with Staged() as staged:
         try:
-            return _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged, out,
-                                  emit)
+            return _write_outputs(result, measured, files, original_path, started, gate, staged, out, emit)
         except KeyboardInterrupt as exc:
             if not out.model_done:
                 out.written = _save_last(result, out.target if out.decided else files.model, staged, out.model_files)
@@ -409,7 +430,7 @@ class _Writing:
     written: list[Path] = field(default_factory=list)
 
 
-def _write_outputs(result, measured, files, original_path, started, max_accuracy_drop, staged: Staged,
+def _write_outputs(result, measured, files, original_path, started, gate: Gate, staged: Staged,
                    out: _Writing, emit: Progress) -> CompressResult:
     cfg = result.config.train
     exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
@@ -436,9 +457,10 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
     if measured.left_alone:
         report["left_alone"] = measured.left_alone
     report["warnings"] = measured.warnings + report["warnings"]
-    report["accuracy_drop"] = drop = accuracy_drop(report)
-    passed = max_accuracy_drop is None or drop is None or drop <= max_accuracy_drop
-    report["gate"] = None if max_accuracy_drop is None else {"max_accuracy_drop": max_accuracy_drop, "passed": passed}
+    m = report["metrics"]
+    report["gate"], failure = gate.judge(report["accuracy_drop"],
+                                         retained(m["original_accuracy"], m["compressed_accuracy"], m["task"]))
+    passed = failure is None
     target = files.model if passed else files.failed
     out.target, out.decided = target, True
     report["output"] = None if target is None else str(target)
@@ -468,7 +490,7 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
         raise UserError(f"training finished but writing {writing} failed ({reason}); choose a writable location") from None
     result.files = list(out.written)
     if not passed:
-        raise AccuracyGateFailed(result, drop, max_accuracy_drop, target)
+        raise AccuracyGateFailed(result, failure, target)
     return result
 
 
@@ -488,16 +510,6 @@ def _save_last(result: CompressResult, target: Path | None, staged: Staged | Non
 def _unwritten(files: RunFiles, written: list[Path]) -> list[Path]:
     stages = [] if files.stages is None or any(p.parent == files.stages for p in written) else [files.stages]
     return [p for p in (files.report,) if p is not None and p not in written] + stages
-
-
-def accuracy_drop(report: dict) -> float | None:
-    """Original minus compressed accuracy on the held-out split; without labels 1 - agreement."""
-    m = report["metrics"]
-    if m.get("original_accuracy") is not None and m.get("compressed_accuracy") is not None:
-        return m["original_accuracy"] - m["compressed_accuracy"]
-    if m.get("agreement") is not None:
-        return 1.0 - m["agreement"]
-    return None
 
 
 class ReportFailed(UserError):
@@ -542,7 +554,7 @@ class _Runner:
         self.cfg = config.train
         self.train_data, self.select, self.held_out, self.device, self.emit = train_data, select, held_out, device, emit
         score = imported.score
-        self.score = ScoreSpec(score.index if score else None, score.kind if score else "logits")
+        self.score = ScoreSpec(score.index if score else None, score.kind if score else "logits", self.cfg.blank)
         # The teacher serves distillation (training batches without labels, or any batch when there is no
         # score output for labels to apply to) and agreement (held-out split without labels). A plugin's
         # labels are unknown until it runs, so it always gets one.
@@ -1031,7 +1043,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
         orig = staged.scratch(folder) / "original.onnx"
         save_model(imported.original, orig)
     validation = validate(orig, compressed, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
-                          score_output=cfg.output, scratch=folder)
+                          score_output=cfg.output, scratch=folder, blank=cfg.blank)
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)
@@ -1065,10 +1077,15 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
             "original_accuracy": validation.original.accuracy,
             "compressed_accuracy": validation.compressed.accuracy,
             "agreement": validation.agreement,
+            # The task metric against the original (onnx_admm.metrics): what the floor and, without
+            # labels, the accuracy gate read.
+            "task": validation.task,
             "max_abs_diff": max(diffs, default=None),
             "torch_dense_val_metric": measured.dense_metric,
         },
         "validation": _without_paths(validation.to_dict()),
+        # Accuracy drop with labels, else 1 - the task metric: what --max-accuracy-drop reads.
+        "accuracy_drop": validation.drop,
         "warnings": warnings,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -7,39 +7,108 @@ Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from converters.errors import UserError
 from onnx_admm import __version__
-from onnx_admm.signals import exit_status, sigterm_interrupts, signal_name
+from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+# What the commands import (torch, onnx, onnxruntime, onnx2torch and their C extensions), loaded before
+# any command runs.
+_LIBRARIES = ("onnx_admm.api", "onnx_admm.check", "onnx_admm.inspection", "onnx_admm.validate")
+
+
 class _Command(click.Command):
-    """Turn UserError into a one-line message and exit status 1, never a traceback; SIGTERM acts like
-    Ctrl-C, and either ends the command with 130 or 143 (not click's "Aborted!" and 1)."""
+    """Turn UserError into a one-line message and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # An interrupt raised inside an extension's initialisation can abort the process from C++ (std::terminate)
+        # or leave a module half-built: the libraries load with signals held, which land when they are loaded.
+        with deferred():
+            for name in _LIBRARIES:
+                importlib.import_module(name)
         try:
-            with sigterm_interrupts():
-                return super().invoke(ctx)
+            return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt as exc:
-            click.echo(f"interrupted by {signal_name(exc)}", err=True)
-            sys.exit(exit_status(exc))
+
+
+@contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside the block ends the process with 130 or 143 and one line.
+
+    Without it click would answer Ctrl-C with "Aborted!" and status 1, and SIGTERM would kill the process
+    without a word. An interrupt that an extension's import swallowed, or turned into another error (a
+    RecursionError in numpy's import machinery), counts as the interrupt it was.
+    """
+    try:
+        yield
+        interrupt = pending_interrupt()
+    except KeyboardInterrupt as exc:
+        interrupt = exc
+    except Exception:
+        interrupt = pending_interrupt()
+        if interrupt is None:
+            raise
+    if interrupt is not None:
+        with deferred(deliver=False):  # a second signal must not cut the line short
+            click.echo(f"interrupted by {signal_name(interrupt)}", err=True)
+            sys.exit(exit_status(interrupt))
+
+
+@contextmanager
+def _warnings_logged() -> Iterator[None]:
+    """Library warnings (torch's, onnx2torch's UserWarnings) go to the log at INFO, shown with -v.
+
+    Printed raw they would land on stderr in the middle of the progress display. The logger is
+    ``py.warnings``, as ``logging.captureWarnings`` names it; the message keeps its category and origin.
+    """
+    logger = logging.getLogger("py.warnings")
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        logger.info("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 class _Group(click.Group):
+    """The command group. Signals are handled from the moment ``main`` runs: click's own ``main`` turns a
+    KeyboardInterrupt into "Aborted!", so parsing (``make_context``) and the command (``invoke``) each get
+    the handling inside it as well. Library warnings go to the log for the whole run."""
+
     command_class = _Command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # The handling outermost: a signal that lands while the handlers are being installed is caught too.
+        with _signals_end_the_run(), interrupts(), _warnings_logged():
+            return super().main(*args, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _signals_end_the_run():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _signals_end_the_run():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_Group)
@@ -56,10 +125,11 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(model: str, as_json: bool) -> None:
     """List the compressible weights of MODEL, its score output, and anything that cannot be imported."""
+    from converters.modelio import json_safe
     from onnx_admm.inspection import format_inspection, inspect_model
 
     info = inspect_model(model)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    click.echo(json.dumps(json_safe(info), indent=2, allow_nan=False) if as_json else format_inspection(info))
 
 
 def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
@@ -81,10 +151,11 @@ def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check(model: str, data: str | None, as_json: bool) -> None:
     """Pre-flight: import MODEL, compare torch with onnxruntime, and prove write-back. Exit 0 only if all pass."""
+    from converters.modelio import json_safe
     from onnx_admm.check import check as run_check
 
     report = run_check(model, _load_feeds(model, data))
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    click.echo(json.dumps(json_safe(report.to_dict()), indent=2, allow_nan=False) if as_json else report.format())
     if not report.passed:
         sys.exit(1)
 
@@ -96,15 +167,23 @@ def check(model: str, data: str | None, as_json: bool) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="onnxruntime threads.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None) -> None:
-    """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: agreement, accuracy, size, latency."""
+@click.option("--metric-floor", type=float, default=0.5, show_default=True,
+              help="Exit 3 when COMPRESSED keeps less than this share of ORIGINAL's figure (accuracy with labels, "
+                   "else the task metric against ORIGINAL); 0 turns it off.")
+@click.option("--max-accuracy-drop", type=float,
+              help="Exit 3 when the drop (accuracy with labels, else 1 - the task metric) exceeds this fraction.")
+def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None,
+             metric_floor: float, max_accuracy_drop: float | None) -> None:
+    """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: the task metric, accuracy, size, latency."""
     from converters.graphinfo import graph_inputs
     from converters.modelio import load_model, save_json
     from onnx_admm.data import resolve_data
     from onnx_admm.outputs import RunFiles, input_files
+    from onnx_admm.gate import Gate
     from onnx_admm.validate import format_table
     from onnx_admm.validate import validate as run_validate
 
+    gate = Gate(max_accuracy_drop, metric_floor)
     if report_path:
         RunFiles.plan(original, None, report_path).check(
             input_files(original, label="the original model") + input_files(compressed, label="the compressed model")
@@ -112,8 +191,12 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
     dataset = resolve_data(data, graph_inputs(load_model(original)))
     report = run_validate(original, compressed, dataset, batch_size=batch_size, threads=threads)
     click.echo(format_table(report))
+    verdict, failure = gate.judge(report.drop, report.retained)
     if report_path:
-        save_json(report.to_dict(), report_path)
+        save_json({**report.to_dict(), "gate": verdict}, report_path)
+    if failure is not None:
+        click.echo(failure, err=True)
+        sys.exit(EXIT_GATE)
 
 
 @main.command()
@@ -126,8 +209,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--sparsity", type=float, help="Global target sparsity in [0, 1) (0.975 = 40x).")
 @click.option("--stages", type=click.IntRange(min=1), help="Progressive stages to the target.")
 @click.option("--structure", callback=lambda ctx, param, value: _check_structure(value),
-              help="What the pruning removes: unstructured, filter, channel, column, block (filters and channels "
-                   "also shrink the graph), or an N:M pattern such as 2:4 (N of every M weights along the input "
+              help="What the pruning removes: unstructured, filter, channel, column, block (filter pruning also "
+                   "removes the filters from the graph; the others store zeros), or an N:M pattern such as 2:4 (N of every M weights along the input "
                    "axis; no --sparsity needed).")
 @click.option("--block", "block", type=str, help="Block size RxC for --structure block, e.g. 64x64.")
 @click.option("--bits", type=click.IntRange(2, 8), help="Quantize weights to k-bit levels (the int container's range).")
@@ -150,8 +233,13 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
               help="Exit 3 when the drop exceeds this fraction; the model is then written as OUT's stem + .gate-failed.onnx.")
+@click.option("--metric-floor", type=float, default=0.5, show_default=True,
+              help="Exit 3 when the compressed model keeps less than this share of the original's figure on the "
+                   "held-out split (accuracy with labels, else the task metric against the original: top-1 "
+                   "agreement, CTC sequence match, positive-set F1); 0 turns it off.")
 @click.option("--keep-failed/--discard-failed", default=True, show_default=True,
-              help="Whether a model that fails --max-accuracy-drop is written (under its .gate-failed name).")
+              help="Whether a model that fails the gate (--max-accuracy-drop, --metric-floor) is written "
+                   "(under its .gate-failed name).")
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress and no summary table (warnings and errors still go to stderr).")
@@ -160,8 +248,8 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
              ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
-             report_path: str | None, max_accuracy_drop: float | None, keep_failed: bool, save_stages: str | None,
-             quiet: bool) -> None:
+             report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
+             save_stages: str | None, quiet: bool) -> None:
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
     from onnx_admm.api import compress as run_compress
@@ -193,7 +281,8 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         # keeps the results.
         result = run_compress(model, data, config, val_data=val_data, progress="off" if quiet else "auto",
                               output=output, report_path=report_path, save_stages=save_stages,
-                              max_accuracy_drop=max_accuracy_drop, keep_failed=keep_failed,
+                              max_accuracy_drop=max_accuracy_drop, metric_floor=metric_floor,
+                              keep_failed=keep_failed,
                               protect={"the recipe": recipe})
     except CompressInterrupted as exc:
         click.echo(exc.describe(), err=True)
@@ -229,6 +318,8 @@ def _parse_block(text: str | None) -> tuple[int, int] | None:
 
 
 def _summary(report: dict) -> str:
+    from onnx_admm.validate import describe_task
+
     m = report["metrics"]
     lines = [f"{'layer':<40} {'shape':<20} {'sparsity':>9} {'residual':>9}"]
     for layer in report["layers"]:
@@ -255,6 +346,10 @@ def _summary(report: dict) -> str:
         lines.append(f"{pattern} sparsity on {count} weight(s); runtimes: {'; '.join(runtimes)}")
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
+    task = m.get("task")
+    if task is not None:  # first: what the model still does is the figure a pipeline ships on
+        lines.insert(0, describe_task(task, report["score"]["tensor"] if report.get("score") else None,
+                                      report.get("score")))
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.errors import UserError
+from converters.files import require_file
 from converters.graphinfo import InputSpec, format_shape
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
 
 def _read_arrays(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     fix = "write it with numpy.savez(path, <input name>=array, ..., labels=class_ids)"
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; pass an .npz with one array per graph input ({fix})")
+    require_file(path, "data file", f"pass an .npz with one array per graph input ({fix})")
     try:
         with path.open("rb") as handle:
             magic = handle.read(6)
@@ -309,6 +309,12 @@ def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:
     if labels.ndim != 1:
         hint = " (one-hot labels: use labels.argmax(1))" if labels.ndim == 2 else ""
         raise UserError(f"{source}: 'labels' must be 1-D class ids [N], got shape {labels.shape}{hint}")
+    if labels.size and labels.dtype.kind == "u" and labels.max() > np.iinfo(np.int64).max:
+        # Checked before the cast below, which would wrap such a label to a negative one.
+        raise UserError(
+            f"{source}: 'labels' holds {labels.max()}, too large for any class id; fix the labels, or drop "
+            "'labels' to distil from the original model"
+        )
     if labels.size and labels.min() < 0:
         raise UserError(
             f"{source}: 'labels' holds {labels.min()}, but class ids start at 0; fix the labels, or drop "
@@ -415,6 +421,8 @@ def load_plugin(spec: str) -> Callable[[], Iterable[Mapping[str, object]]]:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # exiting is never the plugin's call: the run decides its own exit status
+        raise _plugin_error(f"module {module_name!r} of loader plugin {spec!r}", exc, "when imported") from None
     except Exception as exc:  # the plugin's own import-time code may raise anything
         raise UserError(
             f"cannot import module {module_name!r} of loader plugin {spec!r} ({_exc_line(exc)}); "
@@ -429,6 +437,15 @@ def load_plugin(spec: str) -> Callable[[], Iterable[Mapping[str, object]]]:
     if not callable(function):
         raise UserError(f"{spec!r} names a {type(function).__name__!r} object, not a function; name a loader function")
     return function
+
+
+def _plugin_error(what: str, exc: BaseException, when: str) -> UserError:
+    """The one line for a loader plugin that raised, or called ``sys.exit``: SystemExit is no Exception, so
+    without this a plugin's ``sys.exit(0)`` would end the whole run with status 0 and nothing written."""
+    if isinstance(exc, SystemExit):
+        return UserError(f"{what} called sys.exit({exc.code!r}) {when}; a loader plugin must return or yield its "
+                         "batches, never exit the process: fix it")
+    return UserError(f"{what} raised {_exc_line(exc)} {when}; fix it")
 
 
 class PluginData:
@@ -460,8 +477,8 @@ class PluginData:
         """
         try:
             produced = self.function()
-        except Exception as exc:  # the user's code may raise anything
-            raise UserError(f"{self.what} raised {_exc_line(exc)} when called; fix it") from None
+        except (Exception, SystemExit) as exc:  # the user's code may raise anything, or call sys.exit
+            raise _plugin_error(self.what, exc, "when called") from None
         if isinstance(produced, Mapping) or not isinstance(produced, Iterable):
             raise UserError(
                 f"{self.what} returned {type(produced).__name__}; it must return or yield "
@@ -474,10 +491,8 @@ class PluginData:
                 chunk = next(iterator)
             except StopIteration:
                 return
-            except Exception as exc:  # the user's generator may raise anything
-                raise UserError(
-                    f"{self.what} raised {_exc_line(exc)} after yielding {number} item(s); fix it"
-                ) from None
+            except (Exception, SystemExit) as exc:  # the user's generator may raise anything, or call sys.exit
+                raise _plugin_error(self.what, exc, f"after yielding {number} item(s)") from None
             number += 1
             if not isinstance(chunk, Mapping):
                 raise UserError(
@@ -574,7 +589,7 @@ def resolve_data(arg: str, specs: list[InputSpec]) -> Dataset | PluginData:
         UserError: The argument is neither, or loading fails.
     """
     path = Path(arg)
-    if arg.endswith((".npz", ".npy")) or path.exists():
+    if arg.endswith((".npz", ".npy")) or os.path.exists(path):  # False for a name too long to look up
         return load_npz(path, specs)
     if _PLUGIN_RE.fullmatch(arg):
         return PluginData(load_plugin(arg), specs, name=arg)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from onnx_admm.quantizers import _rows, _unrows
+from onnx_admm.quantizers import channel_rows, from_channel_rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,8 +39,8 @@ class FixedLevels:
         does not become a level kept weights could fall to, so retraining keeps the sparsity exact.
         """
         support = torch.ones_like(projected, dtype=torch.bool) if support is None else support
-        rows = _rows(projected, axis)
-        keep = _rows(support, axis)
+        rows = channel_rows(projected, axis)
+        keep = channel_rows(support, axis)
         sets = [torch.unique(r[k]) for r, k in zip(rows, keep)]
         sets = [s if s.numel() else torch.zeros(1, dtype=projected.dtype, device=projected.device) for s in sets]
         width = max(s.numel() for s in sets)
@@ -48,13 +48,13 @@ class FixedLevels:
         return cls(padded, axis)
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        rows = _rows(w, self.axis)
+        rows = channel_rows(w, self.axis)
         levels = self.levels if self.levels.shape[0] == rows.shape[0] else self.levels.expand(rows.shape[0], -1)
         hi = torch.searchsorted(levels, rows.contiguous()).clamp(max=levels.shape[1] - 1)
         lo = (hi - 1).clamp(min=0)
         upper, lower = levels.gather(1, hi), levels.gather(1, lo)
         nearest = torch.where((rows - lower).abs() <= (upper - rows).abs(), lower, upper)
-        out = _unrows(nearest, w, self.axis)
+        out = from_channel_rows(nearest, w, self.axis)
         return out if allowed is None else torch.where(allowed, out, torch.zeros_like(out))
 
     def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:

@@ -18,8 +18,9 @@ from pathlib import Path
 import onnx
 
 from converters.errors import UserError
-from converters.modelio import external_data_files
-from onnx_admm.preflight import check_writable
+from converters.files import FOLDER, file_kind
+from converters.modelio import external_data_files, require_model_file
+from onnx_admm.preflight import check_writable, unwritable
 
 # A model that fails --max-accuracy-drop is written as OUT's stem + this + OUT's suffix.
 GATE_FAILED = ".gate-failed"
@@ -36,9 +37,11 @@ def model_output(output: str | Path, model_name: str = "model") -> Path:
     """``output`` names a file, or a folder (an existing one, or a path ending in a separator) that gets
     ``model_name``'s stem + ``.admm.onnx``."""
     path = Path(output)
-    if _ends_in_separator(output) or path.is_dir():
-        path = path / f"{Path(model_name).stem}.admm.onnx"
-    return path
+    try:
+        folder = _ends_in_separator(output) or file_kind(path) == FOLDER
+    except OSError as exc:  # ENAMETOOLONG and the like: one line, as check_writable says it
+        raise unwritable("the output", path, exc) from None
+    return path / f"{Path(model_name).stem}.admm.onnx" if folder else path
 
 
 def gate_failed_path(output: Path) -> Path:
@@ -132,18 +135,24 @@ def input_files(model: str | Path | onnx.ModelProto | None, data: object = None,
         path = Path(model)
         files.append((label, path))
         if locations is None:
-            locations = external_locations(path)
+            locations = external_locations(path, label)
         files += [(f"{label}'s external data", path.parent / location) for location in sorted(locations)]
     for label, value in (("the training data", data), ("the validation data", val_data),
                          *((protect or {}).items())):
-        # Loader plugins (package.module:function) and in-memory datasets are not files.
-        if isinstance(value, (str, Path)) and Path(value).exists():
+        # Loader plugins (package.module:function) and in-memory datasets are not files. os.path.exists, unlike
+        # Path.exists, is False for a name too long to look up: reading it then fails in one line.
+        if isinstance(value, (str, Path)) and os.path.exists(value):
             files.append((label, Path(value)))
     return files
 
 
-def external_locations(path: Path) -> set[str]:
-    """The external data files the model at ``path`` refers to (none when it cannot be read)."""
+def external_locations(path: Path, label: str = "the model") -> set[str]:
+    """The external data files the model at ``path`` refers to (none when it cannot be read).
+
+    Raises:
+        UserError: ``path`` is not a regular file (reading a FIFO would block the run).
+    """
+    require_model_file(path, label.removeprefix("the "))
     try:
         return external_data_files(onnx.load(str(path), load_external_data=False))
     except Exception:  # unreadable: load_model reports it in its own words

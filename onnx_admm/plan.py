@@ -38,9 +38,15 @@ class WeightSpec:
     name: str  # parameter name
     label: str  # ONNX tensor name (rules match it)
     op_type: str
-    # Axis of the torch parameter that indexes output channels (filters): 0 for Conv/Linear, 1 for a
-    # MatMul weight [K, N], None where filters make no sense (Gather tables).
+    # Axes of the torch parameter that index output channels (filters) and input channels: 0 and 1 for
+    # Conv/Linear, 1 and 0 for ConvTranspose [in, out/groups, k...] and a MatMul weight [K, N]; None where
+    # they make no sense (Gather tables). ``in_axis`` defaults to the other one of the first two.
     out_axis: int | None = 0
+    in_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.in_axis is None and self.out_axis is not None:
+            object.__setattr__(self, "in_axis", 0 if self.out_axis == 1 else 1)
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,8 @@ def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, spa
         return Unstructured(keep if keep is not None else keep_count(int(torch.Size(shape).numel()), sparsity))
     out_axis = w.spec.out_axis
     if structure in ("filter", "channel"):
-        # filters index the output axis; channels the input axis (the other one for a matrix)
-        axis = out_axis if structure == "filter" else (1 - out_axis if len(shape) == 2 else 1)
+        # filters index the output-channel axis, channels the input-channel axis
+        axis = out_axis if structure == "filter" else w.spec.in_axis
         n_groups = shape[axis]
         cls = Filter if axis == 0 else Channel
         return cls(group_keep_count(n_groups, sparsity))
@@ -229,8 +235,8 @@ def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, spa
 
 
 def reduction_axis(spec: WeightSpec) -> int:
-    """The torch parameter's input (reduction) axis: 1 for Conv/Linear, 0 for a MatMul weight [K, N]."""
-    return 0 if spec.out_axis == 1 else 1
+    """The torch parameter's input (reduction) axis: 1 for Conv/Linear, 0 for ConvTranspose and a MatMul weight [K, N]."""
+    return spec.in_axis if spec.in_axis is not None else 1
 
 
 def nm_constraint(w: WeightPlan) -> NM | None:

@@ -2,7 +2,8 @@
 
 ``compress`` calls them in order: the recipe's numbers, the seed and the device (``check_config``);
 the output files the run will write (``check_writable``, through ``onnx_admm.outputs``, which also
-refuses outputs that would overwrite an input or each other); the model's weights (``check_weights``);
+refuses outputs that would overwrite an input or each other); the graph's outputs (``check_outputs``);
+the model's weights (``check_weights``);
 the class ids of the labelled data against the model's score output (``check_label_range``). Each
 raises ``UserError`` with the problem and the fix. Non-finite input *values* are rejected where the
 data is read (``onnx_admm.data``), so a loader plugin's batches are checked as they arrive.
@@ -11,6 +12,7 @@ data is read (``onnx_admm.data``), so a loader plugin's batches are checked as t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -18,9 +20,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from converters.errors import UserError
+from converters.files import FOLDER, REGULAR, file_kind
 from converters.importer import ImportedModel
 from converters.modelio import temp_prefix
 from onnx_admm.data import Dataset, PluginData, check_label_range
@@ -70,17 +74,23 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> None
     folders and permissions are all caught that way).
     """
     path = Path(path)
-    if path.exists() and not (path.is_dir() or path.is_file()):
+    try:
+        kind = file_kind(path)
+    except OSError as exc:  # a name longer than the file system allows (ENAMETOOLONG), a folder that cannot be searched
+        raise unwritable(what, path, exc) from None
+    wanted = FOLDER if folder else REGULAR
+    if kind not in (None, REGULAR, FOLDER):
         # os.replace would put a regular file in place of a device node, FIFO or socket.
-        raise UserError(f"{what} {path} exists and is not a regular file (a device, FIFO or socket); choose the path "
-                        f"of {'a folder' if folder else 'a file'}")
-    if path.exists() and path.is_dir() != folder:
-        kind = "a folder" if path.is_dir() else "a file"
-        raise UserError(f"{what} {path} is {kind}; pass the path of {'a folder' if folder else 'a file'}")
-    if path.is_file() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} exists and is not a regular file ({kind}); choose the path of "
+                        f"{'a folder' if folder else 'a file'}")
+    if kind is not None and kind != wanted:
+        raise UserError(f"{what} {path} is {'a folder' if kind == FOLDER else 'a file'}; pass the path of "
+                        f"{'a folder' if folder else 'a file'}")
+    if kind == REGULAR and (not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222):
         # Renaming over it would succeed (only the folder's permissions count), but its owner made it read-only.
+        # The mode bits count too: for root os.access says every file is writable.
         raise UserError(f"{what} {path} is read-only; make it writable or choose another path")
-    existing = path if folder and path.is_dir() else path.parent
+    existing = path if kind == FOLDER else path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -92,6 +102,20 @@ def check_writable(path: str | Path, what: str, *, folder: bool = False) -> None
                         "choose a writable location") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def unwritable(what: str, path: str | Path, exc: OSError) -> UserError:
+    """The one line for an output path the file system refuses to even look up."""
+    fix = ("choose a shorter name (most file systems allow 255 bytes per name)" if exc.errno == errno.ENAMETOOLONG
+           else "choose another path")
+    return UserError(f"cannot write {what} {path}: {exc.strerror}; {fix}")
+
+
+def check_outputs(model: onnx.ModelProto) -> None:
+    """The graph declares outputs: training fits the original's outputs and validation compares them."""
+    if not model.graph.output:
+        raise UserError("the model's graph declares no outputs, so there is nothing to train on or to validate; "
+                        "re-export the model with its outputs")
 
 
 def check_weights(imported: ImportedModel) -> None:

@@ -107,7 +107,7 @@ def topk_mask(w: Tensor, keep: int, allowed: Tensor | None = None) -> Tensor:
         raise ValueError(f"keep must be in [0, {numel}] for a tensor of shape {tuple(w.shape)}, got {keep}")
     flat = w.detach().reshape(-1).abs()
     if allowed is not None:
-        allowed_flat = _check_allowed(w, allowed).reshape(-1)
+        allowed_flat = check_allowed(w, allowed).reshape(-1)
         n_allowed = int(allowed_flat.sum())
         if keep > n_allowed:
             raise ValueError(
@@ -138,7 +138,8 @@ def _check_sparsity(sparsity: float) -> None:
         )
 
 
-def _check_allowed(w: Tensor, allowed: Tensor) -> Tensor:
+def check_allowed(w: Tensor, allowed: Tensor) -> Tensor:
+    """``allowed`` checked as a bool mask of ``w``'s shape (the weights a nested projection may keep)."""
     if allowed.dtype != torch.bool or allowed.shape != w.shape:
         raise ValueError(
             f"allowed must be a bool tensor of shape {tuple(w.shape)}, "
@@ -147,7 +148,8 @@ def _check_allowed(w: Tensor, allowed: Tensor) -> Tensor:
     return allowed.to(w.device)
 
 
-def _check_count(value: object, what: str, unit: str, total: str) -> None:
+def check_count(value: object, what: str, unit: str, total: str) -> None:
+    """A keep count must be a Python int >= 0 (the message names ``what`` keeps ``unit`` out of ``total``)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(
             f"{what} takes a count of {unit} to keep >= 0 (a Python int), got {value!r}; "
@@ -155,7 +157,7 @@ def _check_count(value: object, what: str, unit: str, total: str) -> None:
         )
 
 
-def _keep_support(w: Tensor, support: Tensor) -> Tensor:
+def keep_support(w: Tensor, support: Tensor) -> Tensor:
     # torch.where rather than w * mask: inf * 0 would give NaN where the projection must give 0.
     return torch.where(support, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
@@ -171,7 +173,7 @@ class Unstructured:
     keep: int
 
     def __post_init__(self) -> None:
-        _check_count(self.keep, "Unstructured(keep=...)", "weights", "w.numel()")
+        check_count(self.keep, "Unstructured(keep=...)", "weights", "w.numel()")
 
     def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """Mask of the ``keep`` largest ``|w|`` (ties: lower flat index; ``allowed`` entries first)."""
@@ -179,7 +181,7 @@ class Unstructured:
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with everything outside :meth:`support` set to zero."""
-        return _keep_support(w, self.support(w, allowed))
+        return keep_support(w, self.support(w, allowed))
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ class _AxisGroups:
     dim: ClassVar[int]
 
     def __post_init__(self) -> None:
-        _check_count(self.keep_groups, f"{type(self).__name__}(keep_groups=...)", "groups", "n_groups")
+        check_count(self.keep_groups, f"{type(self).__name__}(keep_groups=...)", "groups", "n_groups")
 
     def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """Mask of the ``keep_groups`` groups with the largest L2 norm / sqrt(group size)."""
@@ -201,8 +203,8 @@ class _AxisGroups:
             )
         w = w.detach()
         if allowed is not None:
-            allowed = _check_allowed(w, allowed)
-            w = _keep_support(w, allowed)
+            allowed = check_allowed(w, allowed)
+            w = keep_support(w, allowed)
         rows = w.movedim(self.dim, 0).reshape(w.shape[self.dim], -1)
         scores = torch.linalg.vector_norm(rows, dim=1) / math.sqrt(max(rows.shape[1], 1))
         group_allowed = None
@@ -215,7 +217,7 @@ class _AxisGroups:
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with every group outside :meth:`support` set to zero."""
-        return _keep_support(w, self.support(w, allowed))
+        return keep_support(w, self.support(w, allowed))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from onnx_admm.projections import Constraint, Within, _check_allowed, _keep_support
+from onnx_admm.projections import Constraint, Within, check_allowed, keep_support
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,15 @@ def _channel_axis(w: Tensor, per_channel: bool, axis: int, owner: str) -> int | 
     return axis % w.dim()
 
 
-def _rows(w: Tensor, axis: int | None) -> Tensor:
+def channel_rows(w: Tensor, axis: int | None) -> Tensor:
     """``w`` as [C, n]: one row per channel along ``axis`` (one row for the whole tensor when None)."""
     if axis is None:
         return w.reshape(1, -1)
     return w.movedim(axis, 0).reshape(w.shape[axis], -1)
 
 
-def _unrows(rows: Tensor, like: Tensor, axis: int | None) -> Tensor:
+def from_channel_rows(rows: Tensor, like: Tensor, axis: int | None) -> Tensor:
+    """The inverse of ``channel_rows``: [C, n] rows back into ``like``'s shape."""
     if axis is None:
         return rows.reshape(like.shape)
     moved = list(like.movedim(axis, 0).shape)
@@ -118,9 +119,9 @@ def _fit_inputs(w: Tensor, allowed: Tensor | None, axis: int | None) -> tuple[Te
     w = w.detach()
     keep = w != 0
     if allowed is not None:
-        keep &= _check_allowed(w, allowed)
-    x = _keep_support(w, keep)
-    return _rows(x, axis), _rows(keep, axis)
+        keep &= check_allowed(w, allowed)
+    x = keep_support(w, keep)
+    return channel_rows(x, axis), channel_rows(keep, axis)
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ class _Quantizer:
         """``allowed`` (all True when None): quantizing never prunes; zero is a level, not a pruned weight."""
         if allowed is None:
             return torch.ones(w.shape, dtype=torch.bool, device=w.device)
-        return _check_allowed(w, allowed).clone()
+        return check_allowed(w, allowed).clone()
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,7 @@ class UniformQuant(_Quantizer):
         if scale is None:
             scale = _search_scale(x, levels)
         q = _rounded(x, scale, levels).to(torch.int8)
-        return QuantizedTensor(_unrows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, self.bits)
+        return QuantizedTensor(from_channel_rows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, self.bits)
 
 
 def _sign_levels(x: Tensor, chosen: Tensor) -> Tensor:
@@ -415,7 +416,7 @@ def _sign_levels(x: Tensor, chosen: Tensor) -> Tensor:
 def _sign_quantized(w: Tensor, x: Tensor, chosen: Tensor, axis: int | None) -> QuantizedTensor:
     q = torch.where(chosen, torch.sign(x), torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.int8)
     scale = _sign_levels(x, chosen)
-    return QuantizedTensor(_unrows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, 2)
+    return QuantizedTensor(from_channel_rows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, 2)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output, epochs (the total budget), distill, balance
+               val_fraction, output, blank, epochs (the total budget), distill, balance
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, pull, rho_growth, rho_max, rescale_dual,
                lr_policy, share
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import os
 import re
 import sys
 import types
@@ -37,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import UserError
-from onnx_admm.allocation import ALLOCATIONS
-from onnx_admm.schedule import ADMM_SHARE, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
-from onnx_admm.train import BALANCE
+from converters.files import require_file
+from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,6 +57,22 @@ DEFAULT_RETRAIN_EPOCHS = 5
 
 def _fail(message: str) -> None:
     raise UserError(message)
+
+
+# More threads than 4 per CPU never run faster, and a number like 100000 makes torch's OpenMP runtime fail
+# (libgomp: out of memory, or a crash) instead of erring in a line.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def check_threads(name: str, value: object) -> None:
+    """``value`` is a thread count from 1 to ``MAX_THREADS`` (torch's for training, onnxruntime's for validation).
+
+    Raises:
+        UserError: It is not.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_THREADS:
+        _fail(f"{name} must be an integer from 1 to {MAX_THREADS} (4 per CPU; this machine has {os.cpu_count()}), "
+              f"got {value!r}; one per core is usually fastest")
 
 
 def _check_fraction(name: str, value: float | None) -> None:
@@ -79,6 +96,9 @@ class TrainConfig:
     device: str = "cpu"
     val_fraction: float = 0.1
     output: str | None = None  # which output carries the scores, when the automatic choice is wrong
+    # The CTC blank class of a per-time-step score output, for the task metric (None: the original's
+    # most frequent class when it covers at least half of the steps; onnx_admm.metrics).
+    blank: int | None = None
     # Total training budget in epochs, split over stages and phases by the tool (schedule.split_budget).
     # Exclusive with admm.epochs / admm.retrain_epochs, which fix each stage's phases instead.
     epochs: float | None = None
@@ -86,8 +106,8 @@ class TrainConfig:
     distill: float = 0.0
     # Distillation on a per-position score (sequences, maps): the share of the weight spread evenly over
     # the teacher's predicted classes, so its majority (CTC blanks, background) does not take the whole
-    # loss (train.balance_weights). 0: every position weighs the same.
-    balance: float = BALANCE
+    # loss (train.balance_weights). 0: every position weighs the same (the engine's own Loss default).
+    balance: float = 0.5
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -100,14 +120,16 @@ class TrainConfig:
             _fail(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             _fail(f"train.batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            _fail(f"train.threads must be a positive integer, got {self.threads!r}")
+        if self.threads is not None:
+            check_threads("train.threads", self.threads)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             _fail(f"train.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 0 < self.val_fraction < 0.5:
             _fail(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
         if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
             _fail(f"train.distill must be a fraction in [0, 1] (0: labels only), got {self.distill!r}")
+        if self.blank is not None and (not isinstance(self.blank, int) or isinstance(self.blank, bool) or self.blank < 0):
+            _fail(f"train.blank is the CTC blank's class index and must be an integer >= 0, got {self.blank!r}")
         if not (isinstance(self.balance, (int, float)) and not isinstance(self.balance, bool) and 0 <= self.balance <= 1):
             _fail(f"train.balance must be a fraction in [0, 1] (0: every position weighs the same, 1: every "
                   f"predicted class does), got {self.balance!r}")
@@ -159,7 +181,9 @@ class ADMMConfig:
                 _fail(f"admm.{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.updates, int) or isinstance(self.updates, bool) or self.updates < 1:
             _fail(f"admm.updates must be an integer >= 1 (Z/U updates per ADMM phase), got {self.updates!r}")
-        if self.period is not None and (not self.period > 0 or (self.period >= 1 and self.period != int(self.period))):
+        # Finite first: int(inf) raises OverflowError (a count of epochs must be a number the schedule can reach).
+        if self.period is not None and (not math.isfinite(self.period) or not self.period > 0
+                                        or (self.period >= 1 and self.period != int(self.period))):
             _fail(f"admm.period must be a whole number of epochs, or a fraction below 1 (0.25 = four Z/U "
                   f"updates per epoch), got {self.period!r}")
         if self.rho is not None and not self.rho > 0:
@@ -396,7 +420,7 @@ class CompressConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> CompressConfig:
-        path = Path(path)
+        path = require_file(path, "recipe", "pass a TOML recipe file")
         try:
             text = path.read_text()
         except OSError as exc:

@@ -4,13 +4,16 @@ CI runners, Kubernetes and ``timeout`` stop a process with SIGTERM, whose defaul
 once: no stage saved, temporary files left behind. While ``sigterm_interrupts`` is active SIGTERM
 raises ``Terminated``, a KeyboardInterrupt, so every ``except KeyboardInterrupt`` and ``finally``
 that serves Ctrl-C serves it too. ``deferred`` holds SIGINT and SIGTERM back while a file is written,
-so the write finishes and the signal lands right after it.
+so the write finishes and the signal lands right after it. The command line runs inside ``interrupts``,
+which raises on SIGINT and SIGTERM alike and remembers each signal, so that one whose exception an
+extension's C code swallowed or turned into another error is still known (``pending_interrupt``).
 
 Handlers can only be installed from the main thread: elsewhere both are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -35,8 +38,13 @@ def signal_name(interrupt: BaseException | None) -> str:
     return "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C (SIGINT)"
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+# Signals received inside ``interrupts`` (or ``sigterm_interrupts``), first first; ``pending_interrupt`` takes them.
+_received: list[int] = []
+
+
+def _interrupt(signum, frame) -> None:
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _main_thread() -> bool:
@@ -44,16 +52,45 @@ def _main_thread() -> bool:
 
 
 @contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises Terminated inside the block, unless someone already handles (or ignores) it."""
-    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+def _raising(signums: tuple[int, ...]) -> Iterator[None]:
+    """Each of ``signums`` raises its interrupt inside the block, unless someone already handles (or ignores) it."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {}
     try:
+        # Inside the try: a signal landing between two installations still finds the first one restored.
+        for signum in signums if _main_thread() else ():
+            if signal.getsignal(signum) is defaults[signum]:
+                previous[signum] = signal.signal(signum, _interrupt)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def sigterm_interrupts() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM raises Terminated inside the block, unless someone already handles (or ignores) it."""
+    return _raising((signal.SIGTERM,))
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM Terminated inside the block, and each is remembered.
+
+    An interrupt raised inside an import can be swallowed, or turned into another error, by the C code of
+    the extension being imported (numpy's, ml_dtypes'): ``pending_interrupt`` still knows it arrived.
+    """
+    _received.clear()
+    with _raising(_HELD):
+        yield
+
+
+def pending_interrupt() -> KeyboardInterrupt | None:
+    """The interrupt of the first signal received since ``interrupts`` began (then forgotten), or None."""
+    if not _received:
+        return None
+    signum = _received[0]
+    _received.clear()
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager

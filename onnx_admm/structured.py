@@ -43,9 +43,9 @@ from torch import Tensor
 
 from onnx_admm.projections import (
     Channel,
-    _check_allowed,
-    _check_count,
-    _keep_support,
+    check_allowed,
+    check_count,
+    keep_support,
     keep_count,
     topk_mask,
 )
@@ -93,7 +93,7 @@ class Column:
     keep_groups: int
 
     def __post_init__(self) -> None:
-        _check_count(self.keep_groups, "Column(keep_groups=...)", "columns", "Column.n_groups(w.shape)")
+        check_count(self.keep_groups, "Column(keep_groups=...)", "columns", "Column.n_groups(w.shape)")
 
     @staticmethod
     def n_groups(shape: tuple[int, ...] | torch.Size) -> int:
@@ -104,13 +104,13 @@ class Column:
         """Mask of the ``keep_groups`` columns with the largest L2 norm / sqrt(out)."""
         matrix = _as_matrix(w, "Column")
         if allowed is not None:
-            allowed = _check_allowed(w, allowed).reshape(matrix.shape)
+            allowed = check_allowed(w, allowed).reshape(matrix.shape)
         # A column of the [out, rest] view is an input channel of that matrix: Channel ranks exactly that.
         return Channel(self.keep_groups).support(matrix, allowed).reshape(w.shape)
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with every column outside :meth:`support` set to zero."""
-        return _keep_support(w, self.support(w, allowed))
+        return keep_support(w, self.support(w, allowed))
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Block:
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Block({field_name}=...) is a tile size >= 1 (a Python int), got {value!r}")
-        _check_count(self.keep_groups, "Block(keep_groups=...)", "tiles", "Block(...).n_groups(w.shape)")
+        check_count(self.keep_groups, "Block(keep_groups=...)", "tiles", "Block(...).n_groups(w.shape)")
 
     def grid(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
         """(tile rows, tile columns) covering a weight of this shape, edge tiles included."""
@@ -150,8 +150,8 @@ class Block:
         """Mask of the ``keep_groups`` tiles with the largest L2 norm / sqrt(tile size)."""
         matrix = _as_matrix(w.detach(), "Block")
         if allowed is not None:
-            allowed = _check_allowed(w, allowed).reshape(matrix.shape)
-            matrix = _keep_support(matrix, allowed)
+            allowed = check_allowed(w, allowed).reshape(matrix.shape)
+            matrix = keep_support(matrix, allowed)
         grid_rows, grid_cols = self.grid(w.shape)
         norms = torch.linalg.vector_norm(self._tiles(matrix, grid_rows, grid_cols), dim=-1)
         row_sizes = torch.full((grid_rows,), self.rows, device=w.device)
@@ -169,7 +169,7 @@ class Block:
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with every tile outside :meth:`support` set to zero."""
-        return _keep_support(w, self.support(w, allowed))
+        return keep_support(w, self.support(w, allowed))
 
     def _tiles(self, matrix: Tensor, grid_rows: int, grid_cols: int) -> Tensor:
         # Zero padding to whole tiles: padded entries add nothing to a norm or to an any().
@@ -240,7 +240,7 @@ class NM:
         order = torch.sort(runs, dim=-1, descending=True, stable=True).indices
         allowed_runs = None
         if allowed is not None:
-            allowed_runs = self.runs(_check_allowed(w, allowed))
+            allowed_runs = self.runs(check_allowed(w, allowed))
             # A second stable sort on the primary key keeps the |w| order within each class.
             primary = torch.gather(allowed_runs, -1, order).to(torch.uint8)
             order = torch.gather(order, -1, torch.sort(primary, dim=-1, descending=True, stable=True).indices)
@@ -254,7 +254,7 @@ class NM:
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with everything outside :meth:`support` set to zero."""
-        return _keep_support(w, self.support(w, allowed))
+        return keep_support(w, self.support(w, allowed))
 
 
 def nm_runtimes(n: int, m: int) -> list[str]:

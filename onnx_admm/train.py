@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onnx_admm.metrics import for_score
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +40,8 @@ class ScoreSpec:
 
     index: int | None
     kind: str = "logits"  # logits | probabilities | log_probabilities | binary_probabilities | binary_logits
+    # The CTC blank class of a per-time-step output for the task metric (None: found from the teacher).
+    blank: int | None = None
 
     @property
     def binary(self) -> bool:
@@ -63,10 +67,6 @@ def describe_score(kind: str, shape: Sequence[int | str | None] | None) -> dict:
     per = "per sample" if rank <= 2 else "per time step" if rank == 3 else "per pixel"
     return {"kind": kind, "loss": "KL divergence to the original's class distribution", "metric": "top-1 agreement",
             "per": per}
-
-
-# The default share of the distillation weight spread evenly over the teacher's classes (Loss.balance).
-BALANCE = 0.5
 
 
 def balance_weights(classes: Tensor, balance: float) -> Tensor:
@@ -138,7 +138,7 @@ class Loss:
     """
 
     def __init__(self, score: ScoreSpec, temperature: float = 1.0, distill: float = 0.0,
-                 balance: float = BALANCE) -> None:
+                 balance: float = 0.0) -> None:
         self.score = score
         self.temperature = temperature
         self.distill = distill
@@ -282,19 +282,28 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], score: ScoreSpec, teacher: nn.Module | None = None) -> float | None:
-    """Top-1 accuracy (labels, [N, C] scores) or agreement with ``teacher`` per position on the score
-    output (``predictions``); None without one."""
+    """Top-1 accuracy (labels, [N, C] scores), or without labels the task metric against ``teacher`` on the
+    score output (``onnx_admm.metrics.for_score``: top-1 agreement, greedy-decoded sequence match of a CTC
+    output, F1 of the teacher's positive set on a map); None without a score output."""
     if score.index is None:
         return None
-    hits, seen = 0, 0
+    hits, seen, task = 0, 0, None
     for batch in batches:
         outputs = model(*batch.inputs)
-        teacher_out = teacher(*batch.inputs) if teacher is not None and batch.labels is None else None
-        batch_hits = _top1_hits(outputs, batch, teacher_out, score)
-        if batch_hits is None:
+        predicted = predictions(outputs[score.index], score.kind)
+        if batch.labels is not None and predicted.dim() == 1:
+            hits += int((predicted == batch.labels).sum())
+            seen += predicted.numel()
+            continue
+        if teacher is None:
             return None
-        hits += batch_hits[0]
-        seen += batch_hits[1]
+        reference = predictions(teacher(*batch.inputs)[score.index], score.kind)
+        if task is None:
+            task = for_score(score.kind, tuple(outputs[score.index].shape), score.blank)
+        samples = batch.inputs[0].shape[0] if batch.inputs and batch.inputs[0].dim() else None
+        task.add(reference.cpu().numpy(), predicted.cpu().numpy(), samples)
+    if task is not None:
+        return task.value
     return hits / seen if seen else None
 
 

@@ -25,8 +25,11 @@ import torch
 from converters.dequantize import decoded_view
 from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
-from converters.modelio import external_data_files, load_model, save_model, scratch_dir
+from converters.modelio import external_data_files, load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
+from onnx_admm.gate import retained
+from onnx_admm.metrics import TaskMetric, for_score
+from onnx_admm.recipe import check_threads
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,9 @@ class ValidationReport:
     # How the score output was read: its kind, loss and metric (``onnx_admm.train.describe_score``), its
     # shape per batch and, for an inner tensor, the integer graph output it feeds.
     score: dict | None = None
+    # The task metric of the compressed model against the original (``onnx_admm.metrics``): ``metric``
+    # (its name), ``value`` (the headline figure, 1 = the original's own) and the figures behind it.
+    task: dict | None = None
 
     @property
     def compression_ratio(self) -> float | None:
@@ -101,6 +107,20 @@ class ValidationReport:
         if self.original.accuracy is None or self.compressed.accuracy is None:
             return None
         return self.original.accuracy - self.compressed.accuracy
+
+    @property
+    def drop(self) -> float | None:
+        """The accuracy drop with labels, else 1 - the task metric against the original (the gate's drop)."""
+        if self.accuracy_drop is not None:
+            return self.accuracy_drop
+        if self.task is not None and self.task.get("value") is not None:
+            return 1.0 - self.task["value"]
+        return None
+
+    @property
+    def retained(self) -> tuple[str, float] | None:
+        """(metric, the compressed model's share of the original's figure): what the gate's floor reads."""
+        return retained(self.original.accuracy, self.compressed.accuracy, self.task)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field plus the derived ratios."""
@@ -129,9 +149,7 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; pass the path of an .onnx model")
+    path = require_model_file(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -167,6 +185,7 @@ def validate(
     latency_batches: int = 20,
     score_output: str | None = None,
     scratch: str | Path | None = None,
+    blank: int | None = None,
 ) -> ValidationReport:
     """Run both models in onnxruntime on the same feeds and compare them.
 
@@ -184,6 +203,8 @@ def validate(
         latency_batches: Timed runs per model (0 skips latency).
         score_output: Output used for agreement and accuracy (default: ``find_score_output``).
         scratch: folder for temporary copies (default: the system's temporary folder).
+        blank: the CTC blank class of a per-time-step score output (default: the original's most
+            frequent class when it covers at least half of the steps; see ``onnx_admm.metrics``).
 
     Returns:
         The report.
@@ -193,6 +214,7 @@ def validate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_threads("threads (--threads)", threads)
     original, compressed = Path(original), Path(compressed)
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)
@@ -216,7 +238,7 @@ def validate(
     sessions = open_session(original, threads), open_session(compressed, threads)
     names = [out.name for out in sessions[0].get_outputs()]
 
-    comparison = _Comparison(names, score.name if score else None, score.kind if score else "logits")
+    comparison = _Comparison(names, score.name if score else None, score.kind if score else "logits", blank)
     timing_feeds: list[dict[str, np.ndarray]] = []
     # A graph input that is itself named "labels" is an input, not class ids.
     has_labels = LABELS not in {spec.name for spec in specs}
@@ -230,7 +252,7 @@ def validate(
         for feed in data.batches(batch_size, drop_last=fixed is not None):
             labels = feed.pop(LABELS, None) if has_labels else None
             results = [run_session(session, path, run_names, feed) for session, path in zip(compared, paths)]
-            comparison.add(results, labels)
+            comparison.add(results, labels, _samples(feed, data.batched))
             if len(timing_feeds) < max(latency_batches, 1):
                 timing_feeds.append(feed)
     samples = len(data) - (len(data) % batch_size if fixed is not None else 0)
@@ -255,6 +277,7 @@ def validate(
         threads=threads,
         score=None if score is None else {"tensor": score.name, "feeds": score.feeds, "shape": comparison.score_shape,
                                           **describe_score(score.kind, comparison.score_shape)},
+        task=comparison.task.summary() if comparison.task is not None else None,
     )
     logger.info("validated %s against %s on %d samples", compressed, original, samples)
     return report
@@ -291,22 +314,23 @@ def run_session(session: ort.InferenceSession, path: Path, names: list[str], fee
 
 
 class _Comparison:
-    """Running sums over batches: per-output differences, top-1 agreement, accuracy."""
+    """Running sums over batches: per-output differences, the task metric (agreement included), accuracy."""
 
-    def __init__(self, names: list[str], score: str | None, kind: str = "logits"):
+    def __init__(self, names: list[str], score: str | None, kind: str = "logits", blank: int | None = None):
         self.names = names
         self.score = score
         self.kind = kind
+        self.blank = blank
+        self.task: TaskMetric | None = None
         self.score_shape: list[int] | None = None
         self.max_abs = {name: 0.0 for name in names}
         self.sum_abs = {name: 0.0 for name in names}
         self.count = {name: 0 for name in names}
         self.skipped: set[str] = set()
-        self.agree = self.positions = 0
         self.correct = [0, 0]
         self.labelled = 0
 
-    def add(self, results: list[dict], labels: np.ndarray | None) -> None:
+    def add(self, results: list[dict], labels: np.ndarray | None, samples: int | None = None) -> None:
         for name in self.names:
             a, b = results[0][name], results[1][name]
             if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.dtype.kind not in "biuf":
@@ -326,9 +350,9 @@ class _Comparison:
             return
         if self.score_shape is None:
             self.score_shape = list(np.shape(results[0][self.score]))
+            self.task = for_score(self.kind, self.score_shape, self.blank)
         top = [predictions(torch.from_numpy(np.asarray(result[self.score])), self.kind).numpy() for result in results]
-        self.agree += int(np.count_nonzero(top[0] == top[1]))
-        self.positions += top[0].size
+        self.task.add(top[0], top[1], samples)
         if labels is not None and top[0].ndim == 1 and not self.kind.startswith("binary"):
             check_label_range(labels, results[0][self.score].shape[-1], "validation data")
             for i in range(2):
@@ -344,12 +368,17 @@ class _Comparison:
         )
 
     def agreement(self) -> float | None:
-        return self.agree / self.positions if self.positions else None
+        return self.task.agreement if self.task is not None else None
 
     def accuracies(self) -> tuple[float | None, float | None]:
         if not self.labelled:
             return None, None
         return self.correct[0] / self.labelled, self.correct[1] / self.labelled
+
+
+def _samples(feed: dict[str, np.ndarray], batched) -> int | None:
+    """The sample count of a feed (its batched inputs' first dim)."""
+    return next((len(feed[name]) for name in batched if name in feed), None)
 
 
 def latency_ms(original: str | Path, compressed: str | Path, data: Dataset, batch_size: int, *, threads: int = 1,
@@ -516,16 +545,12 @@ def format_table(report: ValidationReport) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"validation on {report.samples} samples, batch {report.batch_size}, {report.threads} thread(s)"]
+    if report.task is not None:
+        lines.append(describe_task(report.task, report.score_output, report.score))
     for row in rows:
         cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
     lines.append("")
-    if report.score_output is not None:
-        how = report.score or {}
-        metric = how.get("metric", "top-1 agreement")
-        via = f" (the float scores behind output {how['feeds']!r})" if how.get("feeds") else ""
-        per = f" ({how['per']})" if how.get("per") else ""
-        lines.append(f"{metric} on {report.score_output!r}{via}: {percent(report.agreement)}{per}")
     lines.append("output differences (|original - compressed|):")
     name_width = max((len(d.name) for d in report.outputs), default=0)
     for diff in report.outputs:
@@ -535,3 +560,27 @@ def format_table(report: ValidationReport) -> str:
             detail = f"max {diff.max_abs:.3g}  mean {diff.mean_abs:.3g}"
         lines.append(f"  {diff.name.ljust(name_width)}  {detail}")
     return "\n".join(lines)
+
+
+def describe_task(task: dict, output: str | None, score: dict | None = None) -> str:
+    """One line: the task metric of the compressed model against the original, and the figures behind it."""
+
+    def percent(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    how = score or {}
+    via = f" (the float scores behind output {how['feeds']!r})" if how.get("feeds") else ""
+    extra = []
+    if task.get("error_rate") is not None and task.get("blank") is not None:
+        extra.append(f"character error rate {percent(task['error_rate'])}, blank {task['blank']}")
+    elif task.get("sequence_match") is not None:
+        extra.append(f"whole sequences {percent(task['sequence_match'])}")
+    if task.get("precision") is not None:
+        extra.append(f"precision {percent(task['precision'])}, recall {percent(task['recall'])}, "
+                     f"IoU {percent(task['iou'])}; {percent(task['positive_fraction'])} of the original's positions positive")
+    if task["metric"] != "top-1 agreement" and task.get("agreement") is not None:
+        extra.append(f"top-1 agreement {percent(task['agreement'])}{' ' + how['per'] if how.get('per') else ''}")
+    elif how.get("per"):
+        extra.append(how["per"])
+    detail = f" ({'; '.join(extra)})" if extra else ""
+    return f"task metric: {task['metric']} with the original on {output!r}{via}: {percent(task['value'])}{detail}"

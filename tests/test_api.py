@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -136,8 +137,9 @@ def test_impossible_global_target_is_a_user_error(digits):
     # 0.999 keeps 38 weights; 1% floors alone would keep 2 + 47 + 328 + 7 = 384.
     with pytest.raises(UserError, match="impossible target: the per-layer minimums alone keep 384 weights.*floor"):
         compress(digits["model"], digits["train"], _config(0.999, prune={"floor": 0.01}))
-    # With the default minimum (one weight per layer) it is possible, and exact.
-    result = compress(digits["model"], digits["train"], _config(0.999, 0, 0))
+    # With the default minimum (one weight per layer) it is possible, and exact (1000x untrained keeps
+    # about 5% of the accuracy: the metric floor is off, this is about the counts).
+    result = compress(digits["model"], digits["train"], _config(0.999, 0, 0), metric_floor=0)
     assert result.report["params"]["nonzero"] == keep_count(38160, 0.999)
     assert all(layer["nonzero"] >= 1 for layer in result.report["layers"])
 
@@ -216,7 +218,8 @@ def test_progressive_masks_are_nested_and_each_stage_exact(digits, onnx_name, li
                     params[n][mask] = 1.0
 
     config = _config(0.95, 1, 1, prune={"stages": 3}).replace(admm={"period": 1})
-    result = compress(digits["model"], digits["train"], config, progress=drift)
+    # The drift wrecks the model on purpose: the metric floor is off, this is about the masks.
+    result = compress(digits["model"], digits["train"], config, progress=drift, metric_floor=0)
     assert pruned  # the drift happened
     targets = cubic_stages(0.95, 3)
     assert [s.target for s in result.stages] == pytest.approx(targets)
@@ -715,7 +718,8 @@ def test_the_global_budget_moves_between_layers_during_admm(digits, monkeypatch)
         return out
 
     monkeypatch.setattr(api.ADMM, "update", recording)
-    compress(digits["model"], digits["train"], _config(0.98, 3, 0, prune={"allocation": "global"}))
+    # ADMM alone, without retraining: the floor is off, this is about the Z steps.
+    compress(digits["model"], digits["train"], _config(0.98, 3, 0, prune={"allocation": "global"}), metric_floor=0)
     assert len(set(sum(c) for c in counts)) == 1  # the total is the target at every update
     assert len(set(counts)) > 1  # but its split over layers moved
 
@@ -737,3 +741,39 @@ def test_the_primal_residual_falls_during_admm(digits):
     curve = result.report["stages"][0]["mean_residual"]
     assert len(curve) == 10
     assert curve[-1] < 0.5 * curve[0]
+
+
+def test_export_leaves_the_live_module_alone_and_a_stage_is_written_back_once(digits, monkeypatch):
+    result = compress(digits["model"], digits["train"], _config(0.9, 1, 1, prune={"stages": 2}))
+    live = {n: p.detach().clone() for n, p in result.imported.module.named_parameters()}
+    last = result.model()
+    first = result.model(0)
+    # Asking for stage 1 neither changes the module nor what the last stage exports.
+    assert all(torch.equal(p, live[n]) for n, p in result.imported.module.named_parameters())
+    assert last.SerializeToString() == result.model().SerializeToString()
+    assert first.SerializeToString() != last.SerializeToString()
+    calls = []
+    original = api.write_back
+    monkeypatch.setattr(api, "write_back", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result.model(0)
+    calls.clear()
+    result.model()
+    result.model()
+    assert len(calls) == 1  # the same stage twice: one write-back
+    result.model().graph.name = "changed by the caller"
+    assert result.model().graph.name != "changed by the caller"  # each call hands out its own copy
+
+
+def test_errors_share_one_base_and_an_interrupt_is_not_an_exception():
+    from onnx_admm import OnnxAdmmError
+
+    assert issubclass(UserError, OnnxAdmmError) and issubclass(api.AccuracyGateFailed, OnnxAdmmError)
+    assert issubclass(api.ReportFailed, OnnxAdmmError)
+    # A caller's `except Exception` must not swallow Ctrl-C.
+    assert issubclass(api.CompressInterrupted, KeyboardInterrupt) and not issubclass(api.CompressInterrupted, Exception)
+
+
+def test_the_package_ships_its_type_marker_and_declares_tomli_before_311():
+    root = Path(api.__file__).resolve().parents[1]
+    assert (root / "onnx_admm" / "py.typed").is_file()
+    assert "tomli>=1.1; python_version < '3.11'" in (root / "pyproject.toml").read_text()

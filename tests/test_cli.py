@@ -99,7 +99,7 @@ def test_truncated_file(tmp_path, digits_sample):
 
 
 def test_missing_file(tmp_path):
-    _assert_one_line_error(_run("inspect", tmp_path / "nope.onnx"), "no such file")
+    _assert_one_line_error(_run("inspect", tmp_path / "nope.onnx"), "nope.onnx does not exist; pass the path of an .onnx model")
 
 
 def test_missing_external_data(tmp_path, lenet5_dynamo_onnx):
@@ -154,3 +154,9 @@ def test_bad_npz_is_one_line_error(tmp_path, digits_sample, arrays, fragments):
 def test_validate_different_io_is_error(tmp_path, digits_sample, lenet5_torchscript_onnx):
     _assert_one_line_error(
         _run("validate", digits_sample.model, lenet5_torchscript_onnx, "--data", digits_sample.test))
+
+
+def test_structure_help_says_only_filter_pruning_shrinks_the_graph():
+    shown = " ".join(CliRunner().invoke(main, ["compress", "--help"]).output.split())
+    assert "filter pruning also removes the filters from the graph; the others store zeros" in shown
+    assert "channels also shrink" not in shown

@@ -106,11 +106,57 @@ def test_accuracy_gate_exits_3_and_writes_the_model_under_a_failing_name(digits_
     assert not out.exists() and failed.is_file() and report_path.is_file()
     report = json.loads(report_path.read_text())
     assert report["accuracy_drop"] > 0.3
-    assert report["gate"] == {"max_accuracy_drop": 0.0, "passed": False} and report["output"] == str(failed)
+    gate = report["gate"]
+    assert gate == {"max_accuracy_drop": 0.0, "floor": 0.5, "metric": "accuracy", "retained": gate["retained"],
+                    "passed": False} and report["output"] == str(failed)
+    m = report["metrics"]
+    assert gate["retained"] == pytest.approx(m["compressed_accuracy"] / m["original_accuracy"])
     assert report["params"]["nonzero"] == keep_count(TOTAL, 0.98)
     assert result.stdout == ""  # --quiet: no table, and no progress either
     assert result.stderr.splitlines() == [next(line for line in result.stderr.splitlines() if "gate" in line)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gated.gate-failed.onnx", "r.json"]
+
+
+def test_a_destroyed_model_fails_the_metric_floor_without_any_gate_asked_for(digits_sample, tmp_path):
+    # The same 98% cut without training keeps under half of the original's accuracy: no
+    # --max-accuracy-drop, yet the run must not report success.
+    out, report_path = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
+                       "--report", report_path, "-q")
+    assert result.exit_code == 3, result.output
+    report = json.loads(report_path.read_text())
+    retained = report["gate"]["retained"]
+    assert retained < 0.5 and report["gate"]["passed"] is False and report["gate"]["max_accuracy_drop"] is None
+    line = result.stderr.strip()
+    assert line == (f"task metric under the floor: accuracy is {100 * retained:.2f}% of the original's, under the "
+                    "floor of 50% (the compressed model no longer does the original's job; train longer, compress "
+                    f"less, or lower --metric-floor); the model is saved as {tmp_path / 'm.gate-failed.onnx'}, not "
+                    "under the output name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gate-failed.onnx", "r.json"]
+    # --metric-floor 0 turns the floor off: the same run writes OUT and exits 0.
+    result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
+                       "--metric-floor", "0", "-q")
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_a_huge_learning_rate_is_a_failed_run_not_a_success(digits_sample, tmp_path):
+    # --lr 1e6 trains to a finite loss and ~10% accuracy (97% before): the floor fails it, exit 3.
+    out = tmp_path / "m.onnx"
+    result = _compress(digits_sample, out, "--sparsity", "0.5", "--admm-epochs", "1", "--retrain-epochs", "1",
+                       "--lr", "1e6", "-q")
+    assert result.exit_code == 3, result.output
+    assert result.stderr.startswith("task metric under the floor: accuracy is ") and "Traceback" not in result.stderr
+    assert not out.exists() and (tmp_path / "m.gate-failed.onnx").is_file()
+
+
+@pytest.mark.parametrize("value", ["nan", "1.5", "-0.1"])
+def test_metric_floor_outside_0_1_is_one_line(digits_sample, tmp_path, value):
+    result = _compress(digits_sample, tmp_path / "m.onnx", "--sparsity", "0.5", "--metric-floor", value, "-q")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"Error: the metric floor must be a fraction in [0, 1] of the original's figure "
+                                     f"(0 turns it off), got {float(value)!r}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_accuracy_gate_with_discard_failed_writes_no_model(digits_sample, tmp_path):
@@ -203,7 +249,7 @@ def test_sparsity_out_of_range_is_an_error_and_writes_nothing(digits_sample, tmp
 @pytest.mark.parametrize("args,fragments", [
     (["--sparsity", "0.99999"], ["impossible target", "minimums", "floor"]),
     ([], ["nothing to compress", "--sparsity"]),
-    (["--sparsity", "0.9", "--recipe", "missing.toml"], ["cannot read recipe", "missing.toml"]),
+    (["--sparsity", "0.9", "--recipe", "missing.toml"], ["recipe missing.toml does not exist"]),
     (["--sparsity", "0.9", "--epochs", "4", "--admm-epochs", "2"], ["train.epochs", "contradict", "--admm-epochs"]),
 ], ids=["floors", "no-target", "no-recipe", "budget-and-per-stage"])
 def test_target_errors_are_one_line(digits_sample, tmp_path, args, fragments):
@@ -258,8 +304,9 @@ def test_ctrl_c_saves_the_last_completed_stage_and_exits_130(digits_sample, tmp_
 
 def test_epochs_budget_and_allocation_flags(digits_sample, tmp_path):
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    # 50x in 4 epochs keeps about 38% of the original's accuracy: the floor would fail it; this test is about the flags.
     result = _compress(digits_sample, out, "--sparsity", "0.98", "--epochs", "4", "--allocation", "global",
-                       "--report", report_path, "-q")
+                       "--report", report_path, "--metric-floor", "0", "-q")
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["config"]["train"]["epochs"] == 4 and report["config"]["prune"]["allocation"] == "global"

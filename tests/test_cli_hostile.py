@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -49,6 +54,18 @@ def _npz(tmp_path, name="train.npz", **arrays):
 
 def _compress(model, data, out, *args):
     return _run("compress", model, "-o", out, "--data", data, *QUICK, *args)
+
+
+def _external_data_model(path, location: str):
+    """The Gemm model saved at ``path`` with its weight W pointing at external data ``location``."""
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    onnx.save(model, str(path))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +129,18 @@ def test_batch_one_with_seq_first_output_checks_on_given_data(tmp_path):
     result = _run("check", model, "--data", data)
     assert result.exit_code == 0, result.output
     assert "torch and onnxruntime run in chunks of 1, checked on the given inputs" in result.output
+
+
+def test_check_refuses_to_synthesize_inputs_of_an_absurd_declared_shape(tmp_path):
+    # [N, 1, 1e6, 1e6] floats at batch 2: 7,450 GiB that numpy would try to allocate.
+    kernel = RNG.normal(size=(1, 1, 3, 3)).astype(np.float32)
+    model = op_model("(float[N, 1, 1000000, 1000000] x) => (float[N, 1, 999998, 999998] y)", "y = Conv (x, K)", 17,
+                     {"K": kernel})
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    _assert_one_line_error(_run("check", path), "graph input 'x' [N, 1, 1000000, 1000000] would be synthesized as "
+                           "[2, 1, 1000000, 1000000] float32 (7,450.6 GiB", "pass real inputs with --data",
+                           "or fix the declared shape")
 
 
 def test_fixed_batch_two_pads_the_last_chunk():
@@ -201,6 +230,96 @@ def test_read_only_folder_by_mode_fails_before_training(tmp_path):
         ro.chmod(0o700)
 
 
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe. Opening it to read blocks until a writer comes: should onnx-admm ever open it, a writer
+    comes after 30 s so the test fails instead of hanging."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(30):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # nobody is reading it
+                pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    yield path
+    done.set()
+
+
+FIFO_INPUTS = {
+    "compress MODEL": lambda m, d, f, o: ["compress", f, "-o", o, "--data", d, *QUICK],
+    "compress --recipe": lambda m, d, f, o: ["compress", m, "-o", o, "--data", d, "--recipe", f, *QUICK],
+    "compress --data": lambda m, d, f, o: ["compress", m, "-o", o, "--data", f, *QUICK],
+    "compress --val-data": lambda m, d, f, o: ["compress", m, "-o", o, "--data", d, "--val-data", f, *QUICK],
+    "check MODEL": lambda m, d, f, o: ["check", f],
+    "check --data": lambda m, d, f, o: ["check", m, "--data", f],
+    "inspect MODEL": lambda m, d, f, o: ["inspect", f],
+    "validate ORIGINAL": lambda m, d, f, o: ["validate", f, m, "--data", d, "--report", o.with_suffix(".json")],
+    "validate COMPRESSED": lambda m, d, f, o: ["validate", m, f, "--data", d],
+    "validate --data": lambda m, d, f, o: ["validate", m, m, "--data", f],
+}
+
+
+@pytest.mark.parametrize("where", list(FIFO_INPUTS))
+def test_fifo_as_an_input_is_refused_without_opening_it(tmp_path, fifo, where):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    result = _run(*FIFO_INPUTS[where](model, data, fifo, out))
+    _assert_one_line_error(result, f"{fifo} is a FIFO (named pipe), not a regular file; pass ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "model.onnx", "train.npz"]
+
+
+def test_fifo_as_external_data_is_refused_without_opening_it(tmp_path, fifo):
+    path = _external_data_model(tmp_path / "piped.onnx", "fifo")
+    _assert_one_line_error(_run("check", path), f"external data file {fifo} is a FIFO (named pipe), not a regular file")
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report", "validate --report"])
+def test_read_only_file_by_mode_is_refused_even_for_root(tmp_path, flag):
+    # os.access says every file is writable for root (the suite runs as root here): the mode bits decide.
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    target = tmp_path / ("ro.onnx" if flag == "-o" else "ro.json")
+    target.write_text("keep me")
+    target.chmod(0o444)
+    if flag == "validate --report":
+        result = _run("validate", model, model, "--data", data, "--report", target)
+    else:
+        result = _run("compress", model, "--data", data, *QUICK, *(["-o", target] if flag == "-o" else
+                                                                    ["-o", out, "--report", target]))
+    label = "the output" if flag == "-o" else "the report"
+    _assert_one_line_error(result, f"{label} {target} is read-only; make it writable or choose another path")
+    assert target.read_text() == "keep me" and target.stat().st_mode & 0o777 == 0o444
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report", "--save-stages", "validate --report"])
+def test_file_name_too_long_is_one_line(tmp_path, flag):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    long = tmp_path / ("a" * 256 + ".onnx")  # one name over the 255 bytes of most file systems
+    if flag == "validate --report":
+        result = _run("validate", model, model, "--data", data, "--report", long)
+    else:
+        result = _run("compress", model, "--data", data, *QUICK, *(["-o", long] if flag == "-o" else
+                                                                    ["-o", out, flag, long]))
+    label = {"-o": "the output", "--save-stages": "the --save-stages folder"}.get(flag, "the report")
+    _assert_one_line_error(result, f"cannot write {label} {long}: File name too long; choose a shorter name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "train.npz"]
+
+
+@pytest.mark.parametrize("flag", ["MODEL", "--data", "--recipe"])
+def test_input_name_too_long_is_one_line(tmp_path, flag):
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    long = tmp_path / ("a" * 256 + ".npz")
+    args = {"MODEL": [long, "--data", data], "--data": [model, "--data", long],
+            "--recipe": [model, "--data", data, "--recipe", long]}[flag]
+    what = {"MODEL": "model", "--data": "data file", "--recipe": "recipe"}[flag]
+    _assert_one_line_error(_run("compress", *args, "-o", out, *QUICK), f"cannot read {what} {long}: File name too long")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Non-finite values, labels out of range, rollbacks
 # ----------------------------------------------------------------------------------------------
@@ -243,10 +362,17 @@ def test_inf_in_a_plugin_batch_is_an_input_error(tmp_path, monkeypatch):
     (["--lr", "inf"], "", "train.lr must be a finite number, got inf"),
     ([], "[train]\nweight_decay = nan\n", "train.weight_decay must be a finite number, got nan"),
     ([], "[admm]\nrho_max = inf\n", "admm.rho_max must be a finite number, got inf"),
+    ([], "[admm]\nperiod = inf\n", "admm.period must be a whole number of epochs, or a fraction below 1"),
+    ([], "[admm]\nperiod = nan\n", "admm.period must be a whole number of epochs, or a fraction below 1"),
+    ([], "[admm]\nperiod = -inf\n", "got -inf"),
     ([], '[train]\ndevice = "gpu0"\n', "train.device must be 'cpu' or 'cuda[:N]', got 'gpu0'"),
     (["--device", "cudax"], "", "device 'cudax' is not 'cpu', 'cuda' or 'cuda:N'"),
     (["--seed", "-1"], "", "train.seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**70)], "", f"train.seed must be an integer in [0, 4294967295], got {2**70}"),
+    (["--max-accuracy-drop", "nan"], "", "max_accuracy_drop must be a finite fraction >= 0 (0.01 = 1 point), got nan"),
+    (["--max-accuracy-drop", "inf"], "", "max_accuracy_drop must be a finite fraction >= 0 (0.01 = 1 point), got inf"),
+    (["--threads", "100000"], "", f"train.threads must be an integer from 1 to {4 * os.cpu_count()} (4 per CPU"),
+    ([], "[train]\nthreads = 100000\n", "got 100000; one per core is usually fastest"),
 ])
 def test_bad_hyper_parameters_fail_before_training(tmp_path, flags, recipe, message):
     model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
@@ -254,6 +380,12 @@ def test_bad_hyper_parameters_fail_before_training(tmp_path, flags, recipe, mess
     path.write_text(recipe)
     _assert_one_line_error(_compress(model, data, out, "--recipe", path, *flags), message)
     assert not out.exists()
+
+
+def test_validate_refuses_absurd_thread_counts(tmp_path):
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    _assert_one_line_error(_run("validate", model, model, "--data", data, "--threads", 100000),
+                           f"threads (--threads) must be an integer from 1 to {4 * os.cpu_count()}")
 
 
 def test_cuda_device_beyond_what_the_machine_has(tmp_path):
@@ -310,6 +442,19 @@ def test_labels_out_of_range(tmp_path, label, where):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("label", [2**63 + 5, 2**64 - 1, 2**63 - 1])
+def test_uint64_labels_above_any_class_id(tmp_path, label):
+    # Above 2^63 a uint64 label would wrap to a negative int64 after a check in the signed domain.
+    labels = LABELS.astype(np.uint64)
+    labels[5] = label
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), _npz(tmp_path, x=X, labels=labels), out)
+    fragment = ("but the model's score output has 10 classes" if label < 2**63
+                else f"'labels' holds {label}, too large for any class id")
+    _assert_one_line_error(result, fragment)
+    assert not out.exists()
+
+
 def test_labels_out_of_range_in_a_plugin_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "label_plugin.py").write_text(textwrap.dedent("""
@@ -350,16 +495,38 @@ def test_raising_plugin_is_one_line(tmp_path, monkeypatch, when, where):
     _assert_one_line_error(result, f"loader plugin {plugin!r} raised ValueError: no such bucket {after}")
 
 
+@pytest.mark.parametrize("when, code", [("at_import", 0), ("at_once", 0), ("midway", 0), ("midway", 3),
+                                        ("midway", None), ("midway", "'bye'")])
+def test_plugin_that_exits_is_the_plugins_error(tmp_path, monkeypatch, when, code):
+    # SystemExit is no Exception: sys.exit(0) inside a plugin used to end the run with status 0, nothing written.
+    monkeypatch.chdir(tmp_path)
+    module = f"exiting_{when}_{abs(hash(str(code)))}"
+    exit_call = f"sys.exit({'' if code is None else code})"
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        {exit_call if when == "at_import" else ""}
+        def at_import():
+            yield {{"x": np.ones((70, 4), np.float32)}}
+        def at_once():
+            {exit_call}
+        def midway():
+            yield {{"x": np.ones((70, 4), np.float32)}}
+            {exit_call}
+    """))
+    sys.modules.pop(module, None)
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), f"{module}:{when}", out)
+    shown = "None" if code is None else str(code)
+    where = {"at_import": "when imported", "at_once": "when called", "midway": "after yielding 1 item(s)"}[when]
+    _assert_one_line_error(result, f"loader plugin '{module}:{when}'", f"called sys.exit({shown}) {where}",
+                           "must return or yield its batches, never exit the process")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["inspect", "check", "compress"])
 def test_external_data_outside_the_model_folder_is_refused(tmp_path, command):
-    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.ClearField("float_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    tensor.external_data.add(key="location", value="../../../../etc/passwd")
-    path = tmp_path / "evil.onnx"
-    onnx.save(model, str(path))
+    path = _external_data_model(tmp_path / "evil.onnx", "../../../../etc/passwd")
     args = [command, path] + (["-o", tmp_path / "o.onnx", "--data", _npz(tmp_path, x=X)] if command == "compress" else [])
     _assert_one_line_error(_run(*args), "external data location '../../../../etc/passwd' points outside the model's folder")
 
@@ -376,6 +543,16 @@ def test_unconvertible_op_is_passed_through_and_said_so(tmp_path):
     assert data["trained_outputs"] == ["h"] and data["passed_through"] == ["y"]
 
 
+def test_graph_without_outputs_is_refused(tmp_path):
+    model = op_model("(float[N, 4] x) => (float[N, 10] y)", "y = Gemm (x, W, B)", 17, {"W": W, "B": B})
+    del model.graph.output[:]
+    path, out = tmp_path / "no_outputs.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(path))
+    _assert_one_line_error(_compress(path, _npz(tmp_path, x=X), out), "the model's graph declares no outputs",
+                           "re-export the model with its outputs")
+    assert not out.exists()
+
+
 def test_nothing_compressible_left_fails(tmp_path):
     # The converted part trains only a bias: there is no weight to compress.
     model = op_model("(float[N, 4] x) => (float[N, 4] y)", "h = Add (x, bias)\n y = Hardmax (h)", 17,
@@ -386,4 +563,97 @@ def test_nothing_compressible_left_fails(tmp_path):
     result = _compress(path, _npz(tmp_path, x=X), out)
     _assert_one_line_error(result, "the model has no compressible weight that onnx-admm can train",
                            "passes y through unconverted nodes")
+    assert not out.exists()
+
+
+# Runs the CLI with import_model patched to warn, as onnx2torch's converters and torch do (a UserWarning from
+# the Slice converter, for one).
+_WARNING_ENTRY = """
+import sys, warnings
+from onnx_admm import api
+from onnx_admm.cli import main
+real = api.import_model
+def warning_import(*args, **kwargs):
+    warnings.warn("a library's word of caution", UserWarning)
+    return real(*args, **kwargs)
+api.import_model = warning_import
+main()
+"""
+
+
+def test_library_warnings_go_to_the_log_not_over_the_progress(tmp_path):
+    # Printed raw ("file.py:12: UserWarning: ..."), such a line lands in the middle of the progress bars.
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-c", _WARNING_ENTRY, "-v", "compress", _gemm(tmp_path), "-o", out,
+                           "--data", _npz(tmp_path, x=X), *QUICK], env=_child_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "UserWarning" in line]
+    assert len(warned) == 1 and warned[0].startswith("INFO py.warnings: UserWarning: a library's word of caution ("), \
+        proc.stderr
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a CLI child process: this checkout first on its path."""
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+# ----------------------------------------------------------------------------------------------
+# Signals during start-up
+# ----------------------------------------------------------------------------------------------
+
+# The CLI's entry point, marking on stderr the moment it is called (what the console script runs).
+_ENTRY = "import sys; from onnx_admm.cli import main; print('STARTED', file=sys.stderr, flush=True); main()"
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted by Ctrl-C (SIGINT)"),
+                                                (signal.SIGTERM, 143, "interrupted by SIGTERM")])
+def test_signal_during_start_up_exits_with_the_documented_status_and_line(tmp_path, signum, code, line):
+    # Click parses the arguments first, and an option callback imported torch there (seconds): a signal then
+    # used to print click's "Aborted!" with status 1 (SIGINT) or kill the process without a word (SIGTERM).
+    # Raised inside an extension's import, an interrupt could also abort the process from C++ or end in a
+    # RecursionError. Each delay after the entry point is called must give the same status and line,
+    # whatever it lands in: parsing, the libraries' import, the run.
+    model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
+    env = _child_env()
+    procs = {}
+    for delay in (0.05, 0.3, 1.0):
+        out = tmp_path / f"out{delay}.onnx"
+        # A shell that starts the suite in the background ignores SIGINT in its children: undo that.
+        procs[delay] = subprocess.Popen(
+            [sys.executable, "-c", _ENTRY, "compress", model, "-o", out, "--data", data, *QUICK], env=env,
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for delay, proc in procs.items():
+        assert proc.stderr.readline() == "STARTED\n"
+    started = time.monotonic()
+    for delay, proc in sorted(procs.items()):
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        proc.send_signal(signum)
+    for delay, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = [text for text in err.splitlines() if text.strip()]
+        assert proc.returncode == code, (delay, err)
+        assert len(lines) == 1 and lines[0].startswith(line), (delay, err)
+        assert not (tmp_path / f"out{delay}.onnx").exists()
+
+
+@pytest.mark.parametrize("swallowed_into", [RecursionError, None])
+def test_interrupt_swallowed_by_library_code_still_ends_the_run(tmp_path, monkeypatch, swallowed_into):
+    # The C code of an extension being imported can turn a KeyboardInterrupt into another error (numpy's
+    # import machinery: a RecursionError), or drop it: the run still ends as interrupted.
+    from onnx_admm import api
+
+    def swallowing_import(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            if swallowed_into is not None:
+                raise swallowed_into("maximum recursion depth exceeded") from None
+
+    monkeypatch.setattr(api, "import_model", swallowing_import)
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), _npz(tmp_path, x=X), out)
+    assert result.exit_code == 130, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == ["interrupted by Ctrl-C (SIGINT)"]
     assert not out.exists()

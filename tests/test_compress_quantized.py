@@ -104,3 +104,31 @@ def test_progressive_bits_and_cli_flags(digits_sample, tmp_path):
                                     "--bits", "4", "--ternary", "-o", str(tmp_path / "x.onnx")])
     assert bad.exit_code == 2 and "choose one of" in bad.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_conv_transpose_weights_get_one_scale_per_output_channel(tmp_path):
+    """A ConvTranspose weight is [in, out / groups, kH, kW]: its output channels are axis 1, so per-channel
+    levels, the stored scales and DequantizeLinear's axis follow axis 1, not the input channels."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 3, 2, 2)).astype(np.float32)
+    w *= np.array([1.0, 10.0, 100.0], np.float32)[None, :, None, None]  # output channels of very different ranges
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("ConvTranspose", ["x", "W"], ["y"], strides=[2, 2])], "ct",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.numpy_helper.from_array(w, "W")]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = rng.normal(size=(64, 6, 4, 4)).astype(np.float32)
+    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 32},
+                                       "admm": {"epochs": 0, "retrain_epochs": 0},
+                                       "quantize": {"bits": 4, "per_channel": True}})
+    result = compress(model, {"x": x}, config, metric_floor=0)
+    written = result.model()
+    dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear")
+    assert onnx.helper.get_attribute_value(next(a for a in dq.attribute if a.name == "axis")) == 1
+    scale = next(onnx.numpy_helper.to_array(i) for i in written.graph.initializer if i.name == dq.input[1])
+    assert scale.shape == (3,)
+    # Each output channel sits on its own 4-bit grid: at most 16 levels per channel, scales 10x apart.
+    value = tensor_value(*(lambda v: (v, constant_sources(v)["W"]))(decoded_view(written)[0]))
+    for c in range(3):
+        assert np.unique(value[:, c]).size <= 16
+    assert scale[2] / scale[0] > 20

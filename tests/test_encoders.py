@@ -23,16 +23,15 @@ from converters.importer import import_model
 from converters.inputs import synthesize_inputs
 from converters.modelio import load_model, save_model
 from converters.normalize import PASSES, normalize
-from converters.writeback import (
+from converters.encoders import (
     CodebookEncoder,
     DenseEncoder,
     DequantizeLinearEncoder,
     QuantSpec,
     SparseDequantizeLinearEncoder,
-    TensorUpdate,
     integer_levels,
-    write_back,
 )
+from converters.writeback import TensorUpdate, write_back
 from onnx_admm.projections import Unstructured
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 

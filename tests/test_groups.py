@@ -158,3 +158,60 @@ def test_summary_for_inspect(onnx_model_file):
         "reshapes": ["val_7[1] (-16 per channel)"],
     }
     assert summary[-1]["prunable"] is False and "graph output" in summary[-1]["reason"]
+
+
+@pytest.mark.parametrize("op", ["Sinh", "Cosh", "Asinh", "Atanh", "Relu"])
+def test_every_unary_op_of_the_op_table_passes_the_channels_through(op):
+    # The walk asks converters.optable like the batch-axis proof: Sinh & co. once stopped the group here.
+    from converters.optable import UNARY
+
+    assert op in UNARY
+    model = _model(f"c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r0 = {op} (c)\n r = Relu (r0)" + _GAP_HEAD,
+                   _CONV + ", " + _HEAD)
+    onnx.checker.check_model(model, full_check=True)
+    group = channel_groups(model)[0]
+    assert group.name == "w" and group.prunable, group.reason
+
+
+def test_the_onnx_side_has_no_import_cycle():
+    """Each converters module imports only modules below it: a walk of the import graph finds no cycle."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "converters"
+    deps = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps[path.stem] = {node.module.split(".")[1] for node in ast.walk(tree)
+                           if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("converters.")}
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        assert state.get(name) != 1, f"import cycle: {' -> '.join(trail + [name])}"
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        for dep in sorted(deps.get(name, ())):
+            visit(dep, trail + [name])
+        state[name] = 2
+
+    for name in sorted(deps):
+        visit(name, [])
+
+
+def test_graph_view_indexes_producers_readers_and_subgraph_reads():
+    from converters.graphinfo import GraphView
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2] x, bool c) => (float[2] y) <float[2] k = {1.0, 2.0}> {
+            a = Add (x, k)
+            i = Identity (k)
+            y = If (c) <then_branch = t () => (float[2] o) { o = Mul (a, i) },
+                        else_branch = e () => (float[2] o2) { o2 = Sub (a, x) }>
+        }""")
+    view = GraphView(model)
+    assert view.producers["a"].op_type == "Add" and "x" not in view.producers
+    assert view.readers["k"] == [(0, 1), (1, 0)]
+    assert view.readers["a"] == [(2, -1)]  # read inside the If's branches: the If node, input -1
+    assert view.readers["x"] == [(0, 0), (2, -1)] and view.readers["c"] == [(2, 0)]
+    assert view.aliases == {"i": "k"} and view.by_label[view.labels[2]].op_type == "If"

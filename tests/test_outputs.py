@@ -9,6 +9,7 @@ takes about a second; most cases are refused before it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -213,3 +214,13 @@ def test_api_gate_failure_raises_after_writing_the_failing_name(files):
                  output=files / "g.onnx", max_accuracy_drop=0.0)
     assert info.value.saved == files / "g.gate-failed.onnx" and info.value.saved.is_file()
     assert not (files / "g.onnx").exists() and info.value.result.report["gate"]["passed"] is False
+
+
+def test_reports_are_strict_json_without_nan_or_infinity(tmp_path):
+    from converters.modelio import save_json
+
+    path = save_json({"loss": float("nan"), "ratio": float("inf"), "ok": 1.5,
+                      "history": [{"residual": float("-inf")}, (2.0, float("nan"))]}, tmp_path / "r.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "ratio": None, "ok": 1.5, "history": [{"residual": None}, [2.0, None]]}

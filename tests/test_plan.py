@@ -95,6 +95,19 @@ def test_nm_structure_needs_no_target_and_runs_along_the_input_axis():
         _plan({"prune": {"structure": "2:4"}})
 
 
+def test_conv_transpose_filters_and_channels_and_nm_follow_its_own_axes():
+    # A ConvTranspose weight is [in, out / groups, kH, kW]: filters are axis 1, input channels axis 0.
+    specs = [WeightSpec("ct", "ct.weight", "ConvTranspose", 1, 0)]
+    params = {"ct": torch.randn(6, 4, 3, 3)}
+    for structure, axis, groups in (("filter", 1, 4), ("channel", 0, 6)):
+        plan = make_plan(specs, CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": structure}}))
+        support = sparsity_constraints(plan, params, 0, None)["ct"].support(params["ct"])
+        kept = support.movedim(axis, 0).reshape(groups, -1)
+        assert kept.all(dim=1).sum() == groups // 2 and not (kept.any(dim=1) & ~kept.all(dim=1)).any()
+    nm = make_plan(specs, CompressConfig.from_dict({"prune": {"structure": "2:4"}}))
+    assert sparsity_constraints(nm, {"ct": torch.randn(8, 4, 3, 3)}, 0, None)["ct"] == NM(2, 4, axis=0)
+
+
 # --- rules that decide nothing are errors naming the weights that exist ---
 
 

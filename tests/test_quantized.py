@@ -118,6 +118,10 @@ def test_check_and_inspect_on_quantized_files(quantized_digits, digits_data):
     # Synthesized N(0, 1) inputs lie outside the calibrated ranges: the figure is shown, not gated.
     report, found = step(None)
     assert report.passed and "not gated" in found.detail, report.format()
+    # ... and shown as skipped, not as a pass.
+    assert found.skipped and found.status == "SKIP"
+    assert "  SKIP  dequantized " in report.format() and "PASS  dequantized" not in report.format()
+    assert report.to_dict()["steps"][1]["skipped"] is True
     info = inspect_model(quantized_digits["qoperator"])
     assert info["importable"] and info["total_params"] > 30000
     assert any("QLinearConv" in line for line in info["dequantized"])

@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 from converters.graphinfo import node_label
 from converters.groups import channel_groups
 from converters.shrink import count_macs, cut_update, kept_channels, shrink
-from converters.writeback import QuantSpec, TensorUpdate, write_back
+from converters.encoders import QuantSpec
+from converters.writeback import TensorUpdate, write_back
 from models import _floats
 
 

@@ -82,7 +82,7 @@ def test_model_against_itself(tmp_path):
     assert report.accuracy_drop == 0
     json.dumps(report.to_dict())
     table = format_table(report)
-    assert "accuracy" in table and "80.00%" in table and "top-1 agreement on 'logits': 100.00%" in table
+    assert "accuracy" in table and "80.00%" in table and "task metric: top-1 agreement with the original on 'logits': 100.00% (per sample)" in table.splitlines()[1]
 
 
 def test_perturbed_weight_agreement_and_diffs(tmp_path):
@@ -167,7 +167,7 @@ def test_score_output_override(tmp_path):
 
 
 def test_open_session_errors(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UserError, match="missing.onnx does not exist"):
         open_session(tmp_path / "missing.onnx")
     broken = _classifier()
     broken.graph.node[0].input[1] = "undefined_tensor"

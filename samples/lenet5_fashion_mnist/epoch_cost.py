@@ -70,7 +70,7 @@ def _phases(model_path: Path, data: Path, seed: int) -> dict[str, float]:
             counts[current[0]] = counts.get(current[0], 0) + 1
             marks[current[0]].append(now)
 
-    compress(str(model_path), str(data), config, progress=progress)
+    compress(str(model_path), str(data), config, progress=progress, metric_floor=0)
     # From the phase's first event to its last batch: every step and every Z/U update in between.
     return {phase: (times[-1] - times[0]) / counts[phase] for phase, times in marks.items()}
 

@@ -1,0 +1,369 @@
+"""The forward walk of one channel group: the rules per op that say where the channels go and what must
+shrink with them (``converters.groups`` describes the whole analysis)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from converters.channels import ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
+from converters.graphinfo import node_attr
+from converters.optable import BROADCAST, POOLS, REDUCE, UNARY
+
+
+@dataclass
+class ChannelWalk:
+    """One group's forward walk from its producer's output."""
+
+    a: Any  # the graph facts of groups._Analysis: nodes, labels, readers, constants and shapes
+    name: str
+    n: int
+    reached: dict[str, ChannelLayout] = field(default_factory=dict)
+    outputs: list[TensorSlice] = field(default_factory=list)
+    consumers: list[TensorSlice] = field(default_factory=list)
+    depthwise: list[TensorSlice] = field(default_factory=list)
+    depthwise_nodes: list[str] = field(default_factory=list)
+    reshapes: list[ShapeEdit] = field(default_factory=list)
+
+    def run(self, start: str, layout: ChannelLayout) -> None:
+        queue = [(start, layout)]
+        done: set[int] = set()
+        waiting: dict[int, str] = {}  # node index -> the operand not (yet) known to carry the channels
+        while True:
+            while queue:
+                name, layout = queue.pop(0)
+                if name in self.reached:
+                    if self.reached[name] != layout:
+                        raise NotPrunable(f"the channels reach {name!r} in two different layouts")
+                    continue
+                self.reached[name] = layout
+                if name in self.a.outputs:
+                    raise NotPrunable(f"the channels reach the graph output {name!r}")
+                for i in self.a.readers.get(name, []):
+                    if i in done:
+                        continue
+                    other = self._blocking_operand(i)
+                    if other is not None:
+                        waiting[i] = other
+                        continue
+                    waiting.pop(i, None)
+                    done.add(i)
+                    queue.extend(self._step(i))
+            ready = [i for i in waiting if self._blocking_operand(i) is None]
+            if not ready:
+                break
+            for i in ready:
+                del waiting[i]
+                done.add(i)
+                queue.extend(self._step(i))
+        if waiting:
+            i, other = next(iter(waiting.items()))
+            node = self.a.nodes[i]
+            raise NotPrunable(
+                f"coupled through {node.op_type} {self.a.labels[i]} with another branch ({other!r}): "
+                "coupled channels are left alone"
+            )
+
+    def _blocking_operand(self, i: int) -> str | None:
+        """For a broadcasting op, an operand that is computed but does not carry this group's channels."""
+        node = self.a.nodes[i]
+        if node.op_type not in BROADCAST:
+            return None
+        for name in node.input:
+            if name and self.a.constant(name) is None and name not in self.reached:
+                return name
+        return None
+
+    # -- slices -----------------------------------------------------------------------------------------
+
+    def slice(self, tensor: str, axis: int, role: str, layout: ChannelLayout, read: tuple[str, int]) -> None:
+        """Record that ``tensor`` (a constant) is cut along ``axis`` with the blocks of ``layout``."""
+        shape = self.a.value(tensor).shape
+        expected = layout.outer * self.n * layout.inner
+        if axis >= len(shape) or shape[axis] != expected:
+            raise NotPrunable(
+                f"{tensor!r} of shape {list(shape)} does not have {expected} entries along axis {axis}"
+            )
+        target = {"consumer": self.consumers, "depthwise": self.depthwise}.get(role, self.outputs)
+        for k, existing in enumerate(target):
+            if existing.tensor == tensor:
+                if (existing.axis, existing.inner, existing.outer) != (axis, layout.inner, layout.outer):
+                    raise NotPrunable(f"{tensor!r} would be cut in two different ways")
+                target[k] = TensorSlice(
+                    tensor, axis, existing.role, layout.inner, layout.outer, existing.nodes + (read,)
+                )
+                return
+        for other in self.outputs + self.consumers + self.depthwise:
+            if other.tensor == tensor and other.axis == axis:
+                raise NotPrunable(f"{tensor!r} would be cut in two different ways")
+        target.append(TensorSlice(tensor, axis, role, layout.inner, layout.outer, (read,)))
+
+    def slice_input(self, name: str, axis: int, role: str, layout: ChannelLayout, read: tuple[str, int]) -> None:
+        src = self.a.constant(name)
+        if src is None:
+            raise NotPrunable(f"{role} {name!r} of {read[0]} is computed, not a constant")
+        self.slice(src, axis, role, layout, read)
+
+    def broadcast_constant(
+        self, name: str, layout: ChannelLayout, read: tuple[str, int], out_rank: int, role: str = "constant"
+    ) -> None:
+        """A constant operand of a broadcasting op: cut it when it has one entry per channel position."""
+        src = self.a.constant(name)
+        assert src is not None
+        shape = self.a.value(src).shape
+        full = layout.outer * self.n * layout.inner
+        if len(shape) > out_rank:
+            raise NotPrunable(f"constant {src!r} of {read[0]} raises the rank by broadcasting")
+        axis = layout.axis - (out_rank - len(shape))
+        if axis < 0 or shape[axis] == 1:
+            return
+        if shape[axis] != full:
+            raise NotPrunable(
+                f"constant {src!r} of {read[0]} has {shape[axis]} entries on the channel axis, not {full}"
+            )
+        self.slice(src, axis, role, layout, read)
+
+    def check_sharing(self) -> None:
+        """Every read of a sliced constant must be one the group accounts for, and cut the same way."""
+        accounted: dict[str, set[tuple[str, int]]] = {}
+        for s in self.outputs + self.consumers + self.depthwise:
+            reads = set(s.nodes)
+            if s.tensor in accounted and accounted[s.tensor] != reads:
+                # e.g. one weight read as the producer (rows cut) and as a consumer (columns cut)
+                raise NotPrunable(f"{s.tensor!r} is read by several nodes that need it cut differently")
+            accounted[s.tensor] = reads
+        for e in self.reshapes:
+            accounted.setdefault(e.tensor, set()).add((e.node, 1))
+        for tensor, reads in accounted.items():
+            if tensor in self.a.constant_inputs:
+                raise NotPrunable(f"{tensor!r} is also a graph input (it can be fed at run time)")
+            extra = sorted(self.a.constant_reads.get(tensor, set()) - reads)
+            if extra:
+                raise NotPrunable(
+                    f"{tensor!r} is also read by {extra[0][0]} (input {extra[0][1]}); exporters merge equal "
+                    "initializers: give each use its own copy first"
+                )
+
+    # -- one node ------------------------------------------------------------------------------------
+
+    def _step(self, i: int) -> list[tuple[str, ChannelLayout]]:
+        """Follow the channels through node ``i``; return the outputs that carry them on."""
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            raise NotPrunable(f"the channels reach {op} {label} of domain {node.domain!r}, which is not handled")
+        carried = [(k, name) for k, name in enumerate(node.input) if name in self.reached]
+        if not carried:
+            raise NotPrunable(f"a subgraph of {op} {label} reads the channels")
+        name = carried[0][1]
+        layout = self.reached[name]
+        rank = len(a.shape(name) or ())
+
+        def data_input_only(allowed: tuple[int, ...] = (0,)) -> None:
+            for k2, _ in carried:
+                if k2 not in allowed:
+                    raise NotPrunable(f"the channels reach input {k2} of {op} {label}")
+
+        def outputs_used(indices: tuple[int, ...]) -> None:
+            for j, out in enumerate(node.output):
+                if j not in indices and out and (out in a.readers or out in a.outputs):
+                    raise NotPrunable(f"output {j} of {op} {label} is used, which is not handled")
+
+        if op in UNARY:
+            data_input_only()
+            return [(out, layout) for out in node.output if out]
+        if op in BROADCAST:
+            out_shape = a.shape(node.output[0])
+            if out_shape is None:
+                raise NotPrunable(f"the shape of the output of {op} {label} is unknown")
+            out_rank = len(out_shape)
+            for k2, name2 in enumerate(node.input):
+                if not name2:
+                    continue
+                if name2 in self.reached:
+                    if self.reached[name2] != layout or len(a.shape(name2) or ()) != out_rank:
+                        raise NotPrunable(f"the operands of {op} {label} hold the channels in different layouts")
+                else:
+                    self.broadcast_constant(name2, layout, (label, k2), out_rank)
+            return [(node.output[0], layout)]
+        if op in POOLS:
+            data_input_only()
+            outputs_used((0,))
+            self._need_nchw(layout, op, label)
+            return [(node.output[0], layout)]
+        if op in ("BatchNormalization", "InstanceNormalization"):
+            data_input_only()
+            outputs_used((0,))
+            self._need_nchw(layout, op, label)
+            for k2 in range(1, len(node.input)):
+                self.slice_input(node.input[k2], 0, "batchnorm", ChannelLayout(0, layout.inner, layout.outer), (label, k2))
+            return [(node.output[0], layout)]
+        if op == "Conv":
+            data_input_only()
+            return self._conv(i, layout)
+        if op == "Gemm":
+            data_input_only()
+            if node_attr(node, "transA", 0) or rank != 2 or layout.axis != 1:
+                raise NotPrunable(f"Gemm {label} reads the channels transposed")
+            trans_b = node_attr(node, "transB", 0)
+            self.slice_input(node.input[1], 1 if trans_b else 0, "consumer", layout, (label, 1))
+            return []
+        if op == "MatMul":
+            data_input_only()
+            if a.constant(node.input[1]) is None or len(a.shape(node.input[1]) or ()) != 2:
+                raise NotPrunable(f"MatMul {label} multiplies the channels by a computed or batched operand")
+            if layout.axis != rank - 1:
+                raise NotPrunable(f"MatMul {label} does not contract the channel axis")
+            self.slice_input(node.input[1], 0, "consumer", layout, (label, 1))
+            return []
+        if op == "Flatten":
+            data_input_only()
+            dims = a.shape(name)
+            axis = node_attr(node, "axis", 1)
+            return [(node.output[0], self._flatten(dims, layout, axis + rank if axis < 0 else axis, label))]
+        if op == "Reshape":
+            data_input_only()
+            return [(node.output[0], self._reshape(i, name, layout))]
+        if op == "Transpose":
+            data_input_only()
+            perm = list(node_attr(node, "perm", list(range(rank))[::-1]))
+            return [(node.output[0], ChannelLayout(perm.index(layout.axis), layout.inner, layout.outer))]
+        if op in ("Squeeze", "Unsqueeze"):
+            data_input_only()
+            axes = self._axes(node, label)
+            if op == "Unsqueeze":
+                out_rank = rank + len(axes)
+                new = layout.axis
+                for ax in sorted(x % out_rank for x in axes):
+                    if ax <= new:
+                        new += 1
+                return [(node.output[0], ChannelLayout(new, layout.inner, layout.outer))]
+            dims = a.shape(name) or []
+            squeezed = [x % rank for x in axes] if axes is not None else [d for d, v in enumerate(dims) if v == 1]
+            if axes is None and any(not isinstance(v, int) for v in dims):
+                raise NotPrunable(f"Squeeze {label} without axes on a tensor of unknown shape")
+            if layout.axis in squeezed:
+                raise NotPrunable(f"Squeeze {label} removes the channel axis")
+            new = layout.axis - sum(ax < layout.axis for ax in squeezed)
+            return [(node.output[0], ChannelLayout(new, layout.inner, layout.outer))]
+        if op in REDUCE:
+            data_input_only()
+            axes = self._axes(node, label)
+            if not axes:
+                if node_attr(node, "noop_with_empty_axes", 0) and axes is not None:
+                    return [(node.output[0], layout)]
+                raise NotPrunable(f"{op} {label} reduces over every axis, channels included")
+            axes = [x % rank for x in axes]
+            if layout.axis in axes:
+                raise NotPrunable(f"{op} {label} reduces over the channel axis")
+            new = layout.axis if node_attr(node, "keepdims", 1) else layout.axis - sum(ax < layout.axis for ax in axes)
+            return [(node.output[0], ChannelLayout(new, layout.inner, layout.outer))]
+        if op == "Pad":
+            data_input_only()
+            pads = node_attr(node, "pads")
+            if pads is None and len(node.input) > 1 and a.constant(node.input[1]) is not None:
+                pads = a.value(a.constant(node.input[1])).tolist()
+            if pads is None or (len(node.input) > 3 and node.input[3]):
+                raise NotPrunable(f"Pad {label} with computed pads or axes is not handled")
+            if pads[layout.axis] or pads[layout.axis + rank]:
+                raise NotPrunable(f"Pad {label} pads the channel axis")
+            return [(node.output[0], layout)]
+        if op in ("Concat", "Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization", "Shape"):
+            raise NotPrunable(f"the channels reach {op} {label}, which is not handled")
+        raise NotPrunable(f"the channels reach {op} {label}, an op this analysis does not know")
+
+    def _need_nchw(self, layout: ChannelLayout, op: str, label: str) -> None:
+        if layout.axis != 1 or layout.outer != 1:
+            raise NotPrunable(f"{op} {label} expects the channels on axis 1")
+
+    def _conv(self, i: int, layout: ChannelLayout) -> list[tuple[str, ChannelLayout]]:
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        self._need_nchw(layout, "Conv", label)
+        weight = a.constant(node.input[1])
+        if weight is None:
+            raise NotPrunable(f"Conv {label} has a computed weight")
+        shape = a.value(weight).shape
+        groups = node_attr(node, "group", 1)
+        full = layout.outer * self.n * layout.inner
+        if groups == 1:
+            self.slice(weight, 1, "consumer", layout, (label, 1))
+            return []
+        if groups == full and shape[1] == 1:
+            multiplier = shape[0] // groups
+            follows = ChannelLayout(1, layout.inner * multiplier, layout.outer)
+            self.slice(weight, 0, "depthwise", ChannelLayout(0, follows.inner, follows.outer), (label, 1))
+            if len(node.input) > 2 and node.input[2]:
+                self.slice_input(node.input[2], 0, "depthwise", ChannelLayout(0, follows.inner, follows.outer), (label, 2))
+            self.depthwise_nodes.append(label)
+            return [(node.output[0], follows)]
+        raise NotPrunable(f"the channels reach grouped Conv {label} (group={groups}), which is not handled")
+
+    def _flatten(self, dims: list | None, layout: ChannelLayout, start: int, label: str) -> ChannelLayout:
+        """Flatten(axis=start): dims ``start..`` become output axis 1."""
+        if start > layout.axis:
+            raise NotPrunable(f"Flatten {label} merges the channel axis into the first output axis")
+        if dims is None or any(not isinstance(d, int) for d in dims[start:]):
+            raise NotPrunable(f"Flatten {label} flattens dims of unknown size")
+        outer = layout.outer * math.prod(dims[start : layout.axis])
+        return ChannelLayout(1, layout.inner * math.prod(dims[layout.axis + 1 :]), outer)
+
+    def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        shape_src = a.constant(node.input[1])
+        if shape_src is None:
+            raise NotPrunable(f"Reshape {label} has a computed shape")
+        target = [int(v) for v in a.value(shape_src).reshape(-1)]
+        dims_in, dims_out = a.shape(name), a.shape(node.output[0])
+        if dims_in is None or dims_out is None:
+            raise NotPrunable(f"the shapes around Reshape {label} are unknown")
+        r_in, r_out = len(dims_in), len(dims_out)
+        for p in range(layout.axis + 1):
+            q = r_in - r_out + p + 1
+            if q <= layout.axis or q > r_in:
+                continue
+            merged = dims_in[p:q]
+            kept_in = dims_in[:p] + dims_in[q:]
+            kept_out = dims_out[:p] + dims_out[p + 1 :]
+            kept_entries = target[:p] + target[p + 1 :]
+            # An output dim inference left unknown or renamed (-1 beside a symbolic batch) is the input's dim
+            # when every other dim lines up: the element counts must agree.
+            if not all(
+                d_in == d_out or (not isinstance(d_out, int) and entry in (-1, 0))
+                for d_in, d_out, entry in zip(kept_in, kept_out, kept_entries)
+            ):
+                continue
+            if any(not isinstance(d, int) for d in merged) or dims_out[p] != math.prod(merged):
+                continue
+            new = ChannelLayout(
+                p,
+                layout.inner * math.prod(dims_in[layout.axis + 1 : q]),
+                layout.outer * math.prod(dims_in[p : layout.axis]),
+            )
+            entry = target[p]
+            if entry == 0 and q == p + 1:
+                return new  # 0 copies the (single) channel dim, whatever its new size
+            if entry == -1:
+                return new
+            if entry != dims_out[p]:
+                raise NotPrunable(f"Reshape {label}: shape entry {p} is {entry}, not the size {dims_out[p]}")
+            self.reshapes.append(ShapeEdit(shape_src, label, p, new.inner * new.outer))
+            return new
+        raise NotPrunable(f"Reshape {label} splits or reorders the channel axis")
+
+    def _axes(self, node: onnx.NodeProto, label: str) -> list[int] | None:
+        """The ``axes`` of Squeeze/Unsqueeze/Reduce*, from the attribute or a constant input; None if absent."""
+        axes = node_attr(node, "axes")
+        if axes is not None:
+            return list(axes)
+        if len(node.input) > 1 and node.input[1]:
+            src = self.a.constant(node.input[1])
+            if src is None:
+                raise NotPrunable(f"{node.op_type} {label} has computed axes")
+            return [int(v) for v in self.a.value(src).reshape(-1)]
+        return None

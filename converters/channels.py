@@ -1,0 +1,102 @@
+"""The types of channel-group analysis: which slices of which tensors go with a group of output channels.
+
+``converters.groups`` finds the groups (``channel_groups``), ``converters.channel_walk`` holds the rules
+per op that follow the channels through the graph, ``converters.shrink`` cuts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """The entries of constant ``tensor`` that belong to the group's channels, along ``axis``.
+
+    Along ``axis`` (length ``outer * n_channels * inner``) channel ``c`` owns the positions
+    ``o * n_channels * inner + c * inner + i`` for ``o < outer`` and ``i < inner``: ``inner = H*W`` after a
+    ``[C, H, W]`` flatten (or the multiplier of a depthwise Conv), ``outer = H*W`` after a channels-last
+    one. ``nodes`` lists the (node label, input index) reads this slice accounts for.
+    """
+
+    tensor: str
+    axis: int
+    role: str  # weight | bias | batchnorm | constant | depthwise | consumer
+    inner: int = 1
+    outer: int = 1
+    nodes: tuple[tuple[str, int], ...] = ()
+
+    def positions(self, n_channels: int, channels: np.ndarray) -> np.ndarray:
+        """Indices along ``axis`` owned by ``channels`` (sorted when ``channels`` is), for a group of
+        ``n_channels``."""
+        channels = np.asarray(channels, dtype=np.int64)
+        outer = np.arange(self.outer, dtype=np.int64)[:, None, None] * (n_channels * self.inner)
+        mid = channels[None, :, None] * self.inner
+        inner = np.arange(self.inner, dtype=np.int64)[None, None, :]
+        return (outer + mid + inner).reshape(-1)
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """Entry ``index`` of the constant shape ``tensor`` of Reshape ``node`` holds the merged size that
+    contains the channels; each removed channel takes ``per_channel`` from it."""
+
+    tensor: str
+    node: str
+    index: int
+    per_channel: int
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """The output channels of one weight and everything coupled to them.
+
+    Attributes:
+        name: The producer's weight tensor (the key ``shrink`` takes).
+        node: Label of the producing node (``graphinfo.node_label``).
+        op_type: Conv, Gemm or MatMul (ConvTranspose and other weights appear as not prunable).
+        n_channels: Number of output channels (filters).
+        outputs: Slices along the channel axis: the producer's weight and bias, normalisation
+            parameters, per-channel constants.
+        consumers: The consumers' weights, sliced along their input axis.
+        depthwise: Depthwise Conv weights and biases that follow the mask (with ``depthwise_nodes``,
+            whose ``group`` attribute shrinks).
+        depthwise_nodes: Labels of those depthwise Conv nodes.
+        reshapes: Reshape shape constants to rewrite.
+        activations: Intermediate tensors that carry the channels (their shapes change).
+        prunable: Whether ``shrink`` may remove channels of this group.
+        reason: Why not, when ``prunable`` is False.
+    """
+
+    name: str
+    node: str
+    op_type: str
+    n_channels: int
+    outputs: tuple[TensorSlice, ...] = ()
+    consumers: tuple[TensorSlice, ...] = ()
+    depthwise: tuple[TensorSlice, ...] = ()
+    depthwise_nodes: tuple[str, ...] = ()
+    reshapes: tuple[ShapeEdit, ...] = ()
+    activations: tuple[str, ...] = ()
+    prunable: bool = True
+    reason: str | None = None
+
+    @property
+    def slices(self) -> tuple[TensorSlice, ...]:
+        """Every constant slice of the group: outputs, depthwise, consumers."""
+        return self.outputs + self.depthwise + self.consumers
+
+
+class NotPrunable(Exception):
+    """Raised inside the walk; its message is the group's ``reason``."""
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Where the channels are in an activation: ``axis``, and the inner/outer blocks (see TensorSlice)."""
+
+    axis: int
+    inner: int = 1
+    outer: int = 1

@@ -1,0 +1,52 @@
+"""One table of ONNX op facts that every graph analysis asks (batch axis, channel groups, ranks, weights).
+
+Each analysis used to keep its own op lists, and they drifted (the channel-group walk lacked Acosh,
+Asinh, Atanh, Cosh, Sinh and CastLike that the batch-axis proof had). The families here are facts of
+the ONNX operators themselves, not of one analysis; what an analysis does with a family stays with it.
+"""
+
+from __future__ import annotations
+
+# Output 0 is the op applied entry by entry to input 0 (any other input is a scalar parameter or, for
+# CastLike, a tensor read for its type only).
+UNARY = frozenset({
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Cos",
+    "Cosh", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf",
+    "IsNaN", "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Shrink", "Sigmoid",
+    "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
+})  # fmt: skip
+
+# Elementwise over several inputs, with numpy-style broadcasting.
+BROADCAST = frozenset({
+    "Add", "And", "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Div", "Equal", "Greater", "GreaterOrEqual",
+    "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum", "Where", "Xor",
+})  # fmt: skip
+
+REDUCE = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
+    "ReduceSum", "ReduceSumSquare",
+})  # fmt: skip
+
+# Pools with a kernel (kernel_shape gives the spatial rank), and every pool computed per channel over
+# the spatial dims of an N x C x ... tensor.
+KERNEL_POOLS = frozenset({"AveragePool", "LpPool", "MaxPool"})
+POOLS = KERNEL_POOLS | {"GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool"}
+
+# Ops whose first input is N x C x ...: the batch is axis 0 and the channels axis 1.
+CHANNEL_FIRST = POOLS | {
+    "BatchNormalization", "Conv", "ConvTranspose", "DepthToSpace", "GroupNormalization", "InstanceNormalization",
+    "LRN", "SpaceToDepth",
+}  # fmt: skip
+
+RECURRENT = frozenset({"GRU", "LSTM", "RNN"})
+
+# Ops with a weight whose filters (output channels) can be counted and removed.
+LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+# Op type -> input indices that hold a compressible weight (not biases, not norms). MatMul: whichever
+# operand is constant. Recurrent layers: W (input weights) and R (recurrence weights),
+# [directions, gates*hidden, in/hidden].
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "Gather": (0,), "MatMul": (0, 1),
+    "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
+}
