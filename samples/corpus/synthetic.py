@@ -16,8 +16,9 @@ which is what issue 22 is about:
   event's centre lies in it, its centre offset and its width in segment units), TorchScript.
 
 Builders cache the exported model in the work folder (the file name carries the variant) and return
-representative inputs from the generator, never labels. ``greedy_decode``, ``sequence_match`` and
-``positive_f1`` are the measures samples/corpus/objective.py reports.
+representative inputs from the generator, never labels. ``captcha_agreement`` and ``detector_agreement``
+measure a compressed model against its original in onnxruntime with onnx_admm.metrics (greedy CTC
+sequence match, positive-set F1), for samples/corpus/objective.py and tests/test_corpus.py.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ import io
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from onnx_admm.metrics import PositiveSet, SequenceMatch
 
 logger = logging.getLogger(__name__)
 
@@ -121,20 +125,22 @@ class CaptchaReader(nn.Module):
         return torch.log_softmax(self.head(self.rnn(seq)[0]), -1)
 
 
-def greedy_decode(log_probs: np.ndarray) -> list[tuple[int, ...]]:
-    """Greedy CTC decoding of [T, N, C] scores: the top class per step, repeats collapsed, blanks (0) dropped."""
-    best = np.asarray(log_probs).argmax(-1)  # [T, N]
-    out = []
-    for seq in best.T:
-        keep = np.ones(len(seq), bool)
-        keep[1:] = seq[1:] != seq[:-1]
-        out.append(tuple(int(c) for c in seq[keep] if c != 0))
-    return out
-
-
-def sequence_match(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
-    """The fraction of samples whose decoded sequences are equal."""
-    return float(np.mean([x == y for x, y in zip(a, b)])) if a else 0.0
+def _train(model: nn.Module, steps: int, samples: int, batch: int, lr: float, seed: int,
+           loss_of: Callable[[torch.Tensor], torch.Tensor], what: str) -> None:
+    """Adam with a one-cycle schedule, ``steps`` steps of ``batch`` random samples; ``loss_of(indices)``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        loss = loss_of(torch.randint(0, samples, (batch,), generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0:
+            logger.info("%s step %d: loss %.3f", what, step, loss.item())
+    model.eval()
 
 
 def _fit_captcha(model: CaptchaReader, steps: int, samples: int, seed: int, aligned: bool = False) -> None:
@@ -142,30 +148,20 @@ def _fit_captcha(model: CaptchaReader, steps: int, samples: int, seed: int, alig
     tests use, since CTC sits on its all-blank plateau for the first few hundred steps; it gives the same
     peaky, mostly blank outputs."""
     images, texts, frames = render_captchas(samples, seed)
-    x = torch.from_numpy(images)
+    x, frames = torch.from_numpy(images), torch.from_numpy(frames)
     targets = [torch.from_numpy(t).long() for t in texts]
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
-    lr = 6e-3 if aligned else 3e-3  # the rates measured: 3e-3 reads 99% after 600 CTC steps, 6e-3 69% after 250 aligned
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, samples, (64,), generator=g)
-        batch = [targets[int(i)] for i in idx]
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         logp = model(x[idx])
         if aligned:
-            loss = nn.functional.nll_loss(logp.permute(1, 2, 0), torch.from_numpy(frames)[idx])
-        else:
-            loss = ctc(logp, torch.cat(batch), torch.full((64,), logp.shape[0], dtype=torch.long),
-                       torch.tensor([len(t) for t in batch]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 200 == 0:
-            logger.info("captcha step %d: CTC loss %.3f", step, loss.item())
-    model.eval()
+            return nn.functional.nll_loss(logp.permute(1, 2, 0), frames[idx])
+        batch = [targets[int(i)] for i in idx]
+        return ctc(logp, torch.cat(batch), torch.full((len(idx),), logp.shape[0], dtype=torch.long),
+                   torch.tensor([len(t) for t in batch]))
+
+    # The rates measured: 3e-3 reads 99% after 600 CTC steps, 6e-3 69% after 250 aligned steps.
+    _train(model, steps, samples, 64, 6e-3 if aligned else 3e-3, seed, loss_of, "captcha")
 
 
 def _export(module: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
@@ -264,35 +260,18 @@ class EventDetector(nn.Module):
         return seg_map, detections
 
 
-def positive_f1(predicted: np.ndarray, reference: np.ndarray) -> float:
-    """F1 of the positive set ``predicted`` (bool) against ``reference`` (bool); 1.0 when both are empty."""
-    predicted, reference = np.asarray(predicted, bool), np.asarray(reference, bool)
-    both = np.logical_and(predicted, reference).sum()
-    total = predicted.sum() + reference.sum()
-    return float(2 * both / total) if total else 1.0
-
-
 def _fit_detector(model: EventDetector, steps: int, samples: int, seed: int) -> None:
     signal, aux, mask, boxes = (torch.from_numpy(a) for a in make_events(samples, seed))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps, pct_start=0.15)
     bce = nn.functional.binary_cross_entropy
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, samples, (32,), generator=g)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         seg_map, det = model(signal[idx], aux[idx])
         target = boxes[idx]
         hit = target[..., 0] > 0
-        loss = (bce(seg_map[..., 0], mask[idx]) + bce(det[..., 0], target[..., 0])
+        return (bce(seg_map[..., 0], mask[idx]) + bce(det[..., 0], target[..., 0])
                 + nn.functional.smooth_l1_loss(det[..., 1:][hit], target[..., 1:][hit]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 200 == 0:
-            logger.info("detector step %d: loss %.3f", step, loss.item())
-    model.eval()
+
+    _train(model, steps, samples, 32, 3e-3, seed, loss_of, "detector")
 
 
 def detector_1d(steps: int = 300, samples: int = 2000, feeds: int = 2048, width: int = 24):
@@ -329,19 +308,22 @@ def run_onnx(path: Path, feeds: Feeds, batch_axis: int = 0) -> list[np.ndarray]:
     return [np.concatenate([c[j] for c in chunks], axis=batch_axis) for j in range(len(chunks[0]))]
 
 
-def captcha_agreement(original: Path, compressed: Path, images: np.ndarray) -> dict[str, float]:
-    """``match``: the share of captchas whose greedy-decoded reads are equal; ``empty``: the compressed
-    model's reads that are empty (all blank)."""
+def captcha_agreement(original: Path, compressed: Path, images: np.ndarray) -> dict:
+    """onnx_admm.metrics' greedy-decoded sequence match (``value``) and character error rate of the
+    compressed reader against the original, blank 0, plus ``empty``: the compressed reads that are empty."""
     # The reader's output is seq-first, [T, N, C]: its batch is axis 1.
-    reference = greedy_decode(run_onnx(original, {"image": images}, batch_axis=1)[0])
-    decoded = greedy_decode(run_onnx(compressed, {"image": images}, batch_axis=1)[0])
-    return {"match": sequence_match(decoded, reference), "empty": float(np.mean([not d for d in decoded]))}
+    reference = run_onnx(original, {"image": images}, batch_axis=1)[0].argmax(-1)
+    candidate = run_onnx(compressed, {"image": images}, batch_axis=1)[0].argmax(-1)
+    metric = SequenceMatch(blank=0)
+    metric.add(reference, candidate, batch=len(images))
+    return {**metric.summary(), "empty": float(np.mean((candidate == 0).all(0)))}
 
 
-def detector_agreement(original: Path, compressed: Path, feeds: Feeds) -> dict[str, float]:
-    """``match``: F1 of the compressed map's positive set (> 0.5) against the original's; ``detections_f1``
-    the same for the detection confidences; ``positives``: the compressed map's positive share."""
+def detector_agreement(original: Path, compressed: Path, feeds: Feeds) -> dict:
+    """onnx_admm.metrics' positive-set F1 (``value``), precision and recall of the compressed map (> 0.5)
+    against the original's, and ``detections_f1``: the same for the detection confidences."""
     (ref_map, ref_det), (out_map, out_det) = run_onnx(original, feeds), run_onnx(compressed, feeds)
-    return {"match": positive_f1(out_map > 0.5, ref_map > 0.5),
-            "detections_f1": positive_f1(out_det[..., 0] > 0.5, ref_det[..., 0] > 0.5),
-            "positives": float((out_map > 0.5).mean())}
+    seg, det = PositiveSet(binary=True), PositiveSet(binary=True)
+    seg.add(ref_map > 0.5, out_map > 0.5, batch=len(ref_map))
+    det.add(ref_det[..., 0] > 0.5, out_det[..., 0] > 0.5, batch=len(ref_det))
+    return {**seg.summary(), "detections_f1": det.value, "positives": float((out_map > 0.5).mean())}
