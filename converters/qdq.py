@@ -39,9 +39,10 @@ from onnx import helper, numpy_helper
 
 from converters.dequantize import decode, remove_decoders, weight_decoders
 from converters.errors import UserError
-from converters.graphinfo import constant_sources, node_attr, tensor_value
-from converters.writeback import (QuantSpec, _dequantize_node, _default_opset, _fresh_name, _scale_tensors,
-                                  _tensor, _tensor_names, integer_levels)
+from converters.graphinfo import TensorSource, constant_sources, node_attr, tensor_value
+from converters.writeback import (DequantizeLinearEncoder, Encoding, QuantSpec, SparseDequantizeLinearEncoder,
+                                  _default_opset, _dequantize_node, _fresh_name, _rename_parts, _tensor_names,
+                                  integer_levels)
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +221,14 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
         weight, bias = plan.weights[node_name]
         if weight not in weight_scales:
             scale, axis, q, how[weight] = _int8_levels(out, weight, _channel_axis(node, out, weight))
-            axis = axis if scale.ndim else None
-            _drop_constant(out, weight, taken)
-            tensors = [_tensor(q, _INT8, f"{weight}_quantized"), *_scale_tensors(weight, QuantSpec(8, scale, axis), _INT8)]
-            _store(graph, tensors, _dequantize_node(weight, [], axis), front, taken, node_names)
             weight_scales[weight] = scale
+            if q is not None:  # None: already int8 behind DequantizeLinear (dense or sparse), kept as stored
+                _drop_constant(out, weight, taken)
+                encoding = _int8_encoding(weight, q, scale, axis)
+                _rename_parts(encoding, weight, taken, node_names)
+                graph.initializer.extend(encoding.initializers)
+                graph.sparse_initializer.extend(encoding.sparse_initializers)
+                front.extend(encoding.nodes)
         if bias is not None and node.input[0] in params:
             scale = (params[node.input[0]][0] * weight_scales[weight]).astype(np.float32)
             value = _constant_value(out, bias).astype(np.float32)
@@ -278,8 +282,11 @@ def _channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight: str) -> 
     return _constant_value(model, weight).ndim - 1
 
 
-def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.ndarray, int, np.ndarray, str]:
-    """(scale, axis, int8 levels, how) for ``weight``: its own levels if it has them, else per-channel ones."""
+def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.ndarray, int, np.ndarray | None, str]:
+    """(scale, axis, int8 levels, how) for ``weight``: its own levels if it has them, else per-channel ones.
+
+    The levels are None when the weight is stored as int8 with zero point 0 already: it stays as it is.
+    """
     decoder = weight_decoders(model).get(weight)
     value = _constant_value(model, weight)
     if decoder is not None and decoder.op_type == "DequantizeLinear":
@@ -289,8 +296,10 @@ def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.nda
         zero = tensor_value(model, sources[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
         own_axis = int(node_attr(dq, "axis", 1)) % value.ndim if scale.ndim else axis
         if not np.any(zero) and value.dtype == np.float32:
+            if _elem_type(model, sources[dq.input[0]]) == _INT8:
+                return scale, own_axis, None, "kept"
             q = integer_levels(value, QuantSpec(8, scale, own_axis if scale.ndim else None))
-            if q is not None:
+            if q is not None:  # int4 / int2 levels: the same integers in an int8 container
                 return scale, own_axis, q, "kept"
     value = value.astype(np.float32)
     peak = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != axis))
@@ -298,6 +307,30 @@ def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.nda
     shape = [-1 if i == axis else 1 for i in range(value.ndim)]
     q = np.clip(np.rint(value / scale.reshape(shape)), -127, 127).astype(np.int64)
     return scale, axis, q, "quantized"
+
+
+def _int8_encoding(name: str, q: np.ndarray, scale: np.ndarray, axis: int) -> Encoding:
+    """int8 levels behind DequantizeLinear, dense or in a sparse initializer, whichever is smaller.
+
+    The writeback encoders pick the smallest container; onnxruntime's integer kernels take int8 only.
+    """
+    quant = QuantSpec(8, scale, axis if scale.ndim else None)
+    shape = [-1 if i == axis else 1 for i in range(q.ndim)] if scale.ndim else []
+    value = q.astype(np.float32) * scale.reshape(shape)
+    dense = DequantizeLinearEncoder().encode(name, value, quant)
+    while dense.kind != "int8":
+        dense = dense.fallback
+    sparse = SparseDequantizeLinearEncoder().encode(name, value, quant)
+    return dense if sparse is None or dense.nbytes <= sparse.nbytes else sparse
+
+
+def _elem_type(model: onnx.ModelProto, source: TensorSource) -> int | None:
+    graph = model.graph
+    if source.location == "initializer":
+        return next(t.data_type for t in graph.initializer if t.name == source.name)
+    if source.location == "sparse_initializer":
+        return next(s.values.data_type for s in graph.sparse_initializer if s.values.name == source.name)
+    return None  # a Constant node: re-stored
 
 
 def _constant_value(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -36,6 +36,7 @@ from converters.modelio import Staged, load_model, save_model
 from converters.shrink import count_macs, cut_update, shrink
 from converters.writeback import DENSE_ENCODERS, QuantSpec, WriteBackResult, write_back
 from onnx_admm import __version__
+from onnx_admm.activations import activation_report, calibration_data, int8_output
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
@@ -111,6 +112,7 @@ class CompressResult:
     name: str = "model.onnx"  # the original's file name: a folder given to save() gets its stem + .admm.onnx
     inputs: list[tuple[str, Path]] = field(default_factory=list, repr=False)  # files save() must not overwrite
     files: list[Path] = field(default_factory=list)  # what compress(output=...) wrote
+    calibration: Dataset | None = field(default=None, repr=False)  # training samples for int8 activations
 
     def model(self, stage: int = -1) -> onnx.ModelProto:
         """The original graph with the weights of ``stage`` (default: the last) written back."""
@@ -142,6 +144,8 @@ class CompressResult:
         result = write_back(target, updates, metadata=metadata)
         if shrunk is not None:
             result.changes[:0] = shrunk.changes
+        if self.config.output.activations == "int8":
+            result = int8_output(result, self.calibration)
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
@@ -339,15 +343,19 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
+    calibration = calibration_data(original, train_data, config.output)
     runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
     name = _model_name(original_path)
     try:
         runner.run()
     except KeyboardInterrupt as exc:
         partial = runner.result(external, name, inputs) if runner.stages else None
+        if partial is not None:
+            partial.calibration = calibration
         saved = _save_last(partial, files.model, None, None) if partial is not None else []
         raise CompressInterrupted(partial, saved, exc, unwritten=_unwritten(files, saved)) from None
     result = runner.result(external, name, inputs)
+    result.calibration = calibration
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
@@ -423,6 +431,9 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
                 save_model(exported.model, compressed, external_data=result.external_data)
         emit({"kind": "validate", "samples": len(measured.held_out)})
         report = _report(result, exported, compressed, original_path, staged, measured, cfg, started)
+        if result.config.output.activations != "float":
+            report["activations"] = activation_report(result, compressed, result.imported.original,
+                                                      measured.held_out, cfg.threads or 1)
     except Exception as exc:
         if out.model_files is None:
             if isinstance(exc, OSError):

@@ -134,6 +134,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--binary", is_flag=True, help="Binarize weights to {-a, +a} (with pruning {-a, 0, +a}).")
 @click.option("--ternary", is_flag=True, help="Ternarize weights to {-a, 0, +a}.")
 @click.option("--clusters", type=click.IntRange(2, 256), help="Cluster weights to a k-means codebook of N values.")
+@click.option("--activations", type=click.Choice(["float", "int8"]),
+              help="int8: write a QDQ model (activations calibrated on the training data) that onnxruntime runs "
+                   "with integer kernels; the report compares it with quantize_static.")
 @click.option("--per-channel/--per-tensor", default=None, help="One quantization scale per output channel or per tensor.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
               help="Total training budget in epochs; the tool splits it over stages and phases.")
@@ -157,7 +160,7 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
               help="No progress and no summary table (warnings and errors still go to stderr).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
-             ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
+             ternary: bool, clusters: int | None, activations: str | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              report_path: str | None, max_accuracy_drop: float | None, keep_failed: bool, save_stages: str | None,
@@ -187,6 +190,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
                "allocation": allocation},
         quantize={"per_channel": per_channel},
+        output={"activations": activations},
     )
     try:
         # The library draws the progress (stderr: bars on a terminal, a line per epoch in logs); stdout
