@@ -85,11 +85,11 @@ class QdqPlan:
     """Where the Q/DQ pairs go.
 
     Attributes:
-        nodes: names of the Conv/Gemm/MatMul nodes that get integer inputs.
+        nodes: the Conv/Gemm/MatMul nodes that get integer inputs, by their output (unnamed nodes too).
         activations: every activation tensor that gets a QuantizeLinear/DequantizeLinear pair.
         ranges_of: activation -> the tensor whose calibrated range it uses (itself, or the input of the
             value-moving ops it comes out of).
-        weights: node name -> (weight tensor, bias tensor or None).
+        weights: node output -> (weight tensor, bias tensor or None).
     """
 
     nodes: tuple[str, ...]
@@ -126,14 +126,14 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
         if node.op_type not in INTEGER_OPS or node.domain not in _DEFAULT_DOMAINS or len(node.input) < 2:
             continue
         x, w = node.input[0], node.input[1]
-        if w not in constants or x in constants or not node.name:
+        if w not in constants or x in constants:
             continue
         if node.op_type == "Gemm" and (node_attr(node, "transA", 0) or node_attr(node, "alpha", 1.0) != 1.0
                                        or node_attr(node, "beta", 1.0) != 1.0):
             continue  # QGemm takes neither a transposed A nor scaled terms
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
-        nodes.append(node.name)
-        weights[node.name] = (w, bias)
+        nodes.append(node.output[0])
+        weights[node.output[0]] = (w, bias)
         wanted.append(x)
         out = node.output[0]
         after = readers.get(out, [])
@@ -215,10 +215,10 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
     front: list[onnx.NodeProto] = []
     how: dict[str, str] = {}
     weight_scales: dict[str, np.ndarray] = {}
-    for node_name in plan.nodes:
+    for output in plan.nodes:
         # Looked up each time: dropping a decoder rebuilds graph.node.
-        node = next(n for n in graph.node if n.name == node_name)
-        weight, bias = plan.weights[node_name]
+        node = next(n for n in graph.node if n.output and n.output[0] == output)
+        weight, bias = plan.weights[output]
         if weight not in weight_scales:
             scale, axis, q, how[weight] = _int8_levels(out, weight, _channel_axis(node, out, weight))
             weight_scales[weight] = scale
