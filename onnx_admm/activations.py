@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 _CALIBRATION_BATCH = 64
 # Batch sizes the report times, and timed runs per model at each (medians, interleaved).
 LATENCY_BATCHES = (1, 64)
-_LATENCY_RUNS = 100
+_LATENCY_RUNS = 200
 
 
 def calibration_data(model: onnx.ModelProto, data: Dataset | PluginData, config: OutputConfig) -> Dataset | None:
