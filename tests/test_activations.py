@@ -81,13 +81,14 @@ def test_onnxruntime_fuses_into_integer_kernels(run):
     assert not {"Conv", "Gemm", "MatMul"} & set(ops), ops  # no float kernel left for a weight layer
 
 
-def _weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """weight name -> (stored integers, scale, decoded floats) for every DequantizeLinear weight."""
+def _weights(model: onnx.ModelProto, suffix: str = "weight") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """weight name -> (stored integers, scale, decoded floats) for every DequantizeLinear weight whose
+    name ends with ``suffix`` (the digits weights: not the biases)."""
     sources = constant_sources(model)
     out = {}
     for name, decoder in weight_decoders(model).items():
         node = model.graph.node[decoder.nodes[-1]]
-        if node.op_type == "DequantizeLinear" and name.endswith("weight"):
+        if node.op_type == "DequantizeLinear" and name.endswith(suffix):
             out[name] = (tensor_value(model, sources[node.input[0]]), tensor_value(model, sources[node.input[1]]),
                          decode(model, decoder))
     return out
@@ -209,19 +210,11 @@ def test_float_weights_are_quantized_per_channel_symmetric():
     x = np.array([[0.5, -1.0], [1.0, 0.25]], np.float32)
     result = insert_qdq(model, plan, calibrate(model, plan, [{"X": x}]))
     assert result.weights == {"W": "quantized"}
-    q, scale, value = _weights_of(result.model, "W")
+    q, scale, value = _weights(result.model, "W")["W"]
     assert q.dtype == np.int8 and np.abs(q).max(axis=0).tolist() == [127, 127, 127]
     np.testing.assert_allclose(scale, np.array([1.0, 4.0, 0.5], np.float32) / 127)
     y = _session(result.model).run(None, {"X": x})[0]
     np.testing.assert_allclose(y, np.maximum(x @ value, 0), atol=0.05)
-
-
-def _weights_of(model, name):
-    sources = constant_sources(model)
-    decoder = weight_decoders(model)[name]
-    node = model.graph.node[decoder.nodes[-1]]
-    return (tensor_value(model, sources[node.input[0]]), tensor_value(model, sources[node.input[1]]),
-            decode(model, decoder))
 
 
 def test_unknown_values_are_refused():
