@@ -115,6 +115,9 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
                         f"the model has {_default_opset(model)}: convert it with onnx.version_converter first")
     constants = set(constant_sources(model)) | set(weight_decoders(model))
     graph_outputs = {o.name for o in graph.output}
+    # Initializers an old exporter also lists as graph inputs: the graph input must stay as it is, so the
+    # tensor cannot become a DequantizeLinear output; such a node stays float.
+    overridable = {i.name for i in graph.input}
     producers = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -132,6 +135,9 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
                                        or node_attr(node, "beta", 1.0) != 1.0):
             continue  # QGemm takes neither a transposed A nor scaled terms
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
+        if {w, bias} & overridable:
+            logger.info("%s %s stays float: its weight or bias is also a graph input", node.op_type, node.name)
+            continue
         nodes.append(node.output[0])
         weights[node.output[0]] = (w, bias)
         wanted.append(x)

@@ -197,6 +197,17 @@ def test_an_activation_times_activation_matmul_is_left_float():
         plan_qdq(model)
 
 
+def test_a_weight_listed_as_a_graph_input_stays_float():
+    model = _model("Y = MatMul(X, W)\n Z = MatMul(X, V)", "float[2, 1] W = {1.0, 2.0}, float[2, 1] V = {1.0, 3.0}",
+                   "float[N, 2] X, float[2, 1] W", "float[N, 1] Y, float[N, 1] Z")
+    plan = plan_qdq(model)
+    assert plan.nodes == ("Z",)
+    result = insert_qdq(model, plan, calibrate(model, plan, [{"X": np.ones((2, 2), np.float32)}]))
+    assert [i.SerializeToString() for i in result.model.graph.input] == \
+        [i.SerializeToString() for i in model.graph.input]
+    assert result.weights == {"V": "quantized"}
+
+
 def test_an_old_opset_is_a_one_line_error():
     model = _model("Y = MatMul(X, W)", "float[2, 1] W = {1.0, 2.0}", "float[N, 2] X", "float[N, 1] Y", opset=11)
     with pytest.raises(UserError, match="opset 13"):
