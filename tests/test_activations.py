@@ -228,6 +228,24 @@ def test_float_weights_are_quantized_per_channel_symmetric():
     np.testing.assert_allclose(y, np.maximum(x @ value, 0), atol=0.05)
 
 
+def test_4bit_levels_become_the_same_integers_in_int8():
+    from converters.writeback import DequantizeLinearEncoder, QuantSpec
+
+    scale = np.array([0.5, 0.25, 0.125], np.float32)
+    q = np.array([[7, -8, 3], [-2, 5, 0]])
+    encoding = DequantizeLinearEncoder().encode("W", (q * scale).astype(np.float32), QuantSpec(4, scale, 1))
+    assert encoding.kind == "int4"
+    model = _model("Y = MatMul(X, W)", "", "float[N, 2] X", "float[N, 3] Y", opset=21)
+    model.graph.initializer.extend(encoding.initializers)
+    model.graph.node.insert(0, encoding.nodes[0])
+    plan = plan_qdq(model)
+    result = insert_qdq(model, plan, calibrate(model, plan, [{"X": np.ones((2, 2), np.float32)}]))
+    assert result.weights == {"W": "kept"}
+    stored, stored_scale, value = _weights(result.model, "W")["W"]
+    assert stored.dtype == np.int8 and np.array_equal(stored, q) and np.array_equal(stored_scale, scale)
+    assert np.array_equal(value, (q * scale).astype(np.float32))
+
+
 def test_unknown_values_are_refused():
     with pytest.raises(UserError, match="output.activations must be one of float, int8"):
         CompressConfig.from_dict({"output": {"activations": "int4"}})
