@@ -257,6 +257,13 @@ def _summary(report: dict) -> str:
     for pattern, runtimes in nm.get("runtimes", {}).items():
         count = sum(layer["pattern"] == pattern for layer in nm["layers"])
         lines.append(f"{pattern} sparsity on {count} weight(s); runtimes: {'; '.join(runtimes)}")
+    if report.get("activations"):
+        act = report["activations"]
+        lines.append("int8 activations (accuracy or agreement; ms at batch " + "/".join(act["compressed_int8"]["latency_ms"])
+                     + "): " + "; ".join(
+                         f"{key} {pct(act[key]['accuracy'] if act[key]['accuracy'] is not None else act[key]['agreement'])}"
+                         f" {'/'.join(f'{ms:.3g}' for ms in act[key]['latency_ms'].values())}"
+                         for key in ("compressed_fp32", "compressed_int8", "quantize_static")))
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
     return "\n".join(lines)

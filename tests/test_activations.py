@@ -24,7 +24,7 @@ from converters.graphinfo import constant_sources, tensor_value
 from converters.qdq import calibrate, insert_qdq, plan_qdq
 from onnx_admm.activations import calibration_data
 from onnx_admm.api import compress
-from onnx_admm.cli import main
+from onnx_admm.cli import _summary, main
 from onnx_admm.data import Dataset
 from onnx_admm.recipe import CompressConfig, OutputConfig
 
@@ -168,6 +168,7 @@ def test_report_compares_fp32_int8_and_quantize_static(run):
         assert 0.5 < field[key]["accuracy"] <= 1.0
         assert set(field[key]["latency_ms"]) == {"1", "64"}
     assert field["compressed_int8"]["accuracy"] == run["report"]["metrics"]["compressed_accuracy"]
+    assert "int8 activations" in _summary(run["report"]).splitlines()[-1]
 
 
 def test_calibration_data_takes_the_first_samples():
