@@ -171,6 +171,19 @@ def test_report_compares_fp32_int8_and_quantize_static(run):
     assert "int8 activations" in _summary(run["report"]).splitlines()[-1]
 
 
+def test_maxpool_and_flatten_share_their_input_scale_and_run_on_int8(lenet5_torchscript_onnx, tmp_path):
+    # conv1 -> MaxPool -> conv2 -> MaxPool -> Flatten -> Gemm: one range from each Conv output runs through.
+    model = onnx.load(str(lenet5_torchscript_onnx))
+    plan = plan_qdq(model)
+    assert plan.ranges_of["/MaxPool_output_0"] == "/conv1/Conv_output_0"
+    assert plan.ranges_of["/Flatten_output_0"] == plan.ranges_of["/MaxPool_1_output_0"] == "/conv2/Conv_output_0"
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    qdq = insert_qdq(model, plan, calibrate(model, plan, [{"input": x}])).model
+    _session(qdq, str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "MaxPool" not in ops and not {"Conv", "Gemm", "DequantizeLinear"} & set(ops), ops
+
+
 def test_calibration_data_takes_the_first_samples():
     x = np.arange(10, dtype=np.float32).reshape(10, 1)
     data = Dataset({"input": x}, None, {"input"})
