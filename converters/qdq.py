@@ -39,7 +39,7 @@ from onnx import helper, numpy_helper
 
 from converters.dequantize import decode, remove_decoders, weight_decoders
 from converters.errors import UserError
-from converters.graphinfo import TensorSource, constant_sources, node_attr, tensor_value
+from converters.graphinfo import TensorSource, constant_sources, identity_aliases, node_attr, resolve, tensor_value
 from converters.writeback import (DequantizeLinearEncoder, Encoding, QuantSpec, SparseDequantizeLinearEncoder,
                                   _default_opset, _dequantize_node, _fresh_name, _rename_parts, _tensor_names,
                                   integer_levels)
@@ -114,6 +114,7 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
         raise UserError(f"integer activations need opset {_MIN_OPSET} or later (per-channel DequantizeLinear); "
                         f"the model has {_default_opset(model)}: convert it with onnx.version_converter first")
     constants = set(constant_sources(model)) | set(weight_decoders(model))
+    aliases = identity_aliases(model)
     graph_outputs = {o.name for o in graph.output}
     # Initializers an old exporter also lists as graph inputs: the graph input must stay as it is, so the
     # tensor cannot become a DequantizeLinear output; such a node stays float.
@@ -128,13 +129,16 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
     for node in graph.node:
         if node.op_type not in INTEGER_OPS or node.domain not in _DEFAULT_DOMAINS or len(node.input) < 2:
             continue
-        x, w = node.input[0], node.input[1]
+        # A weight read through Identity (a tied weight) is the constant it copies: that one gets the decoder,
+        # and onnxruntime removes the Identity before fusing.
+        x, w = node.input[0], resolve(node.input[1], aliases)
         if w not in constants or x in constants:
             continue
         if node.op_type == "Gemm" and (node_attr(node, "transA", 0) or node_attr(node, "alpha", 1.0) != 1.0
                                        or node_attr(node, "beta", 1.0) != 1.0):
             continue  # QGemm takes neither a transposed A nor scaled terms
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
+        bias = resolve(node.input[2], aliases) if len(node.input) > 2 else None
+        bias = bias if bias in constants else None
         if {w, bias} & overridable:
             logger.info("%s %s stays float: its weight or bias is also a graph input", node.op_type, node.name)
             continue
