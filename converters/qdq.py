@@ -15,6 +15,8 @@ graph's inputs, outputs and node names stay; only Q/DQ nodes and their constants
 - its output, or the output of the Relu that alone reads it: a QuantizeLinear whose zero point is the
   int8 minimum makes that Relu a no-op, and onnxruntime's ReluQuantFusion drops it, so the Conv fuses
   with the Q behind the Relu; graph outputs stay float (the model's result is not rounded);
+- only the integer nodes (and value-moving ops towards them) read a tensor through its DequantizeLinear;
+  a float op reading the same tensor (a residual Add) keeps the float value;
 - through ops that only move values (Flatten, Reshape, MaxPool, ...) the range is taken from their
   input and both sides get the same scale and zero point, so onnxruntime drops the pair around them and
   runs them on int8.
@@ -28,6 +30,7 @@ scale ``(max - min) / 255`` over the calibration range widened to include 0.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -90,12 +93,15 @@ class QdqPlan:
         ranges_of: activation -> the tensor whose calibrated range it uses (itself, or the input of the
             value-moving ops it comes out of).
         weights: node output -> (weight tensor, bias tensor or None).
+        readers: activation -> the nodes (by output) that read its DequantizeLinear; every other reader
+            keeps the float tensor. Absent: every reader reads the DequantizeLinear.
     """
 
     nodes: tuple[str, ...]
     activations: tuple[str, ...]
     ranges_of: Mapping[str, str]
     weights: Mapping[str, tuple[str, str | None]]
+    readers: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def calibrated(self) -> tuple[str, ...]:
@@ -126,6 +132,8 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
             readers.setdefault(name, []).append(node)
 
     nodes, weights, wanted = [], {}, []
+    points: set[str] = set()  # outputs of the integer nodes (after their Relu)
+    integer_readers: dict[str, set[str]] = {}
     for node in graph.node:
         if node.op_type not in INTEGER_OPS or node.domain not in _DEFAULT_DOMAINS or len(node.input) < 2:
             continue
@@ -145,11 +153,13 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
         nodes.append(node.output[0])
         weights[node.output[0]] = (w, bias)
         wanted.append(x)
+        integer_readers.setdefault(x, set()).add(node.output[0])
         out = node.output[0]
         after = readers.get(out, [])
         if len(after) == 1 and after[0].op_type in _FUSED and out not in graph_outputs:
             out = after[0].output[0]
         wanted.append(out)
+        points.add(out)
     if not nodes:
         raise UserError("integer activations need a Conv, Gemm or MatMul with a constant weight, and the model "
                         "has none; leave the activations float (output.activations = \"float\")")
@@ -163,12 +173,19 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
         # Up through value-moving ops: each gets the same scale on both sides, so onnxruntime runs it on int8.
         while (producer is not None and producer.op_type in _MOVERS and producer.domain in _DEFAULT_DOMAINS
                and producer.input[0] not in graph_outputs and producer.input[0] not in constants):
+            integer_readers.setdefault(producer.input[0], set()).add(chain[-1])
             chain.append(producer.input[0])
             producer = producers.get(producer.input[0])
         root = ranges_of.get(chain[-1], chain[-1])
         for tensor in chain:
             ranges_of.setdefault(tensor, root)
-    return QdqPlan(tuple(nodes), tuple(ranges_of), ranges_of, weights)
+    # A tensor that integer nodes (or value-moving ops towards them) read through the DequantizeLinear:
+    # other readers keep the float tensor. Measured with onnxruntime 1.32 on the test models' residual
+    # blocks: a DequantizeLinear that also feeds a float Add leaves the Conv / MatMul behind it unfused (the
+    # Relu in front of the Q then stays, so the Conv before it runs float instead: one float Conv, not two).
+    # A tensor no integer node reads (a Conv output into BatchNormalization) is read through it by all.
+    readers = {t: frozenset(r) for t, r in integer_readers.items() if t in ranges_of}
+    return QdqPlan(tuple(nodes), tuple(ranges_of), ranges_of, weights, readers)
 
 
 def calibrate(model: onnx.ModelProto, plan: QdqPlan, feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, ActivationRange]:
@@ -271,7 +288,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
         dequantized[tensor] = dq
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in dequantized:
+            if name in dequantized and (name not in plan.readers or (node.output and node.output[0] in plan.readers[name])):
                 node.input[i] = dequantized[name]
     ordered = front + [n for tensor in (i.name for i in graph.input) for n in after.get(tensor, [])]
     for node in graph.node:

@@ -184,6 +184,19 @@ def test_maxpool_and_flatten_share_their_input_scale_and_run_on_int8(lenet5_torc
     assert "MaxPool" not in ops and not {"Conv", "Gemm", "DequantizeLinear"} & set(ops), ops
 
 
+def test_a_residual_add_reads_the_float_tensor_and_every_conv_fuses(resnet_block_torchscript_onnx, tmp_path):
+    model = onnx.load(str(resnet_block_torchscript_onnx))
+    plan = plan_qdq(model)
+    x = np.random.default_rng(0).standard_normal((4, *[d.dim_value for d in
+                                                       model.graph.input[0].type.tensor_type.shape.dim[1:]]))
+    qdq = insert_qdq(model, plan, calibrate(model, plan, [{"input": x.astype(np.float32)}])).model
+    add = next(n for n in qdq.graph.node if n.op_type == "Add")
+    assert "/Relu_output_0" in add.input  # the skip connection: float, as in the original
+    _session(qdq, str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops, ops
+
+
 def test_calibration_data_takes_the_first_samples():
     x = np.arange(10, dtype=np.float32).reshape(10, 1)
     data = Dataset({"input": x}, None, {"input"})
