@@ -30,6 +30,7 @@ from converters.groups import ChannelGroup, channel_groups
 from converters.importer import ImportedModel, import_model
 from converters.modelio import Staged, load_model, save_model
 from converters.encoders import QuantSpec
+from onnx_admm.activations import activation_report, calibration_data
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
@@ -204,15 +205,19 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
+    calibration = calibration_data(original, train_data, config.output)
     runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
     name = _model_name(original_path)
     try:
         runner.run()
     except KeyboardInterrupt as exc:
         partial = runner.result(external, name, inputs) if runner.stages else None
+        if partial is not None:
+            partial.calibration = calibration
         saved = _save_last(partial, files.model, None, None) if partial is not None else []
         raise CompressInterrupted(partial, saved, exc, unwritten=_unwritten(files, saved)) from None
     result = runner.result(external, name, inputs)
+    result.calibration = calibration
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
@@ -277,6 +282,9 @@ def _write_outputs(result, measured, files, original_path, started, gate: Gate, 
                 save_model(exported.model, compressed, external_data=result.external_data)
         emit({"kind": "validate", "samples": len(measured.held_out)})
         report = build_report(result, exported, compressed, original_path, staged, measured, cfg, started)
+        if result.config.output.activations != "float":
+            report["activations"] = activation_report(result, compressed, result.imported.original,
+                                                      measured.held_out, cfg.threads or 1)
     except Exception as exc:
         if out.model_files is None:
             if isinstance(exc, OSError):

@@ -21,6 +21,7 @@ from converters.modelio import save_model
 from converters.shrink import cut_update, shrink
 from converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
+from onnx_admm.activations import int8_output
 from onnx_admm.data import Dataset
 from onnx_admm.outputs import check_collisions, data_file, model_output
 from onnx_admm.plan import QuantChoice
@@ -77,6 +78,7 @@ class CompressResult:
     name: str = "model.onnx"  # the original's file name: a folder given to save() gets its stem + .admm.onnx
     inputs: list[tuple[str, Path]] = field(default_factory=list, repr=False)  # files save() must not overwrite
     files: list[Path] = field(default_factory=list)  # what compress(output=...) wrote
+    calibration: Dataset | None = field(default=None, repr=False)  # training samples for int8 activations
     # The last write-back, by (stage index, metadata): asking for the same stage again (the final model
     # saved, then again among --save-stages) reuses it. One only, so memory stays one model's.
     _export_cache: tuple | None = field(default=None, repr=False)
@@ -120,6 +122,8 @@ class CompressResult:
         result = write_back(target, updates, metadata=metadata)
         if shrunk is not None:
             result.changes[:0] = shrunk.changes
+        if self.config.output.activations == "int8":
+            result = int8_output(result, self.calibration)
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
