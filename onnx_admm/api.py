@@ -26,7 +26,7 @@ import torch
 
 from converters.errors import UserError
 from converters.graphinfo import graph_inputs
-from converters.groups import ChannelGroup, channel_groups
+from converters.groups import ChannelGroup
 from converters.importer import ImportedModel, import_model
 from converters.modelio import Staged, load_model, save_model
 from converters.encoders import QuantSpec
@@ -37,14 +37,15 @@ from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.outputs import (RunFiles, external_locations, input_files, stage_path)
 from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights
-from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
-                            nm_constraint, reduction_axis, sparsity_constraints)
+from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, nm_constraint,
+                            sparsity_constraints)
 from onnx_admm.progress import Progress, display
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
-from onnx_admm.recipe import CompressConfig, nm_pattern
+from onnx_admm.recipe import CompressConfig
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.signals import deferred, sigterm_interrupts
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.pipeline.legalize import legalize
 from onnx_admm.pipeline.report import build_report
 from onnx_admm.pipeline.results import (AccuracyGateFailed, CompressInterrupted, CompressResult, Measured,
                                         ReportFailed, StageResult)
@@ -191,14 +192,8 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     specs = _weight_specs(imported)
     plan = make_plan(specs, config)
     floors = check_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
-    groups, left_alone = {}, {}
-    if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
-        groups = {g.name: g for g in channel_groups(original)}
-        plan, left_alone = _keep_removable_filters(plan, groups)
-    if any(nm_pattern(w.structure) for w in plan.weights):
-        shapes = {s.name: imported.module.get_parameter(s.name).shape for s in specs}
-        plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
-        left_alone.update(nm_alone)
+    plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
+                                                         for s in specs})
     # A compressible weight without a target (skipped, or outside every rule with no global target) is
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
@@ -698,58 +693,6 @@ def _mean_residual(admm: ADMM) -> float | None:
     """The mean over the weights of the primal residual at the last Z/U update (None before the first)."""
     last = [h[-1] for h in admm.residual_history.values() if h]
     return sum(last) / len(last) if last else None
-
-
-def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
-    left_alone = {}
-    for w in plan.weights:
-        group = groups.get(w.spec.label)
-        if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
-            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
-    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
-
-
-# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
-# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
-_NM_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
-                     groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """N:M only on Conv/Gemm/MatMul weights whose input axis splits into runs of M and keeps its length;
-    the others are left alone (as filters coupled through the graph are), since a layer with 3 input
-    channels is common."""
-    # Input channels removed with the filters that feed them would shift every run after them.
-    shrinking = {piece.tensor: w.spec.label for w in plan.weights
-                 if w.structure == "filter" and (w.sparsity is not None or w.shared) and w.spec.label in groups
-                 for piece in groups[w.spec.label].consumers}
-    left_alone = {}
-    for w in plan.weights:
-        pattern = nm_pattern(w.structure)
-        if pattern is None:
-            continue
-        length = shapes[w.spec.name][reduction_axis(w.spec)]
-        if w.spec.op_type not in _NM_OPS:
-            left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
-        elif length % pattern[1]:
-            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern[1]}; it holds {length} "
-                                        "(input channels per group of the layer)")
-        elif w.spec.label in shrinking:
-            left_alone[w.spec.label] = (f"its input channels leave the graph with the filters of "
-                                        f"{shrinking[w.spec.label]!r} (filter pruning), which would break the runs")
-    return _left_alone(plan, left_alone, "N:M", "no weight can take the N:M pattern")
-
-
-def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str) -> tuple[Plan, dict[str, str]]:
-    """``leave_alone`` with a warning per weight; an error when no weight keeps a target."""
-    for label, reason in reasons.items():
-        logger.warning("%s is left alone (%s): %s", label, what, reason)
-    plan = leave_alone(plan, list(reasons))
-    if not plan.weights:
-        raise UserError(f"{none_left}: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
-                        + "; choose another structure, or add rules for the weights that can take it")
-    return plan, reasons
 
 
 def _quantizer(choice: QuantChoice, spec: WeightSpec):
