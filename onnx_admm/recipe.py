@@ -10,6 +10,8 @@ Layout of a recipe (every table optional, unknown keys are errors):
                (unstructured, filter, channel, column, block, or an N:M pattern such as "2:4"), block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
                per_channel, symmetric
+    [output]   activations ("float", or "int8": a QDQ model onnxruntime runs with integer kernels),
+               calibration (training samples that calibrate the int8 activation ranges)
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
                ternary; clusters; skip
 
@@ -323,6 +325,25 @@ class QuantizeConfig:
         return self.bits is not None or self.ternary or self.clusters is not None
 
 
+# What ``output.activations`` takes: float keeps the graph's float activations; int8 adds QuantizeLinear /
+# DequantizeLinear pairs (onnx_admm.activations) so that onnxruntime fuses them into integer kernels.
+ACTIVATIONS = ("float", "int8")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """How the compressed model is written, beyond its weights."""
+
+    activations: str = "float"
+    calibration: int = 256  # samples of the training data that calibrate int8 activation ranges
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            _fail(f"output.activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+        if self.calibration < 1:
+            _fail(f"output.calibration is a number of samples (>= 1), got {self.calibration}")
+
+
 @dataclass(frozen=True)
 class Rule:
     """Per-weight settings; matches by ONNX tensor name glob and/or consumer op type."""
@@ -367,6 +388,7 @@ class CompressConfig:
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     rules: tuple[Rule, ...] = ()
 
     def __post_init__(self) -> None:
@@ -400,16 +422,16 @@ class CompressConfig:
         data = dataclasses.asdict(self)
         data["rules"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()
                           if v is not None and v is not False} for r in data["rules"]]
-        for table in ("train", "admm", "prune", "quantize"):
+        for table in ("train", "admm", "prune", "quantize", "output"):
             data[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data[table].items() if v is not None}
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
-        _reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "rules"})
+        _reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "output", "rules"})
         kwargs: dict[str, Any] = {}
         for key, sub in (("train", TrainConfig), ("admm", ADMMConfig), ("prune", PruneConfig),
-                         ("quantize", QuantizeConfig)):
+                         ("quantize", QuantizeConfig), ("output", OutputConfig)):
             if key in data:
                 kwargs[key] = _build(sub, data[key], f"[{key}]")
         if "rules" in data:
