@@ -39,6 +39,8 @@ from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
+from onnx_admm.memory import (PeakMemory, activation_bytes, default_budget_mb, describe_mb, fit_batch,
+                              inference_bytes, training_bytes)
 from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
                                stage_path)
 from onnx_admm.preflight import check_config, check_labels, check_weights, check_writable
@@ -46,7 +48,7 @@ from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_bud
                             nm_constraint, reduction_axis, sparsity_constraints)
 from onnx_admm.progress import Progress, display
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
-from onnx_admm.recipe import CompressConfig, nm_pattern
+from onnx_admm.recipe import DEFAULT_BATCH_SIZE, CompressConfig, nm_pattern
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.structured import NM, nm_runtimes
 from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
@@ -210,9 +212,24 @@ def _snapshot(imported: ImportedModel) -> dict[str, torch.Tensor]:
     return {e.param: imported.parameter(e).detach().to("cpu", copy=True) for e in imported.weights}
 
 
+def _copy_values(imported: ImportedModel, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The current weights copied into the buffers of an earlier ``_snapshot`` (no new allocation)."""
+    with torch.no_grad():
+        for entry in imported.weights:
+            into[entry.param].copy_(imported.parameter(entry))
+    return into
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    array = np.ascontiguousarray(array)
+    # A batch that is a view of a read-only memory-mapped file (unshuffled .npz data): torch wants memory
+    # it may write to, so that batch alone is copied.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def _to_batches(feeds, input_names: list[str], device: torch.device):
     for feed in feeds:
-        inputs = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])).to(device) for n in input_names)
+        inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
         labels = feed.get(LABELS)
         yield Batch(inputs, None if labels is None else torch.from_numpy(labels).to(device))
 
@@ -283,6 +300,7 @@ def compress(
         AccuracyGateFailed: the drop exceeds ``max_accuracy_drop`` (the outputs are written).
     """
     started = time.perf_counter()
+    memory = PeakMemory()
     check_config(config)
     shown = display(progress)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
@@ -299,13 +317,14 @@ def compress(
             original = load_model(model) if original_path is not None else model
             external = bool(locations)
             imported = import_model(original, output=cfg.output)
+            memory.mark("import")
             torch.manual_seed(cfg.seed)
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
             with shown as emit:
                 emit = emit or (lambda event: None)
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
-                                             emit, files, inputs)
+                                             emit, files, inputs, memory)
                 return _finish(result, measured, files, original_path, started, max_accuracy_drop, emit)
         except KeyboardInterrupt as exc:  # before training started: nothing to keep
             raise CompressInterrupted(None, interrupt=exc) from None
@@ -314,7 +333,7 @@ def compress(
 
 
 def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, files,
-              inputs) -> tuple[CompressResult, _Measured]:
+              inputs, memory: PeakMemory) -> tuple[CompressResult, _Measured]:
     """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
     device = torch.device(cfg.device)
@@ -339,7 +358,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
-    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
+    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory)
     name = _model_name(original_path)
     try:
         runner.run()
@@ -353,12 +372,67 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
                         f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or set admm.rho "
                         f"(now {config.admm.rho if config.admm.rho is not None else 'chosen per phase; see the log'})")
-    warnings = []
+    warnings = list(runner.warnings)
     if floors is not None and floors > 0.5:
         warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                         "the allocation barely chooses; lower them")
         logger.warning("%s", warnings[-1])
-    return result, _Measured(held_out, runner.dense_metric, left_alone, warnings)
+    return result, _Measured(held_out, runner.dense_metric, left_alone, warnings, memory, runner.batch)
+
+
+@dataclass(frozen=True)
+class _BatchChoice:
+    """The training and validation batches, and the memory estimate that chose them (``onnx_admm.memory``)."""
+
+    requested: int  # train.batch_size, or DEFAULT_BATCH_SIZE when it is not given
+    explicit: bool  # train.batch_size was given: it is used as is
+    train: int
+    validation: int
+    budget_mb: float | None  # None: no estimate (a CUDA device without train.batch_memory_mb)
+    train_per_sample: int  # estimated bytes per sample of a training step
+    validation_per_sample: int  # of onnxruntime running the original and the compressed model
+
+    def describe(self) -> dict[str, Any]:
+        mb = 2**20
+        return {"requested": self.requested, "explicit": self.explicit, "budget_mb": self.budget_mb,
+                "estimated_train_mb_per_sample": self.train_per_sample / mb,
+                "estimated_train_mb": self.train * self.train_per_sample / mb,
+                "estimated_validation_mb_per_sample": self.validation_per_sample / mb}
+
+
+def _choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[_BatchChoice, list[str]]:
+    """The batch a training step and a validation run can afford, and the warnings about it.
+
+    The default batch is lowered to fit ``train.batch_memory_mb`` (the activations of one batch: a real
+    EEG detector's 7,500-sample inputs took 15 GB at batch 64); a batch the user chose is kept, with a
+    warning when it is estimated too large. The validation runs at the training batch, lowered likewise.
+    """
+    requested, explicit = cfg.batch_size or DEFAULT_BATCH_SIZE, cfg.batch_size is not None
+    act = activation_bytes(imported.original)
+    per_train, per_val = training_bytes(act, teacher), inference_bytes(act, models=2)
+    budget = cfg.batch_memory_mb
+    if budget is None and cfg.device == "cpu":
+        budget = default_budget_mb()
+    if budget is None:  # the host's memory says nothing about a GPU's
+        return _BatchChoice(requested, explicit, requested, requested, None, per_train, per_val), []
+    fits = fit_batch(requested, per_train, budget)
+    train = requested if explicit else fits
+    warnings = []
+    need = (f"about {describe_mb(requested * per_train)} per training step ({describe_mb(per_train)} per sample, "
+            f"estimated from the graph's shapes), over the budget of {describe_mb(budget * 2**20)} "
+            "(train.batch_memory_mb)")
+    if fits < requested and explicit:
+        warnings.append(f"train.batch_size {requested} needs {need}; kept as given: lower --batch-size "
+                        f"(train.batch_size) to {fits} if the run runs out of memory")
+    elif fits < requested:
+        warnings.append(f"the default batch {requested} needs {need}; training at batch {train}. Set --batch-size "
+                        "(train.batch_size) to choose the batch yourself, or train.batch_memory_mb to change the budget")
+    validation = fit_batch(train, per_val, budget)
+    for line in warnings:
+        logger.warning("%s", line)
+    if validation < train:
+        logger.info("validating at batch %d (%s per sample in onnxruntime)", validation, describe_mb(per_val))
+    return _BatchChoice(requested, explicit, train, validation, budget, per_train, per_val), warnings
 
 
 def _model_name(original_path: Path | None) -> str:
@@ -374,6 +448,8 @@ class _Measured:
     dense_metric: float | None
     left_alone: dict[str, str]
     warnings: list[str]
+    memory: PeakMemory
+    batch: _BatchChoice
 
 
 def _finish(result: CompressResult, measured: _Measured, files: RunFiles, original_path: Path | None,
@@ -421,8 +497,11 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
             else:
                 compressed = staged.scratch(Path(tempfile.gettempdir())) / "compressed.onnx"
                 save_model(exported.model, compressed, external_data=result.external_data)
+        measured.memory.mark("export")
         emit({"kind": "validate", "samples": len(measured.held_out)})
         report = _report(result, exported, compressed, original_path, staged, measured, cfg, started)
+        measured.memory.mark("validate")
+        report["memory"] = measured.memory.to_dict()
     except Exception as exc:
         if out.model_files is None:
             if isinstance(exc, OSError):
@@ -537,7 +616,8 @@ class _Runner:
     """One compress run: the stages of ADMM, hard projection and retraining over the planned weights."""
 
     def __init__(self, imported: ImportedModel, config: CompressConfig, plan: Plan, train_data, select: Dataset,
-                 held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup]) -> None:
+                 held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup],
+                 memory: PeakMemory | None = None) -> None:
         self.imported, self.config, self.plan, self.groups = imported, config, plan, groups
         self.cfg = config.train
         self.train_data, self.select, self.held_out, self.device, self.emit = train_data, select, held_out, device, emit
@@ -556,16 +636,19 @@ class _Runner:
             logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
                            "to the original model's outputs")
         self.loss_fn = Loss(self.score, distill=self.cfg.distill)
+        self.batch, self.warnings = _choose_batch(imported, self.cfg, self.teacher is not None)
+        self.memory = memory or PeakMemory()
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
         self.history: list[dict[str, Any]] = []  # the current stage's epoch records
         self.dense_metric = self.val_metric()
+        self.memory.mark("data")
 
     # -- helpers
 
     def batches(self, ds, shuffle: bool, seed: int | None = None):
-        return _to_batches(ds.batches(self.cfg.batch_size, shuffle=shuffle, seed=seed), self.imported.input_names,
+        return _to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed), self.imported.input_names,
                            self.device)
 
     def val_metric(self) -> float | None:
@@ -620,6 +703,7 @@ class _Runner:
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
+        self.memory.mark(f"stage{stage + 1}.admm")
         quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
         final = self.constraints(stage, previous, self.current())
@@ -632,6 +716,7 @@ class _Runner:
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         _load_values(self.imported, values)
+        self.memory.mark(f"stage{stage + 1}.retrain")
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
         self.stages.append(StageResult(
@@ -755,7 +840,9 @@ class _Runner:
             with ste.projected() if ste else nullcontext():
                 metric = self.select_metric()
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
-                    best.update(metric=metric if metric is not None else best["metric"], values=_snapshot(self.imported))
+                    # Into the phase's one snapshot: a better state replaces the previous best in place.
+                    best.update(metric=metric if metric is not None else best["metric"],
+                                values=_copy_values(self.imported, best["values"]))
             return {"metric": metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
@@ -767,7 +854,7 @@ class _Runner:
     def steps_per_epoch(self) -> int | None:
         if not isinstance(self.train_data, Dataset):
             return None
-        return -(-len(self.train_data) // self.cfg.batch_size)
+        return -(-len(self.train_data) // self.batch.train)
 
     def phase_length(self, epochs: float) -> tuple[int, int | None]:
         """(epochs run, steps) of a phase of ``epochs`` epochs; steps are None for a loader plugin, which
@@ -806,9 +893,10 @@ class _Runner:
             if total is not None:
                 set_lr()
 
+        rollback = _Rollback(imported, optimizer) if n_epochs else None
         for epoch in range(n_epochs):
             started = time.perf_counter()
-            snapshot = (_snapshot(imported), copy.deepcopy(optimizer.state_dict()))
+            rollback.save()
             set_lr()
             steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
             self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
@@ -828,8 +916,7 @@ class _Runner:
                 if not all(bool(torch.isfinite(imported.parameter(e)).all()) for e in imported.weights):
                     raise NonFiniteLoss("a weight is NaN or infinite after the epoch's last step")
             except NonFiniteLoss as exc:
-                _load_values(imported, snapshot[0])
-                optimizer.load_state_dict(snapshot[1])
+                rollback.restore()
                 message = (f"stage {stage} {phase} epoch {epoch}: {exc}; rolled back to the start of the epoch "
                            f"and stopped the {phase} phase")
                 logger.warning("%s", message)
@@ -852,6 +939,52 @@ class _Runner:
         if n_epochs:
             self.emit({"kind": "phase_end", **where, "stopped": None})
         return None
+
+
+class _Rollback:
+    """Where a phase rolls back to on a non-finite loss: the weights and the optimizer's state at the start
+    of the current epoch.
+
+    One set of buffers per phase, allocated at its first ``save`` and copied into at every epoch's start
+    (a fresh snapshot and a deep copy of the optimizer state per epoch held two of each at the switch and
+    churned the allocator on large models).
+    """
+
+    def __init__(self, imported: ImportedModel, optimizer: torch.optim.Optimizer) -> None:
+        self.imported, self.optimizer = imported, optimizer
+        self.values: dict[str, torch.Tensor] | None = None
+        self.state: dict[int, dict[str, Any]] = {}  # id(param) -> its optimizer state at the save
+
+    def save(self) -> None:
+        self.values = (_snapshot(self.imported) if self.values is None
+                       else _copy_values(self.imported, self.values))
+        saved = {}
+        for param, state in self.optimizer.state.items():
+            old = self.state.get(id(param), {})
+            saved[id(param)] = {key: _copy_into(old.get(key), value) for key, value in state.items()}
+        self.state = saved
+
+    def restore(self) -> None:
+        _load_values(self.imported, self.values)
+        state = self.optimizer.state
+        for param in list(state):
+            if id(param) not in self.state:  # its state began after the save (the phase's first step)
+                del state[param]
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in self.state:
+                    state[param] = {key: (value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
+                                    for key, value in self.state[id(param)].items()}
+
+
+def _copy_into(buffer: Any, value: Any) -> Any:
+    """``value`` copied into ``buffer`` when that is a tensor of its shape, else a fresh copy."""
+    if not torch.is_tensor(value):
+        return copy.deepcopy(value)
+    if torch.is_tensor(buffer) and buffer.shape == value.shape and buffer.dtype == value.dtype:
+        with torch.no_grad():
+            return buffer.copy_(value)
+    return value.detach().clone()
 
 
 def _mean_residual(admm: ADMM) -> float | None:
@@ -1030,7 +1163,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
     if orig is None:  # a ModelProto: onnxruntime needs a file
         orig = staged.scratch(folder) / "original.onnx"
         save_model(imported.original, orig)
-    validation = validate(orig, compressed, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
+    validation = validate(orig, compressed, held_out, batch_size=measured.batch.validation, threads=cfg.threads or 1,
                           score_output=cfg.output, scratch=folder)
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
@@ -1039,7 +1172,8 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
     return {
         "structure": structure,
         "nm": nm,
-        "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
+        "batch": {**_batch_report(imported, measured.batch.train, validation.batch_size),
+                  "memory": measured.batch.describe()},
         # What was trained, and the graph outputs computed from it by nodes kept as they are.
         "trained_outputs": list(imported.output_names),
         # The tensor the loss and the agreement used, how (onnx_admm.train.describe_score), and for an

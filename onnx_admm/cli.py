@@ -93,10 +93,12 @@ def check(model: str, data: str | None, as_json: bool) -> None:
 @click.argument("original", type=click.Path(dir_okay=False))
 @click.argument("compressed", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=str, help="Held-out inputs (.npz; optional `labels`).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Samples per onnxruntime run [default: 64, lowered to what the models' activations allow].")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="onnxruntime threads.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None) -> None:
+def validate(original: str, compressed: str, data: str, batch_size: int | None, threads: int,
+             report_path: str | None) -> None:
     """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: agreement, accuracy, size, latency."""
     from converters.graphinfo import graph_inputs
     from converters.modelio import load_model, save_json

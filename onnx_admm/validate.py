@@ -11,6 +11,7 @@ and the median per batch reported in milliseconds.
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import statistics
 import time
@@ -27,11 +28,16 @@ from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
 from converters.modelio import external_data_files, load_model, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
+from onnx_admm.memory import activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
+from onnx_admm.recipe import DEFAULT_BATCH_SIZE
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 3
+# Latency is timed on the first full batches, at most this many, kept aside during the comparison (each
+# costs a batch of memory; onnxruntime's time hardly depends on the values).
+_TIMING_FEEDS = 2
 _GZIP_CHUNK = 1 << 24
 
 # Ops that turn constant stored data into a weight at run time. A weight stored through one of them
@@ -162,7 +168,7 @@ def validate(
     compressed: str | Path,
     data: object,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     threads: int = 1,
     latency_batches: int = 20,
     score_output: str | None = None,
@@ -171,15 +177,17 @@ def validate(
     """Run both models in onnxruntime on the same feeds and compare them.
 
     A model whose graph fixes the batch dim of a batched input runs at that size only: then it is
-    used instead of ``batch_size`` and an incomplete last batch is left out (logged). A PluginData
-    is read into memory first (one epoch).
+    used instead of ``batch_size`` and an incomplete last batch is left out (logged). The data are
+    streamed batch by batch (an .npz is memory-mapped, a plugin is read as it yields), never held whole.
 
     Args:
         original: The original .onnx file.
         compressed: The compressed .onnx file (same graph inputs and outputs).
         data: Held-out inputs, with labels for accuracy: any form ``onnx_admm.data.as_data`` takes (an
             .npz path, a dict of arrays, an iterable of dicts, a Dataset, a plugin).
-        batch_size: Samples per onnxruntime run.
+        batch_size: Samples per onnxruntime run; None: DEFAULT_BATCH_SIZE, lowered to what the two models'
+            estimated activations allow (``onnx_admm.memory``). A given size is kept (a warning when it is
+            estimated too large).
         threads: onnxruntime intra-op threads for both models.
         latency_batches: Timed runs per model (0 skips latency).
         score_output: Output used for agreement and accuracy (default: ``find_score_output``).
@@ -191,27 +199,36 @@ def validate(
     Raises:
         UserError: A model does not load or run, or the two models' inputs/outputs differ.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     original, compressed = Path(original), Path(compressed)
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)
     specs = graph_inputs(models[0])
+    batch_size = _fit_batch(batch_size, models)
     data = as_data(data, specs)
     if isinstance(data, PluginData):
-        logger.info("reading %s into memory for validation", data.what)
-        data = data.take()
-    fixed = required_batch_size(specs, data.batched)
+        # Streamed: the first dict says which inputs have a sample axis, then the rest follow it.
+        chunks = data.chunks()
+        first = next(chunks, None)
+        if first is None:
+            raise UserError(f"{data.what} yielded no data")
+        batched, total = first.batched, None
+        plugin, chunks = data, itertools.chain([first], chunks)
+        data = _Stream(lambda size, drop: plugin.batches(size, drop_last=drop, chunks=chunks))
+    else:
+        batched, total = data.batched, len(data)
+    fixed = required_batch_size(specs, batched)
     if fixed is not None and fixed != batch_size:
-        left_out = len(data) % fixed
+        left_out = total % fixed if total is not None else None
         # Only the samples left out are worth a warning; the batch size itself is the graph's to choose.
-        (logger.warning if left_out else logger.info)(
-            "the graph fixes the batch size to %d: validating at batch %d, leaving out the last %d sample(s)",
-            fixed, fixed, left_out,
+        (logger.warning if left_out != 0 else logger.info)(
+            "the graph fixes the batch size to %d: validating at batch %d, leaving out the last %s sample(s)",
+            fixed, fixed, left_out if left_out is not None else "incomplete batch's",
         )
         batch_size = fixed
-    if fixed is not None and len(data) < fixed:
-        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds {len(data)} samples; pass more")
+    if fixed is not None and total is not None and total < fixed:
+        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds {total} samples; pass more")
     score = find_score_output(models[0], score_output)
     sessions = open_session(original, threads), open_session(compressed, threads)
     names = [out.name for out in sessions[0].get_outputs()]
@@ -227,16 +244,19 @@ def validate(
             paths = tuple(_with_output(model, score.name, Path(tmp) / f"{i}.onnx") for i, model in enumerate(models))
             compared = tuple(open_session(path, threads) for path in paths)
         run_names = names + ([score.name] if score is not None and score.internal else [])
+        samples = 0
         for feed in data.batches(batch_size, drop_last=fixed is not None):
             labels = feed.pop(LABELS, None) if has_labels else None
             results = [run_session(session, path, run_names, feed) for session, path in zip(compared, paths)]
             comparison.add(results, labels)
-            if len(timing_feeds) < max(latency_batches, 1):
+            count = _feed_samples(feed, batched, labels)
+            # Time full batches only, unless the data is smaller than one batch.
+            if len(timing_feeds) < _TIMING_FEEDS and (count == batch_size or not timing_feeds and not samples):
                 timing_feeds.append(feed)
-    samples = len(data) - (len(data) % batch_size if fixed is not None else 0)
+            samples += count
+    if fixed is not None and samples < fixed:
+        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds fewer samples; pass more")
     latency_batch_size = min(batch_size, samples)
-    # Time full batches only, unless the data is smaller than one batch.
-    timing_feeds = timing_feeds[: max(1, samples // batch_size)]
     latencies = _latencies(sessions, timing_feeds, latency_batches) if latency_batches > 0 else (None, None)
 
     stats = [
@@ -258,6 +278,42 @@ def validate(
     )
     logger.info("validated %s against %s on %d samples", compressed, original, samples)
     return report
+
+
+class _Stream:
+    """A plugin's batches for one pass, in the ``batches(size, drop_last=)`` shape of a Dataset."""
+
+    def __init__(self, batches) -> None:
+        self._batches = batches
+
+    def batches(self, batch_size: int, *, drop_last: bool = False):
+        return self._batches(batch_size, drop_last)
+
+
+def _feed_samples(feed: dict[str, np.ndarray], batched: set[str], labels: np.ndarray | None) -> int:
+    if labels is not None:
+        return len(labels)
+    return next((len(feed[name]) for name in sorted(batched) if name in feed), 1)
+
+
+def _fit_batch(batch_size: int | None, models: tuple[onnx.ModelProto, ...]) -> int:
+    """The batch to validate at: a given one (warned about when estimated too large), else the default,
+    lowered to what both models' activations in onnxruntime allow."""
+    requested = batch_size or DEFAULT_BATCH_SIZE
+    per_sample = inference_bytes(activation_bytes(models[0]), models=len(models))
+    budget = default_budget_mb()
+    fits = fit_batch(requested, per_sample, budget)
+    if fits < requested:
+        need = (f"about {describe_mb(requested * per_sample)} in onnxruntime ({describe_mb(per_sample)} per sample, "
+                f"estimated from the graph's shapes), over the budget of {describe_mb(budget * 2**20)}")
+        if batch_size is not None:
+            logger.warning("batch %d needs %s; kept as given: lower --batch-size to %d if it runs out of memory",
+                           requested, need, fits)
+        else:
+            logger.warning("the default batch %d needs %s; validating at batch %d (set --batch-size to choose)",
+                           requested, need, fits)
+            return fits
+    return requested
 
 
 def _check_same_io(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
