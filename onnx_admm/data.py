@@ -348,6 +348,8 @@ def from_arrays(arrays: Mapping[str, object], specs: list[InputSpec], source: st
 def _as_array(value: object, key: str, source: str) -> np.ndarray:
     """A numpy array from an array-like: numpy arrays, lists, and torch tensors on any device, with or
     without grad (duck-typed, so this module needs no torch)."""
+    if isinstance(value, np.memmap):  # np.asarray would drop the class that says the file backs it
+        return value
     detach = getattr(value, "detach", None)
     try:
         if callable(detach):
