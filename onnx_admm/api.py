@@ -227,11 +227,33 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def _to_batches(feeds, input_names: list[str], device: torch.device):
+def _to_batches(feeds, input_names: list[str], device: torch.device, chunk: int | None = None,
+                batched: set[str] = frozenset(), steps: bool = False):
+    """Batches of tensors from feeds; with ``chunk``, each feed split into chunks of at most that many samples
+    (along the inputs in ``batched``): yielded one by one, or with ``steps`` as one list per feed (the chunks
+    of one training step, ``onnx_admm.train.train_epoch``)."""
     for feed in feeds:
-        inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
-        labels = feed.get(LABELS)
-        yield Batch(inputs, None if labels is None else torch.from_numpy(labels).to(device))
+        parts = [_batch(part, input_names, device) for part in _split_feed(feed, chunk, batched)]
+        if steps:
+            yield parts
+        else:
+            yield from parts
+
+
+def _batch(feed, input_names: list[str], device: torch.device) -> Batch:
+    inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
+    labels = feed.get(LABELS)
+    return Batch(inputs, None if labels is None else torch.from_numpy(np.ascontiguousarray(labels)).to(device))
+
+
+def _split_feed(feed, chunk: int | None, batched: set[str]):
+    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
+    n = rows[0] if rows else 0
+    if chunk is None or n <= chunk:
+        yield feed
+        return
+    for start in range(0, n, chunk):
+        yield {k: (v[start:start + chunk] if k in batched or k == LABELS else v) for k, v in feed.items()}
 
 
 def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
@@ -385,8 +407,9 @@ class _BatchChoice:
     """The training and validation batches, and the memory estimate that chose them (``onnx_admm.memory``)."""
 
     requested: int  # train.batch_size, or DEFAULT_BATCH_SIZE when it is not given
-    explicit: bool  # train.batch_size was given: it is used as is
-    train: int
+    explicit: bool  # train.batch_size was given: it is used as is, in one piece
+    train: int  # samples per optimizer step
+    chunk: int | None  # the step's samples go through the model in chunks of this many (None: whole)
     validation: int
     budget_mb: float | None  # None: no estimate (a CUDA device without train.batch_memory_mb)
     train_per_sample: int  # estimated bytes per sample of a training step
@@ -394,18 +417,20 @@ class _BatchChoice:
 
     def describe(self) -> dict[str, Any]:
         mb = 2**20
-        return {"requested": self.requested, "explicit": self.explicit, "budget_mb": self.budget_mb,
+        return {"requested": self.requested, "explicit": self.explicit, "chunk": self.chunk, "budget_mb": self.budget_mb,
                 "estimated_train_mb_per_sample": self.train_per_sample / mb,
-                "estimated_train_mb": self.train * self.train_per_sample / mb,
+                "estimated_train_mb": (self.chunk or self.train) * self.train_per_sample / mb,
                 "estimated_validation_mb_per_sample": self.validation_per_sample / mb}
 
 
 def _choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[_BatchChoice, list[str]]:
     """The batch a training step and a validation run can afford, and the warnings about it.
 
-    The default batch is lowered to fit ``train.batch_memory_mb`` (the activations of one batch: a real
-    EEG detector's 7,500-sample inputs took 15 GB at batch 64); a batch the user chose is kept, with a
-    warning when it is estimated too large. The validation runs at the training batch, lowered likewise.
+    A default batch whose activations exceed ``train.batch_memory_mb`` (a real EEG detector's 7,500-sample
+    inputs took 15 GB at batch 64) goes through the model in chunks that fit, its gradients accumulated
+    into one step: the memory of the smaller batch, the optimisation of the default one (same steps,
+    learning rate and Z/U periods). A batch the user chose is used whole, with a warning when it is
+    estimated too large. The validation runs at the largest batch the budget allows.
     """
     requested, explicit = cfg.batch_size or DEFAULT_BATCH_SIZE, cfg.batch_size is not None
     act = activation_bytes(imported.original)
@@ -414,9 +439,9 @@ def _choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[_BatchCh
     if budget is None and cfg.device == "cpu":
         budget = default_budget_mb()
     if budget is None:  # the host's memory says nothing about a GPU's
-        return _BatchChoice(requested, explicit, requested, requested, None, per_train, per_val), []
+        return _BatchChoice(requested, explicit, requested, None, requested, None, per_train, per_val), []
     fits = fit_batch(requested, per_train, budget)
-    train = requested if explicit else fits
+    chunk = fits if fits < requested and not explicit else None
     warnings = []
     need = (f"about {describe_mb(requested * per_train)} per training step ({describe_mb(per_train)} per sample, "
             f"estimated from the graph's shapes), over the budget of {describe_mb(budget * 2**20)} "
@@ -424,15 +449,17 @@ def _choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[_BatchCh
     if fits < requested and explicit:
         warnings.append(f"train.batch_size {requested} needs {need}; kept as given: lower --batch-size "
                         f"(train.batch_size) to {fits} if the run runs out of memory")
-    elif fits < requested:
-        warnings.append(f"the default batch {requested} needs {need}; training at batch {train}. Set --batch-size "
-                        "(train.batch_size) to choose the batch yourself, or train.batch_memory_mb to change the budget")
-    validation = fit_batch(train, per_val, budget)
+    elif chunk is not None:
+        warnings.append(f"the default batch {requested} needs {need}; training at batch {chunk}: each step's "
+                        f"{requested} samples go through in chunks of {chunk}, their gradients accumulated. Set "
+                        "--batch-size (train.batch_size) to train at a batch of your own in one piece, or "
+                        "train.batch_memory_mb to change the budget")
+    validation = fit_batch(requested, per_val, budget)
     for line in warnings:
         logger.warning("%s", line)
-    if validation < train:
+    if validation < requested:
         logger.info("validating at batch %d (%s per sample in onnxruntime)", validation, describe_mb(per_val))
-    return _BatchChoice(requested, explicit, train, validation, budget, per_train, per_val), warnings
+    return _BatchChoice(requested, explicit, requested, chunk, validation, budget, per_train, per_val), warnings
 
 
 def _model_name(original_path: Path | None) -> str:
@@ -647,9 +674,12 @@ class _Runner:
 
     # -- helpers
 
-    def batches(self, ds, shuffle: bool, seed: int | None = None):
+    def batches(self, ds, shuffle: bool, seed: int | None = None, steps: bool = False):
+        """Tensor batches of ``ds``: with ``steps``, one list of chunks per training step, else chunk by chunk."""
+        # A plugin's layout (which inputs have a sample axis) is the one its first samples showed.
+        batched = ds.batched if isinstance(ds, Dataset) else self.select.batched
         return _to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed), self.imported.input_names,
-                           self.device)
+                           self.device, self.batch.chunk, batched, steps)
 
     def val_metric(self) -> float | None:
         """The metric on the held-out split (reported only, never used to choose)."""
@@ -900,7 +930,7 @@ class _Runner:
             set_lr()
             steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
             self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
-            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter)
+            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter, steps=True)
             if steps is not None:
                 batches = itertools.islice(batches, steps)
             try:
