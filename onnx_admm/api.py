@@ -1194,7 +1194,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
         orig = staged.scratch(folder) / "original.onnx"
         save_model(imported.original, orig)
     validation = validate(orig, compressed, held_out, batch_size=measured.batch.validation, threads=cfg.threads or 1,
-                          score_output=cfg.output, scratch=folder)
+                          score_output=cfg.output, scratch=folder, budget_mb=measured.batch.budget_mb)
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)

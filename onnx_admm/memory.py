@@ -152,13 +152,14 @@ def activation_bytes(model: onnx.ModelProto) -> Activations:
     size the inputs share); the bytes of one sample are the product of the other dims times the
     element size. Shapes come from ONNX shape inference (the model is not run).
     """
+    light, weights = _without_large_weights(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception as exc:  # shape inference raises assorted errors on exporters' odd graphs
         logger.debug("shape inference failed (%s); using the shapes the graph declares", exc)
-        inferred = model
+        inferred = light
     graph = inferred.graph
-    initializers = {t.name for t in graph.initializer}
+    initializers = {t.name for t in graph.initializer} | weights
     inputs = [v for v in graph.input if v.name not in initializers]
     batch_dims = {_first_dim(v) for v in inputs} - {None}
     typed = {v.name: v for v in (*graph.value_info, *graph.output)}
@@ -188,6 +189,31 @@ def activation_bytes(model: onnx.ModelProto) -> Activations:
             else:
                 sizes.append(size)
     return Activations(input_bytes, sum(sizes), max(sizes, default=0), unknown)
+
+
+# Initializers up to this size stay in the copy shape inference reads (a Reshape's shape, a Slice's
+# bounds are needed by value); larger ones become typed inputs.
+_SMALL_INITIALIZER = 4096
+
+
+def _without_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """The graph with its large initializers declared as typed inputs (their shapes, not their values), and
+    their names: shape inference serialises the model it reads, which would copy every weight twice."""
+    graph = model.graph
+    large = [t for t in graph.initializer if t.ByteSize() > _SMALL_INITIALIZER]
+    names = {t.name for t in large}
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    light.graph.name = graph.name
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    declared = {i.name for i in graph.input}
+    light.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in large if t.name not in declared)
+    light.graph.output.extend(graph.output)
+    light.graph.value_info.extend(graph.value_info)
+    light.graph.initializer.extend(t for t in graph.initializer if t.name not in names)
+    light.graph.sparse_initializer.extend(graph.sparse_initializer)
+    return light, names
 
 
 def _first_dim(value: onnx.ValueInfoProto) -> str | int | None:

@@ -173,6 +173,7 @@ def validate(
     latency_batches: int = 20,
     score_output: str | None = None,
     scratch: str | Path | None = None,
+    budget_mb: float | None = None,
 ) -> ValidationReport:
     """Run both models in onnxruntime on the same feeds and compare them.
 
@@ -192,6 +193,7 @@ def validate(
         latency_batches: Timed runs per model (0 skips latency).
         score_output: Output used for agreement and accuracy (default: ``find_score_output``).
         scratch: folder for temporary copies (default: the system's temporary folder).
+        budget_mb: the memory a batch may take in onnxruntime (default: ``memory.default_budget_mb``).
 
     Returns:
         The report.
@@ -205,7 +207,7 @@ def validate(
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)
     specs = graph_inputs(models[0])
-    batch_size = _fit_batch(batch_size, models)
+    batch_size = _fit_batch(batch_size, models, budget_mb or default_budget_mb())
     data = as_data(data, specs)
     if isinstance(data, PluginData):
         # Streamed: the first dict says which inputs have a sample axis, then the rest follow it.
@@ -296,12 +298,11 @@ def _feed_samples(feed: dict[str, np.ndarray], batched: set[str], labels: np.nda
     return next((len(feed[name]) for name in sorted(batched) if name in feed), 1)
 
 
-def _fit_batch(batch_size: int | None, models: tuple[onnx.ModelProto, ...]) -> int:
+def _fit_batch(batch_size: int | None, models: tuple[onnx.ModelProto, ...], budget: float) -> int:
     """The batch to validate at: a given one (warned about when estimated too large), else the default,
     lowered to what both models' activations in onnxruntime allow."""
     requested = batch_size or DEFAULT_BATCH_SIZE
     per_sample = inference_bytes(activation_bytes(models[0]), models=len(models))
-    budget = default_budget_mb()
     fits = fit_batch(requested, per_sample, budget)
     if fits < requested:
         need = (f"about {describe_mb(requested * per_sample)} in onnxruntime ({describe_mb(per_sample)} per sample, "
