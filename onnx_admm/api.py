@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import math
-import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -39,7 +38,7 @@ from onnx_admm import __version__
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.levels import FixedLevels, StraightThrough
-from onnx_admm.memory import (PeakMemory, activation_bytes, default_budget_mb, describe_mb, fit_batch,
+from onnx_admm.memory import (INFERENCE_SHARE, PeakMemory, activation_bytes, default_budget_mb, describe_mb, fit_batch,
                               inference_bytes, training_bytes)
 from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
                                stage_path)
@@ -413,7 +412,7 @@ class _BatchChoice:
     validation: int
     budget_mb: float | None  # None: no estimate (a CUDA device without train.batch_memory_mb)
     train_per_sample: int  # estimated bytes per sample of a training step
-    validation_per_sample: int  # of onnxruntime running the original and the compressed model
+    validation_per_sample: int  # of an onnxruntime run
 
     def describe(self) -> dict[str, Any]:
         mb = 2**20
@@ -434,7 +433,7 @@ def _choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[_BatchCh
     """
     requested, explicit = cfg.batch_size or DEFAULT_BATCH_SIZE, cfg.batch_size is not None
     act = activation_bytes(imported.original)
-    per_train, per_val = training_bytes(act, teacher), inference_bytes(act, models=2)
+    per_train, per_val = training_bytes(act, teacher), inference_bytes(act)
     budget = cfg.batch_memory_mb
     if budget is None and cfg.device == "cpu":
         budget = default_budget_mb()
@@ -454,7 +453,7 @@ def _choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[_BatchCh
                         f"{requested} samples go through in chunks of {chunk}, their gradients accumulated. Set "
                         "--batch-size (train.batch_size) to train at a batch of your own in one piece, or "
                         "train.batch_memory_mb to change the budget")
-    validation = fit_batch(requested, per_val, budget)
+    validation = fit_batch(requested, per_val, budget * INFERENCE_SHARE)
     for line in warnings:
         logger.warning("%s", line)
     if validation < requested:
@@ -528,6 +527,8 @@ def _write_outputs(result, measured, files, original_path, started, max_accuracy
         emit({"kind": "validate", "samples": len(measured.held_out)})
         report = _report(result, exported, compressed, original_path, staged, measured, cfg, started)
         measured.memory.mark("validate")
+        # getrusage's peak restarts with every phase's reset: the run's peak is the largest phase peak.
+        report["peak_rss_mb"] = measured.memory.peak_mb
         report["memory"] = measured.memory.to_dict()
     except Exception as exc:
         if out.model_files is None:
@@ -1235,7 +1236,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
         "validation": _without_paths(validation.to_dict()),
         "warnings": warnings,
         "wall_s": time.perf_counter() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": measured.memory.peak_mb,
     }
 
 

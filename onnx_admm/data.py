@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import mmap
 import os
 import re
 import struct
@@ -129,6 +130,8 @@ class Dataset:
                 break
             # Slices are views: the unshuffled pass (validation) copies nothing.
             yield self._feed(slice(start, stop) if order is None else order[start:stop])
+            for name in self.batched:
+                release(self.inputs[name])
 
     def as_feed(self) -> Feed:
         """All samples as one feed (``"labels"`` included when present)."""
@@ -414,7 +417,22 @@ def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def _all_finite(array: np.ndarray) -> bool:
-    return all(bool(np.isfinite(chunk).all()) for chunk in _chunks(array))
+    try:
+        return all(bool(np.isfinite(chunk).all()) for chunk in _chunks(array))
+    finally:
+        release(array)
+
+
+def release(array: np.ndarray | Rows) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set.
+
+    They stay in the page cache and the next read maps them again (a minor fault), but a pass over the
+    whole file, batch by batch, no longer counts the whole file in the process's memory. Anything else
+    is left alone.
+    """
+    mapping = getattr(array.array if isinstance(array, Rows) else array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:

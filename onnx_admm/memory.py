@@ -4,17 +4,20 @@ Peak RSS. On Linux the kernel keeps the peak (``VmHWM`` in ``/proc/self/status``
 the current RSS when "5" is written to ``/proc/self/clear_refs``; ``PeakMemory`` reads and resets it
 at every phase boundary, so each phase gets its own peak. Where that file cannot be written (another
 OS, a locked-down container) it falls back to ``resource.getrusage``'s ``ru_maxrss``, a peak that
-only grows: a phase then reads the peak of the run so far, and the report's ``method`` says so.
+only grows: a phase then reads the peak of the run so far, and the report's ``method`` says so. The
+reset also resets what ``getrusage`` and ``/usr/bin/time -v`` read as the process's maximum RSS (the
+kernel keeps one peak): the run's peak is the largest phase peak (``PeakMemory.peak_mb``).
 
 Batch size. A training step holds, per sample, the inputs, every activation the forward pass saves
 for the backward pass, their gradients while the backward pass runs and the teacher's forward pass
 (``training_bytes``); onnxruntime holds the activations of one forward pass per model
 (``inference_bytes``). Both are estimated up front from the ONNX graph's inferred shapes
-(``activation_bytes``: no run needed), and ``fit_batch`` lowers a batch that would exceed the budget
+(``activation_bytes``: no run needed); ``fit_batch`` gives the largest batch within the budget
 (default ``default_budget_mb``: a quarter of the memory available at start, at most
-``MAX_BUDGET_MB``). The estimate errs high (every tensor a node computes counted as alive at once in the
-training step; measured 1.3-1.5x the real growth per sample on the EEG sample): a lower batch costs
-some speed, an out-of-memory kill costs the run.
+``MAX_BUDGET_MB``), which compress uses as the chunk a training step's samples go through. The
+estimate errs high (every tensor a node computes counted as alive at once in the training step; on
+samples/eeg at width 32, 43 MB estimated per sample against 26.5 MB measured; in onnxruntime, 23 MB
+against about 12.5 at width 64): a smaller chunk costs some speed, an out-of-memory kill costs the run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ _MEMINFO = Path("/proc/meminfo")
 BUDGET_FRACTION = 0.25
 MAX_BUDGET_MB = 1024.0
 MIN_BUDGET_MB = 64.0
+# Validation runs in this share of the budget: onnxruntime's time per sample hardly improves past a few
+# samples per run, so a large validation batch buys nothing.
+INFERENCE_SHARE = 0.5
 
 METHOD_RESET = "VmHWM per phase (/proc/self/status, reset through /proc/self/clear_refs)"
 METHOD_MONOTONE = ("ru_maxrss (resource.getrusage): the peak of the run up to the end of each phase, since the "
@@ -106,6 +112,11 @@ class PeakMemory:
         logger.debug("peak RSS of %s: %.0f MB", phase, peak)
         return peak
 
+    @property
+    def peak_mb(self) -> float:
+        """The run's peak so far: the largest phase peak, or the current phase's."""
+        return max([*self.peaks.values(), peak_rss_mb() if self.resets else _maxrss_mb()])
+
     def to_dict(self) -> dict:
         """The report's ``memory``: ``peak_rss_mb`` per phase, in order, and the ``method``."""
         return {"peak_rss_mb": dict(self.peaks), "method": self.method}
@@ -135,13 +146,16 @@ class Activations:
     """Per-sample bytes of a graph's tensors, from its inferred shapes.
 
     ``inputs``: the graph inputs; ``total``: every tensor a node computes (graph outputs included);
-    ``largest``: the largest of those; ``unknown``: how many computed tensors have no usable shape
-    (not counted: the estimate is low by what they hold).
+    ``largest``: the largest of those; ``live``: the most bytes alive at once when each tensor is freed
+    after its last reader, in the graph's node order (what a runtime's memory planner holds);
+    ``unknown``: how many computed tensors have no usable shape (not counted: the estimate is low by
+    what they hold).
     """
 
     inputs: int
     total: int
     largest: int
+    live: int
     unknown: int
 
 
@@ -178,17 +192,27 @@ def activation_bytes(model: onnx.ModelProto) -> Activations:
         return int(np.prod(rest, dtype=np.int64)) * itemsize
 
     input_bytes = sum(per_sample(v) or 0 for v in inputs)
-    sizes, unknown = [], 0
-    for node in graph.node:
+    last_read = {name: i for i, node in enumerate(graph.node) for name in node.input}
+    kept = {v.name for v in graph.output}
+    sizes, unknown, alive, live = {}, 0, 0, 0
+    for i, node in enumerate(graph.node):
         for name in node.output:
             if not name:
                 continue
             size = per_sample(typed.get(name))
             if size is None:
                 unknown += 1
-            else:
-                sizes.append(size)
-    return Activations(input_bytes, sum(sizes), max(sizes, default=0), unknown)
+                continue
+            sizes[name] = size
+            alive += size
+        live = max(live, alive)
+        # Freed after their last reader, or at once when nothing reads them; graph outputs stay.
+        for name in {*node.input, *node.output}:
+            if name in sizes and name not in kept and last_read.get(name, i) <= i:
+                alive -= sizes.pop(name)
+    values = [per_sample(typed.get(name)) for node in graph.node for name in node.output if name]
+    values = [v for v in values if v is not None]
+    return Activations(input_bytes, sum(values), max(values, default=0), live, unknown)
 
 
 # Initializers up to this size stay in the copy shape inference reads (a Reshape's shape, a Slice's
@@ -229,16 +253,16 @@ def _first_dim(value: onnx.ValueInfoProto) -> str | int | None:
 def training_bytes(act: Activations, teacher: bool) -> int:
     """Per-sample bytes of one training step: the batch's inputs (the feed and its tensor), the forward
     activations autograd keeps (about every tensor the graph computes: an op saves its input or output),
-    the gradients the backward pass holds at once, and the teacher's forward pass, whose intermediates
-    are freed as it goes (a few of the largest tensors alive at a time)."""
-    transient = 2 * act.largest
-    return 2 * act.inputs + act.total + transient + (transient if teacher else 0)
+    the gradients the backward pass holds at once (two of the largest tensors), and the teacher's forward
+    pass, whose intermediates are freed as it goes (its live set)."""
+    return 2 * act.inputs + act.total + 2 * act.largest + (act.live if teacher else 0)
 
 
-def inference_bytes(act: Activations, models: int = 1) -> int:
-    """Per-sample bytes of onnxruntime running ``models`` sessions one after the other on the same feed
-    (each session's arena keeps the peak of its run)."""
-    return act.inputs + models * act.total
+def inference_bytes(act: Activations) -> int:
+    """Per-sample bytes of one onnxruntime run without its memory arena (``validate.open_session``): the
+    feed, the live set of the memory plan and a convolution's workspace (im2col, about two of the largest
+    tensors). Measured on samples/eeg at width 64: 15.7 MB per sample, estimated 20."""
+    return act.inputs + act.live + 2 * act.largest
 
 
 def fit_batch(requested: int, per_sample: int, budget_mb: float) -> int:

@@ -28,7 +28,7 @@ from converters.errors import UserError
 from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
 from converters.modelio import external_data_files, load_model, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
-from onnx_admm.memory import activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
+from onnx_admm.memory import INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
 from onnx_admm.recipe import DEFAULT_BATCH_SIZE
 from onnx_admm.train import describe_score, predictions
 
@@ -144,6 +144,10 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Errors only: onnxruntime's load warnings (unused initializers, ...) would drown the report.
     options.log_severity_level = 3
+    # Without the arena each run returns its memory: with it a session keeps its largest run's for its
+    # whole life, about twice what the run needs (samples/eeg, batch 44: 1.4 GB against 0.7), and
+    # validation holds two sessions; the speed is the same there.
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -302,7 +306,8 @@ def _fit_batch(batch_size: int | None, models: tuple[onnx.ModelProto, ...], budg
     """The batch to validate at: a given one (warned about when estimated too large), else the default,
     lowered to what both models' activations in onnxruntime allow."""
     requested = batch_size or DEFAULT_BATCH_SIZE
-    per_sample = inference_bytes(activation_bytes(models[0]), models=len(models))
+    per_sample = inference_bytes(activation_bytes(models[0]))
+    budget *= INFERENCE_SHARE
     fits = fit_batch(requested, per_sample, budget)
     if fits < requested:
         need = (f"about {describe_mb(requested * per_sample)} in onnxruntime ({describe_mb(per_sample)} per sample, "
