@@ -211,7 +211,6 @@ def validate(
     models = load_model(original), load_model(compressed)
     _check_same_io(*models)
     specs = graph_inputs(models[0])
-    batch_size = _fit_batch(batch_size, models, budget_mb or default_budget_mb())
     data = as_data(data, specs)
     if isinstance(data, PluginData):
         # Streamed: the first dict says which inputs have a sample axis, then the rest follow it.
@@ -225,7 +224,9 @@ def validate(
     else:
         batched, total = data.batched, len(data)
     fixed = required_batch_size(specs, batched)
-    if fixed is not None and fixed != batch_size:
+    if fixed is None:
+        batch_size = _fit_batch(batch_size, models, budget_mb or default_budget_mb())
+    elif fixed != batch_size:
         left_out = total % fixed if total is not None else None
         # Only the samples left out are worth a warning; the batch size itself is the graph's to choose.
         (logger.warning if left_out != 0 else logger.info)(
