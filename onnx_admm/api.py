@@ -242,7 +242,7 @@ def _to_batches(feeds, input_names: list[str], device: torch.device, chunk: int 
 def _batch(feed, input_names: list[str], device: torch.device) -> Batch:
     inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
     labels = feed.get(LABELS)
-    return Batch(inputs, None if labels is None else torch.from_numpy(np.ascontiguousarray(labels)).to(device))
+    return Batch(inputs, None if labels is None else _tensor(labels).to(device))
 
 
 def _split_feed(feed, chunk: int | None, batched: set[str]):
