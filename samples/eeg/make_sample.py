@@ -4,8 +4,9 @@ The model (``EEGDetector``): two inputs ``signal`` and ``spectrum``, each float3
 samples by default); a stem per input, four dilated 1-D convs at full length, a strided encoder down
 to L / 250 positions with a detection head (Linear, [N, L / 250, 3] event logits: 30 at L = 7,500) and
 a ConvTranspose decoder back to full length with a Sigmoid segmentation map [N, L, 1]. TorchScript
-exporter, opset 17, dynamic batch. About 100k weights: small on disk, large in activations (every
-full-length layer holds width x L floats per sample), which is what the issue was about.
+exporter, opset 17, dynamic batch. 148k weights at the default width 32 (579k at 64, the README's
+figures): small on disk, large in activations (every full-length layer holds 2 x width x L floats per
+sample), which is what the issue was about.
 
 The data are random (seeded): only memory and time are measured on them, so no labels (the original
 model is the teacher). ``train.npz`` is written uncompressed, so its members can be memory-mapped.
