@@ -35,6 +35,7 @@ from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
 from onnx_admm.levels import FixedLevels, StraightThrough
+from onnx_admm.memory import PeakMemory
 from onnx_admm.outputs import (RunFiles, external_locations, input_files, stage_path)
 from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights
 from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, nm_constraint,
@@ -45,6 +46,7 @@ from onnx_admm.recipe import CompressConfig
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.signals import deferred, sigterm_interrupts
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.pipeline.batch import choose_batch
 from onnx_admm.pipeline.legalize import legalize
 from onnx_admm.pipeline.report import build_report
 from onnx_admm.pipeline.results import (AccuracyGateFailed, CompressInterrupted, CompressResult, Measured,
@@ -71,11 +73,48 @@ def _snapshot(imported: ImportedModel) -> dict[str, torch.Tensor]:
     return {e.param: imported.parameter(e).detach().to("cpu", copy=True) for e in imported.weights}
 
 
-def _to_batches(feeds, input_names: list[str], device: torch.device):
+def _copy_values(imported: ImportedModel, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The current weights copied into the buffers of an earlier ``_snapshot`` (no new allocation)."""
+    with torch.no_grad():
+        for entry in imported.weights:
+            into[entry.param].copy_(imported.parameter(entry))
+    return into
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    array = np.ascontiguousarray(array)
+    # A batch that is a view of a read-only memory-mapped file (unshuffled .npz data): torch wants memory
+    # it may write to, so that batch alone is copied.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _to_batches(feeds, input_names: list[str], device: torch.device, chunk: int | None = None,
+                batched: set[str] = frozenset(), steps: bool = False):
+    """Batches of tensors from feeds; with ``chunk``, each feed split into chunks of at most that many samples
+    (along the inputs in ``batched``): yielded one by one, or with ``steps`` as one list per feed (the chunks
+    of one training step, ``onnx_admm.train.train_epoch``)."""
     for feed in feeds:
-        inputs = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])).to(device) for n in input_names)
-        labels = feed.get(LABELS)
-        yield Batch(inputs, None if labels is None else torch.from_numpy(labels).to(device))
+        parts = [_batch(part, input_names, device) for part in _split_feed(feed, chunk, batched)]
+        if steps:
+            yield parts
+        else:
+            yield from parts
+
+
+def _batch(feed, input_names: list[str], device: torch.device) -> Batch:
+    inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
+    labels = feed.get(LABELS)
+    return Batch(inputs, None if labels is None else _tensor(labels).to(device))
+
+
+def _split_feed(feed, chunk: int | None, batched: set[str]):
+    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
+    n = rows[0] if rows else 0
+    if chunk is None or n <= chunk:
+        yield feed
+        return
+    for start in range(0, n, chunk):
+        yield {k: (v[start:start + chunk] if k in batched or k == LABELS else v) for k, v in feed.items()}
 
 
 def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
@@ -147,6 +186,7 @@ def compress(
     """
     started = time.perf_counter()
     gate = Gate(max_accuracy_drop, metric_floor)
+    memory = PeakMemory()
     check_config(config)
     shown = display(progress)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
@@ -164,13 +204,14 @@ def compress(
             check_outputs(original)
             external = bool(locations)
             imported = import_model(original, output=cfg.output)
+            memory.mark("import")
             torch.manual_seed(cfg.seed)
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
             with shown as emit:
                 emit = emit or (lambda event: None)
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
-                                             emit, files, inputs)
+                                             emit, files, inputs, memory)
                 return _finish(result, measured, files, original_path, started, gate, emit)
         except CompressInterrupted:  # raised by a later step with what it kept
             raise
@@ -181,7 +222,7 @@ def compress(
 
 
 def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, files,
-              inputs) -> tuple[CompressResult, Measured]:
+              inputs, memory: PeakMemory) -> tuple[CompressResult, Measured]:
     """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
     device = torch.device(cfg.device)
@@ -201,7 +242,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
     calibration = calibration_data(original, train_data, config.output)
-    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
+    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory)
     name = _model_name(original_path)
     try:
         runner.run()
@@ -218,12 +259,12 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
                         f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or set admm.rho "
                         f"(now {config.admm.rho if config.admm.rho is not None else 'chosen per phase; see the log'})")
-    warnings = []
+    warnings = list(runner.warnings)
     if floors is not None and floors > 0.5:
         warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                         "the allocation barely chooses; lower them")
         logger.warning("%s", warnings[-1])
-    return result, Measured(held_out, runner.dense_metric, left_alone, warnings)
+    return result, Measured(held_out, runner.dense_metric, left_alone, warnings, memory, runner.batch)
 
 
 def _model_name(original_path: Path | None) -> str:
@@ -275,11 +316,16 @@ def _write_outputs(result, measured, files, original_path, started, gate: Gate, 
             else:
                 compressed = staged.scratch(Path(tempfile.gettempdir())) / "compressed.onnx"
                 save_model(exported.model, compressed, external_data=result.external_data)
+        measured.memory.mark("export")
         emit({"kind": "validate", "samples": len(measured.held_out)})
         report = build_report(result, exported, compressed, original_path, staged, measured, cfg, started)
         if result.config.output.activations != "float":
             report["activations"] = activation_report(result, compressed, result.imported.original,
                                                       measured.held_out, cfg.threads or 1)
+        measured.memory.mark("validate")
+        # getrusage's peak restarts with every phase's reset: the run's peak is the largest phase peak.
+        report["peak_rss_mb"] = measured.memory.peak_mb
+        report["memory"] = measured.memory.to_dict()
     except Exception as exc:
         if out.model_files is None:
             if isinstance(exc, OSError):
@@ -372,7 +418,8 @@ class _Runner:
     """One compress run: the stages of ADMM, hard projection and retraining over the planned weights."""
 
     def __init__(self, imported: ImportedModel, config: CompressConfig, plan: Plan, train_data, select: Dataset,
-                 held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup]) -> None:
+                 held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup],
+                 memory: PeakMemory | None = None) -> None:
         self.imported, self.config, self.plan, self.groups = imported, config, plan, groups
         self.cfg = config.train
         self.train_data, self.select, self.held_out, self.device, self.emit = train_data, select, held_out, device, emit
@@ -391,17 +438,23 @@ class _Runner:
             logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
                            "to the original model's outputs")
         self.loss_fn = Loss(self.score, distill=self.cfg.distill, balance=self.cfg.balance)
+        self.batch, self.warnings = choose_batch(imported, self.cfg, self.teacher is not None)
+        self.memory = memory or PeakMemory()
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
         self.history: list[dict[str, Any]] = []  # the current stage's epoch records
         self.dense_metric = self.val_metric()
+        self.memory.mark("data")
 
     # -- helpers
 
-    def batches(self, ds, shuffle: bool, seed: int | None = None):
-        return _to_batches(ds.batches(self.cfg.batch_size, shuffle=shuffle, seed=seed), self.imported.input_names,
-                           self.device)
+    def batches(self, ds, shuffle: bool, seed: int | None = None, steps: bool = False):
+        """Tensor batches of ``ds``: with ``steps``, one list of chunks per training step, else chunk by chunk."""
+        # A plugin's layout (which inputs have a sample axis) is the one its first samples showed.
+        batched = ds.batched if isinstance(ds, Dataset) else self.select.batched
+        return _to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed), self.imported.input_names,
+                           self.device, self.batch.chunk, batched, steps)
 
     def val_metric(self) -> float | None:
         """The metric on the held-out split (reported only, never used to choose)."""
@@ -455,6 +508,7 @@ class _Runner:
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
+        self.memory.mark(f"stage{stage + 1}.admm")
         quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
         final = self.constraints(stage, previous, self.current())
@@ -467,6 +521,7 @@ class _Runner:
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         _load_values(self.imported, values)
+        self.memory.mark(f"stage{stage + 1}.retrain")
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
         self.stages.append(StageResult(
@@ -590,7 +645,9 @@ class _Runner:
             with ste.projected() if ste else nullcontext():
                 metric = self.select_metric()
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
-                    best.update(metric=metric if metric is not None else best["metric"], values=_snapshot(self.imported))
+                    # Into the phase's one snapshot: a better state replaces the previous best in place.
+                    best.update(metric=metric if metric is not None else best["metric"],
+                                values=_copy_values(self.imported, best["values"]))
             return {"metric": metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
@@ -602,7 +659,7 @@ class _Runner:
     def steps_per_epoch(self) -> int | None:
         if not isinstance(self.train_data, Dataset):
             return None
-        return -(-len(self.train_data) // self.cfg.batch_size)
+        return -(-len(self.train_data) // self.batch.train)
 
     def phase_length(self, epochs: float) -> tuple[int, int | None]:
         """(epochs run, steps) of a phase of ``epochs`` epochs; steps are None for a loader plugin, which
@@ -641,13 +698,14 @@ class _Runner:
             if total is not None:
                 set_lr()
 
+        rollback = _Rollback(imported, optimizer) if n_epochs else None
         for epoch in range(n_epochs):
             started = time.perf_counter()
-            snapshot = (_snapshot(imported), copy.deepcopy(optimizer.state_dict()))
+            rollback.save()
             set_lr()
             steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
             self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
-            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter)
+            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter, steps=True)
             if steps is not None:
                 batches = itertools.islice(batches, steps)
             try:
@@ -663,8 +721,7 @@ class _Runner:
                 if not all(bool(torch.isfinite(imported.parameter(e)).all()) for e in imported.weights):
                     raise NonFiniteLoss("a weight is NaN or infinite after the epoch's last step")
             except NonFiniteLoss as exc:
-                _load_values(imported, snapshot[0])
-                optimizer.load_state_dict(snapshot[1])
+                rollback.restore()
                 message = (f"stage {stage} {phase} epoch {epoch}: {exc}; rolled back to the start of the epoch "
                            f"and stopped the {phase} phase")
                 logger.warning("%s", message)
@@ -687,6 +744,52 @@ class _Runner:
         if n_epochs:
             self.emit({"kind": "phase_end", **where, "stopped": None})
         return None
+
+
+class _Rollback:
+    """Where a phase rolls back to on a non-finite loss: the weights and the optimizer's state at the start
+    of the current epoch.
+
+    One set of buffers per phase, allocated at its first ``save`` and copied into at every epoch's start
+    (a fresh snapshot and a deep copy of the optimizer state per epoch held two of each at the switch and
+    churned the allocator on large models).
+    """
+
+    def __init__(self, imported: ImportedModel, optimizer: torch.optim.Optimizer) -> None:
+        self.imported, self.optimizer = imported, optimizer
+        self.values: dict[str, torch.Tensor] | None = None
+        self.state: dict[int, dict[str, Any]] = {}  # id(param) -> its optimizer state at the save
+
+    def save(self) -> None:
+        self.values = (_snapshot(self.imported) if self.values is None
+                       else _copy_values(self.imported, self.values))
+        saved = {}
+        for param, state in self.optimizer.state.items():
+            old = self.state.get(id(param), {})
+            saved[id(param)] = {key: _copy_into(old.get(key), value) for key, value in state.items()}
+        self.state = saved
+
+    def restore(self) -> None:
+        _load_values(self.imported, self.values)
+        state = self.optimizer.state
+        for param in list(state):
+            if id(param) not in self.state:  # its state began after the save (the phase's first step)
+                del state[param]
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in self.state:
+                    state[param] = {key: (value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
+                                    for key, value in self.state[id(param)].items()}
+
+
+def _copy_into(buffer: Any, value: Any) -> Any:
+    """``value`` copied into ``buffer`` when that is a tensor of its shape, else a fresh copy."""
+    if not torch.is_tensor(value):
+        return copy.deepcopy(value)
+    if torch.is_tensor(buffer) and buffer.shape == value.shape and buffer.dtype == value.dtype:
+        with torch.no_grad():
+            return buffer.copy_(value)
+    return value.detach().clone()
 
 
 def _mean_residual(admm: ADMM) -> float | None:

@@ -164,7 +164,8 @@ def check(model: str, data: str | None, as_json: bool) -> None:
 @click.argument("original", type=click.Path(dir_okay=False))
 @click.argument("compressed", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=str, help="Held-out inputs (.npz; optional `labels`).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Samples per onnxruntime run [default: 64, lowered to what the models' activations allow].")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="onnxruntime threads.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--metric-floor", type=float, default=0.5, show_default=True,
@@ -172,7 +173,7 @@ def check(model: str, data: str | None, as_json: bool) -> None:
                    "else the task metric against ORIGINAL); 0 turns it off.")
 @click.option("--max-accuracy-drop", type=float,
               help="Exit 3 when the drop (accuracy with labels, else 1 - the task metric) exceeds this fraction.")
-def validate(original: str, compressed: str, data: str, batch_size: int, threads: int, report_path: str | None,
+def validate(original: str, compressed: str, data: str, batch_size: int | None, threads: int, report_path: str | None,
              metric_floor: float, max_accuracy_drop: float | None) -> None:
     """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: the task metric, accuracy, size, latency."""
     from converters.graphinfo import graph_inputs

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import mmap
 import os
 import re
+import struct
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,7 @@ LABELS = "labels"
 _PLUGIN_RE = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
 _NPZ_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 Feed = dict[str, np.ndarray]
 
@@ -127,6 +131,8 @@ class Dataset:
                 break
             # Slices are views: the unshuffled pass (validation) copies nothing.
             yield self._feed(slice(start, stop) if order is None else order[start:stop])
+            for name in self.batched:
+                release(self.inputs[name])
 
     def as_feed(self) -> Feed:
         """All samples as one feed (``"labels"`` included when present)."""
@@ -139,9 +145,66 @@ class Dataset:
         return feed
 
     def _subset(self, index: slice | np.ndarray) -> Dataset:
-        feed = self._feed(index)
-        labels = feed.pop(LABELS, None)
-        return Dataset(feed, labels, set(self.batched))
+        # The samples stay where they are (a memory-mapped file, the caller's arrays): a split holds
+        # their numbers, and each batch reads its own rows. Labels are small: they are copied.
+        rows = np.arange(len(self))[index]
+        inputs = {name: (Rows(array, rows) if name in self.batched else array) for name, array in self.inputs.items()}
+        return Dataset(inputs, None if self.labels is None else self.labels[rows], set(self.batched))
+
+
+class Rows:
+    """Some samples (first-axis rows) of an array, read from it only when indexed.
+
+    What ``Dataset.split`` and ``take`` hold for each batched input instead of a copy of the samples:
+    indexing gives a numpy array of just the rows asked for, so a batch costs its own size and the
+    parts of a split never copy the data. It reads like an array (``len``, ``shape``, ``dtype``,
+    ``numpy.asarray``); any other array attribute reads the selected rows into memory first.
+    """
+
+    def __init__(self, array: np.ndarray | Rows, index: np.ndarray) -> None:
+        if isinstance(array, Rows):  # a split of a split: index the original array directly
+            array, index = array.array, array.index[index]
+        self.array = array
+        self.index = np.asarray(index, dtype=np.intp)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if first is Ellipsis or any(k is Ellipsis or k is None for k in rest):
+            return np.asarray(self)[key]
+        where = self.index[first]
+        picked = self.array[where]
+        if not rest:
+            return picked
+        return picked[rest] if np.ndim(where) == 0 else picked[(slice(None), *rest)]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        picked = self.array[self.index]
+        return picked if dtype is None else picked.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str):
+        # numpy probes __array_interface__ and friends, and copy/pickle ask before array and index are set:
+        # answering those through np.asarray would recurse.
+        if name.startswith("__") or name in ("array", "index"):
+            raise AttributeError(name)
+        return getattr(np.asarray(self), name)
+
+    def __repr__(self) -> str:
+        return f"Rows({len(self)} of {len(self.array)} samples, shape {self.shape}, {self.dtype})"
 
 
 def _sample_counts(data: Dataset) -> dict[str, int]:
@@ -188,11 +251,48 @@ def _read_arrays(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
                 )
             return {specs[0].name: loaded}
         with loaded:
-            return {key: loaded[key] for key in loaded.files}
+            mapped = map_npz(path)
+            return {key: mapped[key] if key in mapped else loaded[key] for key in loaded.files}
     except UserError:
         raise
     except Exception as exc:  # zipfile, pickle and numpy format errors share no base class
         raise UserError(f"cannot read data file {path} as .npz ({_exc_line(exc)}); {fix}") from None
+
+
+def map_npz(path: str | Path) -> dict[str, np.memmap]:
+    """The members of an ``.npz`` stored uncompressed (``numpy.savez``), memory-mapped read-only.
+
+    ``numpy.load`` reads every member into memory, and ``mmap_mode`` only works for ``.npy`` files; but
+    a stored member is a plain ``.npy`` inside the zip, at a fixed offset, so it maps like one. The
+    samples are then read from the page cache as the batches need them, and two runs on the same file
+    share it. Compressed members (``numpy.savez_compressed``), object arrays and members numpy cannot
+    map are left out: the caller reads those.
+    """
+    mapped = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                continue
+            # The local header repeats the name and has its own extra field: its length decides the offset.
+            handle.seek(info.header_offset)
+            local = handle.read(30)
+            if len(local) < 30 or local[:4] != _NPZ_MAGIC:
+                continue
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            handle.seek(info.header_offset + 30 + name_length + extra_length)
+            try:
+                version = np.lib.format.read_magic(handle)
+                read_header = _NPY_HEADERS.get(version)
+                if read_header is None:
+                    continue
+                shape, fortran, dtype = read_header(handle)
+            except ValueError:
+                continue
+            if dtype.hasobject:
+                continue
+            mapped[info.filename[: -len(".npy")]] = np.memmap(
+                path, dtype=dtype, mode="r", offset=handle.tell(), shape=shape, order="F" if fortran else "C")
+    return mapped
 
 
 def from_arrays(arrays: Mapping[str, object], specs: list[InputSpec], source: str = "data") -> Dataset:
@@ -251,6 +351,8 @@ def from_arrays(arrays: Mapping[str, object], specs: list[InputSpec], source: st
 def _as_array(value: object, key: str, source: str) -> np.ndarray:
     """A numpy array from an array-like: numpy arrays, lists, and torch tensors on any device, with or
     without grad (duck-typed, so this module needs no torch)."""
+    if isinstance(value, np.memmap):  # np.asarray would drop the class that says the file backs it
+        return value
     detach = getattr(value, "detach", None)
     try:
         if callable(detach):
@@ -290,14 +392,47 @@ def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
                     f"{source}: input {spec.name!r} dim {axis} is {array.shape[axis]}, but the graph fixes it to "
                     f"{dim} {format_shape(spec.shape)}; reshape or resize the data"
                 )
-    if want.kind == "f" and not np.isfinite(array).all():
-        bad = int(np.count_nonzero(~np.isfinite(array)))
+    if want.kind == "f" and not _all_finite(array):
+        bad = sum(int(np.count_nonzero(~np.isfinite(chunk))) for chunk in _chunks(array))
         raise UserError(
             f"{source}: input {spec.name!r} holds {bad} NaN or infinite value(s); every loss would be NaN: "
             "clean or drop those samples"
         )
     # float64 -> float32 (numpy's default float) and int32 -> int64 are the common, harmless casts.
     return array.astype(want, copy=False)
+
+
+# Whole-array checks run over chunks of about this many bytes, so a memory-mapped input is not copied
+# into a temporary of its own size (np.isfinite makes one boolean per value).
+_CHUNK_BYTES = 1 << 24
+
+
+def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+    if array.ndim == 0:
+        yield array
+        return
+    rows = max(1, _CHUNK_BYTES // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        yield array[start:start + rows]
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    try:
+        return all(bool(np.isfinite(chunk).all()) for chunk in _chunks(array))
+    finally:
+        release(array)
+
+
+def release(array: np.ndarray | Rows) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set.
+
+    They stay in the page cache and the next read maps them again (a minor fault), but a pass over the
+    whole file, batch by batch, no longer counts the whole file in the process's memory. Anything else
+    is left alone.
+    """
+    mapping = getattr(array.array if isinstance(array, Rows) else array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:
@@ -506,7 +641,8 @@ class PluginData:
             yield data
 
     def batches(
-        self, batch_size: int | None, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False
+        self, batch_size: int | None, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False,
+        chunks: Iterable[Dataset] | None = None,
     ) -> Iterator[Feed]:
         """Feeds of ``batch_size`` samples re-batched across the plugin's dicts, or its dicts as they come.
 
@@ -515,21 +651,24 @@ class PluginData:
             shuffle: Ignored (the plugin decides the order).
             seed: Ignored.
             drop_last: Skip a final feed smaller than ``batch_size``.
+            chunks: The epoch's checked dicts when the caller has started reading them (``chunks()``), to
+                look at the first one before batching; default: a fresh epoch.
 
         Yields:
             One feed per batch.
         """
         if shuffle:
             logger.debug("loader plugin %r: shuffle is left to the plugin", self.name)
+        chunks = self.chunks() if chunks is None else chunks
         if batch_size is None:
-            for chunk in self.chunks():
+            for chunk in chunks:
                 yield chunk.as_feed()
             return
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         pending: list[Dataset] = []
         count = 0
-        for chunk in self.chunks():
+        for chunk in chunks:
             pending.append(chunk)
             count += len(chunk)
             if count < batch_size:

@@ -2,7 +2,7 @@
 
 Layout of a recipe (every table optional, unknown keys are errors):
 
-    [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
+    [train]    optimizer, lr, momentum, weight_decay, batch_size, batch_memory_mb, seed, threads, device,
                val_fraction, output, blank, epochs (the total budget), distill, balance
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, pull, rho_growth, rho_max, rescale_dual,
                lr_policy, share
@@ -55,6 +55,8 @@ else:  # pragma: no cover - Python 3.10
 DEFAULT_EPOCHS = 15
 DEFAULT_ADMM_EPOCHS = 10
 DEFAULT_RETRAIN_EPOCHS = 5
+# The training batch when train.batch_size is not given (lowered to fit train.batch_memory_mb).
+DEFAULT_BATCH_SIZE = 64
 
 
 def _fail(message: str) -> None:
@@ -92,7 +94,12 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
-    batch_size: int = 64
+    # None: DEFAULT_BATCH_SIZE, lowered (with a warning) when its estimated activations exceed
+    # batch_memory_mb; a number is used as given (a warning when it is estimated too large).
+    batch_size: int | None = None
+    # The memory a training batch may take, in MB (onnx_admm.memory.training_bytes estimates it from the
+    # graph); None: a quarter of the memory available at start, at most 1024 (memory.default_budget_mb).
+    batch_memory_mb: float | None = None
     seed: int = 0
     threads: int | None = None  # None: torch's default
     device: str = "cpu"
@@ -120,8 +127,13 @@ class TrainConfig:
             _fail(f"train.momentum must be in [0, 1), got {self.momentum!r}")
         if self.weight_decay < 0:
             _fail(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             _fail(f"train.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.batch_memory_mb is not None and not (
+                isinstance(self.batch_memory_mb, (int, float)) and not isinstance(self.batch_memory_mb, bool)
+                and 1 <= self.batch_memory_mb < 1e9):
+            _fail(f"train.batch_memory_mb is the memory a training batch may take, in MB (e.g. 1024), "
+                  f"and must be at least 1, got {self.batch_memory_mb!r}")
         if self.threads is not None:
             check_threads("train.threads", self.threads)
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -226,7 +226,7 @@ def _top1_hits(outputs: Sequence[Tensor], batch: Batch, teacher: Sequence[Tensor
 
 def train_epoch(
     model: nn.Module,
-    batches: Iterable[Batch],
+    batches: Iterable[Batch | Sequence[Batch]],
     loss_fn: Loss,
     optimizer: torch.optim.Optimizer,
     teacher: nn.Module | None = None,
@@ -238,46 +238,63 @@ def train_epoch(
     """One pass over ``batches``; hooks run before the forward pass, after ``backward()`` and after
     ``optimizer.step()``.
 
+    An item may be a sequence of batches: the chunks of one step, whose gradients are accumulated (each
+    chunk's loss weighted by its share of the samples) before the one optimizer step, so a batch too large
+    for memory trains as if whole.
+
     Raises:
         NonFiniteLoss: as soon as a loss is NaN or infinite (before any step is taken with it).
         EmptyEpoch: ``batches`` yielded nothing.
     """
     total_loss, hits, positions, seen, counted = 0.0, 0, 0, 0, False
-    for i, batch in enumerate(batches):
+    for i, step in enumerate(batches):
+        chunks = [step] if isinstance(step, Batch) else list(step)
+        size = sum(_samples(chunk) for chunk in chunks)
         for hook in before_forward:
             hook()
-        outputs = model(*batch.inputs)
-        # Labels of an [N, C] score output make the teacher unused (unless it distils): skip its pass.
-        index = loss_fn.score.index
-        labelled = (batch.labels is not None and index is not None and outputs[index].dim() == 2
-                    and not loss_fn.score.binary)
-        with torch.no_grad():
-            teacher_out = (teacher(*batch.inputs) if teacher is not None and (not labelled or loss_fn.distill > 0)
-                           else None)
-        loss = loss_fn(outputs, batch.labels, teacher_out)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value} at batch {i}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value, step_hits = 0.0, None
+        for chunk in chunks:
+            outputs = model(*chunk.inputs)
+            # Labels of an [N, C] score output make the teacher unused (unless it distils): skip its pass.
+            index = loss_fn.score.index
+            labelled = (chunk.labels is not None and index is not None and outputs[index].dim() == 2
+                        and not loss_fn.score.binary)
+            with torch.no_grad():
+                teacher_out = (teacher(*chunk.inputs) if teacher is not None and (not labelled or loss_fn.distill > 0)
+                               else None)
+            loss = loss_fn(outputs, chunk.labels, teacher_out)
+            share = _samples(chunk) / size
+            chunk_value = loss.item()
+            if not math.isfinite(chunk_value):
+                raise NonFiniteLoss(f"loss is {chunk_value} at batch {i}")
+            (loss * share if len(chunks) > 1 else loss).backward()
+            value += chunk_value * share
+            chunk_hits = _top1_hits(outputs, chunk, teacher_out, loss_fn.score)
+            if chunk_hits is not None:
+                step_hits = chunk_hits if step_hits is None else (step_hits[0] + chunk_hits[0],
+                                                                  step_hits[1] + chunk_hits[1])
+            del outputs, teacher_out, loss  # the next chunk's activations replace these
         for hook in after_backward:
             hook()
         optimizer.step()
         for hook in after_step:
             hook()
-        n = batch.inputs[0].shape[0] if batch.inputs and batch.inputs[0].dim() else 1
-        total_loss += value * n
-        seen += n
-        batch_hits = _top1_hits(outputs, batch, teacher_out, loss_fn.score)
-        if batch_hits is not None:
-            hits += batch_hits[0]
-            positions += batch_hits[1]
+        total_loss += value * size
+        seen += size
+        if step_hits is not None:
+            hits += step_hits[0]
+            positions += step_hits[1]
             counted = True
         if on_batch is not None:
-            on_batch(i, value, batch_hits[0] / max(batch_hits[1], 1) if batch_hits is not None else None)
+            on_batch(i, value, step_hits[0] / max(step_hits[1], 1) if step_hits is not None else None)
     if seen == 0:
         raise EmptyEpoch("no training batches: the data set is empty")
     return EpochStats(total_loss / seen, hits / max(positions, 1) if counted else None, seen)
+
+
+def _samples(batch: Batch) -> int:
+    return batch.inputs[0].shape[0] if batch.inputs and batch.inputs[0].dim() else 1
 
 
 @torch.no_grad()

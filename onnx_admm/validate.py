@@ -11,6 +11,7 @@ and the median per batch reported in milliseconds.
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import statistics
 import time
@@ -28,13 +29,17 @@ from converters.graphinfo import compressible_weights, constant_sources, find_sc
 from converters.modelio import external_data_files, load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
 from onnx_admm.gate import retained
+from onnx_admm.memory import INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
 from onnx_admm.metrics import TaskMetric, for_score
-from onnx_admm.recipe import check_threads
+from onnx_admm.recipe import DEFAULT_BATCH_SIZE, check_threads
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 3
+# Latency is timed on the first full batches, at most this many, kept aside during the comparison (each
+# costs a batch of memory; onnxruntime's time hardly depends on the values).
+_TIMING_FEEDS = 2
 _GZIP_CHUNK = 1 << 24
 
 # Ops that turn constant stored data into a weight at run time. A weight stored through one of them
@@ -156,6 +161,10 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Errors only: onnxruntime's load warnings (unused initializers, ...) would drown the report.
     options.log_severity_level = 3
+    # Without the arena each run returns its memory: with it a session keeps its largest run's for its
+    # whole life, about twice what the run needs (samples/eeg, batch 44: 1.4 GB against 0.7), and
+    # validation holds two sessions; the speed is the same there.
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -180,31 +189,35 @@ def validate(
     compressed: str | Path,
     data: object,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     threads: int = 1,
     latency_batches: int = 20,
     score_output: str | None = None,
     scratch: str | Path | None = None,
     blank: int | None = None,
+    budget_mb: float | None = None,
 ) -> ValidationReport:
     """Run both models in onnxruntime on the same feeds and compare them.
 
     A model whose graph fixes the batch dim of a batched input runs at that size only: then it is
-    used instead of ``batch_size`` and an incomplete last batch is left out (logged). A PluginData
-    is read into memory first (one epoch).
+    used instead of ``batch_size`` and an incomplete last batch is left out (logged). The data are
+    streamed batch by batch (an .npz is memory-mapped, a plugin is read as it yields), never held whole.
 
     Args:
         original: The original .onnx file.
         compressed: The compressed .onnx file (same graph inputs and outputs).
         data: Held-out inputs, with labels for accuracy: any form ``onnx_admm.data.as_data`` takes (an
             .npz path, a dict of arrays, an iterable of dicts, a Dataset, a plugin).
-        batch_size: Samples per onnxruntime run.
+        batch_size: Samples per onnxruntime run; None: DEFAULT_BATCH_SIZE, lowered to what the two models'
+            estimated activations allow (``onnx_admm.memory``). A given size is kept (a warning when it is
+            estimated too large).
         threads: onnxruntime intra-op threads for both models.
         latency_batches: Timed runs per model (0 skips latency).
         score_output: Output used for agreement and accuracy (default: ``find_score_output``).
         scratch: folder for temporary copies (default: the system's temporary folder).
         blank: the CTC blank class of a per-time-step score output (default: the original's most
             frequent class when it covers at least half of the steps; see ``onnx_admm.metrics``).
+        budget_mb: the memory a batch may take in onnxruntime (default: ``memory.default_budget_mb``).
 
     Returns:
         The report.
@@ -212,7 +225,7 @@ def validate(
     Raises:
         UserError: A model does not load or run, or the two models' inputs/outputs differ.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_threads("threads (--threads)", threads)
     original, compressed = Path(original), Path(compressed)
@@ -221,19 +234,29 @@ def validate(
     specs = graph_inputs(models[0])
     data = as_data(data, specs)
     if isinstance(data, PluginData):
-        logger.info("reading %s into memory for validation", data.what)
-        data = data.take()
-    fixed = required_batch_size(specs, data.batched)
-    if fixed is not None and fixed != batch_size:
-        left_out = len(data) % fixed
+        # Streamed: the first dict says which inputs have a sample axis, then the rest follow it.
+        chunks = data.chunks()
+        first = next(chunks, None)
+        if first is None:
+            raise UserError(f"{data.what} yielded no data")
+        batched, total = first.batched, None
+        plugin, chunks = data, itertools.chain([first], chunks)
+        data = _Stream(lambda size, drop: plugin.batches(size, drop_last=drop, chunks=chunks))
+    else:
+        batched, total = data.batched, len(data)
+    fixed = required_batch_size(specs, batched)
+    if fixed is None:
+        batch_size = _fit_batch(batch_size, models, budget_mb or default_budget_mb())
+    elif fixed != batch_size:
+        left_out = total % fixed if total is not None else None
         # Only the samples left out are worth a warning; the batch size itself is the graph's to choose.
-        (logger.warning if left_out else logger.info)(
-            "the graph fixes the batch size to %d: validating at batch %d, leaving out the last %d sample(s)",
-            fixed, fixed, left_out,
+        (logger.warning if left_out != 0 else logger.info)(
+            "the graph fixes the batch size to %d: validating at batch %d, leaving out the last %s sample(s)",
+            fixed, fixed, left_out if left_out is not None else "incomplete batch's",
         )
         batch_size = fixed
-    if fixed is not None and len(data) < fixed:
-        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds {len(data)} samples; pass more")
+    if fixed is not None and total is not None and total < fixed:
+        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds {total} samples; pass more")
     score = find_score_output(models[0], score_output)
     sessions = open_session(original, threads), open_session(compressed, threads)
     names = [out.name for out in sessions[0].get_outputs()]
@@ -249,16 +272,19 @@ def validate(
             paths = tuple(_with_output(model, score.name, Path(tmp) / f"{i}.onnx") for i, model in enumerate(models))
             compared = tuple(open_session(path, threads) for path in paths)
         run_names = names + ([score.name] if score is not None and score.internal else [])
+        samples = 0
         for feed in data.batches(batch_size, drop_last=fixed is not None):
             labels = feed.pop(LABELS, None) if has_labels else None
             results = [run_session(session, path, run_names, feed) for session, path in zip(compared, paths)]
-            comparison.add(results, labels, _samples(feed, data.batched))
-            if len(timing_feeds) < max(latency_batches, 1):
+            count = _feed_samples(feed, batched, labels)
+            comparison.add(results, labels, count)
+            # Time full batches only, unless the data is smaller than one batch.
+            if len(timing_feeds) < _TIMING_FEEDS and (count == batch_size or not timing_feeds and not samples):
                 timing_feeds.append(feed)
-    samples = len(data) - (len(data) % batch_size if fixed is not None else 0)
+            samples += count
+    if fixed is not None and samples < fixed:
+        raise UserError(f"the graph runs only at batch size {fixed}, but the data holds fewer samples; pass more")
     latency_batch_size = min(batch_size, samples)
-    # Time full batches only, unless the data is smaller than one batch.
-    timing_feeds = timing_feeds[: max(1, samples // batch_size)]
     latencies = _latencies(sessions, timing_feeds, latency_batches) if latency_batches > 0 else (None, None)
 
     stats = [
@@ -281,6 +307,42 @@ def validate(
     )
     logger.info("validated %s against %s on %d samples", compressed, original, samples)
     return report
+
+
+class _Stream:
+    """A plugin's batches for one pass, in the ``batches(size, drop_last=)`` shape of a Dataset."""
+
+    def __init__(self, batches) -> None:
+        self._batches = batches
+
+    def batches(self, batch_size: int, *, drop_last: bool = False):
+        return self._batches(batch_size, drop_last)
+
+
+def _feed_samples(feed: dict[str, np.ndarray], batched: set[str], labels: np.ndarray | None) -> int:
+    if labels is not None:
+        return len(labels)
+    return next((len(feed[name]) for name in sorted(batched) if name in feed), 1)
+
+
+def _fit_batch(batch_size: int | None, models: tuple[onnx.ModelProto, ...], budget: float) -> int:
+    """The batch to validate at: a given one (warned about when estimated too large), else the default,
+    lowered to what both models' activations in onnxruntime allow."""
+    requested = batch_size or DEFAULT_BATCH_SIZE
+    per_sample = inference_bytes(activation_bytes(models[0]))
+    budget *= INFERENCE_SHARE
+    fits = fit_batch(requested, per_sample, budget)
+    if fits < requested:
+        need = (f"about {describe_mb(requested * per_sample)} in onnxruntime ({describe_mb(per_sample)} per sample, "
+                f"estimated from the graph's shapes), over the budget of {describe_mb(budget * 2**20)}")
+        if batch_size is not None:
+            logger.warning("batch %d needs %s; kept as given: lower --batch-size to %d if it runs out of memory",
+                           requested, need, fits)
+        else:
+            logger.warning("the default batch %d needs %s; validating at batch %d (set --batch-size to choose)",
+                           requested, need, fits)
+            return fits
+    return requested
 
 
 def _check_same_io(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
@@ -374,11 +436,6 @@ class _Comparison:
         if not self.labelled:
             return None, None
         return self.correct[0] / self.labelled, self.correct[1] / self.labelled
-
-
-def _samples(feed: dict[str, np.ndarray], batched) -> int | None:
-    """The sample count of a feed (its batched inputs' first dim)."""
-    return next((len(feed[name]) for name in batched if name in feed), None)
 
 
 def latency_ms(original: str | Path, compressed: str | Path, data: Dataset, batch_size: int, *, threads: int = 1,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -89,8 +88,8 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     if orig is None:  # a ModelProto: onnxruntime needs a file
         orig = staged.scratch(folder) / "original.onnx"
         save_model(imported.original, orig)
-    validation = validate(orig, compressed, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
-                          score_output=cfg.output, scratch=folder, blank=cfg.blank)
+    validation = validate(orig, compressed, held_out, batch_size=measured.batch.validation, threads=cfg.threads or 1,
+                          score_output=cfg.output, scratch=folder, blank=cfg.blank, budget_mb=measured.batch.budget_mb)
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)
@@ -98,7 +97,8 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     return {
         "structure": structure,
         "nm": nm,
-        "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
+        "batch": {**_batch_report(imported, measured.batch.train, validation.batch_size),
+                  "memory": measured.batch.describe()},
         # What was trained, and the graph outputs computed from it by nodes kept as they are.
         "trained_outputs": list(imported.output_names),
         # The tensor the loss and the agreement used, how (onnx_admm.train.describe_score), and for an
@@ -135,7 +135,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
         "accuracy_drop": validation.drop,
         "warnings": warnings,
         "wall_s": time.perf_counter() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": measured.memory.peak_mb,
     }
 
 

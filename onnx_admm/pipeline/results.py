@@ -23,6 +23,8 @@ from converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.activations import int8_output
 from onnx_admm.data import Dataset
+from onnx_admm.memory import PeakMemory
+from onnx_admm.pipeline.batch import BatchChoice
 from onnx_admm.outputs import check_collisions, data_file, model_output
 from onnx_admm.plan import QuantChoice
 from onnx_admm.preflight import check_writable
@@ -205,3 +207,5 @@ class Measured:
     dense_metric: float | None
     left_alone: dict[str, str]
     warnings: list[str]
+    memory: PeakMemory
+    batch: BatchChoice

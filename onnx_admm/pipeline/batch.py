@@ -1,0 +1,75 @@
+"""The batch a training step and a validation run can afford (``onnx_admm.memory`` estimates the bytes)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from converters.importer import ImportedModel
+from onnx_admm.memory import (INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch,
+                              inference_bytes, training_bytes)
+from onnx_admm.recipe import DEFAULT_BATCH_SIZE
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The training and validation batches, and the memory estimate that chose them (``onnx_admm.memory``)."""
+
+    requested: int  # train.batch_size, or DEFAULT_BATCH_SIZE when it is not given
+    explicit: bool  # train.batch_size was given: it is used as is, in one piece
+    train: int  # samples per optimizer step
+    chunk: int | None  # the step's samples go through the model in chunks of this many (None: whole)
+    validation: int
+    budget_mb: float | None  # None: no estimate (a CUDA device without train.batch_memory_mb)
+    train_per_sample: int  # estimated bytes per sample of a training step
+    validation_per_sample: int  # of an onnxruntime run
+
+    def describe(self) -> dict[str, Any]:
+        mb = 2**20
+        return {"requested": self.requested, "explicit": self.explicit, "chunk": self.chunk, "budget_mb": self.budget_mb,
+                "estimated_train_mb_per_sample": self.train_per_sample / mb,
+                "estimated_train_mb": (self.chunk or self.train) * self.train_per_sample / mb,
+                "estimated_validation_mb_per_sample": self.validation_per_sample / mb}
+
+def choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[BatchChoice, list[str]]:
+    """The batch a training step and a validation run can afford, and the warnings about it.
+
+    A default batch whose activations exceed ``train.batch_memory_mb`` (a real EEG detector's 7,500-sample
+    inputs took 15 GB at batch 64) goes through the model in chunks that fit, its gradients accumulated
+    into one step: the memory of the smaller batch, the optimisation of the default one (same steps,
+    learning rate and Z/U periods). A batch the user chose is used whole, with a warning when it is
+    estimated too large. The validation runs at the largest batch the budget allows.
+    """
+    requested, explicit = cfg.batch_size or DEFAULT_BATCH_SIZE, cfg.batch_size is not None
+    act = activation_bytes(imported.original)
+    per_train, per_val = training_bytes(act, teacher), inference_bytes(act)
+    budget = cfg.batch_memory_mb
+    if budget is None and cfg.device == "cpu":
+        budget = default_budget_mb()
+    if budget is None:  # the host's memory says nothing about a GPU's
+        return BatchChoice(requested, explicit, requested, None, requested, None, per_train, per_val), []
+    fits = fit_batch(requested, per_train, budget)
+    chunk = fits if fits < requested and not explicit else None
+    warnings = []
+    need = (f"about {describe_mb(requested * per_train)} per training step ({describe_mb(per_train)} per sample, "
+            f"estimated from the graph's shapes), over the budget of {describe_mb(budget * 2**20)} "
+            "(train.batch_memory_mb)")
+    if fits < requested and explicit:
+        warnings.append(f"train.batch_size {requested} needs {need}; kept as given: lower --batch-size "
+                        f"(train.batch_size) to {fits} if the run runs out of memory")
+    elif chunk is not None:
+        warnings.append(f"the default batch {requested} needs {need}; training at batch {chunk}: each step's "
+                        f"{requested} samples go through in chunks of {chunk}, their gradients accumulated. Set "
+                        "--batch-size (train.batch_size) to train at a batch of your own in one piece, or "
+                        "train.batch_memory_mb to change the budget")
+    validation = fit_batch(requested, per_val, budget * INFERENCE_SHARE)
+    for line in warnings:
+        logger.warning("%s", line)
+    if validation < requested:
+        logger.info("validating at batch %d (%s per sample in onnxruntime)", validation, describe_mb(per_val))
+    return BatchChoice(requested, explicit, requested, chunk, validation, budget, per_train, per_val), warnings
+
