@@ -152,7 +152,7 @@ def test_calibration_reads_the_training_samples_only(run, digits_sample):
     assert np.array_equal(result.calibration.inputs["input"], train_part.take(256).inputs["input"])
     fp32 = run["fp32"]
     plan = plan_qdq(fp32)
-    ranges = calibrate(fp32, plan, [{"input": result.calibration.inputs["input"]}])
+    ranges = calibrate(fp32, plan, [{"input": np.asarray(result.calibration.inputs["input"])}])
     held_out = calibrate(fp32, plan, [{"input": np.load(digits_sample.test)["input"]}])
     differs = False
     for tensor in plan.calibrated:
