@@ -49,6 +49,7 @@ from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_bud
 from onnx_admm.progress import Progress, display
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig, nm_pattern
+from onnx_admm.report_schema import SCHEMA_VERSION
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.structured import NM, nm_runtimes
 from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
@@ -1049,6 +1050,7 @@ def _report(result: CompressResult, exported: WriteBackResult, compressed: Path,
                                       imported.ort_batch)
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
+        "schema_version": SCHEMA_VERSION,  # the contract readers check first (onnx_admm.report_schema)
         "structure": structure,
         "nm": nm,
         "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
