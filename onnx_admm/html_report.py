@@ -59,6 +59,8 @@ code{font-size:12.5px}
 svg{display:block;margin:8px 0;font:12px system-ui,sans-serif}svg text{fill:#1b1f24}svg .muted{fill:#59636e}
 svg .grid{stroke:#eceef1}svg .axis{stroke:#b0b7bf}svg .frame{fill:none;stroke:#b0b7bf}
 svg .mark{stroke:#8c959f;stroke-dasharray:3 3}
+/* a white halo, so that a label stays readable where a curve crosses it */
+svg .label{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
 """
 
 
@@ -140,6 +142,10 @@ def _num(x: Any) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return "n/a" if x is None else escape(str(x))
     return f"{x:,}" if isinstance(x, int) else f"{x:.4g}"
+
+
+def _drop(drop: Any) -> str:
+    return "n/a" if not isinstance(drop, (int, float)) else f"{100 * drop:.2f} pt"
 
 
 def _points(drop: Any) -> str:
@@ -259,8 +265,8 @@ def _gate(report: dict) -> str:
         ("metric", escape(str(gate.get("metric", "n/a")))),
         ("retained (the compressed model's share of the original's figure)", _pct(gate.get("retained"))),
         ("floor (--metric-floor)", "off" if not floor else _pct(floor, 0)),
-        ("accuracy drop", _pct(report.get("accuracy_drop"))),
-        ("max accuracy drop (--max-accuracy-drop)", "not asked" if drop is None else _pct(drop)),
+        ("accuracy drop (points: accuracy with labels, else the task metric)", _drop(report.get("accuracy_drop"))),
+        ("max accuracy drop (--max-accuracy-drop)", "not asked" if drop is None else _drop(drop)),
         ("model written to", escape(str(report.get("output"))) if report.get("output") else "not written"),
     ]
     return _table(None, rows)
@@ -297,7 +303,7 @@ def _residuals(report: dict) -> str:
     for k, stage in enumerate(stages):
         residual = stage.get("mean_residual") or []
         if residual:
-            marks.append((x + 1, f"stage {k + 1}"))
+            marks.append((x + 0.5, f"stage {k + 1}"))  # the boundary, between two stages' points
             series.append(Series(f"stage {k + 1} (target {_pct(stage.get('target'), 1)})",
                                  [(x + i + 1, r) for i, r in enumerate(residual)], PALETTE[k % len(PALETTE)]))
             x += len(residual)
@@ -322,7 +328,7 @@ def _selection(report: dict) -> str:
     marks = []
     for k, stage in enumerate(report.get("stages") or []):
         if stage.get("history"):
-            marks.append((len(points) + 1, f"stage {k + 1}"))
+            marks.append((len(points) + 0.5, f"stage {k + 1}"))
         points += stage.get("history") or []
     if not points:
         return _none("no epoch history in the report")

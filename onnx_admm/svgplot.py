@@ -125,7 +125,7 @@ def line_chart(series: Sequence[Series], chart: LineChart, *, width: int = 1040,
         out.append(_text(px(tick), top + plot_h + 16, f"{tick:g}", anchor="middle", cls="muted"))
     for x, label in chart.marks:
         out.append(f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{top + plot_h}" class="mark"/>')
-        out.append(_text(px(x) + 4, top + 12, label, cls="muted"))
+        out.append(_text(px(x) + 4, top + 12, label, cls="muted label"))
     out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>')
     out.append(_text(left + plot_w / 2, top + plot_h + 32, chart.x_label, anchor="middle"))
     out.append(_text(14, top + plot_h / 2, chart.y_label, anchor="middle",
