@@ -264,7 +264,8 @@ def _gate(report: dict) -> str:
         ("verdict", verdict),
         ("metric", escape(str(gate.get("metric", "n/a")))),
         ("retained (the compressed model's share of the original's figure)", _pct(gate.get("retained"))),
-        ("floor (--metric-floor)", "off" if not floor else _pct(floor, 0)),
+        # %g: a floor of 0.999 must not read as 100%
+        ("floor (--metric-floor)", "off" if not floor else f"{100 * floor:g}%"),
         ("accuracy drop (points: accuracy with labels, else the task metric)", _drop(report.get("accuracy_drop"))),
         ("max accuracy drop (--max-accuracy-drop)", "not asked" if drop is None else _drop(drop)),
         ("model written to", escape(str(report.get("output"))) if report.get("output") else "not written"),

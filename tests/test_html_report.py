@@ -271,3 +271,15 @@ def test_chromium_draws_the_page(run, tmp_path):
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         pytest.fail(str(exc))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_compress_html_is_written_when_the_gate_fails(digits_sample, tmp_path):
+    """Like the JSON report, the page is written for a run that fails the gate, and says so."""
+    out, html = tmp_path / "out.onnx", tmp_path / "page.html"
+    result = _run("compress", digits_sample.model, "-o", out, "--data", digits_sample.train, "--sparsity", "0.995",
+                  "--stages", "1", "--admm-epochs", "0", "--retrain-epochs", "1", "--threads", "1",
+                  "--metric-floor", "0.999", "--html", html, "-q")
+    assert result.exit_code == 3, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gate-failed.onnx", "page.html"]
+    gate = _section(html.read_text(), "gate")
+    assert '<b class="fail">failed</b>' in gate and "out.gate-failed.onnx" in gate and "99.9%" in gate
