@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import UserError
-from converters.files import require_file
+from converters.files import read_text
 
 SCHEMA_VERSION = 1
 # The versions this code reads; older ones join here when a reader for them is kept.
@@ -46,13 +46,7 @@ def check_version(report: Any, source: str | Path = "the report") -> dict:
 
 def load_report(path: str | Path) -> dict:
     """The report at ``path``, parsed and version-checked, or a one-line UserError."""
-    path = require_file(path, "report", "pass the JSON file compress --report wrote")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read the report {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"the report {path} is not UTF-8 text; pass the JSON file compress --report wrote") from None
+    text = read_text(path, "report", "pass the JSON file compress --report wrote")
     try:
         report = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -1,10 +1,10 @@
 """Render a compress report as HTML and screenshot it in headless Chromium (Debian's ``chromium``).
 
-    python samples/report/screenshot.py REPORT.json [-o samples/report/report.png] [--height 2400]
+    python samples/report/screenshot.py REPORT.json [-o samples/report/report.png] [--height 2400] [--html PAGE]
 
-Writes REPORT's HTML beside the PNG (``report.html``), then lets Chromium draw it at 1200 px wide with
-every network feature off: the page must look right with nothing but the file itself. The PNG is
-re-saved as 8-bit palette (Pillow, when installed) so it stays small enough to commit.
+Writes REPORT's HTML page (to a temporary folder, or to ``--html``), then lets Chromium draw it at 1200 px
+wide with every network feature off: the page must look right with nothing but the file itself. The PNG
+is re-saved as 8-bit palette (Pillow, when installed) so it stays small enough to commit.
 """
 
 from __future__ import annotations
@@ -64,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", type=Path)
     parser.add_argument("-o", "--output", type=Path, default=Path(__file__).with_name("report.png"))
     parser.add_argument("--height", type=int, default=2400)
+    parser.add_argument("--html", type=Path, help="Keep the HTML page here (default: a temporary file).")
     args = parser.parse_args(argv)
-    html = write_html(load_report(args.report), args.output.with_suffix(".html"))
-    png = screenshot(html, args.output, height=args.height)
+    report = load_report(args.report)
+    with tempfile.TemporaryDirectory() as folder:
+        html = write_html(report, args.html or Path(folder) / "report.html")
+        png = screenshot(html, args.output, height=args.height)
     shrink(png)
-    logger.info("wrote %s (%d bytes) from %s", png, png.stat().st_size, html)
+    logger.info("wrote %s (%d bytes)", png, png.stat().st_size)
     return 0
 
 
