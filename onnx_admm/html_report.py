@@ -67,12 +67,19 @@ svg .label{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round
 def render(report: dict) -> str:
     """The HTML page of a compress report (version-checked first)."""
     check_version(report)
-    body = [_header(report)]
     makers = {"summary": _summary, "gate": _gate, "layers": _layers, "residuals": _residuals,
               "selection": _selection, "stages": _stages, "left-alone": _left_alone, "warnings": _warnings,
               "details": _details, "config": _config}
-    for key, heading in SECTIONS:
-        body.append(f'<section id="{key}"><h2>{escape(heading)}</h2>{makers[key](report)}</section>')
+    try:
+        body = [_header(report)]
+        for key, heading in SECTIONS:
+            body.append(f'<section id="{key}"><h2>{escape(heading)}</h2>{makers[key](report)}</section>')
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # Only a report edited by hand (or a writer's bug) lacks a field its version promises: one line, not
+        # a traceback; the debug log keeps the trace.
+        logger.debug("rendering the report", exc_info=True)
+        raise UserError(f"the report lacks or mangles a field of schema_version {report['schema_version']} "
+                        f"({type(exc).__name__}: {exc}); write it again with compress --report") from None
     title = f"onnx-admm report: {Path(str(report.get('output') or 'model')).name}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from converters.errors import UserError
 from converters.modelio import TEMP_PREFIX
 from onnx_admm.cli import main
 from onnx_admm.html_report import SECTIONS, recipe_toml, render
@@ -160,6 +161,17 @@ def test_text_is_escaped(report):
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; more" in _section(page, "layers")
     for svg in _svgs(page):  # the layer name inside the figures too, still well-formed XML
         assert "<script" not in ET.tostring(svg, encoding="unicode").replace("&lt;script", "")
+
+
+def test_any_field_missing_renders_or_fails_in_one_line(report):
+    """A report edited by hand: each top-level field removed, and each emptied, either still renders (the
+    page says what is missing) or is one UserError, never a traceback."""
+    for key in [k for k in report if k != "schema_version"]:
+        for broken in ({k: v for k, v in report.items() if k != key}, {**report, key: None}):
+            try:
+                render(broken)
+            except UserError as exc:
+                assert "lacks or mangles a field of schema_version 1" in str(exc)
 
 
 def test_recipe_round_trips(report):
