@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from converters.errors import UserError
 from converters.modelio import TEMP_PREFIX
 from onnx_admm.cli import main
-from onnx_admm.html_report import SECTIONS, recipe_toml, render
+from onnx_admm.html_report import render
+from onnx_admm.html_sections import SECTIONS, recipe_toml
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.report_schema import SCHEMA_VERSION
 
@@ -89,7 +90,7 @@ def test_every_section_is_present_with_its_figures(report):
     report["left_alone"] = {"7.weight": "the channels reach the graph output 'logits'"}
     report["warnings"] = ["a warning to show"]
     page = render(report)
-    for key, heading in SECTIONS:
+    for key, heading, _ in SECTIONS:
         assert heading in _section(page, key)
     summary = _section(page, "summary")
     for figure in (f"{report['original']['bytes']:,}", f"{report['compressed']['bytes_gzip']:,}",
