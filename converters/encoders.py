@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converters.graphinfo import fresh_name
+
 @dataclass
 class Encoding:
     """One way to store tensor ``name``: what to add to the graph so that ``name`` holds the value.
@@ -194,7 +196,8 @@ def _axis(quant: QuantSpec, value: np.ndarray) -> int | None:
     return None if quant.axis is None else quant.axis % value.ndim
 
 
-def _dequantize_node(name: str, inputs: list[str], axis: int | None) -> onnx.NodeProto:
+def dequantize_node(name: str, inputs: list[str], axis: int | None) -> onnx.NodeProto:
+    """A DequantizeLinear node producing ``name`` from ``inputs`` (per-axis when ``axis`` is given)."""
     attrs = {} if axis is None else {"axis": axis}
     return helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", **attrs)
 
@@ -224,7 +227,7 @@ class DequantizeLinearEncoder:
 
         def build(bits: int, elem_type: int, opset: int) -> Encoding:
             tensors = [_tensor(q, elem_type, f"{name}_quantized"), *_scale_tensors(name, quant, elem_type)]
-            node = _dequantize_node(name, [t.name for t in tensors], _axis(quant, value))
+            node = dequantize_node(name, [t.name for t in tensors], _axis(quant, value))
             return Encoding(f"int{bits}", _nbytes(tensors), initializers=tensors, nodes=[node], min_opset=opset)
 
         return _containers(_SIGNED, _signed_bits(q), build)
@@ -246,7 +249,7 @@ class SparseDequantizeLinearEncoder:
             return None
         sparse, nbytes = _coo(q, f"{name}_quantized", onnx.TensorProto.INT8)
         tensors = _scale_tensors(name, quant, onnx.TensorProto.INT8)
-        node = _dequantize_node(name, [sparse.values.name, *(t.name for t in tensors)], _axis(quant, value))
+        node = dequantize_node(name, [sparse.values.name, *(t.name for t in tensors)], _axis(quant, value))
         return Encoding(
             self.kind,
             nbytes + _nbytes(tensors),
@@ -337,3 +340,24 @@ DEFAULT_ENCODERS: tuple[Encoder, ...] = (
 # The encoders that store every entry, zeros included, in the weight's own shape (no COO): for a weight
 # whose zero pattern a runtime reads from the dense tensor (N:M sparsity).
 DENSE_ENCODERS: tuple[Encoder, ...] = tuple(e for e in DEFAULT_ENCODERS if not e.kind.startswith("sparse"))
+
+
+def rename_parts(encoding: Encoding, name: str, taken: set[str], node_names: set[str]) -> None:
+    """Give the encoding's auxiliary tensors and nodes names no other tensor / node of the model has."""
+    renamed: dict[str, str] = {}
+    tensors = [*encoding.initializers, *(s.values for s in encoding.sparse_initializers)]
+    outputs = [o for node in encoding.nodes for o in node.output if o != name]
+    for old in [t.name for t in tensors] + outputs:
+        if old != name and old not in renamed:
+            renamed[old] = fresh_name(old, taken)
+            taken.add(renamed[old])
+    for tensor in tensors:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in encoding.nodes:
+        for i, value in enumerate(node.input):
+            node.input[i] = renamed.get(value, value)
+        for i, value in enumerate(node.output):
+            node.output[i] = renamed.get(value, value)
+        node.name = fresh_name(node.name, node_names)
+        node_names.add(node.name)
+    taken.add(name)

@@ -112,6 +112,17 @@ def fresh_name(base: str, taken: set[str]) -> str:
     return name
 
 
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name the graph uses: initializers, sparse initializers, node outputs, inputs, outputs, value_info."""
+    graph = model.graph
+    return (
+        {t.name for t in graph.initializer}
+        | {s.values.name for s in graph.sparse_initializer}
+        | {o for n in graph.node for o in n.output}
+        | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    )
+
+
 def constant_sources(model: onnx.ModelProto) -> dict[str, TensorSource]:
     """All constant tensors of the main graph by name: initializers, sparse initializers, Constant outputs."""
     graph = model.graph

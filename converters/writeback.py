@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 
 from converters.dequantize import decode, remove_decoders, weight_decoders
-from converters.encoders import DEFAULT_ENCODERS, DenseEncoder, Encoder, Encoding, QuantSpec
-from converters.graphinfo import GraphView, constant_sources, fresh_name, node_label, tensor_value
+from converters.encoders import DEFAULT_ENCODERS, DenseEncoder, Encoder, Encoding, QuantSpec, rename_parts
+from converters.graphinfo import GraphView, constant_sources, fresh_name, node_label, tensor_names, tensor_value
 from converters.opset import OpsetError, default_opset, raise_opset
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def write_back(
     sources = constant_sources(original)
     decoders = weight_decoders(original)
     graph_input_names = {i.name for i in model.graph.input}
-    taken = _tensor_names(model)
+    taken = tensor_names(model)
     untied: set[str] = set()
     changes: list[str] = []
     plans: list[_Plan] = []
@@ -134,7 +134,7 @@ def write_back(
     replaced = {p.name for p in plans if p.location == "decoded"}
     remove_decoders(model, [d for name, d in weight_decoders(model).items() if name in replaced])
     # The replaced decoders' names are free again; the reserved untied names are not.
-    taken = _tensor_names(model) | untied
+    taken = tensor_names(model) | untied
     node_names = {n.name for n in model.graph.node}
     encodings: dict[str, str] = {}
     notes: dict[str, str] = {}
@@ -162,7 +162,7 @@ def write_back(
             )
             notes[name] = best.note
             logger.info("%s: %s", name, best.note)
-        _rename_parts(best, name, taken, node_names)
+        rename_parts(best, name, taken, node_names)
         _place(model, name, location, best)
         encodings[name] = best.kind
         sizes[name] = best.nbytes
@@ -210,16 +210,6 @@ def _raise_for(
         return raised, failures
 
 
-def _tensor_names(model: onnx.ModelProto) -> set[str]:
-    graph = model.graph
-    return (
-        {t.name for t in graph.initializer}
-        | {s.values.name for s in graph.sparse_initializer}
-        | {o for n in graph.node for o in n.output}
-        | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
-    )
-
-
 def _name_nodes(model: onnx.ModelProto) -> dict[str, bool]:
     """Name every nameless node by its label (``graphinfo.node_label``).
 
@@ -242,27 +232,6 @@ def _unname_nodes(model: onnx.ModelProto, named: Mapping[str, bool]) -> None:
                 node.name = ""
             else:
                 node.ClearField("name")
-
-
-def _rename_parts(encoding: Encoding, name: str, taken: set[str], node_names: set[str]) -> None:
-    """Give the encoding's auxiliary tensors and nodes names no other tensor / node of the model has."""
-    renamed: dict[str, str] = {}
-    tensors = [*encoding.initializers, *(s.values for s in encoding.sparse_initializers)]
-    outputs = [o for node in encoding.nodes for o in node.output if o != name]
-    for old in [t.name for t in tensors] + outputs:
-        if old != name and old not in renamed:
-            renamed[old] = fresh_name(old, taken)
-            taken.add(renamed[old])
-    for tensor in tensors:
-        tensor.name = renamed.get(tensor.name, tensor.name)
-    for node in encoding.nodes:
-        for i, value in enumerate(node.input):
-            node.input[i] = renamed.get(value, value)
-        for i, value in enumerate(node.output):
-            node.output[i] = renamed.get(value, value)
-        node.name = fresh_name(node.name, node_names)
-        node_names.add(node.name)
-    taken.add(name)
 
 
 def _rewire(model: onnx.ModelProto, consumers: Sequence[tuple[str, int]], new_name: str) -> None:

@@ -9,12 +9,9 @@ validates it against the original in onnxruntime on the held-out split.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
-import json
 import logging
 import math
-import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,34 +24,31 @@ import numpy as np
 import onnx
 import torch
 
-from converters.dequantize import decoded_view, stored_nbytes
-from converters.errors import OnnxAdmmError, UserError
-from converters.graphinfo import constant_sources, graph_inputs, tensor_value
-from converters.groups import ChannelGroup, channel_groups
+from converters.errors import UserError
+from converters.graphinfo import graph_inputs
+from converters.groups import ChannelGroup
 from converters.importer import ImportedModel, import_model
 from converters.modelio import Staged, load_model, save_model
-from converters.shrink import count_macs, cut_update, shrink
-from converters.encoders import DENSE_ENCODERS, QuantSpec
-from converters.writeback import WriteBackResult, write_back
-from onnx_admm import __version__
+from converters.encoders import QuantSpec
+from onnx_admm.activations import activation_report, calibration_data
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
 from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
 from onnx_admm.levels import FixedLevels, StraightThrough
-from onnx_admm.outputs import (RunFiles, check_collisions, data_file, external_locations, input_files, model_output,
-                               stage_path)
-from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights, check_writable
-from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, leave_alone, make_plan,
-                            nm_constraint, reduction_axis, sparsity_constraints)
+from onnx_admm.outputs import (RunFiles, external_locations, input_files, stage_path)
+from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights
+from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, nm_constraint,
+                            sparsity_constraints)
 from onnx_admm.progress import Progress, display
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
-from onnx_admm.recipe import CompressConfig, nm_pattern
-from onnx_admm.report_schema import SCHEMA_VERSION
+from onnx_admm.recipe import CompressConfig
 from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
-from onnx_admm.structured import NM, nm_runtimes
-from onnx_admm.signals import deferred, exit_status, sigterm_interrupts, signal_name
-from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
+from onnx_admm.signals import deferred, sigterm_interrupts
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.pipeline.legalize import legalize
+from onnx_admm.pipeline.report import build_report
+from onnx_admm.pipeline.results import (AccuracyGateFailed, CompressInterrupted, CompressResult, Measured,
+                                        ReportFailed, StageResult)
 
 logger = logging.getLogger(__name__)
 
@@ -65,156 +59,6 @@ PLUGIN_VAL_SAMPLES = 1000
 # What ``compress`` takes as data (onnx_admm.data.as_data): a path or plugin, arrays, dicts, a function.
 Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
         | Dataset | PluginData)
-
-
-@dataclass
-class StageResult:
-    """One completed stage: its target, what it reached, and the weights (ONNX layout) to save it."""
-
-    index: int
-    target: float | None  # global target sparsity of the stage (None: per-weight targets only)
-    sparsity: float  # achieved, over the compressed weights
-    val_metric: float | None  # accuracy (labels) or agreement (no labels) on the held-out split, in torch
-    rolled_back: str | None
-    values: dict[str, torch.Tensor] = field(repr=False)  # param name -> tensor snapshot (CPU)
-    residuals: dict[str, list[float]] = field(default_factory=dict)
-    quant: dict[str, QuantChoice] = field(default_factory=dict)  # quantized weights of this stage
-    kept_channels: dict[str, np.ndarray] = field(default_factory=dict)  # filter groups: channels kept
-    epochs: dict[str, float] = field(default_factory=dict)  # epochs of each phase
-    stopped: list[str] = field(default_factory=list)  # phases a non-finite loss rolled back and stopped
-    quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
-    patterns: dict[str, NM] = field(default_factory=dict)  # N:M weights: param name -> pattern (torch layout)
-    # One record per epoch trained (the ``epoch_end`` progress event): phase, epoch, loss, train_metric,
-    # metric (selection split), residual (mean ADMM primal residual), samples, seconds.
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
-        # should fall during the ADMM phase.
-        histories = [h for h in self.residuals.values() if h]
-        n = min((len(h) for h in histories), default=0)
-        mean = [sum(h[k] for h in histories) / len(histories) for k in range(n)]
-        return {
-            "index": self.index, "target": self.target, "sparsity": self.sparsity,
-            "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
-            "mean_residual": mean, "history": self.history,
-        }
-
-
-@dataclass
-class CompressResult:
-    """What ``compress`` returns: ``.save(path)`` writes the ONNX model; ``.report`` is the JSON report."""
-
-    imported: ImportedModel
-    config: CompressConfig
-    stages: list[StageResult]
-    report: dict[str, Any] = field(default_factory=dict)
-    external_data: bool = False  # the original kept its weights in a .data file: so does the output
-    groups: dict[str, ChannelGroup] = field(default_factory=dict, repr=False)  # of the original graph
-    name: str = "model.onnx"  # the original's file name: a folder given to save() gets its stem + .admm.onnx
-    inputs: list[tuple[str, Path]] = field(default_factory=list, repr=False)  # files save() must not overwrite
-    files: list[Path] = field(default_factory=list)  # what compress(output=...) wrote
-    # The last write-back, by (stage index, metadata): asking for the same stage again (the final model
-    # saved, then again among --save-stages) reuses it. One only, so memory stays one model's.
-    _export_cache: tuple | None = field(default=None, repr=False)
-
-    def model(self, stage: int = -1) -> onnx.ModelProto:
-        """The original graph with the weights of ``stage`` (default: the last) written back (a copy the
-        caller may change)."""
-        model = onnx.ModelProto()
-        model.CopyFrom(self.export(stage, self.metadata(stage)).model)
-        return model
-
-    def metadata(self, stage: int = -1) -> dict[str, str]:
-        """The ``metadata_props`` a saved model carries: tool version, recipe and stage."""
-        return {
-            "onnx_admm.version": __version__,
-            "onnx_admm.recipe": json.dumps(self.config.to_dict(), sort_keys=True),
-            "onnx_admm.stage": str(self.stages[stage].index),
-        }
-
-    def export(self, stage: int = -1, metadata: dict[str, str] | None = None) -> WriteBackResult:
-        """Write-back of ``stage``'s weights: the model, and how each changed tensor is stored (computed
-        once per stage and metadata; the live module is left as it is)."""
-        key = (range(len(self.stages))[stage], tuple(sorted((metadata or {}).items())))
-        if self._export_cache is None or self._export_cache[0] != key:
-            self._export_cache = (key, self._export(self.stages[stage], metadata))
-        return self._export_cache[1]
-
-    def _export(self, chosen: StageResult, metadata: dict[str, str] | None) -> WriteBackResult:
-        target = self.imported.original
-        updates = self.imported.updates(quant=chosen.quant_specs, values=chosen.values)
-        # N:M weights stay in their own shape, zeros included: the runtimes that read the pattern (TensorRT)
-        # check it on the dense weight, and a COO sparse initializer saves little at 2:4.
-        updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if e.param in chosen.patterns else u
-                   for e, u in zip(self.imported.weights, updates)]
-        shrunk = None
-        if chosen.kept_channels:
-            # Filters removed: shrink the original graph first, then write the cut values into it, so the
-            # quantized encoders store the shrunk tensors as integers (cut before encoding, not after).
-            shrunk = shrink(target, chosen.kept_channels, groups=list(self.groups.values()))
-            target, updates = shrunk.model, [cut_update(u, shrunk.cuts) for u in updates]
-        result = write_back(target, updates, metadata=metadata)
-        if shrunk is not None:
-            result.changes[:0] = shrunk.changes
-        return result
-
-    def save(self, path: str | Path, stage: int = -1) -> list[Path]:
-        """Write the model atomically (with external data if the original had it); returns the files.
-
-        ``path`` may be a folder (existing, or ending in ``/``): the file is then the original's stem +
-        ``.admm.onnx`` in it. A path that is one of the run's inputs is refused (UserError). Ctrl-C and
-        SIGTERM wait until the file is written.
-        """
-        target = model_output(path, self.name)
-        check_collisions([("the output", target), ("the output's external data", data_file(target))], self.inputs)
-        check_writable(target, "the output")
-        with deferred():
-            return save_model(self.model(stage), target, external_data=self.external_data)
-
-
-class CompressInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during ``compress``: a KeyboardInterrupt, so a caller's ``except Exception``
-    does not swallow the user's request to stop.
-
-    ``result`` holds the completed stages (None when none completed); ``saved`` the files written
-    (with ``output``, the last completed stage is saved there before this is raised); ``final``
-    says training had finished; ``exit_status`` is the shell's code for the signal (130 or 143).
-    """
-
-    def __init__(self, result: CompressResult | None, saved: list[Path] | None = None,
-                 interrupt: BaseException | None = None, final: bool = False, unwritten: list[Path] | None = None) -> None:
-        super().__init__("interrupted")
-        self.result, self.saved, self.final = result, list(saved or []), final
-        self.unwritten = list(unwritten or [])
-        self.signal = signal_name(interrupt)
-        self.exit_status = exit_status(interrupt)
-
-    def describe(self) -> str:
-        """One line: what was interrupted and what was written."""
-        if self.result is None:
-            return f"interrupted by {self.signal} before the first stage completed; nothing was written"
-        last = self.result.stages[-1]
-        when = "after training" if self.final else f"during stage {last.index + 2}"
-        stage = f"stage {last.index + 1} (sparsity {last.sparsity:.4f})"
-        if not self.saved:
-            return f"interrupted by {self.signal} {when}; {stage} is complete but nothing was written (no output given)"
-        line = f"interrupted by {self.signal} {when}: saved {stage} to {self.saved[0]}"
-        if self.unwritten:
-            line += f"; not written: {', '.join(map(str, self.unwritten))}"
-        return line
-
-
-class AccuracyGateFailed(OnnxAdmmError):
-    """The compressed model fails the gate (``onnx_admm.gate``: the accuracy drop exceeds
-    ``max_accuracy_drop``, or its task metric falls under the floor); the outputs are written, the model
-    under its ``.gate-failed`` name (or not at all without ``keep_failed``)."""
-
-    def __init__(self, result: CompressResult, reason: str, saved: Path | None) -> None:
-        where = (f"the model is saved as {saved}, not under the output name" if saved is not None
-                 else "the model was not written")
-        super().__init__(f"{reason}; {where}")
-        self.result, self.reason, self.saved = result, reason, saved
 
 
 def _load_values(imported: ImportedModel, values: dict[str, torch.Tensor]) -> None:
@@ -337,7 +181,7 @@ def compress(
 
 
 def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, files,
-              inputs) -> tuple[CompressResult, _Measured]:
+              inputs) -> tuple[CompressResult, Measured]:
     """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
     device = torch.device(cfg.device)
@@ -348,29 +192,27 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     specs = _weight_specs(imported)
     plan = make_plan(specs, config)
     floors = check_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
-    groups, left_alone = {}, {}
-    if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
-        groups = {g.name: g for g in channel_groups(original)}
-        plan, left_alone = _keep_removable_filters(plan, groups)
-    if any(nm_pattern(w.structure) for w in plan.weights):
-        shapes = {s.name: imported.module.get_parameter(s.name).shape for s in specs}
-        plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
-        left_alone.update(nm_alone)
+    plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
+                                                         for s in specs})
     # A compressible weight without a target (skipped, or outside every rule with no global target) is
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
+    calibration = calibration_data(original, train_data, config.output)
     runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups)
     name = _model_name(original_path)
     try:
         runner.run()
     except KeyboardInterrupt as exc:
         partial = runner.result(external, name, inputs) if runner.stages else None
+        if partial is not None:
+            partial.calibration = calibration
         saved = _save_last(partial, files.model, None, None) if partial is not None else []
         raise CompressInterrupted(partial, saved, exc, unwritten=_unwritten(files, saved)) from None
     result = runner.result(external, name, inputs)
+    result.calibration = calibration
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
@@ -381,7 +223,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                         "the allocation barely chooses; lower them")
         logger.warning("%s", warnings[-1])
-    return result, _Measured(held_out, runner.dense_metric, left_alone, warnings)
+    return result, Measured(held_out, runner.dense_metric, left_alone, warnings)
 
 
 def _model_name(original_path: Path | None) -> str:
@@ -389,17 +231,7 @@ def _model_name(original_path: Path | None) -> str:
     return original_path.name if original_path is not None else "model.onnx"
 
 
-@dataclass
-class _Measured:
-    """What the training leaves for the report: the held-out split, the dense metric, notes."""
-
-    held_out: Dataset
-    dense_metric: float | None
-    left_alone: dict[str, str]
-    warnings: list[str]
-
-
-def _finish(result: CompressResult, measured: _Measured, files: RunFiles, original_path: Path | None,
+def _finish(result: CompressResult, measured: Measured, files: RunFiles, original_path: Path | None,
             started: float, gate: Gate, emit: Progress) -> CompressResult:
     """Save, validate and report; then put every output in place, each whole or not at all.
 
@@ -444,7 +276,10 @@ def _write_outputs(result, measured, files, original_path, started, gate: Gate, 
                 compressed = staged.scratch(Path(tempfile.gettempdir())) / "compressed.onnx"
                 save_model(exported.model, compressed, external_data=result.external_data)
         emit({"kind": "validate", "samples": len(measured.held_out)})
-        report = _report(result, exported, compressed, original_path, staged, measured, cfg, started)
+        report = build_report(result, exported, compressed, original_path, staged, measured, cfg, started)
+        if result.config.output.activations != "float":
+            report["activations"] = activation_report(result, compressed, result.imported.original,
+                                                      measured.held_out, cfg.threads or 1)
     except Exception as exc:
         if out.model_files is None:
             if isinstance(exc, OSError):
@@ -513,19 +348,6 @@ def _unwritten(files: RunFiles, written: list[Path]) -> list[Path]:
     return [p for p in (files.report,) if p is not None and p not in written] + stages
 
 
-class ReportFailed(UserError):
-    """Training finished and the model was saved, but validating it or building the report failed."""
-
-    def __init__(self, result: CompressResult, output: str | Path, cause: BaseException) -> None:
-        text = str(cause).strip().splitlines()
-        line = text[0] if text else type(cause).__name__
-        if not isinstance(cause, UserError):
-            line = f"{type(cause).__name__}: {line}"
-        super().__init__(f"training finished and the compressed model is saved to {output}, but validating it "
-                         f"failed: {line}")
-        self.result = result
-
-
 def _nothing_to_compress(imported: ImportedModel) -> str:
     where = ""
     if imported.passed_through:
@@ -568,7 +390,7 @@ class _Runner:
         if self.score.index is None and held_out.labels is not None:
             logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
                            "to the original model's outputs")
-        self.loss_fn = Loss(self.score, distill=self.cfg.distill)
+        self.loss_fn = Loss(self.score, distill=self.cfg.distill, balance=self.cfg.balance)
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
@@ -873,58 +695,6 @@ def _mean_residual(admm: ADMM) -> float | None:
     return sum(last) / len(last) if last else None
 
 
-def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
-    left_alone = {}
-    for w in plan.weights:
-        group = groups.get(w.spec.label)
-        if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
-            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
-    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
-
-
-# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
-# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
-_NM_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
-                     groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """N:M only on Conv/Gemm/MatMul weights whose input axis splits into runs of M and keeps its length;
-    the others are left alone (as filters coupled through the graph are), since a layer with 3 input
-    channels is common."""
-    # Input channels removed with the filters that feed them would shift every run after them.
-    shrinking = {piece.tensor: w.spec.label for w in plan.weights
-                 if w.structure == "filter" and (w.sparsity is not None or w.shared) and w.spec.label in groups
-                 for piece in groups[w.spec.label].consumers}
-    left_alone = {}
-    for w in plan.weights:
-        pattern = nm_pattern(w.structure)
-        if pattern is None:
-            continue
-        length = shapes[w.spec.name][reduction_axis(w.spec)]
-        if w.spec.op_type not in _NM_OPS:
-            left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
-        elif length % pattern[1]:
-            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern[1]}; it holds {length} "
-                                        "(input channels per group of the layer)")
-        elif w.spec.label in shrinking:
-            left_alone[w.spec.label] = (f"its input channels leave the graph with the filters of "
-                                        f"{shrinking[w.spec.label]!r} (filter pruning), which would break the runs")
-    return _left_alone(plan, left_alone, "N:M", "no weight can take the N:M pattern")
-
-
-def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str) -> tuple[Plan, dict[str, str]]:
-    """``leave_alone`` with a warning per weight; an error when no weight keeps a target."""
-    for label, reason in reasons.items():
-        logger.warning("%s is left alone (%s): %s", label, what, reason)
-    plan = leave_alone(plan, list(reasons))
-    if not plan.weights:
-        raise UserError(f"{none_left}: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
-                        + "; choose another structure, or add rules for the weights that can take it")
-    return plan, reasons
-
-
 def _quantizer(choice: QuantChoice, spec: WeightSpec):
     axis = spec.out_axis or 0
     if choice.ternary:
@@ -983,184 +753,3 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
 
 
 # Encodings that store a weight as float32 values: a quantized weight stored so has lost its levels' savings.
-_FLOAT_ENCODINGS = ("dense", "sparse", "unchanged")
-
-
-def _report(result: CompressResult, exported: WriteBackResult, compressed: Path, original_path: Path | None,
-            staged: Staged, measured: _Measured, cfg, started) -> dict:
-    """The JSON report of ``compressed`` (the saved final model) against the original, in onnxruntime."""
-    imported = result.imported
-    final = result.stages[-1]
-    held_out = measured.held_out
-    # The figures below come from the file: each weight as a runtime sees it (decoders evaluated, removed
-    # filters gone) and the bytes the file spends on it.
-    in_file = decoded_view(exported.model)[0]
-    file_sources = constant_sources(in_file)
-    nbytes = stored_nbytes(exported.model, [e.onnx_name for e in imported.compressible()])
-    layers, warnings = [], []
-    total = nonzero = 0
-    for entry in imported.compressible():
-        value = final.values[entry.param]
-        n, nz = value.numel(), int((value != 0).sum())
-        total += n
-        nonzero += nz
-        name = entry.onnx_name
-        stored = (tensor_value(in_file, file_sources[name]) if name in file_sources
-                  else entry.layout.to_onnx(value.numpy()))
-        bits = 8 * nbytes[name] if name in nbytes else None
-        encoding = exported.encodings.get(name, "unchanged")
-        quantization = final.quant[entry.param].describe() if entry.param in final.quant else None
-        layers.append({
-            "name": name, "op_type": entry.op_type, "shape": list(entry.onnx_shape),
-            "stored_shape": list(stored.shape),
-            "params": n, "nonzero": nz, "sparsity": 1 - nz / n,
-            "residual": final.residuals[entry.param][-1] if final.residuals.get(entry.param) else None,
-            "residual_history": final.residuals.get(entry.param, []),
-            "levels": int(torch.unique(value).numel()) if entry.param in final.quant else None,
-            "quantization": quantization,
-            "storage_bits": tensor_storage_bits(stored),
-            # how write-back stored it: encoding, raw bits in the file and bits per stored weight
-            "encoding": encoding,
-            "stored_bits": bits,
-            "stored_bits_per_weight": bits / stored.size if bits is not None and stored.size else None,
-            "note": exported.notes.get(name),
-        })
-        if quantization is not None and encoding in _FLOAT_ENCODINGS:
-            why = exported.notes.get(name) or "no integer or codebook encoding reproduces its values here"
-            warnings.append(f"{name} is on {quantization} levels but stored as float32 ({encoding}): {why}")
-            logger.warning("%s", warnings[-1])
-    nm = _nm_report(imported, final.patterns, in_file, file_sources)
-    for layer in (nm or {}).get("layers", []):
-        if not layer["holds"]:
-            warnings.append(f"{layer['name']} should hold {layer['pattern']} but a run of the file holds "
-                            f"{layer['max_nonzeros_per_run']} nonzeros")
-            logger.warning("%s", warnings[-1])
-    structure = None
-    # compressed lies in a temporary folder beside the output (or in the system's temporary folder):
-    # every other temporary file of the report goes there too, never elsewhere.
-    folder = compressed.parent.parent
-    orig = original_path
-    if orig is None:  # a ModelProto: onnxruntime needs a file
-        orig = staged.scratch(folder) / "original.onnx"
-        save_model(imported.original, orig)
-    validation = validate(orig, compressed, held_out, batch_size=cfg.batch_size, threads=cfg.threads or 1,
-                          score_output=cfg.output, scratch=folder, blank=cfg.blank)
-    if final.kept_channels:
-        structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
-                                      imported.ort_batch)
-    diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
-    return {
-        "schema_version": SCHEMA_VERSION,  # the contract readers check first (onnx_admm.report_schema)
-        "structure": structure,
-        "nm": nm,
-        "batch": _batch_report(imported, cfg.batch_size, validation.batch_size),
-        # What was trained, and the graph outputs computed from it by nodes kept as they are.
-        "trained_outputs": list(imported.output_names),
-        # The tensor the loss and the agreement used, how (onnx_admm.train.describe_score), and for an
-        # inner tensor the integer graph output it feeds.
-        "score": validation.score,
-        "passed_through": list(imported.passed_through),
-        "not_converted": list(imported.not_converted),
-        # The papers' figure (nonzeros x value bits + index bits + codebooks), and the raw bits of the
-        # compressed weights' encodings in the file.
-        "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers),
-                         "in_file": sum(layer["stored_bits"] or 0 for layer in layers)},
-        "tool": {"name": "onnx-admm", "version": __version__},
-        "config": result.config.to_dict(),
-        "original": {"bytes": validation.original.bytes, "bytes_gzip": validation.original.gzip_bytes},
-        "compressed": {"bytes": validation.compressed.bytes, "bytes_gzip": validation.compressed.gzip_bytes},
-        "params": {"total": total, "nonzero": nonzero},
-        "compression_ratio": total / nonzero if nonzero else None,
-        "layers": layers,
-        # onnxruntime-quantized nodes the output replaced by float ones (converters.quantized)
-        "dequantized": imported.dequantized,
-        "stages": [s.summary() for s in result.stages],
-        "metrics": {
-            "original_accuracy": validation.original.accuracy,
-            "compressed_accuracy": validation.compressed.accuracy,
-            "agreement": validation.agreement,
-            # The task metric against the original (onnx_admm.metrics): what the floor and, without
-            # labels, the accuracy gate read.
-            "task": validation.task,
-            "max_abs_diff": max(diffs, default=None),
-            "torch_dense_val_metric": measured.dense_metric,
-        },
-        "validation": _without_paths(validation.to_dict()),
-        # Accuracy drop with labels, else 1 - the task metric: what --max-accuracy-drop reads.
-        "accuracy_drop": validation.drop,
-        "warnings": warnings,
-        "wall_s": time.perf_counter() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-
-
-def _batch_report(imported: ImportedModel, batch_size: int, validated_at: int) -> dict:
-    """How the batch was handled: dynamic, a baked batch made dynamic, or a fixed batch kept."""
-    if imported.fixed_batch is not None:
-        b = imported.fixed_batch
-        note = (f"{imported.fixed_batch_reason}: trained at the graph's fixed batch {b}, each step accumulating "
-                f"the gradients of {batch_size} samples in chunks of {b}; validated in onnxruntime at batch {b}")
-        mode = "fixed"
-    elif imported.baked_batch is not None:
-        b = imported.baked_batch
-        note = f"fixed batch {b} made dynamic: trained at batch {batch_size}; onnxruntime runs the graph at batch {b}"
-        mode = "unbaked"
-    else:
-        b, note, mode = None, "dynamic batch", "dynamic"
-    return {"mode": mode, "graph_batch": b, "train_batch": batch_size, "validation_batch": validated_at, "note": note}
-
-
-def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarray], held_out: Dataset,
-                      threads: int, fixed: int | None = None) -> dict:
-    """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64
-    (only at its batch for a graph that runs at one batch)."""
-    # Weights behind DequantizeLinear / codebook decoders count as the tensors they decode to.
-    before, after = (count_macs(decoded_view(load_model(path))[0]) for path in (original, compressed))
-    latency = {}
-    for batch in (1, 64) if fixed is None else (fixed,):
-        latency[f"batch_{batch}"] = dict(zip(("original_ms", "compressed_ms"),
-                                             latency_ms(original, compressed, held_out, batch, threads=threads)))
-    return {
-        "kept_channels": {name: int(mask.sum()) for name, mask in kept.items()},
-        "channels": {name: int(mask.size) for name, mask in kept.items()},
-        "macs": {"original": before["macs"], "compressed": after["macs"]},
-        "params": {"original": before["params"], "compressed": after["params"]},
-        "latency": latency,
-        "note": "column- and block-pruned weights stay dense with zeros; removed filters are gone from the graph",
-    }
-
-
-def _nm_report(imported: ImportedModel, patterns: dict[str, NM], in_file: onnx.ModelProto,
-               sources: dict) -> dict | None:
-    """The N:M weights as the file holds them: pattern, the ONNX axis its runs follow, the fullest run,
-    and which runtimes can use the pattern."""
-    if not patterns:
-        return None
-    layers = []
-    for entry in imported.compressible():
-        constraint = patterns.get(entry.param)
-        if constraint is None:
-            continue
-        value = tensor_value(in_file, sources[entry.onnx_name])
-        # A Gemm weight stored as B [K, N] (transB = 0) is the transpose of the torch weight.
-        axis = value.ndim - 1 - constraint.axis if entry.layout.transpose else constraint.axis
-        worst = dataclasses.replace(constraint, axis=axis).max_nonzeros(torch.tensor(value))
-        layers.append({"name": entry.onnx_name, "pattern": constraint.pattern, "axis": axis,
-                       "runs": value.size // constraint.m, "max_nonzeros_per_run": worst,
-                       "holds": worst <= constraint.n})
-    used = sorted({c.pattern for c in patterns.values()})
-    return {
-        "layers": layers,
-        "runs": ("M consecutive weights along the input axis, as sparse tensor cores read them: K of a Gemm/MatMul "
-                 "weight, the input channels of a Conv weight at each (output channel, kernel position)"),
-        "storage": "dense weights with exact zeros (or their int8/int4/int2/codebook encoding), no sparse initializer",
-        "runtimes": {p: nm_runtimes(*nm_pattern(p)) for p in used},
-    }
-
-
-def _without_paths(validation: dict) -> dict:
-    """The validation ran on temporary copies: their paths mean nothing once compress returns."""
-    for side in ("original", "compressed"):
-        validation[side].pop("path", None)
-        validation[side].pop("files", None)
-    return validation

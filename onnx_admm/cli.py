@@ -217,6 +217,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
 @click.option("--binary", is_flag=True, help="Binarize weights to {-a, +a} (with pruning {-a, 0, +a}).")
 @click.option("--ternary", is_flag=True, help="Ternarize weights to {-a, 0, +a}.")
 @click.option("--clusters", type=click.IntRange(2, 256), help="Cluster weights to a k-means codebook of N values.")
+@click.option("--activations", type=click.Choice(["float", "int8"]),
+              help="int8: write a QDQ model (activations calibrated on the training data) that onnxruntime runs "
+                   "with integer kernels; the report compares it with quantize_static.")
 @click.option("--per-channel/--per-tensor", default=None, help="One quantization scale per output channel or per tensor.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
               help="Total training budget in epochs; the tool splits it over stages and phases.")
@@ -247,7 +250,7 @@ def validate(original: str, compressed: str, data: str, batch_size: int, threads
               help="Also write the report as one self-contained HTML page here (see the report command).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
-             ternary: bool, clusters: int | None, per_channel: bool | None, epochs: float | None,
+             ternary: bool, clusters: int | None, activations: str | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
@@ -281,6 +284,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
                "allocation": allocation},
         quantize={"per_channel": per_channel},
+        output={"activations": activations},
     )
     try:
         # The library draws the progress (stderr: bars on a terminal, a line per epoch in logs); stdout
@@ -367,6 +371,13 @@ def _summary(report: dict) -> str:
     for pattern, runtimes in nm.get("runtimes", {}).items():
         count = sum(layer["pattern"] == pattern for layer in nm["layers"])
         lines.append(f"{pattern} sparsity on {count} weight(s); runtimes: {'; '.join(runtimes)}")
+    if report.get("activations"):
+        act = report["activations"]
+        lines.append("int8 activations (accuracy or agreement; ms at batch " + "/".join(act["compressed_int8"]["latency_ms"])
+                     + "): " + "; ".join(
+                         f"{key} {pct(act[key]['accuracy'] if act[key]['accuracy'] is not None else act[key]['agreement'])}"
+                         f" {'/'.join(f'{ms:.3g}' for ms in act[key]['latency_ms'].values())}"
+                         for key in ("compressed_fp32", "compressed_int8", "quantize_static")))
     if report.get("batch", {}).get("mode") == "fixed":
         lines.append(f"batch: {report['batch']['note']}")
     task = m.get("task")

@@ -126,12 +126,33 @@ def _summary(report: dict) -> str:
             rows.append((label, _num(structure[key]["original"]), _num(structure[key]["compressed"]),
                          _times(structure[key]["original"], structure[key]["compressed"])))
     rows.append(("largest output difference |original - compressed|", "", _num(m.get("max_abs_diff")), ""))
+    activations = _activations(report.get("activations"))
     figure = bar_panels(["original", "compressed"], [
         Panel("file bytes", [orig.get("bytes"), comp.get("bytes")], orig.get("bytes") or 1, _bytes, PALETTE[0], "size"),
         Panel("gzip bytes", [orig.get("bytes_gzip"), comp.get("bytes_gzip")], orig.get("bytes_gzip") or 1, _bytes,
               PALETTE[1], "size"),
     ], title="file size")
-    return _table(("", "original", "compressed", "change"), rows, numeric=(1, 2, 3)) + figure
+    return _table(("", "original", "compressed", "change"), rows, numeric=(1, 2, 3)) + figure + activations
+
+
+def _activations(act: dict | None) -> str:
+    """``--activations int8``: the float-activation and int8 compressed models and onnxruntime's
+    quantize_static of the original, side by side."""
+    if not act:
+        return ""
+    names = {"compressed_fp32": "compressed, float activations", "compressed_int8": "compressed, int8 activations",
+             "quantize_static": "onnxruntime quantize_static of the original"}
+    batches = sorted({b for key in names for b in (act.get(key) or {}).get("latency_ms", {})}, key=int)
+    rows = []
+    for key, label in names.items():
+        row = act.get(key) or {}
+        latency = row.get("latency_ms") or {}
+        rows.append((escape(label), _pct(row.get("accuracy")), _pct(row.get("agreement")), _num(row.get("bytes")),
+                     *(_ms(latency.get(b)) for b in batches)))
+    head = ("model", "accuracy", "agreement", "bytes", *(f"latency, batch {b}" for b in batches))
+    return (f"<h3>Integer activations</h3><p class=\"muted\">{_num(act.get('calibration_samples'))} calibration "
+            f"samples; latency: the median of {_num(act.get('runs'))} runs on {_num(act.get('threads'))} thread(s)"
+            f"</p>" + _table(head, rows, numeric=tuple(range(1, len(head)))))
 
 
 def _bytes(n: float) -> str:

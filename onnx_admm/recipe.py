@@ -3,13 +3,15 @@
 Layout of a recipe (every table optional, unknown keys are errors):
 
     [train]    optimizer, lr, momentum, weight_decay, batch_size, seed, threads, device,
-               val_fraction, output, blank, epochs (the total budget), distill
+               val_fraction, output, blank, epochs (the total budget), distill, balance
     [admm]     epochs, retrain_epochs (per stage), period, updates, rho, pull, rho_growth, rho_max, rescale_dual,
                lr_policy, share
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
                (unstructured, filter, channel, column, block, or an N:M pattern such as "2:4"), block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
                per_channel, symmetric
+    [output]   activations ("float", or "int8": a QDQ model onnxruntime runs with integer kernels),
+               calibration (training samples that calibrate the int8 activation ranges)
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
                ternary; clusters; skip
 
@@ -104,6 +106,10 @@ class TrainConfig:
     epochs: float | None = None
     # With labels: weight of distillation from the original model in the loss, (1 - d) CE + d KL.
     distill: float = 0.0
+    # Distillation on a per-position score (sequences, maps): the share of the weight spread evenly over
+    # the teacher's predicted classes, so its majority (CTC blanks, background) does not take the whole
+    # loss (train.balance_weights). 0: every position weighs the same (the engine's own Loss default).
+    balance: float = 0.5
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -126,6 +132,9 @@ class TrainConfig:
             _fail(f"train.distill must be a fraction in [0, 1] (0: labels only), got {self.distill!r}")
         if self.blank is not None and (not isinstance(self.blank, int) or isinstance(self.blank, bool) or self.blank < 0):
             _fail(f"train.blank is the CTC blank's class index and must be an integer >= 0, got {self.blank!r}")
+        if not (isinstance(self.balance, (int, float)) and not isinstance(self.balance, bool) and 0 <= self.balance <= 1):
+            _fail(f"train.balance must be a fraction in [0, 1] (0: every position weighs the same, 1: every "
+                  f"predicted class does), got {self.balance!r}")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
             _fail(f"train.epochs is the total training budget and must be > 0, got {self.epochs!r}")
 
@@ -316,6 +325,25 @@ class QuantizeConfig:
         return self.bits is not None or self.ternary or self.clusters is not None
 
 
+# What ``output.activations`` takes: float keeps the graph's float activations; int8 adds QuantizeLinear /
+# DequantizeLinear pairs (onnx_admm.activations) so that onnxruntime fuses them into integer kernels.
+ACTIVATIONS = ("float", "int8")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """How the compressed model is written, beyond its weights."""
+
+    activations: str = "float"
+    calibration: int = 256  # samples of the training data that calibrate int8 activation ranges
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            _fail(f"output.activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+        if self.calibration < 1:
+            _fail(f"output.calibration is a number of samples (>= 1), got {self.calibration}")
+
+
 @dataclass(frozen=True)
 class Rule:
     """Per-weight settings; matches by ONNX tensor name glob and/or consumer op type."""
@@ -360,6 +388,7 @@ class CompressConfig:
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     rules: tuple[Rule, ...] = ()
 
     def __post_init__(self) -> None:
@@ -393,16 +422,16 @@ class CompressConfig:
         data = dataclasses.asdict(self)
         data["rules"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()
                           if v is not None and v is not False} for r in data["rules"]]
-        for table in ("train", "admm", "prune", "quantize"):
+        for table in ("train", "admm", "prune", "quantize", "output"):
             data[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data[table].items() if v is not None}
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
-        _reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "rules"})
+        _reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "output", "rules"})
         kwargs: dict[str, Any] = {}
         for key, sub in (("train", TrainConfig), ("admm", ADMMConfig), ("prune", PruneConfig),
-                         ("quantize", QuantizeConfig)):
+                         ("quantize", QuantizeConfig), ("output", OutputConfig)):
             if key in data:
                 kwargs[key] = _build(sub, data[key], f"[{key}]")
         if "rules" in data:

@@ -69,6 +69,22 @@ def describe_score(kind: str, shape: Sequence[int | str | None] | None) -> dict:
             "per": per}
 
 
+def balance_weights(classes: Tensor, balance: float) -> Tensor:
+    """Per-position weights of mean 1 that keep the teacher's majority class from drowning the rest.
+
+    ``classes`` holds the teacher's prediction at each position (its top-1 class, or its side of 0.5 for
+    a binary map). Each position gets ``(1 - balance) + balance * P / (K * n_c)``: P positions, K classes
+    the teacher predicts in the batch, n_c positions of this one's class. The second term gives every
+    predicted class the same total weight, so with ``balance`` = b the classes other than a majority
+    that covers most positions share about b (K - 1) / K of the loss instead of their own small fraction
+    (label-free runs of a CTC reader or a sparse-event detector otherwise learn to predict blank or
+    background everywhere). 0 gives weight 1 everywhere (the plain mean), 1 pure class balance.
+    """
+    _, inverse, counts = torch.unique(classes.detach().reshape(-1), return_inverse=True, return_counts=True)
+    per_class = classes.numel() / (len(counts) * counts.to(torch.float32))
+    return ((1 - balance) + balance * per_class[inverse]).reshape(classes.shape)
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the caller rolls back to its last good state."""
 
@@ -114,12 +130,19 @@ class Loss:
 
     With labels and ``distill`` > 0 the loss mixes both: ``(1 - distill) * CE + distill * KL(teacher)``
     (knowledge distillation from the original model on the labelled batches).
+
+    ``balance`` > 0 re-weights the positions of a per-position score (sequences, maps; not [N, C]
+    per-sample scores) by ``balance_weights``, and with such a score takes the other outputs' term as
+    ``log1p(MSE / var)``, so a head far from the teacher does not swamp the score's gradient. 0 is the
+    plain mean over positions and the plain MSE ratio.
     """
 
-    def __init__(self, score: ScoreSpec, temperature: float = 1.0, distill: float = 0.0) -> None:
+    def __init__(self, score: ScoreSpec, temperature: float = 1.0, distill: float = 0.0,
+                 balance: float = 0.0) -> None:
         self.score = score
         self.temperature = temperature
         self.distill = distill
+        self.balance = balance
 
     def __call__(self, outputs: Sequence[Tensor], labels: Tensor | None, teacher: Sequence[Tensor] | None) -> Tensor:
         index, kind = self.score.index, self.score.kind
@@ -141,23 +164,44 @@ class Loss:
         loss = self._distil(outputs[index], teacher[index])
         others = [F.mse_loss(o, t) / (t.detach().float().var(unbiased=False) + 1e-6)
                   for i, (o, t) in enumerate(zip(outputs, teacher)) if i != index and o.is_floating_point() and o.numel()]
-        return loss + torch.stack(others).mean() if others else loss
+        if not others:
+            return loss
+        others = torch.stack(others)
+        if self._balance(outputs[index]) > 0:
+            # A second head that pruning threw off (a detector's boxes: MSE several times the teacher's
+            # variance) otherwise owns the step and wrecks the score output; log1p keeps the MSE where the
+            # student follows and divides its gradient by 1 + MSE / var where it does not.
+            others = torch.log1p(others)
+        return loss + others.mean()
+
+    def _balance(self, score: Tensor) -> float:
+        # Per-sample scores ([N, C], [N, 1]) keep the plain mean: balancing the batch's classes would
+        # re-weight whole samples, not the majority positions of a sequence or a map.
+        return self.balance if score.dim() >= 3 else 0.0
 
     def _distil(self, student: Tensor, teacher: Tensor) -> Tensor:
         kind = self.score.kind
+        balance = self._balance(student)
         if self.score.binary:
             s, t = _binary_logits(student, kind), _binary_logits(teacher, kind)
             target = torch.sigmoid(t)
-            entropy = F.binary_cross_entropy_with_logits(t, target)
-            return F.binary_cross_entropy_with_logits(s, target) - entropy
+            if balance == 0:
+                entropy = F.binary_cross_entropy_with_logits(t, target)
+                return F.binary_cross_entropy_with_logits(s, target) - entropy
+            per_element = (F.binary_cross_entropy_with_logits(s, target, reduction="none")
+                           - F.binary_cross_entropy_with_logits(t, target, reduction="none"))
+            return (per_element * balance_weights(t > 0, balance)).mean()
         dim = class_axis(student.dim())
         if kind == "logits" and self.temperature != 1.0:
             s = F.log_softmax(student / self.temperature, dim=dim)
             t = F.log_softmax(teacher / self.temperature, dim=dim)
         else:
             s, t = log_probs(student, kind, dim), log_probs(teacher, kind, dim)
-        positions = student.numel() // max(student.shape[dim], 1)
-        return F.kl_div(s, t, log_target=True, reduction="sum") / max(positions, 1) * self.temperature**2
+        if balance == 0:
+            positions = student.numel() // max(student.shape[dim], 1)
+            return F.kl_div(s, t, log_target=True, reduction="sum") / max(positions, 1) * self.temperature**2
+        per_position = F.kl_div(s, t, log_target=True, reduction="none").sum(dim)
+        return (per_position * balance_weights(t.argmax(dim), balance)).mean() * self.temperature**2
 
 
 @dataclass

@@ -753,8 +753,10 @@ def test_export_leaves_the_live_module_alone_and_a_stage_is_written_back_once(di
     assert last.SerializeToString() == result.model().SerializeToString()
     assert first.SerializeToString() != last.SerializeToString()
     calls = []
-    original = api.write_back
-    monkeypatch.setattr(api, "write_back", lambda *a, **k: calls.append(1) or original(*a, **k))
+    from onnx_admm.pipeline import results
+
+    original = results.write_back
+    monkeypatch.setattr(results, "write_back", lambda *a, **k: calls.append(1) or original(*a, **k))
     result.model(0)
     calls.clear()
     result.model()

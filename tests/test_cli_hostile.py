@@ -167,7 +167,7 @@ def test_failure_after_training_keeps_the_saved_model_and_names_it(tmp_path, mon
     def broken(*args, **kwargs):
         raise RuntimeError("validation exploded")
 
-    monkeypatch.setattr(api, "_report", broken)
+    monkeypatch.setattr(api, "build_report", broken)
     model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
     out = tmp_path / "sub" / "out.onnx"
     result = _compress(model, data, out)

@@ -105,6 +105,16 @@ def test_every_section_is_present_with_its_figures(report):
     assert "[train]" in _section(page, "config") and "bits = 4" in _section(page, "config")
 
 
+def test_int8_activations_are_compared(report):
+    row = {"accuracy": 0.95, "agreement": 0.97, "bytes": 12345, "latency_ms": {"1": 0.02, "64": 0.3}}
+    report["activations"] = {"calibration_samples": 128, "threads": 1, "runs": 200, "original_accuracy": 0.97,
+                             "compressed_fp32": row, "compressed_int8": {**row, "bytes": 9999},
+                             "quantize_static": {**row, "accuracy": None}}
+    summary = _section(render(report), "summary")
+    assert "Integer activations" in summary and "latency, batch 64" in summary and "9,999" in summary
+    assert "128 calibration samples" in summary and summary.count("0.300 ms") == 3
+
+
 def test_no_external_reference(run, report):
     report["structure"] = STRUCTURE
     for page in (run["html"].read_text(), render(report)):

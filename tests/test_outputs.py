@@ -146,13 +146,15 @@ def test_report_that_cannot_be_written_after_training_keeps_the_model_and_says_s
 
 def test_run_validates_beside_the_output_and_leaves_no_temporary(tmp_path, monkeypatch, system_temp):
     seen = []
-    real = api.validate
+    from onnx_admm.pipeline import report as report_step
+
+    real = report_step.validate
 
     def recording(original, compressed, *args, **kwargs):
         seen.append((Path(compressed), system_temp()))
         return real(original, compressed, *args, **kwargs)
 
-    monkeypatch.setattr(api, "validate", recording)
+    monkeypatch.setattr(report_step, "validate", recording)
     model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out" / "o.onnx"
     result = _run("compress", model, "-o", out, "--data", data, *QUICK, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output

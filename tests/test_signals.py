@@ -45,7 +45,7 @@ WRAPPER = r"""
 import os, sys, time
 from pathlib import Path
 import converters.modelio as modelio
-import onnx_admm.api as api
+import onnx_admm.pipeline.report as report_step
 
 GO = Path(os.environ["ONNX_ADMM_TEST_GO"])
 
@@ -57,7 +57,7 @@ def hold(what):
     while not GO.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
 
-real_model, real_validate = modelio.Staged.model, api.validate
+real_model, real_validate = modelio.Staged.model, report_step.validate
 
 def slow_model(self, model, target, external_data=False):
     staged = real_model(self, model, target, external_data)
@@ -70,7 +70,7 @@ def slow_validate(*args, **kwargs):
     return real_validate(*args, **kwargs)
 
 modelio.Staged.model = slow_model
-api.validate = slow_validate
+report_step.validate = slow_validate
 from onnx_admm.cli import main
 main(sys.argv[1:], prog_name="onnx-admm")
 """

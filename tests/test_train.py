@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, log_probs, make_optimizer, train_epoch
+from onnx_admm.train import (Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, balance_weights, evaluate, log_probs,
+                              make_optimizer, train_epoch)
 
 
 def _logits(seed=0, n=8, c=5):
@@ -237,3 +238,89 @@ def test_distillation_with_labels_mixes_cross_entropy_and_kl():
     mixed = Loss(spec, distill=0.25)((student,), labels, (teacher,))
     assert torch.allclose(mixed, 0.75 * ce + 0.25 * kl)
     assert torch.allclose(Loss(spec)((student,), labels, (teacher,)), ce)  # distill 0: the teacher is ignored
+
+
+# -- balance: per-position distillation weighted against the teacher's majority class
+
+
+def _ctc_like(blank_share=0.9, t=20, n=10, c=6, seed=0):
+    """[T, N, C] teacher and student log-probabilities; the teacher predicts blank (0) at ``blank_share``
+    of the positions and class 1 + (position % (c - 1)) elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, n, c, generator=g)
+    rare = torch.randperm(t * n, generator=g)[: round((1 - blank_share) * t * n)]
+    top = torch.zeros(t * n, dtype=torch.long)
+    top[rare] = 1 + torch.arange(len(rare)) % (c - 1)
+    logits.view(-1, c)[torch.arange(t * n), top] += 8.0
+    student = F.log_softmax(logits + torch.randn(t, n, c, generator=g), -1)
+    return F.log_softmax(logits, -1), student, top.view(t, n)
+
+
+@pytest.mark.parametrize("balance", [0.25, 0.5, 1.0])
+def test_balance_gives_the_minority_classes_their_stated_share(balance):
+    teacher, _, top = _ctc_like()
+    weights = balance_weights(top, balance)
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-6)
+    k = len(top.unique())
+    share = (weights[top != 0].sum() / weights.sum()).item()
+    # Every predicted class gets balance / K of the weight on top of (1 - balance) x its own share.
+    assert share == pytest.approx(balance * (k - 1) / k + (1 - balance) * 0.1, rel=1e-5)
+    assert share >= balance * (k - 1) / k
+
+
+def test_balance_zero_is_the_plain_mean_exactly():
+    teacher, student, _ = _ctc_like()
+    plain = F.kl_div(student, teacher, log_target=True, reduction="sum") / (teacher.numel() // teacher.shape[-1])
+    assert torch.equal(Loss(ScoreSpec(0, "log_probabilities"), balance=0.0)((student,), None, (teacher,)), plain)
+    maps = torch.sigmoid(torch.randn(4, 50, 1) * 3)
+    other = torch.sigmoid(torch.randn(4, 50, 1) * 3)
+    t_logit, s_logit = torch.logit(maps.clamp(1e-7, 1 - 1e-7)), torch.logit(other.clamp(1e-7, 1 - 1e-7))
+    target = torch.sigmoid(t_logit)
+    old = (F.binary_cross_entropy_with_logits(s_logit, target)
+           - F.binary_cross_entropy_with_logits(t_logit, target))
+    assert torch.equal(Loss(ScoreSpec(0, "binary_probabilities"), balance=0.0)((other,), None, (maps,)), old)
+
+
+def test_balance_weights_the_kl_per_position_and_leaves_per_sample_scores_alone():
+    teacher, student, top = _ctc_like()
+    spec = ScoreSpec(0, "log_probabilities")
+    per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    expected = (per_position * balance_weights(top, 0.5)).mean()
+    assert Loss(spec, balance=0.5)((student,), None, (teacher,)).item() == pytest.approx(expected.item(), rel=1e-6)
+    # A student wrong only where the teacher predicts a rare class costs more with balance.
+    wrong = teacher.clone()
+    wrong[top != 0] = teacher[top == 0][: int((top != 0).sum())]
+    assert Loss(spec, balance=0.5)((wrong,), None, (teacher,)) > 2 * Loss(spec, balance=0.0)((wrong,), None, (teacher,))
+    logits, _ = _logits(8)
+    other, _ = _logits(9)
+    per_sample = ScoreSpec(0, "logits")
+    assert torch.equal(Loss(per_sample, balance=1.0)((other,), None, (logits,)),
+                       Loss(per_sample, balance=0.0)((other,), None, (logits,)))
+
+
+def test_balance_on_a_binary_map_weighs_the_teachers_sides_of_one_half():
+    g = torch.Generator().manual_seed(1)
+    positive = torch.rand(8, 100, 1, generator=g) < 0.1
+    teacher = torch.where(positive, 0.9, 0.05)
+    student = torch.full_like(teacher, 0.05)  # predicts background everywhere
+    spec = ScoreSpec(0, "binary_probabilities")
+    weights = balance_weights(positive, 0.5)
+    share = (weights[positive].sum() / weights.sum()).item()
+    assert share == pytest.approx(0.5 / 2 + 0.5 * positive.float().mean().item(), rel=1e-5)
+    assert Loss(spec, balance=0.5)((student,), None, (teacher,)) > 2 * Loss(spec, balance=0.0)((student,), None, (teacher,))
+    assert Loss(spec, balance=0.5)((teacher.clone(),), None, (teacher,)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_balance_takes_the_other_outputs_mse_ratio_through_log1p():
+    g = torch.Generator().manual_seed(2)
+    maps = torch.sigmoid(torch.randn(4, 64, 1, generator=g) * 3)
+    boxes = torch.randn(4, 8, 3, generator=g)
+    off = boxes + 2 * torch.randn(4, 8, 3, generator=g)  # a second head far from the teacher
+    spec = ScoreSpec(0, "binary_probabilities")
+    ratio = F.mse_loss(off, boxes) / boxes.var(unbiased=False)
+    assert Loss(spec, balance=0.0)((maps, off), None, (maps, boxes)).item() == pytest.approx(ratio.item(), rel=1e-4)
+    assert Loss(spec, balance=0.5)((maps, off), None, (maps, boxes)).item() == pytest.approx(
+        math.log1p(ratio.item()), rel=1e-4)
+    per_sample = torch.randn(4, 5, generator=g)  # an [N, C] score keeps the plain ratio
+    assert Loss(ScoreSpec(0), balance=0.5)((per_sample, off), None, (per_sample, boxes)).item() == pytest.approx(
+        ratio.item(), rel=1e-4)

@@ -16,6 +16,11 @@ Models come from:
 - a torch TransformerEncoder (dynamo) and a bidirectional LSTM classifier (TorchScript);
 - a CRNN-style recognizer (convs + GRU, seq-first [T, N, C] log-probabilities and their int64 ArgMax
   ids, TorchScript) and an encoder-decoder segmenter ([N, 1, H, W] Sigmoid map, dynamo);
+- two imbalanced-output models trained here on synthetic data (``synthetic.py``): a CTC captcha reader
+  (ResNet-style convs + BiLSTM, [T, N, C] log-probabilities, mostly blank; TorchScript) and a two-input
+  1-D event detector (dilated Conv1d encoder, ConvTranspose1d decoder, a [N, L, 1] Sigmoid map with
+  about 7% positives and a [N, 32, 3] detection tensor; TorchScript), whose built files are cached in
+  the work folder;
 - scikit-learn's MLPClassifier through skl2onnx;
 - a hand-built graph in tf2onnx's style (int32 bytes -> OneHot, LayerNormalization written as
   ReduceMean/Sub/Pow/Sqrt/Div, Gather, MatMul);
@@ -60,6 +65,7 @@ from onnx_admm.api import compress  # noqa: E402
 from onnx_admm.check import check  # noqa: E402
 from onnx_admm.recipe import CompressConfig  # noqa: E402
 from speed import train_and_infer_ms  # noqa: E402
+from synthetic import captcha_ctc, detector_1d  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 
@@ -374,6 +380,10 @@ CORPUS = [
           _onnx_light("inception_v1")),
     Entry("crnn_seq_first", "torch nn (random)", "torch TorchScript, [T, N, C] + argmax ids", _crnn),
     Entry("segmenter_map", "torch nn (random)", "torch dynamo, [N, 1, H, W] Sigmoid map", _segmenter),
+    Entry("captcha_ctc", "synthetic captchas (trained, CTC)", "torch TorchScript, [T, N, C] log-probabilities",
+          captcha_ctc()),
+    Entry("detector_1d", "synthetic 1-D events (trained)", "torch TorchScript, 2 inputs, [N, L, 1] map + [N, 32, 3]",
+          detector_1d()),
 ]
 
 

@@ -1,0 +1,1 @@
+"""The steps ``onnx_admm.api.compress`` runs, one module each."""

@@ -1,0 +1,88 @@
+"""Legalise a plan against the graph: structures go only where the graph can take them.
+
+Filter pruning needs channels that can leave the graph (``converters.groups``); an N:M pattern needs a
+Conv/Gemm/MatMul weight whose input axis splits into runs of M and keeps its length. Every weight
+that cannot is left alone, with the reason (the report's ``left_alone``) and a warning; a plan with
+no weight left is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import torch
+
+from converters.errors import UserError
+from converters.groups import ChannelGroup, channel_groups
+from onnx_admm.plan import Plan, leave_alone, reduction_axis
+from onnx_admm.recipe import nm_pattern
+
+logger = logging.getLogger(__name__)
+
+
+def legalize(plan: Plan, original: onnx.ModelProto,
+             shapes: dict[str, torch.Size]) -> tuple[Plan, dict[str, ChannelGroup], dict[str, str]]:
+    """(the plan without the weights that cannot take their structure, the channel groups of the
+    original graph by weight name (empty without filter pruning), the weights left alone and why)."""
+    groups: dict[str, ChannelGroup] = {}
+    left_alone: dict[str, str] = {}
+    if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
+        groups = {g.name: g for g in channel_groups(original)}
+        plan, left_alone = _keep_removable_filters(plan, groups)
+    if any(nm_pattern(w.structure) for w in plan.weights):
+        plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
+        left_alone.update(nm_alone)
+    return plan, groups, left_alone
+
+
+def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
+    """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
+    left_alone = {}
+    for w in plan.weights:
+        group = groups.get(w.spec.label)
+        if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
+            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
+    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+
+
+# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
+# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
+_NM_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
+                     groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
+    """N:M only on Conv/Gemm/MatMul weights whose input axis splits into runs of M and keeps its length;
+    the others are left alone (as filters coupled through the graph are), since a layer with 3 input
+    channels is common."""
+    # Input channels removed with the filters that feed them would shift every run after them.
+    shrinking = {piece.tensor: w.spec.label for w in plan.weights
+                 if w.structure == "filter" and (w.sparsity is not None or w.shared) and w.spec.label in groups
+                 for piece in groups[w.spec.label].consumers}
+    left_alone = {}
+    for w in plan.weights:
+        pattern = nm_pattern(w.structure)
+        if pattern is None:
+            continue
+        length = shapes[w.spec.name][reduction_axis(w.spec)]
+        if w.spec.op_type not in _NM_OPS:
+            left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
+        elif length % pattern[1]:
+            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern[1]}; it holds {length} "
+                                        "(input channels per group of the layer)")
+        elif w.spec.label in shrinking:
+            left_alone[w.spec.label] = (f"its input channels leave the graph with the filters of "
+                                        f"{shrinking[w.spec.label]!r} (filter pruning), which would break the runs")
+    return _left_alone(plan, left_alone, "N:M", "no weight can take the N:M pattern")
+
+
+def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str) -> tuple[Plan, dict[str, str]]:
+    """``leave_alone`` with a warning per weight; an error when no weight keeps a target."""
+    for label, reason in reasons.items():
+        logger.warning("%s is left alone (%s): %s", label, what, reason)
+    plan = leave_alone(plan, list(reasons))
+    if not plan.weights:
+        raise UserError(f"{none_left}: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                        + "; choose another structure, or add rules for the weights that can take it")
+    return plan, reasons
