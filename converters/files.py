@@ -54,3 +54,15 @@ def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
     if kind != REGULAR:
         raise UserError(f"{what} {path} is {kind}, not a regular file; {fix}")
     return Path(path)
+
+
+def read_text(path: str | os.PathLike, what: str, fix: str) -> str:
+    """The UTF-8 text of the regular file at ``path`` (``require_file``), or a one-line UserError naming
+    ``what`` and ending in ``fix`` (unreadable, or not UTF-8: a binary file passed by mistake)."""
+    path = require_file(path, what, fix)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text (is it a binary file?); {fix}") from None

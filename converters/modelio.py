@@ -103,11 +103,20 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_data: bool = F
 
 def save_json(data: dict, path: str | Path) -> Path:
     """Write ``data`` as indented JSON atomically (temporary file beside ``path``, then rename)."""
+    return save_text(_json_text(data), path)
+
+
+def save_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) atomically (temporary file beside ``path``, then rename)."""
     try:
         with Staged() as staged:
-            return staged.commit([staged.json(data, Path(path))])[0]
+            return staged.commit([staged.text(text, Path(path))])[0]
     except OSError as exc:
         raise _write_error(path, exc) from None
+
+
+def _json_text(data: dict) -> str:
+    return json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def json_safe(value: object) -> object:
@@ -252,8 +261,12 @@ class Staged:
 
     def json(self, data: dict, target: Path) -> Path:
         """Stage ``data`` as indented, strict JSON for ``target`` (``json_safe``)."""
+        return self.text(_json_text(data), target)
+
+    def text(self, text: str, target: Path) -> Path:
+        """Stage ``text`` (UTF-8) for ``target``."""
         staged = self.folder(target) / target.name
-        staged.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
+        staged.write_text(text, encoding="utf-8")
         return staged
 
     def commit(self, staged: list[Path]) -> list[Path]:

@@ -247,17 +247,23 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--save-stages", type=click.Path(file_okay=False), help="Also save every stage's model in this folder.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress and no summary table (warnings and errors still go to stderr).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write the report as one self-contained HTML page here (see the report command).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
              ternary: bool, clusters: int | None, activations: str | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
-             save_stages: str | None, quiet: bool) -> None:
+             save_stages: str | None, quiet: bool, html_path: str | None) -> None:
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
     from onnx_admm.api import compress as run_compress
+    from onnx_admm.html_report import check_compress_html, write_compress_html
     from onnx_admm.recipe import CompressConfig
+
+    if html_path:  # before any training, like every other output
+        check_compress_html(html_path, model, output, report_path, save_stages, data, val_data, {"the recipe": recipe})
 
     config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
     if (sparsity is not None or stages is not None) and config.prune.targets is not None:
@@ -295,10 +301,27 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     except AccuracyGateFailed as exc:
         if not quiet:
             click.echo(_summary(exc.result.report))
+        if html_path:  # like the JSON report, written for a failed gate too
+            write_compress_html(exc.result.report, html_path)
         click.echo(str(exc), err=True)
         sys.exit(EXIT_GATE)
+    if html_path:
+        write_compress_html(result.report, html_path)
     if not quiet:
         click.echo(_summary(result.report))
+
+
+@main.command("report")
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="The HTML file to write (default: REPORT with .html instead of .json).")
+def report_command(report_path: str, output: str | None) -> None:
+    """Write REPORT (the JSON of compress --report) as one self-contained HTML page: figures, tables, recipe."""
+    from onnx_admm.html_report import check_html_output, default_html_path, write_html
+    from onnx_admm.report_schema import load_report
+
+    target = check_html_output(output or default_html_path(report_path), [("the report", report_path)])
+    write_html(load_report(report_path), target)
 
 
 def _check_structure(value: str | None) -> str | None:

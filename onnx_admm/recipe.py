@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import UserError
-from converters.files import require_file
+from converters.files import read_text
 from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
@@ -454,13 +454,7 @@ class CompressConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> CompressConfig:
-        path = require_file(path, "recipe", "pass a TOML recipe file")
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise UserError(f"cannot read recipe {path}: {exc.strerror}; pass an existing .toml file") from None
-        except UnicodeDecodeError:
-            raise UserError(f"recipe {path} is not UTF-8 text (is it a binary file?); pass a TOML recipe") from None
+        text = read_text(path, "recipe", "pass a TOML recipe file")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -22,6 +22,7 @@ from onnx_admm import __version__
 from onnx_admm.data import Dataset
 from onnx_admm.pipeline.results import CompressResult, Measured
 from onnx_admm.recipe import nm_pattern
+from onnx_admm.report_schema import SCHEMA_VERSION
 from onnx_admm.structured import NM, nm_runtimes
 from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
 
@@ -95,6 +96,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
                                       imported.ort_batch)
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
+        "schema_version": SCHEMA_VERSION,  # the contract readers check first (onnx_admm.report_schema)
         "structure": structure,
         "nm": nm,
         "batch": {**_batch_report(imported, measured.batch.train, validation.batch_size),
