@@ -256,6 +256,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
     from onnx_admm.api import compress as run_compress
+    from onnx_admm.distributed import PeerFailed, World
     from onnx_admm.recipe import CompressConfig
 
     config = CompressConfig.from_toml(recipe) if recipe else CompressConfig()
@@ -288,6 +289,8 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
                               max_accuracy_drop=max_accuracy_drop, metric_floor=metric_floor,
                               keep_failed=keep_failed,
                               protect={"the recipe": recipe})
+    except PeerFailed as exc:  # under torchrun, a rank other than 0: rank 0 says why
+        sys.exit(exc.exit_status)
     except CompressInterrupted as exc:
         click.echo(exc.describe(), err=True)
         sys.exit(exc.exit_status)
@@ -296,7 +299,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
             click.echo(_summary(exc.result.report))
         click.echo(str(exc), err=True)
         sys.exit(EXIT_GATE)
-    if not quiet:
+    if not quiet and World.from_env().main:  # one table, not one per process
         click.echo(_summary(result.report))
 
 

@@ -190,9 +190,14 @@ def train_epoch(
     after_step: Sequence[Callable[[], None]] = (),
     on_batch: Callable[[int, float, float | None], None] | None = None,
     before_forward: Sequence[Callable[[], None]] = (),
+    agree: Callable[[float], float] | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; hooks run before the forward pass, after ``backward()`` and after
     ``optimizer.step()``.
+
+    ``agree`` turns each batch's loss into the one every process of a data-parallel run acts on (their
+    mean, ``onnx_admm.distributed.World.mean``): a non-finite loss on any process then stops them all
+    at the same step, where stopping one alone would leave the others waiting in the gradient all-reduce.
 
     Raises:
         NonFiniteLoss: as soon as a loss is NaN or infinite (before any step is taken with it).
@@ -211,7 +216,7 @@ def train_epoch(
             teacher_out = (teacher(*batch.inputs) if teacher is not None and (not labelled or loss_fn.distill > 0)
                            else None)
         loss = loss_fn(outputs, batch.labels, teacher_out)
-        value = loss.item()
+        value = loss.item() if agree is None else agree(loss.item())
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss is {value} at batch {i}")
         optimizer.zero_grad(set_to_none=True)

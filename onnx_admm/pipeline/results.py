@@ -205,3 +205,4 @@ class Measured:
     dense_metric: float | None
     left_alone: dict[str, str]
     warnings: list[str]
+    distributed: dict[str, Any] | None = None  # processes and per-rank batch size (onnx_admm.distributed)
