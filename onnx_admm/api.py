@@ -438,12 +438,11 @@ class _Runner:
 
     def world_report(self) -> dict[str, Any]:
         """The report's ``distributed``: processes, batch sizes, and what each rank trained on and ended with."""
+        ranks = self.world.gather((self.batches_trained, self.state_digests))
         out = {"world_size": self.world.size, "rank_batch_size": self.cfg.batch_size,
-               "global_batch_size": self.world.size * self.cfg.batch_size}
+               "global_batch_size": self.world.size * self.cfg.batch_size, "batches_per_rank": [b for b, _ in ranks]}
         if self.world.active:
-            ranks = self.world.gather((self.batches_trained, self.state_digests))
-            out.update(backend=torch.distributed.get_backend(), batches_per_rank=[b for b, _ in ranks],
-                       stage_sha256_per_rank=[d for _, d in ranks],
+            out.update(backend=torch.distributed.get_backend(), stage_sha256_per_rank=[d for _, d in ranks],
                        identical_across_ranks=all(d == ranks[0][1] for _, d in ranks))
             if not out["identical_across_ranks"]:
                 logger.warning("the ranks ended a stage with different masks, levels or weights: rank 0's are written")

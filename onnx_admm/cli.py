@@ -22,7 +22,7 @@ from converters.errors import UserError
 from onnx_admm import __version__
 from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
-EXIT_GATE = 3
+EXIT_GATE = 3  # AccuracyGateFailed.exit_status
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 

@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The exit status of a failed accuracy gate (cli.EXIT_GATE), passed on to the ranks that did not judge it.
-_GATE_STATUS = 3
 # How long a process waits for the others at a collective. torch's default (30 min for gloo, 10 for
 # nccl) would leave a run hanging long after a peer died in a way its launcher did not notice.
 _TIMEOUT = datetime.timedelta(minutes=10)
@@ -188,12 +186,10 @@ class World:
 
 
 def _status_of(exc: BaseException) -> int:
-    status = getattr(exc, "exit_status", None)  # CompressInterrupted: 130 or 143
-    if isinstance(status, int):
-        return status
-    if type(exc).__name__ == "AccuracyGateFailed":  # pipeline.results imports the ONNX side; keep this light
-        return _GATE_STATUS
-    return 1
+    """The exit status the command line gives ``exc``: its ``exit_status`` (CompressInterrupted: 130 or 143;
+    AccuracyGateFailed: 3), else 1."""
+    status = getattr(exc, "exit_status", None)
+    return status if isinstance(status, int) else 1
 
 
 @contextmanager
