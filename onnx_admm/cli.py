@@ -292,7 +292,8 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     except PeerFailed as exc:  # under torchrun, a rank other than 0: rank 0 says why
         sys.exit(exc.exit_status)
     except CompressInterrupted as exc:
-        click.echo(exc.describe(), err=True)
+        if World.from_env().main:  # under torchrun the others were interrupted too, and wrote nothing
+            click.echo(exc.describe(), err=True)
         sys.exit(exc.exit_status)
     except AccuracyGateFailed as exc:
         if not quiet:

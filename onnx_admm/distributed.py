@@ -56,6 +56,21 @@ class PeerFailed(UserError):
         self.exit_status = status
 
 
+class PeerLost(UserError):
+    """A collective failed: another process of the run died (killed, out of memory, an error of its own)."""
+
+
+@contextmanager
+def _peers(world: World) -> Iterator[None]:
+    """A failed collective as one line instead of gloo's traceback; the dead process's own log says why."""
+    try:
+        yield
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(f"rank {world.rank} of {world.size} lost contact with the other processes of the run "
+                       f"({first}); the log of the process that stopped says why; nothing was written") from None
+
+
 @dataclass(frozen=True)
 class World:
     """The processes of one run: ``size`` of them, this one ``rank`` (``local_rank`` on its node)."""
@@ -124,7 +139,8 @@ class World:
             for t in tensors:
                 # gloo has no bool type: masks travel as bytes.
                 wire = t.to(here, torch.uint8 if t.dtype == torch.bool else t.dtype).contiguous()
-                dist.broadcast(wire, 0)
+                with _peers(self):
+                    dist.broadcast(wire, 0)
                 if wire.data_ptr() != t.data_ptr():
                     t.copy_(wire.to(t.dtype))
 
@@ -136,7 +152,8 @@ class World:
         value = compute() if self.main else None
         wire = torch.tensor([value is None, 0.0 if value is None else value], dtype=torch.float64,
                             device=self._device())
-        dist.broadcast(wire, 0)
+        with _peers(self):
+            dist.broadcast(wire, 0)
         return None if wire[0].item() else wire[1].item()
 
     def mean(self, value: float) -> float:
@@ -144,7 +161,8 @@ class World:
         if not self.active:
             return value
         wire = torch.tensor([value], dtype=torch.float64, device=self._device())
-        dist.all_reduce(wire)
+        with _peers(self):
+            dist.all_reduce(wire)
         return wire.item() / self.size
 
     def gather(self, value: T) -> list[T]:
@@ -152,7 +170,8 @@ class World:
         if not self.active:
             return [value]
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
+        with _peers(self):
+            dist.all_gather_object(out, value)
         return out
 
     def conclude(self, finish: Callable[[], T], follow: Callable[[dict | None], T]) -> T:
@@ -181,7 +200,8 @@ class World:
 
     def _announced(self) -> tuple[int, str, dict | None]:
         box: list[Any] = [None, None, None]
-        dist.broadcast_object_list(box, 0)
+        with _peers(self):
+            dist.broadcast_object_list(box, 0)
         return box[0], box[1], box[2]
 
 
