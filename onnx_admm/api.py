@@ -135,6 +135,11 @@ def compress(
     external data, the data files, ``protect``) or another output. While compress runs in the main
     thread SIGTERM acts like Ctrl-C, and a signal during a file write waits until the file is whole.
 
+    Under torchrun (WORLD_SIZE > 1) every process calls it the same way: the training is data-parallel
+    (``onnx_admm.distributed``; ``config.train.batch_size`` per process), rank 0 alone writes, and the
+    other ranks return the same result and report with no files of their own, or raise
+    ``distributed.PeerFailed`` with rank 0's exit status when it failed.
+
     Returns:
         A CompressResult with ``.save(path)``, ``.report`` and ``.files`` (what was written).
 
