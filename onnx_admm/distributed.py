@@ -235,6 +235,7 @@ class SyncedADMM(ADMM):
     def __init__(self, world: World, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.world = world
+        world.broadcast_(self.Z.values())
 
     def update(self) -> dict[str, float]:
         residuals = super().update()
