@@ -43,9 +43,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# How long a process waits for the others at a collective. torch's default (30 min for gloo, 10 for
-# nccl) would leave a run hanging long after a peer died in a way its launcher did not notice.
-_TIMEOUT = datetime.timedelta(minutes=10)
+# How long a process waits for the others at one collective. The other ranks wait in one while rank 0
+# validates in onnxruntime and writes, which can outlast torch's default (30 min for gloo, 10 for nccl)
+# on a large model; a peer that dies is noticed at once anyway (its connection closes), so the timeout
+# only ends a wait on a peer that hangs.
+_TIMEOUT = datetime.timedelta(hours=3)
 
 
 class PeerFailed(UserError):
