@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -101,6 +103,8 @@ def test_compress_on_two_processes_matches_one_at_the_same_global_batch(digits_s
     assert dist["batches_per_rank"] == [24, 24] == 2 * alone["distributed"]["batches_per_rank"]
     assert alone["distributed"] == {"world_size": 1, "rank_batch_size": 32, "global_batch_size": 32,
                                     "batches_per_rank": [24]}
+    samples = [[h["samples"] for stage in r["stages"] for h in stage["history"]] for r in (report, alone)]
+    assert samples == [[180, 180], [360, 360]]  # rank 0's epochs: half the samples
     # Masks, levels and kept weights bit-identical on both ranks, stage by stage.
     assert dist["identical_across_ranks"] and len(dist["stage_sha256_per_rank"]) == 2
     assert dist["stage_sha256_per_rank"][0] == dist["stage_sha256_per_rank"][1]
@@ -146,3 +150,29 @@ def test_collectives_keep_the_ranks_in_step(tmp_path):
     ran = _torchrun(str(script), timeout=60)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "rank 0 failed its gate" in ran.stdout and "rank 1 follows with 3" in ran.stdout
+
+
+def test_sigterm_to_torchrun_saves_rank_0s_last_stage_once_and_leaves_nothing_partial(digits_sample, tmp_path):
+    out = tmp_path / "out.onnx"
+    # Stages of a few seconds each: the signal comes after the first one, long before the second ends.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "onnx_admm.cli",
+         "compress", str(digits_sample.model), "--data", str(digits_sample.train), "-o", str(out), "--report",
+         str(tmp_path / "r.json"), "--sparsity", "0.9", "--stages", "2", "--admm-epochs", "1", "--retrain-epochs", "40",
+         "--threads", "1"], env=_env(), stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:  # the progress lines come from rank 0 alone
+            lines.append(line)
+            if line.startswith("stage 2/2:"):
+                proc.send_signal(signal.SIGTERM)  # as CI and `timeout` stop the launcher; it passes it on
+                break
+        lines += proc.stderr.read().splitlines(keepends=True)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    log = "".join(lines)
+    saved = [line for line in lines if line.startswith("interrupted by SIGTERM")]
+    assert len(saved) == 1 and "during stage 2: saved stage 1" in saved[0], log  # rank 1 wrote and said nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"], log  # whole, and no temporary entry
+    onnx.checker.check_model(str(out))
