@@ -33,6 +33,7 @@ from converters.encoders import QuantSpec
 from onnx_admm.activations import activation_report, calibration_data
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import LABELS, Dataset, PluginData, as_data
+from onnx_admm.distributed import SyncedADMM, World, digest, session
 from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
@@ -173,6 +174,11 @@ def compress(
     external data, the data files, ``protect``) or another output. While compress runs in the main
     thread SIGTERM acts like Ctrl-C, and a signal during a file write waits until the file is whole.
 
+    Under torchrun (WORLD_SIZE > 1) every process calls it the same way: the training is data-parallel
+    (``onnx_admm.distributed``; ``config.train.batch_size`` per process), rank 0 alone writes, and the
+    other ranks return the same result and report with no files of their own, or raise
+    ``distributed.PeerFailed`` with rank 0's exit status when it failed.
+
     Returns:
         A CompressResult with ``.save(path)``, ``.report`` and ``.files`` (what was written).
 
@@ -188,7 +194,8 @@ def compress(
     gate = Gate(max_accuracy_drop, metric_floor)
     memory = PeakMemory()
     check_config(config)
-    shown = display(progress)
+    world = World.from_env()  # several processes under torchrun (onnx_admm.distributed)
+    shown = display(progress if world.main else None)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     files = RunFiles.plan(_model_name(original_path), output, report_path, save_stages,
                           gated=gate.active, keep_failed=keep_failed)
@@ -196,6 +203,8 @@ def compress(
     locations = external_locations(original_path) if original_path is not None else set()
     inputs = input_files(model, data, val_data, protect, locations=locations)
     files.check(inputs)
+    if not world.main:  # rank 0 alone writes: no code path of another rank can leave a file
+        files = RunFiles()
     threads_before = torch.get_num_threads()
     with sigterm_interrupts():
         try:
@@ -208,11 +217,12 @@ def compress(
             torch.manual_seed(cfg.seed)
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            with shown as emit:
+            with shown as emit, session(world, world.device(cfg.device)):
                 emit = emit or (lambda event: None)
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
-                                             emit, files, inputs, memory)
-                return _finish(result, measured, files, original_path, started, gate, emit)
+                                             emit, files, inputs, memory, world)
+                return world.conclude(lambda: _finish(result, measured, files, original_path, started, gate, emit),
+                                      lambda report: _followed(result, report))
         except CompressInterrupted:  # raised by a later step with what it kept
             raise
         except KeyboardInterrupt as exc:  # before training started: nothing to keep
@@ -222,10 +232,10 @@ def compress(
 
 
 def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, files,
-              inputs, memory: PeakMemory) -> tuple[CompressResult, Measured]:
+              inputs, memory: PeakMemory, world: World = World()) -> tuple[CompressResult, Measured]:
     """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
-    device = torch.device(cfg.device)
+    device = world.device(cfg.device)
     check_weights(imported)
     if not imported.compressible():
         raise UserError(_nothing_to_compress(imported))
@@ -241,8 +251,11 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
+    if world.active and isinstance(train_data, PluginData):
+        raise UserError("a loader plugin cannot be split over several processes yet (its epoch length is unknown, and "
+                        "every process must take the same number of steps); pass an .npz, or run one process")
     calibration = calibration_data(original, train_data, config.output)
-    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory)
+    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory, world)
     name = _model_name(original_path)
     try:
         runner.run()
@@ -264,7 +277,14 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                         "the allocation barely chooses; lower them")
         logger.warning("%s", warnings[-1])
-    return result, Measured(held_out, runner.dense_metric, left_alone, warnings, memory, runner.batch)
+    return result, Measured(held_out, runner.dense_metric, left_alone, warnings, memory, runner.batch,
+                            runner.world_report())
+
+
+def _followed(result: CompressResult, report: dict | None) -> CompressResult:
+    """A rank other than 0 after rank 0 wrote the outputs: the same result and report, no files of its own."""
+    result.report = report or {}
+    return result
 
 
 def _model_name(original_path: Path | None) -> str:
@@ -338,6 +358,7 @@ def _write_outputs(result, measured, files, original_path, started, gate: Gate, 
         raise ReportFailed(result, out.written[0], exc) from None
     if measured.left_alone:
         report["left_alone"] = measured.left_alone
+    report["distributed"] = measured.distributed
     report["warnings"] = measured.warnings + report["warnings"]
     m = report["metrics"]
     report["gate"], failure = gate.judge(report["accuracy_drop"],
@@ -419,8 +440,8 @@ class _Runner:
 
     def __init__(self, imported: ImportedModel, config: CompressConfig, plan: Plan, train_data, select: Dataset,
                  held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup],
-                 memory: PeakMemory | None = None) -> None:
-        self.imported, self.config, self.plan, self.groups = imported, config, plan, groups
+                 memory: PeakMemory | None = None, world: World = World()) -> None:
+        self.imported, self.config, self.plan, self.groups, self.world = imported, config, plan, groups, world
         self.cfg = config.train
         self.train_data, self.select, self.held_out, self.device, self.emit = train_data, select, held_out, device, emit
         score = imported.score
@@ -440,6 +461,9 @@ class _Runner:
         self.loss_fn = Loss(self.score, distill=self.cfg.distill, balance=self.cfg.balance)
         self.batch, self.warnings = choose_batch(imported, self.cfg, self.teacher is not None)
         self.memory = memory or PeakMemory()
+        self.trained = world.wrap(imported.module, device)  # what the training steps run (DDP under torchrun)
+        self.batches_trained = 0
+        self.state_digests: list[str] = []  # per stage: masks, levels and kept weights (equal on every rank)
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
@@ -450,19 +474,37 @@ class _Runner:
     # -- helpers
 
     def batches(self, ds, shuffle: bool, seed: int | None = None, steps: bool = False):
-        """Tensor batches of ``ds``: with ``steps``, one list of chunks per training step, else chunk by chunk."""
+        """Tensor batches of ``ds``: with ``steps``, one list of chunks per training step, else chunk by chunk.
+
+        Training batches are this process's share of the epoch's order; evaluation reads the whole split.
+        """
         # A plugin's layout (which inputs have a sample axis) is the one its first samples showed.
         batched = ds.batched if isinstance(ds, Dataset) else self.select.batched
-        return _to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed), self.imported.input_names,
-                           self.device, self.batch.chunk, batched, steps)
+        shard = {"shard": (self.world.rank, self.world.size)} if shuffle and self.world.active else {}
+        return _to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed, **shard),
+                           self.imported.input_names, self.device, self.batch.chunk, batched, steps)
 
     def val_metric(self) -> float | None:
         """The metric on the held-out split (reported only, never used to choose)."""
-        return evaluate(self.imported.module, self.batches(self.held_out, False), self.score, self.teacher)
+        return self.world.agreed(
+            lambda: evaluate(self.imported.module, self.batches(self.held_out, False), self.score, self.teacher))
 
     def select_metric(self) -> float | None:
-        """The metric on the selection split, which picks the retraining state kept."""
-        return evaluate(self.imported.module, self.batches(self.select, False), self.score, self.teacher)
+        """The metric on the selection split, which picks the retraining state kept (rank 0's, on every rank)."""
+        return self.world.agreed(
+            lambda: evaluate(self.imported.module, self.batches(self.select, False), self.score, self.teacher))
+
+    def world_report(self) -> dict[str, Any]:
+        """The report's ``distributed``: processes, batch sizes, and what each rank trained on and ended with."""
+        ranks = self.world.gather((self.batches_trained, self.state_digests))
+        out = {"world_size": self.world.size, "rank_batch_size": self.batch.train,
+               "global_batch_size": self.world.size * self.batch.train, "batches_per_rank": [b for b, _ in ranks]}
+        if self.world.active:
+            out.update(backend=torch.distributed.get_backend(), stage_sha256_per_rank=[d for _, d in ranks],
+                       identical_across_ranks=all(d == ranks[0][1] for _, d in ranks))
+            if not out["identical_across_ranks"]:
+                logger.warning("the ranks ended a stage with different masks, levels or weights: rank 0's are written")
+        return out
 
     def optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -517,11 +559,14 @@ class _Runner:
         supports = admm.hard_project()
         levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
                   for name, w in quantized.items()}
+        self.world.broadcast_(level.levels for level in levels.values())
         kept = self.removed_filters(supports)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         _load_values(self.imported, values)
         self.memory.mark(f"stage{stage + 1}.retrain")
+        self.state_digests.append(digest([*supports.values(), *(lv.levels for lv in levels.values()),
+                                          *(values[n] for n in sorted(values))]))
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
         self.stages.append(StageResult(
@@ -604,8 +649,8 @@ class _Runner:
         cap = admm_cfg.rho_max
         if cap is None:
             cap = max(rho, rho_cap(self.cfg.lr, self.cfg.momentum)) if self.cfg.optimizer == "sgd" else math.inf
-        admm = ADMM(params, lambda values: self.constraints(stage, previous, values),
-                    RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
+        admm = SyncedADMM(self.world, params, lambda values: self.constraints(stage, previous, values),
+                          RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
         logger.info("stage %d ADMM: rho %.3g (x%.3g per update), a Z/U update every %d %s", stage, rho,
                     admm_cfg.rho_growth, every, "steps" if per_epoch is not None else "epochs")
         optimizer = self.optimizer()
@@ -659,7 +704,8 @@ class _Runner:
     def steps_per_epoch(self) -> int | None:
         if not isinstance(self.train_data, Dataset):
             return None
-        return -(-len(self.train_data) // self.batch.train)
+        samples = -(-len(self.train_data) // self.world.size)  # this process's share (data.shard_order)
+        return -(-samples // self.batch.train)
 
     def phase_length(self, epochs: float) -> tuple[int, int | None]:
         """(epochs run, steps) of a phase of ``epochs`` epochs; steps are None for a loader plugin, which
@@ -695,6 +741,7 @@ class _Runner:
 
         def count() -> None:
             done[0] += 1
+            self.batches_trained += 1
             if total is not None:
                 set_lr()
 
@@ -710,11 +757,11 @@ class _Runner:
                 batches = itertools.islice(batches, steps)
             try:
                 stats = train_epoch(
-                    imported.module, batches, self.loss_fn, optimizer, self.teacher, hooks_backward,
+                    self.trained, batches, self.loss_fn, optimizer, self.teacher, hooks_backward,
                     [*hooks_step, count],
                     on_batch=lambda i, loss, acc: self.emit({"kind": "batch", "stage": stage, "phase": phase,
                                                              "epoch": epoch, "batch": i, "loss": loss, "acc": acc}),
-                    before_forward=hooks_forward,
+                    before_forward=hooks_forward, agree=self.world.mean if self.world.active else None,
                 )
                 # The loss check sees a step's damage only at the next batch: after the epoch's last step
                 # a non-finite weight would otherwise reach the next snapshot and make rollback useless.

@@ -22,7 +22,7 @@ from converters.errors import UserError
 from onnx_admm import __version__
 from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
-EXIT_GATE = 3
+EXIT_GATE = 3  # AccuracyGateFailed.exit_status
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -260,6 +260,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
     from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
     from onnx_admm.api import compress as run_compress
     from onnx_admm.html_report import check_compress_html, write_compress_html
+    from onnx_admm.distributed import PeerFailed, World
     from onnx_admm.recipe import CompressConfig
 
     if html_path:  # before any training, like every other output
@@ -295,8 +296,11 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
                               max_accuracy_drop=max_accuracy_drop, metric_floor=metric_floor,
                               keep_failed=keep_failed,
                               protect={"the recipe": recipe})
+    except PeerFailed as exc:  # under torchrun, a rank other than 0: rank 0 says why
+        sys.exit(exc.exit_status)
     except CompressInterrupted as exc:
-        click.echo(exc.describe(), err=True)
+        if World.from_env().main:  # under torchrun the others were interrupted too, and wrote nothing
+            click.echo(exc.describe(), err=True)
         sys.exit(exc.exit_status)
     except AccuracyGateFailed as exc:
         if not quiet:
@@ -307,7 +311,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         sys.exit(EXIT_GATE)
     if html_path:
         write_compress_html(result.report, html_path)
-    if not quiet:
+    if not quiet and World.from_env().main:  # one table, not one per process
         click.echo(_summary(result.report))
 
 

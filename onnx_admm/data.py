@@ -105,7 +105,8 @@ class Dataset:
         return self._subset(np.arange(min(n, len(self))))
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False
+        self, batch_size: int, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Feed]:
         """Feeds of ``batch_size`` samples: ``{input_name: array}`` plus ``"labels"`` when present.
 
@@ -117,6 +118,7 @@ class Dataset:
             shuffle: Visit the samples in a permuted order.
             seed: Seed of that permutation (None: a fresh one each call).
             drop_last: Skip a final feed smaller than ``batch_size``.
+            shard: ``(rank, size)``: only this process's share of the order (``shard_order``).
 
         Yields:
             One feed per batch.
@@ -125,6 +127,9 @@ class Dataset:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
+        if shard is not None:
+            order = shard_order(order if order is not None else np.arange(n), *shard)
+            n = len(order)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             if drop_last and stop - start < batch_size:
@@ -205,6 +210,17 @@ class Rows:
 
     def __repr__(self) -> str:
         return f"Rows({len(self)} of {len(self.array)} samples, shape {self.shape}, {self.dtype})"
+
+
+def shard_order(order: np.ndarray, rank: int, size: int) -> np.ndarray:
+    """Process ``rank``'s share of ``order`` among ``size`` processes, as torch's DistributedSampler splits it:
+    every ``size``-th sample from position ``rank``, the order first padded with its own first samples to a
+    multiple of ``size``, so every process gets the same number of batches (a collective step waits for all).
+
+    Batch i of every process together then holds the samples of the single-process batch i at ``size``
+    times the batch size."""
+    padded = np.resize(order, -(-len(order) // size) * size) if len(order) else order
+    return padded[rank::size]
 
 
 def _sample_counts(data: Dataset) -> dict[str, int]:

@@ -234,6 +234,7 @@ def train_epoch(
     after_step: Sequence[Callable[[], None]] = (),
     on_batch: Callable[[int, float, float | None], None] | None = None,
     before_forward: Sequence[Callable[[], None]] = (),
+    agree: Callable[[float], float] | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; hooks run before the forward pass, after ``backward()`` and after
     ``optimizer.step()``.
@@ -241,6 +242,10 @@ def train_epoch(
     An item may be a sequence of batches: the chunks of one step, whose gradients are accumulated (each
     chunk's loss weighted by its share of the samples) before the one optimizer step, so a batch too large
     for memory trains as if whole.
+
+    ``agree`` turns each batch's loss into the one every process of a data-parallel run acts on (their
+    mean, ``onnx_admm.distributed.World.mean``): a non-finite loss on any process then stops them all
+    at the same step, where stopping one alone would leave the others waiting in the gradient all-reduce.
 
     Raises:
         NonFiniteLoss: as soon as a loss is NaN or infinite (before any step is taken with it).
@@ -265,7 +270,7 @@ def train_epoch(
                                else None)
             loss = loss_fn(outputs, chunk.labels, teacher_out)
             share = _samples(chunk) / size
-            chunk_value = loss.item()
+            chunk_value = loss.item() if agree is None else agree(loss.item())
             if not math.isfinite(chunk_value):
                 raise NonFiniteLoss(f"loss is {chunk_value} at batch {i}")
             (loss * share if len(chunks) > 1 else loss).backward()

@@ -179,6 +179,8 @@ class AccuracyGateFailed(OnnxAdmmError):
     ``max_accuracy_drop``, or its task metric falls under the floor); the outputs are written, the model
     under its ``.gate-failed`` name (or not at all without ``keep_failed``)."""
 
+    exit_status = 3  # the command line's (cli.EXIT_GATE), which the other ranks of a torchrun end with too
+
     def __init__(self, result: CompressResult, reason: str, saved: Path | None) -> None:
         where = (f"the model is saved as {saved}, not under the output name" if saved is not None
                  else "the model was not written")
@@ -209,3 +211,4 @@ class Measured:
     warnings: list[str]
     memory: PeakMemory
     batch: BatchChoice
+    distributed: dict[str, Any] | None = None  # processes and per-rank batch size (onnx_admm.distributed)
