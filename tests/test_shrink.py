@@ -362,7 +362,9 @@ def test_sparse_initializer_consumer_is_reencoded(onnx_model_file):
 
 def test_errors_and_no_op(onnx_model_file):
     model = onnx.load(str(onnx_model_file("resnet_block_torchscript")))
-    with pytest.raises(ValueError, match=r"'conv2.weight' cannot be shrunk: coupled through Add /Add"):
+    with pytest.raises(ValueError, match=r"'fc.weight' cannot be shrunk: the channels reach the graph output"):
+        shrink(model, {"fc.weight": [0, 1]})
+    with pytest.raises(ValueError, match=r"'conv2.weight' is a member of the coupled group 'stem.weight'"):
         shrink(model, {"conv2.weight": [0, 1]})
     with pytest.raises(ValueError, match="not a channel group"):
         shrink(model, {"bn1.weight": [0]})
