@@ -349,7 +349,8 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     floors = check_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     groups, left_alone = {}, {}
     if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
-        groups = {g.name: g for g in channel_groups(original)}
+        # Every member of a coupled group (the convs of one residual sum) finds the group by its weight.
+        groups = {member: g for g in channel_groups(original) for member in g.producers}
         plan, left_alone = _keep_removable_filters(plan, groups)
     if any(nm_pattern(w.structure) for w in plan.weights):
         shapes = {s.name: imported.module.get_parameter(s.name).shape for s in specs}
@@ -670,15 +671,19 @@ class _Runner:
         the masked model computes exactly what the shrunk graph will.
         """
         entries = {e.onnx_name: e for e in self.imported.weights if e.owns_tensor}
-        kept_channels = {}
+        kept_channels, device = {}, None
         for w in self.plan.weights:
             if w.structure != "filter" or w.spec.label not in self.groups:
                 continue
             group = self.groups[w.spec.label]
             support = supports[w.spec.name]
-            axis = w.spec.out_axis
+            axis, device = w.spec.out_axis, support.device
             kept = support.movedim(axis, 0).reshape(support.shape[axis], -1).any(dim=1).cpu().numpy()
-            kept_channels[group.name] = kept
+            # The members of a coupled group were projected together (plan.coupled): a channel stays in the
+            # graph while any member keeps it.
+            kept_channels[group.name] = kept | kept_channels.get(group.name, False)
+        for name, kept in kept_channels.items():
+            group = self.groups[name]
             removed = np.flatnonzero(~kept)
             for piece in group.consumers:
                 entry = entries[piece.tensor]
@@ -687,7 +692,7 @@ class _Runner:
                 index[piece.axis] = piece.positions(group.n_channels, removed)
                 mask[tuple(index)] = False
                 mask_t = torch.from_numpy(np.ascontiguousarray(mask.T if entry.layout.transpose else mask))
-                mask_t = mask_t.to(support.device)
+                mask_t = mask_t.to(device)
                 supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
         return kept_channels
 
@@ -873,13 +878,22 @@ def _mean_residual(admm: ADMM) -> float | None:
 
 
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
+    """Filter pruning only where the channels can leave the graph, a coupled group's members all pruned
+    together (``plan.coupled``) or all left alone."""
+    filtered = [w for w in plan.weights if w.structure == "filter" and (w.sparsity is not None or w.shared)]
+    pruned = {w.spec.label: w.spec.name for w in filtered}
     left_alone = {}
-    for w in plan.weights:
-        group = groups.get(w.spec.label)
-        if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
-            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
-    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+    for w in filtered:
+        label, group = w.spec.label, groups.get(w.spec.label)
+        if group is None or not group.prunable:
+            left_alone[label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
+        elif missing := [m for m in group.producers if m not in pruned]:
+            left_alone[label] = (f"coupled with {', '.join(missing)} (their outputs meet in a residual sum), which "
+                                 "the recipe does not filter-prune: a coupled group is pruned whole or not at all")
+    plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+    coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
+               if label in pruned and label not in left_alone and len(g.producers) > 1}
+    return dataclasses.replace(plan, coupled=tuple(coupled.values())), left_alone
 
 
 # The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully

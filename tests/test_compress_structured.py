@@ -72,5 +72,9 @@ def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_
         ok, diff = within_tolerance(result.imported.run(x), _ort(out, x))
         assert ok, (key, batch, diff)
     if key == "resnet_block_torchscript":
-        # the stem and the block's second conv are coupled through the residual Add: left alone
-        assert any("Add" in reason for reason in result.report["left_alone"].values())
+        # the stem and the block's second conv are coupled through the residual Add: pruned as one group
+        assert kept == {"stem.weight": 4, "conv1.weight": 4}
+        shapes = _shapes(out)
+        assert shapes["stem.weight"] == [4, 3, 3, 3] and shapes["conv2.weight"] == [4, 4, 3, 3]
+        assert shapes["fc.weight"] == [10, 4]
+        assert set(result.report["left_alone"]) == {"fc.weight"}
