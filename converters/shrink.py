@@ -198,6 +198,7 @@ def shrink(
         changes.append(f"{label}: group {attr.i} -> {new_group}")
         attr.i = new_group
 
+    replaced: dict[str, np.ndarray] = {}
     for name, value in values.items():
         before = tensor_value(model, sources[name])
         if before.shape == value.shape and np.array_equal(before, value):
@@ -206,8 +207,9 @@ def shrink(
             changes.append(f"{name}: {before.tolist()} -> {value.tolist()}")
         else:
             changes.append(f"{name}: {list(before.shape)} -> {list(value.shape)}")
-        _set_tensor(out, sources[name].location, name, value)
+        replaced[name] = value
         changed_tensors.add(name)
+    _set_tensors(out, {name: sources[name].location for name in replaced}, replaced)
 
     # Stale shapes would contradict the new ones: drop them (onnxruntime infers what it needs).
     kept_info = [v for v in out.graph.value_info if v.name not in changed_tensors]
@@ -219,28 +221,34 @@ def shrink(
     return ShrinkResult(out, changes, cuts)
 
 
-def _set_tensor(model: onnx.ModelProto, location: str, name: str, value: np.ndarray) -> None:
-    """Replace constant ``name`` with its cut value (external data becomes inline).
+def _set_tensors(model: onnx.ModelProto, locations: Mapping[str, str], values: Mapping[str, np.ndarray]) -> None:
+    """Replace each constant of ``values`` with its cut value (external data becomes inline).
 
     An initializer or sparse initializer is stored again by the smaller of the dense and sparse encodings:
     a pruned weight stored sparse before the cut is mostly dense after it. A Constant node keeps its place.
+    The initializer lists are rebuilt once: rebuilding them per tensor copied a ResNet's weights 40 times.
     """
     graph = model.graph
-    if location in ("initializer", "sparse_initializer"):
-        candidates = [DenseEncoder().encode(name, value)]
-        if name not in {i.name for i in graph.input}:
-            candidates.append(SparseEncoder().encode(name, value))
-        best = min((c for c in candidates if c is not None), key=lambda c: c.nbytes)
-        kept = [t for t in graph.initializer if t.name != name]
-        del graph.initializer[:]
-        graph.initializer.extend(kept + best.initializers)
-        kept_sparse = [t for t in graph.sparse_initializer if t.values.name != name]
-        del graph.sparse_initializer[:]
-        graph.sparse_initializer.extend(kept_sparse + best.sparse_initializers)
-    else:
-        node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
-        del node.attribute[:]
-        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
+    inputs = {i.name for i in graph.input}
+    stored: dict[str, object] = {}
+    for name, value in values.items():
+        if locations[name] in ("initializer", "sparse_initializer"):
+            candidates = [DenseEncoder().encode(name, value)]
+            if name not in inputs:
+                candidates.append(SparseEncoder().encode(name, value))
+            stored[name] = min((c for c in candidates if c is not None), key=lambda c: c.nbytes)
+        else:
+            node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
+    if not stored:
+        return
+    kept = [t for t in graph.initializer if t.name not in stored]
+    kept_sparse = [t for t in graph.sparse_initializer if t.values.name not in stored]
+    del graph.initializer[:]
+    del graph.sparse_initializer[:]
+    graph.initializer.extend(kept + [t for best in stored.values() for t in best.initializers])
+    graph.sparse_initializer.extend(kept_sparse + [t for best in stored.values() for t in best.sparse_initializers])
 
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict:
