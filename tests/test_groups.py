@@ -147,6 +147,17 @@ def test_stops_with_a_reason(body, inits, reason):
     assert reason in group.reason
 
 
+def test_a_residual_sum_with_a_graph_input_stops_the_group():
+    model = _model(
+        "c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w4, b)\n s = Add (c, input)\n r = Relu (s)"
+        + _GAP_HEAD,
+        "float[4, 4, 3, 3] w4 = " + _floats((4, 4, 3, 3), 1) + ", float[4] b = " + _floats((4,), 2) + ", " + _HEAD,
+        inputs="float[N, 4, 6, 6] input",
+    )
+    group = channel_groups(model)[0]
+    assert not group.prunable and "coupled through Add" in group.reason and "graph input 'input'" in group.reason
+
+
 def test_summary_for_inspect(onnx_model_file):
     groups = channel_groups(onnx.load(str(onnx_model_file("lenet5_dynamo"))))
     summary = channel_groups_summary(groups)
