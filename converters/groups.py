@@ -173,12 +173,12 @@ class _Analysis:
             except NotPrunable as exc:
                 n_channels = _out_channels(node, shape)
                 group = ChannelGroup(weight, label, node.op_type, n_channels, prunable=False, reason=str(exc))
-            if group.prunable and seen.intersection(group.members[1:]):
-                # Listed before as a group of their own: each walk must see the same coupling, or a tensor
-                # would be cut twice.
+            listed = sorted(seen.intersection(group.members) - {weight})
+            if group.prunable and listed:
+                # Members listed before, not prunable from their own start: each walk must see the same
+                # coupling, or a tensor would be cut twice.
                 group = ChannelGroup(weight, label, node.op_type, group.n_channels, prunable=False,
-                                     reason=f"coupled with {sorted(seen.intersection(group.members[1:]))}, "
-                                            "whose own walk did not find this coupling")
+                                     reason=f"coupled with {listed}, whose own walk did not find this group")
             if group.prunable:
                 depthwise_of.update({n: group.name for n in group.depthwise_nodes})
                 seen.update(group.members)
@@ -272,9 +272,12 @@ class _Analysis:
                 )
             producer = self.nodes[i]
             weight = self.constant(producer.input[1]) if len(producer.input) > 1 else None
-            if producer.op_type in ("Conv", "Gemm", "MatMul") and weight is not None:
-                is_depthwise = producer.op_type == "Conv" and node_attr(producer, "group", 1) != 1
-                if not is_depthwise:
+            if producer.op_type in LINEAR and weight is not None:
+                # A depthwise Conv passes its input's channels on; any other layer makes the branch's
+                # channels (a ConvTranspose too: the group then stops at its start, with the reason).
+                depthwise = producer.op_type == "Conv" and node_attr(producer, "group", 1) != 1 and (
+                    self.value(weight).shape[1] == 1)
+                if not depthwise:
                     found.append(i)
                     continue
             # The channels come through the data operand (every computed operand of an elementwise op).
