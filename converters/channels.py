@@ -19,9 +19,9 @@ class TensorSlice:
     ``o * total * inner + (offset + c) * inner + i`` for ``o < outer`` and ``i < inner``: ``inner = H*W``
     after a ``[C, H, W]`` flatten (or the multiplier of a depthwise Conv), ``outer = H*W`` after a
     channels-last one. ``total`` is the number of channels of the axis (``n_channels`` when None) and
-    ``offset`` where the group's start: after a Concat on the channel axis each input's group owns its
-    own range of the concatenated channels. ``nodes`` lists the (node label, input index) reads this
-    slice accounts for.
+    ``offset`` where the group's channels start: after a Concat on the channel axis each input's group
+    owns its own range of the concatenated channels. ``nodes`` lists the (node label, input index) reads
+    this slice accounts for.
     """
 
     tensor: str
