@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3, help="compress budget (train.epochs)")
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=HERE / "work")
     args = parser.parse_args(argv)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = train_dense(args.work, x, y, args.dense_epochs, args.width, args.threads)
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
     config = CompressConfig.from_dict({
-        "train": {"batch_size": 128, "lr": 0.01, "threads": args.threads, "epochs": args.epochs},
+        "train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs},
         "prune": {"sparsity": args.sparsity, "structure": "filter"},
     })
     out = args.work / f"{args.label}.onnx"
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     structure = result.report.get("structure") or {}
     row = {
         "label": args.label, "sparsity": args.sparsity, "epochs": args.epochs, "train": args.train,
-        "width": args.width, "dense_epochs": args.dense_epochs,
+        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr,
         "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,
         "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy),
         "macs": structure.get("macs"), "conv_weights": {"original": conv_weights(dense), "compressed": conv_weights(out)},
