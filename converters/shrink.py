@@ -166,7 +166,8 @@ def shrink(
         if name not in by_name:
             coupled = next((g.name for g in groups if name in g.producers), None)
             if coupled is not None:
-                raise ValueError(f"{name!r} is a member of the coupled group {coupled!r}: name the group by {coupled!r}")
+                raise ValueError(f"{name!r} is a member of the coupled group {coupled!r}: name the group by "
+                                 f"{coupled!r}")
             raise ValueError(f"{name!r} is not a channel group; groups are named by weight: {sorted(by_name)}")
         group = by_name[name]
         kept = kept_channels(group, mask)

@@ -469,8 +469,9 @@ def _shrunk_matches_masked_torch(path, input_shape: tuple[int, ...]):
             index = [slice(None)] * mask.ndim
             index[s.axis] = s.positions(g.n_channels, removed)
             mask[tuple(index)] = False
+            mask_t = torch.from_numpy(mask.T if entry.layout.transpose else mask)
             with torch.no_grad():
-                imported.module.get_parameter(entry.param).mul_(torch.from_numpy(mask.T if entry.layout.transpose else mask))
+                imported.module.get_parameter(entry.param).mul_(mask_t)
     # exact kept counts: every member loses its removed filters, every consumer their input channels
     for (tensor, axis), n in cut.items():
         assert _value(shrunk, tensor).shape[axis] == _value(model, tensor).shape[axis] - n, tensor

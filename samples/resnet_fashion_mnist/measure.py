@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr,
         "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,
         "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy),
-        "macs": structure.get("macs"), "conv_weights": {"original": conv_weights(dense), "compressed": conv_weights(out)},
+        "macs": structure.get("macs"),
+        "conv_weights": {"original": conv_weights(dense), "compressed": conv_weights(out)},
         "latency_ms": structure.get("latency"), "kept_channels": structure.get("kept_channels"),
         "left_alone": result.report.get("left_alone"), "wall_s": round(wall, 1),
     }
