@@ -3,6 +3,7 @@ shrink with them (``converters.groups`` describes the whole analysis)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,18 @@ class ChannelWalk:
     depthwise_nodes: list[str] = field(default_factory=list)
     reshapes: list[ShapeEdit] = field(default_factory=list)
 
-    def run(self, start: str, layout: ChannelLayout) -> None:
-        queue = [(start, layout)]
+    # Broadcasting ops (node index) whose other computed operand (the value) does not carry the channels:
+    # ``run`` leaves them waiting here; ``groups`` couples the producers of that operand or gives up.
+    blocked: dict[int, str] = field(default_factory=dict)
+
+    def entries(self, layout: ChannelLayout) -> int:
+        """Length of the channel axis of an activation or constant holding the channels in ``layout``."""
+        return layout.outer * (self.n if layout.total is None else layout.total) * layout.inner
+
+    def run(self, starts: list[tuple[str, ChannelLayout]]) -> None:
+        """Follow the channels from the producers' outputs ``starts``; ops waiting for another branch are
+        left in ``blocked``."""
+        queue = list(starts)
         done: set[int] = set()
         waiting: dict[int, str] = {}  # node index -> the operand not (yet) known to carry the channels
         while True:
@@ -59,13 +70,7 @@ class ChannelWalk:
                 del waiting[i]
                 done.add(i)
                 queue.extend(self._step(i))
-        if waiting:
-            i, other = next(iter(waiting.items()))
-            node = self.a.nodes[i]
-            raise NotPrunable(
-                f"coupled through {node.op_type} {self.a.labels[i]} with another branch ({other!r}): "
-                "coupled channels are left alone"
-            )
+        self.blocked = waiting
 
     def _blocking_operand(self, i: int) -> str | None:
         """For a broadcasting op, an operand that is computed but does not carry this group's channels."""
@@ -82,24 +87,23 @@ class ChannelWalk:
     def slice(self, tensor: str, axis: int, role: str, layout: ChannelLayout, read: tuple[str, int]) -> None:
         """Record that ``tensor`` (a constant) is cut along ``axis`` with the blocks of ``layout``."""
         shape = self.a.value(tensor).shape
-        expected = layout.outer * self.n * layout.inner
+        expected = self.entries(layout)
         if axis >= len(shape) or shape[axis] != expected:
             raise NotPrunable(
                 f"{tensor!r} of shape {list(shape)} does not have {expected} entries along axis {axis}"
             )
         target = {"consumer": self.consumers, "depthwise": self.depthwise}.get(role, self.outputs)
+        new = TensorSlice(tensor, axis, role, layout.inner, layout.outer, (read,), layout.offset, layout.total)
         for k, existing in enumerate(target):
             if existing.tensor == tensor:
-                if (existing.axis, existing.inner, existing.outer) != (axis, layout.inner, layout.outer):
+                if dataclasses.replace(existing, role=role, nodes=new.nodes) != new:
                     raise NotPrunable(f"{tensor!r} would be cut in two different ways")
-                target[k] = TensorSlice(
-                    tensor, axis, existing.role, layout.inner, layout.outer, existing.nodes + (read,)
-                )
+                target[k] = dataclasses.replace(existing, nodes=existing.nodes + (read,))
                 return
         for other in self.outputs + self.consumers + self.depthwise:
             if other.tensor == tensor and other.axis == axis:
                 raise NotPrunable(f"{tensor!r} would be cut in two different ways")
-        target.append(TensorSlice(tensor, axis, role, layout.inner, layout.outer, (read,)))
+        target.append(new)
 
     def slice_input(self, name: str, axis: int, role: str, layout: ChannelLayout, read: tuple[str, int]) -> None:
         src = self.a.constant(name)
@@ -114,7 +118,7 @@ class ChannelWalk:
         src = self.a.constant(name)
         assert src is not None
         shape = self.a.value(src).shape
-        full = layout.outer * self.n * layout.inner
+        full = self.entries(layout)
         if len(shape) > out_rank:
             raise NotPrunable(f"constant {src!r} of {read[0]} raises the rank by broadcasting")
         axis = layout.axis - (out_rank - len(shape))
@@ -200,7 +204,7 @@ class ChannelWalk:
             outputs_used((0,))
             self._need_nchw(layout, op, label)
             for k2 in range(1, len(node.input)):
-                self.slice_input(node.input[k2], 0, "batchnorm", ChannelLayout(0, layout.inner, layout.outer), (label, k2))
+                self.slice_input(node.input[k2], 0, "batchnorm", layout.along(0), (label, k2))
             return [(node.output[0], layout)]
         if op == "Conv":
             data_input_only()
@@ -231,7 +235,7 @@ class ChannelWalk:
         if op == "Transpose":
             data_input_only()
             perm = list(node_attr(node, "perm", list(range(rank))[::-1]))
-            return [(node.output[0], ChannelLayout(perm.index(layout.axis), layout.inner, layout.outer))]
+            return [(node.output[0], layout.along(perm.index(layout.axis)))]
         if op in ("Squeeze", "Unsqueeze"):
             data_input_only()
             axes = self._axes(node, label)
@@ -241,7 +245,7 @@ class ChannelWalk:
                 for ax in sorted(x % out_rank for x in axes):
                     if ax <= new:
                         new += 1
-                return [(node.output[0], ChannelLayout(new, layout.inner, layout.outer))]
+                return [(node.output[0], layout.along(new))]
             dims = a.shape(name) or []
             squeezed = [x % rank for x in axes] if axes is not None else [d for d, v in enumerate(dims) if v == 1]
             if axes is None and any(not isinstance(v, int) for v in dims):
@@ -249,7 +253,7 @@ class ChannelWalk:
             if layout.axis in squeezed:
                 raise NotPrunable(f"Squeeze {label} removes the channel axis")
             new = layout.axis - sum(ax < layout.axis for ax in squeezed)
-            return [(node.output[0], ChannelLayout(new, layout.inner, layout.outer))]
+            return [(node.output[0], layout.along(new))]
         if op in REDUCE:
             data_input_only()
             axes = self._axes(node, label)
@@ -261,7 +265,7 @@ class ChannelWalk:
             if layout.axis in axes:
                 raise NotPrunable(f"{op} {label} reduces over the channel axis")
             new = layout.axis if node_attr(node, "keepdims", 1) else layout.axis - sum(ax < layout.axis for ax in axes)
-            return [(node.output[0], ChannelLayout(new, layout.inner, layout.outer))]
+            return [(node.output[0], layout.along(new))]
         if op == "Pad":
             data_input_only()
             pads = node_attr(node, "pads")
@@ -272,7 +276,9 @@ class ChannelWalk:
             if pads[layout.axis] or pads[layout.axis + rank]:
                 raise NotPrunable(f"Pad {label} pads the channel axis")
             return [(node.output[0], layout)]
-        if op in ("Concat", "Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization", "Shape"):
+        if op == "Concat":
+            return [(node.output[0], self._concat(i, carried, layout, rank))]
+        if op in ("Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization", "Shape"):
             raise NotPrunable(f"the channels reach {op} {label}, which is not handled")
         raise NotPrunable(f"the channels reach {op} {label}, an op this analysis does not know")
 
@@ -289,19 +295,41 @@ class ChannelWalk:
             raise NotPrunable(f"Conv {label} has a computed weight")
         shape = a.value(weight).shape
         groups = node_attr(node, "group", 1)
-        full = layout.outer * self.n * layout.inner
+        full = self.entries(layout)
         if groups == 1:
             self.slice(weight, 1, "consumer", layout, (label, 1))
             return []
         if groups == full and shape[1] == 1:
             multiplier = shape[0] // groups
-            follows = ChannelLayout(1, layout.inner * multiplier, layout.outer)
-            self.slice(weight, 0, "depthwise", ChannelLayout(0, follows.inner, follows.outer), (label, 1))
+            follows = dataclasses.replace(layout, inner=layout.inner * multiplier)
+            self.slice(weight, 0, "depthwise", follows.along(0), (label, 1))
             if len(node.input) > 2 and node.input[2]:
-                self.slice_input(node.input[2], 0, "depthwise", ChannelLayout(0, follows.inner, follows.outer), (label, 2))
+                self.slice_input(node.input[2], 0, "depthwise", follows.along(0), (label, 2))
             self.depthwise_nodes.append(label)
             return [(node.output[0], follows)]
         raise NotPrunable(f"the channels reach grouped Conv {label} (group={groups}), which is not handled")
+
+    def _concat(self, i: int, carried: list[tuple[int, str]], layout: ChannelLayout, rank: int) -> ChannelLayout:
+        """Concat on the channel axis: the group's channels become one range of the joined channels (the
+        other inputs' channels, another group's or none, keep theirs)."""
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        axis = node_attr(node, "axis")
+        axis = axis + rank if axis < 0 else axis
+        if axis != layout.axis:
+            # Joined along another axis, both inputs hold the same channels: a coupling Concat does not make.
+            raise NotPrunable(f"Concat {label} joins along axis {axis}, not the channel axis {layout.axis}")
+        if len(carried) > 1:
+            raise NotPrunable(f"the channels reach Concat {label} through several inputs")
+        if layout.outer != 1:
+            raise NotPrunable(f"Concat {label} joins channels laid out in outer blocks (after a channels-last flatten)")
+        sizes = [(a.shape(name) or [None] * rank)[axis] if name else 0 for name in node.input]
+        if any(not isinstance(size, int) for size in sizes):
+            raise NotPrunable(f"the inputs of Concat {label} have unknown sizes on the channel axis")
+        before, total = sum(sizes[: carried[0][0]]), sum(sizes)
+        if before % layout.inner or total % layout.inner:
+            raise NotPrunable(f"Concat {label} joins blocks that do not line up with the channels' blocks")
+        return dataclasses.replace(layout, offset=layout.offset + before // layout.inner, total=total // layout.inner)
 
     def _flatten(self, dims: list | None, layout: ChannelLayout, start: int, label: str) -> ChannelLayout:
         """Flatten(axis=start): dims ``start..`` become output axis 1."""
@@ -310,7 +338,7 @@ class ChannelWalk:
         if dims is None or any(not isinstance(d, int) for d in dims[start:]):
             raise NotPrunable(f"Flatten {label} flattens dims of unknown size")
         outer = layout.outer * math.prod(dims[start : layout.axis])
-        return ChannelLayout(1, layout.inner * math.prod(dims[layout.axis + 1 :]), outer)
+        return dataclasses.replace(layout, axis=1, inner=layout.inner * math.prod(dims[layout.axis + 1 :]), outer=outer)
 
     def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
         a = self.a
@@ -340,10 +368,11 @@ class ChannelWalk:
                 continue
             if any(not isinstance(d, int) for d in merged) or dims_out[p] != math.prod(merged):
                 continue
-            new = ChannelLayout(
-                p,
-                layout.inner * math.prod(dims_in[layout.axis + 1 : q]),
-                layout.outer * math.prod(dims_in[p : layout.axis]),
+            new = dataclasses.replace(
+                layout,
+                axis=p,
+                inner=layout.inner * math.prod(dims_in[layout.axis + 1 : q]),
+                outer=layout.outer * math.prod(dims_in[p : layout.axis]),
             )
             entry = target[p]
             if entry == 0 and q == p + 1:

@@ -16,9 +16,12 @@ class TensorSlice:
     """The entries of constant ``tensor`` that belong to the group's channels, along ``axis``.
 
     Along ``axis`` (length ``outer * n_channels * inner``) channel ``c`` owns the positions
-    ``o * n_channels * inner + c * inner + i`` for ``o < outer`` and ``i < inner``: ``inner = H*W`` after a
-    ``[C, H, W]`` flatten (or the multiplier of a depthwise Conv), ``outer = H*W`` after a channels-last
-    one. ``nodes`` lists the (node label, input index) reads this slice accounts for.
+    ``o * total * inner + (offset + c) * inner + i`` for ``o < outer`` and ``i < inner``: ``inner = H*W``
+    after a ``[C, H, W]`` flatten (or the multiplier of a depthwise Conv), ``outer = H*W`` after a
+    channels-last one. ``total`` is the number of channels of the axis (``n_channels`` when None) and
+    ``offset`` where the group's channels start: after a Concat on the channel axis each input's group
+    owns its own range of the concatenated channels. ``nodes`` lists the (node label, input index) reads
+    this slice accounts for.
     """
 
     tensor: str
@@ -27,13 +30,16 @@ class TensorSlice:
     inner: int = 1
     outer: int = 1
     nodes: tuple[tuple[str, int], ...] = ()
+    offset: int = 0
+    total: int | None = None
 
     def positions(self, n_channels: int, channels: np.ndarray) -> np.ndarray:
         """Indices along ``axis`` owned by ``channels`` (sorted when ``channels`` is), for a group of
         ``n_channels``."""
         channels = np.asarray(channels, dtype=np.int64)
-        outer = np.arange(self.outer, dtype=np.int64)[:, None, None] * (n_channels * self.inner)
-        mid = channels[None, :, None] * self.inner
+        total = n_channels if self.total is None else self.total
+        outer = np.arange(self.outer, dtype=np.int64)[:, None, None] * (total * self.inner)
+        mid = (self.offset + channels[None, :, None]) * self.inner
         inner = np.arange(self.inner, dtype=np.int64)[None, None, :]
         return (outer + mid + inner).reshape(-1)
 
@@ -53,9 +59,12 @@ class ShapeEdit:
 class ChannelGroup:
     """The output channels of one weight and everything coupled to them.
 
+    Several producers whose outputs meet in a residual sum (Add/Sum of branches carrying the same
+    channels) form ONE group: removing channel ``c`` removes it from every member at once.
+
     Attributes:
-        name: The producer's weight tensor (the key ``shrink`` takes).
-        node: Label of the producing node (``graphinfo.node_label``).
+        name: The (first) producer's weight tensor (the key ``shrink`` takes).
+        node: Label of the (first) producing node (``graphinfo.node_label``).
         op_type: Conv, Gemm or MatMul (ConvTranspose and other weights appear as not prunable).
         n_channels: Number of output channels (filters).
         outputs: Slices along the channel axis: the producer's weight and bias, normalisation
@@ -68,6 +77,8 @@ class ChannelGroup:
         activations: Intermediate tensors that carry the channels (their shapes change).
         prunable: Whether ``shrink`` may remove channels of this group.
         reason: Why not, when ``prunable`` is False.
+        members: The weights of every producer of the channels, ``name`` first (one for an uncoupled
+            group); ``member_nodes`` their nodes' labels.
     """
 
     name: str
@@ -82,6 +93,13 @@ class ChannelGroup:
     activations: tuple[str, ...] = ()
     prunable: bool = True
     reason: str | None = None
+    members: tuple[str, ...] = ()
+    member_nodes: tuple[str, ...] = ()
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """The weights whose output channels these are: ``members``, or ``name`` alone."""
+        return self.members or (self.name,)
 
     @property
     def slices(self) -> tuple[TensorSlice, ...]:
@@ -95,8 +113,15 @@ class NotPrunable(Exception):
 
 @dataclass(frozen=True)
 class ChannelLayout:
-    """Where the channels are in an activation: ``axis``, and the inner/outer blocks (see TensorSlice)."""
+    """Where the channels are in an activation: ``axis``, the inner/outer blocks and the range of a
+    concatenated axis they hold (see TensorSlice)."""
 
     axis: int
     inner: int = 1
     outer: int = 1
+    offset: int = 0
+    total: int | None = None
+
+    def along(self, axis: int) -> ChannelLayout:
+        """The same channels (blocks and range) on another axis."""
+        return ChannelLayout(axis, self.inner, self.outer, self.offset, self.total)

@@ -224,8 +224,9 @@ def compressible_weights(model: onnx.ModelProto) -> list[WeightInfo]:
 
 class GraphView:
     """One index of a graph that the analyses share instead of each rebuilding its own: the nodes and
-    their labels (``node_label``), the node that produces each tensor, who reads each tensor, and the
-    Identity aliases (``identity_aliases``). Built once per graph; the graph must not change under it.
+    their labels (``node_label``), the node that produces each tensor (and its index), who reads each
+    tensor, and the Identity aliases (``identity_aliases``). Built once per graph; the graph must not
+    change under it.
 
     ``readers[name]`` lists (node index, input index) in graph order; a subgraph (If branch, Loop/Scan
     body) reading an outer name counts as a read by its node, at input index -1.
@@ -236,7 +237,8 @@ class GraphView:
         self.nodes = list(model.graph.node)
         self.labels = [node_label(n, i) for i, n in enumerate(self.nodes)]
         self.by_label = dict(zip(self.labels, self.nodes))
-        self.producers = {out: node for node in self.nodes for out in node.output if out}
+        self.producer_index = {out: i for i, node in enumerate(self.nodes) for out in node.output if out}
+        self.producers = {out: self.nodes[i] for out, i in self.producer_index.items()}
         self.readers: dict[str, list[tuple[int, int]]] = {}
         for i, node in enumerate(self.nodes):
             reads = list(enumerate(node.input)) + [(-1, name) for name in sorted(subgraph_reads(node))]

@@ -18,11 +18,21 @@ that keep channels apart:
 - the consumers, whose INPUT channels shrink: Conv (weight axis 1), Gemm (B columns for transB=1, rows
   for transB=0), MatMul with a constant right operand (rows).
 
+- Concat on the channel axis: the group's channels become one range of the joined channels
+  (``ChannelLayout.offset``/``total``); each input's group cuts its own range of the consumers' input axis.
+
+Channels that meet another branch in an elementwise sum or product (a residual Add/Sum, a
+squeeze-excitation Mul) are *coupled*: the layers that produce the other branch (found by walking its
+data inputs back to the nearest Conv/Gemm/MatMul) join the group, and the walk starts again from every
+member, until no sum waits for a branch. The group then removes the same channels from all its members
+(``ChannelGroup.members``): a ResNet stage, its stem or downsample conv and every block's last conv, is one
+group.
+
 Anything else stops the walk and marks the group not prunable, with the reason: a graph output, a
-residual Add/Mul/Sum with another branch (coupled channels: left alone, not pruned together), Concat,
-Split, Slice, Gather, Softmax, LayerNormalization, a Reshape that splits or reorders the channels, a
-grouped (non-depthwise) Conv, a tensor shared with a node outside the group (exporters merge equal
-initializers), or an op this module does not know.
+branch that comes from a graph input or whose channels are not the same layers' in the same layout,
+Split, Slice, Gather, Softmax, LayerNormalization, a Concat on another axis, a Reshape that splits or
+reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a node outside the group
+(exporters merge equal initializers), or an op this module does not know.
 
 The analysis reads the ORIGINAL ModelProto (external data loaded) and runs ONNX shape inference on a
 copy; ``converters.shrink`` applies a keep-mask per group. The rules per op live in
@@ -39,7 +49,7 @@ import onnx
 from converters.channel_walk import ChannelWalk
 from converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
 from converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
-from converters.optable import LINEAR
+from converters.optable import BROADCAST, LINEAR
 from converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
@@ -57,7 +67,9 @@ def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
         model: The ONNX model, external data loaded; not modified.
 
     Returns:
-        One ``ChannelGroup`` per weight tensor, prunable or with the reason it is not.
+        One ``ChannelGroup`` per group: per weight tensor, except that the producers coupled through a
+        residual sum share one (named by the first, listing all in ``members``); prunable or with the
+        reason it is not.
     """
     return _Analysis(model).groups()
 
@@ -78,6 +90,7 @@ def channel_groups_summary(groups: list[ChannelGroup]) -> list[dict]:
             "channels": g.n_channels,
             "prunable": g.prunable,
             "reason": g.reason,
+            "members": list(g.producers),
             "sliced": [describe(s) for s in g.outputs],
             "depthwise": [describe(s) for s in g.depthwise],
             "consumers": [describe(s) for s in g.consumers],
@@ -97,6 +110,7 @@ class _Analysis:
         self.sources: dict[str, TensorSource] = constant_sources(model)
         self.aliases = view.aliases
         self.nodes, self.labels = view.nodes, view.labels
+        self.producer_index = view.producer_index
         self.outputs = {o.name for o in graph.output}
         inits = {t.name for t in graph.initializer}
         self.constant_inputs = {v.name for v in graph.input if v.name in inits}
@@ -143,7 +157,7 @@ class _Analysis:
             if node.domain not in ("", "ai.onnx") or node.op_type not in LINEAR:
                 continue
             # MatMul: the constant right operand; a constant left one is listed as not prunable.
-            index = 0 if node.op_type == "MatMul" and self.constant(node.input[1]) is None else 1
+            index = self._weight_input(i)
             if index >= len(node.input) or (weight := self.constant(node.input[index])) is None:
                 continue
             shape = self.value(weight).shape
@@ -159,8 +173,15 @@ class _Analysis:
             except NotPrunable as exc:
                 n_channels = _out_channels(node, shape)
                 group = ChannelGroup(weight, label, node.op_type, n_channels, prunable=False, reason=str(exc))
+            listed = sorted(seen.intersection(group.members) - {weight})
+            if group.prunable and listed:
+                # Members listed before, not prunable from their own start: each walk must see the same
+                # coupling, or a tensor would be cut twice.
+                group = ChannelGroup(weight, label, node.op_type, group.n_channels, prunable=False,
+                                     reason=f"coupled with {listed}, whose own walk did not find this group")
             if group.prunable:
                 depthwise_of.update({n: group.name for n in group.depthwise_nodes})
+                seen.update(group.members)
             groups.append(group)
         for i, weight, n_channels in pending_depthwise:
             label = self.labels[i]
@@ -185,11 +206,93 @@ class _Analysis:
         return names
 
     def _group(self, index: int, weight: str) -> ChannelGroup:
+        """The group of node ``index``'s output channels: its walk, grown by the producers of every branch
+        its channels are summed with, until no sum waits for a branch."""
+        n_channels = _out_channels(self.nodes[index], self.value(weight).shape)
+        members = [index]
+        while True:
+            walk = ChannelWalk(self, weight, n_channels)
+            walk.run([self._start(walk, i) for i in members])
+            if not walk.blocked:
+                break
+            found = []
+            for i, other in walk.blocked.items():
+                for producer in self._branch_producers(i, other):
+                    if producer not in members and producer not in found:
+                        found.append(producer)
+            if not found:
+                i, other = next(iter(walk.blocked.items()))
+                raise NotPrunable(
+                    f"coupled through {self.nodes[i].op_type} {self.labels[i]} with a branch ({other!r}) whose "
+                    "channels do not come from the same layers in the same layout"
+                )
+            members += found
+        walk.check_sharing()
+        members.sort()  # graph order: the first producer names the group
+        weights = tuple(self.constant(self.nodes[i].input[self._weight_input(i)]) for i in members)
+        return ChannelGroup(
+            name=weights[0],
+            node=self.labels[members[0]],
+            op_type=self.nodes[members[0]].op_type,
+            n_channels=walk.n,
+            outputs=tuple(walk.outputs),
+            consumers=tuple(walk.consumers),
+            depthwise=tuple(walk.depthwise),
+            depthwise_nodes=tuple(walk.depthwise_nodes),
+            reshapes=tuple(walk.reshapes),
+            activations=tuple(walk.reached),
+            members=weights,
+            member_nodes=tuple(self.labels[i] for i in members),
+        )
+
+    def _weight_input(self, index: int) -> int:
+        """The input of a Conv/Gemm/MatMul node that holds its weight (MatMul: the constant operand)."""
+        node = self.nodes[index]
+        return 0 if node.op_type == "MatMul" and self.constant(node.input[1]) is None else 1
+
+    def _branch_producers(self, index: int, name: str) -> list[int]:
+        """The layers whose output channels reach operand ``name`` of the sum ``index`` (walking back
+        through its data inputs to the nearest Conv/Gemm/MatMul with a constant weight).
+
+        Raises:
+            NotPrunable: the branch comes from a graph input or from nothing such a layer produces.
+        """
         node, label = self.nodes[index], self.labels[index]
+        found: list[int] = []
+        stack, seen = [name], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            i = self.producer_index.get(tensor)
+            if i is None:
+                raise NotPrunable(
+                    f"coupled through {node.op_type} {label} with a branch from the graph input {tensor!r}"
+                )
+            producer = self.nodes[i]
+            weight = self.constant(producer.input[1]) if len(producer.input) > 1 else None
+            if producer.op_type in LINEAR and weight is not None:
+                # A depthwise Conv passes its input's channels on; any other layer makes the branch's
+                # channels (a ConvTranspose too: the group then stops at its start, with the reason).
+                depthwise = producer.op_type == "Conv" and node_attr(producer, "group", 1) != 1 and (
+                    self.value(weight).shape[1] == 1)
+                if not depthwise:
+                    found.append(i)
+                    continue
+            # The channels come through the data operand (every computed operand of an elementwise op).
+            inputs = producer.input if producer.op_type in BROADCAST else producer.input[:1]
+            stack.extend(x for x in inputs if x and self.constant(x) is None)
+        return found
+
+    def _start(self, walk: ChannelWalk, index: int) -> tuple[str, ChannelLayout]:
+        """Record node ``index``'s weight (and bias) as cut along its output channels; returns where its
+        output holds them."""
+        node, label = self.nodes[index], self.labels[index]
+        weight = self.constant(node.input[self._weight_input(index)])
         if weight in self.constant_inputs:
             raise NotPrunable(f"weight {weight!r} is also a graph input (it can be fed at run time)")
         shape = self.value(weight).shape
-        walk = ChannelWalk(self, weight, _out_channels(node, shape))
         if node.op_type == "Conv":
             groups = node_attr(node, "group", 1)
             if groups != 1:
@@ -199,16 +302,16 @@ class _Analysis:
             walk.slice(weight, 0, "weight", ChannelLayout(0), (label, 1))
             if len(node.input) > 2 and node.input[2]:
                 walk.slice_input(node.input[2], 0, "bias", ChannelLayout(0), (label, 2))
-            start = ChannelLayout(1)
-        elif node.op_type == "Gemm":
+            return node.output[0], ChannelLayout(1)
+        if node.op_type == "Gemm":
             trans_b = node_attr(node, "transB", 0)
             walk.slice(weight, 0 if trans_b else 1, "weight", ChannelLayout(0), (label, 1))
             if len(node.input) > 2 and node.input[2]:
                 if self.constant(node.input[2]) is None:
                     raise NotPrunable(f"Gemm {label} adds a computed C")
                 walk.broadcast_constant(node.input[2], ChannelLayout(1), (label, 2), out_rank=2, role="bias")
-            start = ChannelLayout(1)
-        elif node.op_type == "MatMul":
+            return node.output[0], ChannelLayout(1)
+        if node.op_type == "MatMul":
             if self.constant(node.input[1]) is None:
                 raise NotPrunable("MatMul with a constant left operand: its output channels are not its weight's")
             if len(shape) != 2:
@@ -217,23 +320,8 @@ class _Analysis:
             out_shape = self.shape(node.output[0])
             if out_shape is None:
                 raise NotPrunable(f"the shape of {node.output[0]!r} is unknown (shape inference failed)")
-            start = ChannelLayout(len(out_shape) - 1)
-        else:
-            raise NotPrunable(f"{node.op_type} weights are not handled (only Conv, Gemm, MatMul)")
-        walk.run(node.output[0], start)
-        walk.check_sharing()
-        return ChannelGroup(
-            name=weight,
-            node=label,
-            op_type=node.op_type,
-            n_channels=walk.n,
-            outputs=tuple(walk.outputs),
-            consumers=tuple(walk.consumers),
-            depthwise=tuple(walk.depthwise),
-            depthwise_nodes=tuple(walk.depthwise_nodes),
-            reshapes=tuple(walk.reshapes),
-            activations=tuple(walk.reached),
-        )
+            return node.output[0], ChannelLayout(len(out_shape) - 1)
+        raise NotPrunable(f"{node.op_type} weights are not handled (only Conv, Gemm, MatMul)")
 
 
 class _Depthwise(Exception):

@@ -1,12 +1,13 @@
 """The shrink pass: physically remove pruned output channels from an ONNX graph, and count MACs.
 
 ``shrink(model, keep)`` takes, per channel group of ``converters.groups`` (named by the producer's
-weight), the channels to keep, and cuts every tensor of the group: the producer's weight and bias,
-BatchNormalization parameters, per-channel constants, depthwise Conv weights (and their ``group``
-attribute), the consumers' input channels (Conv axis 1; Gemm B columns for transB=1, rows for
-transB=0; MatMul rows; a block of ``H*W`` features per channel after a flatten) and the Reshape shape
-constants holding a flattened size. Graph inputs, outputs and node names stay as they were (the
-shrink pass changes shapes, never graph I/O); the ``value_info`` of every tensor whose
+weight), the channels to keep, and cuts every tensor of the group: the producer's weight and bias
+(every member's, for producers coupled through a residual sum), BatchNormalization parameters,
+per-channel constants, depthwise Conv weights (and their ``group`` attribute), the consumers' input
+channels (Conv axis 1; Gemm B columns for transB=1, rows for transB=0; MatMul rows; a block of ``H*W``
+features per channel after a flatten) and the Reshape shape constants holding a flattened size; after a
+Concat each group cuts its own range of the joined channels. Graph inputs, outputs and node names stay
+as they were (the shrink pass changes shapes, never graph I/O); the ``value_info`` of every tensor whose
 shape changes is dropped, so no stale shape survives (onnxruntime re-infers).
 
 Removing channel ``c`` computes exactly what the dense model computes once the consumers' weights that
@@ -146,7 +147,6 @@ def shrink(
     values: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}  # before any cut
     steps: dict[str, list[tuple[int, np.ndarray]]] = {}
-    cut_axes: dict[str, set[int]] = {}
     summary: list[str] = []
     changes: list[str] = []
     changed_tensors: set[str] = set()
@@ -158,33 +158,48 @@ def shrink(
             shapes[name] = values[name].shape
         return values[name]
 
+    # Positions removed per (tensor, axis), in the tensor's original coordinates: after a Concat, several
+    # groups cut their own ranges of one axis, so each axis is cut once, after every group has named its part.
+    removed_at: dict[tuple[str, int], np.ndarray] = {}
+    depthwise: dict[str, str] = {}  # depthwise node label -> its weight
     for name, mask in keep.items():
         if name not in by_name:
+            coupled = next((g.name for g in groups if name in g.producers), None)
+            if coupled is not None:
+                raise ValueError(f"{name!r} is a member of the coupled group {coupled!r}: name the group by "
+                                 f"{coupled!r}")
             raise ValueError(f"{name!r} is not a channel group; groups are named by weight: {sorted(by_name)}")
         group = by_name[name]
         kept = kept_channels(group, mask)
         if kept.size == group.n_channels:
             continue
-        removed = group.n_channels - kept.size
+        removed = np.setdiff1d(np.arange(group.n_channels), kept)
         for s in group.slices:
-            if s.axis in cut_axes.setdefault(s.tensor, set()):
+            positions = s.positions(group.n_channels, removed)
+            before = removed_at.get((s.tensor, s.axis), np.zeros(0, dtype=np.int64))
+            if np.intersect1d(before, positions).size:
                 raise ValueError(f"{s.tensor!r} would be cut twice along axis {s.axis} (by group {name!r})")
-            cut_axes[s.tensor].add(s.axis)
-            positions = s.positions(group.n_channels, kept)
-            values[s.tensor] = np.take(current(s.tensor), positions, axis=s.axis)
-            steps.setdefault(s.tensor, []).append((s.axis, positions))
+            removed_at[(s.tensor, s.axis)] = np.union1d(before, positions)
+            depthwise.update({label: s.tensor for label, k in s.nodes if s.role == "depthwise" and k == 1})
         for edit in group.reshapes:
             shape = current(edit.tensor).copy()
-            shape.reshape(-1)[edit.index] -= removed * edit.per_channel
+            shape.reshape(-1)[edit.index] -= removed.size * edit.per_channel
             values[edit.tensor] = shape
-        for label in group.depthwise_nodes:
-            attr = next(a for a in nodes[label].attribute if a.name == "group")
-            new_group = attr.i * kept.size // group.n_channels
-            changes.append(f"{label}: group {attr.i} -> {new_group}")
-            attr.i = new_group
         changed_tensors.update(group.activations)
-        summary.append(f"{name}: kept {kept.size} of {group.n_channels} channels ({removed} removed)")
+        members = f" (members {', '.join(group.producers)})" if len(group.producers) > 1 else ""
+        summary.append(f"{name}: kept {kept.size} of {group.n_channels} channels ({removed.size} removed){members}")
+    for (tensor, axis), removed in removed_at.items():
+        positions = np.setdiff1d(np.arange(current(tensor).shape[axis]), removed)
+        values[tensor] = np.take(current(tensor), positions, axis=axis)
+        steps.setdefault(tensor, []).append((axis, positions))
+    for label, weight in depthwise.items():
+        # The multiplier (filters per group) stays; the group count follows the filters kept.
+        attr = next(a for a in nodes[label].attribute if a.name == "group")
+        new_group = current(weight).shape[0] // (shapes[weight][0] // attr.i)
+        changes.append(f"{label}: group {attr.i} -> {new_group}")
+        attr.i = new_group
 
+    replaced: dict[str, np.ndarray] = {}
     for name, value in values.items():
         before = tensor_value(model, sources[name])
         if before.shape == value.shape and np.array_equal(before, value):
@@ -193,8 +208,9 @@ def shrink(
             changes.append(f"{name}: {before.tolist()} -> {value.tolist()}")
         else:
             changes.append(f"{name}: {list(before.shape)} -> {list(value.shape)}")
-        _set_tensor(out, sources[name].location, name, value)
+        replaced[name] = value
         changed_tensors.add(name)
+    _set_tensors(out, {name: sources[name].location for name in replaced}, replaced)
 
     # Stale shapes would contradict the new ones: drop them (onnxruntime infers what it needs).
     kept_info = [v for v in out.graph.value_info if v.name not in changed_tensors]
@@ -206,28 +222,34 @@ def shrink(
     return ShrinkResult(out, changes, cuts)
 
 
-def _set_tensor(model: onnx.ModelProto, location: str, name: str, value: np.ndarray) -> None:
-    """Replace constant ``name`` with its cut value (external data becomes inline).
+def _set_tensors(model: onnx.ModelProto, locations: Mapping[str, str], values: Mapping[str, np.ndarray]) -> None:
+    """Replace each constant of ``values`` with its cut value (external data becomes inline).
 
     An initializer or sparse initializer is stored again by the smaller of the dense and sparse encodings:
     a pruned weight stored sparse before the cut is mostly dense after it. A Constant node keeps its place.
+    The initializer lists are rebuilt once: rebuilding them per tensor copied a ResNet's weights 40 times.
     """
     graph = model.graph
-    if location in ("initializer", "sparse_initializer"):
-        candidates = [DenseEncoder().encode(name, value)]
-        if name not in {i.name for i in graph.input}:
-            candidates.append(SparseEncoder().encode(name, value))
-        best = min((c for c in candidates if c is not None), key=lambda c: c.nbytes)
-        kept = [t for t in graph.initializer if t.name != name]
-        del graph.initializer[:]
-        graph.initializer.extend(kept + best.initializers)
-        kept_sparse = [t for t in graph.sparse_initializer if t.values.name != name]
-        del graph.sparse_initializer[:]
-        graph.sparse_initializer.extend(kept_sparse + best.sparse_initializers)
-    else:
-        node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
-        del node.attribute[:]
-        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
+    inputs = {i.name for i in graph.input}
+    stored: dict[str, object] = {}
+    for name, value in values.items():
+        if locations[name] in ("initializer", "sparse_initializer"):
+            candidates = [DenseEncoder().encode(name, value)]
+            if name not in inputs:
+                candidates.append(SparseEncoder().encode(name, value))
+            stored[name] = min((c for c in candidates if c is not None), key=lambda c: c.nbytes)
+        else:
+            node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
+    if not stored:
+        return
+    kept = [t for t in graph.initializer if t.name not in stored]
+    kept_sparse = [t for t in graph.sparse_initializer if t.values.name not in stored]
+    del graph.initializer[:]
+    del graph.sparse_initializer[:]
+    graph.initializer.extend(kept + [t for best in stored.values() for t in best.initializers])
+    graph.sparse_initializer.extend(kept_sparse + [t for best in stored.values() for t in best.sparse_initializers])
 
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict:

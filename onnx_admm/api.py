@@ -593,15 +593,19 @@ class _Runner:
         the masked model computes exactly what the shrunk graph will.
         """
         entries = {e.onnx_name: e for e in self.imported.weights if e.owns_tensor}
-        kept_channels = {}
+        kept_channels, device = {}, None
         for w in self.plan.weights:
             if w.structure != "filter" or w.spec.label not in self.groups:
                 continue
             group = self.groups[w.spec.label]
             support = supports[w.spec.name]
-            axis = w.spec.out_axis
+            axis, device = w.spec.out_axis, support.device
             kept = support.movedim(axis, 0).reshape(support.shape[axis], -1).any(dim=1).cpu().numpy()
-            kept_channels[group.name] = kept
+            # The members of a coupled group were projected together (plan.coupled): a channel stays in the
+            # graph while any member keeps it.
+            kept_channels[group.name] = kept | kept_channels.get(group.name, False)
+        for name, kept in kept_channels.items():
+            group = self.groups[name]
             removed = np.flatnonzero(~kept)
             for piece in group.consumers:
                 entry = entries[piece.tensor]
@@ -610,7 +614,7 @@ class _Runner:
                 index[piece.axis] = piece.positions(group.n_channels, removed)
                 mask[tuple(index)] = False
                 mask_t = torch.from_numpy(np.ascontiguousarray(mask.T if entry.layout.transpose else mask))
-                mask_t = mask_t.to(support.device)
+                mask_t = mask_t.to(device)
                 supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
         return kept_channels
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from converters.errors import UserError
 from onnx_admm.allocation import Allocation, allocate, floor_share
-from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count
+from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count, shared_groups, spread
 from onnx_admm.recipe import CompressConfig, Rule, nm_pattern
 from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
 from onnx_admm.structured import NM, Block, Column, group_keep_count
@@ -83,6 +83,9 @@ class Plan:
     global_stages: tuple[float, ...] | None
     allocation: Allocation
     block: tuple[int, int]
+    # Filter-pruned weights (parameter names) that must lose the same output channels: the layers whose
+    # outputs meet in one residual sum (converters.groups' coupled groups). Each set is projected jointly.
+    coupled: tuple[tuple[str, ...], ...] = ()
 
     def by_name(self) -> dict[str, WeightPlan]:
         return {w.spec.name: w for w in self.weights}
@@ -310,6 +313,22 @@ def sparsity_constraints(
             continue
         # Structured members of the global pool get the global target layer by layer.
         target = w.sparsity[stage] if w.sparsity is not None else plan.global_stages[stage]
-        c = _sparsity_constraint(w, values[w.spec.name].shape, keeps.get(w.spec.name), target, plan.block)
-        out[w.spec.name] = c if previous is None or w.spec.name not in previous else Within(c, previous[w.spec.name])
-    return out
+        out[w.spec.name] = _sparsity_constraint(w, values[w.spec.name].shape, keeps.get(w.spec.name), target,
+                                                plan.block)
+    by_name = plan.by_name()
+    for names in plan.coupled:
+        out.update(_coupled_filters({n: by_name[n] for n in names}, out, values, previous))
+    return {name: c if previous is None or name not in previous else Within(c, previous[name])
+            for name, c in out.items()}
+
+
+def _coupled_filters(members: Mapping[str, WeightPlan], own: Mapping[str, Any], values: Mapping[str, Tensor],
+                     previous: Mapping[str, Tensor] | None) -> dict[str, Any]:
+    """The filters a coupled set keeps together: ranked over all its members (``shared_groups``), as many
+    as the least pruned member's own constraint keeps; each member's constraint keeps exactly those."""
+    keep = max(own[name].keep_groups for name in members)
+    axes = [w.spec.out_axis for w in members.values()]
+    chosen = shared_groups([values[n] for n in members], axes, keep,
+                           [None if previous is None else previous.get(n) for n in members])
+    return {name: Within(type(own[name])(keep), spread(chosen, values[name], axis))
+            for name, axis in zip(members, axes)}

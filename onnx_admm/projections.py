@@ -13,7 +13,8 @@ stage masks nested (:class:`Within` binds it to a constraint so the ADMM engine 
 Entries outside ``allowed`` never win a tie against entries inside it, even when those are exactly 0.
 
 Sparsity constraints here: :class:`Unstructured` (top-k magnitudes) and the shape-wise :class:`Filter`
-and :class:`Channel` (top groups by L2 norm / sqrt(group size)). Column and block
+and :class:`Channel` (top groups by L2 norm / sqrt(group size)); :func:`shared_groups` chooses the filters
+that several coupled weights keep together. Column and block
 pruning are meant to be added beside them as further dataclasses with the same two methods.
 
 Quantizing constraints (k-bit, binary, ternary, codebook, and Joint: prune then quantize) live in
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -42,6 +44,8 @@ __all__ = [
     "Unstructured",
     "Within",
     "keep_count",
+    "shared_groups",
+    "spread",
     "topk_mask",
 ]
 
@@ -201,23 +205,63 @@ class _AxisGroups:
                 f"{type(self).__name__} groups along dim {self.dim}, which a tensor of shape "
                 f"{tuple(w.shape)} lacks; use Unstructured for it"
             )
-        w = w.detach()
-        if allowed is not None:
-            allowed = check_allowed(w, allowed)
-            w = keep_support(w, allowed)
-        rows = w.movedim(self.dim, 0).reshape(w.shape[self.dim], -1)
+        rows, group_allowed = _rows(w, self.dim, allowed)
         scores = torch.linalg.vector_norm(rows, dim=1) / math.sqrt(max(rows.shape[1], 1))
-        group_allowed = None
-        if allowed is not None:
-            group_allowed = allowed.movedim(self.dim, 0).reshape(w.shape[self.dim], -1).any(dim=1)
         groups = topk_mask(scores, self.keep_groups, group_allowed)
-        view = [-1 if i == self.dim else 1 for i in range(w.dim())]
-        mask = groups.reshape(view).expand(w.shape)
-        return mask & allowed if allowed is not None else mask.contiguous()
+        return spread(groups, w, self.dim, allowed)
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with every group outside :meth:`support` set to zero."""
         return keep_support(w, self.support(w, allowed))
+
+
+def _rows(w: Tensor, dim: int, allowed: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``w`` (zero outside ``allowed``) as one row per index along ``dim``, and which rows ``allowed`` leaves."""
+    w = w.detach()
+    if allowed is None:
+        return w.movedim(dim, 0).reshape(w.shape[dim], -1), None
+    allowed = check_allowed(w, allowed)
+    rows = keep_support(w, allowed).movedim(dim, 0).reshape(w.shape[dim], -1)
+    return rows, allowed.movedim(dim, 0).reshape(w.shape[dim], -1).any(dim=1)
+
+
+def spread(groups: Tensor, w: Tensor, dim: int, allowed: Tensor | None = None) -> Tensor:
+    """The bool mask of ``w``'s entries whose index along ``dim`` is kept by ``groups`` (and ``allowed``)."""
+    view = [-1 if i == dim else 1 for i in range(w.dim())]
+    mask = groups.to(w.device).reshape(view).expand(w.shape)
+    return mask & allowed.to(w.device) if allowed is not None else mask.contiguous()
+
+
+def shared_groups(weights: Sequence[Tensor], dims: Sequence[int], keep: int,
+                  allowed: Sequence[Tensor | None] | None = None) -> Tensor:
+    """The ``keep`` indices that several weights keep together along their ``dims`` (a bool mask).
+
+    Filters coupled through the graph (the convolutions whose outputs meet in one residual sum) must
+    lose the same channels. Ranking each index by the sum over the weights of its squared L2 norm makes
+    zeroing the others the Euclidean projection of all the weights at once onto "the same ``keep``
+    groups nonzero in each". An index ``allowed`` leaves out in any weight (the previous stage removed
+    it) ranks last; ties go to the lower index.
+
+    Args:
+        weights: Tensors with the same length along their ``dims``.
+        dims: The grouped axis of each weight (its output channels).
+        keep: Number of indices to keep.
+        allowed: Optional bool masks shaped like the weights (None entries allow everything).
+
+    Returns:
+        A bool tensor of that length with exactly ``keep`` True entries.
+    """
+    allowed = list(allowed) if allowed is not None else [None] * len(weights)
+    scores, common = None, None
+    for w, dim, ok in zip(weights, dims, allowed):
+        rows, rows_allowed = _rows(w, dim, ok)
+        energy = rows.float().pow(2).sum(dim=1)
+        if scores is not None and energy.shape != scores.shape:
+            raise ValueError(f"coupled weights differ in their number of groups: {scores.numel()} and {energy.numel()}")
+        scores = energy if scores is None else scores + energy.to(scores.device)
+        if rows_allowed is not None:
+            common = rows_allowed if common is None else common & rows_allowed.to(common.device)
+    return topk_mask(scores, keep, common)
 
 
 @dataclass(frozen=True)

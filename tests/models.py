@@ -143,6 +143,47 @@ class MobileNetBlock(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ResidualStages(nn.Module):
+    """Stem, then two stages of one basic block each (the second halves the size through a stride-2 conv
+    and a 1x1 downsample conv), GAP, Linear head: two coupled groups of three and two convs."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        wide = 2 * channels
+
+        def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = conv_bn(3, channels)
+        self.a1, self.a2 = conv_bn(channels, channels), conv_bn(channels, channels)
+        self.b1, self.b2 = conv_bn(channels, wide, stride=2), conv_bn(wide, wide)
+        self.down = conv_bn(channels, wide, kernel=1, stride=2)
+        self.fc = nn.Linear(wide, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.a2(torch.relu(self.a1(x))) + x)
+        x = torch.relu(self.b2(torch.relu(self.b1(x))) + self.down(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConcatBranches(nn.Module):
+    """Two conv branches (6 and 10 channels) concatenated, BatchNorm over the 16, a conv, GAP, head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(3, 6, 3, padding=1)
+        self.right = nn.Conv2d(3, 10, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.mix = nn.Conv2d(16, 12, 3, padding=1)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1))
+        x = torch.relu(self.mix(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 class TransformerClassifier(nn.Module):
     """One encoder layer (d_model 32, 4 heads, ff 64, batch_first) and a Linear head on the token mean."""
 

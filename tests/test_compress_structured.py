@@ -72,5 +72,19 @@ def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_
         ok, diff = within_tolerance(result.imported.run(x), _ort(out, x))
         assert ok, (key, batch, diff)
     if key == "resnet_block_torchscript":
-        # the stem and the block's second conv are coupled through the residual Add: left alone
-        assert any("Add" in reason for reason in result.report["left_alone"].values())
+        # the stem and the block's second conv are coupled through the residual Add: pruned as one group
+        assert kept == {"stem.weight": 4, "conv1.weight": 4}
+        shapes = _shapes(out)
+        assert shapes["stem.weight"] == [4, 3, 3, 3] and shapes["conv2.weight"] == [4, 4, 3, 3]
+        assert shapes["fc.weight"] == [10, 4]
+        assert set(result.report["left_alone"]) == {"fc.weight"}
+
+
+def test_a_coupled_group_is_left_alone_whole_when_the_recipe_spares_a_member(onnx_model_file):
+    path = onnx_model_file("resnet_block_torchscript")
+    feeds = synthesize_inputs(load_model(path), batch=64, seed=0)
+    config = _config(0.5, rules=[{"match": "conv2.weight", "skip": True}])
+    result = compress(path, Dataset(feeds, None, set(feeds)), config)
+    reason = result.report["left_alone"]["stem.weight"]
+    assert "coupled with conv2.weight" in reason and "pruned whole or not at all" in reason
+    assert result.report["structure"]["kept_channels"] == {"conv1.weight": 4}

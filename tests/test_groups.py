@@ -46,10 +46,17 @@ def test_resnet_block_batchnorm_and_residual_coupling(onnx_model_file):
         *(("bn1." + p, 0, 1) for p in ("weight", "bias", "running_mean", "running_var")),
     }
     assert _cuts(conv1.consumers) == {("conv2.weight", 1, 1)}
-    # The stem's and conv2's channels meet in the residual Add: coupled, left alone.
-    for name in ("stem.weight", "conv2.weight"):
-        assert not groups[name].prunable
-        assert "coupled through Add /Add" in groups[name].reason
+    # The stem's and conv2's channels meet in the residual Add: one group, named by the stem, that cuts both.
+    stem = groups["stem.weight"]
+    assert stem.prunable and stem.members == ("stem.weight", "conv2.weight")
+    assert stem.member_nodes == ("/stem/Conv", "/conv2/Conv")
+    assert "conv2.weight" not in groups
+    assert _cuts(stem.outputs) == {
+        ("stem.weight", 0, 1),
+        ("conv2.weight", 0, 1),
+        *((f"bn{k}.{p}", 0, 1) for k in (0, 2) for p in ("weight", "bias", "running_mean", "running_var")),
+    }
+    assert _cuts(stem.consumers) == {("conv1.weight", 1, 1), ("fc.weight", 1, 1)}
     assert not groups["fc.weight"].prunable
 
 
@@ -140,6 +147,17 @@ def test_stops_with_a_reason(body, inits, reason):
     assert reason in group.reason
 
 
+def test_a_residual_sum_with_a_graph_input_stops_the_group():
+    model = _model(
+        "c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w4, b)\n s = Add (c, input)\n r = Relu (s)"
+        + _GAP_HEAD,
+        "float[4, 4, 3, 3] w4 = " + _floats((4, 4, 3, 3), 1) + ", float[4] b = " + _floats((4,), 2) + ", " + _HEAD,
+        inputs="float[N, 4, 6, 6] input",
+    )
+    group = channel_groups(model)[0]
+    assert not group.prunable and "coupled through Add" in group.reason and "graph input 'input'" in group.reason
+
+
 def test_summary_for_inspect(onnx_model_file):
     groups = channel_groups(onnx.load(str(onnx_model_file("lenet5_dynamo"))))
     summary = channel_groups_summary(groups)
@@ -152,6 +170,7 @@ def test_summary_for_inspect(onnx_model_file):
         "channels": 50,
         "prunable": True,
         "reason": None,
+        "members": ["conv2.weight"],
         "sliced": ["conv2.weight[axis 0]", "conv2.bias[axis 0]"],
         "depthwise": [],
         "consumers": ["fc1.weight[axis 1, block 16]"],

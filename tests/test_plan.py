@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -159,3 +161,23 @@ def test_the_readme_recipe_applies_to_the_digits_sample(digits_sample):
     plan = make_plan(_weight_specs(import_model(onnx.load(str(digits_sample.model)))), config)
     by_label = {w.spec.label: w for w in plan.weights}
     assert by_label["0.weight"].sparsity[-1] == 0.5 and "7.weight" not in by_label
+
+
+def test_coupled_filters_keep_the_same_channels_ranked_by_their_summed_energy():
+    plan = _plan({"prune": {"sparsity": 0.5, "stages": 2, "structure": "filter"},
+                  "rules": [{"match": "emb", "skip": True}]})
+    plan = dataclasses.replace(plan, coupled=(("conv", "fc"),))
+    conv, fc = torch.zeros(8, 4, 3, 3), torch.zeros(8, 16)
+    # alone, conv would keep 0-3 and fc 4, 5 and two zero rows; the summed squared norms pick 2, 3, 4, 5
+    conv[:4] = torch.tensor([1.0, 1.0, 2.0, 2.0]).view(4, 1, 1, 1)  # energy 36, 36, 144, 144
+    fc[4:6] = 3.0  # energy 144, 144
+    params = {"conv": conv, "fc": fc}
+    first = sparsity_constraints(plan, params, 1, None)  # stage 2: half of the 8 filters
+    supports = {n: c.support(params[n]) for n, c in first.items()}
+    rows = {n: s.reshape(8, -1).any(dim=1).nonzero().flatten().tolist() for n, s in supports.items()}
+    assert rows == {"conv": [2, 3, 4, 5], "fc": [2, 3, 4, 5]}
+    assert torch.equal(first["conv"].project(conv)[2:6], conv[2:6]) and not first["conv"].project(conv)[:2].any()
+    # nested: a later stage keeps a subset of the channels both kept
+    second = sparsity_constraints(plan, params, 1, supports)
+    for name, c in second.items():
+        assert not (c.support(params[name]) & ~supports[name]).any()

@@ -14,14 +14,18 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
 from converters.graphinfo import node_label
 from converters.groups import channel_groups
+from converters.importer import import_model
+from converters.modelio import load_model
 from converters.shrink import count_macs, cut_update, kept_channels, shrink
 from converters.encoders import QuantSpec
 from converters.writeback import TensorUpdate, write_back
-from models import _floats
+from exporter_models import export_torch
+from models import ConcatBranches, ResidualStages, _floats, _randomise_batchnorm
 
 
 def _mask(n: int, removed: list[int]) -> np.ndarray:
@@ -362,7 +366,9 @@ def test_sparse_initializer_consumer_is_reencoded(onnx_model_file):
 
 def test_errors_and_no_op(onnx_model_file):
     model = onnx.load(str(onnx_model_file("resnet_block_torchscript")))
-    with pytest.raises(ValueError, match=r"'conv2.weight' cannot be shrunk: coupled through Add /Add"):
+    with pytest.raises(ValueError, match=r"'fc.weight' cannot be shrunk: the channels reach the graph output"):
+        shrink(model, {"fc.weight": [0, 1]})
+    with pytest.raises(ValueError, match=r"'conv2.weight' is a member of the coupled group 'stem.weight'"):
         shrink(model, {"conv2.weight": [0, 1]})
     with pytest.raises(ValueError, match="not a channel group"):
         shrink(model, {"bn1.weight": [0]})
@@ -410,3 +416,109 @@ def test_quantized_updates_are_cut_with_their_scales(onnx_model_file):
     # an update of a tensor the shrink pass did not cut is returned as it is
     fc2 = TensorUpdate("fc2.weight", _value(model, "fc2.weight"))
     assert cut_update(fc2, shrunk.cuts) is fc2
+
+
+# ----------------------------------------------------------------------------------------------
+# Coupled groups (residual sums) and Concat ranges, against the masked torch model
+# ----------------------------------------------------------------------------------------------
+
+
+def _module_path(group_weight: str, node: str) -> str:
+    """The torch module of a member: from its weight name (dynamo keeps ``layer1.0.conv2.weight``) or, for
+    a weight the TorchScript exporter renamed when it folded BatchNorm in, from its node label
+    (``/layer1/layer1.0/conv2/Conv``)."""
+    if group_weight.endswith(".weight"):
+        return group_weight[: -len(".weight")]
+    parts: list[str] = []
+    for segment in node.strip("/").split("/")[:-1]:
+        if parts and segment.startswith(parts[-1] + "."):
+            parts[-1] = segment
+        else:
+            parts.append(segment)
+    return ".".join(parts)
+
+
+def _members(group) -> set[str]:
+    return {_module_path(w, n) for w, n in zip(group.producers, group.member_nodes or (group.node,))}
+
+
+def _shrunk_matches_masked_torch(path, input_shape: tuple[int, ...]):
+    """Keep a seeded half of every prunable group's channels; the shrunk graph in onnxruntime must compute
+    what the imported torch model computes with every member's removed filters and every consumer's
+    removed input channels zeroed, at batch 1 and 5, within 1e-4 + 1e-4 * max|output| (torch and
+    onnxruntime sum in different orders). Returns the groups and the shrunk model."""
+    model = load_model(path)
+    groups = [g for g in channel_groups(model) if g.prunable]
+    rng = np.random.default_rng(0)
+    keep = {g.name: np.sort(rng.permutation(g.n_channels)[: g.n_channels // 2]) for g in groups}
+    shrunk = shrink(model, keep, groups).model
+    onnx.checker.check_model(shrunk, full_check=True)
+    assert [i.SerializeToString() for i in shrunk.graph.input] == [i.SerializeToString() for i in model.graph.input]
+    assert [o.SerializeToString() for o in shrunk.graph.output] == [o.SerializeToString() for o in model.graph.output]
+    imported = import_model(model)
+    entries = {e.onnx_name: e for e in imported.weights if e.owns_tensor}
+    cut: dict[tuple[str, int], int] = {}  # after a Concat several groups cut one axis
+    for g in groups:
+        removed = np.setdiff1d(np.arange(g.n_channels), keep[g.name])
+        for s in g.slices:
+            if s.role not in ("weight", "consumer"):
+                continue
+            cut[(s.tensor, s.axis)] = cut.get((s.tensor, s.axis), 0) + len(s.positions(g.n_channels, removed))
+            entry = entries[s.tensor]
+            mask = np.ones(entry.onnx_shape, dtype=bool)
+            index = [slice(None)] * mask.ndim
+            index[s.axis] = s.positions(g.n_channels, removed)
+            mask[tuple(index)] = False
+            mask_t = torch.from_numpy(mask.T if entry.layout.transpose else mask)
+            with torch.no_grad():
+                imported.module.get_parameter(entry.param).mul_(mask_t)
+    # exact kept counts: every member loses its removed filters, every consumer their input channels
+    for (tensor, axis), n in cut.items():
+        assert _value(shrunk, tensor).shape[axis] == _value(model, tensor).shape[axis] - n, tensor
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+        want, got = imported.run({"input": x})[0], _run(shrunk, x)[0]
+        assert got.shape == want.shape
+        assert float(np.abs(got - want).max()) <= 1e-4 + 1e-4 * float(np.abs(want).max())
+    return {g.name: g for g in groups}, shrunk
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_resnet18_stages_are_coupled_groups(exporter, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18(weights=None, num_classes=10)
+    _randomise_batchnorm(module)
+    path = export_torch(module.eval(), torch.zeros(1, 3, 16, 16), tmp_path / "resnet18.onnx", exporter)
+    groups, _ = _shrunk_matches_masked_torch(path, (3, 16, 16))
+    members = sorted(sorted(_members(g)) for g in groups.values())
+    stages = [sorted([f"layer{k}.0.conv2", f"layer{k}.0.downsample.0", f"layer{k}.1.conv2"]) for k in (2, 3, 4)]
+    singles = [[f"layer{k}.{b}.conv1"] for k in (1, 2, 3, 4) for b in (0, 1)]
+    assert members == sorted([["conv1", "layer1.0.conv2", "layer1.1.conv2"], *stages, *singles])
+    last = next(g for g in groups.values() if "layer4.1.conv2" in _members(g))
+    assert last.n_channels == 512 and "fc.weight" in {s.tensor for s in last.consumers}
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_residual_stages_shrink_as_one_group_each(exporter, tmp_path):
+    module = ResidualStages()
+    _randomise_batchnorm(module)
+    torch.manual_seed(0)
+    path = export_torch(module.eval(), torch.zeros(1, 3, 16, 16), tmp_path / "stages.onnx", exporter)
+    groups, shrunk = _shrunk_matches_masked_torch(path, (3, 16, 16))
+    assert sorted(sorted(_members(g)) for g in groups.values()) == [
+        ["a1.0"], ["a2.0", "stem.0"], ["b1.0"], ["b2.0", "down.0"]]
+    # 8 and 16 channels, half kept: the head reads 8 of 16
+    assert _value(shrunk, "fc.weight").shape == (10, 8)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_concat_inputs_cut_their_own_ranges(exporter, tmp_path):
+    module = ConcatBranches()
+    _randomise_batchnorm(module)
+    path = export_torch(module.eval(), torch.zeros(1, 3, 8, 8), tmp_path / "concat.onnx", exporter)
+    groups, shrunk = _shrunk_matches_masked_torch(path, (3, 8, 8))
+    left, right = groups["left.weight"], groups["right.weight"]
+    assert [(s.tensor, s.axis, s.offset, s.total) for s in left.consumers] == [("mix.weight", 1, 0, 16)]
+    assert [(s.tensor, s.axis, s.offset, s.total) for s in right.consumers] == [("mix.weight", 1, 6, 16)]
+    assert _value(shrunk, "mix.weight").shape == (6, 3 + 5, 3, 3)  # its own group halves it too

@@ -8,6 +8,7 @@ no weight left is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import onnx
@@ -23,12 +24,14 @@ logger = logging.getLogger(__name__)
 
 def legalize(plan: Plan, original: onnx.ModelProto,
              shapes: dict[str, torch.Size]) -> tuple[Plan, dict[str, ChannelGroup], dict[str, str]]:
-    """(the plan without the weights that cannot take their structure, the channel groups of the
-    original graph by weight name (empty without filter pruning), the weights left alone and why)."""
+    """(the plan without the weights that cannot take their structure, with ``coupled`` listing the
+    filter-pruned members of each residual sum; the channel groups of the original graph by member
+    weight name (empty without filter pruning); the weights left alone and why)."""
     groups: dict[str, ChannelGroup] = {}
     left_alone: dict[str, str] = {}
     if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
-        groups = {g.name: g for g in channel_groups(original)}
+        # Every member of a coupled group (the convs of one residual sum) finds the group by its weight.
+        groups = {member: g for g in channel_groups(original) for member in g.producers}
         plan, left_alone = _keep_removable_filters(plan, groups)
     if any(nm_pattern(w.structure) for w in plan.weights):
         plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
@@ -37,13 +40,22 @@ def legalize(plan: Plan, original: onnx.ModelProto,
 
 
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """Filter pruning only where the channels can leave the graph; coupled weights are left alone."""
+    """Filter pruning only where the channels can leave the graph, a coupled group's members all pruned
+    together (``plan.coupled``) or all left alone."""
+    filtered = [w for w in plan.weights if w.structure == "filter" and (w.sparsity is not None or w.shared)]
+    pruned = {w.spec.label: w.spec.name for w in filtered}
     left_alone = {}
-    for w in plan.weights:
-        group = groups.get(w.spec.label)
-        if w.structure == "filter" and (w.sparsity is not None or w.shared) and (group is None or not group.prunable):
-            left_alone[w.spec.label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
-    return _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+    for w in filtered:
+        label, group = w.spec.label, groups.get(w.spec.label)
+        if group is None or not group.prunable:
+            left_alone[label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
+        elif missing := [m for m in group.producers if m not in pruned]:
+            left_alone[label] = (f"coupled with {', '.join(missing)} (their outputs meet in a residual sum), which "
+                                 "the recipe does not filter-prune: a coupled group is pruned whole or not at all")
+    plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+    coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
+               if label in pruned and label not in left_alone and len(g.producers) > 1}
+    return dataclasses.replace(plan, coupled=tuple(coupled.values())), left_alone
 
 
 # The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
