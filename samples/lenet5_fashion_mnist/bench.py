@@ -83,12 +83,24 @@ def train_dense(work: Path, data: dict[str, np.ndarray], epochs: int, threads: i
     model = nn.Sequential(
         nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
-    x, y = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
+    return fit_and_export(model, data["train_x"], data["train_y"], epochs, 0.05, 0.15, path)
+
+
+def fit_and_export(model, x: np.ndarray, y: np.ndarray, epochs: int, peak_lr: float, pct_start: float,
+                   path: Path) -> Path:
+    """Train ``model`` on (x, y) with SGD (Nesterov momentum 0.9, weight decay 5e-4, batch 128) and a one-cycle
+    learning rate peaking at ``peak_lr``, then export it with the TorchScript exporter (dynamic batch) to ``path``
+    through a temporary file."""
+    import torch
+    from torch import nn
+
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
     steps = -(-len(x) // 128)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.05, total_steps=max(1, epochs) * steps,
-                                                    pct_start=0.15)
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, peak_lr, total_steps=max(1, epochs) * steps,
+                                                    pct_start=pct_start)
     for epoch in range(epochs):
+        model.train()
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         for i in range(0, len(x), 128):
             batch = order[i:i + 128]
@@ -98,7 +110,7 @@ def train_dense(work: Path, data: dict[str, np.ndarray], epochs: int, threads: i
             scheduler.step()
         logger.info("dense epoch %d done", epoch + 1)
     model.eval()
-    tmp = work / "dense.tmp.onnx"
+    tmp = path.with_name(path.stem + ".tmp.onnx")
     torch.onnx.export(model, (x[:2],), str(tmp), dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     os.replace(tmp, path)

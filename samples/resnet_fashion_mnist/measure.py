@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ def residual_cnn(width: int):
 def train_dense(work: Path, x: np.ndarray, y: np.ndarray, epochs: int, width: int, threads: int) -> Path:
     """SGD, momentum 0.9, one-cycle LR (peak 0.1), batch 128; exported with the TorchScript exporter."""
     import torch
-    from torch import nn
+    from bench import fit_and_export  # the LeNet benchmark's training loop and export
 
     path = work / "dense.onnx"
     if path.exists():
@@ -65,26 +64,7 @@ def train_dense(work: Path, x: np.ndarray, y: np.ndarray, epochs: int, width: in
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     model = residual_cnn(width)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    steps = -(-len(xt) // 128)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * steps, pct_start=0.2)
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(xt), 128):
-            batch = order[i:i + 128]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
-            optimizer.step()
-            scheduler.step()
-        logger.info("dense epoch %d done", epoch + 1)
-    model.eval()
-    tmp = work / "dense.tmp.onnx"
-    torch.onnx.export(model, (xt[:2],), str(tmp), dynamo=False, opset_version=17, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    os.replace(tmp, path)
-    return path
+    return fit_and_export(model, x, y, epochs, 0.1, 0.2, path)
 
 
 def conv_weights(path: Path) -> int:
