@@ -1,59 +1,49 @@
 """The Python API: ``compress(model, data, config)`` runs progressive ADMM pruning end to end.
 
-Per stage (targets rising, masks nested): ADMM epochs (W step with the penalty gradient, Z/U update
-every period, rho growing), the exact hard projection, then masked retraining that keeps the best
-validation state. The result writes the trained weights back into the original ONNX graph and
-validates it against the original in onnxruntime on the held-out split.
+It reads as the pipeline it is: load and import the model, make the plan and legalise it against the
+graph (``pipeline.legalize``), split the data, run the stages (``pipeline.stages``: per stage, ADMM epochs,
+the exact hard projection, then masked retraining that keeps the best selection-split state), then
+write the trained weights back into the original ONNX graph, validate it against the original in
+onnxruntime on the held-out split and commit the outputs through the gate (``pipeline.commit``).
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
-import math
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
 from converters.errors import UserError
 from converters.graphinfo import graph_inputs
-from converters.groups import ChannelGroup
 from converters.importer import ImportedModel, import_model
-from converters.modelio import Staged, load_model, save_model
-from converters.encoders import QuantSpec
-from onnx_admm.activations import activation_report, calibration_data
-from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
-from onnx_admm.data import LABELS, Dataset, PluginData, as_data
-from onnx_admm.distributed import SyncedADMM, World, digest, session
-from onnx_admm.gate import DEFAULT_FLOOR, Gate, retained
-from onnx_admm.levels import FixedLevels, StraightThrough
+from converters.modelio import load_model
+from onnx_admm.activations import calibration_data
+from onnx_admm.data import Dataset, PluginData, as_data
+from onnx_admm.distributed import World, session
+from onnx_admm.gate import DEFAULT_FLOOR, Gate
 from onnx_admm.memory import PeakMemory
-from onnx_admm.outputs import (RunFiles, external_locations, input_files, stage_path)
+from onnx_admm.outputs import (RunFiles, external_locations, input_files)
 from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights
-from onnx_admm.plan import (Plan, QuantChoice, WeightPlan, WeightSpec, check_budget, make_plan, nm_constraint,
-                            sparsity_constraints)
+from onnx_admm.plan import (WeightSpec, check_budget, make_plan)
 from onnx_admm.progress import Progress, display
-from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
-from onnx_admm.signals import deferred, sigterm_interrupts
-from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
-from onnx_admm.pipeline.batch import choose_batch
+from onnx_admm.signals import sigterm_interrupts
+from onnx_admm.pipeline.commit import finish, save_last, unwritten
 from onnx_admm.pipeline.legalize import legalize
-from onnx_admm.pipeline.report import build_report
 from onnx_admm.pipeline.results import (AccuracyGateFailed, CompressInterrupted, CompressResult, Measured,
                                         ReportFailed, StageResult)
+from onnx_admm.pipeline.stages import Runner
 
 logger = logging.getLogger(__name__)
+
+# The API: ``compress`` and what it returns and raises (defined in ``onnx_admm.pipeline.results``).
+__all__ = ["AccuracyGateFailed", "CompressInterrupted", "CompressResult", "Data", "ReportFailed", "StageResult",
+           "compress"]
 
 # How many samples of a loader plugin's stream are held in memory for validation when no
 # separate validation data is given.
@@ -62,60 +52,6 @@ PLUGIN_VAL_SAMPLES = 1000
 # What ``compress`` takes as data (onnx_admm.data.as_data): a path or plugin, arrays, dicts, a function.
 Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
         | Dataset | PluginData)
-
-
-def _load_values(imported: ImportedModel, values: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for entry in imported.weights:
-            imported.parameter(entry).copy_(values[entry.param])
-
-
-def _snapshot(imported: ImportedModel) -> dict[str, torch.Tensor]:
-    return {e.param: imported.parameter(e).detach().to("cpu", copy=True) for e in imported.weights}
-
-
-def _copy_values(imported: ImportedModel, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The current weights copied into the buffers of an earlier ``_snapshot`` (no new allocation)."""
-    with torch.no_grad():
-        for entry in imported.weights:
-            into[entry.param].copy_(imported.parameter(entry))
-    return into
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    array = np.ascontiguousarray(array)
-    # A batch that is a view of a read-only memory-mapped file (unshuffled .npz data): torch wants memory
-    # it may write to, so that batch alone is copied.
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
-def _to_batches(feeds, input_names: list[str], device: torch.device, chunk: int | None = None,
-                batched: set[str] = frozenset(), steps: bool = False):
-    """Batches of tensors from feeds; with ``chunk``, each feed split into chunks of at most that many samples
-    (along the inputs in ``batched``): yielded one by one, or with ``steps`` as one list per feed (the chunks
-    of one training step, ``onnx_admm.train.train_epoch``)."""
-    for feed in feeds:
-        parts = [_batch(part, input_names, device) for part in _split_feed(feed, chunk, batched)]
-        if steps:
-            yield parts
-        else:
-            yield from parts
-
-
-def _batch(feed, input_names: list[str], device: torch.device) -> Batch:
-    inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
-    labels = feed.get(LABELS)
-    return Batch(inputs, None if labels is None else _tensor(labels).to(device))
-
-
-def _split_feed(feed, chunk: int | None, batched: set[str]):
-    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
-    n = rows[0] if rows else 0
-    if chunk is None or n <= chunk:
-        yield feed
-        return
-    for start in range(0, n, chunk):
-        yield {k: (v[start:start + chunk] if k in batched or k == LABELS else v) for k, v in feed.items()}
 
 
 def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
@@ -221,7 +157,7 @@ def compress(
                 emit = emit or (lambda event: None)
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
                                              emit, files, inputs, memory, world)
-                return world.conclude(lambda: _finish(result, measured, files, original_path, started, gate, emit),
+                return world.conclude(lambda: finish(result, measured, files, original_path, started, gate, emit),
                                       lambda report: _followed(result, report))
         except CompressInterrupted:  # raised by a later step with what it kept
             raise
@@ -255,7 +191,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         raise UserError("a loader plugin cannot be split over several processes yet (its epoch length is unknown, and "
                         "every process must take the same number of steps); pass an .npz, or run one process")
     calibration = calibration_data(original, train_data, config.output)
-    runner = _Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory, world)
+    runner = Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory, world)
     name = _model_name(original_path)
     try:
         runner.run()
@@ -263,8 +199,8 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         partial = runner.result(external, name, inputs) if runner.stages else None
         if partial is not None:
             partial.calibration = calibration
-        saved = _save_last(partial, files.model, None, None) if partial is not None else []
-        raise CompressInterrupted(partial, saved, exc, unwritten=_unwritten(files, saved)) from None
+        saved = save_last(partial, files.model, None, None) if partial is not None else []
+        raise CompressInterrupted(partial, saved, exc, unwritten=unwritten(files, saved)) from None
     result = runner.result(external, name, inputs)
     result.calibration = calibration
     diverged = _all_phases_rolled_back(result.stages)
@@ -292,129 +228,6 @@ def _model_name(original_path: Path | None) -> str:
     return original_path.name if original_path is not None else "model.onnx"
 
 
-def _finish(result: CompressResult, measured: Measured, files: RunFiles, original_path: Path | None,
-            started: float, gate: Gate, emit: Progress) -> CompressResult:
-    """Save, validate and report; then put every output in place, each whole or not at all.
-
-    The model is staged (written beside its target under a temporary name) first and validated
-    there, so the report describes exactly the file that lands; only then do the files take their
-    names: the model first (it is the work of the whole run), then the stage files and the report.
-    Any exit the process can handle removes what was staged and not committed; an interrupt at any
-    point still leaves the trained model at ``output``.
-    """
-    out = _Writing()
-    with Staged() as staged:
-        try:
-            return _write_outputs(result, measured, files, original_path, started, gate, staged, out, emit)
-        except KeyboardInterrupt as exc:
-            if not out.model_done:
-                out.written = _save_last(result, out.target if out.decided else files.model, staged, out.model_files)
-            raise CompressInterrupted(result, out.written, exc, final=True,
-                                      unwritten=_unwritten(files, out.written)) from None
-
-
-@dataclass
-class _Writing:
-    """How far ``_finish`` got: the staged final model, the files committed so far."""
-
-    model_files: list[Path] | None = None
-    decided: bool = False  # the gate has chosen ``target``: OUT, the gate-failed name, or None (not written)
-    target: Path | None = None
-    model_done: bool = False  # the final model is at ``target``, or goes nowhere
-    written: list[Path] = field(default_factory=list)
-
-
-def _write_outputs(result, measured, files, original_path, started, gate: Gate, staged: Staged,
-                   out: _Writing, emit: Progress) -> CompressResult:
-    cfg = result.config.train
-    exported = result.export(-1, result.metadata(-1))  # exactly what save() writes
-    try:
-        with deferred():
-            if files.model is not None:
-                out.model_files = staged.model(exported.model, files.model, result.external_data)
-                compressed = out.model_files[0]
-            else:
-                compressed = staged.scratch(Path(tempfile.gettempdir())) / "compressed.onnx"
-                save_model(exported.model, compressed, external_data=result.external_data)
-        measured.memory.mark("export")
-        emit({"kind": "validate", "samples": len(measured.held_out)})
-        report = build_report(result, exported, compressed, original_path, staged, measured, cfg, started)
-        if result.config.output.activations != "float":
-            report["activations"] = activation_report(result, compressed, result.imported.original,
-                                                      measured.held_out, cfg.threads or 1)
-        measured.memory.mark("validate")
-        # getrusage's peak restarts with every phase's reset: the run's peak is the largest phase peak.
-        report["peak_rss_mb"] = measured.memory.peak_mb
-        report["memory"] = measured.memory.to_dict()
-    except Exception as exc:
-        if out.model_files is None:
-            if isinstance(exc, OSError):
-                raise UserError(f"training finished but saving the model to {files.model or 'a temporary file'} "
-                                f"failed ({exc.strerror or exc}); nothing was written") from None
-            raise
-        out.written = _save_last(result, files.model, staged, out.model_files)
-        out.model_done = True
-        logger.debug("after training", exc_info=True)
-        raise ReportFailed(result, out.written[0], exc) from None
-    if measured.left_alone:
-        report["left_alone"] = measured.left_alone
-    report["distributed"] = measured.distributed
-    report["warnings"] = measured.warnings + report["warnings"]
-    m = report["metrics"]
-    report["gate"], failure = gate.judge(report["accuracy_drop"],
-                                         retained(m["original_accuracy"], m["compressed_accuracy"], m["task"]))
-    passed = failure is None
-    target = files.model if passed else files.failed
-    out.target, out.decided = target, True
-    report["output"] = None if target is None else str(target)
-    result.report = report
-
-    writing = target
-    try:
-        with deferred():
-            if target is not None:
-                if target != files.model:  # saved again so that its external data is named after it
-                    out.model_files = staged.model(exported.model, target, result.external_data)
-                out.written += staged.commit(out.model_files)
-            out.model_done = True
-        for k, stage in enumerate(result.stages if files.stages is not None else []):
-            writing = stage_path(files.stages, files.model or Path(result.name), stage.index)
-            with deferred():
-                out.written += staged.commit(staged.model(result.model(k), writing, result.external_data))
-        if files.report is not None:
-            writing = files.report
-            with deferred():
-                out.written += staged.commit([staged.json(report, files.report)])
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if target is not None and out.written:
-            raise UserError(f"the compressed model is saved to {out.written[0]}, but writing {writing} failed: "
-                            f"{reason}") from None
-        raise UserError(f"training finished but writing {writing} failed ({reason}); choose a writable location") from None
-    result.files = list(out.written)
-    if not passed:
-        raise AccuracyGateFailed(result, failure, target)
-    return result
-
-
-def _save_last(result: CompressResult, target: Path | None, staged: Staged | None,
-               model_files: list[Path] | None) -> list[Path]:
-    """Put the last completed stage at ``target`` (its staged copy, if one is ready for that name) while
-    already handling an interrupt or a failure: a second signal must neither cut this save short nor
-    escape as a bare one."""
-    if target is None:
-        return []
-    with deferred(deliver=False):
-        if model_files is not None and model_files[0].name == target.name:
-            return staged.commit(model_files)
-        return save_model(result.model(-1), target, external_data=result.external_data)
-
-
-def _unwritten(files: RunFiles, written: list[Path]) -> list[Path]:
-    stages = [] if files.stages is None or any(p.parent == files.stages for p in written) else [files.stages]
-    return [p for p in (files.report,) if p is not None and p not in written] + stages
-
-
 def _nothing_to_compress(imported: ImportedModel) -> str:
     where = ""
     if imported.passed_through:
@@ -433,449 +246,6 @@ def _all_phases_rolled_back(stages: list[StageResult]) -> str | None:
         if not phases or not phases <= set(stage.stopped):
             return None
     return stages[0].rolled_back.split(";")[0]
-
-
-class _Runner:
-    """One compress run: the stages of ADMM, hard projection and retraining over the planned weights."""
-
-    def __init__(self, imported: ImportedModel, config: CompressConfig, plan: Plan, train_data, select: Dataset,
-                 held_out: Dataset, device: torch.device, emit: Progress, groups: dict[str, ChannelGroup],
-                 memory: PeakMemory | None = None, world: World = World()) -> None:
-        self.imported, self.config, self.plan, self.groups, self.world = imported, config, plan, groups, world
-        self.cfg = config.train
-        self.train_data, self.select, self.held_out, self.device, self.emit = train_data, select, held_out, device, emit
-        score = imported.score
-        self.score = ScoreSpec(score.index if score else None, score.kind if score else "logits", self.cfg.blank)
-        # The teacher serves distillation (training batches without labels, or any batch when there is no
-        # score output for labels to apply to) and agreement (held-out split without labels). A plugin's
-        # labels are unknown until it runs, so it always gets one.
-        train_labeled = isinstance(train_data, Dataset) and train_data.labels is not None
-        self.teacher = None
-        if (held_out.labels is None or select.labels is None or not train_labeled or self.score.index is None
-                or self.cfg.distill > 0):
-            self.teacher = copy.deepcopy(imported.module).eval()
-            self.teacher.requires_grad_(False)
-        if self.score.index is None and held_out.labels is not None:
-            logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
-                           "to the original model's outputs")
-        self.loss_fn = Loss(self.score, distill=self.cfg.distill, balance=self.cfg.balance)
-        self.batch, self.warnings = choose_batch(imported, self.cfg, self.teacher is not None)
-        self.memory = memory or PeakMemory()
-        self.trained = world.wrap(imported.module, device)  # what the training steps run (DDP under torchrun)
-        self.batches_trained = 0
-        self.state_digests: list[str] = []  # per stage: masks, levels and kept weights (equal on every rank)
-        self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
-        self.stages: list[StageResult] = []
-        self.epoch_counter = 0
-        self.history: list[dict[str, Any]] = []  # the current stage's epoch records
-        self.dense_metric = self.val_metric()
-        self.memory.mark("data")
-
-    # -- helpers
-
-    def batches(self, ds, shuffle: bool, seed: int | None = None, steps: bool = False):
-        """Tensor batches of ``ds``: with ``steps``, one list of chunks per training step, else chunk by chunk.
-
-        Training batches are this process's share of the epoch's order; evaluation reads the whole split.
-        """
-        # A plugin's layout (which inputs have a sample axis) is the one its first samples showed.
-        batched = ds.batched if isinstance(ds, Dataset) else self.select.batched
-        shard = {"shard": (self.world.rank, self.world.size)} if shuffle and self.world.active else {}
-        return _to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed, **shard),
-                           self.imported.input_names, self.device, self.batch.chunk, batched, steps)
-
-    def val_metric(self) -> float | None:
-        """The metric on the held-out split (reported only, never used to choose)."""
-        return self.world.agreed(
-            lambda: evaluate(self.imported.module, self.batches(self.held_out, False), self.score, self.teacher))
-
-    def select_metric(self) -> float | None:
-        """The metric on the selection split, which picks the retraining state kept (rank 0's, on every rank)."""
-        return self.world.agreed(
-            lambda: evaluate(self.imported.module, self.batches(self.select, False), self.score, self.teacher))
-
-    def world_report(self) -> dict[str, Any]:
-        """The report's ``distributed``: processes, batch sizes, and what each rank trained on and ended with."""
-        ranks = self.world.gather((self.batches_trained, self.state_digests))
-        out = {"world_size": self.world.size, "rank_batch_size": self.batch.train,
-               "global_batch_size": self.world.size * self.batch.train, "batches_per_rank": [b for b, _ in ranks]}
-        if self.world.active:
-            out.update(backend=torch.distributed.get_backend(), stage_sha256_per_rank=[d for _, d in ranks],
-                       identical_across_ranks=all(d == ranks[0][1] for _, d in ranks))
-            if not out["identical_across_ranks"]:
-                logger.warning("the ranks ended a stage with different masks, levels or weights: rank 0's are written")
-        return out
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        return make_optimizer(self.imported.module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-
-    def result(self, external: bool, name: str, inputs: list[tuple[str, Path]]) -> CompressResult:
-        return CompressResult(self.imported, self.config, list(self.stages), external_data=external,
-                              groups=self.groups, name=name, inputs=inputs)
-
-    # -- the run
-
-    def run(self) -> None:
-        previous: dict[str, torch.Tensor] | None = None
-        budgets = self.config.stage_budgets(self.plan.n_stages)
-        lengths = [self.phase_length(epochs)[1] for b in budgets for epochs in (b.admm, b.retrain)]
-        self.emit({"kind": "run", "stages": self.plan.n_stages, "batches": self.steps_per_epoch(),
-                   "steps": None if None in lengths else sum(lengths)})
-        for stage in range(self.plan.n_stages):
-            previous = self.stage(stage, previous, budgets[stage])
-
-    def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None,
-                    values: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Each weight's constraint at ``stage``; a global budget is split over layers by ``values``."""
-        sparsity = sparsity_constraints(self.plan, values, stage, previous)
-        out = {}
-        for w in self.plan.weights:
-            name, choice = w.spec.name, w.quant[stage]
-            quant = None if choice is None else _quantizer(choice, w.spec)
-            if quant is not None and name in sparsity:
-                out[name] = Joint(sparsity[name], quant)
-            elif quant is not None:
-                out[name] = quant
-            else:
-                out[name] = sparsity[name]
-        return out
-
-    def current(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.params.items()}
-
-    def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget) -> dict[str, torch.Tensor]:
-        params = {name: self.params[name] for name in self.constraints(stage, previous, self.current())}
-        self.history = []
-        self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
-                   "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
-        rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
-        self.memory.mark(f"stage{stage + 1}.admm")
-        quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
-        # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
-        final = self.constraints(stage, previous, self.current())
-        scales = {name: quantize(final[name], params[name].detach()) for name in quantized}
-        latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
-        supports = admm.hard_project()
-        levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
-                  for name, w in quantized.items()}
-        self.world.broadcast_(level.levels for level in levels.values())
-        kept = self.removed_filters(supports)
-        masked = {name: self.imported.module.get_parameter(name) for name in supports}
-        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
-        _load_values(self.imported, values)
-        self.memory.mark(f"stage{stage + 1}.retrain")
-        self.state_digests.append(digest([*supports.values(), *(lv.levels for lv in levels.values()),
-                                          *(values[n] for n in sorted(values))]))
-        total = sum(p.numel() for p in params.values())
-        zeros = sum(int((p == 0).sum()) for p in params.values())
-        self.stages.append(StageResult(
-            index=stage, target=self.plan.global_stages[stage] if self.plan.global_stages else None,
-            sparsity=zeros / total, val_metric=metric,
-            rolled_back="; ".join(m for m in (rolled, rolled_r) if m) or None,
-            values=values, residuals={n: list(h) for n, h in admm.residual_history.items()},
-            quant={n: w.quant[stage] for n, w in quantized.items()}, kept_channels=kept,
-            quant_specs={n: _quant_spec(self.imported, n, w.quant[stage], scales[n]) for n, w in quantized.items()},
-            patterns={w.spec.name: nm_constraint(w) for w in self.plan.weights
-                      if w.spec.name in params and nm_constraint(w) is not None},
-            epochs={"admm": budget.admm, "retrain": budget.retrain},
-            stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
-            history=self.history,
-        ))
-        logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
-        return supports
-
-    def removed_filters(self, supports: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """Kept channels per filter-pruned group; adds masks zeroing the consumers' input channels.
-
-        Removing a channel from the graph equals zeroing every consumer weight that reads it (its bias or
-        BatchNorm shift would otherwise still reach the next layer), so those weights are masked too and
-        the masked model computes exactly what the shrunk graph will.
-        """
-        entries = {e.onnx_name: e for e in self.imported.weights if e.owns_tensor}
-        kept_channels, device = {}, None
-        for w in self.plan.weights:
-            if w.structure != "filter" or w.spec.label not in self.groups:
-                continue
-            group = self.groups[w.spec.label]
-            support = supports[w.spec.name]
-            axis, device = w.spec.out_axis, support.device
-            kept = support.movedim(axis, 0).reshape(support.shape[axis], -1).any(dim=1).cpu().numpy()
-            # The members of a coupled group were projected together (plan.coupled): a channel stays in the
-            # graph while any member keeps it.
-            kept_channels[group.name] = kept | kept_channels.get(group.name, False)
-        for name, kept in kept_channels.items():
-            group = self.groups[name]
-            removed = np.flatnonzero(~kept)
-            for piece in group.consumers:
-                entry = entries[piece.tensor]
-                mask = np.ones(entry.onnx_shape, dtype=bool)
-                index = [slice(None)] * mask.ndim
-                index[piece.axis] = piece.positions(group.n_channels, removed)
-                mask[tuple(index)] = False
-                mask_t = torch.from_numpy(np.ascontiguousarray(mask.T if entry.layout.transpose else mask))
-                mask_t = mask_t.to(device)
-                supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
-        return kept_channels
-
-    def initial_rho(self, steps_per_period: int | None) -> float:
-        """admm.rho, or the one whose pull per Z/U period is the same at every budget (schedule.auto_rho).
-        With Adam, or a loader plugin (steps per period unknown), 1e-2."""
-        if self.config.admm.rho is not None:
-            return self.config.admm.rho
-        if self.cfg.optimizer != "sgd" or steps_per_period is None:
-            return 1e-2
-        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period, self.config.admm.pull)
-
-    def admm_phase(self, stage, params, previous, epochs: float):
-        """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""
-        admm_cfg = self.config.admm
-        pinned = None
-        if previous:  # every earlier mask, consumers of removed channels included
-            pinned = FixedSupport({n: self.imported.module.get_parameter(n) for n in previous}, previous)
-        per_epoch = self.steps_per_epoch()
-        # Z/U period in steps (in-memory data) or epochs (a plugin, whose epoch length is unknown).
-        period = admm_cfg.period
-        if per_epoch is None:
-            if period is not None and period < 1:
-                raise UserError("admm.period below 1 needs in-memory data (.npz), whose batches per epoch are "
-                                "known; use a whole number of epochs with a loader plugin")
-            every = int(period) if period is not None else max(1, round(epochs) // admm_cfg.updates)
-        elif period is not None:
-            every = max(1, round(period * per_epoch))
-        else:
-            updates = admm_updates(round(epochs * per_epoch), admm_cfg.updates)
-            every = max(1, round(epochs * per_epoch) // updates)
-        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer),
-        # fewer in a phase too short for periods of schedule.MIN_PERIOD_STEPS steps.
-        limit = (updates if per_epoch is not None else admm_cfg.updates) if period is None else None
-        rho = self.initial_rho(every if per_epoch is not None else None)
-        cap = admm_cfg.rho_max
-        if cap is None:
-            cap = max(rho, rho_cap(self.cfg.lr, self.cfg.momentum)) if self.cfg.optimizer == "sgd" else math.inf
-        admm = SyncedADMM(self.world, params, lambda values: self.constraints(stage, previous, values),
-                          RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
-        logger.info("stage %d ADMM: rho %.3g (x%.3g per update), a Z/U update every %d %s", stage, rho,
-                    admm_cfg.rho_growth, every, "steps" if per_epoch is not None else "epochs")
-        optimizer = self.optimizer()
-        hooks_b = [admm.add_penalty_grad] + ([pinned.mask_grads] if pinned else [])
-        hooks_s = [lambda: pinned.apply(optimizer)] if pinned else []
-        if per_epoch is not None:
-            steps = [0]
-
-            def step_update() -> None:
-                steps[0] += 1
-                if steps[0] % every == 0 and (limit is None or admm.n_updates < limit):
-                    admm.update()
-
-            hooks_s.append(step_update)
-
-        def on_epoch_end(epoch, stats) -> dict[str, Any]:
-            if per_epoch is None and (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
-                admm.update()  # a plugin: periods are whole epochs
-            # For people watching: the dense W on the selection split, and how far W still is from Z.
-            return {"metric": self.select_metric(), "residual": _mean_residual(admm)}
-
-        message = self.run_phase("admm", stage, epochs, optimizer, hooks_b, hooks_s, on_epoch_end,
-                                 lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every))
-        return message, admm
-
-    def retrain_phase(self, stage, params, supports, levels, epochs: float, latent=None):
-        """Masked retraining (LR annealed to 0 over the phase) that keeps the best state on the selection
-        split; quantized weights train through the straight-through estimator on the hard projection's levels."""
-        fixed = FixedSupport(params, supports)
-        fixed.apply()
-        ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent) if levels else None
-        optimizer = self.optimizer()
-        with ste.projected() if ste else nullcontext():
-            best = {"metric": self.select_metric(), "values": _snapshot(self.imported)}
-
-        def epoch_end(epoch, stats) -> dict[str, Any]:
-            with ste.projected() if ste else nullcontext():
-                metric = self.select_metric()
-                if metric is None or best["metric"] is None or metric >= best["metric"]:
-                    # Into the phase's one snapshot: a better state replaces the previous best in place.
-                    best.update(metric=metric if metric is not None else best["metric"],
-                                values=_copy_values(self.imported, best["values"]))
-            return {"metric": metric}
-
-        hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
-        hooks_f = [ste.before_forward] if ste else []
-        message = self.run_phase("retrain", stage, epochs, optimizer, hooks_b, [lambda: fixed.apply(optimizer)],
-                                 epoch_end, hooks_f, lr=lambda step, total: lr_factor(step, total, "cosine"))
-        return best["metric"], best["values"], message
-
-    def steps_per_epoch(self) -> int | None:
-        if not isinstance(self.train_data, Dataset):
-            return None
-        samples = -(-len(self.train_data) // self.world.size)  # this process's share (data.shard_order)
-        return -(-samples // self.batch.train)
-
-    def phase_length(self, epochs: float) -> tuple[int, int | None]:
-        """(epochs run, steps) of a phase of ``epochs`` epochs; steps are None for a loader plugin, which
-        runs whole epochs of unknown length."""
-        per_epoch = self.steps_per_epoch()
-        if per_epoch is None:
-            return (max(1, round(epochs)) if epochs > 0 else 0), None
-        total = round(epochs * per_epoch)
-        return -(-total // per_epoch), total
-
-    def run_phase(self, phase: str, stage: int, epochs: float, optimizer, hooks_backward, hooks_step, on_epoch_end,
-                  hooks_forward=(), lr: Callable[[int, int], float] | None = None) -> str | None:
-        """Train ``epochs`` epochs (the last one cut short for a fraction); ``lr(step, total)`` scales the
-        learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase.
-
-        ``on_epoch_end(epoch, stats)`` returns the epoch's ``metric`` and ``residual`` for its history record.
-        """
-        imported = self.imported
-        per_epoch = self.steps_per_epoch()
-        n_epochs, total = self.phase_length(epochs)  # a loader plugin: the LR schedule counts epochs
-        where = {"stage": stage, "stages": self.plan.n_stages, "phase": phase}
-        if n_epochs:
-            self.emit({"kind": "phase", **where, "epochs": n_epochs, "steps": total, "batches": per_epoch})
-        base = [group["lr"] for group in optimizer.param_groups]
-        done = [0]
-
-        def set_lr() -> None:
-            if lr is None:
-                return
-            factor = lr(done[0], total) if total is not None else lr(epoch, n_epochs)
-            for group, value in zip(optimizer.param_groups, base):
-                group["lr"] = value * factor
-
-        def count() -> None:
-            done[0] += 1
-            self.batches_trained += 1
-            if total is not None:
-                set_lr()
-
-        rollback = _Rollback(imported, optimizer) if n_epochs else None
-        for epoch in range(n_epochs):
-            started = time.perf_counter()
-            rollback.save()
-            set_lr()
-            steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
-            self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
-            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter, steps=True)
-            if steps is not None:
-                batches = itertools.islice(batches, steps)
-            try:
-                stats = train_epoch(
-                    self.trained, batches, self.loss_fn, optimizer, self.teacher, hooks_backward,
-                    [*hooks_step, count],
-                    on_batch=lambda i, loss, acc: self.emit({"kind": "batch", "stage": stage, "phase": phase,
-                                                             "epoch": epoch, "batch": i, "loss": loss, "acc": acc}),
-                    before_forward=hooks_forward, agree=self.world.mean if self.world.active else None,
-                )
-                # The loss check sees a step's damage only at the next batch: after the epoch's last step
-                # a non-finite weight would otherwise reach the next snapshot and make rollback useless.
-                if not all(bool(torch.isfinite(imported.parameter(e)).all()) for e in imported.weights):
-                    raise NonFiniteLoss("a weight is NaN or infinite after the epoch's last step")
-            except NonFiniteLoss as exc:
-                rollback.restore()
-                message = (f"stage {stage} {phase} epoch {epoch}: {exc}; rolled back to the start of the epoch "
-                           f"and stopped the {phase} phase")
-                logger.warning("%s", message)
-                self.emit({"kind": "phase_end", **where, "stopped": message})
-                return message
-            except EmptyEpoch:
-                # A loader plugin that returns an exhausted generator yields data once, then nothing.
-                raise UserError(
-                    f"the training data yielded no samples in stage {stage} {phase} epoch {epoch}; a loader "
-                    "plugin is called once per epoch and must yield a fresh, non-empty stream every time"
-                ) from None
-            finally:
-                self.epoch_counter += 1
-            measured = on_epoch_end(epoch, stats)
-            record = {"phase": phase, "epoch": epoch, "loss": stats.loss, "train_metric": stats.accuracy,
-                      "metric": measured.get("metric"), "residual": measured.get("residual"),
-                      "samples": stats.samples, "seconds": time.perf_counter() - started}
-            self.history.append(record)
-            self.emit({"kind": "epoch_end", **where, "epochs": n_epochs, **record})
-        if n_epochs:
-            self.emit({"kind": "phase_end", **where, "stopped": None})
-        return None
-
-
-class _Rollback:
-    """Where a phase rolls back to on a non-finite loss: the weights and the optimizer's state at the start
-    of the current epoch.
-
-    One set of buffers per phase, allocated at its first ``save`` and copied into at every epoch's start
-    (a fresh snapshot and a deep copy of the optimizer state per epoch held two of each at the switch and
-    churned the allocator on large models).
-    """
-
-    def __init__(self, imported: ImportedModel, optimizer: torch.optim.Optimizer) -> None:
-        self.imported, self.optimizer = imported, optimizer
-        self.values: dict[str, torch.Tensor] | None = None
-        self.state: dict[int, dict[str, Any]] = {}  # id(param) -> its optimizer state at the save
-
-    def save(self) -> None:
-        self.values = (_snapshot(self.imported) if self.values is None
-                       else _copy_values(self.imported, self.values))
-        saved = {}
-        for param, state in self.optimizer.state.items():
-            old = self.state.get(id(param), {})
-            saved[id(param)] = {key: _copy_into(old.get(key), value) for key, value in state.items()}
-        self.state = saved
-
-    def restore(self) -> None:
-        _load_values(self.imported, self.values)
-        state = self.optimizer.state
-        for param in list(state):
-            if id(param) not in self.state:  # its state began after the save (the phase's first step)
-                del state[param]
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                if id(param) in self.state:
-                    state[param] = {key: (value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
-                                    for key, value in self.state[id(param)].items()}
-
-
-def _copy_into(buffer: Any, value: Any) -> Any:
-    """``value`` copied into ``buffer`` when that is a tensor of its shape, else a fresh copy."""
-    if not torch.is_tensor(value):
-        return copy.deepcopy(value)
-    if torch.is_tensor(buffer) and buffer.shape == value.shape and buffer.dtype == value.dtype:
-        with torch.no_grad():
-            return buffer.copy_(value)
-    return value.detach().clone()
-
-
-def _mean_residual(admm: ADMM) -> float | None:
-    """The mean over the weights of the primal residual at the last Z/U update (None before the first)."""
-    last = [h[-1] for h in admm.residual_history.values() if h]
-    return sum(last) / len(last) if last else None
-
-
-def _quantizer(choice: QuantChoice, spec: WeightSpec):
-    axis = spec.out_axis or 0
-    if choice.ternary:
-        return Ternary(per_channel=choice.per_channel, axis=axis)
-    if choice.clusters is not None:
-        return Codebook(choice.clusters)
-    if choice.bits == 1:
-        return Binary(per_channel=choice.per_channel, axis=axis)
-    return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis, symmetric=choice.symmetric)
-
-
-def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) -> QuantSpec:
-    """How a quantized weight is stored, in its ONNX layout (Gemm weights may be transposed and scaled)."""
-    if qt is None:  # a codebook: its levels are the values themselves
-        return QuantSpec(bits=max(1, math.ceil(math.log2(max(2, choice.clusters)))))
-    entry = next(e for e in imported.weights if e.param == param)
-    scale = qt.scale.detach().cpu().numpy().astype(np.float32) / np.float32(entry.layout.scale)
-    axis = qt.axis
-    if axis is not None and entry.layout.transpose:
-        axis = qt.q.dim() - 1 - axis
-    return QuantSpec(bits=qt.bits, scale=scale, axis=axis)
-
-
-def _level_axis(w: WeightPlan, stage: int) -> int | None:
-    """Per-channel quantizers keep one level set per output channel; the others one per tensor."""
-    choice = w.quant[stage]
-    return (w.spec.out_axis or 0) if choice.per_channel and choice.clusters is None else None
 
 
 def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, Dataset, Dataset]:

@@ -25,6 +25,7 @@ import onnx_admm
 import onnx_admm.api as api
 from converters.errors import UserError
 from converters.graphinfo import InputSpec
+from onnx_admm.admm import ADMM
 from onnx_admm.api import CompressInterrupted, compress
 from onnx_admm.data import Dataset
 from onnx_admm.projections import keep_count
@@ -161,7 +162,7 @@ def test_nothing_to_compress_is_a_user_error(digits, config):
 def projected(monkeypatch):
     """Records, at every hard projection (one per stage), the supports and the projected weights."""
     records: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-    original = api.ADMM.hard_project
+    original = ADMM.hard_project
 
     def recording(self):
         supports = original(self)
@@ -169,7 +170,7 @@ def projected(monkeypatch):
                         {n: p.detach().clone() for n, p in self.params.items()}))
         return supports
 
-    monkeypatch.setattr(api.ADMM, "hard_project", recording)
+    monkeypatch.setattr(ADMM, "hard_project", recording)
     return records
 
 
@@ -668,15 +669,17 @@ def test_admm_period_sets_the_number_of_z_u_updates(digits, period, updates):
 
 def test_selection_never_reads_the_held_out_split(digits, monkeypatch):
     """Retraining picks its state on a split of the training data; val_data is only measured."""
+    from onnx_admm.pipeline import stages
+
     seen = []
-    original = api.evaluate
+    original = stages.evaluate
 
     def spy(model, batches, score, teacher=None):
         batches = list(batches)
         seen.append(sum(int(b.inputs[0].shape[0]) for b in batches))
         return original(model, iter(batches), score, teacher)
 
-    monkeypatch.setattr(api, "evaluate", spy)
+    monkeypatch.setattr(stages, "evaluate", spy)
     val = Dataset({"input": digits["x_test"][:37]}, digits["y_test"][:37], {"input"})
     result = compress(digits["model"], digits["train"], _config(0.9, 1, 2), val_data=val)
     n_select = round(1437 * 0.1)  # with val_data, the selection split is 10% of the training data
@@ -710,14 +713,14 @@ def test_epoch_budget_is_split_over_stages_and_spent_exactly(digits):
 def test_the_global_budget_moves_between_layers_during_admm(digits, monkeypatch):
     """Z is re-split over the layers from W + U at every update: the per-layer counts of Z change."""
     counts = []
-    original = api.ADMM.update
+    original = ADMM.update
 
     def recording(self):
         out = original(self)
         counts.append(tuple(int((z != 0).sum()) for z in self.Z.values()))
         return out
 
-    monkeypatch.setattr(api.ADMM, "update", recording)
+    monkeypatch.setattr(ADMM, "update", recording)
     # ADMM alone, without retraining: the floor is off, this is about the Z steps.
     compress(digits["model"], digits["train"], _config(0.98, 3, 0, prune={"allocation": "global"}), metric_floor=0)
     assert len(set(sum(c) for c in counts)) == 1  # the total is the target at every update

@@ -162,12 +162,12 @@ def test_fixed_batch_two_pads_the_last_chunk():
 
 
 def test_failure_after_training_keeps_the_saved_model_and_names_it(tmp_path, monkeypatch):
-    from onnx_admm import api
+    from onnx_admm.pipeline import commit
 
     def broken(*args, **kwargs):
         raise RuntimeError("validation exploded")
 
-    monkeypatch.setattr(api, "build_report", broken)
+    monkeypatch.setattr(commit, "build_report", broken)
     model, data = _gemm(tmp_path), _npz(tmp_path, x=X)
     out = tmp_path / "sub" / "out.onnx"
     result = _compress(model, data, out)
