@@ -20,6 +20,7 @@ import click
 
 from converters.errors import UserError
 from onnx_admm import __version__
+from onnx_admm.gate import DEFAULT_FLOOR
 from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
 EXIT_GATE = 3  # AccuracyGateFailed.exit_status
@@ -168,7 +169,7 @@ def check(model: str, data: str | None, as_json: bool) -> None:
               help="Samples per onnxruntime run [default: 64, lowered to what the models' activations allow].")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="onnxruntime threads.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--metric-floor", type=float, default=0.5, show_default=True,
+@click.option("--metric-floor", type=float, default=DEFAULT_FLOOR, show_default=True,
               help="Exit 3 when COMPRESSED keeps less than this share of ORIGINAL's figure (accuracy with labels, "
                    "else the task metric against ORIGINAL); 0 turns it off.")
 @click.option("--max-accuracy-drop", type=float,
@@ -237,7 +238,7 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
               help="Exit 3 when the drop exceeds this fraction; the model is then written as OUT's stem + .gate-failed.onnx.")
-@click.option("--metric-floor", type=float, default=0.5, show_default=True,
+@click.option("--metric-floor", type=float, default=DEFAULT_FLOOR, show_default=True,
               help="Exit 3 when the compressed model keeps less than this share of the original's figure on the "
                    "held-out split (accuracy with labels, else the task metric against the original: top-1 "
                    "agreement, CTC sequence match, positive-set F1); 0 turns it off.")

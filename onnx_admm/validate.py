@@ -573,6 +573,11 @@ def weight_storage_bits(path: str | Path) -> int:
     return sum(tensor_storage_bits(tensor_value(model, sources[w.name])) for w in compressible_weights(model))
 
 
+def percent(x: float | None) -> str:
+    """A fraction as a percentage with two decimals, "-" when unmeasured (the tables' and lines' format)."""
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
 def format_table(report: ValidationReport) -> str:
     """The report as a readable text table."""
 
@@ -581,9 +586,6 @@ def format_table(report: ValidationReport) -> str:
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"({a / b:.2f}x)" if a is not None and b else ""
-
-    def percent(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.2f}%"
 
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f} ms"
@@ -621,10 +623,6 @@ def format_table(report: ValidationReport) -> str:
 
 def describe_task(task: dict, output: str | None, score: dict | None = None) -> str:
     """One line: the task metric of the compressed model against the original, and the figures behind it."""
-
-    def percent(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.2f}%"
-
     how = score or {}
     via = f" (the float scores behind output {how['feeds']!r})" if how.get("feeds") else ""
     extra = []
