@@ -48,6 +48,7 @@ import onnx
 
 from converters.channel_walk import ChannelWalk
 from converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
+from converters.heads import NotAttention, Probe, has_attention, head_group, probe_shapes
 from converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
 from converters.optable import BROADCAST, LINEAR
 from converters.shapes import inferred_types
@@ -127,6 +128,7 @@ class _Analysis:
         self.shapes = {name: list(dims) for name, (_, dims) in inferred_types(model, data_prop=True).items()
                        if dims is not None}
         self._values: dict[str, np.ndarray] = {}
+        self._probe: Probe | None = None  # measured dims, for attention heads (converters.heads)
 
     # -- constants -----------------------------------------------------------------------------------
 
@@ -171,8 +173,7 @@ class _Analysis:
                 pending_depthwise.append((i, weight, shape[0]))
                 continue
             except NotPrunable as exc:
-                n_channels = _out_channels(node, shape)
-                group = ChannelGroup(weight, label, node.op_type, n_channels, prunable=False, reason=str(exc))
+                group = self._heads(i, weight, str(exc))
             listed = sorted(seen.intersection(group.members) - {weight})
             if group.prunable and listed:
                 # Members listed before, not prunable from their own start: each walk must see the same
@@ -195,6 +196,23 @@ class _Analysis:
         order = {name: k for k, name in enumerate(self._weight_order())}
         groups.sort(key=lambda g: order.get(g.name, len(order)))
         return groups
+
+    def _heads(self, index: int, weight: str, reason: str) -> ChannelGroup:
+        """The attention heads of a Q/K/V projection whose filters cannot leave the graph one by one; else
+        the group, not prunable, with both reasons."""
+        node = self.nodes[index]
+        shape = self.value(weight).shape
+        if node.op_type in ("MatMul", "Gemm") and has_attention(self):
+            try:
+                if self._probe is None:
+                    self._probe = probe_shapes(self.model)
+                return head_group(self, index, weight, self._probe)
+            except NotAttention:
+                pass
+            except NotPrunable as exc:
+                reason = f"{reason}; as attention heads: {exc}"
+        return ChannelGroup(weight, self.labels[index], node.op_type, _out_channels(node, shape), prunable=False,
+                            reason=reason)
 
     def _weight_order(self) -> list[str]:
         names = []

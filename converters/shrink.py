@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from converters.groups import ChannelGroup, channel_groups
+from converters.heads import with_frozen
 from converters.encoders import DenseEncoder, SparseEncoder
 from converters.writeback import TensorUpdate
 
@@ -143,6 +144,12 @@ def shrink(
     by_name = {g.name: g for g in groups}
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    # Computed Reshape shapes that hold removed heads become constants first (the edits below cut them).
+    frozen_shapes = tuple(f for name, mask in keep.items() if name in by_name and by_name[name].frozen
+                          and kept_channels(by_name[name], mask).size < by_name[name].n_channels
+                          for f in by_name[name].frozen)
+    frozen = with_frozen(out, frozen_shapes)
+    frozen_tensors = {f.tensor for f in frozen_shapes}
     sources = constant_sources(out)
     values: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}  # before any cut
@@ -181,13 +188,15 @@ def shrink(
                 raise ValueError(f"{s.tensor!r} would be cut twice along axis {s.axis} (by group {name!r})")
             removed_at[(s.tensor, s.axis)] = np.union1d(before, positions)
             depthwise.update({label: s.tensor for label, k in s.nodes if s.role == "depthwise" and k == 1})
-        for edit in group.reshapes:
+        # One shape constant read by several Reshapes (Q, K and V's) is edited once per entry.
+        for edit in {(e.tensor, e.index): e for e in group.reshapes}.values():
             shape = current(edit.tensor).copy()
             shape.reshape(-1)[edit.index] -= removed.size * edit.per_channel
             values[edit.tensor] = shape
         changed_tensors.update(group.activations)
         members = f" (members {', '.join(group.producers)})" if len(group.producers) > 1 else ""
-        summary.append(f"{name}: kept {kept.size} of {group.n_channels} channels ({removed.size} removed){members}")
+        summary.append(f"{name}: kept {kept.size} of {group.n_channels} {group.unit}s ({removed.size} removed)"
+                       f"{members}")
     for (tensor, axis), removed in removed_at.items():
         positions = np.setdiff1d(np.arange(current(tensor).shape[axis]), removed)
         values[tensor] = np.take(current(tensor), positions, axis=axis)
@@ -201,7 +210,7 @@ def shrink(
 
     replaced: dict[str, np.ndarray] = {}
     for name, value in values.items():
-        before = tensor_value(model, sources[name])
+        before = tensor_value(out if name in frozen_tensors else model, sources[name])
         if before.shape == value.shape and np.array_equal(before, value):
             continue
         if before.shape == value.shape:  # a Reshape shape constant
@@ -216,10 +225,27 @@ def shrink(
     kept_info = [v for v in out.graph.value_info if v.name not in changed_tensors]
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept_info)
-    changes = summary + changes
+    changes = summary + frozen + changes
     logger.info("shrink: %s", "; ".join(changes) or "nothing to remove")
     cuts = {name: TensorCut(shapes[name], tuple(cut)) for name, cut in steps.items()}
     return ShrinkResult(out, changes, cuts)
+
+
+def zeroed(model: onnx.ModelProto, group: ChannelGroup, removed: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` whose consumer weights read nothing from the ``removed`` units of ``group``:
+    what the graph without them must compute."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    sources = constant_sources(out)
+    values = {}
+    for piece in group.consumers:
+        value = values.get(piece.tensor, tensor_value(out, sources[piece.tensor])).copy()
+        index = [slice(None)] * value.ndim
+        index[piece.axis] = piece.positions(group.n_channels, removed)
+        value[tuple(index)] = 0
+        values[piece.tensor] = value
+    _set_tensors(out, {name: sources[name].location for name in values}, values)
+    return out
 
 
 def _set_tensors(model: onnx.ModelProto, locations: Mapping[str, str], values: Mapping[str, np.ndarray]) -> None:

@@ -26,7 +26,7 @@ from onnx_admm.allocation import Allocation, allocate, floor_share
 from onnx_admm.projections import Channel, Filter, Unstructured, Within, keep_count, shared_groups, spread
 from onnx_admm.recipe import CompressConfig, Rule, nm_pattern
 from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
-from onnx_admm.structured import NM, Block, Column, group_keep_count
+from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class WeightPlan:
     shared: bool  # part of the global pool (its keep count comes from global ranking)
     structure: str
     quant: tuple[QuantChoice | None, ...]  # per stage
+    # Filter pruning by units of several rows (attention heads: converters.groups' unit "head"): the
+    # (outer, inner) blocks each unit owns along the output axis; (1, 1) for plain filters.
+    blocks: tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,9 @@ def _sparsity_constraint(w: WeightPlan, shape: torch.Size, keep: int | None, spa
     if structure in ("filter", "channel"):
         # filters index the output-channel axis, channels the input-channel axis
         axis = out_axis if structure == "filter" else w.spec.in_axis
+        if structure == "filter" and w.blocks != (1, 1):
+            outer, inner = w.blocks
+            return Heads(group_keep_count(shape[axis] // (outer * inner), sparsity), axis, outer, inner)
         n_groups = shape[axis]
         cls = Filter if axis == 0 else Channel
         return cls(group_keep_count(n_groups, sparsity))
