@@ -57,9 +57,10 @@ class ShapeEdit:
 
 @dataclass(frozen=True)
 class FrozenShape:
-    """Reshape ``node`` computes its shape at run time (from Shape nodes); the shrink pass feeds it the
-    constant ``tensor`` holding ``values`` instead (-1 at the one dim that follows the inputs' dynamic
-    dims), so that the entries holding the group's units can be edited (``ShapeEdit`` on ``tensor``)."""
+    """Reshape ``node`` gets a constant shape of its own, ``tensor`` holding ``values``, before the group's
+    units are cut: its shape was computed at run time (from Shape nodes; -1 at the one dim that follows
+    the inputs' dynamic dims), or its constant is shared with other Reshapes (exporters share one per
+    layer stack). ``ShapeEdit`` entries on ``tensor`` then edit this node's shape alone."""
 
     node: str
     tensor: str

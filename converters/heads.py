@@ -43,7 +43,7 @@ from onnx import numpy_helper
 from converters.channel_walk import ChannelWalk
 from converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
 from converters.graphinfo import fresh_name, graph_inputs, node_attr, node_label, tensor_names
-from converters.optable import BROADCAST
+from converters.optable import BROADCAST, LINEAR
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
     Raises:
         NotPrunable: no head split is found, or the proof fails; the message says which.
     """
-    node, label = a.nodes[index], a.labels[index]
+    node = a.nodes[index]
+    if not _feeds_attention(a, index):
+        raise NotAttention("its outputs reach no attention")
     shape = a.value(weight).shape
     if len(shape) != 2:
         raise NotPrunable(f"a weight of rank {len(shape)} is not an attention projection")
@@ -86,8 +88,7 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
     features = shape[axis]
     facts = _Probed(a, probe)
     taken = tensor_names(a.model)
-    last: NotPrunable | None = None
-    attention = False  # whether any candidate split reached a MatMul of two computed tensors
+    last: tuple[int, NotPrunable] | None = None  # the failure of the split followed furthest
     for fused in (3, 1):
         if features % fused:
             continue
@@ -103,18 +104,37 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
                     raise NotPrunable("no MatMul of two computed tensors reads the heads (not attention)")
                 walk.check_sharing()
             except NotPrunable as exc:
-                last, attention = exc, attention or walk.attention
+                if last is None or len(walk.reached) > last[0]:
+                    last = (len(walk.reached), exc)
                 continue
             group = walk.group(a, index, weight)
             _prove(a.model, group, probe)
             return group
-    if not attention:
-        raise NotAttention("its outputs reach no attention")
-    raise NotPrunable(f"no attention heads found ({last})")
+    raise NotPrunable(f"no attention heads found ({last[1] if last else 'no weight width splits'})")
 
 
 class NotAttention(NotPrunable):
     """The projection's outputs reach no attention: the channel walk's reason is the one to give."""
+
+
+def _feeds_attention(a: Any, index: int) -> bool:
+    """Whether node ``index``'s output reaches a MatMul of two computed tensors as data, before any layer
+    with a constant weight (which starts other units) or a Shape (whose values only size things)."""
+    stack, seen = [a.nodes[index].output[0]], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for i in a.readers.get(name, []):
+            node = a.nodes[i]
+            computed = [x for x in node.input if x and a.constant(x) is None]
+            if node.op_type == "MatMul" and len(computed) == 2:
+                return True
+            if node.op_type == "Shape" or (node.op_type in LINEAR and len(computed) < len(node.input)):
+                continue
+            stack.extend(out for out in node.output if out)
+    return False
 
 
 @dataclasses.dataclass
@@ -264,8 +284,9 @@ class HeadWalk(ChannelWalk):
         if dims_in is None or dims_out is None:
             raise NotPrunable(f"the shapes around Reshape {label} are unknown")
         tensor = a.constant(node.input[1])
-        if tensor is None:
-            tensor, target = self._freeze(i, dims_out)
+        if tensor is None:  # computed at run time: frozen whether or not it holds the heads
+            target = self._frozen_values(i, dims_out)
+            tensor = self._own_copy(i, target)
         else:
             target = [int(v) for v in a.value(tensor).reshape(-1)]
         below = dims_in[layout.axis + 1:]
@@ -291,23 +312,28 @@ class HeadWalk(ChannelWalk):
                 return new
             if entry != d or outer == 0:
                 break
-            edit = ShapeEdit(tensor, label, b, inner * outer)
-            if any(e.tensor == tensor and e.index == b and e.per_channel != edit.per_channel for e in self.reshapes):
-                raise NotPrunable(f"shape {tensor!r} would be edited in two ways")
-            self.reshapes.append(edit)
+            # Exporters share one shape constant among Reshapes (Q, K and V's, every layer's): this Reshape
+            # gets its own copy, which the edit cuts.
+            own = next((f.tensor for f in self.frozen if f.node == label), None) or self._own_copy(i, target)
+            self.reshapes.append(ShapeEdit(own, label, b, inner * outer))
             return new
         raise NotPrunable(f"Reshape {label} splits the heads ({self.n} of {layout.inner} features) across axes")
 
-    def _freeze(self, i: int, dims_out: list) -> tuple[str, list[int]]:
-        """A constant for the shape Reshape ``i`` computes: the measured dims, -1 for the one that varies."""
+    def _frozen_values(self, i: int, dims_out: list) -> list[int]:
+        """The shape Reshape ``i`` computes at run time, as constant values: the measured dims, -1 for the
+        one that varies with the inputs."""
         label = self.a.labels[i]
         varying = [k for k, d in enumerate(dims_out) if not isinstance(d, int)]
         if len(varying) > 1:
             raise NotPrunable(f"Reshape {label} computes a shape with {len(varying)} dims that follow the inputs")
-        values = tuple(-1 if k in varying else int(d) for k, d in enumerate(dims_out))
+        return [-1 if k in varying else int(d) for k, d in enumerate(dims_out)]
+
+    def _own_copy(self, i: int, values: list[int]) -> str:
+        """A new constant holding ``values`` that the shrink pass feeds to Reshape ``i`` alone."""
+        label = self.a.labels[i]
         tensor = fresh_name(f"{label}_shape", self.names | {f.tensor for f in self.frozen})
-        self.frozen.append(FrozenShape(label, tensor, values))
-        return tensor, list(values)
+        self.frozen.append(FrozenShape(label, tensor, tuple(values)))
+        return tensor
 
 
 def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
@@ -365,12 +391,18 @@ def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list
     by_label = {f.node: f for f in frozen}
     taken = tensor_names(model)
     changes = []
+    replaced: set[str] = set()  # the shapes the Reshapes read before
     for k, node in enumerate(model.graph.node):
         f = by_label.get(node_label(node, k))
         if f is None or f.tensor in taken:
             continue
         model.graph.initializer.append(numpy_helper.from_array(np.array(f.values, dtype=np.int64), f.tensor))
+        replaced.add(node.input[1])
         node.input[1] = f.tensor
         taken.add(f.tensor)
-        changes.append(f"{f.node}: computed shape frozen to {list(f.values)} ({f.tensor})")
+        changes.append(f"{f.node}: shape {list(f.values)} of its own ({f.tensor})")
+    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    unread = [t for t in model.graph.initializer if t.name in replaced and t.name not in read]
+    for t in unread:
+        model.graph.initializer.remove(t)
     return changes
