@@ -38,16 +38,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from converters.channel_walk import ChannelWalk
+from converters.cut import cut, zeroed
 from converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
-from converters.graphinfo import fresh_name, graph_inputs, node_attr, node_label, tensor_names
+from converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
 from converters.optable import BROADCAST, LINEAR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotAttention", "Probe", "has_attention", "head_group", "probe_shapes", "with_frozen"]
+__all__ = ["NotAttention", "Probe", "has_attention", "head_group", "probe_shapes"]
 
 # The relative tolerance of the proof (outputs differ only by float rounding when the split is right).
 PROOF_TOLERANCE = 1e-4
@@ -339,11 +339,9 @@ class HeadWalk(ChannelWalk):
 def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
     """The graph without the last head must compute what the original computes with that head's output
     projection columns zeroed."""
-    from converters.shrink import shrink, zeroed  # shrink imports the groups analysis, which imports this
-
     keep = np.ones(group.n_channels, dtype=bool)
     keep[-1] = False
-    shrunk = shrink(model, {group.name: keep}, [group]).model
+    shrunk = cut(model, {group.name: keep}, [group]).model
     reference = zeroed(model, group, np.array([group.n_channels - 1]))
     try:
         got, want = _session(shrunk), _session(reference)
@@ -382,27 +380,3 @@ def _session(model: onnx.ModelProto):
     options.intra_op_num_threads = 1
     options.log_severity_level = 4
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list[str]:
-    """Feed each frozen Reshape its constant shape (in place); one line per change."""
-    if not frozen:
-        return []
-    by_label = {f.node: f for f in frozen}
-    taken = tensor_names(model)
-    changes = []
-    replaced: set[str] = set()  # the shapes the Reshapes read before
-    for k, node in enumerate(model.graph.node):
-        f = by_label.get(node_label(node, k))
-        if f is None or f.tensor in taken:
-            continue
-        model.graph.initializer.append(numpy_helper.from_array(np.array(f.values, dtype=np.int64), f.tensor))
-        replaced.add(node.input[1])
-        node.input[1] = f.tensor
-        taken.add(f.tensor)
-        changes.append(f"{f.node}: shape {list(f.values)} of its own ({f.tensor})")
-    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-    unread = [t for t in model.graph.initializer if t.name in replaced and t.name not in read]
-    for t in unread:
-        model.graph.initializer.remove(t)
-    return changes
