@@ -3,7 +3,8 @@
     python samples/vit_fashion_mnist/measure.py --label dense                     # train + export only
     python samples/vit_fashion_mnist/measure.py --label filter50 --sparsity 0.5   # --structure filter
     python samples/vit_fashion_mnist/measure.py --label int8 --int8               # --activations int8
-    python samples/resnet_fashion_mnist/latency.py WORK/dense.onnx WORK/filter50.onnx WORK/int8.onnx
+    python samples/vit_fashion_mnist/measure.py --label frozen     # dense, attention shapes made constant
+    python samples/resnet_fashion_mnist/latency.py WORK/dense.onnx WORK/frozen.onnx WORK/filter50.onnx WORK/int8.onnx
 
 The dense model: 7x7 patches of the 28x28 image (a stride-7 Conv, 16 tokens) plus a learned position
 embedding, ``--layers`` ``nn.TransformerEncoderLayer`` (batch_first, ReLU FFN, no dropout), the token mean,
@@ -68,6 +69,20 @@ def train_dense(work: Path, x, y, args: argparse.Namespace) -> Path:
     return fit_and_export(model, x, y, args.dense_epochs, args.dense_lr, 0.2, path)
 
 
+def frozen_shapes(dense: Path, out: Path) -> Path:
+    """``dense`` with the Reshape shapes that the head groups freeze made constant, every unit kept: how much
+    of a pruned model's speed comes from constant shapes alone."""
+    from converters.cut import with_frozen
+    from converters.groups import channel_groups
+    from converters.modelio import load_model, save_model
+
+    model = load_model(dense)
+    changes = with_frozen(model, tuple(f for g in channel_groups(model) if g.unit == "head" for f in g.frozen))
+    logger.info("frozen: %d Reshapes", len(changes))
+    save_model(model, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True, help="row name (dense trains and exports only)")
@@ -103,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.label == "dense":
         report = validate(dense, dense, test, batch_size=64, threads=1)
         row = {"label": "dense", "top1": report.original.accuracy, "wall_s": round(time.perf_counter() - started, 1)}
+    elif args.label == "frozen":
+        # The control for latency: the dense graph with the attention shapes made constant, nothing removed.
+        out = frozen_shapes(dense, args.work / "frozen.onnx")
+        report = validate(dense, out, test, batch_size=64, threads=1)
+        row = {"label": "frozen", "top1": report.compressed.accuracy, "dense_top1": report.original.accuracy}
     else:
         recipe = {"train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs}}
         if args.int8:
