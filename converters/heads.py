@@ -253,17 +253,9 @@ class HeadWalk(ChannelWalk):
                 raise NotPrunable(f"Gather {label} picks entries along the heads' axis")
             picked = a.value(a.constant(node.input[1])).ndim
             return [(node.output[0], layout.along(layout.axis + (picked - 1 if axis < layout.axis else 0)))]
-        if op in BROADCAST and any(x and x not in self.reached and a.constant(x) is None for x in node.input):
-            out_rank = len(a.shape(node.output[0]) or ())
-            for k, x in enumerate(node.input):
-                if not x or (x not in self.reached and a.constant(x) is None):
-                    continue  # a computed scalar (checked by _blocking_operand)
-                if x in self.reached:
-                    if self.reached[x] != layout or len(a.shape(x) or ()) != out_rank:
-                        raise NotPrunable(f"the operands of {op} {label} hold the heads in different layouts")
-                else:
-                    self.broadcast_constant(x, layout, (label, k), out_rank)
-            return [(node.output[0], layout)]
+        if op in BROADCAST:  # computed scalars (checked by _blocking_operand) are the same for every head
+            return self._broadcast(i, layout, frozenset(x for x in node.input if x and x not in self.reached
+                                                         and a.constant(x) is None))
         if op in ("Softmax", "LogSoftmax"):
             if node_attr(node, "axis", -1) % rank <= layout.axis:
                 raise NotPrunable(f"{op} {label} normalises over the heads' axis")
