@@ -89,13 +89,15 @@ def channel_groups_summary(groups: list[ChannelGroup]) -> list[dict]:
             "node": g.node,
             "op_type": g.op_type,
             "channels": g.n_channels,
+            "unit": g.unit,
             "prunable": g.prunable,
             "reason": g.reason,
             "members": list(g.producers),
             "sliced": [describe(s) for s in g.outputs],
             "depthwise": [describe(s) for s in g.depthwise],
             "consumers": [describe(s) for s in g.consumers],
-            "reshapes": [f"{e.tensor}[{e.index}] (-{e.per_channel} per channel)" for e in g.reshapes],
+            "reshapes": [f"{e.tensor}[{e.index}] (-{e.per_channel} per {g.unit})" for e in g.reshapes],
+            "frozen": [f"{f.node}: {list(f.values)}" for f in g.frozen],
         }
         for g in groups
     ]

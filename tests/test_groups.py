@@ -168,6 +168,7 @@ def test_summary_for_inspect(onnx_model_file):
         "node": "node_conv2d_1",
         "op_type": "Conv",
         "channels": 50,
+        "unit": "channel",
         "prunable": True,
         "reason": None,
         "members": ["conv2.weight"],
@@ -175,6 +176,7 @@ def test_summary_for_inspect(onnx_model_file):
         "depthwise": [],
         "consumers": ["fc1.weight[axis 1, block 16]"],
         "reshapes": ["val_7[1] (-16 per channel)"],
+        "frozen": [],
     }
     assert summary[-1]["prunable"] is False and "graph output" in summary[-1]["reason"]
 
