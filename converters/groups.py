@@ -34,6 +34,10 @@ Split, Slice, Gather, Softmax, LayerNormalization, a Concat on another axis, a R
 reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a node outside the group
 (exporters merge equal initializers), or an op this module does not know.
 
+A MatMul/Gemm whose channels stop (an attention block's Q/K/V projection reaches Shape, a head-splitting
+Reshape, Softmax) is tried as attention heads (``converters.heads``): its units are then heads, each a
+block of rows of Q, K and V, proven in onnxruntime before the group is offered.
+
 The analysis reads the ORIGINAL ModelProto (external data loaded) and runs ONNX shape inference on a
 copy; ``converters.shrink`` applies a keep-mask per group. The rules per op live in
 ``converters.channel_walk``, the types in ``converters.channels``.
