@@ -4,6 +4,7 @@
     python samples/vit_fashion_mnist/measure.py --label filter50 --sparsity 0.5   # --structure filter
     python samples/vit_fashion_mnist/measure.py --label int8 --int8               # --activations int8
     python samples/vit_fashion_mnist/measure.py --label frozen     # dense, attention shapes made constant
+    python samples/vit_fashion_mnist/measure.py --label qstatic    # onnxruntime quantize_static (QDQ)
     python samples/resnet_fashion_mnist/latency.py WORK/dense.onnx WORK/frozen.onnx WORK/filter50.onnx WORK/int8.onnx
 
 The dense model: 7x7 patches of the 28x28 image (a stride-7 Conv, 16 tokens) plus a learned position
@@ -83,6 +84,22 @@ def frozen_shapes(dense: Path, out: Path) -> Path:
     return out
 
 
+def quantize_static_qdq(dense: Path, out: Path, calibration) -> Path:
+    """onnxruntime's own int8 (QDQ, per-channel weights), calibrated on ``calibration`` in batches of 32:
+    the bar for ``--activations int8``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calibration[i:i + 32]} for i in range(0, len(calibration), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(dense), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True, help="row name (dense trains and exports only)")
@@ -118,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.label == "dense":
         report = validate(dense, dense, test, batch_size=64, threads=1)
         row = {"label": "dense", "top1": report.original.accuracy, "wall_s": round(time.perf_counter() - started, 1)}
+    elif args.label == "qstatic":
+        out = quantize_static_qdq(dense, args.work / "qstatic.onnx", x[:256])
+        report = validate(dense, out, test, batch_size=64, threads=1)
+        row = {"label": "qstatic", "top1": report.compressed.accuracy, "dense_top1": report.original.accuracy,
+               "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy)}
     elif args.label == "frozen":
         # The control for latency: the dense graph with the attention shapes made constant, nothing removed.
         out = frozen_shapes(dense, args.work / "frozen.onnx")
