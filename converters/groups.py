@@ -52,7 +52,7 @@ import onnx
 
 from converters.channel_walk import ChannelWalk
 from converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
-from converters.heads import NotAttention, Probe, has_attention, head_group, probe_shapes
+from converters.heads import Probe, feeds_attention, head_group, probe_shapes
 from converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
 from converters.optable import BROADCAST, LINEAR
 from converters.shapes import inferred_types
@@ -134,7 +134,8 @@ class _Analysis:
         self.shapes = {name: list(dims) for name, (_, dims) in inferred_types(model, data_prop=True).items()
                        if dims is not None}
         self._values: dict[str, np.ndarray] = {}
-        self._probe: Probe | None = None  # measured dims, for attention heads (converters.heads)
+        # Measured dims, for attention heads (converters.heads); why they could not be measured, once.
+        self._probe: Probe | NotPrunable | None = None
 
     # -- constants -----------------------------------------------------------------------------------
 
@@ -208,13 +209,16 @@ class _Analysis:
         the group, not prunable, with both reasons."""
         node = self.nodes[index]
         shape = self.value(weight).shape
-        if node.op_type in ("MatMul", "Gemm") and has_attention(self):
-            try:
-                if self._probe is None:
+        if node.op_type in ("MatMul", "Gemm") and feeds_attention(self, index):
+            if self._probe is None:
+                try:
                     self._probe = probe_shapes(self.model)
+                except NotPrunable as exc:
+                    self._probe = exc
+            try:
+                if isinstance(self._probe, NotPrunable):
+                    raise self._probe
                 return head_group(self, index, weight, self._probe)
-            except NotAttention:
-                pass
             except NotPrunable as exc:
                 reason = f"{reason}; as attention heads: {exc}"
         return ChannelGroup(weight, self.labels[index], node.op_type, _out_channels(node, shape), prunable=False,

@@ -47,7 +47,7 @@ from converters.optable import BROADCAST, LINEAR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotAttention", "Probe", "has_attention", "head_group", "probe_shapes"]
+__all__ = ["Probe", "feeds_attention", "head_group", "probe_shapes"]
 
 # The relative tolerance of the proof (outputs differ only by float rounding when the split is right).
 PROOF_TOLERANCE = 1e-4
@@ -57,14 +57,9 @@ PROBE_SIZES = (2, 3)
 DYNAMIC = "dynamic"
 
 
-def has_attention(a: Any) -> bool:
-    """Whether the graph has what attention needs: a Softmax and a MatMul of two computed tensors."""
-    softmax = any(n.op_type == "Softmax" for n in a.nodes)
-    return softmax and any(n.op_type == "MatMul" and all(a.constant(x) is None for x in n.input) for n in a.nodes)
-
-
 def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
-    """The head group of the Q/K/V projection node ``index`` (weight ``weight``), proven in onnxruntime.
+    """The head group of the Q/K/V projection node ``index`` (weight ``weight``; ``feeds_attention``),
+    proven in onnxruntime.
 
     Args:
         a: The graph facts of ``converters.groups``.
@@ -76,8 +71,6 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
         NotPrunable: no head split is found, or the proof fails; the message says which.
     """
     node = a.nodes[index]
-    if not _feeds_attention(a, index):
-        raise NotAttention("its outputs reach no attention")
     shape = a.value(weight).shape
     if len(shape) != 2:
         raise NotPrunable(f"a weight of rank {len(shape)} is not an attention projection")
@@ -113,11 +106,7 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
     raise NotPrunable(f"no attention heads found ({last[1] if last else 'no weight width splits'})")
 
 
-class NotAttention(NotPrunable):
-    """The projection's outputs reach no attention: the channel walk's reason is the one to give."""
-
-
-def _feeds_attention(a: Any, index: int) -> bool:
+def feeds_attention(a: Any, index: int) -> bool:
     """Whether node ``index``'s output reaches a MatMul of two computed tensors as data, before any layer
     with a constant weight (which starts other units) or a Shape (whose values only size things)."""
     stack, seen = [a.nodes[index].output[0]], set()
