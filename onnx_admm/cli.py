@@ -138,7 +138,8 @@ def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
         return None
     from converters.graphinfo import graph_inputs
     from converters.modelio import load_model
-    from onnx_admm.data import LABELS, resolve_data
+    from onnx_admm.data import LABELS
+    from onnx_admm.sources import resolve_data
 
     specs = graph_inputs(load_model(model_path))
     feeds = resolve_data(data, specs).take(n).as_feed()
@@ -179,10 +180,10 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
     """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: the task metric, accuracy, size, latency."""
     from converters.graphinfo import graph_inputs
     from converters.modelio import load_model, save_json
-    from onnx_admm.data import resolve_data
+    from onnx_admm.sources import resolve_data
     from onnx_admm.outputs import RunFiles, input_files
     from onnx_admm.gate import Gate
-    from onnx_admm.validate import format_table
+    from onnx_admm.tables import format_table
     from onnx_admm.validate import validate as run_validate
 
     gate = Gate(max_accuracy_drop, metric_floor)
@@ -351,7 +352,7 @@ def _parse_block(text: str | None) -> tuple[int, int] | None:
 
 
 def _summary(report: dict) -> str:
-    from onnx_admm.validate import describe_task
+    from onnx_admm.tables import describe_task
 
     m = report["metrics"]
     lines = [f"{'layer':<40} {'shape':<20} {'sparsity':>9} {'residual':>9}"]

@@ -23,7 +23,8 @@ from onnx_admm.api import compress
 from onnx_admm.data import Dataset
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.train import Batch, Loss, ScoreSpec, evaluate, predictions
-from onnx_admm.validate import format_table, validate
+from onnx_admm.tables import format_table
+from onnx_admm.validate import validate
 
 RNG = np.random.default_rng(0)
 X_SEQ = RNG.normal(size=(1024, 6, 8)).astype(np.float32)

@@ -21,10 +21,11 @@ from converters.writeback import WriteBackResult
 from onnx_admm import __version__
 from onnx_admm.data import Dataset
 from onnx_admm.pipeline.results import CompressResult, Measured
-from onnx_admm.recipe import nm_pattern
+from onnx_admm.structures import nm_pattern
 from onnx_admm.report_schema import SCHEMA_VERSION
 from onnx_admm.structured import NM, nm_runtimes
-from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
+from onnx_admm.storage import tensor_storage_bits
+from onnx_admm.validate import latency_ms, validate
 
 logger = logging.getLogger(__name__)
 

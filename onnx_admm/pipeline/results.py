@@ -26,7 +26,7 @@ from onnx_admm.data import Dataset
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import BatchChoice
 from onnx_admm.outputs import check_collisions, data_file, model_output
-from onnx_admm.plan import QuantChoice
+from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.preflight import check_writable
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.signals import deferred, exit_status, signal_name

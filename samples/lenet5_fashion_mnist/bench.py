@@ -298,7 +298,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
 
 
 def _storage_bits(path: Path) -> int | None:
-    from onnx_admm.validate import weight_storage_bits
+    from onnx_admm.storage import weight_storage_bits
 
     return weight_storage_bits(path)
 
