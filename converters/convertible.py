@@ -8,11 +8,11 @@ import onnx
 from onnx import defs, helper
 from onnx2torch.node_converters import get_converter
 
-from converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
-from converters.errors import UserError
-from converters.graphinfo import FLOAT_TYPES
-from converters.optable import TRAINABLE_CONSUMERS
-from converters.shapes import inferred_types
+from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import FLOAT_TYPES
+from onnx_admm.converters.optable import TRAINABLE_CONSUMERS
+from onnx_admm.converters.shapes import inferred_types
 
 
 def unsupported_nodes(normalized: onnx.ModelProto) -> list[str]:

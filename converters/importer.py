@@ -31,11 +31,11 @@ from onnx2torch import convert
 from onnx2torch.onnx_graph import OnnxGraph
 from torch import fx, nn
 
-from converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
-from converters.batch_axis import baked_batch, fixed_batch
-from converters.errors import UserError
-from converters.optable import CHANNEL_AXES, TRAINABLE_CONSUMERS
-from converters.graphinfo import (
+from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
+from onnx_admm.converters.batch_axis import baked_batch, fixed_batch
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.optable import CHANNEL_AXES, TRAINABLE_CONSUMERS
+from onnx_admm.converters.graphinfo import (
     Consumer,
     GraphView,
     ScoreOutput,
@@ -48,13 +48,13 @@ from converters.graphinfo import (
     resolve,
     tensor_shape_and_type,
 )
-from converters.dequantize import decoded_view
-from converters.convertible import trainable_part, unsupported_nodes
-from converters.normalize import normalize
-from converters.quantized import dequantize_model
-from converters.shapes import inferred_types
-from converters.encoders import QuantSpec
-from converters.writeback import TensorUpdate
+from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
+from onnx_admm.converters.normalize import normalize
+from onnx_admm.converters.quantized import dequantize_model
+from onnx_admm.converters.shapes import inferred_types
+from onnx_admm.converters.encoders import QuantSpec
+from onnx_admm.converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
 

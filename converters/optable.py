@@ -63,3 +63,14 @@ TRAINABLE_CONSUMERS = frozenset({
 # ONNX layout. Ops absent here (Gather tables, recurrent W/R [directions, gates*hidden, in]) have no
 # filters or channels to prune whole.
 CHANNEL_AXES: dict[str, tuple[int, int]] = {"Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": (0, 1), "MatMul": (1, 0)}
+
+# The domain names of the standard ONNX operators (a node may spell it either way).
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# Ops that move or select the entries of their input without arithmetic on them: they run the same on
+# a quantized tensor's integers as on its float values. (Pad is not here: its pad value would be the
+# zero point.)
+VALUE_MOVERS = frozenset({
+    "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+    "Identity", "Resize", "DepthToSpace", "SpaceToDepth", "Expand", "Tile",
+})  # fmt: skip

@@ -44,22 +44,14 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from converters.dequantize import fold_weight_decoders
-from converters.quantized_ops import REWRITES
-from converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.dequantize import fold_weight_decoders
+from onnx_admm.converters.quantized_ops import REWRITES
+from onnx_admm.converters.optable import DEFAULT_DOMAINS, VALUE_MOVERS
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT = ("", "ai.onnx")
 _MS = "com.microsoft"
-
-# Ops that move integers of a quantized tensor without doing arithmetic on them: onnxruntime's
-# QOperator form runs them on the uint8/int8 tensor, and they run unchanged on the float one.
-# (Pad is not here: its pad value would be the zero point.)
-_SHAPE_OPS = frozenset({
-    "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
-    "Identity", "Resize", "DepthToSpace", "SpaceToDepth", "Expand", "Tile",
-})  # fmt: skip
 
 _RANGE_MIN = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128, onnx.TensorProto.UINT16: 0,
               onnx.TensorProto.INT16: -32768}
@@ -69,7 +61,7 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether ``model`` holds onnxruntime quantizer output (integer operators or activation QuantizeLinear)."""
     sources = constant_sources(model)
     for node in model.graph.node:
-        if node.domain in _DEFAULT or node.domain == _MS:
+        if node.domain in DEFAULT_DOMAINS or node.domain == _MS:
             if node.op_type in REWRITES or node.op_type == "DynamicQuantizeLinear":
                 return True
             if node.op_type == "QuantizeLinear" and node.input[0] not in sources:
@@ -110,7 +102,7 @@ class _Rewriter:
         self.changed_types: set[str] = set()
         self.used_names = ({t.name for t in self.graph.initializer} | {o for n in self.graph.node for o in n.output}
                            | {i.name for i in self.graph.input})
-        self.opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT), 13)
+        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 13)
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -150,7 +142,7 @@ class _Rewriter:
     def fold_constant_quantize(self) -> None:
         keep = []
         for node in self.graph.node:
-            if node.op_type == "QuantizeLinear" and node.domain in _DEFAULT and all(
+            if node.op_type == "QuantizeLinear" and node.domain in DEFAULT_DOMAINS and all(
                     self.const(name) is not None for name in node.input if name):
                 feeds = {name: self.const(name) for name in node.input if name}
                 (value,) = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
@@ -167,7 +159,7 @@ class _Rewriter:
         out: list[onnx.NodeProto] = []
         removed: set[int] = set()
         for node in self.graph.node:
-            rewrite = REWRITES.get(node.op_type) if node.domain in _DEFAULT or node.domain == _MS else None
+            rewrite = REWRITES.get(node.op_type) if node.domain in DEFAULT_DOMAINS or node.domain == _MS else None
             replacement = rewrite(self, node, producers, readers, removed) if rewrite else None
             if replacement is None:
                 out.append(node)
@@ -189,7 +181,7 @@ class _Rewriter:
         to_identity: set[int] = set()
         removed_pairs = 0
         for node in list(self.graph.node):
-            if node.op_type != "QuantizeLinear" or node.domain not in _DEFAULT or node.input[0] in self.sources:
+            if node.op_type != "QuantizeLinear" or node.domain not in DEFAULT_DOMAINS or node.input[0] in self.sources:
                 continue
             closure, dequantizers = self._integer_closure(node.output[0], readers, graph_outputs)
             if closure is None:
@@ -227,7 +219,7 @@ class _Rewriter:
             for reader in readers.get(name, []):
                 if reader.op_type == "DequantizeLinear" and reader.input[0] == name:
                     dequantizers.append(reader)
-                elif reader.op_type in _SHAPE_OPS and reader.domain in _DEFAULT and reader.input[0] == name:
+                elif reader.op_type in VALUE_MOVERS and reader.domain in DEFAULT_DOMAINS and reader.input[0] == name:
                     for out in reader.output:
                         if out and out not in closure:
                             closure.add(out)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from converters.graphinfo import node_attr
+from onnx_admm.converters.graphinfo import node_attr
 
 class _Rewriter(Protocol):
     """What a rewrite asks of ``converters.quantized``'s rewriter."""

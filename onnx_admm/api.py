@@ -18,10 +18,10 @@ from typing import Any
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.graphinfo import graph_inputs
-from converters.importer import ImportedModel, import_model
-from converters.modelio import load_model
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import graph_inputs
+from onnx_admm.converters.importer import ImportedModel, import_model
+from onnx_admm.converters.modelio import load_model
 from onnx_admm.activations import calibration_data
 from onnx_admm.data import Dataset
 from onnx_admm.sources import PluginData, as_data

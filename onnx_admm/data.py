@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from converters.errors import UserError
-from converters.graphinfo import InputSpec, format_shape
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import InputSpec, format_shape
 
 logger = logging.getLogger(__name__)
 

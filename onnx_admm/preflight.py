@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.files import FOLDER, REGULAR, file_kind
-from converters.importer import ImportedModel
-from converters.modelio import temp_prefix
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import FOLDER, REGULAR, file_kind
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.converters.modelio import temp_prefix
 from onnx_admm.data import Dataset, check_label_range
 from onnx_admm.sources import PluginData
 from onnx_admm.recipe import CompressConfig

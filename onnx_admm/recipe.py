@@ -39,8 +39,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from converters.errors import UserError
-from converters.files import read_text
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import read_text
 from onnx_admm import structures
 from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 

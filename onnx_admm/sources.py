@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.errors import UserError
-from converters.files import require_file
-from converters.graphinfo import InputSpec
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import require_file
+from onnx_admm.converters.graphinfo import InputSpec
 from onnx_admm.data import Dataset, Feed, check_label_range, exc_line, from_arrays
 
 logger = logging.getLogger(__name__)

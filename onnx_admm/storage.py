@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converters.dequantize import decoded_view
-from converters.graphinfo import compressible_weights, constant_sources, tensor_value
-from converters.modelio import external_data_files, load_model
+from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.graphinfo import compressible_weights, constant_sources, tensor_value
+from onnx_admm.converters.modelio import external_data_files, load_model
 
 _GZIP_CHUNK = 1 << 24
 

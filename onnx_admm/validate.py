@@ -22,9 +22,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from converters.errors import UserError
-from converters.graphinfo import find_score_output, graph_inputs
-from converters.modelio import load_model, require_model_file, save_model, scratch_dir
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import find_score_output, graph_inputs
+from onnx_admm.converters.modelio import load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, check_label_range, required_batch_size
 from onnx_admm.sources import PluginData, as_data
 from onnx_admm.gate import retained

@@ -6,8 +6,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from converters.errors import UserError
-from converters.graphinfo import InputSpec
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import InputSpec
 from onnx_admm.data import Dataset, required_batch_size
 from onnx_admm.sources import PluginData, load_npz, load_plugin, resolve_data
 

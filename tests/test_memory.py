@@ -26,7 +26,7 @@ from onnx_admm.data import Rows
 from onnx_admm.sources import load_npz
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.validate import validate
-from converters.graphinfo import graph_inputs
+from onnx_admm.converters.graphinfo import graph_inputs
 
 EEG_SCRIPT = Path(__file__).resolve().parent.parent / "samples" / "eeg" / "make_sample.py"
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm import structures
 from onnx_admm.pipeline.planning import make_plan
 from onnx_admm.plan import WeightSpec, sparsity_constraints
@@ -154,7 +154,7 @@ def test_the_readme_recipe_applies_to_the_digits_sample(digits_sample):
 
     import onnx
 
-    from converters.importer import import_model
+    from onnx_admm.converters.importer import import_model
     from onnx_admm.api import _weight_specs
 
     readme = (digits_sample.dir.parent.parent / "README.md").read_text()

@@ -5,7 +5,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.importer import import_model
+from onnx_admm.converters.importer import import_model
 from onnx_admm.admm import ADMM, RhoSchedule
 from onnx_admm.pipeline.rollback import Rollback
 from onnx_admm.projections import Unstructured

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from converters.errors import UserError
-from converters.graphinfo import find_score_output
-from converters.importer import import_model
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import find_score_output
+from onnx_admm.converters.importer import import_model
 from exporter_models import segmenter, sequence_tagger
 from onnx_admm.api import compress
 from onnx_admm.data import Dataset

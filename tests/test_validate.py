@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.errors import UserError
-from converters.graphinfo import graph_inputs
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import graph_inputs
 from onnx_admm.data import Dataset
 from onnx_admm.sources import PluginData
 from onnx_admm.storage import count_weights, model_files

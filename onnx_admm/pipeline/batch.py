@@ -10,7 +10,7 @@ import torch
 from dataclasses import dataclass
 from typing import Any
 
-from converters.importer import ImportedModel
+from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.data import LABELS
 from onnx_admm.memory import (INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch,
                               inference_bytes, training_bytes)

@@ -14,8 +14,8 @@ import logging
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.groups import ChannelGroup, channel_groups
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.groups import ChannelGroup, channel_groups
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
 from onnx_admm.structures import NMPattern
 

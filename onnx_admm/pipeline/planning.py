@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm import structures
 from onnx_admm.plan import ImpossibleTarget, Plan, WeightPlan, WeightSpec, check_budget
 from onnx_admm.allocation import Allocation

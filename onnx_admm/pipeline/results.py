@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import torch
 
-from converters.encoders import DENSE_ENCODERS, QuantSpec
-from converters.errors import OnnxAdmmError, UserError
-from converters.groups import ChannelGroup
-from converters.importer import ImportedModel
-from converters.modelio import save_model
-from converters.shrink import cut_update, shrink
-from converters.writeback import WriteBackResult, write_back
+from onnx_admm.converters.encoders import DENSE_ENCODERS, QuantSpec
+from onnx_admm.converters.errors import OnnxAdmmError, UserError
+from onnx_admm.converters.groups import ChannelGroup
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.converters.modelio import save_model
+from onnx_admm.converters.shrink import cut_update, shrink
+from onnx_admm.converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.activations import int8_output
 from onnx_admm.data import Dataset

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from converters.importer import ImportedModel
+from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.admm import ADMM
 
 

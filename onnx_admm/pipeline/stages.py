@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.encoders import QuantSpec
-from converters.errors import UserError
-from converters.groups import ChannelGroup
-from converters.importer import ImportedModel
+from onnx_admm.converters.encoders import QuantSpec
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.groups import ChannelGroup
+from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import Dataset
 from onnx_admm.distributed import SyncedADMM, World, digest
