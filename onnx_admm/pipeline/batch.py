@@ -91,19 +91,44 @@ def to_batches(feeds, input_names: list[str], device: torch.device, chunk: int |
                 batched: set[str] = frozenset(), steps: bool = False):
     """Batches of tensors from feeds; with ``chunk``, each feed split into chunks of at most that many samples
     (along the inputs in ``batched``): yielded one by one, or with ``steps`` as one list per feed (the chunks
-    of one training step, ``onnx_admm.train.train_epoch``)."""
-    for feed in feeds:
-        parts = [_batch(part, input_names, device) for part in _split_feed(feed, chunk, batched)]
-        if steps:
-            yield parts
-        else:
-            yield from parts
+    of one training step, ``onnx_admm.train.train_epoch``).
+
+    On a GPU each batch is copied from pinned memory without waiting, one batch ahead of the one the caller
+    works on, so the copy of the next batch overlaps the computation on this one.
+    """
+    gpu = device.type == "cuda"
+
+    def batches():
+        for feed in feeds:
+            parts = [_batch(part, input_names, device, gpu) for part in _split_feed(feed, chunk, batched)]
+            if steps:
+                yield parts
+            else:
+                yield from parts
+
+    return one_ahead(batches()) if gpu else batches()
 
 
-def _batch(feed, input_names: list[str], device: torch.device) -> Batch:
-    inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
+def one_ahead(items):
+    """``items`` in order, each one fetched before the previous one is handed out."""
+    items = iter(items)
+    done = object()
+    upcoming = next(items, done)
+    while upcoming is not done:
+        current, upcoming = upcoming, next(items, done)
+        yield current
+
+
+def _batch(feed, input_names: list[str], device: torch.device, gpu: bool = False) -> Batch:
+    inputs = tuple(_on(_tensor(feed[n]), device, gpu) for n in input_names)
     labels = feed.get(LABELS)
-    return Batch(inputs, None if labels is None else _tensor(labels).to(device))
+    return Batch(inputs, None if labels is None else _on(_tensor(labels), device, gpu))
+
+
+def _on(tensor: torch.Tensor, device: torch.device, gpu: bool) -> torch.Tensor:
+    # A copy from pinned host memory may run while the device computes; torch's host allocator keeps the
+    # pinned block alive until the copy has finished.
+    return tensor.pin_memory().to(device, non_blocking=True) if gpu else tensor.to(device)
 
 
 def _split_feed(feed, chunk: int | None, batched: set[str]):
