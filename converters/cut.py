@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.channels import ChannelGroup, FrozenShape
-from converters.encoders import DenseEncoder, SparseEncoder
-from converters.graphinfo import constant_sources, node_label, tensor_names, tensor_value
-from converters.writeback import TensorUpdate
+from onnx_admm.converters.channels import ChannelGroup, FrozenShape
+from onnx_admm.converters.encoders import DenseEncoder, SparseEncoder
+from onnx_admm.converters.graphinfo import constant_sources, node_label, tensor_names, tensor_value
+from onnx_admm.converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converters.channel_walk import ChannelWalk
-from converters.cut import cut, zeroed
-from converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
-from converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
-from converters.optable import BROADCAST, LINEAR
+from onnx_admm.converters.channel_walk import ChannelWalk
+from onnx_admm.converters.cut import cut, zeroed
+from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
+from onnx_admm.converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
+from onnx_admm.converters.optable import BROADCAST, LINEAR
 
 logger = logging.getLogger(__name__)
 

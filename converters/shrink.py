@@ -33,9 +33,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from converters.cut import ShrinkResult, TensorCut, cut, cut_update, kept_channels
-from converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
-from converters.groups import ChannelGroup, channel_groups
+from onnx_admm.converters.cut import ShrinkResult, TensorCut, cut, cut_update, kept_channels
+from onnx_admm.converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
+from onnx_admm.converters.groups import ChannelGroup, channel_groups
 
 logger = logging.getLogger(__name__)
 

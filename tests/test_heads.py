@@ -9,8 +9,8 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from converters.groups import channel_groups
-from converters.shrink import shrink
+from onnx_admm.converters.groups import channel_groups
+from onnx_admm.converters.shrink import shrink
 from exporter_models import export_torch
 from models import TransformerClassifier
 

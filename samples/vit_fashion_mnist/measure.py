@@ -73,9 +73,9 @@ def train_dense(work: Path, x, y, args: argparse.Namespace) -> Path:
 def frozen_shapes(dense: Path, out: Path) -> Path:
     """``dense`` with the Reshape shapes that the head groups freeze made constant, every unit kept: how much
     of a pruned model's speed comes from constant shapes alone."""
-    from converters.cut import with_frozen
-    from converters.groups import channel_groups
-    from converters.modelio import load_model, save_model
+    from onnx_admm.converters.cut import with_frozen
+    from onnx_admm.converters.groups import channel_groups
+    from onnx_admm.converters.modelio import load_model, save_model
 
     model = load_model(dense)
     changes = with_frozen(model, tuple(f for g in channel_groups(model) if g.unit == "head" for f in g.frozen))
