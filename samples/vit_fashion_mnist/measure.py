@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-lr", type=float, default=0.05)
     parser.add_argument("--epochs", type=float, default=4, help="compress budget (train.epochs)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="share of FFN units and heads removed")
+    parser.add_argument("--rule", action="append", default=[], metavar="GLOB=SPARSITY",
+                        help="a filter-pruning target of its own for the weights GLOB matches (repeatable)")
     parser.add_argument("--int8", action="store_true", help="8-bit weights and int8 activations, no pruning")
     parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe.update({"quantize": {"bits": 8, "per_channel": True}, "output": {"activations": "int8"}})
         else:
             recipe["prune"] = {"sparsity": args.sparsity, "structure": "filter"}
+            recipe["rules"] = [{"match": glob, "sparsity": float(value), "structure": "filter"}
+                               for glob, value in (rule.rsplit("=", 1) for rule in args.rule)]
         out = args.work / f"{args.label}.onnx"
         result = compress(dense, Dataset({"input": x}, y, {"input"}), CompressConfig.from_dict(recipe),
                           metric_floor=0)
