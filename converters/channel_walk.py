@@ -181,19 +181,7 @@ class ChannelWalk:
             data_input_only()
             return [(out, layout) for out in node.output if out]
         if op in BROADCAST:
-            out_shape = a.shape(node.output[0])
-            if out_shape is None:
-                raise NotPrunable(f"the shape of the output of {op} {label} is unknown")
-            out_rank = len(out_shape)
-            for k2, name2 in enumerate(node.input):
-                if not name2:
-                    continue
-                if name2 in self.reached:
-                    if self.reached[name2] != layout or len(a.shape(name2) or ()) != out_rank:
-                        raise NotPrunable(f"the operands of {op} {label} hold the channels in different layouts")
-                else:
-                    self.broadcast_constant(name2, layout, (label, k2), out_rank)
-            return [(node.output[0], layout)]
+            return self._broadcast(i, layout)
         if op in POOLS:
             data_input_only()
             outputs_used((0,))
@@ -281,6 +269,27 @@ class ChannelWalk:
         if op in ("Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization", "Shape"):
             raise NotPrunable(f"the channels reach {op} {label}, which is not handled")
         raise NotPrunable(f"the channels reach {op} {label}, an op this analysis does not know")
+
+    def _broadcast(self, i: int, layout: ChannelLayout, passive: frozenset[str] = frozenset()) -> list[
+            tuple[str, ChannelLayout]]:
+        """An elementwise op: every operand that carries the channels holds them alike, a constant one is
+        cut where it has an entry per channel; ``passive`` operands (computed, the same for every
+        channel) are left as they are."""
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        out_shape = a.shape(node.output[0])
+        if out_shape is None:
+            raise NotPrunable(f"the shape of the output of {node.op_type} {label} is unknown")
+        out_rank = len(out_shape)
+        for k, name in enumerate(node.input):
+            if not name or name in passive:
+                continue
+            if name in self.reached:
+                if self.reached[name] != layout or len(a.shape(name) or ()) != out_rank:
+                    raise NotPrunable(f"the operands of {node.op_type} {label} hold the channels in different layouts")
+            else:
+                self.broadcast_constant(name, layout, (label, k), out_rank)
+        return [(node.output[0], layout)]
 
     def _need_nchw(self, layout: ChannelLayout, op: str, label: str) -> None:
         if layout.axis != 1 or layout.outer != 1:

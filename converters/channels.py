@@ -56,6 +56,18 @@ class ShapeEdit:
 
 
 @dataclass(frozen=True)
+class FrozenShape:
+    """Reshape ``node`` gets a constant shape of its own, ``tensor`` holding ``values``, before the group's
+    units are cut: its shape was computed at run time (from Shape nodes; -1 at the one dim that follows
+    the inputs' dynamic dims), or its constant is shared with other Reshapes (exporters share one per
+    layer stack). ``ShapeEdit`` entries on ``tensor`` then edit this node's shape alone."""
+
+    node: str
+    tensor: str
+    values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """The output channels of one weight and everything coupled to them.
 
@@ -79,6 +91,9 @@ class ChannelGroup:
         reason: Why not, when ``prunable`` is False.
         members: The weights of every producer of the channels, ``name`` first (one for an uncoupled
             group); ``member_nodes`` their nodes' labels.
+        unit: What one of the ``n_channels`` is: ``channel`` (a filter, a neuron) or ``head`` (an
+            attention head: a block of rows of each of Q, K and V, see ``converters.heads``).
+        frozen: Computed Reshape shapes the shrink pass replaces with constants first.
     """
 
     name: str
@@ -95,11 +110,27 @@ class ChannelGroup:
     reason: str | None = None
     members: tuple[str, ...] = ()
     member_nodes: tuple[str, ...] = ()
+    unit: str = "channel"
+    frozen: tuple[FrozenShape, ...] = ()
 
     @property
     def producers(self) -> tuple[str, ...]:
         """The weights whose output channels these are: ``members``, or ``name`` alone."""
         return self.members or (self.name,)
+
+    def units_kept(self, weight: str, rows: np.ndarray) -> np.ndarray:
+        """Which of the ``n_channels`` units stay, from a bool per index of ``weight``'s output axis (a
+        producer's filters): a unit stays while any of its rows does (a head owns a block of rows)."""
+        piece = next((s for s in self.outputs if s.tensor == weight and s.role == "weight"), None)
+        if piece is None or (piece.inner == 1 and piece.outer == 1):
+            return np.asarray(rows, dtype=bool)
+        return np.array([rows[piece.positions(self.n_channels, np.array([c]))].any()
+                         for c in range(self.n_channels)])
+
+    def blocks(self, weight: str) -> tuple[int, int]:
+        """(outer, inner): how one unit's rows lie along ``weight``'s output axis (1, 1 for a filter)."""
+        piece = next((s for s in self.outputs if s.tensor == weight and s.role == "weight"), None)
+        return (1, 1) if piece is None else (piece.outer, piece.inner)
 
     @property
     def slices(self) -> tuple[TensorSlice, ...]:

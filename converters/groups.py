@@ -34,6 +34,10 @@ Split, Slice, Gather, Softmax, LayerNormalization, a Concat on another axis, a R
 reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a node outside the group
 (exporters merge equal initializers), or an op this module does not know.
 
+A MatMul/Gemm whose channels stop (an attention block's Q/K/V projection reaches Shape, a head-splitting
+Reshape, Softmax) is tried as attention heads (``converters.heads``): its units are then heads, each a
+block of rows of Q, K and V, proven in onnxruntime before the group is offered.
+
 The analysis reads the ORIGINAL ModelProto (external data loaded) and runs ONNX shape inference on a
 copy; ``converters.shrink`` applies a keep-mask per group. The rules per op live in
 ``converters.channel_walk``, the types in ``converters.channels``.
@@ -49,6 +53,7 @@ import onnx
 from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
 from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
+from onnx_admm.converters.heads import Probe, feeds_attention, head_group, probe_shapes
 from onnx_admm.converters.optable import BROADCAST, LINEAR
 from onnx_admm.converters.shapes import inferred_types
 
@@ -88,13 +93,15 @@ def channel_groups_summary(groups: list[ChannelGroup]) -> list[dict]:
             "node": g.node,
             "op_type": g.op_type,
             "channels": g.n_channels,
+            "unit": g.unit,
             "prunable": g.prunable,
             "reason": g.reason,
             "members": list(g.producers),
             "sliced": [describe(s) for s in g.outputs],
             "depthwise": [describe(s) for s in g.depthwise],
             "consumers": [describe(s) for s in g.consumers],
-            "reshapes": [f"{e.tensor}[{e.index}] (-{e.per_channel} per channel)" for e in g.reshapes],
+            "reshapes": [f"{e.tensor}[{e.index}] (-{e.per_channel} per {g.unit})" for e in g.reshapes],
+            "frozen": [f"{f.node}: {list(f.values)}" for f in g.frozen],
         }
         for g in groups
     ]
@@ -127,6 +134,8 @@ class _Analysis:
         self.shapes = {name: list(dims) for name, (_, dims) in inferred_types(model, data_prop=True).items()
                        if dims is not None}
         self._values: dict[str, np.ndarray] = {}
+        # Measured dims, for attention heads (converters.heads); why they could not be measured, once.
+        self._probe: Probe | NotPrunable | None = None
 
     # -- constants -----------------------------------------------------------------------------------
 
@@ -171,8 +180,7 @@ class _Analysis:
                 pending_depthwise.append((i, weight, shape[0]))
                 continue
             except NotPrunable as exc:
-                n_channels = _out_channels(node, shape)
-                group = ChannelGroup(weight, label, node.op_type, n_channels, prunable=False, reason=str(exc))
+                group = self._heads(i, weight, str(exc))
             listed = sorted(seen.intersection(group.members) - {weight})
             if group.prunable and listed:
                 # Members listed before, not prunable from their own start: each walk must see the same
@@ -195,6 +203,26 @@ class _Analysis:
         order = {name: k for k, name in enumerate(self._weight_order())}
         groups.sort(key=lambda g: order.get(g.name, len(order)))
         return groups
+
+    def _heads(self, index: int, weight: str, reason: str) -> ChannelGroup:
+        """The attention heads of a Q/K/V projection whose filters cannot leave the graph one by one; else
+        the group, not prunable, with both reasons."""
+        node = self.nodes[index]
+        shape = self.value(weight).shape
+        if node.op_type in ("MatMul", "Gemm") and feeds_attention(self, index):
+            if self._probe is None:
+                try:
+                    self._probe = probe_shapes(self.model)
+                except NotPrunable as exc:
+                    self._probe = exc
+            try:
+                if isinstance(self._probe, NotPrunable):
+                    raise self._probe
+                return head_group(self, index, weight, self._probe)
+            except NotPrunable as exc:
+                reason = f"{reason}; as attention heads: {exc}"
+        return ChannelGroup(weight, self.labels[index], node.op_type, _out_channels(node, shape), prunable=False,
+                            reason=reason)
 
     def _weight_order(self) -> list[str]:
         names = []

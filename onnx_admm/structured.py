@@ -50,7 +50,7 @@ from onnx_admm.projections import (
     topk_mask,
 )
 
-__all__ = ["Block", "Column", "NM", "group_keep_count", "nm_runtimes"]
+__all__ = ["Block", "Column", "Heads", "NM", "group_keep_count", "nm_runtimes"]
 
 
 def group_keep_count(n_groups: int, sparsity: float, min_keep: int = 1) -> int:
@@ -110,6 +110,64 @@ class Column:
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with every column outside :meth:`support` set to zero."""
+        return keep_support(w, self.support(w, allowed))
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Keep ``keep_groups`` units that each own several blocks of ``dim`` (attention heads).
+
+    Along ``dim`` (length ``outer * n * inner``) unit ``h`` owns the indices ``o * n * inner + h * inner + i``
+    for ``o < outer``, ``i < inner``: a head of a fused Q/K/V projection owns ``head_dim = inner`` rows
+    of each of the ``outer = 3`` thirds. Units are ranked by L2 norm / sqrt(size), as filters are.
+
+    Attributes:
+        keep_groups: Number of units to keep.
+        dim: The output axis of the weight.
+        outer: Blocks per unit (3 for a fused Q/K/V projection).
+        inner: Indices per block (the head dim).
+    """
+
+    keep_groups: int
+    dim: int
+    outer: int = 1
+    inner: int = 1
+
+    def __post_init__(self) -> None:
+        check_count(self.keep_groups, "Heads(keep_groups=...)", "units", "the number of heads")
+        for field_name in ("outer", "inner"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Heads({field_name}=...) is a block count >= 1 (a Python int), got {value!r}")
+
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Mask of the ``keep_groups`` units with the largest L2 norm / sqrt(size)."""
+        length = w.shape[self.dim]
+        if length % (self.outer * self.inner):
+            raise ValueError(f"Heads(outer={self.outer}, inner={self.inner}) does not divide dim {self.dim} of "
+                             f"a tensor of shape {tuple(w.shape)}")
+        n = length // (self.outer * self.inner)
+
+        def units(t: Tensor) -> Tensor:  # [n, everything a unit owns]
+            t = t.movedim(self.dim, 0).reshape(self.outer, n, self.inner, -1)
+            return t.transpose(0, 1).reshape(n, -1)
+
+        values = w.detach()
+        unit_allowed = None
+        if allowed is not None:
+            allowed = check_allowed(w, allowed)
+            values = keep_support(values, allowed)
+            unit_allowed = units(allowed).any(dim=1)
+        rows = units(values)
+        scores = torch.linalg.vector_norm(rows.float(), dim=1) / math.sqrt(max(rows.shape[1], 1))
+        kept = topk_mask(scores, self.keep_groups, unit_allowed)
+        view = [1] * w.dim()
+        view[self.dim] = -1
+        mask = kept[None, :, None].expand(self.outer, n, self.inner).reshape(view).expand(w.shape)
+        return mask & allowed if allowed is not None else mask.contiguous()
+
+    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``w`` with every unit outside :meth:`support` set to zero."""
         return keep_support(w, self.support(w, allowed))
 
 

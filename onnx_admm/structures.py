@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from onnx_admm.projections import Channel, Filter, Unstructured as _Unstructured, keep_count
-from onnx_admm.structured import NM, Block, Column, group_keep_count
+from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count
 
 __all__ = ["Blocks", "Channels", "Columns", "Filters", "NAMES", "NMPattern", "Structure", "Unstructured",
            "nm_pattern", "parse"]
@@ -74,11 +74,25 @@ class _AxisStructure(Structure):
 
 @dataclass(frozen=True)
 class Filters(_AxisStructure):
-    """Output channels (filters, neurons): removed from the graph with what reads them."""
+    """Output channels (filters, neurons): removed from the graph with what reads them.
+
+    A unit may own several blocks of the output axis (an attention head: ``inner`` = head_dim rows of each
+    of the ``outer`` = 3 thirds of a fused Q/K/V projection; the graph analysis finds them, a recipe's
+    ``filter`` starts as one row per unit).
+    """
 
     name: ClassVar[str] = "filter"
     removes_channels: ClassVar[bool] = True
     which: ClassVar[int] = 0
+    outer: int = 1
+    inner: int = 1
+
+    def constraint(self, shape, sparsity, axes, keep=None):
+        if (self.outer, self.inner) == (1, 1):
+            return super().constraint(shape, sparsity, axes, keep)
+        axis = axes[self.which]
+        units = shape[axis] // (self.outer * self.inner)
+        return Heads(group_keep_count(units, sparsity), axis, self.outer, self.inner)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ def test_digits_filters_removed_and_shrunk_graph_matches_the_masked_model(digits
     assert result.report["metrics"]["compressed_accuracy"] > 0.8
 
 
-@pytest.mark.parametrize("key", ["mobilenet_block_torchscript", "resnet_block_torchscript", "lenet5_dynamo"])
+@pytest.mark.parametrize("key", ["mobilenet_block_torchscript", "resnet_block_torchscript", "lenet5_dynamo",
+                                 "transformer_torchscript", "transformer_dynamo"])
 def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_path):
     path = onnx_model_file(key)
     original = load_model(path)
@@ -78,6 +79,12 @@ def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_
         assert shapes["stem.weight"] == [4, 3, 3, 3] and shapes["conv2.weight"] == [4, 4, 3, 3]
         assert shapes["fc.weight"] == [10, 4]
         assert set(result.report["left_alone"]) == {"fc.weight"}
+    if key.startswith("transformer"):
+        # 2 of the 4 heads leave the fused QKV projection and out_proj; 32 of the FFN's 64 units leave linear1/2
+        assert sorted(kept.values()) == [2, 32]
+        shapes = _shapes(out)
+        assert shapes["encoder.self_attn.out_proj.weight"] == [32, 16] and shapes["encoder.self_attn.in_proj_bias"] == [48]
+        assert [n.name for n in onnx.load(str(out)).graph.node] == [n.name for n in original.graph.node]
 
 
 def test_a_coupled_group_is_left_alone_whole_when_the_recipe_spares_a_member(onnx_model_file):

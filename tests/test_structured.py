@@ -10,7 +10,7 @@ import torch
 
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.projections import Constraint, Within, keep_count
-from onnx_admm.structured import NM, Block, Column, group_keep_count, nm_runtimes
+from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count, nm_runtimes
 
 SHAPES = [(4, 3), (3, 2, 2, 2), (5, 7), (6, 4, 1, 3)]
 BLOCKS = [(1, 1), (2, 2), (2, 3), (4, 4), (8, 8)]
@@ -312,3 +312,36 @@ def test_nm_bad_arguments_and_runtimes():
     assert nm_runtimes(1, 8)[0].startswith("TensorRT")  # 1:8 implies 2:4
     assert nm_runtimes(4, 8)[0].startswith("none known: 4:8 does not imply 2:4")
     assert all("onnxruntime" in r[1] and "no speed-up" in r[1] for r in (nm_runtimes(2, 4), nm_runtimes(4, 8)))
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3, 4])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_heads_keep_whole_heads_of_a_fused_qkv_weight(keep, dim):
+    """4 heads of head_dim 2 in a fused [3 * 8] axis: head h owns rows q*8 + 2h + i of each third."""
+    heads = Heads(keep, dim=dim, outer=3, inner=2)
+    w = _random((24, 5) if dim == 0 else (5, 24), seed=keep)
+    support = heads.support(w)
+    rows = support.any(dim=1 - dim)
+    per_head = rows.reshape(3, 4, 2)
+    kept = per_head[0, :, 0]
+    assert int(kept.sum()) == keep
+    assert torch.equal(per_head, kept[None, :, None].expand(3, 4, 2))  # all rows of a head, in every third
+    assert bool(support.any(dim=dim).all()) == (keep > 0)  # a kept row keeps every entry
+    projected = heads.project(w)
+    assert torch.equal(heads.project(projected), projected)
+    # The heads kept have the largest norms over all their rows
+    norms = w.movedim(dim, 0).reshape(3, 4, 2, -1).transpose(0, 1).reshape(4, -1).norm(dim=1)
+    if 0 < keep < 4:
+        assert norms[kept].min() >= norms[~kept].max()
+
+
+def test_heads_within_a_previous_support_and_bad_arguments():
+    w = _random((12, 3), seed=1)
+    allowed = torch.ones(12, 3, dtype=torch.bool)
+    allowed[torch.tensor([0, 1, 6, 7])] = False  # head 0 of the 2-block layout (outer 2, 3 heads of 2)
+    support = Heads(2, dim=0, outer=2, inner=2).support(w * 100, allowed)
+    assert not support[torch.tensor([0, 1, 6, 7])].any() and int(support.any(dim=1).sum()) == 8
+    with pytest.raises(ValueError, match=r"Heads\(inner=...\) is a block count >= 1"):
+        Heads(1, dim=0, inner=0)
+    with pytest.raises(ValueError, match=r"does not divide dim 0"):
+        Heads(1, dim=0, outer=5, inner=2).support(w)

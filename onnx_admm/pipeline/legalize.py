@@ -17,7 +17,7 @@ import torch
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
-from onnx_admm.structures import NMPattern
+from onnx_admm.structures import Filters, NMPattern
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tupl
     plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
     coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
                if label in pruned and label not in left_alone and len(g.producers) > 1}
-    return dataclasses.replace(plan, coupled=tuple(coupled.values())), left_alone
+    # An attention projection loses whole heads: its rows are ranked and kept by head.
+    weights = tuple(dataclasses.replace(w, structure=Filters(*groups[w.spec.label].blocks(w.spec.label)))
+                    if w.removes_channels and w.spec.label in groups else w for w in plan.weights)
+    return dataclasses.replace(plan, weights=weights, coupled=tuple(coupled.values())), left_alone
 
 
 # The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully

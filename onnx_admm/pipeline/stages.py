@@ -209,7 +209,8 @@ class Runner:
             group = self.groups[w.spec.label]
             support = supports[w.spec.name]
             axis, device = w.spec.out_axis, support.device
-            kept = support.movedim(axis, 0).reshape(support.shape[axis], -1).any(dim=1).cpu().numpy()
+            rows = support.movedim(axis, 0).reshape(support.shape[axis], -1).any(dim=1).cpu().numpy()
+            kept = group.units_kept(w.spec.label, rows)  # a head stays while any of its rows does
             # The members of a coupled group were projected together (plan.coupled): a channel stays in the
             # graph while any member keeps it.
             kept_channels[group.name] = kept | kept_channels.get(group.name, False)

@@ -1,0 +1,363 @@
+"""Attention heads as channel groups: the Q/K/V projection of a multi-head attention loses whole heads.
+
+A head is a block of ``head_dim`` output features of each of Q, K and V (a fused ``[E, 3E]`` in_proj as
+both torch exporters write ``nn.MultiheadAttention``: the rows ``q*E + h*head_dim + i`` of the three
+thirds), the matching input columns of the output projection, and every shape constant that holds the
+number of heads (``[.., H, L, head_dim]``), or ``H * head_dim`` (``[.., 3, E]``, ``[L*N, E]``). A
+``ChannelGroup`` with ``unit == "head"`` carries all of them (``TensorSlice.inner`` = head_dim, ``outer``
+= 3 for the fused projection), so ``converters.shrink`` and the engine's filter projection treat a head
+as they treat a filter.
+
+The channel walk of ``converters.channel_walk`` follows the heads, with these rules added:
+
+- Reshape: the heads are one digit of the row-major index, with ``head_dim * (dims after)`` entries
+  below them; a reshape that keeps that digit inside one output axis keeps the heads (split from
+  ``3E`` into ``[3, E]``, from ``E`` into ``[N*H, head_dim]`` or ``[H, head_dim]``, merged back into
+  ``E``); the shape entry of that axis is edited (or is -1). A shape computed at run time (the
+  TorchScript exporter reads the input's ``Shape`` and divides by the head count) is first frozen to a
+  constant from the dims measured in onnxruntime at two sizes of every dynamic input dim (-1 for the
+  one dim that varies; more than one stops the walk).
+- Gather on another axis (picking Q, K or V out of the fused tensor), Softmax over another axis, a
+  MatMul of two tensors that hold the same heads on a batch axis (``Q @ K^T``, ``A @ V``), and Shape
+  (whose values only feed shapes) keep them.
+
+What the walk cannot see (a shape computed from a tensor that does not carry the heads, a head count
+baked into an op it does not model) the proof catches: the graph with the last head removed must
+compute, in onnxruntime, what the original computes with that head's output-projection columns zeroed
+(max difference <= 1e-4 relative, at two input sizes). A projection whose heads cannot be proven keeps
+the channel walk's reason. Not handled: Q, K and V from separate weights (each head then spans three
+producers), heads on a dynamic axis other than the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_admm.converters.channel_walk import ChannelWalk
+from onnx_admm.converters.cut import cut, zeroed
+from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
+from onnx_admm.converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
+from onnx_admm.converters.optable import BROADCAST, LINEAR
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Probe", "feeds_attention", "head_group", "probe_shapes"]
+
+# The relative tolerance of the proof (outputs differ only by float rounding when the split is right).
+PROOF_TOLERANCE = 1e-4
+# Sizes given to every dynamic input dim by the two probes.
+PROBE_SIZES = (2, 3)
+# A dim of a probed tensor that differs between the probes.
+DYNAMIC = "dynamic"
+
+
+def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
+    """The head group of the Q/K/V projection node ``index`` (weight ``weight``; ``feeds_attention``),
+    proven in onnxruntime.
+
+    Args:
+        a: The graph facts of ``converters.groups``.
+        index: The MatMul/Gemm node.
+        weight: Its constant weight.
+        probe: Measured dims of every tensor (``probe_shapes``).
+
+    Raises:
+        NotPrunable: no head split is found, or the proof fails; the message says which.
+    """
+    node = a.nodes[index]
+    shape = a.value(weight).shape
+    if len(shape) != 2:
+        raise NotPrunable(f"a weight of rank {len(shape)} is not an attention projection")
+    if node.op_type == "Gemm":
+        axis = 0 if node_attr(node, "transB", 0) else 1
+    else:
+        axis = 1
+    features = shape[axis]
+    facts = _Probed(a, probe)
+    taken = tensor_names(a.model)
+    last: tuple[int, NotPrunable] | None = None  # the failure of the split followed furthest
+    for fused in (3, 1):
+        if features % fused:
+            continue
+        width = features // fused
+        for heads in sorted((h for h in range(2, width + 1) if width % h == 0), reverse=True):
+            walk = HeadWalk(facts, weight, heads, names=taken)
+            try:
+                walk.run([walk.start(index, weight, axis, ChannelLayout(0, width // heads, fused))])
+                if walk.blocked:
+                    raise NotPrunable("the heads meet a tensor that does not carry them (Q, K and V from "
+                                      "separate weights are not handled)")
+                if not walk.attention:
+                    raise NotPrunable("no MatMul of two computed tensors reads the heads (not attention)")
+                walk.check_sharing()
+            except NotPrunable as exc:
+                if last is None or len(walk.reached) > last[0]:
+                    last = (len(walk.reached), exc)
+                continue
+            group = walk.group(a, index, weight)
+            _prove(a.model, group, probe)
+            return group
+    raise NotPrunable(f"no attention heads found ({last[1] if last else 'no weight width splits'})")
+
+
+def feeds_attention(a: Any, index: int) -> bool:
+    """Whether node ``index``'s output reaches a MatMul of two computed tensors as data, before any layer
+    with a constant weight (which starts other units) or a Shape (whose values only size things)."""
+    stack, seen = [a.nodes[index].output[0]], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for i in a.readers.get(name, []):
+            node = a.nodes[i]
+            computed = [x for x in node.input if x and a.constant(x) is None]
+            if node.op_type == "MatMul" and len(computed) == 2:
+                return True
+            if node.op_type == "Shape" or (node.op_type in LINEAR and len(computed) < len(node.input)):
+                continue
+            stack.extend(out for out in node.output if out)
+    return False
+
+
+@dataclasses.dataclass
+class Probe:
+    """Dims of every tensor measured in onnxruntime at two sizes of the dynamic input dims (an int when
+    both runs agree, ``DYNAMIC`` otherwise), and the feeds used."""
+
+    dims: dict[str, tuple[int | str, ...]]
+    feeds: list[dict[str, np.ndarray]]
+
+
+def probe_shapes(model: onnx.ModelProto) -> Probe:
+    """Run ``model`` with every node output exposed at each of ``PROBE_SIZES``.
+
+    Raises:
+        NotPrunable: an input cannot be synthesized or onnxruntime fails.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    names = [x for n in probe.graph.node for x in n.output if x and x not in outputs]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=x) for x in names)
+    names = [o.name for o in probe.graph.output]
+    feeds = [_feed(model, size, seed) for seed, size in enumerate(PROBE_SIZES)]
+    try:
+        session = _session(probe)
+        runs = [[np.shape(v) for v in session.run(names, feed)] for feed in feeds]
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types; the walk then stops
+        raise NotPrunable(f"onnxruntime could not run the graph to measure its shapes ({exc})") from None
+    dims = {}
+    for name, first, second in zip(names, *runs):
+        if len(first) == len(second):
+            dims[name] = tuple(x if x == y else DYNAMIC for x, y in zip(first, second))
+    return Probe(dims, feeds)
+
+
+class _Probed:
+    """The analysis facts with the measured dims in place of ONNX shape inference's."""
+
+    def __init__(self, a: Any, probe: Probe) -> None:
+        self._a, self._probe = a, probe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._a, name)
+
+    def shape(self, name: str) -> list[int | str] | None:
+        src = self._a.constant(name)
+        if src is not None:
+            return list(self._a.value(src).shape)
+        dims = self._probe.dims.get(name)
+        return None if dims is None else list(dims)
+
+
+@dataclasses.dataclass
+class HeadWalk(ChannelWalk):
+    """A channel walk whose units are heads (blocks of ``inner`` features), with the rules of attention."""
+
+    names: set[str] = dataclasses.field(default_factory=set)
+    attention: bool = False
+    frozen: list[FrozenShape] = dataclasses.field(default_factory=list)
+
+    def start(self, index: int, weight: str, axis: int, layout: ChannelLayout) -> tuple[str, ChannelLayout]:
+        """Slice the projection's weight (and Gemm bias) along its output axis; its output holds the heads."""
+        a = self.a
+        node, label = a.nodes[index], a.labels[index]
+        if weight in a.constant_inputs:
+            raise NotPrunable(f"weight {weight!r} is also a graph input (it can be fed at run time)")
+        self.slice(weight, axis, "weight", layout, (label, 1))
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            if a.constant(node.input[2]) is None:
+                raise NotPrunable(f"Gemm {label} adds a computed C")
+            self.broadcast_constant(node.input[2], layout.along(1), (label, 2), out_rank=2, role="bias")
+        rank = len(a.shape(node.output[0]) or ())
+        if not rank:
+            raise NotPrunable(f"the shape of {node.output[0]!r} is unknown")
+        return node.output[0], layout.along(rank - 1)
+
+    def group(self, a: Any, index: int, weight: str) -> ChannelGroup:
+        return ChannelGroup(
+            name=weight, node=a.labels[index], op_type=a.nodes[index].op_type, n_channels=self.n,
+            outputs=tuple(self.outputs), consumers=tuple(self.consumers), reshapes=tuple(self.reshapes),
+            activations=tuple(self.reached), members=(weight,), member_nodes=(a.labels[index],), unit="head",
+            frozen=tuple(self.frozen),
+        )
+
+    def _blocking_operand(self, i: int) -> str | None:
+        node = self.a.nodes[i]
+        if node.op_type == "MatMul" and all(self.a.constant(x) is None for x in node.input):
+            return next((x for x in node.input if x not in self.reached), None)
+        if node.op_type in BROADCAST:
+            return next((x for x in node.input if x and x not in self.reached and self.a.constant(x) is None
+                         and not self._scalar(x)), None)
+        return super()._blocking_operand(i)
+
+    def _scalar(self, name: str) -> bool:
+        """A computed tensor of one entry (a scale made from shapes): the same for every head."""
+        dims = self.a.shape(name)
+        return dims is not None and all(d == 1 for d in dims)
+
+    def _step(self, i: int) -> list[tuple[str, ChannelLayout]]:
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        op = node.op_type
+        carried = [k for k, name in enumerate(node.input) if name in self.reached]
+        if op == "Shape":
+            return []  # its values feed shapes: frozen where a Reshape reads them, and the proof checks the rest
+        if not carried:
+            return super()._step(i)
+        layout = self.reached[node.input[carried[0]]]
+        rank = len(a.shape(node.input[carried[0]]) or ())
+        if op == "Gather":
+            if carried != [0] or a.constant(node.input[1]) is None:
+                raise NotPrunable(f"Gather {label} picks the heads by computed indices")
+            axis = node_attr(node, "axis", 0) % rank
+            if axis == layout.axis:
+                raise NotPrunable(f"Gather {label} picks entries along the heads' axis")
+            picked = a.value(a.constant(node.input[1])).ndim
+            return [(node.output[0], layout.along(layout.axis + (picked - 1 if axis < layout.axis else 0)))]
+        if op in BROADCAST:  # computed scalars (checked by _blocking_operand) are the same for every head
+            return self._broadcast(i, layout, frozenset(x for x in node.input if x and x not in self.reached
+                                                         and a.constant(x) is None))
+        if op in ("Softmax", "LogSoftmax"):
+            if node_attr(node, "axis", -1) % rank <= layout.axis:
+                raise NotPrunable(f"{op} {label} normalises over the heads' axis")
+            return [(node.output[0], layout)]
+        if op == "MatMul" and all(a.constant(x) is None for x in node.input):
+            layouts = {self.reached[x] for x in node.input}
+            ranks = {len(a.shape(x) or ()) for x in node.input}
+            if len(layouts) != 1 or len(ranks) != 1 or layout.axis >= rank - 2:
+                raise NotPrunable(f"MatMul {label} does not hold the heads on the same batch axis of both operands")
+            self.attention = True
+            return [(node.output[0], layout)]
+        return super()._step(i)
+
+    def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
+        a = self.a
+        node, label = a.nodes[i], a.labels[i]
+        dims_in, dims_out = a.shape(name), a.shape(node.output[0])
+        if dims_in is None or dims_out is None:
+            raise NotPrunable(f"the shapes around Reshape {label} are unknown")
+        tensor = a.constant(node.input[1])
+        if tensor is None:  # computed at run time: frozen whether or not it holds the heads
+            target = self._frozen_values(i, dims_out)
+            tensor = self._own_copy(i, target)
+        else:
+            target = [int(v) for v in a.value(tensor).reshape(-1)]
+        below = dims_in[layout.axis + 1:]
+        if any(not isinstance(d, int) for d in below) or layout.total is not None:
+            raise NotPrunable(f"Reshape {label}: the dims after the heads are not fixed")
+        # The heads are the digit (flat index // after) % n of the row-major index, which a reshape keeps:
+        # find the output axis that holds that whole digit.
+        after = layout.inner * math.prod(below)
+        seen = 1  # entries of the output axes after b
+        for b in range(len(dims_out) - 1, -1, -1):
+            d = dims_out[b]
+            if isinstance(d, int) and after % (seen * d) == 0:
+                seen *= d  # axis b lies wholly below the heads
+                continue
+            inner = after // seen
+            if isinstance(d, int) and d % (inner * self.n):
+                break
+            # Heads merged with a dynamic dim (N * H) have no fixed outer size: no constant is cut with it.
+            outer = d // (inner * self.n) if isinstance(d, int) else 0
+            new = ChannelLayout(b, inner, outer)
+            entry = target[b]
+            if entry == -1 or (entry == 0 and b == layout.axis and new == layout):
+                return new
+            if entry != d or outer == 0:
+                break
+            # Exporters share one shape constant among Reshapes (Q, K and V's, every layer's): this Reshape
+            # gets its own copy, which the edit cuts.
+            own = next((f.tensor for f in self.frozen if f.node == label), None) or self._own_copy(i, target)
+            self.reshapes.append(ShapeEdit(own, label, b, inner * outer))
+            return new
+        raise NotPrunable(f"Reshape {label} splits the heads ({self.n} of {layout.inner} features) across axes")
+
+    def _frozen_values(self, i: int, dims_out: list) -> list[int]:
+        """The shape Reshape ``i`` computes at run time, as constant values: the measured dims, -1 for the
+        one that varies with the inputs."""
+        label = self.a.labels[i]
+        varying = [k for k, d in enumerate(dims_out) if not isinstance(d, int)]
+        if len(varying) > 1:
+            raise NotPrunable(f"Reshape {label} computes a shape with {len(varying)} dims that follow the inputs")
+        return [-1 if k in varying else int(d) for k, d in enumerate(dims_out)]
+
+    def _own_copy(self, i: int, values: list[int]) -> str:
+        """A new constant holding ``values`` that the shrink pass feeds to Reshape ``i`` alone."""
+        label = self.a.labels[i]
+        tensor = fresh_name(f"{label}_shape", self.names | {f.tensor for f in self.frozen})
+        self.frozen.append(FrozenShape(label, tensor, tuple(values)))
+        return tensor
+
+
+def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
+    """The graph without the last head must compute what the original computes with that head's output
+    projection columns zeroed."""
+    keep = np.ones(group.n_channels, dtype=bool)
+    keep[-1] = False
+    shrunk = cut(model, {group.name: keep}, [group]).model
+    reference = zeroed(model, group, np.array([group.n_channels - 1]))
+    try:
+        got, want = _session(shrunk), _session(reference)
+        for feed in probe.feeds:
+            for x, y in zip(got.run(None, feed), want.run(None, feed)):
+                x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+                scale = max(1.0, float(np.abs(y).max(initial=0.0)))
+                if x.shape != y.shape or float(np.abs(x - y).max(initial=0.0)) > PROOF_TOLERANCE * scale:
+                    raise NotPrunable("removing a head changes what the graph computes beyond that head "
+                                      "(a shape or count the walk does not see)")
+    except NotPrunable:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime rejects the shrunk graph: not a head split
+        raise NotPrunable(f"the graph without a head does not run in onnxruntime ({str(exc).splitlines()[0]})") from None
+
+
+def _feed(model: onnx.ModelProto, size: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs with every dynamic dim set to ``size``: floats ~ N(0, 1), integers and bools zero."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in graph_inputs(model):
+        if spec.shape is None:
+            raise NotPrunable(f"input {spec.name!r} has no declared shape")
+        shape = tuple(d if isinstance(d, int) else size for d in spec.shape)
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 4
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

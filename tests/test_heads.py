@@ -1,0 +1,157 @@
+"""converters.heads: attention heads and FFN units leave exported transformer encoders, proven in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from onnx_admm.converters.groups import channel_groups
+from onnx_admm.converters.shrink import shrink
+from exporter_models import export_torch
+from models import TransformerClassifier
+
+HEADS, HEAD_DIM, FFN = 4, 8, 64
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def _masked(model: onnx.ModelProto, zero: dict[str, tuple[int, np.ndarray]]) -> onnx.ModelProto:
+    """A copy with the given (axis, indices) of initializers set to zero: the dense model that the shrunk
+    one must equal."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if tensor.name in zero:
+            axis, index = zero[tensor.name]
+            value = numpy_helper.to_array(tensor).copy()
+            cut = [slice(None)] * value.ndim
+            cut[axis] = index
+            value[tuple(cut)] = 0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    return out
+
+
+def _shape_values(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    """The constant shape of every Reshape that has one, sorted."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return sorted(tuple(inits[n.input[1]].tolist()) for n in model.graph.node
+                  if n.op_type == "Reshape" and n.input[1] in inits)
+
+
+def _io(model: onnx.ModelProto) -> list[str]:
+    return [str(v) for v in list(model.graph.input) + list(model.graph.output)]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_heads_and_ffn_units_leave_the_graph_and_match_the_masked_model(exporter, onnx_model_file):
+    model = onnx.load(str(onnx_model_file(f"transformer_{exporter}")))
+    groups = {g.unit: g for g in channel_groups(model) if g.prunable}
+    heads, ffn = groups["head"], groups["channel"]
+    assert (heads.n_channels, ffn.n_channels) == (HEADS, FFN)
+    # The fused [E, 3E] in_proj: each head owns head_dim columns of each of Q, K, V; out_proj its columns.
+    pieces = {(s.role, s.axis, s.inner, s.outer) for s in heads.slices}
+    assert pieces == {("weight", 1, HEAD_DIM, 3), ("constant", 0, HEAD_DIM, 3), ("consumer", 1, HEAD_DIM, 1)}
+    out_proj = next(s.tensor for s in heads.consumers)
+    assert out_proj == "encoder.self_attn.out_proj.weight"
+
+    removed_heads, removed_units = np.array([1, 3]), np.arange(0, FFN, 2)
+    keep_heads = np.setdiff1d(np.arange(HEADS), removed_heads)
+    result = shrink(model, {heads.name: keep_heads, ffn.name: np.setdiff1d(np.arange(FFN), removed_units)})
+    shrunk = result.model
+    columns = (removed_heads[:, None] * HEAD_DIM + np.arange(HEAD_DIM)).reshape(-1)
+    # out_proj is a Gemm with transB=1 ([E_out, E]); linear2 a MatMul weight [FFN, E].
+    masked = _masked(model, {out_proj: (1, columns), ffn.consumers[0].tensor: (0, removed_units)})
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 6, 32)).astype(np.float32)
+        np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-4, rtol=0)
+    assert _io(shrunk) == _io(model)  # names, types and the symbolic batch dim
+    weights = {t.name: list(t.dims) for t in shrunk.graph.initializer}
+    assert weights[heads.name] == [32, 3 * 2 * HEAD_DIM] and weights[out_proj] == [32, 2 * HEAD_DIM]
+    assert weights[ffn.name] == [32, FFN // 2]
+    # The head count (4 -> 2) and the attention width (32 -> 16) in every shape that held them; the
+    # residual stream ([-1, 6, 32] after out_proj) keeps d_model.
+    assert _shape_values(shrunk) == sorted({
+        "torchscript": [(6, -1, 3, 16)] + [(6, -1, 8)] * 3 + [(-1, 2, 6, 8)] * 3 + [(-1, 16)],
+        "dynamo": [(6, -1, 3, 16)] + [(6, -1, 8)] * 3 + [(-1, 2, 6, 8)] * 3 + [(-1, 6, 8), (-1, 2, 8, 6), (-1, 16),
+                                                                             (6, -1, 32)],
+    }[exporter])
+    assert len(_shape_values(model)) < len(_shape_values(shrunk))  # computed shapes were frozen
+
+
+def test_a_head_split_computed_from_two_dynamic_dims_is_left_alone(tmp_path):
+    """A dynamo export with a dynamic sequence axis computes [L, N, 3, E] from both dynamic dims: no
+    constant shape can be proven, so the projection keeps its heads, with the reason."""
+    torch.manual_seed(0)
+    module = TransformerClassifier().eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, (torch.randn(2, 6, 32),), str(tmp_path / "seq.onnx"), dynamo=True,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("N"), 1: torch.export.Dim("L")},))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    groups = channel_groups(onnx.load(str(tmp_path / "seq.onnx")))
+    projection = next(g for g in groups if g.op_type == "MatMul" and g.n_channels == 3 * 32)
+    assert not projection.prunable
+    assert projection.reason == ("Reshape node_view has a computed shape; as attention heads: no attention heads "
+                                 "found (Reshape node_view computes a shape with 2 dims that follow the inputs)")
+    assert any(g.prunable and g.n_channels == FFN for g in groups)  # the FFN still shrinks
+
+
+def test_a_head_count_read_at_run_time_fails_the_proof(onnx_model_file):
+    """The walk lets a computed scalar through (the 1/sqrt(head_dim) scale); when it is made from the head
+    count itself, removing a head changes every head's output, and only the onnxruntime proof sees it."""
+    model = onnx.load(str(onnx_model_file("transformer_dynamo")))
+    nodes = list(model.graph.node)
+    k = next(i for i, n in enumerate(nodes) if n.op_type == "Mul" and n.input[0] == "view_4")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, dtype=np.int64), "heads_axis"))
+    made = [
+        helper.make_node("Shape", ["view_4"], ["q_shape"], name="q_shape"),
+        helper.make_node("Gather", ["q_shape", "heads_axis"], ["q_heads"], name="q_heads"),
+        helper.make_node("Cast", ["q_heads"], ["q_heads_f"], name="q_heads_f", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Reciprocal", ["q_heads_f"], ["q_scale"], name="q_scale"),
+    ]
+    nodes[k].input[1] = "q_scale"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:k] + made + nodes[k:])
+    onnx.checker.check_model(model)
+    groups = channel_groups(model)
+    projection = next(g for g in groups if g.name == "val_2")
+    assert not projection.prunable
+    assert projection.reason == ("Reshape node_Reshape_101 splits or reorders the channel axis; as attention heads: "
+                                 "removing a head changes what the graph computes beyond that head (a shape or count "
+                                 "the walk does not see)")
+
+
+def test_dynamo_encoder_stack_with_dynamic_batch(tmp_path):
+    """Two layers of nn.TransformerEncoder: each layer's heads and FFN units are their own groups."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    module = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    with torch.no_grad():  # the layers are copies of one: equal tensors would be merged by the exporter
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        path = export_torch(module, torch.randn(2, 5, 16), tmp_path / "stack.onnx", "dynamo")
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    model = onnx.load(str(path))
+    groups = [g for g in channel_groups(model) if g.prunable]
+    assert sorted((g.unit, g.n_channels) for g in groups) == [("channel", 32)] * 2 + [("head", 2)] * 2
+    shrunk = shrink(model, {g.name: [0] for g in groups}).model
+    x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    assert _run(shrunk, x).shape == (3, 5, 16)
+    assert _io(shrunk) == _io(model)
