@@ -1,10 +1,10 @@
 """Held-out top-1 agreement of the sweep's label-free 50% compress, over several seeds and more held-out inputs.
 
 ``python samples/corpus/agreement.py --only transformer_encoder,digits_vit [--seeds 0 1 2] [--held-out 512]
-[--recipe '{"train": {"logit_matching": false}}'] [--results FILE]`` builds each corpus entry (sweep.py) in the
-work folder (default ``out/agreement``), compresses it exactly as the sweep does (128 representative inputs,
-64 for the selection and report, ``--sparsity 0.5``, 2 ADMM + 1 retraining epochs, batch 32, one thread, no
-labels; ``--recipe`` adds recipe keys) once per seed, and measures the compressed model against the original
+[--inputs 128] [--recipe '{"train": {"lr": 0.03}}'] [--results FILE]`` builds each corpus entry (sweep.py) in
+the work folder (default ``out/agreement``), compresses it exactly as the sweep does (128 representative
+inputs, or ``--inputs``; 64 for the selection and report; ``--sparsity 0.5``, 2 ADMM + 1 retraining epochs,
+batch 32, one thread, no labels; ``--recipe`` adds recipe keys) once per seed, and measures the compressed model against the original
 in onnxruntime on more held-out inputs than the sweep's 64: ``--held-out`` synthesized ones (seed 7) for
 entries without data, every input past the first three quarters for entries with data (450 digits). It also
 counts how many disagreements fall on inputs where the original's top-two margin is below its median. One
@@ -36,15 +36,15 @@ from onnx_admm.recipe import CompressConfig  # noqa: E402
 logger = logging.getLogger("agreement")
 
 
-def _splits(entry: sweep.Entry, folder: Path, held_out: int):
+def _splits(entry: sweep.Entry, folder: Path, held_out: int, inputs: int):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         path, data = entry.build(folder)
     if data is None:  # as sweep.run_entry: synthesized inputs, seeds 0 and 1; the extra held-out ones seed 7
         model = sweep.load_model(path)
-        return path, sweep._inputs(model, 128, 0), sweep._inputs(model, 64, 1), sweep._inputs(model, held_out, 7)
+        return path, sweep._inputs(model, inputs, 0), sweep._inputs(model, 64, 1), sweep._inputs(model, held_out, 7)
     cut = len(next(iter(data.values()))) * 3 // 4
-    return (path, {k: v[:cut][:128] for k, v in data.items()}, {k: v[cut:][:64] for k, v in data.items()},
+    return (path, {k: v[:cut][:inputs] for k, v in data.items()}, {k: v[cut:][:64] for k, v in data.items()},
             {k: v[cut:] for k, v in data.items()})
 
 
@@ -54,10 +54,11 @@ def _scores(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.n
     return next(o for o in outputs if o.dtype == np.float32 and o.ndim == 2 and o.shape[1] >= 2)
 
 
-def measure(entry: sweep.Entry, work: Path, seeds: list[int], held_out: int, recipe: dict) -> list[dict]:
+def measure(entry: sweep.Entry, work: Path, seeds: list[int], held_out: int, recipe: dict,
+            inputs: int = 128) -> list[dict]:
     folder = work / entry.name
     folder.mkdir(parents=True, exist_ok=True)
-    path, train, val, held = _splits(entry, folder, held_out)
+    path, train, val, held = _splits(entry, folder, held_out, inputs)
     np.savez(folder / "train.npz", **train)
     np.savez(folder / "val.npz", **val)
     options = ort.SessionOptions()
@@ -77,7 +78,8 @@ def measure(entry: sweep.Entry, work: Path, seeds: list[int], held_out: int, rec
         result.save(out)
         scores = _scores(ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"]), held)
         differ = scores.argmax(1) != reference.argmax(1)
-        rows.append({"model": entry.name, "recipe": json.dumps(recipe), "seed": seed, "held_out": len(differ),
+        recipe_text = json.dumps(recipe) + ("" if inputs == 128 else f", {inputs} inputs")
+        rows.append({"model": entry.name, "recipe": recipe_text, "seed": seed, "held_out": len(differ),
                      "agreement": 1 - float(differ.mean()), "report": result.report["metrics"]["agreement"],
                      "disagree": int(differ.sum()), "unsure": int((differ & unsure).sum())})
         logger.info("%s", rows[-1])
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--only", required=True, help="comma-separated corpus entry names")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--held-out", type=int, default=512)
+    parser.add_argument("--inputs", type=int, default=128, help="training inputs (the sweep's 128)")
     parser.add_argument("--recipe", default="{}", help="recipe keys as JSON, e.g. '{\"train\": {\"lr\": 0.03}}'")
     parser.add_argument("--results", type=Path, help="append each row to this markdown file")
     args = parser.parse_args()
@@ -109,7 +112,8 @@ def main() -> None:
     entries = {e.name: e for e in sweep.CORPUS}
     print(HEADER)
     for name in args.only.split(","):
-        for row in measure(entries[name], args.work, args.seeds, args.held_out, json.loads(args.recipe)):
+        for row in measure(entries[name], args.work, args.seeds, args.held_out, json.loads(args.recipe),
+                           args.inputs):
             print(format_row(row), flush=True)
             if args.results:
                 with args.results.open("a") as f:
