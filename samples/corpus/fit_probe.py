@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sweep  # noqa: E402
-from converters.importer import import_model  # noqa: E402
+from onnx_admm.converters.importer import import_model  # noqa: E402
 from onnx_admm.allocation import Allocation, allocate  # noqa: E402
 from onnx_admm.train import Loss, ScoreSpec  # noqa: E402
 
