@@ -75,8 +75,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, ba
 
 
 def digits_vit(epochs: int = 30, width: int = 64):
-    """A builder that trains (or reuses) the ViT in its work folder and returns its path and the shuffled
-    digits as ``input``; the file name carries the variant (tests build a smaller, quicker one)."""
+    """A builder that trains (or reuses: the file name carries the variant) the ViT in its work folder and
+    returns its path and the shuffled digits as ``input``."""
     def build(work: Path) -> tuple[Path, Feeds]:
         from exporter_models import export_torch
 
