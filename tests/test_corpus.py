@@ -16,8 +16,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "corpus
 
 import sweep  # noqa: E402
 import synthetic  # noqa: E402
+import vit  # noqa: E402
 
 ENTRIES = {e.name: e for e in sweep.CORPUS}
+
+
+@pytest.fixture
+def one_thread():
+    # As the sweep runs: on the shared 2-core machine two torch threads made the training steps 5-10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # Agreement floors just under what the sweep measured (128 training / 64 held-out inputs, seeded, after
@@ -34,6 +44,23 @@ def test_corpus_entry_checks_compresses_and_keeps_graph_io(tmp_path, name, min_a
     assert not row["reason"]
     assert row["agreement"] >= min_agreement and row["per"] == per
     assert row["io_same"]  # graph inputs and outputs of the written file, byte for byte
+
+
+# The trained transformer (samples/corpus/vit.py, 95.3% on its last quarter of the digits): the sweep's label-free
+# 50% run, measured in onnxruntime on every digit the ViT did not train on (450, not the sweep's 64), agreed on
+# 0.962-0.964 of them over seeds 0-2 (the random-weight transformer_encoder: 0.83). The issue's bar is 0.95.
+def test_trained_transformer_follows_the_original_on_unseen_digits(tmp_path, one_thread):
+    entry = ENTRIES["digits_vit"]
+    row = sweep.run_entry(entry, tmp_path, samples=128)
+    assert row["check"] == "pass" and not row["reason"], row["reason"]
+    assert row["per"] == "per sample" and row["io_same"]
+    folder = tmp_path / "digits_vit"
+    path, _ = entry.build(folder)  # the file the entry built
+    images, _ = vit.shuffled_digits()
+    unseen = {"input": images[len(images) * 3 // 4:]}
+    original = synthetic.run_onnx(path, unseen)[0].argmax(1)
+    compressed = synthetic.run_onnx(folder / "compressed.onnx", unseen)[0].argmax(1)
+    assert len(original) == 450 and (original == compressed).mean() >= 0.95
 
 
 def test_markdown_table_has_one_row_per_model():
@@ -55,15 +82,6 @@ QUICK = {
     "detector_1d": (synthetic.detector_1d(steps=150, samples=600, feeds=192, width=16), synthetic.detector_agreement,
                     "per time step"),
 }
-
-
-@pytest.fixture
-def one_thread():
-    # As the sweep runs: on the shared 2-core machine two torch threads made the training steps 5-10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name, min_agreement, min_match", [("captcha_ctc", 0.95, 0.6), ("detector_1d", 0.95, 0.8)])

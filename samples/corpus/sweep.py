@@ -14,6 +14,8 @@ Models come from:
 - torchvision classifiers with random weights (resnet18, mobilenet_v3_small, squeezenet1_1) through
   the TorchScript and dynamo exporters, with a dynamic and a fixed batch;
 - a torch TransformerEncoder (dynamo) and a bidirectional LSTM classifier (TorchScript);
+- a ViT-style transformer trained here on scikit-learn's digits (``vit.py``, dynamo): the trained
+  counterpart of the random-weight encoder;
 - a CRNN-style recognizer (convs + GRU, seq-first [T, N, C] log-probabilities and their int64 ArgMax
   ids, TorchScript) and an encoder-decoder segmenter ([N, 1, H, W] Sigmoid map, dynamo);
 - two imbalanced-output models trained here on synthetic data (``synthetic.py``): a CTC captcha reader
@@ -66,6 +68,7 @@ from onnx_admm.check import check  # noqa: E402
 from onnx_admm.recipe import CompressConfig  # noqa: E402
 from speed import train_and_infer_ms  # noqa: E402
 from synthetic import captcha_ctc, detector_1d  # noqa: E402
+from vit import digits_vit  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 
@@ -368,6 +371,7 @@ CORPUS = [
           _torchvision("mobilenet_v3_small", True, True)),
     Entry("squeezenet1_1_b1", "torchvision (random)", "torch dynamo, fixed batch 1", _torchvision("squeezenet1_1", True, False)),
     Entry("transformer_encoder", "torch nn (random)", "torch dynamo, dynamic batch", _transformer),
+    Entry("digits_vit", "scikit-learn digits (trained ViT)", "torch dynamo, dynamic batch", digits_vit()),
     Entry("lstm_classifier", "torch nn (random)", "torch TorchScript", _lstm),
     Entry("sklearn_mlp", "scikit-learn digits (trained)", "skl2onnx", _sklearn),
     Entry("bytes_onehot_layernorm", "hand-built", "tf2onnx op pattern", _tf2onnx_like),
