@@ -236,6 +236,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--seed", type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")
 @click.option("--device", type=str, help="cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Forward passes of training under autocast in this dtype (default fp32; fp16 scales the loss).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
               help="Exit 3 when the drop exceeds this fraction; the model is then written as OUT's stem + .gate-failed.onnx.")
@@ -256,7 +258,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
              ternary: bool, clusters: int | None, activations: str | None, per_channel: bool | None, epochs: float | None,
              allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
-             report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
+             precision: str | None, report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
              save_stages: str | None, quiet: bool, html_path: str | None) -> None:
     """Prune and/or quantize MODEL with progressive ADMM and write the compressed ONNX file to OUTPUT."""
     from onnx_admm.api import AccuracyGateFailed, CompressInterrupted
@@ -283,7 +285,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
             config.quantize, bits=1 if binary else bits, ternary=ternary, clusters=clusters))
     config = config.replace(
         train={"batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "device": device,
-               "epochs": epochs},
+               "precision": precision, "epochs": epochs},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
                "allocation": allocation},

@@ -57,6 +57,8 @@ DEFAULT_ADMM_EPOCHS = 10
 DEFAULT_RETRAIN_EPOCHS = 5
 # The training batch when train.batch_size is not given (lowered to fit train.batch_memory_mb).
 DEFAULT_BATCH_SIZE = 64
+# train.precision: the torch dtype (its name in torch) of each precision a recipe may name.
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _fail(message: str) -> None:
@@ -103,6 +105,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # None: torch's default
     device: str = "cpu"
+    # fp32 | bf16 | fp16: the dtype of the training forward passes under autocast (fp16 scales the loss);
+    # weights, optimizer, loss and projections stay float32.
+    precision: str = "fp32"
     val_fraction: float = 0.1
     output: str | None = None  # which output carries the scores, when the automatic choice is wrong
     # The CTC blank class of a per-time-step score output, for the task metric (None: the original's
@@ -121,6 +126,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             _fail(f"train.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            _fail(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.lr > 0:
             _fail(f"train.lr must be > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1:

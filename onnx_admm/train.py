@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -224,6 +225,30 @@ def _top1_hits(outputs: Sequence[Tensor], batch: Batch, teacher: Sequence[Tensor
     return None
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The dtype the forward passes (student and teacher) run in under autocast; None: float32 throughout.
+
+    Weights, their gradients, the optimizer, the loss and every projection stay float32: autocast lowers
+    only the ops that gain from it. float16's narrow range needs the loss scaled so that small gradients
+    do not vanish (``scaler``); bfloat16 has float32's range and needs none.
+    """
+
+    dtype: torch.dtype | None = None
+    device_type: str = "cpu"
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
+
+
+def _float(outputs):
+    """Lowered-precision outputs back to float32, so the loss is computed (and compared) in float32."""
+    return [o.float() if torch.is_tensor(o) and o.is_floating_point() else o for o in outputs]
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch | Sequence[Batch]],
@@ -235,9 +260,11 @@ def train_epoch(
     on_batch: Callable[[int, float, float | None], None] | None = None,
     before_forward: Sequence[Callable[[], None]] = (),
     agree: Callable[[float], float] | None = None,
+    precision: Precision = Precision(),
 ) -> EpochStats:
     """One pass over ``batches``; hooks run before the forward pass, after ``backward()`` and after
-    ``optimizer.step()``.
+    ``optimizer.step()``. With a lower ``precision`` the student's and the teacher's forward passes run
+    under autocast; float16 scales the loss, and the gradients are unscaled before the hooks see them.
 
     An item may be a sequence of batches: the chunks of one step, whose gradients are accumulated (each
     chunk's loss weighted by its share of the samples) before the one optimizer step, so a batch too large
@@ -252,6 +279,7 @@ def train_epoch(
         EmptyEpoch: ``batches`` yielded nothing.
     """
     total_loss, hits, positions, seen, counted = 0.0, 0, 0, 0, False
+    scaler = precision.scaler()
     for i, step in enumerate(batches):
         chunks = [step] if isinstance(step, Batch) else list(step)
         size = sum(_samples(chunk) for chunk in chunks)
@@ -260,29 +288,41 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         value, step_hits = 0.0, None
         for chunk in chunks:
-            outputs = model(*chunk.inputs)
+            with precision.autocast():
+                outputs = model(*chunk.inputs)
+            if precision.dtype is not None:
+                outputs = _float(outputs)
             # Labels of an [N, C] score output make the teacher unused (unless it distils): skip its pass.
             index = loss_fn.score.index
             labelled = (chunk.labels is not None and index is not None and outputs[index].dim() == 2
                         and not loss_fn.score.binary)
-            with torch.no_grad():
+            with torch.no_grad(), precision.autocast():
                 teacher_out = (teacher(*chunk.inputs) if teacher is not None and (not labelled or loss_fn.distill > 0)
                                else None)
+            if teacher_out is not None and precision.dtype is not None:
+                teacher_out = _float(teacher_out)
             loss = loss_fn(outputs, chunk.labels, teacher_out)
             share = _samples(chunk) / size
             chunk_value = loss.item() if agree is None else agree(loss.item())
             if not math.isfinite(chunk_value):
                 raise NonFiniteLoss(f"loss is {chunk_value} at batch {i}")
-            (loss * share if len(chunks) > 1 else loss).backward()
+            scaled = loss * share if len(chunks) > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
             value += chunk_value * share
             chunk_hits = _top1_hits(outputs, chunk, teacher_out, loss_fn.score)
             if chunk_hits is not None:
                 step_hits = chunk_hits if step_hits is None else (step_hits[0] + chunk_hits[0],
                                                                   step_hits[1] + chunk_hits[1])
-            del outputs, teacher_out, loss  # the next chunk's activations replace these
+            del outputs, teacher_out, loss, scaled  # the next chunk's activations replace these
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the hooks (ADMM penalty, masks) act on the true gradients
         for hook in after_backward:
             hook()
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when a gradient overflowed float16; the scale is lowered
+            scaler.update()
+        else:
+            optimizer.step()
         for hook in after_step:
             hook()
         total_loss += value * size

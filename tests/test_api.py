@@ -782,3 +782,23 @@ def test_the_package_ships_its_type_marker_and_declares_tomli_before_311():
     root = Path(api.__file__).resolve().parents[1]
     assert (root / "onnx_admm" / "py.typed").is_file()
     assert "tomli>=1.1; python_version < '3.11'" in (root / "pyproject.toml").read_text()
+
+
+def test_bfloat16_training_keeps_the_target_and_the_accuracy(digits, tmp_path):
+    # Autocast lowers the forward passes only: the written weights hold the exact target, in float32, and
+    # the model still classifies (measured at 90% sparsity, 1 + 1 epochs, seeds 0 and 1: 93.06% in float32,
+    # bfloat16 and float16 alike; the losses differ in the fourth digit).
+    val = Dataset({"input": digits["x_test"]}, digits["y_test"], {"input"})
+    result = compress(digits["model"], digits["train"], _config(0.9, train={"precision": "bf16"}), val_data=val)
+    assert result.config.train.precision == "bf16"
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    weights = _file_weights(out)
+    assert all(weights[n].dtype == np.float32 for n in WEIGHTS)
+    assert sum(np.count_nonzero(weights[n]) for n in WEIGHTS) == keep_count(38160, 0.9)
+    assert result.report["metrics"]["compressed_accuracy"] >= 0.9
+
+
+def test_an_unknown_precision_is_refused_in_one_line():
+    with pytest.raises(UserError, match="train.precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        _config(train={"precision": "fp8"})

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnx_admm.train import (Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, balance_weights, evaluate, log_probs,
-                              make_optimizer, train_epoch)
+from onnx_admm.train import (Batch, EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, balance_weights, evaluate,
+                              log_probs, make_optimizer, train_epoch)
 
 
 def _logits(seed=0, n=8, c=5):
@@ -324,3 +324,32 @@ def test_balance_takes_the_other_outputs_mse_ratio_through_log1p():
     per_sample = torch.randn(4, 5, generator=g)  # an [N, C] score keeps the plain ratio
     assert Loss(ScoreSpec(0), balance=0.5)((per_sample, off), None, (per_sample, boxes)).item() == pytest.approx(
         ratio.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lower_precision_runs_the_forward_in_that_dtype_and_keeps_float32_state(dtype):
+    torch.manual_seed(0)
+    model, teacher = _Linear(), _Linear()
+    seen = []
+    model.fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    teacher.fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    optimizer = make_optimizer(model.parameters(), "sgd", 0.1, 0.9, 0.0)
+    before = model.fc.weight.detach().clone()
+    stats = train_epoch(model, _batches(labels=False), Loss(ScoreSpec(0)), optimizer, teacher=teacher,
+                        precision=Precision(dtype, "cpu"))
+    assert seen == [dtype] * 6  # the student's and the teacher's pass of each of the 3 batches
+    assert model.fc.weight.dtype == torch.float32 and not torch.equal(model.fc.weight.detach(), before)
+    assert math.isfinite(stats.loss) and stats.loss > 0
+
+
+def test_float16_hooks_see_unscaled_gradients():
+    # The loss scaler multiplies the loss by 65536: the ADMM penalty and the masks must act on the true
+    # gradient, so it is unscaled before the hooks. Same batch, same weights: the gradients agree.
+    grads = {}
+    for name, precision in (("fp32", Precision()), ("fp16", Precision(torch.float16, "cpu"))):
+        torch.manual_seed(0)
+        model = _Linear()
+        optimizer = make_optimizer(model.parameters(), "sgd", 0.1, 0.0, 0.0)
+        train_epoch(model, _batches(1), Loss(ScoreSpec(0)), optimizer, precision=precision,
+                    after_backward=[lambda m=model, n=name: grads.setdefault(n, m.fc.weight.grad.clone())])
+    assert torch.allclose(grads["fp16"], grads["fp32"], rtol=0.02, atol=1e-3)

@@ -34,9 +34,9 @@ from onnx_admm.plan import ImpossibleTarget, Plan, WeightPlan, nm_constraint, sp
 from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.progress import Progress
 from onnx_admm.quantizers import Joint, quantize
-from onnx_admm.recipe import CompressConfig
+from onnx_admm.recipe import PRECISIONS, CompressConfig
 from onnx_admm.schedule import PhaseBudget, admm_period, initial_rho, lr_factor, rho_limit
-from onnx_admm.train import EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.train import EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, evaluate, make_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Runner:
             logger.warning("the model has no score output ([N, C] float): labels are ignored and the loss is MSE "
                            "to the original model's outputs")
         self.loss_fn = Loss(self.score, distill=self.cfg.distill, balance=self.cfg.balance)
+        self.precision = _precision(self.cfg.precision, device)
         self.batch, self.warnings = choose_batch(imported, self.cfg, self.teacher is not None)
         self.memory = memory or PeakMemory()
         self.trained = world.wrap(imported.module, device)  # what the training steps run (DDP under torchrun)
@@ -357,6 +358,7 @@ class Runner:
                     on_batch=lambda i, loss, acc: self.emit({"kind": "batch", "stage": stage, "phase": phase,
                                                              "epoch": epoch, "batch": i, "loss": loss, "acc": acc}),
                     before_forward=hooks_forward, agree=self.world.mean if self.world.active else None,
+                    precision=self.precision,
                 )
                 # The loss check sees a step's damage only at the next batch: after the epoch's last step
                 # a non-finite weight would otherwise reach the next snapshot and make rollback useless.
@@ -409,3 +411,12 @@ def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) ->
 def _level_axis(w: WeightPlan, stage: int) -> int | None:
     """Per-channel quantizers keep one level set per output channel; the others one per tensor."""
     return w.quant[stage].level_axis(w.spec.out_axis or 0)
+
+
+def _precision(name: str, device: torch.device) -> Precision:
+    """train.precision on ``device``; bfloat16 where the GPU lacks it is the user's to change."""
+    dtype = None if PRECISIONS[name] is None else getattr(torch, PRECISIONS[name])
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.precision = \"bf16\" but {torch.cuda.get_device_name(device)} has no bfloat16; "
+                        "use \"fp16\" (with loss scaling) or \"fp32\"")
+    return Precision(dtype, device.type)
