@@ -46,6 +46,13 @@ def vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line more in ``path``, logged too (a run cut short keeps the rows it finished)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    logger.info("%s", json.dumps(row))
+
+
 def prepare(work: Path, images: int, val_images: int) -> None:
     """The ONNX model and the data, made once per ``work`` folder (seeded: the same every time)."""
     import torch
@@ -193,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"{side} failed ({out.returncode}): {out.stderr[-2000:]}")
             row = {"turn": turn, "side": side, **json.loads(out.stdout.strip().splitlines()[-1]),
                    "process_s": round(time.perf_counter() - started, 1), "load": os.getloadavg()[0]}
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            logger.info("%s", json.dumps(row))
+            append_row(results, row)
     return 0
 
 

@@ -21,7 +21,6 @@ are recorded too. Results are one JSON line per piece and round in ``WORK/profil
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
     import torch
     import torchvision
+
+    from bench import append_row  # this folder's benchmark (run as a script, its folder is on sys.path)
 
     from converters.importer import import_model
     from onnx_admm.admm import ADMM
@@ -96,11 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for turn in range(args.rounds):
         for name, piece in pieces.items():
             wall, cpu = timed(piece)
-            row = {"turn": turn, "piece": name, "batch": args.batch, "threads": args.threads,
-                   "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            logger.info("%s", json.dumps(row))
+            append_row(out, {"turn": turn, "piece": name, "batch": args.batch, "threads": args.threads,
+                             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
     return 0
 
 
