@@ -16,7 +16,8 @@ turns and each in a fresh process so that its peak RSS is its own:
 Each row (one JSON object per line in ``WORK/results.jsonl``) records the wall and CPU seconds of each
 epoch and of each step in it (compress: from its progress events; its epoch also holds the end-of-epoch
 work, the selection split's evaluation and the Z/U update), the peak RSS (plain: VmHWM of its process;
-compress: the report's ``memory``, per phase) and the whole process's wall time. ``--only plain|compress`` runs one side once (what the turns call).
+compress: the report's ``memory``, per phase) and the whole process's wall time. ``--only plain|compress``
+runs one side once (what the turns call).
 """
 
 from __future__ import annotations
