@@ -73,21 +73,42 @@ class Allocation:
         return min(n, max(self.min_keep, math.ceil(round(self.floor * n, _COUNT_DECIMALS))))
 
 
-def _sorted_lamp(w: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """LAMP scores of the allowed entries of ``w`` in descending |w| order (lower index first among ties),
-    and that order (flat indices). The scores fall along it: w^2 falls and the sum above it grows."""
+def _magnitudes(w: Tensor, allowed: Tensor | None) -> Tensor:
+    """``|w|`` flat on the CPU, -1 outside ``allowed`` (below every magnitude)."""
     mag = w.detach().reshape(-1).abs().cpu()
     if allowed is not None:
         mag = torch.where(allowed.reshape(-1).cpu(), mag, torch.full_like(mag, -1.0))
+    return mag
+
+
+def _lamp_along(descending: Tensor) -> Tensor:
+    """LAMP scores of magnitudes sorted in descending order. The scores fall along it: w^2 falls and the
+    sum above it grows."""
+    sorted_sq = descending.double().square()
+    # An entry's denominator: its own square and those of every entry ranked before it (at least as large).
+    # It is 0 only where the entry is 0 (and every positive float32 squared is far above float64's tiny),
+    # so clamping it gives those entries 0 without a second pass.
+    return sorted_sq / torch.cumsum(sorted_sq, 0).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _sorted_lamp(w: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """LAMP scores of the allowed entries of ``w`` in descending |w| order (lower index first among ties),
+    and that order (flat indices)."""
+    mag = _magnitudes(w, allowed)
     order = torch.sort(mag, descending=True, stable=True).indices
     if allowed is not None:
         order = order[: int(allowed.sum())]
-    sorted_sq = mag[order].double().square()
-    # An entry's denominator: its own square and those of every entry ranked before it (at least as large).
-    above = torch.cumsum(sorted_sq, 0)
-    scores = torch.where(above > 0, sorted_sq / torch.where(above > 0, above, torch.ones_like(above)),
-                         torch.zeros_like(above))
-    return scores, order
+    return _lamp_along(mag[order]), order
+
+
+def _lamp_multiset(w: Tensor, allowed: Tensor | None) -> Tensor:
+    """The LAMP scores of ``_sorted_lamp`` without their order: equal magnitudes have equal squares, so
+    whichever of them comes first, the scores along the sort are the same. An unstable sort of the
+    values alone skips the index sort and the gather (a third of the time on ResNet-50's 25M weights)."""
+    descending = torch.sort(_magnitudes(w, allowed), descending=True).values
+    if allowed is not None:
+        descending = descending[: int(allowed.sum())]
+    return _lamp_along(descending)
 
 
 def lamp_scores(w: Tensor, allowed: Tensor | None = None) -> Tensor:
@@ -178,7 +199,7 @@ def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:
     for name, w in weights.items():
         mask = None if allowed is None else allowed[name]
         if method == "lamp":
-            tails.append(_sorted_lamp(w, mask)[0][mins[name]:])
+            tails.append(_lamp_multiset(w, mask)[mins[name]:])
             continue
         score = w.detach().reshape(-1).abs().cpu()
         if mask is not None:

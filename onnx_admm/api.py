@@ -131,8 +131,8 @@ def compress(
     started = time.perf_counter()
     gate = Gate(max_accuracy_drop, metric_floor)
     memory = PeakMemory()
-    check_config(config)
     world = World.from_env()  # several processes under torchrun (onnx_admm.distributed)
+    check_config(config, world.size, world.local_rank)
     shown = display(progress if world.main else None)
     original_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     files = RunFiles.plan(_model_name(original_path), output, report_path, save_stages,

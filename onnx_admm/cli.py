@@ -235,7 +235,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--rho", type=float, help="Initial ADMM rho (default: chosen from lr, momentum and steps per Z/U update).")
 @click.option("--seed", type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")
-@click.option("--device", type=str, help="cpu or cuda[:N].")
+@click.option("--device", type=str, callback=lambda ctx, param, value: _check_device(value),
+              help="cpu or cuda[:N] (under torchrun: cuda, each process on cuda:LOCAL_RANK).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Forward passes of training under autocast in this dtype (default fp32; fp16 scales the loss).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
@@ -341,6 +342,24 @@ def _check_structure(value: str | None) -> str | None:
             PruneConfig(structure=value)
         except UserError as exc:
             raise click.BadParameter(str(exc).replace("prune.structure ", "", 1), param_hint="--structure") from None
+    return value
+
+
+def _check_device(value: str | None) -> str | None:
+    """A device this machine has, checked as the options are read: a usage error (exit 2) naming the fix."""
+    from onnx_admm.distributed import World
+    from onnx_admm.preflight import check_device
+
+    if value is None:
+        return value
+    try:
+        world = World.from_env()
+    except UserError:  # a broken torchrun environment: compress reports it itself, in its own words
+        world = World()
+    try:
+        check_device(value, world.size, world.local_rank)
+    except UserError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
     return value
 
 

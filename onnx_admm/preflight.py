@@ -38,8 +38,9 @@ MAX_SEED = 2**32 - 1
 _DEVICE_RE = re.compile(r"cpu|cuda(?::(\d+))?")
 
 
-def check_config(config: CompressConfig) -> None:
-    """Every number of the recipe finite, the seed in range, the device one this machine has."""
+def check_config(config: CompressConfig, processes: int = 1, local_rank: int = 0) -> None:
+    """Every number of the recipe finite, the seed in range, the device one this machine has (for this
+    process of ``processes``, ``local_rank`` on its machine)."""
     for table in ("train", "admm", "prune", "quantize"):
         for f in dataclasses.fields(getattr(config, table)):
             value = getattr(getattr(config, table), f.name)
@@ -49,20 +50,34 @@ def check_config(config: CompressConfig) -> None:
     seed = config.train.seed
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"train.seed must be an integer in [0, {MAX_SEED}], got {seed}")
-    check_device(config.train.device)
+    check_device(config.train.device, processes, local_rank)
 
 
-def check_device(device: str) -> None:
-    """``cpu``, or ``cuda[:N]`` with CUDA present and at least N + 1 devices."""
+def check_device(device: str, processes: int = 1, local_rank: int = 0) -> None:
+    """``cpu``, or ``cuda[:N]`` with CUDA present and at least N + 1 devices.
+
+    Under torchrun (``processes`` > 1) ``cuda`` means ``cuda:LOCAL_RANK`` (``onnx_admm.distributed``),
+    which must exist, and an explicit ``cuda:N`` is refused: every process would take the same GPU.
+    """
     match = _DEVICE_RE.fullmatch(device)
     if match is None:
         raise UserError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N' (N a device index); pass one of those")
     if device == "cpu":
         return
     if not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    index, count = int(match.group(1) or 0), torch.cuda.device_count()
-    if index >= count:
+        # A CPU-only build of torch and a CUDA build that finds no GPU (no driver, CUDA_VISIBLE_DEVICES
+        # empty) need different fixes.
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"torch (CUDA {torch.version.cuda}) finds no GPU: check the driver and CUDA_VISIBLE_DEVICES")
+        raise UserError(f"device {device!r} requested but CUDA is not available ({why}); use --device cpu")
+    if processes > 1 and match.group(1) is not None:
+        raise UserError(f"device {device!r} would put all {processes} processes on one GPU; pass --device cuda "
+                        "(each process takes cuda:LOCAL_RANK)")
+    count = torch.cuda.device_count()
+    if processes > 1 and local_rank >= count:
+        raise UserError(f"process LOCAL_RANK {local_rank} needs cuda:{local_rank} but this machine has {count} CUDA "
+                        f"device(s); start at most {count} processes per machine (torchrun --nproc-per-node)")
+    if int(match.group(1) or 0) >= count:
         raise UserError(f"device {device!r} requested but this machine has {count} CUDA device(s) "
                         f"(cuda:0 to cuda:{count - 1}); pick one of those or cpu")
 

@@ -664,6 +664,26 @@ def test_admm_period_sets_the_number_of_z_u_updates(digits, period, updates):
     assert all(len(layer["residual_history"]) == updates for layer in result.report["layers"])
 
 
+def test_a_stage_splits_the_global_budget_only_for_its_z_updates_and_its_two_projections(digits, monkeypatch):
+    # A LAMP split ranks every weight (about 7 CPU seconds on ResNet-50's 25M): the split at the ADMM
+    # start, one per Z/U update and one for the hard projection, which the export's scales reuse; no
+    # split to learn the weights' names, none repeated for the scales.
+    from onnx_admm.pipeline import stages
+
+    calls = []
+    original = stages.sparsity_constraints
+
+    def spy(plan, values, stage, previous):
+        calls.append(stage)
+        return original(plan, values, stage, previous)
+
+    monkeypatch.setattr(stages, "sparsity_constraints", spy)
+    result = compress(digits["model"], digits["train"], _config(0.9, 2, 1, prune={"stages": 2}))
+    updates = [len(next(iter(s.residuals.values()))) for s in result.stages]
+    assert all(n >= 1 for n in updates)
+    assert calls == [stage for stage, n in enumerate(updates) for _ in range(n + 2)]
+
+
 # --- selection vs reporting, the epoch budget, the allocation inside ADMM ---
 
 

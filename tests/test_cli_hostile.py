@@ -366,7 +366,6 @@ def test_inf_in_a_plugin_batch_is_an_input_error(tmp_path, monkeypatch):
     ([], "[admm]\nperiod = nan\n", "admm.period must be a whole number of epochs, or a fraction below 1"),
     ([], "[admm]\nperiod = -inf\n", "got -inf"),
     ([], '[train]\ndevice = "gpu0"\n', "train.device must be 'cpu' or 'cuda[:N]', got 'gpu0'"),
-    (["--device", "cudax"], "", "device 'cudax' is not 'cpu', 'cuda' or 'cuda:N'"),
     (["--seed", "-1"], "", "train.seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**70)], "", f"train.seed must be an integer in [0, 4294967295], got {2**70}"),
     (["--max-accuracy-drop", "nan"], "", "max_accuracy_drop must be a finite fraction >= 0 (0.01 = 1 point), got nan"),
@@ -388,15 +387,75 @@ def test_validate_refuses_absurd_thread_counts(tmp_path):
                            f"threads (--threads) must be an integer from 1 to {4 * os.cpu_count()}")
 
 
-def test_cuda_device_beyond_what_the_machine_has(tmp_path):
+def _assert_usage_error(result, option: str, *fragments: str) -> None:
+    """Click's usage error: exit 2, no traceback, one ``Error:`` line naming the option and the fix."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"Invalid value for {option}:" in errors[0], result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    """Pretend this machine has ``count`` GPUs (none: CUDA unavailable); nothing here touches a GPU."""
     import torch
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("gpus, device, message", [
+    (0, "cudax", "device 'cudax' is not 'cpu', 'cuda' or 'cuda:N'"),
+    (0, "cuda", "device 'cuda' requested but CUDA is not available ("),
+    (0, "cuda:0", "; use --device cpu"),
+    (1, "cuda:1", "device 'cuda:1' requested but this machine has 1 CUDA device(s) (cuda:0 to cuda:0); pick one"),
+])
+def test_a_device_the_machine_lacks_is_a_usage_error_before_anything_runs(tmp_path, monkeypatch, gpus, device, message):
+    _gpus(monkeypatch, gpus)
     model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
-    result = _compress(model, data, out, "--device", "cuda:9")
-    if torch.cuda.is_available() and torch.cuda.device_count() <= 9:
-        _assert_one_line_error(result, "device 'cuda:9' requested but this machine has")
-    elif not torch.cuda.is_available():
-        _assert_one_line_error(result, "device 'cuda:9' requested but CUDA is not available; use --device cpu")
+    _assert_usage_error(_compress(model, data, out, "--device", device), "--device", message)
+    assert not out.exists()
+
+
+def test_the_cuda_message_tells_a_cpu_only_torch_from_a_missing_gpu(monkeypatch):
+    import torch
+
+    from onnx_admm.converters.errors import UserError
+    from onnx_admm.preflight import check_device
+
+    _gpus(monkeypatch, 0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(UserError, match=r"\(this torch is a CPU-only build\); use --device cpu"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(UserError, match=r"torch \(CUDA 12.8\) finds no GPU: check the driver and CUDA_VISIBLE_DEVICES"):
+        check_device("cuda")
+    check_device("cpu")  # always there
+
+
+@pytest.mark.parametrize("device, local_rank, message", [
+    ("cuda:0", 0, "device 'cuda:0' would put all 2 processes on one GPU; pass --device cuda"),
+    ("cuda", 1, "process LOCAL_RANK 1 needs cuda:1 but this machine has 1 CUDA device(s); start at most 1"),
+])
+def test_under_torchrun_each_process_needs_a_gpu_of_its_own(tmp_path, monkeypatch, device, local_rank, message):
+    _gpus(monkeypatch, 1)
+    for key, value in {"WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)}.items():
+        monkeypatch.setenv(key, value)
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    _assert_usage_error(_compress(model, data, out, "--device", device), "--device", message)
+    assert not out.exists()
+
+
+def test_a_recipe_device_the_machine_lacks_fails_in_one_line_before_training(tmp_path, monkeypatch):
+    # The recipe is an input file, not an option: exit 1, from the API's own check (the same one).
+    _gpus(monkeypatch, 0)
+    model, data, out = _gemm(tmp_path), _npz(tmp_path, x=X), tmp_path / "out.onnx"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[train]\ndevice = "cuda"\n')
+    _assert_one_line_error(_compress(model, data, out, "--recipe", recipe),
+                           "device 'cuda' requested but CUDA is not available (", "use --device cpu")
+    assert not out.exists()
 
 
 def test_binary_recipe_is_one_line(tmp_path):

@@ -151,22 +151,21 @@ class Runner:
                 out[name] = sparsity[name]
         return out
 
-    def current(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.params.items()}
-
     def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget) -> dict[str, torch.Tensor]:
-        params = {name: self.params[name] for name in self.constraints(stage, previous, self.current())}
+        # Every planned weight has a constraint at every stage (a sparsity target, a quantizer or both):
+        # splitting the global budget only to learn their names cost a LAMP ranking of every weight.
+        params = dict(self.params)
         self.history = []
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
         self.memory.mark(f"stage{stage + 1}.admm")
         quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
-        # Integer levels and scales of the hard projection, for export (the retraining keeps its levels).
-        final = self.constraints(stage, previous, self.current())
-        scales = {name: quantize(final[name], params[name].detach()) for name in quantized}
         latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
         supports = admm.hard_project()
+        # Integer levels and scales of the hard projection, for export (the retraining keeps its levels):
+        # the constraints it split on the weights before projecting them, which ``latent`` holds.
+        scales = {name: quantize(admm.constraints[name], latent[name]) for name in quantized}
         levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
                   for name, w in quantized.items()}
         self.world.broadcast_(level.levels for level in levels.values())
