@@ -67,7 +67,7 @@ SPACINGS = ("cubic", "geometric")
 
 # How a global target is split over the layers (onnx_admm.allocation). The names live here, with the other
 # recipe choices, so that the recipe (and the command line's option checks) can be read without torch.
-ALLOCATIONS = ("lamp", "global", "erk", "uniform")
+ALLOCATIONS = ("lamp", "global", "erk", "uniform", "sensitivity")
 
 
 def geometric_stages(target_sparsity: float, n_stages: int, first_ratio: float | None = None) -> list[float]:

@@ -28,6 +28,8 @@ from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch
+from onnx_admm.pipeline.sensitivity import SAMPLES as SENSITIVITY_SAMPLES
+from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
 from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, nm_constraint, sparsity_constraints
 from onnx_admm.progress import Progress
@@ -176,6 +178,10 @@ class Runner:
 
     def run(self) -> None:
         previous: dict[str, torch.Tensor] | None = None
+        if self.plan.allocation.method == "sensitivity":  # each pool layer pruned alone, once per run
+            measured = sample(self.train_data, SENSITIVITY_SAMPLES, self.cfg.seed + 2)
+            self.plan = with_curves(self.plan, self.params, lambda: self.world.agreed(lambda: evaluate(
+                self.imported.module, self.batches(measured, False), self.score, self.teacher)), self.emit)
         budgets = self.config.stage_budgets(self.plan.n_stages)
         lengths = [self.phase_length(epochs)[1] for b in budgets for epochs in (b.admm, b.retrain)]
         self.emit({"kind": "run", "stages": self.plan.n_stages, "batches": self.steps_per_epoch(),
@@ -190,7 +196,7 @@ class Runner:
         out = {}
         for w in self.plan.weights:
             name, choice = w.spec.name, w.quant[stage]
-            quant = None if choice is None else _quantizer(choice, w.spec)
+            quant = None if choice is None else quantizer_for(choice, w.spec)
             if quant is not None and name in sparsity:
                 out[name] = Joint(sparsity[name], quant)
             elif quant is not None:
@@ -507,7 +513,7 @@ def _mean_residual(admm: ADMM) -> float | None:
     return sum(last) / len(last) if last else None
 
 
-def _quantizer(choice: QuantChoice, spec: WeightSpec):
+def quantizer_for(choice: QuantChoice, spec: WeightSpec):
     axis = spec.out_axis or 0
     if choice.ternary:
         return Ternary(per_channel=choice.per_channel, axis=axis)

@@ -1,0 +1,93 @@
+"""The sensitivity engine: measuring one layer at a time, and the greedy split of a budget from the curves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onnx_admm.allocation import Allocation, allocate
+from onnx_admm.sensitivity import Curve, Probe, check_levels, keep_counts, measure, split
+
+
+def _curve(size: int, drops: list[tuple[int, float]], dense: float = 0.9) -> Curve:
+    return Curve(size, dense, tuple((k, dense - d) for k, d in drops))
+
+
+CURVES = {
+    # cheap: loses nothing until 10% is left
+    "big": _curve(1000, [(500, 0.0), (100, 0.0), (10, 0.2), (1, 0.8)]),
+    # expensive from the first cut
+    "small": _curve(100, [(50, 0.3), (10, 0.6), (1, 0.8)]),
+    # noisy: measured better at 20 than at 60 (the running maximum takes 0.1 there)
+    "noisy": _curve(200, [(60, 0.1), (20, 0.05), (1, 0.5)]),
+}
+MINS = {"big": 1, "small": 1, "noisy": 1}
+
+
+def test_drops_are_monotone_and_interpolated_linearly():
+    noisy = CURVES["noisy"]
+    assert noisy.drops() == [(200, 0.0), (60, pytest.approx(0.1)), (20, pytest.approx(0.1)), (1, pytest.approx(0.5))]
+    assert noisy.drop_at(130) == pytest.approx(0.05)  # halfway from (200, 0) to (60, 0.1)
+    assert noisy.drop_at(10) == pytest.approx(0.1 + 0.4 * 10 / 19)
+    with pytest.raises(ValueError, match="outside the measured range"):
+        noisy.drop_at(0)
+    with pytest.raises(ValueError, match="fall strictly"):
+        Curve(10, 0.9, ((5, 0.8), (5, 0.7)))
+
+
+def test_split_sums_exactly_spends_the_cheap_layer_first_and_stays_nested():
+    total = sum(c.size for c in CURVES.values())
+    previous = None
+    for keep in range(total, 2, -7):  # falling budgets, as progressive stages ask
+        keeps = split(CURVES, keep, MINS)
+        assert sum(keeps.values()) == keep
+        assert all(MINS[n] <= keeps[n] <= CURVES[n].size for n in keeps)
+        if previous is not None:  # a smaller budget's split lies inside the larger one's
+            assert all(keeps[n] <= previous[n] for n in keeps)
+        previous = keeps
+    # 900 removals: "big" costs 0 down to 100 kept, so it alone gives them
+    assert split(CURVES, total - 900, MINS) == {"big": 100, "small": 100, "noisy": 200}
+    # the caps of an earlier stage are taken as the start, and the result is the same as from scratch
+    first = split(CURVES, 400, MINS)
+    assert split(CURVES, 200, MINS, caps=first) == split(CURVES, 200, MINS)
+
+
+def test_measure_prunes_one_layer_at_a_time_and_restores_it():
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.nn.Parameter(torch.randn(20, generator=g)), "b": torch.nn.Parameter(torch.randn(4, 5, generator=g))}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    events = []
+
+    def nonzero_share() -> float:  # a "metric" that sees exactly what is pruned
+        return sum(int((p != 0).sum()) for p in params.values()) / 40
+
+    probes = {"a": [Probe.prune(10), Probe.prune(2)], "b": [Probe.prune(5)]}
+    curves = measure(params, probes, nonzero_share, events.append)
+    assert curves["a"].points == ((10, 30 / 40), (2, 22 / 40)) and curves["b"].points == ((5, 25 / 40),)
+    assert curves["a"].dense == 1.0
+    assert all(torch.equal(params[n], before[n]) for n in params)
+    assert [e["kind"] for e in events] == ["measure_start", "measure", "measure", "measure"]
+    assert [e["last"] for e in events[1:]] == [False, True, True] and events[-1]["done"] == events[0]["total"] == 3
+    with pytest.raises(ValueError, match="no score output"):
+        measure(params, probes, lambda: None)
+    assert all(torch.equal(params[n], before[n]) for n in params)
+
+
+def test_levels_and_keep_counts():
+    assert check_levels([0.9, 0.5, 0.9]) == (0.5, 0.9)
+    for bad in ([], [0.0], [1.0], [1.5]):
+        with pytest.raises(ValueError):
+            check_levels(bad)
+    # 144 weights: 72, 36, 14, 7, 3 kept, then the minimum; duplicates and counts under the minimum merge
+    assert keep_counts(144, (0.5, 0.75, 0.9, 0.95, 0.98), 1) == [72, 36, 14, 7, 3, 1]
+    assert keep_counts(10, (0.5, 0.9, 0.99), 2) == [5, 2]
+
+
+def test_allocate_dispatches_to_the_curves_and_needs_them():
+    weights = {name: torch.randn(c.size) for name, c in CURVES.items()}
+    keeps = allocate(weights, 150, Allocation("sensitivity", curves=CURVES))
+    assert keeps == split(CURVES, 150, MINS)
+    with pytest.raises(ValueError, match="needs measured curves"):
+        allocate(weights, 150, Allocation("sensitivity"))
+    with pytest.raises(ValueError, match="minimums alone keep"):  # the shared bounds come first
+        allocate(weights, 150, Allocation("sensitivity", floor=0.5, curves=CURVES))
