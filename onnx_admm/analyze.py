@@ -39,7 +39,7 @@ from onnx_admm.data import Dataset, PluginData, as_data
 from onnx_admm.metrics import for_score
 from onnx_admm.pipeline.batch import choose_batch
 from onnx_admm.pipeline.legalize import legalize
-from onnx_admm.pipeline.sensitivity import SAMPLES, measure_curves, pruning_probes, sample
+from onnx_admm.pipeline.sensitivity import measure_curves, pruning_probes, sample
 from onnx_admm.pipeline.stages import quantizer_for, to_batches
 from onnx_admm.plan import QuantChoice, WeightSpec, make_plan, weight_names
 from onnx_admm.preflight import check_labels, check_outputs
@@ -47,6 +47,7 @@ from onnx_admm.progress import Progress, percent
 from onnx_admm.projections import Unstructured, keep_count
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.report_schema import SENSITIVITY_SCHEMA_VERSION
+from onnx_admm.schedule import SENSITIVITY_SAMPLES
 from onnx_admm.sensitivity import ANALYZE_LEVELS, Curve, Probe, check_levels, split
 from onnx_admm.train import ScoreSpec, evaluate
 
@@ -81,7 +82,7 @@ def parse_ratio(text: str) -> float:
 def analyze(model: str | Path, data: Any, *, val_data: Any = None, labels: str | Path | np.ndarray | None = None,
             config: CompressConfig = CompressConfig(),
             levels: Sequence[float] = ANALYZE_LEVELS, bits: Sequence[int] = (), layers: Sequence[str] | None = None,
-            samples: int = SAMPLES, progress: Progress | None = None) -> dict[str, Any]:
+            samples: int = SENSITIVITY_SAMPLES, progress: Progress | None = None) -> dict[str, Any]:
     """Measure every compressible layer's sensitivity; returns the JSON-ready result (module doc).
 
     Args:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from onnx_admm.sensitivity import ANALYZE_LEVELS
+# schedule holds the defaults without torch, which the command line loads only when a command runs.
+from onnx_admm.schedule import ANALYZE_LEVELS, SENSITIVITY_SAMPLES
 
 
 def _ratio(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -48,7 +49,7 @@ def _levels(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
 @click.option("--bits", multiple=True, type=click.IntRange(1, 8),
               help="Also quantize each layer alone to this many bits (per channel; 1 = binary); repeatable.")
 @click.option("--layer", "layers", multiple=True, help="Measure only this weight (ONNX name); repeatable.")
-@click.option("--samples", default=2000, show_default=True, type=click.IntRange(min=1),
+@click.option("--samples", default=SENSITIVITY_SAMPLES, show_default=True, type=click.IntRange(min=1),
               help="Samples per measurement (a seeded random subset).")
 @click.option("--recipe", type=click.Path(dir_okay=False),
               help="Recipe whose rules choose the layers (skip) and minimums (prune.min_keep, floor).")

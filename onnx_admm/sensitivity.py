@@ -27,14 +27,13 @@ import torch
 from torch import Tensor
 
 from onnx_admm.projections import Unstructured, keep_count
+from onnx_admm.schedule import ANALYZE_LEVELS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ANALYZE_LEVELS", "ALLOCATION_LEVELS", "Curve", "Curves", "Probe", "check_levels", "keep_counts",
            "measure", "split"]
 
-# The sparsities ``onnx-admm analyze`` measures by default.
-ANALYZE_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98)
 # What ``allocation = "sensitivity"`` measures inside compress: deeper levels too, since a 200x target sends
 # the largest layers past 99.5% (LeNet-5's fc1 keeps 0.16% under LAMP).
 ALLOCATION_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)

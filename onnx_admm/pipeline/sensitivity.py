@@ -16,13 +16,10 @@ from torch import Tensor
 from converters.errors import UserError
 from onnx_admm.data import Dataset, PluginData
 from onnx_admm.plan import Plan, pool
+from onnx_admm.schedule import SENSITIVITY_SAMPLES
 from onnx_admm.sensitivity import ALLOCATION_LEVELS, Curve, Probe, keep_counts, measure
 
 logger = logging.getLogger(__name__)
-
-# Samples each measurement evaluates: 2,000 resolve a drop of 0.05 point, and 10 probes per layer of a
-# model with dozens of layers stay a few hundred evaluations.
-SAMPLES = 2000
 
 
 def sample(data: Dataset | PluginData, n: int, seed: int) -> Dataset:
@@ -72,7 +69,7 @@ def describe_curves(plan: Plan) -> dict | None:
     if plan.allocation.method != "sensitivity" or not curves:
         return None
     labels = {w.spec.name: w.spec.label for w in plan.weights}
-    return {"measured_on": f"{SAMPLES} samples of the training split at most, each layer pruned alone by magnitude",
+    return {"measured_on": f"{SENSITIVITY_SAMPLES} samples of the training split at most, each layer pruned alone by magnitude",
             "dense_metric": next(iter(curves.values())).dense,
             "layers": {labels[name]: {"params": c.size, "points": [{"keep": k, "metric": m} for k, m in c.points]}
                        for name, c in curves.items()}}

@@ -28,14 +28,13 @@ from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch
-from onnx_admm.pipeline.sensitivity import SAMPLES as SENSITIVITY_SAMPLES
 from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
 from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, nm_constraint, sparsity_constraints
 from onnx_admm.progress import Progress
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
+from onnx_admm.schedule import SENSITIVITY_SAMPLES, PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
 from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
