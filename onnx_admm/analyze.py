@@ -102,11 +102,23 @@ def analyze(model: str | Path, data: Any, *, val_data: Any = None, labels: str |
         BadLayer: a name in ``layers`` is not among them.
         UserError: bad model, data or recipe.
     """
-    levels = check_levels(levels)
+    try:
+        levels = check_levels(levels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if any(not 1 <= b <= 8 for b in bits):
         raise UserError(f"bit widths are from 1 (binary) to 8, got {list(bits)}")
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    threads = torch.get_num_threads()
+    try:
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        return _measure(model, data, val_data, labels, config, levels, bits, layers, samples, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(model, data, val_data, labels, config: CompressConfig, levels, bits, layers, samples,
+             progress) -> dict[str, Any]:
     original = load_model(model)
     check_outputs(original)
     imported = import_model(original, output=config.train.output)
