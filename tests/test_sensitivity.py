@@ -52,6 +52,23 @@ def test_split_sums_exactly_spends_the_cheap_layer_first_and_stays_nested():
     assert split(CURVES, 200, MINS, caps=first) == split(CURVES, 200, MINS)
 
 
+def test_no_layer_goes_past_its_usable_depth_while_the_others_can_pay():
+    # "flat" breaks the model at 100 kept and loses nothing more below: the plateau must not look free
+    curves = {"flat": _curve(1000, [(200, 0.0), (100, 0.85), (1, 0.85)]),
+              "other": _curve(1000, [(500, 0.0), (100, 0.2), (10, 0.4), (1, 0.8)])}
+    usable = {name: c.usable() for name, c in curves.items()}
+    assert usable == {"flat": 200, "other": 10}  # the deepest points keeping half of the dense 0.9
+    mins = {"flat": 1, "other": 1}
+    for keep in range(2000, 1, -11):
+        keeps = split(curves, keep, mins)
+        assert sum(keeps.values()) == keep
+        if keep >= sum(usable.values()):
+            assert all(keeps[n] >= usable[n] for n in keeps), (keep, keeps)
+        else:  # below: it starts from the usable depths
+            assert all(keeps[n] <= usable[n] for n in keeps), (keep, keeps)
+    assert split(curves, 250, mins) == {"flat": 200, "other": 50}
+
+
 def test_measure_prunes_one_layer_at_a_time_and_restores_it():
     g = torch.Generator().manual_seed(0)
     params = {"a": torch.nn.Parameter(torch.randn(20, generator=g)), "b": torch.nn.Parameter(torch.randn(4, 5, generator=g))}
