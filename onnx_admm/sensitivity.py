@@ -16,11 +16,12 @@ split contains a smaller one's (progressive stages stay nested); the counts sum 
 Ties go to the larger layer, then to the earlier one.
 
 Drops add up only while each is small: a layer pruned until it alone breaks the model (its metric at chance)
-loses nothing more when pruned further, so past that point its curve is flat and the greedy would empty it
-"for free" (measured: LeNet-5's fc1 split to a single weight at 200x, 14% top-1). So the split runs in two
-tiers: first no layer goes past its *usable* depth, the deepest measured point where it alone keeps at
-least ``USABLE_SHARE`` of the dense metric; only when those depths cannot meet the budget does it go on
-below them, by the same greedy rule.
+loses nothing more when pruned further, so past that point its curve is flat, and a greedy reading the
+curve as measured empties it "for free" (measured: LeNet-5's fc1 split to a single weight at 200x, 14% top-1).
+The split therefore reads each curve with non-decreasing cost per weight (``Curve.costs``): a segment costs
+at least what the one before it cost per weight. Real curves already rise that way (each weight removed
+costs more than the last); what this changes is saturation and noise. It also makes the greedy order a
+sort by cost, which is what keeps the splits of different budgets nested.
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ __all__ = ["ANALYZE_LEVELS", "ALLOCATION_LEVELS", "Curve", "Curves", "Probe", "c
 ALLOCATION_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 Progress = Callable[[dict], None]
-
-# A layer alone keeping less than this share of the dense metric breaks the model (module doc: the usable depth).
-USABLE_SHARE = 0.5
 
 
 def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
@@ -130,14 +128,15 @@ class Curve:
                 return d0 if k0 == k1 else d0 + (d1 - d0) * (k0 - keep) / (k0 - k1)
         raise ValueError(f"keep {keep} is outside the measured range [{points[-1][0]}, {self.size}]")
 
-    def usable(self) -> int:
-        """The least measured keep count at which this layer alone still keeps ``USABLE_SHARE`` of the dense metric."""
-        usable = self.size
-        for keep, drop in self.drops()[1:]:
-            if self.dense - drop < USABLE_SHARE * self.dense:
-                break
-            usable = keep
-        return usable
+    def costs(self) -> list[tuple[int, float]]:
+        """``(keep, cost)`` like ``drops``, but each segment's cost per removed weight at least the previous
+        segment's (module doc): what ``split`` reads."""
+        points = self.drops()
+        out, slope = [points[0]], 0.0
+        for (k0, d0), (k1, d1) in zip(points, points[1:]):
+            slope = max(slope, (d1 - d0) / (k0 - k1))
+            out.append((k1, out[-1][1] + slope * (k0 - k1)))
+        return out
 
 
 # Layer name -> its curve; what ``allocation.Allocation.curves`` holds.
@@ -209,32 +208,26 @@ def split(curves: Curves, keep: int, mins: Mapping[str, int], caps: Mapping[str,
     missing = [name for name in mins if name not in curves]
     if missing:
         raise ValueError(f"no sensitivity curve for {missing[0]!r}; measure every layer of the pool")
-    caps = {name: curves[name].size for name in mins} if caps is None else dict(caps)
-    # First tier: down to each layer's usable depth at most (module doc); the second goes below when it must.
-    usable = {name: min(caps[name], max(mins[name], curves[name].usable())) for name in mins}
-    if keep >= sum(usable.values()):
-        return _greedy(curves, keep, usable, caps)
-    return _greedy(curves, keep, mins, usable)
-
-
-def _greedy(curves: Curves, keep: int, mins: Mapping[str, int], caps: Mapping[str, int]) -> dict[str, int]:
-    """From ``caps``, remove weights segment by segment, cheapest drop per weight first, down to ``keep``."""
-    keeps = dict(caps)
+    keeps = {name: (curves[name].size if caps is None else caps[name]) for name in mins}
+    costs = {name: curves[name].costs() for name in mins}
+    for name, points in costs.items():
+        if points[-1][0] > mins[name]:
+            raise ValueError(f"the sensitivity curve of {name!r} stops at {points[-1][0]} weights, above its minimum "
+                             f"{mins[name]}; measure down to the minimum")
     remove = sum(keeps.values()) - keep
     heap: list[tuple[float, int, int, str, int, int]] = []
     order = {name: i for i, name in enumerate(mins)}
 
     def push(name: str) -> None:
         """The layer's next segment, from its current count down to the next measured point (or its minimum)."""
-        curve, start = curves[name], keeps[name]
+        start = keeps[name]
         if start <= mins[name]:
             return
-        if curve.drops()[-1][0] > mins[name]:
-            raise ValueError(f"the sensitivity curve of {name!r} stops at {curve.drops()[-1][0]} weights, above its "
-                             f"minimum {mins[name]}; measure down to the minimum")
-        end = max(mins[name], max(k for k, _ in curve.drops() if k < start))
-        slope = (curve.drop_at(end) - curve.drop_at(start)) / (start - end)
-        heapq.heappush(heap, (slope, -curve.size, order[name], name, start, end))
+        points = costs[name]
+        end = max(mins[name], max(k for k, _ in points if k < start))
+        k0, c0 = min((p for p in points if p[0] >= start), key=lambda p: p[0])
+        k1, c1 = max((p for p in points if p[0] <= end), key=lambda p: p[0])
+        heapq.heappush(heap, ((c1 - c0) / (k0 - k1), -curves[name].size, order[name], name, start, end))
 
     for name in mins:
         push(name)

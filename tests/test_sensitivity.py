@@ -52,21 +52,25 @@ def test_split_sums_exactly_spends_the_cheap_layer_first_and_stays_nested():
     assert split(CURVES, 200, MINS, caps=first) == split(CURVES, 200, MINS)
 
 
-def test_no_layer_goes_past_its_usable_depth_while_the_others_can_pay():
-    # "flat" breaks the model at 100 kept and loses nothing more below: the plateau must not look free
+def test_a_saturated_plateau_costs_what_the_step_before_it_cost():
+    # "flat" breaks the model at 100 kept (drop 0.85: chance) and loses nothing more below: read as measured,
+    # its last 99 weights would be free and the split would empty it before paying anything elsewhere
     curves = {"flat": _curve(1000, [(200, 0.0), (100, 0.85), (1, 0.85)]),
-              "other": _curve(1000, [(500, 0.0), (100, 0.2), (10, 0.4), (1, 0.8)])}
-    usable = {name: c.usable() for name, c in curves.items()}
-    assert usable == {"flat": 200, "other": 10}  # the deepest points keeping half of the dense 0.9
+              "other": _curve(1000, [(500, 0.0), (100, 0.2), (10, 0.4), (1, 0.45)])}
+    assert curves["flat"].costs() == [(1000, 0.0), (200, 0.0), (100, pytest.approx(0.85)),
+                                      (1, pytest.approx(0.85 + 0.0085 * 99))]
+    assert curves["other"].costs()[-1] == (1, pytest.approx(0.4 + 0.05))  # rising costs stay as measured
     mins = {"flat": 1, "other": 1}
+    # after both free segments and "other" down to 10: its last 9 weights (0.0056 each) before flat's
+    # plateau (0.0085 each, as its step down to 100)
+    assert split(curves, 60, mins) == {"flat": 59, "other": 1}
+    previous = None
     for keep in range(2000, 1, -11):
         keeps = split(curves, keep, mins)
         assert sum(keeps.values()) == keep
-        if keep >= sum(usable.values()):
-            assert all(keeps[n] >= usable[n] for n in keeps), (keep, keeps)
-        else:  # below: it starts from the usable depths
-            assert all(keeps[n] <= usable[n] for n in keeps), (keep, keeps)
-    assert split(curves, 250, mins) == {"flat": 200, "other": 50}
+        if previous is not None:
+            assert all(keeps[n] <= previous[n] for n in keeps)
+        previous = keeps
 
 
 def test_measure_prunes_one_layer_at_a_time_and_restores_it():
