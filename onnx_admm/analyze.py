@@ -250,7 +250,10 @@ def suggest(report: dict[str, Any], ratio: float) -> dict[str, Any]:
     keeps = split(curves, keep, mins)
     layers = {name: {"keep": k, "params": curves[name].size, "sparsity": exact_sparsity(curves[name].size, k),
                      "drop": curves[name].drop_at(k)} for name, k in keeps.items()}
-    return {"ratio": ratio, "params": total, "keep": keep, "layers": layers}
+    dense = report["dense_metric"]
+    # The split's own model (sensitivity module doc): each layer keeps its share of the dense metric.
+    predicted = dense * math.prod(max(dense - layer["drop"], 0.0) / dense if dense else 0.0 for layer in layers.values())
+    return {"ratio": ratio, "params": total, "keep": keep, "predicted_metric": predicted, "layers": layers}
 
 
 def exact_sparsity(n: int, keep: int) -> float:
@@ -315,8 +318,8 @@ def format_table(report: dict[str, Any], suggestion: dict[str, Any] | None = Non
         lines.append(check["summary"])
     if suggestion:
         lines.append(f"suggested for {suggestion['ratio']:g}x: keeps {suggestion['keep']} of {suggestion['params']} "
-                     f"weights; each layer's own drop there adds up to {_points(sum(v['drop'] for v in suggestion['layers'].values()))} "
-                     "points (layers pruned together lose more; compress retrains)")
+                     f"weights; one shot, before any retraining, the curves predict {percent(suggestion['predicted_metric'])} "
+                     "(the dense metric times each layer's share; compress retrains)")
     return "\n".join(lines)
 
 

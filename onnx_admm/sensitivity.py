@@ -9,25 +9,25 @@ layer's minimum (``allocation.Allocation.minimum``), so a split never needs to e
 
 ``split`` divides a global keep budget over the layers from those curves, greedily: start dense (or at the
 previous stage's counts) and repeatedly remove weights from the layer whose next measured segment costs the
-least drop per removed weight, interpolating linearly between measured points. Drops are first made
-monotone in sparsity (a running maximum), so evaluation noise cannot make pruning more look cheaper than
-pruning less. The segments are taken in an order that does not depend on the budget, so a larger budget's
-split contains a smaller one's (progressive stages stay nested); the counts sum to the budget exactly.
-Ties go to the larger layer, then to the earlier one.
-
-Drops add up only while each is small: a layer pruned until it alone breaks the model (its metric at chance)
-loses nothing more when pruned further, so past that point its curve is flat, and a greedy reading the
-curve as measured empties it "for free" (measured: LeNet-5's fc1 split to a single weight at 200x, 14% top-1).
-The split therefore reads each curve with non-decreasing cost per weight (``Curve.costs``): a segment costs
-at least what the one before it cost per weight. Real curves already rise that way (each weight removed
-costs more than the last); what this changes is saturation and noise. It also makes the greedy order a
-sort by cost, which is what keeps the splits of different budgets nested.
+least per removed weight, interpolating linearly between measured points. A point's cost is
+``-log(metric / dense)``: each layer alone keeps a share of the dense metric, and the split minimises the
+sum of the logs, i.e. it predicts the metric of the layers pruned together as the dense one times every
+layer's share. Summed drops (the plain reading) fail at saturation: a layer pruned until it alone breaks
+the model loses nothing more when pruned further, so its last weights look free (measured: LeNet-5's fc1
+split to a single weight at 200x, 14% top-1); in log shares a layer already down to a quarter of the
+metric pays as much to halve it again as a dense layer pays to lose half. Drops are made monotone in
+sparsity first (a running maximum), and the cost per weight never falls along a curve (``Curve.costs``: a
+plateau at chance costs what the step before it cost), so noise cannot make pruning more look cheaper than
+pruning less. The greedy order is then a sort by cost that does not depend on the budget, so a larger
+budget's split contains a smaller one's (progressive stages stay nested); the counts sum to the budget
+exactly. Ties go to the larger layer, then to the earlier one.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +47,10 @@ __all__ = ["ANALYZE_LEVELS", "ALLOCATION_LEVELS", "Curve", "Curves", "Probe", "c
 ALLOCATION_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 Progress = Callable[[dict], None]
+
+# The least share of the dense metric a cost is computed from (-log of the share): a layer measured at 0 still
+# has a finite cost.
+FLOOR = 1e-3
 
 
 def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
@@ -129,9 +133,10 @@ class Curve:
         raise ValueError(f"keep {keep} is outside the measured range [{points[-1][0]}, {self.size}]")
 
     def costs(self) -> list[tuple[int, float]]:
-        """``(keep, cost)`` like ``drops``, but each segment's cost per removed weight at least the previous
-        segment's (module doc): what ``split`` reads."""
-        points = self.drops()
+        """``(keep, cost)``: ``-log`` of the share of the dense metric kept (at least ``FLOOR``), each segment's
+        cost per removed weight at least the previous segment's (module doc): what ``split`` reads."""
+        points = [(keep, -math.log(max(self.dense - drop, FLOOR * self.dense) / self.dense))
+                  for keep, drop in self.drops()]
         out, slope = [points[0]], 0.0
         for (k0, d0), (k1, d1) in zip(points, points[1:]):
             slope = max(slope, (d1 - d0) / (k0 - k1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -57,9 +59,13 @@ def test_a_saturated_plateau_costs_what_the_step_before_it_cost():
     # its last 99 weights would be free and the split would empty it before paying anything elsewhere
     curves = {"flat": _curve(1000, [(200, 0.0), (100, 0.85), (1, 0.85)]),
               "other": _curve(1000, [(500, 0.0), (100, 0.2), (10, 0.4), (1, 0.45)])}
-    assert curves["flat"].costs() == [(1000, 0.0), (200, 0.0), (100, pytest.approx(0.85)),
-                                      (1, pytest.approx(0.85 + 0.0085 * 99))]
-    assert curves["other"].costs()[-1] == (1, pytest.approx(0.4 + 0.05))  # rising costs stay as measured
+    for curve in curves.values():  # -log(share of the dense metric kept), cost per weight never falling
+        costs = curve.costs()
+        slopes = [(c1 - c0) / (k0 - k1) for (k0, c0), (k1, c1) in zip(costs, costs[1:])]
+        assert all(b >= a - 1e-12 for a, b in zip(slopes, slopes[1:])) and costs[0] == (curve.size, 0.0)
+    flat = curves["flat"].costs()
+    assert flat[2] == (100, pytest.approx(-math.log(0.05 / 0.9)))  # the step down to chance
+    assert flat[3][1] - flat[2][1] == pytest.approx(99 * flat[2][1] / 100)  # the plateau costs as much per weight
     mins = {"flat": 1, "other": 1}
     # after both free segments and "other" down to 10: its last 9 weights (0.0056 each) before flat's
     # plateau (0.0085 each, as its step down to 100)
