@@ -3,6 +3,6 @@
 Nothing here imports the ``onnx_admm`` engine.
 """
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 
 __all__ = ["UserError"]

@@ -39,9 +39,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.graphinfo import dim_value, node_attr, node_label
-from converters.optable import BROADCAST, CHANNEL_FIRST, RECURRENT, REDUCE, UNARY
-from converters.shapes import inferred_shapes
+from onnx_admm.converters.graphinfo import dim_value, node_attr, node_label
+from onnx_admm.converters.optable import BROADCAST, CHANNEL_FIRST, RECURRENT, REDUCE, UNARY
+from onnx_admm.converters.shapes import inferred_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import onnx
 
-from converters.channels import ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
-from converters.graphinfo import node_attr
-from converters.optable import BROADCAST, POOLS, REDUCE, UNARY
+from onnx_admm.converters.channels import ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
+from onnx_admm.converters.graphinfo import node_attr
+from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
 
 
 @dataclass

@@ -26,11 +26,11 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from converters.graphinfo import TensorSource, constant_sources, node_attr, tensor_value
+from onnx_admm.converters.optable import DEFAULT_DOMAINS
+from onnx_admm.converters.graphinfo import TensorSource, constant_sources, node_attr, tensor_value
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _INDEX_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
@@ -65,7 +65,7 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
     found: dict[str, WeightDecoder] = {}
     for index, node in enumerate(graph.node):
-        if node.domain not in _DEFAULT_DOMAINS or len(node.output) != 1 or node.output[0] in graph_outputs:
+        if node.domain not in DEFAULT_DOMAINS or len(node.output) != 1 or node.output[0] in graph_outputs:
             continue
         inputs = [name for name in node.input if name]
         if node.op_type == "DequantizeLinear" and inputs and all(name in sources for name in inputs):
@@ -82,7 +82,7 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
                 if not (
                     cast is not None
                     and cast.op_type == "Cast"
-                    and cast.domain in _DEFAULT_DOMAINS
+                    and cast.domain in DEFAULT_DOMAINS
                     and len(cast.input) == 1
                     and cast.input[0] in sources
                     and node_attr(cast, "to", None) in _INDEX_TYPES
@@ -99,7 +99,7 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
 def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
     """The tensor ``decoder`` produces, computed with onnx's reference implementation of its nodes."""
     sources = constant_sources(model)
-    version = next((e.version for e in model.opset_import if e.domain in _DEFAULT_DOMAINS), 0)
+    version = next((e.version for e in model.opset_import if e.domain in DEFAULT_DOMAINS), 0)
     values: dict[str, np.ndarray] = {}
     for index in decoder.nodes:
         node = model.graph.node[index]

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.graphinfo import fresh_name
+from onnx_admm.converters.graphinfo import fresh_name
 
 @dataclass
 class Encoding:

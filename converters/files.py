@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 
 REGULAR = "a regular file"
 FOLDER = "a folder"

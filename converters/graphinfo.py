@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.optable import WEIGHT_INPUTS
-from converters.shapes import dim_value, inferred_types
+from onnx_admm.converters.optable import WEIGHT_INPUTS
+from onnx_admm.converters.shapes import dim_value, inferred_types
 
 logger = logging.getLogger(__name__)
 
@@ -382,12 +382,12 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
             elem, dims = types().get(override, (None, None))
             index = None
         else:
-            from converters.errors import UserError
+            from onnx_admm.converters.errors import UserError
 
             raise UserError(f"output {override!r} is neither a graph output nor a tensor a node computes; "
                             f"choose one of the graph outputs {names} or an inner tensor by name")
         if elem not in FLOAT_TYPES and elem is not None:
-            from converters.errors import UserError
+            from onnx_admm.converters.errors import UserError
 
             raise UserError(f"score tensor {override!r} is not a float tensor; name the float scores it is "
                             "computed from")

@@ -46,11 +46,11 @@ import logging
 import numpy as np
 import onnx
 
-from converters.channel_walk import ChannelWalk
-from converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
-from converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
-from converters.optable import BROADCAST, LINEAR
-from converters.shapes import inferred_types
+from onnx_admm.converters.channel_walk import ChannelWalk
+from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
+from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
+from onnx_admm.converters.optable import BROADCAST, LINEAR
+from onnx_admm.converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
 

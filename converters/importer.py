@@ -26,17 +26,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 import torch
-from onnx import defs, helper
+from onnx import helper
 from onnx2torch import convert
-from onnx2torch.node_converters import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from torch import fx, nn
 
-from converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
-from converters.batch_axis import baked_batch, fixed_batch
-from converters.errors import UserError
-from converters.graphinfo import (
-    FLOAT_TYPES,
+from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
+from onnx_admm.converters.batch_axis import baked_batch, fixed_batch
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.optable import CHANNEL_AXES, TRAINABLE_CONSUMERS
+from onnx_admm.converters.graphinfo import (
     Consumer,
     GraphView,
     ScoreOutput,
@@ -49,21 +48,15 @@ from converters.graphinfo import (
     resolve,
     tensor_shape_and_type,
 )
-from converters.dequantize import decoded_view
-from converters.normalize import normalize
-from converters.quantized import dequantize_model
-from converters.shapes import inferred_types
-from converters.encoders import QuantSpec
-from converters.writeback import TensorUpdate
+from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
+from onnx_admm.converters.normalize import normalize
+from onnx_admm.converters.quantized import dequantize_model
+from onnx_admm.converters.shapes import inferred_types
+from onnx_admm.converters.encoders import QuantSpec
+from onnx_admm.converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
-
-# Ops whose float constant inputs are trainable (the trainable set). Constants feeding any
-# other op (Reshape shapes, Clip bounds, Resize scales, Pow exponents ...) stay fixed buffers.
-_TRAINABLE_CONSUMERS = {
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Add", "Sub", "Mul", "PRelu",
-    "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LSTM", "GRU", "RNN",
-}  # fmt: skip
 
 # Layers onnx2torch builds with their own Parameters: (parameter attribute, ONNX input index, role).
 _MODULE_PARAMS: dict[type, tuple[tuple[str, int, str], ...]] = {}
@@ -74,13 +67,6 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.In
     _MODULE_PARAMS[_cls] = (("weight", 1, "scale"), ("bias", 2, "shift"))
 # LSTM/GRU/RNN hold W, R, B (and P) in ONNX layout: identity Layout.
 _MODULE_PARAMS[onnx_ops.OnnxRecurrent] = onnx_ops.RECURRENT_PARAMS
-
-
-# The torch parameter's (output-channel, input-channel) axes per consuming op: Conv and Linear (Gemm)
-# keep filters first; a ConvTranspose weight is [in, out / groups, k...]; a MatMul weight [K, N] stays in
-# ONNX layout. Ops absent here (Gather tables, recurrent W/R [directions, gates*hidden, in]) have no
-# filters or channels to prune whole.
-CHANNEL_AXES: dict[str, tuple[int, int]] = {"Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": (0, 1), "MatMul": (1, 0)}
 
 
 @dataclass(frozen=True)
@@ -261,123 +247,6 @@ class ImportedModel:
             return [o.detach().cpu().numpy() for o in self.module(*args)]
 
 
-def unsupported_nodes(normalized: onnx.ModelProto) -> list[str]:
-    """One line per node onnx2torch has no converter for: node name, op type, domain and opset."""
-    opsets = {o.domain: o.version for o in normalized.opset_import}
-    problems = []
-    for node in normalized.graph.node:
-        if not _has_converter(node, opsets):
-            domain, version = _domain_version(node, opsets)
-            where = f"{domain}." if domain else ""
-            problems.append(f"node {node.name!r}: {where}{node.op_type} (opset {version}) has no converter")
-    return problems
-
-
-def _domain_version(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[str, int]:
-    domain = "" if node.domain == "ai.onnx" else node.domain
-    return domain, opsets.get(domain, opsets.get("ai.onnx", 0))
-
-
-def _has_converter(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
-    domain, version = _domain_version(node, opsets)
-    try:
-        get_converter(domain=domain, operation_type=node.op_type, version=version)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def _trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """The sub-model onnx2torch converts and the tensors it outputs (module doc).
-
-    Args:
-        normalized: the normalized copy.
-        problems: ``unsupported_nodes(normalized)``.
-
-    Returns the normalized model itself and its graph outputs when every node converts.
-
-    Raises:
-        UserError: an unconverted op is not a standard ONNX op (onnxruntime could not run the part
-            passed through), or no float tensor that depends on a trainable weight can be computed.
-    """
-    graph = normalized.graph
-    if not problems:
-        return normalized, [o.name for o in graph.output]
-    opsets = {o.domain: o.version for o in normalized.opset_import}
-    bad = [node for node in graph.node if not _has_converter(node, opsets)]
-    if any(not defs.has(n.op_type, _domain_version(n, opsets)[0]) for n in bad):
-        _raise_unsupported(problems, "")
-    bad_ids = {id(n) for n in bad}  # by identity: protobuf == compares whole messages
-    inits = {t.name: t for t in graph.initializer}
-    available = {v.name for v in graph.input} | set(inits) | {""}
-    converted: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) not in bad_ids and all(name in available for name in node.input):
-            converted.append(node)
-            available.update(node.output)
-    producer = {out: node for node in converted for out in node.output}
-    converted_ids = {id(n) for n in converted}
-    read_by_rest = {name for node in graph.node if id(node) not in converted_ids for name in node.input}
-    candidates = [o.name for o in graph.output if o.name in producer]
-    candidates += [out for node in converted for out in node.output if out in read_by_rest and out not in candidates]
-    types = inferred_types(normalized)
-    trained = [name for name in candidates
-               if types.get(name, (0,))[0] in FLOAT_TYPES and _reads_trainable_weight(name, producer, inits)]
-    if not trained:
-        _raise_unsupported(problems, ", and no float tensor that depends on a trainable weight can be computed "
-                                     "without it")
-    return _sub_model(normalized, trained, producer, types), trained
-
-
-def _raise_unsupported(problems: list[str], why: str) -> None:
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise UserError(
-        f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, "
-        "or re-export without that op"
-    )
-
-
-def _reads_trainable_weight(name: str, producer: dict[str, onnx.NodeProto], inits: dict) -> bool:
-    seen, stack = set(), [name]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type in _TRAINABLE_CONSUMERS and any(
-            i in inits and inits[i].data_type in FLOAT_TYPES and len(inits[i].dims) >= 1 for i in node.input
-        ):
-            return True
-        stack.extend(node.input)
-    return False
-
-
-def _sub_model(model: onnx.ModelProto, outputs: list[str], producer: dict, types: dict) -> onnx.ModelProto:
-    """The nodes computing ``outputs`` (in graph order), the inputs and initializers they read."""
-    needed: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(node.input)
-    nodes = [n for n in model.graph.node if id(n) in needed]
-    read = {name for n in nodes for name in n.input}
-    graph = helper.make_graph(
-        nodes,
-        model.graph.name,
-        [v for v in model.graph.input if v.name in read],
-        [onnx.ValueInfoProto(name=name) for name in outputs],
-        [t for t in model.graph.initializer if t.name in read],
-    )
-    for value, name in zip(graph.output, outputs):
-        elem_type, dims = types[name]
-        value.CopyFrom(helper.make_tensor_value_info(name, elem_type, list(dims) if dims is not None else None))
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    sub.metadata_props.extend(model.metadata_props)
-    return sub
-
-
 def _convert(normalized: onnx.ModelProto) -> fx.GraphModule:
     try:
         return convert(normalized, attach_onnx_mapping=True)
@@ -409,7 +278,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     if inner is not None:
         _expose(normalized, inner.name)
     not_converted = unsupported_nodes(normalized)
-    normalized, trained = _trainable_part(normalized, not_converted)
+    normalized, trained = trainable_part(normalized, not_converted)
     gm = _convert(normalized)
     onnx_nodes = OnnxGraph(normalized.graph).nodes
     # Weights of an already-compressed model are decoder outputs (DequantizeLinear, codebook Gather):
@@ -449,7 +318,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
         if onnx_name not in sources:
             logger.debug("skipping %s: not a constant of the original model", onnx_name)
             continue
-        if not all(op in _TRAINABLE_CONSUMERS for *_, op, _i in tensor_uses):
+        if not all(op in TRAINABLE_CONSUMERS for *_, op, _i in tensor_uses):
             continue
         value = _current_value(gm, tensor_uses[0])
         if not value.is_floating_point() or (value.numel() <= 1 and tensor_uses[0][2] == "param"):

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-from converters.errors import UserError
-from converters.graphinfo import InputSpec, format_shape, graph_inputs
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import InputSpec, format_shape, graph_inputs
 
 logger = logging.getLogger(__name__)
 

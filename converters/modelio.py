@@ -17,8 +17,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from converters.errors import UserError
-from converters.files import require_file
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import require_file
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper, version_converter
 
-from converters.batch_axis import unbake_batch
-from converters.dequantize import fold_weight_decoders
-from converters.errors import UserError
-from converters.graphinfo import constant_node_value, identity_aliases, node_label, sparse_to_dense
-from converters.ranks import annotate_unknown_ranks
-from converters.shapes import inferred_shapes
+from onnx_admm.converters.batch_axis import unbake_batch
+from onnx_admm.converters.dequantize import fold_weight_decoders
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import constant_node_value, identity_aliases, node_label, sparse_to_dense
+from onnx_admm.converters.ranks import annotate_unknown_ranks
+from onnx_admm.converters.shapes import inferred_shapes
 
 logger = logging.getLogger(__name__)
 

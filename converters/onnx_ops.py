@@ -32,7 +32,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
-from converters.normalize import STASH_DOMAIN, STASHED_OPS
+from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, version_converter
 
-from converters.graphinfo import fresh_name
-from converters.inputs import synthesize_inputs
-from converters.normalize import densify_sparse_initializers
+from onnx_admm.converters.graphinfo import fresh_name
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.normalize import densify_sparse_initializers
 
 
 class OpsetError(Exception):

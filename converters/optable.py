@@ -50,3 +50,27 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "Gather": (0,), "MatMul": (0, 1),
     "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),
 }
+
+# Ops whose float constant inputs are trainable (the trainable set). Constants feeding any
+# other op (Reshape shapes, Clip bounds, Resize scales, Pow exponents ...) stay fixed buffers.
+TRAINABLE_CONSUMERS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Add", "Sub", "Mul", "PRelu",
+    "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LSTM", "GRU", "RNN",
+})  # fmt: skip
+
+# The torch parameter's (output-channel, input-channel) axes per consuming op: Conv and Linear (Gemm)
+# keep filters first; a ConvTranspose weight is [in, out / groups, k...]; a MatMul weight [K, N] stays in
+# ONNX layout. Ops absent here (Gather tables, recurrent W/R [directions, gates*hidden, in]) have no
+# filters or channels to prune whole.
+CHANNEL_AXES: dict[str, tuple[int, int]] = {"Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": (0, 1), "MatMul": (1, 0)}
+
+# The domain names of the standard ONNX operators (a node may spell it either way).
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# Ops that move or select the entries of their input without arithmetic on them: they run the same on
+# a quantized tensor's integers as on its float values. (Pad is not here: its pad value would be the
+# zero point.)
+VALUE_MOVERS = frozenset({
+    "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+    "Identity", "Resize", "DepthToSpace", "SpaceToDepth", "Expand", "Tile",
+})  # fmt: skip

@@ -40,13 +40,14 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from converters.dequantize import decode, remove_decoders, weight_decoders
-from converters.errors import UserError
-from converters.encoders import (DequantizeLinearEncoder, Encoding, QuantSpec, SparseDequantizeLinearEncoder,
+from onnx_admm.converters.optable import DEFAULT_DOMAINS
+from onnx_admm.converters.dequantize import decode, remove_decoders, weight_decoders
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.encoders import (DequantizeLinearEncoder, Encoding, QuantSpec, SparseDequantizeLinearEncoder,
                                  dequantize_node, integer_levels, rename_parts)
-from converters.graphinfo import (TensorSource, constant_sources, fresh_name, identity_aliases, node_attr, resolve,
+from onnx_admm.converters.graphinfo import (TensorSource, constant_sources, fresh_name, identity_aliases, node_attr, resolve,
                                   tensor_names, tensor_value)
-from converters.opset import default_opset
+from onnx_admm.converters.opset import default_opset
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ _MOVERS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
 _FUSED = ("Relu",)
 _MIN_OPSET = 13  # per-axis DequantizeLinear
 _INT8 = onnx.TensorProto.INT8
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
     points: set[str] = set()  # outputs of the integer nodes (after their Relu)
     integer_readers: dict[str, set[str]] = {}
     for node in graph.node:
-        if node.op_type not in INTEGER_OPS or node.domain not in _DEFAULT_DOMAINS or len(node.input) < 2:
+        if node.op_type not in INTEGER_OPS or node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
             continue
         # A weight read through Identity (a tied weight) is the constant it copies: that one gets the decoder,
         # and onnxruntime removes the Identity before fusing.
@@ -172,7 +172,7 @@ def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
         chain = [name]
         producer = producers.get(name)
         # Up through value-moving ops: each gets the same scale on both sides, so onnxruntime runs it on int8.
-        while (producer is not None and producer.op_type in _MOVERS and producer.domain in _DEFAULT_DOMAINS
+        while (producer is not None and producer.op_type in _MOVERS and producer.domain in DEFAULT_DOMAINS
                and producer.input[0] not in graph_outputs and producer.input[0] not in constants):
             integer_readers.setdefault(producer.input[0], set()).add(chain[-1])
             chain.append(producer.input[0])

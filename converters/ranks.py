@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.errors import UserError
-from converters.graphinfo import node_attr, node_label
-from converters.optable import BROADCAST, KERNEL_POOLS, UNARY
-from converters.shapes import inferred_types
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import node_attr, node_label
+from onnx_admm.converters.optable import BROADCAST, KERNEL_POOLS, UNARY
+from onnx_admm.converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
-from converters.groups import ChannelGroup, channel_groups
-from converters.encoders import DenseEncoder, SparseEncoder
-from converters.writeback import TensorUpdate
+from onnx_admm.converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
+from onnx_admm.converters.groups import ChannelGroup, channel_groups
+from onnx_admm.converters.encoders import DenseEncoder, SparseEncoder
+from onnx_admm.converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from converters.dequantize import decode, remove_decoders, weight_decoders
-from converters.encoders import DEFAULT_ENCODERS, DenseEncoder, Encoder, Encoding, QuantSpec, rename_parts
-from converters.graphinfo import GraphView, constant_sources, fresh_name, node_label, tensor_names, tensor_value
-from converters.opset import OpsetError, default_opset, raise_opset
+from onnx_admm.converters.dequantize import decode, remove_decoders, weight_decoders
+from onnx_admm.converters.encoders import DEFAULT_ENCODERS, DenseEncoder, Encoder, Encoding, QuantSpec, rename_parts
+from onnx_admm.converters.graphinfo import GraphView, constant_sources, fresh_name, node_label, tensor_names, tensor_value
+from onnx_admm.converters.opset import OpsetError, default_opset, raise_opset
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from converters.modelio import save_model, scratch_dir
-from converters.qdq import calibrate, insert_qdq, plan_qdq
-from converters.writeback import WriteBackResult
-from onnx_admm.data import LABELS, Dataset, PluginData
+from onnx_admm.converters.modelio import save_model, scratch_dir
+from onnx_admm.converters.qdq import calibrate, insert_qdq, plan_qdq
+from onnx_admm.converters.writeback import WriteBackResult
+from onnx_admm.data import LABELS, Dataset
+from onnx_admm.sources import PluginData
 from onnx_admm.recipe import OutputConfig
 from onnx_admm.validate import _latencies, open_session, validate
 

@@ -27,28 +27,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.errors import UserError
-from converters.graphinfo import graph_inputs
-from converters.importer import ImportedModel, import_model
-from converters.modelio import load_model, save_model, scratch_dir
-from converters.writeback import write_back
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import graph_inputs
+from onnx_admm.converters.importer import ImportedModel, import_model
+from onnx_admm.converters.modelio import load_model, save_model, scratch_dir
+from onnx_admm.converters.writeback import write_back
 from onnx_admm.allocation import Allocation
 from onnx_admm.api import weight_specs
 from onnx_admm.check import trained_outputs_in_onnxruntime
-from onnx_admm.data import Dataset, PluginData, as_data
+from onnx_admm.data import Dataset
 from onnx_admm.metrics import for_score
-from onnx_admm.pipeline.batch import choose_batch
+from onnx_admm.pipeline.batch import choose_batch, to_batches
 from onnx_admm.pipeline.legalize import legalize
 from onnx_admm.pipeline.sensitivity import measure_curves, pruning_probes, sample
-from onnx_admm.pipeline.stages import quantizer_for, to_batches
-from onnx_admm.plan import QuantChoice, WeightSpec, make_plan, weight_names
+from onnx_admm.pipeline.planning import make_plan, weight_names
+from onnx_admm.plan import WeightSpec
 from onnx_admm.preflight import check_labels, check_outputs
 from onnx_admm.progress import Progress, percent
 from onnx_admm.projections import Unstructured, keep_count
+from onnx_admm.quant_choices import choice
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.report_schema import SENSITIVITY_SCHEMA_VERSION
 from onnx_admm.schedule import SENSITIVITY_SAMPLES
 from onnx_admm.sensitivity import ANALYZE_LEVELS, Curve, Probe, check_levels, split
+from onnx_admm.sources import PluginData, as_data
 from onnx_admm.train import ScoreSpec, evaluate
 
 logger = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ def _measure(model, data, val_data, labels, config: CompressConfig, levels, bits
     minimum = Allocation(min_keep=config.prune.min_keep, floor=config.prune.floor).minimum
     probes = pruning_probes(params, levels, minimum)
     for s in specs:
-        probes[s.name] += [Probe(quantizer_for(QuantChoice(bits=b, per_channel=s.out_axis is not None), s), bits=b)
+        probes[s.name] += [Probe(choice(bits=b, per_channel=s.out_axis is not None).quantizer(s.out_axis or 0), bits=b)
                            for b in sorted(set(bits), reverse=True)]
     labels_of = {s.name: s.label for s in specs}  # progress names the ONNX weights, as the table does
     emit = None if progress is None else (lambda e: progress({**e, "layer": labels_of[e["layer"]]} if "layer" in e else e))

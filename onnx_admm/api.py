@@ -18,18 +18,20 @@ from typing import Any
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.graphinfo import graph_inputs
-from converters.importer import ImportedModel, import_model
-from converters.modelio import load_model
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import graph_inputs
+from onnx_admm.converters.importer import ImportedModel, import_model
+from onnx_admm.converters.modelio import load_model
 from onnx_admm.activations import calibration_data
-from onnx_admm.data import Dataset, PluginData, as_data
+from onnx_admm.data import Dataset
+from onnx_admm.sources import PluginData, as_data
 from onnx_admm.distributed import World, session
 from onnx_admm.gate import DEFAULT_FLOOR, Gate
 from onnx_admm.memory import PeakMemory
 from onnx_admm.outputs import (RunFiles, external_locations, input_files)
 from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights
-from onnx_admm.plan import (WeightSpec, check_budget, make_plan)
+from onnx_admm.pipeline.planning import checked_budget, make_plan
+from onnx_admm.plan import WeightSpec
 from onnx_admm.progress import Progress, display
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.signals import sigterm_interrupts
@@ -50,7 +52,7 @@ __all__ = ["AccuracyGateFailed", "CompressInterrupted", "CompressResult", "Data"
 # separate validation data is given.
 PLUGIN_VAL_SAMPLES = 1000
 
-# What ``compress`` takes as data (onnx_admm.data.as_data): a path or plugin, arrays, dicts, a function.
+# What ``compress`` takes as data (onnx_admm.sources.as_data): a path or plugin, arrays, dicts, a function.
 Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
         | Dataset | PluginData)
 
@@ -84,7 +86,7 @@ def compress(
         data: training data: an .npz path or a ``module:function`` loader plugin; a dict
             ``{input_name: array, "labels": class ids}`` of numpy arrays or torch tensors; an iterable of
             such dicts (read once into memory); a function returning one (called once per epoch, like a
-            plugin); or a Dataset. Every form is checked like an .npz (``onnx_admm.data.as_data``): names,
+            plugin); or a Dataset. Every form is checked like an .npz (``onnx_admm.sources.as_data``): names,
             dtypes (float64 is cast to the graph's float type), shapes, finite values, labels.
         config: the recipe (see ``onnx_admm.recipe``).
         val_data: held-out data, in any form ``data`` takes; default: ``config.train.val_fraction`` of ``data`` (npz) or the first
@@ -179,7 +181,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     imported.module.to(device)
     specs = weight_specs(imported)
     plan = make_plan(specs, config)
-    floors = check_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
+    floors = checked_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
                                                          for s in specs})
     # A compressible weight without a target (skipped, or outside every rule with no global target) is

@@ -34,12 +34,12 @@ import numpy as np
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.graphinfo import constant_sources, tensor_value
-from converters.importer import ImportedModel, import_model, join_chunks
-from converters.inputs import synthesize_inputs
-from converters.modelio import load_model, save_model, scratch_dir
-from converters.writeback import write_back
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.importer import ImportedModel, import_model, join_chunks
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import load_model, save_model, scratch_dir
+from onnx_admm.converters.writeback import write_back
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm import __version__
 from onnx_admm.cli_analyze import analyze
 from onnx_admm.gate import DEFAULT_FLOOR
@@ -128,7 +128,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(model: str, as_json: bool) -> None:
     """List the compressible weights of MODEL, its score output, and anything that cannot be imported."""
-    from converters.modelio import json_safe
+    from onnx_admm.converters.modelio import json_safe
     from onnx_admm.inspection import format_inspection, inspect_model
 
     info = inspect_model(model)
@@ -138,9 +138,10 @@ def inspect(model: str, as_json: bool) -> None:
 def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
     if data is None:
         return None
-    from converters.graphinfo import graph_inputs
-    from converters.modelio import load_model
-    from onnx_admm.data import LABELS, resolve_data
+    from onnx_admm.converters.graphinfo import graph_inputs
+    from onnx_admm.converters.modelio import load_model
+    from onnx_admm.data import LABELS
+    from onnx_admm.sources import resolve_data
 
     specs = graph_inputs(load_model(model_path))
     feeds = resolve_data(data, specs).take(n).as_feed()
@@ -154,7 +155,7 @@ def _load_feeds(model_path: str, data: str | None, n: int = 8) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check(model: str, data: str | None, as_json: bool) -> None:
     """Pre-flight: import MODEL, compare torch with onnxruntime, and prove write-back. Exit 0 only if all pass."""
-    from converters.modelio import json_safe
+    from onnx_admm.converters.modelio import json_safe
     from onnx_admm.check import check as run_check
 
     report = run_check(model, _load_feeds(model, data))
@@ -179,12 +180,12 @@ def check(model: str, data: str | None, as_json: bool) -> None:
 def validate(original: str, compressed: str, data: str, batch_size: int | None, threads: int, report_path: str | None,
              metric_floor: float, max_accuracy_drop: float | None) -> None:
     """Run ORIGINAL and COMPRESSED in onnxruntime on the same inputs: the task metric, accuracy, size, latency."""
-    from converters.graphinfo import graph_inputs
-    from converters.modelio import load_model, save_json
-    from onnx_admm.data import resolve_data
+    from onnx_admm.converters.graphinfo import graph_inputs
+    from onnx_admm.converters.modelio import load_model, save_json
+    from onnx_admm.sources import resolve_data
     from onnx_admm.outputs import RunFiles, input_files
     from onnx_admm.gate import Gate
-    from onnx_admm.validate import format_table
+    from onnx_admm.tables import format_table
     from onnx_admm.validate import validate as run_validate
 
     gate = Gate(max_accuracy_drop, metric_floor)
@@ -357,7 +358,7 @@ def _parse_block(text: str | None) -> tuple[int, int] | None:
 
 
 def _summary(report: dict) -> str:
-    from onnx_admm.validate import describe_task
+    from onnx_admm.tables import describe_task
 
     m = report["metrics"]
     lines = [f"{'layer':<40} {'shape':<20} {'sparsity':>9} {'residual':>9}"]

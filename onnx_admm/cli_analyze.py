@@ -62,7 +62,7 @@ def analyze(model: str, data: str, val_data: str | None, labels: str | None, out
             recipe: str | None, suggest: float | None, recipe_out: str | None, threads: int | None,
             quiet: bool) -> None:
     """Prune (or quantize) each layer of MODEL alone and print what the metric loses: which layers to spare."""
-    from converters.modelio import save_json, save_text
+    from onnx_admm.converters.modelio import save_json, save_text
     from onnx_admm.analyze import BadLayer, format_table, recipe_text
     from onnx_admm.analyze import analyze as run_analyze
     from onnx_admm.analyze import suggest as run_suggest

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm.admm import ADMM
 
 logger = logging.getLogger(__name__)

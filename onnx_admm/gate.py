@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 
 # The share of the original's task figure below which a run fails unless the caller says otherwise.
 DEFAULT_FLOOR = 0.5

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 
-from converters.errors import UserError
-from converters.modelio import save_text
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.modelio import save_text
 from onnx_admm.html_sections import SECTIONS, header
 from onnx_admm.report_schema import check_version
 from onnx_admm.signals import deferred

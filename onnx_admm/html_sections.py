@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm.svgplot import PALETTE, LineChart, Panel, Series, bar_panels, line_chart
 
 

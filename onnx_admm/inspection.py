@@ -6,13 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from converters.dequantize import decoded_view
-from converters.errors import UserError
-from converters.graphinfo import compressible_weights, find_score_output, graph_inputs
-from converters.importer import import_model, unsupported_nodes
-from converters.modelio import load_model
-from converters.normalize import normalize
-from converters.quantized import dequantize_model
+from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import compressible_weights, find_score_output, graph_inputs
+from onnx_admm.converters.importer import import_model, unsupported_nodes
+from onnx_admm.converters.modelio import load_model
+from onnx_admm.converters.normalize import normalize
+from onnx_admm.converters.quantized import dequantize_model
 
 
 def inspect_model(path: str | Path) -> dict[str, Any]:

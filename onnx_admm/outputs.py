@@ -17,9 +17,9 @@ from pathlib import Path
 
 import onnx
 
-from converters.errors import UserError
-from converters.files import FOLDER, file_kind
-from converters.modelio import external_data_files, require_model_file
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import FOLDER, file_kind
+from onnx_admm.converters.modelio import external_data_files, require_model_file
 from onnx_admm.preflight import check_writable, unwritable
 
 # A model that fails --max-accuracy-drop is written as OUT's stem + this + OUT's suffix.

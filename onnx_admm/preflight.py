@@ -6,7 +6,7 @@ refuses outputs that would overwrite an input or each other); the graph's output
 the model's weights (``check_weights``);
 the class ids of the labelled data against the model's score output (``check_label_range``). Each
 raises ``UserError`` with the problem and the fix. Non-finite input *values* are rejected where the
-data is read (``onnx_admm.data``), so a loader plugin's batches are checked as they arrive.
+data is read (``onnx_admm.sources``), so a loader plugin's batches are checked as they arrive.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import numpy as np
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.files import FOLDER, REGULAR, file_kind
-from converters.importer import ImportedModel
-from converters.modelio import temp_prefix
-from onnx_admm.data import Dataset, PluginData, check_label_range
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import FOLDER, REGULAR, file_kind
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.converters.modelio import temp_prefix
+from onnx_admm.data import Dataset, check_label_range
+from onnx_admm.sources import PluginData
 from onnx_admm.recipe import CompressConfig
 
 # Seeds feed numpy's and torch's generators (and seed + epoch for shuffling): keep them in the range

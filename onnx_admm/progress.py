@@ -38,7 +38,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 
 # The lines go through logging, so a program embedding compress can route them like any other log.
 LOGGER = logging.getLogger(__name__)

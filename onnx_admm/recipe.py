@@ -31,7 +31,6 @@ import dataclasses
 import fnmatch
 import math
 import os
-import re
 import sys
 import types
 import typing
@@ -40,8 +39,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from converters.errors import UserError
-from converters.files import read_text
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import read_text
+from onnx_admm import structures
 from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
@@ -239,7 +239,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         _check_structure("prune.structure", self.structure)
         _check_nm_sparsity("prune.structure", self.structure, self.sparsity)
-        if nm_pattern(self.structure) is not None and self.targets is not None:
+        if structures.nm_pattern(self.structure) is not None and self.targets is not None:
             _fail(f"prune.structure {self.structure!r} applies its pattern whole at every stage; drop prune.targets")
         object.__setattr__(self, "block", tuple(self.block))
         if len(self.block) != 2 or not all(isinstance(b, int) and b >= 1 for b in self.block):
@@ -267,29 +267,18 @@ class PruneConfig:
             _fail(f"prune.min_keep must be an integer >= 0, got {self.min_keep!r}")
 
 
-STRUCTURES = ("unstructured", "filter", "channel", "column", "block")
-_NM = re.compile(r"(\d+):(\d+)")
-
-
-def nm_pattern(structure: str | None) -> tuple[int, int] | None:
-    """``(n, m)`` of an N:M structure such as ``"2:4"``; None for the named structures."""
-    match = _NM.fullmatch(structure) if isinstance(structure, str) else None
-    return (int(match[1]), int(match[2])) if match else None
-
-
 def _check_structure(name: str, value: str | None) -> None:
-    if value is None or value in STRUCTURES:
+    if value is None:
         return
-    pattern = nm_pattern(value)
-    if pattern is None:
-        _fail(f"{name} must be one of {', '.join(STRUCTURES)} or an N:M pattern such as \"2:4\", got {value!r}")
-    if not 1 <= pattern[0] < pattern[1]:
-        _fail(f"{name} {value!r}: an N:M pattern keeps N of every M weights, 1 <= N < M (2:4, 4:8)")
+    try:
+        structures.parse(value)
+    except ValueError as exc:
+        _fail(f"{name} {value!r}: {exc}" if structures.nm_pattern(value) else f"{name} {exc}")
 
 
 def _check_nm_sparsity(name: str, structure: str | None, sparsity: float | None) -> None:
     """An N:M pattern fixes the sparsity at 1 - N/M: a different target contradicts it."""
-    pattern = nm_pattern(structure)
+    pattern = structures.nm_pattern(structure)
     if pattern is None or sparsity is None:
         return
     implied = 1 - pattern[0] / pattern[1]

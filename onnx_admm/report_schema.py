@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from converters.errors import UserError
-from converters.files import read_text
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.files import read_text
 
 SCHEMA_VERSION = 1
 # The version of ``onnx-admm analyze``'s JSON (kind "onnx-admm sensitivity"), under the same rule.

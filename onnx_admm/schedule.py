@@ -223,3 +223,54 @@ def auto_rho(lr: float, momentum: float, every: int, pull: float = PULL_START) -
         raise ValueError(f"auto_rho needs lr > 0, momentum in [0, 1), every >= 1, pull > 0; got "
                          f"{lr}, {momentum}, {every}, {pull}")
     return pull * (1 - momentum) / (lr * every)
+
+
+@dataclass(frozen=True)
+class ADMMPeriod:
+    """When an ADMM phase updates Z and U: every ``every`` steps (in-memory data, whose epoch length is
+    known) or epochs (a loader plugin), at most ``limit`` times (None: at every period)."""
+
+    every: int
+    limit: int | None
+    in_steps: bool
+
+
+def admm_period(epochs: float, per_epoch: int | None, period: float | None, updates: int) -> ADMMPeriod:
+    """The Z/U period of a phase of ``epochs`` epochs of ``per_epoch`` steps (None: a plugin's unknown
+    length). ``period`` (epochs, may be a fraction with known lengths) wins; without it the phase makes
+    exactly ``updates`` updates (the last period runs longer), fewer when periods would fall under
+    MIN_PERIOD_STEPS steps (``admm_updates``)."""
+    if per_epoch is None:
+        if period is not None and period < 1:
+            raise ValueError("admm.period below 1 needs in-memory data (.npz), whose batches per epoch are "
+                             "known; use a whole number of epochs with a loader plugin")
+        every = int(period) if period is not None else max(1, round(epochs) // updates)
+        return ADMMPeriod(every, updates if period is None else None, in_steps=False)
+    if period is not None:
+        return ADMMPeriod(max(1, round(period * per_epoch)), None, in_steps=True)
+    steps = round(epochs * per_epoch)
+    n = admm_updates(steps, updates)
+    return ADMMPeriod(max(1, steps // n), n, in_steps=True)
+
+
+# The initial rho when the automatic rule does not apply (Adam's steps are not lr-sized; a plugin's
+# period length in steps is unknown).
+FALLBACK_RHO = 1e-2
+
+
+def initial_rho(rho: float | None, optimizer: str, lr: float, momentum: float, period: ADMMPeriod,
+                pull: float = PULL_START) -> float:
+    """``rho`` when given, else the one whose pull per Z/U period is the same at every budget (auto_rho);
+    with Adam, or a period counted in epochs, FALLBACK_RHO."""
+    if rho is not None:
+        return rho
+    if optimizer != "sgd" or not period.in_steps:
+        return FALLBACK_RHO
+    return auto_rho(lr, momentum, period.every, pull)
+
+
+def rho_limit(rho_max: float | None, rho: float, optimizer: str, lr: float, momentum: float) -> float:
+    """Where rho stops growing: ``rho_max`` when given; with SGD at least ``rho`` and rho_cap; with Adam none."""
+    if rho_max is not None:
+        return rho_max
+    return max(rho, rho_cap(lr, momentum)) if optimizer == "sgd" else math.inf

@@ -10,7 +10,6 @@ and the median per batch reported in milliseconds.
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import logging
 import statistics
@@ -23,15 +22,16 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from converters.dequantize import decoded_view
-from converters.errors import UserError
-from converters.graphinfo import compressible_weights, constant_sources, find_score_output, graph_inputs, tensor_value
-from converters.modelio import external_data_files, load_model, require_model_file, save_model, scratch_dir
-from onnx_admm.data import LABELS, Dataset, PluginData, as_data, check_label_range, required_batch_size
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import find_score_output, graph_inputs
+from onnx_admm.converters.modelio import load_model, require_model_file, save_model, scratch_dir
+from onnx_admm.data import LABELS, Dataset, check_label_range, required_batch_size
+from onnx_admm.sources import PluginData, as_data
 from onnx_admm.gate import retained
 from onnx_admm.memory import INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
 from onnx_admm.metrics import TaskMetric, for_score
 from onnx_admm.recipe import DEFAULT_BATCH_SIZE, check_threads
+from onnx_admm.storage import count_weights, gzip_size, model_files
 from onnx_admm.train import describe_score, predictions
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ _WARMUP_RUNS = 3
 # Latency is timed on the first full batches, at most this many, kept aside during the comparison (each
 # costs a batch of memory; onnxruntime's time hardly depends on the values).
 _TIMING_FEEDS = 2
-_GZIP_CHUNK = 1 << 24
 
 # Ops that turn constant stored data into a weight at run time. A weight stored through one of them
 # (e.g. int8 DequantizeLinear) is counted as the decoded tensor its consumer reads. Future encoders
@@ -206,7 +205,7 @@ def validate(
     Args:
         original: The original .onnx file.
         compressed: The compressed .onnx file (same graph inputs and outputs).
-        data: Held-out inputs, with labels for accuracy: any form ``onnx_admm.data.as_data`` takes (an
+        data: Held-out inputs, with labels for accuracy: any form ``onnx_admm.sources.as_data`` takes (an
             .npz path, a dict of arrays, an iterable of dicts, a Dataset, a plugin).
         batch_size: Samples per onnxruntime run; None: DEFAULT_BATCH_SIZE, lowered to what the two models'
             estimated activations allow (``onnx_admm.memory``). A given size is kept (a warning when it is
@@ -479,163 +478,9 @@ def _model_stats(path: Path, model: onnx.ModelProto, accuracy: float | None, lat
         path=str(path),
         files=tuple(str(f) for f in files),
         bytes=sum(f.stat().st_size for f in files),
-        gzip_bytes=sum(_gzip_size(f) for f in files),
+        gzip_bytes=sum(gzip_size(f) for f in files),
         parameters=parameters,
         nonzeros=nonzeros,
         accuracy=accuracy,
         latency_ms=latency,
     )
-
-
-def model_files(path: str | Path) -> list[Path]:
-    """The model file followed by the external data files its tensors point to (sorted)."""
-    path = Path(path)
-    # The loaded model has its external data pulled in (and the references cleared): re-read the
-    # bare protobuf to see where the data lives.
-    bare = onnx.load(str(path), load_external_data=False)
-    return [path] + [path.parent / location for location in sorted(external_data_files(bare))]
-
-
-class _ByteCounter:
-    def __init__(self) -> None:
-        self.size = 0
-
-    def write(self, chunk: bytes) -> int:
-        self.size += len(chunk)
-        return len(chunk)
-
-    def flush(self) -> None:
-        pass
-
-
-def _gzip_size(path: Path) -> int:
-    """Size of ``gzip.compress(data, compresslevel=9)``, streamed so a large data file is not read at once."""
-    counter = _ByteCounter()
-    with path.open("rb") as source, gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9, mtime=0) as sink:
-        while chunk := source.read(_GZIP_CHUNK):
-            sink.write(chunk)
-    return counter.size
-
-
-def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, nonzeros) over the compressible weights, external data loaded.
-
-    Dense initializers, Constant nodes and sparse initializers are counted as the dense tensors they
-    hold; weights stored through a decoder (DequantizeLinear, codebook Cast+Gather) as the tensor they decode to.
-    """
-    model = decoded_view(model)[0]
-    sources = constant_sources(model)
-    parameters = nonzeros = 0
-    for weight in compressible_weights(model):
-        value = tensor_value(model, sources[weight.name])
-        parameters += value.size
-        nonzeros += int(np.count_nonzero(value))
-    return parameters, nonzeros
-
-
-# Above this many distinct nonzero values a weight counts as full-precision float.
-_MAX_CODEBOOK = 256
-
-
-def tensor_storage_bits(value: np.ndarray) -> int:
-    """The weight-storage figure the ADMM papers quote, for one weight tensor.
-
-    values: nonzeros x value bits, where value bits = ceil(log2(distinct nonzero values)) when the
-    tensor (or, if smaller, each output channel) holds at most 256 distinct nonzero values (quantized or
-    clustered: plus 32 bits per codebook entry), else 32; indices: for a tensor with zeros, nonzeros x ceil(log2(largest gap between
-    consecutive nonzeros in flat order + 1)) (relative indexing, as in CSR with relative offsets).
-    """
-    flat = value.reshape(-1)
-    nonzero = np.flatnonzero(flat)
-    nnz = nonzero.size
-    if nnz == 0:
-        return 0
-    # Per tensor (one codebook) or per output channel (per-channel scales): whichever is smaller.
-    rows = value.reshape(value.shape[0], -1) if value.ndim > 1 else flat[None]
-    options = []
-    for distinct, tables in ((np.unique(flat[nonzero]).size, None),
-                             (max(np.unique(r[r != 0]).size for r in rows), sum(np.unique(r[r != 0]).size for r in rows))):
-        if distinct > _MAX_CODEBOOK:
-            options.append(nnz * 32)
-        else:
-            options.append(nnz * max(1, int(np.ceil(np.log2(distinct)))) + 32 * (tables if tables is not None else distinct))
-    total = min(options)
-    if nnz < flat.size:
-        gaps = np.diff(np.concatenate([[-1], nonzero]))
-        total += nnz * max(1, int(np.ceil(np.log2(gaps.max() + 1))))
-    return int(total)
-
-
-def weight_storage_bits(path: str | Path) -> int:
-    """``tensor_storage_bits`` summed over the compressible weights of the model at ``path``."""
-    model = decoded_view(load_model(path))[0]
-    sources = constant_sources(model)
-    return sum(tensor_storage_bits(tensor_value(model, sources[w.name])) for w in compressible_weights(model))
-
-
-def percent(x: float | None) -> str:
-    """A fraction as a percentage with two decimals, "-" when unmeasured (the tables' and lines' format)."""
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def format_table(report: ValidationReport) -> str:
-    """The report as a readable text table."""
-
-    def size(n: int) -> str:
-        return f"{n / 1024:,.1f} KB" if n < 1024**2 else f"{n / 1024**2:,.2f} MB"
-
-    def ratio(a: float | None, b: float | None) -> str:
-        return f"({a / b:.2f}x)" if a is not None and b else ""
-
-    def ms(x: float | None) -> str:
-        return "-" if x is None else f"{x:.3f} ms"
-
-    o, c = report.original, report.compressed
-    rows = [
-        ("", "original", "compressed", "orig/comp"),
-        ("size", size(o.bytes), size(c.bytes), ratio(o.bytes, c.bytes)),
-        ("size gzip'd", size(o.gzip_bytes), size(c.gzip_bytes), ratio(o.gzip_bytes, c.gzip_bytes)),
-        ("weights", f"{o.parameters:,}", f"{c.parameters:,}", ""),
-        ("nonzero weights", f"{o.nonzeros:,}", f"{c.nonzeros:,}", ratio(o.parameters, c.nonzeros)),
-        ("accuracy", percent(o.accuracy), percent(c.accuracy),
-         "" if report.accuracy_drop is None else f"({0.0 - 100 * report.accuracy_drop:+.2f} pts)"),
-        (f"latency/batch of {report.latency_batch_size}", ms(o.latency_ms), ms(c.latency_ms),
-         ratio(o.latency_ms, c.latency_ms)),
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"validation on {report.samples} samples, batch {report.batch_size}, {report.threads} thread(s)"]
-    if report.task is not None:
-        lines.append(describe_task(report.task, report.score_output, report.score))
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells).rstrip())
-    lines.append("")
-    lines.append("output differences (|original - compressed|):")
-    name_width = max((len(d.name) for d in report.outputs), default=0)
-    for diff in report.outputs:
-        if diff.max_abs is None:
-            detail = "not a tensor, not compared"
-        else:
-            detail = f"max {diff.max_abs:.3g}  mean {diff.mean_abs:.3g}"
-        lines.append(f"  {diff.name.ljust(name_width)}  {detail}")
-    return "\n".join(lines)
-
-
-def describe_task(task: dict, output: str | None, score: dict | None = None) -> str:
-    """One line: the task metric of the compressed model against the original, and the figures behind it."""
-    how = score or {}
-    via = f" (the float scores behind output {how['feeds']!r})" if how.get("feeds") else ""
-    extra = []
-    if task.get("error_rate") is not None and task.get("blank") is not None:
-        extra.append(f"character error rate {percent(task['error_rate'])}, blank {task['blank']}")
-    elif task.get("sequence_match") is not None:
-        extra.append(f"whole sequences {percent(task['sequence_match'])}")
-    if task.get("precision") is not None:
-        extra.append(f"precision {percent(task['precision'])}, recall {percent(task['recall'])}, "
-                     f"IoU {percent(task['iou'])}; {percent(task['positive_fraction'])} of the original's positions positive")
-    if task["metric"] != "top-1 agreement" and task.get("agreement") is not None:
-        extra.append(f"top-1 agreement {percent(task['agreement'])}{' ' + how['per'] if how.get('per') else ''}")
-    elif how.get("per"):
-        extra.append(how["per"])
-    detail = f" ({'; '.join(extra)})" if extra else ""
-    return f"task metric: {task['metric']} with the original on {output!r}{via}: {percent(task['value'])}{detail}"

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from converters.dequantize import decode, weight_decoders
-from converters.errors import UserError
-from converters.graphinfo import constant_sources, tensor_value
-from converters.qdq import calibrate, insert_qdq, plan_qdq
+from onnx_admm.converters.dequantize import decode, weight_decoders
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.qdq import calibrate, insert_qdq, plan_qdq
 from onnx_admm.activations import calibration_data
 from onnx_admm.api import compress
 from onnx_admm.cli import _summary, main
@@ -256,7 +256,7 @@ def test_float_weights_are_quantized_per_channel_symmetric():
 
 
 def test_4bit_levels_become_the_same_integers_in_int8():
-    from converters.encoders import DequantizeLinearEncoder, QuantSpec
+    from onnx_admm.converters.encoders import DequantizeLinearEncoder, QuantSpec
 
     scale = np.array([0.5, 0.25, 0.125], np.float32)
     q = np.array([[7, -8, 3], [-2, 5, 0]])

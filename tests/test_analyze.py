@@ -9,11 +9,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from converters.importer import import_model
+from onnx_admm.converters.importer import import_model
 from onnx_admm.analyze import analyze, format_table, parse_ratio, recipe_text, suggest
 from onnx_admm.api import compress, weight_specs
 from onnx_admm.cli import main
-from onnx_admm.plan import make_plan
+from onnx_admm.pipeline.planning import make_plan
 from onnx_admm.projections import keep_count
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.sensitivity import ANALYZE_LEVELS, Curve, split

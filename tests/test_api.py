@@ -23,8 +23,8 @@ from onnx import numpy_helper
 
 import onnx_admm
 import onnx_admm.api as api
-from converters.errors import UserError
-from converters.graphinfo import InputSpec
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import InputSpec
 from onnx_admm.admm import ADMM
 from onnx_admm.api import CompressInterrupted, compress
 from onnx_admm.data import Dataset
@@ -78,7 +78,7 @@ def digits(digits_sample):
 @pytest.fixture(scope="module")
 def onnx_name(digits):
     """torch parameter name (keys of StageResult.values) -> ONNX weight name, for the compressible weights."""
-    from converters.importer import import_model
+    from onnx_admm.converters.importer import import_model
 
     imported = import_model(onnx.load(str(digits["model"])))
     return {e.param: e.onnx_name for e in imported.compressible()}

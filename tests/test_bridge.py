@@ -9,11 +9,11 @@ import pytest
 import torch
 from models import MODELS, expected_weight_names
 
-from converters.graphinfo import constant_sources, tensor_value
-from converters.importer import import_model
-from converters.inputs import synthesize_inputs
-from converters.modelio import external_data_files, load_model, save_model
-from converters.writeback import TensorUpdate, write_back
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.importer import import_model
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import external_data_files, load_model, save_model
+from onnx_admm.converters.writeback import TensorUpdate, write_back
 from onnx_admm.check import ATOL, RTOL, check
 
 # torch vs onnxruntime, same float32 weights: the tolerance `check` uses (ATOL + RTOL * max|ref|).
@@ -177,7 +177,7 @@ def test_registry_covers_every_model():
 
 @pytest.mark.parametrize("allowzero_shape, kept", [([2, 6], False), ([0, 6], True)])
 def test_normalize_drops_allowzero_only_without_zero(allowzero_shape, kept):
-    from converters.normalize import drop_reshape_allowzero
+    from onnx_admm.converters.normalize import drop_reshape_allowzero
 
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>

@@ -8,7 +8,7 @@ import pytest
 
 from onnx_admm.recipe import DEFAULT_EPOCHS, CompressConfig
 from onnx_admm.schedule import FINAL_SHARE, PhaseBudget, auto_stages, cubic_stages, lr_factor, split_budget
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 
 
 def test_cosine_anneals_from_one_to_zero_over_the_phase():

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_admm.check as check_module
-from converters.writeback import write_back
+from onnx_admm.converters.writeback import write_back
 from onnx_admm.check import check
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm import cli, progress
 from onnx_admm.cli import main
 from onnx_admm.projections import keep_count

@@ -144,7 +144,7 @@ def test_check_refuses_to_synthesize_inputs_of_an_absurd_declared_shape(tmp_path
 
 
 def test_fixed_batch_two_pads_the_last_chunk():
-    from converters.importer import import_model
+    from onnx_admm.converters.importer import import_model
 
     # Einsum has no batch rule: the graph keeps batch 2, and its output has the batch on axis 0.
     model = op_model("(float[2, 4] x) => (float[2, 10] y)", 'h = Gemm (x, W, B)\n y = Einsum <equation = "ij->ij"> (h)',

@@ -18,10 +18,10 @@ import onnxruntime as ort
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from converters.dequantize import decoded_view
-from converters.graphinfo import constant_sources, tensor_value
-from converters.inputs import synthesize_inputs
-from converters.modelio import load_model
+from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import load_model
 from models import _floats
 from onnx_admm.api import compress
 from onnx_admm.check import within_tolerance

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from converters.dequantize import decoded_view
-from converters.graphinfo import constant_sources, tensor_value
-from converters.modelio import load_model
+from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.modelio import load_model
 from onnx_admm.api import compress
 from onnx_admm.check import check, within_tolerance
 from onnx_admm.cli import main

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from converters.inputs import synthesize_inputs
-from converters.modelio import load_model
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import load_model
 from onnx_admm.api import compress
 from onnx_admm.check import within_tolerance
 from onnx_admm.data import Dataset

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from converters.modelio import load_model
+from onnx_admm.converters.modelio import load_model
 from onnx_admm.api import compress
 from onnx_admm.check import ATOL, RTOL, within_tolerance
 from onnx_admm.recipe import CompressConfig

@@ -1,4 +1,4 @@
-"""Tests for onnx_admm.data: .npz loading rules and messages, Dataset, loader plugins."""
+"""Tests for onnx_admm.data and onnx_admm.sources: .npz loading rules and messages, Dataset, loader plugins."""
 
 import sys
 import textwrap
@@ -6,9 +6,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from converters.errors import UserError
-from converters.graphinfo import InputSpec
-from onnx_admm.data import Dataset, PluginData, load_npz, load_plugin, required_batch_size, resolve_data
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import InputSpec
+from onnx_admm.data import Dataset, required_batch_size
+from onnx_admm.sources import PluginData, load_npz, load_plugin, resolve_data
 
 F32 = np.dtype("float32")
 I64 = np.dtype("int64")

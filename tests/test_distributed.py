@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import onnx_admm
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm.cli import main
 from onnx_admm.data import Dataset, shard_order
 from onnx_admm.distributed import World

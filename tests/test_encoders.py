@@ -18,12 +18,12 @@ import torch
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from converters.dequantize import fold_weight_decoders, weight_decoders
-from converters.importer import import_model
-from converters.inputs import synthesize_inputs
-from converters.modelio import load_model, save_model
-from converters.normalize import PASSES, normalize
-from converters.encoders import (
+from onnx_admm.converters.dequantize import fold_weight_decoders, weight_decoders
+from onnx_admm.converters.importer import import_model
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import load_model, save_model
+from onnx_admm.converters.normalize import PASSES, normalize
+from onnx_admm.converters.encoders import (
     CodebookEncoder,
     DenseEncoder,
     DequantizeLinearEncoder,
@@ -31,7 +31,7 @@ from converters.encoders import (
     SparseDequantizeLinearEncoder,
     integer_levels,
 )
-from converters.writeback import TensorUpdate, write_back
+from onnx_admm.converters.writeback import TensorUpdate, write_back
 from onnx_admm.projections import Unstructured
 from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
 

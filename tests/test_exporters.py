@@ -11,12 +11,12 @@ import torch
 from exporter_models import export_torch, op_model, recurrent_classifier, recurrent_node, sklearn_mlp
 from models import LeNet5
 
-from converters.errors import UserError
-from converters.graphinfo import constant_sources, tensor_value
-from converters.importer import import_model
-from converters.inputs import synthesize_inputs
-from converters.modelio import load_model, save_model
-from converters.writeback import write_back
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.importer import import_model
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import load_model, save_model
+from onnx_admm.converters.writeback import write_back
 from onnx_admm.check import check, run_batched, within_tolerance
 from onnx_admm.inspection import format_inspection, inspect_model
 from onnx_admm.train import Batch, Loss, ScoreSpec, train_epoch

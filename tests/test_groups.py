@@ -6,7 +6,7 @@ import onnx
 import onnx.parser
 import pytest
 
-from converters.groups import ChannelGroup, TensorSlice, channel_groups, channel_groups_summary
+from onnx_admm.converters.groups import ChannelGroup, TensorSlice, channel_groups, channel_groups_summary
 from models import _floats
 
 
@@ -182,7 +182,7 @@ def test_summary_for_inspect(onnx_model_file):
 @pytest.mark.parametrize("op", ["Sinh", "Cosh", "Asinh", "Atanh", "Relu"])
 def test_every_unary_op_of_the_op_table_passes_the_channels_through(op):
     # The walk asks converters.optable like the batch-axis proof: Sinh & co. once stopped the group here.
-    from converters.optable import UNARY
+    from onnx_admm.converters.optable import UNARY
 
     assert op in UNARY
     model = _model(f"c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r0 = {op} (c)\n r = Relu (r0)" + _GAP_HEAD,
@@ -201,8 +201,9 @@ def test_the_onnx_side_has_no_import_cycle():
     deps = {}
     for path in folder.glob("*.py"):
         tree = ast.parse(path.read_text())
-        deps[path.stem] = {node.module.split(".")[1] for node in ast.walk(tree)
-                           if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("converters.")}
+        imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        assert not [m for m in imports if m.startswith("onnx_admm") and not m.startswith("onnx_admm.converters")], path
+        deps[path.stem] = {m.split(".")[2] for m in imports if m.startswith("onnx_admm.converters.")}
     state: dict[str, int] = {}
 
     def visit(name: str, trail: list[str]) -> None:
@@ -219,7 +220,7 @@ def test_the_onnx_side_has_no_import_cycle():
 
 
 def test_graph_view_indexes_producers_readers_and_subgraph_reads():
-    from converters.graphinfo import GraphView
+    from onnx_admm.converters.graphinfo import GraphView
 
     model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
         g (float[2] x, bool c) => (float[2] y) <float[2] k = {1.0, 2.0}> {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from converters.errors import UserError
-from converters.modelio import TEMP_PREFIX
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.modelio import TEMP_PREFIX
 from onnx_admm.cli import main
 from onnx_admm.html_report import render
 from onnx_admm.html_sections import SECTIONS, recipe_toml

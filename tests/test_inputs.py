@@ -5,8 +5,8 @@ import onnx
 import onnx.parser
 import pytest
 
-from converters.errors import UserError
-from converters.inputs import synthesize_inputs
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.inputs import synthesize_inputs
 
 
 def _model(inputs: str, body: str = "") -> onnx.ModelProto:

@@ -22,10 +22,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_admm import memory
 from onnx_admm.api import compress
-from onnx_admm.data import Rows, load_npz
+from onnx_admm.data import Rows
+from onnx_admm.sources import load_npz
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.validate import validate
-from converters.graphinfo import graph_inputs
+from onnx_admm.converters.graphinfo import graph_inputs
 
 EEG_SCRIPT = Path(__file__).resolve().parent.parent / "samples" / "eeg" / "make_sample.py"
 

@@ -21,7 +21,8 @@ from onnx_admm.data import Dataset
 from onnx_admm.metrics import PositiveSet, SequenceMatch, Top1, edit_distance, for_score
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.train import Batch, ScoreSpec, evaluate
-from onnx_admm.validate import format_table, validate
+from onnx_admm.tables import format_table
+from onnx_admm.validate import validate
 
 
 def _levenshtein(a: list[int], b: list[int]) -> int:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from exporter_models import export_torch, op_model, recurrent_node
 from torch import nn
 
-from converters.importer import import_model
-from converters.normalize import STASH_DOMAIN, STASHED_OPS, normalize
+from onnx_admm.converters.importer import import_model
+from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS, normalize
 from onnx_admm.check import within_tolerance
 
 RNG = np.random.default_rng(0)

@@ -17,9 +17,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from converters import modelio
-from converters.errors import UserError
-from converters.modelio import TEMP_PREFIX, save_json, temp_prefix
+from onnx_admm.converters import modelio
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.modelio import TEMP_PREFIX, save_json, temp_prefix
 from exporter_models import op_model
 from onnx_admm import api, preflight
 from onnx_admm.api import compress
@@ -219,7 +219,7 @@ def test_api_gate_failure_raises_after_writing_the_failing_name(files):
 
 
 def test_reports_are_strict_json_without_nan_or_infinity(tmp_path):
-    from converters.modelio import save_json
+    from onnx_admm.converters.modelio import save_json
 
     path = save_json({"loss": float("nan"), "ratio": float("inf"), "ok": 1.5,
                       "history": [{"residual": float("-inf")}, (2.0, float("nan"))]}, tmp_path / "r.json")

@@ -7,8 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from converters.errors import UserError
-from onnx_admm.plan import QuantChoice, WeightSpec, make_plan, sparsity_constraints
+from onnx_admm.converters.errors import UserError
+from onnx_admm import structures
+from onnx_admm.pipeline.planning import make_plan
+from onnx_admm.plan import WeightSpec, sparsity_constraints
+from onnx_admm.quant_choices import KBit, TernaryLevels
 from onnx_admm.projections import Filter, Unstructured, Within
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.structured import NM, Block, Column
@@ -40,7 +43,7 @@ def test_bit_schedule_and_pruning_schedule_run_side_by_side():
     assert [q.bits for q in plan.by_name()["fc"].quant] == [8, 4, 2]
     single = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": 4},
                     "rules": [{"match": "emb", "skip": True}]})
-    assert single.by_name()["fc"].quant == (QuantChoice(bits=4),) * 3
+    assert single.by_name()["fc"].quant == (KBit(bits=4),) * 3
 
 
 def test_mismatched_schedules_are_an_error():
@@ -50,7 +53,7 @@ def test_mismatched_schedules_are_an_error():
 
 def test_quantize_only_and_nothing_to_do():
     plan = _plan({"quantize": {"ternary": True}})
-    assert all(w.sparsity is None and not w.shared and w.quant[0].ternary for w in plan.weights)
+    assert all(w.sparsity is None and not w.shared and isinstance(w.quant[0], TernaryLevels) for w in plan.weights)
     with pytest.raises(UserError, match="nothing to compress"):
         _plan({})
 
@@ -60,7 +63,7 @@ def test_structure_needs_filters():
         _plan({"prune": {"sparsity": 0.5, "structure": "filter"}})
     plan = _plan({"prune": {"sparsity": 0.5, "structure": "filter"},
                   "rules": [{"op_type": "Gather", "structure": "unstructured"}]})
-    assert plan.by_name()["emb"].structure == "unstructured"
+    assert plan.by_name()["emb"].structure == structures.Unstructured()
 
 
 @pytest.mark.parametrize("structure, kind", [("unstructured", Unstructured), ("filter", Filter),
@@ -151,7 +154,7 @@ def test_the_readme_recipe_applies_to_the_digits_sample(digits_sample):
 
     import onnx
 
-    from converters.importer import import_model
+    from onnx_admm.converters.importer import import_model
     from onnx_admm.api import weight_specs
 
     readme = (digits_sample.dir.parent.parent / "README.md").read_text()
@@ -181,3 +184,26 @@ def test_coupled_filters_keep_the_same_channels_ranked_by_their_summed_energy():
     second = sparsity_constraints(plan, params, 1, supports)
     for name, c in second.items():
         assert not (c.support(params[name]) & ~supports[name]).any()
+
+
+ENGINE = ("projections", "structured", "structures", "quantizers", "quant_choices", "allocation", "admm", "levels",
+          "schedule", "plan", "train", "metrics", "sensitivity")
+
+
+def test_the_engine_imports_nothing_of_the_product():
+    """The engine is usable from a training loop of one's own: its modules import only each other (no recipe,
+    no UserError, no ONNX side), besides torch, numpy and the standard library."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "onnx_admm"
+    for name in ENGINE:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            modules = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                       else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for module in modules:
+                top = module.split(".")[0]
+                assert top not in ("converters", "onnx", "onnxruntime", "click"), f"{name} imports {module}"
+                if top == "onnx_admm":
+                    assert module.split(".")[1] in ENGINE, f"engine module {name} imports the product's {module}"

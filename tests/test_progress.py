@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from converters.errors import UserError
+from onnx_admm.converters.errors import UserError
 from onnx_admm import progress
 from onnx_admm.progress import Bars, EpochLog, console, number
 

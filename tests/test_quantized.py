@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from converters.importer import import_model
-from converters.modelio import load_model
-from converters.quantized import dequantize_model, is_quantized
+from onnx_admm.converters.importer import import_model
+from onnx_admm.converters.modelio import load_model
+from onnx_admm.converters.quantized import dequantize_model, is_quantized
 from exporter_models import QUANT_FORMATS, export_torch, ort_quantized, recurrent_classifier
 from onnx_admm.api import compress
 from onnx_admm.check import QUANTIZED_RTOL, check

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.errors import UserError
-from converters.importer import import_model
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.importer import import_model
 from onnx_admm.check import check
 
 RNG = np.random.default_rng(0)

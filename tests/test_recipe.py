@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from converters.errors import UserError
-from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, Rule, TrainConfig, nm_pattern
+from onnx_admm.converters.errors import UserError
+from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, Rule, TrainConfig
+from onnx_admm.structures import nm_pattern
 
 RECIPE = """\
 [train]

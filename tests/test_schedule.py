@@ -7,7 +7,8 @@ import torch
 
 from onnx_admm.allocation import Allocation, allocate
 from onnx_admm.projections import Unstructured, Within, keep_count
-from onnx_admm.schedule import geometric_stages, validate_stages
+from onnx_admm.schedule import (FALLBACK_RHO, ADMMPeriod, admm_period, auto_rho, geometric_stages, initial_rho,
+                                rho_cap, rho_limit, validate_stages)
 
 
 def test_geometric_stages_values():
@@ -83,3 +84,31 @@ def test_auto_rho_gives_the_same_pull_per_period_at_any_budget():
         auto_rho(0.0, 0.9, 10)
     # at most one Z/U update per 10 steps, at least one
     assert [admm_updates(steps, 10) for steps in (0, 5, 10, 38, 99, 100, 5000)] == [1, 1, 1, 3, 9, 10, 10]
+
+
+def test_admm_period_in_steps_makes_the_wanted_updates():
+    # 3 epochs of 40 steps, 4 updates: every 30 steps, at most 4.
+    assert admm_period(3, 40, None, 4) == ADMMPeriod(30, 4, in_steps=True)
+    # 2 epochs of 10 steps: periods of MIN_PERIOD_STEPS (10) allow only 2 updates.
+    assert admm_period(2, 10, None, 8) == ADMMPeriod(10, 2, in_steps=True)
+    # An explicit period in epochs (a fraction with known lengths) updates at every period.
+    assert admm_period(3, 40, 0.5, 4) == ADMMPeriod(20, None, in_steps=True)
+
+
+def test_admm_period_of_a_plugin_counts_epochs():
+    assert admm_period(6, None, None, 3) == ADMMPeriod(2, 3, in_steps=False)
+    assert admm_period(6, None, 2, 3) == ADMMPeriod(2, None, in_steps=False)
+    with pytest.raises(ValueError, match="admm.period below 1 needs in-memory data"):
+        admm_period(6, None, 0.5, 3)
+
+
+def test_initial_rho_and_its_limit():
+    steps, epochs = ADMMPeriod(30, 4, True), ADMMPeriod(2, 3, False)
+    assert initial_rho(0.5, "sgd", 0.01, 0.9, steps) == 0.5
+    assert initial_rho(None, "sgd", 0.01, 0.9, steps, pull=0.3) == auto_rho(0.01, 0.9, 30, 0.3)
+    assert initial_rho(None, "adam", 0.01, 0.9, steps) == FALLBACK_RHO
+    assert initial_rho(None, "sgd", 0.01, 0.9, epochs) == FALLBACK_RHO
+    assert rho_limit(7.0, 0.1, "sgd", 0.01, 0.9) == 7.0
+    assert rho_limit(None, 0.1, "sgd", 0.01, 0.9) == max(0.1, rho_cap(0.01, 0.9))
+    assert rho_limit(None, 1e9, "sgd", 0.01, 0.9) == 1e9
+    assert rho_limit(None, 0.1, "adam", 0.01, 0.9) == float("inf")

@@ -15,15 +15,16 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from converters.errors import UserError
-from converters.graphinfo import find_score_output
-from converters.importer import import_model
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import find_score_output
+from onnx_admm.converters.importer import import_model
 from exporter_models import segmenter, sequence_tagger
 from onnx_admm.api import compress
 from onnx_admm.data import Dataset
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.train import Batch, Loss, ScoreSpec, evaluate, predictions
-from onnx_admm.validate import format_table, validate
+from onnx_admm.tables import format_table
+from onnx_admm.validate import validate
 
 RNG = np.random.default_rng(0)
 X_SEQ = RNG.normal(size=(1024, 6, 8)).astype(np.float32)

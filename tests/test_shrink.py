@@ -17,13 +17,13 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from converters.graphinfo import node_label
-from converters.groups import channel_groups
-from converters.importer import import_model
-from converters.modelio import load_model
-from converters.shrink import count_macs, cut_update, kept_channels, shrink
-from converters.encoders import QuantSpec
-from converters.writeback import TensorUpdate, write_back
+from onnx_admm.converters.graphinfo import node_label
+from onnx_admm.converters.groups import channel_groups
+from onnx_admm.converters.importer import import_model
+from onnx_admm.converters.modelio import load_model
+from onnx_admm.converters.shrink import count_macs, cut_update, kept_channels, shrink
+from onnx_admm.converters.encoders import QuantSpec
+from onnx_admm.converters.writeback import TensorUpdate, write_back
 from exporter_models import export_torch
 from models import ConcatBranches, ResidualStages, _floats, _randomise_batchnorm
 

@@ -24,8 +24,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from converters.graphinfo import constant_sources, tensor_value
-from converters.modelio import TEMP_PREFIX
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.modelio import TEMP_PREFIX
 from onnx_admm.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from onnx_admm.projections import keep_count
 from onnx_admm.schedule import cubic_stages
@@ -44,7 +44,7 @@ ONE_STAGE = ("--sparsity", "0.9", "--admm-epochs", "0", "--retrain-epochs", "1")
 WRAPPER = r"""
 import os, sys, time
 from pathlib import Path
-import converters.modelio as modelio
+import onnx_admm.converters.modelio as modelio
 import onnx_admm.pipeline.report as report_step
 
 GO = Path(os.environ["ONNX_ADMM_TEST_GO"])

@@ -8,10 +8,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.errors import UserError
-from converters.graphinfo import graph_inputs
-from onnx_admm.data import Dataset, PluginData
-from onnx_admm.validate import count_weights, format_table, model_files, open_session, validate
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import graph_inputs
+from onnx_admm.data import Dataset
+from onnx_admm.sources import PluginData
+from onnx_admm.storage import count_weights, model_files
+from onnx_admm.tables import format_table
+from onnx_admm.validate import open_session, validate
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((5, 6)).astype(np.float32)  # Gemm transB=1: [classes, features]
@@ -206,7 +209,7 @@ def test_nan_outputs_are_not_hidden_in_the_difference(tmp_path):
 
 
 def test_tensor_storage_bits_paper_style():
-    from onnx_admm.validate import tensor_storage_bits
+    from onnx_admm.storage import tensor_storage_bits
 
     dense = np.arange(1, 1001, dtype=np.float32)  # 1000 distinct values: fp32, no index
     assert tensor_storage_bits(dense) == 1000 * 32

@@ -1,15 +1,21 @@
-"""The batch a training step and a validation run can afford (``onnx_admm.memory`` estimates the bytes)."""
+"""The batch a training step and a validation run can afford (``onnx_admm.memory`` estimates the bytes),
+and the tensor batches a phase reads from the data."""
 
 from __future__ import annotations
 
 import logging
+
+import numpy as np
+import torch
 from dataclasses import dataclass
 from typing import Any
 
-from converters.importer import ImportedModel
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.data import LABELS
 from onnx_admm.memory import (INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch,
                               inference_bytes, training_bytes)
 from onnx_admm.recipe import DEFAULT_BATCH_SIZE
+from onnx_admm.train import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +79,63 @@ def choose_batch(imported: ImportedModel, cfg, teacher: bool) -> tuple[BatchChoi
         logger.info("validating at batch %d (%s per sample in onnxruntime)", validation, describe_mb(per_val))
     return BatchChoice(requested, explicit, requested, chunk, validation, budget, per_train, per_val), warnings
 
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    array = np.ascontiguousarray(array)
+    # A batch that is a view of a read-only memory-mapped file (unshuffled .npz data): torch wants memory
+    # it may write to, so that batch alone is copied.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def to_batches(feeds, input_names: list[str], device: torch.device, chunk: int | None = None,
+                batched: set[str] = frozenset(), steps: bool = False):
+    """Batches of tensors from feeds; with ``chunk``, each feed split into chunks of at most that many samples
+    (along the inputs in ``batched``): yielded one by one, or with ``steps`` as one list per feed (the chunks
+    of one training step, ``onnx_admm.train.train_epoch``).
+
+    On a GPU each batch is copied from pinned memory without waiting, one batch ahead of the one the caller
+    works on, so the copy of the next batch overlaps the computation on this one.
+    """
+    gpu = device.type == "cuda"
+
+    def batches():
+        for feed in feeds:
+            parts = [_batch(part, input_names, device, gpu) for part in _split_feed(feed, chunk, batched)]
+            if steps:
+                yield parts
+            else:
+                yield from parts
+
+    return one_ahead(batches()) if gpu else batches()
+
+
+def one_ahead(items):
+    """``items`` in order, each one fetched before the previous one is handed out."""
+    items = iter(items)
+    done = object()
+    upcoming = next(items, done)
+    while upcoming is not done:
+        current, upcoming = upcoming, next(items, done)
+        yield current
+
+
+def _batch(feed, input_names: list[str], device: torch.device, gpu: bool = False) -> Batch:
+    inputs = tuple(_on(_tensor(feed[n]), device, gpu) for n in input_names)
+    labels = feed.get(LABELS)
+    return Batch(inputs, None if labels is None else _on(_tensor(labels), device, gpu))
+
+
+def _on(tensor: torch.Tensor, device: torch.device, gpu: bool) -> torch.Tensor:
+    # A copy from pinned host memory may run while the device computes; torch's host allocator keeps the
+    # pinned block alive until the copy has finished.
+    return tensor.pin_memory().to(device, non_blocking=True) if gpu else tensor.to(device)
+
+
+def _split_feed(feed, chunk: int | None, batched: set[str]):
+    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
+    n = rows[0] if rows else 0
+    if chunk is None or n <= chunk:
+        yield feed
+        return
+    for start in range(0, n, chunk):
+        yield {k: (v[start:start + chunk] if k in batched or k == LABELS else v) for k, v in feed.items()}

@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.errors import UserError
-from converters.modelio import Staged, save_model
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.modelio import Staged, save_model
 from onnx_admm.activations import activation_report
 from onnx_admm.gate import Gate, retained
 from onnx_admm.outputs import RunFiles, stage_path

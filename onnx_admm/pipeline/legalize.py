@@ -14,10 +14,10 @@ import logging
 import onnx
 import torch
 
-from converters.errors import UserError
-from converters.groups import ChannelGroup, channel_groups
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.groups import ChannelGroup, channel_groups
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
-from onnx_admm.recipe import nm_pattern
+from onnx_admm.structures import NMPattern
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,11 @@ def legalize(plan: Plan, original: onnx.ModelProto,
     weight name (empty without filter pruning); the weights left alone and why)."""
     groups: dict[str, ChannelGroup] = {}
     left_alone: dict[str, str] = {}
-    if any(w.structure == "filter" and (w.sparsity is not None or w.shared) for w in plan.weights):
+    if any(w.removes_channels for w in plan.weights):
         # Every member of a coupled group (the convs of one residual sum) finds the group by its weight.
         groups = {member: g for g in channel_groups(original) for member in g.producers}
         plan, left_alone = _keep_removable_filters(plan, groups)
-    if any(nm_pattern(w.structure) for w in plan.weights):
+    if any(isinstance(w.structure, NMPattern) for w in plan.weights):
         plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
         left_alone.update(nm_alone)
     return plan, groups, left_alone
@@ -42,7 +42,7 @@ def legalize(plan: Plan, original: onnx.ModelProto,
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
     """Filter pruning only where the channels can leave the graph, a coupled group's members all pruned
     together (``plan.coupled``) or all left alone."""
-    filtered = [w for w in plan.weights if w.structure == "filter" and (w.sparsity is not None or w.shared)]
+    filtered = [w for w in plan.weights if w.removes_channels]
     pruned = {w.spec.label: w.spec.name for w in filtered}
     left_alone = {}
     for w in filtered:
@@ -70,18 +70,18 @@ def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
     channels is common."""
     # Input channels removed with the filters that feed them would shift every run after them.
     shrinking = {piece.tensor: w.spec.label for w in plan.weights
-                 if w.structure == "filter" and (w.sparsity is not None or w.shared) and w.spec.label in groups
+                 if w.removes_channels and w.spec.label in groups
                  for piece in groups[w.spec.label].consumers}
     left_alone = {}
     for w in plan.weights:
-        pattern = nm_pattern(w.structure)
-        if pattern is None:
+        pattern = w.structure
+        if not isinstance(pattern, NMPattern):
             continue
         length = shapes[w.spec.name][reduction_axis(w.spec)]
         if w.spec.op_type not in _NM_OPS:
             left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
-        elif length % pattern[1]:
-            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern[1]}; it holds {length} "
+        elif length % pattern.m:
+            left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern.m}; it holds {length} "
                                         "(input channels per group of the layer)")
         elif w.spec.label in shrinking:
             left_alone[w.spec.label] = (f"its input channels leave the graph with the filters of "

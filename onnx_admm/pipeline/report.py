@@ -12,19 +12,20 @@ import numpy as np
 import onnx
 import torch
 
-from converters.dequantize import decoded_view, stored_nbytes
-from converters.graphinfo import constant_sources, tensor_value
-from converters.importer import ImportedModel
-from converters.modelio import Staged, load_model, save_model
-from converters.shrink import count_macs
-from converters.writeback import WriteBackResult
+from onnx_admm.converters.dequantize import decoded_view, stored_nbytes
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.converters.modelio import Staged, load_model, save_model
+from onnx_admm.converters.shrink import count_macs
+from onnx_admm.converters.writeback import WriteBackResult
 from onnx_admm import __version__
 from onnx_admm.data import Dataset
 from onnx_admm.pipeline.results import CompressResult, Measured
-from onnx_admm.recipe import nm_pattern
+from onnx_admm.structures import nm_pattern
 from onnx_admm.report_schema import SCHEMA_VERSION
 from onnx_admm.structured import NM, nm_runtimes
-from onnx_admm.validate import latency_ms, tensor_storage_bits, validate
+from onnx_admm.storage import tensor_storage_bits
+from onnx_admm.validate import latency_ms, validate
 
 logger = logging.getLogger(__name__)
 

@@ -13,20 +13,20 @@ import numpy as np
 import onnx
 import torch
 
-from converters.encoders import DENSE_ENCODERS, QuantSpec
-from converters.errors import OnnxAdmmError, UserError
-from converters.groups import ChannelGroup
-from converters.importer import ImportedModel
-from converters.modelio import save_model
-from converters.shrink import cut_update, shrink
-from converters.writeback import WriteBackResult, write_back
+from onnx_admm.converters.encoders import DENSE_ENCODERS, QuantSpec
+from onnx_admm.converters.errors import OnnxAdmmError, UserError
+from onnx_admm.converters.groups import ChannelGroup
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.converters.modelio import save_model
+from onnx_admm.converters.shrink import cut_update, shrink
+from onnx_admm.converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.activations import int8_output
 from onnx_admm.data import Dataset
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import BatchChoice
 from onnx_admm.outputs import check_collisions, data_file, model_output
-from onnx_admm.plan import QuantChoice
+from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.preflight import check_writable
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.signals import deferred, exit_status, signal_name

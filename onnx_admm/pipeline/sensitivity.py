@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from converters.errors import UserError
-from onnx_admm.data import Dataset, PluginData
+from onnx_admm.converters.errors import UserError
+from onnx_admm.data import Dataset
 from onnx_admm.plan import Plan, pool
 from onnx_admm.schedule import SENSITIVITY_SAMPLES
 from onnx_admm.sensitivity import ALLOCATION_LEVELS, Curve, Probe, keep_counts, measure
+from onnx_admm.sources import PluginData
 
 logger = logging.getLogger(__name__)
 

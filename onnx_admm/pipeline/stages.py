@@ -18,80 +18,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.encoders import QuantSpec
-from converters.errors import UserError
-from converters.groups import ChannelGroup
-from converters.importer import ImportedModel
+from onnx_admm.converters.encoders import QuantSpec
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.groups import ChannelGroup
+from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
-from onnx_admm.data import LABELS, Dataset
+from onnx_admm.data import Dataset
 from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
-from onnx_admm.pipeline.batch import choose_batch
+from onnx_admm.pipeline.batch import choose_batch, to_batches
+from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
 from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
-from onnx_admm.plan import Plan, QuantChoice, WeightPlan, WeightSpec, nm_constraint, sparsity_constraints
+from onnx_admm.plan import ImpossibleTarget, Plan, WeightPlan, nm_constraint, sparsity_constraints
+from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.progress import Progress
-from onnx_admm.quantizers import Binary, Codebook, Joint, Ternary, UniformQuant, quantize
+from onnx_admm.quantizers import Joint, quantize
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.schedule import SENSITIVITY_SAMPLES, PhaseBudget, admm_updates, auto_rho, lr_factor, rho_cap
-from onnx_admm.train import Batch, EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.schedule import SENSITIVITY_SAMPLES, PhaseBudget, admm_period, initial_rho, lr_factor, rho_limit
+from onnx_admm.train import EmptyEpoch, Loss, NonFiniteLoss, ScoreSpec, evaluate, make_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
-
-
-def load_values(imported: ImportedModel, values: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for entry in imported.weights:
-            imported.parameter(entry).copy_(values[entry.param])
-
-
-def snapshot(imported: ImportedModel) -> dict[str, torch.Tensor]:
-    return {e.param: imported.parameter(e).detach().to("cpu", copy=True) for e in imported.weights}
-
-
-def _copy_values(imported: ImportedModel, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The current weights copied into the buffers of an earlier ``snapshot`` (no new allocation)."""
-    with torch.no_grad():
-        for entry in imported.weights:
-            into[entry.param].copy_(imported.parameter(entry))
-    return into
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    array = np.ascontiguousarray(array)
-    # A batch that is a view of a read-only memory-mapped file (unshuffled .npz data): torch wants memory
-    # it may write to, so that batch alone is copied.
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
-def to_batches(feeds, input_names: list[str], device: torch.device, chunk: int | None = None,
-                batched: set[str] = frozenset(), steps: bool = False):
-    """Batches of tensors from feeds; with ``chunk``, each feed split into chunks of at most that many samples
-    (along the inputs in ``batched``): yielded one by one, or with ``steps`` as one list per feed (the chunks
-    of one training step, ``onnx_admm.train.train_epoch``)."""
-    for feed in feeds:
-        parts = [_batch(part, input_names, device) for part in _split_feed(feed, chunk, batched)]
-        if steps:
-            yield parts
-        else:
-            yield from parts
-
-
-def _batch(feed, input_names: list[str], device: torch.device) -> Batch:
-    inputs = tuple(_tensor(feed[n]).to(device) for n in input_names)
-    labels = feed.get(LABELS)
-    return Batch(inputs, None if labels is None else _tensor(labels).to(device))
-
-
-def _split_feed(feed, chunk: int | None, batched: set[str]):
-    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
-    n = rows[0] if rows else 0
-    if chunk is None or n <= chunk:
-        yield feed
-        return
-    for start in range(0, n, chunk):
-        yield {k: (v[start:start + chunk] if k in batched or k == LABELS else v) for k, v in feed.items()}
 
 
 class Runner:
@@ -191,11 +139,14 @@ class Runner:
     def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None,
                     values: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Each weight's constraint at ``stage``; a global budget is split over layers by ``values``."""
-        sparsity = sparsity_constraints(self.plan, values, stage, previous)
+        try:
+            sparsity = sparsity_constraints(self.plan, values, stage, previous)
+        except ImpossibleTarget as exc:
+            raise UserError(str(exc)) from None
         out = {}
         for w in self.plan.weights:
             name, choice = w.spec.name, w.quant[stage]
-            quant = None if choice is None else quantizer_for(choice, w.spec)
+            quant = None if choice is None else choice.quantizer(w.spec.out_axis or 0)
             if quant is not None and name in sparsity:
                 out[name] = Joint(sparsity[name], quant)
             elif quant is not None:
@@ -258,7 +209,7 @@ class Runner:
         entries = {e.onnx_name: e for e in self.imported.weights if e.owns_tensor}
         kept_channels, device = {}, None
         for w in self.plan.weights:
-            if w.structure != "filter" or w.spec.label not in self.groups:
+            if not w.removes_channels or w.spec.label not in self.groups:
                 continue
             group = self.groups[w.spec.label]
             support = supports[w.spec.name]
@@ -281,49 +232,28 @@ class Runner:
                 supports[entry.param] = supports[entry.param] & mask_t if entry.param in supports else mask_t
         return kept_channels
 
-    def initial_rho(self, steps_per_period: int | None) -> float:
-        """admm.rho, or the one whose pull per Z/U period is the same at every budget (schedule.auto_rho).
-        With Adam, or a loader plugin (steps per period unknown), 1e-2."""
-        if self.config.admm.rho is not None:
-            return self.config.admm.rho
-        if self.cfg.optimizer != "sgd" or steps_per_period is None:
-            return 1e-2
-        return auto_rho(self.cfg.lr, self.cfg.momentum, steps_per_period, self.config.admm.pull)
-
     def admm_phase(self, stage, params, previous, epochs: float):
         """ADMM epochs; weights pruned by earlier stages stay at zero throughout (nested masks)."""
         admm_cfg = self.config.admm
         pinned = None
         if previous:  # every earlier mask, consumers of removed channels included
             pinned = FixedSupport({n: self.imported.module.get_parameter(n) for n in previous}, previous)
-        per_epoch = self.steps_per_epoch()
-        # Z/U period in steps (in-memory data) or epochs (a plugin, whose epoch length is unknown).
-        period = admm_cfg.period
-        if per_epoch is None:
-            if period is not None and period < 1:
-                raise UserError("admm.period below 1 needs in-memory data (.npz), whose batches per epoch are "
-                                "known; use a whole number of epochs with a loader plugin")
-            every = int(period) if period is not None else max(1, round(epochs) // admm_cfg.updates)
-        elif period is not None:
-            every = max(1, round(period * per_epoch))
-        else:
-            updates = admm_updates(round(epochs * per_epoch), admm_cfg.updates)
-            every = max(1, round(epochs * per_epoch) // updates)
-        # Without a period the phase makes exactly `updates` Z/U updates (the last period runs longer),
-        # fewer in a phase too short for periods of schedule.MIN_PERIOD_STEPS steps.
-        limit = (updates if per_epoch is not None else admm_cfg.updates) if period is None else None
-        rho = self.initial_rho(every if per_epoch is not None else None)
-        cap = admm_cfg.rho_max
-        if cap is None:
-            cap = max(rho, rho_cap(self.cfg.lr, self.cfg.momentum)) if self.cfg.optimizer == "sgd" else math.inf
+        cfg = self.cfg
+        try:
+            period = admm_period(epochs, self.steps_per_epoch(), admm_cfg.period, admm_cfg.updates)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        every, limit = period.every, period.limit
+        rho = initial_rho(admm_cfg.rho, cfg.optimizer, cfg.lr, cfg.momentum, period, admm_cfg.pull)
+        cap = rho_limit(admm_cfg.rho_max, rho, cfg.optimizer, cfg.lr, cfg.momentum)
         admm = SyncedADMM(self.world, params, lambda values: self.constraints(stage, previous, values),
                           RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
         logger.info("stage %d ADMM: rho %.3g (x%.3g per update), a Z/U update every %d %s", stage, rho,
-                    admm_cfg.rho_growth, every, "steps" if per_epoch is not None else "epochs")
+                    admm_cfg.rho_growth, every, "steps" if period.in_steps else "epochs")
         optimizer = self.optimizer()
         hooks_b = [admm.add_penalty_grad] + ([pinned.mask_grads] if pinned else [])
         hooks_s = [lambda: pinned.apply(optimizer)] if pinned else []
-        if per_epoch is not None:
+        if period.in_steps:
             steps = [0]
 
             def step_update() -> None:
@@ -334,13 +264,13 @@ class Runner:
             hooks_s.append(step_update)
 
         def on_epoch_end(epoch, stats) -> dict[str, Any]:
-            if per_epoch is None and (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
+            if not period.in_steps and (epoch + 1) % every == 0 and (limit is None or admm.n_updates < limit):
                 admm.update()  # a plugin: periods are whole epochs
             # For people watching: the dense W on the selection split, and how far W still is from Z.
             return {"metric": self.select_metric(), "residual": _mean_residual(admm)}
 
         message = self.run_phase("admm", stage, epochs, optimizer, hooks_b, hooks_s, on_epoch_end,
-                                 lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every))
+                                 lr=lambda step, total: lr_factor(step, total, admm_cfg.lr_policy, every), admm=admm)
         return message, admm
 
     def retrain_phase(self, stage, params, supports, levels, epochs: float, latent=None):
@@ -359,7 +289,7 @@ class Runner:
                 if metric is None or best["metric"] is None or metric >= best["metric"]:
                     # Into the phase's one snapshot: a better state replaces the previous best in place.
                     best.update(metric=metric if metric is not None else best["metric"],
-                                values=_copy_values(self.imported, best["values"]))
+                                values=copy_values(self.imported, best["values"]))
             return {"metric": metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
@@ -384,11 +314,13 @@ class Runner:
         return -(-total // per_epoch), total
 
     def run_phase(self, phase: str, stage: int, epochs: float, optimizer, hooks_backward, hooks_step, on_epoch_end,
-                  hooks_forward=(), lr: Callable[[int, int], float] | None = None) -> str | None:
+                  hooks_forward=(), lr: Callable[[int, int], float] | None = None,
+                  admm: ADMM | None = None) -> str | None:
         """Train ``epochs`` epochs (the last one cut short for a fraction); ``lr(step, total)`` scales the
         learning rate per step. On a non-finite loss roll back to the epoch's start and stop the phase.
 
-        ``on_epoch_end(epoch, stats)`` returns the epoch's ``metric`` and ``residual`` for its history record.
+        ``on_epoch_end(epoch, stats)`` returns the epoch's ``metric`` and ``residual`` for its history record;
+        an ADMM phase passes its ``admm``, whose Z, U and rho roll back with the weights.
         """
         imported = self.imported
         per_epoch = self.steps_per_epoch()
@@ -412,7 +344,7 @@ class Runner:
             if total is not None:
                 set_lr()
 
-        rollback = _Rollback(imported, optimizer) if n_epochs else None
+        rollback = Rollback(imported, optimizer, admm) if n_epochs else None
         for epoch in range(n_epochs):
             started = time.perf_counter()
             rollback.save()
@@ -460,67 +392,10 @@ class Runner:
         return None
 
 
-class _Rollback:
-    """Where a phase rolls back to on a non-finite loss: the weights and the optimizer's state at the start
-    of the current epoch.
-
-    One set of buffers per phase, allocated at its first ``save`` and copied into at every epoch's start
-    (a fresh snapshot and a deep copy of the optimizer state per epoch held two of each at the switch and
-    churned the allocator on large models).
-    """
-
-    def __init__(self, imported: ImportedModel, optimizer: torch.optim.Optimizer) -> None:
-        self.imported, self.optimizer = imported, optimizer
-        self.values: dict[str, torch.Tensor] | None = None
-        self.state: dict[int, dict[str, Any]] = {}  # id(param) -> its optimizer state at the save
-
-    def save(self) -> None:
-        self.values = (snapshot(self.imported) if self.values is None
-                       else _copy_values(self.imported, self.values))
-        saved = {}
-        for param, state in self.optimizer.state.items():
-            old = self.state.get(id(param), {})
-            saved[id(param)] = {key: _copy_into(old.get(key), value) for key, value in state.items()}
-        self.state = saved
-
-    def restore(self) -> None:
-        load_values(self.imported, self.values)
-        state = self.optimizer.state
-        for param in list(state):
-            if id(param) not in self.state:  # its state began after the save (the phase's first step)
-                del state[param]
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                if id(param) in self.state:
-                    state[param] = {key: (value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
-                                    for key, value in self.state[id(param)].items()}
-
-
-def _copy_into(buffer: Any, value: Any) -> Any:
-    """``value`` copied into ``buffer`` when that is a tensor of its shape, else a fresh copy."""
-    if not torch.is_tensor(value):
-        return copy.deepcopy(value)
-    if torch.is_tensor(buffer) and buffer.shape == value.shape and buffer.dtype == value.dtype:
-        with torch.no_grad():
-            return buffer.copy_(value)
-    return value.detach().clone()
-
-
 def _mean_residual(admm: ADMM) -> float | None:
     """The mean over the weights of the primal residual at the last Z/U update (None before the first)."""
     last = [h[-1] for h in admm.residual_history.values() if h]
     return sum(last) / len(last) if last else None
-
-
-def quantizer_for(choice: QuantChoice, spec: WeightSpec):
-    axis = spec.out_axis or 0
-    if choice.ternary:
-        return Ternary(per_channel=choice.per_channel, axis=axis)
-    if choice.clusters is not None:
-        return Codebook(choice.clusters)
-    if choice.bits == 1:
-        return Binary(per_channel=choice.per_channel, axis=axis)
-    return UniformQuant(choice.bits, per_channel=choice.per_channel, axis=axis, symmetric=choice.symmetric)
 
 
 def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) -> QuantSpec:
@@ -537,5 +412,4 @@ def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) ->
 
 def _level_axis(w: WeightPlan, stage: int) -> int | None:
     """Per-channel quantizers keep one level set per output channel; the others one per tensor."""
-    choice = w.quant[stage]
-    return (w.spec.out_axis or 0) if choice.per_channel and choice.clusters is None else None
+    return w.quant[stage].level_axis(w.spec.out_axis or 0)

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from converters.importer import import_model  # noqa: E402
-from converters.inputs import synthesize_inputs  # noqa: E402
-from converters.modelio import load_model  # noqa: E402
+from onnx_admm.converters.importer import import_model  # noqa: E402
+from onnx_admm.converters.inputs import synthesize_inputs  # noqa: E402
+from onnx_admm.converters.modelio import load_model  # noqa: E402
 from onnx_admm.validate import open_session  # noqa: E402
 
 

@@ -58,9 +58,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from converters.errors import UserError  # noqa: E402
-from converters.inputs import synthesize_inputs  # noqa: E402
-from converters.modelio import load_model  # noqa: E402
+from onnx_admm.converters.errors import UserError  # noqa: E402
+from onnx_admm.converters.inputs import synthesize_inputs  # noqa: E402
+from onnx_admm.converters.modelio import load_model  # noqa: E402
 from onnx_admm.api import compress  # noqa: E402
 from onnx_admm.check import check  # noqa: E402
 from onnx_admm.recipe import CompressConfig  # noqa: E402
@@ -127,9 +127,9 @@ def _fit(module: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: 
 def _calibrate_onnx(path: Path, x: np.ndarray, steps: int, out: Path) -> Path:
     """``_fit`` for a model that exists only as ONNX: trained through onnx-admm's own import, the weights
     written back into the same graph (the exporter's nodes, names and I/O stay)."""
-    from converters.importer import import_model
-    from converters.modelio import save_model
-    from converters.writeback import write_back
+    from onnx_admm.converters.importer import import_model
+    from onnx_admm.converters.modelio import save_model
+    from onnx_admm.converters.writeback import write_back
 
     imported = import_model(load_model(path))
     index = imported.score.index

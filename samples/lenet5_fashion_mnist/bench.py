@@ -200,9 +200,9 @@ def dense_plus(dense: Path, out: Path, x: np.ndarray, y: np.ndarray, epochs: flo
     momentum 0.9, batch 128, cosine to 0), nothing pruned; written back into the same graph."""
     import torch
 
-    from converters.importer import import_model
-    from converters.modelio import load_model, save_model
-    from converters.writeback import write_back
+    from onnx_admm.converters.importer import import_model
+    from onnx_admm.converters.modelio import load_model, save_model
+    from onnx_admm.converters.writeback import write_back
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -300,7 +300,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
 
 
 def _storage_bits(path: Path) -> int | None:
-    from onnx_admm.validate import weight_storage_bits
+    from onnx_admm.storage import weight_storage_bits
 
     return weight_storage_bits(path)
 

@@ -30,8 +30,8 @@ BATCH = 128
 def _plain(model_path: Path, x: np.ndarray, y: np.ndarray, seed: int) -> float:
     import torch
 
-    from converters.importer import import_model
-    from converters.modelio import load_model
+    from onnx_admm.converters.importer import import_model
+    from onnx_admm.converters.modelio import load_model
 
     module = import_model(load_model(model_path)).module.train()
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.01, momentum=0.9)

@@ -71,7 +71,7 @@ def conv_weights(path: Path) -> int:
     """Entries of the Conv weights the file stores (after any shrink)."""
     import onnx
 
-    from converters.shrink import count_macs
+    from onnx_admm.converters.shrink import count_macs
 
     report = count_macs(onnx.load(str(path)))
     return sum(node["params"] for node in report["nodes"].values() if node["op_type"] == "Conv")

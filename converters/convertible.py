@@ -1,0 +1,132 @@
+"""Which part of a graph onnx2torch can convert: the nodes it has no converter for, and the largest
+convertible sub-model that computes float tensors from trainable weights (``converters.importer``'s
+module doc says how the rest of the graph passes through)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import defs, helper
+from onnx2torch.node_converters import get_converter
+
+from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import FLOAT_TYPES
+from onnx_admm.converters.optable import TRAINABLE_CONSUMERS
+from onnx_admm.converters.shapes import inferred_types
+
+
+def unsupported_nodes(normalized: onnx.ModelProto) -> list[str]:
+    """One line per node onnx2torch has no converter for: node name, op type, domain and opset."""
+    opsets = {o.domain: o.version for o in normalized.opset_import}
+    problems = []
+    for node in normalized.graph.node:
+        if not _has_converter(node, opsets):
+            domain, version = _domain_version(node, opsets)
+            where = f"{domain}." if domain else ""
+            problems.append(f"node {node.name!r}: {where}{node.op_type} (opset {version}) has no converter")
+    return problems
+
+
+def _domain_version(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[str, int]:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return domain, opsets.get(domain, opsets.get("ai.onnx", 0))
+
+
+def _has_converter(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
+    domain, version = _domain_version(node, opsets)
+    try:
+        get_converter(domain=domain, operation_type=node.op_type, version=version)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """The sub-model onnx2torch converts and the tensors it outputs (module doc).
+
+    Args:
+        normalized: the normalized copy.
+        problems: ``unsupported_nodes(normalized)``.
+
+    Returns the normalized model itself and its graph outputs when every node converts.
+
+    Raises:
+        UserError: an unconverted op is not a standard ONNX op (onnxruntime could not run the part
+            passed through), or no float tensor that depends on a trainable weight can be computed.
+    """
+    graph = normalized.graph
+    if not problems:
+        return normalized, [o.name for o in graph.output]
+    opsets = {o.domain: o.version for o in normalized.opset_import}
+    bad = [node for node in graph.node if not _has_converter(node, opsets)]
+    if any(not defs.has(n.op_type, _domain_version(n, opsets)[0]) for n in bad):
+        _raise_unsupported(problems, "")
+    bad_ids = {id(n) for n in bad}  # by identity: protobuf == compares whole messages
+    inits = {t.name: t for t in graph.initializer}
+    available = {v.name for v in graph.input} | set(inits) | {""}
+    converted: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) not in bad_ids and all(name in available for name in node.input):
+            converted.append(node)
+            available.update(node.output)
+    producer = {out: node for node in converted for out in node.output}
+    converted_ids = {id(n) for n in converted}
+    read_by_rest = {name for node in graph.node if id(node) not in converted_ids for name in node.input}
+    candidates = [o.name for o in graph.output if o.name in producer]
+    candidates += [out for node in converted for out in node.output if out in read_by_rest and out not in candidates]
+    types = inferred_types(normalized)
+    trained = [name for name in candidates
+               if types.get(name, (0,))[0] in FLOAT_TYPES and _reads_trainable_weight(name, producer, inits)]
+    if not trained:
+        _raise_unsupported(problems, ", and no float tensor that depends on a trainable weight can be computed "
+                                     "without it")
+    return _sub_model(normalized, trained, producer, types), trained
+
+
+def _raise_unsupported(problems: list[str], why: str) -> None:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise UserError(
+        f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, "
+        "or re-export without that op"
+    )
+
+
+def _reads_trainable_weight(name: str, producer: dict[str, onnx.NodeProto], inits: dict) -> bool:
+    seen, stack = set(), [name]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in TRAINABLE_CONSUMERS and any(
+            i in inits and inits[i].data_type in FLOAT_TYPES and len(inits[i].dims) >= 1 for i in node.input
+        ):
+            return True
+        stack.extend(node.input)
+    return False
+
+
+def _sub_model(model: onnx.ModelProto, outputs: list[str], producer: dict, types: dict) -> onnx.ModelProto:
+    """The nodes computing ``outputs`` (in graph order), the inputs and initializers they read."""
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    nodes = [n for n in model.graph.node if id(n) in needed]
+    read = {name for n in nodes for name in n.input}
+    graph = helper.make_graph(
+        nodes,
+        model.graph.name,
+        [v for v in model.graph.input if v.name in read],
+        [onnx.ValueInfoProto(name=name) for name in outputs],
+        [t for t in model.graph.initializer if t.name in read],
+    )
+    for value, name in zip(graph.output, outputs):
+        elem_type, dims = types[name]
+        value.CopyFrom(helper.make_tensor_value_info(name, elem_type, list(dims) if dims is not None else None))
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    sub.metadata_props.extend(model.metadata_props)
+    return sub

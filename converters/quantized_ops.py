@@ -1,0 +1,259 @@
+"""The rewrites of onnxruntime's integer operators into float operators, one per op type
+(``REWRITES``), for ``converters.quantized.dequantize_model``.
+
+A rewrite takes the rewriter (its constant table and fresh names), the node, the graph's producers and
+readers and the set of nodes already removed; it returns the float nodes that replace the node, or
+None where the node is left as it is (a weight that is not constant, a Softmax axis that means
+something else before opset 13).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_admm.converters.graphinfo import node_attr
+
+class _Rewriter(Protocol):
+    """What a rewrite asks of ``converters.quantized``'s rewriter."""
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (None: not a constant)."""
+
+    def fresh(self, base: str) -> str:
+        """A tensor or node name not yet used in the graph."""
+
+    def add_init(self, base: str, value: np.ndarray) -> str:
+        """A new float initializer; returns its name."""
+
+
+def _dequantized(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
+    """``(q - zero_point) * scale`` in float32, with a per-channel scale / zero point along ``axis``."""
+    shape = [1] * q.ndim
+    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+    zp = np.zeros(1, np.int64) if zero_point is None else np.asarray(zero_point).astype(np.int64).reshape(-1)
+    if scale.size > 1 or zp.size > 1:
+        shape[axis] = -1
+    return ((q.astype(np.int64) - zp.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewrites: (rewriter, node, producers, readers, removed ids) -> replacement nodes, or None to keep it
+# ----------------------------------------------------------------------------------------------------
+
+def _float_node(op_type: str, inputs: list[str], outputs: list[str], name: str, node: onnx.NodeProto | None,
+                drop: tuple[str, ...] = ()) -> onnx.NodeProto:
+    new = helper.make_node(op_type, inputs, outputs, name=name)
+    if node is not None:
+        new.attribute.extend(a for a in node.attribute if a.name not in drop)
+    return new
+
+
+def _integer_op(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """ConvInteger / MatMulInteger of quantize_dynamic: DynamicQuantizeLinear(x) and a constant weight
+    in, int32 -> Cast -> Mul(scale_x * scale_w) out; becomes Conv / MatMul of x and the float weight."""
+    conv = node.op_type == "ConvInteger"
+    a, b = node.input[0], node.input[1]
+    a_zp = node.input[2] if len(node.input) > 2 else ""
+    b_zp = node.input[3] if len(node.input) > 3 else ""
+    casts = readers.get(node.output[0], [])
+    if len(casts) != 1 or casts[0].op_type != "Cast":
+        return None
+    cast = casts[0]
+    muls = readers.get(cast.output[0], [])
+    if len(muls) != 1 or muls[0].op_type != "Mul":
+        return None
+    mul = muls[0]
+    scales_name = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+    scales = producers.get(scales_name)
+    operands = []
+    for q, zp in ((a, a_zp), (b, b_zp)):
+        dql = producers.get(q)
+        if dql is not None and dql.op_type == "DynamicQuantizeLinear" and dql.output[0] == q:
+            operands.append(("dynamic", dql))
+        elif rw.const(q) is not None:
+            operands.append(("const", zp))
+        else:
+            return None
+    if scales is None or scales.op_type != "Mul":
+        return None
+    dynamic_scales = [d.output[1] for kind, d in operands if kind == "dynamic"]
+    others = [s for s in scales.input if s not in dynamic_scales]
+    if len(others) != sum(kind == "const" for kind, _ in operands) or len(set(scales.input)) != 2:
+        return None
+    inputs = []
+    for index, ((kind, info), q) in enumerate(zip(operands, (a, b))):
+        if kind == "dynamic":
+            inputs.append(info.input[0])
+            continue
+        if index == 0 or rw.const(others[0]) is None:
+            return None  # a constant left operand (weight times activation) is not a quantizer pattern
+        value, scale, zp = rw.const(q), rw.const(others[0]), rw.const(info)
+        if conv:
+            axis = 0
+        elif value.ndim == 2:
+            axis = 1
+        else:
+            return None
+        inputs.append(rw.add_init(q, _dequantized(value, scale, zp, axis)))
+    op = "Conv" if conv else "MatMul"
+    removed.update({id(cast), id(mul)})
+    return [_float_node(op, inputs, [mul.output[0]], node.name, node if conv else None)]
+
+
+def _lstm(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.DynamicQuantizeLSTM: W [D, in, 4H] and R [D, H, 4H] int8 -> LSTM's [D, 4H, in/H] floats."""
+    names = list(node.input) + [""] * (12 - len(node.input))
+    x, w, r, bias, lens, h0, c0, p, w_s, w_zp, r_s, r_zp = names[:12]
+    floats = []
+    for q, s, zp in ((w, w_s, w_zp), (r, r_s, r_zp)):
+        value, scale, zero = rw.const(q), rw.const(s), rw.const(zp)
+        if value is None or scale is None:
+            return None
+        d, _, gates = value.shape
+        scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(d, -1), (d, gates))[:, None, :]
+        zero = np.zeros((d, 1, 1), np.int64) if zero is None else np.broadcast_to(
+            np.asarray(zero).astype(np.int64).reshape(d, -1), (d, gates))[:, None, :]
+        value = ((value.astype(np.int64) - zero).astype(np.float32) * scale).transpose(0, 2, 1)
+        floats.append(rw.add_init(q, value.astype(np.float32)))
+    inputs = [x, floats[0], floats[1], bias, lens, h0, c0, p]
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return [_float_node("LSTM", inputs, list(node.output), node.name, node)]
+
+
+def _dynamic_matmul(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.DynamicQuantizeMatMul(A, B int8, scale, zero point, bias) -> MatMul (+ Add)."""
+    names = list(node.input) + [""] * (5 - len(node.input))
+    a, b, s, zp, bias = names[:5]
+    value, scale = rw.const(b), rw.const(s)
+    if value is None or scale is None or value.ndim != 2:
+        return None
+    weight = rw.add_init(b, _dequantized(value, scale, rw.const(zp), 1))
+    if not bias:
+        return [_float_node("MatMul", [a, weight], list(node.output), node.name, None)]
+    product = rw.fresh(f"{node.output[0]}_matmul")
+    return [_float_node("MatMul", [a, weight], [product], node.name, None),
+            _float_node("Add", [product, bias], list(node.output), rw.fresh(f"{node.name}/bias"), None)]
+
+
+def _static(op_type: str, quantized: Callable[[onnx.NodeProto], list[tuple[str, str, str]]],
+            output_qparams: Callable[[onnx.NodeProto], tuple[str, str]],
+            extra: Callable[[_Rewriter, onnx.NodeProto], list[str] | None] | None = None,
+            drop: tuple[str, ...] = ("channels_last",)):
+    """A rewrite of a QLinear* operator: DequantizeLinear of each quantized (tensor, scale, zero point),
+    the float ``op_type`` (constant operands folded to floats), QuantizeLinear of the output."""
+
+    def rewrite(rw: _Rewriter, node, producers, readers, removed):
+        if node_attr(node, "channels_last", 0):
+            return None
+        nodes, inputs = [], []
+        for k, (q, s, zp) in enumerate(quantized(node)):
+            if rw.const(q) is not None and rw.const(s) is not None:
+                axis = 1 if op_type == "MatMul" else 0
+                inputs.append(rw.add_init(q, _dequantized(rw.const(q), rw.const(s), rw.const(zp), axis)))
+                continue
+            name = rw.fresh(f"{q}_dequantized")
+            nodes.append(helper.make_node("DequantizeLinear", [q, s] + ([zp] if zp else []), [name],
+                                          name=rw.fresh(f"{node.name}/dequantize_{k}")))
+            inputs.append(name)
+        more = extra(rw, node) if extra else []
+        if more is None:
+            return None
+        y_s, y_zp = output_qparams(node)
+        out = node.output[0]
+        if y_s:
+            result = rw.fresh(f"{out}_float")
+            nodes.append(_float_node(op_type, inputs + more, [result], node.name, node, drop))
+            nodes.append(helper.make_node("QuantizeLinear", [result, y_s] + ([y_zp] if y_zp else []), [out],
+                                          name=rw.fresh(f"{node.name}/quantize")))
+        else:
+            nodes.append(_float_node(op_type, inputs + more, [out], node.name, node, drop))
+        return nodes
+
+    return rewrite
+
+
+def _at(node: onnx.NodeProto, *indices: int) -> tuple[str, ...]:
+    return tuple(node.input[i] if i < len(node.input) else "" for i in indices)
+
+
+def _bias(index: int, a_scale: int, b_scale: int):
+    """The int32 bias input at ``index`` as floats: the quantizer stores ``bias / (a_scale * b_scale)``
+    with zero point 0 (``b_scale`` per output channel)."""
+
+    def extra(rw: _Rewriter, node: onnx.NodeProto) -> list[str] | None:
+        (name,) = _at(node, index)
+        if not name:
+            return []
+        value, sa, sb = rw.const(name), rw.const(node.input[a_scale]), rw.const(node.input[b_scale])
+        if value is None or sa is None or sb is None:
+            return None
+        scale = np.asarray(sa, np.float32).reshape(-1) * np.asarray(sb, np.float32).reshape(-1)
+        if scale.size > 1 and value.ndim == 2:
+            scale = scale.reshape(1, -1)  # a QGemm bias [M, N] scaled per column
+        return [rw.add_init(name, (value.astype(np.float32) * scale).astype(np.float32))]
+
+    return extra
+
+
+def _concat_inputs(node: onnx.NodeProto) -> list[tuple[str, str, str]]:
+    rest = list(node.input[2:])
+    return [tuple(rest[i:i + 3]) for i in range(0, len(rest), 3)]
+
+
+def _unary(op_type: str, drop: tuple[str, ...] = ("channels_last",)):
+    return _static(op_type, lambda n: [_at(n, 0, 1, 2)], lambda n: _at(n, 3, 4), drop=drop)
+
+
+def _binary(op_type: str):
+    return _static(op_type, lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7))
+
+
+def _softmax(rw: _Rewriter, node, producers, readers, removed):
+    # Before opset 13 Softmax flattened the trailing dims: only the last axis means the same in both.
+    if int(node_attr(node, "opset", 13)) < 13 and int(node_attr(node, "axis", -1)) != -1:
+        return None
+    return _static("Softmax", lambda n: [_at(n, 0, 1, 2)], lambda n: _at(n, 3, 4),
+                   drop=("channels_last", "opset"))(rw, node, producers, readers, removed)
+
+
+def _gemm(rw: _Rewriter, node, producers, readers, removed):
+    """com.microsoft.QGemm: A quantized, B a quantized constant (per channel along N), C int32 -> Gemm."""
+    b, s, zp = _at(node, 3, 4, 5)
+    if rw.const(b) is None or rw.const(s) is None:
+        return None
+    axis = 0 if node_attr(node, "transB", 0) else 1
+    weight = rw.add_init(b, _dequantized(rw.const(b), rw.const(s), rw.const(zp), axis))
+    bias = _bias(6, 1, 4)
+
+    def extra(rw2: _Rewriter, n: onnx.NodeProto) -> list[str] | None:
+        c = bias(rw2, n)
+        return None if c is None else [weight] + c
+
+    return _static("Gemm", lambda n: [_at(n, 0, 1, 2)], lambda n: _at(n, 7, 8), extra=extra)(
+        rw, node, producers, readers, removed)
+
+
+REWRITES: dict[str, Callable] = {
+    "ConvInteger": _integer_op,
+    "MatMulInteger": _integer_op,
+    "DynamicQuantizeLSTM": _lstm,
+    "DynamicQuantizeMatMul": _dynamic_matmul,
+    "QLinearConv": _static("Conv", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7),
+                           extra=_bias(8, 1, 4)),
+    "QLinearMatMul": _static("MatMul", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7)),
+    "QGemm": _gemm,
+    "QLinearAdd": _binary("Add"),
+    "QLinearMul": _binary("Mul"),
+    "QLinearSoftmax": _softmax,
+    "QLinearSigmoid": _unary("Sigmoid"),
+    "QLinearLeakyRelu": _unary("LeakyRelu"),
+    "QLinearGlobalAveragePool": _unary("GlobalAveragePool"),
+    "QLinearAveragePool": _unary("AveragePool"),
+    "QLinearConcat": _static("Concat", _concat_inputs, lambda n: _at(n, 0, 1)),
+}
