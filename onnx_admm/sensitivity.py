@@ -135,8 +135,8 @@ class Curve:
     def costs(self) -> list[tuple[int, float]]:
         """``(keep, cost)``: ``-log`` of the share of the dense metric kept (at least ``FLOOR``), each segment's
         cost per removed weight at least the previous segment's (module doc): what ``split`` reads."""
-        points = [(keep, -math.log(max(self.dense - drop, FLOOR * self.dense) / self.dense))
-                  for keep, drop in self.drops()]
+        base = self.dense if self.dense > 0 else 1.0  # a model measured at 0 has no share to lose: all cost 0
+        points = [(keep, -math.log(max(base - drop, FLOOR * base) / base)) for keep, drop in self.drops()]
         out, slope = [points[0]], 0.0
         for (k0, d0), (k1, d1) in zip(points, points[1:]):
             slope = max(slope, (d1 - d0) / (k0 - k1))

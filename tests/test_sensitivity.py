@@ -79,6 +79,12 @@ def test_a_saturated_plateau_costs_what_the_step_before_it_cost():
         previous = keeps
 
 
+def test_a_model_measured_at_zero_still_splits():
+    curves = {"a": Curve(100, 0.0, ((50, 0.0), (1, 0.0))), "b": Curve(300, 0.0, ((100, 0.0), (1, 0.0)))}
+    assert curves["a"].costs() == [(100, 0.0), (50, 0.0), (1, 0.0)]
+    assert split(curves, 201, {"a": 1, "b": 1}) == {"a": 100, "b": 101}  # free everywhere: the larger layer first
+
+
 def test_measure_prunes_one_layer_at_a_time_and_restores_it():
     g = torch.Generator().manual_seed(0)
     params = {"a": torch.nn.Parameter(torch.randn(20, generator=g)), "b": torch.nn.Parameter(torch.randn(4, 5, generator=g))}
