@@ -15,6 +15,10 @@ each layer keeps; the per-layer projection then keeps that layer's largest ``|w|
 - ``erk``: Erdos-Renyi-Kernel densities (Evci et al., 2020): density proportional to
   ``sum(shape) / prod(shape)``, capped at 1, scaled to the budget.
 - ``uniform``: every layer keeps the same fraction.
+- ``sensitivity``: from measured per-layer curves of the task metric against sparsity
+  (``onnx_admm.sensitivity``: each layer pruned alone): the budget goes greedily where removing a weight
+  costs the least measured drop. ``Allocation.curves`` holds them; compress measures them once per run,
+  on the dense model, so the split does not follow W + U during ADMM.
 
 Minimums: every layer keeps at least ``min_keep`` entries (default 1, so no layer is emptied unless
 ``min_keep = 0``), and at least ``ceil(floor * n)`` for a fractional ``floor`` (default 0). They are
@@ -38,10 +42,11 @@ import torch
 from torch import Tensor
 
 from onnx_admm.schedule import ALLOCATIONS
+from onnx_admm.sensitivity import Curves, split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALLOCATIONS", "Allocation", "allocate", "erk_densities", "floor_share", "lamp_scores"]
+__all__ = ["ALLOCATIONS", "Allocation", "allocate", "bounds", "erk_densities", "floor_share", "lamp_scores"]
 
 _COUNT_DECIMALS = 9
 
@@ -54,11 +59,13 @@ class Allocation:
         method: One of ``ALLOCATIONS``.
         min_keep: Every layer keeps at least this many entries (0 lets a layer be emptied).
         floor: Every layer keeps at least this fraction of its entries, in [0, 1).
+        curves: For ``sensitivity``: layer name -> measured ``sensitivity.Curve`` (None until measured).
     """
 
     method: str = "lamp"
     min_keep: int = 1
     floor: float = 0.0
+    curves: Curves | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ALLOCATIONS:
@@ -159,6 +166,33 @@ def allocate(
     Raises:
         ValueError: the minimums alone exceed ``keep``, or ``keep`` exceeds what ``allowed`` permits.
     """
+    mins, caps = bounds(weights, keep, allocation, allowed)
+    if allocation.method == "sensitivity":
+        if allocation.curves is None:
+            raise ValueError("the sensitivity allocation needs measured curves (onnx_admm.sensitivity.measure); "
+                             "compress measures them itself")
+        keeps = split(allocation.curves, keep, mins, caps)
+    elif allocation.method in ("lamp", "global"):
+        keeps = _by_scores(weights, keep, allocation.method, mins, allowed)
+    else:
+        if allocation.method == "uniform":
+            quotas = {n: float(w.numel()) for n, w in weights.items()}
+        else:
+            dens = erk_densities({n: tuple(w.shape) for n, w in weights.items()})
+            quotas = {n: dens[n] * w.numel() for n, w in weights.items()}
+        keeps = _integer_quotas(quotas, mins, caps, keep)
+    logger.debug("%s allocation of %d: %s", allocation.method, keep, keeps)
+    return keeps
+
+
+def bounds(weights: Mapping[str, Tensor], keep: int, allocation: Allocation,
+           allowed: Mapping[str, Tensor] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """The least and the most each layer may keep (its minimum; its size or what ``allowed`` permits), once
+    the budget is checked against them: what every method of :func:`allocate` splits between.
+
+    Raises:
+        ValueError: the minimums alone exceed ``keep``, or ``keep`` exceeds what ``allowed`` permits.
+    """
     if allowed is not None and set(allowed) != set(weights):
         raise ValueError("allowed must have exactly the same layer names as weights")
     total = sum(w.numel() for w in weights.values())
@@ -176,17 +210,7 @@ def allocate(
     if keep > sum(caps.values()):
         raise ValueError(f"the target keeps {keep} weights but only {sum(caps.values())} are allowed by the previous "
                          "stage; a nested stage must have a higher sparsity than the one before")
-    if allocation.method in ("lamp", "global"):
-        keeps = _by_scores(weights, keep, allocation.method, mins, allowed)
-    else:
-        if allocation.method == "uniform":
-            quotas = {n: float(w.numel()) for n, w in weights.items()}
-        else:
-            dens = erk_densities({n: tuple(w.shape) for n, w in weights.items()})
-            quotas = {n: dens[n] * w.numel() for n, w in weights.items()}
-        keeps = _integer_quotas(quotas, mins, caps, keep)
-    logger.debug("%s allocation of %d: %s", allocation.method, keep, keeps)
-    return keeps
+    return mins, caps
 
 
 def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:

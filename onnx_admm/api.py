@@ -39,6 +39,7 @@ from onnx_admm.pipeline.commit import finish, save_last, unwritten
 from onnx_admm.pipeline.legalize import legalize
 from onnx_admm.pipeline.results import (AccuracyGateFailed, CompressInterrupted, CompressResult, Measured,
                                         ReportFailed, StageResult)
+from onnx_admm.pipeline.sensitivity import describe_curves
 from onnx_admm.pipeline.stages import Runner
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[
         | Dataset | PluginData)
 
 
-def _weight_specs(imported: ImportedModel) -> list[WeightSpec]:
+def weight_specs(imported: ImportedModel) -> list[WeightSpec]:
     specs = []
     for entry in imported.compressible():
         specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, *entry.channel_axes))
@@ -178,7 +179,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     if not imported.compressible():
         raise UserError(_nothing_to_compress(imported))
     imported.module.to(device)
-    specs = _weight_specs(imported)
+    specs = weight_specs(imported)
     plan = make_plan(specs, config)
     floors = checked_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
@@ -216,7 +217,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
                         "the allocation barely chooses; lower them")
         logger.warning("%s", warnings[-1])
     return result, Measured(held_out, runner.dense_metric, left_alone, warnings, memory, runner.batch,
-                            runner.world_report())
+                            runner.world_report(), describe_curves(runner.plan))
 
 
 def _followed(result: CompressResult, report: dict | None) -> CompressResult:

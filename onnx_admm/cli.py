@@ -20,7 +20,9 @@ import click
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm import __version__
+from onnx_admm.cli_analyze import analyze
 from onnx_admm.gate import DEFAULT_FLOOR
+from onnx_admm.schedule import ALLOCATIONS
 from onnx_admm.signals import deferred, exit_status, interrupts, pending_interrupt, signal_name
 
 EXIT_GATE = 3  # AccuracyGateFailed.exit_status
@@ -30,7 +32,7 @@ EXIT_TERMINATED = 143
 
 # What the commands import (torch, onnx, onnxruntime, onnx2torch and their C extensions), loaded before
 # any command runs.
-_LIBRARIES = ("onnx_admm.api", "onnx_admm.check", "onnx_admm.inspection", "onnx_admm.validate")
+_LIBRARIES = ("onnx_admm.api", "onnx_admm.analyze", "onnx_admm.check", "onnx_admm.inspection", "onnx_admm.validate")
 
 
 class _Command(click.Command):
@@ -226,8 +228,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--per-channel/--per-tensor", default=None, help="One quantization scale per output channel or per tensor.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
               help="Total training budget in epochs; the tool splits it over stages and phases.")
-@click.option("--allocation", type=click.Choice(["lamp", "global", "erk", "uniform"]),
-              help="How a global --sparsity is split over layers (default lamp).")
+@click.option("--allocation", type=click.Choice(ALLOCATIONS),
+              help="How a global --sparsity is split over layers (default lamp; sensitivity: from each layer's "
+                   "measured accuracy drop, as the analyze command measures it).")
 @click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage (instead of --epochs).")
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
@@ -331,6 +334,9 @@ def report_command(report_path: str, output: str | None) -> None:
 
     target = check_html_output(output or default_html_path(report_path), [("the report", report_path)])
     write_html(load_report(report_path), target)
+
+
+main.command("analyze")(analyze)
 
 
 def _check_structure(value: str | None) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from onnx_admm.allocation import Allocation, allocate, floor_share
+from onnx_admm.allocation import Allocation, allocate, bounds, floor_share
 from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.projections import Within, keep_count, shared_groups, spread
 from onnx_admm.structured import NM
@@ -136,13 +136,14 @@ def check_budget(plan: Plan, params: Mapping[str, Tensor]) -> float | None:
         return None
     weights = {w.spec.name: params[w.spec.name].detach() for w in members}
     keep = global_keep(plan, params, plan.n_stages - 1)
-    _allocate(plan, weights, keep, None)
+    # Only the bounds: a sensitivity allocation's curves are measured later, on the training data.
+    _allocate(plan, weights, keep, None, bounds)
     return floor_share(weights, keep, plan.allocation)
 
 
-def _allocate(plan: Plan, weights: Mapping[str, Tensor], keep: int, allowed) -> dict[str, int]:
+def _allocate(plan: Plan, weights: Mapping[str, Tensor], keep: int, allowed, how=allocate) -> Any:
     try:
-        return allocate(weights, keep, plan.allocation, allowed=allowed)
+        return how(weights, keep, plan.allocation, allowed=allowed)
     except ValueError as exc:
         raise ImpossibleTarget(f"impossible target: {exc} (min_keep and floor are in the recipe's [prune] table)") from None
 

@@ -15,6 +15,10 @@
   ||W - Z|| / ||W|| over the weights at the last Z/U update; None in retraining), ``samples``, ``seconds``.
 - ``phase_end``: ``stage``, ``phase``, ``stopped`` (the rollback note when a non-finite loss stopped it).
 - ``validate``: ``samples``, before the onnxruntime validation of the written model.
+- ``measure_start``: ``total`` (probes), before a sensitivity measurement (``onnx-admm analyze``, or compress
+  with ``allocation = "sensitivity"``): each layer pruned (or quantized) alone and the model evaluated.
+- ``measure``: ``layer``, ``done``, ``total``, ``metric`` (the model's with that layer alone changed), ``keep``
+  (weights the layer kept) or ``bits``, ``last`` (the layer's last probe).
 
 A callable gets them all; a mode string makes ``compress`` show them with ``console``: ``"bars"`` (tqdm,
 one bar per phase: stage, epoch and batch totals, batches per second, ETA, the loss, the metric and the
@@ -112,6 +116,11 @@ class EpochLog(_Display):
     def on_batch(self, event: dict[str, Any]) -> None:
         self.done += 1
 
+    def on_measure(self, event: dict[str, Any]) -> None:
+        if event["last"]:
+            LOGGER.info("sensitivity %d/%d: %s measured, metric %s at its deepest probe", event["done"], event["total"],
+                        event["layer"], percent(event["metric"]))
+
     def on_epoch_end(self, event: dict[str, Any]) -> None:
         seconds, samples = event["seconds"], event["samples"]
         self.phase_seconds += seconds
@@ -161,6 +170,19 @@ class Bars(_Display):
 
     def on_phase_end(self, event: dict[str, Any]) -> None:
         self.close()
+
+    def on_measure_start(self, event: dict[str, Any]) -> None:
+        self.close()
+        self.bar = tqdm(total=event["total"], desc="sensitivity", unit="probe", file=self.stream, dynamic_ncols=True,
+                        leave=True)
+
+    def on_measure(self, event: dict[str, Any]) -> None:
+        if self.bar is not None:
+            probe = f"{event['bits']}-bit" if event["bits"] is not None else f"keep {event['keep']}"
+            self.bar.set_postfix_str(f"{event['layer']} {probe}: {percent(event['metric'])}", refresh=False)
+            self.bar.update()
+        if event["done"] == event["total"]:
+            self.close()
 
     def _postfix(self) -> str:
         return ", ".join(self.fields.values())

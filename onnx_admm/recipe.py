@@ -232,7 +232,8 @@ class PruneConfig:
     # (in compression ratio, as the progressive ADMM papers step).
     spacing: str = "cubic"
     targets: tuple[float, ...] | None = None  # explicit global stage targets (overrides stages)
-    # How the global target is split over layers (onnx_admm.allocation): lamp | global | erk | uniform.
+    # How the global target is split over layers (onnx_admm.allocation): lamp | global | erk | uniform |
+    # sensitivity (measured per-layer drops, onnx_admm.sensitivity).
     allocation: str = "lamp"
     min_keep: int = 1  # every layer keeps at least this many weights (0: a layer may be emptied)
     floor: float = 0.0  # every layer keeps at least this fraction (a minimum count, taken first)

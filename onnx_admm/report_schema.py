@@ -16,6 +16,8 @@ from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.files import read_text
 
 SCHEMA_VERSION = 1
+# The version of ``onnx-admm analyze``'s JSON (kind "onnx-admm sensitivity"), under the same rule.
+SENSITIVITY_SCHEMA_VERSION = 1
 # The versions this code reads; older ones join here when a reader for them is kept.
 READABLE_VERSIONS: tuple[int, ...] = (SCHEMA_VERSION,)
 

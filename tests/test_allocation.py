@@ -11,6 +11,22 @@ import torch
 
 from onnx_admm.allocation import ALLOCATIONS, Allocation, allocate, floor_share, lamp_scores
 from onnx_admm.projections import Unstructured, Within, keep_count, topk_mask
+from onnx_admm.sensitivity import ALLOCATION_LEVELS, Curve, keep_counts
+
+
+def _allocation(method: str, weights: dict[str, torch.Tensor], **minimums) -> Allocation:
+    """``Allocation(method, **minimums)``; for ``sensitivity`` with curves measured on the weights themselves:
+    the "metric" is the share of each layer's squared magnitude its top-k entries keep."""
+    allocation = Allocation(method, **minimums)
+    if method != "sensitivity":
+        return allocation
+    curves = {}
+    for name, w in weights.items():
+        kept = w.reshape(-1).double().square().sort(descending=True).values.cumsum(0)
+        kept = kept / kept[-1].clamp_min(1e-30)
+        counts = keep_counts(w.numel(), ALLOCATION_LEVELS, allocation.minimum(w.numel()))
+        curves[name] = Curve(w.numel(), 1.0, tuple((k, float(kept[k - 1]) if k else 0.0) for k in counts))
+    return Allocation(method, **minimums, curves=curves)
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
@@ -29,19 +45,19 @@ def test_every_allocator_sums_exactly_and_keeps_minimums(method):
         total = sum(w.numel() for w in weights.values())
         for sparsity in (0.0, 0.5, 0.9, 0.99, 0.998):
             keep = keep_count(total, sparsity)
-            keeps = allocate(weights, keep, Allocation(method))
+            keeps = allocate(weights, keep, _allocation(method, weights))
             assert sum(keeps.values()) == keep
             for name, w in weights.items():
                 assert 1 <= keeps[name] <= w.numel(), (method, sparsity, name)
-            assert allocate(weights, keep, Allocation(method)) == keeps  # deterministic
+            assert allocate(weights, keep, _allocation(method, weights)) == keeps  # deterministic
 
 
 @pytest.mark.parametrize("method", ALLOCATIONS)
 def test_min_keep_zero_may_empty_a_layer_and_floors_are_minimum_counts(method):
     weights = {"big": torch.randn(1000), "small": torch.randn(10)}
-    keeps = allocate(weights, 5, Allocation(method, min_keep=0))
+    keeps = allocate(weights, 5, _allocation(method, weights, min_keep=0))
     assert sum(keeps.values()) == 5
-    keeps = allocate(weights, 200, Allocation(method, min_keep=1, floor=0.05))
+    keeps = allocate(weights, 200, _allocation(method, weights, min_keep=1, floor=0.05))
     assert keeps["big"] >= 50 and keeps["small"] >= 1 and sum(keeps.values()) == 200
 
 
@@ -146,14 +162,14 @@ def test_allowed_restricts_every_allocator():
     g = torch.Generator().manual_seed(2)
     weights = {"a": torch.randn(40, generator=g), "b": torch.randn(6, 10, generator=g)}
     for method in ALLOCATIONS:
-        prev = allocate(weights, 50, Allocation(method))
+        prev = allocate(weights, 50, _allocation(method, weights))
         allowed = {n: topk_mask(w, prev[n]) for n, w in weights.items()}
         drifted = {n: w + 0.5 * torch.randn(w.shape, generator=g) for n, w in weights.items()}
-        keeps = allocate(drifted, 20, Allocation(method), allowed=allowed)
+        keeps = allocate(drifted, 20, _allocation(method, weights), allowed=allowed)
         assert sum(keeps.values()) == 20
         for n, w in drifted.items():
             assert keeps[n] <= prev[n]
             s = Within(Unstructured(keeps[n]), allowed[n]).support(w)
             assert not (s & ~allowed[n]).any()
         with pytest.raises(ValueError, match="higher sparsity"):
-            allocate(drifted, 60, Allocation(method), allowed=allowed)
+            allocate(drifted, 60, _allocation(method, weights), allowed=allowed)

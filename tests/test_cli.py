@@ -29,7 +29,7 @@ def _assert_one_line_error(result, *fragments: str) -> None:
 
 def test_version_and_help():
     assert __version__ in _run("--version").output
-    for command in ("inspect", "check", "validate", "compress"):
+    for command in ("inspect", "check", "validate", "compress", "analyze"):
         result = _run(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 

@@ -155,13 +155,13 @@ def test_the_readme_recipe_applies_to_the_digits_sample(digits_sample):
     import onnx
 
     from onnx_admm.converters.importer import import_model
-    from onnx_admm.api import _weight_specs
+    from onnx_admm.api import weight_specs
 
     readme = (digits_sample.dir.parent.parent / "README.md").read_text()
     block = re.search(r"## Recipes.*?```toml\n(.*?)```", readme, re.S).group(1)
     config = CompressConfig.from_dict(tomllib.loads(block))
     assert config.rules  # the example shows rules
-    plan = make_plan(_weight_specs(import_model(onnx.load(str(digits_sample.model)))), config)
+    plan = make_plan(weight_specs(import_model(onnx.load(str(digits_sample.model)))), config)
     by_label = {w.spec.label: w for w in plan.weights}
     assert by_label["0.weight"].sparsity[-1] == 0.5 and "7.weight" not in by_label
 
@@ -187,7 +187,7 @@ def test_coupled_filters_keep_the_same_channels_ranked_by_their_summed_energy():
 
 
 ENGINE = ("projections", "structured", "structures", "quantizers", "quant_choices", "allocation", "admm", "levels",
-          "schedule", "plan", "train", "metrics")
+          "schedule", "plan", "train", "metrics", "sensitivity")
 
 
 def test_the_engine_imports_nothing_of_the_product():

@@ -94,3 +94,27 @@ def test_off_shows_nothing_and_the_logger_is_left_as_found():
 def test_an_unknown_mode_is_a_user_error():
     with pytest.raises(UserError, match="progress must be one of auto, bars, lines, off or a callable, got 'bar'"):
         progress.display("bar")
+
+
+def _measure_events():
+    """A sensitivity measurement of two layers, two probes each (onnx_admm.sensitivity.measure)."""
+    yield {"kind": "measure_start", "total": 4}
+    for done, (layer, keep, last) in enumerate([("a", 10, False), ("a", 2, True), ("b", 5, False), ("b", 1, True)], 1):
+        yield {"kind": "measure", "layer": layer, "done": done, "total": 4, "metric": 0.5, "keep": keep, "bits": None,
+               "last": last}
+
+
+def test_a_sensitivity_measurement_is_one_bar_or_one_line_per_layer():
+    stream = _Terminal()
+    with console("auto", stream) as show:
+        for event in _measure_events():
+            show(event)
+        assert show.bar is None  # closed at the last probe
+    final = stream.getvalue().split("\r")[-1]  # the bar as it was left
+    assert "sensitivity" in final and "4/4" in final and "probe/s" in final and "b keep 1: 50.00%" in final
+    stream = io.StringIO()
+    with console("auto", stream) as show:
+        for event in _measure_events():
+            show(event)
+    assert stream.getvalue().splitlines() == ["sensitivity 2/4: a measured, metric 50.00% at its deepest probe",
+                                              "sensitivity 4/4: b measured, metric 50.00% at its deepest probe"]

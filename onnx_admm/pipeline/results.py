@@ -212,3 +212,4 @@ class Measured:
     memory: PeakMemory
     batch: BatchChoice
     distributed: dict[str, Any] | None = None  # processes and per-rank batch size (onnx_admm.distributed)
+    sensitivity: dict[str, Any] | None = None  # allocation = "sensitivity": the curves it split from

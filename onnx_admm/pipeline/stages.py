@@ -29,13 +29,14 @@ from onnx_admm.levels import FixedLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch, to_batches
 from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
+from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
 from onnx_admm.plan import ImpossibleTarget, Plan, WeightPlan, nm_constraint, sparsity_constraints
 from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.progress import Progress
 from onnx_admm.quantizers import Joint, quantize
 from onnx_admm.recipe import PRECISIONS, CompressConfig
-from onnx_admm.schedule import PhaseBudget, admm_period, initial_rho, lr_factor, rho_limit
+from onnx_admm.schedule import SENSITIVITY_SAMPLES, PhaseBudget, admm_period, initial_rho, lr_factor, rho_limit
 from onnx_admm.train import EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, evaluate, make_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ class Runner:
 
     def run(self) -> None:
         previous: dict[str, torch.Tensor] | None = None
+        if self.plan.allocation.method == "sensitivity":  # each pool layer pruned alone, once per run
+            measured = sample(self.train_data, SENSITIVITY_SAMPLES, self.cfg.seed + 2)
+            self.plan = with_curves(self.plan, self.params, lambda: self.world.agreed(lambda: evaluate(
+                self.imported.module, self.batches(measured, False), self.score, self.teacher)), self.emit)
         budgets = self.config.stage_budgets(self.plan.n_stages)
         lengths = [self.phase_length(epochs)[1] for b in budgets for epochs in (b.admm, b.retrain)]
         self.emit({"kind": "run", "stages": self.plan.n_stages, "batches": self.steps_per_epoch(),

@@ -164,6 +164,8 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
             ("default-global", "onnx-admm default, global magnitude allocation",
              {"prune": {"sparsity": s, "allocation": "global"}}),
+            ("default-sensitivity", "onnx-admm default, sensitivity allocation",
+             {"prune": {"sparsity": s, "allocation": "sensitivity"}}),
         ]
         # several seeds where the issue asks for a spread (40x-200x); one at 400x, to save time
         for seed in (seeds if ratio != TARGETS[-1] else seeds[:1]):
