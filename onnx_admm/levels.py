@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from onnx_admm.quantizers import channel_rows, from_channel_rows
+from onnx_admm.quantized import channel_rows, from_channel_rows
 
 
 @dataclass(frozen=True, eq=False)
