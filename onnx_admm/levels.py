@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from onnx_admm.quantized import along, channel_rows, from_channel_rows
+from onnx_admm.quant_base import along, channel_rows, from_channel_rows
 from onnx_admm.signs import Binary, Ternary
 
 

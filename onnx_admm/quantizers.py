@@ -5,7 +5,7 @@ They follow the constraint protocol of :mod:`onnx_admm.projections` (``project``
 The constraints: :class:`UniformQuant` (k-bit levels q*s, the container's full range), :class:`Binary` ({-a, +a})
 and :class:`Ternary` ({-a, 0, +a}) (defined in :mod:`onnx_admm.signs`, re-exported here),
 :class:`Codebook` (k-means levels) and :class:`Joint` (prune, then quantize what is kept). They share
-these rules (the shared pieces are in :mod:`onnx_admm.quantized`):
+these rules (the shared pieces are in :mod:`onnx_admm.quant_base`):
 
 - Quantizing never prunes: ``support`` is ``allowed`` (everything when None); zero is just a level an
   entry may leave again in retraining. Pruning comes from ``allowed`` or from :class:`Joint`.
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from onnx_admm.projections import Constraint, Within
-from onnx_admm.quantized import QuantizedTensor, Quantizer, channel_axis, check_channels, fit_inputs, from_channel_rows
+from onnx_admm.quant_base import QuantizedTensor, Quantizer, channel_axis, check_channels, fit_inputs, from_channel_rows
 from onnx_admm.signs import Binary, Ternary
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from onnx_admm.quantized import QuantizedTensor, Quantizer, channel_axis, check_channels, fit_inputs, from_channel_rows
+from onnx_admm.quant_base import QuantizedTensor, Quantizer, channel_axis, check_channels, fit_inputs, from_channel_rows
 
 __all__ = ["Binary", "Ternary"]
 

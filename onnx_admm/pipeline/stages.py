@@ -202,8 +202,8 @@ class Runner:
         """The levels a quantized weight retrains on: binary and ternary ones refit from the latent weights
         (``quantize.refit``), every other one frozen at the hard projection's."""
         choice = w.quant[stage]
-        if self.config.quantize.refit and (choice.ternary or choice.bits == 1):
-            return RefitLevels(_quantizer(choice, w.spec), self.config.quantize.refit)
+        if self.config.quantize.refit and choice.refits:
+            return RefitLevels(choice.quantizer(w.spec.out_axis or 0), self.config.quantize.refit)
         return FixedLevels.of(projected, support, _level_axis(w, stage))
 
     def removed_filters(self, supports: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -75,15 +75,14 @@ def quant_configs(kind: str) -> dict[str, dict]:
         "frozen levels, no clipping (before)": row({"refit": 0, "clip": 0}),
         "refit + clip 2": row(),
         "refit + clip 2, STE only": row(admm=ste),
-        "refit + clip 2, distill 0.5": row(train={"distill": 0.5}),
         "refit + clip 2, STE only, distill 0.5": row(admm=ste, train={"distill": 0.5}),
+        "refit + clip 2, distill 0.5": row(train={"distill": 0.5}),
         "refit, no clipping": row({"clip": 0}),
-        "frozen levels + clip 2": row({"refit": 0}),
-        "refit every step + clip 2": row({"refit": 1}),
+        "refit + clip 2, lr 0.03": row(train={"lr": 0.03}),
         "refit + clip 1.5": row({"clip": 1.5}),
         "refit + clip 3": row({"clip": 3}),
+        "refit every step + clip 2": row({"refit": 1}),
         "refit + clip 2, ADMM share 0.3": row(admm={"share": 0.3}),
-        "refit + clip 2, lr 0.03": row(train={"lr": 0.03}),
         "refit + clip 2, lr 0.003": row(train={"lr": 0.003}),
         "refit + clip 2, STE only, lr 0.03": row(admm=ste, train={"lr": 0.03}),
         "refit + clip 2, STE only, adam 1e-3": row(admm=ste, train={"optimizer": "adam", "lr": 1e-3}),
@@ -99,6 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense-epochs", type=int, default=24, help="epochs of the dense model (when work has none)")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     from onnx_admm.recipe import CompressConfig
 
     data = bench.load_fashion_mnist(bench.DEFAULT_DATA)
-    dense = bench.train_dense(args.work, data, 24, args.threads)
+    dense = bench.train_dense(args.work, data, args.dense_epochs, args.threads)
     pick = np.sort(np.random.default_rng(123).permutation(len(data["train_x"]))[:args.train])
     train = Dataset({"input": data["train_x"][pick]}, data["train_y"][pick], {"input"})
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
