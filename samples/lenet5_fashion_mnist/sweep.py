@@ -79,6 +79,7 @@ def quant_configs(kind: str) -> dict[str, dict]:
         "refit + clip 2, distill 0.5": row(train={"distill": 0.5}),
         "refit, no clipping": row({"clip": 0}),
         "refit + clip 2, lr 0.03": row(train={"lr": 0.03}),
+        "refit + clip 2, lr 0.1": row(train={"lr": 0.1}),
         "refit + clip 1.5": row({"clip": 1.5}),
         "refit + clip 3": row({"clip": 3}),
         "refit every step + clip 2": row({"refit": 1}),
