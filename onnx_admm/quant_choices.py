@@ -24,6 +24,9 @@ class QuantChoice:
     per_channel: bool = False
     # Codebooks share their values over the whole tensor whatever per_channel says.
     channel_levels: ClassVar[bool] = True
+    # Binary and ternary scales are closed forms of the weights: retraining refits them from the latent
+    # weights (onnx_admm.levels.RefitLevels) instead of freezing the hard projection's.
+    refits: ClassVar[bool] = False
 
     def quantizer(self, axis: int):
         """The constraint that projects onto these levels; ``axis`` is the weight's output-channel axis."""
@@ -59,6 +62,8 @@ class KBit(QuantChoice):
 class BinaryLevels(QuantChoice):
     """Two levels, -a and +a."""
 
+    refits: ClassVar[bool] = True
+
     def quantizer(self, axis: int):
         return Binary(per_channel=self.per_channel, axis=axis)
 
@@ -69,6 +74,8 @@ class BinaryLevels(QuantChoice):
 @dataclass(frozen=True)
 class TernaryLevels(QuantChoice):
     """Three levels, -a, 0 and +a."""
+
+    refits: ClassVar[bool] = True
 
     def quantizer(self, axis: int):
         return Ternary(per_channel=self.per_channel, axis=axis)

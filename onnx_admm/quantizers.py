@@ -2,9 +2,10 @@
 
 They follow the constraint protocol of :mod:`onnx_admm.projections` (``project`` and ``support``).
 
-The constraints: :class:`UniformQuant` (k-bit levels q*s, the container's full range), :class:`Binary` ({-a, +a}),
-:class:`Ternary` ({-a, 0, +a}), :class:`Codebook` (k-means levels) and :class:`Joint` (prune, then
-quantize what is kept). They share these rules:
+The constraints: :class:`UniformQuant` (k-bit levels q*s, the container's full range), :class:`Binary` ({-a, +a})
+and :class:`Ternary` ({-a, 0, +a}) (defined in :mod:`onnx_admm.signs`, re-exported here),
+:class:`Codebook` (k-means levels) and :class:`Joint` (prune, then quantize what is kept). They share
+these rules (the shared pieces are in :mod:`onnx_admm.quant_base`):
 
 - Quantizing never prunes: ``support`` is ``allowed`` (everything when None); zero is just a level an
   entry may leave again in retraining. Pruning comes from ``allowed`` or from :class:`Joint`.
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from onnx_admm.projections import Constraint, Within, check_allowed, keep_support
+from onnx_admm.projections import Constraint, Within
+from onnx_admm.quant_base import QuantizedTensor, Quantizer, channel_axis, check_channels, fit_inputs, from_channel_rows
+from onnx_admm.signs import Binary, Ternary
 
 logger = logging.getLogger(__name__)
 
@@ -50,78 +53,6 @@ _LLOYD_STEPS = 20
 _KMEANS_STEPS = 50
 # Entries per chunk when the scale search evaluates many candidate scales at once (memory bound).
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True, eq=False)
-class QuantizedTensor:
-    """A tensor on integer levels: ``value = q * scale`` (scale broadcast along ``axis``).
-
-    Attributes:
-        q: int8 tensor shaped like the weight, ``-2**(bits-1) <= q <= 2**(bits-1) - 1``.
-        scale: Positive float tensor in the weight's dtype: shape ``()`` per tensor, or ``(C,)`` with
-            ``C = q.shape[axis]`` per channel.
-        axis: The channel axis of ``scale``, or None for one scale.
-        bits: k, the container: levels ``q`` in [-2^(k-1), 2^(k-1) - 1]; binary and ternary
-            are stored as k = 2 (levels -1, 0, 1).
-    """
-
-    q: Tensor
-    scale: Tensor
-    axis: int | None
-    bits: int
-
-    def dequantize(self) -> Tensor:
-        """``q * scale`` in the scale's dtype: one rounding per entry, as DequantizeLinear computes it."""
-        return self.q.to(self.scale.dtype) * _along(self.scale, self.axis, self.q.dim())
-
-
-def _along(scale: Tensor, axis: int | None, ndim: int) -> Tensor:
-    if axis is None:
-        return scale
-    return scale.reshape([-1 if i == axis else 1 for i in range(ndim)])
-
-
-def _check_channels(owner: str, per_channel: object, axis: object) -> None:
-    if not isinstance(per_channel, bool):
-        raise ValueError(f"{owner}(per_channel=...) takes True or False, got {per_channel!r}")
-    if not isinstance(axis, int) or isinstance(axis, bool):
-        raise ValueError(f"{owner}(axis=...) takes an int, got {axis!r}")
-
-
-def _channel_axis(w: Tensor, per_channel: bool, axis: int, owner: str) -> int | None:
-    if not per_channel:
-        return None
-    if not -w.dim() <= axis < w.dim() or w.dim() == 0:
-        raise ValueError(
-            f"{owner}(per_channel=True, axis={axis}) needs a tensor with that axis, got shape {tuple(w.shape)}; "
-            "use per_channel=False for it"
-        )
-    return axis % w.dim()
-
-
-def channel_rows(w: Tensor, axis: int | None) -> Tensor:
-    """``w`` as [C, n]: one row per channel along ``axis`` (one row for the whole tensor when None)."""
-    if axis is None:
-        return w.reshape(1, -1)
-    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
-
-
-def from_channel_rows(rows: Tensor, like: Tensor, axis: int | None) -> Tensor:
-    """The inverse of ``channel_rows``: [C, n] rows back into ``like``'s shape."""
-    if axis is None:
-        return rows.reshape(like.shape)
-    moved = list(like.movedim(axis, 0).shape)
-    return rows.reshape(moved).movedim(0, axis)
-
-
-def _fit_inputs(w: Tensor, allowed: Tensor | None, axis: int | None) -> tuple[Tensor, Tensor]:
-    """Rows of ``w`` with entries outside ``allowed`` set to 0, and rows of the mask of entries to fit."""
-    w = w.detach()
-    keep = w != 0
-    if allowed is not None:
-        keep &= check_allowed(w, allowed)
-    x = keep_support(w, keep)
-    return channel_rows(x, axis), channel_rows(keep, axis)
 
 
 @dataclass(frozen=True)
@@ -314,23 +245,8 @@ def _grid_scale(x: Tensor, levels: _Range) -> Tensor:
     return scale
 
 
-class _Quantizer:
-    """What the quantizing constraints share: they never prune, and (k-bit, binary, ternary) project by
-    dequantizing their own integer levels, so ``project`` and the export see the very same floats."""
-
-    def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """The projection of ``w`` (zero outside ``allowed``): exactly ``quantize(w, allowed).dequantize()``."""
-        return self.quantize(w, allowed).dequantize()  # type: ignore[attr-defined]
-
-    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``allowed`` (all True when None): quantizing never prunes; zero is a level, not a pruned weight."""
-        if allowed is None:
-            return torch.ones(w.shape, dtype=torch.bool, device=w.device)
-        return check_allowed(w, allowed).clone()
-
-
 @dataclass(frozen=True)
-class UniformQuant(_Quantizer):
+class UniformQuant(Quantizer):
     """k-bit levels ``q * s`` on the integers a k-bit container holds, ``q`` in [-2^(k-1), 2^(k-1) - 1].
 
     The full two's-complement range is the default because it is what the stored int8/int4/int2 holds
@@ -372,7 +288,7 @@ class UniformQuant(_Quantizer):
                 f"UniformQuant(bits=...) takes an int from 2 to 8, got {self.bits!r}; "
                 "use Binary() or Ternary() for 1-bit / ternary levels"
             )
-        _check_channels(type(self).__name__, self.per_channel, self.axis)
+        check_channels(type(self).__name__, self.per_channel, self.axis)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"UniformQuant(symmetric=...) takes True or False, got {self.symmetric!r}")
 
@@ -388,9 +304,9 @@ class UniformQuant(_Quantizer):
 
     def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
         """Levels and scales of the projection of ``w`` (zero outside ``allowed``)."""
-        axis = _channel_axis(w, self.per_channel, self.axis, "UniformQuant")
+        axis = channel_axis(w, self.per_channel, self.axis, "UniformQuant")
         levels = _Range(-self.qmin, self.qmax)
-        x, _ = _fit_inputs(w, allowed, axis)
+        x, _ = fit_inputs(w, allowed, axis)
         # Entries outside ``allowed`` are 0 in every point of the set whatever their value, so the fitted
         # rows alone decide whether w is already on a grid.
         scale = _on_grid(x, levels)
@@ -400,87 +316,8 @@ class UniformQuant(_Quantizer):
         return QuantizedTensor(from_channel_rows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, self.bits)
 
 
-def _sign_levels(x: Tensor, chosen: Tensor) -> Tensor:
-    """Per-row scale = mean |x| over ``chosen``; exactly the common value when those are all equal (so a
-    tensor already on {-a, 0, a} keeps its a bitwise, whatever the float rounding of a mean)."""
-    mag = x.abs()
-    total = torch.where(chosen, mag, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1, dtype=torch.float64)
-    count = chosen.sum(dim=1)
-    scale = (total / count.clamp(min=1)).to(x.dtype)
-    high = torch.where(chosen, mag, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).amax(dim=1)
-    low = torch.where(chosen, mag, torch.full((), math.inf, dtype=x.dtype, device=x.device)).amin(dim=1)
-    scale = torch.where(high == low, high, scale)
-    return torch.where(count > 0, scale, torch.ones_like(scale))
-
-
-def _sign_quantized(w: Tensor, x: Tensor, chosen: Tensor, axis: int | None) -> QuantizedTensor:
-    q = torch.where(chosen, torch.sign(x), torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.int8)
-    scale = _sign_levels(x, chosen)
-    return QuantizedTensor(from_channel_rows(q, w, axis), scale.reshape(() if axis is None else (-1,)), axis, 2)
-
-
 @dataclass(frozen=True)
-class _ScaledSigns(_Quantizer):
-    """Shared fields of the quantizers with one scale a per tensor or per channel (binary, ternary)."""
-
-    per_channel: bool = False
-    axis: int = 0
-
-    def __post_init__(self) -> None:
-        _check_channels(type(self).__name__, self.per_channel, self.axis)
-
-
-@dataclass(frozen=True)
-class Binary(_ScaledSigns):
-    """Levels {-a, +a} with a = mean |w| (the L2-optimal scale for the signs), per tensor or per channel.
-
-    Entries outside ``allowed`` (and exact zeros) stay 0 and a is the mean over the rest: with pruning the
-    levels are {-a, 0, +a}, stored in 2 bits.
-
-    Attributes:
-        per_channel: One a per index of ``axis``.
-        axis: The channel axis for ``per_channel``.
-    """
-
-    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
-        """Signs (int8, 0 where pruned) and the per-tensor / per-channel a."""
-        axis = _channel_axis(w, self.per_channel, self.axis, "Binary")
-        x, keep = _fit_inputs(w, allowed, axis)
-        return _sign_quantized(w, x, keep, axis)
-
-
-@dataclass(frozen=True)
-class Ternary(_ScaledSigns):
-    """Levels {-a, 0, +a} with the exact L2-optimal threshold and a, per tensor or per channel.
-
-    For a kept set of the k largest |w| the best a is their mean and the error is
-    ||w||^2 - (sum of top k)^2 / k, so k maximises (sum of top k)^2 / k. Only k at the end of a run of equal
-    magnitudes is considered (the objective cannot peak inside a run), so tied entries always share a level.
-
-    Attributes:
-        per_channel: One a (and threshold) per index of ``axis``.
-        axis: The channel axis for ``per_channel``.
-    """
-
-    def quantize(self, w: Tensor, allowed: Tensor | None = None) -> QuantizedTensor:
-        """Levels -1/0/+1 (int8) and the per-tensor / per-channel a."""
-        axis = _channel_axis(w, self.per_channel, self.axis, "Ternary")
-        x, _ = _fit_inputs(w, allowed, axis)
-        mag = torch.sort(x.abs(), dim=1, descending=True).values
-        sums = mag.cumsum(dim=1, dtype=torch.float64)
-        k = torch.arange(1, mag.shape[1] + 1, dtype=torch.float64, device=x.device)
-        objective = sums.square() / k
-        run_end = torch.ones_like(mag, dtype=torch.bool)
-        run_end[:, :-1] = mag[:, :-1] > mag[:, 1:]
-        objective = torch.where(run_end & (mag > 0), objective, torch.full_like(objective, -1.0))
-        best = objective.argmax(dim=1, keepdim=True)  # the smallest k among equal objectives
-        threshold = mag.gather(1, best)
-        chosen = (x.abs() >= threshold) & (objective.gather(1, best) > 0)
-        return _sign_quantized(w, x, chosen, axis)
-
-
-@dataclass(frozen=True)
-class Codebook(_Quantizer):
+class Codebook(Quantizer):
     """At most ``clusters`` distinct nonzero levels, fitted by 1-D k-means; zero stays an extra level.
 
     k-means runs over the fitted entries (allowed and nonzero) from a deterministic start (the values at
@@ -511,7 +348,7 @@ class Codebook(_Quantizer):
             ``(centroids, index)``: sorted 1-D centroids in ``w``'s dtype, and an int64 tensor shaped like
             ``w`` giving each entry's centroid, -1 where the entry stays 0.
         """
-        x, keep = _fit_inputs(w, allowed, None)
+        x, keep = fit_inputs(w, allowed, None)
         x, keep = x.reshape(-1), keep.reshape(-1)
         values = x[keep]
         index = torch.full(x.shape, -1, dtype=torch.long, device=x.device)

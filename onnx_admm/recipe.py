@@ -9,7 +9,7 @@ Layout of a recipe (every table optional, unknown keys are errors):
     [prune]    sparsity (global target), stages, spacing, targets, allocation, min_keep, floor, structure
                (unstructured, filter, channel, column, block, or an N:M pattern such as "2:4"), block
     [quantize] bits (an integer, or a list for progressive stages; 1 = binary), ternary, clusters,
-               per_channel, symmetric
+               per_channel, symmetric, refit, clip
     [output]   activations ("float", or "int8": a QDQ model onnxruntime runs with integer kernels),
                calibration (training samples that calibrate the int8 activation ranges)
     [[rules]]  match (glob on the ONNX weight name) and/or op_type; sparsity; structure; bits;
@@ -323,11 +323,23 @@ class QuantizeConfig:
     clusters: int | None = None
     per_channel: bool = False  # one scale per output channel (uniform, binary, ternary)
     symmetric: bool = False  # k-bit levels symmetric around 0 (one level fewer)
+    # Binary and ternary retraining: refit the scales (and the ternary threshold) from the latent weights
+    # every `refit` steps (0: keep the hard projection's), and clip the latent weights to `clip` times their
+    # channel's scale (0: no clipping). Measured on the Fashion-MNIST LeNet-5 (samples/, RESULTS.md).
+    refit: int = 10
+    clip: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
             object.__setattr__(self, "bits", tuple(self.bits))
         _check_quant("[quantize]", self.bits, self.ternary, self.clusters)
+        if isinstance(self.refit, bool) or not isinstance(self.refit, int) or self.refit < 0:
+            _fail(f"[quantize] refit is the number of training steps between refits of binary/ternary scales "
+                  f"(0: keep the hard projection's), got {self.refit!r}")
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not (
+                self.clip == 0 or self.clip > 1):
+            _fail(f"[quantize] clip must be 0 (no clipping) or a factor above 1 (latent weights within clip x "
+                  f"their scale; 2 is the default), got {self.clip!r}")
 
     @property
     def enabled(self) -> bool:

@@ -43,6 +43,9 @@ def _ort(path, x):
     ({"bits": 4, "per_channel": True}, {"DequantizeLinear"}, None),
     ({"bits": 1}, {"DequantizeLinear"}, 2),
     ({"ternary": True}, {"DequantizeLinear"}, 3),
+    ({"bits": 1, "per_channel": True}, {"DequantizeLinear"}, None),
+    ({"ternary": True, "per_channel": True}, {"DequantizeLinear"}, None),
+    ({"bits": 1, "per_channel": True, "refit": 0, "clip": 0}, {"DequantizeLinear"}, None),
     ({"clusters": 16}, {"Cast", "Gather"}, 16),
 ])
 def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, quantize, ops, max_levels):
@@ -58,10 +61,17 @@ def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, q
         levels = np.unique(value)
         if max_levels is not None:
             assert levels.size <= max_levels, (name, levels.size)
-        if quantize.get("bits") == 1:
-            assert levels.size == 2 and levels[0] == -levels[1]  # exactly {-a, +a}
-        if quantize.get("ternary"):
-            assert levels.size == 3 and levels[1] == 0 and levels[0] == -levels[2]
+        # One level set per tensor, or per output channel (axis 0 of Conv and Gemm(transB=1) weights).
+        for channel in (value.reshape(value.shape[0], -1) if quantize.get("per_channel") else [value]):
+            levels = np.unique(channel)
+            if quantize.get("bits") == 1:  # within {-a_c, +a_c}: no zero, one magnitude
+                assert 0 not in levels and np.unique(np.abs(levels)).size == 1, (name, levels)
+            if quantize.get("ternary"):  # within {-a_c, 0, +a_c}
+                assert np.unique(np.abs(levels[levels != 0])).size == 1, (name, levels)
+        if not quantize.get("per_channel") and (quantize.get("bits") == 1 or quantize.get("ternary")):
+            assert np.unique(value).size == (2 if quantize.get("bits") == 1 else 3), name  # every level used
+        if quantize.get("per_channel") and quantize.get("clusters") is None:
+            assert np.unique(np.abs(value).max(axis=tuple(range(1, value.ndim)))).size > 1  # scales differ
     # The reference is the torch module holding the projected float weights, not the exported integers.
     x = np.load(digits_sample.test)["input"][:32]
     ok, diff = within_tolerance(result.imported.run({"input": x}), _ort(out, x))
@@ -106,7 +116,8 @@ def test_progressive_bits_and_cli_flags(digits_sample, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_conv_transpose_weights_get_one_scale_per_output_channel(tmp_path):
+@pytest.mark.parametrize("quantize, per_channel_levels", [({"bits": 4}, 16), ({"bits": 1}, 2), ({"ternary": True}, 3)])
+def test_conv_transpose_weights_get_one_scale_per_output_channel(tmp_path, quantize, per_channel_levels):
     """A ConvTranspose weight is [in, out / groups, kH, kW]: its output channels are axis 1, so per-channel
     levels, the stored scales and DequantizeLinear's axis follow axis 1, not the input channels."""
     rng = np.random.default_rng(0)
@@ -120,15 +131,16 @@ def test_conv_transpose_weights_get_one_scale_per_output_channel(tmp_path):
     x = rng.normal(size=(64, 6, 4, 4)).astype(np.float32)
     config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 32},
                                        "admm": {"epochs": 0, "retrain_epochs": 0},
-                                       "quantize": {"bits": 4, "per_channel": True}})
+                                       "quantize": {**quantize, "per_channel": True}})
     result = compress(model, {"x": x}, config, metric_floor=0)
     written = result.model()
     dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear")
     assert onnx.helper.get_attribute_value(next(a for a in dq.attribute if a.name == "axis")) == 1
     scale = next(onnx.numpy_helper.to_array(i) for i in written.graph.initializer if i.name == dq.input[1])
     assert scale.shape == (3,)
-    # Each output channel sits on its own 4-bit grid: at most 16 levels per channel, scales 10x apart.
+    # Each output channel sits on its own levels (4-bit grid, {-a_c, +a_c}, {-a_c, 0, +a_c}), scales 10x apart.
     value = tensor_value(*(lambda v: (v, constant_sources(v)["W"]))(decoded_view(written)[0]))
     for c in range(3):
-        assert np.unique(value[:, c]).size <= 16
+        assert np.unique(value[:, c]).size <= per_channel_levels
+        assert np.unique(np.abs(value[:, c][value[:, c] != 0])).size <= (8 if per_channel_levels == 16 else 1)  # int4: |q| in 1..8
     assert scale[2] / scale[0] > 20

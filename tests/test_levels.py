@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onnx_admm.levels import FixedLevels, StraightThrough
+from onnx_admm.levels import FixedLevels, RefitLevels, StraightThrough
+from onnx_admm.quantizers import Binary, Ternary
 
 
 def _random(shape, seed=0):
@@ -101,3 +102,79 @@ def test_straight_through_can_start_from_the_weights_before_projection():
     ste = StraightThrough({"w": p}, {"w": levels}, {"w": torch.tensor([True, False])}, start={"w": before})
     ste.finish()
     assert torch.equal(p.detach(), torch.tensor([1.0, 0.0]))
+
+
+def test_refit_levels_fit_like_the_quantizer_and_step_on_the_last_fit_in_between():
+    ternary = Ternary(per_channel=True, axis=0)
+    levels = RefitLevels(ternary, every=3)
+    w = _random((4, 50), 3)
+    assert torch.equal(levels.step(w), ternary.project(w))  # the first step fits
+    a = levels.scale.clone()
+    moved = w * 3
+    out = levels.step(moved)  # between refits: nearest of {-a_c, 0, +a_c}, 0 below a_c / 2
+    expected = torch.where(moved.abs() > a[:, None] / 2, torch.sign(moved) * a[:, None], torch.zeros(()))
+    assert torch.equal(out, expected)
+    levels.step(moved)
+    assert torch.equal(levels.step(moved), ternary.project(moved))  # step 3: refit to the weights
+    with pytest.raises(ValueError, match=r"RefitLevels\(every=...\) takes an int >= 1"):
+        RefitLevels(ternary, every=0)
+
+
+def _sign_training(ste, w, target, steps, lr):
+    optimizer = torch.optim.SGD([w], lr=lr)
+    for _ in range(steps):
+        ste.before_forward()
+        loss = (w - target).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        ste.before_step()
+        optimizer.step()
+    ste.finish()
+
+
+def test_refit_binary_through_the_latent_flips_signs_a_projected_step_cannot():
+    """Steps of lr * grad = 0.02 against levels of about 1: a weight trained on its projection alone snaps back
+    to its sign after every step; the latent weights accumulate the steps and cross zero."""
+    start = torch.tensor([[1.0, 0.9, -1.1, 1.2], [-2.0, 2.2, -1.8, 2.0]])
+    target = torch.tensor([[-1.0, 1.0, 1.0, 1.0], [-2.0, -2.0, -2.0, 2.0]])
+    w = torch.nn.Parameter(start.clone())
+    quantizer = Binary(per_channel=True, axis=0)
+    ste = StraightThrough({"w": w}, {"w": RefitLevels(quantizer)})
+    _sign_training(ste, w, target, steps=150, lr=0.01)
+    final = w.detach()
+    assert torch.equal(torch.sign(final), torch.sign(target))
+    for row in final:  # exactly {-a_c, +a_c}, one a per output channel
+        assert row.abs().unique().numel() == 1
+    assert torch.equal(final, quantizer.project(final))
+    # The same steps on the projected weights (no latent): nothing flips.
+    p = torch.nn.Parameter(quantizer.project(start))
+    optimizer = torch.optim.SGD([p], lr=0.01)
+    for _ in range(150):
+        loss = (p - target).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            p.copy_(quantizer.project(p))
+    assert torch.equal(torch.sign(p.detach()), torch.sign(start))
+
+
+def test_clipping_keeps_latent_weights_within_a_factor_of_their_scale():
+    """One entry pulled far out (steps of 0.1): unclipped its latent runs away from a = mean |w| (it ends far
+    above 2a); clipped it stays within 2a of its channel's scale up to one step, and the weights end exactly
+    on {-a_c, +a_c}."""
+    start = torch.tensor([[0.5, -0.4, 0.6, -0.5], [0.01, -0.02, 0.03, 0.01]])
+    target = torch.tensor([[50.0, -0.4, 0.6, -0.5], [0.01, -0.02, 0.03, 0.01]])
+    binary = Binary(per_channel=True, axis=0)
+    bounds = {}
+    for clip in ({}, {"w": 2.0}):
+        w = torch.nn.Parameter(start.clone())
+        ste = StraightThrough({"w": w}, {"w": RefitLevels(binary)}, clip=clip)
+        _sign_training(ste, w, target, steps=200, lr=0.001)
+        scale = w.detach().abs().amax(dim=1)
+        bounds[bool(clip)] = (ste.latent["w"].abs() / scale[:, None]).amax()
+        assert torch.equal(w.detach(), binary.project(w.detach()))
+    # 2a, plus the last step's push (0.1) measured against the scale refit after clipping
+    assert bounds[True] <= 2.2 and bounds[False] > 3.0, bounds
+    with pytest.raises(ValueError, match="clip factor of 'w' must be > 1"):
+        StraightThrough({"w": w}, {"w": RefitLevels(binary)}, clip={"w": 1.0})

@@ -186,8 +186,8 @@ def test_coupled_filters_keep_the_same_channels_ranked_by_their_summed_energy():
         assert not (c.support(params[name]) & ~supports[name]).any()
 
 
-ENGINE = ("projections", "structured", "structures", "quantizers", "quant_choices", "allocation", "admm", "levels",
-          "schedule", "plan", "train", "metrics", "sensitivity")
+ENGINE = ("projections", "structured", "structures", "quant_base", "quantizers", "signs", "quant_choices", "allocation",
+          "admm", "levels", "schedule", "plan", "train", "metrics", "sensitivity")
 
 
 def test_the_engine_imports_nothing_of_the_product():

@@ -179,6 +179,9 @@ def test_prune_targets_must_end_at_sparsity():
         ({"rules": [{"match": "*", "sparsity": 0.5, "skip": True}]}, "contradict"),
         ({"rules": {"match": "*"}}, r"\[\[rules\]\]"),
         ({"train": 3}, "must be a table"),
+        ({"quantize": {"bits": 1, "clip": 1.0}}, r"\[quantize\] clip must be 0 \(no clipping\) or a factor above 1"),
+        ({"quantize": {"bits": 1, "clip": -2}}, r"\[quantize\] clip must be 0"),
+        ({"quantize": {"ternary": True, "refit": -1}}, r"\[quantize\] refit is the number of training steps"),
     ],
 )
 def test_bad_values_are_user_errors(data, match):

@@ -25,7 +25,7 @@ from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.data import Dataset
 from onnx_admm.distributed import SyncedADMM, World, digest
-from onnx_admm.levels import FixedLevels, StraightThrough
+from onnx_admm.levels import FixedLevels, RefitLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch, to_batches
 from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
@@ -171,16 +171,19 @@ class Runner:
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels):
         # the constraints it split on the weights before projecting them, which ``latent`` holds.
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in quantized}
-        levels = {name: FixedLevels.of(params[name].detach(), supports[name], _level_axis(w, stage))
+        levels = {name: self.retrain_levels(w, stage, params[name].detach(), supports[name])
                   for name, w in quantized.items()}
-        self.world.broadcast_(level.levels for level in levels.values())
+        frozen = [level.levels for level in levels.values() if isinstance(level, FixedLevels)]
+        self.world.broadcast_(frozen)
         kept = self.removed_filters(supports)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         load_values(self.imported, values)
+        for name, level in levels.items():
+            if isinstance(level, RefitLevels):  # the scales the kept state ended with, for export
+                scales[name] = quantize(level.quantizer, params[name].detach(), supports[name])
         self.memory.mark(f"stage{stage + 1}.retrain")
-        self.state_digests.append(digest([*supports.values(), *(lv.levels for lv in levels.values()),
-                                          *(values[n] for n in sorted(values))]))
+        self.state_digests.append(digest([*supports.values(), *frozen, *(values[n] for n in sorted(values))]))
         total = sum(p.numel() for p in params.values())
         zeros = sum(int((p == 0).sum()) for p in params.values())
         self.stages.append(StageResult(
@@ -198,6 +201,14 @@ class Runner:
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports
+
+    def retrain_levels(self, w: WeightPlan, stage: int, projected: torch.Tensor, support: torch.Tensor):
+        """The levels a quantized weight retrains on: binary and ternary ones refit from the latent weights
+        (``quantize.refit``), every other one frozen at the hard projection's."""
+        choice = w.quant[stage]
+        if self.config.quantize.refit and choice.refits:
+            return RefitLevels(choice.quantizer(w.spec.out_axis or 0), self.config.quantize.refit)
+        return FixedLevels.of(projected, support, _level_axis(w, stage))
 
     def removed_filters(self, supports: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Kept channels per filter-pruned group; adds masks zeroing the consumers' input channels.
@@ -279,7 +290,9 @@ class Runner:
         split; quantized weights train through the straight-through estimator on the hard projection's levels."""
         fixed = FixedSupport(params, supports)
         fixed.apply()
-        ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent) if levels else None
+        factor = self.config.quantize.clip
+        clip = {n: factor for n, level in levels.items() if isinstance(level, RefitLevels) and factor > 0}
+        ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent, clip) if levels else None
         optimizer = self.optimizer()
         with ste.projected() if ste else nullcontext():
             best = {"metric": self.select_metric(), "values": snapshot(self.imported)}

@@ -1,7 +1,9 @@
 """ADMM schedule sweep on Fashion-MNIST LeNet-5: which rho, rho growth, Z/U updates and learning-rate
-policy beat the magnitude baselines at a fixed total budget.
+policy beat the magnitude baselines at a fixed total budget; with --quant, which retraining of binary or
+ternary weights (every layer) comes closest to the dense model.
 
     python samples/lenet5_fashion_mnist/sweep.py --ratio 200 --epochs 10 --train 20000 --seeds 0
+    python samples/lenet5_fashion_mnist/sweep.py --quant binary --epochs 10 --train 20000 --seeds 0
 
 Every row is one `compress` through the Python API on the bench's dense model (dense.onnx, trained by
 bench.py), with the same total epoch budget (`train.epochs`) and a training subset of --train images
@@ -59,14 +61,45 @@ def configs(s: float) -> dict[str, dict]:
     }
 
 
+def quant_configs(kind: str) -> dict[str, dict]:
+    """Binary or ternary weights on every layer, per output channel: the retraining choices (scales frozen
+    or refit, every 10 steps unless a row says otherwise; latent clipping; ADMM share of the budget;
+    learning rate; distillation from the original)."""
+    levels = {"bits": 1} if kind == "binary" else {"ternary": True}
+
+    def row(quantize: dict | None = None, **tables) -> dict:
+        return {"prune": {"stages": 1}, "quantize": {**levels, "per_channel": True, **(quantize or {})}, **tables}
+
+    ste = {"epochs": 0}  # the whole budget in straight-through retraining
+    return {
+        "frozen levels, no clipping (before)": row({"refit": 0, "clip": 0}),
+        "refit + clip 2": row(),
+        "refit + clip 2, STE only": row(admm=ste),
+        "refit + clip 2, STE only, distill 0.5": row(admm=ste, train={"distill": 0.5}),
+        "refit + clip 2, distill 0.5": row(train={"distill": 0.5}),
+        "refit, no clipping": row({"clip": 0}),
+        "refit + clip 2, lr 0.03": row(train={"lr": 0.03}),
+        "refit + clip 2, lr 0.1": row(train={"lr": 0.1}),
+        "refit + clip 1.5": row({"clip": 1.5}),
+        "refit + clip 3": row({"clip": 3}),
+        "refit every step + clip 2": row({"refit": 1}),
+        "refit + clip 2, ADMM share 0.3": row(admm={"share": 0.3}),
+        "refit + clip 2, lr 0.003": row(train={"lr": 0.003}),
+        "refit + clip 2, STE only, lr 0.03": row(admm=ste, train={"lr": 0.03}),
+        "refit + clip 2, STE only, adam 1e-3": row(admm=ste, train={"optimizer": "adam", "lr": 1e-3}),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=200)
+    parser.add_argument("--quant", choices=("binary", "ternary"), help="sweep binary or ternary retraining instead")
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--train", type=int, default=20000, help="training images (a seeded subset)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense-epochs", type=int, default=24, help="epochs of the dense model (when work has none)")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
@@ -76,25 +109,28 @@ def main(argv=None) -> int:
     from onnx_admm.recipe import CompressConfig
 
     data = bench.load_fashion_mnist(bench.DEFAULT_DATA)
-    dense = bench.train_dense(args.work, data, 24, args.threads)
+    dense = bench.train_dense(args.work, data, args.dense_epochs, args.threads)
     pick = np.sort(np.random.default_rng(123).permutation(len(data["train_x"]))[:args.train])
     train = Dataset({"input": data["train_x"][pick]}, data["train_y"][pick], {"input"})
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
     s = 1 - 1 / args.ratio
-    path = args.out / f"sweep-{args.ratio:g}x.json"
+    tag = args.quant or f"{args.ratio:g}x"
+    path = args.out / f"sweep-{tag}.json"
     results = json.loads(path.read_text()) if path.exists() else []
-    for name, recipe in configs(s).items():
+    table = quant_configs(args.quant) if args.quant else configs(s)
+    for name, recipe in table.items():
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
-            if any(r["name"] == name and r["seed"] == seed and r["epochs"] == args.epochs for r in results):
+            if any(r["name"] == name and r["seed"] == seed and r["epochs"] == args.epochs
+                   and r.get("train", 20000) == args.train for r in results):
                 continue
             recipe_full = {**recipe, "train": {"batch_size": 128, "lr": 0.01, "threads": args.threads,
                                                "seed": seed, "epochs": args.epochs, **recipe.get("train", {})}}
             started = time.perf_counter()
             result = compress(dense, train, CompressConfig.from_dict(recipe_full), val_data=test, metric_floor=0)
             m = result.report["metrics"]
-            row = {"name": name, "seed": seed, "epochs": args.epochs, "top1": m["compressed_accuracy"],
+            row = {"name": name, "seed": seed, "epochs": args.epochs, "train": args.train, "top1": m["compressed_accuracy"],
                    "dense": m["original_accuracy"], "stages": len(result.stages),
                    "density": {layer["name"]: round(1 - layer["sparsity"], 5) for layer in result.report["layers"]},
                    "residual_end": {layer["name"]: layer["residual"] for layer in result.report["layers"]},
@@ -107,9 +143,11 @@ def main(argv=None) -> int:
         dens = ", ".join(f"{100 * v:.3g}%" for v in r["density"].values())
         lines.append(f"| {r['name']} | {r['seed']} | {100 * r['top1']:.2f}% | {100 * (r['dense'] - r['top1']):.2f} | "
                      f"{r['stages']} | {dens} | {r['wall_s']} |")
-    (args.out / f"sweep-{args.ratio:g}x.md").write_text(
-        f"Sweep at {args.ratio:g}x, {args.epochs:g} epochs, {args.train} training images "
-        f"(`python samples/lenet5_fashion_mnist/sweep.py --ratio {args.ratio:g} --epochs {args.epochs:g} "
+    what = f"{args.quant}, every layer" if args.quant else f"{args.ratio:g}x"
+    flag = f"--quant {args.quant}" if args.quant else f"--ratio {args.ratio:g}"
+    (args.out / f"sweep-{tag}.md").write_text(
+        f"Sweep at {what}, {args.epochs:g} epochs, {args.train} training images "
+        f"(`python samples/lenet5_fashion_mnist/sweep.py {flag} --epochs {args.epochs:g} "
         f"--train {args.train}`)\n\n" + "\n".join(lines) + "\n")
     return 0
 
