@@ -32,16 +32,15 @@ import fnmatch
 import math
 import os
 import sys
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.files import read_text
 from onnx_admm import structures
+from onnx_admm.toml_tables import build, reject_unknown
 from onnx_admm.schedule import ADMM_SHARE, ALLOCATIONS, LR_POLICIES, PULL_START, SPACINGS, PhaseBudget, split_budget
 
 if sys.version_info >= (3, 11):
@@ -449,16 +448,16 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
-        _reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "output", "rules"})
+        reject_unknown("recipe", data, {"train", "admm", "prune", "quantize", "output", "rules"})
         kwargs: dict[str, Any] = {}
         for key, sub in (("train", TrainConfig), ("admm", ADMMConfig), ("prune", PruneConfig),
                          ("quantize", QuantizeConfig), ("output", OutputConfig)):
             if key in data:
-                kwargs[key] = _build(sub, data[key], f"[{key}]")
+                kwargs[key] = build(sub, data[key], f"[{key}]")
         if "rules" in data:
             if not isinstance(data["rules"], list):
                 _fail("`rules` must be an array of tables: write each rule as [[rules]]")
-            kwargs["rules"] = tuple(_build(Rule, r, "[[rules]]") for r in data["rules"])
+            kwargs["rules"] = tuple(build(Rule, r, "[[rules]]") for r in data["rules"])
         return cls(**kwargs)
 
     @classmethod
@@ -478,46 +477,3 @@ class CompressConfig:
             if changes:
                 kwargs[table] = dataclasses.replace(getattr(self, table), **changes)
         return dataclasses.replace(self, **kwargs) if kwargs else self
-
-
-def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
-    if not isinstance(data, Mapping):
-        _fail(f"{where} must be a table, got {type(data).__name__}")
-    unknown = sorted(set(data) - known)
-    if unknown:
-        _fail(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(known))}")
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "an array"}
-
-
-def _type_ok(value: Any, kind: Any) -> bool:
-    if typing.get_origin(kind) is tuple:
-        return isinstance(value, (list, tuple))
-    if kind in (int, float):  # TOML's true is no number; an integer is a fine float
-        return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _check_types(cls: type, values: Mapping[str, Any], where: str) -> None:
-    """Reject values of the wrong TOML type with a message, rather than a traceback or a silent cast."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        hint = hints[key]
-        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if not any(_type_ok(value, kind) for kind in kinds):
-            wanted = " or ".join(_TYPE_NAMES.get(typing.get_origin(k) or k, str(k)) for k in kinds if k is not type(None))
-            _fail(f"{where} {key} must be {wanted}, got {value!r}")
-
-
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    _reject_unknown(where, data, {f.name for f in fields(cls)})
-    _check_types(cls, data, where)
-    values = dict(data)
-    for key in ("targets", "block", "bits"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise UserError(f"bad value in {where}: {exc}") from None
