@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=6000, help="calibration images (measure.py's subset)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of filters removed")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="more files to time and score")
-    parser.add_argument("--steps", type=int, help="block fine-tuning steps (default: peers.FINETUNE_STEPS)")
+    parser.add_argument("--steps", type=int, help="block fine-tuning steps (default: peers.FINETUNE_STEPS; 0: no "
+                        "fine-tuned rows)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = args.work / "dense.onnx"
     rows = []
     for pooled in (False, True):
-        for finetune in (False, True):
+        for finetune in (False, True) if args.steps != 0 else (False,):
             label = f"onnxsim-channels{'-global' if pooled else ''}{'-ft' if finetune else ''}"
             out = args.work / f"{label}.onnx"
             started = time.perf_counter()
