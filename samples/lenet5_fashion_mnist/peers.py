@@ -81,6 +81,8 @@ def run(recipe: dict, sparsity: float | None, dense: Path, out: Path, images: np
         else:  # "channels": whole filters removed (the graph shrinks), L2 norm
             model = onnxsim.apply_structured_pruning(original, sparsity=sparsity, global_sparsity=pooled)
         info["prune_s"] = round(time.perf_counter() - started, 1)
+        drop_unused_initializers(model)
+        restore_weight_names(original, model)
         if recipe.get("finetune"):
             started = time.perf_counter()
             model, blocks = onnxsim.apply_block_finetune_all_blocks(
@@ -113,6 +115,27 @@ def drop_unused_initializers(model) -> int:
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return removed
+
+
+def restore_weight_names(original, model) -> int:
+    """Give each Conv/Gemm weight back its dense name (layers matched in graph order); returns how many.
+
+    onnxsim's magnitude pruning writes every weight under a new name (``_v_19``) and its block fine-tuning
+    then finds no gradient path to the weights it looks up by the reference's names: every block is
+    skipped ("no gradient reaches 'qat__w0'"), so the fine-tuned row would silently equal the one-shot
+    row. Wanda keeps the names. Call after :func:`drop_unused_initializers` (the originals still hold the
+    names until then)."""
+    layers = [node for node in original.graph.node if node.op_type in ("Conv", "Gemm")]
+    tensors = {t.name: t for t in model.graph.initializer}
+    renamed = 0
+    for mine, theirs in zip(layers, [node for node in model.graph.node if node.op_type in ("Conv", "Gemm")]):
+        old, new = theirs.input[1], mine.input[1]
+        if old != new and old in tensors and new not in tensors:
+            tensors[old].name = new
+            for node in model.graph.node:
+                node.input[:] = [new if name == old else name for name in node.input]
+            renamed += 1
+    return renamed
 
 
 def out_channels(model) -> list[int]:
