@@ -5,6 +5,7 @@ with the baselines users would pick, evaluated in onnxruntime on the 10,000 test
     python samples/lenet5_fashion_mnist/bench.py --only 'agp-*'               # rows whose id matches
     python samples/lenet5_fashion_mnist/bench.py --train 20000                # a fixed subset of the images
     python samples/lenet5_fashion_mnist/bench.py --quick                      # plumbing check: few images
+    python samples/lenet5_fashion_mnist/bench.py --only 'onnxsim-*'           # the onnxsim peer rows
 
 What it does: trains the Caffe LeNet-5 (conv 20 5x5, pool, conv 50 5x5, pool, fc 500, fc 10; 431k
 weights) to convergence on Debian's `dataset-fashion-mnist` (24 epochs, one-cycle LR: 92.0%), exports it
@@ -13,7 +14,9 @@ gets the same total budget (--epochs, given to compress as `train.epochs`), incl
 "dense + E epochs" control, which shows the dense model gains nothing from more training. The test
 images are never used for selection: compress selects on a split of the training data. Rows already in
 results.json are skipped unless --force; each row runs in a child process, so its wall time and peak
-memory are its own. Outputs (in --out): results.json, RESULTS.md (mean over seeds, half the spread,
+memory are its own. onnxsim's one-shot pruning, block fine-tuning and weight-only quantization run as peer
+rows on the same dense file (peers.py; skipped with one line when onnxsim, in the `samples` extra, is not
+installed). Outputs (in --out): results.json, RESULTS.md (mean over seeds, half the spread,
 per-layer density) and, when matplotlib is installed, results.png.
 """
 
@@ -41,6 +44,8 @@ FILES = {
     "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz",
 }
 logger = logging.getLogger("bench")
+sys.path.insert(0, str(HERE))  # peers.py, beside this file, when bench is loaded by path (the tests)
+import peers  # noqa: E402  (onnxsim's rows; it imports onnxsim only when one runs)
 # --quick: one training batch per epoch, a small test set; it checks the plumbing, not accuracy.
 QUICK_TRAIN, QUICK_TEST = 128, 100
 
@@ -125,7 +130,7 @@ class Row:
     id: str
     method: str
     target: str
-    kind: str  # compress | ort_dynamic | ort_static | dense
+    kind: str  # compress | ort_dynamic | ort_static | dense | dense_plus | onnxsim
     sparsity: float | None = None
     recipe: dict = field(default_factory=dict)
 
@@ -184,6 +189,21 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
         Row("ort-dynamic-int8", "onnxruntime quantize_dynamic", "int8", "ort_dynamic"),
         Row("ort-static-qdq", "onnxruntime quantize_static (QDQ, per-channel)", "int8", "ort_static"),
     ]
+    return out + onnxsim_rows()
+
+
+def onnxsim_rows() -> list[Row]:
+    """The peer: onnxsim 0.8 on the same dense file (peers.py). Its weight-only INT8 and INT4, then its one-shot
+    global pruning (Wanda, magnitude) at 40x, 100x and 200x, then the same with its block fine-tuning (the
+    slow rows last, so a short run lands the cheap ones first). Skipped when onnxsim is not installed."""
+    out = [Row(f"onnxsim-{bits}", f"onnxsim weight-only {bits.upper()}", bits, "onnxsim", None, {"quantize": bits})
+           for bits in ("int8", "int4")]
+    for finetune in (False, True):
+        for ratio in TARGETS[:-1]:
+            for score in peers.PRUNE_SCORES:
+                method = f"onnxsim {score} global one-shot" + (" + block fine-tuning" if finetune else "")
+                out.append(Row(f"onnxsim-{score}{'-ft' if finetune else ''}-{ratio}x", method, f"{ratio}x", "onnxsim",
+                               1 - 1 / ratio, {"prune": score, "finetune": finetune}))
     return out
 
 
@@ -239,6 +259,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
     epochs = 0
     structure = None
     density = None
+    extra_info: dict = {}
     compress_peak = 0.0
     x, y = train_subset(data, args.train)
     if row.kind == "dense":
@@ -262,6 +283,12 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         stages = len(result.stages)
         # compress resets the kernel's peak at each phase (onnx_admm.memory): its report has the run's peak.
         compress_peak = result.report["peak_rss_mb"]
+    elif row.kind == "onnxsim":
+        info = peers.run(row.recipe, row.sparsity, dense, out, x, steps=2 if args.quick else peers.FINETUNE_STEPS)
+        density = info.pop("density", None)
+        epochs = info.pop("epochs", 0)
+        stages = 1
+        extra_info = info
     elif row.kind == "ort_dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -290,7 +317,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
     if density is not None:
         extra.update(density=density, stages=stages)
     return {
-        **extra,
+        **extra, **extra_info,
         "id": row.id, "method": row.method, "target": row.target,
         "top1": stats.accuracy, "drop_pt": 100 * (report.original.accuracy - stats.accuracy),
         "ratio": report.compression_ratio, "bytes": stats.bytes, "bytes_gzip": stats.gzip_bytes,
@@ -381,6 +408,17 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
     fig.savefig(out / "results.png", dpi=120)
 
 
+def select_rows(table, pattern: str, done: set[str]) -> list[Row]:
+    """The rows to run: those whose id matches ``pattern`` and is not in ``done``; onnxsim's rows only when it
+    imports (one line says so otherwise, so a run without the extra still completes)."""
+    todo = [row for row in table if fnmatch.fnmatchcase(row.id, pattern) and row.id not in done]
+    peer = [row for row in todo if row.kind == "onnxsim"]
+    if peer and not peers.available():
+        logger.warning("%s (%d rows)", peers.NOTE, len(peer))
+        todo = [row for row in todo if row.kind != "onnxsim"]
+    return todo
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -402,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dense_epochs, args.epochs = 1, 1
     work = args.work or args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     data = load_fashion_mnist(args.data_dir)
     if args.quick:
         data = {"train_x": data["train_x"][:QUICK_TRAIN], "train_y": data["train_y"][:QUICK_TRAIN],
@@ -413,10 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() and not args.force else []
-    done = {r["id"] for r in results}
-    for row in table.values():
-        if not fnmatch.fnmatchcase(row.id, args.only) or row.id in done:
-            continue
+    for row in select_rows(table.values(), args.only, {r["id"] for r in results}):
         logger.info("row %s ...", row.id)
         if args.quick:
             result = run_row(row, work, dense, data, args)

@@ -19,6 +19,39 @@ import numpy as np
 logger = logging.getLogger("latency")
 
 
+def timings(files: list[str], threads: int = 2, repeat: int = 1) -> dict[int, dict[str, dict[str, float]]]:
+    """Median onnxruntime latency (ms) of each file at batch 1 and 64, the files run in turn each round:
+    ``{batch: {"wall": {file: ms}, "cpu": {file: ms}}}`` (``repeat`` multiplies the rounds)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    sessions = {f: ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"]) for f in files}
+    rng = np.random.default_rng(0)
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for batch, rounds in ((1, 200), (64, 40)):
+        x = {"input": rng.random((batch, 1, 28, 28), dtype=np.float32)}
+        for session in sessions.values():
+            for _ in range(5):  # warm-up
+                session.run(None, x)
+        wall: dict[str, list[float]] = {f: [] for f in files}
+        cpu: dict[str, list[float]] = {f: [] for f in files}
+        for _ in range(rounds * repeat):
+            for f, session in sessions.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                session.run(None, x)
+                wall[f].append(time.perf_counter() - start)
+                cpu[f].append(time.process_time() - start_cpu)
+        out[batch] = {kind: {f: 1000 * float(np.median(t)) for f, t in runs.items()}
+                      for kind, runs in (("wall", wall), ("cpu", cpu))}
+    return out
+
+
+def medians(files: list[str], threads: int = 2) -> dict[int, dict[str, float]]:
+    """The wall-time medians of ``timings``: ``{batch: {file: ms}}``."""
+    return {batch: kinds["wall"] for batch, kinds in timings(files, threads).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+")
@@ -26,27 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="multiply the rounds (200 at batch 1, 40 at 64)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-    sessions = {f: ort.InferenceSession(f, options, providers=["CPUExecutionProvider"]) for f in args.files}
-    rng = np.random.default_rng(0)
-    for batch, rounds in ((1, 200), (64, 40)):
-        x = {"input": rng.random((batch, 1, 28, 28), dtype=np.float32)}
-        for session in sessions.values():
-            for _ in range(5):  # warm-up
-                session.run(None, x)
-        times: dict[str, list[float]] = {f: [] for f in args.files}
-        cpu: dict[str, list[float]] = {f: [] for f in args.files}
-        for _ in range(rounds * args.repeat):
-            for f, session in sessions.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
-                session.run(None, x)
-                times[f].append(time.perf_counter() - start)
-                cpu[f].append(time.process_time() - start_cpu)
-        logger.info("batch %d: %s", batch, ", ".join(f"{f} {1000 * np.median(t):.3f} ms" for f, t in times.items()))
-        logger.info("batch %d CPU: %s", batch, ", ".join(f"{f} {1000 * np.median(t):.3f} ms" for f, t in cpu.items()))
+    for batch, kinds in timings(args.files, args.threads, args.repeat).items():
+        logger.info("batch %d: %s", batch, ", ".join(f"{f} {t:.3f} ms" for f, t in kinds["wall"].items()))
+        logger.info("batch %d CPU: %s", batch, ", ".join(f"{f} {t:.3f} ms" for f, t in kinds["cpu"].items()))
     return 0
 
 
