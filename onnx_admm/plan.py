@@ -62,6 +62,16 @@ class WeightPlan:
         return self.sparsity is not None or self.shared
 
     @property
+    def scale_axis(self) -> int:
+        """The axis per-channel scales and levels run along: the output-channel axis (0 where there is none)."""
+        return self.spec.out_axis or 0
+
+    def quantizer(self, stage: int):
+        """Stage ``stage``'s quantizer of this weight, None when it is not quantized then."""
+        choice = self.quant[stage]
+        return None if choice is None else choice.quantizer(self.scale_axis)
+
+    @property
     def removes_channels(self) -> bool:
         """Its pruned groups leave the written graph (filter pruning with a target)."""
         return self.structure.removes_channels and self.pruned

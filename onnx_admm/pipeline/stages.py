@@ -146,8 +146,7 @@ class Runner:
             raise UserError(str(exc)) from None
         out = {}
         for w in self.plan.weights:
-            name, choice = w.spec.name, w.quant[stage]
-            quant = None if choice is None else choice.quantizer(w.spec.out_axis or 0)
+            name, quant = w.spec.name, w.quantizer(stage)
             if quant is not None and name in sparsity:
                 out[name] = Joint(sparsity[name], quant)
             elif quant is not None:
@@ -207,7 +206,7 @@ class Runner:
         (``quantize.refit``), every other one frozen at the hard projection's."""
         choice = w.quant[stage]
         if self.config.quantize.refit and choice.refits:
-            return RefitLevels(choice.quantizer(w.spec.out_axis or 0), self.config.quantize.refit)
+            return RefitLevels(w.quantizer(stage), self.config.quantize.refit)
         return FixedLevels.of(projected, support, _level_axis(w, stage))
 
     def removed_filters(self, supports: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -427,7 +426,7 @@ def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) ->
 
 def _level_axis(w: WeightPlan, stage: int) -> int | None:
     """Per-channel quantizers keep one level set per output channel; the others one per tensor."""
-    return w.quant[stage].level_axis(w.spec.out_axis or 0)
+    return w.quant[stage].level_axis(w.scale_axis)
 
 
 def _precision(name: str, device: torch.device) -> Precision:
