@@ -231,6 +231,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--allocation", type=click.Choice(ALLOCATIONS),
               help="How a global --sparsity is split over layers (default lamp; sensitivity: from each layer's "
                    "measured accuracy drop, as the analyze command measures it).")
+@click.option("--reconstruct/--no-reconstruct", default=None,
+              help="After each hard projection, refit the kept weights of every pruned layer to its outputs on "
+                   "training samples (default on; without labels, to the original's layer outputs).")
 @click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage (instead of --epochs).")
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
@@ -260,7 +263,7 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
              ternary: bool, clusters: int | None, activations: str | None, per_channel: bool | None, epochs: float | None,
-             allocation: str | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
+             allocation: str | None, reconstruct: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              precision: str | None, report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
              save_stages: str | None, quiet: bool, html_path: str | None) -> None:
@@ -292,7 +295,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
                "precision": precision, "epochs": epochs},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
-               "allocation": allocation},
+               "allocation": allocation, "reconstruct": reconstruct},
         quantize={"per_channel": per_channel},
         output={"activations": activations},
     )

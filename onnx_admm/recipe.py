@@ -241,9 +241,18 @@ class PruneConfig:
     # sparsity at 1 - N/M, so `sparsity` may be left out)
     structure: str = "unstructured"
     block: tuple[int, int] = (64, 64)  # rows x cols of a block (crossbar tile), for structure = "block"
+    # After each hard projection, refit the kept weights of every pruned Linear/MatMul/Conv so that its
+    # outputs on ``reconstruct_samples`` training inputs stay what they were (onnx_admm.reconstruct).
+    reconstruct: bool = True
+    reconstruct_samples: int = 256
 
     def __post_init__(self) -> None:
         _check_structure("prune.structure", self.structure)
+        if not isinstance(self.reconstruct, bool):
+            _fail(f"prune.reconstruct must be true or false, got {self.reconstruct!r}")
+        if (not isinstance(self.reconstruct_samples, int) or isinstance(self.reconstruct_samples, bool)
+                or self.reconstruct_samples < 1):
+            _fail(f"prune.reconstruct_samples must be an integer >= 1, got {self.reconstruct_samples!r}")
         _check_nm_sparsity("prune.structure", self.structure, self.sparsity)
         if structures.nm_pattern(self.structure) is not None and self.targets is not None:
             _fail(f"prune.structure {self.structure!r} applies its pattern whole at every stage; drop prune.targets")

@@ -118,11 +118,11 @@ def test_accuracy_gate_exits_3_and_writes_the_model_under_a_failing_name(digits_
 
 
 def test_a_destroyed_model_fails_the_metric_floor_without_any_gate_asked_for(digits_sample, tmp_path):
-    # The same 98% cut without training keeps under half of the original's accuracy: no
+    # The same 98% cut without training or refit keeps under half of the original's accuracy: no
     # --max-accuracy-drop, yet the run must not report success.
     out, report_path = tmp_path / "m.onnx", tmp_path / "r.json"
     result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
-                       "--report", report_path, "-q")
+                       "--no-reconstruct", "--report", report_path, "-q")
     assert result.exit_code == 3, result.output
     report = json.loads(report_path.read_text())
     retained = report["gate"]["retained"]
@@ -135,16 +135,17 @@ def test_a_destroyed_model_fails_the_metric_floor_without_any_gate_asked_for(dig
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gate-failed.onnx", "r.json"]
     # --metric-floor 0 turns the floor off: the same run writes OUT and exits 0.
     result = _compress(digits_sample, out, "--sparsity", "0.98", "--admm-epochs", "0", "--retrain-epochs", "0",
-                       "--metric-floor", "0", "-q")
+                       "--no-reconstruct", "--metric-floor", "0", "-q")
     assert result.exit_code == 0, result.output
     assert out.is_file()
 
 
 def test_a_huge_learning_rate_is_a_failed_run_not_a_success(digits_sample, tmp_path):
-    # --lr 1e6 trains to a finite loss and ~10% accuracy (97% before): the floor fails it, exit 3.
+    # --lr 1e6 trains to a finite loss and ~10% accuracy (97% before): the floor fails it, exit 3. (With
+    # reconstruction the retraining would start from, and keep, the refit of the original: no destruction.)
     out = tmp_path / "m.onnx"
     result = _compress(digits_sample, out, "--sparsity", "0.5", "--admm-epochs", "1", "--retrain-epochs", "1",
-                       "--lr", "1e6", "-q")
+                       "--lr", "1e6", "--no-reconstruct", "-q")
     assert result.exit_code == 3, result.output
     assert result.stderr.startswith("task metric under the floor: accuracy is ") and "Traceback" not in result.stderr
     assert not out.exists() and (tmp_path / "m.gate-failed.onnx").is_file()

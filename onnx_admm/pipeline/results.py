@@ -53,6 +53,8 @@ class StageResult:
     # One record per epoch trained (the ``epoch_end`` progress event): phase, epoch, loss, train_metric,
     # metric (selection split), residual (mean ADMM primal residual), samples, seconds.
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Layers refit after the hard projection (pipeline/reconstruction.summary); None: reconstruction off.
+    reconstruction: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -63,7 +65,7 @@ class StageResult:
         return {
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
-            "mean_residual": mean, "history": self.history,
+            "mean_residual": mean, "history": self.history, "reconstruction": self.reconstruction,
         }
 
 

@@ -28,6 +28,7 @@ from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, RefitLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch, to_batches
+from onnx_admm.pipeline.reconstruction import StageRefit
 from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
 from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
@@ -56,7 +57,7 @@ class Runner:
         # The teacher serves distillation (training batches without labels, or any batch when there is no
         # score output for labels to apply to) and agreement (held-out split without labels). A plugin's
         # labels are unknown until it runs, so it always gets one.
-        train_labeled = isinstance(train_data, Dataset) and train_data.labels is not None
+        self.train_labeled = train_labeled = isinstance(train_data, Dataset) and train_data.labels is not None
         self.teacher = None
         if (held_out.labels is None or select.labels is None or not train_labeled or self.score.index is None
                 or self.cfg.distill > 0):
@@ -75,6 +76,7 @@ class Runner:
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
         self.epoch_counter = 0
+        self._calibration: Dataset | None = None
         self.history: list[dict[str, Any]] = []  # the current stage's epoch records
         self.dense_metric = self.val_metric()
         self.memory.mark("data")
@@ -91,6 +93,14 @@ class Runner:
         shard = {"shard": (self.world.rank, self.world.size)} if shuffle and self.world.active else {}
         return to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed, **shard),
                            self.imported.input_names, self.device, self.batch.chunk, batched, steps)
+
+    def calibration(self) -> Dataset:
+        """The training samples reconstruction calibrates on: one seeded sample per run; for a loader plugin,
+        of the selection split (its first samples, already read) rather than another pass over the plugin."""
+        if self._calibration is None:
+            source = self.train_data if isinstance(self.train_data, Dataset) else self.select
+            self._calibration = sample(source, self.config.prune.reconstruct_samples, self.cfg.seed + 3)
+        return self._calibration
 
     def val_metric(self) -> float | None:
         """The metric on the held-out split (reported only, never used to choose)."""
@@ -162,10 +172,12 @@ class Runner:
         self.history = []
         self.emit({"kind": "stage", "stage": stage, "stages": self.plan.n_stages,
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
+        quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
+        refit = StageRefit(self, stage, quantized, budget.admm > 0)
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
         self.memory.mark(f"stage{stage + 1}.admm")
-        quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
         latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
+        before = refit.before()
         supports = admm.hard_project()
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels):
         # the constraints it split on the weights before projecting them, which ``latent`` holds.
@@ -175,6 +187,7 @@ class Runner:
         frozen = [level.levels for level in levels.values() if isinstance(level, FixedLevels)]
         self.world.broadcast_(frozen)
         kept = self.removed_filters(supports)
+        supports, reconstruction = refit.run(admm, before, supports, kept)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         load_values(self.imported, values)
@@ -196,7 +209,7 @@ class Runner:
                       if w.spec.name in params and nm_constraint(w) is not None},
             epochs={"admm": budget.admm, "retrain": budget.retrain},
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
-            history=self.history,
+            history=self.history, reconstruction=reconstruction,
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports

@@ -1,0 +1,206 @@
+"""The reconstruction step of a stage: after the hard projection, each pruned layer that has a tap gets its
+kept weights refit on the Gram matrix of its inputs (``onnx_admm.reconstruct``).
+
+The inputs are those of the model just before the projection (the weights the ADMM phase ended with), on a
+seeded sample of the training data that is the same on every process; Gram matrices are collected in groups
+whose memory stays under a budget, one calibration pass per group, with the pre-projection weights swapped
+in for the pass. Without labels the refit aims at the original model's layer outputs (the teacher's).
+
+A short ADMM phase can leave the weights further from the task than the stage started (the penalty pulls
+them towards their projection faster than a few steps can recover): so for a plain pruning stage the
+stage's starting weights are also projected and refit, and the retraining starts from whichever of the two
+scores better on the selection split (the report's ``reconstruction.start``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from onnx_admm.converters.importer import ImportedModel
+from onnx_admm.converters.taps import weight_taps
+from onnx_admm.pipeline.rollback import load_values, snapshot
+from onnx_admm.reconstruct import Refit, Tap, collect_grams, gram_bytes, reconstruct
+
+logger = logging.getLogger(__name__)
+
+# Gram matrices held at once (float64); a layer alone above it is left as projected.
+GRAM_BUDGET_BYTES = 1 << 30
+# Samples per calibration call: the calls alternate between the half a refit is fit on and the half that
+# checks it, and with a teacher every layer's inputs of the student's call wait for the teacher's, so the
+# chunk also bounds that memory.
+CALIBRATION_CHUNK = 16
+
+
+def split_batch(inputs: tuple[Tensor, ...], size: int) -> list[tuple[Tensor, ...]]:
+    """``inputs`` in chunks of at most ``size`` samples, at least two when there are two samples, when every
+    input has the same leading (sample) axis; else whole."""
+    n = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    if n < 2 or any(t.dim() == 0 or t.shape[0] != n for t in inputs):
+        return [inputs]
+    size = min(size, -(-n // 2))
+    return [tuple(t[i:i + size] for t in inputs) for i in range(0, n, size)]
+
+
+def taps_for(imported: ImportedModel, names: list[str]) -> dict[str, Tap]:
+    return {name: Tap(modules, 0, kind) for name, (modules, kind) in weight_taps(imported, names).items()}
+
+
+def groups(taps: Mapping[str, Tap], params: Mapping[str, Tensor], budget: int = GRAM_BUDGET_BYTES) -> list[list[str]]:
+    """The tapped weights in groups whose Gram matrices fit ``budget`` together (too-large ones left out)."""
+    out: list[list[str]] = [[]]
+    used = 0
+    for name, tap in taps.items():
+        size = gram_bytes(params[name], tap)
+        if size > budget:
+            logger.info("%s: no reconstruction (its Gram matrix would take %.0f MB)", name, size / 2**20)
+            continue
+        if used + size > budget and out[-1]:
+            out.append([])
+            used = 0
+        out[-1].append(name)
+        used += size
+    return [g for g in out if g]
+
+
+@contextmanager
+def swapped(params: Mapping[str, nn.Parameter], values: Mapping[str, Tensor]):
+    """``values`` in the parameters for the duration, the current ones back afterwards."""
+    current = {name: params[name].detach().clone() for name in values}
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in current.items():
+                params[name].copy_(value)
+
+
+def teacher_taps(taps: Mapping[str, Tap], module: nn.Module, teacher: nn.Module) -> dict[str, Tap]:
+    """The same taps in ``teacher``, a copy of ``module`` (its submodules have the same names)."""
+    names = {id(m): n for n, m in module.named_modules()}
+    return {name: Tap(tuple(teacher.get_submodule(names[id(m)]) for m in tap.modules), tap.arg, tap.kind)
+            for name, tap in taps.items()}
+
+
+def refit_projection(taps: Mapping[str, Tap], params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor],
+                     supports: Mapping[str, Tensor],
+                     calibrate: Callable[[], tuple[Iterable[tuple[Callable[[], None], int]], int]],
+                     teacher: tuple[Mapping[str, Tap], Mapping[str, Tensor]] | None = None) -> dict[str, Refit]:
+    """Refit every tapped weight (projected in place, ``before`` its pre-projection copy) group by group.
+
+    ``calibrate()`` gives the calls that feed the model a few samples each, with their sample counts, and
+    the samples of all calls. With ``teacher`` (its taps and
+    its values of the weights; each call then runs it after the model on the same samples) the refit aims
+    at the original layers' outputs instead of the pre-projection ones.
+    """
+    results: dict[str, Refit] = {}
+    for group in groups(taps, params):
+        chosen = {n: taps[n] for n in group}
+        with swapped(params, before), torch.no_grad():
+            calls, total = calibrate()
+            grams = collect_grams(chosen, calls, {n: teacher[0][n] for n in group} if teacher else None, total)
+        results.update(reconstruct(params, before, supports, taps, grams, teacher[1] if teacher else None))
+    return results
+
+
+def summary(results: Mapping[str, Refit], candidates: int) -> dict[str, Any]:
+    """The report's per-stage ``reconstruction``: layers refit, of how many pruned ones, and the output error
+    left after the refit as a share of the plain projection's (summed over the refit layers, on the
+    calibration half the refit was not fit on)."""
+    used = {n: r for n, r in results.items() if r.used}
+    projected = sum(r.projected for r in used.values())
+    return {"layers": len(used), "pruned_layers": candidates, "tapped_layers": len(results),
+            "error_ratio": (sum(r.refit for r in used.values()) / projected) if projected > 0 else None}
+
+
+class StageRefit:
+    """Reconstruction for one stage of a compress run (``runner``: ``pipeline.stages.Runner``).
+
+    ``before()`` copies the tapped weights just before the hard projection; ``run`` refits them after it
+    and, when the stage only prunes and had an ADMM phase, tries the stage's starting weights too.
+    """
+
+    def __init__(self, runner: Any, stage: int, quantized: Mapping[str, Any], had_admm: bool) -> None:
+        self.runner = runner
+        on = runner.config.prune.reconstruct
+        names = [w.spec.name for w in runner.plan.weights if w.pruned and w.spec.name not in quantized] if on else []
+        self.candidates = len(names)
+        self.taps = taps_for(runner.imported, names) if names else {}
+        # The restart candidate needs no levels or channel bookkeeping: plain pruning stages only.
+        plain = not quantized and not any(w.removes_channels for w in runner.plan.weights)
+        self.start = snapshot(runner.imported) if self.taps and had_admm and plain else None
+
+    def before(self) -> dict[str, Tensor]:
+        return {name: self.runner.params[name].detach().clone() for name in self.taps}
+
+    def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
+            kept: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+        """Refit the projected weights; returns the supports the retraining keeps and the report's entry."""
+        if not self.taps:
+            return supports, None
+        out = self.refit(before, supports)
+        if self.start is None or kept:
+            return supports, out
+        runner = self.runner
+        ours = runner.select_metric()
+        values = snapshot(runner.imported)
+        load_values(runner.imported, self.start)
+        restart: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, support in supports.items():
+                p = runner.params[name]
+                constraint = admm.constraints[name]
+                restart[name] = constraint.support(p.detach())
+                p.copy_(constraint.project(p.detach()))
+        device = next(iter(runner.params.values())).device
+        other = self.refit({n: self.start[n].to(device) for n in self.taps}, restart)
+        theirs = runner.select_metric()
+        better = ours is not None and theirs is not None and theirs > ours
+        logger.info("retraining starts from the %s (selection metric %s against %s)",
+                    "projection of the stage's starting weights" if better else "ADMM phase's projection",
+                    theirs if better else ours, ours if better else theirs)
+        if better:
+            runner.world.broadcast_(list(restart.values()))
+            return restart, {**other, "start": "stage start", "select_metric": {"admm": ours, "stage_start": theirs}}
+        load_values(runner.imported, values)
+        return supports, {**out, "start": "admm", "select_metric": {"admm": ours, "stage_start": theirs}}
+
+    def refit(self, before: dict[str, Tensor], supports: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Refit the projected weights on calibration inputs; every process computes the same refit on the
+        same samples, and rank 0's values are broadcast so that they stay bit-identical."""
+        runner = self.runner
+        samples = runner.calibration()
+        # Without labels the goal is the original's outputs: the refit aims at its layers' outputs.
+        teacher = runner.teacher if runner.teacher is not None and not runner.train_labeled else None
+        module = runner.imported.module
+
+        def calls() -> Iterator[tuple[Callable[[], None], int]]:
+            for batch in runner.batches(samples, False):
+                for inputs in split_batch(batch.inputs, CALIBRATION_CHUNK):
+                    def call(inputs=inputs) -> None:
+                        module(*inputs)
+                        if teacher is not None:
+                            teacher(*inputs)
+                    yield call, (inputs[0].shape[0] if inputs and inputs[0].dim() else 1)
+
+        def calibrate() -> tuple[Iterator[tuple[Callable[[], None], int]], int]:
+            return calls(), len(samples)
+
+        pair = None
+        if teacher is not None:
+            pair = (teacher_taps(self.taps, module, teacher), {n: teacher.get_parameter(n).detach() for n in self.taps})
+        results = refit_projection(self.taps, runner.params, before, supports, calibrate, pair)
+        runner.world.broadcast_([runner.params[n].data for n, r in results.items() if r.used])
+        out = summary(results, self.candidates)
+        logger.info("reconstruction: %d of %d pruned layers refit, output error %s of the projection's",
+                    out["layers"], out["pruned_layers"],
+                    "n/a" if out["error_ratio"] is None else f"{out['error_ratio']:.3f}")
+        return out

@@ -1,0 +1,340 @@
+"""Layer-wise reconstruction after the hard projection: a pruned layer's kept weights are refit so that its
+outputs on calibration inputs stay what they were before the projection. Pure torch.
+
+Pruning a weight by magnitude loses its contribution; the weights kept beside it can take much of that back
+when the layer's inputs are correlated. With ``H = X^T X`` the Gram matrix of the layer's inputs, the
+kept weights of each output solve the normal equations ``H_kk v = (H w)_k`` (least squares over the kept
+inputs); for layers too large to solve row by row, the Optimal Brain Surgeon update moves the loss of each
+pruned weight onto the columns not yet visited, one column at a time (the sequential form of SparseGPT,
+Frantar & Alistarh 2023, here with the mask given by the projection instead of chosen). Short label-free
+runs gain most: a 50% pruned classifier starts its retraining already agreeing with the original instead of having to find its way back in a few steps.
+
+A layer is a :class:`Tap`: the module that receives its input, which argument, and how the weight maps
+inputs to outputs (``linear``: ``[out, in]``; ``matmul``: ``x @ W`` with ``W`` ``[in, out]``; ``conv``: an
+``nn.Conv1d``/``nn.Conv2d`` whose unfolded patches are the inputs; ``recurrent``: an input weight
+``[directions, gates * hidden, in]`` applied to every step of a sequence, each direction's rows seeing the
+same inputs). Which modules those are is the
+importer's knowledge (``onnx_admm.converters.taps``); this module only hooks them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("linear", "matmul", "conv", "recurrent")
+# Positions (rows of the unfolded input) a conv contributes per sample: enough to estimate a Gram matrix of
+# a few thousand columns, bounded so a large feature map does not cost its whole unfold.
+POSITIONS_PER_SAMPLE = 256
+# A layer of R rows and C columns is refit exactly while R * C^3 stays under this (about ten seconds of one
+# core at worst); the systems of one solve take at most EXACT_CHUNK_BYTES.
+EXACT_FLOPS = 2e10
+EXACT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a weight's layer receives its input: ``modules`` (every call site of a shared weight) called
+    with the input as positional argument ``arg``; ``kind`` says how the weight is laid out (module docstring)."""
+
+    modules: tuple[nn.Module, ...]
+    arg: int
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Tap.kind must be one of {KINDS}, got {self.kind!r}")
+
+    def rows(self, weight: Tensor) -> Tensor:
+        """The weight as ``[outputs, inputs]`` (a view or transpose, no copy where possible)."""
+        if self.kind == "matmul":
+            return weight.t()
+        if self.kind == "recurrent":
+            return weight.reshape(-1, weight.shape[-1])
+        return weight.reshape(weight.shape[0], -1)
+
+    def from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
+        return rows.t().reshape(like.shape) if self.kind == "matmul" else rows.reshape(like.shape)
+
+    def columns(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The layer input as ``[positions, inputs]`` rows, matching :meth:`rows`' columns."""
+        if self.kind != "conv":
+            return x.reshape(-1, x.shape[-1])
+        if isinstance(module, nn.Conv1d):  # as a 2-D conv of height 1
+            x = x.unsqueeze(2)
+            kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
+            padding, stride = (0, *module.padding), (1, *module.stride)
+        else:
+            kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
+        if patches.shape[2] > POSITIONS_PER_SAMPLE:
+            pick = torch.linspace(0, patches.shape[2] - 1, POSITIONS_PER_SAMPLE, device=x.device).long()
+            patches = patches[:, :, pick]
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def gram_bytes(weight: Tensor, tap: Tap) -> int:
+    """Memory of the weight's Gram matrix (float64)."""
+    columns = tap.rows(weight).shape[1]
+    return columns * columns * 8
+
+
+@dataclass
+class Grams:
+    """Per tapped weight and per half of the calibration calls (0: even calls, 1: odd ones): ``gram`` =
+    ``X^T X`` of the layer's inputs and, with a teacher, ``cross`` = ``X^T X_t`` against the teacher's inputs
+    to the same layer on the same samples and ``teacher`` = ``X_t^T X_t`` (float64 sums), and ``count`` the
+    positions summed."""
+
+    gram: dict[str, list[Tensor]]
+    cross: dict[str, list[Tensor]]
+    teacher: dict[str, list[Tensor]]
+    count: dict[str, list[int]]
+
+    def mean(self, store: dict[str, list[Tensor]], name: str, half: int | None = None) -> Tensor:
+        """The mean over one half, or over both (``half`` None)."""
+        if half is not None:
+            return store[name][half] / max(self.count[name][half], 1)
+        return (store[name][0] + store[name][1]) / max(sum(self.count[name]), 1)
+
+
+def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], None], int]],
+                  teacher_taps: Mapping[str, Tap] | None = None, total: int | None = None) -> Grams:
+    """Gram matrices of each tapped layer's inputs over what ``calls`` feed the model (and the teacher),
+    the even calls' and the odd calls' kept apart: one half fits a refit, the other checks it.
+
+    Each call runs the model under ``torch.no_grad()`` in eval mode (BatchNorm statistics must not move) on
+    a few samples; with ``teacher_taps`` it runs the student and then the teacher on the same samples, so
+    each teacher input meets the student input it follows (held until then: keep the calls small).
+
+    ``calls`` are (call, samples it feeds) pairs. ``total``, the samples of all calls, lets a layer be left
+    out at its first call when the positions it will see in a half are under a quarter of its inputs (its
+    Gram matrices are then never built: a wide layer fed few samples cannot be pinned down, and its
+    matrices would be the largest; the ridge and the check on the other half handle milder shortfalls).
+    """
+    gram: dict[str, list[Tensor]] = {}
+    cross: dict[str, list[Tensor]] = {}
+    own: dict[str, list[Tensor]] = {}
+    count: dict[str, list[int]] = {}
+    pending: dict[str, list[Tensor]] = {}
+    half, current = [0], [1]
+    handles = []
+
+    def add(store: dict[str, list[Tensor]], name: str, value: Tensor) -> None:
+        if name not in store:
+            store[name] = [torch.zeros_like(value), torch.zeros_like(value)]
+        store[name][half[0]] += value
+
+    skipped: set[str] = set()
+
+    def student(name: str, tap: Tap) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            if name in skipped:
+                return
+            x = tap.columns(module, args[tap.arg].detach()).double()
+            if name not in gram and total is not None and x.shape[0] * total / current[0] / 2 < x.shape[1] / 4:
+                logger.info("%s: no refit (about %d calibration positions for %d inputs)", name,
+                            x.shape[0] * total // current[0], x.shape[1])
+                skipped.add(name)
+                count[name] = [0, 0]
+                return
+            add(gram, name, x.t() @ x)
+            count.setdefault(name, [0, 0])[half[0]] += x.shape[0]
+            if teacher_taps is not None and name in teacher_taps:
+                pending.setdefault(name, []).append(x)
+        return record
+
+    def teacher(name: str, tap: Tap) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            if name in skipped:
+                return
+            x_t = tap.columns(module, args[tap.arg].detach()).double()
+            add(cross, name, pending[name].pop(0).t() @ x_t)
+            add(own, name, x_t.t() @ x_t)
+        return record
+
+    try:
+        for name, tap in taps.items():
+            for module in tap.modules:
+                handles.append(module.register_forward_pre_hook(student(name, tap)))
+        for name, tap in (teacher_taps or {}).items():
+            for module in tap.modules:
+                handles.append(module.register_forward_pre_hook(teacher(name, tap)))
+        for i, (call, n) in enumerate(calls):
+            half[0], current[0] = i % 2, max(n, 1)
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Grams(gram, cross, own, {n: c for n, c in count.items() if n in gram})
+
+
+def refit(rows: Tensor, gram: Tensor, mask: Tensor, damp: float = 0.01, target: Tensor | None = None) -> Tensor:
+    """The weight ``rows`` ``[R, C]`` pruned to ``mask``, its kept entries refit to minimise
+    ``||X v - Y||^2 + lam ||v - rows||^2`` per row; masked entries come out exactly 0.
+
+    ``Y`` is the layer's own output ``X rows`` unless ``target`` gives ``X^T Y`` (``[R, C]`` as rows, e.g. an
+    original layer's outputs seen from this model's inputs). ``lam`` is ``damp`` times the mean diagonal of
+    ``gram`` = ``X^T X``: it keeps the solution near ``rows`` where the inputs say little (few samples).
+    The objective is ``(v - w*) H (v - w*)^T`` around the dense optimum ``w*``. Each row is solved exactly
+    where it is affordable: over its kept columns (``H_kk v_k = (H w*)_k``) when they are fewer than the
+    pruned ones, else by the multi-weight Optimal Brain Surgeon step ``v = w* - H^-1[:, p] (H^-1[p, p])^-1
+    w*_p`` over its pruned columns p. A layer where even that costs too much gets the sequential OBS update
+    of SparseGPT (each pruned weight's error spread onto the columns after it), ``C^3 + R C^2`` but with more
+    error left.
+    """
+    w = rows.detach().double()
+    h = gram.double().clone()
+    # An input that is always 0 in the calibration data has no say: its weights keep their values.
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    keep = mask.to(torch.bool)
+    # The dense optimum: rows itself for its own outputs; else (H + lam) w* = target + lam * rows (and the
+    # dead inputs' weights kept), the same expression as h @ rows less what gram contributes.
+    star = w if target is None else torch.linalg.solve(h, (target.double() + w @ h - w @ gram.double()).t()).t()
+    kept, pruned = int(keep.sum(1).max()), int((~keep).sum(1).max())
+    if w.shape[0] * min(kept, pruned) ** 3 <= EXACT_FLOPS:
+        out = _over_kept(star, h, keep) if kept <= pruned else _over_pruned(star, torch.linalg.inv(h), keep)
+        return out.to(rows.dtype)
+    return _sequential(star.clone(), h, keep).to(rows.dtype)
+
+
+def _sequential(w: Tensor, h: Tensor, keep: Tensor, block: int = 128) -> Tensor:
+    """SparseGPT's column-by-column OBS update with the mask given, in blocks of columns whose updates to
+    the columns after them are applied at once (one matrix product per block)."""
+    # The upper Cholesky factor of H^-1: row i holds the update of columns i.. for column i's error.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    columns = w.shape[1]
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        part, errors = w[:, start:end], torch.zeros_like(w[:, start:end])
+        local = hinv[start:end, start:end]
+        for i in range(end - start):
+            error = (part[:, i] * ~keep[:, start + i]) / local[i, i]
+            part[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return w * keep
+
+
+def _padded(select: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the column indices where ``select`` holds, padded to the longest row: ``(index, valid)``."""
+    width = int(select.sum(1).max())
+    order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.gather(select, 1, order)
+    return order, valid
+
+
+def _chunks(rows: int, width: int) -> range:
+    return range(0, rows, max(1, int(EXACT_CHUNK_BYTES // (8 * max(width, 1) ** 2))))
+
+
+def _system(matrix: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+    """``matrix[index_i, index_j]`` per row, identity on the padding."""
+    v = valid.to(matrix.dtype)
+    picked = matrix[index.unsqueeze(2), index.unsqueeze(1)] * v.unsqueeze(2) * v.unsqueeze(1)
+    return picked + torch.diag_embed(1 - v)
+
+
+def _over_kept(star: Tensor, h: Tensor, keep: Tensor) -> Tensor:
+    """``H_kk v_k = (H w*)_k`` per row over its kept columns k (batched, padded to the longest row)."""
+    out = torch.zeros_like(star)
+    index, valid = _padded(keep)
+    rhs = torch.gather(star @ h, 1, index) * valid
+    for start in _chunks(star.shape[0], index.shape[1]):
+        part = slice(start, start + _chunks(star.shape[0], index.shape[1]).step)
+        solution = torch.linalg.solve(_system(h, index[part], valid[part]), rhs[part])
+        out[part].scatter_(1, index[part], solution * valid[part])
+    return out
+
+
+def _over_pruned(star: Tensor, hinv: Tensor, keep: Tensor) -> Tensor:
+    """``v = w* - H^-1[:, p] (H^-1[p, p])^-1 w*_p`` per row over its pruned columns p; then exactly 0 there."""
+    out = star.clone()
+    index, valid = _padded(~keep)
+    if index.shape[1] == 0:
+        return out
+    for start in _chunks(star.shape[0], index.shape[1]):
+        part = slice(start, start + _chunks(star.shape[0], index.shape[1]).step)
+        z = torch.linalg.solve(_system(hinv, index[part], valid[part]),
+                               torch.gather(star[part], 1, index[part]) * valid[part])
+        columns = hinv[index[part]]  # [r, p, C]: the rows of H^-1 at the pruned columns (H^-1 is symmetric)
+        out[part] -= torch.einsum("rp,rpc->rc", z * valid[part], columns)
+    return out * keep
+
+
+def objective(v: Tensor, gram: Tensor, target: Tensor, energy: float) -> float:
+    """``||X v - Y||^2`` per position: ``tr(v H v^T) - 2 tr(v T^T) + ||Y||^2`` with ``T`` = ``X^T Y`` as rows
+    and ``energy`` = ``||Y||^2``."""
+    d = v.double()
+    return float(((d @ gram) * d).sum() - 2 * (d * target).sum()) + energy
+
+
+@dataclass(frozen=True)
+class Refit:
+    """What reconstruction did to one weight, measured on the calibration half it was not fit on: the mean
+    squared output error (against the aim) of the plain projection and of the refit, and whether the refit
+    was kept."""
+
+    projected: float
+    refit: float
+    used: bool
+
+
+def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor], supports: Mapping[str, Tensor],
+                taps: Mapping[str, Tap], grams: Grams, teacher: Mapping[str, Tensor] | None = None,
+                damp: float = 0.01) -> dict[str, Refit]:
+    """Refit each projected weight in ``params`` (now ``before`` times its support) on its Gram matrices.
+
+    Without a teacher the refit keeps the layer's outputs at those of ``before``; with ``teacher`` (the
+    original's value of each weight, and ``grams.cross``) it aims at the original layer's outputs, from this
+    model's inputs. The refit is fit on one half of the calibration calls and kept only when it also lowers
+    the error on the other half (a layer with more inputs than the samples can pin down would otherwise
+    fit their noise); the weights then get the refit on both halves.
+    """
+    out = {}
+    with torch.no_grad():
+        for name in grams.gram:
+            tap, p = taps[name], params[name]
+            if min(grams.count[name]) == 0:  # one call only: nothing to check a refit on
+                continue
+            full = tap.rows(before[name].to(p.device)).double()
+            mask = tap.rows(supports[name])
+            aim = teacher is not None and name in grams.cross and name in teacher
+            original = tap.rows(teacher[name].to(p.device)).double() if aim else None
+
+            def target(half: int | None) -> Tensor:
+                g = grams.mean(grams.gram, name, half).to(p.device)
+                return original @ grams.mean(grams.cross, name, half).to(p.device).t() if aim else full @ g
+
+            def energy(half: int) -> float:
+                reference = original if aim else full
+                g = grams.mean(grams.teacher if aim else grams.gram, name, half).to(p.device)
+                return float(((reference @ g) * reference).sum())
+
+            try:
+                fitted = refit(full, grams.mean(grams.gram, name, 0).to(p.device), mask, damp,
+                               target(0) if aim else None)
+            except RuntimeError as exc:  # torch.linalg: not positive definite even with damping
+                logger.info("%s: no refit (%s)", name, exc)
+                continue
+            check, aim_b = grams.mean(grams.gram, name, 1).to(p.device), target(1)
+            projected = objective(full * mask, check, aim_b, energy(1))
+            error = objective(fitted, check, aim_b, energy(1))
+            used = bool(torch.isfinite(fitted).all()) and error < projected and sum(grams.count[name]) > 0
+            if used:
+                rows = refit(full, grams.mean(grams.gram, name).to(p.device), mask, damp,
+                             target(None) if aim else None)
+                used = bool(torch.isfinite(rows).all())
+                if used:
+                    p.copy_(tap.from_rows(rows.to(p.dtype), p))
+            out[name] = Refit(projected, error if used else projected, used)
+    return out

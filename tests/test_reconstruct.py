@@ -1,0 +1,232 @@
+"""Tests for layer-wise reconstruction (onnx_admm.reconstruct, pipeline/reconstruction.py): the OBS refit
+against least squares, exact zeros, taps found in both exporters' graphs, and what a compress gains from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from onnx_admm.api import compress
+from onnx_admm.converters.importer import import_model
+from onnx_admm.data import Dataset
+from onnx_admm.pipeline.reconstruction import groups, taps_for
+from onnx_admm.recipe import CompressConfig
+from onnx_admm.reconstruct import Tap, collect_grams, objective, reconstruct, refit
+
+from tests.models import INPUT_NAME
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x.t() @ x / x.shape[0]
+
+
+def test_refit_of_one_pruned_column_is_the_least_squares_solution():
+    # OBS is exact for one pruned weight: the other columns take its output back as least squares would.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)  # correlated inputs
+    w = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[:, 0] = False
+    got = refit(w, _gram(x), mask, damp=0.0)
+    xd = x.double()
+    solution = torch.linalg.lstsq(xd[:, 1:], xd @ w.t()).solution.t()  # [3, 5]
+    assert torch.equal(got[:, 0], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(got[:, 1:], solution, atol=1e-8, rtol=1e-8)
+
+
+def test_refit_keeps_the_mask_exactly_and_lowers_the_output_error():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    w = torch.randn(16, 32, generator=g)
+    mask = torch.rand(16, 32, generator=g) > 0.5
+    gram = _gram(x)
+    got = refit(w, gram, mask)
+    assert torch.equal(got != 0, mask & (w != 0))
+    assert got.dtype == w.dtype
+    target, energy = w.double() @ gram, float(((w.double() @ gram) * w.double()).sum())
+    assert objective(got, gram, target, energy) < 0.7 * objective(w * mask, gram, target, energy)
+
+
+def test_uncorrelated_inputs_leave_nothing_to_move():
+    # With a diagonal Gram matrix no column can stand in for another: the refit is the plain projection.
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = torch.arange(32).reshape(4, 8) % 3 != 0
+    gram = torch.diag(torch.arange(1, 9, dtype=torch.float64))
+    torch.testing.assert_close(refit(w, gram, mask, damp=0.0), w * mask, atol=1e-12, rtol=0)
+
+
+def test_reconstruct_refits_a_linear_a_matmul_and_a_conv_in_place():
+    torch.manual_seed(3)
+    linear, conv = nn.Linear(12, 5), nn.Conv2d(3, 4, 3, padding=1)
+
+    class MatMul(nn.Module):
+        def forward(self, x, w):
+            return x @ w
+
+    matmul = MatMul()
+    w_mm = nn.Parameter(torch.randn(12, 7))
+    taps = {"linear": Tap((linear,), 0, "linear"), "conv": Tap((conv,), 0, "conv"), "mm": Tap((matmul,), 0, "matmul")}
+    params = {"linear": linear.weight, "conv": conv.weight, "mm": w_mm}
+    mix = torch.randn(12, 12)
+    xs = [torch.randn(64, 12) @ mix for _ in range(4)]
+    images = [torch.nn.functional.avg_pool2d(torch.randn(8, 3, 10, 10), 3, 1, 1) for _ in range(4)]
+
+    calls = [(lambda x=x, im=im: (linear(x), matmul(x, w_mm), conv(im)), 8) for x, im in zip(xs, images)]
+    with torch.no_grad():
+        grams = collect_grams(taps, calls)
+    assert grams.gram["conv"][0].shape == (27, 27) and grams.gram["mm"][1].shape == (12, 12) and not grams.cross
+    assert grams.count["linear"] == [128, 128] and grams.count["conv"] == [1600, 1600]  # 2 calls x 8 images x 100 positions
+    before = {n: p.detach().clone() for n, p in params.items()}
+    supports = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) > 0.5 for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.mul_(supports[n])
+    results = reconstruct(params, before, supports, taps, grams)
+    for name, p in params.items():
+        assert results[name].used and results[name].refit < results[name].projected, name
+        assert torch.equal(p.detach() != 0, supports[name] & (before[name] != 0)), name
+        assert not torch.equal(p.detach(), before[name] * supports[name]), name
+
+
+def test_groups_keep_the_gram_matrices_under_the_budget():
+    taps = {n: Tap((nn.Identity(),), 0, "linear") for n in "abc"}
+    params = {"a": torch.zeros(2, 100), "b": torch.zeros(2, 100), "c": torch.zeros(2, 1000)}
+    # 100 x 100 float64 = 80,000 bytes each; c's 8 MB is over the budget and left out.
+    assert groups(taps, params, budget=170_000) == [["a", "b"]]
+    assert groups(taps, params, budget=100_000) == [["a"], ["b"]]
+
+
+@pytest.mark.parametrize("key", ["transformer_torchscript", "transformer_dynamo", "lenet5_torchscript", "lenet5_dynamo"])
+def test_taps_cover_the_matmul_linear_and_conv_weights_of_both_exports(onnx_model_file, key):
+    imported = import_model(onnx.load(str(onnx_model_file(key))))
+    names = [e.param for e in imported.compressible()]
+    taps = taps_for(imported, names)
+    # Every compressible weight of these graphs sits in a Linear, a plain Conv or the right side of a MatMul.
+    assert sorted(taps) == sorted(names)
+    for name, tap in taps.items():
+        p = imported.module.get_parameter(name)
+        assert tap.rows(p).shape[0] == (p.shape[1] if tap.kind == "matmul" else p.shape[0])
+
+
+def _config(reconstruct: bool, sparsity: float, admm: int, retrain: int) -> CompressConfig:
+    return CompressConfig.from_dict({"train": {"threads": 1, "seed": 0},
+                                     "admm": {"epochs": admm, "retrain_epochs": retrain},
+                                     "prune": {"stages": 1, "sparsity": sparsity, "reconstruct": reconstruct}})
+
+
+def _agreement(path, original, x) -> float:
+    def top1(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0].argmax(1)
+    return float((top1(path) == top1(original)).mean())
+
+
+def test_compress_without_training_keeps_more_of_the_original_with_reconstruction(digits_sample, tmp_path):
+    # Measured (digits CNN, 80% pruned by LAMP, no training, 360 test images in onnxruntime): agreement with
+    # the original 0.944 plainly projected, 0.997 with the refit.
+    train, test = np.load(digits_sample.train), np.load(digits_sample.test)
+    unlabeled = Dataset({"input": train["input"]}, None, {"input"})
+    figures = {}
+    for on in (False, True):
+        result = compress(digits_sample.model, unlabeled, _config(on, 0.8, 0, 0))
+        out = tmp_path / f"r{on}.onnx"
+        result.save(out)
+        figures[on] = _agreement(out, digits_sample.model, test["input"])
+        stage = result.report["stages"][0]
+        if on:
+            assert stage["reconstruction"]["layers"] == stage["reconstruction"]["pruned_layers"] == 4
+            assert stage["reconstruction"]["error_ratio"] < 1
+            params = result.report["params"]
+            assert 1 - params["nonzero"] / params["total"] == pytest.approx(0.8, abs=1e-4)
+        else:
+            assert stage["reconstruction"] is None
+    assert figures[True] >= 0.99 and figures[True] >= figures[False] + 0.04, figures
+
+
+def test_with_a_teacher_the_refit_aims_at_the_original_layer_outputs():
+    # Student inputs differ from the teacher's (an upstream layer was pruned), and the student's own weights
+    # drifted: the refit solves min ||X_s v - X_t w_t|| over the kept entries, as least squares does.
+    torch.manual_seed(5)
+    student, original = nn.Linear(10, 4, bias=False), nn.Linear(10, 4, bias=False)
+    mix = torch.randn(10, 10)
+    xs = [torch.randn(50, 10) @ mix for _ in range(4)]
+    noise = [0.1 * torch.randn(50, 10) for _ in range(4)]
+
+    calls = [(lambda x=x, e=e: (student(x + e), original(x)), 50) for x, e in zip(xs, noise)]
+    taps = {"w": Tap((student,), 0, "linear")}
+    with torch.no_grad():
+        grams = collect_grams(taps, calls, {"w": Tap((original,), 0, "linear")})
+    support = torch.rand(4, 10, generator=torch.Generator().manual_seed(6)) > 0.4
+    before = {"w": student.weight.detach().clone()}
+    with torch.no_grad():
+        student.weight.mul_(support)
+    results = reconstruct({"w": student.weight}, before, {"w": support}, taps, grams,
+                          teacher={"w": original.weight.detach()}, damp=0.0)
+    assert results["w"].used
+    x_s = torch.cat([x + e for x, e in zip(xs, noise)]).double()
+    y_t = (torch.cat(xs) @ original.weight.detach().t()).double()
+    for r in range(4):
+        k = support[r]
+        solution = torch.linalg.lstsq(x_s[:, k], y_t[:, r:r + 1]).solution.squeeze(1)
+        torch.testing.assert_close(student.weight.detach()[r, k].double(), solution, atol=1e-4, rtol=1e-4)
+        assert torch.equal(student.weight.detach()[r, ~k], torch.zeros(int((~k).sum())))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_recurrent_input_weight_is_refit_on_the_sequence_it_reads(tmp_path, kind):
+    from tests.exporter_models import export_torch, recurrent_classifier
+
+    module = recurrent_classifier(kind)
+    path = export_torch(module, torch.randn(2, 7, 10), tmp_path / f"{kind}.onnx", "torchscript")
+    imported = import_model(onnx.load(str(path)))
+    names = [e.param for e in imported.compressible()]
+    taps = taps_for(imported, names)
+    inputs = {n for n in names if n.endswith(".W")}
+    assert inputs and inputs <= set(taps) and not any(n.endswith(".R") for n in taps)
+    assert all(taps[n].kind == "recurrent" for n in inputs)
+    xs = torch.randn(4, 16, 7, 10) @ torch.randn(10, 10)  # correlated features: something to move
+    with torch.no_grad():
+        grams = collect_grams({n: taps[n] for n in inputs}, [(lambda x=x: imported.module(x), 16) for x in xs])
+    params = {n: imported.module.get_parameter(n) for n in inputs}
+    for name, p in params.items():
+        assert grams.gram[name][0].shape == (p.shape[-1], p.shape[-1])  # one Gram for both directions' rows
+    before = {n: p.detach().clone() for n, p in params.items()}
+    supports = {n: p.detach().abs() > p.detach().abs().median() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.mul_(supports[n])
+    results = reconstruct(params, before, supports, taps, grams)
+    for name, p in params.items():
+        assert results[name].used and results[name].refit < results[name].projected
+        assert torch.equal(p.detach() != 0, supports[name])
+
+
+def test_a_destroyed_admm_phase_gives_way_to_the_refit_stage_start(digits_sample):
+    # lr 1e6 wrecks the ADMM phase's weights; the refit of the stage's starting weights scores better on the
+    # selection split, so the retraining starts there (and keeps it: every later epoch is worse).
+    train, test = np.load(digits_sample.train), np.load(digits_sample.test)
+    config = CompressConfig.from_dict({"train": {"threads": 1, "lr": 1e6}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"stages": 1, "sparsity": 0.5}})
+    result = compress(digits_sample.model, Dataset({"input": train["input"]}, train["labels"], {"input"}), config,
+                      val_data=Dataset({"input": test["input"]}, test["labels"], {"input"}))
+    stage = result.report["stages"][0]
+    assert stage["reconstruction"]["start"] == "stage start"
+    assert stage["reconstruction"]["select_metric"]["stage_start"] > stage["reconstruction"]["select_metric"]["admm"]
+    metrics = result.report["metrics"]
+    assert metrics["compressed_accuracy"] >= metrics["original_accuracy"] - 0.02
+
+
+def test_a_layer_wider_than_its_calibration_positions_is_left_out_before_its_gram_is_built():
+    wide, narrow = nn.Linear(256, 4), nn.Linear(8, 4)
+    xs = [torch.randn(25, 256) for _ in range(4)]
+    calls = [(lambda x=x: (wide(x), narrow(x[:, :8])), 25) for x in xs]
+    with torch.no_grad():
+        grams = collect_grams({"wide": Tap((wide,), 0, "linear"), "narrow": Tap((narrow,), 0, "linear")}, calls,
+                              total=100)
+    # 50 positions a half for 256 inputs (under a quarter): no Gram matrix; 8 inputs are pinned down.
+    assert set(grams.gram) == {"narrow"} and grams.count == {"narrow": [50, 50]}
