@@ -139,6 +139,9 @@ class OnnxRecurrent(nn.Module, OnnxToTorchModule):
         self.linear_before_reset = linear_before_reset
         self.input_forget = input_forget
         self.n_outputs = n_outputs
+        # Where each direction's hidden state enters R at every step: identities a forward hook can watch
+        # (reconstruction refits R on the states it reads; a hook on this module sees only the sequence).
+        self.hidden_taps = nn.ModuleList(nn.Identity() for _ in range(2 if direction == "bidirectional" else 1))
 
     def forward(  # noqa: D102 - documented on the class
         self,
@@ -210,6 +213,7 @@ class OnnxRecurrent(nn.Module, OnnxToTorchModule):
         xw = torch.matmul(x, W.t()) + wb  # every step's input projection at once: [seq, batch, G*H]
         ys = []
         for t in range(x.shape[0]):
+            h = self.hidden_taps[d](h)
             if self.op == "LSTM":
                 h_new, c_new = self._lstm_step(d, xw[t], h, c, R, rb, acts)
             elif self.op == "GRU":

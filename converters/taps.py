@@ -4,7 +4,7 @@ onnx2torch turns a Gemm with a constant B into ``nn.Linear``, a Conv into ``nn.C
 MatMul or a Gemm with a graph-input-like B as ``OnnxMatMul``/``OnnxGemm`` fed by a ``get_attr`` of the
 parameter. Those are the layers reconstruction can hook (each module called with the layer's input as its
 first argument); anything else (grouped or padded-by-name
-convs, transposed convs, a recurrent op's hidden-state weight R, a weight used as the left operand) has no tap and is left as
+convs, transposed convs, a GRU's R without linear_before_reset, a weight used as the left operand) has no tap and is left as
 projected.
 """
 
@@ -33,11 +33,18 @@ def _matmul_kind(module: nn.Module, node: fx.Node, weight: fx.Node) -> str | Non
     return None
 
 
+def _reads_state(module: OnnxRecurrent) -> bool:
+    """Whether every gate's rows of R read the hidden state itself (a GRU without linear_before_reset feeds
+    its candidate gate r * h instead)."""
+    return module.op in ("LSTM", "RNN") or (module.op == "GRU" and module.linear_before_reset)
+
+
 def weight_taps(imported: ImportedModel, names: list[str]) -> dict[str, tuple[tuple[nn.Module, ...], str]]:
     """For each of the parameters ``names`` that has one: the modules its layer's input enters as first
     argument (every call site of a shared weight) and the weight's kind: ``linear`` (``[out, in]``),
-    ``matmul`` (``x @ W``, ``[in, out]``), ``conv`` (an ``nn.Conv1d``/``nn.Conv2d``) or ``recurrent`` (an
-    LSTM/GRU/RNN input weight ``[directions, gates * hidden, in]``)."""
+    ``matmul`` (``x @ W``, ``[in, out]``), ``conv`` (an ``nn.Conv1d``/``nn.Conv2d``), ``recurrent`` (an
+    LSTM/GRU/RNN input weight ``[directions, gates * hidden, in]``) or ``hidden`` (its recurrent weight R,
+    read at each direction's ``hidden_taps`` module)."""
     graph_module = getattr(imported.module, "graph_module", None)
     if not isinstance(graph_module, fx.GraphModule):
         return {}
@@ -60,7 +67,9 @@ def weight_taps(imported: ImportedModel, names: list[str]) -> dict[str, tuple[tu
         elif attr == "weight" and owner_name in calls and owner is not None and _conv_ok(owner):
             taps[name] = ((owner,), "conv")
         elif attr == "W" and owner_name in calls and isinstance(owner, OnnxRecurrent):
-            taps[name] = ((owner,), "recurrent")  # the sequence input; R's (the hidden state) is internal
+            taps[name] = ((owner,), "recurrent")  # the sequence input, the module's first argument
+        elif attr == "R" and owner_name in calls and isinstance(owner, OnnxRecurrent) and _reads_state(owner):
+            taps[name] = (tuple(owner.hidden_taps), "hidden")
         elif local in getters:
             users = [user for node in getters[local] for user in node.users]
             kinds = {_matmul_kind(modules[str(u.target)], u, u.args[1]) if u.op == "call_module"

@@ -13,7 +13,9 @@ A layer is a :class:`Tap`: the module that receives its input, which argument, a
 inputs to outputs (``linear``: ``[out, in]``; ``matmul``: ``x @ W`` with ``W`` ``[in, out]``; ``conv``: an
 ``nn.Conv1d``/``nn.Conv2d`` whose unfolded patches are the inputs; ``recurrent``: an input weight
 ``[directions, gates * hidden, in]`` applied to every step of a sequence, each direction's rows seeing the
-same inputs). Which modules those are is the
+same inputs; ``hidden``: a recurrent weight ``[directions, gates * hidden, hidden]`` whose direction d reads
+its own hidden state at module ``modules[d]``, laid out block-diagonally so that one Gram matrix holds
+every direction, each in its own block). Which modules those are is the
 importer's knowledge (``onnx_admm.converters.taps``); this module only hooks them.
 """
 
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("linear", "matmul", "conv", "recurrent")
+KINDS = ("linear", "matmul", "conv", "recurrent", "hidden")
 # Positions (rows of the unfolded input) a conv contributes per sample: enough to estimate a Gram matrix of
 # a few thousand columns, bounded so a large feature map does not cost its whole unfold.
 POSITIONS_PER_SAMPLE = 256
@@ -58,13 +60,22 @@ class Tap:
             return weight.t()
         if self.kind == "recurrent":
             return weight.reshape(-1, weight.shape[-1])
+        if self.kind == "hidden":  # off-block entries are structurally 0 (pruned, for a mask)
+            return torch.block_diag(*weight.unbind(0))
         return weight.reshape(weight.shape[0], -1)
 
     def from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
+        if self.kind == "hidden":
+            out, inp = like.shape[1], like.shape[2]
+            return torch.stack([rows[d * out:(d + 1) * out, d * inp:(d + 1) * inp] for d in range(like.shape[0])])
         return rows.t().reshape(like.shape) if self.kind == "matmul" else rows.reshape(like.shape)
 
     def columns(self, module: nn.Module, x: Tensor) -> Tensor:
         """The layer input as ``[positions, inputs]`` rows, matching :meth:`rows`' columns."""
+        if self.kind == "hidden":  # direction d's states in block d, zeros elsewhere
+            d, blocks = next(i for i, m in enumerate(self.modules) if m is module), len(self.modules)
+            x = x.reshape(-1, x.shape[-1])
+            return torch.cat([x if b == d else torch.zeros_like(x) for b in range(blocks)], dim=1)
         if self.kind != "conv":
             return x.reshape(-1, x.shape[-1])
         if isinstance(module, nn.Conv1d):  # as a 2-D conv of height 1

@@ -178,32 +178,39 @@ def test_with_a_teacher_the_refit_aims_at_the_original_layer_outputs():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_a_recurrent_input_weight_is_refit_on_the_sequence_it_reads(tmp_path, kind):
+def test_recurrent_weights_are_refit_on_the_sequence_and_the_states_they_read(tmp_path, kind):
     from tests.exporter_models import export_torch, recurrent_classifier
 
-    module = recurrent_classifier(kind)
+    module = recurrent_classifier(kind)  # bidirectional, 2 layers; the GRU with linear_before_reset
     path = export_torch(module, torch.randn(2, 7, 10), tmp_path / f"{kind}.onnx", "torchscript")
     imported = import_model(onnx.load(str(path)))
     names = [e.param for e in imported.compressible()]
     taps = taps_for(imported, names)
-    inputs = {n for n in names if n.endswith(".W")}
-    assert inputs and inputs <= set(taps) and not any(n.endswith(".R") for n in taps)
-    assert all(taps[n].kind == "recurrent" for n in inputs)
+    recurrent = {n for n in names if n.endswith((".W", ".R"))}
+    assert len(recurrent) == 4 and recurrent <= set(taps)
+    assert {taps[n].kind for n in recurrent} == {"recurrent", "hidden"}
     xs = torch.randn(4, 16, 7, 10) @ torch.randn(10, 10)  # correlated features: something to move
     with torch.no_grad():
-        grams = collect_grams({n: taps[n] for n in inputs}, [(lambda x=x: imported.module(x), 16) for x in xs])
-    params = {n: imported.module.get_parameter(n) for n in inputs}
+        reference = imported.module(xs[0])[0].clone()
+        grams = collect_grams({n: taps[n] for n in recurrent}, [(lambda x=x: imported.module(x), 16) for x in xs])
+    params = {n: imported.module.get_parameter(n) for n in recurrent}
     for name, p in params.items():
-        assert grams.gram[name][0].shape == (p.shape[-1], p.shape[-1])  # one Gram for both directions' rows
+        # one Gram for both directions' rows of W; R's holds each direction's states in its own block
+        assert grams.gram[name][0].shape == ((2 * p.shape[-1],) * 2 if name.endswith(".R") else (p.shape[-1],) * 2)
+        assert torch.equal(taps[name].from_rows(taps[name].rows(p.detach()), p), p.detach())
     before = {n: p.detach().clone() for n, p in params.items()}
     supports = {n: p.detach().abs() > p.detach().abs().median() for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items():
             p.mul_(supports[n])
+        projected = imported.module(xs[0])[0].clone()
     results = reconstruct(params, before, supports, taps, grams)
     for name, p in params.items():
-        assert results[name].used and results[name].refit < results[name].projected
+        assert results[name].used and results[name].refit < results[name].projected, name
         assert torch.equal(p.detach() != 0, supports[name])
+    with torch.no_grad():
+        refit_out = imported.module(xs[0])[0]
+    assert (refit_out - reference).norm() < (projected - reference).norm()
 
 
 def test_a_destroyed_admm_phase_gives_way_to_the_refit_stage_start(digits_sample):

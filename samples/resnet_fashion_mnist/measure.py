@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-reconstruct", action="store_true", help="prune.reconstruct = false (no refit)")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
     config = CompressConfig.from_dict({
         "train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs},
-        "prune": {"sparsity": args.sparsity, "structure": "filter"},
+        "prune": {"sparsity": args.sparsity, "structure": "filter", "reconstruct": not args.no_reconstruct},
     })
     out = args.work / f"{args.label}.onnx"
     started = time.perf_counter()
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     structure = result.report.get("structure") or {}
     row = {
         "label": args.label, "sparsity": args.sparsity, "epochs": args.epochs, "train": args.train,
-        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr,
+        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr, "reconstruct": not args.no_reconstruct,
+        "reconstruction": [s.get("reconstruction") for s in result.report["stages"]],
         "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,
         "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy),
         "macs": structure.get("macs"),
