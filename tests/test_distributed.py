@@ -207,6 +207,8 @@ def test_a_plugin_that_gives_the_ranks_unequal_streams_still_ends_with_equal_ste
 _COLLECTIVES = textwrap.dedent("""
     import math, sys, numpy as np, torch
     from onnx_admm.distributed import PeerFailed, World, session
+    from onnx_admm.api import _check_same_start
+    from onnx_admm.data import Dataset
     from onnx_admm.pipeline.batch import even_steps
     from onnx_admm.pipeline.results import AccuracyGateFailed
 
@@ -223,6 +225,9 @@ _COLLECTIVES = textwrap.dedent("""
         # Shares of unequal length (a partial batch last): both ranks take the shorter share's whole batches.
         share = [{"x": np.zeros((4, 1))}] * (3 if world.main else 5) + [{"x": np.zeros((2, 1))}]
         assert len(list(even_steps(share, world, 4, {"x"}, "test"))) == 3
+        # A plugin's first samples that differ between the ranks: rank 0 warns, once.
+        _check_same_start(world, Dataset({"x": np.zeros((3, 1))}, None, {"x"}))
+        _check_same_start(world, Dataset({"x": np.full((3, 1), float(world.rank))}, None, {"x"}))
 
         def finish():
             raise AccuracyGateFailed(None, "under the floor", None)
@@ -244,6 +249,7 @@ def test_collectives_keep_the_ranks_in_step(tmp_path):
     ran = _torchrun(str(script), timeout=60)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "rank 0 failed its gate" in ran.stdout and "rank 1 follows with 3" in ran.stdout
+    assert ran.stderr.count("the loader plugin's first 3 samples differ between the ranks") == 1, ran.stderr
 
 
 def test_sigterm_to_torchrun_saves_rank_0s_last_stage_once_and_leaves_nothing_partial(digits_sample, tmp_path):
