@@ -262,11 +262,25 @@ def _stages(report: dict) -> str:
                      f"{1 / (1 - stage['sparsity']):.1f}x" if (stage.get("sparsity") or 0) < 1 else "n/a",
                      _pct(stage.get("val_metric")), _num(epochs.get("admm")), _num(epochs.get("retrain")),
                      f"{residual[0]:.3g} &rarr; {residual[-1]:.3g}" if residual else "-",
-                     escape(str(stage.get("rolled_back") or "no"))))
+                     _refit(stage.get("reconstruction")), escape(str(stage.get("rolled_back") or "no"))))
     if not rows:
         return _none("no stage")
     return _table(("stage", "target sparsity", "sparsity", "ratio", "selection metric", "ADMM epochs",
-                   "retrain epochs", "residual first \u2192 last", "rolled back"), rows, numeric=(1, 2, 3, 4, 5, 6))
+                   "retrain epochs", "residual first \u2192 last", "refit", "rolled back"), rows,
+                  numeric=(1, 2, 3, 4, 5, 6))
+
+
+def _refit(reconstruction: dict | None) -> str:
+    """The stage's reconstruction in a few words: layers refit, output error left, where retraining started."""
+    if not reconstruction:
+        return "off"
+    ratio = reconstruction.get("error_ratio")
+    text = f"{reconstruction['layers']} of {reconstruction['pruned_layers']} layers"
+    if ratio is not None:
+        text += f", error x{ratio:.2f}"
+    if reconstruction.get("start"):
+        text += f", from {reconstruction['start']}"
+    return escape(text)
 
 
 def _left_alone(report: dict) -> str:

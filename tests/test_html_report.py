@@ -103,6 +103,16 @@ def test_every_section_is_present_with_its_figures(report):
     assert "a warning to show" in _section(page, "warnings")
     assert "Filters kept" in _section(page, "details")
     assert "[train]" in _section(page, "config") and "bits = 4" in _section(page, "config")
+    # every weight is quantized at every stage here: reconstruction is on and finds nothing to refit
+    assert "0 of 0 layers" in _section(page, "stages")
+
+
+def test_stages_say_what_reconstruction_did(report):
+    report["stages"][0]["reconstruction"] = {"layers": 3, "pruned_layers": 4, "tapped_layers": 4,
+                                             "error_ratio": 0.36, "start": "stage start"}
+    report["stages"][1]["reconstruction"] = None
+    stages = _section(render(report), "stages")
+    assert "3 of 4 layers, error x0.36, from stage start" in stages and "<td>off</td>" in stages
 
 
 def test_int8_activations_are_compared(report):

@@ -144,8 +144,8 @@ class StageRefit:
     def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
             kept: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
         """Refit the projected weights; returns the supports the retraining keeps and the report's entry."""
-        if not self.taps:
-            return supports, None
+        if not self.taps:  # off, or nothing it can refit this stage (quantized weights, no taps)
+            return supports, summary({}, self.candidates) if self.runner.config.prune.reconstruct else None
         out = self.refit(before, supports)
         if self.start is None or kept:
             return supports, out
