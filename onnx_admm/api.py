@@ -9,12 +9,14 @@ onnxruntime on the held-out split and commit the outputs through the gate (``pip
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -191,8 +193,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
     if world.active and isinstance(train_data, PluginData):
-        raise UserError("a loader plugin cannot be split over several processes yet (its epoch length is unknown, and "
-                        "every process must take the same number of steps); pass an .npz, or run one process")
+        _check_same_start(world, select)
     calibration = calibration_data(original, train_data, config.output)
     runner = Runner(imported, config, plan, train_data, select, held_out, device, emit, groups, memory, world)
     name = _model_name(original_path)
@@ -277,6 +278,31 @@ def _resolve_splits(data, val_data, specs, cfg) -> tuple[Dataset | PluginData, D
         data, val_data = data.split(cfg.val_fraction, cfg.seed)
     data, select = data.split(cfg.val_fraction, cfg.seed + 1)
     return data, select, val_data
+
+
+def _check_same_start(world: World, select: Dataset) -> None:
+    """Warn (rank 0) when a loader plugin's first samples differ between the ranks.
+
+    Every rank reads the plugin itself and deals its batches round-robin (``PluginData.batches``), which
+    gives disjoint shares only when the plugin yields the same stream on every rank; its first samples,
+    the selection split and reconstruction's calibration sample, show whether it does. The run stays
+    consistent either way (rank 0's selection metric and refit weights are shared), so this only warns.
+    """
+    hashes = world.gather(_fingerprint(select))
+    if world.main and len(set(hashes)) > 1:
+        logger.warning("the loader plugin's first %d samples differ between the ranks: it must yield the same "
+                       "stream on every process (onnx-admm deals its batches to the ranks itself; do not shard it "
+                       "by RANK); rank 0's selection split decides", len(select))
+
+
+def _fingerprint(data: Dataset) -> str:
+    """A SHA-256 of the samples' bytes, inputs in name order, then the labels."""
+    h = hashlib.sha256()
+    for key in sorted(data.inputs):
+        h.update(key.encode() + np.ascontiguousarray(np.asarray(data.inputs[key])).tobytes())
+    if data.labels is not None:
+        h.update(np.ascontiguousarray(np.asarray(data.labels)).tobytes())
+    return h.hexdigest()
 
 
 # Encodings that store a weight as float32 values: a quantized weight stored so has lost its levels' savings.

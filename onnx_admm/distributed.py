@@ -11,6 +11,9 @@ sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) every process ru
 - The training order of each epoch is the single-process order (same seed), split DistributedSampler
   style (``onnx_admm.data.shard_order``): each process takes every N-th sample, so it trains on 1/N of
   the batches, each of ``train.batch_size`` samples (the global batch is N times that, as in PyTorch).
+- A loader plugin's stream is read whole by every process and its batches dealt round-robin
+  (``onnx_admm.sources.PluginData.batches``); its length is unknown, so before each step the ranks agree
+  that each still has a batch (``every``) and all end the epoch when one has run out.
 - Whatever chooses (the selection metric, the rollback of a non-finite loss) is decided once and
   shared (``agreed``, ``mean``), and ADMM's Z and U, the projected weights, the masks and the levels are
   broadcast from rank 0 (``SyncedADMM``, ``broadcast_``): DDP keeps the weights equal, so this only
@@ -166,6 +169,16 @@ class World:
         with _peers(self):
             dist.all_reduce(wire)
         return wire.item() / self.size
+
+    def every(self, flag: bool) -> bool:
+        """True when ``flag`` is True on every rank (the MIN of a 0/1 flag): a rank that stops a loop on it
+        stops it where all the others do (a loader plugin's epoch, whose length each rank learns alone)."""
+        if not self.active:
+            return flag
+        wire = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device())
+        with _peers(self):
+            dist.all_reduce(wire, op=dist.ReduceOp.MIN)
+        return bool(wire.item())
 
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (picklable), in rank order."""

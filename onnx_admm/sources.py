@@ -11,6 +11,7 @@ iterable of such dicts and a function returning one (``as_data``), all checked t
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -227,7 +228,7 @@ class PluginData:
 
     def batches(
         self, batch_size: int | None, shuffle: bool = False, seed: int | None = None, *, drop_last: bool = False,
-        chunks: Iterable[Dataset] | None = None,
+        chunks: Iterable[Dataset] | None = None, shard: tuple[int, int] | None = None,
     ) -> Iterator[Feed]:
         """Feeds of ``batch_size`` samples re-batched across the plugin's dicts, or its dicts as they come.
 
@@ -238,10 +239,18 @@ class PluginData:
             drop_last: Skip a final feed smaller than ``batch_size``.
             chunks: The epoch's checked dicts when the caller has started reading them (``chunks()``), to
                 look at the first one before batching; default: a fresh epoch.
+            shard: ``(rank, size)``: only this process's share, the batches dealt round-robin (the k-th
+                feed of the stream to rank ``k % size``). Every process reads the whole stream, since a
+                plugin's length is unknown in advance; the shares may then differ by a batch, which the
+                caller evens out (``onnx_admm.pipeline.batch.even_steps``).
 
         Yields:
             One feed per batch.
         """
+        if shard is not None:
+            rank, size = shard
+            yield from itertools.islice(self.batches(batch_size, drop_last=drop_last, chunks=chunks), rank, None, size)
+            return
         if shuffle:
             logger.debug("loader plugin %r: shuffle is left to the plugin", self.name)
         chunks = self.chunks() if chunks is None else chunks

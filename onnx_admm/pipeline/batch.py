@@ -1,9 +1,12 @@
 """The batch a training step and a validation run can afford (``onnx_admm.memory`` estimates the bytes),
-and the tensor batches a phase reads from the data."""
+the tensor batches a phase reads from the data, and the equal number of steps every process of a
+data-parallel run takes from a loader plugin's stream (``even_steps``)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -11,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnx_admm.converters.importer import ImportedModel
-from onnx_admm.data import LABELS
+from onnx_admm.data import LABELS, Feed
+from onnx_admm.distributed import World
 from onnx_admm.memory import (INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch,
                               inference_bytes, training_bytes)
 from onnx_admm.recipe import DEFAULT_BATCH_SIZE
 from onnx_admm.train import Batch
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,44 @@ def _on(tensor: torch.Tensor, device: torch.device, gpu: bool) -> torch.Tensor:
 
 
 def _split_feed(feed, chunk: int | None, batched: set[str]):
-    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
-    n = rows[0] if rows else 0
+    n = feed_samples(feed, batched)
     if chunk is None or n <= chunk:
         yield feed
         return
     for start in range(0, n, chunk):
         yield {k: (v[start:start + chunk] if k in batched or k == LABELS else v) for k, v in feed.items()}
+
+
+def even_steps(feeds: Iterable[Feed], world: World, batch_size: int, batched: set[str], label: str) -> Iterator[Feed]:
+    """This process's whole batches of ``feeds`` (its round-robin share of a loader plugin's stream), as
+    many as every other process has.
+
+    Each step all-reduces its gradients, so a process that stepped once more than another would wait for
+    it forever: before each step the processes agree that every one still holds a whole batch
+    (``World.every``), and all end the epoch as soon as one has none. A final partial batch ends it too:
+    every process then steps on ``batch_size`` samples, as on an .npz shard, and a step split into chunks
+    makes as many gradient all-reduces everywhere. What was left over is read to its end, so that the
+    count of the dropped tail is true, and logged once per epoch by rank 0.
+    """
+    feeds = iter(feeds)
+    steps = 0
+    while True:
+        feed = next(feeds, None)
+        if not world.every(feed is not None and feed_samples(feed, batched) == batch_size):
+            break
+        steps += 1
+        yield feed
+    left = [feed_samples(f, batched) for f in itertools.chain([] if feed is None else [feed], feeds)]
+    # Every rank reaches this collective: the agreement above ended the loop on all of them at once.
+    ranks = world.gather((steps + len(left), sum(left)))
+    dropped = sum(n for _, n in ranks)
+    if world.main and dropped:
+        logger.info("%s: the loader plugin's stream gave the ranks %s batches; each took %d steps and dropped "
+                    "the rest, %d batches (%d samples) in all", label, ", ".join(str(b) for b, _ in ranks), steps,
+                    sum(b for b, _ in ranks) - steps * world.size, dropped)
+
+
+def feed_samples(feed: Feed, batched: set[str]) -> int:
+    """The samples in ``feed``: the length of its batched inputs or labels (a Dataset has one or the other)."""
+    rows = [len(feed[k]) for k in (*sorted(batched), LABELS) if k in feed]
+    return rows[0] if rows else 0

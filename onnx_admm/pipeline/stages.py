@@ -27,7 +27,7 @@ from onnx_admm.data import Dataset
 from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, RefitLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
-from onnx_admm.pipeline.batch import choose_batch, to_batches
+from onnx_admm.pipeline.batch import choose_batch, even_steps, to_batches
 from onnx_admm.pipeline.reconstruction import StageRefit
 from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
 from onnx_admm.pipeline.sensitivity import sample, with_curves
@@ -83,16 +83,20 @@ class Runner:
 
     # -- helpers
 
-    def batches(self, ds, shuffle: bool, seed: int | None = None, steps: bool = False):
+    def batches(self, ds, shuffle: bool, seed: int | None = None, steps: bool = False, label: str = "an epoch"):
         """Tensor batches of ``ds``: with ``steps``, one list of chunks per training step, else chunk by chunk.
 
-        Training batches are this process's share of the epoch's order; evaluation reads the whole split.
+        Training batches are this process's share of the epoch's order (of a loader plugin's stream: every
+        ``world.size``-th batch, as many as every other rank has; ``label`` names the epoch in the log of
+        the tail dropped); evaluation reads the whole split.
         """
         # A plugin's layout (which inputs have a sample axis) is the one its first samples showed.
         batched = ds.batched if isinstance(ds, Dataset) else self.select.batched
         shard = {"shard": (self.world.rank, self.world.size)} if shuffle and self.world.active else {}
-        return to_batches(ds.batches(self.batch.train, shuffle=shuffle, seed=seed, **shard),
-                           self.imported.input_names, self.device, self.batch.chunk, batched, steps)
+        feeds = ds.batches(self.batch.train, shuffle=shuffle, seed=seed, **shard)
+        if shard and not isinstance(ds, Dataset):
+            feeds = even_steps(feeds, self.world, self.batch.train, batched, label)
+        return to_batches(feeds, self.imported.input_names, self.device, self.batch.chunk, batched, steps)
 
     def calibration(self) -> Dataset:
         """The training samples reconstruction calibrates on: one seeded sample per run; for a loader plugin,
@@ -377,7 +381,8 @@ class Runner:
             set_lr()
             steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
             self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
-            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter, steps=True)
+            batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter, steps=True,
+                                   label=f"stage {stage} {phase} epoch {epoch}")
             if steps is not None:
                 batches = itertools.islice(batches, steps)
             try:
@@ -402,9 +407,13 @@ class Runner:
                 return message
             except EmptyEpoch:
                 # A loader plugin that returns an exhausted generator yields data once, then nothing.
+                # Under several processes every rank needs a whole batch of its own (even_steps).
+                need = (f" with at least {self.world.size} whole batches of {self.batch.train} samples (one per "
+                        "process)" if self.world.active and not isinstance(self.train_data, Dataset) else "")
                 raise UserError(
-                    f"the training data yielded no samples in stage {stage} {phase} epoch {epoch}; a loader "
-                    "plugin is called once per epoch and must yield a fresh, non-empty stream every time"
+                    f"the training data yielded no {'whole batch per process' if need else 'samples'} in stage "
+                    f"{stage} {phase} epoch {epoch}; a loader plugin is called once per epoch and must yield a "
+                    f"fresh, non-empty stream{need} every time"
                 ) from None
             finally:
                 self.epoch_counter += 1
