@@ -91,10 +91,11 @@ class Tap:
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
-def gram_bytes(weight: Tensor, tap: Tap) -> int:
-    """Memory of the weight's Gram matrix (float64)."""
+def gram_bytes(weight: Tensor, tap: Tap, teacher: bool = False) -> int:
+    """Memory :func:`collect_grams` holds for the weight: float64 matrices of its inputs, one per half of
+    the calls, three per half with a teacher (the Gram, the cross term and the teacher's own)."""
     columns = tap.rows(weight).shape[1]
-    return columns * columns * 8
+    return columns * columns * 8 * 2 * (3 if teacher else 1)
 
 
 @dataclass

@@ -97,9 +97,11 @@ def test_reconstruct_refits_a_linear_a_matmul_and_a_conv_in_place():
 def test_groups_keep_the_gram_matrices_under_the_budget():
     taps = {n: Tap((nn.Identity(),), 0, "linear") for n in "abc"}
     params = {"a": torch.zeros(2, 100), "b": torch.zeros(2, 100), "c": torch.zeros(2, 1000)}
-    # 100 x 100 float64 = 80,000 bytes each; c's 8 MB is over the budget and left out.
-    assert groups(taps, params, budget=170_000) == [["a", "b"]]
-    assert groups(taps, params, budget=100_000) == [["a"], ["b"]]
+    # 100 x 100 float64 = 80,000 bytes a matrix, one per calibration half; c's 16 MB is over the budget.
+    assert groups(taps, params, budget=330_000) == [["a", "b"]]
+    assert groups(taps, params, budget=200_000) == [["a"], ["b"]]
+    # with a teacher, three matrices a half: 480,000 bytes each
+    assert groups(taps, params, budget=500_000, teacher=True) == [["a"], ["b"]]
 
 
 @pytest.mark.parametrize("key", ["transformer_torchscript", "transformer_dynamo", "lenet5_torchscript", "lenet5_dynamo"])

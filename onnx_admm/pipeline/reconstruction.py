@@ -7,8 +7,9 @@ whose memory stays under a budget, one calibration pass per group, with the pre-
 in for the pass. Without labels the refit aims at the original model's layer outputs (the teacher's).
 
 A short ADMM phase can leave the weights further from the task than the stage started (the penalty pulls
-them towards their projection faster than a few steps can recover): so for a plain pruning stage the
-stage's starting weights are also projected and refit, and the retraining starts from whichever of the two
+them towards their projection faster than a few steps can recover): so for a pruning-only stage the
+stage's starting weights are also projected (with the same per-layer counts; filters with their consumers'
+input channels) and refit, and the retraining starts from whichever of the two
 scores better on the selection split (the report's ``reconstruction.start``).
 """
 
@@ -51,12 +52,13 @@ def taps_for(imported: ImportedModel, names: list[str]) -> dict[str, Tap]:
     return {name: Tap(modules, 0, kind) for name, (modules, kind) in weight_taps(imported, names).items()}
 
 
-def groups(taps: Mapping[str, Tap], params: Mapping[str, Tensor], budget: int = GRAM_BUDGET_BYTES) -> list[list[str]]:
+def groups(taps: Mapping[str, Tap], params: Mapping[str, Tensor], budget: int = GRAM_BUDGET_BYTES,
+           teacher: bool = False) -> list[list[str]]:
     """The tapped weights in groups whose Gram matrices fit ``budget`` together (too-large ones left out)."""
     out: list[list[str]] = [[]]
     used = 0
     for name, tap in taps.items():
-        size = gram_bytes(params[name], tap)
+        size = gram_bytes(params[name], tap, teacher)
         if size > budget:
             logger.info("%s: no reconstruction (its Gram matrix would take %.0f MB)", name, size / 2**20)
             continue
@@ -102,7 +104,7 @@ def refit_projection(taps: Mapping[str, Tap], params: Mapping[str, nn.Parameter]
     at the original layers' outputs instead of the pre-projection ones.
     """
     results: dict[str, Refit] = {}
-    for group in groups(taps, params):
+    for group in groups(taps, params, teacher=teacher is not None):
         chosen = {n: taps[n] for n in group}
         with swapped(params, before), torch.no_grad():
             calls, total = calibrate()
@@ -121,6 +123,14 @@ def summary(results: Mapping[str, Refit], candidates: int) -> dict[str, Any]:
             "error_ratio": (sum(r.refit for r in used.values()) / projected) if projected > 0 else None}
 
 
+def _apply(params: Mapping[str, nn.Parameter], imported: ImportedModel, supports: Mapping[str, Tensor]) -> None:
+    """Zero every weight outside its support (a consumer's mask may name a weight outside ``params``)."""
+    with torch.no_grad():
+        for name, support in supports.items():
+            p = params[name] if name in params else imported.module.get_parameter(name)
+            p.mul_(support.to(p.device))
+
+
 class StageRefit:
     """Reconstruction for one stage of a compress run (``runner``: ``pipeline.stages.Runner``).
 
@@ -131,35 +141,38 @@ class StageRefit:
     def __init__(self, runner: Any, stage: int, quantized: Mapping[str, Any], had_admm: bool) -> None:
         self.runner = runner
         on = runner.config.prune.reconstruct
-        names = [w.spec.name for w in runner.plan.weights if w.pruned and w.spec.name not in quantized] if on else []
-        self.candidates = len(names)
+        # Every compressible weight that is not quantized this stage: the pruned ones, and the consumers
+        # of removed channels, which lose input channels without being planned (where the loss of a removed
+        # filter or head can be made up). Which of them this stage masks is known after the projection.
+        names = [e.param for e in runner.imported.compressible() if e.param not in quantized] if on else []
+        self.weights = {name: runner.imported.module.get_parameter(name) for name in names}
         self.taps = taps_for(runner.imported, names) if names else {}
-        # The restart candidate needs no levels or channel bookkeeping: plain pruning stages only.
-        plain = not quantized and not any(w.removes_channels for w in runner.plan.weights)
-        self.start = snapshot(runner.imported) if self.taps and had_admm and plain else None
+        # The restart candidate needs no levels: pruning-only stages (channel removal included).
+        self.start = snapshot(runner.imported) if self.taps and had_admm and not quantized else None
 
     def before(self) -> dict[str, Tensor]:
-        return {name: self.runner.params[name].detach().clone() for name in self.taps}
+        return {name: self.weights[name].detach().clone() for name in self.taps}
 
     def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
-            kept: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-        """Refit the projected weights; returns the supports the retraining keeps and the report's entry."""
+            kept: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+        """Refit the projected weights; returns the supports and kept channels the retraining goes on with,
+        and the report's entry."""
         if not self.taps:  # off, or nothing it can refit this stage (quantized weights, no taps)
-            return supports, summary({}, self.candidates) if self.runner.config.prune.reconstruct else None
+            masked = sum(1 for name in self.weights if name in supports)
+            return supports, kept, summary({}, masked) if self.runner.config.prune.reconstruct else None
         out = self.refit(before, supports)
-        if self.start is None or kept:
-            return supports, out
+        if self.start is None:
+            return supports, kept, out
         runner = self.runner
+        _apply(runner.params, runner.imported, supports)  # consumers of removed channels too, before measuring
         ours = runner.select_metric()
         values = snapshot(runner.imported)
         load_values(runner.imported, self.start)
-        restart: dict[str, Tensor] = {}
         with torch.no_grad():
-            for name, support in supports.items():
-                p = runner.params[name]
-                constraint = admm.constraints[name]
-                restart[name] = constraint.support(p.detach())
-                p.copy_(constraint.project(p.detach()))
+            restart = {name: constraint.support(runner.params[name].detach())
+                       for name, constraint in admm.constraints.items()}
+        restart_kept = runner.removed_filters(restart)  # adds the consumers' input-channel masks
+        _apply(runner.params, runner.imported, restart)
         device = next(iter(runner.params.values())).device
         other = self.refit({n: self.start[n].to(device) for n in self.taps}, restart)
         theirs = runner.select_metric()
@@ -167,11 +180,12 @@ class StageRefit:
         logger.info("retraining starts from the %s (selection metric %s against %s)",
                     "projection of the stage's starting weights" if better else "ADMM phase's projection",
                     theirs if better else ours, ours if better else theirs)
+        choice = {"select_metric": {"admm": ours, "stage_start": theirs}}
         if better:
             runner.world.broadcast_(list(restart.values()))
-            return restart, {**other, "start": "stage start", "select_metric": {"admm": ours, "stage_start": theirs}}
+            return restart, restart_kept, {**other, "start": "stage start", **choice}
         load_values(runner.imported, values)
-        return supports, {**out, "start": "admm", "select_metric": {"admm": ours, "stage_start": theirs}}
+        return supports, kept, {**out, "start": "admm", **choice}
 
     def refit(self, before: dict[str, Tensor], supports: Mapping[str, Tensor]) -> dict[str, Any]:
         """Refit the projected weights on calibration inputs; every process computes the same refit on the
@@ -194,12 +208,13 @@ class StageRefit:
         def calibrate() -> tuple[Iterator[tuple[Callable[[], None], int]], int]:
             return calls(), len(samples)
 
+        taps = {name: tap for name, tap in self.taps.items() if name in supports}  # what this stage masks
         pair = None
         if teacher is not None:
-            pair = (teacher_taps(self.taps, module, teacher), {n: teacher.get_parameter(n).detach() for n in self.taps})
-        results = refit_projection(self.taps, runner.params, before, supports, calibrate, pair)
-        runner.world.broadcast_([runner.params[n].data for n, r in results.items() if r.used])
-        out = summary(results, self.candidates)
+            pair = (teacher_taps(taps, module, teacher), {n: teacher.get_parameter(n).detach() for n in taps})
+        results = refit_projection(taps, self.weights, before, supports, calibrate, pair)
+        runner.world.broadcast_([self.weights[n].data for n, r in results.items() if r.used])
+        out = summary(results, sum(1 for name in self.weights if name in supports))
         logger.info("reconstruction: %d of %d pruned layers refit, output error %s of the projection's",
                     out["layers"], out["pruned_layers"],
                     "n/a" if out["error_ratio"] is None else f"{out['error_ratio']:.3f}")

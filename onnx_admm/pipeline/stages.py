@@ -191,7 +191,7 @@ class Runner:
         frozen = [level.levels for level in levels.values() if isinstance(level, FixedLevels)]
         self.world.broadcast_(frozen)
         kept = self.removed_filters(supports)
-        supports, reconstruction = refit.run(admm, before, supports, kept)
+        supports, kept, reconstruction = refit.run(admm, before, supports, kept)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         load_values(self.imported, values)

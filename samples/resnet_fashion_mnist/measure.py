@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-reconstruct", action="store_true", help="prune.reconstruct = false (no refit)")
+    parser.add_argument("--norm-ft", action="store_true",
+                        help="norm-based filter pruning + fine-tuning: no ADMM phase, the budget split evenly over "
+                             "--stages stages of masked retraining")
+    parser.add_argument("--stages", type=int, default=2, help="stages of --norm-ft (the default run chose 2)")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -104,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     x, y = train_subset(data, args.train)
     dense = train_dense(args.work, x, y, args.dense_epochs, args.width, args.threads)
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
-    config = CompressConfig.from_dict({
+    recipe = {
         "train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs},
         "prune": {"sparsity": args.sparsity, "structure": "filter", "reconstruct": not args.no_reconstruct},
-    })
+    }
+    if args.norm_ft:  # the same budget, all of it masked retraining after each magnitude (filter norm) cut
+        del recipe["train"]["epochs"]
+        recipe["admm"] = {"epochs": 0, "retrain_epochs": round(args.epochs / args.stages)}
+        recipe["prune"]["stages"] = args.stages
+    config = CompressConfig.from_dict(recipe)
     out = args.work / f"{args.label}.onnx"
     started = time.perf_counter()
     result = compress(dense, Dataset({"input": x}, y, {"input"}), config, metric_floor=0)
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     structure = result.report.get("structure") or {}
     row = {
         "label": args.label, "sparsity": args.sparsity, "epochs": args.epochs, "train": args.train,
-        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr, "reconstruct": not args.no_reconstruct,
+        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr, "reconstruct": not args.no_reconstruct, "norm_ft": args.norm_ft,
         "reconstruction": [s.get("reconstruction") for s in result.report["stages"]],
         "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,
         "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy),
