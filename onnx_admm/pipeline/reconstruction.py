@@ -1,5 +1,6 @@
-"""The reconstruction step of a stage: after the hard projection, each pruned layer that has a tap gets its
-kept weights refit on the Gram matrix of its inputs (``onnx_admm.reconstruct``).
+"""The reconstruction step of a stage: after the hard projection, each layer that lost weights (pruned, or
+reading channels that filter pruning removed) and has a tap gets its kept weights refit on the Gram matrix
+of its inputs (``onnx_admm.reconstruct``).
 
 The inputs are those of the model just before the projection (the weights the ADMM phase ended with), on a
 seeded sample of the training data that is the same on every process; Gram matrices are collected in groups
@@ -9,8 +10,8 @@ in for the pass. Without labels the refit aims at the original model's layer out
 A short ADMM phase can leave the weights further from the task than the stage started (the penalty pulls
 them towards their projection faster than a few steps can recover): so for a pruning-only stage the
 stage's starting weights are also projected (with the same per-layer counts; filters with their consumers'
-input channels) and refit, and the retraining starts from whichever of the two
-scores better on the selection split (the report's ``reconstruction.start``).
+input channels) and refit, and the retraining starts from whichever of the two scores better on the
+selection split (the report's ``reconstruction.start``).
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ def refit_projection(taps: Mapping[str, Tap], params: Mapping[str, nn.Parameter]
     """Refit every tapped weight (projected in place, ``before`` its pre-projection copy) group by group.
 
     ``calibrate()`` gives the calls that feed the model a few samples each, with their sample counts, and
-    the samples of all calls. With ``teacher`` (its taps and
-    its values of the weights; each call then runs it after the model on the same samples) the refit aims
-    at the original layers' outputs instead of the pre-projection ones.
+    the samples of all calls. With ``teacher`` (its taps and its values of the weights; each call then runs
+    it after the model on the same samples) the refit aims at the original layers' outputs instead of the
+    pre-projection ones.
     """
     results: dict[str, Refit] = {}
     for group in groups(taps, params, teacher=teacher is not None):
