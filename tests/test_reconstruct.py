@@ -239,3 +239,21 @@ def test_a_layer_wider_than_its_calibration_positions_is_left_out_before_its_gra
                               total=100)
     # 50 positions a half for 256 inputs (under a quarter): no Gram matrix; 8 inputs are pinned down.
     assert set(grams.gram) == {"narrow"} and grams.count == {"narrow": [50, 50]}
+
+
+def test_once_the_refit_start_wins_the_later_stages_retrain_for_their_whole_budget(digits_sample):
+    # With the budget split by the tool (train.epochs), a stage whose ADMM projection lost to the refit
+    # stage start hands the later stages' ADMM epochs to their retraining; an explicit split is kept.
+    train = np.load(digits_sample.train)
+    data = Dataset({"input": train["input"]}, train["labels"], {"input"})
+
+    def stages(**tables):
+        recipe = {"train": {"threads": 1, "lr": 1e6, **tables.pop("train", {})},
+                  "prune": {"stages": 2, "sparsity": 0.8}, **tables}
+        return compress(digits_sample.model, data, CompressConfig.from_dict(recipe)).report["stages"]
+
+    split = stages(train={"epochs": 4})
+    assert split[0]["reconstruction"]["start"] == "stage start" and split[0]["epochs"]["admm"] > 0
+    assert split[1]["epochs"]["admm"] == 0 and split[1]["epochs"]["retrain"] > split[0]["epochs"]["retrain"]
+    explicit = stages(admm={"epochs": 1, "retrain_epochs": 1})
+    assert explicit[0]["reconstruction"]["start"] == "stage start" and explicit[1]["epochs"] == {"admm": 1, "retrain": 1}

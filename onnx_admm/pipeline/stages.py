@@ -150,6 +150,20 @@ class Runner:
                    "steps": None if None in lengths else sum(lengths)})
         for stage in range(self.plan.n_stages):
             previous = self.stage(stage, previous, budgets[stage])
+            if self.skip_admm_after(stage):
+                budgets[stage + 1:] = [PhaseBudget(0.0, b.admm + b.retrain) for b in budgets[stage + 1:]]
+
+    def skip_admm_after(self, stage: int) -> bool:
+        """Whether the stages after ``stage`` give their ADMM epochs to retraining: the tool split the budget
+        (``train.epochs``) and this stage's ADMM projection lost to the refit of its starting weights, so
+        more ADMM epochs would likely be thrown away again (every process decides alike: the choice rests
+        on rank 0's selection metric)."""
+        start = (self.stages[-1].reconstruction or {}).get("start") if self.stages else None
+        if start != "stage start" or self.cfg.epochs is None or stage + 1 >= self.plan.n_stages:
+            return False
+        logger.info("stage %d: the refit stage start beat the ADMM phase's projection; the later stages retrain "
+                    "for their whole budget", stage)
+        return True
 
     def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None,
                     values: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -171,6 +171,7 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             ("admm-oneshot", "ADMM one-shot", {"prune": {"sparsity": s, "stages": 1, **plain}}),
             ("admm-progressive", "ADMM progressive (3 stages)", {"prune": {"sparsity": s, "stages": 3, **plain}}),
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
+            ("default-plain", "onnx-admm default without the refit", {"prune": {"sparsity": s, **plain}}),
             ("default-global", "onnx-admm default, global magnitude allocation",
              {"prune": {"sparsity": s, "allocation": "global"}}),
             ("default-sensitivity", "onnx-admm default, sensitivity allocation",
