@@ -211,10 +211,11 @@ def refit(rows: Tensor, gram: Tensor, mask: Tensor, damp: float = 0.01, target: 
     keep = mask.to(torch.bool)
     # The dense optimum: rows itself for its own outputs; else (H + lam) w* = target + lam * rows (and the
     # dead inputs' weights kept), the same expression as h @ rows less what gram contributes.
-    star = w if target is None else torch.linalg.solve(h, (target.double() + w @ h - w @ gram.double()).t()).t()
+    star = w if target is None else _spd_solve(h, (target.double() + w @ h - w @ gram.double()).t()).t()
     kept, pruned = int(keep.sum(1).max()), int((~keep).sum(1).max())
     if w.shape[0] * min(kept, pruned) ** 3 <= EXACT_FLOPS:
-        out = _over_kept(star, h, keep) if kept <= pruned else _over_pruned(star, torch.linalg.inv(h), keep)
+        out = (_over_kept(star, h, keep) if kept <= pruned
+               else _over_pruned(star, torch.cholesky_inverse(torch.linalg.cholesky(h)), keep))
         return out.to(rows.dtype)
     return _sequential(star.clone(), h, keep).to(rows.dtype)
 
@@ -235,6 +236,13 @@ def _sequential(w: Tensor, h: Tensor, keep: Tensor, block: int = 128) -> Tensor:
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
     return w * keep
+
+
+def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """``matrix^-1 rhs`` for symmetric positive definite (batches of) matrices, by Cholesky: every system
+    here is one (a damped Gram matrix, its inverse, their principal blocks padded with identity), and the
+    batched LU of ``torch.linalg.solve`` fails in some MKL builds (``DLASWP`` parameter errors)."""
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(matrix))
 
 
 def _padded(select: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,7 +271,7 @@ def _over_kept(star: Tensor, h: Tensor, keep: Tensor) -> Tensor:
     rhs = torch.gather(star @ h, 1, index) * valid
     for start in _chunks(star.shape[0], index.shape[1]):
         part = slice(start, start + _chunks(star.shape[0], index.shape[1]).step)
-        solution = torch.linalg.solve(_system(h, index[part], valid[part]), rhs[part])
+        solution = _spd_solve(_system(h, index[part], valid[part]), rhs[part].unsqueeze(-1)).squeeze(-1)
         out[part].scatter_(1, index[part], solution * valid[part])
     return out
 
@@ -276,10 +284,11 @@ def _over_pruned(star: Tensor, hinv: Tensor, keep: Tensor) -> Tensor:
         return out
     for start in _chunks(star.shape[0], index.shape[1]):
         part = slice(start, start + _chunks(star.shape[0], index.shape[1]).step)
-        z = torch.linalg.solve(_system(hinv, index[part], valid[part]),
-                               torch.gather(star[part], 1, index[part]) * valid[part])
-        columns = hinv[index[part]]  # [r, p, C]: the rows of H^-1 at the pruned columns (H^-1 is symmetric)
-        out[part] -= torch.einsum("rp,rpc->rc", z * valid[part], columns)
+        z = _spd_solve(_system(hinv, index[part], valid[part]),
+                       (torch.gather(star[part], 1, index[part]) * valid[part]).unsqueeze(-1)).squeeze(-1)
+        # sum over p of z_p H^-1[p, :], as one product with z scattered to its columns (H^-1 is symmetric)
+        spread = torch.zeros_like(star[part]).scatter_(1, index[part], z * valid[part])
+        out[part] -= spread @ hinv
     return out * keep
 
 

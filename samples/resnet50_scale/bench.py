@@ -164,7 +164,8 @@ def compress(work: Path, batch: int, threads: int) -> dict:
     return {"epochs": clock.epochs, "steps": report["distributed"]["batches_per_rank"], "batch": batch,
             "peak_rss_mb": round(report["peak_rss_mb"]), "wall_s": round(report["wall_s"], 1),
             "memory": {k: round(v) for k, v in report["memory"]["peak_rss_mb"].items()},
-            "sparsity": round(1 - report["params"]["nonzero"] / report["params"]["total"], 4)}
+            "sparsity": round(1 - report["params"]["nonzero"] / report["params"]["total"], 4),
+            "reconstruction": [stage["reconstruction"] for stage in report["stages"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
