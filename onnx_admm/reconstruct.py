@@ -253,8 +253,10 @@ def _padded(select: Tensor) -> tuple[Tensor, Tensor]:
     return order, valid
 
 
-def _chunks(rows: int, width: int) -> range:
-    return range(0, rows, max(1, int(EXACT_CHUNK_BYTES // (8 * max(width, 1) ** 2))))
+def _chunks(rows: int, width: int) -> list[slice]:
+    """Slices of the rows whose padded ``width x width`` systems take at most EXACT_CHUNK_BYTES together."""
+    step = max(1, int(EXACT_CHUNK_BYTES // (8 * max(width, 1) ** 2)))
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 def _system(matrix: Tensor, index: Tensor, valid: Tensor) -> Tensor:
@@ -269,8 +271,7 @@ def _over_kept(star: Tensor, h: Tensor, keep: Tensor) -> Tensor:
     out = torch.zeros_like(star)
     index, valid = _padded(keep)
     rhs = torch.gather(star @ h, 1, index) * valid
-    for start in _chunks(star.shape[0], index.shape[1]):
-        part = slice(start, start + _chunks(star.shape[0], index.shape[1]).step)
+    for part in _chunks(star.shape[0], index.shape[1]):
         solution = _spd_solve(_system(h, index[part], valid[part]), rhs[part].unsqueeze(-1)).squeeze(-1)
         out[part].scatter_(1, index[part], solution * valid[part])
     return out
@@ -282,8 +283,7 @@ def _over_pruned(star: Tensor, hinv: Tensor, keep: Tensor) -> Tensor:
     index, valid = _padded(~keep)
     if index.shape[1] == 0:
         return out
-    for start in _chunks(star.shape[0], index.shape[1]):
-        part = slice(start, start + _chunks(star.shape[0], index.shape[1]).step)
+    for part in _chunks(star.shape[0], index.shape[1]):
         z = _spd_solve(_system(hinv, index[part], valid[part]),
                        (torch.gather(star[part], 1, index[part]) * valid[part]).unsqueeze(-1)).squeeze(-1)
         # sum over p of z_p H^-1[p, :], as one product with z scattered to its columns (H^-1 is symmetric)
