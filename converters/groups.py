@@ -245,7 +245,7 @@ class _Analysis:
                 break
             found = []
             for i, other in walk.blocked.items():
-                for producer in self._branch_producers(i, other):
+                for producer in self.branch_producers(i, other):
                     if producer not in members and producer not in found:
                         found.append(producer)
             if not found:
@@ -278,7 +278,7 @@ class _Analysis:
         node = self.nodes[index]
         return 0 if node.op_type == "MatMul" and self.constant(node.input[1]) is None else 1
 
-    def _branch_producers(self, index: int, name: str) -> list[int]:
+    def branch_producers(self, index: int, name: str) -> list[int]:
         """The layers whose output channels reach operand ``name`` of the sum ``index`` (walking back
         through its data inputs to the nearest Conv/Gemm/MatMul with a constant weight).
 

@@ -70,15 +70,8 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
     Raises:
         NotPrunable: no head split is found, or the proof fails; the message says which.
     """
-    node = a.nodes[index]
-    shape = a.value(weight).shape
-    if len(shape) != 2:
-        raise NotPrunable(f"a weight of rank {len(shape)} is not an attention projection")
-    if node.op_type == "Gemm":
-        axis = 0 if node_attr(node, "transB", 0) else 1
-    else:
-        axis = 1
-    features = shape[axis]
+    _, axis = _projection(a, index)
+    features = a.value(weight).shape[axis]
     facts = _Probed(a, probe)
     taken = tensor_names(a.model)
     last: tuple[int, NotPrunable] | None = None  # the failure of the split followed furthest
@@ -87,23 +80,63 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
             continue
         width = features // fused
         for heads in sorted((h for h in range(2, width + 1) if width % h == 0), reverse=True):
-            walk = HeadWalk(facts, weight, heads, names=taken)
+            walks: list[HeadWalk] = []  # the walks tried, the last one followed furthest
             try:
-                walk.run([walk.start(index, weight, axis, ChannelLayout(0, width // heads, fused))])
-                if walk.blocked:
-                    raise NotPrunable("the heads meet a tensor that does not carry them (Q, K and V from "
-                                      "separate weights are not handled)")
+                walk = _coupled_walk(facts, index, heads, width // heads, taken, walks)
                 if not walk.attention:
                     raise NotPrunable("no MatMul of two computed tensors reads the heads (not attention)")
                 walk.check_sharing()
             except NotPrunable as exc:
-                if last is None or len(walk.reached) > last[0]:
-                    last = (len(walk.reached), exc)
+                reached = len(walks[-1].reached) if walks else 0
+                if last is None or reached > last[0]:
+                    last = (reached, exc)
                 continue
-            group = walk.group(a, index, weight)
+            group = walk.group()
             _prove(a.model, group, probe)
             return group
     raise NotPrunable(f"no attention heads found ({last[1] if last else 'no weight width splits'})")
+
+
+def _coupled_walk(a: Any, index: int, heads: int, head_dim: int, names: set[str], walks: list[HeadWalk]) -> HeadWalk:
+    """The walk of ``heads`` heads of ``head_dim`` from projection ``index``, grown by the projections
+    that make the other operand of every attention MatMul (or sum) the heads wait at: Q, K and V from
+    separate weights are one group, each member starting with its own blocks of rows. Each walk tried is
+    appended to ``walks``.
+
+    Raises:
+        NotPrunable: a member's rows do not split into those heads, or the walk stops.
+    """
+    members = [index]
+    while True:
+        walk = HeadWalk(a, _projection(a, index)[0], heads, names=names, head_dim=head_dim, members=sorted(members))
+        walks.append(walk)
+        walk.run([walk.start(i) for i in members])
+        if not walk.blocked:
+            return walk
+        found = []
+        for i, other in walk.blocked.items():
+            found += [p for p in a.branch_producers(i, other) if p not in members and p not in found]
+        if not found:
+            i, other = next(iter(walk.blocked.items()))
+            raise NotPrunable(f"the heads meet {other!r} at {a.nodes[i].op_type} {a.labels[i]}, which no "
+                              "projection with the same heads makes")
+        members += found
+
+
+def _projection(a: Any, index: int) -> tuple[str, int]:
+    """(the constant weight, its output axis) of a MatMul/Gemm projection node ``index``.
+
+    Raises:
+        NotPrunable: the node is not a MatMul/Gemm with a constant 2-D weight on the right.
+    """
+    node, label = a.nodes[index], a.labels[index]
+    weight = a.constant(node.input[1]) if node.op_type in ("MatMul", "Gemm") else None
+    if weight is None:
+        raise NotPrunable(f"{node.op_type} {label} is not a projection with a constant weight")
+    rank = len(a.value(weight).shape)
+    if rank != 2:
+        raise NotPrunable(f"a weight of rank {rank} is not an attention projection")
+    return weight, (0 if node.op_type == "Gemm" and node_attr(node, "transB", 0) else 1)
 
 
 def feeds_attention(a: Any, index: int) -> bool:
@@ -182,15 +215,25 @@ class HeadWalk(ChannelWalk):
     """A channel walk whose units are heads (blocks of ``inner`` features), with the rules of attention."""
 
     names: set[str] = dataclasses.field(default_factory=set)
+    head_dim: int = 1
+    members: list[int] = dataclasses.field(default_factory=list)  # the projections' nodes, in graph order
     attention: bool = False
     frozen: list[FrozenShape] = dataclasses.field(default_factory=list)
 
-    def start(self, index: int, weight: str, axis: int, layout: ChannelLayout) -> tuple[str, ChannelLayout]:
-        """Slice the projection's weight (and Gemm bias) along its output axis; its output holds the heads."""
+    def start(self, index: int) -> tuple[str, ChannelLayout]:
+        """Slice projection ``index``'s weight (and Gemm bias) along its output axis, each head owning
+        ``head_dim`` rows of each block of ``n * head_dim`` (3 blocks for a fused Q/K/V); its output
+        holds the heads."""
         a = self.a
         node, label = a.nodes[index], a.labels[index]
+        weight, axis = _projection(a, index)
         if weight in a.constant_inputs:
             raise NotPrunable(f"weight {weight!r} is also a graph input (it can be fed at run time)")
+        features = a.value(weight).shape[axis]
+        if features % (self.n * self.head_dim):
+            raise NotPrunable(f"{weight!r} has {features} outputs, not blocks of {self.n} heads of "
+                              f"{self.head_dim} (Q, K and V differ in head count or head_dim)")
+        layout = ChannelLayout(0, self.head_dim, features // (self.n * self.head_dim))
         self.slice(weight, axis, "weight", layout, (label, 1))
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             if a.constant(node.input[2]) is None:
@@ -201,11 +244,14 @@ class HeadWalk(ChannelWalk):
             raise NotPrunable(f"the shape of {node.output[0]!r} is unknown")
         return node.output[0], layout.along(rank - 1)
 
-    def group(self, a: Any, index: int, weight: str) -> ChannelGroup:
+    def group(self) -> ChannelGroup:
+        a = self.a
+        weights = tuple(_projection(a, i)[0] for i in self.members)
+        labels = tuple(a.labels[i] for i in self.members)
         return ChannelGroup(
-            name=weight, node=a.labels[index], op_type=a.nodes[index].op_type, n_channels=self.n,
+            name=weights[0], node=labels[0], op_type=a.nodes[self.members[0]].op_type, n_channels=self.n,
             outputs=tuple(self.outputs), consumers=tuple(self.consumers), reshapes=tuple(self.reshapes),
-            activations=tuple(self.reached), members=(weight,), member_nodes=(a.labels[index],), unit="head",
+            activations=tuple(self.reached), members=weights, member_nodes=labels, unit="head",
             frozen=tuple(self.frozen),
         )
 

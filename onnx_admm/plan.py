@@ -20,8 +20,8 @@ from torch import Tensor
 
 from onnx_admm.allocation import Allocation, allocate, bounds, floor_share
 from onnx_admm.quant_choices import QuantChoice
-from onnx_admm.projections import Within, keep_count, shared_groups, spread
-from onnx_admm.structured import NM
+from onnx_admm.projections import Within, keep_count, shared_groups
+from onnx_admm.structured import NM, Heads
 from onnx_admm.structures import NMPattern, Structure, Unstructured
 
 logger = logging.getLogger(__name__)
@@ -188,11 +188,16 @@ def sparsity_constraints(
 
 def _coupled_filters(members: Mapping[str, WeightPlan], own: Mapping[str, Any], values: Mapping[str, Tensor],
                      previous: Mapping[str, Tensor] | None) -> dict[str, Any]:
-    """The filters a coupled set keeps together: ranked over all its members (``shared_groups``), as many
-    as the least pruned member's own constraint keeps; each member's constraint keeps exactly those."""
+    """The filters (or heads) a coupled set keeps together: ranked over all its members
+    (``shared_groups`` over each member's units), as many as the least pruned member's own constraint
+    keeps; each member's constraint keeps exactly those."""
     keep = max(own[name].keep_groups for name in members)
-    axes = [w.spec.out_axis for w in members.values()]
-    chosen = shared_groups([values[n] for n in members], axes, keep,
-                           [None if previous is None else previous.get(n) for n in members])
-    return {name: Within(type(own[name])(keep), spread(chosen, values[name], axis))
-            for name, axis in zip(members, axes)}
+    # A unit is one index of the output axis (a filter), or a head: blocks of rows (the separate Q, K and V
+    # projections of one attention block are coupled by their heads).
+    units = {name: own[name] if isinstance(own[name], Heads) else Heads(keep, w.spec.out_axis)
+             for name, w in members.items()}
+    chosen = shared_groups([units[n].units(values[n]) for n in members], [0] * len(members), keep,
+                           [None if previous is None or n not in previous else units[n].units(previous[n])
+                            for n in members])
+    return {name: Within(dataclasses.replace(own[name], keep_groups=keep), units[name].spread(chosen, values[name]))
+            for name in members}

@@ -140,31 +140,35 @@ class Heads:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Heads({field_name}=...) is a block count >= 1 (a Python int), got {value!r}")
 
-    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """Mask of the ``keep_groups`` units with the largest L2 norm / sqrt(size)."""
-        length = w.shape[self.dim]
+    def units(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like the weight) as one row per unit: ``[n, everything the unit owns]``."""
+        length = t.shape[self.dim]
         if length % (self.outer * self.inner):
             raise ValueError(f"Heads(outer={self.outer}, inner={self.inner}) does not divide dim {self.dim} of "
-                             f"a tensor of shape {tuple(w.shape)}")
+                             f"a tensor of shape {tuple(t.shape)}")
         n = length // (self.outer * self.inner)
+        t = t.movedim(self.dim, 0).reshape(self.outer, n, self.inner, -1)
+        return t.transpose(0, 1).reshape(n, -1)
 
-        def units(t: Tensor) -> Tensor:  # [n, everything a unit owns]
-            t = t.movedim(self.dim, 0).reshape(self.outer, n, self.inner, -1)
-            return t.transpose(0, 1).reshape(n, -1)
+    def spread(self, kept: Tensor, w: Tensor) -> Tensor:
+        """The bool mask of ``w``'s entries owned by the units ``kept`` (one bool per unit)."""
+        view = [1] * w.dim()
+        view[self.dim] = -1
+        return kept.to(w.device)[None, :, None].expand(self.outer, kept.numel(), self.inner).reshape(view).expand(
+            w.shape).contiguous()
 
+    def support(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """Mask of the ``keep_groups`` units with the largest L2 norm / sqrt(size)."""
         values = w.detach()
         unit_allowed = None
         if allowed is not None:
             allowed = check_allowed(w, allowed)
             values = keep_support(values, allowed)
-            unit_allowed = units(allowed).any(dim=1)
-        rows = units(values)
+            unit_allowed = self.units(allowed).any(dim=1)
+        rows = self.units(values)
         scores = torch.linalg.vector_norm(rows.float(), dim=1) / math.sqrt(max(rows.shape[1], 1))
-        kept = topk_mask(scores, self.keep_groups, unit_allowed)
-        view = [1] * w.dim()
-        view[self.dim] = -1
-        mask = kept[None, :, None].expand(self.outer, n, self.inner).reshape(view).expand(w.shape)
-        return mask & allowed if allowed is not None else mask.contiguous()
+        mask = self.spread(topk_mask(scores, self.keep_groups, unit_allowed), w)
+        return mask & allowed if allowed is not None else mask
 
     def project(self, w: Tensor, allowed: Tensor | None = None) -> Tensor:
         """``w`` with every unit outside :meth:`support` set to zero."""
