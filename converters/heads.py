@@ -80,14 +80,14 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
             continue
         width = features // fused
         for heads in sorted((h for h in range(2, width + 1) if width % h == 0), reverse=True):
-            walks: list[HeadWalk] = []  # the walks tried, the last one followed furthest
+            walks: list[HeadWalk] = []  # each grown by more members than the one before
             try:
                 walk = _coupled_walk(facts, index, heads, width // heads, taken, walks)
                 if not walk.attention:
                     raise NotPrunable("no MatMul of two computed tensors reads the heads (not attention)")
                 walk.check_sharing()
             except NotPrunable as exc:
-                reached = len(walks[-1].reached) if walks else 0
+                reached = max((len(w.reached) for w in walks), default=0)
                 if last is None or reached > last[0]:
                     last = (reached, exc)
                 continue

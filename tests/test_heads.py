@@ -9,8 +9,14 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
+from onnx_admm.api import compress
+from onnx_admm.check import within_tolerance
 from onnx_admm.converters.groups import channel_groups
-from onnx_admm.converters.shrink import shrink
+from onnx_admm.converters.inputs import synthesize_inputs
+from onnx_admm.converters.modelio import load_model
+from onnx_admm.converters.shrink import count_macs, shrink
+from onnx_admm.data import Dataset
+from onnx_admm.recipe import CompressConfig
 from exporter_models import export_torch
 from models import TransformerClassifier
 
@@ -155,3 +161,155 @@ def test_dynamo_encoder_stack_with_dynamic_batch(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
     assert _run(shrunk, x).shape == (3, 5, 16)
     assert _io(shrunk) == _io(model)
+
+
+# -- Q, K and V from separate projections ---------------------------------------------------------------
+
+
+class SeparateQKVEncoder(torch.nn.Module):
+    """A hand-written pre-norm encoder block (ViT/BERT style): separate q, k, v Linear layers (or q and a
+    fused [E, 2E] kv reshaped to [N, L, 2, H, head_dim] and indexed), reshape to heads, softmax(q k^T *
+    scale) v, the heads merged back, an out projection, an FFN, a classifier on the token mean.
+    ``kv_heads=1`` is multi-query attention: K and V hold one head that every Q head reads."""
+
+    def __init__(self, kv: str = "separate", kv_heads: int = HEADS) -> None:
+        super().__init__()
+        width, self.kv, self.kv_heads = 32, kv, kv_heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.q = torch.nn.Linear(width, width)
+        if kv == "separate":
+            self.k = torch.nn.Linear(width, kv_heads * HEAD_DIM)
+            self.v = torch.nn.Linear(width, kv_heads * HEAD_DIM)
+        else:
+            self.kv_proj = torch.nn.Linear(width, 2 * width)
+        self.out = torch.nn.Linear(width, width)
+        self.fc1, self.fc2 = torch.nn.Linear(width, FFN), torch.nn.Linear(FFN, width)
+        self.cls = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        h = self.norm1(x)
+        q = self.q(h).reshape(n, length, HEADS, HEAD_DIM).transpose(1, 2)
+        if self.kv == "separate":
+            k = self.k(h).reshape(n, length, self.kv_heads, HEAD_DIM).transpose(1, 2)
+            v = self.v(h).reshape(n, length, self.kv_heads, HEAD_DIM).transpose(1, 2)
+        else:
+            kv = self.kv_proj(h).reshape(n, length, 2, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
+        attention = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM ** -0.5, dim=-1)
+        x = x + self.out((attention @ v).transpose(1, 2).reshape(n, length, width))
+        x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+        return self.cls(x.mean(dim=1))
+
+
+@pytest.fixture(scope="module")
+def separate_qkv(tmp_path_factory):
+    """callable (exporter, kv, kv_heads) -> the exported file, exported once per module."""
+    folder, done = tmp_path_factory.mktemp("separate_qkv"), {}
+
+    def get(exporter: str, kv: str = "separate", kv_heads: int = HEADS):
+        key = (exporter, kv, kv_heads)
+        if key not in done:
+            torch.manual_seed(0)
+            module = SeparateQKVEncoder(kv, kv_heads).eval()
+            with torch.no_grad():  # norm1 and norm2 start equal: the exporters would merge them
+                for p in module.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            done[key] = export_torch(module, torch.randn(2, 6, 32), folder / f"{exporter}_{kv}_{kv_heads}.onnx",
+                                     exporter)
+        return done[key]
+
+    return get
+
+
+def _rows(heads: np.ndarray) -> np.ndarray:
+    """The features of ``heads`` along an axis of HEADS * HEAD_DIM."""
+    return (heads[:, None] * HEAD_DIM + np.arange(HEAD_DIM)).reshape(-1)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_separate_qkv_heads_leave_the_graph_and_match_the_masked_model(exporter, separate_qkv):
+    model = onnx.load(str(separate_qkv(exporter)))
+    groups = {g.unit: g for g in channel_groups(model) if g.prunable}
+    heads = groups["head"]
+    assert heads.n_channels == HEADS and len(heads.members) == 3
+    assert heads.member_nodes == {"torchscript": ("/q/MatMul", "/k/MatMul", "/v/MatMul"),
+                                  "dynamo": ("node_MatMul_2", "node_MatMul_10", "node_MatMul_18")}[exporter]
+    # Each projection: its own head_dim columns per head (MatMul weight [32, 32]) and bias; out's rows.
+    pieces = sorted((s.tensor, s.role, s.axis, s.inner, s.outer) for s in heads.slices)
+    assert pieces == sorted([(m, "weight", 1, HEAD_DIM, 1) for m in heads.members]
+                            + [(f"{p}.bias", "constant", 0, HEAD_DIM, 1) for p in "qkv"]
+                            + [(heads.consumers[0].tensor, "consumer", 0, HEAD_DIM, 1)])
+
+    removed = np.array([1, 3])
+    shrunk = shrink(model, {heads.name: np.setdiff1d(np.arange(HEADS), removed)}).model
+    masked = _masked(model, {heads.consumers[0].tensor: (0, _rows(removed))})
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 6, 32)).astype(np.float32)
+        np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-5, rtol=0)
+    assert _io(shrunk) == _io(model)
+    weights = {t.name: list(t.dims) for t in shrunk.graph.initializer}
+    assert [weights[m] for m in heads.members] == [[32, 2 * HEAD_DIM]] * 3
+    assert [weights[f"{p}.bias"] for p in "qkv"] == [[2 * HEAD_DIM]] * 3
+    assert weights[heads.consumers[0].tensor] == [2 * HEAD_DIM, 32]
+    # Q, K and V split into 2 heads; the heads merged back into 16 features (32 before).
+    assert [v for v in _shape_values(shrunk) if v[-1] in (HEAD_DIM, 2 * HEAD_DIM)] == [(-1, 6, 2, 8)] * 3 + [(-1, 6, 16)]
+    before, after = count_macs(model)["macs"], count_macs(shrunk)["macs"]
+    assert (before, after) == (51776, 38336)  # q, k, v, out and both attention MatMuls at half width
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_fused_kv_projection_indexed_by_k_and_v_joins_the_heads_of_q(exporter, separate_qkv):
+    model = onnx.load(str(separate_qkv(exporter, kv="fused")))
+    heads = next(g for g in channel_groups(model) if g.prunable and g.unit == "head")
+    assert len(heads.members) == 2 and heads.n_channels == HEADS
+    # kv [32, 64]: a head owns head_dim columns of each of the K and V halves.
+    assert sorted((s.axis, s.inner, s.outer) for s in heads.outputs if s.role == "weight") == [
+        (1, HEAD_DIM, 1), (1, HEAD_DIM, 2)]
+    removed = np.array([0])
+    shrunk = shrink(model, {heads.name: [1, 2, 3]}).model
+    masked = _masked(model, {heads.consumers[0].tensor: (0, _rows(removed))})
+    x = np.random.default_rng(0).standard_normal((3, 6, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-5, rtol=0)
+    assert _io(shrunk) == _io(model)
+    assert sorted(list(t.dims) for t in shrunk.graph.initializer if list(t.dims) in ([32, 24], [32, 48])) == [
+        [32, 24], [32, 48]]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_multi_query_attention_keeps_the_reason(exporter, separate_qkv):
+    """K and V with one head that every Q head reads: the heads of Q cannot leave with K's and V's rows."""
+    groups = channel_groups(onnx.load(str(separate_qkv(exporter, kv_heads=1))))
+    assert not any(g.unit == "head" for g in groups)
+    q = next(g for g in groups if g.node == {"torchscript": "/q/MatMul", "dynamo": "node_MatMul_2"}[exporter])
+    k = {"torchscript": "onnx::MatMul_106", "dynamo": "val_11"}[exporter]
+    assert not q.prunable
+    assert q.reason.endswith(f"as attention heads: no attention heads found ('{k}' has 8 outputs, not blocks of 4 "
+                             "heads of 8 (Q, K and V differ in head count or head_dim))")
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_compress_filter_removes_separate_qkv_heads(exporter, separate_qkv, tmp_path):
+    path = separate_qkv(exporter)
+    original = load_model(path)
+    feeds = synthesize_inputs(original, batch=32, seed=0)
+    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
+                                       "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5, "structure": "filter"}})
+    result = compress(path, Dataset(feeds, None, set(feeds)), config)
+    out = tmp_path / "s.onnx"
+    result.save(out)
+    structure = result.report["structure"]
+    heads = next(g for g in channel_groups(original) if g.unit == "head")
+    assert structure["kept_channels"][heads.name] == 2 and structure["channels"][heads.name] == HEADS
+    written = onnx.load(str(out))
+    weights = {t.name: list(t.dims) for t in written.graph.initializer}
+    assert [weights[m] for m in heads.members] == [[32, 2 * HEAD_DIM]] * 3
+    assert _io(written) == _io(original)
+    # With half the heads and half the FFN units: 26048 MACs per sample, 51776 before.
+    assert (structure["macs"]["original"], structure["macs"]["compressed"]) == (51776, 26048)
+    for batch in (1, 5):
+        x = synthesize_inputs(original, batch=batch, seed=batch)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        ok, diff = within_tolerance(result.imported.run(x), session.run(None, x))
+        assert ok, (batch, diff)
