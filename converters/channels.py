@@ -92,7 +92,8 @@ class ChannelGroup:
         members: The weights of every producer of the channels, ``name`` first (one for an uncoupled
             group); ``member_nodes`` their nodes' labels.
         unit: What one of the ``n_channels`` is: ``channel`` (a filter, a neuron) or ``head`` (an
-            attention head: a block of rows of each of Q, K and V, see ``converters.heads``).
+            attention head: a block of rows of each of Q, K and V, of one fused projection or of each
+            member, see ``converters.heads``).
         frozen: Computed Reshape shapes the shrink pass replaces with constants first.
     """
 

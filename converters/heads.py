@@ -1,14 +1,21 @@
-"""Attention heads as channel groups: the Q/K/V projection of a multi-head attention loses whole heads.
+"""Attention heads as channel groups: the Q/K/V projections of a multi-head attention lose whole heads.
 
-A head is a block of ``head_dim`` output features of each of Q, K and V (a fused ``[E, 3E]`` in_proj as
+A head is a block of ``head_dim`` output features of each of Q, K and V, the matching input columns of
+the output projection, and every shape constant that holds the number of heads (``[.., H, L, head_dim]``),
+or ``H * head_dim`` (``[.., 3, E]``, ``[L*N, E]``). Q, K and V come from one fused ``[E, 3E]`` in_proj (as
 both torch exporters write ``nn.MultiheadAttention``: the rows ``q*E + h*head_dim + i`` of the three
-thirds), the matching input columns of the output projection, and every shape constant that holds the
-number of heads (``[.., H, L, head_dim]``), or ``H * head_dim`` (``[.., 3, E]``, ``[L*N, E]``). A
-``ChannelGroup`` with ``unit == "head"`` carries all of them (``TensorSlice.inner`` = head_dim, ``outer``
-= 3 for the fused projection), so ``converters.shrink`` and the engine's filter projection treat a head
-as they treat a filter.
+thirds), from separate projections (hand-written ViT/BERT encoders: ``nn.Linear`` q, k and v, each
+reshaped to ``[N, L, H, head_dim]``), or from a q projection and a fused ``[E, 2E]`` kv reshaped to
+``[N, L, 2, H, head_dim]`` and indexed. A ``ChannelGroup`` with ``unit == "head"`` carries all of them:
+one member per projection (``TensorSlice.inner`` = head_dim, ``outer`` = the blocks of its output: 3
+for the fused in_proj, 2 for kv, 1 for a separate one), so ``converters.shrink`` and the engine's filter
+projection treat a head as they treat a filter (the members' heads ranked and kept together).
 
-The channel walk of ``converters.channel_walk`` follows the heads, with these rules added:
+The walk starts at one projection; where the heads wait at an attention MatMul (or a sum) for an operand
+that does not carry them (``Q @ K^T`` waits for K, ``A @ V`` for V), the projections that make that
+operand join the group, each with its rows split into the same heads of the same head_dim, and the
+walk starts again from every member. The channel walk of ``converters.channel_walk`` follows the heads,
+with these rules added:
 
 - Reshape: the heads are one digit of the row-major index, with ``head_dim * (dims after)`` entries
   below them; a reshape that keeps that digit inside one output axis keeps the heads (split from
@@ -25,8 +32,9 @@ What the walk cannot see (a shape computed from a tensor that does not carry the
 baked into an op it does not model) the proof catches: the graph with the last head removed must
 compute, in onnxruntime, what the original computes with that head's output-projection columns zeroed
 (max difference <= 1e-4 relative, at two input sizes). A projection whose heads cannot be proven keeps
-the channel walk's reason. Not handled: Q, K and V from separate weights (each head then spans three
-producers), heads on a dynamic axis other than the batch.
+the channel walk's reason. Not handled (left alone with the reason): Q, K and V with different head
+counts or head_dims (multi-query and grouped-query attention, a V wider than Q and K), a kv projection
+split by ``chunk``/Split or Slice, heads on a dynamic axis other than the batch.
 """
 
 from __future__ import annotations

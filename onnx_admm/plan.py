@@ -84,7 +84,8 @@ class Plan:
     global_stages: tuple[float, ...] | None
     allocation: Allocation
     # Filter-pruned weights (parameter names) that must lose the same output channels: the layers whose
-    # outputs meet in one residual sum (converters.groups' coupled groups). Each set is projected jointly.
+    # outputs meet in one residual sum, or the separate Q, K and V projections of one attention block (the
+    # same heads; converters.groups' coupled groups). Each set is projected jointly.
     coupled: tuple[tuple[str, ...], ...] = ()
 
     def by_name(self) -> dict[str, WeightPlan]:
