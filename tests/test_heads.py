@@ -170,11 +170,12 @@ class SeparateQKVEncoder(torch.nn.Module):
     """A hand-written pre-norm encoder block (ViT/BERT style): separate q, k, v Linear layers (or q and a
     fused [E, 2E] kv reshaped to [N, L, 2, H, head_dim] and indexed), reshape to heads, softmax(q k^T *
     scale) v, the heads merged back, an out projection, an FFN, a classifier on the token mean.
-    ``kv_heads=1`` is multi-query attention: K and V hold one head that every Q head reads."""
+    ``kv_heads=1`` is multi-query attention: K and V hold one head that every Q head reads; ``sdpa`` calls
+    F.scaled_dot_product_attention instead."""
 
-    def __init__(self, kv: str = "separate", kv_heads: int = HEADS) -> None:
+    def __init__(self, kv: str = "separate", kv_heads: int = HEADS, sdpa: bool = False) -> None:
         super().__init__()
-        width, self.kv, self.kv_heads = 32, kv, kv_heads
+        width, self.kv, self.kv_heads, self.sdpa = 32, kv, kv_heads, sdpa
         self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
         self.q = torch.nn.Linear(width, width)
         if kv == "separate":
@@ -196,26 +197,29 @@ class SeparateQKVEncoder(torch.nn.Module):
         else:
             kv = self.kv_proj(h).reshape(n, length, 2, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
             k, v = kv[0], kv[1]
-        attention = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM ** -0.5, dim=-1)
-        x = x + self.out((attention @ v).transpose(1, 2).reshape(n, length, width))
+        if self.sdpa:
+            heads = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            heads = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM ** -0.5, dim=-1) @ v
+        x = x + self.out(heads.transpose(1, 2).reshape(n, length, width))
         x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
         return self.cls(x.mean(dim=1))
 
 
 @pytest.fixture(scope="module")
 def separate_qkv(tmp_path_factory):
-    """callable (exporter, kv, kv_heads) -> the exported file, exported once per module."""
+    """callable (exporter, kv, kv_heads, sdpa) -> the exported file, exported once per module."""
     folder, done = tmp_path_factory.mktemp("separate_qkv"), {}
 
-    def get(exporter: str, kv: str = "separate", kv_heads: int = HEADS):
-        key = (exporter, kv, kv_heads)
+    def get(exporter: str, kv: str = "separate", kv_heads: int = HEADS, sdpa: bool = False):
+        key = (exporter, kv, kv_heads, sdpa)
         if key not in done:
             torch.manual_seed(0)
-            module = SeparateQKVEncoder(kv, kv_heads).eval()
+            module = SeparateQKVEncoder(kv, kv_heads, sdpa).eval()
             with torch.no_grad():  # norm1 and norm2 start equal: the exporters would merge them
                 for p in module.parameters():
                     p.add_(0.1 * torch.randn_like(p))
-            done[key] = export_torch(module, torch.randn(2, 6, 32), folder / f"{exporter}_{kv}_{kv_heads}.onnx",
+            done[key] = export_torch(module, torch.randn(2, 6, 32), folder / f"{exporter}_{kv}_{kv_heads}_{sdpa}.onnx",
                                      exporter)
         return done[key]
 
@@ -275,6 +279,17 @@ def test_a_fused_kv_projection_indexed_by_k_and_v_joins_the_heads_of_q(exporter,
     assert sorted(list(t.dims) for t in shrunk.graph.initializer if list(t.dims) in ([32, 24], [32, 48])) == [
         [32, 24], [32, 48]]
 
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_separate_qkv_heads_through_scaled_dot_product_attention(exporter, separate_qkv):
+    model = onnx.load(str(separate_qkv(exporter, sdpa=True)))
+    heads = next(g for g in channel_groups(model) if g.prunable and g.unit == "head")
+    assert heads.n_channels == HEADS and len(heads.members) == 3
+    shrunk = shrink(model, {heads.name: [0, 2]}).model
+    masked = _masked(model, {heads.consumers[0].tensor: (0, _rows(np.array([1, 3])))})
+    x = np.random.default_rng(0).standard_normal((3, 6, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-5, rtol=0)
+    assert _io(shrunk) == _io(model)
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_multi_query_attention_keeps_the_reason(exporter, separate_qkv):

@@ -186,6 +186,25 @@ def test_coupled_filters_keep_the_same_channels_ranked_by_their_summed_energy():
         assert not (c.support(params[name]) & ~supports[name]).any()
 
 
+
+def test_coupled_heads_keep_the_same_heads_ranked_by_their_summed_energy():
+    """Separate projections of one attention block (converters.heads) lose the same heads: each ranks its
+    units by its own blocks of rows (conv: 4 heads of 2 rows; fc: 4 heads of 1 row in each of 2 halves)."""
+    plan = _plan({"prune": {"sparsity": 0.5, "structure": "filter"}, "rules": [{"match": "emb", "skip": True}]})
+    layouts = {"conv": structures.Filters(1, 2), "fc": structures.Filters(2, 1)}
+    plan = dataclasses.replace(plan, coupled=(("conv", "fc"),), weights=tuple(
+        dataclasses.replace(w, structure=layouts[w.spec.name]) for w in plan.weights))
+    conv, fc = torch.zeros(8, 4, 3, 3), torch.zeros(8, 16)
+    # alone, conv would keep heads 0, 1 and fc heads 2, 3; summed (72, 18, 32, 288) they keep 0 and 3
+    conv[0:2], conv[2:4] = 1.0, 0.5  # head energy 72, 18
+    fc[[2, 6]], fc[[3, 7]] = 1.0, 3.0  # head energy 32, 288
+    params = {"conv": conv, "fc": fc}
+    constraints = sparsity_constraints(plan, params, 0, None)
+    rows = {n: c.support(params[n]).reshape(8, -1).any(dim=1).nonzero().flatten().tolist()
+            for n, c in constraints.items()}
+    assert rows == {"conv": [0, 1, 6, 7], "fc": [0, 3, 4, 7]}
+
+
 ENGINE = ("projections", "structured", "structures", "quant_base", "quantizers", "signs", "quant_choices", "allocation",
           "admm", "levels", "schedule", "plan", "train", "metrics", "sensitivity")
 
