@@ -5,7 +5,7 @@ the output projection, and every shape constant that holds the number of heads (
 or ``H * head_dim`` (``[.., 3, E]``, ``[L*N, E]``). Q, K and V come from one fused ``[E, 3E]`` in_proj (as
 both torch exporters write ``nn.MultiheadAttention``: the rows ``q*E + h*head_dim + i`` of the three
 thirds), from separate projections (hand-written ViT/BERT encoders: ``nn.Linear`` q, k and v, each
-reshaped to ``[N, L, H, head_dim]``), or from a q projection and a fused ``[E, 2E]`` kv reshaped to
+reshaped to ``[N, L, H, head_dim]``, explicit softmax or ``F.scaled_dot_product_attention``), or from a q projection and a fused ``[E, 2E]`` kv reshaped to
 ``[N, L, 2, H, head_dim]`` and indexed. A ``ChannelGroup`` with ``unit == "head"`` carries all of them:
 one member per projection (``TensorSlice.inner`` = head_dim, ``outer`` = the blocks of its output: 3
 for the fused in_proj, 2 for kv, 1 for a separate one), so ``converters.shrink`` and the engine's filter
