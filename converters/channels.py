@@ -47,7 +47,8 @@ class TensorSlice:
 @dataclass(frozen=True)
 class ShapeEdit:
     """Entry ``index`` of the constant shape ``tensor`` of Reshape ``node`` holds the merged size that
-    contains the channels; each removed channel takes ``per_channel`` from it."""
+    contains the channels (or of a Split's sizes, a Slice's bounds: a multiple of the units' block); each
+    removed channel takes ``per_channel`` from it (a negative bound counted from the end gives it back)."""
 
     tensor: str
     node: str
@@ -57,14 +58,16 @@ class ShapeEdit:
 
 @dataclass(frozen=True)
 class FrozenShape:
-    """Reshape ``node`` gets a constant shape of its own, ``tensor`` holding ``values``, before the group's
-    units are cut: its shape was computed at run time (from Shape nodes; -1 at the one dim that follows
-    the inputs' dynamic dims), or its constant is shared with other Reshapes (exporters share one per
-    layer stack). ``ShapeEdit`` entries on ``tensor`` then edit this node's shape alone."""
+    """Input ``input`` of ``node`` (a Reshape's shape; a Split's sizes, a Slice's bounds) gets a constant of
+    its own, ``tensor`` holding ``values``, before the group's units are cut: it was computed at run time
+    (from Shape nodes; -1 at the one dim that follows the inputs' dynamic dims), or its constant is shared
+    with other nodes (exporters share one per layer stack). ``ShapeEdit`` entries on ``tensor`` then edit
+    this node's input alone."""
 
     node: str
     tensor: str
     values: tuple[int, ...]
+    input: int = 1
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 ``cut(model, keep, groups)`` removes the units (filters, neurons, attention heads) not kept from every
 tensor of their groups and edits the shapes that hold them; ``zeroed`` builds the dense graph the cut
 one must equal (the consumers' weights that read the removed units set to zero); ``with_frozen`` gives
-Reshapes their own constant shapes first. Kept apart from ``converters.shrink`` so that the analysis of
-attention heads (``converters.heads``), which proves a head split by cutting one head, does not depend on
-the groups analysis that calls it.
+Reshapes their own constant shapes first (and Splits their sizes, Slices their bounds). Kept apart from
+``converters.shrink`` so that the analysis of attention heads (``converters.heads``), which proves a head
+split by cutting one head, does not depend on the groups analysis that calls it.
 """
 
 from __future__ import annotations
@@ -260,22 +260,26 @@ def _set_tensors(model: onnx.ModelProto, locations: Mapping[str, str], values: M
 
 
 def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list[str]:
-    """Feed each frozen Reshape its constant shape (in place); one line per change."""
+    """Feed each frozen input (a Reshape's shape, a Split's sizes, a Slice's bounds) its constant (in
+    place); one line per change."""
     if not frozen:
         return []
-    by_label = {f.node: f for f in frozen}
+    by_label: dict[str, list[FrozenShape]] = {}
+    for f in frozen:
+        by_label.setdefault(f.node, []).append(f)
     taken = tensor_names(model)
     changes = []
-    replaced: set[str] = set()  # the shapes the Reshapes read before
+    replaced: set[str] = set()  # the tensors the nodes read before
     for k, node in enumerate(model.graph.node):
-        f = by_label.get(node_label(node, k))
-        if f is None or f.tensor in taken:
-            continue
-        model.graph.initializer.append(numpy_helper.from_array(np.array(f.values, dtype=np.int64), f.tensor))
-        replaced.add(node.input[1])
-        node.input[1] = f.tensor
-        taken.add(f.tensor)
-        changes.append(f"{f.node}: shape {list(f.values)} of its own ({f.tensor})")
+        for f in by_label.get(node_label(node, k), ()):
+            if f.tensor in taken:
+                continue
+            model.graph.initializer.append(numpy_helper.from_array(np.array(f.values, dtype=np.int64), f.tensor))
+            replaced.add(node.input[f.input])
+            node.input[f.input] = f.tensor
+            taken.add(f.tensor)
+            what = "shape" if f.input == 1 and node.op_type == "Reshape" else f"input {f.input}"
+            changes.append(f"{f.node}: {what} {list(f.values)} of its own ({f.tensor})")
     read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
     unread = [t for t in model.graph.initializer if t.name in replaced and t.name not in read]
     for t in unread:

@@ -51,6 +51,7 @@ from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.cut import cut, zeroed
 from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
 from onnx_admm.converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
+from onnx_admm.converters.heads_split import slice_step, split_step
 from onnx_admm.converters.optable import BROADCAST, LINEAR
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ PROOF_TOLERANCE = 1e-4
 PROBE_SIZES = (2, 3)
 # A dim of a probed tensor that differs between the probes.
 DYNAMIC = "dynamic"
+# The longest integer tensor whose probed values are kept (shapes, split sizes and slice bounds are short).
+MAX_KEPT_VALUES = 16
 
 
 def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
@@ -83,7 +86,10 @@ def head_group(a: Any, index: int, weight: str, probe: Probe) -> ChannelGroup:
     facts = _Probed(a, probe)
     taken = tensor_names(a.model)
     last: tuple[int, NotPrunable] | None = None  # the failure of the split followed furthest
-    for fused in (3, 1):
+    # 3 blocks: a fused Q/K/V; 1: one of Q, K, V; 2: a fused kv split by chunk, met before the q projection
+    # that would bring it into the group. 2 comes after 1: a q projection's heads taken in pairs would pass
+    # as a kv's two halves, and the finer split is wanted.
+    for fused in (3, 1, 2):
         if features % fused:
             continue
         width = features // fused
@@ -170,10 +176,12 @@ def feeds_attention(a: Any, index: int) -> bool:
 @dataclasses.dataclass
 class Probe:
     """Dims of every tensor measured in onnxruntime at two sizes of the dynamic input dims (an int when
-    both runs agree, ``DYNAMIC`` otherwise), and the feeds used."""
+    both runs agree, ``DYNAMIC`` otherwise), the values of the small integer tensors both runs agree on
+    (shapes and bounds computed at run time), and the feeds used."""
 
     dims: dict[str, tuple[int | str, ...]]
     feeds: list[dict[str, np.ndarray]]
+    values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def probe_shapes(model: onnx.ModelProto) -> Probe:
@@ -189,16 +197,27 @@ def probe_shapes(model: onnx.ModelProto) -> Probe:
     probe.graph.output.extend(onnx.ValueInfoProto(name=x) for x in names)
     names = [o.name for o in probe.graph.output]
     feeds = [_feed(model, size, seed) for seed, size in enumerate(PROBE_SIZES)]
+    runs, small = [], []  # per run: every tensor's shape; the small integer tensors' values
     try:
         session = _session(probe)
-        runs = [[np.shape(v) for v in session.run(names, feed)] for feed in feeds]
+        for feed in feeds:
+            outs = session.run(names, feed)
+            runs.append([np.shape(v) for v in outs])
+            small.append({x: np.asarray(v) for x, v in zip(names, outs) if _small_integers(v)})
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types; the walk then stops
         raise NotPrunable(f"onnxruntime could not run the graph to measure its shapes ({exc})") from None
     dims = {}
     for name, first, second in zip(names, *runs):
         if len(first) == len(second):
             dims[name] = tuple(x if x == y else DYNAMIC for x, y in zip(first, second))
-    return Probe(dims, feeds)
+    values = {x: v for x, v in small[0].items() if x in small[1] and np.array_equal(v, small[1][x])}
+    return Probe(dims, feeds, values)
+
+
+def _small_integers(value: Any) -> bool:
+    """A tensor that may be a shape, split sizes or slice bounds (those are worth keeping the values of)."""
+    value = np.asarray(value)
+    return value.dtype.kind in "iu" and value.ndim <= 1 and value.size <= MAX_KEPT_VALUES
 
 
 class _Probed:
@@ -216,6 +235,11 @@ class _Probed:
             return list(self._a.value(src).shape)
         dims = self._probe.dims.get(name)
         return None if dims is None else list(dims)
+
+    def known(self, name: str) -> np.ndarray | None:
+        """The value of ``name``: a constant's, or a computed one the probes measured alike; else None."""
+        src = self._a.constant(name)
+        return self._a.value(src) if src is not None else self._probe.values.get(name)
 
 
 @dataclasses.dataclass
@@ -299,6 +323,8 @@ class HeadWalk(ChannelWalk):
         if op in BROADCAST:  # computed scalars (checked by _blocking_operand) are the same for every head
             return self._broadcast(i, layout, frozenset(x for x in node.input if x and x not in self.reached
                                                          and a.constant(x) is None))
+        if op in ("Split", "Slice"):
+            return (split_step if op == "Split" else slice_step)(self, i, layout, rank)
         if op in ("Softmax", "LogSoftmax"):
             if node_attr(node, "axis", -1) % rank <= layout.axis:
                 raise NotPrunable(f"{op} {label} normalises over the heads' axis")
@@ -321,7 +347,7 @@ class HeadWalk(ChannelWalk):
         tensor = a.constant(node.input[1])
         if tensor is None:  # computed at run time: frozen whether or not it holds the heads
             target = self._frozen_values(i, dims_out)
-            tensor = self._own_copy(i, target)
+            tensor = self.own_copy(i, target)
         else:
             target = [int(v) for v in a.value(tensor).reshape(-1)]
         below = dims_in[layout.axis + 1:]
@@ -349,7 +375,7 @@ class HeadWalk(ChannelWalk):
                 break
             # Exporters share one shape constant among Reshapes (Q, K and V's, every layer's): this Reshape
             # gets its own copy, which the edit cuts.
-            own = next((f.tensor for f in self.frozen if f.node == label), None) or self._own_copy(i, target)
+            own = next((f.tensor for f in self.frozen if f.node == label), None) or self.own_copy(i, target)
             self.reshapes.append(ShapeEdit(own, label, b, inner * outer))
             return new
         raise NotPrunable(f"Reshape {label} splits the heads ({self.n} of {layout.inner} features) across axes")
@@ -363,11 +389,12 @@ class HeadWalk(ChannelWalk):
             raise NotPrunable(f"Reshape {label} computes a shape with {len(varying)} dims that follow the inputs")
         return [-1 if k in varying else int(d) for k, d in enumerate(dims_out)]
 
-    def _own_copy(self, i: int, values: list[int]) -> str:
-        """A new constant holding ``values`` that the shrink pass feeds to Reshape ``i`` alone."""
+    def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape") -> str:
+        """A new constant holding ``values`` that the shrink pass feeds to input ``input`` of node ``i``
+        alone (a Reshape's shape; a Split's sizes, a Slice's bounds)."""
         label = self.a.labels[i]
-        tensor = fresh_name(f"{label}_shape", self.names | {f.tensor for f in self.frozen})
-        self.frozen.append(FrozenShape(label, tensor, tuple(values)))
+        tensor = fresh_name(f"{label}_{what}", self.names | {f.tensor for f in self.frozen})
+        self.frozen.append(FrozenShape(label, tensor, tuple(int(v) for v in values), input))
         return tensor
 
 
