@@ -167,21 +167,26 @@ def test_dynamo_encoder_stack_with_dynamic_batch(tmp_path):
 
 
 class SeparateQKVEncoder(torch.nn.Module):
-    """A hand-written pre-norm encoder block (ViT/BERT style): separate q, k, v Linear layers (or q and a
-    fused [E, 2E] kv reshaped to [N, L, 2, H, head_dim] and indexed), reshape to heads, softmax(q k^T *
-    scale) v, the heads merged back, an out projection, an FFN, a classifier on the token mean.
-    ``kv_heads=1`` is multi-query attention: K and V hold one head that every Q head reads; ``sdpa`` calls
-    F.scaled_dot_product_attention instead."""
+    """A hand-written pre-norm encoder block (ViT/BERT style): Q, K and V made as ``kv`` says, reshaped to
+    heads, softmax(q k^T * scale) v, the heads merged back, an out projection, an FFN, a classifier on
+    the token mean. ``kv``: ``separate`` q, k, v Linear layers; q and a fused [E, 2E] kv reshaped to
+    [N, L, 2, H, head_dim] and indexed (``fused``) or split by ``chunk(2)`` (``chunk``); one fused
+    [E, 3E] qkv reshaped to [N, L, 3, H, head_dim], permuted and unbound (``qkv_unbind``, timm's ViT) or
+    split by ``chunk(3)`` (``qkv_chunk``). ``kv_heads=1`` is multi-query attention: K and V hold one head
+    that every Q head reads; ``sdpa`` calls F.scaled_dot_product_attention instead."""
 
     def __init__(self, kv: str = "separate", kv_heads: int = HEADS, sdpa: bool = False) -> None:
         super().__init__()
         width, self.kv, self.kv_heads, self.sdpa = 32, kv, kv_heads, sdpa
         self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
-        self.q = torch.nn.Linear(width, width)
+        if kv.startswith("qkv"):
+            self.qkv = torch.nn.Linear(width, 3 * width)
+        else:
+            self.q = torch.nn.Linear(width, width)
         if kv == "separate":
             self.k = torch.nn.Linear(width, kv_heads * HEAD_DIM)
             self.v = torch.nn.Linear(width, kv_heads * HEAD_DIM)
-        else:
+        elif kv in ("fused", "chunk"):
             self.kv_proj = torch.nn.Linear(width, 2 * width)
         self.out = torch.nn.Linear(width, width)
         self.fc1, self.fc2 = torch.nn.Linear(width, FFN), torch.nn.Linear(FFN, width)
@@ -190,11 +195,21 @@ class SeparateQKVEncoder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, width = x.shape
         h = self.norm1(x)
-        q = self.q(h).reshape(n, length, HEADS, HEAD_DIM).transpose(1, 2)
-        if self.kv == "separate":
-            k = self.k(h).reshape(n, length, self.kv_heads, HEAD_DIM).transpose(1, 2)
-            v = self.v(h).reshape(n, length, self.kv_heads, HEAD_DIM).transpose(1, 2)
+
+        def split_heads(t: torch.Tensor, count: int = HEADS) -> torch.Tensor:
+            return t.reshape(n, length, count, HEAD_DIM).transpose(1, 2)
+
+        if self.kv == "qkv_unbind":
+            q, k, v = self.qkv(h).reshape(n, length, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.kv == "qkv_chunk":
+            q, k, v = (split_heads(t) for t in self.qkv(h).chunk(3, dim=-1))
         else:
+            q = split_heads(self.q(h))
+        if self.kv == "separate":
+            k, v = split_heads(self.k(h), self.kv_heads), split_heads(self.v(h), self.kv_heads)
+        elif self.kv == "chunk":
+            k, v = (split_heads(t) for t in self.kv_proj(h).chunk(2, dim=-1))
+        elif self.kv == "fused":
             kv = self.kv_proj(h).reshape(n, length, 2, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
             k, v = kv[0], kv[1]
         if self.sdpa:
@@ -231,6 +246,19 @@ def _rows(heads: np.ndarray) -> np.ndarray:
     return (heads[:, None] * HEAD_DIM + np.arange(HEAD_DIM)).reshape(-1)
 
 
+def _without_heads_1_and_3(model: onnx.ModelProto, heads) -> onnx.ModelProto:
+    """``model`` shrunk without heads 1 and 3, checked to equal the model whose out projection reads
+    nothing of them (within 1e-5, at batch sizes 1 and 5) and to keep the graph's inputs and outputs."""
+    removed = np.array([1, 3])
+    shrunk = shrink(model, {heads.name: np.setdiff1d(np.arange(HEADS), removed)}).model
+    masked = _masked(model, {heads.consumers[0].tensor: (0, _rows(removed))})
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 6, 32)).astype(np.float32)
+        np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-5, rtol=0)
+    assert _io(shrunk) == _io(model)
+    return shrunk
+
+
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_separate_qkv_heads_leave_the_graph_and_match_the_masked_model(exporter, separate_qkv):
     model = onnx.load(str(separate_qkv(exporter)))
@@ -245,13 +273,7 @@ def test_separate_qkv_heads_leave_the_graph_and_match_the_masked_model(exporter,
                             + [(f"{p}.bias", "constant", 0, HEAD_DIM, 1) for p in "qkv"]
                             + [(heads.consumers[0].tensor, "consumer", 0, HEAD_DIM, 1)])
 
-    removed = np.array([1, 3])
-    shrunk = shrink(model, {heads.name: np.setdiff1d(np.arange(HEADS), removed)}).model
-    masked = _masked(model, {heads.consumers[0].tensor: (0, _rows(removed))})
-    for batch in (1, 5):
-        x = np.random.default_rng(batch).standard_normal((batch, 6, 32)).astype(np.float32)
-        np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-5, rtol=0)
-    assert _io(shrunk) == _io(model)
+    shrunk = _without_heads_1_and_3(model, heads)
     weights = {t.name: list(t.dims) for t in shrunk.graph.initializer}
     assert [weights[m] for m in heads.members] == [[32, 2 * HEAD_DIM]] * 3
     assert [weights[f"{p}.bias"] for p in "qkv"] == [[2 * HEAD_DIM]] * 3
@@ -304,8 +326,10 @@ def test_multi_query_attention_keeps_the_reason(exporter, separate_qkv):
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_compress_filter_removes_separate_qkv_heads(exporter, separate_qkv, tmp_path):
-    path = separate_qkv(exporter)
+@pytest.mark.parametrize("kv", ["separate", "qkv_unbind"])
+def test_compress_filter_removes_separate_qkv_heads(kv, exporter, separate_qkv, tmp_path):
+    """Separate q, k, v, and timm's fused qkv unbound into Q, K and V: the same heads and MACs."""
+    path = separate_qkv(exporter, kv=kv)
     original = load_model(path)
     feeds = synthesize_inputs(original, batch=32, seed=0)
     config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
@@ -319,7 +343,8 @@ def test_compress_filter_removes_separate_qkv_heads(exporter, separate_qkv, tmp_
     assert structure["kept_channels"][heads.name] == 2 and structure["channels"][heads.name] == HEADS
     written = onnx.load(str(out))
     weights = {t.name: list(t.dims) for t in written.graph.initializer}
-    assert [weights[m] for m in heads.members] == [[32, 2 * HEAD_DIM]] * 3
+    assert [weights[m] for m in heads.members] == {"separate": [[32, 2 * HEAD_DIM]] * 3,
+                                                   "qkv_unbind": [[32, 3 * 2 * HEAD_DIM]]}[kv]
     assert _io(written) == _io(original)
     # With half the heads and half the FFN units: 26048 MACs per sample, 51776 before.
     assert (structure["macs"]["original"], structure["macs"]["compressed"]) == (51776, 26048)
@@ -328,3 +353,53 @@ def test_compress_filter_removes_separate_qkv_heads(exporter, separate_qkv, tmp_
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         ok, diff = within_tolerance(result.imported.run(x), session.run(None, x))
         assert ok, (batch, diff)
+
+
+# -- Q, K and V split out of a fused projection by chunk, split or unbind ------------------------------
+
+
+def _bounds(model: onnx.ModelProto) -> list[tuple]:
+    """(op, its constant sizes or bounds) of every Split and Slice, in graph order: the edits the cut made."""
+    values = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t).tolist() for n in model.graph.node
+                   if n.op_type == "Constant"})
+    return [(n.op_type, *(values.get(x, "computed") for x in n.input[1:3])) for n in model.graph.node
+            if n.op_type in ("Split", "Slice")]
+
+
+# The projections of each form, by exporter; the Split and Slice nodes of the graph without heads 1 and 3.
+SPLIT_FORMS = {
+    # timm's ViT: unbind(0) of [3, N, H, L, head_dim] (TorchScript: Split + Squeeze; dynamo: Slice + Squeeze).
+    ("qkv_unbind", "torchscript"): (("/qkv/MatMul",), [("Split", [1, 1, 1])]),
+    ("qkv_unbind", "dynamo"): (("node_MatMul_2",), [("Slice", [0], [1]), ("Slice", [1], [2]), ("Slice", [2], [3])]),
+    # chunk(3) of [N, L, 3E]: TorchScript slices at bounds computed from the width (frozen, then cut; an end
+    # at the axis's end stays there); dynamo writes Split(num_outputs=3), equal pieces by themselves.
+    ("qkv_chunk", "torchscript"): (("/qkv/MatMul",), [("Slice", [0], [16]), ("Slice", [16], [32]),
+                                                      ("Slice", [32], [96])]),
+    ("qkv_chunk", "dynamo"): (("node_MatMul_2",), [("Split",)]),
+    ("chunk", "torchscript"): (("/q/MatMul", "/kv_proj/MatMul"), [("Slice", [0], [16]), ("Slice", [16], [64])]),
+    ("chunk", "dynamo"): (("node_MatMul_2", "node_MatMul_10"), [("Split",)]),
+}
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("form", ["qkv_unbind", "qkv_chunk", "chunk"])
+def test_heads_of_a_projection_split_by_chunk_or_unbind_leave_the_graph(form, exporter, separate_qkv):
+    model = onnx.load(str(separate_qkv(exporter, kv=form)))
+    heads = next(g for g in channel_groups(model) if g.prunable and g.unit == "head")
+    members, bounds = SPLIT_FORMS[(form, exporter)]
+    assert heads.n_channels == HEADS and heads.member_nodes == members
+    # A fused qkv [32, 96] holds each head's head_dim columns in each of its 3 blocks; q and kv in 1 and 2.
+    blocks = [3] if form.startswith("qkv") else [1, 2]
+    assert [heads.blocks(m) for m in heads.members] == [(b, HEAD_DIM) for b in blocks]
+
+    shrunk = _without_heads_1_and_3(model, heads)
+    weights = {t.name: list(t.dims) for t in shrunk.graph.initializer}
+    assert [weights[m] for m in heads.members] == [[32, b * 2 * HEAD_DIM] for b in blocks]
+    biases = ["qkv.bias"] if form.startswith("qkv") else ["q.bias", "kv_proj.bias"]
+    assert [weights[b] for b in biases] == [[b * 2 * HEAD_DIM] for b in blocks]
+    assert weights[heads.consumers[0].tensor] == [2 * HEAD_DIM, 32]
+    assert _bounds(shrunk) == bounds
+    split = [(-1, 6, 3, 2, 8)] if form == "qkv_unbind" else [(-1, 6, 2, 8)] * 3
+    assert [v for v in _shape_values(shrunk) if v[-1] in (HEAD_DIM, 2 * HEAD_DIM)] == split + [(-1, 6, 16)]
+    assert (count_macs(model)["macs"], count_macs(shrunk)["macs"]) == (51776, 38336)
