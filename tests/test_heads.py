@@ -170,9 +170,11 @@ class SeparateQKVEncoder(torch.nn.Module):
     """A hand-written pre-norm encoder block (ViT/BERT style): Q, K and V made as ``kv`` says, reshaped to
     heads, softmax(q k^T * scale) v, the heads merged back, an out projection, an FFN, a classifier on
     the token mean. ``kv``: ``separate`` q, k, v Linear layers; q and a fused [E, 2E] kv reshaped to
-    [N, L, 2, H, head_dim] and indexed (``fused``) or split by ``chunk(2)`` (``chunk``); one fused
-    [E, 3E] qkv reshaped to [N, L, 3, H, head_dim], permuted and unbound (``qkv_unbind``, timm's ViT) or
-    split by ``chunk(3)`` (``qkv_chunk``). ``kv_heads=1`` is multi-query attention: K and V hold one head
+    [N, L, 2, H, head_dim] and indexed (``fused``) or split by ``chunk(2)`` (``chunk``; ``chunk_first``: kv
+    made before q); one fused
+    [E, 3E] qkv reshaped to [N, L, 3, H, head_dim], permuted and unbound (``qkv_unbind``, timm's ViT),
+    split by ``chunk(3)`` (``qkv_chunk``) or ``split([E, E, E])`` (``qkv_split``), or sliced at 8:40, 40:72 and
+    64:96 (``qkv_shifted``: not whole heads, K and V overlap). ``kv_heads=1`` is multi-query attention: K and V hold one head
     that every Q head reads; ``sdpa`` calls F.scaled_dot_product_attention instead."""
 
     def __init__(self, kv: str = "separate", kv_heads: int = HEADS, sdpa: bool = False) -> None:
@@ -186,7 +188,7 @@ class SeparateQKVEncoder(torch.nn.Module):
         if kv == "separate":
             self.k = torch.nn.Linear(width, kv_heads * HEAD_DIM)
             self.v = torch.nn.Linear(width, kv_heads * HEAD_DIM)
-        elif kv in ("fused", "chunk"):
+        elif kv in ("fused", "chunk", "chunk_first"):
             self.kv_proj = torch.nn.Linear(width, 2 * width)
         self.out = torch.nn.Linear(width, width)
         self.fc1, self.fc2 = torch.nn.Linear(width, FFN), torch.nn.Linear(FFN, width)
@@ -203,6 +205,14 @@ class SeparateQKVEncoder(torch.nn.Module):
             q, k, v = self.qkv(h).reshape(n, length, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
         elif self.kv == "qkv_chunk":
             q, k, v = (split_heads(t) for t in self.qkv(h).chunk(3, dim=-1))
+        elif self.kv == "qkv_split":
+            q, k, v = (split_heads(t) for t in self.qkv(h).split([width] * 3, dim=-1))
+        elif self.kv == "qkv_shifted":
+            qkv = self.qkv(h)
+            q, k, v = (split_heads(qkv[..., a:a + width]) for a in (8, 40, 64))
+        elif self.kv == "chunk_first":
+            k, v = (split_heads(t) for t in self.kv_proj(h).chunk(2, dim=-1))
+            q = split_heads(self.q(h))
         else:
             q = split_heads(self.q(h))
         if self.kv == "separate":
@@ -377,29 +387,50 @@ SPLIT_FORMS = {
     ("qkv_chunk", "torchscript"): (("/qkv/MatMul",), [("Slice", [0], [16]), ("Slice", [16], [32]),
                                                       ("Slice", [32], [96])]),
     ("qkv_chunk", "dynamo"): (("node_MatMul_2",), [("Split",)]),
+    # split([E, E, E]): TorchScript slices at constant bounds, dynamo writes Split with its sizes; the cut
+    # edits both.
+    ("qkv_split", "torchscript"): (("/qkv/MatMul",), [("Slice", [0], [16]), ("Slice", [16], [32]),
+                                                      ("Slice", [32], [96])]),
+    ("qkv_split", "dynamo"): (("node_MatMul_2",), [("Split", [16, 16, 16])]),
     ("chunk", "torchscript"): (("/q/MatMul", "/kv_proj/MatMul"), [("Slice", [0], [16]), ("Slice", [16], [64])]),
     ("chunk", "dynamo"): (("node_MatMul_2", "node_MatMul_10"), [("Split",)]),
+    # The kv walked first finds its heads as 2 blocks and brings q in.
+    ("chunk_first", "torchscript"): (("/kv_proj/MatMul", "/q/MatMul"), [("Slice", [0], [16]), ("Slice", [16], [64])]),
+    ("chunk_first", "dynamo"): (("node_MatMul_2", "node_MatMul_19"), [("Split",)]),
 }
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("form", ["qkv_unbind", "qkv_chunk", "chunk"])
+@pytest.mark.parametrize("form", ["qkv_unbind", "qkv_chunk", "qkv_split", "chunk", "chunk_first"])
 def test_heads_of_a_projection_split_by_chunk_or_unbind_leave_the_graph(form, exporter, separate_qkv):
     model = onnx.load(str(separate_qkv(exporter, kv=form)))
     heads = next(g for g in channel_groups(model) if g.prunable and g.unit == "head")
     members, bounds = SPLIT_FORMS[(form, exporter)]
     assert heads.n_channels == HEADS and heads.member_nodes == members
     # A fused qkv [32, 96] holds each head's head_dim columns in each of its 3 blocks; q and kv in 1 and 2.
-    blocks = [3] if form.startswith("qkv") else [1, 2]
+    projections = {"chunk": ["q", "kv_proj"], "chunk_first": ["kv_proj", "q"]}.get(form, ["qkv"])
+    blocks = [{"q": 1, "kv_proj": 2, "qkv": 3}[p] for p in projections]
     assert [heads.blocks(m) for m in heads.members] == [(b, HEAD_DIM) for b in blocks]
 
     shrunk = _without_heads_1_and_3(model, heads)
     weights = {t.name: list(t.dims) for t in shrunk.graph.initializer}
     assert [weights[m] for m in heads.members] == [[32, b * 2 * HEAD_DIM] for b in blocks]
-    biases = ["qkv.bias"] if form.startswith("qkv") else ["q.bias", "kv_proj.bias"]
-    assert [weights[b] for b in biases] == [[b * 2 * HEAD_DIM] for b in blocks]
+    assert [weights[f"{p}.bias"] for p in projections] == [[b * 2 * HEAD_DIM] for b in blocks]
     assert weights[heads.consumers[0].tensor] == [2 * HEAD_DIM, 32]
     assert _bounds(shrunk) == bounds
     split = [(-1, 6, 3, 2, 8)] if form == "qkv_unbind" else [(-1, 6, 2, 8)] * 3
     assert [v for v in _shape_values(shrunk) if v[-1] in (HEAD_DIM, 2 * HEAD_DIM)] == split + [(-1, 6, 16)]
     assert (count_macs(model)["macs"], count_macs(shrunk)["macs"]) == (51776, 38336)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_slice_through_the_heads_keeps_the_reason(exporter, separate_qkv):
+    """Q, K and V sliced out of the fused qkv at 8:40, 40:72, 64:96: no piece holds whole heads."""
+    groups = channel_groups(onnx.load(str(separate_qkv(exporter, kv="qkv_shifted"))))
+    assert not any(g.unit == "head" for g in groups)
+    qkv = next(g for g in groups if g.n_channels == 3 * 32)
+    first = {"torchscript": "/Slice", "dynamo": "node_slice_1"}[exporter]
+    assert not qkv.prunable
+    assert qkv.reason == (f"the channels reach Slice {first}, which is not handled; as attention heads: no attention "
+                          f"heads found (Slice {first} takes entries 8..40 of the heads' axis, not whole blocks of 32 "
+                          "heads of 1)")
