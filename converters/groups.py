@@ -36,8 +36,8 @@ reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a no
 
 A MatMul/Gemm whose channels stop (an attention block's Q/K/V projection reaches Shape, a head-splitting
 Reshape, Softmax) is tried as attention heads (``converters.heads``): its units are then heads, each a
-block of rows of Q, K and V (of one fused projection or of separate ones, then all members of one
-group), proven in onnxruntime before the group is offered.
+block of rows of Q, K and V (of one fused projection, indexed or split by chunk/split/unbind, or of
+separate ones, then all members of one group), proven in onnxruntime before the group is offered.
 
 The analysis reads the ORIGINAL ModelProto (external data loaded) and runs ONNX shape inference on a
 copy; ``converters.shrink`` applies a keep-mask per group. The rules per op live in

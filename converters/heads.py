@@ -5,10 +5,13 @@ the output projection, and every shape constant that holds the number of heads (
 or ``H * head_dim`` (``[.., 3, E]``, ``[L*N, E]``). Q, K and V come from one fused ``[E, 3E]`` in_proj (as
 both torch exporters write ``nn.MultiheadAttention``: the rows ``q*E + h*head_dim + i`` of the three
 thirds), from separate projections (hand-written ViT/BERT encoders: ``nn.Linear`` q, k and v, each
-reshaped to ``[N, L, H, head_dim]``, explicit softmax or ``F.scaled_dot_product_attention``), or from a q projection and a fused ``[E, 2E]`` kv reshaped to
-``[N, L, 2, H, head_dim]`` and indexed. A ``ChannelGroup`` with ``unit == "head"`` carries all of them:
-one member per projection (``TensorSlice.inner`` = head_dim, ``outer`` = the blocks of its output: 3
-for the fused in_proj, 2 for kv, 1 for a separate one), so ``converters.shrink`` and the engine's filter
+reshaped to ``[N, L, H, head_dim]``, explicit softmax or ``F.scaled_dot_product_attention``), from one
+fused ``[E, 3E]`` qkv split by ``chunk``/``split``/``unbind`` (timm's ViT: ``[N, L, 3, H, head_dim]``
+permuted and unbound, or ``chunk(3)`` before each tensor's ``view``), or from a q projection and a fused
+``[E, 2E]`` kv reshaped to ``[N, L, 2, H, head_dim]`` and indexed, or split by ``chunk(2)``. A
+``ChannelGroup`` with ``unit == "head"`` carries all of them: one member per projection
+(``TensorSlice.inner`` = head_dim, ``outer`` = the blocks of its output: 3 for a fused qkv, 2 for kv, 1
+for a separate one), so ``converters.shrink`` and the engine's filter
 projection treat a head as they treat a filter (the members' heads ranked and kept together).
 
 The walk starts at one projection; where the heads wait at an attention MatMul (or a sum) for an operand
@@ -24,6 +27,10 @@ with these rules added:
   TorchScript exporter reads the input's ``Shape`` and divides by the head count) is first frozen to a
   constant from the dims measured in onnxruntime at two sizes of every dynamic input dim (-1 for the
   one dim that varies; more than one stops the walk).
+- Split and Slice (``converters.heads_split``): along another axis they keep the heads; along the
+  heads' axis each piece must hold whole blocks of heads (``3E`` cut into Q, K and V), and its sizes or
+  bounds are edited (frozen first where the TorchScript exporter computes them from the width). The
+  Squeeze after an ``unbind`` removes another axis, which the channel walk's own rule follows.
 - Gather on another axis (picking Q, K or V out of the fused tensor), Softmax over another axis, a
   MatMul of two tensors that hold the same heads on a batch axis (``Q @ K^T``, ``A @ V``), and Shape
   (whose values only feed shapes) keep them.
@@ -33,8 +40,9 @@ baked into an op it does not model) the proof catches: the graph with the last h
 compute, in onnxruntime, what the original computes with that head's output-projection columns zeroed
 (max difference <= 1e-4 relative, at two input sizes). A projection whose heads cannot be proven keeps
 the channel walk's reason. Not handled (left alone with the reason): Q, K and V with different head
-counts or head_dims (multi-query and grouped-query attention, a V wider than Q and K), a kv projection
-split by ``chunk``/Split or Slice, heads on a dynamic axis other than the batch.
+counts or head_dims (multi-query and grouped-query attention, a V wider than Q and K), a Split or Slice
+that cuts through a head or whose bounds follow the inputs' dynamic dims, Split sizes held in an
+attribute (opset < 13), heads on a dynamic axis other than the batch.
 """
 
 from __future__ import annotations
