@@ -75,12 +75,14 @@ def slice_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tupl
     if len(node.input) < 3:
         raise NotPrunable(f"Slice {label} holds its bounds in attributes (opset < 10), which are not edited")
     starts, ends = node.input[1], node.input[2]
-    count = len(a.shape(starts) or [None])
     if len(node.input) > 3 and node.input[3]:
         if a.constant(node.input[3]) is None:
             raise NotPrunable(f"Slice {label} has computed axes")
         axes = [int(x) % rank for x in a.value(a.constant(node.input[3])).reshape(-1)]
-    else:
+    else:  # one bound per axis from the first
+        count = (a.shape(starts) or [None])[0]
+        if not isinstance(count, int):
+            raise NotPrunable(f"the number of bounds of Slice {label} is unknown")
         axes = list(range(count))
     if len(node.input) > 4 and node.input[4]:
         steps = walk.a.known(node.input[4])
