@@ -50,8 +50,9 @@ def split_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tupl
     found, start = [], 0
     for k, (out, size) in enumerate(zip(outputs, sizes)):
         if start % block or size % block:
-            raise NotPrunable(f"Split {label} cuts the heads' axis at {start + size}, inside a block of "
-                              f"{walk.n} heads of {layout.inner}")
+            at = start if start % block else start + size
+            raise NotPrunable(f"Split {label} cuts the heads' axis at {at}, inside a block of {walk.n} heads of "
+                              f"{layout.inner}")
         if given:  # equal pieces (no sizes given) stay equal by themselves
             walk.reshapes.append(ShapeEdit("", label, k, layout.inner * (size // block)))
         if out:
