@@ -84,7 +84,10 @@ class Tap:
             padding, stride = (0, *module.padding), (1, *module.stride)
         else:
             kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
+        if tuple(kernel) == (1, 1) and not any(padding):  # the pixels themselves: no unfold copy of the map
+            patches = x[:, :, ::stride[0], ::stride[1]].flatten(2)
+        else:
+            patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
         if patches.shape[2] > POSITIONS_PER_SAMPLE:
             pick = torch.linspace(0, patches.shape[2] - 1, POSITIONS_PER_SAMPLE, device=x.device).long()
             patches = patches[:, :, pick]
@@ -92,39 +95,42 @@ class Tap:
 
 
 def gram_bytes(weight: Tensor, tap: Tap, teacher: bool = False) -> int:
-    """Memory :func:`collect_grams` holds for the weight: float64 matrices of its inputs, one per half of
-    the calls, three per half with a teacher (the Gram, the cross term and the teacher's own)."""
+    """Memory :func:`collect_grams` holds for the weight: float32 matrices of its inputs, one per half of
+    the calls, two per half with a teacher (the Gram and the cross term)."""
     columns = tap.rows(weight).shape[1]
-    return columns * columns * 8 * 2 * (3 if teacher else 1)
+    return columns * columns * 4 * 2 * (2 if teacher else 1)
 
 
 @dataclass
 class Grams:
     """Per tapped weight and per half of the calibration calls (0: even calls, 1: odd ones): ``gram`` =
     ``X^T X`` of the layer's inputs and, with a teacher, ``cross`` = ``X^T X_t`` against the teacher's inputs
-    to the same layer on the same samples and ``teacher`` = ``X_t^T X_t`` (float64 sums), and ``count`` the
-    positions summed."""
+    to the same layer on the same samples (float32 sums of float32 products: the damping of the solves is
+    orders above their rounding) and ``energy`` = ``||X_t W_t^T||^2``, the squared norm of the teacher
+    layer's outputs (which only the reported error needs: a scalar from ``[positions, outputs]`` products
+    instead of a third ``X_t^T X_t`` matrix); ``count`` the positions summed."""
 
     gram: dict[str, list[Tensor]]
     cross: dict[str, list[Tensor]]
-    teacher: dict[str, list[Tensor]]
+    energy: dict[str, list[float]]
     count: dict[str, list[int]]
 
     def mean(self, store: dict[str, list[Tensor]], name: str, half: int | None = None) -> Tensor:
-        """The mean over one half, or over both (``half`` None)."""
+        """The mean over one half, or over both (``half`` None), in float64 for the solves."""
         if half is not None:
-            return store[name][half] / max(self.count[name][half], 1)
-        return (store[name][0] + store[name][1]) / max(sum(self.count[name]), 1)
+            return store[name][half].double() / max(self.count[name][half], 1)
+        return (store[name][0].double() + store[name][1].double()) / max(sum(self.count[name]), 1)
 
 
 def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], None], int]],
-                  teacher_taps: Mapping[str, Tap] | None = None, total: int | None = None) -> Grams:
+                  teacher: Mapping[str, tuple[Tap, Tensor]] | None = None, total: int | None = None) -> Grams:
     """Gram matrices of each tapped layer's inputs over what ``calls`` feed the model (and the teacher),
     the even calls' and the odd calls' kept apart: one half fits a refit, the other checks it.
 
     Each call runs the model under ``torch.no_grad()`` in eval mode (BatchNorm statistics must not move) on
-    a few samples; with ``teacher_taps`` it runs the student and then the teacher on the same samples, so
-    each teacher input meets the student input it follows (held until then: keep the calls small).
+    a few samples; with ``teacher`` (per weight, the teacher's tap and its value of the weight) it runs the
+    student and then the teacher on the same samples, so each teacher input meets the student input it
+    follows (held until then: keep the calls small).
 
     ``calls`` are (call, samples it feeds) pairs. ``total``, the samples of all calls, lets a layer be left
     out at its first call when the positions it will see in a half are under a quarter of its inputs (its
@@ -133,7 +139,7 @@ def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], No
     """
     gram: dict[str, list[Tensor]] = {}
     cross: dict[str, list[Tensor]] = {}
-    own: dict[str, list[Tensor]] = {}
+    energy: dict[str, list[float]] = {}
     count: dict[str, list[int]] = {}
     pending: dict[str, list[Tensor]] = {}
     half, current = [0], [1]
@@ -150,7 +156,7 @@ def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], No
         def record(module: nn.Module, args: tuple) -> None:
             if name in skipped:
                 return
-            x = tap.columns(module, args[tap.arg].detach()).double()
+            x = tap.columns(module, args[tap.arg].detach()).float()
             if name not in gram and total is not None and x.shape[0] * total / current[0] / 2 < x.shape[1] / 4:
                 logger.info("%s: no refit (about %d calibration positions for %d inputs)", name,
                             x.shape[0] * total // current[0], x.shape[1])
@@ -159,33 +165,36 @@ def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], No
                 return
             add(gram, name, x.t() @ x)
             count.setdefault(name, [0, 0])[half[0]] += x.shape[0]
-            if teacher_taps is not None and name in teacher_taps:
+            if teacher is not None and name in teacher:
                 pending.setdefault(name, []).append(x)
         return record
 
-    def teacher(name: str, tap: Tap) -> Callable:
+    def original(name: str, tap: Tap, weight: Tensor) -> Callable:
+        rows = tap.rows(weight.detach()).float()
+
         def record(module: nn.Module, args: tuple) -> None:
             if name in skipped:
                 return
-            x_t = tap.columns(module, args[tap.arg].detach()).double()
+            x_t = tap.columns(module, args[tap.arg].detach()).float()
             add(cross, name, pending[name].pop(0).t() @ x_t)
-            add(own, name, x_t.t() @ x_t)
+            outputs = x_t @ rows.t().to(x_t.device)
+            energy.setdefault(name, [0.0, 0.0])[half[0]] += float(outputs.double().square().sum())
         return record
 
     try:
         for name, tap in taps.items():
             for module in tap.modules:
                 handles.append(module.register_forward_pre_hook(student(name, tap)))
-        for name, tap in (teacher_taps or {}).items():
+        for name, (tap, weight) in (teacher or {}).items():
             for module in tap.modules:
-                handles.append(module.register_forward_pre_hook(teacher(name, tap)))
+                handles.append(module.register_forward_pre_hook(original(name, tap, weight)))
         for i, (call, n) in enumerate(calls):
             half[0], current[0] = i % 2, max(n, 1)
             call()
     finally:
         for handle in handles:
             handle.remove()
-    return Grams(gram, cross, own, {n: c for n, c in count.items() if n in gram})
+    return Grams(gram, cross, energy, {n: c for n, c in count.items() if n in gram})
 
 
 def refit(rows: Tensor, gram: Tensor, mask: Tensor, damp: float = 0.01, target: Tensor | None = None) -> Tensor:
@@ -337,9 +346,10 @@ def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor]
                 return original @ grams.mean(grams.cross, name, half).to(p.device).t() if aim else full @ g
 
             def energy(half: int) -> float:
-                reference = original if aim else full
-                g = grams.mean(grams.teacher if aim else grams.gram, name, half).to(p.device)
-                return float(((reference @ g) * reference).sum())
+                if aim:
+                    return grams.energy[name][half] / max(grams.count[name][half], 1)
+                g = grams.mean(grams.gram, name, half).to(p.device)
+                return float(((full @ g) * full).sum())
 
             try:
                 fitted = refit(full, grams.mean(grams.gram, name, 0).to(p.device), mask, damp,

@@ -16,7 +16,7 @@ from onnx_admm.converters.importer import import_model
 from onnx_admm.data import Dataset
 from onnx_admm.pipeline.reconstruction import groups, taps_for
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.reconstruct import Tap, collect_grams, objective, reconstruct, refit
+from onnx_admm.reconstruct import POSITIONS_PER_SAMPLE, Tap, collect_grams, objective, reconstruct, refit
 
 from tests.models import INPUT_NAME
 
@@ -94,14 +94,28 @@ def test_reconstruct_refits_a_linear_a_matmul_and_a_conv_in_place():
         assert not torch.equal(p.detach(), before[name] * supports[name]), name
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_columns_are_the_unfolded_patches(stride):
+    # A 1x1 conv's inputs are its pixels: taken straight from the map, they equal unfold's patches, in the
+    # same positions (a map over POSITIONS_PER_SAMPLE positions subsampled the same way).
+    conv = nn.Conv2d(3, 2, 1, stride=stride)
+    x = torch.randn(2, 3, 40, 37)
+    patches = torch.nn.functional.unfold(x, 1, stride=stride)
+    assert patches.shape[2] > POSITIONS_PER_SAMPLE
+    patches = patches[:, :, torch.linspace(0, patches.shape[2] - 1, POSITIONS_PER_SAMPLE).long()]
+    expected = patches.transpose(1, 2).reshape(-1, 3)
+    assert torch.equal(Tap((conv,), 0, "conv").columns(conv, x), expected)
+
+
 def test_groups_keep_the_gram_matrices_under_the_budget():
     taps = {n: Tap((nn.Identity(),), 0, "linear") for n in "abc"}
     params = {"a": torch.zeros(2, 100), "b": torch.zeros(2, 100), "c": torch.zeros(2, 1000)}
-    # 100 x 100 float64 = 80,000 bytes a matrix, one per calibration half; c's 16 MB is over the budget.
-    assert groups(taps, params, budget=330_000) == [["a", "b"]]
-    assert groups(taps, params, budget=200_000) == [["a"], ["b"]]
-    # with a teacher, three matrices a half: 480,000 bytes each
-    assert groups(taps, params, budget=500_000, teacher=True) == [["a"], ["b"]]
+    # 100 x 100 float32 = 40,000 bytes a matrix, one per calibration half; c's 8 MB is over the budget.
+    assert groups(taps, params, budget=165_000) == [["a", "b"]]
+    assert groups(taps, params, budget=100_000) == [["a"], ["b"]]
+    # with a teacher, two matrices a half (the Gram and the cross term): 160,000 bytes each
+    assert groups(taps, params, budget=250_000, teacher=True) == [["a"], ["b"]]
+    assert groups(taps, params, budget=320_000, teacher=True) == [["a", "b"]]
 
 
 @pytest.mark.parametrize("key", ["transformer_torchscript", "transformer_dynamo", "lenet5_torchscript", "lenet5_dynamo"])
@@ -143,6 +157,8 @@ def test_compress_without_training_keeps_more_of_the_original_with_reconstructio
         if on:
             assert stage["reconstruction"]["layers"] == stage["reconstruction"]["pruned_layers"] == 4
             assert stage["reconstruction"]["error_ratio"] < 1
+            # the four Gram matrices fit the budget together: one pass over the calibration samples
+            assert stage["reconstruction"]["passes"] == 1 and stage["reconstruction"]["seconds"] > 0
             params = result.report["params"]
             assert 1 - params["nonzero"] / params["total"] == pytest.approx(0.8, abs=1e-4)
         else:
@@ -162,7 +178,7 @@ def test_with_a_teacher_the_refit_aims_at_the_original_layer_outputs():
     calls = [(lambda x=x, e=e: (student(x + e), original(x)), 50) for x, e in zip(xs, noise)]
     taps = {"w": Tap((student,), 0, "linear")}
     with torch.no_grad():
-        grams = collect_grams(taps, calls, {"w": Tap((original,), 0, "linear")})
+        grams = collect_grams(taps, calls, {"w": (Tap((original,), 0, "linear"), original.weight)})
     support = torch.rand(4, 10, generator=torch.Generator().manual_seed(6)) > 0.4
     before = {"w": student.weight.detach().clone()}
     with torch.no_grad():
@@ -225,6 +241,7 @@ def test_a_destroyed_admm_phase_gives_way_to_the_refit_stage_start(digits_sample
                       val_data=Dataset({"input": test["input"]}, test["labels"], {"input"}))
     stage = result.report["stages"][0]
     assert stage["reconstruction"]["start"] == "stage start"
+    assert stage["reconstruction"]["passes"] == 2  # the ADMM projection's refit, then the stage start's
     assert stage["reconstruction"]["select_metric"]["stage_start"] > stage["reconstruction"]["select_metric"]["admm"]
     metrics = result.report["metrics"]
     assert metrics["compressed_accuracy"] >= metrics["original_accuracy"] - 0.02

@@ -17,6 +17,7 @@ selection split (the report's ``reconstruction.start``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -96,32 +97,36 @@ def teacher_taps(taps: Mapping[str, Tap], module: nn.Module, teacher: nn.Module)
 def refit_projection(taps: Mapping[str, Tap], params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor],
                      supports: Mapping[str, Tensor],
                      calibrate: Callable[[], tuple[Iterable[tuple[Callable[[], None], int]], int]],
-                     teacher: tuple[Mapping[str, Tap], Mapping[str, Tensor]] | None = None) -> dict[str, Refit]:
+                     teacher: tuple[Mapping[str, Tap], Mapping[str, Tensor]] | None = None
+                     ) -> tuple[dict[str, Refit], int]:
     """Refit every tapped weight (projected in place, ``before`` its pre-projection copy) group by group.
 
     ``calibrate()`` gives the calls that feed the model a few samples each, with their sample counts, and
     the samples of all calls. With ``teacher`` (its taps and its values of the weights; each call then runs
     it after the model on the same samples) the refit aims at the original layers' outputs instead of the
-    pre-projection ones.
+    pre-projection ones. Returns the refits and the calibration passes they took (one per group).
     """
     results: dict[str, Refit] = {}
-    for group in groups(taps, params, teacher=teacher is not None):
+    parts = groups(taps, params, teacher=teacher is not None)
+    for group in parts:
         chosen = {n: taps[n] for n in group}
         with swapped(params, before), torch.no_grad():
             calls, total = calibrate()
-            grams = collect_grams(chosen, calls, {n: teacher[0][n] for n in group} if teacher else None, total)
+            grams = collect_grams(chosen, calls, {n: (teacher[0][n], teacher[1][n]) for n in group} if teacher else None,
+                                  total)
         results.update(reconstruct(params, before, supports, taps, grams, teacher[1] if teacher else None))
-    return results
+    return results, len(parts)
 
 
-def summary(results: Mapping[str, Refit], candidates: int) -> dict[str, Any]:
-    """The report's per-stage ``reconstruction``: layers refit, of how many pruned ones, and the output error
+def summary(results: Mapping[str, Refit], candidates: int, passes: int = 0) -> dict[str, Any]:
+    """The report's per-stage ``reconstruction``: layers refit, of how many pruned ones, the output error
     left after the refit as a share of the plain projection's (summed over the refit layers, on the
-    calibration half the refit was not fit on)."""
+    calibration half the refit was not fit on) and the calibration passes it took."""
     used = {n: r for n, r in results.items() if r.used}
     projected = sum(r.projected for r in used.values())
     return {"layers": len(used), "pruned_layers": candidates, "tapped_layers": len(results),
-            "error_ratio": (sum(r.refit for r in used.values()) / projected) if projected > 0 else None}
+            "error_ratio": (sum(r.refit for r in used.values()) / projected) if projected > 0 else None,
+            "passes": passes}
 
 
 def _apply(params: Mapping[str, nn.Parameter], imported: ImportedModel, supports: Mapping[str, Tensor]) -> None:
@@ -157,7 +162,15 @@ class StageRefit:
     def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
             kept: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
         """Refit the projected weights; returns the supports and kept channels the retraining goes on with,
-        and the report's entry."""
+        and the report's entry (with the wall ``seconds`` of the whole step)."""
+        start = time.perf_counter()
+        supports, kept, entry = self._run(admm, before, supports, kept)
+        if entry is not None:
+            entry["seconds"] = round(time.perf_counter() - start, 3)
+        return supports, kept, entry
+
+    def _run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
+             kept: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
         if not self.taps:  # off, or nothing it can refit this stage (quantized weights, no taps)
             masked = sum(1 for name in self.weights if name in supports)
             return supports, kept, summary({}, masked) if self.runner.config.prune.reconstruct else None
@@ -181,7 +194,7 @@ class StageRefit:
         logger.info("retraining starts from the %s (selection metric %s against %s)",
                     "projection of the stage's starting weights" if better else "ADMM phase's projection",
                     theirs if better else ours, ours if better else theirs)
-        choice = {"select_metric": {"admm": ours, "stage_start": theirs}}
+        choice = {"select_metric": {"admm": ours, "stage_start": theirs}, "passes": out["passes"] + other["passes"]}
         if better:
             runner.world.broadcast_(list(restart.values()))
             return restart, restart_kept, {**other, "start": "stage start", **choice}
@@ -213,9 +226,9 @@ class StageRefit:
         pair = None
         if teacher is not None:
             pair = (teacher_taps(taps, module, teacher), {n: teacher.get_parameter(n).detach() for n in taps})
-        results = refit_projection(taps, self.weights, before, supports, calibrate, pair)
+        results, passes = refit_projection(taps, self.weights, before, supports, calibrate, pair)
         runner.world.broadcast_([self.weights[n].data for n, r in results.items() if r.used])
-        out = summary(results, sum(1 for name in self.weights if name in supports))
+        out = summary(results, sum(1 for name in self.weights if name in supports), passes)
         logger.info("reconstruction: %d of %d pruned layers refit, output error %s of the projection's",
                     out["layers"], out["pruned_layers"],
                     "n/a" if out["error_ratio"] is None else f"{out['error_ratio']:.3f}")
