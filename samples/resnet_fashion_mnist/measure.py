@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="compress's train.seed (the dense model stays seed 0)")
     parser.add_argument("--no-reconstruct", action="store_true", help="prune.reconstruct = false (no refit)")
     parser.add_argument("--norm-ft", action="store_true",
                         help="norm-based filter pruning + fine-tuning: no ADMM phase, the budget split evenly over "
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = train_dense(args.work, x, y, args.dense_epochs, args.width, args.threads)
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
     recipe = {
-        "train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs},
+        "train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs, "seed": args.seed},
         "prune": {"sparsity": args.sparsity, "structure": "filter", "reconstruct": not args.no_reconstruct},
     }
     if args.norm_ft:  # the same budget, all of it masked retraining after each magnitude (filter norm) cut
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     structure = result.report.get("structure") or {}
     row = {
         "label": args.label, "sparsity": args.sparsity, "epochs": args.epochs, "train": args.train,
-        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr, "reconstruct": not args.no_reconstruct, "norm_ft": args.norm_ft,
+        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr, "seed": args.seed,
+        "reconstruct": not args.no_reconstruct, "norm_ft": args.norm_ft,
         "reconstruction": [s.get("reconstruction") for s in result.report["stages"]],
         "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,
         "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy),
