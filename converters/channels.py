@@ -60,7 +60,8 @@ class ShapeEdit:
 class FrozenShape:
     """Input ``input`` of ``node`` (a Reshape's shape; a Split's sizes, a Slice's bounds) gets a constant of
     its own, ``tensor`` holding ``values``, before the group's units are cut: it was computed at run time
-    (from Shape nodes; -1 at the one dim that follows the inputs' dynamic dims), or its constant is shared
+    (from Shape nodes; -1 at a dim that follows the inputs' dynamic dims, 0 at one that copies the input's
+    dim at the same index: the Reshape's allowzero becomes 0), or its constant is shared
     with other nodes (exporters share one per layer stack). ``ShapeEdit`` entries on ``tensor`` then edit
     this node's input alone."""
 

@@ -277,6 +277,8 @@ def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list
             model.graph.initializer.append(numpy_helper.from_array(np.array(f.values, dtype=np.int64), f.tensor))
             replaced.add(node.input[f.input])
             node.input[f.input] = f.tensor
+            if node.op_type == "Reshape" and 0 in f.values:
+                _copy_zeros(node)
             taken.add(f.tensor)
             what = "shape" if f.input == 1 and node.op_type == "Reshape" else f"input {f.input}"
             changes.append(f"{f.node}: {what} {list(f.values)} of its own ({f.tensor})")
@@ -285,3 +287,11 @@ def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list
     for t in unread:
         model.graph.initializer.remove(t)
     return changes
+
+
+def _copy_zeros(node: onnx.NodeProto) -> None:
+    """A frozen shape's 0 copies the input's dim (the walk writes 0 only where the output dim equals it):
+    Reshape reads it so with allowzero 0, the default (the dynamo exporter writes allowzero 1)."""
+    for attr in node.attribute:
+        if attr.name == "allowzero":
+            attr.i = 0

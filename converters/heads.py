@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -57,8 +56,9 @@ import onnx
 
 from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.cut import cut, zeroed
-from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable, ShapeEdit
+from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable
 from onnx_admm.converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
+from onnx_admm.converters.heads_reshape import reshape_step
 from onnx_admm.converters.heads_split import slice_step, split_step
 from onnx_admm.converters.optable import BROADCAST, LINEAR
 
@@ -68,8 +68,10 @@ __all__ = ["Probe", "feeds_attention", "head_group", "probe_shapes"]
 
 # The relative tolerance of the proof (outputs differ only by float rounding when the split is right).
 PROOF_TOLERANCE = 1e-4
-# Sizes given to every dynamic input dim by the two probes.
+# The size of every dynamic input dim in the first probe, and of the one dim each other probe changes.
 PROBE_SIZES = (2, 3)
+# The size of the first dynamic input dim in the proof's last feed (the next ones: 2 more each).
+CHECK_SIZE = 5
 # A dim of a probed tensor that differs between the probes.
 DYNAMIC = "dynamic"
 # The longest integer tensor whose probed values are kept (shapes, split sizes and slice bounds are short).
@@ -183,17 +185,22 @@ def feeds_attention(a: Any, index: int) -> bool:
 
 @dataclasses.dataclass
 class Probe:
-    """Dims of every tensor measured in onnxruntime at two sizes of the dynamic input dims (an int when
-    both runs agree, ``DYNAMIC`` otherwise), the values of the small integer tensors both runs agree on
-    (shapes and bounds computed at run time), and the feeds used."""
+    """Dims of every tensor measured in onnxruntime at several sizes of the dynamic input dims (an int
+    when every run agrees, ``DYNAMIC`` otherwise), each run's dims (``runs``), the values of the small
+    integer tensors every run agrees on (shapes and bounds computed at run time), the feeds used, and
+    ``checks``: feeds at sizes no probe used, on which the proof runs too."""
 
     dims: dict[str, tuple[int | str, ...]]
     feeds: list[dict[str, np.ndarray]]
     values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    runs: list[dict[str, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    checks: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 def probe_shapes(model: onnx.ModelProto) -> Probe:
-    """Run ``model`` with every node output exposed at each of ``PROBE_SIZES``.
+    """Run ``model`` with every node output exposed: once with every dynamic input dim at
+    ``PROBE_SIZES[0]``, then once per dynamic dim (dims of one symbol count as one) with that dim alone at
+    ``PROBE_SIZES[1]``, so that each measured dim can be traced to the input dims it follows.
 
     Raises:
         NotPrunable: an input cannot be synthesized or onnxruntime fails.
@@ -204,22 +211,40 @@ def probe_shapes(model: onnx.ModelProto) -> Probe:
     names = [x for n in probe.graph.node for x in n.output if x and x not in outputs]
     probe.graph.output.extend(onnx.ValueInfoProto(name=x) for x in names)
     names = [o.name for o in probe.graph.output]
-    feeds = [_feed(model, size, seed) for seed, size in enumerate(PROBE_SIZES)]
+    symbols = _dynamic_dims(model)
+    base = dict.fromkeys(symbols, PROBE_SIZES[0])
+    sizes = [base] + [{**base, symbol: PROBE_SIZES[1]} for symbol in symbols]
+    feeds = [_feed(model, size, seed) for seed, size in enumerate(sizes)]
+    # Sizes no probe used, one per dynamic dim (5, 7, ...): the proof's last feed.
+    checks = [_feed(model, {s: CHECK_SIZE + 2 * k for k, s in enumerate(symbols)}, len(feeds))]
     runs, small = [], []  # per run: every tensor's shape; the small integer tensors' values
     try:
         session = _session(probe)
         for feed in feeds:
             outs = session.run(names, feed)
-            runs.append([np.shape(v) for v in outs])
+            runs.append({x: tuple(np.shape(v)) for x, v in zip(names, outs)})
             small.append({x: np.asarray(v) for x, v in zip(names, outs) if _small_integers(v)})
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types; the walk then stops
         raise NotPrunable(f"onnxruntime could not run the graph to measure its shapes ({exc})") from None
     dims = {}
-    for name, first, second in zip(names, *runs):
-        if len(first) == len(second):
-            dims[name] = tuple(x if x == y else DYNAMIC for x, y in zip(first, second))
-    values = {x: v for x, v in small[0].items() if x in small[1] and np.array_equal(v, small[1][x])}
-    return Probe(dims, feeds, values)
+    for name in names:
+        shapes = [run[name] for run in runs]
+        if len({len(s) for s in shapes}) == 1:
+            dims[name] = tuple(x[0] if len(set(x)) == 1 else DYNAMIC for x in zip(*shapes))
+    values = {x: v for x, v in small[0].items() if all(x in s and np.array_equal(v, s[x]) for s in small[1:])}
+    return Probe(dims, feeds, values, runs, checks)
+
+
+def _dynamic_dims(model: onnx.ModelProto) -> list[str | tuple[str, int]]:
+    """The dynamic dims of the graph inputs, in order: a symbol names every dim it stands for (an input's
+    batch and its mask's), an unnamed dim is (input, axis)."""
+    found: list[str | tuple[str, int]] = []
+    for spec in graph_inputs(model):
+        for k, d in enumerate(spec.shape or ()):
+            key = d if isinstance(d, str) else (spec.name, k)
+            if not isinstance(d, int) and key not in found:
+                found.append(key)
+    return found
 
 
 def _small_integers(value: Any) -> bool:
@@ -243,6 +268,14 @@ class _Probed:
             return list(self._a.value(src).shape)
         dims = self._probe.dims.get(name)
         return None if dims is None else list(dims)
+
+    def measured(self, name: str) -> list[tuple[int, ...]] | None:
+        """The dims of ``name`` in each probe run (a constant's in each), or None when not measured."""
+        src = self._a.constant(name)
+        if src is not None:
+            return [tuple(self._a.value(src).shape)] * len(self._probe.runs)
+        runs = [run.get(name) for run in self._probe.runs]
+        return None if any(r is None for r in runs) else runs
 
     def known(self, name: str) -> np.ndarray | None:
         """The value of ``name``: a constant's, or a computed one the probes measured alike; else None."""
@@ -347,55 +380,7 @@ class HeadWalk(ChannelWalk):
         return super()._step(i)
 
     def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
-        a = self.a
-        node, label = a.nodes[i], a.labels[i]
-        dims_in, dims_out = a.shape(name), a.shape(node.output[0])
-        if dims_in is None or dims_out is None:
-            raise NotPrunable(f"the shapes around Reshape {label} are unknown")
-        tensor = a.constant(node.input[1])
-        if tensor is None:  # computed at run time: frozen whether or not it holds the heads
-            target = self._frozen_values(i, dims_out)
-            tensor = self.own_copy(i, target)
-        else:
-            target = [int(v) for v in a.value(tensor).reshape(-1)]
-        below = dims_in[layout.axis + 1:]
-        if any(not isinstance(d, int) for d in below) or layout.total is not None:
-            raise NotPrunable(f"Reshape {label}: the dims after the heads are not fixed")
-        # The heads are the digit (flat index // after) % n of the row-major index, which a reshape keeps:
-        # find the output axis that holds that whole digit.
-        after = layout.inner * math.prod(below)
-        seen = 1  # entries of the output axes after b
-        for b in range(len(dims_out) - 1, -1, -1):
-            d = dims_out[b]
-            if isinstance(d, int) and after % (seen * d) == 0:
-                seen *= d  # axis b lies wholly below the heads
-                continue
-            inner = after // seen
-            if isinstance(d, int) and d % (inner * self.n):
-                break
-            # Heads merged with a dynamic dim (N * H) have no fixed outer size: no constant is cut with it.
-            outer = d // (inner * self.n) if isinstance(d, int) else 0
-            new = ChannelLayout(b, inner, outer)
-            entry = target[b]
-            if entry == -1 or (entry == 0 and b == layout.axis and new == layout):
-                return new
-            if entry != d or outer == 0:
-                break
-            # Exporters share one shape constant among Reshapes (Q, K and V's, every layer's): this Reshape
-            # gets its own copy, which the edit cuts.
-            own = next((f.tensor for f in self.frozen if f.node == label), None) or self.own_copy(i, target)
-            self.reshapes.append(ShapeEdit(own, label, b, inner * outer))
-            return new
-        raise NotPrunable(f"Reshape {label} splits the heads ({self.n} of {layout.inner} features) across axes")
-
-    def _frozen_values(self, i: int, dims_out: list) -> list[int]:
-        """The shape Reshape ``i`` computes at run time, as constant values: the measured dims, -1 for the
-        one that varies with the inputs."""
-        label = self.a.labels[i]
-        varying = [k for k, d in enumerate(dims_out) if not isinstance(d, int)]
-        if len(varying) > 1:
-            raise NotPrunable(f"Reshape {label} computes a shape with {len(varying)} dims that follow the inputs")
-        return [-1 if k in varying else int(d) for k, d in enumerate(dims_out)]
+        return reshape_step(self, i, name, layout)
 
     def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape") -> str:
         """A new constant holding ``values`` that the shrink pass feeds to input ``input`` of node ``i``
@@ -415,7 +400,7 @@ def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
     reference = zeroed(model, group, np.array([group.n_channels - 1]))
     try:
         got, want = _session(shrunk), _session(reference)
-        for feed in probe.feeds:
+        for feed in probe.feeds + probe.checks:
             for x, y in zip(got.run(None, feed), want.run(None, feed)):
                 x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
                 scale = max(1.0, float(np.abs(y).max(initial=0.0)))
@@ -428,14 +413,16 @@ def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
         raise NotPrunable(f"the graph without a head does not run in onnxruntime ({str(exc).splitlines()[0]})") from None
 
 
-def _feed(model: onnx.ModelProto, size: int, seed: int) -> dict[str, np.ndarray]:
-    """Inputs with every dynamic dim set to ``size``: floats ~ N(0, 1), integers and bools zero."""
+def _feed(model: onnx.ModelProto, sizes: dict, seed: int) -> dict[str, np.ndarray]:
+    """Inputs with each dynamic dim at its size in ``sizes`` (``_dynamic_dims``' keys): floats ~ N(0, 1),
+    integers and bools zero."""
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in graph_inputs(model):
         if spec.shape is None:
             raise NotPrunable(f"input {spec.name!r} has no declared shape")
-        shape = tuple(d if isinstance(d, int) else size for d in spec.shape)
+        shape = tuple(d if isinstance(d, int) else sizes[d if isinstance(d, str) else (spec.name, k)]
+                      for k, d in enumerate(spec.shape))
         if np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:

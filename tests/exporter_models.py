@@ -54,22 +54,25 @@ def recurrent_classifier(kind: str) -> nn.Module:
     return RecurrentClassifier(kind).eval()
 
 
-def export_torch(module: nn.Module, example: torch.Tensor, path: Path, exporter: str, dynamic: bool = True) -> Path:
+def export_torch(module: nn.Module, example: torch.Tensor, path: Path, exporter: str, dynamic: bool = True,
+                 sequence: bool = False) -> Path:
     """Export ``module`` with input ``input`` and output ``logits``.
 
     Args:
         exporter: ``"torchscript"`` (opset 17) or ``"dynamo"`` (its default opset, weights in ``path.data``).
         dynamic: declare the batch axis dynamic; without it the export batch is baked in.
+        sequence: declare axis 1 of the input (a text encoder's sequence length, ``L``) dynamic too.
     """
     path = Path(path)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning, tracer warnings
         if exporter == "torchscript":
-            axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None
+            axes = {"input": {0: "N", **({1: "L"} if sequence else {})}, "logits": {0: "N"}} if dynamic else None
             torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17,
                               input_names=["input"], output_names=["logits"], dynamic_axes=axes)
         else:
-            shapes = ({0: torch.export.Dim("N")},) if dynamic else None
+            dims = {0: torch.export.Dim("N"), **({1: torch.export.Dim("L")} if sequence else {})}
+            shapes = (dims,) if dynamic else None
             torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"],
                               output_names=["logits"], dynamic_shapes=shapes)
     return path

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 from onnx_admm.api import compress
 from onnx_admm.check import within_tolerance
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.groups import channel_groups
 from onnx_admm.converters.inputs import synthesize_inputs
 from onnx_admm.converters.modelio import load_model
@@ -91,28 +92,6 @@ def test_heads_and_ffn_units_leave_the_graph_and_match_the_masked_model(exporter
                                                                              (6, -1, 32)],
     }[exporter])
     assert len(_shape_values(model)) < len(_shape_values(shrunk))  # computed shapes were frozen
-
-
-def test_a_head_split_computed_from_two_dynamic_dims_is_left_alone(tmp_path):
-    """A dynamo export with a dynamic sequence axis computes [L, N, 3, E] from both dynamic dims: no
-    constant shape can be proven, so the projection keeps its heads, with the reason."""
-    torch.manual_seed(0)
-    module = TransformerClassifier().eval()
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(module, (torch.randn(2, 6, 32),), str(tmp_path / "seq.onnx"), dynamo=True,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("N"), 1: torch.export.Dim("L")},))
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    groups = channel_groups(onnx.load(str(tmp_path / "seq.onnx")))
-    projection = next(g for g in groups if g.op_type == "MatMul" and g.n_channels == 3 * 32)
-    assert not projection.prunable
-    assert projection.reason == ("Reshape node_view has a computed shape; as attention heads: no attention heads "
-                                 "found (Reshape node_view computes a shape with 2 dims that follow the inputs)")
-    assert any(g.prunable and g.n_channels == FFN for g in groups)  # the FFN still shrinks
 
 
 def test_a_head_count_read_at_run_time_fails_the_proof(onnx_model_file):
@@ -256,14 +235,16 @@ def _rows(heads: np.ndarray) -> np.ndarray:
     return (heads[:, None] * HEAD_DIM + np.arange(HEAD_DIM)).reshape(-1)
 
 
-def _without_heads_1_and_3(model: onnx.ModelProto, heads) -> onnx.ModelProto:
+def _without_heads_1_and_3(model: onnx.ModelProto, heads, sizes=((1, 6), (5, 6))) -> onnx.ModelProto:
     """``model`` shrunk without heads 1 and 3, checked to equal the model whose out projection reads
-    nothing of them (within 1e-5, at batch sizes 1 and 5) and to keep the graph's inputs and outputs."""
+    nothing of them (within 1e-5, at each (batch, sequence length) of ``sizes``) and to keep the graph's
+    inputs and outputs."""
     removed = np.array([1, 3])
     shrunk = shrink(model, {heads.name: np.setdiff1d(np.arange(HEADS), removed)}).model
-    masked = _masked(model, {heads.consumers[0].tensor: (0, _rows(removed))})
-    for batch in (1, 5):
-        x = np.random.default_rng(batch).standard_normal((batch, 6, 32)).astype(np.float32)
+    out_proj = heads.consumers[0]
+    masked = _masked(model, {out_proj.tensor: (out_proj.axis, _rows(removed))})
+    for batch, length in sizes:
+        x = np.random.default_rng(batch).standard_normal((batch, length, 32)).astype(np.float32)
         np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-5, rtol=0)
     assert _io(shrunk) == _io(model)
     return shrunk
@@ -434,3 +415,85 @@ def test_a_slice_through_the_heads_keeps_the_reason(exporter, separate_qkv):
     assert qkv.reason == (f"the channels reach Slice {first}, which is not handled; as attention heads: no attention "
                           f"heads found (Slice {first} takes entries 8..40 of the heads' axis, not whole blocks of 32 "
                           "heads of 1)")
+
+
+# -- text encoders: a dynamic batch and a dynamic sequence length ---------------------------------------
+
+
+class SequenceFirstClassifier(torch.nn.Module):
+    """TransformerClassifier with ``batch_first=False``: the input [N, L, E] transposed to [L, N, E]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.TransformerEncoderLayer(32, HEADS, FFN, dropout=0.0)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(x.transpose(0, 1)).mean(dim=0))
+
+
+TEXT_ENCODERS = {"batch_first": TransformerClassifier, "sequence_first": SequenceFirstClassifier,
+                 "separate": SeparateQKVEncoder}
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory):
+    """callable (exporter, form of TEXT_ENCODERS) -> the file exported with a dynamic batch N and sequence
+    length L, exported once per module."""
+    folder, done = tmp_path_factory.mktemp("text_encoder"), {}
+
+    def get(exporter: str, form: str):
+        if (exporter, form) not in done:
+            torch.manual_seed(0)
+            module = TEXT_ENCODERS[form]().eval()
+            with torch.no_grad():  # layer norms start equal: the exporters would merge them
+                for p in module.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                done[(exporter, form)] = export_torch(module, torch.randn(2, 6, 32), folder / f"{exporter}_{form}.onnx",
+                                                      exporter, sequence=True)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+        return done[(exporter, form)]
+
+    return get
+
+
+def _frozen_after(shrunk: onnx.ModelProto, heads) -> dict[str, list[int]]:
+    """The constant each frozen shape (or shape piece) of ``heads`` holds in ``shrunk``, by node."""
+    sources = constant_sources(shrunk)  # a shape with zeros may be stored sparse
+    return {f.node: tensor_value(shrunk, sources[f.tensor]).tolist() for f in heads.frozen}
+
+
+# The projections of each form, by exporter, and the frozen shapes (and shape pieces) without heads 1 and 3:
+# 0 copies the input's dim at the same index (N or L), -1 takes the one varying dim left (N*H).
+MHA_FROZEN = {
+    "node_view": [0, 0, 3, 16],  # the fused [L, N, 3E] in_proj output unflattened to [L, N, 3, E]
+    **{f"node_view_{k}": [0, -1, 8] for k in (1, 2, 3)},  # Q, K, V [L, N, E] -> [L, N*H, head_dim]
+    "node_Concat_36": [2],  # [N*H, L, d] -> [N, H, L, d] stays computed: its head count piece is edited
+}
+TEXT_FORMS = {
+    ("dynamo", "batch_first"): (("node_MatMul_4",), {**MHA_FROZEN, "node_Reshape_111": [-1, 16]}),
+    ("dynamo", "sequence_first"): (("node_MatMul_4",), {**MHA_FROZEN, "node_Reshape_110": [-1, 16]}),
+    ("dynamo", "separate"): (("node_MatMul_4", "node_MatMul_12", "node_MatMul_20"),
+                             {"node_view": [0, 0, 2, 8], "node_view_1": [0, 0, 2, 8], "node_view_2": [0, 0, 2, 8],
+                              "node__unsafe_view": [0, 0, 16]}),
+    ("torchscript", "separate"): (("/q/MatMul", "/k/MatMul", "/v/MatMul"),
+                                  {"/Reshape": [0, 0, 2, 8], "/Reshape_1": [0, 0, 2, 8], "/Reshape_2": [0, 0, 2, 8],
+                                   "/Reshape_3": [0, 0, 16]}),
+}
+
+
+@pytest.mark.parametrize(("exporter", "form"), sorted(TEXT_FORMS))
+def test_heads_leave_a_text_encoder_with_a_dynamic_sequence(exporter, form, text_encoder):
+    model = onnx.load(str(text_encoder(exporter, form)))
+    heads = next(g for g in channel_groups(model) if g.prunable and g.unit == "head")
+    members, frozen = TEXT_FORMS[(exporter, form)]
+    assert heads.n_channels == HEADS and heads.member_nodes == members
+    # (batch, sequence length): 1 and 3, 5 and 7 (the proof's own check), 2 and 11 (no probe's or check's).
+    shrunk = _without_heads_1_and_3(model, heads, sizes=((1, 3), (5, 7), (2, 11)))
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in shrunk.graph.input]
+    assert dims == [["N", "L", 32]]
+    assert _frozen_after(shrunk, heads) == frozen
