@@ -263,15 +263,29 @@ def drop_noop_with_empty_axes(model: onnx.ModelProto) -> bool:
 
 
 def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
-    """``allowzero=1`` only matters when the shape holds a 0; onnx2torch rejects the attribute."""
+    """``allowzero=1`` only matters when the shape holds a 0; onnx2torch rejects the attribute.
+
+    It goes where the shape is a constant without a 0, or a Concat whose constant pieces hold none: its
+    computed pieces are dims read at run time (the dynamo exporter's shapes with a dynamic sequence
+    length), 0 only for an empty tensor, which the imported model is never run on.
+    """
     inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def no_zero(name: str) -> bool:
+        return name in inits and 0 not in numpy_helper.to_array(inits[name]).tolist()
+
     changed = False
     for node in model.graph.node:
-        if node.op_type != "Reshape":
+        if node.op_type != "Reshape" or len(node.input) < 2:
             continue
+        shape, concat = node.input[1], producers.get(node.input[1])
+        if concat is not None and concat.op_type == "Concat":
+            safe = all(no_zero(x) for x in concat.input if x in inits)
+        else:
+            safe = no_zero(shape)
         for attr in [a for a in node.attribute if a.name == "allowzero" and a.i == 1]:
-            shape = inits.get(node.input[1]) if len(node.input) > 1 else None
-            if shape is not None and 0 not in numpy_helper.to_array(shape).tolist():
+            if safe:
                 node.attribute.remove(attr)
                 changed = True
     return changed

@@ -191,6 +191,25 @@ def test_normalize_drops_allowzero_only_without_zero(allowzero_shape, kept):
     assert any(a.name == "allowzero" for a in model.graph.node[0].attribute) is kept
 
 
+@pytest.mark.parametrize("piece, kept", [([12], False), ([0], True)])
+def test_normalize_drops_allowzero_of_a_computed_shape_whose_constant_pieces_hold_no_zero(piece, kept):
+    """The dynamo exporter's shapes with a dynamic sequence length: dims read at run time, Concat with
+    constants."""
+    from onnx_admm.converters.normalize import drop_reshape_allowzero
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 4] x) => (float[N, 12] y) {
+            n = Shape <start = 0, end = 1> (x)
+            s = Concat <axis = 0> (n, c)
+            y = Reshape <allowzero = 1> (x, s)
+        }
+    """)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(piece, np.int64), "c"))
+    assert drop_reshape_allowzero(model) is (not kept)
+    assert any(a.name == "allowzero" for a in model.graph.node[2].attribute) is kept
+
+
 def test_gather_embedding_table_is_a_compressible_parameter(tmp_path):
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>

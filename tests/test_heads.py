@@ -497,3 +497,42 @@ def test_heads_leave_a_text_encoder_with_a_dynamic_sequence(exporter, form, text
     dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in shrunk.graph.input]
     assert dims == [["N", "L", 32]]
     assert _frozen_after(shrunk, heads) == frozen
+
+
+def test_torchscript_multihead_attention_fixes_the_sequence_length(text_encoder):
+    """The TorchScript exporter writes nn.MultiheadAttention's K and V views with the example's sequence
+    length (6) baked in: the graph runs at no other length, so its shapes cannot be measured and its heads
+    stay (its FFN units still leave)."""
+    path = text_encoder("torchscript", "batch_first")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="/encoder/self_attn/Reshape_4"):
+        session.run(None, {"input": np.zeros((2, 7, 32), np.float32)})
+    groups = channel_groups(onnx.load(str(path)))
+    assert not any(g.unit == "head" for g in groups) and any(g.prunable and g.n_channels == FFN for g in groups)
+    in_proj = next(g for g in groups if g.n_channels == 3 * 32)
+    assert in_proj.reason.startswith("the channels reach Shape /encoder/self_attn/Shape_4, which is not handled; as "
+                                     "attention heads: onnxruntime could not run the graph to measure its shapes (")
+
+
+def test_compress_filter_removes_heads_of_a_text_encoder_and_runs_at_any_length(text_encoder, tmp_path):
+    """Trained at one sequence length (8, the synthesized inputs'), the written graph runs at others."""
+    path = text_encoder("dynamo", "batch_first")
+    original = load_model(path)
+    feeds = synthesize_inputs(original, batch=32, seed=0)
+    assert feeds["input"].shape == (32, 8, 32)
+    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
+                                       "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5, "structure": "filter"}})
+    result = compress(path, Dataset(feeds, None, set(feeds)), config)
+    out = tmp_path / "s.onnx"
+    result.save(out)
+    heads = next(g for g in channel_groups(original) if g.unit == "head")
+    assert result.report["structure"]["kept_channels"][heads.name] == 2
+    written = onnx.load(str(out))
+    assert _io(written) == _io(original)
+    assert {t.name: list(t.dims) for t in written.graph.initializer}[heads.name] == [32, 3 * 2 * HEAD_DIM]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch, length in ((1, 3), (5, 7), (3, 13)):
+        x = {"input": np.random.default_rng(length).standard_normal((batch, length, 32)).astype(np.float32)}
+        ok, diff = within_tolerance(result.imported.run(x), session.run(None, x))
+        assert ok, (batch, length, diff)
