@@ -316,19 +316,26 @@ def test_multi_query_attention_keeps_the_reason(exporter, separate_qkv):
                              "heads of 8 (Q, K and V differ in head count or head_dim))")
 
 
+def _compress_filter(path, original: onnx.ModelProto, folder):
+    """``compress`` with structure "filter" at sparsity 0.5 on 32 synthesized samples (the sequence
+    length, where dynamic, 8), 1 + 1 epochs; the result and the file it was saved to."""
+    feeds = synthesize_inputs(original, batch=32, seed=0)
+    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
+                                       "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5, "structure": "filter"}})
+    result = compress(path, Dataset(feeds, None, set(feeds)), config)
+    out = folder / "s.onnx"
+    result.save(out)
+    return result, out
+
+
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("kv", ["separate", "qkv_unbind"])
 def test_compress_filter_removes_separate_qkv_heads(kv, exporter, separate_qkv, tmp_path):
     """Separate q, k, v, and timm's fused qkv unbound into Q, K and V: the same heads and MACs."""
     path = separate_qkv(exporter, kv=kv)
     original = load_model(path)
-    feeds = synthesize_inputs(original, batch=32, seed=0)
-    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
-                                       "admm": {"epochs": 1, "retrain_epochs": 1},
-                                       "prune": {"sparsity": 0.5, "structure": "filter"}})
-    result = compress(path, Dataset(feeds, None, set(feeds)), config)
-    out = tmp_path / "s.onnx"
-    result.save(out)
+    result, out = _compress_filter(path, original, tmp_path)
     structure = result.report["structure"]
     heads = next(g for g in channel_groups(original) if g.unit == "head")
     assert structure["kept_channels"][heads.name] == 2 and structure["channels"][heads.name] == HEADS
@@ -515,17 +522,10 @@ def test_torchscript_multihead_attention_fixes_the_sequence_length(text_encoder)
 
 
 def test_compress_filter_removes_heads_of_a_text_encoder_and_runs_at_any_length(text_encoder, tmp_path):
-    """Trained at one sequence length (8, the synthesized inputs'), the written graph runs at others."""
+    """Trained at one sequence length (8), the written graph runs at others."""
     path = text_encoder("dynamo", "batch_first")
     original = load_model(path)
-    feeds = synthesize_inputs(original, batch=32, seed=0)
-    assert feeds["input"].shape == (32, 8, 32)
-    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
-                                       "admm": {"epochs": 1, "retrain_epochs": 1},
-                                       "prune": {"sparsity": 0.5, "structure": "filter"}})
-    result = compress(path, Dataset(feeds, None, set(feeds)), config)
-    out = tmp_path / "s.onnx"
-    result.save(out)
+    result, out = _compress_filter(path, original, tmp_path)
     heads = next(g for g in channel_groups(original) if g.unit == "head")
     assert result.report["structure"]["kept_channels"][heads.name] == 2
     written = onnx.load(str(out))
