@@ -20,13 +20,16 @@ operand join the group, each with its rows split into the same heads of the same
 walk starts again from every member. The channel walk of ``converters.channel_walk`` follows the heads,
 with these rules added:
 
-- Reshape: the heads are one digit of the row-major index, with ``head_dim * (dims after)`` entries
-  below them; a reshape that keeps that digit inside one output axis keeps the heads (split from
-  ``3E`` into ``[3, E]``, from ``E`` into ``[N*H, head_dim]`` or ``[H, head_dim]``, merged back into
-  ``E``); the shape entry of that axis is edited (or is -1). A shape computed at run time (the
-  TorchScript exporter reads the input's ``Shape`` and divides by the head count) is first frozen to a
-  constant from the dims measured in onnxruntime at two sizes of every dynamic input dim (-1 for the
-  one dim that varies; more than one stops the walk).
+- Reshape (``converters.heads_reshape``): the heads are one digit of the row-major index, with
+  ``head_dim * (dims after them)`` entries below; a reshape that keeps that digit inside one output axis
+  keeps the heads (split from ``3E`` into ``[3, E]``, from ``E`` into ``[N*H, head_dim]`` or
+  ``[H, head_dim]``, merged back into ``E``); the shape entry of that axis is edited (or is -1). The
+  digit is found in the dims every probe measured, so the dims after the heads may follow the inputs (a
+  dynamic sequence length). A shape computed at run time (read from the input's ``Shape``) is frozen to
+  a constant from the measured dims: -1 at the one dim that follows the inputs' dynamic dims; with
+  several (a dynamic batch and sequence length), 0 where the dim is the input's at the same index and
+  -1 at the one left; where that cannot be written, a shape made by Concat stays computed with its
+  constant head-count piece edited.
 - Split and Slice (``converters.heads_split``): along another axis they keep the heads; along the
   heads' axis each piece must hold whole blocks of heads (``3E`` cut into Q, K and V), and its sizes or
   bounds are edited (frozen first where the TorchScript exporter computes them from the width). The
@@ -35,14 +38,24 @@ with these rules added:
   MatMul of two tensors that hold the same heads on a batch axis (``Q @ K^T``, ``A @ V``), and Shape
   (whose values only feed shapes) keep them.
 
-What the walk cannot see (a shape computed from a tensor that does not carry the heads, a head count
-baked into an op it does not model) the proof catches: the graph with the last head removed must
-compute, in onnxruntime, what the original computes with that head's output-projection columns zeroed
-(max difference <= 1e-4 relative, at two input sizes). A projection whose heads cannot be proven keeps
-the channel walk's reason. Not handled (left alone with the reason): Q, K and V with different head
-counts or head_dims (multi-query and grouped-query attention, a V wider than Q and K), a Split or Slice
-that cuts through a head or whose bounds follow the inputs' dynamic dims, Split sizes held in an
-attribute (opset < 13), heads on a dynamic axis other than the batch.
+The dims are measured in onnxruntime (``probe_shapes``): once with every dynamic input dim at 2, then
+once per dynamic dim (one symbol: one dim, so an input and its mask change together) with that dim
+alone at 3, so that each measured dim can be traced to the input dims it follows. What the walk cannot
+see (a shape computed from a tensor that does not carry the heads, a head count baked into an op it
+does not model) the proof catches: the graph with the last head removed must compute, in onnxruntime,
+what the original computes with that head's output-projection columns zeroed (max difference <= 1e-4
+relative, at every probe's sizes and at 5, 7, ... for the dynamic dims, sizes no probe used). A
+projection whose heads cannot be proven keeps the channel walk's reason. Handled: a dynamic batch, and
+a dynamic batch with a dynamic sequence length (text encoders), for the fused in_proj of
+``nn.MultiheadAttention`` from the dynamo exporter (the TorchScript exporter bakes the example's
+sequence length into its K and V views: that graph runs at no other length, and its shapes cannot be
+measured) and for separate or fused projections from both. Not handled (left alone with the reason): Q,
+K and V with different head counts or head_dims (multi-query and grouped-query attention, a V wider
+than Q and K), a Split or Slice that cuts through a head or whose bounds follow the inputs' dynamic
+dims, Split sizes held in an attribute (opset < 13), a computed shape with two dims that follow the
+inputs, neither the input's at the same index, that is not a Concat with a constant head-count piece,
+an attention mask repeated per head before it meets the scores (the dynamo exporter's
+``src_key_padding_mask``: the heads meet a tensor no projection makes).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and end on a block boundary: it then holds the same heads, in as many blocks as 
 of Q/K/V: one each). Removing heads shrinks every block, so each piece's size (a Split's sizes) or
 bounds (a Slice's starts and ends) get a constant of their own, edited by ``inner`` entries per block
 before them per removed head. Bounds computed at run time (the TorchScript exporter's ``chunk`` reads
-the projection's width with Shape) are frozen to the values measured in onnxruntime, which both probes
+the projection's width with Shape) are frozen to the values measured in onnxruntime, which every probe
 must agree on; the proof of ``converters.heads`` then checks the frozen graph.
 """
 
@@ -124,7 +124,7 @@ def _block(walk: Any, layout: ChannelLayout, label: str) -> int:
 
 
 def _values(walk: Any, name: str, what: str) -> list[int]:
-    """The values of ``name``: a constant, or measured alike by both probes.
+    """The values of ``name``: a constant, or measured alike by every probe.
 
     Raises:
         NotPrunable: they follow the inputs' dynamic dims (or were not measured).

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -536,3 +540,39 @@ def test_compress_filter_removes_heads_of_a_text_encoder_and_runs_at_any_length(
         x = {"input": np.random.default_rng(length).standard_normal((batch, length, 32)).astype(np.float32)}
         ok, diff = within_tolerance(result.imported.run(x), session.run(None, x))
         assert ok, (batch, length, diff)
+
+
+class PaddedEncoder(torch.nn.Module):
+    """nn.TransformerEncoder (one layer, batch_first) with a key-padding mask input [N, L] (True: padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(32, HEADS, FFN, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(x, src_key_padding_mask=mask).mean(dim=1))
+
+
+def test_a_key_padding_mask_keeps_the_heads_with_the_reason(tmp_path):
+    """The dynamo exporter repeats the mask once per head (Expand to [N, H, 1, L], the head count a
+    constant) before adding it to the scores: the heads meet a tensor no projection makes, and stay."""
+    torch.manual_seed(0)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    n, length = torch.export.Dim("N"), torch.export.Dim("L")
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(PaddedEncoder().eval(), (torch.randn(2, 6, 32), torch.zeros(2, 6, dtype=torch.bool)),
+                              str(tmp_path / "padded.onnx"), dynamo=True, input_names=["input", "mask"],
+                              output_names=["logits"], dynamic_shapes=({0: n, 1: length}, {0: n, 1: length}))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    groups = channel_groups(onnx.load(str(tmp_path / "padded.onnx")))
+    in_proj = next(g for g in groups if g.n_channels == 3 * 32)
+    assert not in_proj.prunable
+    assert in_proj.reason.endswith("as attention heads: no attention heads found (coupled through MatMul "
+                                   "node_scaled_dot_product_attention with a branch from the graph input 'mask')")
+    assert any(g.prunable and g.n_channels == FFN for g in groups)  # the FFN still shrinks
