@@ -4,6 +4,9 @@ against least squares, exact zeros, taps found in both exporters' graphs, and wh
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,7 +17,7 @@ from torch import nn
 from onnx_admm.api import compress
 from onnx_admm.converters.importer import import_model
 from onnx_admm.data import Dataset
-from onnx_admm.pipeline.reconstruction import groups, taps_for
+from onnx_admm.pipeline.reconstruction import groups, same_state, taps_for
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.reconstruct import POSITIONS_PER_SAMPLE, Tap, collect_grams, objective, reconstruct, refit
 
@@ -274,3 +277,28 @@ def test_once_the_refit_start_wins_the_later_stages_retrain_for_their_whole_budg
     assert split[1]["epochs"]["admm"] == 0 and split[1]["epochs"]["retrain"] > split[0]["epochs"]["retrain"]
     explicit = stages(admm={"epochs": 1, "retrain_epochs": 1})
     assert explicit[0]["reconstruction"]["start"] == "stage start" and explicit[1]["epochs"] == {"admm": 1, "retrain": 1}
+
+
+def test_same_state_compares_every_parameter_and_buffer_with_the_values_swapped_in():
+    module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    teacher = copy.deepcopy(module)
+    assert same_state(module, teacher, {})
+    with torch.no_grad():
+        module[0].weight.mul_(0.5)
+    assert not same_state(module, teacher, {})
+    assert same_state(module, teacher, {"0.weight": teacher[0].weight.detach().clone()})
+    module[1].running_mean += 1  # a buffer differs
+    assert not same_state(module, teacher, {"0.weight": teacher[0].weight.detach().clone()})
+
+
+def test_without_labels_the_stage_start_refit_of_the_original_runs_no_teacher_pass(digits_sample, caplog):
+    # One stage: the ADMM projection's refit aims at the teacher; the stage start is the original itself,
+    # so its refit aims at its own layer outputs without running the teacher again.
+    train = np.load(digits_sample.train)
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 0},
+                                       "prune": {"stages": 1, "sparsity": 0.5}})
+    with caplog.at_level(logging.INFO, logger="onnx_admm.pipeline.reconstruction"):
+        result = compress(digits_sample.model, Dataset({"input": train["input"]}, None, {"input"}), config)
+    skipped = [r for r in caplog.records if "no teacher pass" in r.getMessage()]
+    assert len(skipped) == 1
+    assert result.report["stages"][0]["reconstruction"]["passes"] == 2

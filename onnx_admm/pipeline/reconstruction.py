@@ -129,6 +129,14 @@ def summary(results: Mapping[str, Refit], candidates: int, passes: int = 0) -> d
             "passes": passes}
 
 
+def same_state(module: nn.Module, teacher: nn.Module, values: Mapping[str, Tensor]) -> bool:
+    """Whether ``module`` with ``values`` in place of its parameters of those names holds exactly the
+    teacher's parameters and buffers (``teacher`` a copy of ``module``)."""
+    theirs = teacher.state_dict()
+    return all(torch.equal(values.get(name, tensor).to(theirs[name].device), theirs[name])
+               for name, tensor in module.state_dict().items())
+
+
 def _apply(params: Mapping[str, nn.Parameter], imported: ImportedModel, supports: Mapping[str, Tensor]) -> None:
     """Zero every weight outside its support (a consumer's mask may name a weight outside ``params``)."""
     with torch.no_grad():
@@ -209,6 +217,11 @@ class StageRefit:
         # Without labels the goal is the original's outputs: the refit aims at its layers' outputs.
         teacher = runner.teacher if runner.teacher is not None and not runner.train_labeled else None
         module = runner.imported.module
+        if teacher is not None and same_state(module, teacher, before):
+            # The model with ``before`` in is the original (the first stage's starting weights): its layer
+            # outputs are the aim already, and the teacher's pass would compute them a second time.
+            logger.info("reconstruction: the weights refit from are the original's; no teacher pass")
+            teacher = None
 
         def calls() -> Iterator[tuple[Callable[[], None], int]]:
             for batch in runner.batches(samples, False):
