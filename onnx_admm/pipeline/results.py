@@ -127,7 +127,7 @@ class CompressResult:
         if shrunk is not None:
             result.changes[:0] = shrunk.changes
         if self.config.output.activations == "int8":
-            result = int8_output(result, self.calibration)
+            result = int8_output(result, self.calibration, self.config.output.ranges)
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:
