@@ -6,16 +6,16 @@ transformer is closer to the float model than onnxruntime's quantize_static on t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from onnx import numpy_helper
 
 from onnx_admm.activations import int8_model
+from onnx_admm.cli import main
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.qdq import ActivationRange, calibrate, insert_qdq, plan_qdq
 from onnx_admm.converters.qdq_tune import fit_ranges, unfused
@@ -159,3 +159,5 @@ def test_unknown_ranges_are_refused():
         CompressConfig.from_dict({"output": {"activations": "int8", "ranges": "entropy"}})
     with pytest.raises(ValueError, match="shrink factors"):
         fit_ranges(onnx.ModelProto(), None, {}, [{}], shrink=(1.0, 1.5))
+    result = CliRunner().invoke(main, ["compress", "m.onnx", "--data", "d.npz", "-o", "o.onnx", "--ranges", "entropy"])
+    assert result.exit_code == 2 and "'entropy' is not one of 'minmax', 'fit'" in result.output
