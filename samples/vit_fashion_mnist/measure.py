@@ -6,6 +6,7 @@
     python samples/vit_fashion_mnist/measure.py --label frozen     # dense, attention shapes made constant
     python samples/vit_fashion_mnist/measure.py --label qstatic    # onnxruntime quantize_static (QDQ)
     python samples/resnet_fashion_mnist/latency.py WORK/dense.onnx WORK/frozen.onnx WORK/filter50.onnx WORK/int8.onnx
+    python samples/vit_fashion_mnist/int8_compare.py WORK ...  # int8 vs qstatic on test + 40,000 unused images
 
 The dense model: 7x7 patches of the 28x28 image (a stride-7 Conv, 16 tokens) plus a learned position
 embedding, ``--layers`` ``nn.TransformerEncoderLayer`` (batch_first, ReLU FFN, no dropout), the token mean,
