@@ -155,9 +155,8 @@ class StageRefit:
         # The restart candidate needs no levels: pruning-only stages (channel removal included).
         self.start = snapshot(runner.imported) if self.taps and had_admm and not quantized else None
         # A stage whose weights are all quantized (pruned ones are known after the projection) gets its own.
-        self.quantized = set(quantized)
         self.quant_start = (snapshot(runner.imported) if had_admm and quantized
-                            and self.quantized >= set(runner.params) else None)
+                            and set(quantized) >= set(runner.params) else None)
 
     def before(self) -> dict[str, Tensor]:
         return {name: self.weights[name].detach().clone() for name in self.taps}
