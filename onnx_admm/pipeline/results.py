@@ -55,8 +55,8 @@ class StageResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Layers refit after the hard projection (pipeline/reconstruction.summary); None: reconstruction off.
     reconstruction: dict[str, Any] | None = None
-    # A stage that only quantizes, after an ADMM phase: where retraining started ("admm" or "stage start")
-    # and both candidates' selection metrics (pipeline/reconstruction.StageRefit.quantized_start).
+    # A stage that only quantizes, after an ADMM phase: which state was kept ("retrained", or "stage start":
+    # its starting weights projected onto levels) and both selection metrics (pipeline/reconstruction).
     quantized_start: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
