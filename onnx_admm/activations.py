@@ -4,7 +4,9 @@ onnxruntime gains no speed from int8 weights behind DequantizeLinear while the a
 it dequantizes them at load and runs float kernels. With ``int8`` the written model also gets
 QuantizeLinear/DequantizeLinear pairs on the activations around each Conv, Gemm and MatMul
 (``converters.qdq``), with ranges calibrated on the first ``output.calibration`` samples of the training
-data (never the held-out data), and onnxruntime fuses them into QLinearConv / QGemm / QLinearMatMul.
+data (never the held-out data; ``output.ranges``: their min/max, or fitted to the outputs by
+``converters.qdq_tune``), and onnxruntime fuses them into QLinearConv / QGemm / QLinearMatMul /
+MatMulIntegerToFloat; nodes it would leave float get no pairs.
 The weights keep the integer levels ADMM or straight-through training gave them (8-bit levels exactly);
 weights that were not quantized are quantized per output channel, symmetric int8.
 
@@ -27,6 +29,7 @@ import onnx
 
 from onnx_admm.converters.modelio import save_model, scratch_dir
 from onnx_admm.converters.qdq import calibrate, insert_qdq, plan_qdq
+from onnx_admm.converters.qdq_tune import fit_ranges, unfused
 from onnx_admm.converters.writeback import WriteBackResult
 from onnx_admm.data import LABELS, Dataset
 from onnx_admm.sources import PluginData
@@ -61,26 +64,43 @@ def _feeds(data: Dataset) -> Iterator[dict[str, np.ndarray]]:
         yield feed
 
 
-def int8_model(model: onnx.ModelProto, calibration: Dataset) -> tuple[onnx.ModelProto, dict[str, str]]:
+def int8_model(model: onnx.ModelProto, calibration: Dataset,
+               ranges: str = "minmax") -> tuple[onnx.ModelProto, dict[str, str]]:
     """``model`` with int8 activations calibrated on ``calibration``, and how each weight was stored
     (``kept``: its own integer levels; ``quantized``: per-channel int8 levels made here).
+
+    The nodes onnxruntime would leave float get no pairs (they would round activations for no integer
+    kernel); ``ranges`` is ``output.ranges``: "minmax", or "fit" (each range clipped where that brings the
+    outputs closer to ``model``'s on the calibration data; converters.qdq_tune).
 
     Raises:
         UserError: the model has no Conv/Gemm/MatMul with a constant weight, or an opset below 13.
     """
+    feeds = list(_feeds(calibration))
     plan = plan_qdq(model)
-    ranges = calibrate(model, plan, _feeds(calibration))
-    result = insert_qdq(model, plan, ranges)
+    measured = calibrate(model, plan, feeds)
+    left = unfused(insert_qdq(model, plan, measured).model, plan)
+    if left and len(left) < len(plan.nodes):
+        logger.info("int8 activations: onnxruntime leaves %d of %d nodes float, planned without them: %s",
+                    len(left), len(plan.nodes), sorted(left))
+        plan = plan_qdq(model, left)  # its calibrated tensors are some of the first plan's
+    chosen = {t: measured[t] for t in plan.calibrated}
+    if ranges == "fit":
+        fit = fit_ranges(model, plan, chosen, feeds)
+        logger.info("int8 activations: ranges fitted in %d runs, output error %.3g -> %.3g of min/max, clipped %s",
+                    fit.runs, fit.minmax_error, fit.error, {t: f for t, f in fit.factors.items() if f != 1.0})
+        chosen = dict(fit.ranges)
+    result = insert_qdq(model, plan, chosen)
     logger.info("int8 activations: %d nodes, %d Q/DQ pairs, weights %s", len(plan.nodes), len(plan.activations),
                 result.weights)
     return result.model, result.weights
 
 
-def int8_output(exported: WriteBackResult, calibration: Dataset | None) -> WriteBackResult:
+def int8_output(exported: WriteBackResult, calibration: Dataset | None, ranges: str = "minmax") -> WriteBackResult:
     """The write-back result with the QDQ model in place of the float-activation one."""
     if calibration is None:
         raise ValueError("int8 activations need the calibration samples (CompressResult.calibration)")
-    model, weights = int8_model(exported.model, calibration)
+    model, weights = int8_model(exported.model, calibration, ranges)
     encodings = dict(exported.encodings)
     encodings.update({name: "int8" for name in weights})
     changes = exported.changes + [f"{name}: int8 ({how} levels) behind DequantizeLinear" for name, how in weights.items()]

@@ -225,6 +225,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--activations", type=click.Choice(["float", "int8"]),
               help="int8: write a QDQ model (activations calibrated on the training data) that onnxruntime runs "
                    "with integer kernels; the report compares it with quantize_static.")
+@click.option("--ranges", type=click.Choice(["minmax", "fit"]),
+              help="How the calibration data sets the int8 activation ranges: minmax (default, as quantize_static) "
+                   "or fit (each clipped where the int8 outputs come closest to the float ones on that data).")
 @click.option("--per-channel/--per-tensor", default=None, help="One quantization scale per output channel or per tensor.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
               help="Total training budget in epochs; the tool splits it over stages and phases.")
@@ -262,7 +265,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
               help="Also write the report as one self-contained HTML page here (see the report command).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
-             ternary: bool, clusters: int | None, activations: str | None, per_channel: bool | None, epochs: float | None,
+             ternary: bool, clusters: int | None, activations: str | None, ranges: str | None, per_channel: bool | None,
+             epochs: float | None,
              allocation: str | None, reconstruct: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              precision: str | None, report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
@@ -297,7 +301,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
                "allocation": allocation, "reconstruct": reconstruct},
         quantize={"per_channel": per_channel},
-        output={"activations": activations},
+        output={"activations": activations, "ranges": ranges},
     )
     try:
         # The library draws the progress (stderr: bars on a terminal, a line per epoch in logs); stdout

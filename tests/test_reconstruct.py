@@ -302,3 +302,28 @@ def test_without_labels_the_stage_start_refit_of_the_original_runs_no_teacher_pa
     skipped = [r for r in caplog.records if "no teacher pass" in r.getMessage()]
     assert len(skipped) == 1
     assert result.report["stages"][0]["reconstruction"]["passes"] == 2
+
+
+def test_a_destroyed_quantizing_stage_gives_way_to_its_projected_start(digits_sample):
+    # The same wreck for a stage that only quantizes (8 bits): the starting weights projected onto their
+    # levels, close to the original, beat every retrained state and are kept; a stage that also prunes has
+    # no such candidate (its reconstruction's stage start serves it).
+    train, test = np.load(digits_sample.train), np.load(digits_sample.test)
+    data = Dataset({"input": train["input"]}, train["labels"], {"input"})
+    held_out = Dataset({"input": test["input"]}, test["labels"], {"input"})
+
+    def run(lr=1e6, **tables):
+        recipe = {"train": {"threads": 1, "lr": lr}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                  "quantize": {"bits": 8, "per_channel": True}, **tables}
+        return compress(digits_sample.model, data, CompressConfig.from_dict(recipe), val_data=held_out,
+                        metric_floor=0).report
+
+    report = run()
+    start = report["stages"][0]["quantized_start"]
+    assert start["kept"] == "stage start", start
+    assert start["select_metric"]["stage_start"] > start["select_metric"]["retrained"]
+    assert report["metrics"]["compressed_accuracy"] >= report["metrics"]["original_accuracy"] - 0.02
+    assert run(prune={"stages": 1, "sparsity": 0.5})["stages"][0]["quantized_start"] is None
+    # At the default learning rate the retrained state scores at least as well, and a tie keeps it.
+    start = run(lr=0.01)["stages"][0]["quantized_start"]
+    assert start["kept"] == "retrained" and start["select_metric"]["retrained"] >= start["select_metric"]["stage_start"]

@@ -55,6 +55,9 @@ class StageResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Layers refit after the hard projection (pipeline/reconstruction.summary); None: reconstruction off.
     reconstruction: dict[str, Any] | None = None
+    # A stage that only quantizes, after an ADMM phase: which state was kept ("retrained", or "stage start":
+    # its starting weights projected onto levels) and both selection metrics (pipeline/reconstruction).
+    quantized_start: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -66,6 +69,7 @@ class StageResult:
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
             "mean_residual": mean, "history": self.history, "reconstruction": self.reconstruction,
+            "quantized_start": self.quantized_start,
         }
 
 
@@ -127,7 +131,7 @@ class CompressResult:
         if shrunk is not None:
             result.changes[:0] = shrunk.changes
         if self.config.output.activations == "int8":
-            result = int8_output(result, self.calibration)
+            result = int8_output(result, self.calibration, self.config.output.ranges)
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:

@@ -155,13 +155,14 @@ class Runner:
 
     def skip_admm_after(self, stage: int) -> bool:
         """Whether the stages after ``stage`` give their ADMM epochs to retraining: the tool split the budget
-        (``train.epochs``) and this stage's ADMM projection lost to the refit of its starting weights, so
-        more ADMM epochs would likely be thrown away again (every process decides alike: the choice rests
-        on rank 0's selection metric)."""
-        start = (self.stages[-1].reconstruction or {}).get("start") if self.stages else None
+        (``train.epochs``) and this stage's ADMM projection lost to the (refit) projection of its starting
+        weights, so more ADMM epochs would likely be thrown away again (every process decides alike: the
+        choice rests on rank 0's selection metric)."""
+        last = self.stages[-1] if self.stages else None
+        start = ((last.reconstruction or {}).get("start") or (last.quantized_start or {}).get("kept")) if last else None
         if start != "stage start" or self.cfg.epochs is None or stage + 1 >= self.plan.n_stages:
             return False
-        logger.info("stage %d: the refit stage start beat the ADMM phase's projection; the later stages retrain "
+        logger.info("stage %d: the stage start beat the ADMM phase's projection; the later stages retrain "
                     "for their whole budget", stage)
         return True
 
@@ -197,6 +198,7 @@ class Runner:
         latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
         before = refit.before()
         supports = admm.hard_project()
+        start = refit.quantized_start(admm)
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels):
         # the constraints it split on the weights before projecting them, which ``latent`` holds.
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in quantized}
@@ -212,6 +214,12 @@ class Runner:
         for name, level in levels.items():
             if isinstance(level, RefitLevels):  # the scales the kept state ended with, for export
                 scales[name] = quantize(level.quantizer, params[name].detach(), supports[name])
+        quantized_start = None
+        if start is not None:
+            better, quantized_start = start.keep(metric)
+            if better:
+                metric, values, scales = start.metric, start.values, start.scales
+                load_values(self.imported, values)
         self.memory.mark(f"stage{stage + 1}.retrain")
         self.state_digests.append(digest([*supports.values(), *frozen, *(values[n] for n in sorted(values))]))
         total = sum(p.numel() for p in params.values())
@@ -227,7 +235,7 @@ class Runner:
                       if w.spec.name in params and nm_constraint(w) is not None},
             epochs={"admm": budget.admm, "retrain": budget.retrain},
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
-            history=self.history, reconstruction=reconstruction,
+            history=self.history, reconstruction=reconstruction, quantized_start=quantized_start,
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports

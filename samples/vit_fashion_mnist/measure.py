@@ -6,6 +6,7 @@
     python samples/vit_fashion_mnist/measure.py --label frozen     # dense, attention shapes made constant
     python samples/vit_fashion_mnist/measure.py --label qstatic    # onnxruntime quantize_static (QDQ)
     python samples/resnet_fashion_mnist/latency.py WORK/dense.onnx WORK/frozen.onnx WORK/filter50.onnx WORK/int8.onnx
+    python samples/vit_fashion_mnist/int8_compare.py WORK ...  # int8 vs qstatic on test + 40,000 unused images
 
 The dense model: 7x7 patches of the 28x28 image (a stride-7 Conv, 16 tokens) plus a learned position
 embedding, ``--layers`` ``nn.TransformerEncoderLayer`` (batch_first, ReLU FFN, no dropout), the token mean,
@@ -63,7 +64,7 @@ def train_dense(work: Path, x, y, args: argparse.Namespace) -> Path:
     path = work / "dense.onnx"
     if path.exists():
         return path
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.backends.mha.set_fastpath_enabled(False)
     model = vit(args.dim, args.heads, args.ffn, args.layers)
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="8-bit weights and int8 activations, no pruning")
     parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the dense model's initialisation and order (give each seed its own --work) "
+                             "and the compress run (train.seed)")
     parser.add_argument("--work", type=Path, default=HERE / "work")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         report = validate(dense, out, test, batch_size=64, threads=1)
         row = {"label": "frozen", "top1": report.compressed.accuracy, "dense_top1": report.original.accuracy}
     else:
-        recipe = {"train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs}}
+        recipe = {"train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs,
+                            "seed": args.seed}}
         if args.int8:
             recipe.update({"quantize": {"bits": 8, "per_channel": True}, "output": {"activations": "int8"}})
         else:
