@@ -36,7 +36,7 @@ from onnx_admm.pipeline.planning import checked_budget, make_plan
 from onnx_admm.plan import WeightSpec
 from onnx_admm.progress import Progress, display
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.signals import sigterm_interrupts
+from onnx_admm.signals import raise_swallowed_interrupt, sigterm_interrupts
 from onnx_admm.pipeline.commit import finish, save_last, unwritten
 from onnx_admm.pipeline.legalize import legalize
 from onnx_admm.pipeline.results import (AccuracyGateFailed, CompressInterrupted, CompressResult, Measured,
@@ -158,8 +158,12 @@ def compress(
             torch.manual_seed(cfg.seed)
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            with shown as emit, session(world, world.device(cfg.device)):
-                emit = emit or (lambda event: None)
+            raise_swallowed_interrupt()
+            with shown as shown_emit, session(world, world.device(cfg.device)):
+                def emit(event: dict, show=shown_emit or (lambda event: None)) -> None:
+                    raise_swallowed_interrupt()  # each progress event is a point where the run can stop
+                    show(event)
+
                 result, measured = _compress(original, original_path, external, imported, data, val_data, config,
                                              emit, files, inputs, memory, world)
                 return world.conclude(lambda: finish(result, measured, files, original_path, started, gate, emit),

@@ -93,6 +93,20 @@ def pending_interrupt() -> KeyboardInterrupt | None:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def raise_swallowed_interrupt() -> None:
+    """Raise the interrupt of a signal received since ``interrupts`` began whose exception never reached us.
+
+    Called where a run can stop cleanly (after the import, at each progress event): an extension's C code,
+    imported lazily in the middle of a run, can catch the exception the handler raised, and the run would
+    otherwise finish, write its output and only then report the interrupt. An interrupt that propagated
+    is taken off the list by whoever turned it into its result (``CompressInterrupted``), so a run started
+    after one that was interrupted does not stop at once.
+    """
+    interrupt = pending_interrupt()
+    if interrupt is not None:
+        raise interrupt
+
+
 @contextmanager
 def deferred(deliver: bool = True) -> Iterator[None]:
     """SIGINT and SIGTERM received inside the block take effect when it ends.

@@ -694,7 +694,13 @@ def test_signal_during_start_up_exits_with_the_documented_status_and_line(tmp_pa
         lines = [text for text in err.splitlines() if text.strip()]
         assert proc.returncode == code, (delay, err)
         assert len(lines) == 1 and lines[0].startswith(line), (delay, err)
-        assert not (tmp_path / f"out{delay}.onnx").exists()
+        # The line says what was written: on a loaded machine a child can get past training before its
+        # signal lands (it started before the others printed STARTED), and then it saves its completed stage.
+        out = tmp_path / f"out{delay}.onnx"
+        if ": saved stage 1" in lines[0]:
+            assert lines[0].endswith(str(out)) and onnx.load(str(out)).graph.node, (delay, err)
+        else:
+            assert not out.exists(), (delay, err)
 
 
 @pytest.mark.parametrize("swallowed_into", [RecursionError, None])
@@ -714,5 +720,9 @@ def test_interrupt_swallowed_by_library_code_still_ends_the_run(tmp_path, monkey
     out = tmp_path / "out.onnx"
     result = _compress(_gemm(tmp_path), _npz(tmp_path, x=X), out)
     assert result.exit_code == 130, result.output
-    assert [line for line in result.output.splitlines() if line.strip()] == ["interrupted by Ctrl-C (SIGINT)"]
+    # Dropped, it is raised where the run can stop (right after the import) and the line says so; turned
+    # into another error, that error ends the run and the interrupt is named all the same.
+    expected = "interrupted by Ctrl-C (SIGINT)" + ("" if swallowed_into else
+                                                   " before the first stage completed; nothing was written")
+    assert [line for line in result.output.splitlines() if line.strip()] == [expected]
     assert not out.exists()

@@ -236,3 +236,35 @@ def test_sigterm_during_validate_exits_143_and_removes_its_temporaries(tmp_path,
     result = CliRunner().invoke(main, ["validate", str(model), str(model), "--data", str(_npz(tmp_path, x=X))])
     assert result.exit_code == EXIT_TERMINATED and result.output.strip() == "interrupted by SIGTERM", result.output
     assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(TEMP_PREFIX) and system_temp() == []
+
+
+def test_an_interrupt_swallowed_during_the_run_stops_it_at_the_next_progress_event(tmp_path, monkeypatch):
+    # An extension imported lazily in the middle of a run can catch the exception the signal handler raised
+    # (here: a progress display that swallows it). The run stops at its next progress event, writes
+    # nothing, and the interrupt is then accounted for: the next run in this process goes through.
+    from onnx_admm.api import compress
+    from onnx_admm.data import Dataset
+    from onnx_admm.pipeline.results import CompressInterrupted
+    from onnx_admm.recipe import CompressConfig
+    from onnx_admm.signals import interrupts
+
+    model, out = _gemm(tmp_path), tmp_path / "out.onnx"
+    data = Dataset({"x": X}, None, {"x"})
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5}})
+    events = []
+
+    def swallowing(event):
+        events.append(event["kind"])
+        if len(events) == 1:
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                pass
+
+    with interrupts():
+        with pytest.raises(CompressInterrupted) as caught:
+            compress(model, data, config, output=out, progress=swallowing)
+        assert caught.value.result is None and caught.value.exit_status == EXIT_TERMINATED
+        assert len(events) == 1 and not out.exists()
+        assert compress(model, data, config, output=out).report["params"]["nonzero"] > 0 and out.exists()

@@ -29,7 +29,7 @@ from onnx_admm.outputs import check_collisions, data_file, model_output
 from onnx_admm.quant_choices import QuantChoice
 from onnx_admm.preflight import check_writable
 from onnx_admm.recipe import CompressConfig
-from onnx_admm.signals import deferred, exit_status, signal_name
+from onnx_admm.signals import deferred, exit_status, pending_interrupt, signal_name
 from onnx_admm.structured import NM
 
 
@@ -160,6 +160,7 @@ class CompressInterrupted(KeyboardInterrupt):
     def __init__(self, result: CompressResult | None, saved: list[Path] | None = None,
                  interrupt: BaseException | None = None, final: bool = False, unwritten: list[Path] | None = None) -> None:
         super().__init__("interrupted")
+        pending_interrupt()  # the signal is accounted for here: a later run in this process starts clean
         self.result, self.saved, self.final = result, list(saved or []), final
         self.unwritten = list(unwritten or [])
         self.signal = signal_name(interrupt)
