@@ -63,12 +63,14 @@ class FrozenShape:
     (from Shape nodes; -1 at a dim that follows the inputs' dynamic dims, 0 at one that copies the input's
     dim at the same index: the Reshape's allowzero becomes 0), or its constant is shared
     with other nodes (exporters share one per layer stack). ``ShapeEdit`` entries on ``tensor`` then edit
-    this node's input alone."""
+    this node's input alone. ``dims``: the constant's dims where it is not a 1-D list (a Mul's scalar
+    head count)."""
 
     node: str
     tensor: str
     values: tuple[int, ...]
     input: int = 1
+    dims: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,7 @@ def _set_tensors(model: onnx.ModelProto, locations: Mapping[str, str], values: M
         else:
             node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
             del node.attribute[:]
-            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value), name)))
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value).reshape(np.shape(value)), name)))
     if not stored:
         return
     kept = [t for t in graph.initializer if t.name not in stored]
@@ -274,7 +274,9 @@ def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list
         for f in by_label.get(node_label(node, k), ()):
             if f.tensor in taken:
                 continue
-            model.graph.initializer.append(numpy_helper.from_array(np.array(f.values, dtype=np.int64), f.tensor))
+            value = np.array(f.values, dtype=np.int64)
+            value = value if f.dims is None else value.reshape(f.dims)
+            model.graph.initializer.append(numpy_helper.from_array(value, f.tensor))
             replaced.add(node.input[f.input])
             node.input[f.input] = f.tensor
             if node.op_type == "Reshape" and 0 in f.values:

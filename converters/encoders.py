@@ -107,7 +107,8 @@ class DenseEncoder:
     kind = "dense"
 
     def encode(self, name: str, value: np.ndarray, quant: QuantSpec | None = None) -> Encoding:
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        # ascontiguousarray gives a scalar one axis: reshape keeps a 0-d constant (a Mul's count) 0-d.
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value).reshape(np.shape(value)), name)
         return Encoding(self.kind, len(tensor.raw_data), initializers=[tensor])
 
 

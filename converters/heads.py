@@ -71,6 +71,7 @@ from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.cut import cut, zeroed
 from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable
 from onnx_admm.converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
+from onnx_admm.converters.heads_mask import copies_start, head_copies
 from onnx_admm.converters.heads_reshape import reshape_step
 from onnx_admm.converters.heads_split import slice_step, split_step
 from onnx_admm.converters.optable import BROADCAST, LINEAR
@@ -87,6 +88,8 @@ PROBE_SIZES = (2, 3)
 CHECK_SIZE = 5
 # A dim of a probed tensor that differs between the probes.
 DYNAMIC = "dynamic"
+# The share of True entries in a fed bool input (a mask's padded positions).
+PADDED = 0.3
 # The longest integer tensor whose probed values are kept (shapes, split sizes and slice bounds are short).
 MAX_KEPT_VALUES = 16
 
@@ -143,21 +146,29 @@ def _coupled_walk(a: Any, index: int, heads: int, head_dim: int, names: set[str]
     Raises:
         NotPrunable: a member's rows do not split into those heads, or the walk stops.
     """
-    members = [index]
+    members, copies = [index], []  # projections; Expand/Tile nodes that repeat a mask once per head
     while True:
         walk = HeadWalk(a, _projection(a, index)[0], heads, names=names, head_dim=head_dim, members=sorted(members))
         walks.append(walk)
-        walk.run([walk.start(i) for i in members])
+        walk.run([walk.start(i) for i in members] + [copies_start(walk, k) for k in copies])
         if not walk.blocked:
             return walk
-        found = []
+        found, repeats = [], []
         for i, other in walk.blocked.items():
-            found += [p for p in a.branch_producers(i, other) if p not in members and p not in found]
-        if not found:
+            try:
+                found += [p for p in a.branch_producers(i, other) if p not in members and p not in found]
+            except NotPrunable:
+                # A branch from a graph input (a mask) may reach the heads as one copy per head.
+                more = head_copies(walk, other)
+                if not more:
+                    raise
+                repeats += [k for k in more if k not in copies and k not in repeats]
+        if not found and not repeats:
             i, other = next(iter(walk.blocked.items()))
             raise NotPrunable(f"the heads meet {other!r} at {a.nodes[i].op_type} {a.labels[i]}, which no "
                               "projection with the same heads makes")
         members += found
+        copies += repeats
 
 
 def _projection(a: Any, index: int) -> tuple[str, int]:
@@ -347,13 +358,20 @@ class HeadWalk(ChannelWalk):
             return next((x for x in node.input if x not in self.reached), None)
         if node.op_type in BROADCAST:
             return next((x for x in node.input if x and x not in self.reached and self.a.constant(x) is None
-                         and not self._scalar(x)), None)
+                         and not self._head_free(i, x)), None)
         return super()._blocking_operand(i)
 
-    def _scalar(self, name: str) -> bool:
-        """A computed tensor of one entry (a scale made from shapes): the same for every head."""
-        dims = self.a.shape(name)
-        return dims is not None and all(d == 1 for d in dims)
+    def _head_free(self, i: int, name: str) -> bool:
+        """Whether operand ``name`` of the elementwise node ``i`` broadcasts over the heads' axis (size 1
+        there in every probe run, or no such axis): the same for every head, so nothing of it is cut (a
+        scale made from shapes, a key-padding mask ``[N, 1, 1, L]`` added to the scores)."""
+        node, a = self.a.nodes[i], self.a
+        carried = next((x for x in node.input if x in self.reached), None)
+        runs, rank = a.measured(name), len(a.shape(carried) or ()) if carried else 0
+        if not rank or runs is None:
+            return False
+        axis = self.reached[carried].axis - rank  # counted from the end: broadcasting aligns the last axes
+        return all(-axis > len(dims) or dims[axis] == 1 for dims in runs)
 
     def _step(self, i: int) -> list[tuple[str, ChannelLayout]]:
         a = self.a
@@ -374,7 +392,7 @@ class HeadWalk(ChannelWalk):
                 raise NotPrunable(f"Gather {label} picks entries along the heads' axis")
             picked = a.value(a.constant(node.input[1])).ndim
             return [(node.output[0], layout.along(layout.axis + (picked - 1 if axis < layout.axis else 0)))]
-        if op in BROADCAST:  # computed scalars (checked by _blocking_operand) are the same for every head
+        if op in BROADCAST:  # computed operands that broadcast over the heads (_head_free) are the same for every head
             return self._broadcast(i, layout, frozenset(x for x in node.input if x and x not in self.reached
                                                          and a.constant(x) is None))
         if op in ("Split", "Slice"):
@@ -395,12 +413,15 @@ class HeadWalk(ChannelWalk):
     def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
         return reshape_step(self, i, name, layout)
 
-    def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape") -> str:
-        """A new constant holding ``values`` that the shrink pass feeds to input ``input`` of node ``i``
-        alone (a Reshape's shape; a Split's sizes, a Slice's bounds)."""
+    def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape",
+                 dims: tuple[int, ...] | None = None) -> str:
+        """A new constant holding ``values`` (of ``dims`` where not 1-D) that the shrink pass feeds to input
+        ``input`` of node ``i`` alone (a Reshape's shape; a Split's sizes, a Slice's bounds; an Expand's
+        shape, a Mul's head count)."""
         label = self.a.labels[i]
         tensor = fresh_name(f"{label}_{what}", self.names | {f.tensor for f in self.frozen})
-        self.frozen.append(FrozenShape(label, tensor, tuple(int(v) for v in values), input))
+        self.frozen.append(FrozenShape(label, tensor, tuple(int(v) for v in values), input,
+                                       None if dims is None else tuple(dims)))
         return tensor
 
 
@@ -416,8 +437,13 @@ def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
         for feed in probe.feeds + probe.checks:
             for x, y in zip(got.run(None, feed), want.run(None, feed)):
                 x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-                scale = max(1.0, float(np.abs(y).max(initial=0.0)))
-                if x.shape != y.shape or float(np.abs(x - y).max(initial=0.0)) > PROOF_TOLERANCE * scale:
+                # A row the mask pads wholly is NaN in both (softmax of -inf): it must be NaN alike.
+                if x.shape != y.shape or not np.array_equal(np.isnan(x), np.isnan(y)):
+                    diff = np.inf
+                else:
+                    x, y = np.nan_to_num(x, nan=0.0), np.nan_to_num(y, nan=0.0)
+                    diff = float(np.abs(x - y).max(initial=0.0))
+                if diff > PROOF_TOLERANCE * max(1.0, float(np.abs(y).max(initial=0.0))):
                     raise NotPrunable("removing a head changes what the graph computes beyond that head "
                                       "(a shape or count the walk does not see)")
     except NotPrunable:
@@ -428,7 +454,7 @@ def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
 
 def _feed(model: onnx.ModelProto, sizes: dict, seed: int) -> dict[str, np.ndarray]:
     """Inputs with each dynamic dim at its size in ``sizes`` (``_dynamic_dims``' keys): floats ~ N(0, 1),
-    integers and bools zero."""
+    bools True at random (a key-padding mask pads some positions), integers zero (token ids in range)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in graph_inputs(model):
@@ -438,6 +464,8 @@ def _feed(model: onnx.ModelProto, sizes: dict, seed: int) -> dict[str, np.ndarra
                       for k, d in enumerate(spec.shape))
         if np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feed[spec.name] = rng.random(shape) < PADDED
         else:
             feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feed

@@ -29,6 +29,7 @@ import math
 from typing import Any
 
 from onnx_admm.converters.channels import ChannelLayout, NotPrunable, ShapeEdit
+from onnx_admm.converters.heads_mask import counted_piece
 
 __all__ = ["reshape_step"]
 
@@ -155,7 +156,8 @@ def _computed_entry(walk: Any, i: int, new: ChannelLayout, why: NotPrunable) -> 
         raise why
     src = a.constant(piece)
     if src is None:
-        return  # read from the shapes of tensors: it follows the heads where it reads them (the proof checks)
+        counted_piece(walk, piece, new)  # N*H from a Mul by H: edited; read from shapes: follows the heads
+        return
     values = [int(v) for v in a.value(src).reshape(-1)]
     entry = values[new.axis - start]
     if entry == -1:

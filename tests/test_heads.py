@@ -28,11 +28,12 @@ from models import TransformerClassifier
 HEADS, HEAD_DIM, FFN = 4, 8, 64
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _run(model: onnx.ModelProto, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of ``model`` fed ``x`` (the input ``input``, or every input by name)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x})[0]
+    return session.run(None, x if isinstance(x, dict) else {"input": x})[0]
 
 
 def _masked(model: onnx.ModelProto, zero: dict[str, tuple[int, np.ndarray]]) -> onnx.ModelProto:
@@ -542,8 +543,12 @@ def test_compress_filter_removes_heads_of_a_text_encoder_and_runs_at_any_length(
         assert ok, (batch, length, diff)
 
 
+# -- text encoders with a key-padding mask input -------------------------------------------------------
+
+
 class PaddedEncoder(torch.nn.Module):
-    """nn.TransformerEncoder (one layer, batch_first) with a key-padding mask input [N, L] (True: padding)."""
+    """nn.TransformerEncoder (one layer, batch_first) with a key-padding mask input [N, L] (True or -inf:
+    padding)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -555,24 +560,135 @@ class PaddedEncoder(torch.nn.Module):
         return self.fc(self.encoder(x, src_key_padding_mask=mask).mean(dim=1))
 
 
-def test_a_key_padding_mask_keeps_the_heads_with_the_reason(tmp_path):
-    """The dynamo exporter repeats the mask once per head (Expand to [N, H, 1, L], the head count a
-    constant) before adding it to the scores: the heads meet a tensor no projection makes, and stay."""
-    torch.manual_seed(0)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    n, length = torch.export.Dim("N"), torch.export.Dim("L")
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(PaddedEncoder().eval(), (torch.randn(2, 6, 32), torch.zeros(2, 6, dtype=torch.bool)),
-                              str(tmp_path / "padded.onnx"), dynamo=True, input_names=["input", "mask"],
-                              output_names=["logits"], dynamic_shapes=({0: n, 1: length}, {0: n, 1: length}))
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    groups = channel_groups(onnx.load(str(tmp_path / "padded.onnx")))
-    in_proj = next(g for g in groups if g.n_channels == 3 * 32)
-    assert not in_proj.prunable
-    assert in_proj.reason.endswith("as attention heads: no attention heads found (coupled through MatMul "
-                                   "node_scaled_dot_product_attention with a branch from the graph input 'mask')")
-    assert any(g.prunable and g.n_channels == FFN for g in groups)  # the FFN still shrinks
+class MaskedQKVEncoder(SeparateQKVEncoder):
+    """SeparateQKVEncoder with separate q, k, v and an additive mask input [N, L] (-inf: padding) that
+    ``add`` meets the scores with: ``scores`` adds ``mask[:, None, None, :]`` (broadcast over the heads),
+    ``sdpa`` passes it as F.scaled_dot_product_attention's attn_mask, ``repeat`` adds it repeated once per
+    head (Tile), ``expand`` adds it expanded to [N, H, L, L] (an Expand of a computed shape)."""
+
+    def __init__(self, add: str) -> None:
+        super().__init__()
+        self.add = add
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        h = self.norm1(x)
+        q, k, v = (t.reshape(n, length, HEADS, HEAD_DIM).transpose(1, 2) for t in (self.q(h), self.k(h), self.v(h)))
+        m = mask[:, None, None, :]
+        if self.add == "sdpa":
+            heads = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        else:
+            m = {"scores": m, "repeat": m.repeat(1, HEADS, 1, 1)}.get(self.add, m.expand(n, HEADS, length, length))
+            heads = torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM ** -0.5 + m, dim=-1) @ v
+        x = x + self.out(heads.transpose(1, 2).reshape(n, length, width))
+        x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+        return self.cls(x.mean(dim=1))
+
+
+@pytest.fixture(scope="module")
+def masked_encoder(tmp_path_factory):
+    """callable (exporter, form) -> the file exported with inputs ``input`` [N, L, 32] and ``mask`` [N, L]
+    (a dynamic batch and sequence length), once per module. Forms: ``padding_bool``, ``padding_float``
+    (PaddedEncoder), or MaskedQKVEncoder's ``add``."""
+    folder, done = tmp_path_factory.mktemp("masked_encoder"), {}
+
+    def get(exporter: str, form: str):
+        if (exporter, form) not in done:
+            torch.manual_seed(0)
+            module = (PaddedEncoder() if form.startswith("padding") else MaskedQKVEncoder(form)).eval()
+            with torch.no_grad():  # layer norms start equal: the exporters would merge them
+                for p in module.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            mask = torch.zeros(2, 6, dtype=torch.bool if form == "padding_bool" else torch.float32)
+            path, fastpath = folder / f"{exporter}_{form}.onnx", torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    if exporter == "dynamo":
+                        n, length = torch.export.Dim("N"), torch.export.Dim("L")
+                        torch.onnx.export(module, (torch.randn(2, 6, 32), mask), str(path), dynamo=True,
+                                          input_names=["input", "mask"], output_names=["logits"],
+                                          dynamic_shapes=({0: n, 1: length}, {0: n, 1: length}))
+                    else:
+                        axes = {"input": {0: "N", 1: "L"}, "mask": {0: "N", 1: "L"}, "logits": {0: "N"}}
+                        torch.onnx.export(module, (torch.randn(2, 6, 32), mask), str(path), dynamo=False,
+                                          opset_version=17, input_names=["input", "mask"],
+                                          output_names=["logits"], dynamic_axes=axes)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+            done[(exporter, form)] = path
+        return done[(exporter, form)]
+
+    return get
+
+
+def _masked_feed(model: onnx.ModelProto, batch: int, length: int) -> dict[str, np.ndarray]:
+    """Random inputs and a random mask that pads about a third of the positions (never the first: a row
+    padded wholly is NaN)."""
+    rng = np.random.default_rng(batch * 100 + length)
+    padded = rng.random((batch, length)) < 0.35
+    padded[:, 0] = False
+    bool_mask = model.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    mask = padded if bool_mask else np.where(padded, -np.inf, rng.standard_normal((batch, length))).astype(np.float32)
+    return {"input": rng.standard_normal((batch, length, 32)).astype(np.float32), "mask": mask}
+
+
+# The projections of each form, by exporter, and the constants of their own without heads 1 and 3. A mask
+# repeated per head: its Expand's shape or Tile's repeats hold 2 heads (4 before); nn.MultiheadAttention
+# reshapes the copies to [N*H, 1, L], N*H from a Mul by the head count (a scalar, 4 before), and back to
+# [N, H, 1, L] by a Concat with a head count piece; the rest as in MHA_FROZEN and TEXT_FORMS.
+SEPARATE_FROZEN = {"dynamo": {"node_view": [0, 0, 2, 8], "node_view_1": [0, 0, 2, 8], "node_view_2": [0, 0, 2, 8]},
+                   "torchscript": {"/Reshape": [0, 0, 2, 8], "/Reshape_1": [0, 0, 2, 8], "/Reshape_2": [0, 0, 2, 8],
+                                   "/Reshape_3": [0, 0, 16]}}
+SEPARATE_DYNAMO = ("node_MatMul_6", "node_MatMul_8", "node_MatMul_10")
+SEPARATE_TORCHSCRIPT = ("/q/MatMul", "/k/MatMul", "/v/MatMul")
+MASK_FORMS = {
+    ("dynamo", "padding_bool"): (("node_MatMul_11",), {
+        "node_expand_1": [1, 2, 1, 1], "node_mul_46": 2, "node_Concat_59": [2], "node_view": [0, 0, 3, 16],
+        **{f"node_view_{k}": [0, -1, 8] for k in (1, 2, 3)}, "node_Concat_65": [2], "node_Reshape_145": [-1, 16]}),
+    ("dynamo", "padding_float"): (("node_MatMul_6",), {
+        "node_expand": [1, 2, 1, 1], "node_mul_39": 2, "node_Concat_55": [2], "node_view": [0, 0, 3, 16],
+        **{f"node_view_{k}": [0, -1, 8] for k in (1, 2, 3)}, "node_Concat_61": [2], "node_Reshape_140": [-1, 16]}),
+    ("dynamo", "scores"): (SEPARATE_DYNAMO, {**SEPARATE_FROZEN["dynamo"], "node__unsafe_view": [0, 0, 16]}),
+    ("dynamo", "sdpa"): (("node_MatMul_4", "node_MatMul_6", "node_MatMul_8"),
+                         {**SEPARATE_FROZEN["dynamo"], "node_view_3": [0, 0, 16]}),
+    ("dynamo", "repeat"): (SEPARATE_DYNAMO, {"node_repeat": [1, 2, 1, 1], **SEPARATE_FROZEN["dynamo"],
+                                             "node__unsafe_view": [0, 0, 16]}),
+    ("torchscript", "scores"): (SEPARATE_TORCHSCRIPT, SEPARATE_FROZEN["torchscript"]),
+    ("torchscript", "sdpa"): (SEPARATE_TORCHSCRIPT, SEPARATE_FROZEN["torchscript"]),
+    ("torchscript", "repeat"): (SEPARATE_TORCHSCRIPT, {"/Tile": [1, 2, 1, 1], **SEPARATE_FROZEN["torchscript"]}),
+}
+
+
+@pytest.mark.parametrize(("exporter", "form"), sorted(MASK_FORMS))
+def test_heads_leave_a_text_encoder_with_a_key_padding_mask(exporter, form, masked_encoder):
+    """A mask broadcast over the heads passes them by; one repeated per head by a constant count loses
+    the removed heads' copies. Shrunk == masked at sizes and masks no probe used, padding included."""
+    model = onnx.load(str(masked_encoder(exporter, form)))
+    heads = next(g for g in channel_groups(model) if g.prunable and g.unit == "head")
+    members, frozen = MASK_FORMS[(exporter, form)]
+    assert heads.n_channels == HEADS and heads.member_nodes == members
+    removed = np.array([1, 3])
+    shrunk = shrink(model, {heads.name: np.setdiff1d(np.arange(HEADS), removed)}).model
+    out_proj = heads.consumers[0]
+    masked = _masked(model, {out_proj.tensor: (out_proj.axis, _rows(removed))})
+    for batch, length in ((1, 3), (5, 7), (2, 11)):
+        feed = _masked_feed(model, batch, length)
+        got, want = _run(shrunk, feed), _run(masked, feed)
+        assert np.isfinite(want).all()
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert _io(shrunk) == _io(model)
+    assert _frozen_after(shrunk, heads) == frozen
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_mask_expanded_to_a_computed_head_count_keeps_the_heads_with_the_reason(exporter, masked_encoder):
+    """``mask[:, None, None, :].expand(N, H, L, L)``: the Expand's shape is computed at run time, so the
+    count of copies is not edited: the heads meet a branch from the mask and stay (the FFN still shrinks)."""
+    groups = channel_groups(onnx.load(str(masked_encoder(exporter, "expand"))))
+    assert not any(g.unit == "head" for g in groups) and any(g.prunable and g.n_channels == FFN for g in groups)
+    q = next(g for g in groups if g.node == {"torchscript": "/q/MatMul", "dynamo": "node_MatMul_6"}[exporter])
+    add = {"torchscript": "Add /Add", "dynamo": "Add node_add_88"}[exporter]
+    assert q.reason.endswith(f"as attention heads: no attention heads found (coupled through {add} with a branch "
+                             "from the graph input 'mask')")
