@@ -37,6 +37,12 @@ with these rules added:
 - Gather on another axis (picking Q, K or V out of the fused tensor), Softmax over another axis, a
   MatMul of two tensors that hold the same heads on a batch axis (``Q @ K^T``, ``A @ V``), and Shape
   (whose values only feed shapes) keep them.
+- An attention mask (``converters.heads_mask``): a computed operand of an elementwise op that
+  broadcasts over the heads' axis (``[N, 1, 1, L]`` added to the scores) is the same for every head and
+  passes; a mask from a graph input repeated once per head by an Expand or Tile with a constant count
+  (the dynamo exporter's ``src_key_padding_mask``) starts a branch of the group at the repeat, its
+  count edited per removed head like a shape entry (and the constant H of a Mul that computes ``N*H``
+  for its reshape).
 
 The dims are measured in onnxruntime (``probe_shapes``): once with every dynamic input dim at 2, then
 once per dynamic dim (one symbol: one dim, so an input and its mask change together) with that dim
@@ -44,18 +50,19 @@ alone at 3, so that each measured dim can be traced to the input dims it follows
 see (a shape computed from a tensor that does not carry the heads, a head count baked into an op it
 does not model) the proof catches: the graph with the last head removed must compute, in onnxruntime,
 what the original computes with that head's output-projection columns zeroed (max difference <= 1e-4
-relative, at every probe's sizes and at 5, 7, ... for the dynamic dims, sizes no probe used). A
-projection whose heads cannot be proven keeps the channel walk's reason. Handled: a dynamic batch, and
-a dynamic batch with a dynamic sequence length (text encoders), for the fused in_proj of
-``nn.MultiheadAttention`` from the dynamo exporter (the TorchScript exporter bakes the example's
-sequence length into its K and V views: that graph runs at no other length, and its shapes cannot be
-measured) and for separate or fused projections from both. Not handled (left alone with the reason): Q,
-K and V with different head counts or head_dims (multi-query and grouped-query attention, a V wider
-than Q and K), a Split or Slice that cuts through a head or whose bounds follow the inputs' dynamic
+relative, at every probe's sizes and at 5, 7, ... for the dynamic dims, sizes no probe used; bool
+inputs, masks, are fed True at random, and a row a mask pads wholly must be NaN in both). A projection
+whose heads cannot be proven keeps the channel walk's reason. Handled: a dynamic batch, and a dynamic
+batch with a dynamic sequence length (text encoders), with or without a key-padding mask input, for
+the fused in_proj of ``nn.MultiheadAttention`` from the dynamo exporter (the TorchScript exporter bakes
+the example's sequence length into its K and V views: that graph runs at no other length, and its
+shapes cannot be measured) and for separate or fused projections from both. Not handled (left alone
+with the reason): Q, K and V with different head counts or head_dims (multi-query and grouped-query
+attention, a V wider than Q and K), a Split or Slice that cuts through a head or whose bounds follow the inputs' dynamic
 dims, Split sizes held in an attribute (opset < 13), a computed shape with two dims that follow the
 inputs, neither the input's at the same index, that is not a Concat with a constant head-count piece,
-an attention mask repeated per head before it meets the scores (the dynamo exporter's
-``src_key_padding_mask``: the heads meet a tensor no projection makes).
+a mask repeated per head to a count computed at run time (an Expand of a computed shape: the heads meet
+a branch from the graph input).
 """
 
 from __future__ import annotations
