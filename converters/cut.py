@@ -248,7 +248,8 @@ def _set_tensors(model: onnx.ModelProto, locations: Mapping[str, str], values: M
         else:
             node = next(n for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] == name)
             del node.attribute[:]
-            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(value).reshape(np.shape(value)), name)))
+            value = np.ascontiguousarray(value).reshape(np.shape(value))  # a 0-d constant stays 0-d
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value, name)))
     if not stored:
         return
     kept = [t for t in graph.initializer if t.name not in stored]

@@ -58,11 +58,11 @@ the fused in_proj of ``nn.MultiheadAttention`` from the dynamo exporter (the Tor
 the example's sequence length into its K and V views: that graph runs at no other length, and its
 shapes cannot be measured) and for separate or fused projections from both. Not handled (left alone
 with the reason): Q, K and V with different head counts or head_dims (multi-query and grouped-query
-attention, a V wider than Q and K), a Split or Slice that cuts through a head or whose bounds follow the inputs' dynamic
-dims, Split sizes held in an attribute (opset < 13), a computed shape with two dims that follow the
-inputs, neither the input's at the same index, that is not a Concat with a constant head-count piece,
-a mask repeated per head to a count computed at run time (an Expand of a computed shape: the heads meet
-a branch from the graph input).
+attention, a V wider than Q and K), a Split or Slice that cuts through a head or whose bounds follow
+the inputs' dynamic dims, Split sizes held in an attribute (opset < 13), a computed shape with two dims
+that follow the inputs, neither the input's at the same index, that is not a Concat with a constant
+head-count piece, a mask repeated per head to a count computed at run time (an Expand of a computed
+shape: the heads meet a branch from the graph input).
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ class HeadWalk(ChannelWalk):
                 raise NotPrunable(f"Gather {label} picks entries along the heads' axis")
             picked = a.value(a.constant(node.input[1])).ndim
             return [(node.output[0], layout.along(layout.axis + (picked - 1 if axis < layout.axis else 0)))]
-        if op in BROADCAST:  # computed operands that broadcast over the heads (_head_free) are the same for every head
+        if op in BROADCAST:  # computed operands broadcast over the heads (_head_free): the same for every head
             return self._broadcast(i, layout, frozenset(x for x in node.input if x and x not in self.reached
                                                          and a.constant(x) is None))
         if op in ("Split", "Slice"):

@@ -13,6 +13,9 @@ entry, and follows the copies through the reshapes to the scores, where they mee
 layout. The reshape to ``[N*H, 1, L]`` reads ``N*H`` from a Mul of the batch by the constant H
 (``counted_piece``): that constant gets a copy of its own, edited too. A repeat whose count is computed
 at run time is not edited: the heads then keep the reason (the mask's branch comes from a graph input).
+The dynamo exporter computes the repeated mask once for a whole ``nn.TransformerEncoder``: every layer
+adds the same copies, so the layers' heads meet there and form one group (head h of every layer leaves
+together; giving each layer its own copy of the mask's chain first would keep them apart).
 The proof of ``converters.heads`` checks every such graph in onnxruntime, with random masks fed.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from onnx_admm.converters.channels import ChannelLayout, ShapeEdit
+from onnx_admm.converters.optable import LINEAR
 
 __all__ = ["copies_start", "counted_piece", "head_copies"]
 
@@ -32,8 +36,8 @@ COUNT_PASSES = ("Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity")
 
 def head_copies(walk: Any, name: str) -> list[int]:
     """The Expand/Tile nodes behind tensor ``name`` (walking back through computed inputs, not past
-    tensors the walk reached) that repeat a tensor ``walk.n`` times along one axis of size 1 with a
-    constant count: the makers of a mask repeated once per head."""
+    tensors the walk reached nor layers with a constant weight) that repeat a tensor ``walk.n`` times
+    along one axis of size 1 with a constant count: the makers of a mask repeated once per head."""
     a = walk.a
     found, stack, seen = [], [name], set()
     while stack:
@@ -48,7 +52,9 @@ def head_copies(walk: Any, name: str) -> list[int]:
         if node.op_type in REPEATS and _repeated_axis(walk, k) is not None:
             found.append(k)
             continue
-        if node.op_type != "Shape":
+        # A layer with a constant weight starts other units (another layer's heads): not a mask's maker.
+        layer = node.op_type in LINEAR and any(a.constant(x) is not None for x in node.input[1:])
+        if node.op_type != "Shape" and not layer:
             stack.extend(x for x in node.input if x and a.constant(x) is None)
     return sorted(found)
 

@@ -547,13 +547,13 @@ def test_compress_filter_removes_heads_of_a_text_encoder_and_runs_at_any_length(
 
 
 class PaddedEncoder(torch.nn.Module):
-    """nn.TransformerEncoder (one layer, batch_first) with a key-padding mask input [N, L] (True or -inf:
-    padding)."""
+    """nn.TransformerEncoder (``layers`` layers, batch_first) with a key-padding mask input [N, L] (True or
+    -inf: padding)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int = 1) -> None:
         super().__init__()
         layer = torch.nn.TransformerEncoderLayer(32, HEADS, FFN, dropout=0.0, batch_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.fc = torch.nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -588,18 +588,20 @@ class MaskedQKVEncoder(SeparateQKVEncoder):
 @pytest.fixture(scope="module")
 def masked_encoder(tmp_path_factory):
     """callable (exporter, form) -> the file exported with inputs ``input`` [N, L, 32] and ``mask`` [N, L]
-    (a dynamic batch and sequence length), once per module. Forms: ``padding_bool``, ``padding_float``
-    (PaddedEncoder), or MaskedQKVEncoder's ``add``."""
+    (a dynamic batch and sequence length), once per module. Forms: ``padding_bool``, ``padding_float``,
+    ``padding_stack`` (PaddedEncoder; the stack: two layers, a bool mask), or MaskedQKVEncoder's ``add``."""
     folder, done = tmp_path_factory.mktemp("masked_encoder"), {}
 
     def get(exporter: str, form: str):
         if (exporter, form) not in done:
             torch.manual_seed(0)
-            module = (PaddedEncoder() if form.startswith("padding") else MaskedQKVEncoder(form)).eval()
+            module = (PaddedEncoder(2 if form == "padding_stack" else 1) if form.startswith("padding")
+                      else MaskedQKVEncoder(form)).eval()
             with torch.no_grad():  # layer norms start equal: the exporters would merge them
                 for p in module.parameters():
                     p.add_(0.1 * torch.randn_like(p))
-            mask = torch.zeros(2, 6, dtype=torch.bool if form == "padding_bool" else torch.float32)
+            bool_mask = form in ("padding_bool", "padding_stack")
+            mask = torch.zeros(2, 6, dtype=torch.bool if bool_mask else torch.float32)
             path, fastpath = folder / f"{exporter}_{form}.onnx", torch.backends.mha.get_fastpath_enabled()
             torch.backends.mha.set_fastpath_enabled(False)
             try:
@@ -630,7 +632,8 @@ def _masked_feed(model: onnx.ModelProto, batch: int, length: int) -> dict[str, n
     padded = rng.random((batch, length)) < 0.35
     padded[:, 0] = False
     bool_mask = model.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BOOL
-    mask = padded if bool_mask else np.where(padded, -np.inf, rng.standard_normal((batch, length))).astype(np.float32)
+    additive = np.where(padded, -np.inf, rng.standard_normal((batch, length))).astype(np.float32)
+    mask = padded if bool_mask else additive
     return {"input": rng.standard_normal((batch, length, 32)).astype(np.float32), "mask": mask}
 
 
@@ -692,3 +695,19 @@ def test_a_mask_expanded_to_a_computed_head_count_keeps_the_heads_with_the_reaso
     add = {"torchscript": "Add /Add", "dynamo": "Add node_add_88"}[exporter]
     assert q.reason.endswith(f"as attention heads: no attention heads found (coupled through {add} with a branch "
                              "from the graph input 'mask')")
+
+
+def test_layers_that_share_one_repeated_mask_lose_their_heads_together(masked_encoder):
+    """The dynamo exporter repeats the mask once for the whole nn.TransformerEncoder and every layer adds
+    those copies: the two layers' heads meet there and are one group (head h of both leaves together)."""
+    model = onnx.load(str(masked_encoder("dynamo", "padding_stack")))
+    heads = [g for g in channel_groups(model) if g.prunable and g.unit == "head"]
+    assert [(g.n_channels, g.member_nodes) for g in heads] == [(HEADS, ("node_MatMul_11", "node_MatMul_121"))]
+    removed = np.array([1, 3])
+    shrunk = shrink(model, {heads[0].name: np.setdiff1d(np.arange(HEADS), removed)}).model
+    masked = _masked(model, {c.tensor: (c.axis, _rows(removed)) for c in heads[0].consumers})
+    assert len(heads[0].consumers) == 2  # both layers' out projections
+    for batch, length in ((1, 3), (5, 7), (2, 11)):
+        feed = _masked_feed(model, batch, length)
+        np.testing.assert_allclose(_run(shrunk, feed), _run(masked, feed), atol=1e-5, rtol=0)
+    assert _io(shrunk) == _io(model)
