@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 # Selection-metric points a stage's refit projection of its starting weights may lose before a stage the
 # hand-over reached takes its ADMM phase back (``handover_check``). LeNet-5 on Fashion-MNIST (two seeds) lost
-# at most 6.9 points at 40x and 12.2 at 100x (97.45%), where retraining alone won by 1.4 points over ADMM in
+# at most 6.9 points at 40x and 12.2 at 100x (97.45%), where retraining alone won by 1.3 points over ADMM in
 # every stage; 16.8-20.7 at the 97.95% stage of 200x and the 98.95% stage of 400x, where the ADMM phases
 # back won 1.2 points at 400x and lost 0.25 (noise) at 200x (samples/lenet5_fashion_mnist/RESULTS.md,
 # 2026-12-06 third session).
