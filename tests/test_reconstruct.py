@@ -17,6 +17,7 @@ from torch import nn
 from onnx_admm.api import compress
 from onnx_admm.converters.importer import import_model
 from onnx_admm.data import Dataset
+from onnx_admm.pipeline import reconstruction as reconstruction_module
 from onnx_admm.pipeline.reconstruction import groups, same_state, taps_for
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.reconstruct import POSITIONS_PER_SAMPLE, Tap, collect_grams, objective, reconstruct, refit
@@ -277,6 +278,30 @@ def test_once_the_refit_start_wins_the_later_stages_retrain_for_their_whole_budg
     assert split[1]["epochs"]["admm"] == 0 and split[1]["epochs"]["retrain"] > split[0]["epochs"]["retrain"]
     explicit = stages(admm={"epochs": 1, "retrain_epochs": 1})
     assert explicit[0]["reconstruction"]["start"] == "stage start" and explicit[1]["epochs"] == {"admm": 1, "retrain": 1}
+
+
+def test_a_handed_over_stage_takes_its_admm_phase_back_when_its_projection_loses_too_much(digits_sample, monkeypatch):
+    # Before a stage the hand-over reached, its starting weights are projected onto its target and refit; a
+    # selection metric lost beyond HANDOVER_DROP gives that stage (and the later ones) the ADMM epochs of the
+    # tool's split back. The two extreme thresholds pin the decision; lr 1e6 makes every ADMM phase lose.
+    train = np.load(digits_sample.train)
+    data = Dataset({"input": train["input"]}, train["labels"], {"input"})
+
+    def stages(drop: float) -> list[dict]:
+        monkeypatch.setattr(reconstruction_module, "HANDOVER_DROP", drop)
+        recipe = {"train": {"threads": 1, "lr": 1e6, "epochs": 6}, "prune": {"stages": 3, "sparsity": 0.8}}
+        return compress(digits_sample.model, data, CompressConfig.from_dict(recipe)).report["stages"]
+
+    held = stages(1.0)
+    assert held[0]["reconstruction"]["start"] == "stage start" and held[0]["handover"] is None
+    assert [s["epochs"]["admm"] for s in held[1:]] == [0, 0]
+    assert [s["handover"]["admm"] for s in held[1:]] == [False, False]
+    assert held[1]["handover"]["select_metric"]["start"] == held[0]["val_metric"]
+    back = stages(-1.0)
+    assert back[1]["handover"]["admm"] is True and back[1]["epochs"] == back[0]["epochs"]
+    # Its ADMM phase lost again, so the hand-over starts over, and the last stage's check gives it back too.
+    assert back[1]["reconstruction"]["start"] == "stage start"
+    assert back[2]["handover"]["admm"] is True and back[2]["epochs"]["admm"] == back[0]["epochs"]["admm"] > 0
 
 
 def test_same_state_compares_every_parameter_and_buffer_with_the_values_swapped_in():

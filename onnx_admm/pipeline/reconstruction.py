@@ -11,7 +11,10 @@ A short ADMM phase can leave the weights further from the task than the stage st
 them towards their projection faster than a few steps can recover): so for a pruning-only stage the
 stage's starting weights are also projected (with the same per-layer counts; filters with their consumers'
 input channels) and refit, and the retraining starts from whichever of the two scores better on the
-selection split (the report's ``reconstruction.start``).
+selection split (the report's ``reconstruction.start``). Once that start wins, a budget the tool split gives
+the later stages' ADMM epochs to retraining (``pipeline.stages.Runner.skip_admm_after``); ``handover_check``
+scores the same kind of candidate before each such stage and gives the stage its ADMM phase back when the
+projection costs too much.
 
 A stage that only quantizes keeps its starting weights projected onto levels of their own as a candidate
 (``quantized_start``; the report's ``quantized_start``): the retraining still starts from the ADMM
@@ -41,6 +44,14 @@ from onnx_admm.quantizers import Joint, quantize
 from onnx_admm.reconstruct import Refit, Tap, collect_grams, gram_bytes, reconstruct
 
 logger = logging.getLogger(__name__)
+
+# Selection-metric points a stage's refit projection of its starting weights may lose before a stage the
+# hand-over reached takes its ADMM phase back (``handover_check``). LeNet-5 on Fashion-MNIST (two seeds) lost
+# at most 6.9 points at 40x and 12.2 at 100x (97.45%), where retraining alone won by 1.3 points over ADMM in
+# every stage; 16.8-20.7 at the 97.95% stage of 200x and the 98.95% stage of 400x, where the ADMM phases
+# back won 1.2 points at 400x and lost 0.25 (noise) at 200x (samples/lenet5_fashion_mnist/RESULTS.md,
+# 2026-12-06 third session).
+HANDOVER_DROP = 0.15
 
 # Gram matrices held at once (float64); a layer alone above it is left as projected.
 GRAM_BUDGET_BYTES = 1 << 30
@@ -240,6 +251,24 @@ class StageRefit:
         load_values(runner.imported, values)
         return supports, kept, {**out, "start": "admm", **choice}
 
+    def projected_metric(self, constraints: Mapping[str, Any]) -> float | None:
+        """The selection metric of the current weights projected onto ``constraints`` (pruning ones) and
+        refit, as the stage's hard projection would leave them without an ADMM phase; the current weights
+        are put back. None with nothing to refit (reconstruction off, or no tapped weight)."""
+        if not self.taps:
+            return None
+        runner = self.runner
+        values = snapshot(runner.imported)
+        with torch.no_grad():
+            supports = {name: c.support(runner.params[name].detach()) for name, c in constraints.items()}
+        runner.removed_filters(supports)  # adds the consumers' input-channel masks
+        _apply(runner.params, runner.imported, supports)
+        device = next(iter(runner.params.values())).device
+        self.refit({n: values[n].to(device) for n in self.taps}, supports)
+        metric = runner.select_metric()
+        load_values(runner.imported, values)
+        return metric
+
     def quantized_start(self, admm: Any) -> StartCandidate | None:
         """Right after the hard projection of a stage that only quantizes (nothing pruned): the stage's
         starting weights projected onto levels of their own, scored on the selection split; the ADMM
@@ -294,3 +323,25 @@ class StageRefit:
                     out["layers"], out["pruned_layers"],
                     "n/a" if out["error_ratio"] is None else f"{out['error_ratio']:.3f}")
         return out
+
+
+def handover_check(runner: Any, stage: int, previous: Mapping[str, Tensor] | None) -> dict[str, Any] | None:
+    """Before a stage the hand-over gave its ADMM epochs to (``runner``: ``pipeline.stages.Runner``): the
+    weights it starts from, projected onto its target and refit, against their selection metric as they are.
+
+    Losing more than ``HANDOVER_DROP`` means the stage prunes past what retraining from a projection
+    repairs (LeNet-5 at 400x: 17.7 points at 98.95% sparsity, where the ADMM phase's projection had won by
+    6.8), so the stage and the later ones take their ADMM phases back (``admm``). None where it cannot be
+    judged (no metric, a weight quantized this stage, nothing to refit): the hand-over then holds.
+    """
+    kept = runner.stages[-1].val_metric if runner.stages else None
+    if kept is None or any(w.quant[stage] for w in runner.plan.weights):
+        return None
+    values = {name: p.detach() for name, p in runner.params.items()}
+    metric = StageRefit(runner, stage, {}, had_admm=False).projected_metric(runner.constraints(stage, previous, values))
+    if metric is None:
+        return None
+    admm = kept - metric > HANDOVER_DROP
+    logger.info("stage %d: the refit projection of its starting weights scores %.4f against %.4f: %s", stage,
+                metric, kept, "the ADMM phases are back" if admm else "the hand-over holds")
+    return {"select_metric": {"start": kept, "projected": metric}, "admm": admm}

@@ -58,6 +58,10 @@ class StageResult:
     # A stage that only quantizes, after an ADMM phase: which state was kept ("retrained", or "stage start":
     # its starting weights projected onto levels) and both selection metrics (pipeline/reconstruction).
     quantized_start: dict[str, Any] | None = None
+    # A stage the hand-over reached (pipeline/stages.py ``Runner.handover_check``): the selection metric of
+    # the state the stage starts from and of its refit projection onto the stage's target, and whether the
+    # stage took its ADMM phase back.
+    handover: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -69,7 +73,7 @@ class StageResult:
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
             "mean_residual": mean, "history": self.history, "reconstruction": self.reconstruction,
-            "quantized_start": self.quantized_start,
+            "quantized_start": self.quantized_start, "handover": self.handover,
         }
 
 

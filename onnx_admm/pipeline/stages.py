@@ -28,7 +28,7 @@ from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, RefitLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch, even_steps, to_batches
-from onnx_admm.pipeline.reconstruction import StageRefit
+from onnx_admm.pipeline.reconstruction import StageRefit, handover_check
 from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
 from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
@@ -148,10 +148,17 @@ class Runner:
         lengths = [self.phase_length(epochs)[1] for b in budgets for epochs in (b.admm, b.retrain)]
         self.emit({"kind": "run", "stages": self.plan.n_stages, "batches": self.steps_per_epoch(),
                    "steps": None if None in lengths else sum(lengths)})
+        split = list(budgets)  # the tool's split, which a stage that takes its ADMM phase back returns to
+        handed = False
         for stage in range(self.plan.n_stages):
-            previous = self.stage(stage, previous, budgets[stage])
+            check = handover_check(self, stage, previous) if handed else None
+            if check is not None and check["admm"]:
+                budgets[stage:] = split[stage:]
+            previous = self.stage(stage, previous, budgets[stage], check)
+            handed = handed and not (check or {}).get("admm")
             if self.skip_admm_after(stage):
                 budgets[stage + 1:] = [PhaseBudget(0.0, b.admm + b.retrain) for b in budgets[stage + 1:]]
+                handed = True
 
     def skip_admm_after(self, stage: int) -> bool:
         """Whether the stages after ``stage`` give their ADMM epochs to retraining: the tool split the budget
@@ -184,7 +191,8 @@ class Runner:
                 out[name] = sparsity[name]
         return out
 
-    def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget) -> dict[str, torch.Tensor]:
+    def stage(self, stage: int, previous: dict[str, torch.Tensor] | None, budget: PhaseBudget,
+              handover: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         # Every planned weight has a constraint at every stage (a sparsity target, a quantizer or both):
         # splitting the global budget only to learn their names cost a LAMP ranking of every weight.
         params = dict(self.params)
@@ -235,7 +243,7 @@ class Runner:
                       if w.spec.name in params and nm_constraint(w) is not None},
             epochs={"admm": budget.admm, "retrain": budget.retrain},
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
-            history=self.history, reconstruction=reconstruction, quantized_start=quantized_start,
+            history=self.history, reconstruction=reconstruction, quantized_start=quantized_start, handover=handover,
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports

@@ -274,6 +274,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         epochs = args.epochs
     elif row.kind == "compress":
         from onnx_admm.api import compress
+        from onnx_admm.converters.modelio import save_json
         from onnx_admm.recipe import CompressConfig
 
         recipe = {**row.recipe, "train": {"batch_size": 128, "lr": 0.01, "threads": args.threads, "device": args.device,
@@ -282,6 +283,8 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         train = Dataset({"input": x}, y, {"input"})
         result = compress(dense, train, config, metric_floor=0)  # a row records its figure, even a failing one
         result.save(out)
+        # The run's JSON report beside the model: per-stage choices (reconstruction.select_metric) for later study.
+        save_json(result.report, out.with_suffix(".report.json"))
         epochs = sum(v for stage in result.stages for v in stage.epochs.values())
         structure = result.report.get("structure")
         density = {layer["name"]: round(1 - layer["sparsity"], 5) for layer in result.report["layers"]}
