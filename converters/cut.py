@@ -3,9 +3,11 @@
 ``cut(model, keep, groups)`` removes the units (filters, neurons, attention heads) not kept from every
 tensor of their groups and edits the shapes that hold them; ``zeroed`` builds the dense graph the cut
 one must equal (the consumers' weights that read the removed units set to zero); ``with_frozen`` gives
-Reshapes their own constant shapes first (and Splits their sizes, Slices their bounds). Kept apart from
-``converters.shrink`` so that the analysis of attention heads (``converters.heads``), which proves a head
-split by cutting one head, does not depend on the groups analysis that calls it.
+Reshapes their own constant shapes first (and Splits their sizes, Slices their bounds). Head groups are
+cut from the graph with its shared mask chains copied per layer, as the analysis saw it
+(``converters.heads_chains``). Kept apart from ``converters.shrink`` so that the analysis of attention
+heads (``converters.heads``), which proves a head split by cutting one head, does not depend on the
+groups analysis that calls it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from onnx import helper, numpy_helper
 from onnx_admm.converters.channels import ChannelGroup, FrozenShape
 from onnx_admm.converters.encoders import DenseEncoder, SparseEncoder
 from onnx_admm.converters.graphinfo import constant_sources, node_label, tensor_names, tensor_value
+from onnx_admm.converters.heads_chains import split_shared_repeats
 from onnx_admm.converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
@@ -123,6 +126,9 @@ def cut(
         ValueError: a name is not a group, a group is not prunable, or a mask does not fit.
     """
     by_name = {g.name: g for g in groups}
+    # Head groups name the mask chains the analysis copied per layer: the cut copies them alike.
+    if any(by_name[name].unit == "head" for name in keep if name in by_name):
+        model = split_shared_repeats(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     # Computed Reshape shapes that hold removed heads become constants first (the edits below cut them).

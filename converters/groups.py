@@ -37,7 +37,9 @@ reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a no
 A MatMul/Gemm whose channels stop (an attention block's Q/K/V projection reaches Shape, a head-splitting
 Reshape, Softmax) is tried as attention heads (``converters.heads``): its units are then heads, each a
 block of rows of Q, K and V (of one fused projection, indexed or split by chunk/split/unbind, or of
-separate ones, then all members of one group), proven in onnxruntime before the group is offered.
+separate ones, then all members of one group), proven in onnxruntime before the group is offered. A
+mask repeated per head that several layers share is first copied per layer (``converters.heads_chains``),
+so that each layer's heads are a group of their own.
 
 The analysis reads the ORIGINAL ModelProto (external data loaded) and runs ONNX shape inference on a
 copy; ``converters.shrink`` applies a keep-mask per group. The rules per op live in
@@ -55,6 +57,7 @@ from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
 from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
 from onnx_admm.converters.heads import Probe, feeds_attention, head_group, probe_shapes
+from onnx_admm.converters.heads_chains import split_shared_repeats
 from onnx_admm.converters.optable import BROADCAST, LINEAR
 from onnx_admm.converters.shapes import inferred_types
 
@@ -77,7 +80,8 @@ def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
         residual sum share one (named by the first, listing all in ``members``); prunable or with the
         reason it is not.
     """
-    return _Analysis(model).groups()
+    # A mask chain shared by several attention layers is copied per layer first (the cut copies it alike).
+    return _Analysis(split_shared_repeats(model)).groups()
 
 
 def channel_groups_summary(groups: list[ChannelGroup]) -> list[dict]:

@@ -42,7 +42,7 @@ with these rules added:
   passes; a mask from a graph input repeated once per head by an Expand or Tile with a constant count
   (the dynamo exporter's ``src_key_padding_mask``) starts a branch of the group at the repeat, its
   count edited per removed head like a shape entry (and the constant H of a Mul that computes ``N*H``
-  for its reshape).
+  for its reshape); a chain shared by several layers is first copied per layer (``converters.heads_chains``).
 
 The dims are measured in onnxruntime (``probe_shapes``): once with every dynamic input dim at 2, then
 once per dynamic dim (one symbol: one dim, so an input and its mask change together) with that dim

@@ -14,8 +14,8 @@ layout. The reshape to ``[N*H, 1, L]`` reads ``N*H`` from a Mul of the batch by 
 (``counted_piece``): that constant gets a copy of its own, edited too. A repeat whose count is computed
 at run time is not edited: the heads then keep the reason (the mask's branch comes from a graph input).
 The dynamo exporter computes the repeated mask once for a whole ``nn.TransformerEncoder``: every layer
-adds the same copies, so the layers' heads meet there and form one group (head h of every layer leaves
-together; giving each layer its own copy of the mask's chain first would keep them apart).
+adds the same copies. ``converters.heads_chains`` gives each layer its own copy of that chain (and of the
+shapes the layers' reshapes share) before the analysis, so each layer's heads form their own group.
 The proof of ``converters.heads`` checks every such graph in onnxruntime, with random masks fed.
 """
 

@@ -697,16 +697,24 @@ def test_a_mask_expanded_to_a_computed_head_count_keeps_the_heads_with_the_reaso
                              "from the graph input 'mask')")
 
 
-def test_layers_that_share_one_repeated_mask_lose_their_heads_together(masked_encoder):
+def test_layers_that_share_one_repeated_mask_lose_their_own_heads(masked_encoder):
     """The dynamo exporter repeats the mask once for the whole nn.TransformerEncoder and every layer adds
-    those copies: the two layers' heads meet there and are one group (head h of both leaves together)."""
+    those copies: each layer gets its own copy of the chain, so each layer's heads are a group of their
+    own, and the two layers lose different heads (the written graph carries both chains)."""
     model = onnx.load(str(masked_encoder("dynamo", "padding_stack")))
     heads = [g for g in channel_groups(model) if g.prunable and g.unit == "head"]
-    assert [(g.n_channels, g.member_nodes) for g in heads] == [(HEADS, ("node_MatMul_11", "node_MatMul_121"))]
-    removed = np.array([1, 3])
-    shrunk = shrink(model, {heads[0].name: np.setdiff1d(np.arange(HEADS), removed)}).model
-    masked = _masked(model, {c.tensor: (c.axis, _rows(removed)) for c in heads[0].consumers})
-    assert len(heads[0].consumers) == 2  # both layers' out projections
+    assert [(g.n_channels, g.member_nodes) for g in heads] == [(HEADS, ("node_MatMul_11",)),
+                                                               (HEADS, ("node_MatMul_121",))]
+    assert [[c.tensor for c in g.consumers] for g in heads] == [
+        [f"encoder.layers.{k}.self_attn.out_proj.weight"] for k in (0, 1)]
+    removed = [np.array([1, 3]), np.array([0])]
+    shrunk = shrink(model, {g.name: np.setdiff1d(np.arange(HEADS), r) for g, r in zip(heads, removed)}).model
+    masked = _masked(model, {g.consumers[0].tensor: (g.consumers[0].axis, _rows(r)) for g, r in zip(heads, removed)})
+    # Each layer's repeat (the Expand of a constant shape) holds its own head count: 2 and 3 of 4 kept.
+    inits = {t.name: numpy_helper.to_array(t) for t in shrunk.graph.initializer}
+    repeats = sorted(inits[n.input[1]].tolist() for n in shrunk.graph.node
+                     if n.op_type == "Expand" and n.input[1] in inits)
+    assert repeats == [[1, 2, 1, 1], [1, 3, 1, 1]]
     for batch, length in ((1, 3), (5, 7), (2, 11)):
         feed = _masked_feed(model, batch, length)
         np.testing.assert_allclose(_run(shrunk, feed), _run(masked, feed), atol=1e-5, rtol=0)
