@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # 2026-12-06 third session).
 HANDOVER_DROP = 0.15
 
-# Gram matrices held at once (float64); a layer alone above it is left as projected.
+# Gram matrices held at once (float32 sums, reconstruct.gram_bytes); a layer alone above it is left as projected.
 GRAM_BUDGET_BYTES = 1 << 30
 # Samples per calibration call: the calls alternate between the half a refit is fit on and the half that
 # checks it, and with a teacher every layer's inputs of the student's call wait for the teacher's, so the
