@@ -76,9 +76,8 @@ def int8_model(model: onnx.ModelProto, calibration: Dataset,
     Raises:
         UserError: the model has no Conv/Gemm/MatMul with a constant weight, or an opset below 13.
     """
-    feeds = list(_feeds(calibration))
     plan = plan_qdq(model)
-    measured = calibrate(model, plan, feeds)
+    measured = calibrate(model, plan, _feeds(calibration))  # streamed: min/max need one pass
     left = unfused(insert_qdq(model, plan, measured).model, plan)
     if left and len(left) < len(plan.nodes):
         logger.info("int8 activations: onnxruntime leaves %d of %d nodes float, planned without them: %s",
@@ -86,7 +85,7 @@ def int8_model(model: onnx.ModelProto, calibration: Dataset,
         plan = plan_qdq(model, left)  # its calibrated tensors are some of the first plan's
     chosen = {t: measured[t] for t in plan.calibrated}
     if ranges == "fit":
-        fit = fit_ranges(model, plan, chosen, feeds)
+        fit = fit_ranges(model, plan, chosen, list(_feeds(calibration)))  # run once per try
         logger.info("int8 activations: ranges fitted in %d runs, output error %.3g -> %.3g of min/max, clipped %s",
                     fit.runs, fit.minmax_error, fit.error, {t: f for t, f in fit.factors.items() if f != 1.0})
         chosen = dict(fit.ranges)
