@@ -214,7 +214,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     diverged = _all_phases_rolled_back(result.stages)
     if diverged:
         raise UserError(f"training diverged in every phase (each was rolled back and stopped), so nothing was "
-                        f"written; first: {diverged}; lower train.lr (now {cfg.lr}) or set admm.rho "
+                        f"written; first: {diverged}; lower train.lr (now {config.lr}) or set admm.rho "
                         f"(now {config.admm.rho if config.admm.rho is not None else 'chosen per phase; see the log'})")
     warnings = list(runner.warnings)
     if floors is not None and floors > 0.5:

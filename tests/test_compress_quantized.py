@@ -48,9 +48,19 @@ def _ort(path, x):
     ({"bits": 1, "per_channel": True, "refit": 0, "clip": 0}, {"DequantizeLinear"}, None),
     ({"clusters": 16}, {"Cast", "Gather"}, 16),
 ])
-def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, quantize, ops, max_levels):
+def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, quantize, ops, max_levels,
+                                                      monkeypatch):
+    from onnx_admm.pipeline import stages
+
+    rates = []
+    make = stages.make_optimizer
+    monkeypatch.setattr(stages, "make_optimizer", lambda params, kind, lr, *a: rates.append(lr) or make(params, kind, lr, *a))
     result = compress(digits_sample.model, str(digits_sample.train), _config(quantize),
                       val_data=str(digits_sample.test))
+    # No train.lr in the recipe: binary weights train at 0.03, everything else at 0.01 (recipe.BINARY_LR).
+    expected = 0.03 if quantize.get("bits") == 1 else 0.01
+    assert rates and set(rates) == {expected}
+    assert result.report["config"]["train"]["lr"] == expected
     out = tmp_path / "q.onnx"
     result.save(out)
     model = onnx.load(str(out))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onnx_admm.converters.errors import UserError
-from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, Rule, TrainConfig
+from onnx_admm.recipe import ADMMConfig, CompressConfig, PruneConfig, QuantizeConfig, Rule, TrainConfig
 from onnx_admm.structures import nm_pattern
 
 RECIPE = """\
@@ -150,6 +150,16 @@ def test_integers_are_fine_numbers(tmp_path):
     assert config.train.lr == 1 and config.admm.rho == 1
 
 
+def test_the_default_learning_rate_follows_the_quantization():
+    assert CompressConfig().lr == 0.01 and CompressConfig().train.lr is None
+    assert CompressConfig.from_dict({"quantize": {"bits": 1}}).lr == 0.03
+    assert CompressConfig.from_dict({"quantize": {"bits": 1, "per_channel": True}}).lr == 0.03
+    for quantize in ({"ternary": True}, {"bits": 2}, {"bits": 4}, {"clusters": 4}):
+        assert CompressConfig.from_dict({"quantize": quantize}).lr == 0.01, quantize
+    assert QuantizeConfig(bits=(8, 4, 2, 1)).binary and not QuantizeConfig(bits=(8, 4, 2)).binary
+    assert CompressConfig.from_dict({"train": {"lr": 0.05}, "quantize": {"bits": 1}}).lr == 0.05  # given: kept
+
+
 @pytest.mark.parametrize("targets", [[0.9, 0.8], [0.9, 0.9], [0.5, 1.0], [-0.1, 0.5], []])
 def test_prune_targets_must_rise_within_unit_interval(targets):
     with pytest.raises(UserError, match="prune.targets"):
@@ -167,6 +177,8 @@ def test_prune_targets_must_end_at_sparsity():
     [
         ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
         ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"lr": True}}, r"\[train\] lr must be a number, got True"),
+        ({"train": {"lr": "0.1"}}, r"\[train\] lr must be a number"),
         ({"train": {"batch_size": 0}}, "train.batch_size"),
         ({"train": {"device": "tpu"}}, "train.device"),
         ({"admm": {"epochs": -1}}, "admm.epochs"),

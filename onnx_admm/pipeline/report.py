@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ from onnx_admm.report_schema import SCHEMA_VERSION
 from onnx_admm.structured import NM, nm_runtimes
 from onnx_admm.storage import tensor_storage_bits
 from onnx_admm.validate import latency_ms, validate
+
+if TYPE_CHECKING:
+    from onnx_admm.recipe import CompressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
         "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers),
                          "in_file": sum(layer["stored_bits"] or 0 for layer in layers)},
         "tool": {"name": "onnx-admm", "version": __version__},
-        "config": result.config.to_dict(),
+        "config": _config(result.config),
         "original": {"bytes": validation.original.bytes, "bytes_gzip": validation.original.gzip_bytes},
         "compressed": {"bytes": validation.compressed.bytes, "bytes_gzip": validation.compressed.gzip_bytes},
         "params": {"total": total, "nonzero": nonzero},
@@ -214,3 +218,11 @@ def _without_paths(validation: dict) -> dict:
         validation[side].pop("path", None)
         validation[side].pop("files", None)
     return validation
+
+
+def _config(config: CompressConfig) -> dict[str, Any]:
+    """The recipe as the run used it: with the learning rate it trained at (a recipe without one gets its
+    quantization's default, recipe.CompressConfig.lr)."""
+    data = config.to_dict()
+    data["train"]["lr"] = config.lr
+    return data

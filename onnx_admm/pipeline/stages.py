@@ -130,7 +130,8 @@ class Runner:
 
     def optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        return make_optimizer(self.imported.module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+        return make_optimizer(self.imported.module.parameters(), cfg.optimizer, self.config.lr, cfg.momentum,
+                              cfg.weight_decay)
 
     def result(self, external: bool, name: str, inputs: list[tuple[str, Path]]) -> CompressResult:
         return CompressResult(self.imported, self.config, list(self.stages), external_data=external,
@@ -302,8 +303,8 @@ class Runner:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         every, limit = period.every, period.limit
-        rho = initial_rho(admm_cfg.rho, cfg.optimizer, cfg.lr, cfg.momentum, period, admm_cfg.pull)
-        cap = rho_limit(admm_cfg.rho_max, rho, cfg.optimizer, cfg.lr, cfg.momentum)
+        rho = initial_rho(admm_cfg.rho, cfg.optimizer, self.config.lr, cfg.momentum, period, admm_cfg.pull)
+        cap = rho_limit(admm_cfg.rho_max, rho, cfg.optimizer, self.config.lr, cfg.momentum)
         admm = SyncedADMM(self.world, params, lambda values: self.constraints(stage, previous, values),
                           RhoSchedule(rho, admm_cfg.rho_growth, cap), rescale_dual=admm_cfg.rescale_dual)
         logger.info("stage %d ADMM: rho %.3g (x%.3g per update), a Z/U update every %d %s", stage, rho,

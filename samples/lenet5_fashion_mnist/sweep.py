@@ -87,6 +87,16 @@ def quant_configs(kind: str) -> dict[str, dict]:
         "refit + clip 2, lr 0.003": row(train={"lr": 0.003}),
         "refit + clip 2, STE only, lr 0.03": row(admm=ste, train={"lr": 0.03}),
         "refit + clip 2, STE only, adam 1e-3": row(admm=ste, train={"optimizer": "adam", "lr": 1e-3}),
+        "refit + clip 2, adam 1e-3": row(train={"optimizer": "adam", "lr": 1e-3}),
+        "refit + clip 2, adam 3e-3": row(train={"optimizer": "adam", "lr": 3e-3}),
+        "refit + clip 2, adam 3e-4": row(train={"optimizer": "adam", "lr": 3e-4}),
+        "refit + clip 1.5, lr 0.03": row({"clip": 1.5}, train={"lr": 0.03}),
+        "refit + clip 3, lr 0.03": row({"clip": 3}, train={"lr": 0.03}),
+        "refit every step + clip 2, lr 0.03": row({"refit": 1}, train={"lr": 0.03}),
+        "refit + clip 2, lr 0.05": row(train={"lr": 0.05}),
+        "refit + clip 2, lr 0.02": row(train={"lr": 0.02}),
+        "refit + clip 2, lr 0.03, distill 0.5": row(train={"lr": 0.03, "distill": 0.5}),
+        "refit + clip 2, lr 0.03, ADMM share 0.3": row(admm={"share": 0.3}, train={"lr": 0.03}),
     }
 
 
