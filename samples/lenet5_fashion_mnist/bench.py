@@ -154,7 +154,8 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
     ``compress`` (stages chosen by the tool) split the same budget themselves. The baselines and the two
     ADMM rows are the literature's methods, without the refit after each projection
     (``prune.reconstruct = false``); the default rows are the product as it ships. Pruning rows run once per
-    seed in ``seeds``.
+    seed in ``seeds``, and so do the quantized and joint rows. Every compress row trains at the product's default
+    learning rate (SGD 0.01; 0.03 for binary weights, recipe.BINARY_LR), batch 128.
     """
     out = [Row("dense", "dense fp32", "1x", "dense"), Row("dense-plus", f"dense + {epochs:g} epochs (control)", "1x",
                                                         "dense_plus")]
@@ -182,16 +183,17 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             for key, method, recipe in methods:
                 out.append(Row(f"{key}-{ratio}x-s{seed}", method, f"{ratio}x", "compress", s,
                                {**recipe, "train": {"seed": seed}}))
-    for name, quant in (("binary", {"bits": 1}), ("ternary", {"ternary": True}), ("2bit", {"bits": 2}),
-                        ("4bit", {"bits": 4})):
-        # binary retrains at 3x the learning rate: measured on this model (RESULTS.md, binary and ternary)
-        lr = {"train": {"lr": 0.03}} if name == "binary" else {}
-        out.append(Row(f"quant-{name}", f"ADMM quantization ({name}, every layer)", name, "compress", None,
-                       {"prune": {"stages": 1}, "quantize": {**quant, "per_channel": True}, **lr}))
-    for ratio, bits in ((40, 4), (100, 2)):
-        s = 1 - 1 / ratio
-        out.append(Row(f"joint-{ratio}x-{bits}bit", f"ADMM pruning + {bits}-bit", f"{ratio}x+{bits}bit", "compress", s,
-                       {"prune": {"sparsity": s}, "quantize": {"bits": bits, "per_channel": True}}))
+    for seed in seeds:
+        for name, quant in (("binary", {"bits": 1}), ("ternary", {"ternary": True}), ("2bit", {"bits": 2}),
+                            ("4bit", {"bits": 4})):
+            out.append(Row(f"quant-{name}-s{seed}", f"ADMM quantization ({name}, every layer)", name, "compress", None,
+                           {"prune": {"stages": 1}, "quantize": {**quant, "per_channel": True},
+                            "train": {"seed": seed}}))
+        for ratio, bits in ((40, 4), (100, 2)):
+            s = 1 - 1 / ratio
+            out.append(Row(f"joint-{ratio}x-{bits}bit-s{seed}", f"ADMM pruning + {bits}-bit", f"{ratio}x+{bits}bit",
+                           "compress", s, {"prune": {"sparsity": s}, "quantize": {"bits": bits, "per_channel": True},
+                                           "train": {"seed": seed}}))
     out += [
         Row("ort-dynamic-int8", "onnxruntime quantize_dynamic", "int8", "ort_dynamic"),
         Row("ort-static-qdq", "onnxruntime quantize_static (QDQ, per-channel)", "int8", "ort_static"),
@@ -279,7 +281,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         from onnx_admm.converters.modelio import save_json
         from onnx_admm.recipe import CompressConfig
 
-        recipe = {**row.recipe, "train": {"batch_size": 128, "lr": 0.01, "threads": args.threads, "device": args.device,
+        recipe = {**row.recipe, "train": {"batch_size": 128, "threads": args.threads, "device": args.device,
                                           "epochs": args.epochs, **row.recipe.get("train", {})}}
         config = CompressConfig.from_dict(recipe)
         train = Dataset({"input": x}, y, {"input"})
