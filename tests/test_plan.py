@@ -43,7 +43,14 @@ def test_bit_schedule_and_pruning_schedule_run_side_by_side():
     assert [q.bits for q in plan.by_name()["fc"].quant] == [8, 4, 2]
     single = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": 4},
                     "rules": [{"match": "emb", "skip": True}]})
-    assert single.by_name()["fc"].quant == (KBit(bits=4),) * 3
+    # One level set: the pruning stages stay float (each can refit its pruned layers), the last quantizes.
+    assert single.by_name()["fc"].quant == (None, None, KBit(bits=4))
+    ternary = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"ternary": True},
+                     "rules": [{"match": "emb", "skip": True}]})
+    assert ternary.by_name()["fc"].quant == (None, None, TernaryLevels(False))
+    listed = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": [4]},
+                    "rules": [{"match": "emb", "skip": True}]})
+    assert listed.by_name()["fc"].quant == (None, None, KBit(bits=4))  # a one-entry list is the same choice
 
 
 def test_mismatched_schedules_are_an_error():
