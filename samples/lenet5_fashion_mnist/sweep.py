@@ -58,6 +58,10 @@ def configs(s: float) -> dict[str, dict]:
         "ADMM auto rho, pull 0.2 (default)": admm(),
         "ADMM auto rho, pull 0.5": admm(pull=0.5),
         "ADMM auto rho, pull 0.2, LR reset per period": admm(lr_policy="reset"),
+        # the shipped default (tool-chosen stages, refit, hand-over), with and without distillation from the original
+        "default": {"prune": {"sparsity": s}},
+        "default + distill 0.5": {"prune": {"sparsity": s}, "train": {"distill": 0.5}},
+        "default + distill 0.9": {"prune": {"sparsity": s}, "train": {"distill": 0.9}},
     }
 
 
