@@ -49,8 +49,10 @@ def _ort(path, x):
     ({"clusters": 16}, {"Cast", "Gather"}, 16),
 ])
 def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, quantize, ops, max_levels,
-                                                      monkeypatch):
+                                                      monkeypatch, caplog):
     from onnx_admm.pipeline import stages
+
+    caplog.set_level("INFO", logger="onnx_admm.api")
 
     rates = []
     make = stages.make_optimizer
@@ -61,6 +63,7 @@ def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, q
     expected = 0.03 if quantize.get("bits") == 1 else 0.01
     assert rates and set(rates) == {expected}
     assert result.report["config"]["train"]["lr"] == expected
+    assert ("binary weights: training at lr 0.03" in caplog.text) == (quantize.get("bits") == 1)  # said in the log
     out = tmp_path / "q.onnx"
     result.save(out)
     model = onnx.load(str(out))
