@@ -53,10 +53,13 @@ def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, q
     from onnx_admm.pipeline import stages
 
     caplog.set_level("INFO", logger="onnx_admm.api")
+    rates, make = [], stages.make_optimizer
 
-    rates = []
-    make = stages.make_optimizer
-    monkeypatch.setattr(stages, "make_optimizer", lambda params, kind, lr, *a: rates.append(lr) or make(params, kind, lr, *a))
+    def recording(params, kind, lr, *rest):
+        rates.append(lr)
+        return make(params, kind, lr, *rest)
+
+    monkeypatch.setattr(stages, "make_optimizer", recording)
     result = compress(digits_sample.model, str(digits_sample.train), _config(quantize),
                       val_data=str(digits_sample.test))
     # No train.lr in the recipe: binary weights train at 0.03, everything else at 0.01 (recipe.BINARY_LR).
