@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,8 +81,21 @@ def interrupts() -> Iterator[None]:
     the extension being imported (numpy's, ml_dtypes'): ``pending_interrupt`` still knows it arrived.
     """
     _received.clear()
-    with _raising(_HELD):
-        yield
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        # An interrupt raised inside a callback Python cannot propagate from (importlib's module-lock weakref
+        # callback, a __del__) is printed as "Exception ignored in ..." with a traceback. It is already in
+        # ``_received``, so the run still stops with its one line; the traceback would only be noise.
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _received):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        with _raising(_HELD):
+            yield
+    finally:
+        sys.unraisablehook = previous_hook
 
 
 def pending_interrupt() -> KeyboardInterrupt | None:

@@ -4,7 +4,7 @@ temporary folder beside the output that the next run removes.
 
 The processes run side by side (each pays ~5 s of imports; one after another they would take three
 times that): ``_drive`` starts them all, watches each one's stderr for its marker and sends its signal
-then. The slow points (the final save, the validation) come from a wrapper that patches them to print
+then. The slow points (the start of stage 2, the final save, the validation) come from a wrapper that patches them to print
 a marker and wait for a ``go`` file, so a signal lands inside them without any blind sleep.
 """
 
@@ -39,13 +39,15 @@ TOTAL = 38160
 TWO_STAGES = ("--sparsity", "0.9", "--stages", "2", "--admm-epochs", "1", "--retrain-epochs", "1")
 ONE_STAGE = ("--sparsity", "0.9", "--admm-epochs", "0", "--retrain-epochs", "1")
 
-# Patches the final save (after the staged file is written, before its rename) or the validation
-# (ONNX_ADMM_TEST_HOLD = save | validate) to print a marker and wait until the test has sent its signal.
+# Patches the start of stage 2, the final save (after the staged file is written, before its rename) or the
+# validation (ONNX_ADMM_TEST_HOLD = stage2 | save | validate) to print a marker and wait until the test has sent
+# its signal: a blind signal on a busy machine can land after stage 2 has already finished.
 WRAPPER = r"""
 import os, sys, time
 from pathlib import Path
 import onnx_admm.converters.modelio as modelio
 import onnx_admm.pipeline.report as report_step
+import onnx_admm.progress as progress
 
 GO = Path(os.environ["ONNX_ADMM_TEST_GO"])
 
@@ -69,7 +71,15 @@ def slow_validate(*args, **kwargs):
     hold("validate")
     return real_validate(*args, **kwargs)
 
+real_on_stage = progress._Display.on_stage
+
+def slow_on_stage(self, event):
+    real_on_stage(self, event)
+    if event["stage"] == 1:
+        hold("stage2")
+
 modelio.Staged.model = slow_model
+progress._Display.on_stage = slow_on_stage
 report_step.validate = slow_validate
 from onnx_admm.cli import main
 main(sys.argv[1:], prog_name="onnx-admm")
@@ -143,7 +153,7 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("signals")
     runs = {
         # Ctrl-C mid-training is also covered in process (test_cli_compress, test_api).
-        "sigterm_mid_training": Run(root / "term", TWO_STAGES, "stage 2/2", signal.SIGTERM),
+        "sigterm_mid_training": Run(root / "term", TWO_STAGES, "SLOW stage2", signal.SIGTERM, hold="stage2"),
         "sigint_during_final_save": Run(root / "save", ONE_STAGE, "SLOW save", signal.SIGINT, hold="save"),
         "sigkill_during_validation": Run(root / "kill", ONE_STAGE, "SLOW validate", signal.SIGKILL, hold="validate"),
     }
@@ -268,3 +278,31 @@ def test_an_interrupt_swallowed_during_the_run_stops_it_at_the_next_progress_eve
         assert caught.value.result is None and caught.value.exit_status == EXIT_TERMINATED
         assert len(events) == 1 and not out.exists()
         assert compress(model, data, config, output=out).report["params"]["nonzero"] > 0 and out.exists()
+
+
+def test_an_interrupt_raised_where_python_cannot_propagate_it_prints_no_traceback(monkeypatch):
+    # A signal landing in importlib's module-lock weakref callback (or any __del__) raises there, and Python
+    # prints "Exception ignored in ..." with a traceback: a run interrupted at start-up showed seven lines in
+    # place of one. The interrupt is remembered all the same, so the run still stops with its one line.
+    import gc
+
+    from onnx_admm.signals import interrupts, pending_interrupt
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+
+    class Broken:
+        def __del__(self):
+            raise ValueError("a real bug in a finalizer")
+
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(unraisable.exc_type))
+    with interrupts():
+        Finalized()
+        gc.collect()
+        assert isinstance(pending_interrupt(), Terminated)
+        Broken()  # anything else still reaches the hook that was there before
+        gc.collect()
+    assert printed == [ValueError]
+    Finalized.__del__ = lambda self: None
