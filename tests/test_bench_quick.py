@@ -40,7 +40,7 @@ def test_quick_run_produces_every_row(tmp_path):
         assert 0.0 <= row["top1"] <= 1.0 and row["bytes"] > 0 and row["bytes_gzip"] > 0
     pruned = {r["id"]: r for r in results if r.get("density") and r["target"].endswith("x")
               and not r["id"].startswith("onnxsim-")}
-    assert len(pruned) == 9 * len(bench.TARGETS)  # 9 pruning methods per ratio (the last: sensitivity allocation)
+    assert len(pruned) == 10 * len(bench.TARGETS)  # 10 pruning methods per ratio (the last: sensitivity allocation)
     for rid, row in pruned.items():
         target = float(row["target"][:-1])
         assert row["ratio"] == pytest.approx(target, rel=0.01), rid

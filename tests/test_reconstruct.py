@@ -280,6 +280,35 @@ def test_once_the_refit_start_wins_the_later_stages_retrain_for_their_whole_budg
     assert explicit[0]["reconstruction"]["start"] == "stage start" and explicit[1]["epochs"] == {"admm": 1, "retrain": 1}
 
 
+def test_a_long_admm_phase_keeps_the_later_stages_admm_phases_though_the_refit_start_won(digits_sample,
+                                                                                         monkeypatch, caplog):
+    # The hand-over pays where ADMM phases are short and costs where they are long (LeNet-5: +0.7 / +1.4 points
+    # at 40x / 100x with 150-step phases, -0.8 at 200x with 440-step ones): from HANDOVER_MAX_STEPS steps on
+    # the later stages keep the ADMM epochs of the tool's split. lr 1e6 makes every ADMM phase lose.
+    from onnx_admm.pipeline import stages as stages_module
+
+    shipped = stages_module.HANDOVER_MAX_STEPS
+    train = np.load(digits_sample.train)
+    data = Dataset({"input": train["input"]}, train["labels"], {"input"})
+    recipe = {"train": {"threads": 1, "lr": 1e6, "epochs": 4}, "prune": {"stages": 2, "sparsity": 0.8}}
+
+    def stages(limit: int) -> list[dict]:
+        monkeypatch.setattr(stages_module, "HANDOVER_MAX_STEPS", limit)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="onnx_admm.pipeline.stages"):
+            return compress(digits_sample.model, data, CompressConfig.from_dict(recipe)).report["stages"]
+
+    kept = stages(1)
+    assert kept[0]["reconstruction"]["start"] == "stage start"
+    assert kept[1]["epochs"]["admm"] == kept[0]["epochs"]["admm"] > 0 and kept[1]["handover"] is None
+    steps = [r.args[1] for r in caplog.records if "long enough to keep" in r.getMessage()]
+    assert len(steps) == 1 and steps[0] > 1
+    handed = stages(steps[0] + 1)  # one step short of it: handed over, as the default does on this small sample
+    assert handed[0]["reconstruction"]["start"] == "stage start" and handed[1]["epochs"]["admm"] == 0
+    assert handed[1]["epochs"]["retrain"] == pytest.approx(sum(kept[1]["epochs"].values()))
+    assert steps[0] < shipped and kept[0]["epochs"] == handed[0]["epochs"]
+
+
 def test_a_handed_over_stage_takes_its_admm_phase_back_when_its_projection_loses_too_much(digits_sample, monkeypatch):
     # Before a stage the hand-over reached, its starting weights are projected onto its target and refit; a
     # selection metric lost beyond HANDOVER_DROP gives that stage (and the later ones) the ADMM epochs of the

@@ -53,6 +53,14 @@ logger = logging.getLogger(__name__)
 # 2026-12-06 third session).
 HANDOVER_DROP = 0.15
 
+# Optimizer steps from which an ADMM phase that lost to the refit stage start is kept in the later stages
+# (``Runner.skip_admm_after``): the hand-over pays where phases are short and costs where they are long.
+# LeNet-5 on Fashion-MNIST, 10 epochs, two seeds: on 20,000 images (ADMM phases of about 150 steps) handing
+# over won 0.60 / 1.43 points at 40x / 100x; on all 60,000 (about 440 steps; 350 at 400x) keeping the ADMM
+# phases won 0.24 / 0.76 (three seeds) at 100x / 200x and was level at 40x (-0.09) and 400x
+# (samples/lenet5_fashion_mnist/RESULTS.md, 2026-12-06 fifth session).
+HANDOVER_MAX_STEPS = 300
+
 # Gram matrices held at once (float32 sums, reconstruct.gram_bytes); a layer alone above it is left as projected.
 GRAM_BUDGET_BYTES = 1 << 30
 # Samples per calibration call: the calls alternate between the half a refit is fit on and the half that

@@ -28,7 +28,7 @@ from onnx_admm.distributed import SyncedADMM, World, digest
 from onnx_admm.levels import FixedLevels, RefitLevels, StraightThrough
 from onnx_admm.memory import PeakMemory
 from onnx_admm.pipeline.batch import choose_batch, even_steps, to_batches
-from onnx_admm.pipeline.reconstruction import StageRefit, handover_check
+from onnx_admm.pipeline.reconstruction import HANDOVER_MAX_STEPS, StageRefit, handover_check
 from onnx_admm.pipeline.rollback import Rollback, copy_values, load_values, snapshot
 from onnx_admm.pipeline.sensitivity import sample, with_curves
 from onnx_admm.pipeline.results import CompressResult, StageResult
@@ -72,6 +72,7 @@ class Runner:
         self.memory = memory or PeakMemory()
         self.trained = world.wrap(imported.module, device)  # what the training steps run (DDP under torchrun)
         self.batches_trained = 0
+        self.admm_steps = 0  # optimizer steps of the last stage's ADMM phase
         self.state_digests: list[str] = []  # per stage: masks, levels and kept weights (equal on every rank)
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
@@ -163,15 +164,20 @@ class Runner:
 
     def skip_admm_after(self, stage: int) -> bool:
         """Whether the stages after ``stage`` give their ADMM epochs to retraining: the tool split the budget
-        (``train.epochs``) and this stage's ADMM projection lost to the (refit) projection of its starting
-        weights, so more ADMM epochs would likely be thrown away again (every process decides alike: the
-        choice rests on rank 0's selection metric)."""
+        (``train.epochs``), this stage's ADMM projection lost to the (refit) projection of its starting
+        weights, and its ADMM phase was short (under ``HANDOVER_MAX_STEPS`` optimizer steps), so more ADMM
+        epochs would likely be thrown away again (every process decides alike: the choice rests on rank 0's
+        selection metric and on step counts every rank shares)."""
         last = self.stages[-1] if self.stages else None
         start = ((last.reconstruction or {}).get("start") or (last.quantized_start or {}).get("kept")) if last else None
         if start != "stage start" or self.cfg.epochs is None or stage + 1 >= self.plan.n_stages:
             return False
-        logger.info("stage %d: the stage start beat the ADMM phase's projection; the later stages retrain "
-                    "for their whole budget", stage)
+        if self.admm_steps >= HANDOVER_MAX_STEPS:
+            logger.info("stage %d: the stage start beat the ADMM phase's projection; with %d steps an ADMM phase "
+                        "is long enough to keep, so the later stages keep theirs", stage, self.admm_steps)
+            return False
+        logger.info("stage %d: the stage start beat the ADMM phase's projection (%d steps); the later stages "
+                    "retrain for their whole budget", stage, self.admm_steps)
         return True
 
     def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None,
@@ -202,7 +208,9 @@ class Runner:
                    "target": self.plan.global_stages[stage] if self.plan.global_stages else None})
         quantized = {w.spec.name: w for w in self.plan.weights if w.spec.name in params and w.quant[stage]}
         refit = StageRefit(self, stage, quantized, budget.admm > 0)
+        trained = self.batches_trained
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
+        self.admm_steps = self.batches_trained - trained  # what the hand-over weighs (skip_admm_after)
         self.memory.mark(f"stage{stage + 1}.admm")
         latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
         before = refit.before()

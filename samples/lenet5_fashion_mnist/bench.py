@@ -150,7 +150,8 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
 
     The baselines spend it on masked retraining (``admm.epochs = 0``): magnitude one-shot (one projection
     to the target, LAMP allocation, then fine-tuning), and gradual magnitude pruning (AGP, 4 cubic steps)
-    with global |W| and with LAMP allocation. ADMM one-shot and progressive (3 stages) and the default
+    with global |W| and with LAMP allocation (and AGP-LAMP with the product's refit after each projection, which
+    tells the refit's share from ADMM's). ADMM one-shot and progressive (3 stages) and the default
     ``compress`` (stages chosen by the tool) split the same budget themselves. The baselines and the two
     ADMM rows are the literature's methods, without the refit after each projection
     (``prune.reconstruct = false``); the default rows are the product as it ships. Pruning rows run once per
@@ -169,6 +170,8 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             ("agp-global", "AGP (4 steps), global magnitude",
              {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, "allocation": "global", **plain}}),
             ("agp-lamp", "AGP (4 steps), LAMP", {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, **plain}}),
+            ("agp-lamp-refit", "AGP (4 steps), LAMP + refit",
+             {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp}}),
             ("admm-oneshot", "ADMM one-shot", {"prune": {"sparsity": s, "stages": 1, **plain}}),
             ("admm-progressive", "ADMM progressive (3 stages)", {"prune": {"sparsity": s, "stages": 3, **plain}}),
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
