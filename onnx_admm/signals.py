@@ -81,21 +81,28 @@ def interrupts() -> Iterator[None]:
     the extension being imported (numpy's, ml_dtypes'): ``pending_interrupt`` still knows it arrived.
     """
     _received.clear()
-    previous_hook = sys.unraisablehook
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-    def hook(unraisable) -> None:
+    def unraisable(info) -> None:
         # An interrupt raised inside a callback Python cannot propagate from (importlib's module-lock weakref
         # callback, a __del__) is printed as "Exception ignored in ..." with a traceback. It is already in
         # ``_received``, so the run still stops with its one line; the traceback would only be noise.
-        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _received):
-            previous_hook(unraisable)
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _received):
+            previous_unraisable(info)
 
-    sys.unraisablehook = hook
+    def excepthook(kind, value, traceback) -> None:
+        # An extension whose import an interrupt cut prints the error it turned it into with PyErr_Print, which
+        # lands here ("ImportError: _multiarray_umath failed to import": numpy's import_umath in another
+        # extension's module init). Inside the block every other exception is caught before it could reach here.
+        if not _received:
+            previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
     try:
         with _raising(_HELD):
             yield
     finally:
-        sys.unraisablehook = previous_hook
+        sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
 
 
 def pending_interrupt() -> KeyboardInterrupt | None:

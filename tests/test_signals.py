@@ -306,3 +306,25 @@ def test_an_interrupt_raised_where_python_cannot_propagate_it_prints_no_tracebac
         gc.collect()
     assert printed == [ValueError]
     Finalized.__del__ = lambda self: None
+
+
+def test_an_error_an_extension_prints_after_an_interrupt_cut_its_import_is_not_shown(monkeypatch):
+    # A signal landing inside numpy's import from another extension's module init: numpy turns the interrupt
+    # into "ImportError: _multiarray_umath failed to import" and PyErr_Print prints it through sys.excepthook
+    # (PyRun_SimpleString prints an error the same way). Once an interrupt arrived that line is noise.
+    import ctypes
+
+    from onnx_admm.signals import interrupts, pending_interrupt
+
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: printed.append(str(value)))
+    with interrupts():
+        ctypes.pythonapi.PyRun_SimpleString(b"raise ImportError('before any signal')")
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Terminated:
+            pass  # what the extension's C code does with it
+        ctypes.pythonapi.PyRun_SimpleString(b"raise ImportError('_multiarray_umath failed to import')")
+        assert isinstance(pending_interrupt(), Terminated)
+    ctypes.pythonapi.PyRun_SimpleString(b"raise ImportError('after the block')")
+    assert printed == ["before any signal", "after the block"]
