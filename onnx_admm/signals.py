@@ -78,7 +78,9 @@ def interrupts() -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt and SIGTERM Terminated inside the block, and each is remembered.
 
     An interrupt raised inside an import can be swallowed, or turned into another error, by the C code of
-    the extension being imported (numpy's, ml_dtypes'): ``pending_interrupt`` still knows it arrived.
+    the extension being imported (numpy's, ml_dtypes'): ``pending_interrupt`` still knows it arrived. What
+    Python or that C code would print about it (an ignored exception, the error it was turned into) is not
+    shown once an interrupt arrived, so the command still ends with its one line.
     """
     _received.clear()
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
