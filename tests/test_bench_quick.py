@@ -40,7 +40,7 @@ def test_quick_run_produces_every_row(tmp_path):
         assert 0.0 <= row["top1"] <= 1.0 and row["bytes"] > 0 and row["bytes_gzip"] > 0
     pruned = {r["id"]: r for r in results if r.get("density") and r["target"].endswith("x")
               and not r["id"].startswith("onnxsim-")}
-    assert len(pruned) == 10 * len(bench.TARGETS)  # 10 pruning methods per ratio (the last: sensitivity allocation)
+    assert len(pruned) == 12 * len(bench.TARGETS)  # 12 pruning methods per ratio (the last: sensitivity allocation)
     for rid, row in pruned.items():
         target = float(row["target"][:-1])
         assert row["ratio"] == pytest.approx(target, rel=0.01), rid
@@ -52,3 +52,14 @@ def test_quick_run_produces_every_row(tmp_path):
     before = (tmp_path / "results.json").read_text()
     assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
     assert (tmp_path / "results.json").read_text() == before
+
+
+def test_a_row_that_sets_a_learning_rate_keeps_it_beside_its_seed():
+    # The -lr02 rows add train.lr to the row's recipe; the seed of each row used to replace the whole train table.
+    from onnx_admm.recipe import CompressConfig
+
+    rows = {row.id: row for row in _bench().rows(10, (0, 1))}
+    for rid in ("default-lr02-200x-s1", "agp-lamp-lr02-40x-s0"):
+        config = CompressConfig.from_dict(rows[rid].recipe)
+        assert config.lr == 0.02 and config.train.seed == int(rid[-1])
+    assert CompressConfig.from_dict(rows["default-200x-s1"].recipe).lr == 0.01

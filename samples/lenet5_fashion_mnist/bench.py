@@ -156,7 +156,8 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
     ADMM rows are the literature's methods, without the refit after each projection
     (``prune.reconstruct = false``); the default rows are the product as it ships. Pruning rows run once per
     seed in ``seeds``, and so do the quantized and joint rows. Every compress row trains at the product's default
-    learning rate (SGD 0.01; 0.03 for binary weights, recipe.BINARY_LR), batch 128.
+    learning rate (SGD 0.01; 0.03 for binary weights, recipe.BINARY_LR), batch 128, except the ``-lr02`` rows of
+    the default and AGP-LAMP, which train at 0.02.
     """
     out = [Row("dense", "dense fp32", "1x", "dense"), Row("dense-plus", f"dense + {epochs:g} epochs (control)", "1x",
                                                         "dense_plus")]
@@ -170,11 +171,14 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             ("agp-global", "AGP (4 steps), global magnitude",
              {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, "allocation": "global", **plain}}),
             ("agp-lamp", "AGP (4 steps), LAMP", {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, **plain}}),
+            ("agp-lamp-lr02", "AGP (4 steps), LAMP, lr 0.02",
+             {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, **plain}, "train": {"lr": 0.02}}),
             ("agp-lamp-refit", "AGP (4 steps), LAMP + refit",
              {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp}}),
             ("admm-oneshot", "ADMM one-shot", {"prune": {"sparsity": s, "stages": 1, **plain}}),
             ("admm-progressive", "ADMM progressive (3 stages)", {"prune": {"sparsity": s, "stages": 3, **plain}}),
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
+            ("default-lr02", "onnx-admm default, lr 0.02", {"prune": {"sparsity": s}, "train": {"lr": 0.02}}),
             ("default-plain", "onnx-admm default without the refit", {"prune": {"sparsity": s, **plain}}),
             ("default-global", "onnx-admm default, global magnitude allocation",
              {"prune": {"sparsity": s, "allocation": "global"}}),
@@ -185,7 +189,7 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
         for seed in (seeds if ratio != TARGETS[-1] else seeds[:1]):
             for key, method, recipe in methods:
                 out.append(Row(f"{key}-{ratio}x-s{seed}", method, f"{ratio}x", "compress", s,
-                               {**recipe, "train": {"seed": seed}}))
+                               {**recipe, "train": {**recipe.get("train", {}), "seed": seed}}))
     for seed in seeds:
         for name, quant in (("binary", {"bits": 1}), ("ternary", {"ternary": True}), ("2bit", {"bits": 2}),
                             ("4bit", {"bits": 4})):
