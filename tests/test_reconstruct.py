@@ -302,8 +302,9 @@ def test_a_long_admm_phase_keeps_the_later_stages_admm_phases_though_the_refit_s
     assert kept[0]["reconstruction"]["start"] == "stage start"
     assert kept[1]["epochs"]["admm"] == kept[0]["epochs"]["admm"] > 0 and kept[1]["handover"] is None
     steps = [r.args[1] for r in caplog.records if "long enough to keep" in r.getMessage()]
-    assert len(steps) == 1 and steps[0] > 1
+    assert steps == [kept[0]["admm_steps"]] and steps[0] > 1 and kept[1]["admm_steps"] > 0
     handed = stages(steps[0] + 1)  # one step short of it: handed over, as the default does on this small sample
+    assert handed[1]["admm_steps"] == 0
     assert handed[0]["reconstruction"]["start"] == "stage start" and handed[1]["epochs"]["admm"] == 0
     assert handed[1]["epochs"]["retrain"] == pytest.approx(sum(kept[1]["epochs"].values()))
     assert steps[0] < shipped and kept[0]["epochs"] == handed[0]["epochs"]

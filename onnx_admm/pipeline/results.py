@@ -47,6 +47,7 @@ class StageResult:
     quant: dict[str, QuantChoice] = field(default_factory=dict)  # quantized weights of this stage
     kept_channels: dict[str, np.ndarray] = field(default_factory=dict)  # filter groups: channels kept
     epochs: dict[str, float] = field(default_factory=dict)  # epochs of each phase
+    admm_steps: int = 0  # optimizer steps the ADMM phase took (what the hand-over weighs: Runner.skip_admm_after)
     stopped: list[str] = field(default_factory=list)  # phases a non-finite loss rolled back and stopped
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict, repr=False)  # for the quantized encoders
     patterns: dict[str, NM] = field(default_factory=dict)  # N:M weights: param name -> pattern (torch layout)
@@ -72,6 +73,7 @@ class StageResult:
         return {
             "index": self.index, "target": self.target, "sparsity": self.sparsity,
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
+            "admm_steps": self.admm_steps,
             "mean_residual": mean, "history": self.history, "reconstruction": self.reconstruction,
             "quantized_start": self.quantized_start, "handover": self.handover,
         }

@@ -72,7 +72,6 @@ class Runner:
         self.memory = memory or PeakMemory()
         self.trained = world.wrap(imported.module, device)  # what the training steps run (DDP under torchrun)
         self.batches_trained = 0
-        self.admm_steps = 0  # optimizer steps of the last stage's ADMM phase
         self.state_digests: list[str] = []  # per stage: masks, levels and kept weights (equal on every rank)
         self.params = {w.spec.name: imported.module.get_parameter(w.spec.name) for w in plan.weights}
         self.stages: list[StageResult] = []
@@ -172,12 +171,12 @@ class Runner:
         start = ((last.reconstruction or {}).get("start") or (last.quantized_start or {}).get("kept")) if last else None
         if start != "stage start" or self.cfg.epochs is None or stage + 1 >= self.plan.n_stages:
             return False
-        if self.admm_steps >= HANDOVER_MAX_STEPS:
+        if last.admm_steps >= HANDOVER_MAX_STEPS:
             logger.info("stage %d: the stage start beat the ADMM phase's projection; with %d steps an ADMM phase "
-                        "is long enough to keep, so the later stages keep theirs", stage, self.admm_steps)
+                        "is long enough to keep, so the later stages keep theirs", stage, last.admm_steps)
             return False
         logger.info("stage %d: the stage start beat the ADMM phase's projection (%d steps); the later stages "
-                    "retrain for their whole budget", stage, self.admm_steps)
+                    "retrain for their whole budget", stage, last.admm_steps)
         return True
 
     def constraints(self, stage: int, previous: dict[str, torch.Tensor] | None,
@@ -210,7 +209,7 @@ class Runner:
         refit = StageRefit(self, stage, quantized, budget.admm > 0)
         trained = self.batches_trained
         rolled, admm = self.admm_phase(stage, params, previous, budget.admm)
-        self.admm_steps = self.batches_trained - trained  # what the hand-over weighs (skip_admm_after)
+        admm_steps = self.batches_trained - trained
         self.memory.mark(f"stage{stage + 1}.admm")
         latent = {name: params[name].detach().clone() for name in quantized}  # where STE starts (levels.py)
         before = refit.before()
@@ -250,7 +249,7 @@ class Runner:
             quant_specs={n: _quant_spec(self.imported, n, w.quant[stage], scales[n]) for n, w in quantized.items()},
             patterns={w.spec.name: nm_constraint(w) for w in self.plan.weights
                       if w.spec.name in params and nm_constraint(w) is not None},
-            epochs={"admm": budget.admm, "retrain": budget.retrain},
+            epochs={"admm": budget.admm, "retrain": budget.retrain}, admm_steps=admm_steps,
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
             history=self.history, reconstruction=reconstruction, quantized_start=quantized_start, handover=handover,
         ))
