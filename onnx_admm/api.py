@@ -187,8 +187,7 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     imported.module.to(device)
     specs = weight_specs(imported)
     plan = make_plan(specs, config)
-    if cfg.lr is None and config.quantize.binary:
-        logger.info("binary weights: training at lr %g (no train.lr given; recipe.BINARY_LR)", config.lr)
+    logger.info("training at lr %g (%s)", config.lr, config.lr_source)
     floors = checked_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
                                                          for s in specs})

@@ -57,11 +57,18 @@ DEFAULT_ADMM_EPOCHS = 10
 DEFAULT_RETRAIN_EPOCHS = 5
 # The training batch when train.batch_size is not given (lowered to fit train.batch_memory_mb).
 DEFAULT_BATCH_SIZE = 64
-# The SGD learning rate when the recipe gives none; binary weights retrain at 3x it: their latent weights must
-# cross a whole level (from +a to -a) to change. Every layer binary, 0.03 against 0.01: Fashion-MNIST LeNet-5
-# +0.75 point (2 seeds; 0.1 diverged), the digits CNN +3.2, a residual CNN +11.4 (3 seeds; at 0.01 two of them
-# ended near 58%) (samples/lenet5_fashion_mnist/RESULTS.md, binary_lr.py).
+# The SGD learning rate when the recipe gives none, by what the run does to the weights
+# (CompressConfig.lr). Quantized levels alone train at DEFAULT_LR: 4-bit LeNet-5 lost 0.90 point at 0.02, its
+# retraining never beating the plain projection. Pruning weight by weight (unstructured or N:M, with or without
+# levels) trains at PRUNE_LR, twice it: Fashion-MNIST LeNet-5 on 60,000 images +0.41 / +0.95 / +1.09 / +1.58
+# points at 40x / 100x / 200x / 400x (2-3 seeds), 40x + 4-bit +0.49, the digits CNN +0.42, a residual CNN at 90%
+# +1.13, a ViT at 90% +0.59. Whole filters, channels, columns or blocks keep DEFAULT_LR: the residual CNN's 50%
+# filter run broke in two of three seeds at 0.02 (-14 points) (the samples' RESULTS.md files). Binary weights train
+# at BINARY_LR: their latent weights must cross a whole level (from +a to -a) to change. Every layer binary,
+# 0.03 against 0.01: LeNet-5 +0.75 point (2 seeds; 0.1 diverged), the digits CNN +3.2, a residual CNN +11.4
+# (3 seeds; at 0.01 two of them ended near 58%) (binary_lr.py).
 DEFAULT_LR = 0.01
+PRUNE_LR = 0.02
 BINARY_LR = 0.03
 # train.precision: the torch dtype (its name in torch) of each precision a recipe may name.
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -99,7 +106,7 @@ class TrainConfig:
     """How weights are trained during ADMM and retraining."""
 
     optimizer: str = "sgd"  # sgd | adam
-    lr: float | None = None  # None: DEFAULT_LR, or BINARY_LR when the weights are quantized to binary
+    lr: float | None = None  # None: by what the run does, CompressConfig.lr (DEFAULT_LR, PRUNE_LR, BINARY_LR)
     momentum: float = 0.9
     weight_decay: float = 0.0
     # None: DEFAULT_BATCH_SIZE, lowered (with a warning) when its estimated activations exceed
@@ -465,12 +472,45 @@ class CompressConfig:
             return [PhaseBudget(admm, retrain)] * n_stages
         return split_budget(self.budget, n_stages, share=self.admm.share if self.admm.epochs != 0 else 0.0)
 
+    def pruned_structures(self) -> set[str]:
+        """The structures the run prunes with: the global target's (a sparsity, targets or an N:M pattern) and
+        each rule's own (a sparsity or a pattern, in the rule's structure or the global one). Empty: no pruning."""
+        shared = (self.prune.sparsity is not None or self.prune.targets is not None
+                  or structures.nm_pattern(self.prune.structure) is not None)
+        out = {self.prune.structure} if shared else set()
+        for rule in self.rules:
+            # a rule's structure applies to its own sparsity or pattern, and to the global target it shares
+            if not rule.skip and (rule.sparsity is not None or structures.nm_pattern(rule.structure) is not None
+                                  or (shared and rule.structure is not None)):
+                out.add(rule.structure or self.prune.structure)
+        return out
+
+    @property
+    def prunes_weights(self) -> bool:
+        """Whether the run prunes, and weight by weight only (unstructured or N:M): what PRUNE_LR is for."""
+        found = self.pruned_structures()
+        return bool(found) and all(s == "unstructured" or structures.nm_pattern(s) is not None for s in found)
+
     @property
     def lr(self) -> float:
-        """The learning rate the run trains at: ``train.lr``, or the default for its quantization."""
+        """The learning rate the run trains at: ``train.lr``, or the default for what the run does to the weights:
+        BINARY_LR for binary levels, PRUNE_LR when it prunes weight by weight, DEFAULT_LR otherwise (levels alone,
+        or whole filters, channels, columns or blocks)."""
+        return self._lr_choice()[0]
+
+    @property
+    def lr_source(self) -> str:
+        """Where ``lr`` comes from, for the log: the recipe, or which default."""
+        return self._lr_choice()[1]
+
+    def _lr_choice(self) -> tuple[float, str]:
         if self.train.lr is not None:
-            return self.train.lr
-        return BINARY_LR if self.quantize.binary else DEFAULT_LR
+            return self.train.lr, "train.lr"
+        if self.quantize.binary:
+            return BINARY_LR, "the binary default, recipe.BINARY_LR"
+        if self.prunes_weights:
+            return PRUNE_LR, "the pruning default, recipe.PRUNE_LR"
+        return DEFAULT_LR, "the default, recipe.DEFAULT_LR"
 
     def rule_for(self, name: str, op_type: str) -> Rule | None:
         return next((r for r in self.rules if r.matches(name, op_type)), None)

@@ -55,11 +55,15 @@ def test_quick_run_produces_every_row(tmp_path):
 
 
 def test_a_row_that_sets_a_learning_rate_keeps_it_beside_its_seed():
-    # The -lr02 rows add train.lr to the row's recipe; the seed of each row used to replace the whole train table.
+    # The -lr01 rows add train.lr to the row's recipe; the seed of each row used to replace the whole train table.
     from onnx_admm.recipe import CompressConfig
 
     rows = {row.id: row for row in _bench().rows(10, (0, 1))}
-    for rid in ("default-lr02-200x-s1", "agp-lamp-lr02-40x-s0"):
+    for rid in ("default-lr01-200x-s1", "agp-lamp-lr01-40x-s0"):
         config = CompressConfig.from_dict(rows[rid].recipe)
-        assert config.lr == 0.02 and config.train.seed == int(rid[-1])
-    assert CompressConfig.from_dict(rows["default-200x-s1"].recipe).lr == 0.01
+        assert config.lr == 0.01 and config.train.seed == int(rid[-1])
+    # the other rows train at the product's defaults: pruning 0.02, levels alone 0.01, binary 0.03
+    assert CompressConfig.from_dict(rows["default-200x-s1"].recipe).lr == 0.02
+    assert CompressConfig.from_dict(rows["joint-40x-4bit-s0"].recipe).lr == 0.02
+    assert CompressConfig.from_dict(rows["quant-4bit-s1"].recipe).lr == 0.01
+    assert CompressConfig.from_dict(rows["quant-binary-s0"].recipe).lr == 0.03

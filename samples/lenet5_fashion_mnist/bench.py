@@ -156,8 +156,9 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
     ADMM rows are the literature's methods, without the refit after each projection
     (``prune.reconstruct = false``); the default rows are the product as it ships. Pruning rows run once per
     seed in ``seeds``, and so do the quantized and joint rows. Every compress row trains at the product's default
-    learning rate (SGD 0.01; 0.03 for binary weights, recipe.BINARY_LR), batch 128, except the ``-lr02`` rows of
-    the default and AGP-LAMP, which train at 0.02.
+    learning rate (SGD, batch 128; CompressConfig.lr: 0.02 for pruning, recipe.PRUNE_LR, 0.01 for levels alone,
+    0.03 for binary weights), except the ``-lr01`` rows of the default and AGP-LAMP, which prune at 0.01 (the
+    product's pruning default before PRUNE_LR).
     """
     out = [Row("dense", "dense fp32", "1x", "dense"), Row("dense-plus", f"dense + {epochs:g} epochs (control)", "1x",
                                                         "dense_plus")]
@@ -171,14 +172,14 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             ("agp-global", "AGP (4 steps), global magnitude",
              {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, "allocation": "global", **plain}}),
             ("agp-lamp", "AGP (4 steps), LAMP", {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, **plain}}),
-            ("agp-lamp-lr02", "AGP (4 steps), LAMP, lr 0.02",
-             {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, **plain}, "train": {"lr": 0.02}}),
+            ("agp-lamp-lr01", "AGP (4 steps), LAMP, lr 0.01",
+             {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp, **plain}, "train": {"lr": 0.01}}),
             ("agp-lamp-refit", "AGP (4 steps), LAMP + refit",
              {"admm": {"epochs": 0}, "prune": {"sparsity": s, "targets": agp}}),
             ("admm-oneshot", "ADMM one-shot", {"prune": {"sparsity": s, "stages": 1, **plain}}),
             ("admm-progressive", "ADMM progressive (3 stages)", {"prune": {"sparsity": s, "stages": 3, **plain}}),
             ("default", "onnx-admm default", {"prune": {"sparsity": s}}),
-            ("default-lr02", "onnx-admm default, lr 0.02", {"prune": {"sparsity": s}, "train": {"lr": 0.02}}),
+            ("default-lr01", "onnx-admm default, lr 0.01", {"prune": {"sparsity": s}, "train": {"lr": 0.01}}),
             ("default-plain", "onnx-admm default without the refit", {"prune": {"sparsity": s, **plain}}),
             ("default-global", "onnx-admm default, global magnitude allocation",
              {"prune": {"sparsity": s, "allocation": "global"}}),
@@ -300,6 +301,7 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         structure = result.report.get("structure")
         density = {layer["name"]: round(1 - layer["sparsity"], 5) for layer in result.report["layers"]}
         stages = len(result.stages)
+        extra_info = {"lr": config.lr}  # the product's default for the row, or the row's own
         # compress resets the kernel's peak at each phase (onnx_admm.memory): its report has the run's peak.
         compress_peak = result.report["peak_rss_mb"]
     elif row.kind == "onnxsim":

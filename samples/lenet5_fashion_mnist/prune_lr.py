@@ -1,7 +1,9 @@
-"""Pruning the bundled digits CNN with labels at several learning rates: the second model behind the lr 0.02
-rows of the benchmark (``bench.py``'s ``default-lr02``).
+"""Pruning the bundled digits CNN with labels at several learning rates: the second model behind the pruning
+default of 0.02 (recipe.PRUNE_LR; ``bench.py``'s ``default`` against ``default-lr01``).
 
     python samples/lenet5_fashion_mnist/prune_lr.py --sparsity 0.95 0.98 --lr 0.01 0.02 --seeds 0 1
+    python samples/lenet5_fashion_mnist/prune_lr.py --structure filter --sparsity 0.5 0.75 ...
+    python samples/lenet5_fashion_mnist/prune_lr.py --structure 2:4 --sparsity 0.5 ...
 
 The default ``compress`` (``train.epochs`` 10, stages chosen by the tool) on samples/digits' 1,437 training
 digits, one thread; top-1 of the compressed file in onnxruntime on its 360 test digits. One JSON line per run
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.98])
     parser.add_argument("--lr", type=float, nargs="+", default=[0.01, 0.02])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--structure", default="unstructured", help="prune.structure (an N:M pattern fixes the sparsity)")
     parser.add_argument("--out", type=Path, default=Path("prune_lr.jsonl"))
     parser.add_argument("--work", type=Path, default=Path("prune_lr_work"))
     args = parser.parse_args(argv)
@@ -42,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     for sparsity in args.sparsity:
         for lr in args.lr:
             for seed in args.seeds:
-                config = CompressConfig.from_dict({"prune": {"sparsity": sparsity},
+                prune = {"sparsity": sparsity, "structure": args.structure}
+                config = CompressConfig.from_dict({"prune": prune,
                                                    "train": {"lr": lr, "seed": seed, "threads": 1, "epochs": 10}})
-                out = args.work / f"digits-{sparsity}-{lr}-{seed}.onnx"
+                out = args.work / f"digits-{args.structure.replace(':', '-')}-{sparsity}-{lr}-{seed}.onnx"
                 compress(DIGITS / "model.onnx", train_data, config, output=out, metric_floor=0)
                 report = validate(DIGITS / "model.onnx", out, test_data, batch_size=64, threads=1)
-                row = {"sparsity": sparsity, "lr": lr, "seed": seed, "top1": report.compressed.accuracy,
+                row = {"structure": args.structure, "sparsity": sparsity, "lr": lr, "seed": seed, "top1": report.compressed.accuracy,
                        "dense": report.original.accuracy}
                 logger.info("%s", row)
                 with args.out.open("a") as f:

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3, help="compress budget (train.epochs)")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
+    parser.add_argument("--structure", default="filter", help="prune.structure (unstructured: weight by weight)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="compress learning rate (train.lr; default: the product's for the recipe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="compress's train.seed (the dense model stays seed 0)")
     parser.add_argument("--no-reconstruct", action="store_true", help="prune.reconstruct = false (no refit)")
@@ -110,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     dense = train_dense(args.work, x, y, args.dense_epochs, args.width, args.threads)
     test = Dataset({"input": data["test_x"]}, data["test_y"], {"input"})
     recipe = {
-        "train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs, "seed": args.seed},
-        "prune": {"sparsity": args.sparsity, "structure": "filter", "reconstruct": not args.no_reconstruct},
+        "train": {"batch_size": 128, "threads": args.threads, "epochs": args.epochs, "seed": args.seed},
+        "prune": {"sparsity": args.sparsity, "structure": args.structure, "reconstruct": not args.no_reconstruct},
     }
+    if args.lr is not None:
+        recipe["train"]["lr"] = args.lr
     if args.norm_ft:  # the same budget, all of it masked retraining after each magnitude (filter norm) cut
         del recipe["train"]["epochs"]
         recipe["admm"] = {"epochs": 0, "retrain_epochs": round(args.epochs / args.stages)}
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     structure = result.report.get("structure") or {}
     row = {
         "label": args.label, "sparsity": args.sparsity, "epochs": args.epochs, "train": args.train,
-        "width": args.width, "dense_epochs": args.dense_epochs, "lr": args.lr, "seed": args.seed,
+        "width": args.width, "dense_epochs": args.dense_epochs, "lr": config.lr, "seed": args.seed,
+        "structure": args.structure,
         "reconstruct": not args.no_reconstruct, "norm_ft": args.norm_ft,
         "reconstruction": [s.get("reconstruction") for s in result.report["stages"]],
         "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", action="append", default=[], metavar="GLOB=SPARSITY",
                         help="a filter-pruning target of its own for the weights GLOB matches (repeatable)")
     parser.add_argument("--int8", action="store_true", help="8-bit weights and int8 activations, no pruning")
+    parser.add_argument("--structure", default="filter", help="prune.structure (unstructured: weight by weight)")
     parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0,
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.int8:
             recipe.update({"quantize": {"bits": 8, "per_channel": True}, "output": {"activations": "int8"}})
         else:
-            recipe["prune"] = {"sparsity": args.sparsity, "structure": "filter"}
-            recipe["rules"] = [{"match": glob, "sparsity": float(value), "structure": "filter"}
+            recipe["prune"] = {"sparsity": args.sparsity, "structure": args.structure}
+            recipe["rules"] = [{"match": glob, "sparsity": float(value), "structure": args.structure}
                                for glob, value in (rule.rsplit("=", 1) for rule in args.rule)]
         out = args.work / f"{args.label}.onnx"
         result = compress(dense, Dataset({"input": x}, y, {"input"}), CompressConfig.from_dict(recipe),
