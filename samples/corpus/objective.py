@@ -1,6 +1,6 @@
 """Label-free compression of the two imbalanced-output corpus models, with and without ``train.balance``.
 
-``python samples/corpus/objective.py [--work DIR] [--seeds 0 1] [--balance 0 0.5] [--only captcha_ctc,...]``
+``python samples/corpus/objective.py [--work DIR] [--seeds 0 1] [--balance 0 0.5] [--lr LR] [--only captcha_ctc,...]``
 builds (or reuses) ``captcha_ctc`` and ``detector_1d`` (samples/corpus/synthetic.py) in the work folder
 (default ``out/objective``), writes their representative inputs (no labels) to ``train.npz``, then runs,
 per balance and seed, exactly
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--balance", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--held-out", type=int, default=500)
     parser.add_argument("--train", type=int, default=2048, help="representative inputs to compress on")
+    parser.add_argument("--lr", type=float, help="train.lr in the recipe (default: the product's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -83,10 +84,11 @@ def main() -> None:
         data = folder / f"train{args.train}.npz"
         np.savez(data, **{k: v[:args.train] for k, v in feeds.items()})
         for balance in args.balance:
-            recipe = folder / f"balance{balance:g}.toml"
-            recipe.write_text(f"[train]\nbalance = {balance}\n")
+            tag = f"balance{balance:g}" + (f".lr{args.lr:g}" if args.lr is not None else "")
+            recipe = folder / f"{tag}.toml"
+            recipe.write_text(f"[train]\nbalance = {balance}\n" + (f"lr = {args.lr}\n" if args.lr is not None else ""))
             for seed in args.seeds:
-                out = folder / f"n{args.train}.b{balance:g}.s{seed}.onnx"
+                out = folder / f"n{args.train}.{tag}.s{seed}.onnx"
                 command = COMMAND.format(python=sys.executable, model=model, data=data, seed=seed, recipe=recipe, out=out,
                                          report=out.with_suffix(".json"))
                 started = time.perf_counter()
@@ -96,7 +98,8 @@ def main() -> None:
                     raise SystemExit(f"{command}: exit status {status}")
                 written = out if status == 0 else out.with_suffix(".gate-failed.onnx")
                 task = json.loads(out.with_suffix(".json").read_text())["metrics"].get("task") or {}
-                row = {"model": name, "train": args.train, "balance": balance, "seed": seed, "status": status,
+                row = {"model": name, "train": args.train, "balance": balance, "lr": args.lr, "seed": seed,
+                       "status": status,
                        "seconds": time.perf_counter() - started, "report_task": task.get("value"),
                        **measure(model, written, args.held_out)}
                 logger.info("%s", row)
