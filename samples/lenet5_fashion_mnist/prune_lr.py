@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.work / f"digits-{args.structure.replace(':', '-')}-{sparsity}-{lr}-{seed}.onnx"
                 compress(DIGITS / "model.onnx", train_data, config, output=out, metric_floor=0)
                 report = validate(DIGITS / "model.onnx", out, test_data, batch_size=64, threads=1)
-                row = {"structure": args.structure, "sparsity": sparsity, "lr": lr, "seed": seed, "top1": report.compressed.accuracy,
-                       "dense": report.original.accuracy}
+                row = {"structure": args.structure, "sparsity": sparsity, "lr": lr, "seed": seed,
+                       "top1": report.compressed.accuracy, "dense": report.original.accuracy}
                 logger.info("%s", row)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a filter-pruning target of its own for the weights GLOB matches (repeatable)")
     parser.add_argument("--int8", action="store_true", help="8-bit weights and int8 activations, no pruning")
     parser.add_argument("--structure", default="filter", help="prune.structure (unstructured: weight by weight)")
-    parser.add_argument("--lr", type=float, default=0.01, help="compress learning rate (train.lr)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="compress learning rate (train.lr; default: the product's for the recipe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the dense model's initialisation and order (give each seed its own --work) "
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         report = validate(dense, out, test, batch_size=64, threads=1)
         row = {"label": "frozen", "top1": report.compressed.accuracy, "dense_top1": report.original.accuracy}
     else:
-        recipe = {"train": {"batch_size": 128, "lr": args.lr, "threads": args.threads, "epochs": args.epochs,
-                            "seed": args.seed}}
+        recipe = {"train": {"batch_size": 128, "threads": args.threads, "epochs": args.epochs, "seed": args.seed,
+                            **({} if args.lr is None else {"lr": args.lr})}}
         if args.int8:
             recipe.update({"quantize": {"bits": 8, "per_channel": True}, "output": {"activations": "int8"}})
         else:
@@ -162,15 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             recipe["rules"] = [{"match": glob, "sparsity": float(value), "structure": args.structure}
                                for glob, value in (rule.rsplit("=", 1) for rule in args.rule)]
         out = args.work / f"{args.label}.onnx"
-        result = compress(dense, Dataset({"input": x}, y, {"input"}), CompressConfig.from_dict(recipe),
-                          metric_floor=0)
+        config = CompressConfig.from_dict(recipe)
+        result = compress(dense, Dataset({"input": x}, y, {"input"}), config, metric_floor=0)
         result.save(out)
         wall = time.perf_counter() - started
         report = validate(dense, out, test, batch_size=64, threads=1)
         structure = result.report.get("structure") or {}
         row = {
-            "label": args.label, "recipe": recipe, "train": args.train, "dense_top1": report.original.accuracy,
-            "top1": report.compressed.accuracy,
+            "label": args.label, "recipe": recipe, "lr": config.lr, "train": args.train,
+            "dense_top1": report.original.accuracy, "top1": report.compressed.accuracy,
             "drop_pt": 100 * (report.original.accuracy - report.compressed.accuracy),
             "macs": structure.get("macs"), "latency_ms": structure.get("latency"),
             "kept_channels": structure.get("kept_channels"), "left_alone": result.report.get("left_alone"),
