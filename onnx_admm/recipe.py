@@ -472,7 +472,7 @@ class CompressConfig:
             return [PhaseBudget(admm, retrain)] * n_stages
         return split_budget(self.budget, n_stages, share=self.admm.share if self.admm.epochs != 0 else 0.0)
 
-    def pruned_structures(self) -> set[str]:
+    def _pruned_structures(self) -> set[str]:
         """The structures the run prunes with: the global target's (a sparsity, targets or an N:M pattern) and
         each rule's own (a sparsity or a pattern, in the rule's structure or the global one). Empty: no pruning."""
         shared = (self.prune.sparsity is not None or self.prune.targets is not None
@@ -488,7 +488,7 @@ class CompressConfig:
     @property
     def prunes_weights(self) -> bool:
         """Whether the run prunes, and weight by weight only (unstructured or N:M): what PRUNE_LR is for."""
-        found = self.pruned_structures()
+        found = self._pruned_structures()
         return bool(found) and all(s == "unstructured" or structures.nm_pattern(s) is not None for s in found)
 
     @property
