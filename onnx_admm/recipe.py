@@ -60,7 +60,7 @@ DEFAULT_BATCH_SIZE = 64
 # The SGD learning rate when the recipe gives none, by what the run does to the weights
 # (CompressConfig.lr). Quantized levels alone train at DEFAULT_LR: 4-bit LeNet-5 lost 0.90 point at 0.02, its
 # retraining never beating the plain projection. Pruning weight by weight (unstructured or N:M, with or without
-# levels) trains at PRUNE_LR, twice it: Fashion-MNIST LeNet-5 on 60,000 images +0.41 / +0.95 / +1.14 / +1.58
+# levels) trains at PRUNE_LR, twice it: Fashion-MNIST LeNet-5 on 60,000 images +0.41 / +0.88 / +1.14 / +1.58
 # points at 40x / 100x / 200x / 400x (2-3 seeds), 40x + 4-bit +0.49, the digits CNN +0.42, a residual CNN at 90%
 # +1.13, a ViT at 90% +0.59. Whole filters, channels, columns or blocks keep DEFAULT_LR: the residual CNN's 50%
 # filter run broke in two of three seeds at 0.02 (-14 points) (the samples' RESULTS.md files). Binary weights train
