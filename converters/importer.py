@@ -247,6 +247,14 @@ class ImportedModel:
             return [o.detach().cpu().numpy() for o in self.module(*args)]
 
 
+def _weight_module(module: nn.Module) -> nn.Module:
+    """The module holding a node's weights: onnx2torch writes a Conv whose pads differ between the two ends
+    of an axis (tf2onnx's SAME with stride 2) as Sequential(pad, conv)."""
+    if isinstance(module, nn.Sequential) and len(module) == 2 and type(module[1]) in _MODULE_PARAMS:
+        return module[1]
+    return module
+
+
 def _convert(normalized: onnx.ModelProto) -> fx.GraphModule:
     try:
         return convert(normalized, attach_onnx_mapping=True)
@@ -294,7 +302,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     for fx_node in gm.graph.nodes:
         if fx_node.op != "call_module":
             continue
-        module = gm.get_submodule(fx_node.target)
+        module = _weight_module(gm.get_submodule(fx_node.target))
         onnx_node = onnx_nodes[fx_node.target].proto
         spec = _MODULE_PARAMS.get(type(module))
         if spec is not None:

@@ -31,7 +31,7 @@ from onnx import defs, helper, numpy_helper, version_converter
 from onnx_admm.converters.batch_axis import unbake_batch
 from onnx_admm.converters.dequantize import fold_weight_decoders
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import constant_node_value, identity_aliases, node_label, sparse_to_dense
+from onnx_admm.converters.graphinfo import constant_node_value, identity_aliases, node_attr, node_label, sparse_to_dense
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
 
@@ -45,7 +45,12 @@ Pass = Callable[[onnx.ModelProto], bool]
 # Nodes onnx2torch (after down-conversion) cannot take are moved to this domain; converters.onnx_ops
 # registers a converter for every op in STASHED_OPS there.
 STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
-STASHED_OPS = frozenset({"Clip", "Gelu", "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "Split"})
+STASHED_OPS = frozenset({"AveragePool", "Clip", "Gelu", "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "Split"})
+
+# Ops whose ``auto_pad = SAME_UPPER / SAME_LOWER`` onnx2torch refuses ("not implemented"): Keras-era
+# converters (tf2onnx where a shape is unknown, keras2onnx, tflite and CoreML converters) write it.
+# ``explicit_auto_pad`` spells it out as ``pads``. ConvTranspose's SAME means another output size: not here.
+AUTO_PAD_OPS = frozenset({"AveragePool", "Conv", "LpPool", "MaxPool"})
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -170,9 +175,67 @@ def downconvert_opset(model: onnx.ModelProto) -> bool:
     return True
 
 
+def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int] | None:
+    """ONNX's SAME padding of one spatial axis: the output is ceil(size / stride), the total padding split
+    evenly with the odd one at the end (SAME_UPPER) or the beginning (SAME_LOWER). With stride 1 the
+    total is (kernel - 1) * dilation whatever the size, so an unknown size is fine; else None."""
+    if size is None and stride != 1:
+        return None
+    reach = (kernel - 1) * dilation + 1
+    total = reach - 1 if stride == 1 else max((-(-size // stride) - 1) * stride + reach - size, 0)
+    small, large = total // 2, total - total // 2
+    return (small, large) if upper else (large, small)
+
+
+def explicit_auto_pad(model: onnx.ModelProto) -> bool:
+    """Conv and pooling nodes with ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID get the ``pads`` it means
+    (``AUTO_PAD_OPS``). SAME needs the input's spatial sizes from shape inference unless every stride
+    is 1; a node whose sizes are unknown is left for onnx2torch to report."""
+    nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in AUTO_PAD_OPS
+             and node_attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")]
+    if not nodes:
+        return False
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    cache: list[dict] = []
+    changed = False
+    for node in nodes:
+        mode = node_attr(node, "auto_pad")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        kernel = node_attr(node, "kernel_shape")
+        if kernel is None and node.op_type == "Conv" and len(inits.get(node.input[1], ())) > 2:
+            kernel = inits[node.input[1]][2:]
+        if kernel is None:
+            continue
+        n = len(kernel)
+        strides = node_attr(node, "strides") or [1] * n
+        dilations = node_attr(node, "dilations") or [1] * n
+        if mode == "VALID":
+            begins, ends = [0] * n, [0] * n
+        else:
+            if not cache and any(s != 1 for s in strides):
+                cache.append(inferred_shapes(model))
+            shape = cache[0].get(node.input[0]) if cache else None
+            sizes = list(shape[2:]) if shape is not None and len(shape) == n + 2 else [None] * n
+            pairs = [same_pads(sizes[i], kernel[i], strides[i], dilations[i], mode == "SAME_UPPER") for i in range(n)]
+            if any(p is None for p in pairs):
+                continue
+            begins, ends = [p[0] for p in pairs], [p[1] for p in pairs]
+        for attr in [a for a in node.attribute if a.name in ("auto_pad", "pads")]:
+            node.attribute.remove(attr)
+        node.attribute.append(helper.make_attribute("pads", begins + ends))
+        changed = True
+    return changed
+
+
 def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shapes: Callable[[], dict]) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in STASHED_OPS:
         return False
+    if node.op_type == "AveragePool":
+        # onnx2torch's AveragePool refuses pads that differ between the two ends of an axis, and SAME
+        # padding (left by explicit_auto_pad where the sizes are unknown: ours pads at run time).
+        pads = list(node_attr(node, "pads") or [])
+        mode = node_attr(node, "auto_pad", b"NOTSET")
+        return pads[:len(pads) // 2] != pads[len(pads) // 2:] or mode in (b"SAME_UPPER", b"SAME_LOWER")
     if node.op_type == "LayerNormalization":
         # onnx2torch sizes its LayerNorm from the input's inferred shape (0 for an unknown dim).
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
@@ -304,6 +367,7 @@ PASSES: list[Pass] = [
     # Before the down-conversion: shape inference and the batch rules work at the exporter's opset.
     unbake_batch,
     expand_resize_axes,
+    explicit_auto_pad,
     stash_ops,
     downconvert_opset,
     # The converter can add Constant nodes and Identity chains of its own: run the cleanups after it.

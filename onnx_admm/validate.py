@@ -37,6 +37,8 @@ from onnx_admm.train import describe_score, predictions
 logger = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 3
+# From this many held-out samples on, one predicted class for all of them is worth a warning.
+CONSTANT_REFERENCE_SAMPLES = 8
 # Latency is timed on the first full batches, at most this many, kept aside during the comparison (each
 # costs a batch of memory; onnxruntime's time hardly depends on the values).
 _TIMING_FEEDS = 2
@@ -120,6 +122,15 @@ class ValidationReport:
         if self.task is not None and self.task.get("value") is not None:
             return 1.0 - self.task["value"]
         return None
+
+    def constant_reference(self) -> str | None:
+        """A warning when the original gives every held-out sample the same class: agreement with it (and
+        the gate that reads it) then turns on near ties, and the data is often not what the model expects."""
+        if (self.task or {}).get("reference_classes") != 1 or self.samples < CONSTANT_REFERENCE_SAMPLES:
+            return None
+        return (f"the original model predicts the same class for all {self.samples} held-out samples, so "
+                f"{self.task['metric']} says little about the compressed one; check that the data is what the "
+                "model expects (layout, scaling, channel order) or give labels")
 
     @property
     def retained(self) -> tuple[str, float] | None:

@@ -240,6 +240,27 @@ def _constant_weights_text() -> str:
     """
 
 
+def _same_padding_text() -> str:
+    # Keras-era padding: auto_pad SAME_UPPER / SAME_LOWER on Conv and MaxPool (older tf2onnx, keras2onnx,
+    # tflite converters) and an AveragePool whose pads differ between the ends (onnx-caffe2's Inception).
+    return f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    same_padding (float[N, 3, 9, 9] input) => (float[N, 10] logits)
+    <float[8, 3, 3, 3] conv1_w = {_floats((8, 3, 3, 3), 10)}, float[8] conv1_b = {_floats((8,), 11)},
+     float[8, 8, 2, 2] conv2_w = {_floats((8, 8, 2, 2), 12)}, float[10, 32] fc_w = {_floats((10, 32), 13)},
+     float[10] fc_b = {_floats((10,), 14)}> {{
+        c1 = Conv <auto_pad = "SAME_UPPER", strides = [2, 2]> (input, conv1_w, conv1_b)
+        r1 = Relu (c1)
+        p1 = AveragePool <kernel_shape = [3, 3], pads = [0, 0, 1, 1]> (r1)
+        c2 = Conv <auto_pad = "SAME_LOWER", kernel_shape = [2, 2]> (p1, conv2_w)
+        r2 = Relu (c2)
+        p2 = MaxPool <kernel_shape = [2, 2], strides = [2, 2], auto_pad = "SAME_UPPER"> (r2)
+        flat = Flatten <axis = 1> (p2)
+        logits = Gemm <transB = 1> (flat, fc_w, fc_b)
+    }}
+    """
+
+
 def _shared_gemm_text() -> str:
     # One initializer feeding two Gemm nodes, each through its own Identity: how the exporters
     # write a tensor that several nodes use. Both uses are the same role (Gemm B).
@@ -372,6 +393,12 @@ MODELS: dict[str, ModelSpec] = {
             (1, 8, 8),
             weights=("conv_w", "fc_w"),
             text=_constant_weights_text,
+        ),
+        ModelSpec(
+            "same_padding",
+            (3, 9, 9),
+            weights=("conv1_w", "conv2_w", "fc_w"),
+            text=_same_padding_text,
         ),
         ModelSpec(
             "shared_gemm",

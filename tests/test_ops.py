@@ -28,6 +28,8 @@ X2 = "(float[N, 6] x) => (float[N, 6] y)"
 X3 = "(float[N, 3, 4] x) => (float[?, ?, ?] y)"
 R3 = "(float[N, 3, 4] x) => (float[?, ?] y)"  # one axis reduced away
 X4 = "(float[N, 3, 4, 4] x) => (float[?, ?, ?, ?] y)"
+X5 = "(float[N, 3, 5, 5] x) => (float[?, ?, ?, ?] y)"
+_W4 = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
 
 # (case, signature, body, opsets, initializers). Opsets: those where the op's definition changes or an
 # exporter writes it (torch's TorchScript exporter 11-17, dynamo 18-20+); 18+ goes through the stash or
@@ -78,6 +80,29 @@ CASES = [
     ("Mish", X2, "y = Mish (x)", [18, 20], None),
     ("LayerNormalization", "(float[N, 3, 6] x) => (float[?, ?, ?] y)",
      "y = LayerNormalization <axis = -1, epsilon = 0.001> (x, g, b)", [17, 18, 20], {"g": _G6, "b": _B6}),
+    # Pads that differ between the ends of an axis (onnx-caffe2's Inception, tf2onnx's SAME) and auto_pad.
+    ("AveragePool-asymmetric", X5, "y = AveragePool <kernel_shape = [3, 3], pads = [0, 1, 1, 2]> (x)",
+     [7, 11, 17, 19, 22], None),
+    ("AveragePool-asymmetric-count-pad", X5,
+     "y = AveragePool <kernel_shape = [3, 2], pads = [2, 0, 0, 1], count_include_pad = 1> (x)", [7, 11, 19], None),
+    ("AveragePool-asymmetric-ceil", X5, "y = AveragePool <kernel_shape = [2, 3], strides = [2, 2], "
+     "pads = [1, 0, 0, 2], ceil_mode = 1> (x)", [11, 19, 22], None),
+    ("AveragePool-asymmetric-ceil-count-pad", X5, "y = AveragePool <kernel_shape = [3, 3], strides = [2, 3], "
+     "pads = [0, 1, 2, 1], ceil_mode = 1, count_include_pad = 1> (x)", [11, 19], None),
+    ("AveragePool-1d-asymmetric", "(float[N, 3, 9] x) => (float[?, ?, ?] y)",
+     "y = AveragePool <kernel_shape = [4], strides = [2], pads = [0, 3]> (x)", [11, 19], None),
+    ("AveragePool-same-upper", X5, "y = AveragePool <kernel_shape = [2, 2], strides = [2, 2], "
+     "auto_pad = \"SAME_UPPER\"> (x)", [7, 11, 19], None),
+    ("AveragePool-same-lower-count-pad", X5, "y = AveragePool <kernel_shape = [3, 2], strides = [2, 1], "
+     "auto_pad = \"SAME_LOWER\", count_include_pad = 1> (x)", [11, 19], None),
+    ("AveragePool-valid", X5, "y = AveragePool <kernel_shape = [2, 2], strides = [2, 2], auto_pad = \"VALID\"> (x)",
+     [11], None),
+    ("MaxPool-same-lower", X5, "y = MaxPool <kernel_shape = [2, 2], strides = [2, 2], auto_pad = \"SAME_LOWER\"> (x)",
+     [8, 11, 12, 22], None),
+    ("Conv-same-upper", X5, "y = Conv <auto_pad = \"SAME_UPPER\", strides = [2, 2]> (x, w)", [1, 11, 22], {"w": _W4}),
+    # Spatial sizes unknown: with stride 1 the padding does not depend on them.
+    ("Conv-same-lower-any-size", "(float[N, 3, H, W] x) => (float[?, ?, ?, ?] y)",
+     "y = Conv <auto_pad = \"SAME_LOWER\", kernel_shape = [3, 2]> (x, w)", [11, 17], {"w": _W4[:, :, :, :2].copy()}),
     ("LayerNormalization-2-axes", "(float[N, 3, 6] x) => (float[?, ?, ?] y)",
      "y = LayerNormalization <axis = 1> (x, g, b)", [17], {"g": _G36, "b": _B36}),
 ]
@@ -119,6 +144,37 @@ def test_stashed_ops_leave_the_default_domain_before_down_conversion():
     assert {(n.domain, n.op_type) for n in normalized.graph.node} == {(STASH_DOMAIN, "Gelu"), (STASH_DOMAIN, "Mish")}
     assert {o.domain: o.version for o in normalized.opset_import} == {"": 17, STASH_DOMAIN: 1}
     assert model.graph.node[0].domain == ""  # the caller's model is untouched
+
+
+def test_auto_pad_becomes_pads_and_uneven_average_pools_are_stashed():
+    model = op_model(X5, "a = Conv <auto_pad = \"SAME_UPPER\", strides = [2, 2]> (x, w)\n"
+                     " b = MaxPool <kernel_shape = [2, 2], strides = [2, 2], auto_pad = \"SAME_LOWER\"> (a)\n"
+                     " c = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (b)\n"
+                     " y = AveragePool <kernel_shape = [2, 2], strides = [2, 2], auto_pad = \"VALID\"> (c)",
+                     17, {"w": _W4})
+    nodes = normalize(model).graph.node
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    # 5 -> 3 with stride 2 and kernel 3: 2 pads, one each side; 3 -> 2 with kernel 2: the 1 pad goes first (LOWER)
+    assert [a.get("pads") for a in attrs] == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    assert not any("auto_pad" in a for a in attrs)
+    assert [n.domain for n in nodes] == ["", "", "", ""]  # even pads: onnx2torch's own AveragePool
+    uneven = op_model(X5, "y = AveragePool <kernel_shape = [3, 3], pads = [0, 1, 1, 2]> (x)", 17)
+    assert [(n.domain, n.op_type) for n in normalize(uneven).graph.node] == [(STASH_DOMAIN, "AveragePool")]
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+def test_same_average_pool_of_unknown_size_pads_at_run_time(mode, count_include_pad):
+    model = op_model("(float[N, 2, H, W] x) => (float[?, ?, ?, ?] y)",
+                     f"y = AveragePool <kernel_shape = [3, 2], strides = [2, 2], auto_pad = \"{mode}\", "
+                     f"count_include_pad = {count_include_pad}> (x)", 17)
+    assert normalize(model).graph.node[0].domain == STASH_DOMAIN  # the sizes are unknown: padded in forward
+    imported = import_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for h, w in [(5, 7), (6, 6), (4, 8)]:
+        feeds = {"x": np.random.default_rng(h * w).standard_normal((2, 2, h, w)).astype(np.float32)}
+        ok, diff = within_tolerance(session.run(None, feeds), imported.run(feeds))
+        assert ok, (h, w, diff)
 
 
 def test_every_stashed_op_has_a_converter():

@@ -219,3 +219,29 @@ def test_tensor_storage_bits_paper_style():
     binary = np.where(np.arange(64) % 2 == 0, 0.3, -0.3).astype(np.float32)
     assert tensor_storage_bits(binary) == 64 * 1 + 2 * 32
     assert tensor_storage_bits(np.zeros(10, np.float32)) == 0
+
+
+def test_an_original_that_predicts_one_class_for_every_sample_is_named(tmp_path):
+    constant = _save(_classifier(W * 1e-3), tmp_path / "constant.onnx")  # B decides every sample's class
+    report = validate(constant, constant, _data(), batch_size=16, latency_batches=0)
+    assert report.task["reference_classes"] == 1
+    assert report.constant_reference() == (
+        "the original model predicts the same class for all 50 held-out samples, so top-1 agreement says little "
+        "about the compressed one; check that the data is what the model expects (layout, scaling, channel "
+        "order) or give labels")
+    varied = _save(_classifier(), tmp_path / "varied.onnx")
+    report = validate(varied, varied, _data(), batch_size=16, latency_batches=0)
+    assert report.task["reference_classes"] == len(np.unique(np.argmax(_logits(W), 1))) > 1
+    assert report.constant_reference() is None
+
+
+def test_compress_report_warns_of_an_original_that_predicts_one_class(tmp_path):
+    from onnx_admm.api import compress
+    from onnx_admm.recipe import CompressConfig
+
+    path = _save(_classifier(W * 1e-3), tmp_path / "constant.onnx")
+    np.savez(tmp_path / "d.npz", x=np.repeat(X, 4, axis=0))
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "train": {"epochs": 1, "threads": 1}})
+    report = compress(path, str(tmp_path / "d.npz"), config, metric_floor=0).report
+    assert report["metrics"]["task"]["reference_classes"] == 1
+    assert [w for w in report["warnings"] if "predicts the same class for all" in w]

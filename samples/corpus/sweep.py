@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import json
 import logging
 import sys
 import time
@@ -345,6 +346,8 @@ def _onnx_light(name: str, steps: int = 20):
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 0
             value = rng.normal(0, np.sqrt(2 / fan_in), shape) if fan_in else np.zeros(shape)
             model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+            if model.ir_version < 4:  # before IR 4 every initializer is also a graph input
+                model.graph.input.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, shape))
             model.graph.node.remove(node)
         used = {i for n in model.graph.node for i in n.input}
         for tensor in [t for t in model.graph.initializer if t.name not in used]:
@@ -414,11 +417,28 @@ def _io(path: Path) -> tuple[list[bytes], list[bytes]]:
     return [v.SerializeToString() for v in model.graph.input], [v.SerializeToString() for v in model.graph.output]
 
 
-def run_entry(entry: Entry, work: Path, samples: int) -> dict:
+# The compress each case runs, as recipe keys besides threads / batch / seed: the sweep's own 50% run, and
+# the cases a held-out evaluation runs on unseen models (ratios, binary, ratio + 4-bit, with --epochs 10).
+CASES = {
+    "50": {"admm": {"epochs": 2, "retrain_epochs": 1}, "prune": {"sparsity": 0.5}},
+    "40x": {"train": {"epochs": 10}, "prune": {"sparsity": 0.975}},
+    "200x": {"train": {"epochs": 10}, "prune": {"sparsity": 0.995}},
+    "binary": {"train": {"epochs": 10}, "quantize": {"bits": 1}},
+    "40x-4bit": {"train": {"epochs": 10}, "prune": {"sparsity": 0.975}, "quantize": {"bits": 4}},
+}
+
+
+def _recipe(case: str) -> dict:
+    keys = {section: dict(values) for section, values in CASES[case].items()}
+    keys["train"] = {"threads": 1, "batch_size": 32, "seed": 0, **keys.get("train", {})}
+    return keys
+
+
+def run_entry(entry: Entry, work: Path, samples: int, case: str = "50") -> dict:
     row = {"model": entry.name, "source": entry.source, "exporter": entry.exporter, "params": None, "check": "-",
-           "agreement": None, "ratio": None, "reason": "", "seconds": 0.0}
+           "agreement": None, "ratio": None, "reason": "", "seconds": 0.0, "case": case}
     started = time.perf_counter()
-    folder = work / entry.name
+    folder = work / entry.name if case == "50" else work / case / entry.name
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -437,8 +457,7 @@ def run_entry(entry: Entry, work: Path, samples: int) -> dict:
             row["reason"] = f"check {failed[0].name}: {failed[0].detail}"[:200]
         if not report.steps or not report.steps[0].passed:
             return row
-        config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 32, "seed": 0},
-                                           "admm": {"epochs": 2, "retrain_epochs": 1}, "prune": {"sparsity": 0.5}})
+        config = CompressConfig.from_dict(_recipe(case))
         np.savez(folder / "train.npz", **train)
         np.savez(folder / "val.npz", **val)
         result = compress(path, str(folder / "train.npz"), config, val_data=str(folder / "val.npz"))
@@ -447,6 +466,8 @@ def run_entry(entry: Entry, work: Path, samples: int) -> dict:
         row["agreement"] = result.report["metrics"]["agreement"]
         score = result.report.get("score") or {}
         row["per"] = score.get("per", "MSE, no score output")
+        row["task"] = result.report["metrics"]["task"]
+        row["wall_s"], row["peak_rss_mb"] = result.report["wall_s"], result.report["peak_rss_mb"]
         row["io_same"] = _io(folder / "compressed.onnx") == _io(path)
         if not row["io_same"]:
             row["reason"] += "graph I/O changed"
@@ -483,6 +504,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out/corpus")
     parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument("--samples", type=int, default=128, help="training samples per model (half as many held out)")
+    parser.add_argument("--case", choices=sorted(CASES), default="50",
+                        help="the compress to run: 50 (2 + 1 epochs at 50%%) or a held-out case at --epochs 10")
+    parser.add_argument("--jsonl", type=Path, help="also append each row to this file as one JSON line")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.ERROR)
@@ -494,7 +518,10 @@ def main() -> None:
         if entry.needs and importlib.util.find_spec(entry.needs) is None:
             print(f"skip {entry.name}: pip install {entry.needs.replace('_', '-')}", file=sys.stderr)
             continue
-        row = run_entry(entry, args.work, args.samples)
+        row = run_entry(entry, args.work, args.samples, args.case)
+        if args.jsonl:
+            with args.jsonl.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
         print(f"{entry.name}: check {row['check']}, agreement {row['agreement']}, ratio {row['ratio']}, "
               f"{row['seconds']:.0f} s {row['reason']}", file=sys.stderr)
         rows.append(row)
