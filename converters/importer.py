@@ -248,10 +248,13 @@ class ImportedModel:
 
 
 def _weight_module(module: nn.Module) -> nn.Module:
-    """The module holding a node's weights: onnx2torch writes a Conv whose pads differ between the two ends
-    of an axis (tf2onnx's SAME with stride 2) as Sequential(pad, conv)."""
-    if isinstance(module, nn.Sequential) and len(module) == 2 and type(module[1]) in _MODULE_PARAMS:
-        return module[1]
+    """The module holding a node's weights: a Conv whose pads differ between the two ends of an axis
+    (tf2onnx's SAME with stride 2) is Sequential(pad, conv) in onnx2torch, such a ConvTranspose
+    Sequential(conv, crop) (``converters.padding``)."""
+    if isinstance(module, nn.Sequential):
+        held = [child for child in module if type(child) in _MODULE_PARAMS]
+        if len(held) == 1:
+            return held[0]
     return module
 
 

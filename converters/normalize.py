@@ -45,11 +45,12 @@ Pass = Callable[[onnx.ModelProto], bool]
 # Nodes onnx2torch (after down-conversion) cannot take are moved to this domain; converters.onnx_ops
 # registers a converter for every op in STASHED_OPS there.
 STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
-STASHED_OPS = frozenset({"AveragePool", "Clip", "Gelu", "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "Split"})
+STASHED_OPS = frozenset({"AveragePool", "Clip", "ConvTranspose", "Gelu", "GlobalMaxPool", "LayerNormalization", "Mish",
+                         "Pad", "Split"})
 
 # Ops whose ``auto_pad = SAME_UPPER / SAME_LOWER`` onnx2torch refuses ("not implemented"): Keras-era
 # converters (tf2onnx where a shape is unknown, keras2onnx, tflite and CoreML converters) write it.
-# ``explicit_auto_pad`` spells it out as ``pads``. ConvTranspose's SAME means another output size: not here.
+# ``explicit_auto_pad`` spells it out as ``pads`` (ConvTranspose's SAME, another output size, separately).
 AUTO_PAD_OPS = frozenset({"AveragePool", "Conv", "LpPool", "MaxPool"})
 
 
@@ -187,40 +188,79 @@ def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: 
     return (small, large) if upper else (large, small)
 
 
+def _transpose_pads(mode: str, sizes: list, kernel, strides, dilations, output_padding, output_shape):
+    """ConvTranspose's pads for SAME (the output is size x stride) or a given ``output_shape``, as the ONNX
+    spec derives them: total = stride (size - 1) + output_padding + reach - output, the odd one at the
+    beginning unless SAME_UPPER. None when a size is unknown or the output is larger than no padding gives."""
+    n = len(kernel)
+    if output_shape is not None:
+        targets = list(output_shape)[-n:]
+    elif mode in ("SAME_UPPER", "SAME_LOWER"):
+        targets = [None if size is None else size * s for size, s in zip(sizes, strides)]
+    else:  # VALID
+        return [0] * n, [0] * n
+    begins, ends = [], []
+    for i in range(n):
+        if sizes[i] is None or targets[i] is None:
+            return None
+        total = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - targets[i]
+        if total < 0:
+            return None
+        small, large = total // 2, total - total // 2
+        begin, end = (small, large) if mode == "SAME_UPPER" else (large, small)
+        begins.append(begin)
+        ends.append(end)
+    return begins, ends
+
+
 def explicit_auto_pad(model: onnx.ModelProto) -> bool:
-    """Conv and pooling nodes with ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID get the ``pads`` it means
-    (``AUTO_PAD_OPS``). SAME needs the input's spatial sizes from shape inference unless every stride
-    is 1; a node whose sizes are unknown is left for onnx2torch to report."""
-    nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in AUTO_PAD_OPS
-             and node_attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")]
+    """Conv, ConvTranspose and pooling nodes with ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID (and
+    ConvTranspose with ``output_shape``, which onnx2torch ignores) get the ``pads`` it means. SAME needs the
+    input's spatial sizes from shape inference unless every stride is 1 (ConvTranspose: always); a node
+    whose sizes are unknown is left as it is, for onnx2torch (or the AveragePool converter) to handle."""
+    def wanted(node: onnx.NodeProto) -> bool:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        mode = node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        if node.op_type == "ConvTranspose":
+            return mode or node_attr(node, "output_shape") is not None
+        return mode and node.op_type in AUTO_PAD_OPS
+
+    nodes = [n for n in model.graph.node if wanted(n)]
     if not nodes:
         return False
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     cache: list[dict] = []
     changed = False
     for node in nodes:
-        mode = node_attr(node, "auto_pad")
+        mode = node_attr(node, "auto_pad", b"NOTSET")
         mode = mode.decode() if isinstance(mode, bytes) else mode
         kernel = node_attr(node, "kernel_shape")
-        if kernel is None and node.op_type == "Conv" and len(inits.get(node.input[1], ())) > 2:
+        if kernel is None and node.op_type.startswith("Conv") and len(inits.get(node.input[1], ())) > 2:
             kernel = inits[node.input[1]][2:]
         if kernel is None:
             continue
         n = len(kernel)
         strides = node_attr(node, "strides") or [1] * n
         dilations = node_attr(node, "dilations") or [1] * n
-        if mode == "VALID":
+        if not cache and (node.op_type == "ConvTranspose" or any(s != 1 for s in strides)):
+            cache.append(inferred_shapes(model))
+        shape = cache[0].get(node.input[0]) if cache else None
+        sizes = list(shape[2:]) if shape is not None and len(shape) == n + 2 else [None] * n
+        if node.op_type == "ConvTranspose":
+            found = _transpose_pads(mode, sizes, kernel, strides, dilations,
+                                    node_attr(node, "output_padding") or [0] * n, node_attr(node, "output_shape"))
+            if found is None:
+                continue
+            begins, ends = found
+        elif mode == "VALID":
             begins, ends = [0] * n, [0] * n
         else:
-            if not cache and any(s != 1 for s in strides):
-                cache.append(inferred_shapes(model))
-            shape = cache[0].get(node.input[0]) if cache else None
-            sizes = list(shape[2:]) if shape is not None and len(shape) == n + 2 else [None] * n
             pairs = [same_pads(sizes[i], kernel[i], strides[i], dilations[i], mode == "SAME_UPPER") for i in range(n)]
             if any(p is None for p in pairs):
                 continue
             begins, ends = [p[0] for p in pairs], [p[1] for p in pairs]
-        for attr in [a for a in node.attribute if a.name in ("auto_pad", "pads")]:
+        for attr in [a for a in node.attribute if a.name in ("auto_pad", "pads", "output_shape")]:
             node.attribute.remove(attr)
         node.attribute.append(helper.make_attribute("pads", begins + ends))
         changed = True
@@ -230,6 +270,10 @@ def explicit_auto_pad(model: onnx.ModelProto) -> bool:
 def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shapes: Callable[[], dict]) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in STASHED_OPS:
         return False
+    if node.op_type == "ConvTranspose":
+        # onnx2torch's ConvTranspose refuses pads that differ between the two ends of an axis.
+        pads = list(node_attr(node, "pads") or [])
+        return pads[:len(pads) // 2] != pads[len(pads) // 2:]
     if node.op_type == "AveragePool":
         # onnx2torch's AveragePool refuses pads that differ between the two ends of an axis, and SAME
         # padding (left by explicit_auto_pad where the sizes are unknown: ours pads at run time).

@@ -14,8 +14,8 @@
   bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22),
   and those onnx2torch mishandles: ``Pad`` from opset 11 (reflect/edge on trailing dims only), ``Clip``
   with an empty or run-time bound, ``LayerNormalization`` whose input shape is unknown (sized from its
-  scale here), ``AveragePool`` with pads that differ between the ends of an axis or SAME padding
-  (``converters.pooling``). Each is implemented at its newest semantics, which cover the older ones.
+  scale here), ``AveragePool`` with pads that differ between the ends of an axis or SAME padding and
+  ``ConvTranspose`` with such pads (``converters.padding``). Each is implemented at its newest semantics, which cover the older ones.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS
-from onnx_admm.converters.pooling import convert_average_pool
+from onnx_admm.converters.padding import convert_average_pool, convert_conv_transpose
 
 logger = logging.getLogger(__name__)
 
@@ -451,6 +451,7 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "Clip": _simple(lambda node: OnnxClipAny()),
     "LayerNormalization": _layer_norm,
     "AveragePool": convert_average_pool,
+    "ConvTranspose": convert_conv_transpose,
 }
 if set(_STASH_CONVERTERS) != set(STASHED_OPS):
     raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS)} and onnx_ops disagree: {sorted(_STASH_CONVERTERS)}")

@@ -241,13 +241,15 @@ def _constant_weights_text() -> str:
 
 
 def _same_padding_text() -> str:
-    # Keras-era padding: auto_pad SAME_UPPER / SAME_LOWER on Conv and MaxPool (older tf2onnx, keras2onnx,
-    # tflite converters) and an AveragePool whose pads differ between the ends (onnx-caffe2's Inception).
+    # Keras-era padding: auto_pad SAME_UPPER / SAME_LOWER on Conv, MaxPool and ConvTranspose (older tf2onnx,
+    # keras2onnx, tflite converters) and an AveragePool whose pads differ between the ends (onnx-caffe2's
+    # Inception).
     return f"""
     <ir_version: 8, opset_import: ["" : 17]>
     same_padding (float[N, 3, 9, 9] input) => (float[N, 10] logits)
     <float[8, 3, 3, 3] conv1_w = {_floats((8, 3, 3, 3), 10)}, float[8] conv1_b = {_floats((8,), 11)},
-     float[8, 8, 2, 2] conv2_w = {_floats((8, 8, 2, 2), 12)}, float[10, 32] fc_w = {_floats((10, 32), 13)},
+     float[8, 8, 2, 2] conv2_w = {_floats((8, 8, 2, 2), 12)}, float[8, 4, 3, 3] up_w = {_floats((8, 4, 3, 3), 15)},
+     float[4] up_b = {_floats((4,), 16)}, float[10, 64] fc_w = {_floats((10, 64), 13)},
      float[10] fc_b = {_floats((10,), 14)}> {{
         c1 = Conv <auto_pad = "SAME_UPPER", strides = [2, 2]> (input, conv1_w, conv1_b)
         r1 = Relu (c1)
@@ -255,7 +257,8 @@ def _same_padding_text() -> str:
         c2 = Conv <auto_pad = "SAME_LOWER", kernel_shape = [2, 2]> (p1, conv2_w)
         r2 = Relu (c2)
         p2 = MaxPool <kernel_shape = [2, 2], strides = [2, 2], auto_pad = "SAME_UPPER"> (r2)
-        flat = Flatten <axis = 1> (p2)
+        up = ConvTranspose <auto_pad = "SAME_UPPER", strides = [2, 2]> (p2, up_w, up_b)
+        flat = Flatten <axis = 1> (up)
         logits = Gemm <transB = 1> (flat, fc_w, fc_b)
     }}
     """
@@ -397,7 +400,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "same_padding",
             (3, 9, 9),
-            weights=("conv1_w", "conv2_w", "fc_w"),
+            weights=("conv1_w", "conv2_w", "up_w", "fc_w"),
             text=_same_padding_text,
         ),
         ModelSpec(

@@ -30,6 +30,8 @@ R3 = "(float[N, 3, 4] x) => (float[?, ?] y)"  # one axis reduced away
 X4 = "(float[N, 3, 4, 4] x) => (float[?, ?, ?, ?] y)"
 X5 = "(float[N, 3, 5, 5] x) => (float[?, ?, ?, ?] y)"
 _W4 = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
+_WT = RNG.normal(size=(3, 4, 3, 3)).astype(np.float32)  # ConvTranspose: [C_in, C_out / group, k, k]
+_BT = RNG.normal(size=4).astype(np.float32)
 
 # (case, signature, body, opsets, initializers). Opsets: those where the op's definition changes or an
 # exporter writes it (torch's TorchScript exporter 11-17, dynamo 18-20+); 18+ goes through the stash or
@@ -103,6 +105,17 @@ CASES = [
     # Spatial sizes unknown: with stride 1 the padding does not depend on them.
     ("Conv-same-lower-any-size", "(float[N, 3, H, W] x) => (float[?, ?, ?, ?] y)",
      "y = Conv <auto_pad = \"SAME_LOWER\", kernel_shape = [3, 2]> (x, w)", [11, 17], {"w": _W4[:, :, :, :2].copy()}),
+    # ConvTranspose: uneven pads, SAME and output_shape (which onnx2torch ignores) become cropped outputs.
+    ("ConvTranspose-uneven-pads", X5, "y = ConvTranspose <strides = [2, 2], pads = [1, 0, 0, 2], "
+     "output_padding = [1, 1]> (x, w, b)", [1, 11, 22], {"w": _WT, "b": _BT}),
+    ("ConvTranspose-same-upper", X5, "y = ConvTranspose <strides = [2, 2], auto_pad = \"SAME_UPPER\"> (x, w)",
+     [11, 22], {"w": _WT}),
+    ("ConvTranspose-same-lower-grouped", X5, "y = ConvTranspose <strides = [2, 1], group = 3, "
+     "auto_pad = \"SAME_LOWER\"> (x, w)", [11], {"w": _WT[:, :2].copy()}),
+    ("ConvTranspose-output-shape", X5, "y = ConvTranspose <strides = [2, 2], output_shape = [10, 9]> (x, w, b)",
+     [11, 17], {"w": _WT, "b": _BT}),
+    ("ConvTranspose-1d-uneven", "(float[N, 3, 7] x) => (float[?, ?, ?] y)",
+     "y = ConvTranspose <strides = [3], pads = [2, 0]> (x, w)", [11], {"w": _WT[:, :, 0].copy()}),
     ("LayerNormalization-2-axes", "(float[N, 3, 6] x) => (float[?, ?, ?] y)",
      "y = LayerNormalization <axis = 1> (x, g, b)", [17], {"g": _G36, "b": _B36}),
 ]

@@ -1,12 +1,14 @@
-"""AveragePool with any padding, as ONNX and onnxruntime define it (an onnx2torch converter, pure torch).
+"""AveragePool and ConvTranspose with any padding, as ONNX and onnxruntime define them (onnx2torch
+converters for the nodes ``normalize.stash_ops`` moves to its domain; pure torch).
 
-onnx2torch's AveragePool takes only pads equal at both ends of every axis. Keras-era exports (tf2onnx's
+onnx2torch's AveragePool and ConvTranspose take only pads equal at both ends of every axis. Keras-era exports (tf2onnx's
 SAME padding, onnx-caffe2's Inception) pad one end more, and ``count_include_pad = 0`` (the default)
 then divides each window by the count of real input positions in it. Here the input is padded with
 zeros, summed over each window, and divided by the window's count of input positions (or of input and
 padding positions, ``count_include_pad = 1``), counted the same way on a mask. ``ceil_mode`` adds the
 last partial window, except where it would start inside the end padding (ONNX 19's rule, torch's too);
-positions past the padding count in neither case.
+positions past the padding count in neither case. A ConvTranspose runs torch's with the padding both
+ends share, then crops what one end pads more (padding a transposed convolution removes output positions).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
-from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
+from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
 from onnx_admm.converters.normalize import same_pads
@@ -77,3 +79,47 @@ def convert_average_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverter
                              auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad,
                              attrs.get("count_include_pad", 0) == 1, attrs.get("ceil_mode", 0) == 1)
     return OperationConverterResult(module, onnx_mapping_from_node(node))
+
+
+class Crop(nn.Module):
+    """Drops ``begins[i]`` positions at the start and ``ends[i]`` at the end of spatial axis i."""
+
+    def __init__(self, begins: tuple[int, ...], ends: tuple[int, ...]) -> None:
+        super().__init__()
+        self.begins, self.ends = tuple(begins), tuple(ends)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        index = [slice(None), slice(None)] + [slice(b, x.shape[2 + i] - e) for i, (b, e) in
+                                              enumerate(zip(self.begins, self.ends))]
+        return x[tuple(index)]
+
+
+_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def convert_conv_transpose(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """A stashed ConvTranspose (explicit pads that differ between the ends; ``normalize.explicit_auto_pad``
+    has already turned SAME and ``output_shape`` into pads): Sequential(ConvTranspose, Crop). The weight
+    and bias stay the module's Parameters, so the importer maps them like any ConvTranspose's."""
+    weight = graph.initializers[node.input_values[1]].to_torch()
+    names = node.input_values
+    bias = graph.initializers[names[2]].to_torch() if len(names) > 2 and names[2] else None
+    attrs = node.attributes
+    n = weight.dim() - 2
+    if n not in _CONV_TRANSPOSE:
+        raise NotImplementedError(f"ConvTranspose over {n} spatial axes is not supported")
+    pads = list(attrs.get("pads", [0] * 2 * n))
+    begins, ends = pads[:n], pads[n:]
+    shared = [min(b, e) for b, e in zip(begins, ends)]
+    groups = attrs.get("group", 1)
+    conv = _CONV_TRANSPOSE[n](weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
+                              stride=tuple(attrs.get("strides", [1] * n)), padding=tuple(shared),
+                              output_padding=tuple(attrs.get("output_padding", [0] * n)), groups=groups,
+                              bias=bias is not None, dilation=tuple(attrs.get("dilations", [1] * n)))
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    crop = Crop(tuple(b - m for b, m in zip(begins, shared)), tuple(e - m for e, m in zip(ends, shared)))
+    return OperationConverterResult(nn.Sequential(conv, crop),
+                                    OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values))
