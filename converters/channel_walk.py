@@ -197,6 +197,13 @@ class ChannelWalk:
         if op == "Conv":
             data_input_only()
             return self._conv(i, layout)
+        if op == "ConvTranspose":  # weight [C_in, C_out, k...]: it reads the channels along axis 0
+            data_input_only()
+            self._need_nchw(layout, op, label)
+            if a.constant(node.input[1]) is None or node_attr(node, "group", 1) != 1:
+                raise NotPrunable(f"the channels reach ConvTranspose {label} with a computed weight or groups")
+            self.slice_input(node.input[1], 0, "consumer", layout, (label, 1))
+            return []
         if op == "Gemm":
             data_input_only()
             if node_attr(node, "transA", 0) or rank != 2 or layout.axis != 1:

@@ -83,7 +83,7 @@ class ChannelGroup:
     Attributes:
         name: The (first) producer's weight tensor (the key ``shrink`` takes).
         node: Label of the (first) producing node (``graphinfo.node_label``).
-        op_type: Conv, Gemm or MatMul (ConvTranspose and other weights appear as not prunable).
+        op_type: Conv, ConvTranspose, Gemm or MatMul (other weights appear as not prunable).
         n_channels: Number of output channels (filters).
         outputs: Slices along the channel axis: the producer's weight and bias, normalisation
             parameters, per-channel constants.

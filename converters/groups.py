@@ -336,6 +336,13 @@ class _Analysis:
             if len(node.input) > 2 and node.input[2]:
                 walk.slice_input(node.input[2], 0, "bias", ChannelLayout(0), (label, 2))
             return node.output[0], ChannelLayout(1)
+        if node.op_type == "ConvTranspose":  # weight [C_in, C_out, k...]: the filters are along axis 1
+            if node_attr(node, "group", 1) != 1:
+                raise NotPrunable(f"grouped ConvTranspose (group={node_attr(node, 'group', 1)}) is not handled")
+            walk.slice(weight, 1, "weight", ChannelLayout(0), (label, 1))
+            if len(node.input) > 2 and node.input[2]:
+                walk.slice_input(node.input[2], 0, "bias", ChannelLayout(0), (label, 2))
+            return node.output[0], ChannelLayout(1)
         if node.op_type == "Gemm":
             trans_b = node_attr(node, "transB", 0)
             walk.slice(weight, 0 if trans_b else 1, "weight", ChannelLayout(0), (label, 1))
@@ -354,7 +361,7 @@ class _Analysis:
             if out_shape is None:
                 raise NotPrunable(f"the shape of {node.output[0]!r} is unknown (shape inference failed)")
             return node.output[0], ChannelLayout(len(out_shape) - 1)
-        raise NotPrunable(f"{node.op_type} weights are not handled (only Conv, Gemm, MatMul)")
+        raise NotPrunable(f"{node.op_type} weights are not handled (only Conv, ConvTranspose, Gemm, MatMul)")
 
 
 class _Depthwise(Exception):

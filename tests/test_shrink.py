@@ -522,3 +522,37 @@ def test_concat_inputs_cut_their_own_ranges(exporter, tmp_path):
     assert [(s.tensor, s.axis, s.offset, s.total) for s in left.consumers] == [("mix.weight", 1, 0, 16)]
     assert [(s.tensor, s.axis, s.offset, s.total) for s in right.consumers] == [("mix.weight", 1, 6, 16)]
     assert _value(shrunk, "mix.weight").shape == (6, 3 + 5, 3, 3)  # its own group halves it too
+
+
+def test_conv_transpose_consumes_and_produces_channels():
+    # A decoder step: Conv -> ConvTranspose (stride 2, pads that differ between the ends, a bias) -> Conv.
+    # The ConvTranspose weight [C_in, C_out, k, k] is cut along axis 0 by the Conv's group and along
+    # axis 1 (with its bias) as a producer of its own.
+    model = _text_model(
+        """
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w1, b1)
+        r = Relu (c)
+        u = ConvTranspose <strides = [2, 2], pads = [0, 0, 1, 1]> (r, wt, bt)
+        v = Relu (u)
+        out = Conv <kernel_shape = [1, 1]> (v, w2)
+        """,
+        "float[6, 2, 3, 3] w1 = " + _floats((6, 2, 3, 3), 1) + ", float[6] b1 = " + _floats((6,), 2)
+        + ", float[6, 4, 2, 2] wt = " + _floats((6, 4, 2, 2), 3) + ", float[4] bt = " + _floats((4,), 4)
+        + ", float[3, 4, 1, 1] w2 = " + _floats((3, 4, 1, 1), 5),
+        "float[N, 2, 5, 5] input",
+        "float[N, 3, 9, 9] out",
+    )
+    groups = {g.name: g for g in channel_groups(model)}
+    assert groups["w1"].prunable and groups["wt"].prunable, (groups["w1"].reason, groups["wt"].reason)
+    assert [(s.tensor, s.axis) for s in groups["w1"].consumers] == [("wt", 0)]
+    assert [(s.tensor, s.axis, s.role) for s in groups["wt"].outputs] == [("wt", 1, "weight"), ("bt", 0, "bias")]
+    assert [(s.tensor, s.axis) for s in groups["wt"].consumers] == [("w2", 1)]
+    _check_equivalent(
+        model,
+        Case(
+            keep={"w1": [1, 4], "wt": [0, 3]},
+            zero={"wt": (0, [1, 4]), "w2": (1, [0, 3])},
+            shapes={"w1": (4, 2, 3, 3), "b1": (4,), "wt": (4, 2, 2, 2), "bt": (2,), "w2": (3, 2, 1, 1)},
+            input_shape=(2, 5, 5),
+        ),
+    )
