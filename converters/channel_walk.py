@@ -187,6 +187,21 @@ class ChannelWalk:
             outputs_used((0,))
             self._need_nchw(layout, op, label)
             return [(node.output[0], layout)]
+        if op in ("Resize", "Upsample"):
+            # Upsampling in FPNs and decoders: the channels pass when the channel axis keeps scale 1. Sizes
+            # given as an input (a constant count of channels, or one computed from the input) are not handled.
+            data_input_only()
+            outputs_used((0,))
+            # Upsample and opset 10's Resize: (X, scales); from opset 11 Resize: (X, roi, scales, sizes).
+            scales = node.input[1] if len(node.input) == 2 else node.input[2]
+            sizes = node.input[3] if op == "Resize" and len(node.input) > 3 else ""
+            constant = a.constant(scales) if scales else None
+            if sizes or constant is None:
+                raise NotPrunable(f"{op} {label} takes its output sizes at run time or as sizes, which is not handled")
+            values = a.value(constant).reshape(-1)
+            if len(values) != rank or values[layout.axis] != 1:
+                raise NotPrunable(f"{op} {label} scales the channel axis")
+            return [(node.output[0], layout)]
         if op in ("BatchNormalization", "InstanceNormalization"):
             data_input_only()
             outputs_used((0,))

@@ -556,3 +556,43 @@ def test_conv_transpose_consumes_and_produces_channels():
             input_shape=(2, 5, 5),
         ),
     )
+
+
+@pytest.mark.parametrize("op", ["Resize-scales", "Resize-scales-opset10", "Upsample"])
+def test_channels_pass_an_upsampling_that_keeps_the_channel_axis(op):
+    # An FPN / U-Net step: Conv -> Resize (nearest, x2 on H and W) -> Conv.
+    opset = {"Resize-scales": 17, "Resize-scales-opset10": 10, "Upsample": 9}[op]
+    up = {"Resize-scales": "u = Resize <mode = \"nearest\"> (r, roi, scales)",
+          "Resize-scales-opset10": "u = Resize <mode = \"nearest\"> (r, scales)",
+          "Upsample": "u = Upsample <mode = \"nearest\"> (r, scales)"}[op]
+    model = onnx.parser.parse_model(
+        f"""<ir_version: 8, opset_import: ["" : {opset}]>
+        g (float[N, 2, 4, 4] input) => (float[N, 3, 8, 8] out)
+        <float[5, 2, 3, 3] w1 = {_floats((5, 2, 3, 3), 1)}, float[0] roi = {{}}, float[4] scales = {{1.0, 1.0, 2.0, 2.0}},
+         float[3, 5, 1, 1] w2 = {_floats((3, 5, 1, 1), 2)}> {{
+            c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w1)
+            r = Relu (c)
+            {up}
+            out = Conv <kernel_shape = [1, 1]> (u, w2)
+        }}""")
+    onnx.checker.check_model(model, full_check=True)
+    (group, _) = channel_groups(model)
+    assert group.prunable, group.reason
+    _check_equivalent(model, Case(keep={"w1": [0, 3]}, zero={"w2": (1, [0, 3])},
+                                  shapes={"w1": (3, 2, 3, 3), "w2": (3, 3, 1, 1)}, input_shape=(2, 4, 4)))
+
+
+def test_an_upsampling_of_the_channel_axis_or_to_given_sizes_stops_the_group():
+    model = _text_model(
+        """
+        c = Conv <kernel_shape = [1, 1]> (input, w1)
+        u = Resize <mode = "nearest"> (c, , , sizes)
+        out = Conv <kernel_shape = [1, 1]> (u, w2)
+        """,
+        "float[5, 2, 1, 1] w1 = " + _floats((5, 2, 1, 1), 1) + ", int64[4] sizes = {1, 5, 8, 8}, float[3, 5, 1, 1] w2 = "
+        + _floats((3, 5, 1, 1), 2),
+        "float[1, 2, 4, 4] input",
+        "float[1, 3, 8, 8] out",
+    )
+    group = next(g for g in channel_groups(model) if g.name == "w1")
+    assert not group.prunable and "sizes" in group.reason
