@@ -57,8 +57,9 @@ def rates(monkeypatch):
 @pytest.mark.parametrize("quantize, ops, max_levels", [
     ({"bits": 4}, {"DequantizeLinear"}, 16),  # int4 holds -8..7
     ({"bits": 4, "per_channel": True}, {"DequantizeLinear"}, None),
-    ({"bits": 1}, {"DequantizeLinear"}, 2),
-    ({"ternary": True}, {"DequantizeLinear"}, 3),
+    ({"bits": 1}, {"DequantizeLinear"}, None),  # binary levels default to one scale per channel
+    ({"bits": 1, "per_channel": False}, {"DequantizeLinear"}, 2),
+    ({"ternary": True}, {"DequantizeLinear"}, 3),  # the other level sets to one per tensor
     ({"bits": 1, "per_channel": True}, {"DequantizeLinear"}, None),
     ({"ternary": True, "per_channel": True}, {"DequantizeLinear"}, None),
     ({"bits": 1, "per_channel": True, "refit": 0, "clip": 0}, {"DequantizeLinear"}, None),
@@ -81,20 +82,21 @@ def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, q
     onnx.checker.check_model(model)
     assert ops <= {n.op_type for n in model.graph.node}
     weights = _weights(out)
+    per_channel = quantize.get("per_channel", quantize.get("bits") == 1)
     for name, value in weights.items():
         levels = np.unique(value)
         if max_levels is not None:
             assert levels.size <= max_levels, (name, levels.size)
         # One level set per tensor, or per output channel (axis 0 of Conv and Gemm(transB=1) weights).
-        for channel in (value.reshape(value.shape[0], -1) if quantize.get("per_channel") else [value]):
+        for channel in (value.reshape(value.shape[0], -1) if per_channel else [value]):
             levels = np.unique(channel)
             if quantize.get("bits") == 1:  # within {-a_c, +a_c}: no zero, one magnitude
                 assert 0 not in levels and np.unique(np.abs(levels)).size == 1, (name, levels)
             if quantize.get("ternary"):  # within {-a_c, 0, +a_c}
                 assert np.unique(np.abs(levels[levels != 0])).size == 1, (name, levels)
-        if not quantize.get("per_channel") and (quantize.get("bits") == 1 or quantize.get("ternary")):
+        if not per_channel and (quantize.get("bits") == 1 or quantize.get("ternary")):
             assert np.unique(value).size == (2 if quantize.get("bits") == 1 else 3), name  # every level used
-        if quantize.get("per_channel") and quantize.get("clusters") is None:
+        if per_channel and quantize.get("clusters") is None:
             assert np.unique(np.abs(value).max(axis=tuple(range(1, value.ndim)))).size > 1  # scales differ
     # The reference is the torch module holding the projected float weights, not the exported integers.
     x = np.load(digits_sample.test)["input"][:32]
@@ -102,6 +104,7 @@ def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, q
     assert ok, diff
     for layer in result.report["layers"]:
         assert layer["levels"] == np.unique(weights[layer["name"]]).size
+        assert layer["per_channel"] is per_channel  # the granularity the run used, in the report
     assert check(out).passed  # a compressed model imports again and writes back faithfully
 
 

@@ -295,3 +295,22 @@ def test_nm_structures():
         Rule(match="*", structure="1:4", sparsity=0.5)
     with pytest.raises(UserError, match="drop prune.targets"):
         PruneConfig(structure="2:4", targets=(0.25, 0.5))
+
+
+@pytest.mark.parametrize("quantize, bits, expected", [
+    ({"bits": 1}, 1, True),  # binary: one scale per output channel unless the recipe says
+    ({"bits": [4, 2, 1]}, (4, 2, 1), True),  # a schedule ending binary: per channel at every stage
+    ({"bits": 4}, 4, False),
+    ({"ternary": True}, None, False),
+    ({"clusters": 16}, None, False),
+    ({"bits": 1, "per_channel": False}, 1, False),
+    ({"bits": 4, "per_channel": True}, 4, True),
+    ({"bits": 4}, 1, True),  # a rule's own binary bits on a 4-bit run
+])
+def test_scales_per_channel_for_binary_levels_unless_the_recipe_chooses(quantize, bits, expected):
+    assert CompressConfig.from_dict({"quantize": quantize}).quantize.per_channel_for(bits) is expected
+
+
+def test_per_channel_must_be_a_boolean():
+    with pytest.raises(UserError, match=r"^\[quantize\] per_channel must be true or false, got 'yes'$"):
+        CompressConfig.from_dict({"quantize": {"bits": 4, "per_channel": "yes"}})

@@ -69,6 +69,8 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
             "residual_history": final.residuals.get(entry.param, []),
             "levels": int(torch.unique(value).numel()) if entry.param in final.quant else None,
             "quantization": quantization,
+            # one scale (level set) per output channel, or one for the tensor (recipe.QuantizeConfig.per_channel_for)
+            "per_channel": final.quant[entry.param].per_channel if entry.param in final.quant else None,
             "storage_bits": tensor_storage_bits(stored),
             # how write-back stored it: encoding, raw bits in the file and bits per stored weight
             "encoding": encoding,

@@ -205,7 +205,7 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
         # The same levels at the product's default granularity (one scale per tensor, no --per-channel):
         # what a user who gives only --binary / --ternary / --bits gets.
         for name, quant, s in (("binary", {"bits": 1}, None), ("ternary", {"ternary": True}, None),
-                               ("40x-4bit", {"bits": 4}, 1 - 1 / 40)):
+                               ("4bit", {"bits": 4}, None), ("40x-4bit", {"bits": 4}, 1 - 1 / 40)):
             prune = {"sparsity": s} if s is not None else {"stages": 1}
             out.append(Row(f"tensor-{name}-s{seed}", f"{name}, one scale per tensor (the default granularity)",
                            name.replace("-4bit", "+4bit"), "compress", s, {"prune": prune, "quantize": quant,
