@@ -229,8 +229,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
               help="How the calibration data sets the int8 activation ranges: minmax (default, as quantize_static) "
                    "or fit (each clipped where the int8 outputs come closest to the float ones on that data).")
 @click.option("--per-channel/--per-tensor", default=None,
-              help="One quantization scale per output channel or per tensor (default: per channel for binary "
-                   "levels, per tensor for the others).")
+              help="One quantization scale per output channel or per tensor (default: per channel, ternary "
+                   "levels per tensor).")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
               help="Total training budget in epochs; the tool splits it over stages and phases.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS),

@@ -55,11 +55,11 @@ def rates(monkeypatch):
 
 
 @pytest.mark.parametrize("quantize, ops, max_levels", [
-    ({"bits": 4}, {"DequantizeLinear"}, 16),  # int4 holds -8..7
-    ({"bits": 4, "per_channel": True}, {"DequantizeLinear"}, None),
-    ({"bits": 1}, {"DequantizeLinear"}, None),  # binary levels default to one scale per channel
+    ({"bits": 4, "per_channel": False}, {"DequantizeLinear"}, 16),  # int4 holds -8..7
+    ({"bits": 4}, {"DequantizeLinear"}, None),  # k-bit and binary levels default to one scale per channel
+    ({"bits": 1}, {"DequantizeLinear"}, None),
     ({"bits": 1, "per_channel": False}, {"DequantizeLinear"}, 2),
-    ({"ternary": True}, {"DequantizeLinear"}, 3),  # the other level sets to one per tensor
+    ({"ternary": True}, {"DequantizeLinear"}, 3),  # ternary levels to one per tensor
     ({"bits": 1, "per_channel": True}, {"DequantizeLinear"}, None),
     ({"ternary": True, "per_channel": True}, {"DequantizeLinear"}, None),
     ({"bits": 1, "per_channel": True, "refit": 0, "clip": 0}, {"DequantizeLinear"}, None),
@@ -82,7 +82,7 @@ def test_quantized_export_matches_torch_and_reimports(digits_sample, tmp_path, q
     onnx.checker.check_model(model)
     assert ops <= {n.op_type for n in model.graph.node}
     weights = _weights(out)
-    per_channel = quantize.get("per_channel", quantize.get("bits") == 1)
+    per_channel = quantize.get("per_channel", not quantize.get("ternary") and quantize.get("clusters") is None)
     for name, value in weights.items():
         levels = np.unique(value)
         if max_levels is not None:
@@ -144,7 +144,8 @@ def test_progressive_bits_and_cli_flags(digits_sample, tmp_path):
     data = json.loads(report.read_text())
     assert len(data["stages"]) == 3
     assert {layer["quantization"] for layer in data["layers"]} == {"2-bit"}
-    assert all(np.unique(w).size <= 4 for w in _weights(out).values())  # int2 holds -2..1
+    # int2 holds -2..1: at most 4 levels in each output channel (k-bit levels default to per-channel scales)
+    assert all(np.unique(c).size <= 4 for w in _weights(out).values() for c in w.reshape(w.shape[0], -1))
     bad = CliRunner().invoke(main, ["compress", str(digits_sample.model), "--data", str(digits_sample.train),
                                     "--bits", "4", "--ternary", "-o", str(tmp_path / "x.onnx")])
     assert bad.exit_code == 2 and "choose one of" in bad.output

@@ -44,13 +44,13 @@ def test_bit_schedule_and_pruning_schedule_run_side_by_side():
     single = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": 4},
                     "rules": [{"match": "emb", "skip": True}]})
     # One level set: the pruning stages stay float (each can refit its pruned layers), the last quantizes.
-    assert single.by_name()["fc"].quant == (None, None, KBit(bits=4))
+    assert single.by_name()["fc"].quant == (None, None, KBit(per_channel=True, bits=4))  # per channel by default
     ternary = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"ternary": True},
                      "rules": [{"match": "emb", "skip": True}]})
     assert ternary.by_name()["fc"].quant == (None, None, TernaryLevels(False))
     listed = _plan({"prune": {"sparsity": 0.9, "stages": 3}, "quantize": {"bits": [4]},
                     "rules": [{"match": "emb", "skip": True}]})
-    assert listed.by_name()["fc"].quant == (None, None, KBit(bits=4))  # a one-entry list is the same choice
+    assert listed.by_name()["fc"].quant == (None, None, KBit(per_channel=True, bits=4))  # a one-entry list is the same choice
 
 
 def test_mismatched_schedules_are_an_error():

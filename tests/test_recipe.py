@@ -297,18 +297,18 @@ def test_nm_structures():
         PruneConfig(structure="2:4", targets=(0.25, 0.5))
 
 
-@pytest.mark.parametrize("quantize, bits, expected", [
-    ({"bits": 1}, 1, True),  # binary: one scale per output channel unless the recipe says
-    ({"bits": [4, 2, 1]}, (4, 2, 1), True),  # a schedule ending binary: per channel at every stage
-    ({"bits": 4}, 4, False),
-    ({"ternary": True}, None, False),
-    ({"clusters": 16}, None, False),
-    ({"bits": 1, "per_channel": False}, 1, False),
-    ({"bits": 4, "per_channel": True}, 4, True),
-    ({"bits": 4}, 1, True),  # a rule's own binary bits on a 4-bit run
+@pytest.mark.parametrize("quantize, levels, expected", [
+    ({"bits": 1}, {}, True),  # binary and k-bit levels: one scale per output channel unless the recipe says
+    ({"bits": 4}, {}, True),
+    ({"bits": [8, 4, 2]}, {}, True),
+    ({"ternary": True}, {"ternary": True}, False),  # ternary: one per tensor
+    ({"bits": 4}, {"ternary": True}, False),  # a rule's own ternary levels on a 4-bit run
+    ({"clusters": 16}, {"clusters": True}, False),  # a codebook is the tensor's whatever the flag
+    ({"bits": 1, "per_channel": False}, {}, False),
+    ({"ternary": True, "per_channel": True}, {"ternary": True}, True),
 ])
-def test_scales_per_channel_for_binary_levels_unless_the_recipe_chooses(quantize, bits, expected):
-    assert CompressConfig.from_dict({"quantize": quantize}).quantize.per_channel_for(bits) is expected
+def test_scales_per_channel_but_ternary_unless_the_recipe_chooses(quantize, levels, expected):
+    assert CompressConfig.from_dict({"quantize": quantize}).quantize.per_channel_for(**levels) is expected
 
 
 def test_per_channel_must_be_a_boolean():

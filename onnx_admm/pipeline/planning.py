@@ -132,7 +132,7 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
         if isinstance(bits, tuple) and len(bits) == 1:
             bits = bits[0]
         if isinstance(bits, tuple):  # a progressive schedule: its own level set at each stage
-            quant = _stretch([choice(bits=b, per_channel=config.quantize.per_channel_for(bits),
+            quant = _stretch([choice(bits=b, per_channel=config.quantize.per_channel_for(),
                                      symmetric=config.quantize.symmetric) for b in bits], n, "the bit schedule")
         elif bits is not None or ternary or clusters is not None:
             # One level set: the pruning stages train in float (so each can refit its pruned layers, which a
@@ -140,7 +140,8 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
             # Fashion-MNIST LeNet-5 this kept 0.6 point more than quantizing at every stage at 40x + 4 bits (2 seeds)
             # and 0.95 at 100x + 2 bits (one seed).
             last = choice(bits=bits, ternary=ternary, clusters=clusters,
-                          per_channel=config.quantize.per_channel_for(bits), symmetric=config.quantize.symmetric)
+                          per_channel=config.quantize.per_channel_for(ternary, clusters is not None),
+                          symmetric=config.quantize.symmetric)
             quant = (None,) * (n - 1) + (last,)
         else:
             quant = (None,) * n
