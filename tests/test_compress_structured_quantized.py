@@ -43,10 +43,10 @@ def _bits_of(tensor: onnx.TensorProto) -> int:
 
 @pytest.mark.parametrize("quantize, elem_type", [
     ({"bits": 8, "per_channel": True}, onnx.TensorProto.INT8),
-    ({"bits": 4}, onnx.TensorProto.INT4),
+    ({"bits": 4, "per_channel": False}, onnx.TensorProto.INT4),
     ({"bits": 2, "per_channel": True}, onnx.TensorProto.INT2),
     ({"clusters": 16}, onnx.TensorProto.UINT4),
-], ids=["int8-per-channel", "int4", "int2-per-channel", "codebook16"])
+], ids=["int8-per-channel", "int4-per-tensor", "int2-per-channel", "codebook16"])
 def test_filter_pruned_weights_keep_their_integer_encoding(digits_sample, tmp_path, quantize, elem_type):
     result = compress(digits_sample.model, str(digits_sample.train), _config(quantize),
                       val_data=str(digits_sample.test))
