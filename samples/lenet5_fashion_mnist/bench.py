@@ -202,12 +202,11 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             out.append(Row(f"joint-{ratio}x-{bits}bit-s{seed}", f"ADMM pruning + {bits}-bit", f"{ratio}x+{bits}bit",
                            "compress", s, {"prune": {"sparsity": s}, "quantize": {"bits": bits, "per_channel": True},
                                            "train": {"seed": seed}}))
-        # The same levels at the product's default granularity (one scale per tensor, no --per-channel):
-        # what a user who gives only --binary / --ternary / --bits gets.
+        # The same levels with one scale per tensor (--per-tensor; the product's default for ternary levels).
         for name, quant, s in (("binary", {"bits": 1}, None), ("ternary", {"ternary": True}, None),
                                ("4bit", {"bits": 4}, None), ("40x-4bit", {"bits": 4}, 1 - 1 / 40)):
             prune = {"sparsity": s} if s is not None else {"stages": 1}
-            out.append(Row(f"tensor-{name}-s{seed}", f"{name}, one scale per tensor (the default granularity)",
+            out.append(Row(f"tensor-{name}-s{seed}", f"{name}, one scale per tensor",
                            name.replace("-4bit", "+4bit"), "compress", s, {"prune": prune, "quantize": quant,
                                                                             "train": {"seed": seed}}))
     out += [
