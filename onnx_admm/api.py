@@ -9,6 +9,7 @@ onnxruntime on the held-out split and commit the outputs through the gate (``pip
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -187,7 +188,6 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     imported.module.to(device)
     specs = weight_specs(imported)
     plan = make_plan(specs, config)
-    logger.info("training at lr %g (%s)", config.lr, config.lr_source)
     floors = checked_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
                                                          for s in specs})
@@ -197,6 +197,11 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
     check_labels(imported, train_data, held_out)
+    # The rate depends on whether the data has labels (recipe.CompressConfig.lr_for); from here on the config
+    # carries the one the run trains at, as the report gives it.
+    lr, source = config.lr_for(labelled=not (isinstance(train_data, Dataset) and train_data.labels is None))
+    logger.info("training at lr %g (%s)", lr, source)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
     if world.active and isinstance(train_data, PluginData):
         _check_same_start(world, select)
     calibration = calibration_data(original, train_data, config.output)

@@ -242,8 +242,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--admm-epochs", type=click.IntRange(min=0), help="ADMM epochs per stage (instead of --epochs).")
 @click.option("--retrain-epochs", type=click.IntRange(min=0), help="Masked retraining epochs per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--lr", type=float, help="Learning rate (default 0.02 when pruning single weights, unstructured or N:M; "
-                                           "0.01 for levels alone or whole filters/channels; 0.03 with binary weights).")
+@click.option("--lr", type=float, help="Learning rate (default 0.02 when pruning single weights, unstructured or N:M, "
+                                           "with labels; 0.01 without labels, for levels alone or whole "
+                                           "filters/channels; 0.03 with binary weights).")
 @click.option("--rho", type=float, help="Initial ADMM rho (default: chosen from lr, momentum and steps per Z/U update).")
 @click.option("--seed", type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (and onnxruntime threads for validation).")

@@ -126,6 +126,16 @@ def test_joint_pruning_and_4bit_keeps_zeros_and_is_small(digits_sample, tmp_path
     assert rates and set(rates) == {0.02} and report["config"]["train"]["lr"] == 0.02  # pruning: recipe.PRUNE_LR
 
 
+def test_pruning_without_labels_trains_at_the_default_rate(digits_sample, tmp_path, rates, caplog):
+    # Distilling the original on a few representative inputs, 0.02 fits them at the cost of the rest
+    # (recipe.CompressConfig.lr_for): weight-by-weight pruning without labels keeps 0.01.
+    caplog.set_level("INFO", logger="onnx_admm.api")
+    np.savez(tmp_path / "unlabelled.npz", input=np.load(digits_sample.train)["input"][:256])
+    result = compress(digits_sample.model, str(tmp_path / "unlabelled.npz"), _config(None, {"sparsity": 0.5}))
+    assert rates and set(rates) == {0.01} and result.report["config"]["train"]["lr"] == 0.01
+    assert "training at lr 0.01 (the label-free pruning default, recipe.DEFAULT_LR)" in caplog.text
+
+
 def test_filter_pruning_trains_at_the_default_rate(digits_sample, rates):
     # whole filters keep 0.01 (a residual CNN broke in two of three runs at 0.02), single weights train at 0.02
     result = compress(digits_sample.model, str(digits_sample.train),

@@ -314,3 +314,14 @@ def test_scales_per_channel_but_ternary_unless_the_recipe_chooses(quantize, leve
 def test_per_channel_must_be_a_boolean():
     with pytest.raises(UserError, match=r"^\[quantize\] per_channel must be true or false, got 'yes'$"):
         CompressConfig.from_dict({"quantize": {"bits": 4, "per_channel": "yes"}})
+
+
+def test_pruning_without_labels_takes_the_default_rate():
+    pruning = CompressConfig.from_dict({"prune": {"sparsity": 0.9}})
+    assert pruning.lr_for(labelled=True) == (0.02, "the pruning default, recipe.PRUNE_LR")
+    assert pruning.lr_for(labelled=False) == (0.01, "the label-free pruning default, recipe.DEFAULT_LR")
+    assert pruning.lr == 0.02  # a plugin's labels are unknown until it runs: as with labels
+    given = CompressConfig.from_dict({"prune": {"sparsity": 0.9}, "train": {"lr": 0.05}})
+    assert given.lr_for(labelled=False) == (0.05, "train.lr")
+    binary = CompressConfig.from_dict({"prune": {"sparsity": 0.9}, "quantize": {"bits": 1}})
+    assert binary.lr_for(labelled=False)[0] == 0.03
