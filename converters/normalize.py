@@ -191,19 +191,20 @@ def same_pads(size: int | None, kernel: int, stride: int, dilation: int, upper: 
 def _transpose_pads(mode: str, sizes: list, kernel, strides, dilations, output_padding, output_shape):
     """ConvTranspose's pads for SAME (the output is size x stride) or a given ``output_shape``, as the ONNX
     spec derives them: total = stride (size - 1) + output_padding + reach - output, the odd one at the
-    beginning unless SAME_UPPER. None when a size is unknown or the output is larger than no padding gives."""
+    beginning unless SAME_UPPER. None when an output_shape meets an unknown size, or the output is larger
+    than no padding gives."""
     n = len(kernel)
-    if output_shape is not None:
-        targets = list(output_shape)[-n:]
-    elif mode in ("SAME_UPPER", "SAME_LOWER"):
-        targets = [None if size is None else size * s for size, s in zip(sizes, strides)]
-    else:  # VALID
+    if output_shape is None and mode not in ("SAME_UPPER", "SAME_LOWER"):  # VALID
         return [0] * n, [0] * n
     begins, ends = [], []
     for i in range(n):
-        if sizes[i] is None or targets[i] is None:
-            return None
-        total = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - targets[i]
+        reach = output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+        if output_shape is not None:
+            if sizes[i] is None:
+                return None
+            total = strides[i] * (sizes[i] - 1) + reach - list(output_shape)[-n:][i]
+        else:  # SAME: the output is size x stride, so the total does not depend on the size
+            total = reach - strides[i]
         if total < 0:
             return None
         small, large = total // 2, total - total // 2
@@ -243,7 +244,7 @@ def explicit_auto_pad(model: onnx.ModelProto) -> bool:
         n = len(kernel)
         strides = node_attr(node, "strides") or [1] * n
         dilations = node_attr(node, "dilations") or [1] * n
-        if not cache and (node.op_type == "ConvTranspose" or any(s != 1 for s in strides)):
+        if not cache and (node_attr(node, "output_shape") is not None or any(s != 1 for s in strides)):
             cache.append(inferred_shapes(model))
         shape = cache[0].get(node.input[0]) if cache else None
         sizes = list(shape[2:]) if shape is not None and len(shape) == n + 2 else [None] * n
@@ -271,9 +272,12 @@ def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shape
     if node.domain not in ("", "ai.onnx") or node.op_type not in STASHED_OPS:
         return False
     if node.op_type == "ConvTranspose":
-        # onnx2torch's ConvTranspose refuses pads that differ between the two ends of an axis.
+        # onnx2torch's ConvTranspose refuses pads that differ between the two ends of an axis, and ignores an
+        # output_shape (or SAME) that explicit_auto_pad could not turn into pads: ours refuses it by name.
         pads = list(node_attr(node, "pads") or [])
-        return pads[:len(pads) // 2] != pads[len(pads) // 2:]
+        mode = node_attr(node, "auto_pad", b"NOTSET")
+        return (pads[:len(pads) // 2] != pads[len(pads) // 2:] or node_attr(node, "output_shape") is not None
+                or mode in (b"SAME_UPPER", b"SAME_LOWER"))
     if node.op_type == "AveragePool":
         # onnx2torch's AveragePool refuses pads that differ between the two ends of an axis, and SAME
         # padding (left by explicit_auto_pad where the sizes are unknown: ours pads at run time).

@@ -101,10 +101,13 @@ def convert_conv_transpose(node: OnnxNode, graph: OnnxGraph) -> OperationConvert
     """A stashed ConvTranspose (explicit pads that differ between the ends; ``normalize.explicit_auto_pad``
     has already turned SAME and ``output_shape`` into pads): Sequential(ConvTranspose, Crop). The weight
     and bias stay the module's Parameters, so the importer maps them like any ConvTranspose's."""
+    attrs = node.attributes
+    if "output_shape" in attrs or attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+        raise NotImplementedError(f"ConvTranspose {node.name!r} sets its output size (output_shape or SAME) from "
+                                  "input sizes shape inference could not find; give the graph input fixed sizes")
     weight = graph.initializers[node.input_values[1]].to_torch()
     names = node.input_values
     bias = graph.initializers[names[2]].to_torch() if len(names) > 2 and names[2] else None
-    attrs = node.attributes
     n = weight.dim() - 2
     if n not in _CONV_TRANSPOSE:
         raise NotImplementedError(f"ConvTranspose over {n} spatial axes is not supported")

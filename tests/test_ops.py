@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from exporter_models import export_torch, op_model, recurrent_node
 from torch import nn
 
+from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.importer import import_model
 from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS, normalize
 from onnx_admm.check import within_tolerance
@@ -188,6 +189,26 @@ def test_same_average_pool_of_unknown_size_pads_at_run_time(mode, count_include_
         feeds = {"x": np.random.default_rng(h * w).standard_normal((2, 2, h, w)).astype(np.float32)}
         ok, diff = within_tolerance(session.run(None, feeds), imported.run(feeds))
         assert ok, (h, w, diff)
+
+
+def test_same_conv_transpose_of_unknown_size_imports_and_an_unknown_output_shape_is_refused():
+    # SAME makes the output size x stride: its padding does not depend on the size.
+    model = op_model("(float[N, 3, H, W] x) => (float[?, ?, ?, ?] y)",
+                     "y = ConvTranspose <strides = [2, 2], auto_pad = \"SAME_LOWER\"> (x, w)", 17, {"w": _WT})
+    imported = import_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for h, w in [(5, 7), (4, 4)]:
+        feeds = {"x": np.random.default_rng(h * w).standard_normal((2, 3, h, w)).astype(np.float32)}
+        ok, diff = within_tolerance(session.run(None, feeds), imported.run(feeds))
+        assert ok, (h, w, diff)
+    # output_shape needs the input's sizes: without them, a named refusal (onnx2torch would ignore it).
+    model = op_model("(float[N, 3, H, W] x) => (float[?, ?, ?, ?] y)",
+                     "y = ConvTranspose <strides = [2, 2], output_shape = [10, 10]> (x, w)", 17, {"w": _WT})
+    with pytest.raises(UserError, match=r"^cannot import the model through onnx2torch: NotImplementedError: "
+                                        r"ConvTranspose 'ConvTranspose_0_unnamed' sets its output size \(output_shape "
+                                        r"or SAME\) from input sizes shape inference could not find; give the graph "
+                                        r"input fixed sizes$"):
+        import_model(model)
 
 
 def test_every_stashed_op_has_a_converter():
