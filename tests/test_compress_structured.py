@@ -56,7 +56,7 @@ def test_digits_filters_removed_and_shrunk_graph_matches_the_masked_model(digits
 
 
 @pytest.mark.parametrize("key", ["mobilenet_block_torchscript", "resnet_block_torchscript", "lenet5_dynamo",
-                                 "transformer_torchscript", "transformer_dynamo"])
+                                 "transformer_torchscript", "transformer_dynamo", "same_padding"])
 def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_path):
     path = onnx_model_file(key)
     original = load_model(path)
@@ -79,6 +79,16 @@ def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_
         assert shapes["stem.weight"] == [4, 3, 3, 3] and shapes["conv2.weight"] == [4, 4, 3, 3]
         assert shapes["fc.weight"] == [10, 4]
         assert set(result.report["left_alone"]) == {"fc.weight"}
+    if key == "same_padding":
+        # SAME-padded convs, an uneven AveragePool and a SAME ConvTranspose (whose weight [C_in, C_out, k, k]
+        # loses rows to conv2's filters and columns to its own) keep graph and attributes, lose half their filters
+        assert kept == {"conv1_w": 4, "conv2_w": 4, "up_w": 2}
+        shapes = _shapes(out)
+        assert (shapes["conv1_w"], shapes["conv2_w"], shapes["up_w"], shapes["up_b"], shapes["fc_w"]) == (
+            [4, 3, 3, 3], [4, 4, 2, 2], [4, 2, 3, 3], [2], [10, 32])
+        assert set(result.report["left_alone"]) == {"fc_w"}
+        assert [(n.op_type, list(n.attribute)) for n in onnx.load(str(out)).graph.node] == [
+            (n.op_type, list(n.attribute)) for n in original.graph.node]
     if key.startswith("transformer"):
         # 2 of the 4 heads leave the fused QKV projection and out_proj; 32 of the FFN's 64 units leave linear1/2
         assert sorted(kept.values()) == [2, 32]
