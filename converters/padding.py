@@ -1,11 +1,12 @@
 """AveragePool and ConvTranspose with any padding, as ONNX and onnxruntime define them (onnx2torch
 converters for the nodes ``normalize.stash_ops`` moves to its domain; pure torch).
 
-onnx2torch's AveragePool and ConvTranspose take only pads equal at both ends of every axis. Keras-era exports (tf2onnx's
-SAME padding, onnx-caffe2's Inception) pad one end more, and ``count_include_pad = 0`` (the default)
-then divides each window by the count of real input positions in it. Here the input is padded with
-zeros, summed over each window, and divided by the window's count of input positions (or of input and
-padding positions, ``count_include_pad = 1``), counted the same way on a mask. ``ceil_mode`` adds the
+onnx2torch's AveragePool and ConvTranspose take only pads equal at both ends of every axis. Keras-era
+exports (tf2onnx's SAME padding, onnx-caffe2's Inception) pad one end more, and an AveragePool with
+``count_include_pad = 0`` (the default) then divides each window by the count of real input positions in
+it. Here the input is padded with zeros, summed over each window, and divided by the window's count of
+input positions (or of input and padding positions, ``count_include_pad = 1``), counted the same way on a
+mask. ``ceil_mode`` adds the
 last partial window, except where it would start inside the end padding (ONNX 19's rule, torch's too);
 positions past the padding count in neither case. A ConvTranspose runs torch's with the padding both
 ends share, then crops what one end pads more (padding a transposed convolution removes output positions).
