@@ -217,15 +217,16 @@ def _transpose_pads(mode: str, sizes: list, kernel, strides, dilations, output_p
 def explicit_auto_pad(model: onnx.ModelProto) -> bool:
     """Conv, ConvTranspose and pooling nodes with ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID (and
     ConvTranspose with ``output_shape``, which onnx2torch ignores) get the ``pads`` it means. SAME needs the
-    input's spatial sizes from shape inference unless every stride is 1 (ConvTranspose: always); a node
-    whose sizes are unknown is left as it is, for onnx2torch (or the AveragePool converter) to handle."""
+    input's spatial sizes from shape inference unless every stride is 1 (a ConvTranspose's SAME never does;
+    its output_shape always does); a node whose sizes are unknown is left as it is, for the converters
+    (``converters.padding``) to handle or refuse."""
     def wanted(node: onnx.NodeProto) -> bool:
         if node.domain not in ("", "ai.onnx"):
             return False
-        mode = node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        automatic = node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
         if node.op_type == "ConvTranspose":
-            return mode or node_attr(node, "output_shape") is not None
-        return mode and node.op_type in AUTO_PAD_OPS
+            return automatic or node_attr(node, "output_shape") is not None
+        return automatic and node.op_type in AUTO_PAD_OPS
 
     nodes = [n for n in model.graph.node if wanted(n)]
     if not nodes:
@@ -271,19 +272,14 @@ def explicit_auto_pad(model: onnx.ModelProto) -> bool:
 def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shapes: Callable[[], dict]) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in STASHED_OPS:
         return False
-    if node.op_type == "ConvTranspose":
-        # onnx2torch's ConvTranspose refuses pads that differ between the two ends of an axis, and ignores an
-        # output_shape (or SAME) that explicit_auto_pad could not turn into pads: ours refuses it by name.
+    if node.op_type in ("AveragePool", "ConvTranspose"):
+        # onnx2torch refuses their pads where they differ between the two ends of an axis, and SAME padding
+        # (left by explicit_auto_pad where the sizes are unknown: our AveragePool pads at run time); it ignores
+        # a ConvTranspose's output_shape, which ours refuses by name.
         pads = list(node_attr(node, "pads") or [])
-        mode = node_attr(node, "auto_pad", b"NOTSET")
-        return (pads[:len(pads) // 2] != pads[len(pads) // 2:] or node_attr(node, "output_shape") is not None
-                or mode in (b"SAME_UPPER", b"SAME_LOWER"))
-    if node.op_type == "AveragePool":
-        # onnx2torch's AveragePool refuses pads that differ between the two ends of an axis, and SAME
-        # padding (left by explicit_auto_pad where the sizes are unknown: ours pads at run time).
-        pads = list(node_attr(node, "pads") or [])
-        mode = node_attr(node, "auto_pad", b"NOTSET")
-        return pads[:len(pads) // 2] != pads[len(pads) // 2:] or mode in (b"SAME_UPPER", b"SAME_LOWER")
+        return (pads[:len(pads) // 2] != pads[len(pads) // 2:]
+                or node_attr(node, "auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER")
+                or node_attr(node, "output_shape") is not None)
     if node.op_type == "LayerNormalization":
         # onnx2torch sizes its LayerNorm from the input's inferred shape (0 for an unknown dim).
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
