@@ -515,11 +515,6 @@ class CompressConfig:
         (levels alone, or whole filters, channels, columns or blocks). Without labels: ``lr_for``."""
         return self.lr_for()[0]
 
-    @property
-    def lr_source(self) -> str:
-        """Where ``lr`` comes from, for the log: the recipe, or which default."""
-        return self.lr_for()[1]
-
     def lr_for(self, labelled: bool = True) -> tuple[float, str]:
         """(learning rate, where it comes from) for a run whose training data has labels or not (a plugin's
         labels are unknown until it runs: labelled). PRUNE_LR is measured with labels; without them the run

@@ -172,7 +172,7 @@ def test_the_default_learning_rate_follows_the_quantization():
 def test_weight_by_weight_pruning_trains_at_the_pruning_default(recipe):
     config = CompressConfig.from_dict(recipe)
     assert config.prunes_weights and config.lr == 0.02
-    assert config.lr_source == "the pruning default, recipe.PRUNE_LR"
+    assert config.lr_for()[1] == "the pruning default, recipe.PRUNE_LR"
     assert CompressConfig.from_dict({**recipe, "train": {"lr": 0.005}}).lr == 0.005  # given: kept
     assert CompressConfig.from_dict({**recipe, "quantize": {"bits": 1}}).lr == 0.03  # binary levels: their own
 
@@ -189,7 +189,7 @@ def test_weight_by_weight_pruning_trains_at_the_pruning_default(recipe):
 ])
 def test_levels_alone_and_structured_pruning_keep_the_default(recipe):
     config = CompressConfig.from_dict(recipe)
-    assert not config.prunes_weights and config.lr == 0.01 and config.lr_source == "the default, recipe.DEFAULT_LR"
+    assert not config.prunes_weights and config.lr_for() == (0.01, "the default, recipe.DEFAULT_LR")
 
 
 @pytest.mark.parametrize("targets", [[0.9, 0.8], [0.9, 0.9], [0.5, 1.0], [-0.1, 0.5], []])
