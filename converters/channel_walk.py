@@ -55,6 +55,12 @@ class ChannelWalk:
                     raise NotPrunable(f"the channels reach the graph output {name!r}")
                 for i in self.a.readers.get(name, []):
                     if i in done:
+                        # Stepped already through another input. A broadcasting op waits for all its operands, so
+                        # this is another op reading the channels twice (an SPPF's Concat of x and its pools):
+                        # its second copy would keep every channel.
+                        if self.a.nodes[i].op_type not in BROADCAST:
+                            raise NotPrunable(f"the channels reach {self.a.nodes[i].op_type} {self.a.labels[i]} "
+                                              "through several inputs")
                         continue
                     other = self._blocking_operand(i)
                     if other is not None:

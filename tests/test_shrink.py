@@ -596,3 +596,24 @@ def test_an_upsampling_of_the_channel_axis_or_to_given_sizes_stops_the_group():
     )
     group = next(g for g in channel_groups(model) if g.name == "w1")
     assert not group.prunable and "sizes" in group.reason
+
+
+def test_channels_that_reach_a_concat_twice_stop_the_group():
+    # YOLOv8's SPPF: cv1 -> x, MaxPool(x), MaxPool(MaxPool(x)) -> Concat -> cv2. The Concat holds cv1's
+    # channels three times; cutting one copy left cv2 reading 3C - 2k channels against a weight cut for
+    # 3C - k (the shrunk file failed in onnxruntime). The group is left alone, with the reason.
+    model = _text_model(
+        """
+        x = Conv <kernel_shape = [1, 1]> (input, w1)
+        p1 = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x)
+        p2 = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (p1)
+        j = Concat <axis = 1> (x, p1, p2)
+        out = Conv <kernel_shape = [1, 1]> (j, w2)
+        """,
+        "float[4, 2, 1, 1] w1 = " + _floats((4, 2, 1, 1), 1) + ", float[3, 12, 1, 1] w2 = " + _floats((3, 12, 1, 1), 2),
+        "float[N, 2, 5, 5] input",
+        "float[N, 3, 5, 5] out",
+    )
+    group = next(g for g in channel_groups(model) if g.name == "w1")
+    assert not group.prunable
+    assert group.reason == "the channels reach Concat Concat_3_unnamed through several inputs"
