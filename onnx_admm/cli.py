@@ -236,6 +236,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--allocation", type=click.Choice(ALLOCATIONS),
               help="How a global --sparsity is split over layers (default lamp; sensitivity: from each layer's "
                    "measured accuracy drop, as the analyze command measures it).")
+@click.option("--round-to", type=click.IntRange(min=1),
+              help="Filter pruning keeps a multiple of N filters per layer, the nearest to its share (8 or 16: "
+                   "onnxruntime runs such channel counts faster; default 1, the exact share).")
 @click.option("--reconstruct/--no-reconstruct", default=None,
               help="After each hard projection, refit the kept weights of every pruned layer to its outputs on "
                    "training samples (default on; without labels, to the original's layer outputs).")
@@ -271,7 +274,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
              ternary: bool, clusters: int | None, activations: str | None, ranges: str | None, per_channel: bool | None,
              epochs: float | None,
-             allocation: str | None, reconstruct: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
+             allocation: str | None, round_to: int | None, reconstruct: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
              precision: str | None, report_path: str | None, max_accuracy_drop: float | None, metric_floor: float, keep_failed: bool,
              save_stages: str | None, quiet: bool, html_path: str | None) -> None:
@@ -303,7 +306,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
                "precision": precision, "epochs": epochs},
         admm={"epochs": admm_epochs, "retrain_epochs": retrain_epochs, "rho": rho},
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
-               "allocation": allocation, "reconstruct": reconstruct},
+               "allocation": allocation, "round_to": round_to, "reconstruct": reconstruct},
         quantize={"per_channel": per_channel},
         output={"activations": activations, "ranges": ranges},
     )

@@ -263,9 +263,14 @@ class PruneConfig:
     # outputs on ``reconstruct_samples`` training inputs stay what they were (onnx_admm.reconstruct).
     reconstruct: bool = True
     reconstruct_samples: int = 256
+    # Filter pruning: each layer keeps a multiple of this many filters, the nearest to its share of the target
+    # (8 or 16: onnxruntime's blocked convolution kernels); 1 keeps the exact share.
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         _check_structure("prune.structure", self.structure)
+        if self.round_to < 1:  # an integer: the table's types are checked first
+            _fail(f"prune.round_to must be an integer >= 1 (a multiple of filters to keep), got {self.round_to!r}")
         if not isinstance(self.reconstruct, bool):
             _fail(f"prune.reconstruct must be true or false, got {self.reconstruct!r}")
         if (not isinstance(self.reconstruct_samples, int) or isinstance(self.reconstruct_samples, bool)

@@ -50,7 +50,7 @@ from onnx_admm.projections import (
     topk_mask,
 )
 
-__all__ = ["Block", "Column", "Heads", "NM", "group_keep_count", "nm_runtimes"]
+__all__ = ["Block", "Column", "Heads", "NM", "group_keep_count", "nm_runtimes", "rounded_keep"]
 
 
 def group_keep_count(n_groups: int, sparsity: float, min_keep: int = 1) -> int:
@@ -71,6 +71,19 @@ def group_keep_count(n_groups: int, sparsity: float, min_keep: int = 1) -> int:
     if not isinstance(min_keep, int) or min_keep < 0:
         raise ValueError(f"min_keep is a number of groups >= 0, got {min_keep!r}")
     return max(min(min_keep, n_groups), keep_count(n_groups, sparsity))
+
+
+def rounded_keep(keep: int, n_groups: int, multiple: int) -> int:
+    """``keep`` moved to the nearest multiple of ``multiple`` (half up), at least ``multiple`` and at most
+    ``n_groups``; unchanged for ``multiple`` 1, an emptied or untouched layer, or a layer of no more than
+    ``multiple`` groups.
+
+    onnxruntime's blocked convolution kernels run channel counts that are multiples of 8 or 16 faster than
+    smaller odd ones (four 3x3 convs on a 40x40 map: 48 channels 0.97 ms, 45 channels 1.49 ms).
+    """
+    if multiple <= 1 or keep in (0, n_groups) or n_groups <= multiple:
+        return keep
+    return min(n_groups, max(multiple, (keep + multiple // 2) // multiple * multiple))
 
 
 def _as_matrix(w: Tensor, what: str) -> Tensor:

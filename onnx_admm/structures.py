@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from onnx_admm.projections import Channel, Filter, Unstructured as _Unstructured, keep_count
-from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count
+from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count, rounded_keep
 
 __all__ = ["Blocks", "Channels", "Columns", "Filters", "NAMES", "NMPattern", "Structure", "Unstructured",
            "nm_pattern", "parse"]
@@ -86,11 +86,15 @@ class Filters(_AxisStructure):
     which: ClassVar[int] = 0
     outer: int = 1
     inner: int = 1
+    # Each layer keeps a multiple of this many filters (the nearest to its target; prune.round_to).
+    round_to: int = 1
 
     def constraint(self, shape, sparsity, axes, keep=None):
-        if (self.outer, self.inner) == (1, 1):
-            return super().constraint(shape, sparsity, axes, keep)
         axis = axes[self.which]
+        if (self.outer, self.inner) == (1, 1):
+            n = shape[axis]
+            count = rounded_keep(group_keep_count(n, sparsity), n, self.round_to)
+            return (Filter if axis == 0 else Channel)(count)
         units = shape[axis] // (self.outer * self.inner)
         return Heads(group_keep_count(units, sparsity), axis, self.outer, self.inner)
 

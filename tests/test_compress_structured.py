@@ -105,3 +105,17 @@ def test_a_coupled_group_is_left_alone_whole_when_the_recipe_spares_a_member(onn
     reason = result.report["left_alone"]["stem.weight"]
     assert "coupled with conv2.weight" in reason and "pruned whole or not at all" in reason
     assert result.report["structure"]["kept_channels"] == {"conv1.weight": 4}
+
+
+def test_round_to_keeps_a_multiple_of_filters_per_layer(digits_sample):
+    # 40% of 16 / 32 / 64 filters leaves 10 / 19 / 38; with round_to 8 each layer keeps the nearest
+    # multiple of 8 (onnxruntime's blocked kernels run those faster): 8 / 16 / 40.
+    kept = {}
+    for multiple in (1, 8):
+        config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 32},
+                                           "admm": {"epochs": 1, "retrain_epochs": 1},
+                                           "prune": {"sparsity": 0.4, "structure": "filter", "round_to": multiple}})
+        result = compress(digits_sample.model, str(digits_sample.train), config)
+        kept[multiple] = result.report["structure"]["kept_channels"]
+    assert kept[1] == {"0.weight": 10, "2.weight": 19, "5.weight": 38}
+    assert kept[8] == {"0.weight": 8, "2.weight": 16, "5.weight": 40}

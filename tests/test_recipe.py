@@ -325,3 +325,14 @@ def test_pruning_without_labels_takes_the_default_rate():
     assert given.lr_for(labelled=False) == (0.05, "train.lr")
     binary = CompressConfig.from_dict({"prune": {"sparsity": 0.9}, "quantize": {"bits": 1}})
     assert binary.lr_for(labelled=False)[0] == 0.03
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, r"prune.round_to must be an integer >= 1 \(a multiple of filters to keep\), got 0"),
+    (-8, r"prune.round_to must be an integer >= 1 \(a multiple of filters to keep\), got -8"),
+    (2.5, r"\[prune\] round_to must be an integer, got 2.5"),
+    (True, r"\[prune\] round_to must be an integer, got True"),
+])
+def test_round_to_is_a_positive_integer(value, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": "filter", "round_to": value}})

@@ -10,7 +10,7 @@ import torch
 
 from onnx_admm.admm import ADMM, FixedSupport, RhoSchedule
 from onnx_admm.projections import Constraint, Within, keep_count
-from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count, nm_runtimes
+from onnx_admm.structured import NM, Block, Column, Heads, group_keep_count, nm_runtimes, rounded_keep
 
 SHAPES = [(4, 3), (3, 2, 2, 2), (5, 7), (6, 4, 1, 3)]
 BLOCKS = [(1, 1), (2, 2), (2, 3), (4, 4), (8, 8)]
@@ -345,3 +345,13 @@ def test_heads_within_a_previous_support_and_bad_arguments():
         Heads(1, dim=0, inner=0)
     with pytest.raises(ValueError, match=r"does not divide dim 0"):
         Heads(1, dim=0, outer=5, inner=2).support(w)
+
+
+@pytest.mark.parametrize("keep, n, multiple, expected", [
+    (10, 16, 8, 8), (12, 16, 8, 16), (19, 32, 8, 16), (38, 64, 8, 40), (5, 64, 8, 8),  # nearest, at least one multiple
+    (86, 90, 8, 88), (89, 90, 8, 88), (90, 90, 8, 90),  # never above the layer's count; a whole layer stays
+    (3, 8, 8, 3), (5, 6, 8, 5),  # a layer of no more than `multiple` filters keeps its share
+    (0, 64, 8, 0), (10, 16, 1, 10),  # an emptied layer, or no rounding
+])
+def test_rounded_keep(keep, n, multiple, expected):
+    assert rounded_keep(keep, n, multiple) == expected

@@ -17,7 +17,7 @@ import torch
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
-from onnx_admm.structures import Filters, NMPattern
+from onnx_admm.structures import NMPattern
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tupl
     coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
                if label in pruned and label not in left_alone and len(g.producers) > 1}
     # An attention projection loses whole heads: its rows are ranked and kept by head.
-    weights = tuple(dataclasses.replace(w, structure=Filters(*groups[w.spec.label].blocks(w.spec.label)))
+    weights = tuple(dataclasses.replace(w, structure=dataclasses.replace(
+                        w.structure, **dict(zip(("outer", "inner"), groups[w.spec.label].blocks(w.spec.label)))))
                     if w.removes_channels and w.spec.label in groups else w for w in plan.weights)
     return dataclasses.replace(plan, weights=weights, coupled=tuple(coupled.values())), left_alone
 

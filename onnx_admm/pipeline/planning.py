@@ -11,6 +11,7 @@ two schedules of several stages must have the same length.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,6 +100,8 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
         shared = sparsity is None and global_target is not None
         structure = structures.parse((rule.structure if rule is not None and rule.structure else None)
                                      or prune.structure, prune.block)
+        if isinstance(structure, structures.Filters) and prune.round_to > 1:
+            structure = dataclasses.replace(structure, round_to=prune.round_to)
         if isinstance(structure, NMPattern):  # the pattern is the target: N of every M kept, whatever the pool does
             sparsity, shared = structure.sparsity, False
         if rule is not None and (rule.bits is not None or rule.ternary or rule.clusters is not None):
