@@ -69,7 +69,11 @@ class _AxisStructure(Structure):
     def constraint(self, shape, sparsity, axes, keep=None):
         axis = axes[self.which]
         # projections' Filter and Channel group along tensor dims 0 and 1: the one this weight's axis is.
-        return (Filter if axis == 0 else Channel)(group_keep_count(shape[axis], sparsity))
+        return (Filter if axis == 0 else Channel)(self.keep_groups(shape[axis], sparsity))
+
+    def keep_groups(self, n: int, sparsity: float) -> int:
+        """How many of the axis's ``n`` indices stay at ``sparsity``."""
+        return group_keep_count(n, sparsity)
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,14 @@ class Filters(_AxisStructure):
     round_to: int = 1
 
     def constraint(self, shape, sparsity, axes, keep=None):
-        axis = axes[self.which]
         if (self.outer, self.inner) == (1, 1):
-            n = shape[axis]
-            count = rounded_keep(group_keep_count(n, sparsity), n, self.round_to)
-            return (Filter if axis == 0 else Channel)(count)
+            return super().constraint(shape, sparsity, axes, keep)
+        axis = axes[self.which]
         units = shape[axis] // (self.outer * self.inner)
         return Heads(group_keep_count(units, sparsity), axis, self.outer, self.inner)
+
+    def keep_groups(self, n: int, sparsity: float) -> int:
+        return rounded_keep(group_keep_count(n, sparsity), n, self.round_to)
 
 
 @dataclass(frozen=True)

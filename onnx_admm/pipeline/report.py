@@ -101,9 +101,10 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)
-    if validation.constant_reference():
-        warnings.append(validation.constant_reference())
-        logger.warning("%s", warnings[-1])
+    constant = validation.constant_reference()
+    if constant:
+        warnings.append(constant)
+        logger.warning("%s", constant)
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
         "schema_version": SCHEMA_VERSION,  # the contract readers check first (onnx_admm.report_schema)
