@@ -38,6 +38,13 @@ _LIBRARIES = ("onnx_admm.api", "onnx_admm.analyze", "onnx_admm.check", "onnx_adm
 class _Command(click.Command):
     """Turn UserError into a one-line message and exit status 1, never a traceback."""
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        # Option callbacks import the libraries they check against (--device: torch and onnx): an interrupt
+        # inside an extension's module init there segfaulted or aborted the process (1 child in 100 under
+        # load). Parsing is otherwise instant, so signals wait for its end and land in the command's handling.
+        with deferred():
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx: click.Context) -> Any:
         # An interrupt raised inside an extension's initialisation can abort the process from C++ (std::terminate)
         # or leave a module half-built: the libraries load with signals held, which land when they are loaded.
@@ -63,6 +70,7 @@ def _signals_end_the_run() -> Iterator[None]:
         interrupt = pending_interrupt()
     except KeyboardInterrupt as exc:
         interrupt = exc
+        pending_interrupt()  # its signal is on the list too: taken off, it cannot stop a later run in this process
     except Exception:
         interrupt = pending_interrupt()
         if interrupt is None:

@@ -152,14 +152,18 @@ class World:
     def agreed(self, compute: Callable[[], float | None]) -> float | None:
         """Rank 0's value of ``compute()`` on every rank (the others do not compute it): a choice made on
         it (the retraining state kept) is then the same everywhere."""
+        return self.agreed_values(lambda: (compute(),), 1)[0]
+
+    def agreed_values(self, compute: Callable[[], tuple[float | None, ...]], n: int) -> tuple[float | None, ...]:
+        """:meth:`agreed` for a tuple of ``n`` values, each a float or None."""
         if not self.active:
             return compute()
-        value = compute() if self.main else None
-        wire = torch.tensor([value is None, 0.0 if value is None else value], dtype=torch.float64,
+        values = compute() if self.main else (None,) * n
+        wire = torch.tensor([x for v in values for x in (v is None, 0.0 if v is None else v)], dtype=torch.float64,
                             device=self._device())
         with _peers(self):
             dist.broadcast(wire, 0)
-        return None if wire[0].item() else wire[1].item()
+        return tuple(None if wire[2 * i].item() else wire[2 * i + 1].item() for i in range(n))
 
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the ranks: NaN or infinite when it is on any rank."""

@@ -39,6 +39,9 @@ POSITIONS_PER_SAMPLE = 256
 # core at worst); the systems of one solve take at most EXACT_CHUNK_BYTES.
 EXACT_FLOPS = 2e10
 EXACT_CHUNK_BYTES = 256 * 2**20
+# A layer whose calibration positions per half are under 1/FEW_POSITIONS of its inputs is not refit
+# (collect_grams).
+FEW_POSITIONS = 32
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,13 @@ def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], No
     follows (held until then: keep the calls small).
 
     ``calls`` are (call, samples it feeds) pairs. ``total``, the samples of all calls, lets a layer be left
-    out at its first call when the positions it will see in a half are under a quarter of its inputs (its
-    Gram matrices are then never built: a wide layer fed few samples cannot be pinned down, and its
-    matrices would be the largest; the ridge and the check on the other half handle milder shortfalls).
+    out at its first call when the positions it will see in a half are under ``1 / FEW_POSITIONS`` of its
+    inputs (its Gram matrices are then never built). Fewer positions than inputs are no reason by
+    themselves: layer inputs lie near a subspace, the ridge solution stays within what the samples show,
+    and the check on the other half keeps a refit only where it helps. Leaving out every layer under a
+    quarter (mobilenet_v3_small's head and squeeze-excitation layers on 128 images) cost 8.6 points of
+    held-out agreement in one-shot 50% pruning (0.875 against 0.961). Far below, the refit pins down little
+    and costs the most (a 4,096-input layer fed 48 samples: 9 s and 1 GB of memory).
     """
     gram: dict[str, list[Tensor]] = {}
     cross: dict[str, list[Tensor]] = {}
@@ -157,7 +164,8 @@ def collect_grams(taps: Mapping[str, Tap], calls: Iterable[tuple[Callable[[], No
             if name in skipped:
                 return
             x = tap.columns(module, args[tap.arg].detach()).float()
-            if name not in gram and total is not None and x.shape[0] * total / current[0] / 2 < x.shape[1] / 4:
+            if (name not in gram and total is not None
+                    and x.shape[0] * total / current[0] / 2 < x.shape[1] / FEW_POSITIONS):
                 logger.info("%s: no refit (about %d calibration positions for %d inputs)", name,
                             x.shape[0] * total // current[0], x.shape[1])
                 skipped.add(name)

@@ -726,3 +726,34 @@ def test_interrupt_swallowed_by_library_code_still_ends_the_run(tmp_path, monkey
                                                    " before the first stage completed; nothing was written")
     assert [line for line in result.output.splitlines() if line.strip()] == [expected]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_options_are_read_lands_after_them(tmp_path, monkeypatch, signum, code):
+    # --device's check imports torch and onnx while click reads the options: an interrupt raised inside an
+    # extension's module init there segfaulted or aborted the process (3 children in 300 under load). The
+    # options are read to their end, and the signal then ends the run with its status and line.
+    from onnx_admm import cli
+
+    real, finished = cli._check_device, []
+
+    def signalled_check(value):
+        signal.raise_signal(signum)
+        finished.append(real(value))
+        return finished[-1]
+
+    monkeypatch.setattr(cli, "_check_device", signalled_check)
+    out = tmp_path / "out.onnx"
+    result = _compress(_gemm(tmp_path), _npz(tmp_path, x=X), out, "--device", "cpu")
+    assert finished == ["cpu"]
+    assert result.exit_code == code, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        f"interrupted by {'Ctrl-C (SIGINT)' if signum == signal.SIGINT else 'SIGTERM'}"]
+    assert not out.exists()
+    # The signal ended that run only: a compress called next in this process runs to its end.
+    from onnx_admm.api import compress
+    from onnx_admm.recipe import CompressConfig
+
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5}})
+    assert compress(_gemm(tmp_path), _npz(tmp_path, x=X), config).report["params"]["nonzero"] == 20

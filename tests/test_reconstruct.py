@@ -251,14 +251,38 @@ def test_a_destroyed_admm_phase_gives_way_to_the_refit_stage_start(digits_sample
     assert metrics["compressed_accuracy"] >= metrics["original_accuracy"] - 0.02
 
 
-def test_a_layer_wider_than_its_calibration_positions_is_left_out_before_its_gram_is_built():
-    wide, narrow = nn.Linear(256, 4), nn.Linear(8, 4)
-    xs = [torch.randn(25, 256) for _ in range(4)]
-    calls = [(lambda x=x: (wide(x), narrow(x[:, :8])), 25) for x in xs]
+def test_a_layer_wider_than_its_calibration_positions_is_refit_within_what_its_samples_show():
+    # 50 positions a half for 256 inputs: the normal equations are underdetermined, but real layer inputs
+    # lie near a subspace (here exactly one of 16 dimensions) and the ridge solution stays in it, so the
+    # refit holds on inputs it never saw. Leaving such layers out cost mobilenet_v3_small's head and
+    # squeeze-excitation layers 8.6 points of agreement.
+    torch.manual_seed(0)
+    wide, basis = nn.Linear(256, 4, bias=False), torch.randn(16, 256)
+    xs = [torch.randn(25, 16) @ basis for _ in range(4)]
+    with torch.no_grad():
+        grams = collect_grams({"wide": Tap((wide,), 0, "linear")}, [(lambda x=x: wide(x), 25) for x in xs], total=100)
+    assert grams.count == {"wide": [50, 50]}
+    before = wide.weight.detach().clone()
+    mask = before.abs() >= before.abs().flatten().median()
+    with torch.no_grad():
+        wide.weight.mul_(mask)
+        fits = reconstruct({"wide": wide.weight}, {"wide": before}, {"wide": mask},
+                           {"wide": Tap((wide,), 0, "linear")}, grams)
+        unseen = torch.randn(200, 16) @ basis
+        projected = ((unseen @ (before * mask).t() - unseen @ before.t()) ** 2).mean()
+        refit_error = ((wide(unseen) - unseen @ before.t()) ** 2).mean()
+    assert fits["wide"].used and torch.equal(wide.weight != 0, mask)
+    assert refit_error < 0.05 * projected
+
+
+def test_a_layer_fed_under_a_32nd_of_its_inputs_is_left_out_before_its_gram_is_built():
+    # 50 positions a half for 2,048 inputs: the refit would pin down little at the largest cost.
+    wide, narrow = nn.Linear(2048, 4), nn.Linear(1024, 4)
+    xs = [torch.randn(25, 2048) for _ in range(4)]
+    calls = [(lambda x=x: (wide(x), narrow(x[:, :1024])), 25) for x in xs]
     with torch.no_grad():
         grams = collect_grams({"wide": Tap((wide,), 0, "linear"), "narrow": Tap((narrow,), 0, "linear")}, calls,
                               total=100)
-    # 50 positions a half for 256 inputs (under a quarter): no Gram matrix; 8 inputs are pinned down.
     assert set(grams.gram) == {"narrow"} and grams.count == {"narrow": [50, 50]}
 
 
@@ -359,6 +383,34 @@ def test_without_labels_the_stage_start_refit_of_the_original_runs_no_teacher_pa
     assert result.report["stages"][0]["reconstruction"]["passes"] == 2
 
 
+def test_the_refit_calibrates_on_the_whole_model_as_it_was_before_the_projection(onnx_model_file, caplog):
+    # mobilenet_block's depthwise conv is pruned but has no tap (grouped). The calibration pass must run the
+    # model as it was before the projection, depthwise weights included: with them already projected, each
+    # tapped layer was fit to make up the depthwise conv's loss alone, all at once, and the first stage ran a
+    # teacher pass (mobilenet_v3_small: 0.89 held-out agreement against 0.95 refit on the model as it was).
+    from onnx_admm.converters.inputs import synthesize_inputs
+    from onnx_admm.converters.modelio import load_model
+
+    path = onnx_model_file("mobilenet_block_torchscript")
+    feeds = synthesize_inputs(load_model(path), batch=64, seed=0)
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 0, "retrain_epochs": 0},
+                                       "prune": {"stages": 1, "sparsity": 0.5}})
+    calls, real = [], reconstruction_module.refit_projection
+
+    def recording(taps, params, before, supports, calibrate, teacher=None):
+        calls.append((set(taps), set(before), set(supports)))
+        return real(taps, params, before, supports, calibrate, teacher)
+
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, "onnx_admm.pipeline.reconstruction"):
+        patch.setattr(reconstruction_module, "refit_projection", recording)
+        result = compress(path, Dataset(feeds, None, set(feeds)), config)
+    [(tapped, swapped_in, projected)] = calls
+    assert projected - tapped  # an untapped weight (the depthwise conv's) was projected ...
+    assert projected <= swapped_in  # ... and the calibration ran with it as it was
+    assert sum("no teacher pass" in r.getMessage() for r in caplog.records) == 1
+    assert result.report["stages"][0]["reconstruction"]["layers"] >= 2
+
+
 def test_a_destroyed_quantizing_stage_gives_way_to_its_projected_start(digits_sample):
     # The same wreck for a stage that only quantizes (8 bits): the starting weights projected onto their
     # levels, close to the original, beat every retrained state and are kept; a stage that also prunes has
@@ -379,6 +431,8 @@ def test_a_destroyed_quantizing_stage_gives_way_to_its_projected_start(digits_sa
     assert start["select_metric"]["stage_start"] > start["select_metric"]["retrained"]
     assert report["metrics"]["compressed_accuracy"] >= report["metrics"]["original_accuracy"] - 0.02
     assert run(prune={"stages": 1, "sparsity": 0.5})["stages"][0]["quantized_start"] is None
-    # At the default learning rate the retrained state scores at least as well, and a tie keeps it.
+    # At the default learning rate both score the same, and the lower loss on the selection split decides.
     start = run(lr=0.01)["stages"][0]["quantized_start"]
-    assert start["kept"] == "retrained" and start["select_metric"]["retrained"] >= start["select_metric"]["stage_start"]
+    assert start["select_metric"]["retrained"] == start["select_metric"]["stage_start"]
+    lower = min(start["select_loss"], key=start["select_loss"].get)
+    assert start["kept"] == lower.replace("_", " ")

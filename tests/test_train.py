@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnx_admm.train import (Batch, EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, balance_weights, evaluate,
-                              log_probs, make_optimizer, train_epoch)
+from onnx_admm.train import (Batch, EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, Standing, balance_weights,
+                              evaluate, log_probs, make_optimizer, standing, train_epoch)
 
 
 def _logits(seed=0, n=8, c=5):
@@ -217,6 +217,28 @@ def test_evaluate_accuracy_agreement_and_no_score():
     unlabeled = _batches(3, labels=False)
     assert evaluate(model, unlabeled, ScoreSpec(0), teacher=model) == 1.0
     assert evaluate(model, batches, ScoreSpec(None)) is None
+
+
+def test_standing_is_the_metric_and_the_mean_training_loss_and_the_loss_settles_ties():
+    torch.manual_seed(0)
+    model, teacher = _Linear(), _Linear()
+    spec, loss = ScoreSpec(0), Loss(ScoreSpec(0))
+    labelled, unlabelled = _batches(3), _batches(3, labels=False)
+    with torch.no_grad():
+        for batches, reference in ((labelled, None), (unlabelled, teacher)):
+            result = standing(model, batches, spec, reference, loss)
+            expected = sum(float(loss(model(*b.inputs), b.labels, reference(*b.inputs) if reference else None))
+                           * b.inputs[0].shape[0] for b in batches) / sum(b.inputs[0].shape[0] for b in batches)
+            assert result.metric == evaluate(model, batches, spec, reference)
+            assert result.loss == pytest.approx(expected, rel=1e-6)
+    assert standing(model, labelled, spec) == Standing(evaluate(model, labelled, spec), None)
+    # The metric first; on a tie the lower loss; without a metric, or a loss on a tie, level.
+    assert Standing(0.9, 5.0).compare(Standing(0.8, 0.1)) == 1
+    assert Standing(0.8, 0.2).compare(Standing(0.8, 0.1)) == -1
+    assert Standing(0.8, 0.1).compare(Standing(0.8, 0.2)) == 1
+    assert Standing(None, 0.1).compare(Standing(None, 0.2)) == 0
+    assert Standing(0.8, None).compare(Standing(0.8, 0.2)) == 0
+    assert Standing(0.8, 0.2).compare(Standing(0.8, 0.2)) == 0
 
 
 def test_make_optimizer_skips_frozen_params():

@@ -42,6 +42,7 @@ from onnx_admm.converters.taps import weight_taps
 from onnx_admm.pipeline.rollback import load_values, snapshot
 from onnx_admm.quantizers import Joint, quantize
 from onnx_admm.reconstruct import Refit, Tap, collect_grams, gram_bytes, reconstruct
+from onnx_admm.train import Standing
 
 logger = logging.getLogger(__name__)
 
@@ -176,26 +177,28 @@ def _apply(params: Mapping[str, nn.Parameter], imported: ImportedModel, supports
 
 @dataclass(frozen=True)
 class StartCandidate:
-    """A quantizing stage's starting weights projected onto their levels: selection metric, values, scales."""
+    """A quantizing stage's starting weights projected onto their levels: selection standing, values, scales."""
 
-    metric: float | None
+    standing: Standing
     values: dict[str, Tensor]
     scales: dict[str, Any]
 
-    def keep(self, metric: float | None) -> tuple[bool, dict[str, Any]]:
-        """Whether this beats the retrained state's selection ``metric``, and the report's ``quantized_start``."""
-        better = metric is not None and self.metric is not None and self.metric > metric
+    def keep(self, retrained: Standing) -> tuple[bool, dict[str, Any]]:
+        """Whether this beats the retrained state's selection standing, and the report's ``quantized_start``."""
+        better = self.standing.compare(retrained) > 0
+        ours, theirs = self.standing.metric, retrained.metric
         logger.info("kept: the %s (selection metric %s against %s)",
                     "projection of the stage's starting weights" if better else "retrained state",
-                    self.metric if better else metric, metric if better else self.metric)
+                    ours if better else theirs, theirs if better else ours)
         return better, {"kept": "stage start" if better else "retrained",
-                        "select_metric": {"retrained": metric, "stage_start": self.metric}}
+                        "select_metric": {"retrained": theirs, "stage_start": ours},
+                        "select_loss": {"retrained": retrained.loss, "stage_start": self.standing.loss}}
 
 
 class StageRefit:
     """Reconstruction for one stage of a compress run (``runner``: ``pipeline.stages.Runner``).
 
-    ``before()`` copies the tapped weights just before the hard projection; ``run`` refits them after it
+    ``before()`` copies the weights it may refit or that the projection changes, just before the hard projection; ``run`` refits them after it
     and, when the stage only prunes and had an ADMM phase, tries the stage's starting weights too.
     """
 
@@ -215,7 +218,12 @@ class StageRefit:
                             and set(quantized) >= set(runner.params) else None)
 
     def before(self) -> dict[str, Tensor]:
-        return {name: self.weights[name].detach().clone() for name in self.taps}
+        # Every weight the projection may change, not only the tapped ones: the calibration pass must see
+        # the whole model as it was before the projection. With the untapped ones (depthwise convs) already
+        # projected, each layer was fit to undo their loss alone, all at once, and the first stage took a
+        # teacher pass it did not need: mobilenet_v3_small's one-shot 50% refit agreed on 0.89 of held-out
+        # images, against 0.96 refit on the model as it was.
+        return {name: w.detach().clone() for name, w in self.weights.items()} if self.taps else {}
 
     def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
             kept: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
@@ -237,7 +245,7 @@ class StageRefit:
             return supports, kept, out
         runner = self.runner
         _apply(runner.params, runner.imported, supports)  # consumers of removed channels too, before measuring
-        ours = runner.select_metric()
+        ours = runner.select_standing()
         values = snapshot(runner.imported)
         load_values(runner.imported, self.start)
         with torch.no_grad():
@@ -246,13 +254,15 @@ class StageRefit:
         restart_kept = runner.removed_filters(restart)  # adds the consumers' input-channel masks
         _apply(runner.params, runner.imported, restart)
         device = next(iter(runner.params.values())).device
-        other = self.refit({n: self.start[n].to(device) for n in self.taps}, restart)
-        theirs = runner.select_metric()
-        better = ours is not None and theirs is not None and theirs > ours
-        logger.info("retraining starts from the %s (selection metric %s against %s)",
+        other = self.refit({n: self.start[n].to(device) for n in self.weights}, restart)
+        theirs = runner.select_standing()
+        better = theirs.compare(ours) > 0
+        logger.info("retraining starts from the %s (selection metric %s, loss %s, against %s, %s)",
                     "projection of the stage's starting weights" if better else "ADMM phase's projection",
-                    theirs if better else ours, ours if better else theirs)
-        choice = {"select_metric": {"admm": ours, "stage_start": theirs}, "passes": out["passes"] + other["passes"]}
+                    *((theirs.metric, theirs.loss, ours.metric, ours.loss) if better else
+                      (ours.metric, ours.loss, theirs.metric, theirs.loss)))
+        choice = {"select_metric": {"admm": ours.metric, "stage_start": theirs.metric},
+                  "select_loss": {"admm": ours.loss, "stage_start": theirs.loss}, "passes": out["passes"] + other["passes"]}
         if better:
             runner.world.broadcast_(list(restart.values()))
             return restart, restart_kept, {**other, "start": "stage start", **choice}
@@ -289,7 +299,7 @@ class StageRefit:
         latent = {name: runner.params[name].detach().clone() for name in constraints}
         admm.hard_project()
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in latent}
-        candidate = StartCandidate(runner.select_metric(), snapshot(runner.imported), scales)
+        candidate = StartCandidate(runner.select_standing(), snapshot(runner.imported), scales)
         load_values(runner.imported, values)
         admm.constraints = constraints
         return candidate

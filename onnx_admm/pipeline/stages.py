@@ -6,6 +6,7 @@ data (split into chunks when the batch exceeds the memory budget)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -38,7 +39,8 @@ from onnx_admm.progress import Progress
 from onnx_admm.quantizers import Joint, quantize
 from onnx_admm.recipe import PRECISIONS, CompressConfig
 from onnx_admm.schedule import SENSITIVITY_SAMPLES, PhaseBudget, admm_period, initial_rho, lr_factor, rho_limit
-from onnx_admm.train import EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, evaluate, make_optimizer, train_epoch
+from onnx_admm.train import (EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, Standing, evaluate, make_optimizer,
+                             standing, train_epoch)
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +114,15 @@ class Runner:
             lambda: evaluate(self.imported.module, self.batches(self.held_out, False), self.score, self.teacher))
 
     def select_metric(self) -> float | None:
-        """The metric on the selection split, which picks the retraining state kept (rank 0's, on every rank)."""
+        """The metric on the selection split (rank 0's, on every rank)."""
         return self.world.agreed(
             lambda: evaluate(self.imported.module, self.batches(self.select, False), self.score, self.teacher))
+
+    def select_standing(self) -> Standing:
+        """The metric and the training loss on the selection split, which pick the state kept (rank 0's,
+        on every rank): ``Standing.compare``."""
+        return Standing(*self.world.agreed_values(lambda: dataclasses.astuple(standing(
+            self.imported.module, self.batches(self.select, False), self.score, self.teacher, self.loss_fn)), 2))
 
     def world_report(self) -> dict[str, Any]:
         """The report's ``distributed``: processes, batch sizes, and what each rank trained on and ended with."""
@@ -225,16 +233,17 @@ class Runner:
         kept = self.removed_filters(supports)
         supports, kept, reconstruction = refit.run(admm, before, supports, kept)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
-        metric, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
+        kept_standing, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
+        metric = kept_standing.metric
         load_values(self.imported, values)
         for name, level in levels.items():
             if isinstance(level, RefitLevels):  # the scales the kept state ended with, for export
                 scales[name] = quantize(level.quantizer, params[name].detach(), supports[name])
         quantized_start = None
         if start is not None:
-            better, quantized_start = start.keep(metric)
+            better, quantized_start = start.keep(kept_standing)
             if better:
-                metric, values, scales = start.metric, start.values, start.scales
+                metric, values, scales = start.standing.metric, start.values, start.scales
                 load_values(self.imported, values)
         self.memory.mark(f"stage{stage + 1}.retrain")
         self.state_digests.append(digest([*supports.values(), *frozen, *(values[n] for n in sorted(values))]))
@@ -349,22 +358,21 @@ class Runner:
         ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent, clip) if levels else None
         optimizer = self.optimizer()
         with ste.projected() if ste else nullcontext():
-            best = {"metric": self.select_metric(), "values": snapshot(self.imported)}
+            best = {"standing": self.select_standing(), "values": snapshot(self.imported)}
 
         def epoch_end(epoch, stats) -> dict[str, Any]:
             with ste.projected() if ste else nullcontext():
-                metric = self.select_metric()
-                if metric is None or best["metric"] is None or metric >= best["metric"]:
+                now = self.select_standing()
+                if now.compare(best["standing"]) >= 0:  # level: the later state
                     # Into the phase's one snapshot: a better state replaces the previous best in place.
-                    best.update(metric=metric if metric is not None else best["metric"],
-                                values=copy_values(self.imported, best["values"]))
-            return {"metric": metric}
+                    best.update(standing=now, values=copy_values(self.imported, best["values"]))
+            return {"metric": now.metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
         hooks_f = [ste.before_forward] if ste else []
         message = self.run_phase("retrain", stage, epochs, optimizer, hooks_b, [lambda: fixed.apply(optimizer)],
                                  epoch_end, hooks_f, lr=lambda step, total: lr_factor(step, total, "cosine"))
-        return best["metric"], best["values"], message
+        return best["standing"], best["values"], message
 
     def steps_per_epoch(self) -> int | None:
         if not isinstance(self.train_data, Dataset):
