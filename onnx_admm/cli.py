@@ -246,7 +246,7 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
                    "measured accuracy drop, as the analyze command measures it).")
 @click.option("--round-to", type=click.IntRange(min=1),
               help="Filter pruning keeps a multiple of N filters per layer, the nearest to its share (8 or 16: "
-                   "onnxruntime runs such channel counts faster; default 1, the exact share).")
+                   "onnxruntime runs such channel counts faster; default 8; 1 keeps the exact share).")
 @click.option("--reconstruct/--no-reconstruct", default=None,
               help="After each hard projection, refit the kept weights of every pruned layer to its outputs on "
                    "training samples (default on; without labels, to the original's layer outputs).")

@@ -264,8 +264,9 @@ class PruneConfig:
     reconstruct: bool = True
     reconstruct_samples: int = 256
     # Filter pruning: each layer keeps a multiple of this many filters, the nearest to its share of the target
-    # (8 or 16: onnxruntime's blocked convolution kernels); 1 keeps the exact share.
-    round_to: int = 1
+    # (onnxruntime's blocked convolution kernels run multiples of 8 faster: nudenet's YOLOv8n at 30% filters
+    # took 0.84x the original's time rounded, 1.02x with exact shares); 1 keeps the exact share.
+    round_to: int = 8
 
     def __post_init__(self) -> None:
         _check_structure("prune.structure", self.structure)

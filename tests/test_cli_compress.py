@@ -214,11 +214,11 @@ def test_flags_override_the_recipe(digits_sample, tmp_path):
 def test_round_to_flag_reaches_the_filter_counts(digits_sample, tmp_path):
     report_path = tmp_path / "r.json"
     result = _compress(digits_sample, tmp_path / "o.onnx", "--sparsity", "0.4", "--structure", "filter",
-                       "--round-to", "8", "--admm-epochs", "1", "--retrain-epochs", "0", "--report", report_path, "-q")
+                       "--round-to", "1", "--admm-epochs", "1", "--retrain-epochs", "0", "--report", report_path, "-q")
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert report["config"]["prune"]["round_to"] == 8
-    assert report["structure"]["kept_channels"] == {"0.weight": 8, "2.weight": 16, "5.weight": 40}
+    assert report["config"]["prune"]["round_to"] == 1  # the exact shares, not the default's multiples of 8
+    assert report["structure"]["kept_channels"] == {"0.weight": 10, "2.weight": 19, "5.weight": 38}
     bad = _compress(digits_sample, tmp_path / "b.onnx", "--structure", "filter", "--sparsity", "0.4", "--round-to", "0")
     assert bad.exit_code == 2 and "Invalid value for '--round-to': 0 is not in the range x>=1." in bad.output
 

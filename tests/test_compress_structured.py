@@ -13,6 +13,7 @@ from onnx_admm.api import compress
 from onnx_admm.check import within_tolerance
 from onnx_admm.data import Dataset
 from onnx_admm.recipe import CompressConfig
+from onnx_admm.structured import rounded_keep
 
 
 def _config(sparsity, structure="filter", admm=1, retrain=1, **extra):
@@ -67,7 +68,10 @@ def test_filter_pruning_without_labels_on_test_models(onnx_model_file, key, tmp_
     result.save(out)
     onnx.checker.check_model(str(out))
     kept = result.report["structure"]["kept_channels"]
-    assert kept and all(n == c // 2 for n, c in zip(kept.values(), result.report["structure"]["channels"].values()))
+    # Half of each layer's filters, moved to the nearest multiple of 8 (prune.round_to's default): LeNet-5's
+    # 120 and 84 units keep 64 and 40.
+    assert kept and all(n == rounded_keep(c // 2, c, 8)
+                        for n, c in zip(kept.values(), result.report["structure"]["channels"].values()))
     for batch in (1, 5):
         x = synthesize_inputs(original, batch=batch, seed=batch)
         ok, diff = within_tolerance(result.imported.run(x), _ort(out, x))
@@ -109,13 +113,14 @@ def test_a_coupled_group_is_left_alone_whole_when_the_recipe_spares_a_member(onn
 
 def test_round_to_keeps_a_multiple_of_filters_per_layer(digits_sample):
     # 40% of 16 / 32 / 64 filters leaves 10 / 19 / 38; with round_to 8 each layer keeps the nearest
-    # multiple of 8 (onnxruntime's blocked kernels run those faster): 8 / 16 / 40.
+    # multiple of 8 (onnxruntime's blocked kernels run those faster): 8 / 16 / 40, the default.
     kept = {}
-    for multiple in (1, 8):
+    for multiple in (1, 8, None):
+        rounding = {} if multiple is None else {"round_to": multiple}
         config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 32},
                                            "admm": {"epochs": 1, "retrain_epochs": 1},
-                                           "prune": {"sparsity": 0.4, "structure": "filter", "round_to": multiple}})
+                                           "prune": {"sparsity": 0.4, "structure": "filter", **rounding}})
         result = compress(digits_sample.model, str(digits_sample.train), config)
         kept[multiple] = result.report["structure"]["kept_channels"]
     assert kept[1] == {"0.weight": 10, "2.weight": 19, "5.weight": 38}
-    assert kept[8] == {"0.weight": 8, "2.weight": 16, "5.weight": 40}
+    assert kept[8] == kept[None] == {"0.weight": 8, "2.weight": 16, "5.weight": 40}
