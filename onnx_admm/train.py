@@ -386,6 +386,8 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], score: ScoreSpec, teach
 def standing(model: nn.Module, batches: Iterable[Batch], score: ScoreSpec, teacher: nn.Module | None = None,
              loss: Loss | None = None) -> Standing:
     """:func:`evaluate`'s metric and, with ``loss``, the mean of that training loss over the samples."""
+    if score.index is None and loss is None:
+        return Standing(None)
     hits, seen, task, total, samples_seen = 0, 0, None, 0.0, 0
     for batch in batches:
         outputs = model(*batch.inputs)
@@ -397,8 +399,9 @@ def standing(model: nn.Module, batches: Iterable[Batch], score: ScoreSpec, teach
             return taught[0] if taught else None
 
         if loss is not None:
-            reference = teacher_outputs() if loss.needs_teacher(outputs, batch.labels) else None
-            if reference is not None or not loss.needs_teacher(outputs, batch.labels):
+            needed = loss.needs_teacher(outputs, batch.labels)
+            reference = teacher_outputs() if needed else None
+            if reference is not None or not needed:
                 n = _samples(batch)
                 total += float(loss(outputs, batch.labels, reference)) * n
                 samples_seen += n

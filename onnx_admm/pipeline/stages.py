@@ -120,9 +120,11 @@ class Runner:
 
     def select_standing(self) -> Standing:
         """The metric and the training loss on the selection split, which pick the state kept (rank 0's,
-        on every rank): ``Standing.compare``."""
+        on every rank): ``Standing.compare``. Without a score output there is no metric, and states are level
+        whatever their loss: no pass over the split."""
+        loss = self.loss_fn if self.score.index is not None else None
         return Standing(*self.world.agreed_values(lambda: dataclasses.astuple(standing(
-            self.imported.module, self.batches(self.select, False), self.score, self.teacher, self.loss_fn)), 2))
+            self.imported.module, self.batches(self.select, False), self.score, self.teacher, loss)), 2))
 
     def world_report(self) -> dict[str, Any]:
         """The report's ``distributed``: processes, batch sizes, and what each rank trained on and ended with."""
