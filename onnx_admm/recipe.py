@@ -94,6 +94,9 @@ class CompressConfig:
             _fail("train.epochs (the total budget, --epochs) and admm.epochs / admm.retrain_epochs (per stage, "
                   "--admm-epochs / --retrain-epochs) contradict; give one or the other (admm.epochs = 0 with "
                   "train.epochs spends the whole budget on masked retraining)")
+        if self.prune.round_to != PruneConfig.round_to and "filter" not in self._pruned_structures():
+            _fail(f"prune.round_to = {self.prune.round_to} (--round-to) rounds the filters each layer keeps, and "
+                  "this recipe prunes no filters: prune with structure = \"filter\" (--structure filter) or drop it")
 
     @property
     def budget(self) -> float | None:

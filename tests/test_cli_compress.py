@@ -221,6 +221,12 @@ def test_round_to_flag_reaches_the_filter_counts(digits_sample, tmp_path):
     assert report["structure"]["kept_channels"] == {"0.weight": 10, "2.weight": 19, "5.weight": 38}
     bad = _compress(digits_sample, tmp_path / "b.onnx", "--structure", "filter", "--sparsity", "0.4", "--round-to", "0")
     assert bad.exit_code == 2 and "Invalid value for '--round-to': 0 is not in the range x>=1." in bad.output
+    # Without filter pruning the flag would round nothing: refused, nothing written.
+    unused = _compress(digits_sample, tmp_path / "u.onnx", "--sparsity", "0.4", "--round-to", "4")
+    assert unused.exit_code == 1 and not (tmp_path / "u.onnx").exists()
+    assert unused.output.strip().splitlines() == [
+        'Error: prune.round_to = 4 (--round-to) rounds the filters each layer keeps, and this recipe prunes no '
+        'filters: prune with structure = "filter" (--structure filter) or drop it']
 
 
 def test_save_stages_writes_every_stage(digits_sample, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from onnx_admm.converters.errors import UserError
@@ -336,3 +338,17 @@ def test_pruning_without_labels_takes_the_default_rate():
 def test_round_to_is_a_positive_integer(value, message):
     with pytest.raises(UserError, match=f"^{message}$"):
         CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": "filter", "round_to": value}})
+
+
+def test_a_round_to_of_its_own_needs_filter_pruning():
+    # The default (8) rides along with any recipe; a value of the recipe's own where no filters are pruned
+    # would be ignored without a word.
+    message = ('prune.round_to = 16 (--round-to) rounds the filters each layer keeps, and this recipe prunes no '
+               'filters: prune with structure = "filter" (--structure filter) or drop it')
+    for prune in ({"sparsity": 0.5, "round_to": 16}, {"round_to": 16}):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+            CompressConfig.from_dict({"prune": prune})
+    assert CompressConfig.from_dict({"prune": {"sparsity": 0.5}}).prune.round_to == 8
+    assert CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": "filter", "round_to": 16}})
+    assert CompressConfig.from_dict({"prune": {"sparsity": 0.5, "round_to": 16},
+                                     "rules": [{"match": "conv*", "structure": "filter"}]})
