@@ -352,9 +352,10 @@ class Standing:
 
     A selection split of a few samples ties often (13 of 128 label-free inputs: agreement moves in steps
     of 1/13), and the later state used to win a tie; the loss tells how close each state is to the teacher
-    or the labels on the same samples. Label-free at 50% (128 inputs), mobilenet_v3_small's refit stage
-    start tied the ADMM projection's agreement at a third of its loss: retrained from it, the model agrees
-    with the original on 0.969 / 0.961 of held-out images (seeds 0 / 1) instead of 0.922 / 0.906.
+    on the same samples (the pipeline measures it without labels only). Label-free at 50% (128 inputs),
+    mobilenet_v3_small's refit stage start tied the ADMM projection's agreement at a third of its loss:
+    retrained from it, the model agrees with the original on 0.969 / 0.961 of held-out images (seeds 0 / 1)
+    instead of 0.922 / 0.906.
     """
 
     metric: float | None
