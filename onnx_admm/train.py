@@ -392,30 +392,25 @@ def standing(model: nn.Module, batches: Iterable[Batch], score: ScoreSpec, teach
     hits, seen, task, total, samples_seen = 0, 0, None, 0.0, 0
     for batch in batches:
         outputs = model(*batch.inputs)
-        taught: list = []
-
-        def teacher_outputs() -> Sequence[Tensor] | None:  # run once per batch, and only where needed
-            if teacher is not None and not taught:
-                taught.append(teacher(*batch.inputs))
-            return taught[0] if taught else None
-
-        if loss is not None:
-            needed = loss.needs_teacher(outputs, batch.labels)
-            reference = teacher_outputs() if needed else None
-            if reference is not None or not needed:
-                n = _samples(batch)
-                total += float(loss(outputs, batch.labels, reference)) * n
-                samples_seen += n
-        if score.index is None:
+        predicted = predictions(outputs[score.index], score.kind) if score.index is not None else None
+        counted = batch.labels is not None and predicted is not None and predicted.dim() == 1  # top-1 on labels
+        loss_reads_teacher = loss is not None and loss.needs_teacher(outputs, batch.labels)
+        # The teacher runs once per batch, where the metric or the loss reads it.
+        taught = (teacher(*batch.inputs) if teacher is not None
+                  and (loss_reads_teacher or (predicted is not None and not counted)) else None)
+        if loss is not None and (taught is not None or not loss_reads_teacher):
+            n = _samples(batch)
+            total += float(loss(outputs, batch.labels, taught)) * n
+            samples_seen += n
+        if predicted is None:
             continue
-        predicted = predictions(outputs[score.index], score.kind)
-        if batch.labels is not None and predicted.dim() == 1:
+        if counted:
             hits += int((predicted == batch.labels).sum())
             seen += predicted.numel()
             continue
-        if teacher_outputs() is None:
+        if taught is None:
             return Standing(None, None)
-        reference = predictions(teacher_outputs()[score.index], score.kind)
+        reference = predictions(taught[score.index], score.kind)
         if task is None:
             task = for_score(score.kind, tuple(outputs[score.index].shape), score.blank)
         samples = batch.inputs[0].shape[0] if batch.inputs and batch.inputs[0].dim() else None
