@@ -130,6 +130,13 @@ def raise_swallowed_interrupt() -> None:
         raise interrupt
 
 
+def ignore_signals() -> None:
+    """Ignore SIGINT and SIGTERM from now on (in the main thread; elsewhere signals cannot be set)."""
+    if _main_thread():
+        for signum in _HELD:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 @contextmanager
 def deferred(deliver: bool = True) -> Iterator[None]:
     """SIGINT and SIGTERM received inside the block take effect when it ends.

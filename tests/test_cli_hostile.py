@@ -757,3 +757,41 @@ def test_a_signal_while_the_options_are_read_lands_after_them(tmp_path, monkeypa
     config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
                                        "prune": {"sparsity": 0.5}})
     assert compress(_gemm(tmp_path), _npz(tmp_path, x=X), config).report["params"]["nonzero"] == 20
+
+
+# A signal that lands after the command has ended, during the interpreter's teardown (an atexit callback).
+_TEARDOWN_ENTRY = """
+import atexit, os, signal, sys
+from onnx_admm import cli
+atexit.register(lambda: os.kill(os.getpid(), signal.{signum}))
+cli.{entry}()
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_ended_leaves_its_status(tmp_path, signum):
+    # The run is complete and its status decided: a signal in the teardown that follows (a second with torch
+    # loaded) killed the executable without the "interrupted" line (1 child in 120). The executable's entry
+    # point (console) now exits with the command's status, and the output is whole.
+    out = tmp_path / "out.onnx"
+    args = ["compress", _gemm(tmp_path), "-o", out, "--data", _npz(tmp_path, x=X), *QUICK]
+    proc = subprocess.run([sys.executable, "-c", _TEARDOWN_ENTRY.format(signum=signum, entry="console"), *args],
+                          env=_child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert onnx.load(str(out)).graph.node
+    # What the entry point was before: the same signal at the same moment is not ignored.
+    proc = subprocess.run([sys.executable, "-c", _TEARDOWN_ENTRY.format(signum=signum, entry="main"), "--version"],
+                          env=_child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (proc.returncode, proc.stderr) != (0, ""), proc.stderr
+
+
+def test_the_executable_and_python_m_run_the_console_entry_point():
+    # pyproject's script and ``python -m onnx_admm.cli`` both end through console, not main.
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"onnx-admm": "onnx_admm.cli:console"}
+    assert (root / "onnx_admm" / "cli.py").read_text().rstrip().endswith("console()")
