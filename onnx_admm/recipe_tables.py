@@ -283,6 +283,13 @@ def _check_quant(where: str, bits: int | tuple[int, ...] | None, ternary: bool, 
         _fail(f"{where} clusters must be an integer from 2 to 256, got {clusters!r}")
 
 
+# What ``quantize.rounding`` takes: nearest puts each k-bit weight on its nearest level; gptq rounds the
+# weights of a layer with a tap column by column on the same grid, each column's error spread onto the
+# columns not yet rounded by the Optimal Brain Surgeon update on calibration inputs (GPTQ), so that the
+# layer's outputs stay closer to what they were (onnx_admm.reconstruct.round_to_grid).
+ROUNDINGS = ("nearest", "gptq")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Weights on levels: k-bit (1 = binary), ternary, or a k-means codebook.
@@ -303,8 +310,12 @@ class QuantizeConfig:
     # channel's scale (0: no clipping). Measured on the Fashion-MNIST LeNet-5 (samples/, RESULTS.md).
     refit: int = 10
     clip: float = 2.0
+    # How k-bit weights are put on their levels after the hard projection (ROUNDINGS).
+    rounding: str = "gptq"
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            _fail(f"[quantize] rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if isinstance(self.bits, list):
             object.__setattr__(self, "bits", tuple(self.bits))
         _check_quant("[quantize]", self.bits, self.ternary, self.clusters)

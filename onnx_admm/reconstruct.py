@@ -225,40 +225,81 @@ def refit(rows: Tensor, gram: Tensor, mask: Tensor, damp: float = 0.01, target: 
     of SparseGPT (each pruned weight's error spread onto the columns after it), ``C^3 + R C^2`` but with more
     error left.
     """
-    w = rows.detach().double()
-    h = gram.double().clone()
-    # An input that is always 0 in the calibration data has no say: its weights keep their values.
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h = _damped(gram, damp)
+    star = _optimum(rows, gram, h, target)
     keep = mask.to(torch.bool)
-    # The dense optimum: rows itself for its own outputs; else (H + lam) w* = target + lam * rows (and the
-    # dead inputs' weights kept), the same expression as h @ rows less what gram contributes.
-    star = w if target is None else _spd_solve(h, (target.double() + w @ h - w @ gram.double()).t()).t()
     kept, pruned = int(keep.sum(1).max()), int((~keep).sum(1).max())
-    if w.shape[0] * min(kept, pruned) ** 3 <= EXACT_FLOPS:
+    if star.shape[0] * min(kept, pruned) ** 3 <= EXACT_FLOPS:
         out = (_over_kept(star, h, keep) if kept <= pruned
                else _over_pruned(star, torch.cholesky_inverse(torch.linalg.cholesky(h)), keep))
         return out.to(rows.dtype)
-    return _sequential(star.clone(), h, keep).to(rows.dtype)
+    return _sequential(star.clone(), h, lambda j, column: column * keep[:, j])[0].to(rows.dtype)
 
 
-def _sequential(w: Tensor, h: Tensor, keep: Tensor, block: int = 128) -> Tensor:
-    """SparseGPT's column-by-column OBS update with the mask given, in blocks of columns whose updates to
-    the columns after them are applied at once (one matrix product per block)."""
+def round_to_grid(rows: Tensor, gram: Tensor, scale: Tensor, low: int, high: int, mask: Tensor, damp: float = 0.01,
+                  target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The weight ``rows`` ``[R, C]`` put on the grid ``k * scale`` (integer ``k`` in [``low``, ``high``],
+    ``scale`` ``[R, C]``: each entry's own, a row's or the tensor's repeated), column by column, each column's
+    rounding error spread onto the columns after it by the Optimal Brain Surgeon update (GPTQ, Frantar et al.
+    2023), so that ``||X v - Y||`` stays small where nearest rounding adds up every column's error; entries
+    outside ``mask`` come out 0. ``Y``, ``damp`` and ``target`` as in :func:`refit`.
+
+    Returns, in ``scale``'s dtype, the weights on the grid (each value ``k * scale`` computed in that dtype, as a
+    dequantized tensor holds it) and the compensated weights they were rounded from: the grid point nearest each of those is
+    the chosen one, so training through the straight-through estimator can start there without undoing it.
+    """
+    h = _damped(gram, damp)
+    star = _optimum(rows, gram, h, target)
+    keep, wide = mask.to(torch.bool), scale.double()
+
+    def settle(j: int, column: Tensor) -> Tensor:
+        k = torch.clamp(torch.round(column / wide[:, j]), low, high)
+        # The product in the scale's dtype, as DequantizeLinear computes it: exactly a level of the export.
+        return torch.where(keep[:, j], k.to(scale.dtype) * scale[:, j], 0.0).double()
+
+    on_grid, compensated = _sequential(star.clone(), h, settle)
+    return on_grid.to(scale.dtype), compensated.to(scale.dtype)
+
+
+def _damped(gram: Tensor, damp: float) -> Tensor:
+    """``gram`` in float64 plus ``damp`` times its mean diagonal; an input that is always 0 in the calibration
+    data gets a diagonal of its own (it has no say: its weights keep their values)."""
+    h = gram.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h
+
+
+def _optimum(rows: Tensor, gram: Tensor, h: Tensor, target: Tensor | None) -> Tensor:
+    """The dense optimum in float64: ``rows`` itself for its own outputs; else (H + lam) w* = target + lam *
+    rows (and the dead inputs' weights kept), the same expression as h @ rows less what gram contributes."""
+    w = rows.detach().double()
+    return w if target is None else _spd_solve(h, (target.double() + w @ h - w @ gram.double()).t()).t()
+
+
+def _sequential(w: Tensor, h: Tensor, settle: Callable[[int, Tensor], Tensor],
+                block: int = 128) -> tuple[Tensor, Tensor]:
+    """The column-by-column OBS update of SparseGPT and GPTQ: column j is set to ``settle(j, column)`` (its
+    kept entries, its grid points) and the error is spread onto the columns after it, in blocks of columns
+    whose updates to the columns after them are applied at once (one matrix product per block). Returns the
+    settled columns and the columns as they were just before being settled (``w`` is updated in place)."""
     # The upper Cholesky factor of H^-1: row i holds the update of columns i.. for column i's error.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     columns = w.shape[1]
+    settled = torch.empty_like(w)
     for start in range(0, columns, block):
         end = min(start + block, columns)
         part, errors = w[:, start:end], torch.zeros_like(w[:, start:end])
         local = hinv[start:end, start:end]
         for i in range(end - start):
-            error = (part[:, i] * ~keep[:, start + i]) / local[i, i]
-            part[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
+            settled[:, start + i] = settle(start + i, part[:, i])
+            error = (part[:, i] - settled[:, start + i]) / local[i, i]
+            # Columns i + 1.. only: column i keeps the value it was settled from (the compensated weights).
+            part[:, i + 1:] -= error.unsqueeze(1) * local[i, i + 1:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return w * keep
+    return settled, w
 
 
 def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
@@ -323,6 +364,16 @@ def objective(v: Tensor, gram: Tensor, target: Tensor, energy: float) -> float:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The k-bit grid a weight was projected onto: ``k * scale`` for integer ``k`` in [``low``, ``high``],
+    ``scale`` broadcastable to the weight (one per tensor, or per channel along its axis)."""
+
+    scale: Tensor
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
 class Refit:
     """What reconstruction did to one weight, measured on the calibration half it was not fit on: the mean
     squared output error (against the aim) of the plain projection and of the refit, and whether the refit
@@ -335,7 +386,8 @@ class Refit:
 
 def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor], supports: Mapping[str, Tensor],
                 taps: Mapping[str, Tap], grams: Grams, teacher: Mapping[str, Tensor] | None = None,
-                damp: float = 0.01) -> dict[str, Refit]:
+                damp: float = 0.01, grids: Mapping[str, Grid] | None = None,
+                compensated: dict[str, Tensor] | None = None) -> dict[str, Refit]:
     """Refit each projected weight in ``params`` (now ``before`` times its support) on its Gram matrices.
 
     Without a teacher the refit keeps the layer's outputs at those of ``before``; with ``teacher`` (the
@@ -343,6 +395,11 @@ def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor]
     model's inputs. The refit is fit on one half of the calibration calls and kept only when it also lowers
     the error on the other half (a layer with more inputs than the samples can pin down would otherwise
     fit their noise); the weights then get the refit on both halves.
+
+    A weight in ``grids`` was projected onto k-bit levels (nearest rounding, zeros outside its support): it
+    is rounded again by :func:`round_to_grid` on the same grid, kept on the same terms against the nearest
+    rounding, and its compensated weights (where training through the levels starts) go to
+    ``compensated``.
     """
     out = {}
     with torch.no_grad():
@@ -365,21 +422,34 @@ def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor]
                 g = grams.mean(grams.gram, name, half).to(p.device)
                 return float(((full @ g) * full).sum())
 
+            grid = (grids or {}).get(name)
+            if grid is None:
+                def fit(half: int | None) -> tuple[Tensor, Tensor | None]:
+                    return refit(full, grams.mean(grams.gram, name, half).to(p.device), mask, damp,
+                                 target(half) if aim else None), None
+            else:
+                scale = tap.rows(grid.scale.expand_as(p).to(p.device))
+
+                def fit(half: int | None) -> tuple[Tensor, Tensor | None]:
+                    return round_to_grid(full, grams.mean(grams.gram, name, half).to(p.device), scale, grid.low,
+                                         grid.high, mask, damp, target(half) if aim else None)
             try:
-                fitted = refit(full, grams.mean(grams.gram, name, 0).to(p.device), mask, damp,
-                               target(0) if aim else None)
+                fitted, _ = fit(0)
             except RuntimeError as exc:  # torch.linalg: not positive definite even with damping
                 logger.info("%s: no refit (%s)", name, exc)
                 continue
             check, aim_b = grams.mean(grams.gram, name, 1).to(p.device), target(1)
-            projected = objective(full * mask, check, aim_b, energy(1))
+            # The plain projection: the kept entries as they were, or their nearest levels.
+            plain = full * mask if grid is None else tap.rows(p.detach()).double()
+            projected = objective(plain, check, aim_b, energy(1))
             error = objective(fitted, check, aim_b, energy(1))
             used = bool(torch.isfinite(fitted).all()) and error < projected and sum(grams.count[name]) > 0
             if used:
-                rows = refit(full, grams.mean(grams.gram, name).to(p.device), mask, damp,
-                             target(None) if aim else None)
-                used = bool(torch.isfinite(rows).all())
+                rows, start = fit(None)
+                used = bool(torch.isfinite(rows).all()) and (start is None or bool(torch.isfinite(start).all()))
                 if used:
                     p.copy_(tap.from_rows(rows.to(p.dtype), p))
+                    if start is not None and compensated is not None:
+                        compensated[name] = tap.from_rows(start.to(p.dtype), p)
             out[name] = Refit(projected, error if used else projected, used)
     return out

@@ -403,9 +403,9 @@ def test_the_refit_calibrates_on_the_whole_model_as_it_was_before_the_projection
                                        "prune": {"stages": 1, "sparsity": 0.5}})
     calls, real = [], reconstruction_module.refit_projection
 
-    def recording(taps, params, before, supports, calibrate, teacher=None, few=None):
+    def recording(taps, params, before, supports, calibrate, *rest):
         calls.append((set(taps), set(before), set(supports)))
-        return real(taps, params, before, supports, calibrate, teacher, few)
+        return real(taps, params, before, supports, calibrate, *rest)
 
     with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, "onnx_admm.pipeline.reconstruction"):
         patch.setattr(reconstruction_module, "refit_projection", recording)

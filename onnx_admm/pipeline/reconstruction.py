@@ -40,8 +40,10 @@ from torch import Tensor, nn
 from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.converters.taps import weight_taps
 from onnx_admm.pipeline.rollback import load_values, snapshot
-from onnx_admm.quantizers import Joint, quantize
-from onnx_admm.reconstruct import (FEW_POSITIONS, FEW_POSITIONS_LABELLED, Refit, Tap, collect_grams, gram_bytes,
+from onnx_admm.quant_base import along
+from onnx_admm.quant_choices import KBit
+from onnx_admm.quantizers import Joint, UniformQuant, quantize
+from onnx_admm.reconstruct import (FEW_POSITIONS, FEW_POSITIONS_LABELLED, Grid, Refit, Tap, collect_grams, gram_bytes,
                                    reconstruct)
 from onnx_admm.train import Standing
 
@@ -129,14 +131,16 @@ def refit_projection(taps: Mapping[str, Tap], params: Mapping[str, nn.Parameter]
                      supports: Mapping[str, Tensor],
                      calibrate: Callable[[], tuple[Iterable[tuple[Callable[[], None], int]], int]],
                      teacher: tuple[Mapping[str, Tap], Mapping[str, Tensor]] | None = None,
-                     few: float = FEW_POSITIONS) -> tuple[dict[str, Refit], int]:
+                     few: float = FEW_POSITIONS, grids: Mapping[str, Grid] | None = None,
+                     compensated: dict[str, Tensor] | None = None) -> tuple[dict[str, Refit], int]:
     """Refit every tapped weight (projected in place, ``before`` its pre-projection copy) group by group.
 
     ``calibrate()`` gives the calls that feed the model a few samples each, with their sample counts, and
     the samples of all calls. With ``teacher`` (its taps and its values of the weights; each call then runs
     it after the model on the same samples) the refit aims at the original layers' outputs instead of the
-    pre-projection ones; ``few`` is :func:`collect_grams`' cut for layers fed too few positions. Returns the
-    refits and the calibration passes they took (one per group).
+    pre-projection ones; ``few`` is :func:`collect_grams`' cut for layers fed too few positions; weights in
+    ``grids`` are rounded onto their k-bit grids instead (``reconstruct.reconstruct``). Returns the refits and
+    the calibration passes they took (one per group).
     """
     results: dict[str, Refit] = {}
     parts = groups(taps, params, teacher=teacher is not None)
@@ -146,19 +150,29 @@ def refit_projection(taps: Mapping[str, Tap], params: Mapping[str, nn.Parameter]
             calls, total = calibrate()
             grams = collect_grams(chosen, calls, {n: (teacher[0][n], teacher[1][n]) for n in group} if teacher else None,
                                   total, few)
-        results.update(reconstruct(params, before, supports, taps, grams, teacher[1] if teacher else None))
+        results.update(reconstruct(params, before, supports, taps, grams, teacher[1] if teacher else None,
+                                   grids=grids, compensated=compensated))
     return results, len(parts)
 
 
-def summary(results: Mapping[str, Refit], candidates: int, passes: int = 0) -> dict[str, Any]:
+def summary(results: Mapping[str, Refit], candidates: int, passes: int = 0,
+            rounded: Mapping[str, Refit] | None = None, quantized: int = 0) -> dict[str, Any]:
     """The report's per-stage ``reconstruction``: layers refit, of how many pruned ones, the output error
     left after the refit as a share of the plain projection's (summed over the refit layers, on the
-    calibration half the refit was not fit on) and the calibration passes it took."""
+    calibration half the refit was not fit on) and the calibration passes it took; with ``quantized``
+    k-bit weights, the same for the ones rounded onto their grids (``rounded``)."""
+    def ratio(used: Mapping[str, Refit]) -> float | None:
+        projected = sum(r.projected for r in used.values())
+        return (sum(r.refit for r in used.values()) / projected) if projected > 0 else None
+
     used = {n: r for n, r in results.items() if r.used}
-    projected = sum(r.projected for r in used.values())
-    return {"layers": len(used), "pruned_layers": candidates, "tapped_layers": len(results),
-            "error_ratio": (sum(r.refit for r in used.values()) / projected) if projected > 0 else None,
-            "passes": passes}
+    out = {"layers": len(used), "pruned_layers": candidates, "tapped_layers": len(results),
+           "error_ratio": ratio(used), "passes": passes}
+    if quantized:
+        done = {n: r for n, r in (rounded or {}).items() if r.used}
+        out["rounding"] = {"layers": len(done), "quantized_layers": quantized, "tapped_layers": len(rounded or {}),
+                           "error_ratio": ratio(done)}
+    return out
 
 
 def same_state(module: nn.Module, teacher: nn.Module, values: Mapping[str, Tensor]) -> bool:
@@ -211,8 +225,12 @@ class StageRefit:
         # of removed channels, which lose input channels without being planned (where the loss of a removed
         # filter or head can be made up). Which of them this stage masks is known after the projection.
         names = [e.param for e in runner.imported.compressible() if e.param not in quantized] if on else []
-        self.weights = {name: runner.imported.module.get_parameter(name) for name in names}
-        self.taps = taps_for(runner.imported, names) if names else {}
+        # k-bit weights are rounded onto their grids again (quantize.rounding): binary, ternary and codebook
+        # levels are refit or shared during the retraining, which would undo a rounding chosen here.
+        self.rounded = ([name for name, w in quantized.items() if isinstance(w.quant[stage], KBit)]
+                        if runner.config.quantize.rounding == "gptq" else [])
+        self.weights = {name: runner.imported.module.get_parameter(name) for name in names + self.rounded}
+        self.taps = taps_for(runner.imported, names + self.rounded) if names or self.rounded else {}
         # The restart candidate needs no levels: pruning-only stages (channel removal included).
         self.start = snapshot(runner.imported) if self.taps and had_admm and not quantized else None
         # A stage whose weights are all quantized (pruned ones are known after the projection) gets its own.
@@ -227,22 +245,23 @@ class StageRefit:
         # held-out images, against 0.953 refit on the model as it was.
         return {name: w.detach().clone() for name, w in self.weights.items()} if self.taps else {}
 
-    def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
-            kept: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
-        """Refit the projected weights; returns the supports and kept channels the retraining goes on with,
-        and the report's entry (with the wall ``seconds`` of the whole step)."""
+    def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor], kept: dict[str, Any],
+            latent: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+        """Refit the projected weights and round the k-bit ones again; returns the supports and kept channels
+        the retraining goes on with, and the report's entry (with the wall ``seconds`` of the whole step).
+        ``latent`` (where the quantized weights' retraining starts) gets the rounded weights' compensated
+        values."""
         start = time.perf_counter()
-        supports, kept, entry = self._run(admm, before, supports, kept)
+        supports, kept, entry = self._run(admm, before, supports, kept, latent)
         if entry is not None:
             entry["seconds"] = round(time.perf_counter() - start, 3)
         return supports, kept, entry
 
-    def _run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor],
-             kept: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+    def _run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor], kept: dict[str, Any],
+             latent: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
         if not self.taps:  # off, or nothing it can refit this stage (quantized weights, no taps)
-            masked = sum(1 for name in self.weights if name in supports)
-            return supports, kept, summary({}, masked) if self.runner.config.prune.reconstruct else None
-        out = self.refit(before, supports)
+            return supports, kept, summary({}, self.masked(supports)) if self.runner.config.prune.reconstruct else None
+        out = self.refit(before, supports, self.grids(admm, before), latent)
         if self.start is None:
             return supports, kept, out
         runner = self.runner
@@ -291,24 +310,46 @@ class StageRefit:
 
     def quantized_start(self, admm: Any) -> StartCandidate | None:
         """Right after the hard projection of a stage that only quantizes (nothing pruned): the stage's
-        starting weights projected onto levels of their own, scored on the selection split; the ADMM
-        projection is put back for the retraining. None when the stage prunes or had no ADMM phase."""
+        starting weights projected onto levels of their own (k-bit ones rounded by GPTQ), scored on the
+        selection split; the ADMM projection is put back for the retraining. None when the stage prunes or
+        had no ADMM phase."""
         if self.quant_start is None or any(isinstance(c, Joint) for c in admm.constraints.values()):
             return None
         runner = self.runner
         values, constraints = snapshot(runner.imported), admm.constraints
         load_values(runner.imported, self.quant_start)
         latent = {name: runner.params[name].detach().clone() for name in constraints}
-        admm.hard_project()
+        before = self.before()
+        supports = admm.hard_project()
+        if self.rounded:  # k-bit levels put on by GPTQ, as the retraining's start gets them
+            self.refit(before, supports, self.grids(admm, before))
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in latent}
         candidate = StartCandidate(runner.select_standing(), snapshot(runner.imported), scales)
         load_values(runner.imported, values)
         admm.constraints = constraints
         return candidate
 
-    def refit(self, before: dict[str, Tensor], supports: Mapping[str, Tensor]) -> dict[str, Any]:
-        """Refit the projected weights on calibration inputs; every process computes the same refit on the
-        same samples, and rank 0's values are broadcast so that they stay bit-identical."""
+    def masked(self, supports: Mapping[str, Tensor]) -> int:
+        """How many of the weights refit after pruning this stage masks (the k-bit ones are rounded instead)."""
+        return sum(1 for name in self.weights if name in supports and name not in self.rounded)
+
+    def grids(self, admm: Any, before: Mapping[str, Tensor]) -> dict[str, Grid]:
+        """The k-bit grid each rounded weight was projected onto: its constraint's scales for the weights
+        before the projection (the hard projection's own)."""
+        out = {}
+        for name in self.rounded:
+            constraint = admm.constraints[name]
+            inner = constraint.quant if isinstance(constraint, Joint) else constraint
+            if isinstance(inner, UniformQuant):  # a Within (N:M patterns) keeps its nearest levels
+                qt = quantize(constraint, before[name])
+                out[name] = Grid(along(qt.scale, qt.axis, qt.q.dim()), inner.qmin, inner.qmax)
+        return out
+
+    def refit(self, before: dict[str, Tensor], supports: Mapping[str, Tensor], grids: Mapping[str, Grid] | None = None,
+              latent: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """Refit the projected weights (and round the ones in ``grids`` again, their compensated values into
+        ``latent``) on calibration inputs; every process computes the same refit on the same samples, and rank
+        0's values are broadcast so that they stay bit-identical."""
         runner = self.runner
         samples = runner.calibration()
         # Without labels the goal is the original's outputs: the refit aims at its layers' outputs.
@@ -332,17 +373,32 @@ class StageRefit:
         def calibrate() -> tuple[Iterator[tuple[Callable[[], None], int]], int]:
             return calls(), len(samples)
 
-        taps = {name: tap for name, tap in self.taps.items() if name in supports}  # what this stage masks
+        grids = grids or {}
+        # What this stage masks, and the k-bit weights it rounds (the others keep their nearest levels).
+        taps = {name: tap for name, tap in self.taps.items()
+                if name in supports and (name not in self.rounded or name in grids)}
         pair = None
         if teacher is not None:
             pair = (teacher_taps(taps, module, teacher), {n: teacher.get_parameter(n).detach() for n in taps})
         few = FEW_POSITIONS_LABELLED if runner.train_labeled else FEW_POSITIONS
-        results, passes = refit_projection(taps, self.weights, before, supports, calibrate, pair, few)
+        compensated: dict[str, Tensor] = {}
+        results, passes = refit_projection(taps, self.weights, before, supports, calibrate, pair, few, grids,
+                                           compensated)
         runner.world.broadcast_([self.weights[n].data for n, r in results.items() if r.used])
-        out = summary(results, sum(1 for name in self.weights if name in supports), passes)
+        if latent is not None and compensated:
+            runner.world.broadcast_(list(compensated.values()))
+            latent.update(compensated)
+        pruned = {n: r for n, r in results.items() if n not in grids}
+        out = summary(pruned, self.masked(supports), passes, {n: r for n, r in results.items() if n in grids},
+                      len(self.rounded))
         logger.info("reconstruction: %d of %d pruned layers refit, output error %s of the projection's",
                     out["layers"], out["pruned_layers"],
                     "n/a" if out["error_ratio"] is None else f"{out['error_ratio']:.3f}")
+        if "rounding" in out:
+            rounding = out["rounding"]
+            logger.info("rounding: %d of %d k-bit layers rounded by GPTQ, output error %s of nearest rounding's",
+                        rounding["layers"], rounding["quantized_layers"],
+                        "n/a" if rounding["error_ratio"] is None else f"{rounding['error_ratio']:.3f}")
         return out
 
 

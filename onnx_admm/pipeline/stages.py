@@ -230,12 +230,13 @@ class Runner:
         # Integer levels and scales of the hard projection, for export (the retraining keeps its levels):
         # the constraints it split on the weights before projecting them, which ``latent`` holds.
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in quantized}
+        kept = self.removed_filters(supports)
+        # The refit, and the k-bit weights rounded again on their grids (their latent weights compensated).
+        supports, kept, reconstruction = refit.run(admm, before, supports, kept, latent)
         levels = {name: self.retrain_levels(w, stage, params[name].detach(), supports[name])
                   for name, w in quantized.items()}
         frozen = [level.levels for level in levels.values() if isinstance(level, FixedLevels)]
         self.world.broadcast_(frozen)
-        kept = self.removed_filters(supports)
-        supports, kept, reconstruction = refit.run(admm, before, supports, kept)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
         kept_standing, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
         metric = kept_standing.metric
