@@ -280,6 +280,11 @@ def _refit(reconstruction: dict | None) -> str:
         text += f", error x{ratio:.2f}"
     if reconstruction.get("start"):
         text += f", from {reconstruction['start']}"
+    rounding = reconstruction.get("rounding")
+    if rounding:  # k-bit layers rounded by GPTQ, and their output error against nearest rounding's
+        text += f"; GPTQ {rounding['layers']} of {rounding['quantized_layers']} k-bit layers"
+        if rounding.get("error_ratio") is not None:
+            text += f", error x{rounding['error_ratio']:.2f}"
     return escape(text)
 
 

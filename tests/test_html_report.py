@@ -113,6 +113,10 @@ def test_stages_say_what_reconstruction_did(report):
     report["stages"][1]["reconstruction"] = None
     stages = _section(render(report), "stages")
     assert "3 of 4 layers, error x0.36, from stage start" in stages and "<td>off</td>" in stages
+    report["stages"][1]["reconstruction"] = {"layers": 0, "pruned_layers": 0, "tapped_layers": 0, "error_ratio": None,
+                                             "rounding": {"layers": 3, "quantized_layers": 4, "tapped_layers": 3,
+                                                          "error_ratio": 0.21}}
+    assert "0 of 0 layers; GPTQ 3 of 4 k-bit layers, error x0.21" in _section(render(report), "stages")
 
 
 def test_int8_activations_are_compared(report):
