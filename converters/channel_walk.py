@@ -10,8 +10,8 @@ from typing import Any
 
 import onnx
 
-from onnx_admm.converters.channels import ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
-from onnx_admm.converters.graphinfo import node_attr
+from onnx_admm.converters.channels import ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice
+from onnx_admm.converters.graphinfo import fresh_name, node_attr
 from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
 
 
@@ -28,6 +28,10 @@ class ChannelWalk:
     depthwise: list[TensorSlice] = field(default_factory=list)
     depthwise_nodes: list[str] = field(default_factory=list)
     reshapes: list[ShapeEdit] = field(default_factory=list)
+    # Computed inputs (a Reshape's shape) that get a constant of their own before the cut; ``names``: every
+    # tensor name of the model, which those constants must not take.
+    frozen: list[FrozenShape] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
 
     # Broadcasting ops (node index) whose other computed operand (the value) does not carry the channels:
     # ``run`` leaves them waiting here; ``groups`` couples the producers of that operand or gives up.
@@ -156,6 +160,17 @@ class ChannelWalk:
                     f"{tensor!r} is also read by {extra[0][0]} (input {extra[0][1]}); exporters merge equal "
                     "initializers: give each use its own copy first"
                 )
+
+    def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape",
+                 dims: tuple[int, ...] | None = None) -> str:
+        """A new constant holding ``values`` (of ``dims`` where not 1-D) that the shrink pass feeds to input
+        ``input`` of node ``i`` alone (a Reshape's shape; a Split's sizes, a Slice's bounds; an Expand's
+        shape, a Mul's head count)."""
+        label = self.a.labels[i]
+        tensor = fresh_name(f"{label}_{what}", self.names | {f.tensor for f in self.frozen})
+        self.frozen.append(FrozenShape(label, tensor, tuple(int(v) for v in values), input,
+                                       None if dims is None else tuple(dims)))
+        return tensor
 
     # -- one node ------------------------------------------------------------------------------------
 
@@ -380,14 +395,35 @@ class ChannelWalk:
     def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
         a = self.a
         node, label = a.nodes[i], a.labels[i]
-        shape_src = a.constant(node.input[1])
-        if shape_src is None:
-            raise NotPrunable(f"Reshape {label} has a computed shape")
-        target = [int(v) for v in a.value(shape_src).reshape(-1)]
         dims_in, dims_out = a.shape(name), a.shape(node.output[0])
         if dims_in is None or dims_out is None:
             raise NotPrunable(f"the shapes around Reshape {label} are unknown")
+        shape_src = a.constant(node.input[1])
+        if shape_src is None:
+            # tf2onnx writes a Keras Dense on [N, L, C] as Reshape to [N*L, C], MatMul, and a Reshape back to
+            # a shape read from the input's Shape. With one dim that follows the inputs (the batch), the shape
+            # is those dims with -1 there: a constant of the Reshape's own, which the cut edits.
+            varying = [k for k, d in enumerate(dims_out) if not isinstance(d, int)]
+            if len(varying) > 1:
+                raise NotPrunable(f"Reshape {label} computes its shape, with {len(varying)} dims that follow the inputs")
+            target = [-1 if k in varying else int(d) for k, d in enumerate(dims_out)]
+            shape_src = self.own_copy(i, target)
+        else:
+            target = [int(v) for v in a.value(shape_src).reshape(-1)]
         r_in, r_out = len(dims_in), len(dims_out)
+        tail = dims_in[layout.axis:]
+        if (layout.outer == 1 and 0 < len(tail) <= r_out and all(isinstance(d, int) for d in tail)
+                and dims_out[r_out - len(tail):] == tail):
+            # Only the dims before the channels are regrouped (tf2onnx's [N, L, C] -> [N*L, C] around a
+            # MatMul, and back): the channels keep their axis, counted from the end, and their blocks.
+            p = r_out - len(tail)
+            entry = target[p]
+            if entry == -1 or (entry == 0 and p == layout.axis):
+                return layout.along(p)
+            if entry != dims_out[p]:
+                raise NotPrunable(f"Reshape {label}: shape entry {p} is {entry}, not the size {dims_out[p]}")
+            self.reshapes.append(ShapeEdit(shape_src, label, p, layout.inner))
+            return layout.along(p)
         for p in range(layout.axis + 1):
             q = r_in - r_out + p + 1
             if q <= layout.axis or q > r_in:

@@ -14,7 +14,10 @@ that keep channels apart:
 - depthwise Conv (group == channels): its filters follow the same mask, its ``group`` attribute shrinks,
   and its output carries the channels on;
 - Flatten, and a Reshape whose constant shape merges the channel axis with the dims after (or before)
-  it: each channel then owns a block of ``H*W`` features; the Reshape constant is rewritten;
+  it: each channel then owns a block of ``H*W`` features; the Reshape constant is rewritten; or one that only
+  regroups the dims before the channels (``[N*L, C]`` <-> ``[N, L, C]``). A shape computed from the input
+  with one dim that follows the inputs (tf2onnx's Keras Dense on a sequence) gets a constant of its own
+  first (``ChannelGroup.frozen``), -1 at that dim;
 - the consumers, whose INPUT channels shrink: Conv (weight axis 1), Gemm (B columns for transB=1, rows
   for transB=0), MatMul with a constant right operand (rows).
 
@@ -55,7 +58,7 @@ import onnx
 
 from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
-from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_value
+from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_names, tensor_value
 from onnx_admm.converters.heads import Probe, feeds_attention, head_group, probe_shapes
 from onnx_admm.converters.heads_chains import split_shared_repeats
 from onnx_admm.converters.optable import BROADCAST, LINEAR
@@ -139,6 +142,7 @@ class _Analysis:
         self.shapes = {name: list(dims) for name, (_, dims) in inferred_types(model, data_prop=True).items()
                        if dims is not None}
         self._values: dict[str, np.ndarray] = {}
+        self.names = tensor_names(model)  # what a constant added for the cut (a frozen shape) must not be called
         # Measured dims, for attention heads (converters.heads); why they could not be measured, once.
         self._probe: Probe | NotPrunable | None = None
 
@@ -244,7 +248,7 @@ class _Analysis:
         n_channels = _out_channels(self.nodes[index], self.value(weight).shape)
         members = [index]
         while True:
-            walk = ChannelWalk(self, weight, n_channels)
+            walk = ChannelWalk(self, weight, n_channels, names=self.names)
             walk.run([self._start(walk, i) for i in members])
             if not walk.blocked:
                 break
@@ -276,6 +280,7 @@ class _Analysis:
             activations=tuple(walk.reached),
             members=weights,
             member_nodes=tuple(self.labels[i] for i in members),
+            frozen=tuple(walk.frozen),
         )
 
     def _weight_input(self, index: int) -> int:

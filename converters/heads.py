@@ -76,8 +76,8 @@ import onnx
 
 from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.cut import cut, zeroed
-from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, FrozenShape, NotPrunable
-from onnx_admm.converters.graphinfo import fresh_name, graph_inputs, node_attr, tensor_names
+from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable
+from onnx_admm.converters.graphinfo import graph_inputs, node_attr, tensor_names
 from onnx_admm.converters.heads_mask import copies_start, head_copies
 from onnx_admm.converters.heads_reshape import reshape_step
 from onnx_admm.converters.heads_split import slice_step, split_step
@@ -318,11 +318,9 @@ class _Probed:
 class HeadWalk(ChannelWalk):
     """A channel walk whose units are heads (blocks of ``inner`` features), with the rules of attention."""
 
-    names: set[str] = dataclasses.field(default_factory=set)
     head_dim: int = 1
     members: list[int] = dataclasses.field(default_factory=list)  # the projections' nodes, in graph order
     attention: bool = False
-    frozen: list[FrozenShape] = dataclasses.field(default_factory=list)
 
     def start(self, index: int) -> tuple[str, ChannelLayout]:
         """Slice projection ``index``'s weight (and Gemm bias) along its output axis, each head owning
@@ -420,17 +418,9 @@ class HeadWalk(ChannelWalk):
     def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
         return reshape_step(self, i, name, layout)
 
-    def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape",
-                 dims: tuple[int, ...] | None = None) -> str:
-        """A new constant holding ``values`` (of ``dims`` where not 1-D) that the shrink pass feeds to input
-        ``input`` of node ``i`` alone (a Reshape's shape; a Split's sizes, a Slice's bounds; an Expand's
-        shape, a Mul's head count)."""
-        label = self.a.labels[i]
-        tensor = fresh_name(f"{label}_{what}", self.names | {f.tensor for f in self.frozen})
-        self.frozen.append(FrozenShape(label, tensor, tuple(int(v) for v in values), input,
-                                       None if dims is None else tuple(dims)))
-        return tensor
-
+    head_dim: int = 1
+    members: list[int] = dataclasses.field(default_factory=list)  # the projections' nodes, in graph order
+    attention: bool = False
 
 def _prove(model: onnx.ModelProto, group: ChannelGroup, probe: Probe) -> None:
     """The graph without the last head must compute what the original computes with that head's output

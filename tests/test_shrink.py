@@ -157,7 +157,7 @@ def _check_equivalent(model: onnx.ModelProto, case: Case) -> onnx.ModelProto:
     # tensors outside every group's cut stay byte-identical
     cut = {s.tensor for name in case.keep for s in groups[name].slices} | {
         e.tensor for name in case.keep for e in groups[name].reshapes
-    }
+    } | {f.tensor for name in case.keep for f in groups[name].frozen}
     originals = {t.name: t.SerializeToString() for t in model.graph.initializer}
     for t in shrunk.graph.initializer:
         if t.name not in cut:
@@ -252,6 +252,42 @@ def test_channels_last_flatten_after_transpose():
         ),
     )
     assert _value(shrunk, "shape").tolist() == [-1, 32]
+
+
+def test_keras_dense_on_a_sequence_reshapes_with_a_computed_shape():
+    # tf2onnx writes a Keras Dense on [N, L, C] as Reshape [-1, C], MatMul, Add and a Reshape back to a shape
+    # read from the input (Shape, Slice, Concat); the next Dense reshapes to [-1, C] again. The computed shape
+    # becomes a constant of the Reshape's own, [-1, 4, units], and both shapes lose the removed units.
+    model = _text_model(
+        """
+        sh = Shape (x)
+        lead = Slice (sh, zero, two)
+        flat = Reshape (x, flat_shape)
+        h = MatMul (flat, w1)
+        hb = Add (h, b1)
+        back = Concat <axis = 0> (lead, units)
+        r = Reshape (hb, back)
+        a = Relu (r)
+        f2 = Reshape (a, shape2)
+        y2 = MatMul (f2, w2)
+        back2 = Concat <axis = 0> (lead, three)
+        y = Reshape (y2, back2)
+        """,
+        "int64[1] zero = {0}, int64[1] two = {2}, int64[2] flat_shape = {-1, 6}, float[6, 5] w1 = "
+        + _floats((6, 5), 1) + ", float[5] b1 = " + _floats((5,), 2) + ", int64[1] units = {5}, "
+        "int64[2] shape2 = {-1, 5}, float[5, 3] w2 = " + _floats((5, 3), 3) + ", int64[1] three = {3}",
+        "float[N, 4, 6] x",
+        "float[N, 4, 3] y",
+    )
+    group = next(g for g in channel_groups(model) if g.name == "w1")
+    assert group.prunable, group.reason
+    assert [(f.node, f.values) for f in group.frozen] == [("Reshape_6_unnamed", (-1, 4, 5))]  # node 6, r
+    shrunk = _check_equivalent(model, Case(keep={"w1": [1, 3]}, zero={"w2": (0, [1, 3])},
+                                           shapes={"w1": (6, 3), "b1": (3,), "w2": (3, 3), "shape2": (2,)},
+                                           input_shape=(4, 6)))
+    assert _value(shrunk, "shape2").tolist() == [-1, 3]
+    reshape = next(n for n in shrunk.graph.node if list(n.output) == ["r"])
+    assert _value(shrunk, reshape.input[1]).tolist() == [-1, 4, 3]
 
 
 def test_swish_prelu_reduce_squeeze_and_depthwise_multiplier():

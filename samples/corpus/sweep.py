@@ -301,6 +301,13 @@ def _sklearn(work: Path) -> tuple[Path, Feeds | None]:
     return path, {onnx.load(str(path)).graph.input[0].name: x}
 
 
+def _keras_bytes(work: Path) -> tuple[Path, Feeds | None]:
+    """A Keras byte classifier exported by tf2onnx, committed with 600 streams it did not train on
+    (samples/corpus/keras_bytes/make.py says how they were made)."""
+    folder = Path(__file__).resolve().parent / "keras_bytes"
+    return folder / "keras_bytes.onnx", {"bytes": np.load(folder / "bytes.npz")["bytes"].astype(np.int32)}
+
+
 def _tf2onnx_like(work: Path) -> tuple[Path, Feeds | None]:
     """Bytes -> OneHot(256) -> MatMul + Gather embedding -> LayerNorm as tf2onnx writes it -> MLP."""
     from onnx import TensorProto, helper, numpy_helper
@@ -407,6 +414,8 @@ CORPUS = [
     Entry("lstm_classifier", "torch nn (random)", "torch TorchScript", _lstm),
     Entry("sklearn_mlp", "scikit-learn digits (trained)", "skl2onnx", _sklearn),
     Entry("bytes_onehot_layernorm", "hand-built", "tf2onnx op pattern", _tf2onnx_like),
+    Entry("keras_bytes", "Keras (trained, synthetic byte streams; committed file)", "tf2onnx 1.16, opset 15",
+          _keras_bytes),
     Entry("nudenet_320n", "PyPI nudenet wheel (trained)", "ultralytics (torch), fixed batch 1", _nudenet, "nudenet"),
     Entry("mtcnn_onet", "PyPI facenet-pytorch wheel (trained weights)", "torch TorchScript", _facenet_onet,
           "facenet_pytorch"),
