@@ -15,6 +15,11 @@ from onnx_admm.converters.graphinfo import fresh_name, node_attr
 from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
 
 
+# Ops that compute on a Shape's output (the dims) on its way to a Reshape's shape.
+SHAPE_ARITHMETIC = frozenset({"Slice", "Gather", "Concat", "Cast", "Unsqueeze", "Squeeze", "Identity", "Mul", "Div",
+                              "Add", "Sub", "ReduceProd"})
+
+
 @dataclass
 class ChannelWalk:
     """One group's forward walk from its producer's output."""
@@ -32,6 +37,8 @@ class ChannelWalk:
     # tensor name of the model, which those constants must not take.
     frozen: list[FrozenShape] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
+    # Shape nodes that read a tensor carrying the channels (``check_shape_reads``).
+    shape_reads: list[int] = field(default_factory=list)
 
     # Broadcasting ops (node index) whose other computed operand (the value) does not carry the channels:
     # ``run`` leaves them waiting here; ``groups`` couples the producers of that operand or gives up.
@@ -160,6 +167,30 @@ class ChannelWalk:
                     f"{tensor!r} is also read by {extra[0][0]} (input {extra[0][1]}); exporters merge equal "
                     "initializers: give each use its own copy first"
                 )
+
+    def check_shape_reads(self) -> None:
+        """A Shape of a tensor that carries the channels reads their count: allowed only where everything
+        computed from it ends in the shape of a Reshape that gets a constant of its own (tf2onnx's Flatten:
+        ``Reshape(x, Concat(Shape(x)[:1], [-1]))``), which no longer reads it once the cut replaces it."""
+        a = self.a
+        frozen = {(f.node, f.input) for f in self.frozen}
+        for start in self.shape_reads:
+            queue, seen = list(a.nodes[start].output), set()
+            while queue:
+                name = queue.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                if name in a.outputs:
+                    raise NotPrunable(f"the shape of the channels reaches the graph output {name!r}")
+                for i in a.readers.get(name, []):
+                    node, label = a.nodes[i], a.labels[i]
+                    if node.op_type == "Reshape" and name == node.input[1] and (label, 1) in frozen:
+                        continue
+                    if node.op_type not in SHAPE_ARITHMETIC:  # a Reshape not frozen would change with the cut
+                        raise NotPrunable(f"the channels' shape read by Shape {a.labels[start]} reaches "
+                                          f"{node.op_type} {label}")
+                    queue.extend(x for x in node.output if x)
 
     def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape",
                  dims: tuple[int, ...] | None = None) -> str:
@@ -309,7 +340,10 @@ class ChannelWalk:
             return [(node.output[0], layout)]
         if op == "Concat":
             return [(node.output[0], self._concat(i, carried, layout, rank))]
-        if op in ("Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization", "Shape"):
+        if op == "Shape":  # reads the dims alone: allowed where they only feed shapes frozen to constants
+            self.shape_reads.append(i)
+            return []
+        if op in ("Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization"):
             raise NotPrunable(f"the channels reach {op} {label}, which is not handled")
         raise NotPrunable(f"the channels reach {op} {label}, an op this analysis does not know")
 

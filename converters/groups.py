@@ -265,6 +265,7 @@ class _Analysis:
                 )
             members += found
         walk.check_sharing()
+        walk.check_shape_reads()
         members.sort()  # graph order: the first producer names the group
         weights = tuple(self.constant(self.nodes[i].input[self._weight_input(i)]) for i in members)
         return ChannelGroup(

@@ -290,6 +290,48 @@ def test_keras_dense_on_a_sequence_reshapes_with_a_computed_shape():
     assert _value(shrunk, reshape.input[1]).tolist() == [-1, 4, 3]
 
 
+def _keras_flatten(shape_use: str) -> onnx.ModelProto:
+    # tf2onnx's Keras Flatten after a Conv: Transpose to NHWC, Reshape to Concat(Shape(t)[:1], [48]), MatMul.
+    return _text_model(
+        f"""
+        c = Conv <kernel_shape = [3, 3]> (input, w, b)
+        t = Transpose <perm = [0, 2, 3, 1]> (c)
+        sh = Shape (t)
+        n = Slice (sh, zero, one)
+        {shape_use}
+        f = Reshape (t, flat)
+        logits = MatMul (f, fc)
+        """,
+        "float[3, 2, 3, 3] w = " + _floats((3, 2, 3, 3), 1) + ", float[3] b = " + _floats((3,), 2)
+        + ", int64[1] zero = {0}, int64[1] one = {1}, int64[1] features = {48}, float[48, 5] fc = "
+        + _floats((48, 5), 3),
+        "float[N, 2, 6, 6] input",
+        "float[N, 5] logits",
+    )
+
+
+def test_a_flatten_whose_shape_reads_the_channels_dims_is_frozen_and_cut():
+    model = _keras_flatten("flat = Concat <axis = 0> (n, features)")
+    (group, _) = channel_groups(model)
+    assert group.prunable, group.reason
+    assert [f.values for f in group.frozen] == [(-1, 48)]
+    rows = [hw * 3 + 1 for hw in range(16)]
+    shrunk = _check_equivalent(model, Case(keep={"w": [1]}, zero={"fc": (0, rows)},
+                                           shapes={"w": (2, 2, 3, 3), "b": (2,), "fc": (32, 5)},
+                                           input_shape=(2, 6, 6)))
+    reshape = next(n for n in shrunk.graph.node if list(n.output) == ["f"])
+    assert _value(shrunk, reshape.input[1]).tolist() == [-1, 32]
+
+
+def test_a_shape_of_the_channels_used_elsewhere_stops_the_group():
+    # The channels' dims feed a ConstantOfShape as well as the flatten: freezing the Reshape would not take
+    # them out of the graph, and their count changes with the cut.
+    model = _keras_flatten("flat = Concat <axis = 0> (n, features)\n        z = ConstantOfShape (sh)")
+    (group, _) = channel_groups(model)
+    assert not group.prunable
+    assert group.reason == "the channels' shape read by Shape Shape_2_unnamed reaches ConstantOfShape ConstantOfShape_5_unnamed"
+
+
 def test_swish_prelu_reduce_squeeze_and_depthwise_multiplier():
     # stem -> x * sigmoid(x) -> PRelu (per-channel slope) -> depthwise with multiplier 2 -> pointwise
     # -> ReduceMean over H, W -> Squeeze -> Gemm.
