@@ -10,7 +10,7 @@ from onnx2torch.node_converters import get_converter
 
 from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import FLOAT_TYPES
+from onnx_admm.converters.graphinfo import FLOAT_TYPES, subgraph_reads
 from onnx_admm.converters.optable import TRAINABLE_CONSUMERS
 from onnx_admm.converters.shapes import inferred_types
 
@@ -71,7 +71,10 @@ def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[on
             available.update(node.output)
     producer = {out: node for node in converted for out in node.output}
     converted_ids = {id(n) for n in converted}
-    read_by_rest = {name for node in graph.node if id(node) not in converted_ids for name in node.input}
+    # A Loop/If/Scan body reads outer tensors by name, not as inputs of its node (tf2onnx's Keras GRU reads the
+    # sequence the layer before computed): those are read by the rest too.
+    read_by_rest = {name for node in graph.node if id(node) not in converted_ids
+                    for name in [*node.input, *subgraph_reads(node)]}
     candidates = [o.name for o in graph.output if o.name in producer]
     candidates += [out for node in converted for out in node.output if out in read_by_rest and out not in candidates]
     types = inferred_types(normalized)

@@ -7,7 +7,7 @@ the caller's model is never touched, because write-back needs the original graph
 Measured on torch 2.14 exports: opset 20 → 17 plus the cleanups below made LeNet-5,
 ResNet-18, MobileNetV2, VGG-11 and a transformer layer import and match onnxruntime.
 
-onnx's version converter has no way down for some ops (Gelu 20, Mish 18, Split 18, Pad 18+,
+onnx's version converter has no way down for some ops (Gelu 20, Mish 18, Split 18, Pad 18+, ConstantOfShape 20,
 GlobalMaxPool 22: "No Adapter ...") and one failure stops the whole conversion. Before converting,
 ``stash_ops`` moves such nodes to the private domain ``STASH_DOMAIN``, where the converter leaves them
 alone and ``converters.onnx_ops`` registers onnx2torch converters for them at their newest semantics.
@@ -45,8 +45,8 @@ Pass = Callable[[onnx.ModelProto], bool]
 # Nodes onnx2torch (after down-conversion) cannot take are moved to this domain; converters.onnx_ops
 # registers a converter for every op in STASHED_OPS there.
 STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
-STASHED_OPS = frozenset({"AveragePool", "Clip", "ConvTranspose", "Gelu", "GlobalMaxPool", "LayerNormalization", "Mish",
-                         "Pad", "Split"})
+STASHED_OPS = frozenset({"AveragePool", "Clip", "ConstantOfShape", "ConvTranspose", "Gelu", "GlobalMaxPool",
+                         "LayerNormalization", "Mish", "Pad", "Split"})
 
 # Ops whose ``auto_pad = SAME_UPPER / SAME_LOWER`` onnx2torch refuses ("not implemented"): Keras-era
 # converters (tf2onnx where a shape is unknown, keras2onnx, tflite and CoreML converters) write it.

@@ -11,7 +11,8 @@
 - ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
   indices counted from ``depth``, out-of-range indices giving the off value everywhere.
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
-  bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22),
+  bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
+  ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op),
   and those onnx2torch mishandles: ``Pad`` from opset 11 (reflect/edge on trailing dims only), ``Clip``
   with an empty or run-time bound, ``LayerNormalization`` whose input shape is unknown (sized from its
   scale here), ``AveragePool`` with pads that differ between the ends of an axis or SAME padding and
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from onnx2torch.node_converters.layer_norm import OnnxLayerNorm
-from onnx2torch.node_converters.registry import add_converter
+from onnx2torch.node_converters.registry import add_converter, get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
@@ -452,6 +453,8 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "LayerNormalization": _layer_norm,
     "AveragePool": convert_average_pool,
     "ConvTranspose": convert_conv_transpose,
+    # The same op as opset 9's (20 adds element types): onnx's version converter has no way down for it.
+    "ConstantOfShape": get_converter(domain="", operation_type="ConstantOfShape", version=9),
 }
 if set(_STASH_CONVERTERS) != set(STASHED_OPS):
     raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS)} and onnx_ops disagree: {sorted(_STASH_CONVERTERS)}")

@@ -269,6 +269,9 @@ def _check_backward(imported: ImportedModel, feeds: dict[str, np.ndarray]) -> St
     outputs = [o for o in module(*args) if o.is_floating_point()]
     if not outputs:
         return Step("backward", False, "the model has no float output to train on")
+    outputs = [o for o in outputs if o.requires_grad]
+    if not outputs:
+        return Step("backward", False, "no output the model trains on depends on a trainable tensor")
     sum(o.float().pow(2).mean() for o in outputs).backward()
     missing = [e.onnx_name for e in imported.weights if imported.parameter(e).grad is None]
     module.zero_grad(set_to_none=True)

@@ -90,6 +90,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the caller rolls back to its last good state."""
 
 
+class NoGradient(ValueError):
+    """The loss does not depend on any trainable weight: no output the model trains on is computed from one."""
+
+
 class EmptyEpoch(ValueError):
     """An epoch's batches were empty: the data (e.g. a loader plugin on a later epoch) yielded nothing."""
 
@@ -309,6 +313,8 @@ def train_epoch(
             chunk_value = loss.item() if agree is None else agree(loss.item())
             if not math.isfinite(chunk_value):
                 raise NonFiniteLoss(f"loss is {chunk_value} at batch {i}")
+            if not loss.requires_grad:
+                raise NoGradient("the loss does not depend on any trainable weight")
             scaled = loss * share if len(chunks) > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             value += chunk_value * share

@@ -795,3 +795,21 @@ def test_the_executable_and_python_m_run_the_console_entry_point():
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"onnx-admm": "onnx_admm.cli:console"}
     assert (root / "onnx_admm" / "cli.py").read_text().rstrip().endswith("console()")
+
+
+def test_a_model_whose_outputs_do_not_depend_on_its_weights_fails_in_one_line(tmp_path):
+    # The Gemm's scores reach the output only through ArgMax: no gradient reaches W. check's backward step
+    # and compress both raised torch's "element 0 of tensors does not require grad" with a traceback.
+    model = _gemm(tmp_path, signature="(float[N, 4] x) => (float[N, 1] y)",
+                  body="h = Gemm (x, W, B)\n a = ArgMax <axis = 1> (h)\n y = Cast <to = 1> (a)")
+    data = _npz(tmp_path, x=X)
+    checked = _run("check", model, "--data", data)
+    assert checked.exit_code == 1
+    assert "FAIL  backward               no output the model trains on depends on a trainable tensor" in checked.output
+    out = tmp_path / "out.onnx"
+    result = _compress(model, data, out)
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        "Error: no output the model trains on (y) depends on its weights: nothing to train; run `onnx-admm check` "
+        "on the model"]
+    assert not out.exists()

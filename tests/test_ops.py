@@ -356,3 +356,50 @@ def test_onehot_matches_onnxruntime_and_trains_what_follows(axis, opset):
     assert ok, diff
     assert not imported.passed_through
     assert [e.onnx_name for e in imported.compressible()] == (["w"] if w is not None else [])
+
+
+def _branching_model() -> onnx.ModelProto:
+    """h = x @ W, then an If whose branches read h from the outer scope (no input of the If node names it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "W")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    then = helper.make_graph([helper.make_node("Relu", ["h"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "other", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w, cond])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_tensor_a_subgraph_reads_from_the_outer_scope_is_trained_and_the_rest_passed_through():
+    # tf2onnx writes a Keras GRU as a Loop whose body reads the previous layer's sequence by name: that
+    # tensor feeds the unconverted part as much as an input of the Loop node would. It used to be missed,
+    # leaving no trainable output (an If here: onnx2torch has no converter for either).
+    imported = import_model(_branching_model())
+    assert imported.output_names == ["h"] and imported.passed_through == ["y"]
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    (h,) = imported.run({"x": x})
+    np.testing.assert_allclose(h, x @ onnx.numpy_helper.to_array(imported.original.graph.initializer[0]), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_constant_of_shape_from_opset_20_imports():
+    # The dynamo exporter writes ConstantOfShape at opset 20 (torchvision's swin_t: its attention masks); onnx's
+    # version converter has no adapter down from 20 ("No Adapter To Version $19 for ConstantOfShape") and the
+    # whole import failed.
+    w = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    model = op_model("(float[N, 4] x) => (float[N, 4] y)",
+                     "h = MatMul (x, W)\n s = Shape (h)\n z = ConstantOfShape <value = float[1] {0.5}> (s)\n"
+                     " y = Add (h, z)", 20, {"W": w})
+    imported = import_model(model)
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    (got,) = imported.run({"x": x})
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -39,8 +39,8 @@ from onnx_admm.progress import Progress
 from onnx_admm.quantizers import Joint, quantize
 from onnx_admm.recipe import PRECISIONS, CompressConfig
 from onnx_admm.schedule import SENSITIVITY_SAMPLES, PhaseBudget, admm_period, initial_rho, lr_factor, rho_limit
-from onnx_admm.train import (EmptyEpoch, Loss, NonFiniteLoss, Precision, ScoreSpec, Standing, evaluate, make_optimizer,
-                             standing, train_epoch)
+from onnx_admm.train import (EmptyEpoch, Loss, NoGradient, NonFiniteLoss, Precision, ScoreSpec, Standing, evaluate,
+                             make_optimizer, standing, train_epoch)
 
 logger = logging.getLogger(__name__)
 
@@ -456,6 +456,13 @@ class Runner:
                 logger.warning("%s", message)
                 self.emit({"kind": "phase_end", **where, "stopped": message})
                 return message
+            except NoGradient:
+                passed = self.imported.passed_through
+                raise UserError(
+                    f"no output the model trains on ({', '.join(self.imported.output_names)}) depends on its "
+                    "weights" + (f"; {', '.join(passed)} come from the part of the graph onnx2torch cannot convert "
+                                 f"({self.imported.not_converted[0]})" if passed and self.imported.not_converted else "")
+                    + ": nothing to train; run `onnx-admm check` on the model") from None
             except EmptyEpoch:
                 # A loader plugin that returns an exhausted generator yields data once, then nothing.
                 # Under several processes every rank needs a whole batch of its own (even_steps).
