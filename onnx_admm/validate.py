@@ -132,6 +132,17 @@ class ValidationReport:
                 f"{self.task['metric']} says little about the compressed one; check that the data is what the "
                 "model expects (layout, scaling, channel order) or give labels")
 
+    def unmeasured(self) -> str | None:
+        """A warning when nothing measures the task: no labels, and no output the tool reads as scores. The
+        gate's floor then has no figure, so a model the run destroyed would pass it (a segmentation map of
+        raw logits, a detector's concatenated boxes and scores)."""
+        if self.original.accuracy is not None or (self.task or {}).get("value") is not None:
+            return None
+        return ("no output reads as class scores ([N, C] scores, a Softmax/LogSoftmax/Sigmoid map or a linear "
+                "head's per-position logits) and there are no labels, so nothing measures the task and the gate "
+                "cannot tell a broken model: the report compares the outputs' values only (outputs[]); name the "
+                "score tensor with [train] output = \"name\" where one exists, or give labels")
+
     @property
     def retained(self) -> tuple[str, float] | None:
         """(metric, the compressed model's share of the original's figure): what the gate's floor reads."""

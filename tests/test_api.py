@@ -310,6 +310,10 @@ def test_no_score_output_trains_on_mse_to_the_original(with_labels):
     # Measured: max |difference| to the original 0.28 after 16 + 16 epochs (4 steps each), 0.46
     # magnitude-pruned (LAMP).
     assert trained["metrics"]["max_abs_diff"] < 0.9 * untrained["metrics"]["max_abs_diff"]
+    # Nothing measures the task, so the gate has no figure: the report says so (labels of an [N, 1] regression
+    # output are not class ids, and the held-out split here has none either).
+    unmeasured = [w for w in trained["warnings"] if w.startswith("no output reads as class scores")]
+    assert len(unmeasured) == 1 and 'name the score tensor with [train] output = "name"' in unmeasured[0]
 
 
 def test_labels_in_validation_only_still_report_accuracy(digits):
@@ -318,6 +322,7 @@ def test_labels_in_validation_only_still_report_accuracy(digits):
     m = result.report["metrics"]
     assert m["original_accuracy"] == pytest.approx(350 / 360)  # samples/digits/README.md
     assert m["compressed_accuracy"] >= 0.9
+    assert not any(w.startswith("no output reads as class scores") for w in result.report["warnings"])
 
 
 # --- NaN rollback ---

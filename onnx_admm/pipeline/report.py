@@ -101,10 +101,10 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)
-    constant = validation.constant_reference()
-    if constant:
-        warnings.append(constant)
-        logger.warning("%s", constant)
+    for note in (validation.constant_reference(), validation.unmeasured()):
+        if note:
+            warnings.append(note)
+            logger.warning("%s", note)
     diffs = [d.max_abs for d in validation.outputs if d.max_abs is not None]
     return {
         "schema_version": SCHEMA_VERSION,  # the contract readers check first (onnx_admm.report_schema)
