@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.files import require_file
@@ -113,6 +114,19 @@ def save_text(text: str, path: str | Path) -> Path:
             return staged.commit([staged.text(text, Path(path))])[0]
     except OSError as exc:
         raise _write_error(path, exc) from None
+
+
+# Tensors of at least this many bytes go to a model's external data file (smaller ones stay inline).
+_EXTERNAL_MIN_BYTES = 1024
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of ``graph`` and of every subgraph (If branches, Loop/Scan bodies) in it."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for inner in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _initializers(inner)
 
 
 def _json_text(data: dict) -> str:
@@ -253,11 +267,20 @@ class Staged:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         if external_data:
-            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(copy, str(staged))
-        return [staged] + ([tmp / data_name] if external_data and (tmp / data_name).exists() else [])
+            # onnx.save_model(save_as_external_data=True) refuses a data file name that exists in the *current
+            # folder*, not beside the file it writes: `compress -o out.onnx` run again in the folder holding
+            # the last run's out.onnx.data failed. Marking the tensors here, the save writes them beside it.
+            for tensor in _initializers(copy.graph):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_MIN_BYTES:
+                    external_data_helper.set_external_data(tensor, data_name)
+        onnx.save_model(copy, str(staged))
+        data = tmp / data_name
+        if not (external_data and data.exists()):
+            return [staged]
+        # onnx creates the data file readable by its owner alone (0600): give it the model file's mode, so
+        # whoever may read the model (a serving process of another user) may read its weights too.
+        data.chmod(staged.stat().st_mode & 0o777)
+        return [staged, data]
 
     def json(self, data: dict, target: Path) -> Path:
         """Stage ``data`` as indented, strict JSON for ``target`` (``json_safe``)."""

@@ -160,3 +160,23 @@ def test_structure_help_says_only_filter_pruning_shrinks_the_graph():
     shown = " ".join(CliRunner().invoke(main, ["compress", "--help"]).output.split())
     assert "filter pruning also removes the filters from the graph; the others store zeros" in shown
     assert "channels also shrink" not in shown
+
+
+def test_compress_again_to_the_same_external_data_output(tmp_path, lenet5_dynamo_onnx, monkeypatch):
+    # A dynamo export keeps its weights in a .data file, and so does the compressed model. Run again with the
+    # same -o from the folder that holds the first output: onnx's own save refused a data file name that exists
+    # in the current folder ("External data file exists in out.onnx.data"), so the second run saved nothing.
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "train.npz"
+    np.savez(data, input=np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32))
+    args = ("compress", lenet5_dynamo_onnx, "-o", "out.onnx", "--data", data, "--sparsity", "0.5",
+            "--admm-epochs", "1", "--retrain-epochs", "1", "--threads", "1", "--metric-floor", "0", "-q")
+    for _ in range(2):
+        result = _run(*args)
+        assert result.exit_code == 0, result.output
+    model = onnx.load("out.onnx")  # its external data, loaded from beside it
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load("out.onnx", load_external_data=False)
+               .graph.initializer)
+    assert sum(int(np.count_nonzero(onnx.numpy_helper.to_array(t))) for t in model.graph.initializer) > 0
+    # The data file is as readable as the model file (onnx creates it 0600).
+    assert (tmp_path / "out.onnx.data").stat().st_mode & 0o777 == (tmp_path / "out.onnx").stat().st_mode & 0o777

@@ -151,3 +151,23 @@ def test_the_dense_layer_of_a_keras_export_loses_units_through_its_computed_resh
     keep[removed] = False
     weights = {t.name: t for t in shrink(model, {dense.name: keep}).model.graph.initializer}
     assert list(weights[dense.name].dims) == [256, 32]
+
+
+def test_filter_pruning_leaves_recurrent_weights_alone_and_cuts_the_convs(tmp_path, one_thread):
+    # crnn_seq_first (conv trunk, bidirectional GRU, [T, N, C] head): --structure filter used to stop the
+    # run before training ("weight 'onnx::GRU_222' (GRU) has no filters or channels"); the GRU's weights are
+    # now left alone with that reason, as any weight whose filters cannot leave is, and the first conv loses
+    # filters.
+    from onnx_admm.api import compress
+    from onnx_admm.data import Dataset
+    from onnx_admm.recipe import CompressConfig
+
+    path, data = ENTRIES["crnn_seq_first"].build(tmp_path)
+    feeds = data if data is not None else sweep._inputs(sweep.load_model(path), 64, 0)
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5, "structure": "filter"}})
+    report = compress(path, Dataset(feeds, None, set(feeds)), config, metric_floor=0).report
+    alone = report["left_alone"]
+    assert [k for k, v in alone.items() if v == "GRU filters are not removable"] == ["onnx::GRU_222", "onnx::GRU_223"]
+    first = next(layer for layer in report["layers"] if layer["name"] == "conv.0.weight")
+    assert first["shape"] == [16, 1, 3, 3] and first["stored_shape"] == [8, 1, 3, 3]

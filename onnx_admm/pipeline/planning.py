@@ -110,7 +110,9 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
             quant = (quantize.bits, quantize.ternary, quantize.clusters)
         if sparsity is None and not shared and not any(q not in (None, False) for q in quant):
             continue
-        if structure.grouped and (sparsity is not None or shared):
+        # A weight without filters (a recurrent one) under the run's structure is left alone by legalize, as a
+        # filter that cannot leave the graph is; a rule that names it with that structure is a mistake.
+        if structure.grouped and (sparsity is not None or shared) and rule is not None and rule.structure:
             if spec.out_axis is None:
                 has = "input axis to group along" if isinstance(structure, NMPattern) else "filters or channels"
                 raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no {has}: structure '{structure}' "
