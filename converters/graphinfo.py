@@ -254,14 +254,19 @@ class GraphView:
         return self._aliases
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The node's own subgraphs (If branches, Loop/Scan bodies), not those nested in them."""
+    return [graph for attr in node.attribute
+            for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names the node's subgraphs (If branches, Loop/Scan bodies) read, at any depth."""
     names: set[str] = set()
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in graph.node:
-                names.update(n for n in inner.input if n)
-                names.update(subgraph_reads(inner))
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            names.update(n for n in inner.input if n)
+            names.update(subgraph_reads(inner))
     return names
 
 

@@ -20,6 +20,7 @@ from onnx import external_data_helper
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.files import require_file
+from onnx_admm.converters.graphinfo import subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +125,8 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """The initializers of ``graph`` and of every subgraph (If branches, Loop/Scan bodies) in it."""
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            for inner in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _initializers(inner)
+        for inner in subgraphs(node):
+            yield from _initializers(inner)
 
 
 def _json_text(data: dict) -> str:

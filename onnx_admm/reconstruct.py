@@ -244,9 +244,9 @@ def round_to_grid(rows: Tensor, gram: Tensor, scale: Tensor, low: int, high: int
     2023), so that ``||X v - Y||`` stays small where nearest rounding adds up every column's error; entries
     outside ``mask`` come out 0. ``Y``, ``damp`` and ``target`` as in :func:`refit`.
 
-    Returns, in ``scale``'s dtype, the weights on the grid (each value ``k * scale`` computed in that dtype, as a
-    dequantized tensor holds it) and the compensated weights they were rounded from: the grid point nearest each of those is
-    the chosen one, so training through the straight-through estimator can start there without undoing it.
+    Returns, in ``scale``'s dtype, the weights on the grid (each value ``k * scale`` computed in that dtype, as
+    a dequantized tensor holds it) and the compensated weights they were rounded from: the grid point nearest
+    each of those is the chosen one, so training through the straight-through estimator starts there intact.
     """
     h = _damped(gram, damp)
     star = _optimum(rows, gram, h, target)

@@ -246,22 +246,24 @@ class StageRefit:
         return {name: w.detach().clone() for name, w in self.weights.items()} if self.taps else {}
 
     def run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor], kept: dict[str, Any],
-            latent: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+            latent: dict[str, Tensor], scales: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any],
+                                                                              dict[str, Any] | None]:
         """Refit the projected weights and round the k-bit ones again; returns the supports and kept channels
         the retraining goes on with, and the report's entry (with the wall ``seconds`` of the whole step).
         ``latent`` (where the quantized weights' retraining starts) gets the rounded weights' compensated
-        values."""
+        values; ``scales``: the quantized weights' levels of the hard projection (``quantize``)."""
         start = time.perf_counter()
-        supports, kept, entry = self._run(admm, before, supports, kept, latent)
+        supports, kept, entry = self._run(admm, before, supports, kept, latent, scales)
         if entry is not None:
             entry["seconds"] = round(time.perf_counter() - start, 3)
         return supports, kept, entry
 
     def _run(self, admm: Any, before: dict[str, Tensor], supports: dict[str, Tensor], kept: dict[str, Any],
-             latent: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+             latent: dict[str, Tensor], scales: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any],
+                                                                               dict[str, Any] | None]:
         if not self.taps:  # off, or nothing it can refit this stage (quantized weights, no taps)
             return supports, kept, summary({}, self.masked(supports)) if self.runner.config.prune.reconstruct else None
-        out = self.refit(before, supports, self.grids(admm, before), latent)
+        out = self.refit(before, supports, self.grids(admm, scales), latent)
         if self.start is None:
             return supports, kept, out
         runner = self.runner
@@ -321,9 +323,9 @@ class StageRefit:
         latent = {name: runner.params[name].detach().clone() for name in constraints}
         before = self.before()
         supports = admm.hard_project()
-        if self.rounded:  # k-bit levels put on by GPTQ, as the retraining's start gets them
-            self.refit(before, supports, self.grids(admm, before))
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in latent}
+        if self.rounded:  # k-bit levels put on by GPTQ, as the retraining's start gets them
+            self.refit(before, supports, self.grids(admm, scales))
         candidate = StartCandidate(runner.select_standing(), snapshot(runner.imported), scales)
         load_values(runner.imported, values)
         admm.constraints = constraints
@@ -333,15 +335,15 @@ class StageRefit:
         """How many of the weights refit after pruning this stage masks (the k-bit ones are rounded instead)."""
         return sum(1 for name in self.weights if name in supports and name not in self.rounded)
 
-    def grids(self, admm: Any, before: Mapping[str, Tensor]) -> dict[str, Grid]:
-        """The k-bit grid each rounded weight was projected onto: its constraint's scales for the weights
-        before the projection (the hard projection's own)."""
+    def grids(self, admm: Any, scales: Mapping[str, Any]) -> dict[str, Grid]:
+        """The k-bit grid each rounded weight was projected onto, from ``scales``: its constraint's levels for
+        the weights before the projection (``quantize``), the hard projection's own."""
         out = {}
         for name in self.rounded:
             constraint = admm.constraints[name]
             inner = constraint.quant if isinstance(constraint, Joint) else constraint
             if isinstance(inner, UniformQuant):  # a Within (N:M patterns) keeps its nearest levels
-                qt = quantize(constraint, before[name])
+                qt = scales[name]
                 out[name] = Grid(along(qt.scale, qt.axis, qt.q.dim()), inner.qmin, inner.qmax)
         return out
 

@@ -232,7 +232,7 @@ class Runner:
         scales = {name: quantize(admm.constraints[name], latent[name]) for name in quantized}
         kept = self.removed_filters(supports)
         # The refit, and the k-bit weights rounded again on their grids (their latent weights compensated).
-        supports, kept, reconstruction = refit.run(admm, before, supports, kept, latent)
+        supports, kept, reconstruction = refit.run(admm, before, supports, kept, latent, scales)
         levels = {name: self.retrain_levels(w, stage, params[name].detach(), supports[name])
                   for name, w in quantized.items()}
         frozen = [level.levels for level in levels.values() if isinstance(level, FixedLevels)]
