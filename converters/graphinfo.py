@@ -270,8 +270,32 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def sliced(model: onnx.ModelProto, outputs: list[str], elem_type: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` (its only outputs, of ``elem_type``), with the inputs and
+    initializers it reads: onnxruntime runs every node of a graph it is given, whatever outputs are asked for."""
+    nodes = list(model.graph.node)
+    producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    needed, stack, keep = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        index = producers.get(name)
+        if index is not None and index not in keep:
+            keep.add(index)
+            stack.extend(n for n in nodes[index].input if n)
+            stack.extend(subgraph_reads(nodes[index]))
+    graph = helper.make_graph(
+        [node for i, node in enumerate(nodes) if i in keep], "slice",
+        [i for i in model.graph.input if i.name in needed],
+        [helper.make_tensor_value_info(name, elem_type, None) for name in outputs],
+        [t for t in model.graph.initializer if t.name in needed])
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
-_SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose")
+_SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If")
 _CATEGORICAL = ("logits", "probabilities", "log_probabilities")
 
 
@@ -279,6 +303,30 @@ def class_axis(rank: int) -> int:
     """The class axis of a categorical score of this rank: last for [N, C], [N, T, C] and [T, N, C],
     1 for rank >= 4 maps ([N, C, H, W], ONNX's channel-first layout)."""
     return 1 if rank >= 4 else rank - 1
+
+
+def _branch_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Producers of the top graph and of every If's then-branch (at any depth), so the walks below see
+    through an If to what computes its output (both branches of a model that chooses a network by an
+    input compute the same kind of score)."""
+    producers = dict(GraphView(model).producers)
+    stack = [n for n in model.graph.node if n.op_type == "If"]
+    while stack:
+        node = stack.pop()
+        branch = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+        if branch is None:
+            continue
+        producers.update({out: inner for inner in branch.node for out in inner.output if out})
+        stack.extend(inner for inner in branch.node if inner.op_type == "If")
+    return producers
+
+
+def _through(node: onnx.NodeProto, name: str) -> str:
+    """The tensor a walk back from ``name`` goes on to: an If's then-branch output, else the first input."""
+    if node.op_type == "If":
+        branch = next(a.g for a in node.attribute if a.name == "then_branch")
+        return branch.output[list(node.output).index(name)].name
+    return node.input[0]
 
 
 def _score_kind(name: str, producers: dict[str, onnx.NodeProto], rank: int | None) -> str:
@@ -297,7 +345,7 @@ def _score_kind(name: str, producers: dict[str, onnx.NodeProto], rank: int | Non
             return "binary_probabilities"
         if node.op_type not in _SCORE_PASSTHROUGH:
             break
-        name = node.input[0]
+        name = _through(node, name)
     return "logits"
 
 
@@ -312,7 +360,7 @@ def _made_by_a_linear_head(name: str, producers: dict[str, onnx.NodeProto]) -> b
             return True
         if node.op_type not in _SCORE_PASSTHROUGH + ("Add",):
             return False
-        name = node.input[0]
+        name = _through(node, name)
     return False
 
 
@@ -351,7 +399,7 @@ def _argmax_source(name: str, producers: dict[str, onnx.NodeProto], types: dict)
             return source if axis % len(dims) == class_axis(len(dims)) else None
         if node.op_type not in _SCORE_PASSTHROUGH:
             return None
-        name = node.input[0]
+        name = _through(node, name)
     return None
 
 
@@ -363,7 +411,7 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
     [N, T, C] / [T, N, C] float output a MatMul/Gemm head computes (per-position logits); else, when the outputs are integer ids,
     the float tensor their ArgMax reads. ``override`` names a graph output or any tensor a node computes.
     """
-    producers = GraphView(model).producers
+    producers = _branch_producers(model)
     outputs = list(model.graph.output)
     names = [o.name for o in outputs]
     declared = {o.name: (o.type.tensor_type.elem_type,

@@ -49,6 +49,7 @@ from onnx_admm.converters.graphinfo import (
     tensor_shape_and_type,
 )
 from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.branches import Folding
 from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.quantized import dequantize_model
@@ -199,6 +200,9 @@ class ImportedModel:
     fixed_batch_reason: str | None = None
     # onnxruntime-quantized nodes replaced by their float form (one line each).
     dequantized: list[str] = field(default_factory=list)
+    # If nodes folded to the branch the data takes (``converters.branches``): ``original`` is the folded
+    # copy, and write-back puts the If nodes back (``Folding.restore``).
+    folding: Folding | None = None
 
     @property
     def ort_batch(self) -> int | None:

@@ -31,7 +31,8 @@ from onnx import defs, helper, numpy_helper, version_converter
 from onnx_admm.converters.batch_axis import unbake_batch
 from onnx_admm.converters.dequantize import fold_weight_decoders
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import constant_node_value, identity_aliases, node_attr, node_label, sparse_to_dense
+from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, node_attr, node_label, sliced,
+                                            sparse_to_dense, subgraph_reads)
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
 
@@ -156,6 +157,70 @@ def bypass_identity_of_constants(model: onnx.ModelProto) -> bool:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    return True
+
+
+# Inputs of the recurrent ops onnx2torch's converters (converters.onnx_ops) need as constants: W, R, B (and
+# LSTM's peepholes P).
+_RECURRENT_CONSTANTS = {"LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
+
+
+def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
+    """A recurrent op's W / R / B computed from constants (an LSTMCell exported where constant folding did not
+    reach, inside an If branch: Unsqueeze of a Concat of gate Slices) becomes an initializer of that name.
+
+    The folded tensor is not one of the original's, so it does not train; the rest of the model does.
+    """
+    graph = model.graph
+    constant = {t.name for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output if out}
+    inputs = {i.name for i in graph.input}
+    wanted = []
+    for node in graph.node:
+        for index in _RECURRENT_CONSTANTS.get(node.op_type, ()):
+            name = node.input[index] if index < len(node.input) else ""
+            if name and name not in constant and name in producers and _from_constants(name, producers, inputs):
+                wanted.append(name)
+    if not wanted:
+        return False
+    import onnxruntime as ort
+
+    wanted = list(dict.fromkeys(wanted))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(sliced(model, wanted).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    for name, value in zip(wanted, session.run(wanted, {})):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    outputs = {o.name for o in graph.output}
+    keep = [n for n in graph.node if not (set(n.output) & set(wanted))]
+    while True:  # drop what only fed the folded tensors
+        read = {name for n in keep for name in list(n.input) + sorted(subgraph_reads(n))} | outputs
+        alive = [n for n in keep if any(o in read for o in n.output if o)]
+        if len(alive) == len(keep):
+            break
+        keep = alive
+    del graph.node[:]
+    graph.node.extend(keep)
+    logger.info("recurrent weights computed from constants, imported as constants (they do not train): %s",
+                ", ".join(wanted))
+    return True
+
+
+def _from_constants(name: str, producers: dict[str, onnx.NodeProto], inputs: set[str]) -> bool:
+    seen, stack = set(), [name]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in inputs:
+            return False
+        node = producers.get(current)
+        if node is not None:
+            if node.op_type in ("If", "Loop", "Scan") or node.domain not in ("", "ai.onnx"):
+                return False
+            stack.extend(n for n in node.input if n)
     return True
 
 
@@ -408,6 +473,7 @@ PASSES: list[Pass] = [
     densify_sparse_initializers,
     constants_to_initializers,
     bypass_identity_of_constants,
+    fold_recurrent_weights,
     # Before the down-conversion: shape inference and the batch rules work at the exporter's opset.
     unbake_batch,
     expand_resize_axes,

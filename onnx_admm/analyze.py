@@ -173,7 +173,7 @@ def _with_labels(dataset: Dataset | PluginData, labels: str | Path | np.ndarray 
     if labels.ndim != 1 or len(labels) != len(dataset) or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"the labels must be {len(dataset)} integer class ids, one per measured sample; got "
                         f"{labels.dtype} shaped {list(labels.shape)}")
-    return Dataset(dataset.inputs, labels.astype(np.int64), set(dataset.batched))
+    return Dataset(dataset.inputs, labels.astype(np.int64), set(dataset.batched), dict(dataset.axes))
 
 
 def _measured_specs(imported: ImportedModel, original, config: CompressConfig,

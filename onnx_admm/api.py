@@ -21,12 +21,13 @@ import numpy as np
 import onnx
 import torch
 
+from onnx_admm.converters.branches import FOLD_SAMPLES, Folding, fold_branches, weighted_ifs
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import graph_inputs
 from onnx_admm.converters.importer import ImportedModel, import_model
 from onnx_admm.converters.modelio import load_model
 from onnx_admm.activations import calibration_data
-from onnx_admm.data import Dataset
+from onnx_admm.data import LABELS, Dataset
 from onnx_admm.sources import PluginData, as_data
 from onnx_admm.distributed import World, session
 from onnx_admm.gate import DEFAULT_FLOOR, Gate
@@ -154,7 +155,8 @@ def compress(
             original = load_model(model) if original_path is not None else model
             check_outputs(original)
             external = bool(locations)
-            imported = import_model(original, output=cfg.output)
+            splits = _resolve_splits(data, val_data, graph_inputs(original), cfg)
+            imported = import_for_data(original, splits[0], cfg.output)
             memory.mark("import")
             torch.manual_seed(cfg.seed)
             if cfg.threads:
@@ -165,8 +167,10 @@ def compress(
                     raise_swallowed_interrupt()  # each progress event is a point where the run can stop
                     show(event)
 
-                result, measured = _compress(original, original_path, external, imported, data, val_data, config,
-                                             emit, files, inputs, memory, world)
+                # A model with an If folded to its branch trains and plans on the folded graph.
+                graph = imported.original if imported.folding is not None else original
+                result, measured = _compress(graph, original_path, external, imported, splits, config, emit, files,
+                                             inputs, memory, world)
                 return world.conclude(lambda: finish(result, measured, files, original_path, started, gate, emit),
                                       lambda report: _followed(result, report))
         except CompressInterrupted:  # raised by a later step with what it kept
@@ -177,8 +181,8 @@ def compress(
             torch.set_num_threads(threads_before)
 
 
-def _compress(original, original_path, external, imported, data, val_data, config, emit: Progress, files,
-              inputs, memory: PeakMemory, world: World = World()) -> tuple[CompressResult, Measured]:
+def _compress(original, original_path, external, imported, splits, config, emit: Progress, files, inputs,
+              memory: PeakMemory, world: World = World()) -> tuple[CompressResult, Measured]:
     """Plan and train; returns the result with every stage (its ``report`` still empty)."""
     cfg = config.train
     device = world.device(cfg.device)
@@ -195,7 +199,9 @@ def _compress(original, original_path, external, imported, data, val_data, confi
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
         imported.module.get_parameter(name).requires_grad_(False)
-    train_data, select, held_out = _resolve_splits(data, val_data, graph_inputs(original), cfg)
+    train_data, select, held_out = splits
+    if imported.folding is not None and (groups or config.output.activations == "int8"):
+        raise UserError(_folded_limits(imported.folding, bool(groups)))
     check_labels(imported, train_data, held_out)
     # The rate depends on whether the data has labels (recipe.CompressConfig.lr_for); from here on the config
     # carries the one the run trains at, as the report gives it.
@@ -229,6 +235,26 @@ def _compress(original, original_path, external, imported, data, val_data, confi
         logger.warning("%s", warnings[-1])
     return result, Measured(held_out, runner.dense_metric, left_alone, warnings, memory, runner.batch,
                             runner.world_report(), describe_curves(runner.plan))
+
+
+def import_for_data(original: onnx.ModelProto, data: Dataset | PluginData, output: str | None) -> ImportedModel:
+    """Import ``original`` as the samples of ``data`` run it: an If that reads weights is folded to the branch
+    they take (``converters.branches``); the written model gets the If back."""
+    folded, folding = fold_branches(original, _fold_feeds(original, data) if weighted_ifs(original) else ())
+    imported = import_model(folded, output=output)
+    imported.folding = folding
+    return imported
+
+
+def _fold_feeds(original: onnx.ModelProto, data: Dataset | PluginData) -> list[dict[str, np.ndarray]]:
+    samples = data.take(FOLD_SAMPLES)
+    return [{k: v for k, v in feed.items() if k != LABELS} for feed in samples.batches(64)]
+
+
+def _folded_limits(folding: Folding, channels: bool) -> str:
+    what = "removing filters or channels (--structure filter/channel)" if channels else "int8 activations"
+    return (f"{what} is not supported through a folded If ({'; '.join(folding.describe())}): its branch's nodes "
+            "are not the graph's own; compress with weight-by-weight structures (unstructured, N:M, levels)")
 
 
 def _followed(result: CompressResult, report: dict | None) -> CompressResult:

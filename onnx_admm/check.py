@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import torch
 
+from onnx_admm.converters.branches import fold_branches, weighted_ifs
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import ImportedModel, import_model, join_chunks
@@ -127,6 +128,11 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
     report = CheckReport(str(model_path))
     original = load_model(model_path)
     try:
+        if feeds is None and weighted_ifs(original):
+            raise UserError(f"If {weighted_ifs(original)[0].name!r} chooses the network that runs from the inputs: "
+                            "pass --data with the inputs you will compress with (they choose its branch)")
+        # An If that reads weights is checked as the branch the inputs take (converters.branches).
+        original, folding = fold_branches(original, [feeds] if feeds is not None else [])
         imported = import_model(original)
     except UserError as exc:
         report.steps.append(Step("import", False, str(exc)))
@@ -141,6 +147,10 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
         feeds = _whole_chunks(feeds, imported)
     with scratch_dir() as tmp:
         graph, graph_path = original, model_path
+        if folding is not None:
+            graph_path = Path(tmp) / "folded.onnx"
+            save_model(graph, graph_path)
+            report.steps.append(Step("If folded", True, "checked as " + "; ".join(folding.describe())))
         if imported.dequantized:
             graph, graph_path = imported.original, Path(tmp) / "dequantized.onnx"
             save_model(graph, graph_path)

@@ -44,6 +44,9 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     batched: set[str] = field(default_factory=set)
+    # Batched inputs whose sample axis in the graph is not the first (a recurrent state [layers, N, hidden]):
+    # held with the sample axis first, fed with it back at this axis.
+    axes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = self.batched - set(self.inputs)
@@ -129,6 +132,8 @@ class Dataset:
 
     def _feed(self, index: slice | np.ndarray) -> Feed:
         feed = {name: (array[index] if name in self.batched else array) for name, array in self.inputs.items()}
+        for name, axis in self.axes.items():
+            feed[name] = np.moveaxis(np.asarray(feed[name]), 0, axis)
         if self.labels is not None:
             feed[LABELS] = self.labels[index]
         return feed
@@ -138,7 +143,7 @@ class Dataset:
         # their numbers, and each batch reads its own rows. Labels are small: they are copied.
         rows = np.arange(len(self))[index]
         inputs = {name: (Rows(array, rows) if name in self.batched else array) for name, array in self.inputs.items()}
-        return Dataset(inputs, None if self.labels is None else self.labels[rows], set(self.batched))
+        return Dataset(inputs, None if self.labels is None else self.labels[rows], set(self.batched), dict(self.axes))
 
 
 class Rows:
@@ -260,8 +265,10 @@ def from_arrays(arrays: Mapping[str, object], specs: list[InputSpec], source: st
     inputs = {spec.name: _check_input(_as_array(arrays[spec.name], spec.name, source), spec, source) for spec in specs}
     labels = (_check_labels(_as_array(arrays[LABELS], LABELS, source), source)
               if LABELS in arrays and LABELS not in wanted else None)
-    batched = _batched_inputs(inputs, labels, specs, source)
-    data = Dataset(inputs, labels, batched)
+    batched, axes = _batched_inputs(inputs, labels, specs, source)
+    for name, axis in axes.items():
+        inputs[name] = np.moveaxis(inputs[name], axis, 0)
+    data = Dataset(inputs, labels, batched, axes)
     if len(data) == 0:
         raise UserError(f"{source} holds no samples (its sample axis has length 0); pass at least one sample")
     return data
@@ -398,7 +405,8 @@ def check_label_range(labels: np.ndarray, classes: int, source: str) -> None:
 
 def _batched_inputs(
     inputs: dict[str, np.ndarray], labels: np.ndarray | None, specs: list[InputSpec], source: str
-) -> set[str]:
+) -> tuple[set[str], dict[str, int]]:
+    """The inputs with a sample axis, and the axis of those whose sample axis is not the first."""
     ranked = [spec for spec in specs if inputs[spec.name].ndim >= 1]
     dynamic = [spec for spec in ranked if spec.shape is None or not isinstance(spec.shape[0], int)]
     counts = {spec.name: len(inputs[spec.name]) for spec in dynamic}
@@ -416,11 +424,19 @@ def _batched_inputs(
     else:
         raise UserError(f"{source}: every graph input is a scalar and there are no 'labels', so there are no samples")
     batched = {spec.name for spec in dynamic}
+    axes: dict[str, int] = {}
     for spec in ranked:
         if spec.name in batched:
             continue
         length, fixed = len(inputs[spec.name]), spec.shape[0]
-        if length == n:
+        inner = [axis for axis, dim in enumerate(spec.shape[1:], start=1)
+                 if not isinstance(dim, int) and inputs[spec.name].shape[axis] == n]
+        if length == fixed and length != n and len(inner) == 1 and dynamic:
+            # [2, N, 128]: a fixed leading dim, the samples on the one dynamic axis of length N.
+            batched.add(spec.name)
+            axes[spec.name] = inner[0]
+            logger.info("input %r: its samples are on axis %d (%s)", spec.name, inner[0], format_shape(spec.shape))
+        elif length == n:
             batched.add(spec.name)
             if length != fixed:
                 logger.info(
@@ -432,7 +448,7 @@ def _batched_inputs(
                 f"{source}: input {spec.name!r} dim 0 is {length}, neither the graph's fixed size {fixed} "
                 f"{format_shape(spec.shape)} nor the sample count {n} (from {origin}); fix the data"
             )
-    return batched
+    return batched, axes
 
 
 def required_batch_size(specs: list[InputSpec], batched: set[str]) -> int | None:

@@ -295,7 +295,7 @@ def _concat(parts: list[Dataset], what: str) -> Dataset:
     if len(parts) == 1:
         return first
     for part in parts[1:]:
-        if part.batched != first.batched or (part.labels is None) != (first.labels is None):
+        if part.batched != first.batched or part.axes != first.axes or (part.labels is None) != (first.labels is None):
             raise UserError(
                 f"{what}: its dicts disagree on which inputs have a sample axis or on 'labels'; "
                 "yield the same keys and layout every time"
@@ -305,7 +305,7 @@ def _concat(parts: list[Dataset], what: str) -> Dataset:
         for key, array in first.inputs.items()
     }
     labels = None if first.labels is None else np.concatenate([p.labels for p in parts])
-    return Dataset(inputs, labels, set(first.batched))
+    return Dataset(inputs, labels, set(first.batched), dict(first.axes))
 
 
 def resolve_data(arg: str, specs: list[InputSpec]) -> Dataset | PluginData:

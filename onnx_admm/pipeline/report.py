@@ -95,7 +95,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     orig = original_path
     if orig is None:  # a ModelProto: onnxruntime needs a file
         orig = staged.scratch(folder) / "original.onnx"
-        save_model(imported.original, orig)
+        save_model(imported.folding.original if imported.folding is not None else imported.original, orig)
     validation = validate(orig, compressed, held_out, batch_size=measured.batch.validation, threads=cfg.threads or 1,
                           score_output=cfg.output, scratch=folder, blank=cfg.blank, budget_mb=measured.batch.budget_mb)
     if final.kept_channels:

@@ -138,6 +138,8 @@ class CompressResult:
             result.changes[:0] = shrunk.changes
         if self.config.output.activations == "int8":
             result = int8_output(result, self.calibration, self.config.output.ranges)
+        if self.imported.folding is not None:
+            self.imported.folding.restore(result.model)
         return result
 
     def save(self, path: str | Path, stage: int = -1) -> list[Path]:

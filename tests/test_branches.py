@@ -1,0 +1,148 @@
+"""An If that chooses a whole network by an input (silero-VAD's ``if sr == 16000``): folded to the branch the
+data takes for training, put back on write-back, the other branch untouched (converters.branches); the
+recurrent state with its samples on axis 1; LSTM weights computed from constants."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_admm.api import compress
+from onnx_admm.recipe import CompressConfig
+from onnx_admm.converters.branches import fold_branches, weighted_ifs
+from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.graphinfo import find_score_output, graph_inputs
+from onnx_admm.converters.normalize import fold_recurrent_weights
+from onnx_admm.data import from_arrays
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "corpus"))
+
+import vad  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vad_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return vad.build(tmp_path_factory.mktemp("vad") / "vad_if.onnx", steps=150)
+
+
+def _run(path_or_model, feeds: dict) -> list[np.ndarray]:
+    source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_the_model_has_silero_layout(vad_model: Path) -> None:
+    model = onnx.load(str(vad_model))
+    assert [n.op_type for n in model.graph.node][-1] == "If" and len(model.graph.initializer) == 0
+    assert [n.name for n in weighted_ifs(model)] == [model.graph.node[-1].name]
+    score = find_score_output(model)  # through the If to the branch's Sigmoid
+    assert (score.name, score.kind) == ("output", "binary_probabilities")
+
+
+@pytest.mark.parametrize("rate, taken", [(16000, True), (8000, False)])
+def test_fold_takes_the_branch_of_the_data_and_restores_the_if(vad_model: Path, rate: int, taken: bool) -> None:
+    model = onnx.load(str(vad_model))
+    feeds = vad.feeds(16, 1, rate)
+    folded, folding = fold_branches(model, [feeds])
+    assert [f.taken for f in folding.folded] == [taken]
+    assert not any(n.op_type == "If" for n in folded.graph.node)
+    assert [i.name for i in folded.graph.input] == ["input", "state", "sr"]
+    for a, b in zip(_run(model, feeds), _run(folded, feeds)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    restored = folding.restore(folded)
+    onnx.checker.check_model(restored, full_check=True)
+    assert [n.op_type for n in restored.graph.node] == [n.op_type for n in model.graph.node]
+    for other in (16000, 8000):  # both branches compute what they did
+        feeds = vad.feeds(8, 2, other)
+        for a, b in zip(_run(model, feeds), _run(restored, feeds)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_data_taking_both_branches_is_refused(vad_model: Path) -> None:
+    model = onnx.load(str(vad_model))
+    with pytest.raises(UserError, match=r"the samples take both branches of If .* only one branch can train"):
+        fold_branches(model, [vad.feeds(4, 1, 16000), vad.feeds(4, 1, 8000)])
+
+
+def test_compress_trains_the_branch_the_data_takes(vad_model: Path, tmp_path: Path) -> None:
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "train": {"threads": 1}})
+    result = compress(vad_model, vad.feeds(256, 3), config, val_data=vad.feeds(256, 4), progress="off")
+    out = tmp_path / "vad.admm.onnx"
+    result.save(out)
+    written, original = onnx.load(str(out)), onnx.load(str(vad_model))
+    assert [(i.name, i.type) for i in written.graph.input] == [(i.name, i.type) for i in original.graph.input]
+    assert [(o.name, o.type) for o in written.graph.output] == [(o.name, o.type) for o in original.graph.output]
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in original.graph.node]
+    # The 8 kHz network is the original's, bit for bit.
+    feeds = vad.feeds(32, 5, 8000)
+    for a, b in zip(_run(original, feeds), _run(written, feeds)):
+        np.testing.assert_array_equal(a, b)
+    # The 16 kHz network's compressible weights (lifted to the top graph by the write-back) hold half zeros.
+    layers = {layer["name"] for layer in result.report["layers"]}
+    assert layers and all(name.startswith("If_0_then_branch__Inline_0__") for name in layers)
+    values = [numpy_helper.to_array(t) for t in written.graph.initializer if t.name in layers]
+    assert len(values) == len(layers)
+    total = sum(v.size for v in values)
+    assert sum(int(np.count_nonzero(v)) for v in values) == total // 2
+    # It still does its task: the report's task metric, and the taken branch on fresh 16 kHz frames.
+    assert result.report["metrics"]["task"]["value"] >= 0.9
+    feeds = vad.feeds(256, 6, 16000)
+    a, b = _run(original, feeds)[0], _run(written, feeds)[0]
+    assert np.mean((a > 0.5) == (b > 0.5)) >= 0.9
+
+
+def test_filter_pruning_through_a_folded_if_is_refused(vad_model: Path) -> None:
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": "filter"},
+                                       "admm": {"epochs": 1, "retrain_epochs": 1}})
+    with pytest.raises(UserError, match=r"removing filters or channels .* is not supported through a folded If"):
+        compress(vad_model, vad.feeds(64, 3), config, progress="off")
+
+
+def test_a_state_with_its_samples_on_axis_1_is_batched_there(vad_model: Path) -> None:
+    specs = graph_inputs(onnx.load(str(vad_model)))
+    feeds = vad.feeds(10, 1)
+    feeds["state"] = np.arange(2 * 10 * vad.HIDDEN, dtype=np.float32).reshape(2, 10, vad.HIDDEN)
+    data = from_arrays(feeds, specs)
+    assert len(data) == 10 and data.axes == {"state": 1} and "sr" not in data.batched
+    batch = next(data.take(7).batches(4))
+    assert batch["state"].shape == (2, 4, vad.HIDDEN)
+    np.testing.assert_array_equal(batch["state"], feeds["state"][:, :4])
+    assert batch["input"].shape[0] == 4 and batch["sr"].shape == ()
+
+
+def test_lstm_weights_computed_from_constants_become_constants() -> None:
+    hidden, size = 3, 2
+    w = np.random.default_rng(0).normal(size=(4 * hidden, size)).astype(np.float32)
+    r = np.random.default_rng(1).normal(size=(4 * hidden, hidden)).astype(np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["w", "zero"], ["W"]), helper.make_node("Unsqueeze", ["r", "zero"], ["R"]),
+             helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r"),
+                               numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    before = _run(model, {"x": np.ones((5, 1, size), np.float32)})
+    assert fold_recurrent_weights(model)
+    assert [n.op_type for n in model.graph.node] == ["LSTM"]
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(values["W"], w[None])
+    np.testing.assert_array_equal(values["R"], r[None])
+    np.testing.assert_array_equal(_run(model, {"x": np.ones((5, 1, size), np.float32)})[0], before[0])
+    assert not fold_recurrent_weights(model)
+
+
+def test_check_takes_the_branch_of_its_data_and_asks_for_data_without(vad_model: Path) -> None:
+    from onnx_admm.check import check
+
+    report = check(vad_model)
+    assert [s.name for s in report.steps] == ["import"] and not report.steps[0].passed
+    assert "chooses the network that runs from the inputs: pass --data" in report.steps[0].detail
+    report = check(vad_model, vad.feeds(32, 1))
+    assert all(s.passed for s in report.steps), [(s.name, s.detail) for s in report.steps]
+    assert "If folded" in [s.name for s in report.steps]
