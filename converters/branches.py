@@ -102,12 +102,14 @@ def weighted_ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def fold_branches(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> tuple[onnx.ModelProto, Folding | None]:
-    """A copy of ``model`` with every If that reads weights replaced by the branch the samples take.
+    """A copy of ``model`` with every If that reads weights replaced by the branch the samples take, and
+    with it every other If the samples all take one way (a shape check before the weights would stop the
+    import); an If without weights whose condition changes between samples stays.
 
-    Returns ``model`` itself and None when it has no such If.
+    Returns ``model`` itself and None when it has no If that reads weights.
 
     Raises:
-        UserError: the samples take both branches of an If (the message names the If and what decides it).
+        UserError: the samples take both branches of an If that reads weights (the message names it).
     """
     if not weighted_ifs(model):
         return model, None
@@ -116,11 +118,19 @@ def fold_branches(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarra
     folded.CopyFrom(model)
     folding = Folding(model)
     while True:
-        ifs = weighted_ifs(folded)
-        if not ifs:
-            break
+        ifs = [node for node in folded.graph.node if node.op_type == "If"]
+        weighted = {node.output[0] for node in weighted_ifs(folded)}
         taken = _conditions(folded, ifs, feeds)
         for node in ifs:
+            if taken[node.output[0]] is None and node.output[0] in weighted:
+                raise UserError(f"the samples take both branches of If {node.name or node.output[0]!r} (its condition "
+                                f"{node.input[0]!r} changes between them), and only one branch can train; compress "
+                                "with data that takes one branch (for a model that chooses by an input such as a "
+                                "sample rate, one value of it per run)")
+        fixed = [node for node in ifs if taken[node.output[0]] is not None]
+        if not fixed:
+            break
+        for node in fixed:
             folding.folded.append(_inline(folded, node, taken[node.output[0]]))
     for line in folding.describe():
         logger.info("If %s (every sample takes it; the other branch keeps its weights)", line)
@@ -144,8 +154,9 @@ def _holds_weight(graph: onnx.GraphProto) -> bool:
     return False
 
 
-def _conditions(model: onnx.ModelProto, ifs: list[onnx.NodeProto], feeds: list[dict]) -> dict[str, bool]:
-    """Each If's condition (keyed by the If's first output) on every sample feed; the one value it takes."""
+def _conditions(model: onnx.ModelProto, ifs: list[onnx.NodeProto], feeds: list[dict]) -> dict[str, bool | None]:
+    """Each If's condition (keyed by the If's first output) on every sample feed: the one value it takes, or
+    None where it changes."""
     import onnxruntime as ort
 
     conds = [node.input[0] for node in ifs]
@@ -168,15 +179,7 @@ def _conditions(model: onnx.ModelProto, ifs: list[onnx.NodeProto], feeds: list[d
             values = session.run(wanted, {k: v for k, v in feed.items() if k in names})
             for c, value in zip(wanted, values):
                 seen[c].update(bool(v) for v in np.asarray(value).reshape(-1)[:1])
-    out = {}
-    for node, c in zip(ifs, conds):
-        if len(seen[c]) != 1:
-            raise UserError(f"the samples take both branches of If {node.name or node.output[0]!r} (its condition "
-                            f"{c!r} changes between them), and only one branch can train; compress with data that "
-                            "takes one branch (for a model that chooses by an input such as a sample rate, one "
-                            "value of it per run)")
-        out[node.output[0]] = seen[c].pop()
-    return out
+    return {node.output[0]: (next(iter(seen[c])) if len(seen[c]) == 1 else None) for node, c in zip(ifs, conds)}
 
 
 def _inline(model: onnx.ModelProto, node: onnx.NodeProto, taken: bool) -> Folded:

@@ -275,13 +275,15 @@ def _call_inputs(node: fx.Node) -> list[object]:
     return list(node.args) + list(node.kwargs.values())
 
 
-def import_model(original: onnx.ModelProto, output: str | None = None) -> ImportedModel:
+def import_model(original: onnx.ModelProto, output: str | None = None, folding: Folding | None = None) -> ImportedModel:
     """Import ``original`` (external data loaded) into a trainable :class:`OnnxModule` with a weight map.
 
     Args:
         original: the user's model; it is not modified. A model quantized by onnxruntime's quantizer is
             imported (and written back) as its float form.
         output: name of the score output, overriding the detection of ``graphinfo.find_score_output``.
+        folding: the If nodes ``original`` had folded to their branches (``converters.branches``), put back
+            on write-back.
 
     Raises:
         UserError: when the model cannot be imported (the message names the node and the op).
@@ -384,7 +386,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None) -> Import
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
-                         not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized)
+                         not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding)
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:

@@ -33,7 +33,7 @@ from onnx_admm.converters.importer import ImportedModel, import_model
 from onnx_admm.converters.modelio import load_model, save_model, scratch_dir
 from onnx_admm.converters.writeback import write_back
 from onnx_admm.allocation import Allocation
-from onnx_admm.api import weight_specs
+from onnx_admm.api import import_for_data, weight_specs
 from onnx_admm.check import trained_outputs_in_onnxruntime
 from onnx_admm.data import Dataset
 from onnx_admm.metrics import for_score
@@ -123,10 +123,12 @@ def _measure(model, data, val_data, labels, config: CompressConfig, levels, bits
              progress) -> dict[str, Any]:
     original = load_model(model)
     check_outputs(original)
-    imported = import_model(original, output=config.train.output)
-    specs = _measured_specs(imported, original, config, layers)
     measured = val_data if val_data is not None else data
     dataset = as_data(measured, graph_inputs(original), "val_data" if val_data is not None else "data")
+    imported = import_for_data(original, dataset, config.train.output)
+    if imported.folding is not None:  # the layers and the write-backs below are those of the folded graph
+        original = imported.original
+    specs = _measured_specs(imported, original, config, layers)
     dataset = sample(_with_labels(dataset, labels), samples, config.train.seed)
     check_labels(imported, dataset, dataset)
     score = ScoreSpec(imported.score.index if imported.score else None,

@@ -241,9 +241,7 @@ def import_for_data(original: onnx.ModelProto, data: Dataset | PluginData, outpu
     """Import ``original`` as the samples of ``data`` run it: an If that reads weights is folded to the branch
     they take (``converters.branches``); the written model gets the If back."""
     folded, folding = fold_branches(original, _fold_feeds(original, data) if weighted_ifs(original) else ())
-    imported = import_model(folded, output=output)
-    imported.folding = folding
-    return imported
+    return import_model(folded, output=output, folding=folding)
 
 
 def _fold_feeds(original: onnx.ModelProto, data: Dataset | PluginData) -> list[dict[str, np.ndarray]]:

@@ -146,3 +146,52 @@ def test_check_takes_the_branch_of_its_data_and_asks_for_data_without(vad_model:
     report = check(vad_model, vad.feeds(32, 1))
     assert all(s.passed for s in report.steps), [(s.name, s.detail) for s in report.steps]
     assert "If folded" in [s.name for s in report.steps]
+
+
+def test_analyze_measures_the_branch_of_its_data(vad_model: Path) -> None:
+    from onnx_admm.analyze import analyze
+
+    result = analyze(vad_model, vad.feeds(64, 1), levels=(0.5,), samples=64)
+    names = [layer["name"] for layer in result["layers"]]
+    assert len(names) == 5 and all(name.startswith("If_0_then_branch__Inline_0__") for name in names)
+
+
+def _nested_if_model() -> onnx.ModelProto:
+    """flag ? (shape check If without weights, then x @ w) : x @ v; w and v read from the outer graph."""
+    f32 = TensorProto.FLOAT
+    inner_then = helper.make_graph([helper.make_node("Identity", ["x"], ["inner_t"])], "inner_then", [],
+                                   [helper.make_tensor_value_info("inner_t", f32, None)])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["x"], ["inner_e"])], "inner_else", [],
+                                   [helper.make_tensor_value_info("inner_e", f32, None)])
+    then = helper.make_graph([
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "one"], ["width"], axis=0),
+        helper.make_node("Equal", ["width", "four"], ["is_four"]),
+        helper.make_node("If", ["is_four"], ["checked"], then_branch=inner_then, else_branch=inner_else, name="check"),
+        helper.make_node("MatMul", ["checked", "w"], ["then_out"])], "then", [],
+        [helper.make_tensor_value_info("then_out", f32, None)])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "v"], ["else_out"])], "else", [],
+                              [helper.make_tensor_value_info("else_out", f32, None)])
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other, name="choose")], "g",
+        [helper.make_tensor_value_info("x", f32, ["N", 4]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", f32, ["N", 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "v"),
+         numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(4, np.int64), "four")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+
+
+def test_an_if_without_weights_inside_the_taken_branch_is_folded_too() -> None:
+    model = _nested_if_model()
+    feeds = {"x": np.ones((5, 4), np.float32), "flag": np.array(True)}
+    folded, folding = fold_branches(model, [feeds])
+    assert [f.node.name for f in folding.folded] == ["choose", "check"]
+    assert not any(n.op_type == "If" for n in folded.graph.node)
+    np.testing.assert_array_equal(_run(folded, feeds)[0], _run(model, feeds)[0])
+    restored = folding.restore(folded)
+    assert [n.name for n in restored.graph.node] == ["choose"]
+    for flag in (True, False):
+        feeds["flag"] = np.array(flag)
+        np.testing.assert_array_equal(_run(restored, feeds)[0], _run(model, feeds)[0])

@@ -19,7 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from onnx_admm.api import import_for_data  # noqa: E402
+from onnx_admm.converters.graphinfo import graph_inputs  # noqa: E402
 from onnx_admm.converters.importer import import_model  # noqa: E402
+from onnx_admm.data import from_arrays  # noqa: E402
 from onnx_admm.converters.inputs import synthesize_inputs  # noqa: E402
 from onnx_admm.converters.modelio import load_model  # noqa: E402
 from onnx_admm.validate import open_session  # noqa: E402
@@ -29,9 +32,11 @@ def train_and_infer_ms(path: Path, batch: int = 64, repeats: int = 5, feeds: dic
                        profile: bool = False) -> tuple[float, float]:
     """Median ms of one training step of the imported module and of one onnxruntime run, same batch."""
     original = load_model(path)
-    imported = import_model(original)
     if feeds is None:
+        imported = import_model(original)
         feeds = synthesize_inputs(imported.original, batch=batch, seed=0)
+    else:  # an If that reads weights runs as the branch the feeds take
+        imported = import_for_data(original, from_arrays(feeds, graph_inputs(original)), None)
     args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in imported.input_names]
     module = imported.module.train()
     params = [p for p in module.parameters() if p.requires_grad]

@@ -63,14 +63,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from onnx_admm.converters.errors import UserError  # noqa: E402
+from onnx_admm.converters.graphinfo import graph_inputs  # noqa: E402
 from onnx_admm.converters.inputs import synthesize_inputs  # noqa: E402
 from onnx_admm.converters.modelio import load_model  # noqa: E402
 from onnx_admm.api import compress  # noqa: E402
 from onnx_admm.check import check  # noqa: E402
+from onnx_admm.data import from_arrays  # noqa: E402
 from onnx_admm.recipe import CompressConfig  # noqa: E402
 from speed import train_and_infer_ms  # noqa: E402
 from synthetic import captcha_ctc, detector_1d  # noqa: E402
 from vit import digits_vit  # noqa: E402
+import vad  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 
@@ -408,6 +411,12 @@ def _onnx_light(name: str, steps: int = 20):
     return build
 
 
+def _vad(work: Path) -> tuple[Path, Feeds]:
+    """Two voice-activity networks behind an If on the sample rate, weights as Constant nodes in the branches
+    (samples/corpus/vad.py); 16 kHz frames with a zero state."""
+    return vad.build(work / "vad_if.onnx"), vad.feeds(256, 3)
+
+
 CORPUS = [
     Entry("digits_cnn", "samples/digits (trained)", "torch TorchScript", _digits),
     Entry("digits_dynamic_int8", "onnxruntime quantize_dynamic", "ort quantizer (ConvInteger/MatMulInteger)",
@@ -441,6 +450,8 @@ CORPUS = [
           captcha_ctc()),
     Entry("detector_1d", "synthetic 1-D events (trained)", "torch TorchScript, 2 inputs, [N, L, 1] map + [N, 32, 3]",
           detector_1d()),
+    Entry("vad_if", "synthetic audio (trained; silero-VAD layout)",
+          "torch TorchScript (scripted If on sr), state [2, N, 64]", _vad),
 ]
 
 
@@ -498,9 +509,9 @@ def run_entry(entry: Entry, work: Path, samples: int, case: str = "50") -> dict:
         if data is None:
             train, val = _inputs(model, samples, 0), _inputs(model, samples // 2, 1)
         else:
-            cut = len(next(iter(data.values()))) * 3 // 4
-            train, val = {k: v[:cut][:samples] for k, v in data.items()}, {k: v[cut:][:samples // 2] for k, v in data.items()}
-        report = check(path, {k: v[:8] for k, v in val.items()})
+            cut = len(from_arrays(data, graph_inputs(model))) * 3 // 4
+            train, val = _rows(model, data, 0, min(cut, samples)), _rows(model, data, cut, cut + samples // 2)
+        report = check(path, _rows(model, val, 0, 8))
         failed = [s for s in report.steps if not s.passed]
         row["check"] = "pass" if report.passed else f"FAIL ({failed[0].name})"
         if failed:
@@ -525,7 +536,7 @@ def run_entry(entry: Entry, work: Path, samples: int, case: str = "50") -> dict:
         # any other there).
         fixed = model.graph.input[0].type.tensor_type.shape.dim[:1]
         batch = fixed[0].dim_value if fixed and fixed[0].HasField("dim_value") else 64
-        first = {k: v[:batch] for k, v in train.items()}
+        first = _rows(model, train, 0, batch)
         train_ms, infer_ms = train_and_infer_ms(path, feeds=first, repeats=3)
         row["ratio"] = train_ms / infer_ms
         row["train_ms"], row["infer_ms"] = train_ms, infer_ms
@@ -537,6 +548,18 @@ def run_entry(entry: Entry, work: Path, samples: int, case: str = "50") -> dict:
     finally:
         row["seconds"] = time.perf_counter() - started
     return row
+
+
+def _rows(model: onnx.ModelProto, data: Feeds, start: int, stop: int) -> Feeds:
+    """Samples ``start:stop`` of ``data``, each input cut on its sample axis (a recurrent state [2, N, H] on
+    axis 1; a scalar such as a sample rate kept whole), as the product's data layer reads them."""
+    dataset = from_arrays(data, graph_inputs(model))
+    rows = np.arange(len(dataset))[start:stop]
+    out = {}
+    for key, value in data.items():
+        axis = dataset.axes.get(key, 0)
+        out[key] = np.take(np.asarray(value), rows, axis=axis) if key in dataset.batched or key == "labels" else value
+    return out
 
 
 def format_rows(rows: list[dict]) -> str:
