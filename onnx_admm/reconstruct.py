@@ -412,9 +412,11 @@ def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor]
             aim = teacher is not None and name in grams.cross and name in teacher
             original = tap.rows(teacher[name].to(p.device)).double() if aim else None
 
-            def target(half: int | None) -> Tensor:
+            def target(half: int | None, teacher_side: bool = True) -> Tensor:
                 g = grams.mean(grams.gram, name, half).to(p.device)
-                return original @ grams.mean(grams.cross, name, half).to(p.device).t() if aim else full @ g
+                if aim and teacher_side:
+                    return original @ grams.mean(grams.cross, name, half).to(p.device).t()
+                return full @ g
 
             def energy(half: int) -> float:
                 if aim:
@@ -424,28 +426,39 @@ def reconstruct(params: Mapping[str, nn.Parameter], before: Mapping[str, Tensor]
 
             grid = (grids or {}).get(name)
             if grid is None:
-                def fit(half: int | None) -> tuple[Tensor, Tensor | None]:
+                def fit(half: int | None, teacher_side: bool = True) -> tuple[Tensor, Tensor | None]:
                     return refit(full, grams.mean(grams.gram, name, half).to(p.device), mask, damp,
-                                 target(half) if aim else None), None
+                                 target(half, teacher_side) if aim and teacher_side else None), None
             else:
                 scale = tap.rows(grid.scale.expand_as(p).to(p.device))
 
-                def fit(half: int | None) -> tuple[Tensor, Tensor | None]:
+                def fit(half: int | None, teacher_side: bool = True) -> tuple[Tensor, Tensor | None]:
                     return round_to_grid(full, grams.mean(grams.gram, name, half).to(p.device), scale, grid.low,
-                                         grid.high, mask, damp, target(half) if aim else None)
-            try:
-                fitted, _ = fit(0)
-            except RuntimeError as exc:  # torch.linalg: not positive definite even with damping
-                logger.info("%s: no refit (%s)", name, exc)
-                continue
+                                         grid.high, mask, damp, target(half, teacher_side) if aim and teacher_side
+                                         else None)
             check, aim_b = grams.mean(grams.gram, name, 1).to(p.device), target(1)
             # The plain projection: the kept entries as they were, or their nearest levels.
             plain = full * mask if grid is None else tap.rows(p.detach()).double()
             projected = objective(plain, check, aim_b, energy(1))
-            error = objective(fitted, check, aim_b, energy(1))
-            used = bool(torch.isfinite(fitted).all()) and error < projected and sum(grams.count[name]) > 0
+            # Aiming at the teacher's outputs, then (where that fails the check: the part of the teacher's
+            # outputs this model's inputs cannot explain, fit on few samples, is noise) at this layer's own
+            # outputs before the projection, from the same inputs; each judged by the teacher's aim.
+            used, error, side, failed = False, projected, True, False
+            for side in ((True, False) if aim else (True,)):
+                try:
+                    fitted, _ = fit(0, side)
+                except RuntimeError as exc:  # torch.linalg: not positive definite even with damping
+                    logger.info("%s: no refit (%s)", name, exc)
+                    failed = True
+                    break
+                error = objective(fitted, check, aim_b, energy(1))
+                used = bool(torch.isfinite(fitted).all()) and error < projected and sum(grams.count[name]) > 0
+                if used:
+                    break
+            if failed:
+                continue
             if used:
-                rows, start = fit(None)
+                rows, start = fit(None, side)
                 used = bool(torch.isfinite(rows).all()) and (start is None or bool(torch.isfinite(start).all()))
                 if used:
                     p.copy_(tap.from_rows(rows.to(p.dtype), p))

@@ -18,7 +18,7 @@ from onnx_admm.api import compress
 from onnx_admm.converters.importer import import_model
 from onnx_admm.data import Dataset
 from onnx_admm.pipeline import reconstruction as reconstruction_module
-from onnx_admm.pipeline.reconstruction import groups, same_state, taps_for
+from onnx_admm.pipeline.reconstruction import groups, taps_for
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.reconstruct import POSITIONS_PER_SAMPLE, Tap, collect_grams, objective, reconstruct, refit
 
@@ -161,8 +161,8 @@ def test_compress_without_training_keeps_more_of_the_original_with_reconstructio
         if on:
             assert stage["reconstruction"]["layers"] == stage["reconstruction"]["pruned_layers"] == 4
             assert stage["reconstruction"]["error_ratio"] < 1
-            # the four Gram matrices fit the budget together: one pass over the calibration samples
-            assert stage["reconstruction"]["passes"] == 1 and stage["reconstruction"]["seconds"] > 0
+            # without labels one calibration pass per layer, in forward order (four, under SEQUENTIAL_WAVES)
+            assert stage["reconstruction"]["passes"] == 4 and stage["reconstruction"]["seconds"] > 0
             params = result.report["params"]
             assert 1 - params["nonzero"] / params["total"] == pytest.approx(0.8, abs=1e-4)
         else:
@@ -358,30 +358,18 @@ def test_a_handed_over_stage_takes_its_admm_phase_back_when_its_projection_loses
     assert back[2]["handover"]["admm"] is True and back[2]["epochs"]["admm"] == back[0]["epochs"]["admm"] > 0
 
 
-def test_same_state_compares_every_parameter_and_buffer_with_the_values_swapped_in():
-    module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    teacher = copy.deepcopy(module)
-    assert same_state(module, teacher, {})
-    with torch.no_grad():
-        module[0].weight.mul_(0.5)
-    assert not same_state(module, teacher, {})
-    assert same_state(module, teacher, {"0.weight": teacher[0].weight.detach().clone()})
-    module[1].running_mean += 1  # a buffer differs
-    assert not same_state(module, teacher, {"0.weight": teacher[0].weight.detach().clone()})
-
-
-def test_without_labels_the_stage_start_refit_of_the_original_runs_no_teacher_pass(digits_sample, caplog):
-    # One stage: the ADMM projection's refit aims at the teacher; the stage start is the original itself,
-    # so its refit aims at its own layer outputs without running the teacher again.
+def test_without_labels_the_refit_goes_in_forward_waves_against_the_original(digits_sample):
+    # One stage: both refits (the ADMM projection's and the stage start's, which is the original itself) aim
+    # at the original's layer outputs from the inputs the refit layers before give them, one calibration pass
+    # per tapped layer in forward order (the digits CNN has fewer than SEQUENTIAL_WAVES).
     train = np.load(digits_sample.train)
     config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 0},
                                        "prune": {"stages": 1, "sparsity": 0.5}})
-    with caplog.at_level(logging.INFO, logger="onnx_admm.pipeline.reconstruction"):
-        result = compress(digits_sample.model, Dataset({"input": train["input"]}, None, {"input"}), config)
-    skipped = [r for r in caplog.records if "no teacher pass" in r.getMessage()]
-    assert len(skipped) == 1
+    result = compress(digits_sample.model, Dataset({"input": train["input"]}, None, {"input"}), config)
     refit = result.report["stages"][0]["reconstruction"]
-    assert refit["passes"] == 2
+    tapped = refit["tapped_layers"]
+    assert 2 <= tapped < reconstruction_module.SEQUENTIAL_WAVES
+    assert refit["passes"] == 2 * tapped
     # Without labels the start is chosen by the agreement on the selection split, a tie by the lower loss.
     metric, loss = refit["select_metric"], refit["select_loss"]
     assert all(isinstance(value, float) for value in loss.values())
@@ -413,7 +401,6 @@ def test_the_refit_calibrates_on_the_whole_model_as_it_was_before_the_projection
     [(tapped, swapped_in, projected)] = calls
     assert projected - tapped  # an untapped weight (the depthwise conv's) was projected ...
     assert projected <= swapped_in  # ... and the calibration ran with it as it was
-    assert sum("no teacher pass" in r.getMessage() for r in caplog.records) == 1
     assert result.report["stages"][0]["reconstruction"]["layers"] >= 2
 
 
@@ -468,3 +455,54 @@ def test_without_labels_a_layer_fed_few_positions_is_refit_and_with_labels_it_is
         data = Dataset({"x": x}, rng.integers(0, 4, 60) if labelled else None, {"x"})
         tapped[labelled] = compress(path, data, config).report["stages"][0]["reconstruction"]["tapped_layers"]
     assert tapped == {False: 2, True: 1}
+
+
+def test_forward_waves_refit_each_layer_on_the_inputs_the_refit_layers_before_give_it():
+    # Three Linear layers pruned to 30% each. Refit all at once, each layer is fit on the original's inputs and
+    # the errors add up; in forward waves the second and third are fit on what the refit layers before them
+    # give, aiming at the original's outputs: the model's output error falls. The waves go in forward order
+    # whatever order the taps are given in.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    teacher = copy.deepcopy(model)
+    x = torch.randn(512, 24)
+    linears = {"0.weight": model[0], "2.weight": model[2], "4.weight": model[4]}
+    order = ["4.weight", "0.weight", "2.weight"]
+    taps = {n: Tap((linears[n],), 0, "linear") for n in order}
+    params = {n: linears[n].weight for n in order}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    supports = {n: p.abs() >= p.abs().flatten().kthvalue(int(0.7 * p.numel())).values for n, p in params.items()}
+    pair = (reconstruction_module.teacher_taps(taps, model, teacher),
+            {n: teacher.get_parameter(n).detach() for n in order})
+
+    def calibrate():
+        def calls():
+            for chunk in x.split(16):
+                def call(chunk=chunk):
+                    model(chunk)
+                    teacher(chunk)
+                yield call, chunk.shape[0]
+        return calls(), len(x)
+
+    errors, passes = {}, {}
+    for waves in (0, 3):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(before[n] * supports[n])
+        _, passes[waves] = reconstruction_module.refit_projection(taps, params, before, supports, calibrate, pair,
+                                                                  sequential=waves)
+        with torch.no_grad():
+            errors[waves] = float((model(x) - teacher(x)).square().mean())
+            assert all(torch.equal(p[~supports[n]], torch.zeros_like(p[~supports[n]])) for n, p in params.items())
+    assert passes == {0: 1, 3: 3}
+    assert errors[3] < 0.7 * errors[0], errors  # measured: 0.0054 against 0.0107
+
+
+def test_without_labels_the_waves_keep_the_digits_cnn_at_98_percent(digits_sample, tmp_path):
+    # Measured (no training, 360 test digits in onnxruntime): one calibration pass for all layers kept 0.600 of
+    # the original's predictions at 98%, the forward waves 0.881.
+    train, test = np.load(digits_sample.train), np.load(digits_sample.test)
+    result = compress(digits_sample.model, Dataset({"input": train["input"]}, None, {"input"}), _config(True, 0.98, 0, 0))
+    out = tmp_path / "r.onnx"
+    result.save(out)
+    assert _agreement(out, digits_sample.model, test["input"]) >= 0.85
