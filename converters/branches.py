@@ -26,8 +26,9 @@ import onnx
 from onnx import helper
 
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import (constant_node_value, fresh_name, node_label, sliced, subgraph_reads,
-                                            subgraphs, tensor_names)
+from onnx_admm.converters.evaluate import evaluate
+from onnx_admm.converters.graphinfo import (constant_node_value, fresh_name, node_label, subgraph_reads, subgraphs,
+                                            tensor_names)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.
 
 @dataclass
 class Folded:
-    """One If replaced by its taken branch: the node as it was, where it stood, what replaced it."""
+    """One If replaced by its taken branch: the node as it was, which branch, and what replaced it."""
 
     node: onnx.NodeProto
     taken: bool
@@ -96,12 +97,14 @@ def weighted_ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         if node.op_type != "If":
             continue
         reads = subgraph_reads(node)
-        if any(name in top and _is_weight(top[name]) for name in reads) or any(_holds_weight(g) for g in subgraphs(node)):
+        if (any(name in top and _is_weight(top[name]) for name in reads)
+                or any(_holds_weight(g) for g in subgraphs(node))):
             found.append(node)
     return found
 
 
-def fold_branches(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> tuple[onnx.ModelProto, Folding | None]:
+def fold_branches(model: onnx.ModelProto,
+                  feeds: Iterable[Mapping[str, np.ndarray]]) -> tuple[onnx.ModelProto, Folding | None]:
     """A copy of ``model`` with every If that reads weights replaced by the branch the samples take, and
     with it every other If the samples all take one way (a shape check before the weights would stop the
     import); an If without weights whose condition changes between samples stays.
@@ -157,12 +160,9 @@ def _holds_weight(graph: onnx.GraphProto) -> bool:
 def _conditions(model: onnx.ModelProto, ifs: list[onnx.NodeProto], feeds: list[dict]) -> dict[str, bool | None]:
     """Each If's condition (keyed by the If's first output) on every sample feed: the one value it takes, or
     None where it changes."""
-    import onnxruntime as ort
-
     conds = [node.input[0] for node in ifs]
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     wanted = [c for c in dict.fromkeys(conds) if c not in constants]
-    probe = sliced(model, wanted, onnx.TensorProto.BOOL)
     seen: dict[str, set[bool]] = {c: set() for c in conds}
     for c in conds:
         if c in constants:
@@ -171,12 +171,7 @@ def _conditions(model: onnx.ModelProto, ifs: list[onnx.NodeProto], feeds: list[d
         if not feeds:
             raise UserError(f"If {ifs[0].name!r} chooses its branch from the inputs and there are no samples to "
                             "choose by; pass data")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = {i.name for i in session.get_inputs()}
-        for feed in feeds:
-            values = session.run(wanted, {k: v for k, v in feed.items() if k in names})
+        for values in evaluate(model, wanted, feeds):
             for c, value in zip(wanted, values):
                 seen[c].update(bool(v) for v in np.asarray(value).reshape(-1)[:1])
     return {node.output[0]: (next(iter(seen[c])) if len(seen[c]) == 1 else None) for node, c in zip(ifs, conds)}

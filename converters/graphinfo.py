@@ -270,30 +270,6 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def sliced(model: onnx.ModelProto, outputs: list[str], elem_type: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (its only outputs, of ``elem_type``), with the inputs and
-    initializers it reads: onnxruntime runs every node of a graph it is given, whatever outputs are asked for."""
-    nodes = list(model.graph.node)
-    producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    needed, stack, keep = set(), list(outputs), set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        index = producers.get(name)
-        if index is not None and index not in keep:
-            keep.add(index)
-            stack.extend(n for n in nodes[index].input if n)
-            stack.extend(subgraph_reads(nodes[index]))
-    graph = helper.make_graph(
-        [node for i, node in enumerate(nodes) if i in keep], "slice",
-        [i for i in model.graph.input if i.name in needed],
-        [helper.make_tensor_value_info(name, elem_type, None) for name in outputs],
-        [t for t in model.graph.initializer if t.name in needed])
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-
-
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
 _SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If")
 _CATEGORICAL = ("logits", "probabilities", "log_probabilities")

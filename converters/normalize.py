@@ -31,7 +31,8 @@ from onnx import defs, helper, numpy_helper, version_converter
 from onnx_admm.converters.batch_axis import unbake_batch
 from onnx_admm.converters.dequantize import fold_weight_decoders
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, node_attr, node_label, sliced,
+from onnx_admm.converters.evaluate import evaluate
+from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, node_attr, node_label,
                                             sparse_to_dense, subgraph_reads)
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
@@ -183,14 +184,8 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
                 wanted.append(name)
     if not wanted:
         return False
-    import onnxruntime as ort
-
     wanted = list(dict.fromkeys(wanted))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(sliced(model, wanted).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    for name, value in zip(wanted, session.run(wanted, {})):
+    for name, value in zip(wanted, next(evaluate(model, wanted, [{}]))):
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     outputs = {o.name for o in graph.output}
     keep = [n for n in graph.node if not (set(n.output) & set(wanted))]

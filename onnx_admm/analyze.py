@@ -29,7 +29,7 @@ import torch
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import graph_inputs
-from onnx_admm.converters.importer import ImportedModel, import_model
+from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.converters.modelio import load_model, save_model, scratch_dir
 from onnx_admm.converters.writeback import write_back
 from onnx_admm.allocation import Allocation

@@ -240,11 +240,12 @@ def _compress(original, original_path, external, imported, splits, config, emit:
 def import_for_data(original: onnx.ModelProto, data: Dataset | PluginData, output: str | None) -> ImportedModel:
     """Import ``original`` as the samples of ``data`` run it: an If that reads weights is folded to the branch
     they take (``converters.branches``); the written model gets the If back."""
-    folded, folding = fold_branches(original, _fold_feeds(original, data) if weighted_ifs(original) else ())
+    folded, folding = fold_branches(original, _fold_feeds(data) if weighted_ifs(original) else ())
     return import_model(folded, output=output, folding=folding)
 
 
-def _fold_feeds(original: onnx.ModelProto, data: Dataset | PluginData) -> list[dict[str, np.ndarray]]:
+def _fold_feeds(data: Dataset | PluginData) -> list[dict[str, np.ndarray]]:
+    """The first samples (FOLD_SAMPLES), in batches, without labels: what the If conditions are evaluated on."""
     samples = data.take(FOLD_SAMPLES)
     return [{k: v for k, v in feed.items() if k != LABELS} for feed in samples.batches(64)]
 

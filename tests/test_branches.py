@@ -175,7 +175,8 @@ def _nested_if_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
         [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other, name="choose")], "g",
-        [helper.make_tensor_value_info("x", f32, ["N", 4]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("x", f32, ["N", 4]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("y", f32, ["N", 3])],
         [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
          numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "v"),
@@ -195,3 +196,22 @@ def test_an_if_without_weights_inside_the_taken_branch_is_folded_too() -> None:
     for flag in (True, False):
         feeds["flag"] = np.array(flag)
         np.testing.assert_array_equal(_run(restored, feeds)[0], _run(model, feeds)[0])
+
+
+def test_quantized_weights_through_a_folded_if_keep_the_opset_and_the_other_branch(vad_model: Path,
+                                                                                   tmp_path: Path) -> None:
+    # A raised opset would be verified on the folded graph only: the If put back keeps the original's.
+    config = CompressConfig.from_dict({"quantize": {"bits": 4}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "train": {"threads": 1}})
+    result = compress(vad_model, vad.feeds(128, 3), config, val_data=vad.feeds(128, 4), progress="off")
+    out = tmp_path / "vad.q4.onnx"
+    result.save(out)
+    written, original = onnx.load(str(out)), onnx.load(str(vad_model))
+    assert list(written.opset_import) == list(original.opset_import)
+    assert [n.op_type for n in written.graph.node if n.op_type != "DequantizeLinear"] == \
+        [n.op_type for n in original.graph.node]
+    feeds = vad.feeds(16, 5, 8000)
+    for a, b in zip(_run(original, feeds), _run(written, feeds)):
+        np.testing.assert_array_equal(a, b)
+    levels = [numpy_helper.to_array(t) for t in written.graph.initializer if t.data_type == TensorProto.INT8]
+    assert levels and all(v.min() >= -8 and v.max() <= 7 for v in levels)

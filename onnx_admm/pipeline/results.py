@@ -19,6 +19,7 @@ from onnx_admm.converters.groups import ChannelGroup
 from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.converters.modelio import save_model
 from onnx_admm.converters.shrink import cut_update, shrink
+from onnx_admm.converters.opset import default_opset
 from onnx_admm.converters.writeback import WriteBackResult, write_back
 from onnx_admm import __version__
 from onnx_admm.activations import int8_output
@@ -133,7 +134,9 @@ class CompressResult:
             # quantized encoders store the shrunk tensors as integers (cut before encoding, not after).
             shrunk = shrink(target, chosen.kept_channels, groups=list(self.groups.values()))
             target, updates = shrunk.model, [cut_update(u, shrunk.cuts) for u in updates]
-        result = write_back(target, updates, metadata=metadata)
+        # The If nodes a folding puts back hold nodes the opset verification never saw: keep the opset.
+        result = write_back(target, updates, metadata=metadata,
+                            max_opset=default_opset(target) if self.imported.folding is not None else None)
         if shrunk is not None:
             result.changes[:0] = shrunk.changes
         if self.config.output.activations == "int8":

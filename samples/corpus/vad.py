@@ -180,8 +180,8 @@ def build(path: Path, steps: int = 300, seed: int = 0) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(scripted, (x, state, sr), str(path), input_names=["input", "state", "sr"],
                           output_names=["output", "stateN"], opset_version=16, dynamo=False,
-                          dynamic_axes={"input": {0: "batch", 1: "samples"}, "state": {1: "batch"}, "output": {0: "batch"},
-                                        "stateN": {1: "batch"}})
+                          dynamic_axes={"input": {0: "batch", 1: "samples"}, "state": {1: "batch"},
+                                        "output": {0: "batch"}, "stateN": {1: "batch"}})
     onnx.save(_into_branches(onnx.load(str(path))), str(path))
     return path
 
