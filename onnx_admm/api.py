@@ -33,7 +33,7 @@ from onnx_admm.distributed import World, session
 from onnx_admm.gate import DEFAULT_FLOOR, Gate
 from onnx_admm.memory import PeakMemory
 from onnx_admm.outputs import (RunFiles, external_locations, input_files)
-from onnx_admm.preflight import check_config, check_labels, check_outputs, check_weights
+from onnx_admm.preflight import check_config, check_labels, check_outputs, check_runs, check_weights
 from onnx_admm.pipeline.planning import checked_budget, make_plan
 from onnx_admm.plan import WeightSpec
 from onnx_admm.progress import Progress, display
@@ -200,6 +200,7 @@ def _compress(original, original_path, external, imported, splits, config, emit:
     for name in plan.untouched(specs):
         imported.module.get_parameter(name).requires_grad_(False)
     train_data, select, held_out = splits
+    check_runs(original_path, imported, select)
     if imported.folding is not None and (groups or config.output.activations == "int8"):
         raise UserError(_folded_limits(imported.folding, bool(groups)))
     check_labels(imported, train_data, held_out)

@@ -165,3 +165,22 @@ def check_labels(imported: ImportedModel, train: Dataset | PluginData, held_out:
             data.n_classes = classes
         else:
             check_label_range(data.labels, classes, name)
+
+
+def check_runs(path: Path | None, imported: ImportedModel, data: Dataset) -> None:
+    """onnxruntime runs the original graph on the data's first samples, before any training: data that the
+    torch module accepts but the graph refuses (a recurrent state [2, 1, H] beside N samples, which torch
+    broadcasts) fails here in one line instead of after training, in validation. Skipped for a model given
+    as a ModelProto (no file to open) and for a graph that keeps a fixed batch (run in chunks later)."""
+    if path is None or imported.ort_batch is not None or len(data) == 0:
+        return
+    from onnx_admm.validate import open_session, run_session
+
+    session = open_session(path, 1)
+    names = [o.name for o in session.get_outputs()]
+    feed = {k: v for k, v in next(data.take(2).batches(2)).items() if k in {i.name for i in session.get_inputs()}}
+    try:
+        run_session(session, path, names, feed)
+    except UserError as exc:
+        raise UserError(f"{exc}; the data does not fit the graph's inputs (their shapes, and the axis each "
+                        "input holds the samples on), nothing was trained") from None

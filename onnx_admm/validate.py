@@ -180,8 +180,9 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Errors only: onnxruntime's load warnings (unused initializers, ...) would drown the report.
-    options.log_severity_level = 3
+    # Fatal only: onnxruntime's load warnings (unused initializers, ...) would drown the report, and a failed
+    # run's error lines would go to the terminal beside the one line its exception becomes (run_session).
+    options.log_severity_level = 4
     # Without the arena each run returns its memory: with it a session keeps its largest run's for its
     # whole life, about twice what the run needs (samples/eeg, batch 44: 1.4 GB against 0.7), and
     # validation holds two sessions; the speed is the same there.

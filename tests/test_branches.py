@@ -214,3 +214,15 @@ def test_quantized_weights_through_a_folded_if_keep_the_opset_and_the_other_bran
         np.testing.assert_array_equal(a, b)
     levels = [numpy_helper.to_array(t) for t in written.graph.initializer if t.data_type == TensorProto.INT8]
     assert levels and all(v.min() >= -8 and v.max() <= 7 for v in levels)
+
+
+def test_data_the_graph_refuses_fails_before_training(vad_model: Path, tmp_path: Path) -> None:
+    # One state for all samples: the torch module broadcasts it, onnxruntime refuses it. Found before training,
+    # in one line, and nothing is written (it was found in validation, after training, with the model saved).
+    feeds = vad.feeds(64, 3)
+    feeds["state"] = np.zeros((2, 1, vad.HIDDEN), np.float32)
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 1, "retrain_epochs": 1}})
+    out = tmp_path / "out.onnx"
+    with pytest.raises(UserError, match=r"onnxruntime failed to run .* the data does not fit the graph's inputs"):
+        compress(vad_model, feeds, config, output=out, progress="off")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
