@@ -203,6 +203,9 @@ class ImportedModel:
     # If nodes folded to the branch the data takes (``converters.branches``): ``original`` is the folded
     # copy, and write-back puts the If nodes back (``Folding.restore``).
     folding: Folding | None = None
+    # Recurrent weights the graph computes from its constants (an LSTMCell's gate Slices inside an If
+    # branch): imported as constants, so they neither train nor compress.
+    computed_recurrent: list[str] = field(default_factory=list)
 
     @property
     def ort_batch(self) -> int | None:
@@ -331,9 +334,12 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     params_container = nn.Module()
     gm.add_module("onnx_params", params_container)
     weights: list[WeightEntry] = []
+    computed: list[str] = []
     for onnx_name, tensor_uses in uses.items():
         if onnx_name not in sources:
             logger.debug("skipping %s: not a constant of the original model", onnx_name)
+            if any(isinstance(use[0], onnx_ops.OnnxRecurrent) for use in tensor_uses):
+                computed.append(onnx_name)  # normalize.fold_recurrent_weights made it a constant
             continue
         if not all(op in TRAINABLE_CONSUMERS for *_, op, _i in tensor_uses):
             continue
@@ -386,7 +392,8 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
-                         not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding)
+                         not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding,
+                         computed)
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:

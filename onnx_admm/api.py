@@ -230,6 +230,11 @@ def _compress(original, original_path, external, imported, splits, config, emit:
                         f"written; first: {diverged}; lower train.lr (now {config.lr}) or set admm.rho "
                         f"(now {config.admm.rho if config.admm.rho is not None else 'chosen per phase; see the log'})")
     warnings = list(runner.warnings)
+    if imported.computed_recurrent:
+        warnings.append(f"{len(imported.computed_recurrent)} recurrent weight(s) the graph computes from its "
+                        f"constants ({', '.join(imported.computed_recurrent[:3])}) run as constants: they are not "
+                        "trained or compressed")
+        logger.warning("%s", warnings[-1])
     if floors is not None and floors > 0.5:
         warnings.append(f"the per-layer minimums (min_keep, floor) hold {100 * floors:.0f}% of the global budget: "
                         "the allocation barely chooses; lower them")

@@ -261,12 +261,13 @@ def validate(
         first = next(chunks, None)
         if first is None:
             raise UserError(f"{data.what} yielded no data")
-        batched, total = first.batched, None
+        batched, total, axes = first.batched, None, first.axes
         plugin, chunks = data, itertools.chain([first], chunks)
         data = _Stream(lambda size, drop: plugin.batches(size, drop_last=drop, chunks=chunks))
     else:
-        batched, total = data.batched, len(data)
-    fixed = required_batch_size(specs, batched)
+        batched, total, axes = data.batched, len(data), data.axes
+    # An input with its samples on another axis (a state [2, N, H]) fixes its first dim, not the batch.
+    fixed = required_batch_size(specs, batched - set(axes))
     if fixed is None:
         batch_size = _fit_batch(batch_size, models, budget_mb or default_budget_mb())
     elif fixed != batch_size:

@@ -96,6 +96,11 @@ def test_compress_trains_the_branch_the_data_takes(vad_model: Path, tmp_path: Pa
     assert sum(int(np.count_nonzero(v)) for v in values) == total // 2
     # It still does its task: the report's task metric, and the taken branch on fresh 16 kHz frames.
     assert result.report["metrics"]["task"]["value"] >= 0.9
+    # Validated on every held-out sample at the run's batch (the state's leading 2 is not a fixed batch), and
+    # the LSTM the branch computes from its constants is named as left alone.
+    validation = result.report["validation"]
+    assert validation["samples"] == 256 and validation["batch_size"] > 2
+    assert any("recurrent weight(s) the graph computes from its constants" in w for w in result.report["warnings"])
     feeds = vad.feeds(256, 6, 16000)
     a, b = _run(original, feeds)[0], _run(written, feeds)[0]
     assert np.mean((a > 0.5) == (b > 0.5)) >= 0.9
