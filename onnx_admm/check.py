@@ -128,9 +128,10 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
     report = CheckReport(str(model_path))
     original = load_model(model_path)
     try:
-        if feeds is None and weighted_ifs(original):
-            raise UserError(f"If {weighted_ifs(original)[0].name!r} chooses the network that runs from the inputs: "
-                            "pass --data with the inputs you will compress with (they choose its branch)")
+        chooser = weighted_ifs(original)[:1] if feeds is None else []
+        if chooser:
+            raise UserError(f"If {chooser[0].name!r} chooses the network that runs from the inputs: pass --data "
+                            "with the inputs you will compress with (they choose its branch)")
         # An If that reads weights is checked as the branch the inputs take (converters.branches).
         original, folding = fold_branches(original, [feeds] if feeds is not None else [])
         imported = import_model(original)
