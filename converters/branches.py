@@ -27,8 +27,8 @@ from onnx import helper
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.evaluate import evaluate
-from onnx_admm.converters.graphinfo import (constant_node_value, fresh_name, node_label, subgraph_reads, subgraphs,
-                                            tensor_names)
+from onnx_admm.converters.graphinfo import (constant_node_value, fresh_name, if_branch, node_label, subgraph_reads,
+                                            subgraphs, tensor_names)
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +180,7 @@ def _conditions(model: onnx.ModelProto, ifs: list[onnx.NodeProto], feeds: list[d
 def _inline(model: onnx.ModelProto, node: onnx.NodeProto, taken: bool) -> Folded:
     """Replace ``node`` (an If of the top graph) by its ``taken`` branch, in place."""
     graph = model.graph
-    branch = helper.get_attribute_value(next(a for a in node.attribute
-                                             if a.name == ("then_branch" if taken else "else_branch")))
+    branch = if_branch(node, taken)
     nodes = list(graph.node)
     index = next(i for i, n in enumerate(nodes) if n is node or (n.output == node.output and n.op_type == "If"))
     record = onnx.NodeProto()

@@ -260,6 +260,24 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
 
 
+def if_branch(node: onnx.NodeProto, taken: bool = True) -> onnx.GraphProto:
+    """An If node's then-branch (``taken``) or else-branch."""
+    return next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
+
+
+def live_nodes(nodes: list[onnx.NodeProto], outputs: set[str],
+               removable: set[str] | None = None) -> list[onnx.NodeProto]:
+    """``nodes`` without those (of the ``removable`` op types; None: any) whose outputs nothing reads, again
+    until none is left: no later node, subgraph or graph output (``outputs``) reads them."""
+    while True:
+        read = {name for n in nodes for name in list(n.input) + sorted(subgraph_reads(n))} | outputs
+        kept = [n for n in nodes if (removable is not None and n.op_type not in removable)
+                or any(o in read for o in n.output if o)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names the node's subgraphs (If branches, Loop/Scan bodies) read, at any depth."""
     names: set[str] = set()
@@ -289,9 +307,7 @@ def _branch_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     stack = [n for n in model.graph.node if n.op_type == "If"]
     while stack:
         node = stack.pop()
-        branch = next((a.g for a in node.attribute if a.name == "then_branch"), None)
-        if branch is None:
-            continue
+        branch = if_branch(node)
         producers.update({out: inner for inner in branch.node for out in inner.output if out})
         stack.extend(inner for inner in branch.node if inner.op_type == "If")
     return producers
@@ -300,8 +316,7 @@ def _branch_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 def _through(node: onnx.NodeProto, name: str) -> str:
     """The tensor a walk back from ``name`` goes on to: an If's then-branch output, else the first input."""
     if node.op_type == "If":
-        branch = next(a.g for a in node.attribute if a.name == "then_branch")
-        return branch.output[list(node.output).index(name)].name
+        return if_branch(node).output[list(node.output).index(name)].name
     return node.input[0]
 
 

@@ -32,8 +32,8 @@ from onnx_admm.converters.batch_axis import unbake_batch
 from onnx_admm.converters.dequantize import fold_weight_decoders
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.evaluate import evaluate
-from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, node_attr, node_label,
-                                            sparse_to_dense, subgraph_reads)
+from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, live_nodes, node_attr, node_label,
+                                            sparse_to_dense)
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
 
@@ -187,14 +187,8 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
     wanted = list(dict.fromkeys(wanted))
     for name, value in zip(wanted, next(evaluate(model, wanted, [{}]))):
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    outputs = {o.name for o in graph.output}
-    keep = [n for n in graph.node if not (set(n.output) & set(wanted))]
-    while True:  # drop what only fed the folded tensors
-        read = {name for n in keep for name in list(n.input) + sorted(subgraph_reads(n))} | outputs
-        alive = [n for n in keep if any(o in read for o in n.output if o)]
-        if len(alive) == len(keep):
-            break
-        keep = alive
+    # Without their producers; what only fed them goes too.
+    keep = live_nodes([n for n in graph.node if not (set(n.output) & set(wanted))], {o.name for o in graph.output})
     del graph.node[:]
     graph.node.extend(keep)
     logger.info("recurrent weights computed from constants, imported as constants (they do not train): %s",

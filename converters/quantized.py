@@ -47,7 +47,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx_admm.converters.dequantize import fold_weight_decoders
 from onnx_admm.converters.quantized_ops import REWRITES
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, VALUE_MOVERS
-from onnx_admm.converters.graphinfo import constant_sources, tensor_value
+from onnx_admm.converters.graphinfo import constant_sources, live_nodes, tensor_value
 
 logger = logging.getLogger(__name__)
 
@@ -258,13 +258,7 @@ class _Rewriter:
         self.graph.node.extend(copies)
 
     def _drop_dead(self, nodes: list[onnx.NodeProto], op_types: set[str]) -> list[onnx.NodeProto]:
-        outputs = {o.name for o in self.graph.output}
-        while True:
-            read = {name for n in nodes for name in n.input} | outputs
-            kept = [n for n in nodes if not (n.op_type in op_types and not any(o in read for o in n.output if o))]
-            if len(kept) == len(nodes):
-                return kept
-            nodes = kept
+        return live_nodes(nodes, {o.name for o in self.graph.output}, op_types)
 
     def _drop_identities(self, ids: set[int], graph_outputs: set[str]) -> None:
         """Drop the Identity nodes in ``ids`` whose output is no graph output, rewiring their readers."""
