@@ -27,8 +27,8 @@ from onnx import helper
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.evaluate import evaluate
-from onnx_admm.converters.graphinfo import (constant_node_value, fresh_name, if_branch, node_label, subgraph_reads,
-                                            subgraphs, tensor_names)
+from onnx_admm.converters.graphinfo import (constant_node_value, fresh_name, if_branch, live_nodes, node_label,
+                                            subgraph_reads, subgraphs, tensor_names)
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,11 @@ class Folding:
             nodes = list(graph.node)
             labels = [node_label(n, i) for i, n in enumerate(nodes)]
             inserted = set(record.inserted)
+            # Write-back may have replaced some (a recurrent weight computed from constants is stored as the
+            # trained tensor, ``dequantize._recurrent_decoders``); the branch's copies are dropped below.
             positions = [i for i, label in enumerate(labels) if label in inserted]
-            if len(positions) != len(inserted):
-                raise RuntimeError(f"the written graph lost nodes of the folded If {record.node.name!r}")
+            if not positions:
+                raise RuntimeError(f"the written graph lost the nodes of the folded If {record.node.name!r}")
             kept = [n for i, n in enumerate(nodes) if i not in set(positions)]
             node = onnx.NodeProto()
             node.CopyFrom(record.node)
@@ -216,14 +218,18 @@ def _inline(model: onnx.ModelProto, node: onnx.NodeProto, taken: bool) -> Folded
 
 
 def _drop_definitions(graph: onnx.GraphProto, defined: set[str]) -> None:
-    """Drop the subgraph's own initializers and Constant nodes for names the outer graph defines (lifted
-    when its If was folded, written back since), so the subgraph reads the outer ones."""
+    """Drop the subgraph's own initializers and the nodes that compute names the outer graph defines (lifted
+    when its If was folded, written back since: a Constant, or the nodes of a recurrent weight computed from
+    constants), so the subgraph reads the outer ones; what only fed a dropped node goes with it."""
     initializers = [t for t in graph.initializer if t.name not in defined]
     if len(initializers) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(initializers)
-    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in defined)]
+    nodes = [n for n in graph.node if not (n.output and all(out in defined for out in n.output if out))]
     if len(nodes) != len(graph.node):
+        computing = [n for n in nodes if n.op_type != "Constant"]
+        if len(computing) != len([n for n in graph.node if n.op_type != "Constant"]):
+            nodes = live_nodes(nodes, {o.name for o in graph.output})
         del graph.node[:]
         graph.node.extend(nodes)
     for node in graph.node:

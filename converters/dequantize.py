@@ -7,6 +7,10 @@ decoding subgraphs whose output is named ``W``:
   with ``q`` in a sparse initializer);
 - ``Gather(codebook, Cast(indices, to=INT64)) -> W`` (uint8 / uint4 / uint2 codebook indices).
 
+A recurrent op's W / R / B that nodes compute from constants alone (an exported LSTMCell's gate reordering)
+is found the same way (``_recurrent_decoders``): it imports and trains as the tensor it computes, and
+write-back replaces the computation with the trained tensor.
+
 :func:`weight_decoders` finds such subgraphs (every input a constant), :func:`decode` computes the float
 tensor they produce, :func:`remove_decoders` deletes them with the constants only they read, and
 :func:`fold_weight_decoders` -- a normalize pass -- puts the decoded floats back as initializers under the
@@ -26,8 +30,9 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnx_admm.converters.optable import DEFAULT_DOMAINS
-from onnx_admm.converters.graphinfo import TensorSource, constant_sources, node_attr, tensor_value
+from onnx_admm.converters.optable import DEFAULT_DOMAINS, RECURRENT_CONSTANT_INPUTS
+from onnx_admm.converters.graphinfo import (TensorSource, constant_sources, node_attr, subgraph_reads, subgraphs,
+                                            tensor_value)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class WeightDecoder:
     """
 
     output: str
-    op_type: str  # "DequantizeLinear" or "Gather"
+    op_type: str  # "DequantizeLinear", "Gather", or the last node computing a recurrent weight
     nodes: tuple[int, ...]
     inputs: tuple[str, ...]
 
@@ -93,7 +98,68 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
             # Checked last: reading the data tensor is the one costly step (an embedding table, say).
             if tensor_value(model, sources[inputs[0]]).ndim == 1:
                 found[node.output[0]] = WeightDecoder(node.output[0], node.op_type, nodes, constants)
+    found.update(_recurrent_decoders(model, sources, producers, graph_outputs))
     return found
+
+
+def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource], producers: dict[str, int],
+                        graph_outputs: set[str]) -> dict[str, WeightDecoder]:
+    """W / R / B of recurrent ops that nodes compute from constants alone (an LSTMCell exported without
+    constant folding, often inside an If branch: Unsqueeze(Concat(Slice(W_ih, ...), ...)) reordering its gates).
+
+    Such a weight imports as the constant it computes and trains; write-back stores the trained tensor under
+    its name in place of the nodes, as for the other decoders. Every node of the computation must feed
+    only the computation (a node whose output something else reads too would be left without its
+    producer), be of the default domain and hold no subgraph.
+    """
+    graph = model.graph
+    readers: dict[str, set[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in {n for n in node.input if n} | subgraph_reads(node):
+            readers.setdefault(name, set()).add(index)
+    found: dict[str, WeightDecoder] = {}
+    for node in graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            continue
+        for slot in RECURRENT_CONSTANT_INPUTS.get(node.op_type, ()):
+            name = node.input[slot] if slot < len(node.input) else ""
+            if not name or name in sources or name in found or name in graph_outputs or name not in producers:
+                continue
+            closure = _computation(name, graph, sources, producers)
+            if closure is None:
+                continue
+            nodes, constants = closure
+            inner = {out for i in nodes for out in graph.node[i].output if out}
+            if any(not readers.get(out, set()) <= set(nodes) for out in inner - {name}) or inner & graph_outputs:
+                continue
+            found[name] = WeightDecoder(name, graph.node[producers[name]].op_type, nodes, constants)
+    return found
+
+
+def _computation(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
+                 producers: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    """The nodes (positions, in graph order) that compute ``name`` from constants and the constants they read,
+    or None when something else feeds them (a graph input, a node of another domain, a subgraph)."""
+    nodes: set[int] = set()
+    constants: set[str] = set()
+    stack = [name]
+    while stack:
+        current = stack.pop()
+        if current in sources:
+            constants.add(current)
+            continue
+        index = producers.get(current)
+        if index is None:
+            return None
+        if index in nodes:
+            continue
+        node = graph.node[index]
+        if node.domain not in DEFAULT_DOMAINS or subgraphs(node) or node.op_type in ("Constant", "RandomNormal",
+                                                                                     "RandomUniform", "Multinomial"):
+            return None
+        nodes.add(index)
+        stack.extend(n for n in node.input if n)
+    return tuple(sorted(nodes)), tuple(sorted(constants))
 
 
 def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
@@ -106,8 +172,8 @@ def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
         feeds = {
             name: values[name] if name in values else tensor_value(model, sources[name]) for name in node.input if name
         }
-        (out,) = ReferenceEvaluator(node, opsets={"": version}).run(None, feeds)
-        values[node.output[0]] = np.asarray(out)
+        outs = ReferenceEvaluator(node, opsets={"": version}).run(None, feeds)
+        values.update((name, np.asarray(out)) for name, out in zip(node.output, outs) if name)
     return values[decoder.output]
 
 

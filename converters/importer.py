@@ -38,12 +38,10 @@ from onnx_admm.converters.optable import CHANNEL_AXES, TRAINABLE_CONSUMERS
 from onnx_admm.converters.graphinfo import (
     Consumer,
     GraphView,
-    ScoreOutput,
     TensorSource,
     compressible_weights,
     constant_sources,
     dim_value,
-    find_score_output,
     graph_inputs,
     resolve,
     tensor_shape_and_type,
@@ -53,6 +51,7 @@ from onnx_admm.converters.branches import Folding
 from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.quantized import dequantize_model
+from onnx_admm.converters.scores import ScoreOutput, find_score_output
 from onnx_admm.converters.shapes import inferred_types
 from onnx_admm.converters.encoders import QuantSpec
 from onnx_admm.converters.writeback import TensorUpdate
@@ -178,7 +177,7 @@ class ImportedModel:
     # The tensors the module returns, in order: the graph outputs, or, when parts of the graph cannot be
     # converted, the float tensors it trains on (graph outputs or inputs of the unconverted part).
     output_names: list[str]
-    # The loss's tensor; index into output_names (an inner tensor, ``graphinfo.find_score_output``, is
+    # The loss's tensor; index into output_names (an inner tensor, ``scores.find_score_output``, is
     # returned by the module after the graph outputs).
     score: ScoreOutput | None
     # The graph write-back writes into: the user's model, or for a model quantized by onnxruntime its
@@ -284,7 +283,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     Args:
         original: the user's model; it is not modified. A model quantized by onnxruntime's quantizer is
             imported (and written back) as its float form.
-        output: name of the score output, overriding the detection of ``graphinfo.find_score_output``.
+        output: name of the score output, overriding the detection of ``scores.find_score_output``.
         folding: the If nodes ``original`` had folded to their branches (``converters.branches``), put back
             on write-back.
 

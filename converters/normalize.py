@@ -34,6 +34,7 @@ from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.evaluate import evaluate
 from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, live_nodes, node_attr, node_label,
                                             sparse_to_dense)
+from onnx_admm.converters.optable import RECURRENT_CONSTANT_INPUTS
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
 
@@ -161,9 +162,6 @@ def bypass_identity_of_constants(model: onnx.ModelProto) -> bool:
     return True
 
 
-# Inputs of the recurrent ops onnx2torch's converters (converters.onnx_ops) need as constants: W, R, B (and
-# LSTM's peepholes P).
-_RECURRENT_CONSTANTS = {"LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
 
 
 def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
@@ -178,7 +176,7 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
     inputs = {i.name for i in graph.input}
     wanted = []
     for node in graph.node:
-        for index in _RECURRENT_CONSTANTS.get(node.op_type, ()):
+        for index in RECURRENT_CONSTANT_INPUTS.get(node.op_type, ()):
             name = node.input[index] if index < len(node.input) else ""
             if name and name not in constant and name in producers and _from_constants(name, producers, inputs):
                 wanted.append(name)

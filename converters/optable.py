@@ -39,6 +39,9 @@ CHANNEL_FIRST = POOLS | {
 }  # fmt: skip
 
 RECURRENT = frozenset({"GRU", "LSTM", "RNN"})
+# Inputs of the recurrent ops that onnx2torch's converters (converters.onnx_ops) need as constants: W, R, B
+# (and LSTM's peepholes P).
+RECURRENT_CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
 
 # Ops with a weight whose filters (output channels) can be counted and removed.
 LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

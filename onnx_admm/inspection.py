@@ -8,7 +8,8 @@ from typing import Any
 
 from onnx_admm.converters.dequantize import decoded_view
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import compressible_weights, find_score_output, graph_inputs
+from onnx_admm.converters.graphinfo import compressible_weights, graph_inputs
+from onnx_admm.converters.scores import find_score_output
 from onnx_admm.converters.importer import import_model, unsupported_nodes
 from onnx_admm.converters.modelio import load_model
 from onnx_admm.converters.normalize import normalize

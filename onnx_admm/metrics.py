@@ -19,6 +19,8 @@ output's kind and shape (``for_score``):
   the reference's most frequent one, the background) against the candidate's: F1 (headline),
   precision, recall and IoU, plain agreement beside them.
 
+- ``OutputFit``: a model with no score output: R^2 of each float output against the original's (the lowest).
+
 The reference is the original model, so its own metric is 1 by definition. Every metric takes
 *predictions* (``onnx_admm.train.predictions``: class ids, or booleans for probabilities), accumulates
 over batches and needs no labels. Pure numpy.
@@ -201,6 +203,67 @@ class PositiveSet(TaskMetric):
                 "iou": self._ratio(self.tp, self.tp + self.fp + self.fn),
                 "positive_fraction": self.reference_positives / self.positions,
                 "positives": "probability above 0.5" if self.binary else f"any class but the background {self.background}"}
+
+
+class OutputFit:
+    """For a model with no score output (a regressor, an embedding, a head the tool cannot read): the share
+    of the original's output variation over the samples that the candidate reproduces, R^2 = 1 - SSE / SST
+    per float output, SST about each position's mean over the samples; the headline is the lowest over the
+    outputs. The original scores 1; an output frozen at its mean scores 0 and a destroyed one below it, so the
+    gate's floor has a figure where otherwise nothing measured the model. Outputs the reference holds
+    constant over the samples (nothing to explain) and outputs whose shape changes between batches (a
+    per-position mean needs fixed positions) are left out; with none left the value is None.
+    """
+
+    name = "output R^2"
+    # SST under this share of the output's sum of squares: constant in the reference, left out.
+    CONSTANT = 1e-9
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list] = {}  # output -> [samples, sum, sum of squares, SSE] (per position)
+        self.uneven: set[str] = set()
+
+    def add(self, name: str, reference: np.ndarray, candidate: np.ndarray, batch: int | None = None) -> None:
+        """One batch of output ``name`` from both models; ``batch`` is its sample count (finds the batch axis)."""
+        if name in self.uneven:
+            return
+        reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+        if reference.ndim == 0:
+            reference, candidate = reference.reshape(1), candidate.reshape(1)
+        axis = reference.shape.index(batch) if batch is not None and batch in reference.shape else 0
+        reference, candidate = np.moveaxis(reference, axis, 0), np.moveaxis(candidate, axis, 0)
+        acc = self.sums.get(name)
+        if acc is not None and acc[1].shape != reference.shape[1:]:
+            self.uneven.add(name)
+            del self.sums[name]
+            return
+        if acc is None:
+            acc = self.sums[name] = [0, np.zeros(reference.shape[1:]), np.zeros(reference.shape[1:]), 0.0]
+        acc[0] += reference.shape[0]
+        acc[1] += reference.sum(0)
+        acc[2] += np.square(reference).sum(0)
+        acc[3] += float(np.square(candidate - reference).sum())
+
+    def per_output(self) -> dict[str, float]:
+        out = {}
+        for name, (n, total, squares, sse) in self.sums.items():
+            if n < 2:
+                continue
+            sst = float((squares - np.square(total) / n).sum())
+            if sst <= self.CONSTANT * float(squares.sum()) or sst <= 0:
+                continue
+            out[name] = 1.0 - sse / sst
+        return out
+
+    @property
+    def value(self) -> float | None:
+        fits = self.per_output()
+        return min(fits.values()) if fits else None
+
+    def summary(self) -> dict:
+        return {"metric": self.name, "value": self.value, "agreement": None, "outputs": self.per_output(),
+                "measures": "the original's output variation over the samples that the compressed model "
+                            "reproduces (no output reads as scores)"}
 
 
 def for_score(kind: str, shape: Sequence[int], blank: int | None = None) -> TaskMetric:

@@ -72,5 +72,9 @@ def describe_task(task: dict, output: str | None, score: dict | None = None) -> 
         extra.append(f"top-1 agreement {percent(task['agreement'])}{' ' + how['per'] if how.get('per') else ''}")
     elif how.get("per"):
         extra.append(how["per"])
+    if task.get("outputs"):  # no score output: each float output's fit
+        extra.append(", ".join(f"{name} {task['outputs'][name]:.4f}" for name in task["outputs"]))
     detail = f" ({'; '.join(extra)})" if extra else ""
+    if output is None:
+        return f"task metric: {task['metric']} with the original on its float outputs: {task['value']:.4f}{detail}"
     return f"task metric: {task['metric']} with the original on {output!r}{via}: {percent(task['value'])}{detail}"

@@ -52,7 +52,7 @@ class ScoreSpec:
 def class_axis(rank: int) -> int:
     """The class axis of a categorical score: the last one up to rank 3, axis 1 (channels) from rank 4.
 
-    The same rule as ``converters.graphinfo.class_axis``, restated because the engine imports no ONNX code.
+    The same rule as ``converters.scores.class_axis``, restated because the engine imports no ONNX code.
     """
     return 1 if rank >= 4 else rank - 1
 

@@ -23,13 +23,14 @@ import onnxruntime as ort
 import torch
 
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import find_score_output, graph_inputs
+from onnx_admm.converters.graphinfo import graph_inputs
+from onnx_admm.converters.scores import find_score_output
 from onnx_admm.converters.modelio import load_model, require_model_file, save_model, scratch_dir
 from onnx_admm.data import LABELS, Dataset, check_label_range, required_batch_size
 from onnx_admm.sources import PluginData, as_data
 from onnx_admm.gate import retained
 from onnx_admm.memory import INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
-from onnx_admm.metrics import TaskMetric, for_score
+from onnx_admm.metrics import OutputFit, TaskMetric, for_score
 from onnx_admm.recipe import DEFAULT_BATCH_SIZE, check_threads
 from onnx_admm.storage import count_weights, gzip_size, model_files
 from onnx_admm.train import describe_score, predictions
@@ -131,6 +132,17 @@ class ValidationReport:
         return (f"the original model predicts the same class for all {self.samples} held-out samples, so "
                 f"{self.task['metric']} says little about the compressed one; check that the data is what the "
                 "model expects (layout, scaling, channel order) or give labels")
+
+    def no_positives(self) -> str | None:
+        """A warning when the original marks no positive on the held-out samples: a positive-set metric is
+        then 1 by definition (nothing to find, nothing found) and the gate cannot tell a detector that finds
+        nothing any more."""
+        task = self.task or {}
+        if task.get("metric") != "positive-set F1" or task.get("positive_fraction") != 0:
+            return None
+        return (f"the original marks no positive on the {self.samples} held-out samples (no probability above 0.5), "
+                f"so {task['metric']} says nothing about the compressed model; give data on which the original "
+                "detects something, or labels")
 
     def unmeasured(self) -> str | None:
         """A warning when nothing measures the task: no labels, and no output the tool reads as scores. The
@@ -326,7 +338,7 @@ def validate(
         threads=threads,
         score=None if score is None else {"tensor": score.name, "feeds": score.feeds, "shape": comparison.score_shape,
                                           **describe_score(score.kind, comparison.score_shape)},
-        task=comparison.task.summary() if comparison.task is not None else None,
+        task=comparison.summary(),
     )
     logger.info("validated %s against %s on %d samples", compressed, original, samples)
     return report
@@ -407,6 +419,8 @@ class _Comparison:
         self.kind = kind
         self.blank = blank
         self.task: TaskMetric | None = None
+        # Without a score output: how well the float outputs follow the original's (the gate's figure).
+        self.fit = OutputFit() if score is None else None
         self.score_shape: list[int] | None = None
         self.max_abs = {name: 0.0 for name in names}
         self.sum_abs = {name: 0.0 for name in names}
@@ -431,6 +445,8 @@ class _Comparison:
                 self.max_abs[name] = float(np.max([self.max_abs[name], diff.max()]))
             self.sum_abs[name] += float(diff.sum())
             self.count[name] += diff.size
+            if self.fit is not None and a.dtype.kind == "f":
+                self.fit.add(name, a, b, samples)
         if self.score is None or self.score in self.skipped:
             return
         if self.score_shape is None:
@@ -454,6 +470,14 @@ class _Comparison:
 
     def agreement(self) -> float | None:
         return self.task.agreement if self.task is not None else None
+
+    def summary(self) -> dict | None:
+        """The report's ``task``: the score output's metric, else the outputs' fit (when it has a figure)."""
+        if self.task is not None:
+            return self.task.summary()
+        if self.fit is not None and self.fit.value is not None:
+            return self.fit.summary()
+        return None
 
     def accuracies(self) -> tuple[float | None, float | None]:
         if not self.labelled:

@@ -17,7 +17,8 @@ from onnx_admm.api import compress
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.converters.branches import fold_branches, weighted_ifs
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import find_score_output, graph_inputs
+from onnx_admm.converters.graphinfo import graph_inputs, if_branch
+from onnx_admm.converters.scores import find_score_output
 from onnx_admm.converters.normalize import fold_recurrent_weights
 from onnx_admm.data import from_arrays
 
@@ -87,20 +88,31 @@ def test_compress_trains_the_branch_the_data_takes(vad_model: Path, tmp_path: Pa
     feeds = vad.feeds(32, 5, 8000)
     for a, b in zip(_run(original, feeds), _run(written, feeds)):
         np.testing.assert_array_equal(a, b)
-    # The 16 kHz network's compressible weights (lifted to the top graph by the write-back) hold half zeros.
+    # The 16 kHz network's compressible weights (lifted to the top graph by the write-back) hold half zeros,
+    # among them the LSTM's W and R, which the branch computed from its constants (Slice / Concat / Unsqueeze
+    # reordering the gates): they are stored as trained in place of that computation, which leaves the branch.
     layers = {layer["name"] for layer in result.report["layers"]}
-    assert layers and all(name.startswith("If_0_then_branch__Inline_0__") for name in layers)
-    values = [numpy_helper.to_array(t) for t in written.graph.initializer if t.name in layers]
-    assert len(values) == len(layers)
-    total = sum(v.size for v in values)
-    assert sum(int(np.count_nonzero(v)) for v in values) == total // 2
+    lstm = {n.input[1]: n.input[2] for n in if_branch(original.graph.node[-1]).node if n.op_type == "LSTM"}
+    (w, r), = lstm.items()
+    assert layers - {w, r} and all(name.startswith("If_0_then_branch__Inline_0__") for name in layers - {w, r})
+    assert {w, r} <= layers
+    values = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer if t.name in layers}
+    assert len(values) == len(layers) and values[w].shape == (1, 4 * vad.HIDDEN, vad.HIDDEN)
+    total = sum(v.size for v in values.values())
+    assert sum(int(np.count_nonzero(v)) for v in values.values()) == total // 2
+    assert 0 < np.count_nonzero(values[w]) < values[w].size and 0 < np.count_nonzero(values[r]) < values[r].size
+    branch = if_branch(written.graph.node[-1])
+    produced = {out for n in branch.node for out in n.output}
+    assert not produced & {w, r} and {"Slice", "Concat"} & {n.op_type for n in if_branch(original.graph.node[-1]).node}
+    assert len(branch.node) < len(if_branch(original.graph.node[-1]).node)
+    onnx.checker.check_model(written, full_check=True)
     # It still does its task: the report's task metric, and the taken branch on fresh 16 kHz frames.
     assert result.report["metrics"]["task"]["value"] >= 0.9
-    # Validated on every held-out sample at the run's batch (the state's leading 2 is not a fixed batch), and
-    # the LSTM the branch computes from its constants is named as left alone.
+    # Validated on every held-out sample at the run's batch (the state's leading 2 is not a fixed batch); no
+    # recurrent weight is left as a constant.
     validation = result.report["validation"]
     assert validation["samples"] == 256 and validation["batch_size"] > 2
-    assert any("recurrent weight(s) the graph computes from its constants" in w for w in result.report["warnings"])
+    assert not any("recurrent weight(s) the graph computes" in w for w in result.report["warnings"])
     feeds = vad.feeds(256, 6, 16000)
     a, b = _run(original, feeds)[0], _run(written, feeds)[0]
     assert np.mean((a > 0.5) == (b > 0.5)) >= 0.9
@@ -162,7 +174,11 @@ def test_analyze_measures_the_branch_of_its_data(vad_model: Path) -> None:
 
     result = analyze(vad_model, vad.feeds(64, 1), levels=(0.5,), samples=64)
     names = [layer["name"] for layer in result["layers"]]
-    assert len(names) == 5 and all(name.startswith("If_0_then_branch__Inline_0__") for name in names)
+    # The branch's five constant weights and the LSTM's W and R it computes from two of its constants.
+    lstm = [n for n in if_branch(onnx.load(str(vad_model)).graph.node[-1]).node if n.op_type == "LSTM"][0]
+    assert sorted(names) == sorted([n for n in names if n.startswith("If_0_then_branch__Inline_0__")]
+                                   + list(lstm.input[1:3]))
+    assert len(names) == 7
 
 
 def _nested_if_model() -> onnx.ModelProto:
@@ -231,3 +247,68 @@ def test_data_the_graph_refuses_fails_before_training(vad_model: Path, tmp_path:
     with pytest.raises(UserError, match=r"onnxruntime failed to run .* the data does not fit the graph's inputs"):
         compress(vad_model, feeds, config, output=out, progress="off")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _lstm_with_reordered_gates(shared: bool = False) -> onnx.ModelProto:
+    """An LSTM whose W is computed from a constant as an exported LSTMCell's is (its four gate blocks split
+    and concatenated in ONNX's order, then unsqueezed) and whose R is an Unsqueeze of a constant; ``shared``
+    also makes one of W's gate blocks a graph output (the computation then feeds something else)."""
+    hidden, size = 4, 3
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4 * hidden, size)).astype(np.float32)
+    r = rng.normal(size=(4 * hidden, hidden)).astype(np.float32)
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("Split", ["w"], ["gi", "gf", "gg", "go"], axis=0, num_outputs=4),
+             helper.make_node("Concat", ["gi", "go", "gf", "gg"], ["w_onnx"], axis=0),
+             helper.make_node("Unsqueeze", ["w_onnx", "zero"], ["W"]),
+             helper.make_node("Unsqueeze", ["r", "zero"], ["R"]),
+             helper.make_node("Transpose", ["x"], ["steps"], perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["steps", "W", "R"], ["y"], hidden_size=hidden)]
+    outputs = [helper.make_tensor_value_info("y", f32, [5, 1, "N", hidden])]
+    if shared:
+        outputs.append(helper.make_tensor_value_info("gi", f32, [hidden, size]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, ["N", 5, size])], outputs,
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r"),
+                               numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_recurrent_weights_computed_from_constants_train_and_replace_their_computation(tmp_path: Path) -> None:
+    from onnx_admm.converters.dequantize import decode, weight_decoders
+
+    model = _lstm_with_reordered_gates()
+    onnx.checker.check_model(model, full_check=True)
+    decoders = weight_decoders(model)
+    assert sorted(decoders) == ["R", "W"] and decoders["W"].inputs == ("w", "zero")
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_array_equal(decode(model, decoders["W"])[0], np.concatenate([w[0:4], w[12:16], w[4:12]]))
+    x = np.random.default_rng(1).normal(size=(64, 5, 3)).astype(np.float32)
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 0, "retrain_epochs": 0},
+                                       "train": {"threads": 1}})
+    # Untrained, half the weights of a random LSTM gone: its outputs keep R^2 0.22 of the original's (the floor
+    # would stop it; this is about the write-back).
+    result = compress(model, {"x": x}, config, progress="off", metric_floor=0)
+    assert sorted(layer["name"] for layer in result.report["layers"]) == ["R", "W"]
+    assert result.report["params"] == {"total": 4 * 4 * 3 + 4 * 4 * 4, "nonzero": (4 * 4 * 3 + 4 * 4 * 4) // 2}
+    out = tmp_path / "lstm.onnx"
+    result.save(out)
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    # W and R are stored as trained, under their names; the split, concat and unsqueezes and the constants
+    # only they read are gone; the LSTM runs on them.
+    assert [n.op_type for n in written.graph.node] == ["Transpose", "LSTM"]
+    values = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert sorted(values) == ["R", "W"] and values["W"].shape == (1, 16, 3)
+    assert sum(np.count_nonzero(v) for v in values.values()) == (48 + 64) // 2
+    assert [(o.name, o.type) for o in written.graph.output] == [(o.name, o.type) for o in model.graph.output]
+
+
+def test_a_computation_that_feeds_something_else_stays_and_runs_as_a_constant() -> None:
+    from onnx_admm.converters.dequantize import weight_decoders
+    from onnx_admm.converters.importer import import_model
+
+    model = _lstm_with_reordered_gates(shared=True)
+    assert sorted(weight_decoders(model)) == ["R"]  # W's split also feeds a graph output
+    imported = import_model(model)
+    assert imported.computed_recurrent == ["W"]
+    assert [e.onnx_name for e in imported.compressible()] == ["R"]

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_admm.api import AccuracyGateFailed, compress
 from onnx_admm.cli import main
 from onnx_admm.data import Dataset
-from onnx_admm.metrics import PositiveSet, SequenceMatch, Top1, edit_distance, for_score
+from onnx_admm.metrics import OutputFit, PositiveSet, SequenceMatch, Top1, edit_distance, for_score
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.train import Batch, ScoreSpec, evaluate
 from onnx_admm.tables import format_table
@@ -212,3 +212,27 @@ def test_validate_command_exits_3_when_the_task_metric_is_under_the_floor(tmp_pa
     assert result.stdout.splitlines()[1].startswith("task metric: sequence match with the original on 'logp'")
     assert CliRunner().invoke(main, [*args, "--metric-floor", "0"]).exit_code == 0
     assert CliRunner().invoke(main, [*args[:2], args[1], *args[3:]]).exit_code == 0  # the original against itself
+
+
+def test_output_fit_is_r2_about_each_positions_mean_and_the_lowest_output():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 3)) + np.array([100.0, -5.0, 0.0])  # offsets: R^2 is about each position's mean
+    noisy = ref + 0.1 * rng.normal(size=ref.shape)
+    fit = OutputFit()
+    for part in (slice(0, 25), slice(25, 40)):  # two batches
+        fit.add("same", ref[part], ref[part], batch=ref[part].shape[0])
+        fit.add("mean", ref[part], np.broadcast_to(ref.mean(0), ref[part].shape), batch=ref[part].shape[0])
+        fit.add("noisy", ref[part].T, noisy[part].T, batch=ref[part].shape[0])  # samples on axis 1
+    expected = 1 - np.square(noisy - ref).sum() / np.square(ref - ref.mean(0)).sum()
+    assert fit.per_output() == pytest.approx({"same": 1.0, "mean": 0.0, "noisy": expected}, abs=1e-12)
+    assert fit.value == pytest.approx(0.0, abs=1e-12)
+    summary = fit.summary()
+    assert summary["metric"] == "output R^2" and summary["agreement"] is None
+
+
+def test_output_fit_leaves_out_constant_and_uneven_outputs():
+    fit = OutputFit()
+    fit.add("constant", np.full((8, 2), 3.0), np.zeros((8, 2)), batch=8)
+    fit.add("uneven", np.arange(8.0).reshape(8, 1), np.arange(8.0).reshape(8, 1), batch=8)
+    fit.add("uneven", np.arange(10.0).reshape(5, 2), np.arange(10.0).reshape(5, 2), batch=5)
+    assert fit.per_output() == {} and fit.value is None

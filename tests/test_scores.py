@@ -1,6 +1,6 @@
 """Score outputs other than [N, C] (issue 11): [N, T, C] and seq-first [T, N, C] sequences, integer
 argmax ids whose float scores are an inner tensor, [N, 1, H, W] Sigmoid maps, an inner tensor named by
-``[train] output``. Detection (``graphinfo.find_score_output``), the loss and per-position metric
+``[train] output``. Detection (``scores.find_score_output``), the loss and per-position metric
 (``onnx_admm.train``), ``validate``'s agreement against numpy on onnxruntime's outputs, and label-free
 compress runs of a few hundred milliseconds each.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import find_score_output
+from onnx_admm.converters.scores import find_score_output
 from onnx_admm.converters.importer import import_model
 from exporter_models import segmenter, sequence_tagger
 from onnx_admm.api import compress
@@ -183,3 +183,58 @@ def test_labels_are_refused_for_a_sequence_score_output():
     data = Dataset({"x": X_SEQ[:64]}, np.zeros(64, np.int64), {"x"})
     with pytest.raises(UserError, match=r"score output 'logits' is shaped \[1, 6, 5\].*drop 'labels'"):
         compress(sequence_tagger("NTC"), data, config)
+
+
+def _detector_graph(layout: str) -> onnx.ModelProto:
+    """A detector head as exporters leave it: ``v8`` joins decoded boxes [N, 4, A] to Sigmoid(classes)
+    [N, 3, A] in one Concat (YOLOv8); ``x`` concatenates per level (boxes, Sigmoid(objectness),
+    Sigmoid(classes)) on the channels, flattens each level and joins the levels (YOLOX), then transposes to
+    [N, A, 8]."""
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 4, 4])
+    nodes, inits = [], []
+
+    def conv(name: str, source: str, out: int, stride: int = 1) -> str:
+        w = RNG.normal(size=(out, 4, 1, 1)).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w, name + "_w"))
+        nodes.append(h.make_node("Conv", [source, name + "_w"], [name], strides=[stride, stride]))
+        return name
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(h.make_node(op, inputs, [name], **attrs))
+        return name
+
+    shape = onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat")
+    inits.append(shape)
+    if layout == "v8":
+        boxes = node("Mul", [node("Reshape", [conv("box", "x", 4), "flat"], "box_f"), "box_f"], "boxes")
+        classes = node("Reshape", [conv("cls", "x", 3), "flat"], "cls_f")
+        node("Concat", [boxes, node("Sigmoid", [classes], "probs")], "out", axis=1)
+        out_shape = ["N", 7, 16]
+    else:
+        levels = []
+        for level, stride in enumerate((1, 2)):
+            parts = [conv(f"box{level}", "x", 4, stride),
+                     node("Sigmoid", [conv(f"obj{level}", "x", 1, stride)], f"obj_p{level}"),
+                     node("Sigmoid", [conv(f"cls{level}", "x", 3, stride)], f"cls_p{level}")]
+            levels.append(node("Reshape", [node("Concat", parts, f"cat{level}", axis=1), "flat"], f"flat{level}"))
+        node("Transpose", [node("Concat", levels, "levels", axis=2)], "out", perm=[0, 2, 1])
+        out_shape = ["N", 20, 8]
+    y = h.make_tensor_value_info("out", onnx.TensorProto.FLOAT, out_shape)
+    return h.make_model(h.make_graph(nodes, "det", [x], [y], inits), opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("layout, name", [("v8", "probs"), ("x", "cls_p0")])
+def test_a_detectors_probabilities_beside_its_boxes_are_its_score(layout, name):
+    # No output is a score itself (boxes and probabilities in one tensor): the widest Sigmoid the output's
+    # Concats join is, read from the model as an extra output; YOLOX's classes (3 channels) over objectness (1),
+    # the first level (4x4) over the second (2x2).
+    model = _detector_graph(layout)
+    onnx.checker.check_model(model, full_check=True)
+    score = find_score_output(model)
+    assert (score.name, score.kind, score.feeds, score.internal) == (name, "binary_probabilities", "out", True)
+    imported = import_model(model)
+    x = RNG.normal(size=(2, 4, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        got = imported.module(torch.from_numpy(x))
+    np.testing.assert_allclose(got[imported.score.index].numpy(), _ort(model, x, name)[name], rtol=0, atol=1e-5)

@@ -101,7 +101,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)
-    for note in (validation.constant_reference(), validation.unmeasured()):
+    for note in (validation.constant_reference(), validation.no_positives(), validation.unmeasured()):
         if note:
             warnings.append(note)
             logger.warning("%s", note)

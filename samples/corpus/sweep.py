@@ -74,6 +74,7 @@ from speed import train_and_infer_ms  # noqa: E402
 from synthetic import captcha_ctc, detector_1d  # noqa: E402
 from vit import digits_vit  # noqa: E402
 import vad  # noqa: E402
+import yolo  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 
@@ -417,6 +418,12 @@ def _vad(work: Path) -> tuple[Path, Feeds]:
     return vad.build(work / "vad_if.onnx"), vad.feeds(256, 3)
 
 
+def _yolo(work: Path) -> tuple[Path, Feeds]:
+    """A two-level detector in YOLOv8's export layout, boxes and Sigmoid class probabilities in one output
+    (samples/corpus/yolo.py); generated images."""
+    return yolo.build(work / "yolo_like.onnx"), yolo.feeds(256, 1)
+
+
 CORPUS = [
     Entry("digits_cnn", "samples/digits (trained)", "torch TorchScript", _digits),
     Entry("digits_dynamic_int8", "onnxruntime quantize_dynamic", "ort quantizer (ConvInteger/MatMulInteger)",
@@ -452,6 +459,8 @@ CORPUS = [
           detector_1d()),
     Entry("vad_if", "synthetic audio (trained; silero-VAD layout)",
           "torch TorchScript (scripted If on sr), state [2, N, 64]", _vad),
+    Entry("yolo_like", "synthetic shapes (trained; YOLOv8 layout)",
+          "torch TorchScript, [N, 4 + 2, A] boxes + Sigmoid classes", _yolo),
 ]
 
 
