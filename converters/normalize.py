@@ -404,6 +404,17 @@ def expand_resize_axes(model: onnx.ModelProto) -> bool:
     return changed
 
 
+def drop_trailing_empty_inputs(model: onnx.ModelProto) -> bool:
+    """``Clip(x, min, '')`` -> ``Clip(x, min)``: an omitted optional input may be left off the end, and
+    onnx2torch's converters look an empty name up (Clip: "Dynamic value of min/max", F.normalize's export)."""
+    changed = False
+    for node in model.graph.node:
+        while node.input and not node.input[-1]:
+            del node.input[-1]
+            changed = True
+    return changed
+
+
 def drop_noop_with_empty_axes(model: onnx.ModelProto) -> bool:
     """The down-converter leaves ``noop_with_empty_axes`` on Reduce* nodes where opset 17 rejects it."""
     changed = False
@@ -453,6 +464,7 @@ def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
 PASSES: list[Pass] = [
     name_nodes,
     clear_negative_dims,
+    drop_trailing_empty_inputs,
     dropout_to_identity,
     # A compressed model's DequantizeLinear / Cast+Gather weights become float initializers again, so it
     # can be compressed further (int4/int2 do not exist at the opset we convert down to).

@@ -147,7 +147,8 @@ def _argmax_source(name: str, producers: dict[str, onnx.NodeProto], types: dict)
 def find_score_output(model: onnx.ModelProto, override: str | None = None) -> ScoreOutput | None:
     """The tensor the loss and the agreement metric use, or None (the loss is then MSE on every float output).
 
-    In order: the first float output shaped [N, C >= 2]; else the first made by a Softmax/LogSoftmax
+    In order (an L2-normalized output, an embedding, is none of them): the first float output shaped
+    [N, C >= 2]; else the first made by a Softmax/LogSoftmax
     over its class axis (sequences, maps) or a Sigmoid (per-element probabilities); else the first
     [N, T, C] / [T, N, C] float output a MatMul/Gemm head computes (per-position logits); else, when the outputs are integer ids,
     the float tensor their ArgMax reads; else the largest Sigmoid output an output's Concat joins (a detector's
@@ -195,6 +196,8 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
         if dims is None:
             dims = types().get(value.name, (elem, None))[1]
         kind = _score_kind(value.name, producers, len(dims) if dims is not None else None)
+        if kind == "logits" and _l2_normalized(value.name, producers):
+            continue  # an embedding: compared by its values (the outputs' R^2), not read as class scores
         tier = _qualifies(dims, kind, _made_by_a_linear_head(value.name, producers))
         if tier is not None and (best is None or tier < best[0]):
             best = (tier, index, kind)
@@ -211,6 +214,36 @@ def find_score_output(model: onnx.ModelProto, override: str | None = None) -> Sc
         if source is not None:
             return ScoreOutput(source, None, "binary_probabilities", feeds=value.name)
     return None
+
+
+# Ops between a vector's norm and the Div by it: the clamp against 0 (Clip, Max, Add of an eps), the
+# broadcast back (Expand, Unsqueeze, Reshape) and casts.
+_NORM_PASSTHROUGH = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Identity", "Cast")
+
+
+def _l2_normalized(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether ``name`` is divided by its own L2 norm (``F.normalize``'s ReduceL2 / Clip / Expand / Div, a
+    LpNormalization, a Sqrt of a sum of squares): an embedding, whose largest entry says nothing of a class."""
+    node = _producer(name, producers)
+    if node is None or node.op_type not in ("Div", "LpNormalization"):
+        return False
+    if node.op_type == "LpNormalization":
+        return int(node_attr(node, "p", 2)) == 2
+    stack, seen = [node.input[1]], set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen or tensor not in producers:
+            continue
+        seen.add(tensor)
+        step = producers[tensor]
+        if step.op_type in ("ReduceL2", "ReduceSumSquare"):
+            return True
+        if step.op_type == "Sqrt":
+            inner = producers.get(step.input[0])
+            return inner is not None and inner.op_type in ("ReduceSum", "ReduceSumSquare")
+        if step.op_type in _NORM_PASSTHROUGH:
+            stack.extend(t for t in (step.input if step.op_type in ("Max", "Add") else step.input[:1]) if t)
+    return False
 
 
 def _producer(name: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:

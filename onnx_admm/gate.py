@@ -49,7 +49,7 @@ class Gate:
         reasons = []
         if self.max_accuracy_drop is not None and drop is not None and drop > self.max_accuracy_drop:
             reasons.append(f"accuracy gate failed: drop {drop:.4f} > max accuracy drop {self.max_accuracy_drop}")
-        if retained is not None and retained[1] < self.floor:
+        if retained is not None and not retained[1] >= self.floor:  # NaN fails too
             metric, share = retained
             reasons.append(f"task metric under the floor: {metric} is {100 * share:.2f}% of the original's, under "
                            f"the floor of {100 * self.floor:g}% (the compressed model no longer does the original's "

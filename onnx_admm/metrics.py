@@ -250,9 +250,10 @@ class OutputFit:
             if n < 2:
                 continue
             sst = float((squares - np.square(total) / n).sum())
-            if sst <= self.CONSTANT * float(squares.sum()) or sst <= 0:
-                continue
-            out[name] = 1.0 - sse / sst
+            if not math.isfinite(sst) or sst <= self.CONSTANT * float(squares.sum()) or sst <= 0:
+                continue  # constant in the reference (or not finite there: nothing to measure against)
+            # A non-finite candidate output explains nothing: -inf, which any floor fails.
+            out[name] = 1.0 - sse / sst if math.isfinite(sse) else -math.inf
         return out
 
     @property

@@ -236,3 +236,16 @@ def test_output_fit_leaves_out_constant_and_uneven_outputs():
     fit.add("uneven", np.arange(8.0).reshape(8, 1), np.arange(8.0).reshape(8, 1), batch=8)
     fit.add("uneven", np.arange(10.0).reshape(5, 2), np.arange(10.0).reshape(5, 2), batch=5)
     assert fit.per_output() == {} and fit.value is None
+
+
+def test_output_fit_of_a_non_finite_candidate_fails_any_floor():
+    from onnx_admm.gate import Gate
+
+    fit = OutputFit()
+    ref = np.arange(12.0).reshape(6, 2)
+    fit.add("y", ref, np.where(ref > 4, np.nan, ref), batch=6)
+    assert fit.value == -np.inf
+    entry, reason = Gate(floor=0.5).judge(None, (fit.name, fit.value))
+    assert entry["passed"] is False and reason.startswith("task metric under the floor: output R^2 is -inf%")
+    _, reason = Gate(floor=0.5).judge(None, ("output R^2", float("nan")))
+    assert reason is not None

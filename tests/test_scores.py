@@ -238,3 +238,35 @@ def test_a_detectors_probabilities_beside_its_boxes_are_its_score(layout, name):
     with torch.no_grad():
         got = imported.module(torch.from_numpy(x))
     np.testing.assert_allclose(got[imported.score.index].numpy(), _ort(model, x, name)[name], rtol=0, atol=1e-5)
+
+
+class _Embedder(torch.nn.Module):
+    """Two linear layers and an L2 normalization: a face or sentence embedding's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.net(x), dim=1)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_l2_normalized_output_is_an_embedding_not_class_scores(tmp_path, exporter):
+    # Its largest entry names no class: top-1 agreement would measure noise. It has no score, so the loss
+    # is the outputs' MSE and the task metric their R^2.
+    from exporter_models import export_torch
+
+    torch.manual_seed(0)
+    path = export_torch(_Embedder().eval(), torch.randn(2, 12), tmp_path / "e.onnx", exporter)
+    model = onnx.load(str(path), load_external_data=True) if exporter == "dynamo" else onnx.load(str(path))
+    assert find_score_output(model) is None
+    # The same head without the normalization is read as class scores.
+    plain = export_torch(_Embedder().net.eval(), torch.randn(2, 12), tmp_path / "p.onnx", exporter)
+    assert find_score_output(onnx.load(str(plain))).name == "logits"
+    x = RNG.normal(size=(256, 12)).astype(np.float32)
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "train": {"threads": 1}})
+    report = compress(path, Dataset({"input": x}, None, {"input"}), config, progress="off").report
+    task = report["metrics"]["task"]
+    assert task["metric"] == "output R^2" and task["value"] > 0.5 and report["score"] is None
