@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 
+from onnx_admm.converters.channel_blocks import joined_blocks, joined_range, split_blocks
 from onnx_admm.converters.channels import ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice
 from onnx_admm.converters.graphinfo import fresh_name, node_attr
 from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
@@ -54,6 +55,9 @@ class ChannelWalk:
         queue = list(starts)
         done: set[int] = set()
         waiting: dict[int, str] = {}  # node index -> the operand not (yet) known to carry the channels
+        # Concats step once everything else has: every input that carries the channels is known by then (a
+        # C2f block's Concat of both Split pieces and the bottleneck's sum; an SPPF's of x and its pools).
+        joins: set[int] = set()
         while True:
             while queue:
                 name, layout = queue.pop(0)
@@ -73,6 +77,9 @@ class ChannelWalk:
                             raise NotPrunable(f"the channels reach {self.a.nodes[i].op_type} {self.a.labels[i]} "
                                               "through several inputs")
                         continue
+                    if self.a.nodes[i].op_type == "Concat":
+                        joins.add(i)
+                        continue
                     other = self._blocking_operand(i)
                     if other is not None:
                         waiting[i] = other
@@ -81,12 +88,20 @@ class ChannelWalk:
                     done.add(i)
                     queue.extend(self._step(i))
             ready = [i for i in waiting if self._blocking_operand(i) is None]
-            if not ready:
-                break
-            for i in ready:
-                del waiting[i]
+            if ready:
+                for i in ready:
+                    del waiting[i]
+                    done.add(i)
+                    queue.extend(self._step(i))
+            elif joins and not waiting:
+                # The first in graph order (a later Concat may read what it joins, not the reverse), once no sum
+                # waits for a branch: coupling it may bring the Concat another of its inputs.
+                i = min(joins)
+                joins.discard(i)
                 done.add(i)
                 queue.extend(self._step(i))
+            else:
+                break
         self.blocked = waiting
 
     def _blocking_operand(self, i: int) -> str | None:
@@ -339,11 +354,15 @@ class ChannelWalk:
                 raise NotPrunable(f"Pad {label} pads the channel axis")
             return [(node.output[0], layout)]
         if op == "Concat":
-            return [(node.output[0], self._concat(i, carried, layout, rank))]
+            if len(carried) > 1:  # the group's channels joined to themselves: blocks of the same units
+                return [(node.output[0], joined_blocks(self, i, carried, layout, rank))]
+            return [(node.output[0], joined_range(self, i, carried, layout, rank))]
         if op == "Shape":  # reads the dims alone: allowed where they only feed shapes frozen to constants
             self.shape_reads.append(i)
             return []
-        if op in ("Split", "Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization"):
+        if op == "Split":
+            return split_blocks(self, i, layout, rank)
+        if op in ("Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization"):
             raise NotPrunable(f"the channels reach {op} {label}, which is not handled")
         raise NotPrunable(f"the channels reach {op} {label}, an op this analysis does not know")
 
@@ -369,7 +388,9 @@ class ChannelWalk:
         return [(node.output[0], layout)]
 
     def _need_nchw(self, layout: ChannelLayout, op: str, label: str) -> None:
-        if layout.axis != 1 or layout.outer != 1:
+        # Outer blocks on axis 1 (a C2f's Concat of its pieces) are channel positions like any other: the
+        # slices cut a Conv's input axis, a norm's parameters at the same positions.
+        if layout.axis != 1:
             raise NotPrunable(f"{op} {label} expects the channels on axis 1")
 
     def _conv(self, i: int, layout: ChannelLayout) -> list[tuple[str, ChannelLayout]]:
@@ -385,7 +406,7 @@ class ChannelWalk:
         if groups == 1:
             self.slice(weight, 1, "consumer", layout, (label, 1))
             return []
-        if groups == full and shape[1] == 1:
+        if groups == full and shape[1] == 1 and layout.outer == 1:
             multiplier = shape[0] // groups
             follows = dataclasses.replace(layout, inner=layout.inner * multiplier)
             self.slice(weight, 0, "depthwise", follows.along(0), (label, 1))
@@ -394,28 +415,6 @@ class ChannelWalk:
             self.depthwise_nodes.append(label)
             return [(node.output[0], follows)]
         raise NotPrunable(f"the channels reach grouped Conv {label} (group={groups}), which is not handled")
-
-    def _concat(self, i: int, carried: list[tuple[int, str]], layout: ChannelLayout, rank: int) -> ChannelLayout:
-        """Concat on the channel axis: the group's channels become one range of the joined channels (the
-        other inputs' channels, another group's or none, keep theirs)."""
-        a = self.a
-        node, label = a.nodes[i], a.labels[i]
-        axis = node_attr(node, "axis")
-        axis = axis + rank if axis < 0 else axis
-        if axis != layout.axis:
-            # Joined along another axis, both inputs hold the same channels: a coupling Concat does not make.
-            raise NotPrunable(f"Concat {label} joins along axis {axis}, not the channel axis {layout.axis}")
-        if len(carried) > 1:
-            raise NotPrunable(f"the channels reach Concat {label} through several inputs")
-        if layout.outer != 1:
-            raise NotPrunable(f"Concat {label} joins channels laid out in outer blocks (after a channels-last flatten)")
-        sizes = [(a.shape(name) or [None] * rank)[axis] if name else 0 for name in node.input]
-        if any(not isinstance(size, int) for size in sizes):
-            raise NotPrunable(f"the inputs of Concat {label} have unknown sizes on the channel axis")
-        before, total = sum(sizes[: carried[0][0]]), sum(sizes)
-        if before % layout.inner or total % layout.inner:
-            raise NotPrunable(f"Concat {label} joins blocks that do not line up with the channels' blocks")
-        return dataclasses.replace(layout, offset=layout.offset + before // layout.inner, total=total // layout.inner)
 
     def _flatten(self, dims: list | None, layout: ChannelLayout, start: int, label: str) -> ChannelLayout:
         """Flatten(axis=start): dims ``start..`` become output axis 1."""

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, RECURRENT_CONSTANT_INPUTS
-from onnx_admm.converters.graphinfo import (TensorSource, constant_sources, node_attr, subgraph_reads, subgraphs,
+from onnx_admm.converters.graphinfo import (TensorSource, constant_sources, node_attr, subgraph_reads,
                                             tensor_value)
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource]
     constant folding, often inside an If branch: Unsqueeze(Concat(Slice(W_ih, ...), ...)) reordering its gates).
 
     Such a weight imports as the constant it computes and trains; write-back stores the trained tensor under
-    its name in place of the nodes, as for the other decoders. Every node of the computation must feed
-    only the computation (a node whose output something else reads too would be left without its
-    producer), be of the default domain and hold no subgraph.
+    its name in place of the nodes, as for the other decoders. Every node of the computation must only move
+    entries (``_MOVES``) and feed only the computation (a node whose output something else reads too would be
+    left without its producer).
     """
     graph = model.graph
     readers: dict[str, set[int]] = {}
@@ -136,10 +136,16 @@ def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource]
     return found
 
 
+# Ops that only move or pick entries: a weight they compute has no more entries than its constants, so storing
+# it as trained in their place never grows the file (a product of two factors would).
+_MOVES = frozenset({"Slice", "Split", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity",
+                    "Gather", "Cast"})
+
+
 def _computation(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
                  producers: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     """The nodes (positions, in graph order) that compute ``name`` from constants and the constants they read,
-    or None when something else feeds them (a graph input, a node of another domain, a subgraph)."""
+    or None when something else feeds them (a graph input) or a node does more than move entries (``_MOVES``)."""
     nodes: set[int] = set()
     constants: set[str] = set()
     stack = [name]
@@ -154,8 +160,7 @@ def _computation(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSou
         if index in nodes:
             continue
         node = graph.node[index]
-        if node.domain not in DEFAULT_DOMAINS or subgraphs(node) or node.op_type in ("Constant", "RandomNormal",
-                                                                                     "RandomUniform", "Multinomial"):
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in _MOVES:
             return None
         nodes.add(index)
         stack.extend(n for n in node.input if n)

@@ -23,6 +23,9 @@ that keep channels apart:
 
 - Concat on the channel axis: the group's channels become one range of the joined channels
   (``ChannelLayout.offset``/``total``); each input's group cuts its own range of the consumers' input axis.
+- Split of the channel axis into equal pieces (YOLOv8's C2f): the units become one filter of each piece, and
+  a Concat that joins only copies of the units (the C2f's pieces and bottleneck sums, an SPPF's pools) holds
+  them in blocks (``converters.channel_blocks``).
 
 Channels that meet another branch in an elementwise sum or product (a residual Add/Sum, a
 squeeze-excitation Mul) are *coupled*: the layers that produce the other branch (found by walking its
@@ -33,7 +36,8 @@ group.
 
 Anything else stops the walk and marks the group not prunable, with the reason: a graph output, a
 branch that comes from a graph input or whose channels are not the same layers' in the same layout,
-Split, Slice, Gather, Softmax, LayerNormalization, a Concat on another axis, a Reshape that splits or
+unequal Split pieces, Slice, Gather, Softmax, LayerNormalization, a Concat on another axis or of copies of
+the units beside other channels (YOLOv8's neck C2f), a Reshape that splits or
 reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a node outside the group
 (exporters merge equal initializers), or an op this module does not know.
 
@@ -56,6 +60,7 @@ import logging
 import numpy as np
 import onnx
 
+from onnx_admm.converters.channel_blocks import Regroup
 from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
 from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_names, tensor_value
@@ -247,9 +252,17 @@ class _Analysis:
         its channels are summed with, until no sum waits for a branch."""
         n_channels = _out_channels(self.nodes[index], self.value(weight).shape)
         members = [index]
+        blocks: dict[int, int] = {}  # member -> outer blocks of its filters, once a Split regrouped them
         while True:
             walk = ChannelWalk(self, weight, n_channels, names=self.names)
-            walk.run([self._start(walk, i) for i in members])
+            try:
+                walk.run([self._start(walk, i, blocks.get(i, 1)) for i in members])
+            except Regroup as exc:
+                if blocks:  # pieces of pieces
+                    raise NotPrunable(f"{exc} after another Split regrouped them") from None
+                n_channels //= exc.pieces
+                blocks = {i: exc.pieces for i in members}
+                continue
             if not walk.blocked:
                 break
             found = []
@@ -324,24 +337,32 @@ class _Analysis:
             stack.extend(x for x in inputs if x and self.constant(x) is None)
         return found
 
-    def _start(self, walk: ChannelWalk, index: int) -> tuple[str, ChannelLayout]:
-        """Record node ``index``'s weight (and bias) as cut along its output channels; returns where its
-        output holds them."""
+    def known(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is a constant, else None (``heads_split``'s rules read sizes so)."""
+        src = self.constant(name)
+        return self.value(src) if src is not None else None
+
+    def _start(self, walk: ChannelWalk, index: int, blocks: int = 1) -> tuple[str, ChannelLayout]:
+        """Record node ``index``'s weight (and bias) as cut along its output channels (in ``blocks`` outer
+        blocks of the units, after a Split regrouped them: ``channel_blocks``); returns where its output
+        holds them."""
         node, label = self.nodes[index], self.labels[index]
         weight = self.constant(node.input[self._weight_input(index)])
         if weight in self.constant_inputs:
             raise NotPrunable(f"weight {weight!r} is also a graph input (it can be fed at run time)")
         shape = self.value(weight).shape
+        if blocks != 1 and node.op_type != "Conv":
+            raise NotPrunable(f"the filters of {node.op_type} {label} are split into pieces, which only a Conv's are")
         if node.op_type == "Conv":
             groups = node_attr(node, "group", 1)
             if groups != 1:
                 if shape[1] == 1:  # weight [C*m, C_in/group, ...] with C_in/group == 1
                     raise _Depthwise
                 raise NotPrunable(f"grouped Conv (group={groups}) is not handled")
-            walk.slice(weight, 0, "weight", ChannelLayout(0), (label, 1))
+            walk.slice(weight, 0, "weight", ChannelLayout(0, outer=blocks), (label, 1))
             if len(node.input) > 2 and node.input[2]:
-                walk.slice_input(node.input[2], 0, "bias", ChannelLayout(0), (label, 2))
-            return node.output[0], ChannelLayout(1)
+                walk.slice_input(node.input[2], 0, "bias", ChannelLayout(0, outer=blocks), (label, 2))
+            return node.output[0], ChannelLayout(1, outer=blocks)
         if node.op_type == "ConvTranspose":  # weight [C_in, C_out, k...]: the filters are along axis 1
             if node_attr(node, "group", 1) != 1:
                 raise NotPrunable(f"grouped ConvTranspose (group={node_attr(node, 'group', 1)}) is not handled")

@@ -52,6 +52,8 @@ def format_table(report: ValidationReport) -> str:
             detail = "not a tensor, not compared"
         else:
             detail = f"max {diff.max_abs:.3g}  mean {diff.mean_abs:.3g}"
+            if diff.r2 is not None:
+                detail += f"  R^2 {diff.r2:.4f}"
         lines.append(f"  {diff.name.ljust(name_width)}  {detail}")
     return "\n".join(lines)
 

@@ -51,11 +51,14 @@ _TIMING_FEEDS = 2
 
 @dataclass(frozen=True)
 class OutputDiff:
-    """Absolute difference between the two models on one output (None when it is not a tensor)."""
+    """Absolute difference between the two models on one output (None when it is not a tensor), and the
+    share of the original's variation over the samples the compressed one reproduces (``metrics.OutputFit``;
+    None for an integer output, one the original holds constant, or one whose shape changes)."""
 
     name: str
     max_abs: float | None
     mean_abs: float | None
+    r2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -419,8 +422,8 @@ class _Comparison:
         self.kind = kind
         self.blank = blank
         self.task: TaskMetric | None = None
-        # Without a score output: how well the float outputs follow the original's (the gate's figure).
-        self.fit = OutputFit() if score is None else None
+        # How well each float output follows the original's (outputs[].r2; the gate's figure without a score).
+        self.fit = OutputFit()
         self.score_shape: list[int] | None = None
         self.max_abs = {name: 0.0 for name in names}
         self.sum_abs = {name: 0.0 for name in names}
@@ -445,7 +448,7 @@ class _Comparison:
                 self.max_abs[name] = float(np.max([self.max_abs[name], diff.max()]))
             self.sum_abs[name] += float(diff.sum())
             self.count[name] += diff.size
-            if self.fit is not None and a.dtype.kind == "f":
+            if a.dtype.kind == "f":
                 self.fit.add(name, a, b, samples)
         if self.score is None or self.score in self.skipped:
             return
@@ -461,10 +464,11 @@ class _Comparison:
             self.labelled += len(labels)
 
     def diffs(self) -> tuple[OutputDiff, ...]:
+        fits = self.fit.per_output()
         return tuple(
             OutputDiff(name, None, None)
             if name in self.skipped or not self.count[name]
-            else OutputDiff(name, self.max_abs[name], self.sum_abs[name] / self.count[name])
+            else OutputDiff(name, self.max_abs[name], self.sum_abs[name] / self.count[name], fits.get(name))
             for name in self.names
         )
 
@@ -475,7 +479,7 @@ class _Comparison:
         """The report's ``task``: the score output's metric, else the outputs' fit (when it has a figure)."""
         if self.task is not None:
             return self.task.summary()
-        if self.fit is not None and self.fit.value is not None:
+        if self.score is None and self.fit.value is not None:
             return self.fit.summary()
         return None
 

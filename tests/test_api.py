@@ -311,7 +311,7 @@ def test_no_score_output_trains_on_mse_to_the_original(with_labels):
     # magnitude-pruned (LAMP).
     assert trained["metrics"]["max_abs_diff"] < 0.9 * untrained["metrics"]["max_abs_diff"]
     # No score (labels of an [N, 1] regression output are not class ids): the output's R^2 against the
-    # original on the held-out split is the task metric the gate reads. Measured: 0.951 trained, 0.839 not.
+    # original on the held-out split is the task metric the gate reads. Measured: 0.933 trained, 0.839 not.
     for report in (trained, untrained):
         task = report["metrics"]["task"]
         assert task["metric"] == "output R^2" and task["outputs"] == {"value": task["value"]}

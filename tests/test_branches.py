@@ -312,3 +312,21 @@ def test_a_computation_that_feeds_something_else_stays_and_runs_as_a_constant() 
     imported = import_model(model)
     assert imported.computed_recurrent == ["W"]
     assert [e.onnx_name for e in imported.compressible()] == ["R"]
+
+
+def test_a_recurrent_weight_computed_by_more_than_moving_entries_stays_a_constant() -> None:
+    # W = A @ B (two factors): stored as trained it would take more bytes than its factors, so it runs as a
+    # constant; R, an Unsqueeze of a constant, trains.
+    from onnx_admm.converters.dequantize import weight_decoders
+
+    model = _lstm_with_reordered_gates()
+    graph = model.graph
+    rng = np.random.default_rng(2)
+    graph.initializer.extend([numpy_helper.from_array(rng.normal(size=(16, 2)).astype(np.float32), "fa"),
+                              numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), "fb")])
+    split = next(n for n in graph.node if n.op_type == "Split")
+    factor = helper.make_node("MatMul", ["fa", "fb"], ["w_product"])
+    split.input[0] = "w_product"
+    graph.node.insert(0, factor)
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(weight_decoders(model)) == ["R"]

@@ -48,6 +48,9 @@ def test_a_label_free_run_keeps_the_detections_and_reports_their_f1(detector, tm
     assert task["metric"] == "positive-set F1" and task["value"] >= 0.9, task
     assert 0.01 < task["positive_fraction"] < 0.1  # the minority the metric is about
     assert report["validation"]["score"]["feeds"] == "output0"
+    # The boxes beside the probabilities: the whole output's R^2 against the original's (reported, not gated).
+    (output,) = report["validation"]["outputs"]
+    assert output["name"] == "output0" and output["r2"] >= 0.95, output
     original = onnx.load(str(detector[0]))
     written = onnx.load(str(out))
     assert [o.SerializeToString() for o in written.graph.output] == [o.SerializeToString() for o in original.graph.output]

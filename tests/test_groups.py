@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import onnx
 import onnx.parser
+import torch
+import torch.nn.functional as F
 import pytest
 
 from onnx_admm.converters.groups import ChannelGroup, TensorSlice, channel_groups, channel_groups_summary
@@ -102,11 +104,13 @@ _GAP_HEAD = """
 @pytest.mark.parametrize(
     "body, inits, reason",
     [
-        (  # Concat of the channels with something else
-            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r0 = Relu (c)\n r = Concat <axis = 1> (r0, r0)"
-            + _GAP_HEAD.replace("fc, fb", "fc8, fb"),
-            _CONV + ", float[3, 8] fc8 = " + _floats((3, 8), 5) + ", float[3] fb = " + _floats((3,), 4),
-            "Concat",
+        (  # Concat of two copies of the channels with another layer's channels
+            "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r0 = Relu (c)\n"
+            " d = Conv <kernel_shape = [3, 3]> (input, w3, b)\n r = Concat <axis = 1> (r0, d, r0)"
+            + _GAP_HEAD.replace("fc, fb", "fc12, fb"),
+            _CONV + ", float[4, 2, 3, 3] w3 = " + _floats((4, 2, 3, 3), 9) + ", float[3, 12] fc12 = "
+            + _floats((3, 12), 5) + ", float[3] fb = " + _floats((3,), 4),
+            "joins copies of the channels with other channels",
         ),
         (  # Softmax over the channel axis mixes them
             "c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r = Softmax <axis = 1> (c)" + _GAP_HEAD,
@@ -237,3 +241,68 @@ def test_graph_view_indexes_producers_readers_and_subgraph_reads():
     assert view.readers["a"] == [(2, -1)]  # read inside the If's branches: the If node, input -1
     assert view.readers["x"] == [(0, 0), (2, -1)] and view.readers["c"] == [(2, 0)]
     assert view.aliases == {"i": "k"} and view.by_label[view.labels[2]].op_type == "If"
+
+
+class _C2fSppf(torch.nn.Module):
+    """YOLOv8's C2f block (cv1 split in two halves, a bottleneck on the second, all joined before cv2; with
+    ``shortcut`` the bottleneck adds its input back) and an SPPF-style Concat of a tensor and its pools."""
+
+    def __init__(self, shortcut: bool, c: int = 4) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+        self.cv1 = torch.nn.Conv2d(3, 2 * c, 1)
+        self.m1 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.m2 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.cv2 = torch.nn.Conv2d(3 * c, 8, 1)
+        self.fc = torch.nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = F.silu(self.cv1(x)).split([self.m1.in_channels] * 2, 1)  # a Split with constant sizes
+        m = self.m2(F.silu(self.m1(b)))
+        z = F.silu(self.cv2(torch.cat([a, b, b + m if self.shortcut else m], 1)))
+        p1 = F.max_pool2d(z, 3, 1, 1)
+        p2 = F.max_pool2d(p1, 3, 1, 1)
+        return self.fc(F.adaptive_avg_pool2d(torch.cat([z, p1, p2], 1), 1).flatten(1))
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_a_c2f_split_and_an_sppf_concat_keep_their_channels_in_blocks(tmp_path, shortcut):
+    # cv1's units are pairs of filters (one per half of its Split); with the shortcut the bottleneck's last
+    # conv joins its group (its sum with the second half) and the Concat holds the units in 3 blocks; without
+    # it the Concat mixes the units with the bottleneck's channels and cv1 stops there. The SPPF's Concat of z
+    # and its two pools holds cv2's units in 3 blocks up to the Linear head. Removing units computes the
+    # original with those filters zeroed, in onnxruntime.
+    import numpy as np
+    import onnxruntime as ort
+
+    from exporter_models import export_torch
+    from onnx_admm.converters.cut import zeroed
+    from onnx_admm.converters.shrink import shrink
+
+    torch.manual_seed(0)
+    path = export_torch(_C2fSppf(shortcut).eval(), torch.randn(2, 3, 8, 8), tmp_path / "c2f.onnx", "torchscript")
+    model = onnx.load(str(path))
+    assert "Split" in [n.op_type for n in model.graph.node]
+    groups = {g.name: g for g in channel_groups(model)}
+    cv1, cv2 = groups["cv1.weight"], groups["cv2.weight"]
+    assert cv2.prunable and cv2.n_channels == 8 and {(s.tensor, s.outer) for s in cv2.consumers} == {("fc.weight", 3)}
+    if shortcut:
+        assert cv1.prunable and cv1.n_channels == 4 and cv1.members == ("cv1.weight", "m2.weight")
+        assert ("cv1.weight", 2) in {(s.tensor, s.outer) for s in cv1.outputs}
+        assert ("cv2.weight", 3) in {(s.tensor, s.outer) for s in cv1.consumers}
+    else:
+        assert not cv1.prunable and "joins copies of the channels with other channels" in cv1.reason
+        assert groups["m2.weight"].prunable  # the bottleneck's own channels: one range of that Concat
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    for group in [g for g in groups.values() if g.prunable]:
+        removed = np.array([0, group.n_channels - 1])
+        keep = np.ones(group.n_channels, dtype=bool)
+        keep[removed] = False
+        shrunk = shrink(model, {group.name: keep}).model
+        onnx.checker.check_model(shrunk, full_check=True)
+        np.testing.assert_allclose(run(shrunk), run(zeroed(model, group, removed)), rtol=0, atol=1e-5,
+                                   err_msg=group.name)

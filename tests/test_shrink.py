@@ -676,10 +676,11 @@ def test_an_upsampling_of_the_channel_axis_or_to_given_sizes_stops_the_group():
     assert not group.prunable and "sizes" in group.reason
 
 
-def test_channels_that_reach_a_concat_twice_stop_the_group():
+def test_channels_that_reach_a_concat_three_times_are_cut_in_each_copy():
     # YOLOv8's SPPF: cv1 -> x, MaxPool(x), MaxPool(MaxPool(x)) -> Concat -> cv2. The Concat holds cv1's
-    # channels three times; cutting one copy left cv2 reading 3C - 2k channels against a weight cut for
-    # 3C - k (the shrunk file failed in onnxruntime). The group is left alone, with the reason.
+    # channels three times, one block each; cutting one copy alone once left cv2 reading 3C - 2k channels
+    # against a weight cut for 3C - k (the group used to be left alone). Each removed channel now leaves every
+    # block of cv2's input axis, and the shrunk graph computes the original with those filters zeroed.
     model = _text_model(
         """
         x = Conv <kernel_shape = [1, 1]> (input, w1)
@@ -693,5 +694,10 @@ def test_channels_that_reach_a_concat_twice_stop_the_group():
         "float[N, 3, 5, 5] out",
     )
     group = next(g for g in channel_groups(model) if g.name == "w1")
-    assert not group.prunable
-    assert group.reason == "the channels reach Concat Concat_3_unnamed through several inputs"
+    assert group.prunable and [(s.tensor, s.axis, s.outer) for s in group.consumers] == [("w2", 1, 3)]
+    shrunk = shrink(model, {"w1": _mask(4, [1, 2])}).model
+    assert _value(shrunk, "w2").shape == (3, 6, 1, 1)
+    w1 = _value(model, "w1").copy()
+    w1[[1, 2]] = 0
+    x = np.random.default_rng(0).normal(size=(2, 2, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(shrunk, x)[0], _run(_with_values(model, {"w1": w1}), x)[0], rtol=0, atol=1e-5)

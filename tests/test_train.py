@@ -82,11 +82,15 @@ def test_labels_win_over_teacher():
 
 
 def test_no_score_output_gives_mse_over_float_outputs():
+    # Each float output's MSE over the teacher's variance: an output's scale does not set the step size.
     a, b = torch.randn(4, 3), torch.randn(4, 7)
-    ta, tb = torch.randn(4, 3), torch.randn(4, 7)
+    ta, tb = torch.randn(4, 3), 300 * torch.randn(4, 7)
     ints = torch.arange(4)
     loss = Loss(ScoreSpec(None))((a, ints, b), None, (ta, ints + 1, tb))
-    assert loss.item() == pytest.approx((F.mse_loss(a, ta) + F.mse_loss(b, tb)).item(), rel=1e-6)
+    expected = (F.mse_loss(a, ta) / (ta.var(unbiased=False) + 1e-6) + F.mse_loss(b, tb) / (tb.var(unbiased=False) + 1e-6))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    scaled = Loss(ScoreSpec(None))((a, ints, 300 * b), None, (ta, ints + 1, 300 * tb))
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)  # the same in any unit
     assert Loss(ScoreSpec(None))((a, b), torch.zeros(4, dtype=torch.long), (a, b)).item() == 0.0  # labels unused
 
 
