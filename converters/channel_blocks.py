@@ -11,8 +11,9 @@ per removed unit (a constant of its own where given, ``ShapeEdit``); equal piece
 
 A Concat whose inputs all carry the group's units, one block each, holds them in as many blocks (the C2f's
 Concat of its pieces and of the bottlenecks that add to the second one, which the residual sums couple to
-the group; an SPPF's of x and its three pools). Joined with other channels, such blocks would not be one
-range of the joined axis, and the group stops there with the reason. A Concat that the channels reach
+the group; an SPPF's of x and its three pools). Joined with other channels (a neck C2f without shortcut:
+both halves, then the bottleneck's own channels), consecutive copies hold the units in blocks ``n`` apart
+inside the joined axis (``ChannelLayout.stride``); anything else stops the group there with the reason. A Concat that the channels reach
 through one input holds them as one range of the joined channels (``joined_range``).
 """
 
@@ -48,7 +49,8 @@ def split_blocks(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tu
     a = walk.a
     node, label = a.nodes[i], a.labels[i]
     axis = node_attr(node, "axis", 0) % rank
-    plain = layout.outer == 1 and layout.inner == 1 and layout.offset == 0 and layout.total is None
+    plain = (layout.outer == 1 and layout.inner == 1 and layout.offset == 0 and layout.total is None
+             and layout.stride is None)
     outputs = [out for out in node.output]
     if axis == layout.axis and plain and len(outputs) > 1:
         if node_attr(node, "split") is not None:
@@ -77,12 +79,21 @@ def joined_blocks(walk: Any, i: int, carried: list[tuple[int, str]], layout: Cha
     if axis != layout.axis:
         raise NotPrunable(f"Concat {label} joins copies of the channels along axis {axis}, not the channel axis")
     layouts = {walk.reached[name] for _, name in carried}
-    if len(layouts) != 1 or layout.inner != 1 or layout.offset != 0 or layout.total is not None:
+    if (len(layouts) != 1 or layout.inner != 1 or layout.offset != 0 or layout.total is not None
+            or layout.stride is not None):
         raise NotPrunable(f"the channels reach Concat {label} through several inputs in different layouts")
-    if [k for k, _ in carried] != inputs:
-        raise NotPrunable(f"Concat {label} joins copies of the channels with other channels (a block of the "
-                          "units would not be one range of the joined axis)")
-    return dataclasses.replace(layout, outer=layout.outer * len(carried))
+    indices = [k for k, _ in carried]
+    if indices == inputs:
+        return dataclasses.replace(layout, outer=layout.outer * len(carried))
+    # Beside other channels (YOLOv8's neck C2f: both halves, then a bottleneck's own output): one block per
+    # copy, consecutive, each of the units alone, ``stride`` = n apart within the joined axis.
+    sizes = [(a.shape(name) or [None] * rank)[axis] if name else 0 for name in node.input]
+    if (layout.outer != 1 or indices != list(range(indices[0], indices[-1] + 1))
+            or any(sizes[k] != walk.n for k in indices) or any(not isinstance(s, int) for s in sizes)):
+        raise NotPrunable(f"Concat {label} joins copies of the channels with other channels, not as consecutive "
+                          "blocks of the units")
+    return dataclasses.replace(layout, outer=len(carried), offset=sum(sizes[: indices[0]]), total=sum(sizes),
+                               stride=walk.n)
 
 
 def joined_range(walk: Any, i: int, carried: list[tuple[int, str]], layout: ChannelLayout,
@@ -96,8 +107,8 @@ def joined_range(walk: Any, i: int, carried: list[tuple[int, str]], layout: Chan
     if axis != layout.axis:
         # Joined along another axis, both inputs hold the same channels: a coupling Concat does not make.
         raise NotPrunable(f"Concat {label} joins along axis {axis}, not the channel axis {layout.axis}")
-    if layout.outer != 1:
-        raise NotPrunable(f"Concat {label} joins channels laid out in outer blocks (after a channels-last flatten)")
+    if layout.outer != 1 or layout.stride is not None:
+        raise NotPrunable(f"Concat {label} joins channels laid out in outer blocks")
     sizes = [(a.shape(name) or [None] * rank)[axis] if name else 0 for name in node.input]
     if any(not isinstance(size, int) for size in sizes):
         raise NotPrunable(f"the inputs of Concat {label} have unknown sizes on the channel axis")

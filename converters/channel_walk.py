@@ -47,6 +47,8 @@ class ChannelWalk:
 
     def entries(self, layout: ChannelLayout) -> int:
         """Length of the channel axis of an activation or constant holding the channels in ``layout``."""
+        if layout.stride is not None:  # blocks inside a joined axis of ``total`` channels
+            return layout.total * layout.inner
         return layout.outer * (self.n if layout.total is None else layout.total) * layout.inner
 
     def run(self, starts: list[tuple[str, ChannelLayout]]) -> None:
@@ -125,7 +127,8 @@ class ChannelWalk:
                 f"{tensor!r} of shape {list(shape)} does not have {expected} entries along axis {axis}"
             )
         target = {"consumer": self.consumers, "depthwise": self.depthwise}.get(role, self.outputs)
-        new = TensorSlice(tensor, axis, role, layout.inner, layout.outer, (read,), layout.offset, layout.total)
+        new = TensorSlice(tensor, axis, role, layout.inner, layout.outer, (read,), layout.offset, layout.total,
+                          layout.stride)
         for k, existing in enumerate(target):
             if existing.tensor == tensor:
                 if dataclasses.replace(existing, role=role, nodes=new.nodes) != new:
@@ -301,6 +304,8 @@ class ChannelWalk:
                 raise NotPrunable(f"MatMul {label} does not contract the channel axis")
             self.slice_input(node.input[1], 0, "consumer", layout, (label, 1))
             return []
+        if layout.stride is not None and op in ("Flatten", "Reshape"):
+            raise NotPrunable(f"{op} {label} reshapes channels held in blocks among other channels")
         if op == "Flatten":
             data_input_only()
             dims = a.shape(name)

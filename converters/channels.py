@@ -20,8 +20,10 @@ class TensorSlice:
     after a ``[C, H, W]`` flatten (or the multiplier of a depthwise Conv), ``outer = H*W`` after a
     channels-last one. ``total`` is the number of channels of the axis (``n_channels`` when None) and
     ``offset`` where the group's channels start: after a Concat on the channel axis each input's group
-    owns its own range of the concatenated channels. ``nodes`` lists the (node label, input index) reads
-    this slice accounts for.
+    owns its own range of the concatenated channels. ``stride`` (None: ``total``) replaces ``total`` as the
+    distance between outer blocks: a Concat of two copies of the units beside other channels (YOLOv8's neck
+    C2f) holds them in 2 blocks ``stride = n_channels`` apart from ``offset``, within ``total``. ``nodes``
+    lists the (node label, input index) reads this slice accounts for.
     """
 
     tensor: str
@@ -32,13 +34,15 @@ class TensorSlice:
     nodes: tuple[tuple[str, int], ...] = ()
     offset: int = 0
     total: int | None = None
+    stride: int | None = None
 
     def positions(self, n_channels: int, channels: np.ndarray) -> np.ndarray:
         """Indices along ``axis`` owned by ``channels`` (sorted when ``channels`` is), for a group of
         ``n_channels``."""
         channels = np.asarray(channels, dtype=np.int64)
         total = n_channels if self.total is None else self.total
-        outer = np.arange(self.outer, dtype=np.int64)[:, None, None] * (total * self.inner)
+        step = total if self.stride is None else self.stride
+        outer = np.arange(self.outer, dtype=np.int64)[:, None, None] * (step * self.inner)
         mid = (self.offset + channels[None, :, None]) * self.inner
         inner = np.arange(self.inner, dtype=np.int64)[None, None, :]
         return (outer + mid + inner).reshape(-1)
@@ -159,7 +163,8 @@ class ChannelLayout:
     outer: int = 1
     offset: int = 0
     total: int | None = None
+    stride: int | None = None
 
     def along(self, axis: int) -> ChannelLayout:
         """The same channels (blocks and range) on another axis."""
-        return ChannelLayout(axis, self.inner, self.outer, self.offset, self.total)
+        return ChannelLayout(axis, self.inner, self.outer, self.offset, self.total, self.stride)

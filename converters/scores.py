@@ -288,3 +288,28 @@ def _joined_probabilities(name: str, producers: dict[str, onnx.NodeProto], types
                     found.append((size, node.output[0]))
     # The largest; the first of equals.
     return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def other_probabilities(model: onnx.ModelProto, score: ScoreOutput | None) -> list[ScoreOutput]:
+    """Per-element probabilities beside the score that the gate reads too: every other float output a Sigmoid
+    makes (more than one element per sample), and the widest Sigmoid that another output's Concat joins (a
+    detector's objectness beside its boxes, ``_joined_probabilities``). A model with a segmentation map and
+    a detection head is measured on both: a destroyed head no longer hides behind an intact map."""
+    if score is None:
+        return []
+    producers = _branch_producers(model)
+    types = inferred_types(model)
+    taken = {score.name, score.feeds}
+    found: list[ScoreOutput] = []
+    for index, value in enumerate(model.graph.output):
+        elem, dims = types.get(value.name, (value.type.tensor_type.elem_type, None))
+        if value.name in taken or elem not in FLOAT_TYPES:
+            continue
+        rank = len(dims) if dims is not None else None
+        if rank is not None and rank >= 2 and _score_kind(value.name, producers, rank) == "binary_probabilities":
+            found.append(ScoreOutput(value.name, index, "binary_probabilities"))
+            continue
+        inner = _joined_probabilities(value.name, producers, types)
+        if inner is not None and inner not in taken:
+            found.append(ScoreOutput(inner, None, "binary_probabilities", feeds=value.name))
+    return found

@@ -63,12 +63,25 @@ class Gate:
 def retained(original_accuracy: float | None, compressed_accuracy: float | None,
              task: dict | None) -> tuple[str, float] | None:
     """(metric, the compressed model's share of the original's figure): accuracy with labels, else the
-    task metric against the original (``onnx_admm.metrics``; the original's own figure is 1); None when
-    neither was measured."""
+    task metric against the original (``onnx_admm.metrics``; the original's own figure is 1); the
+    positive-set F1 of a probability beside the score where that is lower (``_weakest``); None when nothing
+    was measured."""
+    figure = None
     if original_accuracy is not None and compressed_accuracy is not None:
-        if original_accuracy <= 0:
-            return None
-        return "accuracy", compressed_accuracy / original_accuracy
-    if task is not None and task.get("value") is not None:
-        return task["metric"], task["value"]
-    return None
+        if original_accuracy > 0:
+            figure = "accuracy", compressed_accuracy / original_accuracy
+    elif task is not None and task.get("value") is not None:
+        figure = task["metric"], task["value"]
+    return _weakest(figure, task)
+
+
+def _weakest(figure: tuple[str, float] | None, task: dict | None) -> tuple[str, float] | None:
+    """``figure`` (``retained``) or, when lower, the positive-set F1 of a probability beside the score
+    (``task["others"]``: a second head's) as (its metric, value): the floor holds every head to its share."""
+    others = (task or {}).get("others") or {}
+    if not others:
+        return figure
+    name, value = min(others.items(), key=lambda item: item[1])
+    if figure is None or value < figure[1]:
+        return f"positive-set F1 of {name!r}", value
+    return figure

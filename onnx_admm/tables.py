@@ -74,6 +74,9 @@ def describe_task(task: dict, output: str | None, score: dict | None = None) -> 
         extra.append(f"top-1 agreement {percent(task['agreement'])}{' ' + how['per'] if how.get('per') else ''}")
     elif how.get("per"):
         extra.append(how["per"])
+    if task.get("others"):  # probabilities beside the score (a second head's)
+        extra.append("beside it: " + ", ".join(f"positive-set F1 {percent(value)} on {name!r}"
+                                                for name, value in task["others"].items()))
     if task.get("outputs"):  # no score output: each float output's fit
         extra.append(", ".join(f"{name} {task['outputs'][name]:.4f}" for name in task["outputs"]))
     detail = f" ({'; '.join(extra)})" if extra else ""

@@ -20,20 +20,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import graph_inputs
-from onnx_admm.converters.scores import find_score_output
+from onnx_admm.converters.scores import find_score_output, other_probabilities
 from onnx_admm.converters.modelio import load_model, require_model_file, save_model, scratch_dir
-from onnx_admm.data import LABELS, Dataset, check_label_range, required_batch_size
+from onnx_admm.data import LABELS, Dataset, required_batch_size
 from onnx_admm.sources import PluginData, as_data
 from onnx_admm.gate import retained
 from onnx_admm.memory import INFERENCE_SHARE, activation_bytes, default_budget_mb, describe_mb, fit_batch, inference_bytes
-from onnx_admm.metrics import OutputFit, TaskMetric, for_score
+from onnx_admm.comparison import Comparison, OutputDiff
 from onnx_admm.recipe import DEFAULT_BATCH_SIZE, check_threads
 from onnx_admm.storage import count_weights, gzip_size, model_files
-from onnx_admm.train import describe_score, predictions
+from onnx_admm.train import describe_score
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +46,6 @@ _TIMING_FEEDS = 2
 # Ops that turn constant stored data into a weight at run time. A weight stored through one of them
 # (e.g. int8 DequantizeLinear) is counted as the decoded tensor its consumer reads. Future encoders
 # add their decoding ops here (a codebook encoding: "Cast", "Gather").
-
-
-@dataclass(frozen=True)
-class OutputDiff:
-    """Absolute difference between the two models on one output (None when it is not a tensor), and the
-    share of the original's variation over the samples the compressed one reproduces (``metrics.OutputFit``;
-    None for an integer output, one the original holds constant, or one whose shape changes)."""
-
-    name: str
-    max_abs: float | None
-    mean_abs: float | None
-    r2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -296,20 +283,24 @@ def validate(
     if fixed is not None and total is not None and total < fixed:
         raise UserError(f"the graph runs only at batch size {fixed}, but the data holds {total} samples; pass more")
     score = find_score_output(models[0], score_output)
+    others = other_probabilities(models[0], score)
     sessions = open_session(original, threads), open_session(compressed, threads)
     names = [out.name for out in sessions[0].get_outputs()]
 
-    comparison = _Comparison(names, score.name if score else None, score.kind if score else "logits", blank)
+    comparison = Comparison(names, score.name if score else None, score.kind if score else "logits", blank,
+                            tuple(o.name for o in others))
     timing_feeds: list[dict[str, np.ndarray]] = []
     # A graph input that is itself named "labels" is an input, not class ids.
     has_labels = LABELS not in {spec.name for spec in specs}
     with scratch_dir(scratch) as tmp:
-        # An inner score tensor is read from copies that also output it; latency is timed on the files.
+        # Inner tensors (the score, probabilities beside it) are read from copies that also output them;
+        # latency is timed on the files.
         compared, paths = sessions, (original, compressed)
-        if score is not None and score.internal:
-            paths = tuple(_with_output(model, score.name, Path(tmp) / f"{i}.onnx") for i, model in enumerate(models))
+        inner = [s.name for s in ([score] if score is not None else []) + others if s.internal]
+        if inner:
+            paths = tuple(_with_outputs(model, inner, Path(tmp) / f"{i}.onnx") for i, model in enumerate(models))
             compared = tuple(open_session(path, threads) for path in paths)
-        run_names = names + ([score.name] if score is not None and score.internal else [])
+        run_names = names + inner
         samples = 0
         for feed in data.batches(batch_size, drop_last=fixed is not None):
             labels = feed.pop(LABELS, None) if has_labels else None
@@ -395,11 +386,11 @@ def _check_same_io(original: onnx.ModelProto, compressed: onnx.ModelProto) -> No
             )
 
 
-def _with_output(model: onnx.ModelProto, name: str, path: Path) -> Path:
-    """A copy of ``model`` saved at ``path`` that also outputs its inner tensor ``name``."""
+def _with_outputs(model: onnx.ModelProto, names: list[str], path: Path) -> Path:
+    """A copy of ``model`` saved at ``path`` that also outputs its inner tensors ``names``."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     save_model(probe, path)
     return path
 
@@ -411,82 +402,6 @@ def run_session(session: ort.InferenceSession, path: Path, names: list[str], fee
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         shapes = {name: tuple(array.shape) for name, array in feed.items()}
         raise UserError(f"onnxruntime failed to run {path} on inputs {shapes}: {_ort_message(exc)}") from None
-
-
-class _Comparison:
-    """Running sums over batches: per-output differences, the task metric (agreement included), accuracy."""
-
-    def __init__(self, names: list[str], score: str | None, kind: str = "logits", blank: int | None = None):
-        self.names = names
-        self.score = score
-        self.kind = kind
-        self.blank = blank
-        self.task: TaskMetric | None = None
-        # How well each float output follows the original's (outputs[].r2; the gate's figure without a score).
-        self.fit = OutputFit()
-        self.score_shape: list[int] | None = None
-        self.max_abs = {name: 0.0 for name in names}
-        self.sum_abs = {name: 0.0 for name in names}
-        self.count = {name: 0 for name in names}
-        self.skipped: set[str] = set()
-        self.correct = [0, 0]
-        self.labelled = 0
-
-    def add(self, results: list[dict], labels: np.ndarray | None, samples: int | None = None) -> None:
-        for name in self.names:
-            a, b = results[0][name], results[1][name]
-            if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.dtype.kind not in "biuf":
-                self.skipped.add(name)  # sequences, maps (skl2onnx ZipMap), strings
-                continue
-            if a.shape != b.shape:
-                raise UserError(
-                    f"output {name!r} has shape {a.shape} in the original model but {b.shape} in the compressed one"
-                )
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            if diff.size:
-                # np.max propagates NaN; Python's max() would silently drop it and report 0.
-                self.max_abs[name] = float(np.max([self.max_abs[name], diff.max()]))
-            self.sum_abs[name] += float(diff.sum())
-            self.count[name] += diff.size
-            if a.dtype.kind == "f":
-                self.fit.add(name, a, b, samples)
-        if self.score is None or self.score in self.skipped:
-            return
-        if self.score_shape is None:
-            self.score_shape = list(np.shape(results[0][self.score]))
-            self.task = for_score(self.kind, self.score_shape, self.blank)
-        top = [predictions(torch.from_numpy(np.asarray(result[self.score])), self.kind).numpy() for result in results]
-        self.task.add(top[0], top[1], samples)
-        if labels is not None and top[0].ndim == 1 and not self.kind.startswith("binary"):
-            check_label_range(labels, results[0][self.score].shape[-1], "validation data")
-            for i in range(2):
-                self.correct[i] += int(np.count_nonzero(top[i] == labels))
-            self.labelled += len(labels)
-
-    def diffs(self) -> tuple[OutputDiff, ...]:
-        fits = self.fit.per_output()
-        return tuple(
-            OutputDiff(name, None, None)
-            if name in self.skipped or not self.count[name]
-            else OutputDiff(name, self.max_abs[name], self.sum_abs[name] / self.count[name], fits.get(name))
-            for name in self.names
-        )
-
-    def agreement(self) -> float | None:
-        return self.task.agreement if self.task is not None else None
-
-    def summary(self) -> dict | None:
-        """The report's ``task``: the score output's metric, else the outputs' fit (when it has a figure)."""
-        if self.task is not None:
-            return self.task.summary()
-        if self.score is None and self.fit.value is not None:
-            return self.fit.summary()
-        return None
-
-    def accuracies(self) -> tuple[float | None, float | None]:
-        if not self.labelled:
-            return None, None
-        return self.correct[0] / self.labelled, self.correct[1] / self.labelled
 
 
 def latency_ms(original: str | Path, compressed: str | Path, data: Dataset, batch_size: int, *, threads: int = 1,

@@ -88,3 +88,45 @@ def test_data_on_which_the_original_finds_nothing_is_reported(detector, tmp_path
         f"the original marks no positive on the {report['validation']['samples']} held-out samples (no probability "
         "above 0.5), so positive-set F1 says nothing about the compressed model; give data on which the original "
         "detects something, or labels"]
+
+
+def _two_heads(path: Path, w2_scale: float) -> Path:
+    """x [N, 5, 4] -> a Sigmoid map [N, 5, 6] (the score) and a detection head [N, 5, 3] that joins
+    Sigmoid(x @ w2) to raw boxes (x @ w3); ``w2_scale`` 0 destroys the head's probabilities (all 0.5)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(size=(4, 6)), "w2": w2_scale * rng.normal(size=(4, 1)), "w3": rng.normal(size=(4, 2))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Sigmoid", ["m"], ["map"]),
+             helper.make_node("MatMul", ["x", "w2"], ["d"]), helper.make_node("Sigmoid", ["d"], ["det_prob"]),
+             helper.make_node("MatMul", ["x", "w3"], ["boxes"]),
+             helper.make_node("Concat", ["det_prob", "boxes"], ["detections"], axis=2)]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", f32, ["N", 5, 4])],
+                              [helper.make_tensor_value_info("map", f32, ["N", 5, 6]),
+                               helper.make_tensor_value_info("detections", f32, ["N", 5, 3])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_destroyed_second_head_fails_the_floor_though_the_score_is_intact(tmp_path):
+    # The map is the score and stays as it was; the detection head's probabilities (a Sigmoid joined to its
+    # boxes) are measured beside it, and the floor reads the lower of the two.
+    from onnx_admm.converters.scores import find_score_output, other_probabilities
+    from onnx_admm.gate import Gate
+    from onnx_admm.validate import validate
+
+    original, destroyed = _two_heads(tmp_path / "a.onnx", 1.0), _two_heads(tmp_path / "b.onnx", 0.0)
+    model = onnx.load(str(original))
+    score = find_score_output(model)
+    assert score.name == "map"
+    assert [(o.name, o.feeds) for o in other_probabilities(model, score)] == [("det_prob", "detections")]
+    x = np.random.default_rng(1).normal(size=(64, 5, 4)).astype(np.float32)
+    report = validate(original, destroyed, {"x": x}, latency_batches=0)
+    assert report.task["value"] == 1.0 and report.task["others"] == {"det_prob": 0.0}
+    assert report.retained == ("positive-set F1 of 'det_prob'", 0.0)
+    _, reason = Gate().judge(report.drop, report.retained)
+    assert reason.startswith("task metric under the floor: positive-set F1 of 'det_prob' is 0.00% of the original's")
+    same = validate(original, original, {"x": x}, latency_batches=0)
+    assert same.task["others"] == {"det_prob": 1.0} and same.retained == ("positive-set F1", 1.0)

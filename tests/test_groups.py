@@ -269,9 +269,9 @@ class _C2fSppf(torch.nn.Module):
 def test_a_c2f_split_and_an_sppf_concat_keep_their_channels_in_blocks(tmp_path, shortcut):
     # cv1's units are pairs of filters (one per half of its Split); with the shortcut the bottleneck's last
     # conv joins its group (its sum with the second half) and the Concat holds the units in 3 blocks; without
-    # it the Concat mixes the units with the bottleneck's channels and cv1 stops there. The SPPF's Concat of z
-    # and its two pools holds cv2's units in 3 blocks up to the Linear head. Removing units computes the
-    # original with those filters zeroed, in onnxruntime.
+    # it the Concat holds them in 2 blocks beside the bottleneck's own channels (a group of its own). The
+    # SPPF's Concat of z and its two pools holds cv2's units in 3 blocks up to the Linear head. Removing units
+    # computes the original with those filters zeroed, in onnxruntime.
     import numpy as np
     import onnxruntime as ort
 
@@ -291,8 +291,10 @@ def test_a_c2f_split_and_an_sppf_concat_keep_their_channels_in_blocks(tmp_path, 
         assert ("cv1.weight", 2) in {(s.tensor, s.outer) for s in cv1.outputs}
         assert ("cv2.weight", 3) in {(s.tensor, s.outer) for s in cv1.consumers}
     else:
-        assert not cv1.prunable and "joins copies of the channels with other channels" in cv1.reason
-        assert groups["m2.weight"].prunable  # the bottleneck's own channels: one range of that Concat
+        assert cv1.prunable and cv1.n_channels == 4 and cv1.members == ("cv1.weight",)
+        assert ("cv2.weight", 2, 0, 12, 4) in {(s.tensor, s.outer, s.offset, s.total, s.stride) for s in cv1.consumers}
+        m2 = groups["m2.weight"]  # the bottleneck's own channels: one range of that Concat
+        assert m2.prunable and ("cv2.weight", 1, 8, 12) in {(s.tensor, s.outer, s.offset, s.total) for s in m2.consumers}
     x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
 
     def run(m: onnx.ModelProto) -> np.ndarray:

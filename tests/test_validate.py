@@ -196,9 +196,9 @@ def test_plugin_data_is_read_in_full(tmp_path):
 
 
 def test_nan_outputs_are_not_hidden_in_the_difference(tmp_path):
-    from onnx_admm.validate import _Comparison
+    from onnx_admm.comparison import Comparison
 
-    comparison = _Comparison(["y"], None)
+    comparison = Comparison(["y"], None)
     good = np.ones((2, 3), np.float32)
     bad = good.copy()
     bad[0, 0] = np.nan
