@@ -225,10 +225,10 @@ def _drop_definitions(graph: onnx.GraphProto, defined: set[str]) -> None:
     if len(initializers) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(initializers)
-    nodes = [n for n in graph.node if not (n.output and all(out in defined for out in n.output if out))]
-    if len(nodes) != len(graph.node):
-        computing = [n for n in nodes if n.op_type != "Constant"]
-        if len(computing) != len([n for n in graph.node if n.op_type != "Constant"]):
+    dropped = [n for n in graph.node if n.output and all(out in defined for out in n.output if out)]
+    if dropped:
+        nodes = [n for n in graph.node if n not in dropped]
+        if any(n.op_type != "Constant" for n in dropped):  # a computation: its inputs' producers may be dead now
             nodes = live_nodes(nodes, {o.name for o in graph.output})
         del graph.node[:]
         graph.node.extend(nodes)

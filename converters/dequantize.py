@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, RECURRENT_CONSTANT_INPUTS
-from onnx_admm.converters.graphinfo import (TensorSource, constant_sources, node_attr, subgraph_reads,
+from onnx_admm.converters.graphinfo import (GraphView, TensorSource, constant_sources, node_attr, subgraphs,
                                             tensor_value)
 
 logger = logging.getLogger(__name__)
@@ -113,10 +113,7 @@ def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource]
     left without its producer).
     """
     graph = model.graph
-    readers: dict[str, set[int]] = {}
-    for index, node in enumerate(graph.node):
-        for name in {n for n in node.input if n} | subgraph_reads(node):
-            readers.setdefault(name, set()).add(index)
+    readers = {name: {i for i, _ in reads} for name, reads in GraphView(model).readers.items()}
     found: dict[str, WeightDecoder] = {}
     for node in graph.node:
         if node.domain not in DEFAULT_DOMAINS:
@@ -125,7 +122,7 @@ def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource]
             name = node.input[slot] if slot < len(node.input) else ""
             if not name or name in sources or name in found or name in graph_outputs or name not in producers:
                 continue
-            closure = _computation(name, graph, sources, producers)
+            closure = computed_from_constants(name, graph, sources, producers)
             if closure is None:
                 continue
             nodes, constants = closure
@@ -142,10 +139,12 @@ _MOVES = frozenset({"Slice", "Split", "Concat", "Unsqueeze", "Squeeze", "Reshape
                     "Gather", "Cast"})
 
 
-def _computation(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
-                 producers: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
+                            producers: dict[str, int], moves_only: bool = True
+                            ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     """The nodes (positions, in graph order) that compute ``name`` from constants and the constants they read,
-    or None when something else feeds them (a graph input) or a node does more than move entries (``_MOVES``)."""
+    or None when something else feeds them (a graph input), a node holds a subgraph or is of another domain,
+    or (``moves_only``) a node does more than move entries (``_MOVES``)."""
     nodes: set[int] = set()
     constants: set[str] = set()
     stack = [name]
@@ -160,7 +159,7 @@ def _computation(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSou
         if index in nodes:
             continue
         node = graph.node[index]
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in _MOVES:
+        if node.domain not in DEFAULT_DOMAINS or subgraphs(node) or (moves_only and node.op_type not in _MOVES):
             return None
         nodes.add(index)
         stack.extend(n for n in node.input if n)

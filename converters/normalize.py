@@ -29,11 +29,11 @@ import onnx
 from onnx import defs, helper, numpy_helper, version_converter
 
 from onnx_admm.converters.batch_axis import unbake_batch
-from onnx_admm.converters.dequantize import fold_weight_decoders
+from onnx_admm.converters.dequantize import computed_from_constants, fold_weight_decoders
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.evaluate import evaluate
-from onnx_admm.converters.graphinfo import (constant_node_value, identity_aliases, live_nodes, node_attr, node_label,
-                                            sparse_to_dense)
+from onnx_admm.converters.graphinfo import (constant_node_value, constant_sources, identity_aliases, live_nodes,
+                                            node_attr, node_label, sparse_to_dense)
 from onnx_admm.converters.optable import RECURRENT_CONSTANT_INPUTS
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
@@ -171,14 +171,14 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
     The folded tensor is not one of the original's, so it does not train; the rest of the model does.
     """
     graph = model.graph
-    constant = {t.name for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output if out}
-    inputs = {i.name for i in graph.input}
+    sources = constant_sources(model)
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     wanted = []
     for node in graph.node:
         for index in RECURRENT_CONSTANT_INPUTS.get(node.op_type, ()):
             name = node.input[index] if index < len(node.input) else ""
-            if name and name not in constant and name in producers and _from_constants(name, producers, inputs):
+            if (name and name not in sources and name in producers
+                    and computed_from_constants(name, graph, sources, producers, moves_only=False) is not None):
                 wanted.append(name)
     if not wanted:
         return False
@@ -191,23 +191,6 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
     graph.node.extend(keep)
     logger.info("recurrent weights computed from constants, imported as constants (they do not train): %s",
                 ", ".join(wanted))
-    return True
-
-
-def _from_constants(name: str, producers: dict[str, onnx.NodeProto], inputs: set[str]) -> bool:
-    seen, stack = set(), [name]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current in inputs:
-            return False
-        node = producers.get(current)
-        if node is not None:
-            if node.op_type in ("If", "Loop", "Scan") or node.domain not in ("", "ai.onnx"):
-                return False
-            stack.extend(n for n in node.input if n)
     return True
 
 

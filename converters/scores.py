@@ -6,6 +6,7 @@ Everything here reads the ORIGINAL ModelProto, so ``inspect``, ``validate`` and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import onnx
@@ -72,37 +73,21 @@ def _through(node: onnx.NodeProto, name: str) -> str:
 
 def _score_kind(name: str, producers: dict[str, onnx.NodeProto], rank: int | None) -> str:
     """What made ``name``: a Softmax/LogSoftmax over the class axis, a Sigmoid, or neither (logits)."""
-    seen = set()
-    while name in producers and name not in seen:
-        seen.add(name)
-        node = producers[name]
-        if node.op_type in ("Softmax", "LogSoftmax"):
-            axis = int(node_attr(node, "axis", -1))
-            # A softmax over another axis (attention weights, a channel-last map) is not over the classes.
-            if rank is not None and rank >= 2 and axis % rank != class_axis(rank):
-                return "logits"
-            return "probabilities" if node.op_type == "Softmax" else "log_probabilities"
-        if node.op_type == "Sigmoid":
-            return "binary_probabilities"
-        if node.op_type not in _SCORE_PASSTHROUGH:
-            break
-        name = _through(node, name)
-    return "logits"
+    node = _producer(name, producers)
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        axis = int(node_attr(node, "axis", -1))
+        # A softmax over another axis (attention weights, a channel-last map) is not over the classes.
+        if rank is not None and rank >= 2 and axis % rank != class_axis(rank):
+            return "logits"
+        return "probabilities" if node.op_type == "Softmax" else "log_probabilities"
+    return "binary_probabilities" if node is not None and node.op_type == "Sigmoid" else "logits"
 
 
 def _made_by_a_linear_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     """Whether a MatMul/Gemm (+ bias Add) computes ``name``: a classifier head, not a Concat of a
     detector's boxes and scores."""
-    seen = set()
-    while name in producers and name not in seen:
-        seen.add(name)
-        node = producers[name]
-        if node.op_type in ("MatMul", "Gemm"):
-            return True
-        if node.op_type not in _SCORE_PASSTHROUGH + ("Add",):
-            return False
-        name = _through(node, name)
-    return False
+    node = _producer(name, producers, _SCORE_PASSTHROUGH + ("Add",))
+    return node is not None and node.op_type in ("MatMul", "Gemm")
 
 
 def _qualifies(dims: tuple | None, kind: str, linear_head: bool = True) -> int | None:
@@ -127,21 +112,18 @@ def _qualifies(dims: tuple | None, kind: str, linear_head: bool = True) -> int |
 
 def _argmax_source(name: str, producers: dict[str, onnx.NodeProto], types: dict) -> str | None:
     """The float tensor whose ArgMax (or TopK indices) over the class axis an integer output is."""
-    seen = set()
-    while name in producers and name not in seen:
-        seen.add(name)
-        node = producers[name]
-        if node.op_type in ("ArgMax", "TopK") and (node.op_type == "ArgMax" or list(node.output).index(name) == 1):
-            source = node.input[0]
-            elem, dims = types.get(source, (None, None))
-            if elem not in FLOAT_TYPES or dims is None or len(dims) < 2:
-                return None
-            axis = int(node_attr(node, "axis", -1 if node.op_type == "TopK" else 0))
-            return source if axis % len(dims) == class_axis(len(dims)) else None
-        if node.op_type not in _SCORE_PASSTHROUGH:
-            return None
-        name = _through(node, name)
-    return None
+    found = _producer(name, producers, reached=True)
+    if found is None:
+        return None
+    node, out = found
+    if node.op_type not in ("ArgMax", "TopK") or (node.op_type == "TopK" and list(node.output).index(out) != 1):
+        return None
+    source = node.input[0]
+    elem, dims = types.get(source, (None, None))
+    if elem not in FLOAT_TYPES or dims is None or len(dims) < 2:
+        return None
+    axis = int(node_attr(node, "axis", -1 if node.op_type == "TopK" else 0))
+    return source if axis % len(dims) == class_axis(len(dims)) else None
 
 
 def find_score_output(model: onnx.ModelProto, override: str | None = None) -> ScoreOutput | None:
@@ -246,14 +228,16 @@ def _l2_normalized(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     return False
 
 
-def _producer(name: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
-    """The first node back from ``name`` that is not a pass-through op (None: a graph input or constant)."""
+def _producer(name: str, producers: dict[str, onnx.NodeProto], through: tuple[str, ...] = _SCORE_PASSTHROUGH,
+              reached: bool = False):
+    """The first node back from ``name`` that is not of the ``through`` ops (None: a graph input or a
+    constant); with ``reached``, (that node, its output the walk arrived by)."""
     seen = set()
     while name in producers and name not in seen:
         seen.add(name)
         node = producers[name]
-        if node.op_type not in _SCORE_PASSTHROUGH:
-            return node
+        if node.op_type not in through:
+            return (node, name) if reached else node
         name = _through(node, name)
     return None
 
@@ -282,10 +266,8 @@ def _joined_probabilities(name: str, producers: dict[str, onnx.NodeProto], types
                 elem, dims = types.get(node.output[0], (None, None))
                 if elem in FLOAT_TYPES and dims is not None and len(dims) >= 2:
                     # Elements per sample where static: the widest probabilities (classes over objectness).
-                    size = 1
-                    for d in dims[1:]:
-                        size *= d if isinstance(d, int) and d > 0 else 1
-                    found.append((size, node.output[0]))
+                    found.append((math.prod(d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]),
+                                  node.output[0]))
     # The largest; the first of equals.
     return max(found, key=lambda f: f[0])[1] if found else None
 
@@ -298,12 +280,13 @@ def other_probabilities(model: onnx.ModelProto, score: ScoreOutput | None) -> li
     if score is None:
         return []
     producers = _branch_producers(model)
-    types = inferred_types(model)
     taken = {score.name, score.feeds}
+    outputs = [(index, value) for index, value in enumerate(model.graph.output) if value.name not in taken]
+    types = inferred_types(model) if outputs else {}  # shape inference only for a model with other outputs
     found: list[ScoreOutput] = []
-    for index, value in enumerate(model.graph.output):
+    for index, value in outputs:
         elem, dims = types.get(value.name, (value.type.tensor_type.elem_type, None))
-        if value.name in taken or elem not in FLOAT_TYPES:
+        if elem not in FLOAT_TYPES:
             continue
         rank = len(dims) if dims is not None else None
         if rank is not None and rank >= 2 and _score_kind(value.name, producers, rank) == "binary_probabilities":

@@ -107,6 +107,8 @@ def _summary(report: dict) -> str:
          _num(bits.get("compressed")), _times(bits.get("original"), bits.get("compressed"))),
         (f"task metric: {escape(str(task.get('metric', 'n/a')))} (against the original)", "100.00%",
          _pct(task.get("value")), ""),
+        *((f"beside it: positive-set F1 on {escape(repr(name))}", "100.00%", _pct(value), "")
+          for name, value in (task.get("others") or {}).items()),
         ("accuracy (labels)", _pct(m.get("original_accuracy")), _pct(m.get("compressed_accuracy")),
          _points(report.get("accuracy_drop")) if m.get("original_accuracy") is not None else ""),
         ("top-1 agreement with the original", "100.00%", _pct(m.get("agreement")), ""),

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnx_admm.cli import main
+from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.metrics import PositiveSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "corpus"))
@@ -130,3 +131,29 @@ def test_a_destroyed_second_head_fails_the_floor_though_the_score_is_intact(tmp_
     assert reason.startswith("task metric under the floor: positive-set F1 of 'det_prob' is 0.00% of the original's")
     same = validate(original, original, {"x": x}, latency_batches=0)
     assert same.task["others"] == {"det_prob": 1.0} and same.retained == ("positive-set F1", 1.0)
+
+
+def test_filter_pruning_through_c2f_blocks_shrinks_the_detector(tmp_path):
+    # The detector with YOLOv8's C2f blocks (backbone with shortcuts, last level without): each C2f's cv1
+    # loses whole pairs of filters (one per half of its Split), its Split pieces shrink alike, and the written
+    # graph still runs at any batch with the original's outputs' shapes.
+    model = yolo.build(tmp_path / "yolo_c2f.onnx", steps=150, c2f=True)
+    np.savez(tmp_path / "train.npz", **yolo.feeds(128, 1))
+    out = tmp_path / "f.onnx"
+    result = _compress((model, tmp_path / "train.npz"), out, "--sparsity", "0.5", "--structure", "filter",
+                       "--admm-epochs", "1", "--retrain-epochs", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["validation"]["task"]["metric"] == "positive-set F1"
+    original, written = onnx.load(str(model)), onnx.load(str(out))
+    splits = [n for n in written.graph.node if n.op_type == "Split"]
+    def constants(m: onnx.ModelProto) -> dict:
+        return {name: tensor_value(m, source).tolist() for name, source in constant_sources(m).items()}
+
+    sizes, before = constants(written), constants(original)
+    pieces = [sizes[n.input[1]] for n in splits]
+    assert len(pieces) == 3 and all(len(p) == 2 and p[0] == p[1] for p in pieces)
+    assert sum(p[0] for p in pieces) < sum(before[n.input[1]][0] for n in original.graph.node if n.op_type == "Split")
+    assert not {n for n in report.get("left_alone", {}) if "cls" not in n and "box" not in n}
+    images = yolo.feeds(5, 9)["images"]
+    assert _probabilities(out, images).shape == _probabilities(model, images).shape == (5, 2, 80)

@@ -320,3 +320,10 @@ def test_compress_html_is_written_when_the_gate_fails(digits_sample, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gate-failed.onnx", "page.html"]
     gate = _section(html.read_text(), "gate")
     assert '<b class="fail">failed</b>' in gate and "out.gate-failed.onnx" in gate and "99.9%" in gate
+
+
+def test_a_second_heads_figure_is_shown_beside_the_task_metric(report):
+    report["metrics"]["task"] = {**report["metrics"]["task"], "others": {"det_prob": 0.25}}
+    page = render(report)
+    assert ('beside it: positive-set F1 on &#x27;det_prob&#x27;</td><td class="n">100.00%</td><td class="n">25.00%'
+            in page)

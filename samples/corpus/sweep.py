@@ -418,10 +418,12 @@ def _vad(work: Path) -> tuple[Path, Feeds]:
     return vad.build(work / "vad_if.onnx"), vad.feeds(256, 3)
 
 
-def _yolo(work: Path) -> tuple[Path, Feeds]:
+def _yolo(c2f: bool):
     """A two-level detector in YOLOv8's export layout, boxes and Sigmoid class probabilities in one output
-    (samples/corpus/yolo.py); generated images."""
-    return yolo.build(work / "yolo_like.onnx"), yolo.feeds(256, 1)
+    (samples/corpus/yolo.py), with YOLOv8's C2f blocks or without; generated images."""
+    def build(work: Path) -> tuple[Path, Feeds]:
+        return yolo.build(work / f"yolo_{'c2f' if c2f else 'like'}.onnx", c2f=c2f), yolo.feeds(256, 1)
+    return build
 
 
 CORPUS = [
@@ -460,7 +462,9 @@ CORPUS = [
     Entry("vad_if", "synthetic audio (trained; silero-VAD layout)",
           "torch TorchScript (scripted If on sr), state [2, N, 64]", _vad),
     Entry("yolo_like", "synthetic shapes (trained; YOLOv8 layout)",
-          "torch TorchScript, [N, 4 + 2, A] boxes + Sigmoid classes", _yolo),
+          "torch TorchScript, [N, 4 + 2, A] boxes + Sigmoid classes", _yolo(False)),
+    Entry("yolo_c2f", "synthetic shapes (trained; YOLOv8 layout, C2f blocks)",
+          "torch TorchScript, [N, 4 + 2, A] boxes + Sigmoid classes", _yolo(True)),
 ]
 
 

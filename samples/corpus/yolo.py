@@ -7,6 +7,9 @@ height in pixels) and the two class probabilities. As in YOLOv8's export, the bo
 no graph output is a score by itself: the tool finds the Sigmoid inside (``scores._joined_probabilities``)
 and measures the positive set of its probabilities above 0.5.
 
+``yolo_c2f`` is the same detector with YOLOv8's C2f blocks in its backbone (with shortcuts) and at its last
+level (without), whose filters the channel analysis follows through their Split and Concat.
+
 Images: low noise with one to three objects, a filled square (class 0) or a hollow one (class 1), 8 to 18
 pixels wide. Every anchor point inside an object is a positive of its class (its box the object's); the
 model trains for a few hundred Adam steps (seconds) on binary cross-entropy plus L1 on the positives' boxes.
@@ -58,16 +61,38 @@ def _anchors() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(points), torch.cat(strides)
 
 
-def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.SiLU())
+def _block(cin: int, cout: int, stride: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: ``cv1`` split in two halves, a bottleneck on the second (adding its input back with
+    ``shortcut``), both halves and the bottleneck's output joined before ``cv2``."""
+
+    def __init__(self, channels: int, shortcut: bool) -> None:
+        super().__init__()
+        self.c, self.shortcut = channels // 2, shortcut
+        self.cv1 = _block(channels, 2 * self.c, 1, 1)
+        self.m = nn.Sequential(_block(self.c, self.c, 1), _block(self.c, self.c, 1))
+        self.cv2 = _block(3 * self.c, channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        m = self.m(b)
+        return self.cv2(torch.cat([a, b, b + m if self.shortcut else m], 1))
 
 
 class YoloLike(nn.Module):
-    def __init__(self, width: int = 16) -> None:
+    """``c2f``: C2f blocks after the stem (with shortcut), at stride 8 (with) and at stride 16 (without), as in
+    YOLOv8's backbone and neck."""
+
+    def __init__(self, width: int = 16, c2f: bool = False) -> None:
         super().__init__()
-        self.stem = nn.Sequential(_block(1, width, 2), _block(width, 2 * width, 2), _block(2 * width, 2 * width, 1))
-        self.p3 = _block(2 * width, 3 * width, 2)  # stride 8
-        self.p4 = _block(3 * width, 4 * width, 2)  # stride 16
+        after = (lambda c, shortcut: C2f(c, shortcut)) if c2f else (lambda c, shortcut: nn.Identity())
+        self.stem = nn.Sequential(_block(1, width, 2), _block(width, 2 * width, 2), _block(2 * width, 2 * width, 1),
+                                  after(2 * width, True))
+        self.p3 = nn.Sequential(_block(2 * width, 3 * width, 2), after(3 * width, True))  # stride 8
+        self.p4 = nn.Sequential(_block(3 * width, 4 * width, 2), after(4 * width, False))  # stride 16
         self.box = nn.ModuleList(nn.Sequential(_block(c, 32, 1), nn.Conv2d(32, 4, 1)) for c in (3 * width, 4 * width))
         self.cls = nn.ModuleList(nn.Sequential(_block(c, 32, 1), nn.Conv2d(32, CLASSES, 1))
                                  for c in (3 * width, 4 * width))
@@ -127,13 +152,13 @@ def train(model: YoloLike, steps: int, seed: int) -> None:
     model.eval()
 
 
-def build(path: Path, steps: int = 400, seed: int = 0) -> Path:
-    """Train the detector and write it to ``path`` (cached: an existing file is kept); TorchScript export,
-    dynamic batch."""
+def build(path: Path, steps: int = 400, seed: int = 0, c2f: bool = False) -> Path:
+    """Train the detector (with C2f blocks: ``c2f``) and write it to ``path`` (cached: an existing file is
+    kept); TorchScript export, dynamic batch."""
     if path.exists():
         return path
     torch.manual_seed(seed)
-    model = YoloLike()
+    model = YoloLike(c2f=c2f)
     train(model, steps, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
