@@ -330,3 +330,21 @@ def test_a_recurrent_weight_computed_by_more_than_moving_entries_stays_a_constan
     graph.node.insert(0, factor)
     onnx.checker.check_model(model, full_check=True)
     assert sorted(weight_decoders(model)) == ["R"]
+
+
+def test_the_else_branch_trains_its_lstm_and_the_then_branch_stays_bit_for_bit(vad_model: Path) -> None:
+    # 8 kHz frames take the else branch: its LSTM's computed W and R are pruned and stored in place of their
+    # computation there; the 16 kHz network is the original's, node for node.
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 0, "retrain_epochs": 0},
+                                       "train": {"threads": 1}})
+    result = compress(vad_model, vad.feeds(64, 3, 8000), config, progress="off", metric_floor=0)
+    written, original = result.model(), onnx.load(str(vad_model))
+    onnx.checker.check_model(written, full_check=True)
+    assert if_branch(written.graph.node[-1]).SerializeToString() == if_branch(original.graph.node[-1]).SerializeToString()
+    lstm = next(n for n in if_branch(original.graph.node[-1], False).node if n.op_type == "LSTM")
+    assert set(lstm.input[1:3]) <= {layer["name"] for layer in result.report["layers"]}
+    values = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert all(0 < np.count_nonzero(values[w]) < values[w].size for w in lstm.input[1:3])
+    feeds = vad.feeds(16, 5, 16000)
+    for a, b in zip(_run(original, feeds), _run(written, feeds)):
+        np.testing.assert_array_equal(a, b)
