@@ -61,14 +61,15 @@ class Comparison:
                 raise UserError(
                     f"output {name!r} has shape {a.shape} in the original model but {b.shape} in the compressed one"
                 )
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)  # once, for the differences and the fit
+            diff = np.abs(a64 - b64)
             if diff.size:
                 # np.max propagates NaN; Python's max() would silently drop it and report 0.
                 self.max_abs[name] = float(np.max([self.max_abs[name], diff.max()]))
             self.sum_abs[name] += float(diff.sum())
             self.count[name] += diff.size
             if a.dtype.kind == "f":
-                self.fit.add(name, a, b, samples)
+                self.fit.add(name, a64, b64, samples)
         for name, metric in self.others.items():
             pair = [result.get(name) for result in results]
             if all(isinstance(p, np.ndarray) and p.dtype.kind == "f" for p in pair):
