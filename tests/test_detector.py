@@ -137,11 +137,12 @@ def test_filter_pruning_through_c2f_blocks_shrinks_the_detector(tmp_path):
     # The detector with YOLOv8's C2f blocks (backbone with shortcuts, last level without): each C2f's cv1
     # loses whole pairs of filters (one per half of its Split), its Split pieces shrink alike, and the written
     # graph still runs at any batch with the original's outputs' shapes.
-    model = yolo.build(tmp_path / "yolo_c2f.onnx", steps=150, c2f=True)
-    np.savez(tmp_path / "train.npz", **yolo.feeds(128, 1))
+    # What is cut, not how well the cut model detects (yolo_c2f's sweep row measures that): little training.
+    model = yolo.build(tmp_path / "yolo_c2f.onnx", steps=40, c2f=True)
+    np.savez(tmp_path / "train.npz", **yolo.feeds(64, 1))
     out = tmp_path / "f.onnx"
     result = _compress((model, tmp_path / "train.npz"), out, "--sparsity", "0.5", "--structure", "filter",
-                       "--admm-epochs", "1", "--retrain-epochs", "1")
+                       "--admm-epochs", "1", "--retrain-epochs", "0")
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["validation"]["task"]["metric"] == "positive-set F1"

@@ -334,7 +334,8 @@ def run_row(row: Row, work: Path, dense: Path, data: dict, args: argparse.Namesp
         quantize_static(str(dense), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     wall = time.perf_counter() - started
-    report = validate(dense, out, test, batch_size=64, threads=1)
+    # --quick checks the plumbing: two timed runs a model instead of twenty.
+    report = validate(dense, out, test, batch_size=64, threads=1, latency_batches=2 if args.quick else 20)
     stats = report.compressed
     extra = {}
     if structure:  # onnxruntime latency, measured in the compress run (interleaved, median)
@@ -377,7 +378,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
-def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> None:
+def write_outputs(results: list[dict], out: Path, args: argparse.Namespace, plot: bool = True) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     subset = f", {args.train} training images" if args.train else ""
     lines = [
@@ -406,6 +407,8 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
                          f"{r['dense_latency_ms_b1'] / r['latency_ms_b1']:.2f}x | {r['latency_ms_b64']:.2f} | "
                          f"{r['dense_latency_ms_b64']:.2f} | {r['dense_latency_ms_b64'] / r['latency_ms_b64']:.2f}x |")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    if not plot:
+        return
     try:
         import matplotlib
 
@@ -493,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
         results = [r for r in results if r["id"] != row.id] + [result]
         results.sort(key=lambda r: list(table).index(r["id"]) if r["id"] in table else len(table))
-        write_outputs(results, args.out, args)  # after every row, so an interrupted run keeps its rows
+        # after every row, so an interrupted run keeps its rows (--quick draws the figure once, at the end: a
+        # drawing costs more than a quick row)
+        write_outputs(results, args.out, args, plot=not args.quick)
         logger.info("row %s: top-1 %.4f, ratio %s", row.id, result["top1"], result["ratio"])
     write_outputs(results, args.out, args)
     return 0
