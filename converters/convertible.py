@@ -94,11 +94,16 @@ def _raise_unsupported(problems: list[str], why: str) -> None:
     )
 
 
+# Ops whose output depends on their input's shape only: a tensor computed from them (a causal mask's
+# Expand of ones to the sequence length) does not change when a weight does.
+_SHAPE_ONLY = ("Shape", "Size")
+
+
 def _reads_trainable_weight(name: str, producer: dict[str, onnx.NodeProto], inits: dict) -> bool:
     seen, stack = set(), [name]
     while stack:
         node = producer.get(stack.pop())
-        if node is None or id(node) in seen:
+        if node is None or id(node) in seen or node.op_type in _SHAPE_ONLY:
             continue
         seen.add(id(node))
         if node.op_type in TRAINABLE_CONSUMERS and any(

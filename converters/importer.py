@@ -217,6 +217,11 @@ class ImportedModel:
     def compressible(self) -> list[WeightEntry]:
         return [e for e in self.weights if e.compressible]
 
+    def held(self) -> set[str]:
+        """The ONNX names of the weights this module holds as its own tensors (a filter-pruned group's
+        consumers must be among them to be masked)."""
+        return {e.onnx_name for e in self.weights if e.owns_tensor}
+
     def onnx_values(self, entries: list[WeightEntry] | None = None,
                     values: Mapping[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Values in ONNX layout and dtype, keyed by ``WeightEntry.param``: the module's current ones, or
@@ -386,13 +391,33 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
                             f"({not_converted[0] if not_converted else 'no trainable weight feeds it'}); name another "
                             "with [train] output")
         score = replace(inner, index=trained.index(inner.name))
+    elif not passed or output is not None:
+        score = find_score_output(normalized if passed else original, output)
     else:
-        score = find_score_output(original if not passed else normalized, output)
+        score = _score_of_a_cut(original, normalized, trained)
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
                          not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding,
                          computed)
+
+
+def _score_of_a_cut(original: onnx.ModelProto, cut: onnx.ModelProto, trained: list[str]) -> ScoreOutput | None:
+    """The score of a model whose trained part stops before some graph outputs (passed through).
+
+    The original's own score where the trained part computes it; none where that score lies past the cut
+    (a tensor before it, the first [N, C] among hidden units or a mask, means nothing as class scores, so
+    the loss is the trained outputs' MSE to the original's); else the cut's own (a classifier's Softmax
+    read by skl2onnx's ZipMap, whose output is no tensor).
+    """
+    wanted = find_score_output(original)
+    if wanted is None:
+        return find_score_output(cut)
+    if wanted.name in trained:
+        return replace(wanted, index=trained.index(wanted.name))
+    logger.warning("the score output %r is computed past the part of the graph onnx-admm trains: training matches "
+                   "the trained part's outputs instead (name one with [train] output to train on it)", wanted.name)
+    return None
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:

@@ -10,6 +10,9 @@
 - ``GlobalMaxPool`` (opset 1).
 - ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
   indices counted from ``depth``, out-of-range indices giving the off value everywhere.
+- ``Trilu`` (opset 14): both exporters write a transformer decoder's causal mask with it
+  (``nn.Transformer`` with ``tgt_is_causal``); without it the import stopped there and the decoder was
+  passed through untrained.
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
   bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
   ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op),
@@ -487,3 +490,18 @@ class OnnxOneHot(nn.Module, OnnxToTorchModule):
 for _version in (9, 11):
     add_converter(operation_type="OneHot", version=_version)(
         _simple(lambda node: OnnxOneHot(int(node.attributes.get("axis", -1)))))
+
+
+class OnnxTrilu(nn.Module, OnnxToTorchModule):
+    """Trilu(x, k): the upper (``upper=1``) or lower triangle of the last two dims, from diagonal ``k``."""
+
+    def __init__(self, upper: bool) -> None:
+        super().__init__()
+        self.upper = upper
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
+        diagonal = 0 if k is None else int(k.reshape(-1)[0])
+        return torch.triu(x, diagonal) if self.upper else torch.tril(x, diagonal)
+
+
+add_converter(operation_type="Trilu", version=14)(_simple(lambda node: OnnxTrilu(bool(node.attributes.get("upper", 1)))))

@@ -42,6 +42,8 @@ class ScoreOutput:
 
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
 _SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If")
+# Binary ops a walk back may cross by their computed operand (a bias Add, a scale Mul).
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
 
 
 def class_axis(rank: int) -> int:
@@ -64,10 +66,18 @@ def _branch_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return producers
 
 
-def _through(node: onnx.NodeProto, name: str) -> str:
-    """The tensor a walk back from ``name`` goes on to: an If's then-branch output, else the first input."""
+def _through(node: onnx.NodeProto, name: str, producers: dict[str, onnx.NodeProto]) -> str:
+    """The tensor a walk back from ``name`` goes on to: an If's then-branch output; the computed operand of
+    an elementwise op whose other operand is a constant (TorchScript writes a head's bias first,
+    ``Add(bias, MatMul)``); else the first input."""
     if node.op_type == "If":
         return if_branch(node).output[list(node.output).index(name)].name
+    if node.op_type in _ELEMENTWISE and len(node.input) == 2:
+        def computed(tensor: str) -> bool:
+            return tensor in producers and producers[tensor].op_type != "Constant"
+
+        if not computed(node.input[0]) and computed(node.input[1]):
+            return node.input[1]
     return node.input[0]
 
 
@@ -238,7 +248,7 @@ def _producer(name: str, producers: dict[str, onnx.NodeProto], through: tuple[st
         node = producers[name]
         if node.op_type not in through:
             return (node, name) if reached else node
-        name = _through(node, name)
+        name = _through(node, name, producers)
     return None
 
 

@@ -171,3 +171,24 @@ def test_filter_pruning_leaves_recurrent_weights_alone_and_cuts_the_convs(tmp_pa
     assert [k for k, v in alone.items() if v == "GRU filters are not removable"] == ["onnx::GRU_222", "onnx::GRU_223"]
     first = next(layer for layer in report["layers"] if layer["name"] == "conv.0.weight")
     assert first["shape"] == [16, 1, 3, 3] and first["stored_shape"] == [8, 1, 3, 3]
+
+
+def test_seq2seq_transformer_imports_whole_with_its_logits_as_the_score(tmp_path, one_thread):
+    # Both exporters write the decoder's causal mask with Trilu, which onnx2torch lacks: the import stopped
+    # there and the decoder and head passed through untrained. TorchScript writes the head Add(bias, MatMul).
+    import onnx
+
+    import seq2seq
+    from onnx_admm.converters.importer import import_model
+
+    path = seq2seq.build(tmp_path / "seq2seq_ts.onnx", dynamo=False, steps=20)
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Trilu" for n in model.graph.node)
+    imported = import_model(model)
+    assert imported.output_names == ["logits"] and not imported.passed_through
+    assert (imported.score.name, imported.score.kind) == ("logits", "logits")
+    assert len(imported.compressible()) >= 20  # every projection of both stacks and the head
+    feeds = seq2seq.feeds(6, 3)
+    reference = __import__("onnxruntime").InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0]
+    np.testing.assert_allclose(imported.run(feeds)[0], reference, atol=1e-4)

@@ -271,3 +271,58 @@ def test_sklearn_regressor_compresses_without_labels_and_keeps_its_outputs(tmp_p
     original, compressed = (_ort(p, {"X": features[300:]})[0] for p in (path, out))
     residual = np.square(compressed - original).sum() / np.square(original - original.mean(0)).sum()
     assert 1 - residual >= 0.99 and result.report["params"]["nonzero"] == 816
+
+
+def _cut_before_the_head(mask: bool) -> onnx.ModelProto:
+    """Two Gemm + Relu layers, then an op onnx2torch cannot convert (ThresholdedRelu) and the head: the
+    import stops before the head. With ``mask``, a ones tensor shaped like the second layer's output (a mask
+    computed from shapes) is read past the cut as well."""
+    rng = np.random.default_rng(0)
+    weights = {"w0": rng.standard_normal((24, 16)), "w1": rng.standard_normal((32, 24)) / 5,
+               "w2": rng.standard_normal((4, 32)) / 5}
+    head = """
+        s = Shape (h)
+        ones = ConstantOfShape <value = float[1] {1.0}> (s)
+        m = Mul (t, ones)
+        y = Gemm <transB = 1> (m, w2)""" if mask else """
+        y = Gemm <transB = 1> (t, w2)"""
+    return op_model("(float[N, 16] x) => (float[N, 4] y)", """
+        r = Gemm <transB = 1> (x, w0)
+        a = Relu (r)
+        g = Gemm <transB = 1> (a, w1)
+        h = Relu (g)
+        t = ThresholdedRelu <alpha = 0.1> (h)""" + head, 17, {k: v.astype(np.float32) for k, v in weights.items()})
+
+
+def test_a_cut_before_the_head_trains_the_part_before_it_on_its_outputs():
+    imported = import_model(_cut_before_the_head(mask=True))
+    # The ones computed from h's shape do not depend on a weight: not a trained output (it was, and as the
+    # first [N, C] tensor it became the "class scores" the loss and the selection metric read, always 100%).
+    assert (imported.output_names, imported.passed_through) == (["h"], ["y"])
+    assert imported.score is None  # the head is past the cut: the loss is h's MSE to the original's
+
+
+def test_filters_read_past_the_cut_are_left_alone(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnx_admm.cli import main
+
+    path, data, out = tmp_path / "cut.onnx", tmp_path / "x.npz", tmp_path / "out.onnx"
+    save_model(_cut_before_the_head(mask=False), path)
+    x = np.random.default_rng(1).standard_normal((128, 16)).astype(np.float32)
+    np.savez(data, x=x)
+    result = CliRunner().invoke(main, ["compress", str(path), "--data", str(data), "-o", str(out), "--structure",
+                                       "filter", "--sparsity", "0.25", "--admm-epochs", "1", "--retrain-epochs", "1",
+                                       "--threads", "1", "--report", str(tmp_path / "r.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    # w1's filters are read by the head, which does not train: they stay (before: KeyError 'w2').
+    assert report["left_alone"]["w1"] == ("its channels are read by w2, past the part of the graph onnx-admm "
+                                          "converts and trains")
+    written = load_model(out)
+    shapes = {name: tensor_value(written, source).shape for name, source in constant_sources(written).items()}
+    kept = shapes["w0"][0]  # a multiple of 8 filters (the default rounding)
+    assert kept < 24 and shapes["w0"] == (kept, 16) and shapes["w1"] == (32, kept) and shapes["w2"] == (4, 32)
+    assert _ort(out, {"x": x[:5]})[0].shape == (5, 4)

@@ -119,6 +119,10 @@ CASES = [
      "y = ConvTranspose <strides = [3], pads = [2, 0]> (x, w)", [11], {"w": _WT[:, :, 0].copy()}),
     ("LayerNormalization-2-axes", "(float[N, 3, 6] x) => (float[?, ?, ?] y)",
      "y = LayerNormalization <axis = 1> (x, g, b)", [17], {"g": _G36, "b": _B36}),
+    # A decoder's causal mask (nn.Transformer with tgt_is_causal, both exporters): onnx2torch has no Trilu.
+    ("Trilu-lower", "(float[N, 4, 5] x) => (float[?, ?, ?] y)", "y = Trilu <upper = 0> (x)", [14, 17], {}),
+    ("Trilu-upper-k", "(float[N, 5, 4] x) => (float[?, ?, ?] y)", "y = Trilu (x, k)", [14, 17],
+     {"k": np.array(-1, np.int64)}),
 ]
 
 OP_PARAMS = [pytest.param(case, opset, id=f"{case[0]}-opset{opset}") for case in CASES for opset in case[3]]

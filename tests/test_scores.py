@@ -92,6 +92,24 @@ def test_softmax_over_another_axis_is_not_a_class_distribution():
     assert find_score_output(model).kind == "probabilities"
 
 
+@pytest.mark.parametrize("add", ["b, m", "m, b"])
+def test_per_position_logits_of_a_head_whose_bias_comes_first(add):
+    # TorchScript writes a Linear on a sequence as Add(bias, MatMul), dynamo as Add(MatMul, bias): either is
+    # a head's per-position logits (a seq2seq decoder's), not a tensor without a score.
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, 6] x) => (float[N, 6, 5] logits) {{
+            h = Gather (e, x)
+            m = MatMul (h, w)
+            logits = Add ({add})
+        }}""")
+    rng = np.random.default_rng(0)
+    for name, shape in (("e", (10, 8)), ("w", (8, 5)), ("b", (5,))):
+        model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    score = find_score_output(model)
+    assert score is not None and (score.name, score.kind) == ("logits", "logits")
+
+
 def test_per_position_kl_and_agreement_values():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)

@@ -22,26 +22,29 @@ from onnx_admm.structures import NMPattern
 logger = logging.getLogger(__name__)
 
 
-def legalize(plan: Plan, original: onnx.ModelProto,
-             shapes: dict[str, torch.Size]) -> tuple[Plan, dict[str, ChannelGroup], dict[str, str]]:
+def legalize(plan: Plan, original: onnx.ModelProto, shapes: dict[str, torch.Size],
+             held: set[str]) -> tuple[Plan, dict[str, ChannelGroup], dict[str, str]]:
     """(the plan without the weights that cannot take their structure, with ``coupled`` listing the
     filter-pruned members of each residual sum; the channel groups of the original graph by member
-    weight name (empty without filter pruning); the weights left alone and why)."""
+    weight name (empty without filter pruning); the weights left alone and why). ``held``: the ONNX
+    names of the weights the imported module holds (a consumer outside them cannot be masked)."""
     groups: dict[str, ChannelGroup] = {}
     left_alone: dict[str, str] = {}
     if any(w.removes_channels for w in plan.weights):
         # Every member of a coupled group (the convs of one residual sum) finds the group by its weight.
         groups = {member: g for g in channel_groups(original) for member in g.producers}
-        plan, left_alone = _keep_removable_filters(plan, groups)
+        plan, left_alone = _keep_removable_filters(plan, groups, held)
     if any(isinstance(w.structure, NMPattern) for w in plan.weights):
         plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
         left_alone.update(nm_alone)
     return plan, groups, left_alone
 
 
-def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
-    """Filter pruning only where the channels can leave the graph, a coupled group's members all pruned
-    together (``plan.coupled``) or all left alone."""
+def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup],
+                            held: set[str]) -> tuple[Plan, dict[str, str]]:
+    """Filter pruning only where the channels can leave the graph and every weight reading them trains
+    (their input channels are masked with the filters), a coupled group's members all pruned together
+    (``plan.coupled``) or all left alone."""
     filtered = [w for w in plan.weights if w.removes_channels]
     pruned = {w.spec.label: w.spec.name for w in filtered}
     left_alone = {}
@@ -49,6 +52,9 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup]) -> tupl
         label, group = w.spec.label, groups.get(w.spec.label)
         if group is None or not group.prunable:
             left_alone[label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
+        elif outside := [piece.tensor for piece in group.consumers if piece.tensor not in held]:
+            left_alone[label] = (f"its channels are read by {outside[0]}, past the part of the graph onnx-admm "
+                                 "converts and trains")
         elif missing := [m for m in group.producers if m not in pruned]:
             left_alone[label] = (f"coupled with {', '.join(missing)} (their outputs meet in a residual sum), which "
                                  "the recipe does not filter-prune: a coupled group is pruned whole or not at all")

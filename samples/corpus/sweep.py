@@ -74,6 +74,7 @@ from speed import train_and_infer_ms  # noqa: E402
 from synthetic import captcha_ctc, detector_1d  # noqa: E402
 from vit import digits_vit  # noqa: E402
 import vad  # noqa: E402
+import seq2seq  # noqa: E402
 import yolo  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
@@ -418,6 +419,14 @@ def _vad(work: Path) -> tuple[Path, Feeds]:
     return vad.build(work / "vad_if.onnx"), vad.feeds(256, 3)
 
 
+def _seq2seq(dynamo: bool):
+    """The character-level encoder-decoder transformer (samples/corpus/seq2seq.py): token ids in, per-position
+    logits out, a causal mask the graph computes (Trilu); source words and teacher-forced decoder inputs."""
+    def build(work: Path) -> tuple[Path, Feeds]:
+        return seq2seq.build(work / f"seq2seq_{'dynamo' if dynamo else 'ts'}.onnx", dynamo=dynamo), seq2seq.feeds(256, 1)
+    return build
+
+
 def _yolo(c2f: bool):
     """A two-level detector in YOLOv8's export layout, boxes and Sigmoid class probabilities in one output
     (samples/corpus/yolo.py), with YOLOv8's C2f blocks or without; generated images."""
@@ -461,6 +470,10 @@ CORPUS = [
           detector_1d()),
     Entry("vad_if", "synthetic audio (trained; silero-VAD layout)",
           "torch TorchScript (scripted If on sr), state [2, N, 64]", _vad),
+    Entry("seq2seq_ts", "synthetic romanization (trained; encoder-decoder transformer)",
+          "torch TorchScript, int64 tokens, [N, T, V] logits, causal mask by Trilu", _seq2seq(False)),
+    Entry("seq2seq_dynamo", "synthetic romanization (trained; encoder-decoder transformer)",
+          "torch dynamo, int64 tokens, [N, T, V] logits, causal mask by Trilu", _seq2seq(True)),
     Entry("yolo_like", "synthetic shapes (trained; YOLOv8 layout)",
           "torch TorchScript, [N, 4 + 2, A] boxes + Sigmoid classes", _yolo(False)),
     Entry("yolo_c2f", "synthetic shapes (trained; YOLOv8 layout, C2f blocks)",
