@@ -64,6 +64,9 @@ class StageResult:
     # the state the stage starts from and of its refit projection onto the stage's target, and whether the
     # stage took its ADMM phase back.
     handover: dict[str, Any] | None = None
+    # Whether an epoch of the retraining phase scored at least its start on the selection split (False: the
+    # start was kept and the retraining discarded; None: no retraining phase).
+    retrained: bool | None = None
 
     def summary(self) -> dict[str, Any]:
         # The mean primal residual ||W - Z|| / ||W|| over the stage's weights at each Z/U update: it
@@ -76,7 +79,7 @@ class StageResult:
             "val_metric": self.val_metric, "rolled_back": self.rolled_back, "epochs": self.epochs,
             "admm_steps": self.admm_steps,
             "mean_residual": mean, "history": self.history, "reconstruction": self.reconstruction,
-            "quantized_start": self.quantized_start, "handover": self.handover,
+            "quantized_start": self.quantized_start, "handover": self.handover, "retrained": self.retrained,
         }
 
 

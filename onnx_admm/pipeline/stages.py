@@ -238,7 +238,8 @@ class Runner:
         frozen = [level.levels for level in levels.values() if isinstance(level, FixedLevels)]
         self.world.broadcast_(frozen)
         masked = {name: self.imported.module.get_parameter(name) for name in supports}
-        kept_standing, values, rolled_r = self.retrain_phase(stage, masked, supports, levels, budget.retrain, latent)
+        kept_standing, values, rolled_r, retrained = self.retrain_phase(stage, masked, supports, levels,
+                                                                       budget.retrain, latent)
         metric = kept_standing.metric
         load_values(self.imported, values)
         for name, level in levels.items():
@@ -266,6 +267,7 @@ class Runner:
             epochs={"admm": budget.admm, "retrain": budget.retrain}, admm_steps=admm_steps,
             stopped=[phase for phase, note in (("admm", rolled), ("retrain", rolled_r)) if note],
             history=self.history, reconstruction=reconstruction, quantized_start=quantized_start, handover=handover,
+            retrained=retrained if budget.retrain > 0 else None,
         ))
         logger.info("stage %d done: sparsity %.4f, selection metric %s", stage, zeros / total, metric)
         return supports
@@ -363,21 +365,28 @@ class Runner:
         ste = StraightThrough({n: params[n] for n in levels}, levels, supports, latent, clip) if levels else None
         optimizer = self.optimizer()
         with ste.projected() if ste else nullcontext():
-            best = {"standing": self.select_standing(), "values": snapshot(self.imported)}
+            best = {"standing": self.select_standing(), "values": snapshot(self.imported), "trained": False}
 
         def epoch_end(epoch, stats) -> dict[str, Any]:
             with ste.projected() if ste else nullcontext():
                 now = self.select_standing()
                 if now.compare(best["standing"]) >= 0:  # level: the later state
                     # Into the phase's one snapshot: a better state replaces the previous best in place.
-                    best.update(standing=now, values=copy_values(self.imported, best["values"]))
+                    best.update(standing=now, values=copy_values(self.imported, best["values"]), trained=True)
             return {"metric": now.metric}
 
         hooks_b = [fixed.mask_grads] + ([ste.before_step] if ste else [])
         hooks_f = [ste.before_forward] if ste else []
         message = self.run_phase("retrain", stage, epochs, optimizer, hooks_b, [lambda: fixed.apply(optimizer)],
                                  epoch_end, hooks_f, lr=lambda step, total: lr_factor(step, total, "cosine"))
-        return best["standing"], best["values"], message
+        if epochs > 0 and not best["trained"]:
+            # Every epoch scored under the phase's start on the selection split: the run keeps the start and the
+            # training is lost (a rate too high for the model makes each step undo the last; issue seen on a
+            # Keras byte classifier at SGD 0.01, whose first layer's bias is added at 256 positions).
+            logger.warning("stage %d: no retraining epoch beat the weights it started from on the selection split, "
+                           "so those are kept and the retraining is discarded; a lower train.lr may let it help",
+                           stage)
+        return best["standing"], best["values"], message, best["trained"]
 
     def steps_per_epoch(self) -> int | None:
         if not isinstance(self.train_data, Dataset):
