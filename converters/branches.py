@@ -68,7 +68,7 @@ class Folding:
             labels = [node_label(n, i) for i, n in enumerate(nodes)]
             inserted = set(record.inserted)
             # Write-back may have replaced some (a recurrent weight computed from constants is stored as the
-            # trained tensor, ``dequantize._recurrent_decoders``); the branch's copies are dropped below.
+            # trained tensor, ``dequantize._computed_weights``); the branch's copies are dropped below.
             positions = [i for i, label in enumerate(labels) if label in inserted]
             if not positions:
                 raise RuntimeError(f"the written graph lost the nodes of the folded If {record.node.name!r}")

@@ -7,9 +7,11 @@ decoding subgraphs whose output is named ``W``:
   with ``q`` in a sparse initializer);
 - ``Gather(codebook, Cast(indices, to=INT64)) -> W`` (uint8 / uint4 / uint2 codebook indices).
 
-A recurrent op's W / R / B that nodes compute from constants alone (an exported LSTMCell's gate reordering)
-is found the same way (``_recurrent_decoders``): it imports and trains as the tensor it computes, and
-write-back replaces the computation with the trained tensor.
+A recurrent op's W / R / B, or a MatMul / Gemm weight, that nodes only moving entries compute from
+constants alone (an exported LSTMCell's gate reordering; the query and key-value rows a TorchScript
+cross-attention slices out of its packed ``in_proj_weight``) is found the same way (``_computed_weights``):
+it imports and trains as the tensor it computes, and write-back replaces the computation with the trained
+tensor.
 
 :func:`weight_decoders` finds such subgraphs (every input a constant), :func:`decode` computes the float
 tensor they produce, :func:`remove_decoders` deletes them with the constants only they read, and
@@ -31,8 +33,8 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, RECURRENT_CONSTANT_INPUTS
-from onnx_admm.converters.graphinfo import (GraphView, TensorSource, constant_sources, node_attr, subgraphs,
-                                            tensor_value)
+from onnx_admm.converters.graphinfo import (GraphView, TensorSource, constant_sources, node_attr, resolve,
+                                            subgraphs, tensor_value)
 
 logger = logging.getLogger(__name__)
 
@@ -98,38 +100,78 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
             # Checked last: reading the data tensor is the one costly step (an embedding table, say).
             if tensor_value(model, sources[inputs[0]]).ndim == 1:
                 found[node.output[0]] = WeightDecoder(node.output[0], node.op_type, nodes, constants)
-    found.update(_recurrent_decoders(model, sources, producers, graph_outputs))
+    found.update(_computed_weights(model, sources, producers, graph_outputs))
     return found
 
 
-def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource], producers: dict[str, int],
-                        graph_outputs: set[str]) -> dict[str, WeightDecoder]:
-    """W / R / B of recurrent ops that nodes compute from constants alone (an LSTMCell exported without
-    constant folding, often inside an If branch: Unsqueeze(Concat(Slice(W_ih, ...), ...)) reordering its gates).
+# The weight inputs whose computation from constants imports as a weight: a recurrent op's W / R / B (and
+# initial states and peepholes), a MatMul's or Gemm's second operand. Moves a linear weight's computation may
+# hold: not Cast, since storing an fp16 weight that a Cast widens as its float32 result would double it.
+_LINEAR_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"MatMul": (1,), "Gemm": (1,)}
+
+
+def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], producers: dict[str, int],
+                      graph_outputs: set[str]) -> dict[str, WeightDecoder]:
+    """Recurrent and linear weights that nodes compute from constants alone (an LSTMCell exported without
+    constant folding, often inside an If branch: Unsqueeze(Concat(Slice(W_ih, ...), ...)) reordering its gates;
+    TorchScript's cross-attention: Transpose(Slice(in_proj_weight)) for the query rows and for the key-value
+    rows).
 
     Such a weight imports as the constant it computes and trains; write-back stores the trained tensor under
-    its name in place of the nodes, as for the other decoders. Every node of the computation must only move
-    entries (``_MOVES``) and feed only the computation (a node whose output something else reads too would be
-    left without its producer).
+    its name in place of the nodes, as for the other decoders. Every node on the weight's data path must only
+    move entries (``_MOVES``; the positions a Slice or Reshape reads may be computed by any op). A recurrent
+    weight's nodes must feed only its computation; a linear weight's may be shared (dynamo's Split of the packed
+    weight into query, key and value rows feeds three): write-back keeps a node that something it does not
+    replace still reads (``remove_decoders``).
     """
     graph = model.graph
-    readers = {name: {i for i, _ in reads} for name, reads in GraphView(model).readers.items()}
+    view = GraphView(model)
+    readers = {name: {i for i, _ in reads} for name, reads in view.readers.items()}
     found: dict[str, WeightDecoder] = {}
+    linear_found: list[str] = []
     for node in graph.node:
         if node.domain not in DEFAULT_DOMAINS:
             continue
-        for slot in RECURRENT_CONSTANT_INPUTS.get(node.op_type, ()):
+        linear = node.op_type in _LINEAR_WEIGHT_INPUTS
+        slots = _LINEAR_WEIGHT_INPUTS.get(node.op_type) or RECURRENT_CONSTANT_INPUTS.get(node.op_type, ())
+        for slot in slots:
             name = node.input[slot] if slot < len(node.input) else ""
             if not name or name in sources or name in found or name in graph_outputs or name not in producers:
                 continue
-            closure = computed_from_constants(name, graph, sources, producers)
+            if linear and resolve(name, view.aliases) in sources:
+                continue  # an Identity of a constant: the constant itself is the weight, tied across its aliases
+            closure = computed_from_constants(name, graph, sources, producers,
+                                              moves=_LINEAR_MOVES if linear else _MOVES)
             if closure is None:
                 continue
             nodes, constants = closure
             inner = {out for i in nodes for out in graph.node[i].output if out}
-            if any(not readers.get(out, set()) <= set(nodes) for out in inner - {name}) or inner & graph_outputs:
+            if inner & graph_outputs or not linear and any(not readers.get(out, set()) <= set(nodes)
+                                                            for out in inner - {name}):
                 continue
             found[name] = WeightDecoder(name, graph.node[producers[name]].op_type, nodes, constants)
+            if linear:
+                linear_found.append(name)
+    # A linear weight whose entries come from a constant that something else reads too stays computed: a tied
+    # embedding's Transpose for the output layer would train apart from the embedding and be stored twice.
+    computing = {i for name in linear_found for i in found[name].nodes}
+    for name in linear_found:
+        if any(not readers.get(c, set()) <= computing for c in _data_constants(name, graph, sources, producers)):
+            del found[name]
+    return found
+
+
+def _data_constants(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
+                    producers: dict[str, int]) -> set[str]:
+    """The constants the entries of ``name`` come from (``computed_from_constants``'s data path)."""
+    found, stack = set(), [name]
+    while stack:
+        current = stack.pop()
+        if current in sources:
+            found.add(current)
+        elif current in producers:
+            node = graph.node[producers[current]]
+            stack.extend(n for n in (node.input if node.op_type == "Concat" else node.input[:1]) if n)
     return found
 
 
@@ -137,32 +179,37 @@ def _recurrent_decoders(model: onnx.ModelProto, sources: dict[str, TensorSource]
 # it as trained in their place never grows the file (a product of two factors would).
 _MOVES = frozenset({"Slice", "Split", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity",
                     "Gather", "Cast"})
+_LINEAR_MOVES = _MOVES - {"Cast"}
 
 
 def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
-                            producers: dict[str, int], moves_only: bool = True
+                            producers: dict[str, int], moves: frozenset[str] | None = _MOVES
                             ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     """The nodes (positions, in graph order) that compute ``name`` from constants and the constants they read,
     or None when something else feeds them (a graph input), a node holds a subgraph or is of another domain,
-    or (``moves_only``) a node does more than move entries (``_MOVES``)."""
+    or a node on the data path is not of ``moves`` (None: any op). The data path is what the entries of
+    ``name`` come from: every input of a Concat, the first of the other moves; the rest (a Slice's ends, a
+    Reshape's shape) may be computed by any op, as TorchScript computes a slice's end by an Add."""
     nodes: set[int] = set()
     constants: set[str] = set()
-    stack = [name]
+    stack = [(name, True)]
     while stack:
-        current = stack.pop()
+        current, data = stack.pop()
         if current in sources:
             constants.add(current)
             continue
         index = producers.get(current)
         if index is None:
             return None
+        node = graph.node[index]
+        if node.domain not in DEFAULT_DOMAINS or subgraphs(node) or (data and moves is not None
+                                                                      and node.op_type not in moves):
+            return None
         if index in nodes:
             continue
-        node = graph.node[index]
-        if node.domain not in DEFAULT_DOMAINS or subgraphs(node) or (moves_only and node.op_type not in _MOVES):
-            return None
         nodes.add(index)
-        stack.extend(n for n in node.input if n)
+        data_inputs = len(node.input) if node.op_type == "Concat" else 1
+        stack.extend((n, data and i < data_inputs) for i, n in enumerate(node.input) if n)
     return tuple(sorted(nodes)), tuple(sorted(constants))
 
 
@@ -190,6 +237,16 @@ def remove_decoders(model: onnx.ModelProto, decoders: Iterable[WeightDecoder]) -
     decoders = list(decoders)
     graph = model.graph
     dropped = {i for d in decoders for i in d.nodes}
+    # A node another decoder shares (a Split of a packed weight, a slice's end) stays while a node that stays
+    # reads it: back from the kept nodes, in reverse graph order.
+    replaced = {d.output for d in decoders}  # an initializer of that name takes their place
+    outputs = {i: set(graph.node[i].output) - replaced for i in dropped}
+    read = {name for i, node in enumerate(graph.node) if i not in dropped for name in node.input}
+    read |= {o.name for o in graph.output}
+    for i in sorted(dropped, reverse=True):
+        if outputs[i] & read:
+            dropped.discard(i)
+            read.update(graph.node[i].input)
     kept = [node for i, node in enumerate(graph.node) if i not in dropped]
     still_read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
     unused = {name for d in decoders for name in d.inputs} - still_read

@@ -178,7 +178,7 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
         for index in RECURRENT_CONSTANT_INPUTS.get(node.op_type, ()):
             name = node.input[index] if index < len(node.input) else ""
             if (name and name not in sources and name in producers
-                    and computed_from_constants(name, graph, sources, producers, moves_only=False) is not None):
+                    and computed_from_constants(name, graph, sources, producers, moves=None) is not None):
                 wanted.append(name)
     if not wanted:
         return False

@@ -212,7 +212,10 @@ def test_fixed_batch_reshapes_are_rewritten_only_on_the_batch_axis(tmp_path):
     shapes = {n.name or n.output[0]: onnx.numpy_helper.to_array(
         next(t for t in imported.normalized.graph.initializer if t.name == n.input[1])).tolist()
         for n in imported.normalized.graph.node if n.op_type == "Reshape"}
-    assert sorted(shapes.values()) == [[-1, 3, 2], [-1, 15], [2, 5]]
+    # The weight's Reshape is a computation from constants: w imports as the [2, 5] weight it computes (and
+    # trains), so no batch rewrite can reach it; the activations' two Reshapes take -1 on the batch axis.
+    assert sorted(shapes.values()) == [[-1, 3, 2], [-1, 15]]
+    assert [e.onnx_shape for e in imported.compressible()] == [(2, 5)]
     report = check(path)
     assert report.passed, report.format()
     assert "checked at batch 4" in report.steps[0].detail
@@ -326,3 +329,74 @@ def test_filters_read_past_the_cut_are_left_alone(tmp_path):
     kept = shapes["w0"][0]  # a multiple of 8 filters (the default rounding)
     assert kept < 24 and shapes["w0"] == (kept, 16) and shapes["w1"] == (32, kept) and shapes["w2"] == (4, 32)
     assert _ort(out, {"x": x[:5]})[0].shape == (5, 4)
+
+
+def _packed_projection(opset: int = 17) -> onnx.ModelProto:
+    """dynamo's cross-attention in-projection: one packed [24, 8] weight Split into query rows [8, 8] and
+    key-value rows [16, 8], each transposed for its MatMul."""
+    packed = np.random.default_rng(0).standard_normal((24, 8)).astype(np.float32)
+    return op_model("(float[N, 8] x) => (float[N, 24] y)", """
+        q_rows, kv_rows = Split <axis = 0> (packed, sizes)
+        wq = Transpose <perm = [1, 0]> (q_rows)
+        wkv = Transpose <perm = [1, 0]> (kv_rows)
+        q = MatMul (x, wq)
+        kv = MatMul (x, wkv)
+        y = Concat <axis = 1> (q, kv)""", opset, {"packed": packed, "sizes": np.array([8, 16], np.int64)})
+
+
+def test_linear_weights_sliced_out_of_a_packed_constant_train_and_replace_their_computation(tmp_path):
+    from onnx_admm.converters.dequantize import remove_decoders, weight_decoders
+
+    model = _packed_projection()
+    decoders = weight_decoders(model)
+    assert sorted(decoders) == ["wkv", "wq"] and {d.op_type for d in decoders.values()} == {"Transpose"}
+    imported = import_model(model)
+    assert sorted(e.onnx_name for e in imported.compressible()) == ["wkv", "wq"]  # none before: computed tensors
+    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    from onnx_admm.api import compress
+    from onnx_admm.recipe import CompressConfig
+
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5}})
+    result = compress(model, {"x": x}, config)
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    written = load_model(out)
+    # The trained tensors replace the Split and the Transposes, and the packed constant goes with them.
+    assert [n.op_type for n in written.graph.node] == ["MatMul", "MatMul", "Concat"]
+    values = {name: tensor_value(written, source) for name, source in constant_sources(written).items()}
+    assert "packed" not in values and values["wq"].shape == (8, 8) and values["wkv"].shape == (8, 16)
+    assert int((values["wq"] == 0).sum() + (values["wkv"] == 0).sum()) == 96  # 50% of 192
+    _assert_close(_ort(out, {"x": x[:5]}), [result.imported.run({"x": x[:5]})[0]])
+    # One of two decoders replaced: the Split the other still reads stays, and the graph still runs.
+    partial = onnx.ModelProto()
+    partial.CopyFrom(model)
+    remove_decoders(partial, [weight_decoders(partial)["wq"]])
+    partial.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((8, 8), np.float32), "wq"))
+    onnx.checker.check_model(partial, full_check=True)
+    assert [n.op_type for n in partial.graph.node] == ["Split", "Transpose", "MatMul", "MatMul", "Concat"]
+    got = ort.InferenceSession(partial.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got[:, 8:], reference[:, 8:])
+
+
+def test_a_weight_widened_by_a_cast_stays_a_computed_tensor():
+    # fp16 storage: storing the float32 result in its place would double it.
+    from onnx_admm.converters.dequantize import weight_decoders
+
+    model = op_model("(float[N, 8] x) => (float[N, 4] y)", """
+        w = Cast <to = 1> (half)
+        y = MatMul (x, w)""", 17, {"half": np.ones((8, 4), np.float16)})
+    assert weight_decoders(model) == {}
+
+
+def test_a_tied_embeddings_transposed_copy_stays_computed():
+    # The output layer reads the embedding through a Transpose: as a weight of its own it would train apart
+    # from the embedding and be stored twice.
+    from onnx_admm.converters.dequantize import weight_decoders
+
+    model = op_model("(int64[N, 6] ids) => (float[N, 6, 10] y)", """
+        h = Gather (emb, ids)
+        wt = Transpose <perm = [1, 0]> (emb)
+        y = MatMul (h, wt)""", 17, {"emb": np.ones((10, 8), np.float32)})
+    assert weight_decoders(model) == {}
