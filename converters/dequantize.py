@@ -8,8 +8,8 @@ decoding subgraphs whose output is named ``W``:
 - ``Gather(codebook, Cast(indices, to=INT64)) -> W`` (uint8 / uint4 / uint2 codebook indices).
 
 A recurrent op's W / R / B, or a MatMul / Gemm weight, that nodes only moving entries compute from
-constants alone (an exported LSTMCell's gate reordering; the query and key-value rows a TorchScript
-cross-attention slices out of its packed ``in_proj_weight``) is found the same way (``_computed_weights``):
+constants alone (an exported LSTMCell's gate reordering; the query and key-value rows a dynamo-exported
+cross-attention splits out of its packed ``in_proj_weight``) is found the same way (``_computed_weights``):
 it imports and trains as the tensor it computes, and write-back replaces the computation with the trained
 tensor.
 
@@ -104,9 +104,8 @@ def weight_decoders(model: onnx.ModelProto) -> dict[str, WeightDecoder]:
     return found
 
 
-# The weight inputs whose computation from constants imports as a weight: a recurrent op's W / R / B (and
-# initial states and peepholes), a MatMul's or Gemm's second operand. Moves a linear weight's computation may
-# hold: not Cast, since storing an fp16 weight that a Cast widens as its float32 result would double it.
+# The linear weight inputs whose computation from constants imports as a weight (the recurrent ones:
+# RECURRENT_CONSTANT_INPUTS).
 _LINEAR_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"MatMul": (1,), "Gemm": (1,)}
 
 
@@ -114,7 +113,7 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
                       graph_outputs: set[str]) -> dict[str, WeightDecoder]:
     """Recurrent and linear weights that nodes compute from constants alone (an LSTMCell exported without
     constant folding, often inside an If branch: Unsqueeze(Concat(Slice(W_ih, ...), ...)) reordering its gates;
-    TorchScript's cross-attention: Transpose(Slice(in_proj_weight)) for the query rows and for the key-value
+    a dynamo-exported cross-attention: Transpose of each piece of Split(in_proj_weight), query and key-value
     rows).
 
     Such a weight imports as the constant it computes and trains; write-back stores the trained tensor under
@@ -179,6 +178,7 @@ def _data_constants(name: str, graph: onnx.GraphProto, sources: dict[str, Tensor
 # it as trained in their place never grows the file (a product of two factors would).
 _MOVES = frozenset({"Slice", "Split", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity",
                     "Gather", "Cast"})
+# Not Cast for a linear weight: storing an fp16 weight that a Cast widens as its float32 result would double it.
 _LINEAR_MOVES = _MOVES - {"Cast"}
 
 

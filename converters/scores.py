@@ -43,7 +43,7 @@ class ScoreOutput:
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
 _SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If")
 # Binary ops a walk back may cross by their computed operand (a bias Add, a scale Mul).
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
+_ELEMENTWISE = ("Add", "Mul")
 
 
 def class_axis(rank: int) -> int:
