@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "corpus"))
 
+import seq2seq  # noqa: E402
 import sweep  # noqa: E402
 import synthetic  # noqa: E402
 import vit  # noqa: E402
@@ -176,9 +179,6 @@ def test_filter_pruning_leaves_recurrent_weights_alone_and_cuts_the_convs(tmp_pa
 def test_seq2seq_transformer_imports_whole_with_its_logits_as_the_score(tmp_path, one_thread):
     # Both exporters write the decoder's causal mask with Trilu, which onnx2torch lacks: the import stopped
     # there and the decoder and head passed through untrained. TorchScript writes the head Add(bias, MatMul).
-    import onnx
-
-    import seq2seq
     from onnx_admm.converters.importer import import_model
 
     path = seq2seq.build(tmp_path / "seq2seq_ts.onnx", dynamo=False, steps=20)
@@ -189,6 +189,5 @@ def test_seq2seq_transformer_imports_whole_with_its_logits_as_the_score(tmp_path
     assert (imported.score.name, imported.score.kind) == ("logits", "logits")
     assert len(imported.compressible()) >= 20  # every projection of both stacks and the head
     feeds = seq2seq.feeds(6, 3)
-    reference = __import__("onnxruntime").InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, feeds)[0]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(imported.run(feeds)[0], reference, atol=1e-4)

@@ -3,14 +3,20 @@ skl2onnx (graph parts that stay as they are), models exported with a fixed batch
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from exporter_models import export_torch, op_model, recurrent_classifier, recurrent_node, sklearn_mlp
 from models import LeNet5
 
+from onnx_admm.api import compress
+from onnx_admm.cli import main
+from onnx_admm.converters.dequantize import remove_decoders, weight_decoders
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import import_model
@@ -19,6 +25,7 @@ from onnx_admm.converters.modelio import load_model, save_model
 from onnx_admm.converters.writeback import write_back
 from onnx_admm.check import check, run_batched, within_tolerance
 from onnx_admm.inspection import format_inspection, inspect_model
+from onnx_admm.recipe import CompressConfig
 from onnx_admm.train import Batch, Loss, ScoreSpec, train_epoch
 
 
@@ -306,12 +313,6 @@ def test_a_cut_before_the_head_trains_the_part_before_it_on_its_outputs():
 
 
 def test_filters_read_past_the_cut_are_left_alone(tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from onnx_admm.cli import main
-
     path, data, out = tmp_path / "cut.onnx", tmp_path / "x.npz", tmp_path / "out.onnx"
     save_model(_cut_before_the_head(mask=False), path)
     x = np.random.default_rng(1).standard_normal((128, 16)).astype(np.float32)
@@ -345,17 +346,12 @@ def _packed_projection(opset: int = 17) -> onnx.ModelProto:
 
 
 def test_linear_weights_sliced_out_of_a_packed_constant_train_and_replace_their_computation(tmp_path):
-    from onnx_admm.converters.dequantize import remove_decoders, weight_decoders
-
     model = _packed_projection()
     decoders = weight_decoders(model)
     assert sorted(decoders) == ["wkv", "wq"] and {d.op_type for d in decoders.values()} == {"Transpose"}
     imported = import_model(model)
     assert sorted(e.onnx_name for e in imported.compressible()) == ["wkv", "wq"]  # none before: computed tensors
     x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
-    from onnx_admm.api import compress
-    from onnx_admm.recipe import CompressConfig
-
     config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
                                        "prune": {"sparsity": 0.5}})
     result = compress(model, {"x": x}, config)
@@ -382,8 +378,6 @@ def test_linear_weights_sliced_out_of_a_packed_constant_train_and_replace_their_
 
 def test_a_weight_widened_by_a_cast_stays_a_computed_tensor():
     # fp16 storage: storing the float32 result in its place would double it.
-    from onnx_admm.converters.dequantize import weight_decoders
-
     model = op_model("(float[N, 8] x) => (float[N, 4] y)", """
         w = Cast <to = 1> (half)
         y = MatMul (x, w)""", 17, {"half": np.ones((8, 4), np.float16)})
@@ -393,8 +387,6 @@ def test_a_weight_widened_by_a_cast_stays_a_computed_tensor():
 def test_a_tied_embeddings_transposed_copy_stays_computed():
     # The output layer reads the embedding through a Transpose: as a weight of its own it would train apart
     # from the embedding and be stored twice.
-    from onnx_admm.converters.dequantize import weight_decoders
-
     model = op_model("(int64[N, 6] ids) => (float[N, 6, 10] y)", """
         h = Gather (emb, ids)
         wt = Transpose <perm = [1, 0]> (emb)
