@@ -51,7 +51,7 @@ from onnx_admm.converters.branches import Folding
 from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.quantized import dequantize_model
-from onnx_admm.converters.scores import ScoreOutput, find_score_output
+from onnx_admm.converters.scores import ScoreOutput, find_score_output, score_of_a_cut
 from onnx_admm.converters.shapes import inferred_types
 from onnx_admm.converters.encoders import QuantSpec
 from onnx_admm.converters.writeback import TensorUpdate
@@ -394,30 +394,12 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     elif not passed or output is not None:
         score = find_score_output(normalized if passed else original, output)
     else:
-        score = _score_of_a_cut(original, normalized, trained)
+        score = score_of_a_cut(original, normalized, trained)
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
                          not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding,
                          computed)
-
-
-def _score_of_a_cut(original: onnx.ModelProto, cut: onnx.ModelProto, trained: list[str]) -> ScoreOutput | None:
-    """The score of a model whose trained part stops before some graph outputs (passed through).
-
-    The original's own score where the trained part computes it; none where that score lies past the cut
-    (a tensor before it, the first [N, C] among hidden units or a mask, means nothing as class scores, so
-    the loss is the trained outputs' MSE to the original's); else the cut's own (a classifier's Softmax
-    read by skl2onnx's ZipMap, whose output is no tensor).
-    """
-    wanted = find_score_output(original)
-    if wanted is None:
-        return find_score_output(cut)
-    if wanted.name in trained:
-        return replace(wanted, index=trained.index(wanted.name))
-    logger.warning("the score output %r is computed past the part of the graph onnx-admm trains: training matches "
-                   "the trained part's outputs instead (name one with [train] output to train on it)", wanted.name)
-    return None
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:

@@ -6,8 +6,9 @@ Everything here reads the ORIGINAL ModelProto, so ``inspect``, ``validate`` and 
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -39,6 +40,8 @@ class ScoreOutput:
         return self.index is None
 
 
+
+logger = logging.getLogger(__name__)
 
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
 _SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If")
@@ -306,3 +309,21 @@ def other_probabilities(model: onnx.ModelProto, score: ScoreOutput | None) -> li
         if inner is not None and inner not in taken:
             found.append(ScoreOutput(inner, None, "binary_probabilities", feeds=value.name))
     return found
+
+
+def score_of_a_cut(original: onnx.ModelProto, cut: onnx.ModelProto, trained: list[str]) -> ScoreOutput | None:
+    """The score of a model whose trained part stops before some graph outputs (passed through).
+
+    The original's own score where the trained part computes it; none where that score lies past the cut
+    (a tensor before it, the first [N, C] among hidden units or a mask, means nothing as class scores, so
+    the loss is the trained outputs' MSE to the original's); else the cut's own (a classifier's Softmax
+    read by skl2onnx's ZipMap, whose output is no tensor).
+    """
+    wanted = find_score_output(original)
+    if wanted is None:
+        return find_score_output(cut)
+    if wanted.name in trained:
+        return replace(wanted, index=trained.index(wanted.name))
+    logger.warning("the score output %r is computed past the part of the graph onnx-admm trains: training matches "
+                   "the trained part's outputs instead (name one with [train] output to train on it)", wanted.name)
+    return None

@@ -379,10 +379,7 @@ class Runner:
         hooks_f = [ste.before_forward] if ste else []
         message = self.run_phase("retrain", stage, epochs, optimizer, hooks_b, [lambda: fixed.apply(optimizer)],
                                  epoch_end, hooks_f, lr=lambda step, total: lr_factor(step, total, "cosine"))
-        if epochs > 0 and not best["trained"]:
-            # Every epoch scored under the phase's start on the selection split: the run keeps the start and the
-            # training is lost (a rate too high for the model makes each step undo the last; issue seen on a
-            # Keras byte classifier at SGD 0.01, whose first layer's bias is added at 256 positions).
+        if epochs > 0 and not best["trained"]:  # every epoch under the start: a rate too high for the model
             logger.warning("stage %d: no retraining epoch beat the weights it started from on the selection split, "
                            "so those are kept and the retraining is discarded; a lower train.lr may let it help",
                            stage)
