@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -128,6 +129,7 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
     readers = {name: {i for i, _ in reads} for name, reads in view.readers.items()}
     found: dict[str, WeightDecoder] = {}
     linear_found: list[str] = []
+    data: dict[str, frozenset[str]] = {}  # a linear weight's data constants
     for node in graph.node:
         if node.domain not in DEFAULT_DOMAINS:
             continue
@@ -143,7 +145,7 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
                                               moves=_LINEAR_MOVES if linear else _MOVES)
             if closure is None:
                 continue
-            nodes, constants = closure
+            nodes, constants = closure.nodes, closure.constants
             inner = {out for i in nodes for out in graph.node[i].output if out}
             if inner & graph_outputs or not linear and any(not readers.get(out, set()) <= set(nodes)
                                                             for out in inner - {name}):
@@ -151,26 +153,13 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
             found[name] = WeightDecoder(name, graph.node[producers[name]].op_type, nodes, constants)
             if linear:
                 linear_found.append(name)
+                data[name] = closure.data
     # A linear weight whose entries come from a constant that something else reads too stays computed: a tied
     # embedding's Transpose for the output layer would train apart from the embedding and be stored twice.
     computing = {i for name in linear_found for i in found[name].nodes}
     for name in linear_found:
-        if any(not readers.get(c, set()) <= computing for c in _data_constants(name, graph, sources, producers)):
+        if any(not readers.get(c, set()) <= computing for c in data[name]):
             del found[name]
-    return found
-
-
-def _data_constants(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
-                    producers: dict[str, int]) -> set[str]:
-    """The constants the entries of ``name`` come from (``computed_from_constants``'s data path)."""
-    found, stack = set(), [name]
-    while stack:
-        current = stack.pop()
-        if current in sources:
-            found.add(current)
-        elif current in producers:
-            node = graph.node[producers[current]]
-            stack.extend(n for n in (node.input if node.op_type == "Concat" else node.input[:1]) if n)
     return found
 
 
@@ -182,21 +171,31 @@ _MOVES = frozenset({"Slice", "Split", "Concat", "Unsqueeze", "Squeeze", "Reshape
 _LINEAR_MOVES = _MOVES - {"Cast"}
 
 
+class Computation(NamedTuple):
+    """How nodes compute a tensor from constants (``computed_from_constants``)."""
+
+    nodes: tuple[int, ...]  # positions in the graph, in graph order
+    constants: tuple[str, ...]  # every constant they read
+    data: frozenset[str]  # the constants the tensor's entries come from (not a Slice's ends)
+
+
 def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
-                            producers: dict[str, int], moves: frozenset[str] | None = _MOVES
-                            ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
-    """The nodes (positions, in graph order) that compute ``name`` from constants and the constants they read,
-    or None when something else feeds them (a graph input), a node holds a subgraph or is of another domain,
-    or a node on the data path is not of ``moves`` (None: any op). The data path is what the entries of
-    ``name`` come from: every input of a Concat, the first of the other moves; the rest (a Slice's ends, a
-    Reshape's shape) may be computed by any op, as TorchScript computes a slice's end by an Add."""
+                            producers: dict[str, int], moves: frozenset[str] | None = _MOVES) -> Computation | None:
+    """How nodes compute ``name`` from constants, or None when something else feeds them (a graph input), a
+    node holds a subgraph or is of another domain, or a node on the data path is not of ``moves`` (None: any
+    op). The data path is what the entries of ``name`` come from: every input of a Concat, the first of the
+    other moves; the rest (a Slice's ends, a Reshape's shape) may be computed by any op, as TorchScript
+    computes a slice's end by an Add."""
     nodes: set[int] = set()
     constants: set[str] = set()
+    data_constants: set[str] = set()
     stack = [(name, True)]
     while stack:
         current, data = stack.pop()
         if current in sources:
             constants.add(current)
+            if data:
+                data_constants.add(current)
             continue
         index = producers.get(current)
         if index is None:
@@ -210,7 +209,7 @@ def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str
         nodes.add(index)
         data_inputs = len(node.input) if node.op_type == "Concat" else 1
         stack.extend((n, data and i < data_inputs) for i, n in enumerate(node.input) if n)
-    return tuple(sorted(nodes)), tuple(sorted(constants))
+    return Computation(tuple(sorted(nodes)), tuple(sorted(constants)), frozenset(data_constants))
 
 
 def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
