@@ -379,10 +379,8 @@ class Runner:
         hooks_f = [ste.before_forward] if ste else []
         message = self.run_phase("retrain", stage, epochs, optimizer, hooks_b, [lambda: fixed.apply(optimizer)],
                                  epoch_end, hooks_f, lr=lambda step, total: lr_factor(step, total, "cosine"))
-        if epochs > 0 and not best["trained"]:  # every epoch under the start: a rate too high for the model
-            logger.warning("stage %d: no retraining epoch beat the weights it started from on the selection split, "
-                           "so those are kept and the retraining is discarded; a lower train.lr may let it help",
-                           stage)
+        if epochs > 0 and not best["trained"]:  # the report warns (pipeline/report.py); here, when it happens
+            logger.info("stage %d: every retraining epoch scored under its start; the start is kept", stage)
         return best["standing"], best["values"], message, best["trained"]
 
     def steps_per_epoch(self) -> int | None:
