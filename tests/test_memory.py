@@ -219,13 +219,19 @@ def test_validate_streams_a_plugin_and_sizes_its_batch(eeg, caplog):
 
 def test_compress_memory_stays_bounded(eeg):
     """A regression bound: the whole compress of the short EEG detector (48 samples of 2 x 15 x 2,500
-    floats, 14 MB of data) with a 16 MB batch budget grows the process by less than 60 MB. Measured: about
-    20 MB in the chunks of 3 the budget allows, 112 MB at the batch of 64 in one piece, as before the budget."""
+    floats, 14 MB of data read into memory) with a 16 MB batch budget. Measured alone on torch 2.14: the
+    training phases peak 32 MB above the data phase and the run grows the process by 55 MB in the chunks of 3
+    the budget allows; without the budget (the batch of 64 in one piece) 149 MB and 172 MB. The whole run also
+    counts modules imported on first use and the allocator's state the tests before it leave (65 MB in one CI
+    run), so the bounds sit between the two: a budget that stops working fails both."""
     if not memory.reset_peak():
         pytest.skip("/proc/self/clear_refs is not writable here: no per-test peak")
     before = memory.current_rss_mb()
     result = compress(eeg[0], eeg[1], _config(batch_memory_mb=16))
-    # compress resets the kernel's peak at every phase: its report has the run's peak.
-    growth = result.report["peak_rss_mb"] - before
     assert result.report["batch"]["memory"]["chunk"] == 3
-    assert growth < 60, f"compress grew the process by {growth:.0f} MB"
+    # compress resets the kernel's peak at every phase: its report has each phase's peak and the run's.
+    phases = result.report["memory"]["peak_rss_mb"]
+    training = max(phases["stage1.admm"], phases["stage1.retrain"]) - phases["data"]
+    assert training < 64, f"training grew the process by {training:.0f} MB over its data"
+    growth = result.report["peak_rss_mb"] - before
+    assert growth < 100, f"compress grew the process by {growth:.0f} MB"
