@@ -32,11 +32,12 @@ MAX_SYNTHESIZED_BYTES = 2**30
 INT_HIGH = 10
 
 
-def synthesize_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+def synthesize_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0,
+                      other: int = OTHER_DYNAMIC_DIM) -> dict[str, np.ndarray]:
     """Random inputs shaped and typed like the graph's inputs.
 
     Rules for dims the graph does not fix: the first dim, when symbolic or unknown, is the batch and
-    gets ``batch``; any other symbolic or unknown dim gets 8 (``OTHER_DYNAMIC_DIM``). Values: float
+    gets ``batch``; any other symbolic or unknown dim gets ``other`` (8 by default). Values: float
     inputs ~ N(0, 1); integer inputs uniform in [0, 10) — a safe range for indices (embedding rows,
     token ids) cannot be known from the graph, so a model that needs larger or exact indices must be
     checked with real data; bool inputs uniformly random. All values come from one
@@ -45,6 +46,7 @@ def synthesize_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> 
     Args:
         model: The model whose graph inputs (initializers excluded) are synthesized.
         batch: Size of a symbolic or unknown leading dim.
+        other: Size of any other symbolic or unknown dim.
         seed: Seed of the random generator.
 
     Returns:
@@ -55,10 +57,10 @@ def synthesize_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> 
             complex numbers), or the inputs would take more than ``MAX_SYNTHESIZED_BYTES``; real inputs
             must then be passed with ``--data``.
     """
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    if batch < 1 or other < 1:
+        raise ValueError(f"batch and other must be >= 1, got {batch} and {other}")
     rng = np.random.default_rng(seed)
-    shapes = {spec.name: (spec, _concrete_shape(spec, batch)) for spec in graph_inputs(model)}
+    shapes = {spec.name: (spec, _concrete_shape(spec, batch, other)) for spec in graph_inputs(model)}
     _check_size(shapes.values())
     feeds = {}
     for name, (spec, shape) in shapes.items():
@@ -86,7 +88,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def _concrete_shape(spec: InputSpec, batch: int) -> tuple[int, ...]:
+def _concrete_shape(spec: InputSpec, batch: int, other: int) -> tuple[int, ...]:
     if spec.shape is None:
         raise UserError(
             f"graph input {spec.name!r} declares no shape, so it cannot be synthesized; "
@@ -97,7 +99,7 @@ def _concrete_shape(spec: InputSpec, batch: int) -> tuple[int, ...]:
         if isinstance(dim, int):
             shape.append(dim)
         else:
-            shape.append(batch if axis == 0 else OTHER_DYNAMIC_DIM)
+            shape.append(batch if axis == 0 else other)
     return tuple(shape)
 
 

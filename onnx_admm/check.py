@@ -56,6 +56,9 @@ QUANTIZED_RTOL = 0.1
 # onnxruntime's float32 result may then differ from torch's by a few times torch's own float32-vs-float64
 # error; a write-back fault (a wrong, transposed or misplaced tensor) differs by far more.
 AMPLIFIED = 10.0
+# Sizes tried, smallest first, for the dynamic dims other than the batch of synthesized inputs: a network
+# that downsamples by 32 and upsamples back to add the two (a detector's FPN) runs only at multiples of 32.
+PROBE_SIZES = (8, 32, 64, 128)
 
 
 @dataclass
@@ -143,7 +146,7 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
     report.steps.append(Step("import", True, "; ".join(_import_facts(imported, n_params, batch, feeds is None))))
     synthesized = feeds is None
     if feeds is None:
-        feeds = synthesize_inputs(_with_dynamic_batch(original, imported), batch=batch, seed=seed)
+        feeds = _synthesized_feeds(_with_dynamic_batch(original, imported), model_path, imported, batch, seed)
     elif imported.ort_batch is not None:
         feeds = _whole_chunks(feeds, imported)
     with scratch_dir() as tmp:
@@ -163,6 +166,30 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
         report.steps.append(_check_perturbed(imported, feeds, Path(tmp), seed))
         report.steps.append(_check_unchanged(graph, Path(tmp)))
     return report
+
+
+def _synthesized_feeds(model: onnx.ModelProto, path: Path, imported: ImportedModel, batch: int,
+                       seed: int) -> dict[str, np.ndarray]:
+    """Synthesized inputs the model at ``path`` runs on in onnxruntime: its dynamic dims other than the
+    batch at the first of ``PROBE_SIZES`` that runs; when none does, a UserError asking for --data."""
+    failure, tried = None, []
+    for size in PROBE_SIZES:
+        feeds = synthesize_inputs(model, batch=batch, seed=seed, other=size)
+        if tried and all(feeds[name].shape == shape for name, shape in tried[0][1].items()):
+            break  # no dynamic dim besides the batch: other sizes would feed the same shapes
+        tried.append((size, {name: array.shape for name, array in feeds.items()}))
+        try:
+            run_batched(path, feeds, imported)
+        except UserError as exc:
+            failure = failure or exc
+            continue
+        if size != PROBE_SIZES[0]:
+            logger.info("synthesized inputs: the dynamic dims at %d (onnxruntime failed at %s)", size,
+                        ", ".join(str(s) for s, _ in tried[:-1]))
+        return feeds
+    sizes = ", ".join(str(size) for size, _ in tried)
+    raise UserError(f"{failure}; synthesized inputs with dynamic dims at {sizes} do not fit this model: pass inputs "
+                    "it runs on with --data (an .npz keyed by input name)")
 
 
 def _check_dequantized(float_path: Path, quantized_path: Path, feeds: dict[str, np.ndarray],

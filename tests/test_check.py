@@ -72,3 +72,44 @@ def test_a_corrupted_write_back_still_fails(tmp_path, zero_tolerance, monkeypatc
     step = _perturbed(check(_layernorm_model(tmp_path / "m.onnx")))
     assert not step.passed
     assert "a write-back fault" in step.detail and "float amplification" not in step.detail
+
+
+def _pooled_model(path, pool: int, fixed: int | None = None):
+    """x [N, 1, H, W] -> 1x1 Conv -> MaxPool by ``pool`` -> nearest Resize by ``pool`` -> + the Conv's output:
+    onnxruntime runs it only where H and W are multiples of ``pool``, as a detector's FPN. ``fixed``: a
+    Reshape to [N, fixed] after it, so only H * W == fixed runs."""
+    n = helper.make_node
+    scales = numpy_helper.from_array(np.array([1, 1, pool, pool], np.float32), "scales")
+    nodes = [n("Conv", ["x", "w"], ["c"], name="conv"),
+             n("MaxPool", ["c"], ["p"], kernel_shape=[pool, pool], strides=[pool, pool], name="pool"),
+             n("Resize", ["p", "", "scales"], ["u"], mode="nearest", name="up"),
+             n("Add", ["c", "u"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(np.full((1, 1, 1, 1), 0.5, np.float32), "w"), scales]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "H", "W"])
+    if fixed is not None:
+        nodes.append(n("Reshape", ["y", "shape"], ["flat"], name="flat"))
+        inits.append(numpy_helper.from_array(np.array([-1, fixed], np.int64), "shape"))
+        out = helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", fixed])
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                              ["N", 1, "H", "W"])], [out], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_synthesized_inputs_grow_to_a_size_the_model_runs_at(tmp_path, caplog):
+    # At 8 x 8 a pool by 16 leaves nothing (onnxruntime fails); at 32 x 32 the model runs and is checked there.
+    caplog.set_level("INFO", logger="onnx_admm")
+    report = check(_pooled_model(tmp_path / "m.onnx", pool=16))
+    assert report.passed and len(report.steps) == 5, report.format()
+    assert "synthesized inputs: the dynamic dims at 32 (onnxruntime failed at 8)" in caplog.text
+
+
+def test_no_synthesized_size_that_runs_asks_for_data(tmp_path):
+    # A Reshape to 100 values a sample: no square of 8, 32, 64 or 128 gives it, so check asks for --data.
+    with pytest.raises(check_module.UserError) as error:
+        check(_pooled_model(tmp_path / "m.onnx", pool=2, fixed=100))
+    message = str(error.value)
+    assert message.startswith("onnxruntime failed to run ")
+    assert message.endswith("synthesized inputs with dynamic dims at 8, 32, 64, 128 do not fit this model: pass "
+                            "inputs it runs on with --data (an .npz keyed by input name)")
+    assert "\n" not in message

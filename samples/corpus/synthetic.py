@@ -38,6 +38,8 @@ from torch import nn
 
 from onnx_admm.metrics import PositiveSet, SequenceMatch
 
+from glyphs import render_lines
+
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
@@ -46,52 +48,15 @@ Feeds = dict[str, np.ndarray]
 # captcha_ctc
 # ----------------------------------------------------------------------------------------------------
 
-_GLYPHS = {
-    0: ["01110", "10001", "10011", "10101", "11001", "10001", "01110"],
-    1: ["00100", "01100", "00100", "00100", "00100", "00100", "01110"],
-    2: ["01110", "10001", "00001", "00010", "00100", "01000", "11111"],
-    3: ["11111", "00010", "00100", "00010", "00001", "10001", "01110"],
-    4: ["00010", "00110", "01010", "10010", "11111", "00010", "00010"],
-    5: ["11111", "10000", "11110", "00001", "00001", "10001", "01110"],
-    6: ["00110", "01000", "10000", "11110", "10001", "10001", "01110"],
-    7: ["11111", "00001", "00010", "00100", "01000", "01000", "01000"],
-    8: ["01110", "10001", "10001", "01110", "10001", "10001", "01110"],
-    9: ["01110", "10001", "10001", "01111", "00001", "00010", "01100"],
-}
-_BITMAPS = {d: np.array([[c == "1" for c in row] for row in rows], np.float32) for d, rows in _GLYPHS.items()}
 CAPTCHA_HEIGHT, CAPTCHA_WIDTH, CAPTCHA_CLASSES = 32, 100, 11  # class 0 is the CTC blank, digit d is d + 1
 
 
 def render_captchas(n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """``n`` captcha images [n, 1, 32, 100] (float32, about zero mean), their digit strings (class ids 1-10)
-    and frame labels [n, 25]: each glyph's class at the output step under its centre, blank elsewhere."""
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n, 1, CAPTCHA_HEIGHT, CAPTCHA_WIDTH), np.float32)
-    frames = np.zeros((n, CAPTCHA_WIDTH // 4), np.int64)
-    texts = []
-    for i in range(n):
-        digits = rng.integers(0, 10, rng.integers(4, 7))
-        widths, heights = rng.integers(10, 14, len(digits)), rng.integers(17, 24, len(digits))
-        gaps = rng.integers(1, 4, len(digits))
-        span = int(widths.sum() + gaps[:-1].sum())
-        x = int(rng.integers(0, CAPTCHA_WIDTH - span + 1))
-        canvas = np.zeros((CAPTCHA_HEIGHT, CAPTCHA_WIDTH), np.float32)
-        for d, w, h, gap in zip(digits, widths, heights, gaps):
-            bitmap = _BITMAPS[int(d)]
-            # Nearest-neighbour scaling of the 5x7 glyph to w x h.
-            glyph = bitmap[(np.arange(h) * 7 // h)[:, None], (np.arange(w) * 5 // w)[None, :]]
-            y = int(rng.integers(0, CAPTCHA_HEIGHT - h + 1))
-            canvas[y:y + h, x:x + w] = np.maximum(canvas[y:y + h, x:x + w], glyph * rng.uniform(0.6, 1.0))
-            frames[i, (x + w // 2) // 4] = d + 1  # centres are >= 11 px (2 steps) apart
-            x += int(w + gap)
-        # A clutter line across the image, so the reader has to tell strokes from noise.
-        cols = np.arange(CAPTCHA_WIDTH)
-        rows = np.clip((rng.uniform(4, 28) + rng.uniform(-0.1, 0.1) * cols).astype(int), 0, CAPTCHA_HEIGHT - 1)
-        canvas[rows, cols] = np.maximum(canvas[rows, cols], rng.uniform(0.3, 0.6))
-        canvas += rng.normal(0, 0.15, canvas.shape).astype(np.float32)
-        images[i, 0] = (canvas - 0.3) / 0.4
-        texts.append(digits + 1)
-    return images, texts, frames
+    and frame labels [n, 25]: each glyph's class at the output step under its centre, blank elsewhere
+    (centres are >= 11 px, 2 steps, apart)."""
+    return render_lines(n, seed, CAPTCHA_HEIGHT, CAPTCHA_WIDTH, glyph_widths=(10, 14), glyph_heights=(17, 24),
+                        step=4)
 
 
 class _Block(nn.Module):

@@ -1,0 +1,58 @@
+"""Text lines drawn from 5x7 digit bitmaps, numpy only: the captcha reader's images and the PaddleOCR-style
+recognizer's (``paddle_ocr/make.py`` runs in an environment without torch).
+
+Each line holds 4-6 digits scaled to random sizes, at random offsets and ink levels, with a clutter line
+across the image and Gaussian noise, so a reader has to tell strokes from noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_GLYPHS = {
+    0: ["01110", "10001", "10011", "10101", "11001", "10001", "01110"],
+    1: ["00100", "01100", "00100", "00100", "00100", "00100", "01110"],
+    2: ["01110", "10001", "00001", "00010", "00100", "01000", "11111"],
+    3: ["11111", "00010", "00100", "00010", "00001", "10001", "01110"],
+    4: ["00010", "00110", "01010", "10010", "11111", "00010", "00010"],
+    5: ["11111", "10000", "11110", "00001", "00001", "10001", "01110"],
+    6: ["00110", "01000", "10000", "11110", "10001", "10001", "01110"],
+    7: ["11111", "00001", "00010", "00100", "01000", "01000", "01000"],
+    8: ["01110", "10001", "10001", "01110", "10001", "10001", "01110"],
+    9: ["01110", "10001", "10001", "01111", "00001", "00010", "01100"],
+}
+_BITMAPS = {d: np.array([[c == "1" for c in row] for row in rows], np.float32) for d, rows in _GLYPHS.items()}
+
+
+def render_lines(n: int, seed: int, height: int, width: int, glyph_widths: tuple[int, int],
+                 glyph_heights: tuple[int, int], step: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """``n`` grayscale lines [n, 1, height, width] (float32, about zero mean), their digit strings (class
+    ids 1-10; 0 is the CTC blank) and frame labels [n, width // step]: each glyph's class at the output step
+    under its centre, blank elsewhere. Glyph sizes are drawn from the half-open ranges given."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 1, height, width), np.float32)
+    frames = np.zeros((n, width // step), np.int64)
+    texts = []
+    for i in range(n):
+        digits = rng.integers(0, 10, rng.integers(4, 7))
+        widths, heights = rng.integers(*glyph_widths, len(digits)), rng.integers(*glyph_heights, len(digits))
+        gaps = rng.integers(1, 4, len(digits))
+        span = int(widths.sum() + gaps[:-1].sum())
+        x = int(rng.integers(0, width - span + 1))
+        canvas = np.zeros((height, width), np.float32)
+        for d, w, h, gap in zip(digits, widths, heights, gaps):
+            bitmap = _BITMAPS[int(d)]
+            # Nearest-neighbour scaling of the 5x7 glyph to w x h.
+            glyph = bitmap[(np.arange(h) * 7 // h)[:, None], (np.arange(w) * 5 // w)[None, :]]
+            y = int(rng.integers(0, height - h + 1))
+            canvas[y:y + h, x:x + w] = np.maximum(canvas[y:y + h, x:x + w], glyph * rng.uniform(0.6, 1.0))
+            frames[i, (x + w // 2) // step] = d + 1
+            x += int(w + gap)
+        cols = np.arange(width)
+        start = rng.uniform(height / 8, height * 7 / 8)
+        rows = np.clip((start + rng.uniform(-0.1, 0.1) * cols).astype(int), 0, height - 1)
+        canvas[rows, cols] = np.maximum(canvas[rows, cols], rng.uniform(0.3, 0.6))
+        canvas += rng.normal(0, 0.15, canvas.shape).astype(np.float32)
+        images[i, 0] = (canvas - 0.3) / 0.4
+        texts.append(digits + 1)
+    return images, texts, frames
