@@ -38,13 +38,13 @@ def validate_stages(stages: Sequence[float]) -> list[float]:
     for i, s in enumerate(out):
         if not 0.0 <= s < 1.0:
             raise ValueError(
-                f"stage {i} has sparsity {s}; each stage's sparsity is a fraction of zeros in [0, 1) "
+                f"stage {i + 1} has sparsity {s}; each stage's sparsity is a fraction of zeros in [0, 1) "
                 "(a compression ratio r is sparsity 1 - 1/r)"
             )
         if i and s <= out[i - 1]:
             raise ValueError(
                 f"stage sparsities must rise strictly (nested masks can only gain zeros), "
-                f"but stage {i} ({s}) is not above stage {i - 1} ({out[i - 1]})"
+                f"but stage {i + 1} ({s}) is not above stage {i} ({out[i - 1]})"
             )
     return out
 

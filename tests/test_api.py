@@ -357,7 +357,7 @@ def test_nan_loss_in_retraining_rolls_back_and_finishes(digits, monkeypatch, tmp
     result = compress(digits["model"], digits["train"], _config(0.9, 1, 2))
     assert calls["n"] == nan_call  # the retraining phase stopped at the NaN: no second retraining epoch
     message = result.stages[0].rolled_back
-    assert message is not None and "retrain epoch 0" in message and "nan" in message and "rolled back" in message
+    assert message is not None and "stage 1 retrain epoch 1:" in message and "nan" in message and "rolled back" in message
     assert result.report["stages"][0]["rolled_back"] == message
     out = tmp_path / "out.onnx"
     result.save(out)
@@ -380,7 +380,7 @@ def test_nan_weight_in_admm_rolls_back_to_the_epoch_start(digits, live_model, tm
 
     result = compress(digits["model"], digits["train"], _config(0.9, 3, 1), progress=poison)
     message = result.stages[0].rolled_back
-    assert message is not None and "admm epoch 1" in message
+    assert message is not None and "stage 1 admm epoch 2:" in message  # the second epoch (event 1), counted from 1
     # The ADMM phase stopped: no batch of ADMM epoch 2 ran, retraining did.
     assert not [e for e in events if e["kind"] == "batch" and e["phase"] == "admm" and e["epoch"] == 2]
     assert max(e["batch"] for e in events if e["kind"] == "batch" and e["epoch"] == 0) == LAST_BATCH
@@ -668,7 +668,7 @@ def test_plugin_exhausted_after_one_epoch_is_a_user_error(digits, tmp_path, monk
         """)
     val = Dataset({"input": digits["x_test"]}, digits["y_test"], {"input"})
     # (the selection split takes the first call's samples, so the first training epoch finds it empty)
-    with pytest.raises(UserError, match="stage 0 admm epoch 0.*once per epoch"):
+    with pytest.raises(UserError, match="stage 1 admm epoch 1.*once per epoch"):
         compress(digits["model"], spec, _config(0.9, 2, 1), val_data=val)
 
 

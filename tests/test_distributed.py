@@ -185,7 +185,7 @@ def test_a_loader_plugin_on_two_processes_deals_its_batches_and_takes_equal_step
     assert samples == [192, 192]  # rank 0's epochs: 12 whole batches of its half
     dropped = [line for line in ran.stderr.splitlines() if "dropped the rest" in line]
     assert len(dropped) == 2, ran.stderr  # once per epoch, by rank 0 alone
-    assert dropped[0].endswith("stage 0 admm epoch 0: the loader plugin's stream gave the ranks 13, 13 batches; "
+    assert dropped[0].endswith("stage 1 admm epoch 1: the loader plugin's stream gave the ranks 13, 13 batches; "
                                "each took 12 steps and dropped the rest, 2 batches (26 samples) in all"), dropped
     assert "differ between the ranks" not in ran.stderr  # the selection split is the same on both
     assert report["params"] == alone["params"]

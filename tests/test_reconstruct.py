@@ -422,7 +422,8 @@ def test_a_destroyed_quantizing_stage_gives_way_to_its_projected_start(digits_sa
     # Every retraining epoch scored under its start: the start is kept, and the report says the retraining was
     # discarded (silently, before: a Keras byte classifier's runs were their refit start whatever they trained).
     assert report["stages"][0]["retrained"] is False
-    assert "stage 0: no retraining epoch beat the weights it started from on the selection split, so those were " \
+    # Stages are counted from 1, as the progress lines count them ("stage 1/1").
+    assert "stage 1: no retraining epoch beat the weights it started from on the selection split, so those were " \
            "kept and the retraining discarded (a lower train.lr may let it help)" in report["warnings"]
     start = report["stages"][0]["quantized_start"]
     assert start["kept"] == "stage start", start

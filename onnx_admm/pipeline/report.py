@@ -101,7 +101,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     if final.kept_channels:
         structure = _structure_report(orig, compressed, final.kept_channels, held_out, cfg.threads or 1,
                                       imported.ort_batch)
-    discarded = [stage.index for stage in result.stages if stage.retrained is False]
+    discarded = [stage.index + 1 for stage in result.stages if stage.retrained is False]
     retraining = (f"stage {', '.join(map(str, discarded))}: no retraining epoch beat the weights it started from on "
                   "the selection split, so those were kept and the retraining discarded (a lower train.lr may let "
                   "it help)") if discarded else None

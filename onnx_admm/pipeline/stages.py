@@ -436,8 +436,10 @@ class Runner:
             set_lr()
             steps = None if total is None else min(per_epoch, total - epoch * per_epoch)
             self.emit({"kind": "epoch", **where, "epoch": epoch, "epochs": n_epochs, "batches": steps})
+            # Counted from 1 in what the user reads, as the progress lines count them.
+            label = f"stage {stage + 1} {phase} epoch {epoch + 1}"
             batches = self.batches(self.train_data, True, self.cfg.seed + self.epoch_counter, steps=True,
-                                   label=f"stage {stage} {phase} epoch {epoch}")
+                                   label=label)
             if steps is not None:
                 batches = itertools.islice(batches, steps)
             try:
@@ -455,7 +457,7 @@ class Runner:
                     raise NonFiniteLoss("a weight is NaN or infinite after the epoch's last step")
             except NonFiniteLoss as exc:
                 rollback.restore()
-                message = (f"stage {stage} {phase} epoch {epoch}: {exc}; rolled back to the start of the epoch "
+                message = (f"{label}: {exc}; rolled back to the start of the epoch "
                            f"and stopped the {phase} phase")
                 logger.warning("%s", message)
                 self.emit({"kind": "phase_end", **where, "stopped": message})
@@ -473,8 +475,8 @@ class Runner:
                 need = (f" with at least {self.world.size} whole batches of {self.batch.train} samples (one per "
                         "process)" if self.world.active and not isinstance(self.train_data, Dataset) else "")
                 raise UserError(
-                    f"the training data yielded no {'whole batch per process' if need else 'samples'} in stage "
-                    f"{stage} {phase} epoch {epoch}; a loader plugin is called once per epoch and must yield a "
+                    f"the training data yielded no {'whole batch per process' if need else 'samples'} in "
+                    f"{label}; a loader plugin is called once per epoch and must yield a "
                     f"fresh, non-empty stream{need} every time"
                 ) from None
             finally:
