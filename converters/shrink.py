@@ -64,15 +64,17 @@ def shrink(
     return cut(model, keep, channel_groups(model) if groups is None else groups)
 
 
-def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict:
+def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequence[int]] | None = None) -> dict:
     """Multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul node at ``batch``, and parameter counts.
 
-    The batch size replaces the first dim of every graph input that is symbolic or unknown; shapes
-    come from ONNX shape inference on a copy (stored ``value_info`` is ignored).
+    The batch size replaces the first dim of every graph input that is symbolic or unknown, and ``inputs``
+    gives whole shapes (an image's height and width the graph leaves dynamic); shapes come from ONNX shape
+    inference on a copy (stored ``value_info`` is ignored).
 
     Args:
         model: The ONNX model, external data loaded.
         batch: Batch size the MACs are counted at.
+        inputs: Shapes of graph inputs, by name, used as given (their batch included).
 
     Returns:
         ``{"batch", "macs", "params", "nodes": {label: {"op_type", "macs", "params"}}, "unknown": [labels]}``:
@@ -86,7 +88,11 @@ def count_macs(model: onnx.ModelProto, batch: int = 1) -> dict:
     real_inputs = {spec.name for spec in graph_inputs(probe)}
     for value in probe.graph.input:
         dims = value.type.tensor_type.shape.dim
-        if value.name in real_inputs and dims and not isinstance(dim_value(dims[0]), int):
+        if inputs is not None and value.name in inputs:
+            value.type.tensor_type.shape.Clear()
+            value.type.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=int(d))
+                                                    for d in inputs[value.name])
+        elif value.name in real_inputs and dims and not isinstance(dim_value(dims[0]), int):
             dims[0].Clear()
             dims[0].dim_value = batch
     inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)

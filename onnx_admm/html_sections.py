@@ -124,7 +124,11 @@ def _summary(report: dict) -> str:
                      _ms((v.get("compressed") or {}).get("latency_ms")), ""))
     for key in ("macs", "params"):
         if key in structure:
-            label = "MACs" if key == "macs" else "parameters in the graph"
+            label = "parameters in the graph"
+            if key == "macs":
+                samples, uncounted = structure[key].get("samples", 1), structure[key].get("uncounted_nodes")
+                label = (f"MACs ({samples} sample{'s' if samples != 1 else ''}"
+                         + (f"; {uncounted} nodes of unknown shape not counted)" if uncounted else ")"))
             rows.append((label, _num(structure[key]["original"]), _num(structure[key]["compressed"]),
                          _times(structure[key]["original"], structure[key]["compressed"])))
     rows.append(("largest output difference |original - compressed|", "", _num(m.get("max_abs_diff")), ""))

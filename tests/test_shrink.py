@@ -15,7 +15,7 @@ import onnx.parser
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_admm.converters.graphinfo import node_label
 from onnx_admm.converters.groups import channel_groups
@@ -210,6 +210,20 @@ def test_lenet5_macs_fall_as_expected(onnx_model_file):
     assert after["macs"] == sum(v["macs"] for v in after["nodes"].values())
     assert after["nodes"][conv2]["params"] == k2 * k1 * 25 + k2
     assert count_macs(model, batch=4)["macs"] == 4 * before["macs"]
+
+
+def test_macs_of_a_graph_with_dynamic_height_and_width_need_the_input_shape():
+    # x [N, 3, H, W] -> 3x3 Conv (4 filters, pads 1): without H and W the Conv has no shape to count at.
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    blind = count_macs(model)
+    assert blind["macs"] == 0 and blind["unknown"] == ["conv"]
+    sized = count_macs(model, inputs={"x": (2, 3, 10, 12)})
+    assert sized["macs"] == 2 * 4 * 10 * 12 * 27 and sized["unknown"] == []
 
 
 def _text_model(body: str, inits: str, inputs: str, outputs: str) -> onnx.ModelProto:

@@ -178,8 +178,15 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
                       threads: int, fixed: int | None = None) -> dict:
     """MACs and parameters before/after the shrink pass, and onnxruntime latency at batch 1 and 64
     (only at its batch for a graph that runs at one batch)."""
-    # Weights behind DequantizeLinear / codebook decoders count as the tensors they decode to.
-    before, after = (count_macs(decoded_view(load_model(path))[0]) for path in (original, compressed))
+    # Counted per sample (per fixed batch) at the held-out inputs' own shapes: an image model whose height and
+    # width the graph leaves dynamic has no Conv shapes otherwise. Weights behind DequantizeLinear / codebook
+    # decoders count as the tensors they decode to.
+    feed = next(held_out.batches(fixed or 1))
+    shapes = {name: np.shape(array) for name, array in feed.items() if name != "labels"}
+    before, after = (count_macs(decoded_view(load_model(path))[0], inputs=shapes) for path in (original, compressed))
+    macs = {"original": before["macs"], "compressed": after["macs"], "samples": fixed or 1}
+    if before["unknown"] or after["unknown"]:
+        macs["uncounted_nodes"] = max(len(before["unknown"]), len(after["unknown"]))  # shapes unknown
     latency = {}
     for batch in (1, 64) if fixed is None else (fixed,):
         latency[f"batch_{batch}"] = dict(zip(("original_ms", "compressed_ms"),
@@ -187,7 +194,7 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
     return {
         "kept_channels": {name: int(mask.sum()) for name, mask in kept.items()},
         "channels": {name: int(mask.size) for name, mask in kept.items()},
-        "macs": {"original": before["macs"], "compressed": after["macs"]},
+        "macs": macs,
         "params": {"original": before["params"], "compressed": after["params"]},
         "latency": latency,
         "note": "column- and block-pruned weights stay dense with zeros; removed filters are gone from the graph",
