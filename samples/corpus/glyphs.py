@@ -1,6 +1,8 @@
 """Text lines drawn from 5x7 digit bitmaps, numpy only: the captcha reader's images and the PaddleOCR-style
 recognizer's (``paddle_ocr/make.py`` runs in an environment without torch).
 
+``rec_lines`` and ``det_pages`` are the PaddleOCR-style recognizer's lines and detector's pages.
+
 Each line holds 4-6 digits scaled to random sizes, at random offsets and ink levels, with a clutter line
 across the image and Gaussian noise, so a reader has to tell strokes from noise.
 """
@@ -56,3 +58,41 @@ def render_lines(n: int, seed: int, height: int, width: int, glyph_widths: tuple
         images[i, 0] = (canvas - 0.3) / 0.4
         texts.append(digits + 1)
     return images, texts, frames
+
+
+# The PaddleOCR-style recognizer's lines: 48 px high (PP-OCR's), 192 wide.
+REC_H, REC_W = 48, 192
+
+
+def rec_lines(n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``n`` lines [n, 3, 48, 192] (the gray line in every channel, as a recognizer's RGB input) and their
+    digit strings."""
+    gray, texts, _ = render_lines(n, seed, REC_H, REC_W, glyph_widths=(12, 20), glyph_heights=(26, 40), step=8)
+    return np.repeat(gray, 3, axis=1), texts
+
+
+def det_pages(n: int, seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Pages [n, 3, size, size] of clutter with 1-3 digit lines pasted in, and their [n, 1, size, size]
+    text masks (the lines' ink boxes)."""
+    rng = np.random.default_rng(seed)
+    lines, _ = rec_lines(3 * n, seed + 1000)
+    pages = rng.normal(0, 0.4, (n, 1, size, size)).astype(np.float32)
+    masks = np.zeros((n, 1, size, size), np.float32)
+    for i in range(n):
+        # Clutter strokes: short bright segments the detector has to leave out.
+        for _ in range(int(rng.integers(2, 6))):
+            y, x, length = int(rng.integers(0, size)), int(rng.integers(0, size - 20)), int(rng.integers(8, 20))
+            pages[i, 0, y, x:x + length] += 1.5
+        for k in range(int(rng.integers(1, 4))):
+            line = lines[3 * i + k, 0]
+            scale = rng.uniform(0.3, 0.45)
+            h, w = int(REC_H * scale), int(REC_W * scale)
+            small = line[(np.arange(h) * REC_H // h)[:, None], (np.arange(w) * REC_W // w)[None, :]]
+            ink = np.argwhere(small > 0.8)
+            if len(ink) == 0:
+                continue
+            y, x = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
+            pages[i, 0, y:y + h, x:x + w] = np.maximum(pages[i, 0, y:y + h, x:x + w], small)
+            (y0, x0), (y1, x1) = ink.min(0), ink.max(0)
+            masks[i, 0, y + y0:y + y1 + 1, x + x0:x + x1 + 1] = 1
+    return np.repeat(pages, 3, axis=1), masks

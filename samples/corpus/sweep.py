@@ -25,6 +25,8 @@ Models come from:
   about 7% positives and a [N, 32, 3] detection tensor; TorchScript), whose built files are cached in
   the work folder;
 - scikit-learn's MLPClassifier through skl2onnx;
+- a PaddleOCR-style CTC recognizer and DB text detector trained in PaddlePaddle on synthetic digit lines and
+  exported by paddle2onnx (``paddle_ocr/``, committed files; fed lines and pages of ``glyphs.py``);
 - a hand-built graph in tf2onnx's style (int32 bytes -> OneHot, LayerNormalization written as
   ReduceMean/Sub/Pow/Sqrt/Div, Gather, MatMul);
 - files and weights shipped inside PyPI wheels, used when the package is installed (nothing is
@@ -323,6 +325,18 @@ def _keras_digits(work: Path) -> tuple[Path, Feeds | None]:
     return Path(__file__).resolve().parent / "keras_digits" / "keras_digits.onnx", {"image": x[order]}
 
 
+def _paddle_ocr(kind: str) -> Callable[[Path], tuple[Path, Feeds | None]]:
+    """PaddleOCR-style recognizer (``rec``) or detector (``det``) exported by paddle2onnx, committed
+    (samples/corpus/paddle_ocr/make.py), fed lines or pages of seeds they did not train on."""
+    from glyphs import det_pages, rec_lines
+
+    def build(work: Path) -> tuple[Path, Feeds | None]:
+        x = rec_lines(256, 1)[0] if kind == "rec" else det_pages(128, 1)[0]
+        return Path(__file__).resolve().parent / "paddle_ocr" / f"ppocr_{kind}.onnx", {"x": x}
+
+    return build
+
+
 def _tf2onnx_like(work: Path) -> tuple[Path, Feeds | None]:
     """Bytes -> OneHot(256) -> MatMul + Gather embedding -> LayerNorm as tf2onnx writes it -> MLP."""
     from onnx import TensorProto, helper, numpy_helper
@@ -455,6 +469,10 @@ CORPUS = [
           _keras_bytes),
     Entry("keras_digits", "Keras CNN (trained on scikit-learn digits; committed file)", "tf2onnx 1.16, opset 15",
           _keras_digits),
+    Entry("ppocr_rec", "PaddlePaddle (trained, synthetic digit lines; PP-OCRv3 rec layout; committed file)",
+          "paddle2onnx 2.1, opset 14, [N, T, C] CTC probabilities", _paddle_ocr("rec")),
+    Entry("ppocr_det", "PaddlePaddle (trained, synthetic pages; DB detector layout; committed file)",
+          "paddle2onnx 2.1, opset 14, [N, 1, H, W] Sigmoid map", _paddle_ocr("det")),
     Entry("nudenet_320n", "PyPI nudenet wheel (trained)", "ultralytics (torch), fixed batch 1", _nudenet, "nudenet"),
     Entry("mtcnn_onet", "PyPI facenet-pytorch wheel (trained weights)", "torch TorchScript", _facenet_onet,
           "facenet_pytorch"),
