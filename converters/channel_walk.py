@@ -14,11 +14,7 @@ from onnx_admm.converters.channel_blocks import joined_blocks, joined_range, spl
 from onnx_admm.converters.channels import ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice
 from onnx_admm.converters.graphinfo import fresh_name, node_attr
 from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
-
-
-# Ops that compute on a Shape's output (the dims) on its way to a Reshape's shape.
-SHAPE_ARITHMETIC = frozenset({"Slice", "Gather", "Concat", "Cast", "Unsqueeze", "Squeeze", "Identity", "Mul", "Div",
-                              "Add", "Sub", "ReduceProd"})
+from onnx_admm.converters.shape_entries import Entry, check_shape_reads, shape_entries
 
 
 @dataclass
@@ -40,6 +36,9 @@ class ChannelWalk:
     names: set[str] = field(default_factory=set)
     # Shape nodes that read a tensor carrying the channels (``check_shape_reads``).
     shape_reads: list[int] = field(default_factory=list)
+    # Resize nodes given sizes computed at run time: label -> the sizes' entries and the channels' layout,
+    # checked once the walk knows every tensor that carries the channels (``check_shape_reads``).
+    sized: dict[str, tuple[list[Entry], ChannelLayout]] = field(default_factory=dict)
 
     # Broadcasting ops (node index) whose other computed operand (the value) does not carry the channels:
     # ``run`` leaves them waiting here; ``groups`` couples the producers of that operand or gives up.
@@ -187,28 +186,9 @@ class ChannelWalk:
                 )
 
     def check_shape_reads(self) -> None:
-        """A Shape of a tensor that carries the channels reads their count: allowed only where everything
-        computed from it ends in the shape of a Reshape that gets a constant of its own (tf2onnx's Flatten:
-        ``Reshape(x, Concat(Shape(x)[:1], [-1]))``), which no longer reads it once the cut replaces it."""
-        a = self.a
-        frozen = {(f.node, f.input) for f in self.frozen}
-        for start in self.shape_reads:
-            queue, seen = list(a.nodes[start].output), set()
-            while queue:
-                name = queue.pop()
-                if name in seen:
-                    continue
-                seen.add(name)
-                if name in a.outputs:
-                    raise NotPrunable(f"the shape of the channels reaches the graph output {name!r}")
-                for i in a.readers.get(name, []):
-                    node, label = a.nodes[i], a.labels[i]
-                    if node.op_type == "Reshape" and name == node.input[1] and (label, 1) in frozen:
-                        continue
-                    if node.op_type not in SHAPE_ARITHMETIC:  # a Reshape not frozen would change with the cut
-                        raise NotPrunable(f"the channels' shape read by Shape {a.labels[start]} reaches "
-                                          f"{node.op_type} {label}")
-                    queue.extend(x for x in node.output if x)
+        """Every Shape of a tensor that carries the channels feeds only what the cut keeps right
+        (``shape_entries.check_shape_reads``)."""
+        check_shape_reads(self)
 
     def own_copy(self, i: int, values: list[int], input: int = 1, what: str = "shape",
                  dims: tuple[int, ...] | None = None) -> str:
@@ -258,16 +238,24 @@ class ChannelWalk:
             self._need_nchw(layout, op, label)
             return [(node.output[0], layout)]
         if op in ("Resize", "Upsample"):
-            # Upsampling in FPNs and decoders: the channels pass when the channel axis keeps scale 1. Sizes
-            # given as an input (a constant count of channels, or one computed from the input) are not handled.
+            # Upsampling in FPNs and decoders: the channels pass when the channel axis keeps scale 1, or its
+            # size is computed from the channels' own count. Constant sizes are not handled.
             data_input_only()
             outputs_used((0,))
             # Upsample and opset 10's Resize: (X, scales); from opset 11 Resize: (X, roi, scales, sizes).
             scales = node.input[1] if len(node.input) == 2 else node.input[2]
             sizes = node.input[3] if op == "Resize" and len(node.input) > 3 else ""
+            if sizes:
+                # Sizes computed from the shapes around it (torch's size=y.shape[2:], paddle2onnx's upsampling):
+                # checked once the walk is done, when every tensor that carries the channels is known.
+                entries = shape_entries(a, sizes)
+                if entries is None or len(entries) != rank:
+                    raise NotPrunable(f"{op} {label} takes sizes computed in a way that is not followed")
+                self.sized[label] = (entries, layout)
+                return [(node.output[0], layout)]
             constant = a.constant(scales) if scales else None
-            if sizes or constant is None:
-                raise NotPrunable(f"{op} {label} takes its output sizes at run time or as sizes, which is not handled")
+            if constant is None:
+                raise NotPrunable(f"{op} {label} takes its scales at run time, which is not handled")
             values = a.value(constant).reshape(-1)
             if len(values) != rank or values[layout.axis] != 1:
                 raise NotPrunable(f"{op} {label} scales the channel axis")

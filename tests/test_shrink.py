@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_admm.converters.cut import zeroed
 from onnx_admm.converters.graphinfo import node_label
 from onnx_admm.converters.groups import channel_groups
 from onnx_admm.converters.importer import import_model
@@ -688,6 +689,95 @@ def test_an_upsampling_of_the_channel_axis_or_to_given_sizes_stops_the_group():
     )
     group = next(g for g in channel_groups(model) if g.name == "w1")
     assert not group.prunable and "sizes" in group.reason
+
+
+# Sizes computed at run time, as torch writes F.interpolate(c, size=skip.shape[2:]) and paddle2onnx its
+# nearest upsampling: Concat(Shape(c)[0:2], Shape(input)[2:4] * 2). The channel entry is the channels' own
+# count, so it follows the cut; a constant one, or another entry computed from the count, would not.
+_SIZES = {
+    "follows": "head = Slice (sc, zero, two)\n",
+    "constant channel entry": "n = Slice (sc, zero, one)\n head = Concat <axis = 0> (n, five)\n",
+    "height from the count": "n = Slice (sc, zero, two)\n cnt = Slice (sc, one, two)\n"
+                             " head = Concat <axis = 0> (n, cnt)\n",
+}
+
+
+@pytest.mark.parametrize("case", list(_SIZES))
+def test_an_upsampling_to_sizes_computed_from_the_channels_own_shape(case):
+    tail = "hw = Slice (si, three, four)\n" if case == "height from the count" else "hw = Slice (si, two, four)\n"
+    model = _text_model(
+        f"""
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w1)
+        sc = Shape (c)
+        si = Shape (input)
+        {_SIZES[case]}
+        {tail}
+        hw2 = Mul (hw, two)
+        sizes = Concat <axis = 0> (head, hw2)
+        u = Resize <mode = "nearest"> (c, , , sizes)
+        out = Conv <kernel_shape = [1, 1]> (u, w2)
+        """,
+        "float[5, 2, 3, 3] w1 = " + _floats((5, 2, 3, 3), 1) + ", float[3, 5, 1, 1] w2 = " + _floats((3, 5, 1, 1), 2)
+        + ", int64[1] zero = {0}, int64[1] one = {1}, int64[1] two = {2}, int64[1] three = {3}, int64[1] four = {4}"
+        ", int64[1] five = {5}",
+        "float[N, 2, H, W] input",
+        "float[N, 3, A, B] out",
+    )
+    group = next(g for g in channel_groups(model) if g.name == "w1")
+    if case != "follows":
+        reason = {"constant channel entry": "takes the channel axis's entry of its sizes from a value the cut does "
+                                            "not change",
+                  "height from the count": "computes entry 2 of its sizes from the count of the channels"}[case]
+        assert not group.prunable and reason in group.reason, group.reason
+        return
+    assert group.prunable, group.reason
+    shrunk = shrink(model, {"w1": _mask(5, [1, 4])}).model
+    assert _value(shrunk, "w2").shape == (3, 3, 1, 1)
+    w1 = _value(model, "w1").copy()
+    w1[[1, 4]] = 0
+    for shape in ((2, 2, 4, 4), (1, 2, 6, 10)):  # the sizes follow the input's height and width too
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        got, want = _run(shrunk, x)[0], _run(_with_values(model, {"w1": w1}), x)[0]
+        assert got.shape == (shape[0], 3, 2 * shape[2], 2 * shape[3])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+class _SizedFPN(torch.nn.Module):
+    """Two scales added after upsampling to the finer one's size, then upsampled to the input's size (torch's
+    FPN / segmentation idiom: F.interpolate(size=t.shape[-2:]))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 16, 3, 2, 1)
+        self.l1, self.l2, self.head = torch.nn.Conv2d(8, 6, 1), torch.nn.Conv2d(16, 6, 1), torch.nn.Conv2d(6, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(a))
+        p = self.l1(a) + torch.nn.functional.interpolate(self.l2(b), size=a.shape[-2:], mode="nearest")
+        return self.head(torch.nn.functional.interpolate(p, size=x.shape[-2:], mode="bilinear"))
+
+
+def test_a_torchscript_fpn_with_sizes_from_shapes_loses_filters_in_every_group(tmp_path):
+    # c1's channels lend the first upsampling its height and width (Shape(a)[2:]), l1 + l2's sum is upsampled
+    # to sizes whose channel entry is its own count: each group shrinks to what the masked model computes.
+    path = tmp_path / "fpn.onnx"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(_SizedFPN().eval(), (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    model = onnx.load(str(path))
+    groups = {g.name: g for g in channel_groups(model)}
+    assert {name: g.prunable for name, g in groups.items()} == {
+        "c1.weight": True, "c2.weight": True, "l1.weight": True, "head.weight": False}
+    assert groups["l1.weight"].members == ("l1.weight", "l2.weight")
+    x = np.random.default_rng(1).normal(size=(2, 3, 40, 24)).astype(np.float32)
+    for name, group in groups.items():
+        if group.prunable:
+            removed = [0, group.n_channels - 1]
+            masked = zeroed(model, group, removed)
+            shrunk = shrink(model, {name: _mask(group.n_channels, removed)}).model
+            np.testing.assert_allclose(_run(shrunk, x)[0], _run(masked, x)[0], rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_channels_that_reach_a_concat_three_times_are_cut_in_each_copy():
