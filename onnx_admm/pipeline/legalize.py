@@ -58,6 +58,14 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup],
         elif missing := [m for m in group.producers if m not in pruned]:
             left_alone[label] = (f"coupled with {', '.join(missing)} (their outputs meet in a residual sum), which "
                                  "the recipe does not filter-prune: a coupled group is pruned whole or not at all")
+    # A weight that keeps its filters may still read channels that leave with another group's: say so, or the
+    # report's table (that weight's zeros) reads against "left alone".
+    feeding = {piece.tensor: g.name for label, g in groups.items() if label in pruned and label not in left_alone
+               for piece in g.consumers}
+    for w in filtered:
+        if w.spec.label in left_alone and w.spec.label in feeding:
+            left_alone[w.spec.label] += (f" (it keeps its filters, and its input channels still leave with the "
+                                         f"filters of {feeding[w.spec.label]!r})")
     plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
     coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
                if label in pruned and label not in left_alone and len(g.producers) > 1}
