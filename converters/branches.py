@@ -8,7 +8,9 @@ trains only as the branch the data takes.
 ``fold_branches`` finds each If whose branches read a weight, evaluates its condition in onnxruntime on
 the samples, and, when every sample takes the same branch, replaces the If by that branch's nodes in a
 COPY (the graph the importer converts): the branch's own initializers and float Constant tensors move to
-the top graph under the same names, its outputs become the If's outputs through Identity nodes. An If
+the top graph under the same names, its outputs become the If's outputs through Identity nodes (or directly,
+where the branch names them as the If does: optimum's merged decoders, whose two branches read the same outer
+weights, so both run with the trained ones). An If
 inside a taken branch is folded the same way. ``Folding.restore`` puts each If back into a graph written
 from that copy: the inlined nodes go, the If node returns with both branches, and a branch's own
 definition of a tensor the written top graph now defines (a lifted weight) is dropped so the branch reads
@@ -86,7 +88,8 @@ class Folding:
         defined |= {out for n in graph.node for out in n.output}
         for node in graph.node:
             for sub in subgraphs(node):
-                _drop_definitions(sub, defined)
+                # Not the If's own outputs: optimum's merged decoders name each branch's outputs as the If's.
+                _drop_definitions(sub, defined - set(node.output))
         return written
 
 
@@ -204,7 +207,8 @@ def _inline(model: onnx.ModelProto, node: onnx.NodeProto, taken: bool) -> Folded
     graph.initializer.extend(branch.initializer)
     graph.sparse_initializer.extend(branch.sparse_initializer)
     for inner_out, out in zip(branch.output, record.output):
-        if out:
+        # optimum's merged decoders name each branch's outputs as the If's: the inlined node already makes it.
+        if out and inner_out.name != out:
             name = fresh_name(f"{record.name or 'If'}/output_{out}", taken_labels | names)
             taken_labels.add(name)
             new_nodes.append(helper.make_node("Identity", [inner_out.name], [out], name=name))

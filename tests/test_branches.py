@@ -348,3 +348,49 @@ def test_the_else_branch_trains_its_lstm_and_the_then_branch_stays_bit_for_bit(v
     feeds = vad.feeds(16, 5, 16000)
     for a, b in zip(_run(original, feeds), _run(written, feeds)):
         np.testing.assert_array_equal(a, b)
+
+
+def _merged_decoder() -> onnx.ModelProto:
+    """optimum's merged-decoder layout: one If on ``use_cache_branch`` whose two branches read the same outer
+    weights and name their outputs as the If's (``logits``). x [N, 8] -> MatMul W1 -> (then: Tanh, else: Relu)
+    -> MatMul W2 -> logits [N, 4]."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.5, (8, 16)).astype(np.float32), rng.normal(0, 0.5, (16, 4)).astype(np.float32)
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
+
+    def branch(name: str, act: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", "W1"], [f"{name}/h"], name=f"{name}/mm1"),
+                                  helper.make_node(act, [f"{name}/h"], [f"{name}/a"], name=f"{name}/act"),
+                                  helper.make_node("MatMul", [f"{name}/a", "W2"], ["logits"], name=f"{name}/mm2")],
+                                 name, [], [out])
+
+    node = helper.make_node("If", ["use_cache_branch"], ["logits"], name="optimum::if",
+                            then_branch=branch("with_past", "Tanh"), else_branch=branch("no_past", "Relu"))
+    graph = helper.make_graph([node], "merged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                                                 helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL,
+                                                                               [1])],
+                              [out], [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_merged_decoder_trains_its_shared_weights_and_both_branches_read_them(tmp_path: Path) -> None:
+    # Folding inlined the branch with an Identity logits -> logits (a cycle the import failed on), and the write-
+    # back dropped both branches' nodes that make 'logits' as if the outer graph defined it (an invalid model).
+    path = tmp_path / "merged.onnx"
+    onnx.save(_merged_decoder(), str(path))
+    rng = np.random.default_rng(1)
+    data = {"x": rng.normal(size=(96, 8)).astype(np.float32), "use_cache_branch": np.ones(1, bool)}
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "train": {"threads": 1}})
+    result = compress(path, data, config, progress="off")
+    out = tmp_path / "merged.admm.onnx"
+    result.save(out)
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert [n.op_type for n in written.graph.node] == ["If"]
+    w1, w2 = (numpy_helper.to_array(t) for t in written.graph.initializer)
+    assert int((w1 == 0).sum() + (w2 == 0).sum()) == (w1.size + w2.size) // 2  # 50% over both layers
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    for flag, act in ((True, np.tanh), (False, lambda h: np.maximum(h, 0))):  # each branch with the new weights
+        got = _run(written, {"x": x, "use_cache_branch": np.array([flag])})[0]
+        np.testing.assert_allclose(got, act(x @ w1) @ w2, rtol=1e-5, atol=1e-5)
