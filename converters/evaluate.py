@@ -36,7 +36,8 @@ def sliced(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
         [node for i, node in enumerate(nodes) if i in keep], "slice",
         [i for i in model.graph.input if i.name in needed],
         [helper.make_empty_tensor_value_info(name) for name in outputs],
-        [t for t in model.graph.initializer if t.name in needed])
+        [t for t in model.graph.initializer if t.name in needed],
+        sparse_initializer=[t for t in model.graph.sparse_initializer if t.values.name in needed])
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 

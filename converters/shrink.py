@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from onnx_admm.converters.cut import ShrinkResult, TensorCut, cut, cut_update, kept_channels
+from onnx_admm.converters.evaluate import evaluate
 from onnx_admm.converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
 
@@ -64,7 +65,8 @@ def shrink(
     return cut(model, keep, channel_groups(model) if groups is None else groups)
 
 
-def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequence[int]] | None = None) -> dict:
+def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequence[int]] | None = None,
+               feeds: Mapping[str, np.ndarray] | None = None) -> dict:
     """Multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul node at ``batch``, and parameter counts.
 
     The batch size replaces the first dim of every graph input that is symbolic or unknown, and ``inputs``
@@ -75,6 +77,7 @@ def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequ
         model: The ONNX model, external data loaded.
         batch: Batch size the MACs are counted at.
         inputs: Shapes of graph inputs, by name, used as given (their batch included).
+        feeds: Inputs to run the model on in onnxruntime where inference leaves a node's shapes unknown.
 
     Returns:
         ``{"batch", "macs", "params", "nodes": {label: {"op_type", "macs", "params"}}, "unknown": [labels]}``:
@@ -112,12 +115,25 @@ def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequ
     for name, shape in constant_shapes.items():
         shapes[name] = list(shape)
 
+    counted = [(i, node) for i, node in enumerate(model.graph.node)
+               if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.domain in ("", "ai.onnx")]
+    if feeds is not None and any(_node_macs(node, shapes) is None for _, node in counted):
+        # Where inference loses the shapes (BERT's position ids cut to the sequence by a computed Slice, and
+        # everything after them), they are read from one onnxruntime run of the feeds.
+        names = sorted({x for _, node in counted if _node_macs(node, shapes) is None
+                        for x in (*node.input[:2], node.output[0]) if x and x not in constant_shapes})
+        try:
+            values = next(evaluate(model, names, [feeds]))
+        except Exception as exc:  # onnxruntime's own error types; the count is a figure, not the run's result
+            logger.info("MACs: onnxruntime could not run the model for its shapes (%s); %d nodes stay uncounted",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, len(names))
+            values = []
+        for name, value in zip(names, values):
+            shapes[name] = list(np.shape(value))
     nodes: dict[str, dict] = {}
     unknown: list[str] = []
     total = 0
-    for i, node in enumerate(model.graph.node):
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
-            continue
+    for i, node in counted:
         label = node_label(node, i)
         macs = _node_macs(node, shapes)
         node_params = sum(math.prod(constant_shapes[n]) for n in node.input if n in constant_shapes)

@@ -324,7 +324,8 @@ def test_filters_read_past_the_cut_are_left_alone(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     # w1's filters are read by the head, which does not train: they stay (before: KeyError 'w2').
     assert report["left_alone"]["w1"] == ("its channels are read by w2, past the part of the graph onnx-admm "
-                                          "converts and trains")
+                                          "converts and trains (it keeps its filters, and its input channels still "
+                                          "leave with the filters of 'w0')")
     written = load_model(out)
     shapes = {name: tensor_value(written, source).shape for name, source in constant_sources(written).items()}
     kept = shapes["w0"][0]  # a multiple of 8 filters (the default rounding)

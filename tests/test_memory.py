@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import mmap
 import sys
 from pathlib import Path
 
@@ -158,8 +159,11 @@ def test_peak_memory_resets_per_phase_where_the_kernel_allows():
     peaks = memory.PeakMemory()
     if not peaks.resets:
         pytest.skip("/proc/self/clear_refs is not writable here")
-    block = np.ones(64 * 2**20 // 8)  # 64 MB, touched, then freed inside the phase
-    del block
+    # 64 MB of fresh pages, touched, then unmapped inside the phase (an anonymous mapping: a malloc'd block
+    # may reuse pages the process already holds after the tests before it, and not raise the peak at all).
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
+    block.close()
     peaks.mark("big")
     peaks.mark("small")  # the reset set the peak to the RSS at the mark: the block is not in it
     assert peaks.peaks["big"] - peaks.peaks["small"] > 48

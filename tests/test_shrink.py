@@ -227,6 +227,30 @@ def test_macs_of_a_graph_with_dynamic_height_and_width_need_the_input_shape():
     assert sized["macs"] == 2 * 4 * 10 * 12 * 27 and sized["unknown"] == []
 
 
+def test_macs_where_inference_loses_the_shapes_are_read_from_a_run():
+    # x [N, 16, 8] cut to the longest of the lengths (data-dependent: inference cannot know it) -> MatMul W [8, 4],
+    # W stored as a sparse initializer (as compress writes pruned weights) that the run must read too.
+    w = np.zeros((8, 4), np.float32)
+    w[::2] = 1.0
+    nodes = [helper.make_node("ReduceMax", ["lengths"], ["n"], keepdims=1, name="longest"),
+             helper.make_node("Slice", ["x", "zero", "n", "one"], ["xs"], name="cut"),
+             helper.make_node("MatMul", ["xs", "W"], ["y"], name="mm")]
+    graph = helper.make_graph(
+        nodes, "cut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8]),
+                       helper.make_tensor_value_info("lengths", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L", 4])],
+        [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "one")],
+        sparse_initializer=[helper.make_sparse_tensor(numpy_helper.from_array(w[w != 0], "W"),
+                                                      numpy_helper.from_array(np.flatnonzero(w).astype(np.int64)),
+                                                      [8, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = {"x": np.ones((2, 16, 8), np.float32), "lengths": np.array([5, 11], np.int64)}
+    shapes = {name: value.shape for name, value in feeds.items()}
+    assert count_macs(model, inputs=shapes)["unknown"] == ["mm"]
+    counted = count_macs(model, inputs=shapes, feeds=feeds)
+    assert counted["unknown"] == [] and counted["macs"] == 2 * 11 * 4 * 8
+
+
 def _text_model(body: str, inits: str, inputs: str, outputs: str) -> onnx.ModelProto:
     model = onnx.parser.parse_model(
         f"""<ir_version: 8, opset_import: ["" : 17]>

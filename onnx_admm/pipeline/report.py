@@ -182,8 +182,10 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
     # width the graph leaves dynamic has no Conv shapes otherwise. Weights behind DequantizeLinear / codebook
     # decoders count as the tensors they decode to.
     feed = next(held_out.batches(fixed or 1))
-    shapes = {name: np.shape(array) for name, array in feed.items() if name != "labels"}
-    before, after = (count_macs(decoded_view(load_model(path))[0], inputs=shapes) for path in (original, compressed))
+    feed = {name: np.asarray(array) for name, array in feed.items() if name != "labels"}
+    shapes = {name: array.shape for name, array in feed.items()}
+    before, after = (count_macs(decoded_view(load_model(path))[0], inputs=shapes, feeds=feed)
+                     for path in (original, compressed))
     macs = {"original": before["macs"], "compressed": after["macs"], "samples": fixed or 1}
     if before["unknown"] or after["unknown"]:
         macs["uncounted_nodes"] = max(len(before["unknown"]), len(after["unknown"]))  # shapes unknown
