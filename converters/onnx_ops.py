@@ -13,6 +13,7 @@
 - ``Trilu`` (opset 14): both exporters write a transformer decoder's causal mask with it
   (``nn.Transformer`` with ``tgt_is_causal``); without it the import stopped there and the decoder was
   passed through untrained.
+- ``LessOrEqual`` / ``GreaterOrEqual`` 16 (``converters.onnx_versions``: the version 12 converter).
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
   bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
   ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op),
@@ -37,6 +38,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
+from onnx_admm.converters import onnx_versions  # noqa: F401 - registers converters under later op versions
 from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS
 from onnx_admm.converters.padding import convert_average_pool, convert_conv_transpose
 

@@ -123,6 +123,11 @@ CASES = [
     ("Trilu-lower", "(float[N, 4, 5] x) => (float[?, ?, ?] y)", "y = Trilu <upper = 0> (x)", [14, 17], {}),
     ("Trilu-upper-k", "(float[N, 5, 4] x) => (float[?, ?, ?] y)", "y = Trilu (x, k)", [14, 17],
      {"k": np.array(-1, np.int64)}),
+    # dynamo's GPT-2 causal mask: onnx2torch converts these at version 12 only, not 16 (bfloat16 added).
+    ("LessOrEqual", X2, "m = LessOrEqual (x, t)\n y = Where (m, x, z)", [12, 16, 17],
+     {"t": np.array(0.2, np.float32), "z": np.array(-9.0, np.float32)}),
+    ("GreaterOrEqual", X2, "m = GreaterOrEqual (x, t)\n y = Where (m, x, z)", [12, 16, 17],
+     {"t": np.array(0.2, np.float32), "z": np.array(-9.0, np.float32)}),
 ]
 
 OP_PARAMS = [pytest.param(case, opset, id=f"{case[0]}-opset{opset}") for case in CASES for opset in case[3]]
