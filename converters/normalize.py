@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 # onnx2torch registers most converters up to opset 13-17.
 TARGET_OPSET = 17
+# Below this, some ops onnx2torch has only at later versions: such a model is raised to UPGRADE_OPSET for import.
+OLDEST_CONVERTED, UPGRADE_OPSET = 11, 13
 
 Pass = Callable[[onnx.ModelProto], bool]
 
@@ -195,8 +197,10 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
 
 
 def downconvert_opset(model: onnx.ModelProto) -> bool:
-    """Convert the default-domain opset down to 17 with onnx's version converter."""
+    """Convert the default-domain opset down to 17 with onnx's version converter, or up to 13 from below 11."""
     version = _default_opset(model)
+    if 0 < version < OLDEST_CONVERTED:
+        return _upconvert_opset(model, version)
     if version <= TARGET_OPSET:
         return False
     try:
@@ -207,6 +211,22 @@ def downconvert_opset(model: onnx.ModelProto) -> bool:
             f"cannot convert the model from opset {version} to {TARGET_OPSET} for import: {first}; "
             f"re-export the model with opset_version={TARGET_OPSET}"
         ) from None
+    model.CopyFrom(converted)
+    return True
+
+
+def _upconvert_opset(model: onnx.ModelProto, version: int) -> bool:
+    """An opset-7..10 model raised to 13 for import: onnx2torch converts ``Slice``, ``ArgMax``, ``Dropout``,
+    ``IsNaN``, ``NonZero`` (and at 7-8 ``Gemm``, ``BatchNormalization``, ``Flatten``, ``Cast``) only at their
+    later versions, so the import stopped at the first of them. Weights keep their names (write-back goes into
+    the original graph); where the converter has no adapter the model is imported as it is."""
+    try:
+        converted = version_converter.convert_version(model, UPGRADE_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors / C++ errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.info("opset %d kept for import (the version converter cannot raise it to %d: %s)", version,
+                    UPGRADE_OPSET, first)
+        return False
     model.CopyFrom(converted)
     return True
 

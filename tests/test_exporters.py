@@ -393,3 +393,45 @@ def test_a_tied_embeddings_transposed_copy_stays_computed():
         wt = Transpose <perm = [1, 0]> (emb)
         y = MatMul (h, wt)""", 17, {"emb": np.ones((10, 8), np.float32)})
     assert weight_decoders(model) == {}
+
+
+class _OldExport(torch.nn.Module):
+    """Conv -> BatchNorm -> ReLU -> MaxPool -> Conv -> a column Slice -> Upsample -> Flatten -> Linear: at opset
+    9 the TorchScript exporter writes Slice with attributes and Upsample, as exports of that era are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2 = torch.nn.Conv2d(8, 8, 3)
+        self.fc = torch.nn.Linear(8 * 12 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.max_pool2d(torch.relu(self.bn(self.c1(x))), 2)))[:, :, :, 1:]
+        return self.fc(torch.nn.functional.interpolate(h, scale_factor=2.0).flatten(1))
+
+
+def test_a_model_at_opset_9_trains_whole_and_is_written_back_at_opset_9(tmp_path):
+    path = tmp_path / "old.onnx"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(_OldExport().eval(), (torch.randn(2, 1, 16, 14),), str(path), dynamo=False, opset_version=9,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    original = onnx.load(str(path))
+    assert {"Slice", "Upsample"} <= {n.op_type for n in original.graph.node}
+    imported = import_model(original)  # raised to opset 13 for the import only
+    assert imported.not_converted == [] and imported.passed_through == []
+    # c1 with the BatchNorm folded in (onnx::Conv_*), c2 and fc: every weight, where fc did not train before.
+    names = {e.onnx_name for e in imported.compressible()}
+    assert len(names) == 3 and {"c2.weight", "fc.weight"} <= names
+    x = np.random.default_rng(0).standard_normal((48, 1, 16, 14)).astype(np.float32)
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "train": {"threads": 1}})
+    result = compress(path, {"x": x}, config, progress="off")
+    out = tmp_path / "old.admm.onnx"
+    result.save(out)
+    written = onnx.load(str(out))
+    assert written.opset_import == original.opset_import
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in original.graph.node]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ok, diff = within_tolerance(result.imported.run({"x": x[:8]}), session.run(None, {"x": x[:8]}))
+    assert ok, diff
