@@ -113,3 +113,25 @@ def test_no_synthesized_size_that_runs_asks_for_data(tmp_path):
     assert message.endswith("synthesized inputs with dynamic dims at 8, 32, 64, 128 do not fit this model: pass "
                             "inputs it runs on with --data (an .npz keyed by input name)")
     assert "\n" not in message
+
+
+def test_a_float16_model_is_checked_in_float16_steps(tmp_path):
+    # Conv, GELU, LayerNorm and Linear in float16: torch and onnxruntime sum in other orders and differ by a few
+    # float16 steps (6e-4 here), which the float32 tolerance (1e-4 + 1e-4 max|y|) called a failed check.
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
+                              torch.nn.Flatten(), torch.nn.Linear(128, 32), torch.nn.GELU(), torch.nn.LayerNorm(32),
+                              torch.nn.Linear(32, 10)).eval().half()
+    path = tmp_path / "fp16.onnx"
+    torch.onnx.export(net, (torch.randn(2, 1, 8, 8).half(),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}})
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float16)}
+    report = check(path, feeds)
+    step = next(s for s in report.steps if s.name == "torch vs onnxruntime")
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert report.passed, report.format()
+    assert step.value > check_module.ATOL + check_module.RTOL * float(np.abs(y).max())  # over float32's tolerance
