@@ -88,9 +88,12 @@ def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[on
 
 def _raise_unsupported(problems: list[str], why: str) -> None:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    # onnxruntime's transformer optimizer fuses a model's attention, layer norms and GELUs into com.microsoft
+    # ops (optimum's ORTOptimizer too): the unfused export it started from imports.
+    fix = ("compress the model as exported, before onnxruntime's optimizer fused it (then optimize the result)"
+           if any("com.microsoft." in p for p in problems) else "re-export without that op")
     raise UserError(
-        f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, "
-        "or re-export without that op"
+        f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, or {fix}"
     )
 
 

@@ -416,3 +416,23 @@ def test_constant_of_shape_from_opset_20_imports():
     (got,) = imported.run({"x": x})
     (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_fused_by_onnxruntimes_optimizer_is_refused_with_the_way_round_it():
+    # onnxruntime's transformer optimizer (and optimum's ORTOptimizer) fuses layers into com.microsoft ops
+    # onnx2torch cannot convert: the export before that fusion imports, and the result can be optimized after.
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("FusedMatMul", ["x", "W"], ["h"], domain="com.microsoft", name="fused"),
+         helper.make_node("Relu", ["h"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [onnx.numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UserError) as error:
+        import_model(model)
+    assert str(error.value) == (
+        "cannot import the model: node 'fused': com.microsoft.FusedMatMul (opset 1) has no converter; run "
+        "`onnx-admm inspect` for the full list, or compress the model as exported, before onnxruntime's optimizer fused it (then optimize the result)")
