@@ -9,7 +9,8 @@ decoding subgraphs whose output is named ``W``:
 
 A recurrent op's W / R / B, or a MatMul / Gemm weight, that nodes only moving entries compute from
 constants alone (an exported LSTMCell's gate reordering; the query and key-value rows a dynamo-exported
-cross-attention splits out of its packed ``in_proj_weight``) is found the same way (``_computed_weights``):
+cross-attention splits out of its packed ``in_proj_weight``, or TorchScript's slices of it at the width a Shape
+reads) is found the same way (``_computed_weights``):
 it imports and trains as the tensor it computes, and write-back replaces the computation with the trained
 tensor.
 
@@ -36,6 +37,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, RECURRENT_CONSTANT_INPUTS
 from onnx_admm.converters.graphinfo import (GraphView, TensorSource, constant_sources, node_attr, resolve,
                                             subgraphs, tensor_value)
+from onnx_admm.converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +144,13 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
             if linear and resolve(name, view.aliases) in sources:
                 continue  # an Identity of a constant: the constant itself is the weight, tied across its aliases
             closure = computed_from_constants(name, graph, sources, producers,
-                                              moves=_LINEAR_MOVES if linear else _MOVES)
+                                              moves=_LINEAR_MOVES if linear else _MOVES, shapes=linear)
             if closure is None:
                 continue
             nodes, constants = closure.nodes, closure.constants
+            if any(graph.node[i].op_type == "Shape" for i in nodes) and not _static(model, WeightDecoder(
+                    name, graph.node[producers[name]].op_type, nodes, constants)):
+                continue  # the weight follows a dynamic dim (a sequence length): it is computed at run time
             inner = {out for i in nodes for out in graph.node[i].output if out}
             if inner & graph_outputs or not linear and any(not readers.get(out, set()) <= set(nodes)
                                                             for out in inner - {name}):
@@ -161,6 +166,16 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
         if any(not readers.get(c, set()) <= computing for c in data[name]):
             del found[name]
     return found
+
+
+def _static(model: onnx.ModelProto, decoder: WeightDecoder) -> bool:
+    """Whether the weight ``decoder`` computes through Shape nodes is known: it has a shape for every Shape it
+    reads, and the same values whatever size the dynamic dims take (two different ones tried)."""
+    try:
+        first, second = decode(model, decoder, fill=3), decode(model, decoder, fill=5)
+    except Exception:  # noqa: BLE001 - onnx's reference evaluator raises its own errors on an impossible shape
+        return False
+    return first.shape == second.shape and bool(np.array_equal(first, second))
 
 
 # Ops that only move or pick entries: a weight they compute has no more entries than its constants, so storing
@@ -180,12 +195,16 @@ class Computation(NamedTuple):
 
 
 def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str, TensorSource],
-                            producers: dict[str, int], moves: frozenset[str] | None = _MOVES) -> Computation | None:
+                            producers: dict[str, int], moves: frozenset[str] | None = _MOVES,
+                            shapes: bool = False) -> Computation | None:
     """How nodes compute ``name`` from constants, or None when something else feeds them (a graph input), a
     node holds a subgraph or is of another domain, or a node on the data path is not of ``moves`` (None: any
     op). The data path is what the entries of ``name`` come from: every input of a Concat, the first of the
     other moves; the rest (a Slice's ends, a Reshape's shape) may be computed by any op, as TorchScript
-    computes a slice's end by an Add."""
+    computes a slice's end by an Add. With ``shapes``, off the data path a ``Shape`` node counts as a constant
+    source too (TorchScript slices a cross-attention's packed weight at the query's width, read by Shape):
+    ``decode`` evaluates it from inferred dims, and ``_computed_weights`` keeps it only where the weight does
+    not depend on a dynamic one."""
     nodes: set[int] = set()
     constants: set[str] = set()
     data_constants: set[str] = set()
@@ -207,18 +226,31 @@ def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str
         if index in nodes:
             continue
         nodes.add(index)
+        if shapes and not data and node.op_type == "Shape":
+            continue  # its value comes from the inferred dims (decode), not from its input
         data_inputs = len(node.input) if node.op_type == "Concat" else 1
         stack.extend((n, data and i < data_inputs) for i, n in enumerate(node.input) if n)
     return Computation(tuple(sorted(nodes)), tuple(sorted(constants)), frozenset(data_constants))
 
 
-def decode(model: onnx.ModelProto, decoder: WeightDecoder) -> np.ndarray:
-    """The tensor ``decoder`` produces, computed with onnx's reference implementation of its nodes."""
+def decode(model: onnx.ModelProto, decoder: WeightDecoder, fill: int = 1) -> np.ndarray:
+    """The tensor ``decoder`` produces, computed with onnx's reference implementation of its nodes; a Shape node
+    among them gives its input's inferred dims, ``fill`` for each dynamic one."""
     sources = constant_sources(model)
     version = next((e.version for e in model.opset_import if e.domain in DEFAULT_DOMAINS), 0)
     values: dict[str, np.ndarray] = {}
+    dims = None
     for index in decoder.nodes:
         node = model.graph.node[index]
+        if node.op_type == "Shape" and node.input[0] not in sources and node.input[0] not in values:
+            dims = inferred_types(model) if dims is None else dims
+            known = dims.get(node.input[0], (0, None))[1]
+            if known is None:
+                raise ValueError(f"no inferred shape for {node.input[0]!r}, which Shape {node.name!r} reads")
+            shape = [d if isinstance(d, int) and d >= 0 else fill for d in known]
+            start, end = node_attr(node, "start", 0), node_attr(node, "end", len(shape))
+            values[node.output[0]] = np.array(shape[start:end], np.int64)
+            continue
         feeds = {
             name: values[name] if name in values else tensor_value(model, sources[name]) for name in node.input if name
         }

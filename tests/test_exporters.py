@@ -333,6 +333,18 @@ def test_filters_read_past_the_cut_are_left_alone(tmp_path):
     assert _ort(out, {"x": x[:5]})[0].shape == (5, 4)
 
 
+def _pruned_by_half(model: onnx.ModelProto, tmp_path) -> tuple:
+    """A label-free 50% run of ``model`` (input x [N, 8]) on 64 samples: the samples, the result, the written
+    file and the model it holds."""
+    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"sparsity": 0.5}})
+    result = compress(model, {"x": x}, config)
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    return x, result, out, load_model(out)
+
+
 def _packed_projection(opset: int = 17) -> onnx.ModelProto:
     """dynamo's cross-attention in-projection: one packed [24, 8] weight Split into query rows [8, 8] and
     key-value rows [16, 8], each transposed for its MatMul."""
@@ -352,13 +364,7 @@ def test_linear_weights_sliced_out_of_a_packed_constant_train_and_replace_their_
     assert sorted(decoders) == ["wkv", "wq"] and {d.op_type for d in decoders.values()} == {"Transpose"}
     imported = import_model(model)
     assert sorted(e.onnx_name for e in imported.compressible()) == ["wkv", "wq"]  # none before: computed tensors
-    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
-    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
-                                       "prune": {"sparsity": 0.5}})
-    result = compress(model, {"x": x}, config)
-    out = tmp_path / "out.onnx"
-    result.save(out)
-    written = load_model(out)
+    x, result, out, written = _pruned_by_half(model, tmp_path)
     # The trained tensors replace the Split and the Transposes, and the packed constant goes with them.
     assert [n.op_type for n in written.graph.node] == ["MatMul", "MatMul", "Concat"]
     values = {name: tensor_value(written, source) for name, source in constant_sources(written).items()}
@@ -375,6 +381,44 @@ def test_linear_weights_sliced_out_of_a_packed_constant_train_and_replace_their_
     got = ort.InferenceSession(partial.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got[:, 8:], reference[:, 8:])
+
+
+def _sliced_at_the_query_width(end: str) -> onnx.ModelProto:
+    """TorchScript's cross-attention in-projection: the packed [24, 8] weight Sliced at the query's width E
+    (``Shape(q)[-1]``, 8) into query rows [0, E) and key-value rows [E, 3E), each transposed; ``end`` names the
+    dim the width is read from (``-1``: the static width; ``0``: the dynamic batch, a weight that would change
+    with it)."""
+    packed = np.random.default_rng(0).standard_normal((24, 8)).astype(np.float32)
+    return op_model("(float[N, 8] x) => (float[N, 24] y)", f"""
+        s = Shape (x)
+        e = Gather <axis = 0> (s, at)
+        e1 = Unsqueeze (e, zero)
+        e3 = Mul (e1, three)
+        q_rows = Slice (packed, zero, e1, zero)
+        kv_rows = Slice (packed, e1, e3, zero)
+        wq = Transpose <perm = [1, 0]> (q_rows)
+        wkv = Transpose <perm = [1, 0]> (kv_rows)
+        q = MatMul (x, wq)
+        kv = MatMul (x, wkv)
+        y = Concat <axis = 1> (q, kv)""", 17, {"packed": packed, "at": np.array(int(end), np.int64),
+                                               "zero": np.array([0], np.int64), "three": np.array([3], np.int64)})
+
+
+def test_a_packed_weight_sliced_at_a_width_read_by_shape_trains(tmp_path):
+    # TorchScript reads the slice bounds from the query's Shape: the weights were computed at run time and
+    # stayed uncompressed (seq2seq_ts: 145,600 compressible values, now 170,176 as dynamo's export).
+    model = _sliced_at_the_query_width("-1")
+    decoders = weight_decoders(model)
+    assert sorted(decoders) == ["wkv", "wq"]
+    imported = import_model(model)
+    assert sorted(e.onnx_name for e in imported.compressible()) == ["wkv", "wq"]
+    x, result, out, written = _pruned_by_half(model, tmp_path)
+    assert [n.op_type for n in written.graph.node] == ["MatMul", "MatMul", "Concat"]
+    values = {name: tensor_value(written, source) for name, source in constant_sources(written).items()}
+    assert values["wq"].shape == (8, 8) and values["wkv"].shape == (8, 16)
+    _assert_close(_ort(out, {"x": x[:5]}), [result.imported.run({"x": x[:5]})[0]])
+    # Bounds read from the batch dim: the weights would change with it, so they stay computed.
+    assert weight_decoders(_sliced_at_the_query_width("0")) == {}
 
 
 def test_a_weight_widened_by_a_cast_stays_a_computed_tensor():
