@@ -419,6 +419,14 @@ def test_a_packed_weight_sliced_at_a_width_read_by_shape_trains(tmp_path):
     _assert_close(_ort(out, {"x": x[:5]}), [result.imported.run({"x": x[:5]})[0]])
     # Bounds read from the batch dim: the weights would change with it, so they stay computed.
     assert weight_decoders(_sliced_at_the_query_width("0")) == {}
+    # Filter pruning keeps such a weight's filters and says why (it read "MatMul filters are not removable").
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 0, "retrain_epochs": 0},
+                                       "prune": {"sparsity": 0.3, "structure": "filter"}})
+    with pytest.raises(UserError) as error:
+        compress(model, {"x": x}, config)
+    assert str(error.value).startswith("no weight can lose whole filters: wq: the graph computes this weight from a "
+                                       "stored one (a slice of a packed projection), and the channel analysis "
+                                       "follows stored weights only; wkv: ")
 
 
 def test_a_weight_widened_by_a_cast_stays_a_computed_tensor():

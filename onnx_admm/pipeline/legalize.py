@@ -14,6 +14,7 @@ import logging
 import onnx
 import torch
 
+from onnx_admm.converters.dequantize import weight_decoders
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
@@ -33,15 +34,21 @@ def legalize(plan: Plan, original: onnx.ModelProto, shapes: dict[str, torch.Size
     if any(w.removes_channels for w in plan.weights):
         # Every member of a coupled group (the convs of one residual sum) finds the group by its weight.
         groups = {member: g for g in channel_groups(original) for member in g.producers}
-        plan, left_alone = _keep_removable_filters(plan, groups, held)
+        # Weights the graph computes from constants by moving entries (not DequantizeLinear / codebook decoders).
+        computed = {name for name, d in weight_decoders(original).items() if d.op_type not in _DECODING_OPS}
+        plan, left_alone = _keep_removable_filters(plan, groups, held, computed)
     if any(isinstance(w.structure, NMPattern) for w in plan.weights):
         plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
         left_alone.update(nm_alone)
     return plan, groups, left_alone
 
 
-def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup],
-                            held: set[str]) -> tuple[Plan, dict[str, str]]:
+# The decoders that store a weight (quantized, or as codebook indices) rather than compute it from another.
+_DECODING_OPS = ("DequantizeLinear", "Gather")
+
+
+def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup], held: set[str],
+                            computed: set[str]) -> tuple[Plan, dict[str, str]]:
     """Filter pruning only where the channels can leave the graph and every weight reading them trains
     (their input channels are masked with the filters), a coupled group's members all pruned together
     (``plan.coupled``) or all left alone."""
@@ -50,7 +57,10 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup],
     left_alone = {}
     for w in filtered:
         label, group = w.spec.label, groups.get(w.spec.label)
-        if group is None or not group.prunable:
+        if group is None and label in computed:
+            left_alone[label] = ("the graph computes this weight from a stored one (a slice of a packed projection), "
+                                 "and the channel analysis follows stored weights only")
+        elif group is None or not group.prunable:
             left_alone[label] = group.reason if group is not None else f"{w.spec.op_type} filters are not removable"
         elif outside := [piece.tensor for piece in group.consumers if piece.tensor not in held]:
             left_alone[label] = (f"its channels are read by {outside[0]}, past the part of the graph onnx-admm "
