@@ -11,7 +11,8 @@ from typing import Any
 import onnx
 
 from onnx_admm.converters.channel_blocks import joined_blocks, joined_range, split_blocks
-from onnx_admm.converters.channels import ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice
+from onnx_admm.converters.channels import (ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice,
+                                            fed_at_run_time)
 from onnx_admm.converters.graphinfo import fresh_name, node_attr
 from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
 from onnx_admm.converters.shape_entries import Entry, check_shape_reads, shape_entries
@@ -177,7 +178,7 @@ class ChannelWalk:
             accounted.setdefault(e.tensor, set()).add((e.node, 1))
         for tensor, reads in accounted.items():
             if tensor in self.a.constant_inputs:
-                raise NotPrunable(f"{tensor!r} is also a graph input (it can be fed at run time)")
+                raise fed_at_run_time(tensor)
             extra = sorted(self.a.constant_reads.get(tensor, set()) - reads)
             if extra:
                 raise NotPrunable(

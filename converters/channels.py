@@ -153,6 +153,13 @@ class NotPrunable(Exception):
     """Raised inside the walk; its message is the group's ``reason``."""
 
 
+def fed_at_run_time(tensor: str) -> NotPrunable:
+    """The reason for a constant that is also a graph input: its shape is part of the graph's I/O, which a cut
+    would change (the TorchScript exporter's ``keep_initializers_as_inputs=True`` lists every weight so)."""
+    return NotPrunable(f"{tensor!r} is also a graph input (it can be fed at run time, as exports with "
+                       "keep_initializers_as_inputs=True list every weight; re-export without it to remove filters)")
+
+
 @dataclass(frozen=True)
 class ChannelLayout:
     """Where the channels are in an activation: ``axis``, the inner/outer blocks and the range of a

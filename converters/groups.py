@@ -62,7 +62,8 @@ import onnx
 
 from onnx_admm.converters.channel_blocks import Regroup
 from onnx_admm.converters.channel_walk import ChannelWalk
-from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice
+from onnx_admm.converters.channels import (ChannelGroup, ChannelLayout, NotPrunable, ShapeEdit, TensorSlice,
+                                            fed_at_run_time)
 from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_names, tensor_value
 from onnx_admm.converters.heads import Probe, feeds_attention, head_group, probe_shapes
 from onnx_admm.converters.heads_chains import split_shared_repeats
@@ -349,7 +350,7 @@ class _Analysis:
         node, label = self.nodes[index], self.labels[index]
         weight = self.constant(node.input[self._weight_input(index)])
         if weight in self.constant_inputs:
-            raise NotPrunable(f"weight {weight!r} is also a graph input (it can be fed at run time)")
+            raise fed_at_run_time(weight)
         shape = self.value(weight).shape
         if blocks != 1 and node.op_type != "Conv":
             raise NotPrunable(f"the filters of {node.op_type} {label} are split into pieces, which only a Conv's are")

@@ -76,7 +76,7 @@ import onnx
 
 from onnx_admm.converters.channel_walk import ChannelWalk
 from onnx_admm.converters.cut import cut, zeroed
-from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable
+from onnx_admm.converters.channels import ChannelGroup, ChannelLayout, NotPrunable, fed_at_run_time
 from onnx_admm.converters.graphinfo import graph_inputs, node_attr, tensor_names
 from onnx_admm.converters.heads_mask import copies_start, head_copies
 from onnx_admm.converters.heads_reshape import reshape_step
@@ -330,7 +330,7 @@ class HeadWalk(ChannelWalk):
         node, label = a.nodes[index], a.labels[index]
         weight, axis = _projection(a, index)
         if weight in a.constant_inputs:
-            raise NotPrunable(f"weight {weight!r} is also a graph input (it can be fed at run time)")
+            raise fed_at_run_time(weight)
         features = a.value(weight).shape[axis]
         if features % (self.n * self.head_dim):
             raise NotPrunable(f"{weight!r} has {features} outputs, not blocks of {self.n} heads of "

@@ -308,3 +308,14 @@ def test_a_c2f_split_and_an_sppf_concat_keep_their_channels_in_blocks(tmp_path, 
         onnx.checker.check_model(shrunk, full_check=True)
         np.testing.assert_allclose(run(shrunk), run(zeroed(model, group, removed)), rtol=0, atol=1e-5,
                                    err_msg=group.name)
+
+
+def test_a_weight_that_is_also_a_graph_input_keeps_its_filters_and_says_how_to_change_that():
+    # The TorchScript exporter's keep_initializers_as_inputs=True lists every weight as a graph input too: a cut
+    # would change that input's declared shape, so the group stays, with the way round it.
+    model = _model("c = Conv <kernel_shape = [3, 3]> (input, w, b)\n r = Relu (c)" + _GAP_HEAD, _CONV + ", " + _HEAD,
+                   inputs="float[N, 2, 6, 6] input, float[4, 2, 3, 3] w")
+    group = channel_groups(model)[0]
+    assert group.name == "w" and not group.prunable
+    assert group.reason == ("'w' is also a graph input (it can be fed at run time, as exports with "
+                            "keep_initializers_as_inputs=True list every weight; re-export without it to remove filters)")
