@@ -130,6 +130,7 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
     view = GraphView(model)
     readers = {name: {i for i, _ in reads} for name, reads in view.readers.items()}
     found: dict[str, WeightDecoder] = {}
+    dims = None  # inferred shapes, for weights computed through Shape nodes
     linear_found: list[str] = []
     data: dict[str, frozenset[str]] = {}  # a linear weight's data constants
     for node in graph.node:
@@ -148,9 +149,11 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
             if closure is None:
                 continue
             nodes, constants = closure.nodes, closure.constants
-            if any(graph.node[i].op_type == "Shape" for i in nodes) and not _static(model, WeightDecoder(
-                    name, graph.node[producers[name]].op_type, nodes, constants)):
-                continue  # the weight follows a dynamic dim (a sequence length): it is computed at run time
+            if any(graph.node[i].op_type == "Shape" for i in nodes):
+                dims = inferred_types(model) if dims is None else dims  # once for every such weight
+                if not _static(model, WeightDecoder(name, graph.node[producers[name]].op_type, nodes, constants),
+                               dims):
+                    continue  # the weight follows a dynamic dim (a sequence length): it is computed at run time
             inner = {out for i in nodes for out in graph.node[i].output if out}
             if inner & graph_outputs or not linear and any(not readers.get(out, set()) <= set(nodes)
                                                             for out in inner - {name}):
@@ -168,11 +171,11 @@ def _computed_weights(model: onnx.ModelProto, sources: dict[str, TensorSource], 
     return found
 
 
-def _static(model: onnx.ModelProto, decoder: WeightDecoder) -> bool:
+def _static(model: onnx.ModelProto, decoder: WeightDecoder, dims: dict) -> bool:
     """Whether the weight ``decoder`` computes through Shape nodes is known: it has a shape for every Shape it
     reads, and the same values whatever size the dynamic dims take (two different ones tried)."""
     try:
-        first, second = decode(model, decoder, fill=3), decode(model, decoder, fill=5)
+        first, second = decode(model, decoder, fill=3, dims=dims), decode(model, decoder, fill=5, dims=dims)
     except Exception:  # noqa: BLE001 - onnx's reference evaluator raises its own errors on an impossible shape
         return False
     return first.shape == second.shape and bool(np.array_equal(first, second))
@@ -233,13 +236,13 @@ def computed_from_constants(name: str, graph: onnx.GraphProto, sources: dict[str
     return Computation(tuple(sorted(nodes)), tuple(sorted(constants)), frozenset(data_constants))
 
 
-def decode(model: onnx.ModelProto, decoder: WeightDecoder, fill: int = 1) -> np.ndarray:
+def decode(model: onnx.ModelProto, decoder: WeightDecoder, fill: int = 1, dims: dict | None = None) -> np.ndarray:
     """The tensor ``decoder`` produces, computed with onnx's reference implementation of its nodes; a Shape node
-    among them gives its input's inferred dims, ``fill`` for each dynamic one."""
+    among them gives its input's inferred dims (``dims``: ``shapes.inferred_types(model)``, computed when
+    needed and not given), ``fill`` for each dynamic one."""
     sources = constant_sources(model)
     version = next((e.version for e in model.opset_import if e.domain in DEFAULT_DOMAINS), 0)
     values: dict[str, np.ndarray] = {}
-    dims = None
     for index in decoder.nodes:
         node = model.graph.node[index]
         if node.op_type == "Shape" and node.input[0] not in sources and node.input[0] not in values:
@@ -302,7 +305,9 @@ def fold_weight_decoders(model: onnx.ModelProto) -> bool:
     decoders = weight_decoders(model)
     if not decoders:
         return False
-    values = {name: decode(model, d) for name, d in decoders.items()}
+    shape_reads = any(model.graph.node[i].op_type == "Shape" for d in decoders.values() for i in d.nodes)
+    dims = inferred_types(model) if shape_reads else None
+    values = {name: decode(model, d, dims=dims) for name, d in decoders.items()}
     remove_decoders(model, decoders.values())
     model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in values.items())
     logger.debug("folded %d weight decoders: %s", len(values), sorted(values))
