@@ -51,7 +51,7 @@ from onnx_admm.report_schema import SENSITIVITY_SCHEMA_VERSION
 from onnx_admm.schedule import SENSITIVITY_SAMPLES
 from onnx_admm.sensitivity import ANALYZE_LEVELS, Curve, Probe, check_levels, split
 from onnx_admm.sources import PluginData, as_data
-from onnx_admm.train import ScoreSpec, evaluate
+from onnx_admm.train import Batch, ScoreSpec, evaluate, predictions
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def _measure(model, data, val_data, labels, config: CompressConfig, levels, bits
     labels_of = {s.name: s.label for s in specs}  # progress names the ONNX weights, as the table does
     emit = None if progress is None else (lambda e: progress({**e, "layer": labels_of[e["layer"]]} if "layer" in e else e))
     curves = measure_curves(params, probes, lambda: evaluate(imported.module, batches(), score, teacher), emit)
-    report = _report(model, imported, specs, curves, levels, dataset, labelled, score)
+    metric = "accuracy" if labelled else _task_name(teacher, next(iter(batches())), score)
+    report = _report(model, specs, curves, levels, dataset, metric)
     report["onnxruntime_check"] = _onnxruntime_check(imported, specs, curves, dataset, score, batch.validation)
     return report
 
@@ -203,9 +204,7 @@ def _measured_specs(imported: ImportedModel, original, config: CompressConfig,
     return pruned
 
 
-def _report(model, imported, specs, curves: dict[str, Curve], levels, dataset: Dataset, labelled: bool,
-            score: ScoreSpec) -> dict[str, Any]:
-    metric = "accuracy" if labelled else _task_name(imported, dataset, score)
+def _report(model, specs, curves: dict[str, Curve], levels, dataset: Dataset, metric: str) -> dict[str, Any]:
     dense = next(iter(curves.values())).dense
     rows = []
     for s in specs:
@@ -220,12 +219,17 @@ def _report(model, imported, specs, curves: dict[str, Curve], levels, dataset: D
             "metric": metric, "samples": len(dataset), "dense_metric": dense, "levels": list(levels), "layers": rows}
 
 
-def _task_name(imported: ImportedModel, dataset: Dataset, score: ScoreSpec) -> str:
-    """The task metric's name against the original (top-1 agreement, sequence match, positive-set F1)."""
+def _task_name(teacher: torch.nn.Module, first: Batch, score: ScoreSpec) -> str:
+    """The task metric's name against the original (top-1 agreement, sequence match, positive-set F1), decided
+    on the first batch the measurements read, as ``train.evaluate`` decides it (a CTC blank, found there)."""
     if score.index is None:
         return "none"
-    shape = np.shape(imported.run(dataset.take(2).as_feed())[score.index])
-    return f"{for_score(score.kind, shape, score.blank).name} with the original"
+    with torch.no_grad():
+        output = teacher(*first.inputs)[score.index]
+    reference = predictions(output, score.kind).cpu().numpy()
+    task = for_score(score.kind, tuple(output.shape), score.blank)
+    task.add(reference, reference, first.inputs[0].shape[0] if first.inputs and first.inputs[0].dim() else None)
+    return f"{task.name} with the original"
 
 
 def curves_of(report: dict[str, Any]) -> dict[str, Curve]:

@@ -130,3 +130,24 @@ def test_parse_ratio():
     for bad in ("", "x", "40xx", "-3x", "0.9", "nan"):
         with pytest.raises(ValueError):
             parse_ratio(bad)
+
+
+def test_a_ctc_readers_table_names_the_sequence_match_it_measures(tmp_path):
+    # A [T, N, C] reader whose steps are mostly its blank: the curves measure greedy-decoded sequences, and the
+    # table named them "top-1 agreement" (the blank is found on the first batch, which the name was not given).
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = np.eye(6, dtype=np.float32) * 4 + rng.normal(0, 0.3, (6, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Transpose", ["h"], ["t"], perm=[1, 0, 2]),
+         helper.make_node("LogSoftmax", ["t"], ["y"], axis=2)], "reader",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, "N", 6])], [numpy_helper.from_array(w, "W")])
+    path = tmp_path / "reader.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    ids = np.where(rng.random((64, 12)) < 0.7, 0, rng.integers(1, 6, (64, 12)))  # 70% of the steps blank
+    x = np.eye(6, dtype=np.float32)[ids] + rng.normal(0, 0.1, (64, 12, 6)).astype(np.float32)
+    report = analyze(path, {"x": x}, levels=(0.5,))
+    assert report["metric"] == "sequence match with the original"
