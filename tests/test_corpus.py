@@ -51,12 +51,13 @@ def test_corpus_entry_checks_compresses_and_keeps_graph_io(tmp_path, name, min_a
 
 # PaddleOCR-style models exported by paddle2onnx (samples/corpus/paddle_ocr/make.py; committed files): a CTC
 # recognizer whose [N, T, C] probabilities are batch first, and a DB text detector's [N, 1, H, W] map. The sweep's
-# label-free 50% run measured a sequence match of 1.000 on 64 unseen lines and a positive-set F1 of 0.954 on 32
-# unseen pages; the floors are the bars (0.9 decoded-sequence match, 0.8 F1).
-@pytest.mark.parametrize("name, metric, floor, per", [("ppocr_rec", "sequence match", 0.9, "per time step"),
-                                                      ("ppocr_det", "positive-set F1", 0.8, "per pixel")])
-def test_paddle2onnx_exports_keep_their_task(tmp_path, one_thread, name, metric, floor, per):
-    row = sweep.run_entry(ENTRIES[name], tmp_path, samples=128)
+# label-free 50% run measured a sequence match of 1.000 on 64 unseen lines (0.969 on 32 after training on 64, as
+# here: 20 s instead of 28) and a positive-set F1 of 0.954 on 32 unseen pages; the floors are the bars
+# (0.9 decoded-sequence match, 0.8 F1).
+@pytest.mark.parametrize("name, samples, metric, floor, per", [
+    ("ppocr_rec", 64, "sequence match", 0.9, "per time step"), ("ppocr_det", 128, "positive-set F1", 0.8, "per pixel")])
+def test_paddle2onnx_exports_keep_their_task(tmp_path, one_thread, name, samples, metric, floor, per):
+    row = sweep.run_entry(ENTRIES[name], tmp_path, samples=samples)
     assert row["check"] == "pass" and not row["reason"], row["reason"]
     assert row["per"] == per and row["io_same"]
     assert row["task"]["metric"] == metric and row["task"]["value"] >= floor, row["task"]
