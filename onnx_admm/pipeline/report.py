@@ -105,7 +105,10 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     retraining = (f"stage {', '.join(map(str, discarded))}: no retraining epoch beat the weights it started from on "
                   "the selection split, so those were kept and the retraining discarded (a lower train.lr may let "
                   "it help)") if discarded else None
-    for note in (validation.constant_reference(), validation.no_positives(), validation.unmeasured(), retraining):
+    grown = _larger_file(validation.original.gzip_bytes, validation.compressed.gzip_bytes,
+                         bool(imported.dequantized) and not final.quant)
+    for note in (validation.constant_reference(), validation.no_positives(), validation.unmeasured(), retraining,
+                 grown):
         if note:
             warnings.append(note)
             logger.warning("%s", note)
@@ -156,6 +159,17 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": measured.memory.peak_mb,
     }
+
+
+def _larger_file(before: int, after: int, was_quantized: bool) -> str | None:
+    """A warning when the written file stores more than the original (gzip'd bytes): a pipeline would ship a
+    larger model. Most often the original's weights were int8 (onnxruntime's quantizer) and the run stored them
+    as float (``was_quantized``, no weight levels asked for)."""
+    if after <= before:
+        return None
+    why = ("; the original's weights were int8 (quantized by onnxruntime) and are written as float: add --bits 8 "
+           "(quantize.bits = 8) to store them as int8 again" if was_quantized else "")
+    return f"the compressed file is larger than the original ({after:,} against {before:,} bytes gzip'd){why}"
 
 
 def _batch_report(imported: ImportedModel, batch_size: int, validated_at: int) -> dict:
