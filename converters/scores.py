@@ -44,7 +44,9 @@ class ScoreOutput:
 logger = logging.getLogger(__name__)
 
 # Ops a score passes through unchanged in meaning, walking back from an output to its producer.
-_SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If")
+# A QuantizeLinear / DequantizeLinear pair of onnxruntime's QDQ format carries the probabilities it rounds.
+_SCORE_PASSTHROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "If",
+                      "QuantizeLinear", "DequantizeLinear")
 # Binary ops a walk back may cross by their computed operand (a bias Add, a scale Mul).
 _ELEMENTWISE = ("Add", "Mul")
 

@@ -288,3 +288,21 @@ def test_an_l2_normalized_output_is_an_embedding_not_class_scores(tmp_path, expo
     report = compress(path, Dataset({"input": x}, None, {"input"}), config, progress="off").report
     task = report["metrics"]["task"]
     assert task["metric"] == "output R^2" and task["value"] > 0.5 and report["score"] is None
+
+
+def test_a_probability_map_behind_a_quantize_dequantize_pair_is_the_score():
+    # onnxruntime's QDQ format rounds the Sigmoid map before the graph output: the walk stopped at the
+    # DequantizeLinear and a quantized text detector was measured by R^2 instead of its positive set.
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(1, 3, 1, 1)).astype(np.float32), "w")
+    scale, zero = numpy_helper.from_array(np.array(1 / 255, np.float32), "s"), numpy_helper.from_array(
+        np.array(0, np.uint8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["p"]),
+         helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["map"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", 1, 8, 8])], [w, scale, zero])
+    score = find_score_output(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert (score.name, score.kind) == ("map", "binary_probabilities")
