@@ -12,8 +12,8 @@ Steps, each PASS/FAIL with the measured figure:
 
 A model quantized by onnxruntime's quantizer is imported as its float form (``converters.quantized``):
 steps 2-5 run on that float graph (what compress writes into), and one more step compares it with the
-quantized file in onnxruntime, within ``QUANTIZED_RTOL`` of the output's magnitude (the activation
-rounding the float form no longer does). That step is gated only on inputs the user gives: synthesized
+quantized file in onnxruntime: their mean difference within ``QUANTIZED_RTOL`` of the output's mean magnitude
+(the activation rounding the float form no longer does). That step is gated only on inputs the user gives: synthesized
 N(0, 1) inputs fall outside the ranges the quantizer calibrated on, where the quantized model saturates
 (measured: 34% of max|output| on the digits CNN, 6% on its test images), so there the figure is shown
 but does not fail the check.
@@ -50,9 +50,9 @@ ATOL = 1e-4
 RTOL = 1e-4
 # A float16 output: the same summation-order differences come in float16's steps (eps 9.8e-4, float32's 1.2e-7).
 HALF_ATOL, HALF_RTOL = 1e-3, 1e-2
-# The float form of an onnxruntime-quantized model against the quantized file: int8 activation rounding
-# moved the outputs of the test models (LeNet-5, a transformer layer, dynamic / QDQ / QOperator) by up to
-# 6% of max|output|.
+# The float form of an onnxruntime-quantized model against the quantized file, mean |difference| over mean
+# |output|: int8 activation rounding moved the outputs of the test models (LeNet-5, a transformer layer, dynamic /
+# QDQ / QOperator) by up to 6% of max|output|, a QDQ text detector's map by 4% on the mean (40% at one pixel).
 QUANTIZED_RTOL = 0.1
 # Perturbed weights can make a model amplify float32 rounding (a LayerNorm over a near-zero variance):
 # onnxruntime's float32 result may then differ from torch's by a few times torch's own float32-vs-float64
@@ -197,21 +197,25 @@ def _synthesized_feeds(model: onnx.ModelProto, path: Path, imported: ImportedMod
 
 def _check_dequantized(float_path: Path, quantized_path: Path, feeds: dict[str, np.ndarray],
                        imported: ImportedModel, gated: bool) -> Step:
-    """The float form against the quantized file, both in onnxruntime; fails only when ``gated`` (module doc)."""
+    """The float form against the quantized file, both in onnxruntime; fails only when ``gated`` (module doc).
+    Gated on the mean difference relative to the mean magnitude: the quantizer's own rounding can move a single
+    element far (a text detector's map: 0.4 at one pixel, as far from the float model it was made from), a
+    wrong scale or zero point moves every element."""
     ours, theirs = run_batched(float_path, feeds, imported), run_batched(quantized_path, feeds, imported)
-    ok, worst = True, 0.0
+    ok, worst, widest = True, 0.0, 0.0
     for a, b in zip(ours, theirs):
         if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating) and a.size:
-            scale = float(np.max(np.abs(b)))
-            rel = float(np.max(np.abs(a.astype(np.float64) - b))) / (scale or 1.0)
+            diff = np.abs(a.astype(np.float64) - b)
+            rel = float(diff.mean()) / (float(np.mean(np.abs(b))) or 1.0)
+            widest = max(widest, float(diff.max()) / (float(np.max(np.abs(b))) or 1.0))
             worst = max(worst, rel)
             ok &= rel <= QUANTIZED_RTOL
     replaced = "; ".join(imported.dequantized[:3]) + (f" (+{len(imported.dequantized) - 3} more)"
                                                       if len(imported.dequantized) > 3 else "")
     limit = f"tolerance {QUANTIZED_RTOL}" if gated else "not gated on synthesized inputs: pass --data to check it"
-    return Step("dequantized", ok or not gated, f"float form vs quantized file: max abs diff {worst:.3g} x "
-                                                f"max|output| ({limit}); replaced {replaced}", worst,
-                skipped=not gated)
+    return Step("dequantized", ok or not gated, f"float form vs quantized file: mean abs diff {worst:.3g} x "
+                                                f"mean|output| ({limit}), max {widest:.3g} x max|output|; replaced "
+                                                f"{replaced}", worst, skipped=not gated)
 
 
 def check_batch_size(imported: ImportedModel) -> int:
