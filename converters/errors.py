@@ -13,3 +13,10 @@ class OnnxAdmmError(Exception):
 
 class UserError(OnnxAdmmError):
     """A problem with the user's input. The message names the problem and the fix, on one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a one-line error
+    quotes of a library's (onnx's C++ converter, onnxruntime) many-line messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

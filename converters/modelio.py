@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.errors import UserError, first_line
 from onnx_admm.converters.files import require_file
 from onnx_admm.converters.graphinfo import subgraphs
 
@@ -56,8 +56,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot read its external data ({first}); is the .data file truncated?") from None
+        raise UserError(f"{path}: cannot read its external data ({first_line(exc)}); is the .data file truncated?"
+                        ) from None
     return model
 
 

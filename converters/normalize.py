@@ -30,7 +30,7 @@ from onnx import defs, helper, numpy_helper, version_converter
 
 from onnx_admm.converters.batch_axis import unbake_batch
 from onnx_admm.converters.dequantize import computed_from_constants, fold_weight_decoders
-from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.errors import UserError, first_line
 from onnx_admm.converters.evaluate import evaluate
 from onnx_admm.converters.graphinfo import (constant_node_value, constant_sources, identity_aliases, live_nodes,
                                             node_attr, node_label, sparse_to_dense)
@@ -196,7 +196,7 @@ def fold_recurrent_weights(model: onnx.ModelProto) -> bool:
     return True
 
 
-def downconvert_opset(model: onnx.ModelProto) -> bool:
+def convert_opset(model: onnx.ModelProto) -> bool:
     """Convert the default-domain opset down to 17 with onnx's version converter, or up to 13 from below 11."""
     version = _default_opset(model)
     if 0 < version < OLDEST_CONVERTED:
@@ -206,9 +206,8 @@ def downconvert_opset(model: onnx.ModelProto) -> bool:
     try:
         converted = version_converter.convert_version(model, TARGET_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors / C++ errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"cannot convert the model from opset {version} to {TARGET_OPSET} for import: {first}; "
+            f"cannot convert the model from opset {version} to {TARGET_OPSET} for import: {first_line(exc)}; "
             f"re-export the model with opset_version={TARGET_OPSET}"
         ) from None
     model.CopyFrom(converted)
@@ -223,9 +222,8 @@ def _upconvert_opset(model: onnx.ModelProto, version: int) -> bool:
     try:
         converted = version_converter.convert_version(model, UPGRADE_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors / C++ errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         logger.info("opset %d kept for import (the version converter cannot raise it to %d: %s)", version,
-                    UPGRADE_OPSET, first)
+                    UPGRADE_OPSET, first_line(exc))
         return False
     model.CopyFrom(converted)
     return True
@@ -481,7 +479,7 @@ PASSES: list[Pass] = [
     expand_resize_axes,
     explicit_auto_pad,
     stash_ops,
-    downconvert_opset,
+    convert_opset,
     # The converter can add Constant nodes and Identity chains of its own: run the cleanups after it.
     constants_to_initializers,
     bypass_identity_of_constants,

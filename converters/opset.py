@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, version_converter
 
+from onnx_admm.converters.errors import first_line
 from onnx_admm.converters.graphinfo import fresh_name
 from onnx_admm.converters.inputs import synthesize_inputs
 from onnx_admm.converters.normalize import densify_sparse_initializers
@@ -43,11 +44,6 @@ def _without_metadata(node: onnx.NodeProto) -> bytes:
     return copy.SerializeToString()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def raise_opset(model: onnx.ModelProto, target: int, node_names: set[str]) -> tuple[onnx.ModelProto, str]:
     """``model`` at default-domain opset ``target``, verified; raises OpsetError when it cannot be.
 
@@ -64,7 +60,7 @@ def raise_opset(model: onnx.ModelProto, target: int, node_names: set[str]) -> tu
         converted = version_converter.convert_version(dense, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors / C++ errors
         raise OpsetError(
-            f"onnx.version_converter cannot convert opset {current} to {target}: {_first_line(exc)}"
+            f"onnx.version_converter cannot convert opset {current} to {target}: {first_line(exc)}"
         ) from None
     raised = onnx.ModelProto()
     raised.CopyFrom(model)
@@ -99,7 +95,7 @@ def raise_opset(model: onnx.ModelProto, target: int, node_names: set[str]) -> tu
     try:
         onnx.checker.check_model(raised)
     except Exception as exc:
-        raise OpsetError(f"the model at opset {target} fails onnx.checker: {_first_line(exc)}") from None
+        raise OpsetError(f"the model at opset {target} fails onnx.checker: {first_line(exc)}") from None
     check_same_outputs(model, raised, target)
     if rewritten or added:
         how = f"rewrote {rewritten} and added {added} as onnx.version_converter does"
@@ -118,11 +114,11 @@ def check_same_outputs(model: onnx.ModelProto, raised: onnx.ModelProto, target: 
         feeds = synthesize_inputs(model, batch=2, seed=0)
         expected = _run(model, feeds)
     except Exception as exc:
-        raise OpsetError(f"cannot verify a raise to opset {target} in onnxruntime: {_first_line(exc)}") from None
+        raise OpsetError(f"cannot verify a raise to opset {target} in onnxruntime: {first_line(exc)}") from None
     try:
         got = _run(raised, feeds)
     except Exception as exc:
-        raise OpsetError(f"onnxruntime fails on the model at opset {target}: {_first_line(exc)}") from None
+        raise OpsetError(f"onnxruntime fails on the model at opset {target}: {first_line(exc)}") from None
     for output, a, b in zip(model.graph.output, expected, got):
         a, b = np.asarray(a), np.asarray(b)
         same = a.shape == b.shape and (

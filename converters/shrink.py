@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from onnx_admm.converters.cut import ShrinkResult, TensorCut, cut, cut_update, kept_channels
+from onnx_admm.converters.errors import first_line
 from onnx_admm.converters.evaluate import evaluate
 from onnx_admm.converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
@@ -126,7 +127,7 @@ def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequ
             values = next(evaluate(model, names, [feeds]))
         except Exception as exc:  # onnxruntime's own error types; the count is a figure, not the run's result
             logger.info("MACs: onnxruntime could not run the model for its shapes (%s); %d nodes stay uncounted",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, len(names))
+                        first_line(exc), len(names))
             values = []
         for name, value in zip(names, values):
             shapes[name] = list(np.shape(value))

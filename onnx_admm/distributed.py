@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.errors import UserError, first_line
 from onnx_admm.admm import ADMM
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,8 @@ def _peers(world: World) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerLost(f"rank {world.rank} of {world.size} lost contact with the other processes of the run "
-                       f"({first}); the log of the process that stopped says why; nothing was written") from None
+                       f"({first_line(exc)}); the log of the process that stopped says why; nothing was written") from None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.errors import UserError, first_line
 from onnx_admm.converters.graphinfo import graph_inputs
 from onnx_admm.converters.scores import find_score_output, other_probabilities
 from onnx_admm.converters.modelio import load_model, require_model_file, save_model, scratch_dir
@@ -199,8 +199,7 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
 
 
 def _ort_message(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    line = lines[0] if lines else type(exc).__name__
+    line = first_line(exc)
     # "[ONNXRuntimeError] : 10 : INVALID_GRAPH : ..." -> "INVALID_GRAPH : ..."
     prefix = "[ONNXRuntimeError] : "
     if line.startswith(prefix):
