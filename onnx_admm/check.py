@@ -179,7 +179,7 @@ def _synthesized_feeds(model: onnx.ModelProto, path: Path, imported: ImportedMod
     for size in PROBE_SIZES:
         feeds = synthesize_inputs(model, batch=batch, seed=seed, other=size)
         if tried and all(feeds[name].shape == shape for name, shape in tried[0][1].items()):
-            break  # no dynamic dim besides the batch: other sizes would feed the same shapes
+            raise failure  # no dynamic dim besides the batch: onnxruntime's own line says what is wrong
         tried.append((size, {name: array.shape for name, array in feeds.items()}))
         try:
             run_batched(path, feeds, imported)
