@@ -118,11 +118,12 @@ def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequ
 
     counted = [(i, node) for i, node in enumerate(model.graph.node)
                if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.domain in ("", "ai.onnx")]
-    if feeds is not None and any(_node_macs(node, shapes) is None for _, node in counted):
+    missing = [node for _, node in counted if _node_macs(node, shapes) is None]
+    if feeds is not None and missing:
         # Where inference loses the shapes (BERT's position ids cut to the sequence by a computed Slice, and
         # everything after them), they are read from one onnxruntime run of the feeds.
-        names = sorted({x for _, node in counted if _node_macs(node, shapes) is None
-                        for x in (*node.input[:2], node.output[0]) if x and x not in constant_shapes})
+        names = sorted({x for node in missing for x in (*node.input[:2], node.output[0])
+                        if x and x not in constant_shapes})
         try:
             values = next(evaluate(model, names, [feeds]))
         except Exception as exc:  # onnxruntime's own error types; the count is a figure, not the run's result
