@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnx_admm.converters.dequantize import decoded_view
-from onnx_admm.converters.graphinfo import compressible_weights, constant_sources, tensor_value
+from onnx_admm.converters.graphinfo import compressible_weights, constant_sources, subgraphs, tensor_value
 from onnx_admm.converters.modelio import external_data_files, load_model
 
 _GZIP_CHUNK = 1 << 24
@@ -53,13 +53,35 @@ def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
     hold; weights stored through a decoder (DequantizeLinear, codebook Cast+Gather) as the tensor they decode to.
     """
     model = decoded_view(model)[0]
-    sources = constant_sources(model)
     parameters = nonzeros = 0
-    for weight in compressible_weights(model):
-        value = tensor_value(model, sources[weight.name])
-        parameters += value.size
-        nonzeros += int(np.count_nonzero(value))
+    counted: set[str] = set()
+    for scope in _scopes(model):
+        sources = constant_sources(scope)
+        for weight in compressible_weights(scope):
+            if weight.name in counted:  # an outer weight both branches of an If read
+                continue
+            counted.add(weight.name)
+            value = tensor_value(scope, sources[weight.name])
+            parameters += value.size
+            nonzeros += int(np.count_nonzero(value))
     return parameters, nonzeros
+
+
+def _scopes(model: onnx.ModelProto) -> list[onnx.ModelProto]:
+    """``model``, then one model per subgraph (If branches, Loop bodies, at any depth) holding that subgraph's
+    nodes with its own constants and the outer ones: the weights a silero-VAD's branches hold, or that an optimum
+    merged decoder's branches read from the top graph, are counted as the top graph's are."""
+    scopes, stack = [model], [(model.graph, list(model.graph.initializer))]
+    while stack:
+        graph, outer = stack.pop()
+        for node in graph.node:
+            for sub in subgraphs(node):
+                inits = outer + list(sub.initializer)
+                scope = onnx.helper.make_model(onnx.helper.make_graph(list(sub.node), sub.name, [], [], inits),
+                                               opset_imports=list(model.opset_import), ir_version=model.ir_version)
+                scopes.append(scope)
+                stack.append((sub, inits))
+    return scopes
 
 
 # Above this many distinct nonzero values a weight counts as full-precision float.

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_admm.api import compress
 from onnx_admm.recipe import CompressConfig
+from onnx_admm.storage import count_weights
 from onnx_admm.converters.branches import fold_branches, weighted_ifs
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import graph_inputs, if_branch
@@ -390,6 +391,8 @@ def test_a_merged_decoder_trains_its_shared_weights_and_both_branches_read_them(
     assert [n.op_type for n in written.graph.node] == ["If"]
     w1, w2 = (numpy_helper.to_array(t) for t in written.graph.initializer)
     assert int((w1 == 0).sum() + (w2 == 0).sum()) == (w1.size + w2.size) // 2  # 50% over both layers
+    # validate's counts see the weights the branches read (it counted 0 of 0: no weight op in the top graph).
+    assert count_weights(_merged_decoder()) == (192, 192) and count_weights(written) == (192, 96)
     x = rng.normal(size=(5, 8)).astype(np.float32)
     for flag, act in ((True, np.tanh), (False, lambda h: np.maximum(h, 0))):  # each branch with the new weights
         got = _run(written, {"x": x, "use_cache_branch": np.array([flag])})[0]
