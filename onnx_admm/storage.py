@@ -4,6 +4,7 @@ weight-storage bits the ADMM papers quote."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,19 +53,24 @@ def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
     Dense initializers, Constant nodes and sparse initializers are counted as the dense tensors they
     hold; weights stored through a decoder (DequantizeLinear, codebook Cast+Gather) as the tensor they decode to.
     """
-    model = decoded_view(model)[0]
     parameters = nonzeros = 0
+    for value in _weight_values(model):
+        parameters += value.size
+        nonzeros += int(np.count_nonzero(value))
+    return parameters, nonzeros
+
+
+def _weight_values(model: onnx.ModelProto) -> Iterator[np.ndarray]:
+    """Each compressible weight of ``model`` once, as the tensor a runtime sees (decoders evaluated), the If
+    branches' and Loop bodies' included (``_scopes``)."""
+    model = decoded_view(model)[0]
     counted: set[str] = set()
     for scope in _scopes(model):
         sources = constant_sources(scope)
         for weight in compressible_weights(scope):
-            if weight.name in counted:  # an outer weight both branches of an If read
-                continue
-            counted.add(weight.name)
-            value = tensor_value(scope, sources[weight.name])
-            parameters += value.size
-            nonzeros += int(np.count_nonzero(value))
-    return parameters, nonzeros
+            if weight.name not in counted:  # an outer weight both branches of an If read counts once
+                counted.add(weight.name)
+                yield tensor_value(scope, sources[weight.name])
 
 
 def _scopes(model: onnx.ModelProto) -> list[onnx.ModelProto]:
@@ -119,6 +125,4 @@ def tensor_storage_bits(value: np.ndarray) -> int:
 
 def weight_storage_bits(path: str | Path) -> int:
     """``tensor_storage_bits`` summed over the compressible weights of the model at ``path``."""
-    model = decoded_view(load_model(path))[0]
-    sources = constant_sources(model)
-    return sum(tensor_storage_bits(tensor_value(model, sources[w.name])) for w in compressible_weights(model))
+    return sum(tensor_storage_bits(value) for value in _weight_values(load_model(path)))
