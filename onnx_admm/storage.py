@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 from onnx_admm.converters.dequantize import decoded_view
-from onnx_admm.converters.graphinfo import compressible_weights, constant_sources, subgraphs, tensor_value
+from onnx_admm.converters.graphinfo import (TensorSource, compressible_weights, constant_sources, subgraph_reads,
+                                            subgraphs, tensor_shape_and_type, tensor_value)
 from onnx_admm.converters.modelio import external_data_files, load_model
 
 _GZIP_CHUNK = 1 << 24
@@ -65,29 +66,44 @@ def _weight_values(model: onnx.ModelProto) -> Iterator[np.ndarray]:
     branches' and Loop bodies' included (``_scopes``)."""
     model = decoded_view(model)[0]
     counted: set[str] = set()
-    for scope in _scopes(model):
+    for scope, owners in _scopes(model):
         sources = constant_sources(scope)
         for weight in compressible_weights(scope):
             if weight.name not in counted:  # an outer weight both branches of an If read counts once
                 counted.add(weight.name)
-                yield tensor_value(scope, sources[weight.name])
+                yield tensor_value(*owners[weight.name]) if weight.name in owners else \
+                    tensor_value(scope, sources[weight.name])
 
 
-def _scopes(model: onnx.ModelProto) -> list[onnx.ModelProto]:
-    """``model``, then one model per subgraph (If branches, Loop bodies, at any depth) holding that subgraph's
-    nodes with its own constants and the outer ones: the weights a silero-VAD's branches hold, or that an optimum
-    merged decoder's branches read from the top graph, are counted as the top graph's are."""
-    scopes, stack = [model], [(model.graph, list(model.graph.initializer))]
+Owners = dict[str, tuple[onnx.ModelProto, TensorSource]]  # an outer constant: the model and source holding it
+
+
+def _scopes(model: onnx.ModelProto) -> Iterator[tuple[onnx.ModelProto, Owners]]:
+    """``model``, then one model per subgraph (If branches, Loop bodies, at any depth): that subgraph's nodes and
+    own constants, and a dims-only stand-in for each outer constant it reads, with where that one's values are
+    (``owners``): the weights a silero-VAD's branches hold, or that an optimum merged decoder's branches read
+    from the top graph, are found as the top graph's are, without copying the outer ones."""
+    yield model, {}
+    stack = [(model.graph, {name: (model, source) for name, source in constant_sources(model).items()})]
     while stack:
         graph, outer = stack.pop()
         for node in graph.node:
+            reads = subgraph_reads(node)
             for sub in subgraphs(node):
-                inits = outer + list(sub.initializer)
-                scope = onnx.helper.make_model(onnx.helper.make_graph(list(sub.node), sub.name, [], [], inits),
-                                               opset_imports=list(model.opset_import), ir_version=model.ir_version)
-                scopes.append(scope)
-                stack.append((sub, inits))
-    return scopes
+                scope = onnx.helper.make_model(
+                    onnx.helper.make_graph(list(sub.node), sub.name, [], [], list(sub.initializer),
+                                           sparse_initializer=list(sub.sparse_initializer)),
+                    opset_imports=list(model.opset_import), ir_version=model.ir_version)
+                owners = {name: outer[name] for name in sorted(reads & outer.keys())}
+                for name, owner in owners.items():  # a stand-in without values: the shape and type only
+                    dims, elem = tensor_shape_and_type(*owner)
+                    shell = scope.graph.initializer.add()
+                    shell.name, shell.data_type = name, elem
+                    shell.dims.extend(dims)
+                yield scope, owners
+                own = {name: (scope, source) for name, source in constant_sources(scope).items()
+                       if name not in owners}
+                stack.append((sub, {**outer, **own}))
 
 
 # Above this many distinct nonzero values a weight counts as full-precision float.
