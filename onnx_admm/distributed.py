@@ -72,7 +72,8 @@ def _peers(world: World) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         raise PeerLost(f"rank {world.rank} of {world.size} lost contact with the other processes of the run "
-                       f"({first_line(exc)}); the log of the process that stopped says why; nothing was written") from None
+                       f"({first_line(exc)}); the log of the process that stopped says why; nothing was written"
+                       ) from None
 
 
 @dataclass(frozen=True)

@@ -435,4 +435,5 @@ def test_a_model_fused_by_onnxruntimes_optimizer_is_refused_with_the_way_round_i
         import_model(model)
     assert str(error.value) == (
         "cannot import the model: node 'fused': com.microsoft.FusedMatMul (opset 1) has no converter; run "
-        "`onnx-admm inspect` for the full list, or compress the model as exported, before onnxruntime's optimizer fused it (then optimize the result)")
+        "`onnx-admm inspect` for the full list, or compress the model as exported, before onnxruntime's optimizer "
+        "fused it (then optimize the result)")

@@ -168,8 +168,8 @@ GROWTH_SLACK, GROWTH_BYTES = 0.05, 4096
 
 def _larger_file(before: int, after: int, was_quantized: bool) -> str | None:
     """A warning when the written file stores more than the original (gzip'd bytes, beyond ``GROWTH_SLACK`` and
-    ``GROWTH_BYTES``): a pipeline would ship a larger model. Most often the original's weights were int8 (onnxruntime's quantizer) and the run stored them
-    as float (``was_quantized``, no weight levels asked for)."""
+    ``GROWTH_BYTES``): a pipeline would ship a larger model. Most often the original's weights were int8
+    (onnxruntime's quantizer) and the run stored them as float (``was_quantized``, no weight levels asked for)."""
     if after <= before * (1 + GROWTH_SLACK) or after - before <= GROWTH_BYTES:
         return None
     why = ("; the original's weights were int8 (quantized by onnxruntime) and are written as float: add --bits 8 "
