@@ -139,7 +139,7 @@ def _computed_entry(walk: Any, i: int, new: ChannelLayout, why: NotPrunable) -> 
             constant entry is not the heads' dim.
     """
     a = walk.a
-    node, label = a.nodes[i], a.labels[i]
+    node = a.nodes[i]
     k = a.producer_index.get(node.input[1])
     if k is None or a.nodes[k].op_type != "Concat":
         raise why

@@ -31,7 +31,7 @@ from onnx2torch import convert
 from onnx2torch.onnx_graph import OnnxGraph
 from torch import fx, nn
 
-from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
+from onnx_admm.converters import onnx_ops, recurrent  # noqa: F401 - onnx_ops registers the extra onnx2torch converters
 from onnx_admm.converters.batch_axis import baked_batch, fixed_batch
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.optable import CHANNEL_AXES, TRAINABLE_CONSUMERS
@@ -66,7 +66,7 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.In
              nn.InstanceNorm3d, nn.GroupNorm):
     _MODULE_PARAMS[_cls] = (("weight", 1, "scale"), ("bias", 2, "shift"))
 # LSTM/GRU/RNN hold W, R, B (and P) in ONNX layout: identity Layout.
-_MODULE_PARAMS[onnx_ops.OnnxRecurrent] = onnx_ops.RECURRENT_PARAMS
+_MODULE_PARAMS[recurrent.OnnxRecurrent] = recurrent.RECURRENT_PARAMS
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     for onnx_name, tensor_uses in uses.items():
         if onnx_name not in sources:
             logger.debug("skipping %s: not a constant of the original model", onnx_name)
-            if any(isinstance(use[0], onnx_ops.OnnxRecurrent) for use in tensor_uses):
+            if any(isinstance(use[0], recurrent.OnnxRecurrent) for use in tensor_uses):
                 computed.append(onnx_name)  # normalize.fold_recurrent_weights made it a constant
             continue
         if not all(op in TRAINABLE_CONSUMERS for *_, op, _i in tensor_uses):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from onnx_admm.converters.importer import ImportedModel
-from onnx_admm.converters.onnx_ops import OnnxRecurrent
+from onnx_admm.converters.recurrent import OnnxRecurrent
 
 
 def _conv_ok(module: nn.Module) -> bool:
