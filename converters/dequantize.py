@@ -282,7 +282,10 @@ def remove_decoders(model: onnx.ModelProto, decoders: Iterable[WeightDecoder]) -
             dropped.discard(i)
             read.update(graph.node[i].input)
     kept = [node for i, node in enumerate(graph.node) if i not in dropped]
+    # A graph input's initializer is its default value, part of the graph's I/O: it stays (IR 3 files list
+    # every initializer as an input).
     still_read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    still_read |= {value.name for value in graph.input}
     unused = {name for d in decoders for name in d.inputs} - still_read
     if unused:
         kept = [node for node in kept if not (node.op_type == "Constant" and node.output and node.output[0] in unused)]

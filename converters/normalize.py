@@ -108,6 +108,23 @@ def dropout_to_identity(model: onnx.ModelProto) -> bool:
     return changed
 
 
+def initializer_inputs_to_constants(model: onnx.ModelProto) -> bool:
+    """Graph inputs that have an initializer (every weight before IR 4, and ``keep_initializers_as_inputs``
+    exports) stop being inputs: their initializer is their value. onnx2torch made such an input a placeholder
+    wherever a node reads it at run time (a Reshape's shape), and a later pass that folds the initializer
+    away (a Reshape of a weight) left an input nobody feeds. The data can not feed them either
+    (``graphinfo.graph_inputs``), so the default is the value. IR 4 is the first where that is valid."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    kept = [v for v in graph.input if v.name not in inits]
+    if len(kept) == len(graph.input):
+        return False
+    del graph.input[:]
+    graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
+    return True
+
+
 def densify_sparse_initializers(model: onnx.ModelProto) -> bool:
     """onnx2torch cannot read graph.sparse_initializer: turn each into a dense initializer."""
     graph = model.graph
@@ -464,6 +481,8 @@ def drop_reshape_allowzero(model: onnx.ModelProto) -> bool:
 
 PASSES: list[Pass] = [
     name_nodes,
+    # First: the folds below may remove an initializer, which must not leave a graph input in its place.
+    initializer_inputs_to_constants,
     clear_negative_dims,
     drop_trailing_empty_inputs,
     dropout_to_identity,

@@ -169,6 +169,7 @@ def write_back(
         if best.nodes:
             changes.append(f"{name}: stored as {best.kind} through {' -> '.join(n.op_type for n in best.nodes)}")
     _unname_nodes(model, temporary)
+    _allow_initializers_without_inputs(model, changes)
     if metadata:
         _set_metadata(model, metadata)
     return WriteBackResult(model, encodings, changes, notes, sizes)
@@ -269,6 +270,18 @@ def _place(model: onnx.ModelProto, name: str, location: str, encoding: Encoding)
         existing = list(graph.node)
         del graph.node[:]
         graph.node.extend(list(encoding.nodes) + existing)
+
+
+def _allow_initializers_without_inputs(model: onnx.ModelProto, changes: list[str]) -> None:
+    """Before IR 4 every initializer must be a graph input; a written tensor that is not one (a replaced
+    decoder's weight, an encoding's scales) takes the model to IR 4, which differs from 3 in that rule alone
+    and keeps the graph's I/O."""
+    if model.ir_version >= 4:
+        return
+    inputs = {value.name for value in model.graph.input}
+    if any(t.name not in inputs for t in model.graph.initializer):
+        changes.append(f"IR version {model.ir_version} -> 4: initializers that are not graph inputs")
+        model.ir_version = 4
 
 
 def _set_metadata(model: onnx.ModelProto, metadata: Mapping[str, str]) -> None:

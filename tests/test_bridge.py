@@ -246,3 +246,54 @@ def test_compressed_sparse_model_imports_again(lenet5_torchscript_onnx, tmp_path
         assert (value == 0).mean() >= 0.95
     report = check(path)
     assert report.passed, report.format()
+
+
+def _ir3_reshaped_weight() -> onnx.ModelProto:
+    """Caffe2's layout at IR 3 (onnx's light inception_v1): every initializer is also a graph input, and the
+    classifier's weight is read through a Reshape by a shape that is such an input too."""
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Reshape", ["w_flat", "w_shape"], ["w"]),
+         onnx.helper.make_node("Reshape", ["x", "x_shape"], ["flat"]),
+         onnx.helper.make_node("Gemm", ["flat", "w", "b"], ["y"], transB=1)],
+        "ir3", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4])]
+        + [onnx.helper.make_tensor_value_info(n, t, s) for n, t, s in (
+            ("w_flat", onnx.TensorProto.FLOAT, [48]), ("w_shape", onnx.TensorProto.INT64, [2]),
+            ("x_shape", onnx.TensorProto.INT64, [2]), ("b", onnx.TensorProto.FLOAT, [6]))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 6])],
+        [onnx.numpy_helper.from_array(rng.normal(size=48).astype(np.float32), "w_flat"),
+         onnx.numpy_helper.from_array(np.array([6, 8], np.int64), "w_shape"),
+         onnx.numpy_helper.from_array(np.array([1, 8], np.int64), "x_shape"),
+         onnx.numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_inputs_with_initializers_are_their_defaults(tmp_path):
+    # The torch side used to take x_shape (read at run time) as an input, and the fold of the reshaped weight
+    # left w_flat / w_shape as inputs with no value: check died on a KeyError, the write-back lost them.
+    original = _ir3_reshaped_weight()
+    imported = import_model(original)
+    assert imported.input_names == ["x"]
+    (entry,) = [e for e in imported.weights if e.compressible]
+    x = np.random.default_rng(1).normal(size=(1, 2, 4)).astype(np.float32)
+    with torch.no_grad():
+        weight = imported.parameter(entry)
+        weight.mul_((torch.arange(weight.numel()).reshape(weight.shape) % 3 == 0).float())
+    expected = imported.run({"x": x})
+    result = write_back(original, imported.updates())
+    path = tmp_path / "out.onnx"
+    save_model(result.model, path)
+    written = onnx.load(str(path))
+    onnx.checker.check_model(written)
+    # The graph's inputs and their defaults stay; the written weight is the masked one.
+    assert [i.SerializeToString() for i in written.graph.input] == [i.SerializeToString() for i in original.graph.input]
+    assert {t.name for t in original.graph.initializer} <= {t.name for t in written.graph.initializer}
+    _close(expected, _ort(path, {"x": x}))
+    assert written.ir_version == 4  # the written weight is an initializer that is no graph input
+    assert np.count_nonzero(tensor_value(written, constant_sources(written)["w"])) == 16
+    onnx.save(original, str(tmp_path / "original.onnx"))
+    report = check(tmp_path / "original.onnx")
+    assert report.passed, report.format()
