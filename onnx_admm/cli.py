@@ -1,7 +1,8 @@
 """The ``onnx-admm`` command line: a thin click layer over the Python API.
 
-Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy gate;
-130 interrupted by Ctrl-C, 143 by SIGTERM (compress saves the last completed stage first). A signal
+Exit codes: 0 success; 1 bad input or a failed check; 2 usage error; 3 accuracy gate; 4 internal error (a
+bug: one line, the traceback with -v); 130 interrupted by Ctrl-C, 143 by SIGTERM (compress saves the last
+completed stage first). A signal
 that arrives after the command has ended leaves its status as it was (``console``).
 """
 
@@ -27,6 +28,7 @@ from onnx_admm.schedule import ALLOCATIONS
 from onnx_admm.signals import deferred, exit_status, ignore_signals, interrupts, pending_interrupt, signal_name
 
 EXIT_GATE = 3  # AccuracyGateFailed.exit_status
+EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -72,14 +74,32 @@ def _signals_end_the_run() -> Iterator[None]:
     except KeyboardInterrupt as exc:
         interrupt = exc
         pending_interrupt()  # its signal is on the list too: taken off, it cannot stop a later run in this process
-    except Exception:
+    except Exception as exc:
         interrupt = pending_interrupt()
         if interrupt is None:
-            raise
+            if isinstance(exc, (click.ClickException, click.exceptions.Exit, click.exceptions.Abort)):
+                raise
+            _internal_error(exc)
     if interrupt is not None:
         with deferred(deliver=False):  # a second signal must not cut the line short
             click.echo(f"interrupted by {signal_name(interrupt)}", err=True)
             sys.exit(exit_status(interrupt))
+
+
+def _internal_error(exc: Exception) -> None:
+    """End the run on an exception no input check foresaw: one line and status 4, so a pipeline tells a bug
+    from bad input (1); with -v the traceback first, for the report."""
+    import traceback
+
+    from onnx_admm.converters.errors import first_line
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("verbose"):
+        click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+    kind, line = type(exc).__name__, first_line(exc)
+    click.echo(f"internal error: {kind if line == kind else f'{kind}: {line}'} (a bug in onnx-admm, not in the input: "
+               "rerun with -v for the traceback and report it with the command)", err=True)
+    sys.exit(EXIT_INTERNAL)
 
 
 @contextmanager

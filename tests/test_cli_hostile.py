@@ -813,3 +813,24 @@ def test_a_model_whose_outputs_do_not_depend_on_its_weights_fails_in_one_line(tm
         "Error: no output the model trains on (y) depends on its weights: nothing to train; run `onnx-admm check` "
         "on the model"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_internal_error_is_one_line_and_exit_4(tmp_path, monkeypatch, verbose):
+    # A bug (an IR 3 graph's input used to end check in a KeyError) is not bad input: a pipeline sees 4, not 1,
+    # and one line naming it; -v logs the traceback for the report.
+    import onnx_admm.check
+
+    def broken(*args, **kwargs):
+        raise KeyError("OC2_DUMMY_3")
+
+    monkeypatch.setattr(onnx_admm.check, "import_model", broken)
+    result = _run(*(["-v"] if verbose else []), "check", _gemm(tmp_path))
+    assert result.exit_code == 4, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert ("internal error: KeyError: 'OC2_DUMMY_3' (a bug in onnx-admm, not in the input: rerun with -v for the "
+            "traceback and report it with the command)") in lines
+    if verbose:
+        assert "Traceback" in result.output and "in broken" in result.output
+    else:
+        assert lines == [lines[-1]] and "Traceback" not in result.output
