@@ -14,7 +14,7 @@ from onnx_admm.converters.channel_blocks import joined_blocks, joined_range, spl
 from onnx_admm.converters.channels import (ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice,
                                             fed_at_run_time)
 from onnx_admm.converters.graphinfo import fresh_name, node_attr
-from onnx_admm.converters.optable import BROADCAST, POOLS, REDUCE, UNARY
+from onnx_admm.converters.optable import BROADCAST, POOLS, RECURRENT, REDUCE, UNARY
 from onnx_admm.converters.shape_entries import Entry, check_shape_reads, shape_entries
 
 
@@ -292,6 +292,17 @@ class ChannelWalk:
             if layout.axis != rank - 1:
                 raise NotPrunable(f"MatMul {label} does not contract the channel axis")
             self.slice_input(node.input[1], 0, "consumer", layout, (label, 1))
+            return []
+        if op in RECURRENT:
+            # A CRNN's last conv feeding its LSTM: W [directions, gates * hidden, input] reads the channels along
+            # axis 2 (X is [seq, batch, input] or batch first: the input axis is last either way); R and the
+            # hidden units stay.
+            data_input_only()
+            if layout.axis != rank - 1:
+                raise NotPrunable(f"{op} {label} reads the channels on an axis other than its input axis")
+            if a.constant(node.input[1]) is None:
+                raise NotPrunable(f"the channels reach {op} {label}, whose input weight is computed")
+            self.slice_input(node.input[1], 2, "consumer", layout, (label, 1))
             return []
         if layout.stride is not None and op in ("Flatten", "Reshape"):
             raise NotPrunable(f"{op} {label} reshapes channels held in blocks among other channels")

@@ -124,11 +124,13 @@ def check_shape_reads(walk: Any) -> None:
     reads their count: allowed only where everything computed from it ends in the shape of a Reshape that
     gets a constant of its own (tf2onnx's Flatten: ``Reshape(x, Concat(Shape(x)[:1], [-1]))``), which no
     longer reads it once the cut replaces it, or in the sizes of a Resize that the cut keeps right
-    (``_sizes_follow``; another Resize's sizes may take height and width from that shape, not the count)."""
+    (``_sizes_follow``; another Resize's sizes may take height and width from that shape, not the count). Where
+    the dims computed from it no longer depend on the count (a Gather of the batch dim), nothing past is read."""
     a = walk.a
     frozen = {(f.node, f.input) for f in walk.frozen}
     for label, (entries, layout) in walk.sized.items():
         _sizes_follow(walk, label, entries, layout)
+    memo: dict[str, list[Entry] | None] = {}
     for start in walk.shape_reads:
         queue, seen = list(a.nodes[start].output), set()
         while queue:
@@ -136,6 +138,10 @@ def check_shape_reads(walk: Any) -> None:
             if name in seen:
                 continue
             seen.add(name)
+            entries = shape_entries(a, name, memo)
+            if entries is not None and not any(_counts(walk, dep) for entry in entries for dep in entry.deps):
+                # The dims picked out no longer hold the count (an LSTM's zero state sized by Shape(x)[1], the batch).
+                continue
             if name in a.outputs:
                 raise NotPrunable(f"the shape of the channels reaches the graph output {name!r}")
             for i in a.readers.get(name, []):

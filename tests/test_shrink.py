@@ -829,3 +829,39 @@ def test_channels_that_reach_a_concat_three_times_are_cut_in_each_copy():
     w1[[1, 2]] = 0
     x = np.random.default_rng(0).normal(size=(2, 2, 5, 5)).astype(np.float32)
     np.testing.assert_allclose(_run(shrunk, x)[0], _run(_with_values(model, {"w1": w1}), x)[0], rtol=0, atol=1e-5)
+
+
+class _ConvRecurrent(torch.nn.Module):
+    """A CRNN's tail as captcha and OCR readers build it: convs over a line image, the height squeezed away, the
+    columns read by a bidirectional LSTM (sequence first) or a GRU (batch first), a per-column classifier."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        nn = torch.nn
+        self.kind = kind
+        self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 24, (4, 1)), nn.BatchNorm2d(24), nn.ReLU())
+        self.rnn = nn.LSTM(24, 12, bidirectional=True) if kind == "lstm" else nn.GRU(24, 12, batch_first=True)
+        self.fc = nn.Linear(24 if kind == "lstm" else 12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x).squeeze(2)  # [N, 24, W]
+        y, _ = self.rnn(f.permute(2, 0, 1) if self.kind == "lstm" else f.transpose(1, 2))
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_conv_before_a_recurrent_layer_loses_filters_and_its_input_weight_columns(kind, tmp_path):
+    # The last conv's channels reach the LSTM's / GRU's input weight W [directions, gates * hidden, input] along
+    # axis 2; its zero initial state is sized from Shape(x)[batch], which reads no channel count. The group used
+    # to stop there ("an op this analysis does not know", then "the channels' shape ... reaches ConstantOfShape").
+    module = _ConvRecurrent(kind)
+    _randomise_batchnorm(module)
+    torch.manual_seed(0)
+    path = export_torch(module.eval(), torch.zeros(1, 1, 4, 10), tmp_path / f"{kind}.onnx", "torchscript")
+    groups, shrunk = _shrunk_matches_masked_torch(path, (1, 4, 10))
+    (last,) = [g for g in groups.values() if any(s.axis == 2 for s in g.consumers)]
+    (weight,) = [s.tensor for s in last.consumers]
+    model = load_model(path)
+    assert [n.op_type for n in model.graph.node if weight in n.input] == [kind.upper()]
+    assert last.n_channels == 24 and _value(shrunk, weight).shape[2] == 12 and len(groups) == 2
