@@ -257,6 +257,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
 @click.option("--ranges", type=click.Choice(["minmax", "fit"]),
               help="How the calibration data sets the int8 activation ranges: minmax (default, as quantize_static) "
                    "or fit (each clipped where the int8 outputs come closest to the float ones on that data).")
+@click.option("--sparse-weights/--dense-weights", default=None,
+              help="Store pruned weights as sparse initializers where smaller (default), or every weight dense "
+                   "in its own shape, for tools that read no sparse initializer (onnx's full_check).")
 @click.option("--per-channel/--per-tensor", default=None,
               help="One quantization scale per output channel or per tensor (default: per channel, ternary "
                    "levels per tensor).")
@@ -301,7 +304,8 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
               help="Also write the report as one self-contained HTML page here (see the report command).")
 def compress(model: str, output: str, data: str, val_data: str | None, recipe: str | None, sparsity: float | None,
              stages: int | None, structure: str | None, block: str | None, bits: int | None, binary: bool,
-             ternary: bool, clusters: int | None, activations: str | None, ranges: str | None, per_channel: bool | None,
+             ternary: bool, clusters: int | None, activations: str | None, ranges: str | None,
+             sparse_weights: bool | None, per_channel: bool | None,
              epochs: float | None,
              allocation: str | None, round_to: int | None, reconstruct: bool | None, admm_epochs: int | None, retrain_epochs: int | None, batch_size: int | None,
              lr: float | None, rho: float | None, seed: int | None, threads: int | None, device: str | None,
@@ -337,7 +341,7 @@ def compress(model: str, output: str, data: str, val_data: str | None, recipe: s
         prune={"sparsity": sparsity, "stages": stages, "structure": structure, "block": _parse_block(block),
                "allocation": allocation, "round_to": round_to, "reconstruct": reconstruct},
         quantize={"per_channel": per_channel},
-        output={"activations": activations, "ranges": ranges},
+        output={"activations": activations, "ranges": ranges, "sparse_weights": sparse_weights},
     )
     try:
         # The library draws the progress (stderr: bars on a terminal, a line per epoch in logs); stdout

@@ -366,8 +366,14 @@ class OutputConfig:
     activations: str = "float"
     calibration: int = 256  # samples of the training data that calibrate int8 activation ranges
     ranges: str = "minmax"  # how the calibration data sets the int8 activation ranges (RANGES)
+    # Pruned weights as COO sparse initializers where smaller in raw bytes; false keeps every weight in its own
+    # shape, zeros included: onnx's strict shape inference (check_model full_check) types a sparse initializer
+    # sparse_tensor and refuses it as a Conv / Gemm / MatMul input, and other tools may not read one.
+    sparse_weights: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sparse_weights, bool):
+            _fail(f"output.sparse_weights is true or false, got {self.sparse_weights!r}")
         if self.activations not in ACTIVATIONS:
             _fail(f"output.activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.ranges not in RANGES:

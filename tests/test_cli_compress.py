@@ -231,6 +231,28 @@ def test_round_to_flag_reaches_the_filter_counts(digits_sample, tmp_path):
         'filters: prune with structure = "filter" (--structure filter) or drop it']
 
 
+def test_dense_weights_pass_onnx_full_check_with_the_same_outputs(digits_sample, tmp_path):
+    # A sparse initializer is typed sparse_tensor by onnx's strict shape inference, which a Conv refuses:
+    # --dense-weights writes the same values, zeros included, in every weight's own shape.
+    args = ("--sparsity", "0.9", "--admm-epochs", "1", "--retrain-epochs", "0", "--seed", "3", "-q")
+    assert _compress(digits_sample, tmp_path / "s.onnx", *args).exit_code == 0
+    result = _compress(digits_sample, tmp_path / "d.onnx", *args, "--dense-weights", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    sparse, dense = onnx.load(str(tmp_path / "s.onnx")), onnx.load(str(tmp_path / "d.onnx"))
+    assert len(sparse.graph.sparse_initializer) > 0 and len(dense.graph.sparse_initializer) == 0
+    with pytest.raises(onnx.shape_inference.InferenceError, match="sparse_tensor"):
+        onnx.checker.check_model(sparse, full_check=True)
+    onnx.checker.check_model(dense, full_check=True)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["output"]["sparse_weights"] is False
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in dense.graph.initializer}
+    for layer in report["layers"]:
+        assert layer["encoding"] == "dense" and np.count_nonzero(stored[layer["name"]]) == layer["nonzero"]
+    x = np.load(digits_sample.test)["input"][:64]
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(run(tmp_path / "s.onnx"), run(tmp_path / "d.onnx"))
+
+
 def test_save_stages_writes_every_stage(digits_sample, tmp_path):
     out = tmp_path / "d.onnx"
     result = _compress(digits_sample, out, "--sparsity", "0.9", "--stages", "2", "--admm-epochs", "1",

@@ -128,8 +128,10 @@ class CompressResult:
         target = self.imported.original
         updates = self.imported.updates(quant=chosen.quant_specs, values=chosen.values)
         # N:M weights stay in their own shape, zeros included: the runtimes that read the pattern (TensorRT)
-        # check it on the dense weight, and a COO sparse initializer saves little at 2:4.
-        updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if e.param in chosen.patterns else u
+        # check it on the dense weight, and a COO sparse initializer saves little at 2:4. So does every weight
+        # without output.sparse_weights.
+        dense = not self.config.output.sparse_weights
+        updates = [dataclasses.replace(u, encoders=DENSE_ENCODERS) if dense or e.param in chosen.patterns else u
                    for e, u in zip(self.imported.weights, updates)]
         shrunk = None
         if chosen.kept_channels:
