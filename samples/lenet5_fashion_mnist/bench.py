@@ -202,6 +202,11 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
             out.append(Row(f"joint-{ratio}x-{bits}bit-s{seed}", f"ADMM pruning + {bits}-bit", f"{ratio}x+{bits}bit",
                            "compress", s, {"prune": {"sparsity": s}, "quantize": {"bits": bits, "per_channel": True},
                                            "train": {"seed": seed}}))
+        # The 40x row's nonzeros on a k-means codebook of 15 values (with zero, 16: 4-bit indices, non-uniform
+        # levels) instead of the uniform 4-bit grid: pruning + weight sharing, as Deep Compression stores layers.
+        out.append(Row(f"joint-40x-c15-s{seed}", "ADMM pruning + 15 clusters (4-bit indices)", "40x+c15", "compress",
+                       1 - 1 / 40, {"prune": {"sparsity": 1 - 1 / 40}, "quantize": {"clusters": 15},
+                                    "train": {"seed": seed}}))
         # The same levels with one scale per tensor (--per-tensor; the product's default for ternary levels).
         for name, quant, s in (("binary", {"bits": 1}, None), ("ternary", {"ternary": True}, None),
                                ("4bit", {"bits": 4}, None), ("40x-4bit", {"bits": 4}, 1 - 1 / 40)):
