@@ -50,7 +50,7 @@ from onnx_admm.converters.dequantize import decoded_view
 from onnx_admm.converters.branches import Folding
 from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
-from onnx_admm.converters.quantized import dequantize_model
+from onnx_admm.converters.quantized import dequantize_model, integer_weight_bits
 from onnx_admm.converters.scores import ScoreOutput, find_score_output, score_of_a_cut
 from onnx_admm.converters.shapes import inferred_types
 from onnx_admm.converters.encoders import QuantSpec
@@ -205,6 +205,8 @@ class ImportedModel:
     # Recurrent weights the graph computes from its constants (an LSTMCell's gate Slices inside an If
     # branch): imported as constants, so they neither train nor compress.
     computed_recurrent: list[str] = field(default_factory=list)
+    # The narrowest integer width the user's file stored a weight in (``quantized.integer_weight_bits``).
+    integer_bits: int | None = None
 
     @property
     def ort_batch(self) -> int | None:
@@ -295,6 +297,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     Raises:
         UserError: when the model cannot be imported (the message names the node and the op).
     """
+    integer_bits = integer_weight_bits(original)
     original, dequantized = dequantize_model(original)
     normalized = normalize(original)
     inner = find_score_output(original, output)
@@ -399,7 +402,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
                          not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding,
-                         computed)
+                         computed, integer_bits)
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:

@@ -141,6 +141,47 @@ def _dynamic_matmul(rw: _Rewriter, node, producers, readers, removed) -> list[on
             _float_node("Add", [product, bias], list(node.output), rw.fresh(f"{node.name}/bias"), None)]
 
 
+def _unpacked(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The codes of ``bits``-bit values packed low-first into the bytes of ``packed``: one axis ``8 / bits``
+    times longer at the end."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    codes = np.stack([(packed >> (bits * i)) & mask for i in range(per)], axis=-1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per).astype(np.int64)
+
+
+def _nbits(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.MatMulNBits (onnxruntime's blockwise weight-only quantizer, ``MatMulNBitsQuantizer``):
+    Y = A @ W^T (+ bias), W [N, K] from the codes of B [N, k_blocks, blob] packed low-first along K, one scale
+    and zero point (packed uint8, or floats; 2 ** (bits - 1) when absent) per block -> MatMul (+ Add)."""
+    names = list(node.input) + [""] * (6 - len(node.input))
+    a, b, s, zp, g_idx, bias = names[:6]
+    packed, scales = rw.const(b), rw.const(s)
+    k, n = node_attr(node, "K"), node_attr(node, "N")
+    bits, block = node_attr(node, "bits", 4), node_attr(node, "block_size")
+    if (packed is None or scales is None or g_idx or bits not in (2, 4, 8) or None in (k, n, block)
+            or packed.ndim != 3 or packed.shape[0] != n or packed.shape[2] * 8 // bits != block):
+        return None  # a deprecated g_idx, prepacked or computed weights: left as it is (and refused by name)
+    blocks = packed.shape[1]
+    codes = _unpacked(packed, bits).reshape(n, blocks, block)
+    if not zp:
+        zero = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    elif (points := rw.const(zp)) is None:
+        return None
+    elif points.dtype == np.uint8:  # packed like the codes, each row padded to whole bytes
+        zero = _unpacked(points.reshape(n, -1), bits)[:, :blocks].astype(np.float32)
+    else:
+        zero = points.astype(np.float32).reshape(n, blocks)
+    scale = scales.astype(np.float32).reshape(n, blocks)
+    weight = ((codes - zero[..., None]) * scale[..., None]).reshape(n, blocks * block)[:, :k]
+    value = rw.add_init(b, np.ascontiguousarray(weight.T).astype(np.float32))
+    if not bias:
+        return [_float_node("MatMul", [a, value], list(node.output), node.name, None)]
+    product = rw.fresh(f"{node.output[0]}_matmul")
+    return [_float_node("MatMul", [a, value], [product], node.name, None),
+            _float_node("Add", [product, bias], list(node.output), rw.fresh(f"{node.name}/bias"), None)]
+
+
 def _static(op_type: str, quantized: Callable[[onnx.NodeProto], list[tuple[str, str, str]]],
             output_qparams: Callable[[onnx.NodeProto], tuple[str, str]],
             extra: Callable[[_Rewriter, onnx.NodeProto], list[str] | None] | None = None,
@@ -244,6 +285,7 @@ REWRITES: dict[str, Callable] = {
     "MatMulInteger": _integer_op,
     "DynamicQuantizeLSTM": _lstm,
     "DynamicQuantizeMatMul": _dynamic_matmul,
+    "MatMulNBits": _nbits,
     "QLinearConv": _static("Conv", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7),
                            extra=_bias(8, 1, 4)),
     "QLinearMatMul": _static("MatMul", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7)),

@@ -291,7 +291,7 @@ def run_batched(path: Path, feeds: dict[str, np.ndarray], imported: ImportedMode
     """All outputs of the model at ``path``, run in chunks of the fixed batch size when there is one."""
     from onnx_admm.validate import open_session, run_session
 
-    session = open_session(path, 1)
+    session = open_session(path, 1, exact=True)
     names = [o.name for o in session.get_outputs()]
     b = imported.ort_batch
     if b is None:

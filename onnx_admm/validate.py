@@ -162,12 +162,15 @@ class ValidationReport:
         return result
 
 
-def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+def open_session(path: str | Path, threads: int = 1, exact: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session with a fixed thread count and sequential execution.
 
     Args:
         path: The .onnx file (its external data files next to it).
         threads: Intra-op threads; inter-op is always 1.
+        exact: Compute what the graph says: onnxruntime fuses a blockwise int4 DequantizeLinear and its
+            MatMul into MatMulNBits at accuracy level 4, which quantizes the activations to int8 (0.5% of
+            max|output| on a small MLP); exact keeps level 0, float activations (check's reference).
 
     Returns:
         The session.
@@ -189,6 +192,8 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     # whole life, about twice what the run needs (samples/eeg, batch 44: 1.4 GB against 0.7), and
     # validation holds two sessions; the speed is the same there.
     options.enable_cpu_mem_arena = False
+    if exact:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types

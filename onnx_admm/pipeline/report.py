@@ -106,7 +106,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
                   "the selection split, so those were kept and the retraining discarded (a lower train.lr may let "
                   "it help)") if discarded else None
     grown = _larger_file(validation.original.gzip_bytes, validation.compressed.gzip_bytes,
-                         bool(imported.dequantized) and not final.quant)
+                         None if final.quant else imported.integer_bits)
     for note in (validation.constant_reference(), validation.no_positives(), validation.unmeasured(), retraining,
                  grown):
         if note:
@@ -166,14 +166,15 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
 GROWTH_SLACK, GROWTH_BYTES = 0.05, 4096
 
 
-def _larger_file(before: int, after: int, was_quantized: bool) -> str | None:
+def _larger_file(before: int, after: int, bits: int | None) -> str | None:
     """A warning when the written file stores more than the original (gzip'd bytes, beyond ``GROWTH_SLACK`` and
-    ``GROWTH_BYTES``): a pipeline would ship a larger model. Most often the original's weights were int8
-    (onnxruntime's quantizer) and the run stored them as float (``was_quantized``, no weight levels asked for)."""
+    ``GROWTH_BYTES``): a pipeline would ship a larger model. Most often the original's weights were integers
+    (onnxruntime's quantizers: ``bits`` the narrowest, None otherwise or where the run asked for levels) and the
+    run stored them as float."""
     if after <= before * (1 + GROWTH_SLACK) or after - before <= GROWTH_BYTES:
         return None
-    why = ("; the original's weights were int8 (quantized by onnxruntime) and are written as float: add --bits 8 "
-           "(quantize.bits = 8) to store them as int8 again" if was_quantized else "")
+    why = (f"; the original's weights were {bits}-bit integers and are written as float: add --bits {bits} "
+           f"(quantize.bits = {bits}) to store them as integers again" if bits else "")
     return f"the compressed file is larger than the original ({after:,} against {before:,} bytes gzip'd){why}"
 
 
