@@ -86,12 +86,21 @@ def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[on
     return _sub_model(normalized, trained, producer, types), trained
 
 
+# com.microsoft ops that onnxruntime's quantizers write (the others come from its optimizer's fusions).
+_MS_QUANTIZED = ("Quant", "NBits", "Bnb4", "FpQ4", "QAttention", "QOrdered", "QLinear", "QGemm", "QEmbed")
+
+
 def _raise_unsupported(problems: list[str], why: str) -> None:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    # onnxruntime's transformer optimizer fuses a model's attention, layer norms and GELUs into com.microsoft
-    # ops (optimum's ORTOptimizer too): the unfused export it started from imports.
-    fix = ("compress the model as exported, before onnxruntime's optimizer fused it (then optimize the result)"
-           if any("com.microsoft." in p for p in problems) else "re-export without that op")
+    contrib = [p for p in problems if "com.microsoft." in p]
+    if any(marker in p for p in contrib for marker in _MS_QUANTIZED):
+        fix = "compress the float model before onnxruntime's quantizer ran (--bits then stores integer weights)"
+    elif contrib:
+        # onnxruntime's transformer optimizer fuses a model's attention, layer norms and GELUs into com.microsoft
+        # ops (optimum's ORTOptimizer too): the unfused export it started from imports.
+        fix = "compress the model as exported, before onnxruntime's optimizer fused it (then optimize the result)"
+    else:
+        fix = "re-export without that op"
     raise UserError(
         f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, or {fix}"
     )

@@ -437,3 +437,23 @@ def test_a_model_fused_by_onnxruntimes_optimizer_is_refused_with_the_way_round_i
         "cannot import the model: node 'fused': com.microsoft.FusedMatMul (opset 1) has no converter; run "
         "`onnx-admm inspect` for the full list, or compress the model as exported, before onnxruntime's optimizer "
         "fused it (then optimize the result)")
+
+
+def test_a_weight_quantized_by_an_onnxruntime_op_onnx_admm_does_not_decode_is_refused_with_the_way_round_it():
+    # A prepacked or computed MatMulNBits weight is left for onnx2torch, which has no converter: the fix is the
+    # float model before the quantizer, not the optimizer's unfused export.
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", name="q", K=4, N=4, bits=4,
+                          block_size=16)],
+        "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in (
+            ("x", TensorProto.FLOAT, ["N", 4]), ("B", TensorProto.UINT8, [4, 1, 8]), ("S", TensorProto.FLOAT, [4]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UserError) as error:
+        import_model(model)
+    assert str(error.value) == (
+        "cannot import the model: node 'q': com.microsoft.MatMulNBits (opset 1) has no converter; run "
+        "`onnx-admm inspect` for the full list, or compress the float model before onnxruntime's quantizer ran "
+        "(--bits then stores integer weights)")
