@@ -340,6 +340,14 @@ _PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.Tensor
                 onnx.TensorProto.UINT2: 2}
 
 
+def integer_element_bits(elem_type: int) -> int | None:
+    """Bits per element of an integer ONNX element type (int2 ... int64), None for any other."""
+    if elem_type in _PACKED_BITS:
+        return _PACKED_BITS[elem_type]
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    return 8 * dtype.itemsize if np.issubdtype(dtype, np.integer) else None
+
+
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)

@@ -112,7 +112,7 @@ def initializer_inputs_to_constants(model: onnx.ModelProto) -> bool:
     """Graph inputs that have an initializer (every weight before IR 4, and ``keep_initializers_as_inputs``
     exports) stop being inputs: their initializer is their value. onnx2torch made such an input a placeholder
     wherever a node reads it at run time (a Reshape's shape), and a later pass that folds the initializer
-    away (a Reshape of a weight) left an input nobody feeds. The data can not feed them either
+    away (a Reshape of a weight) left an input nobody feeds. The data cannot feed them either
     (``graphinfo.graph_inputs``), so the default is the value. IR 4 is the first where that is valid."""
     graph = model.graph
     inits = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}

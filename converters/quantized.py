@@ -44,7 +44,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnx_admm.converters.dequantize import fold_weight_decoders
+from onnx_admm.converters.dequantize import fold_weight_decoders, integer_element_bits
 from onnx_admm.converters.quantized_ops import REWRITES
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, VALUE_MOVERS
 from onnx_admm.converters.graphinfo import constant_sources, live_nodes, tensor_shape_and_type, tensor_value
@@ -69,12 +69,6 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return False
 
 
-# Bits per weight element of the integer types a stored weight may have.
-_TYPE_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
-              onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2, onnx.TensorProto.INT16: 16,
-              onnx.TensorProto.UINT16: 16}
-
-
 def integer_weight_bits(model: onnx.ModelProto) -> int | None:
     """The narrowest integer width ``model`` stores a weight in (a constant DequantizeLinear input, MatMulNBits'
     ``bits``, 8 for onnxruntime's other integer operators), or None when every weight is float: what --bits
@@ -87,8 +81,8 @@ def integer_weight_bits(model: onnx.ModelProto) -> int | None:
         if node.op_type == "MatMulNBits":
             widths.append(next((a.i for a in node.attribute if a.name == "bits"), 4))
         elif node.op_type == "DequantizeLinear" and node.input[0] in sources:
-            _, elem = tensor_shape_and_type(model, sources[node.input[0]])
-            widths.extend([_TYPE_BITS[elem]] if elem in _TYPE_BITS else [])
+            width = integer_element_bits(tensor_shape_and_type(model, sources[node.input[0]])[1])
+            widths.extend([width] if width else [])
         elif node.op_type in REWRITES:
             widths.append(8)
     return min(widths, default=None)

@@ -133,7 +133,11 @@ def _dynamic_matmul(rw: _Rewriter, node, producers, readers, removed) -> list[on
     value, scale = rw.const(b), rw.const(s)
     if value is None or scale is None or value.ndim != 2:
         return None
-    weight = rw.add_init(b, _dequantized(value, scale, rw.const(zp), 1))
+    return _matmul(rw, node, a, rw.add_init(b, _dequantized(value, scale, rw.const(zp), 1)), bias)
+
+
+def _matmul(rw: _Rewriter, node: onnx.NodeProto, a: str, weight: str, bias: str) -> list[onnx.NodeProto]:
+    """MatMul(a, weight) under the node's name and outputs, then Add(bias) where there is one."""
     if not bias:
         return [_float_node("MatMul", [a, weight], list(node.output), node.name, None)]
     product = rw.fresh(f"{node.output[0]}_matmul")
@@ -174,12 +178,7 @@ def _nbits(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodePr
         zero = points.astype(np.float32).reshape(n, blocks)
     scale = scales.astype(np.float32).reshape(n, blocks)
     weight = ((codes - zero[..., None]) * scale[..., None]).reshape(n, blocks * block)[:, :k]
-    value = rw.add_init(b, np.ascontiguousarray(weight.T).astype(np.float32))
-    if not bias:
-        return [_float_node("MatMul", [a, value], list(node.output), node.name, None)]
-    product = rw.fresh(f"{node.output[0]}_matmul")
-    return [_float_node("MatMul", [a, value], [product], node.name, None),
-            _float_node("Add", [product, bias], list(node.output), rw.fresh(f"{node.name}/bias"), None)]
+    return _matmul(rw, node, a, rw.add_init(b, np.ascontiguousarray(weight.T).astype(np.float32)), bias)
 
 
 def _static(op_type: str, quantized: Callable[[onnx.NodeProto], list[tuple[str, str, str]]],
