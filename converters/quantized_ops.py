@@ -181,6 +181,28 @@ def _nbits(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodePr
     return _matmul(rw, node, a, rw.add_init(b, np.ascontiguousarray(weight.T).astype(np.float32)), bias)
 
 
+def _gather_blocks(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.GatherBlockQuantized (the same quantizer's embedding tables): int4 data with one scale (and
+    zero point) per block of ``block_size`` along ``quantize_axis`` -> Gather of the float table along
+    ``gather_axis``. Packed uint8 data is left as it is (and refused by name): its default zero point is not
+    checked here."""
+    names = list(node.input) + [""] * (4 - len(node.input))
+    data, indices, s, zp = names[:4]
+    table, scales = rw.const(data), rw.const(s)
+    if table is None or scales is None or str(table.dtype) != "int4" or table.ndim != scales.ndim:
+        return None
+    axis, block = node_attr(node, "quantize_axis", 1) % table.ndim, node_attr(node, "block_size", 128)
+    zero = rw.const(zp) if zp else np.zeros(scales.shape, np.int64)
+    if zero is None:
+        return None
+    # Each scale and zero point repeated over its block, the last block cut to the table's length.
+    scale, zero = (np.repeat(np.asarray(v).astype(np.float32), block, axis=axis).take(
+        np.arange(table.shape[axis]), axis=axis) for v in (scales, zero))
+    floats = rw.add_init(data, ((table.astype(np.float32) - zero) * scale).astype(np.float32))
+    return [helper.make_node("Gather", [floats, indices], list(node.output), name=node.name,
+                             axis=node_attr(node, "gather_axis", 0))]
+
+
 def _static(op_type: str, quantized: Callable[[onnx.NodeProto], list[tuple[str, str, str]]],
             output_qparams: Callable[[onnx.NodeProto], tuple[str, str]],
             extra: Callable[[_Rewriter, onnx.NodeProto], list[str] | None] | None = None,
@@ -285,6 +307,7 @@ REWRITES: dict[str, Callable] = {
     "DynamicQuantizeLSTM": _lstm,
     "DynamicQuantizeMatMul": _dynamic_matmul,
     "MatMulNBits": _nbits,
+    "GatherBlockQuantized": _gather_blocks,
     "QLinearConv": _static("Conv", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7),
                            extra=_bias(8, 1, 4)),
     "QLinearMatMul": _static("MatMul", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7)),

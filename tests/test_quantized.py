@@ -261,3 +261,30 @@ def test_blockwise_int4_dequantize_linear_checks_at_float_activations(tmp_path):
     report = check(tmp_path / "qdq4.onnx", {"x": x})
     assert report.passed, report.format()
     assert import_model(model).integer_bits == 4
+
+
+def test_an_embedding_table_quantized_in_blocks_imports_as_its_float_table(tmp_path):
+    # The same quantizer asked for Gather too writes com.microsoft.GatherBlockQuantized: an int4 table with one
+    # scale per block of 16 along the embedding axis (32 wide: two blocks), gathered along axis 0.
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["E", "ids"], ["e"]), onnx.helper.make_node("MatMul", ["e", "W"], ["y"])],
+        "embed", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 8])],
+        [onnx.numpy_helper.from_array(rng.normal(size=(50, 32)).astype(np.float32), "E"),
+         onnx.numpy_helper.from_array((rng.normal(size=(32, 8)) * 0.1).astype(np.float32), "W")])
+    quantizer = MatMulNBitsQuantizer(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]),
+                                     bits=4, block_size=16, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
+    quantizer.process()
+    model = quantizer.model.model
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized", "MatMulNBits"]
+    floats, _ = dequantize_model(model)
+    assert [n.op_type for n in floats.graph.node] == ["Gather", "MatMul"]
+    ids = rng.integers(0, 50, (16, 6))
+    np.testing.assert_array_equal(_ort(floats, {"ids": ids})[0], _ort(model, {"ids": ids})[0])
+    onnx.save(model, str(tmp_path / "embed.onnx"))
+    report = check(tmp_path / "embed.onnx", {"ids": ids})
+    assert report.passed, report.format()
+    assert sorted(e.onnx_shape for e in import_model(model).weights if e.compressible) == [(32, 8), (50, 32)]
