@@ -202,6 +202,11 @@ def test_models_without_onnxruntime_quantization_are_left_alone(digits_sample, t
     assert not is_quantized(compressed) and dequantize_model(compressed)[0] is compressed
 
 
+def _nbits_quantizer():
+    """onnxruntime's weight-only quantizer (its module and its bits / format arguments came with 1.20-1.21)."""
+    return pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer").MatMulNBitsQuantizer
+
+
 def _mlp(k: int = 72, hidden: int = 40, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     w1 = (rng.normal(size=(k, hidden)) * 0.1).astype(np.float32)
@@ -221,7 +226,7 @@ def test_matmul_nbits_imports_as_the_float_weights_onnxruntime_decodes(bits, sym
     # codes packed low-first in [N, k_blocks, blob] bytes, per-block scales and (asymmetric) packed zero points.
     # K = 72 is no multiple of the block: the last block is padded. The float form is exactly what onnxruntime
     # computes (its MatMulNBits without an accuracy level keeps float activations).
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    MatMulNBitsQuantizer = _nbits_quantizer()
 
     quantizer = MatMulNBitsQuantizer(_mlp(), bits=bits, block_size=block, is_symmetric=symmetric)
     quantizer.process()
@@ -250,7 +255,7 @@ def test_blockwise_int4_dequantize_linear_checks_at_float_activations(tmp_path):
     # onnxruntime fuses them into MatMulNBits at accuracy level 4 (int8 activations: 0.5% of max|y| off the float
     # graph), so check's reference runs at level 0; it failed "torch vs onnxruntime" at 4.6e-3 before.
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    MatMulNBitsQuantizer = _nbits_quantizer()
 
     quantizer = MatMulNBitsQuantizer(_mlp(), bits=4, block_size=16, is_symmetric=True, quant_format=QuantFormat.QDQ)
     quantizer.process()
@@ -266,7 +271,7 @@ def test_blockwise_int4_dequantize_linear_checks_at_float_activations(tmp_path):
 def test_an_embedding_table_quantized_in_blocks_imports_as_its_float_table(tmp_path):
     # The same quantizer asked for Gather too writes com.microsoft.GatherBlockQuantized: an int4 table with one
     # scale per block of 16 along the embedding axis (32 wide: two blocks), gathered along axis 0.
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    MatMulNBitsQuantizer = _nbits_quantizer()
 
     rng = np.random.default_rng(0)
     graph = onnx.helper.make_graph(
