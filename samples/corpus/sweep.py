@@ -533,6 +533,7 @@ CASES = {
     # 30% of the filters with the default budget, at the default rate and at 0.03 (RESULTS.md, fourteenth session).
     "filters30": {"prune": {"structure": "filter", "sparsity": 0.3}},
     "filters30-lr03": {"prune": {"structure": "filter", "sparsity": 0.3}, "train": {"lr": 0.03}},
+    "filters30-exact": {"prune": {"structure": "filter", "sparsity": 0.3, "round_to": 1}},
 }
 
 
