@@ -448,7 +448,10 @@ def _summary(report: dict) -> str:
     held = f"agreement {pct(m['agreement'])}"
     if task and task["metric"] != "top-1 agreement" and task.get("value") is not None:
         held = f"{task['metric']} " + (pct(task["value"]) if report.get("score") else f"{task['value']:.4f}")
-    lines.append(f"held-out: accuracy {pct(m['original_accuracy'])} -> {pct(m['compressed_accuracy'])}, {held}")
+    if m["original_accuracy"] is None and m["compressed_accuracy"] is None:
+        lines.append(f"held-out (no labels): {held}")
+    else:
+        lines.append(f"held-out: accuracy {pct(m['original_accuracy'])} -> {pct(m['compressed_accuracy'])}, {held}")
     if report.get("passed_through"):
         lines.append(f"trained: {', '.join(report['trained_outputs'])}; passed through unchanged: "
                      f"{', '.join(report['passed_through'])} (computed by nodes onnx-admm does not convert: "

@@ -81,6 +81,8 @@ def test_compress_end_to_end_writes_model_and_report(digits_sample, tmp_path):
 
     # The table goes to stdout; progress to stderr, one line per epoch since CliRunner's stderr is no terminal.
     assert "5.weight" in result.stdout and f"{keep_count(TOTAL, 0.9)} of {TOTAL} nonzero" in result.stdout
+    assert (f"held-out: accuracy {100 * m['original_accuracy']:.2f}% -> {100 * m['compressed_accuracy']:.2f}%, "
+            f"agreement {100 * m['agreement']:.2f}%") in result.stdout.splitlines()
     assert "epoch" not in result.stdout and "\r" not in result.stderr
     progress = [line for line in result.stderr.splitlines() if line.startswith("stage ")]
     assert progress[0] == "stage 1/1: target sparsity 0.9 (10.0x)"
