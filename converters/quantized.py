@@ -47,7 +47,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx_admm.converters.dequantize import fold_weight_decoders, integer_element_bits
 from onnx_admm.converters.quantized_ops import REWRITES
 from onnx_admm.converters.optable import DEFAULT_DOMAINS, VALUE_MOVERS
-from onnx_admm.converters.graphinfo import constant_sources, live_nodes, tensor_shape_and_type, tensor_value
+from onnx_admm.converters.graphinfo import (constant_sources, live_nodes, node_label, tensor_shape_and_type,
+                                            tensor_value)
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +178,14 @@ class _Rewriter:
         readers = self.readers()
         out: list[onnx.NodeProto] = []
         removed: set[int] = set()
-        for node in self.graph.node:
+        for index, node in enumerate(self.graph.node):
             rewrite = REWRITES.get(node.op_type) if node.domain in DEFAULT_DOMAINS or node.domain == _MS else None
             replacement = rewrite(self, node, producers, readers, removed) if rewrite else None
             if replacement is None:
                 out.append(node)
                 continue
             out.extend(replacement)
-            self.notes.append(f"{node.op_type} {node.name!r} -> {_main_op(replacement)}")
+            self.notes.append(f"{node.op_type} {node_label(node, index)!r} -> {_main_op(replacement)}")
         out = [n for n in out if id(n) not in removed]
         # DynamicQuantizeLinear nodes and scale products nothing reads any more.
         out = self._drop_dead(out, {"DynamicQuantizeLinear", "Mul", "Cast"})
