@@ -50,6 +50,7 @@ from onnx_admm.converters.dequantize import decoded_view
 from onnx_admm.converters.branches import Folding
 from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
+from onnx_admm.converters.fused import unfuse
 from onnx_admm.converters.quantized import dequantize_model, integer_weight_bits
 from onnx_admm.converters.scores import ScoreOutput, find_score_output, score_of_a_cut
 from onnx_admm.converters.shapes import inferred_types
@@ -299,7 +300,12 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     """
     integer_bits = integer_weight_bits(original)
     original, dequantized = dequantize_model(original)
-    normalized = normalize(original)
+    # onnxruntime's fused ops are imported as the standard ops they stand for; write-back goes into the fused
+    # graph, by tensor name (converters.fused).
+    unfused = unfuse(original)
+    if unfused.lines:
+        logger.info("onnxruntime's fused ops imported as standard ops: %s", "; ".join(unfused.lines))
+    normalized = normalize(unfused.model)
     inner = find_score_output(original, output)
     inner = inner if inner is not None and inner.internal else None
     if inner is not None:
@@ -310,7 +316,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     onnx_nodes = OnnxGraph(normalized.graph).nodes
     # Weights of an already-compressed model are decoder outputs (DequantizeLinear, codebook Gather):
     # read everything about them from a view where they are plain constants.
-    view, decoded = decoded_view(original)
+    view, decoded = decoded_view(unfused.model)
     view_sources = constant_sources(view)
     sources = {**view_sources, **{name: TensorSource(name, "decoded") for name in decoded}}
     compressible_names = {w.name for w in compressible_weights(view)}
@@ -359,8 +365,8 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
         for group_index, ((role, layout), group) in enumerate(groups.items()):
             torch_shape = tuple(_current_value(gm, group[0]).shape)
             param = _tie(gm, params_container, group)
-            consumers = tuple(c for c in orig_consumers.get(onnx_name, ()) if (c.op_type, c.input_index) in
-                              {(op, i) for *_, op, i in group})
+            consumers = tuple(unfused.consumer(c) for c in orig_consumers.get(onnx_name, ())
+                              if (c.op_type, c.input_index) in {(op, i) for *_, op, i in group})
             weights.append(WeightEntry(
                 param=param,
                 onnx_name=onnx_name,

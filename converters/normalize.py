@@ -351,7 +351,10 @@ def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shape
                 or node_attr(node, "auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER")
                 or node_attr(node, "output_shape") is not None)
     if node.op_type == "LayerNormalization":
-        # onnx2torch sizes its LayerNorm from the input's inferred shape (0 for an unknown dim).
+        # onnx2torch sizes its LayerNorm from the input's inferred shape (0 for an unknown dim). Below opset 17
+        # it is onnxruntime's own op of the default domain (its optimizer writes it), the same computation.
+        if opset < 17:
+            return True
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
         shape = shapes().get(node.input[0])
         return shape is None or any(d is None for d in shape[axis:])

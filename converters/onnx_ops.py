@@ -1,6 +1,7 @@
 """Node converters onnx2torch 1.5 lacks, registered with its ``add_converter`` when this module is imported.
 
 - ``LSTM``, ``GRU``, ``RNN``: ``converters.recurrent``.
+- The private ops that spell onnxruntime's fused transformer ops (``converters.fused``): ``converters.fused_ops``.
 - ``GlobalMaxPool`` (opset 1).
 - ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
   indices counted from ``depth``, out-of-range indices giving the off value everywhere.
@@ -30,7 +31,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
-from onnx_admm.converters import onnx_versions, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters import fused_ops, onnx_versions, recurrent  # noqa: F401 - register converters when imported
 from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS
 from onnx_admm.converters.padding import convert_average_pool, convert_conv_transpose
 

@@ -35,7 +35,7 @@ import onnx
 import torch
 
 from onnx_admm.converters.branches import fold_branches, weighted_ifs
-from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.errors import UserError, first_line
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import ImportedModel, import_model, join_chunks
 from onnx_admm.converters.inputs import synthesize_inputs
@@ -340,7 +340,9 @@ def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp:
         result = write_back(imported.original, imported.updates())
         path = tmp / "perturbed.onnx"
         save_model(result.model, path)
-        onnx.checker.check_model(str(path))
+        refused = _checker_complaint(path, imported.original)
+        if refused:
+            return Step("perturbed write-back", False, f"onnx's checker refuses the written model: {refused}")
         got = trained_outputs_in_onnxruntime(result.model, path, feeds, imported, tmp)
         if imported.passed_through:
             run_batched(path, feeds, imported)  # the passed-through outputs still compute
@@ -364,6 +366,24 @@ def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp:
     passed = f"; passed-through {', '.join(imported.passed_through)} run" if imported.passed_through else ""
     return Step("perturbed write-back", ok,
                 f"max abs diff {diff:.3g} (encodings: {', '.join(kinds) or 'none'}){passed}{amplified}", diff)
+
+
+def _checker_complaint(path: Path, original: onnx.ModelProto) -> str | None:
+    """What onnx's checker says against the written model at ``path``, unless it says the same against the
+    original (a graph output declared without a shape, say: onnxruntime runs such files, so the write-back
+    is not judged by it)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        complaint = first_line(exc)
+        try:
+            onnx.checker.check_model(original)
+        except onnx.checker.ValidationError as before:
+            return None if first_line(before) == complaint else complaint
+        except ValueError:  # a proto over 2 GB: only its file could be checked
+            return complaint
+        return complaint
+    return None
 
 
 def float32_noise(imported: ImportedModel, feeds: dict[str, np.ndarray], float32: list[np.ndarray]) -> list[float] | None:

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.fused import weights_view
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import compressible_weights, graph_inputs
 from onnx_admm.converters.scores import find_score_output
@@ -21,7 +21,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     quantized = load_model(path)
     # A model quantized by onnxruntime is compressed as its float form: describe that one's weights.
     model, dequantized = dequantize_model(quantized)
-    view, decoded = decoded_view(model)  # weights of a compressed model sit behind decoders
+    view, decoded = weights_view(model)  # weights behind decoders or read by onnxruntime's fused ops
     weights = [dataclasses.replace(w, location="decoded") if w.name in decoded else w
                for w in compressible_weights(view)]
     score = find_score_output(model)

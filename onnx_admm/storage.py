@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_admm.converters.dequantize import decoded_view
+from onnx_admm.converters.fused import weights_view
 from onnx_admm.converters.graphinfo import (TensorSource, compressible_weights, constant_sources, subgraph_reads,
                                             subgraphs, tensor_shape_and_type, tensor_value)
 from onnx_admm.converters.modelio import external_data_files, load_model
@@ -64,7 +64,7 @@ def count_weights(model: onnx.ModelProto) -> tuple[int, int]:
 def _weight_values(model: onnx.ModelProto) -> Iterator[np.ndarray]:
     """Each compressible weight of ``model`` once, as the tensor a runtime sees (decoders evaluated), the If
     branches' and Loop bodies' included (``_scopes``)."""
-    model = decoded_view(model)[0]
+    model = weights_view(model)[0]
     counted: set[str] = set()
     for scope, owners in _scopes(model):
         sources = constant_sources(scope)

@@ -144,3 +144,29 @@ def test_a_float16_model_is_checked_in_float16_steps(tmp_path):
     y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert report.passed, report.format()
     assert step.value > check_module.ATOL + check_module.RTOL * float(np.abs(y).max())  # over float32's tolerance
+
+
+def test_what_onnx_checker_refuses_in_the_original_does_not_fail_the_write_back(tmp_path, monkeypatch):
+    # A graph output declared without a shape: onnxruntime runs the file, onnx's checker refuses it ("Field 'shape'
+    # of 'type' is required but missing"). That ended check with an internal error. The written model is judged
+    # by the checker only where it says something new.
+    path = _layernorm_model(tmp_path / "ln.onnx", shift=0.0)
+    model = onnx.load(str(path))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    onnx.save(model, str(path))
+    feeds = {"x": np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)}
+    report = check(path, feeds)
+    assert report.passed, report.format()
+    # A complaint about the written model alone fails the step, in one line.
+    real = onnx.checker.check_model
+
+    def picky(model_or_path, *args, **kwargs):
+        if isinstance(model_or_path, str) and model_or_path.endswith("perturbed.onnx"):
+            raise onnx.checker.ValidationError("Nodes in a graph must be topologically sorted")
+        return real(model_or_path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", picky)
+    step = _perturbed(check(path, feeds))
+    assert not step.passed and step.detail == ("onnx's checker refuses the written model: Nodes in a graph must be "
+                                               "topologically sorted")

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import torch
 
-from onnx_admm.converters.dequantize import decoded_view, stored_nbytes
+from onnx_admm.converters.dequantize import stored_nbytes
+from onnx_admm.converters.fused import weights_view
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.converters.modelio import Staged, load_model, save_model
@@ -45,7 +46,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
     held_out = measured.held_out
     # The figures below come from the file: each weight as a runtime sees it (decoders evaluated, removed
     # filters gone) and the bytes the file spends on it.
-    in_file = decoded_view(exported.model)[0]
+    in_file = weights_view(exported.model)[0]
     file_sources = constant_sources(in_file)
     nbytes = stored_nbytes(exported.model, [e.onnx_name for e in imported.compressible()])
     layers, warnings = [], []
@@ -204,7 +205,7 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
     feed = next(held_out.batches(fixed or 1))
     feed = {name: np.asarray(array) for name, array in feed.items() if name != "labels"}
     shapes = {name: array.shape for name, array in feed.items()}
-    before, after = (count_macs(decoded_view(load_model(path))[0], inputs=shapes, feeds=feed)
+    before, after = (count_macs(weights_view(load_model(path))[0], inputs=shapes, feeds=feed)
                      for path in (original, compressed))
     macs = {"original": before["macs"], "compressed": after["macs"], "samples": fixed or 1}
     if before["unknown"] or after["unknown"]:
