@@ -12,8 +12,12 @@ graph the user gave, which keeps its speed. What has no standard spelling at eve
 becomes a node of the private domain ``FUSED_DOMAIN``, converted by ``converters.fused_ops``; the layer
 norms and GELUs go to ``normalize.STASH_DOMAIN``, whose converters take any opset.
 
+An InferenceSession's saved optimized model (``SessionOptions.optimized_model_filepath``) has FusedConv,
+FusedGemm and FusedMatMul: a Conv or Gemm with its activation, a MatMul with transposes and a scale.
+
 A node that asks for more than is spelled here (rotary embeddings, a shared past/present buffer, a layer
-norm's mean or inverse deviation read by another node) is left as it is, and the import refuses it by name.
+norm's mean or inverse deviation read by another node, a transposed constant operand of FusedMatMul) is
+left as it is, and the import refuses it by name.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_admm.converters.dequantize import decoded_view
-from onnx_admm.converters.graphinfo import Consumer, node_attr, node_label, tensor_names
+from onnx_admm.converters.graphinfo import Consumer, constant_sources, node_attr, node_label, tensor_names
 from onnx_admm.converters.normalize import STASH_DOMAIN
+from onnx_admm.converters.shapes import inferred_shapes
 
 FUSED_DOMAIN = "onnx_admm_fused"  # no dots: onnx2torch prefixes module names with the domain
 _MS = "com.microsoft"
@@ -195,14 +200,103 @@ def _rewrite_attention(b: _Builder) -> bool:
     return True
 
 
+# MultiHeadAttention's inputs after the query, as the letters OnnxMultiHeadCore knows them by.
+_MHA_INPUTS = {1: "k", 2: "v", 3: "q", 4: "m", 5: "b", 6: "K", 7: "V"}
+
+
+def _rewrite_multi_head(b: _Builder, readers: set[str]) -> bool:
+    """MultiHeadAttention(query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value): one
+    private node (no weights); packed forms (no key or value), a past length, a beam's cache indices and
+    the scores output are not spelled."""
+    if not (b.input(1) and b.input(2)) or b.input(8) or b.input(9) or b.output(3) in readers:
+        return False
+    present = [b.output(1) or b.fresh("present_key"), b.output(2) or b.fresh("present_value")]
+    inputs = [b.input(0)] + [b.input(k) for k in _MHA_INPUTS if b.input(k)]
+    attrs = {"num_heads": int(node_attr(b.node, "num_heads")), "unidirectional": int(node_attr(b.node, "unidirectional", 0)),
+             "mask_filter_value": float(node_attr(b.node, "mask_filter_value", -10000.0)),
+             "scale": float(node_attr(b.node, "scale", 0.0)),
+             "given": "".join(letter for k, letter in _MHA_INPUTS.items() if b.input(k)),
+             "presents": 2 if b.output(1) or b.output(2) else 0}
+    outputs = [b.output(0)] + (present if attrs["presents"] else [])
+    b.nodes.append(helper.make_node("MultiHeadCore", inputs, outputs, name=b.fresh("attention"), domain=FUSED_DOMAIN,
+                                    **attrs))
+    return True
+
+
+# onnxruntime's FusedConv / FusedGemm activations: name -> (op, attribute names of its parameters, in order).
+_ACTIVATIONS = {"Relu": ("Relu", ()), "Tanh": ("Tanh", ()), "Sigmoid": ("Sigmoid", ()),
+                "LeakyRelu": ("LeakyRelu", ("alpha",)), "HardSigmoid": ("HardSigmoid", ("alpha", "beta"))}
+
+
+def _activation(b: _Builder, x: str, params: list[float]) -> bool:
+    """The node's ``activation`` of ``x`` into output 0 (Clip's bounds as constants of a Clip that takes them
+    at any opset); False for one not spelled here."""
+    name = node_attr(b.node, "activation", b"")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    if name == "Clip" and len(params) == 2:
+        b.add("Clip", [x, b.const("min", params[0]), b.const("max", params[1])], b.output(0), domain=STASH_DOMAIN)
+        return True
+    if name not in _ACTIVATIONS:
+        return False
+    op, names = _ACTIVATIONS[name]
+    b.add(op, [x], b.output(0), **dict(zip(names, params)))
+    return True
+
+
+def _rewrite_fused_conv(b: _Builder) -> bool:
+    """FusedConv(X, W, B, Z) = activation(Conv(X, W, B) + Z), from an InferenceSession's saved model."""
+    params = [float(p) for p in node_attr(b.node, "activation_params", [])]
+    out = b.add("Conv", list(b.node.input[:3]), **_attributes_but_activation(b.node))
+    if b.input(3):
+        out = b.add("Add", [out, b.input(3)])
+    return _activation(b, out, params)
+
+
+def _rewrite_fused_gemm(b: _Builder) -> bool:
+    """FusedGemm(A, B, C) = activation(Gemm(A, B, C)); activation_alpha / _beta are its parameters."""
+    params = [float(node_attr(b.node, f"activation_{p}")) for p in ("alpha", "beta")
+              if node_attr(b.node, f"activation_{p}") is not None]
+    return _activation(b, b.add("Gemm", list(b.node.input), **_attributes_but_activation(b.node)), params)
+
+
+def _attributes_but_activation(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute if not a.name.startswith("activation")}
+
+
+def _rewrite_fused_matmul(b: _Builder, ranks: Callable[[str], int | None], constants: set[str]) -> bool:
+    """FusedMatMul(A, B) = alpha * MatMul(A or its last two axes swapped (transA), B or swapped (transB)).
+
+    A swapped constant is not spelled: the import would take its Transpose for a decoder the fused graph lacks.
+    """
+    if node_attr(b.node, "transBatchA", 0) or node_attr(b.node, "transBatchB", 0):
+        return False
+    operands = []
+    for k, flag in ((0, "transA"), (1, "transB")):
+        name = b.input(k)
+        if node_attr(b.node, flag, 0):
+            rank = ranks(name)
+            if rank is None or rank < 2 or name in constants:
+                return False
+            name = b.add("Transpose", [name], perm=[*range(rank - 2), rank - 1, rank - 2])
+        operands.append(name)
+    alpha = float(node_attr(b.node, "alpha", 1.0))
+    if alpha == 1.0:
+        b.add("MatMul", operands, b.output(0))
+    else:
+        b.add("Mul", [b.add("MatMul", operands), b.const("alpha", alpha)], b.output(0))
+    return True
+
+
 _REWRITES: dict[str, Callable[..., bool]] = {
     "Gelu": _rewrite_gelu, "BiasGelu": _rewrite_gelu, "FastGelu": _rewrite_gelu, "QuickGelu": _rewrite_quick_gelu,
     "SkipLayerNormalization": _rewrite_skip_norm, "SkipSimplifiedLayerNormalization": _rewrite_skip_norm,
     "SimplifiedLayerNormalization": _rewrite_simplified_norm,
     "EmbedLayerNormalization": _rewrite_embed_norm, "Attention": _rewrite_attention,
+    "MultiHeadAttention": _rewrite_multi_head,
+    "FusedConv": _rewrite_fused_conv, "FusedGemm": _rewrite_fused_gemm, "FusedMatMul": _rewrite_fused_matmul,
 }  # fmt: skip
 _NEEDS_READERS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
-                  "EmbedLayerNormalization"}
+                  "EmbedLayerNormalization", "MultiHeadAttention"}
 # onnxruntime registers SimplifiedLayerNormalization in the default domain, the others in com.microsoft.
 _DOMAINS = {"SimplifiedLayerNormalization": ("", "ai.onnx", _MS)}
 
@@ -224,6 +318,7 @@ def unfuse(model: onnx.ModelProto) -> Unfused:
     unfused = Unfused(copy)
     taken = tensor_names(copy) | {n.name for n in graph.node}
     readers = ({name for n in graph.node for name in n.input} | {o.name for o in graph.output}) - {""}
+    ranks, constants = _ranks(model), set(constant_sources(model))
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if not _fused(node):
@@ -231,7 +326,12 @@ def unfuse(model: onnx.ModelProto) -> Unfused:
             continue
         builder = _Builder(node, node.name, taken, unfused)
         rewrite = _REWRITES[node.op_type]
-        done = rewrite(builder, readers) if node.op_type in _NEEDS_READERS else rewrite(builder)
+        if node.op_type in _NEEDS_READERS:
+            done = rewrite(builder, readers)
+        elif node.op_type == "FusedMatMul":
+            done = rewrite(builder, ranks, constants)
+        else:
+            done = rewrite(builder)
         if not done:
             nodes.append(node)
             continue
@@ -244,6 +344,22 @@ def unfuse(model: onnx.ModelProto) -> Unfused:
         if not any(o.domain == domain for o in copy.opset_import):
             copy.opset_import.append(helper.make_opsetid(domain, 1))
     return unfused
+
+
+def _ranks(model: onnx.ModelProto) -> Callable[[str], int | None]:
+    """A tensor's rank: an initializer's, else from shape inference (run once, when first asked)."""
+    known = {t.name: len(t.dims) for t in model.graph.initializer}
+    inferred: list[dict] = []
+
+    def rank(name: str) -> int | None:
+        if name in known:
+            return known[name]
+        if not inferred:
+            inferred.append(inferred_shapes(model))
+        shape = inferred[0].get(name)
+        return None if shape is None else len(shape)
+
+    return rank
 
 
 def weights_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:

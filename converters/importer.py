@@ -208,6 +208,8 @@ class ImportedModel:
     computed_recurrent: list[str] = field(default_factory=list)
     # The narrowest integer width the user's file stored a weight in (``quantized.integer_weight_bits``).
     integer_bits: int | None = None
+    # onnxruntime's fused nodes imported as the standard ops they stand for (``converters.fused``; one line each).
+    unfused: list[str] = field(default_factory=list)
 
     @property
     def ort_batch(self) -> int | None:
@@ -408,7 +410,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
                          not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding,
-                         computed, integer_bits)
+                         computed, integer_bits, unfused.lines)
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:

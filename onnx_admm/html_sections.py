@@ -318,6 +318,8 @@ def _details(report: dict) -> str:
         rows.append(("passed through unchanged", escape(", ".join(map(str, report["passed_through"])))))
     if report.get("dequantized"):
         rows.append(("dequantized nodes", escape(json.dumps(report["dequantized"]))))
+    if report.get("unfused"):
+        rows.append(("onnxruntime's fused nodes, imported as standard ops", escape(json.dumps(report["unfused"]))))
     rows += [("wall time", f"{_num(report.get('wall_s'))} s"), ("peak memory", f"{_num(report.get('peak_rss_mb'))} MB")]
     out = _table(None, rows)
     structure = report.get("structure") or {}

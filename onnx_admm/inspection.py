@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from onnx_admm.converters.fused import weights_view
+from onnx_admm.converters.fused import unfuse, weights_view
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import compressible_weights, graph_inputs
 from onnx_admm.converters.scores import find_score_output
@@ -66,6 +66,8 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "fixed_batch_reason": imported.fixed_batch_reason if imported else None,
         # onnxruntime-quantized nodes replaced by float ones in the graph compress writes into.
         "dequantized": dequantized,
+        # onnxruntime's fused nodes the import spells in standard ops (compress keeps them in the file).
+        "unfused": unfuse(model).lines,
     }
 
 
@@ -102,6 +104,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["dequantized"]:
         lines.append("  quantized by onnxruntime: imported and written back as its float form, replacing")
         lines += [f"    {d}" for d in info["dequantized"]]
+    if info["unfused"]:
+        lines.append("  optimized by onnxruntime: its fused nodes import as standard ops and stay in the written file")
+        lines += [f"    {u}" for u in info["unfused"]]
     if not info["importable"]:
         lines.append("  cannot import:")
         lines += [f"    {p}" for p in info["problems"]]

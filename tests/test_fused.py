@@ -14,7 +14,7 @@ from onnx_admm.check import check
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.fused import unfuse
 from onnx_admm.converters.importer import import_model
-from onnx_admm.inspection import inspect_model
+from onnx_admm.inspection import format_inspection, inspect_model
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.validate import open_session
 
@@ -240,8 +240,9 @@ def test_an_optimized_bert_imports_checks_and_lists_its_weights(tmp_path):
     assert unfuse(unfused.model).lines == []  # nothing fused is left in the copy
     compressible = {w.onnx_name for w in imported.weights if w.compressible}
     assert {"qkv_w", "out_w", "up_w", "down_w", "word", "cls_w"} <= compressible
-    listed = {w["name"] for w in inspect_model(tmp_path / "fused.onnx")["weights"]}
-    assert compressible <= listed
+    info = inspect_model(tmp_path / "fused.onnx")
+    assert compressible <= {w["name"] for w in info["weights"]} and info["unfused"] == unfused.lines
+    assert "Attention 'attn' -> MatMul, Add, AttentionCore" in format_inspection(info)
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -262,6 +263,9 @@ def test_compress_writes_into_the_fused_graph(bits, tmp_path):
     # The fused nodes are all still there, with their names and inputs; only the weights changed.
     fused = [(n.op_type, n.name, list(n.input)) for n in model.graph.node]
     assert [(n.op_type, n.name, list(n.input)) for n in written.graph.node if n.op_type != "DequantizeLinear"] == fused
+    assert [line.split(" ->")[0] for line in result.report["unfused"]] == [
+        "EmbedLayerNormalization 'embed'", "Attention 'attn'", "SkipLayerNormalization 'sln1'", "BiasGelu 'gelu'",
+        "SkipLayerNormalization 'sln2'"]
     decoders = {n.output[0] for n in written.graph.node if n.op_type == "DequantizeLinear"}
     assert decoders == (set() if bits is None else {"qkv_w", "out_w", "up_w", "down_w", "word", "position", "segment",
                                                      "cls_w"})
@@ -283,3 +287,107 @@ def test_a_fused_op_asking_for_more_is_still_refused_by_name(tmp_path):
     with pytest.raises(UserError, match=r"node 'attn': com.microsoft.Attention \(opset 1\) has no converter; .*before "
                                         r"onnxruntime's optimizer fused it"):
         import_model(model)
+
+
+def test_a_session_saved_optimized_cnn_imports_and_checks(tmp_path):
+    # What onnxruntime's InferenceSession writes to optimized_model_filepath at the extended level: FusedConv
+    # (Conv + Relu) and FusedGemm (Gemm + Relu); the residual Conv + Add + Relu stays as it was.
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc1, self.fc2 = torch.nn.Linear(8 * 16, 32), torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = torch.relu(self.b(h) + h)
+            return self.fc2(torch.relu(self.fc1(torch.nn.functional.avg_pool2d(h, 2).flatten(1))))
+
+    torch.manual_seed(0)
+    plain, saved = tmp_path / "plain.onnx", tmp_path / "saved.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 1, 8, 8),), str(plain), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(saved)
+    ort.InferenceSession(str(plain), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(saved))
+    assert sorted(n.op_type for n in model.graph.node if n.domain == MS) == ["FusedConv", "FusedGemm"]
+    feeds = {"x": _rng(14).standard_normal((5, 1, 8, 8)).astype(np.float32)}
+    imported = _assert_imports_as_onnxruntime_runs(model, feeds, tmp_path, {"a.weight", "b.weight", "fc1.weight"})
+    assert all(w.compressible for w in imported.weights if w.onnx_name.endswith(".weight"))
+
+
+@pytest.mark.parametrize("activation, params", [("LeakyRelu", [0.2]), ("Clip", [-0.5, 0.7]), ("HardSigmoid", [0.3, 0.4]),
+                                                ("Tanh", []), ("Sigmoid", [])])
+def test_fused_conv_and_gemm_activations_import_as_onnxruntime_computes_them(activation, params, tmp_path):
+    # FusedConv's input Z (a residual) is added before the activation; FusedGemm takes no Clip.
+    conv_params = {"activation_params": params} if params else {}
+    gemm = "Relu" if activation == "Clip" else activation
+    gemm_params = {} if activation == "Clip" else {f"activation_{n}": p for n, p in zip(("alpha", "beta"), params)}
+    nodes = [helper.make_node("FusedConv", ["x", "w", "b", "z"], ["c"], domain=MS, name="conv", activation=activation,
+                              pads=[1, 1, 1, 1], **conv_params),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+             helper.make_node("FusedGemm", ["f", "g", "gb"], ["y"], domain=MS, name="fc", transB=1, activation=gemm,
+                              **gemm_params)]
+    model = _model(nodes, [_x("x", ("N", 2, 4, 4)), _x("z", ("N", 3, 4, 4))], [_y()],
+                   [_init("w", (3, 2, 3, 3), 40), _init("b", (3,), 41), _init("g", (5, 48), 42), _init("gb", (5,), 43)])
+    feeds = {"x": _rng(15).standard_normal((B, 2, 4, 4)).astype(np.float32) * 2,
+             "z": _rng(16).standard_normal((B, 3, 4, 4)).astype(np.float32)}
+    _assert_imports_as_onnxruntime_runs(model, feeds, tmp_path, {"w", "b", "g", "gb"})
+
+
+def test_fused_matmul_imports_as_onnxruntime_computes_it(tmp_path):
+    # Attention scores as onnxruntime fuses them: q @ k^T * alpha, k transposed on its last two axes; then a
+    # weight read plainly. A transposed constant is left to the import's refusal.
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("FusedMatMul", ["q", "x"], ["s"], domain=MS, name="scores", transB=1, alpha=0.25),
+             helper.make_node("FusedMatMul", ["s", "x"], ["y"], domain=MS, name="mix", alpha=1.0)]
+    model = _model(nodes, [_x()], [_y()], [_init("wq", (D, D), 44)])
+    feeds = {"x": _rng(16).standard_normal((B, S, D)).astype(np.float32)}
+    _assert_imports_as_onnxruntime_runs(model, feeds, tmp_path, {"wq"})
+    constant = _model([helper.make_node("FusedMatMul", ["x", "wq"], ["y"], domain=MS, name="head", transB=1)],
+                      [_x()], [_y()], [_init("wq", (D, D), 44)])
+    with pytest.raises(UserError, match="node 'head': com.microsoft.FusedMatMul"):
+        import_model(constant)
+
+
+def _mha_case(case: str, rng: np.random.Generator):
+    """A MultiHeadAttention node and its feeds: q/k/v projected by MatMuls of weights (so weights train)."""
+    L, past = S + 2, 3
+    inputs, feeds = [_x(), _x("mem", ("N", L, D))], {"x": rng.standard_normal((B, S, D)).astype(np.float32),
+                                                     "mem": rng.standard_normal((B, L, D)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"), helper.make_node("MatMul", ["mem", "wk"], ["k"], name="k"),
+             helper.make_node("MatMul", ["mem", "wv"], ["v"], name="v")]
+    mha_in, mha_out, attrs = ["q", "k", "v", "qkv_b"], ["y"], {}
+    if case == "padding mask":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", L]))
+        feeds["mask"] = (np.arange(L)[None] < np.array([[L], [2], [5]][:B])).astype(np.int32)
+        mha_in.append("mask")
+    elif case == "past, causal":
+        # self-attention over x with a cache: key and value from x, the past's keys first.
+        nodes[1].input[0], nodes[2].input[0] = "x", "x"
+        inputs.append(helper.make_tensor_value_info("pk", TensorProto.FLOAT, ["N", HEADS, past, D // HEADS]))
+        inputs.append(helper.make_tensor_value_info("pv", TensorProto.FLOAT, ["N", HEADS, past, D // HEADS]))
+        feeds["pk"], feeds["pv"] = (rng.standard_normal((B, HEADS, past, D // HEADS)).astype(np.float32) for _ in "kv")
+        mha_in += ["", "", "pk", "pv"]
+        mha_out += ["present_k", "present_v"]
+        attrs["unidirectional"] = 1
+    elif case == "cached cross keys":
+        # a decoder's cross-attention reading cached encoder keys and values as heads [B, N, L, h]
+        nodes = nodes[:1] + [helper.make_node("Reshape", [t, "heads_shape"], [t + "4"], name=t + "_r") for t in ("k", "v")] + \
+            [helper.make_node("Transpose", [t + "4"], [t + "h"], name=t + "_t", perm=[0, 2, 1, 3]) for t in ("k", "v")]
+        nodes[1:1] = [helper.make_node("MatMul", ["mem", "wk"], ["k"], name="k"), helper.make_node("MatMul", ["mem", "wv"], ["v"], name="v")]
+        mha_in = ["q", "kh", "vh", "qkv_b"]
+    nodes.append(helper.make_node("MultiHeadAttention", mha_in, mha_out, domain=MS, name="mha", num_heads=HEADS, **attrs))
+    inits = [_init("wq", (D, D), 50), _init("wk", (D, D), 51), _init("wv", (D, D), 52), _init("qkv_b", (3 * D,), 53, 0.1),
+             numpy_helper.from_array(np.array([0, 0, HEADS, D // HEADS], np.int64), "heads_shape")]
+    return _model(nodes, inputs, [_y(n) for n in mha_out], inits), feeds
+
+
+@pytest.mark.parametrize("case", ["padding mask", "past, causal", "cached cross keys"])
+def test_multi_head_attention_imports_as_onnxruntime_computes_it(case, tmp_path):
+    model, feeds = _mha_case(case, _rng(17))
+    _assert_imports_as_onnxruntime_runs(model, feeds, tmp_path, {"wq", "wk", "wv"})

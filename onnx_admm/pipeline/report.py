@@ -140,6 +140,8 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
         "layers": layers,
         # onnxruntime-quantized nodes the output replaced by float ones (converters.quantized)
         "dequantized": imported.dequantized,
+        # onnxruntime's fused nodes imported as standard ops; the output keeps them (converters.fused)
+        "unfused": imported.unfused,
         # allocation = "sensitivity": each pool layer's measured metric by keep count (pipeline.sensitivity)
         "sensitivity": measured.sensitivity,
         "stages": [s.summary() for s in result.stages],
