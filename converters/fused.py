@@ -57,10 +57,11 @@ class Unfused:
 class _Builder:
     """The nodes that replace one fused node, named after it."""
 
-    def __init__(self, node: onnx.NodeProto, label: str, taken: set[str], unfused: Unfused) -> None:
-        self.node, self.label, self.taken, self.unfused = node, label, taken, unfused
+    def __init__(self, node: onnx.NodeProto, label: str, taken: set[str]) -> None:
+        self.node, self.label, self.taken = node, label, taken
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.origin: dict[tuple[str, int], tuple[str, str, int]] = {}  # Unfused.origin's entries for these nodes
 
     def input(self, index: int) -> str:
         return self.node.input[index] if index < len(self.node.input) else ""
@@ -89,11 +90,8 @@ class _Builder:
         fused_inputs = list(self.node.input)
         for k, tensor in enumerate(inputs):
             if tensor and tensor in fused_inputs:
-                self.unfused.origin[(name, k)] = (self.label, self.node.op_type, fused_inputs.index(tensor))
+                self.origin[(name, k)] = (self.label, self.node.op_type, fused_inputs.index(tensor))
         return out
-
-
-Rewrite = Callable[[_Builder], bool]  # adds the replacement nodes; False leaves the node as it is
 
 
 def _gelu(b: _Builder, x: str, approximate: str) -> None:
@@ -135,7 +133,7 @@ def _rewrite_skip_norm(b: _Builder, readers: set[str]) -> bool:
     total = b.add("Add", [b.input(0), b.input(1)], None if b.input(bias_index) or not b.output(3) else b.output(3))
     if b.input(bias_index):
         total = b.add("Add", [total, b.input(bias_index)], b.output(3) or None)
-    eps = float(node_attr(b.node, "epsilon", 1e-12 if not simplified else 1e-6))
+    eps = float(node_attr(b.node, "epsilon", 1e-12))
     if simplified:
         _rms(b, total, b.input(2), eps)
     else:
@@ -196,7 +194,7 @@ def _rewrite_attention(b: _Builder) -> bool:
     b.nodes.append(helper.make_node("AttentionCore", [qkv, *[t for t in extra if t]], outputs, name=name,
                                     domain=FUSED_DOMAIN, **attrs))
     for k, tensor in enumerate(t for t in extra if t):
-        b.unfused.origin[(name, k + 1)] = (b.label, "Attention", list(b.node.input).index(tensor))
+        b.origin[(name, k + 1)] = (b.label, "Attention", list(b.node.input).index(tensor))
     return True
 
 
@@ -324,7 +322,7 @@ def unfuse(model: onnx.ModelProto) -> Unfused:
         if not _fused(node):
             nodes.append(node)
             continue
-        builder = _Builder(node, node.name, taken, unfused)
+        builder = _Builder(node, node.name, taken)
         rewrite = _REWRITES[node.op_type]
         if node.op_type in _NEEDS_READERS:
             done = rewrite(builder, readers)
@@ -337,6 +335,7 @@ def unfuse(model: onnx.ModelProto) -> Unfused:
             continue
         nodes.extend(builder.nodes)
         graph.initializer.extend(builder.initializers)
+        unfused.origin.update(builder.origin)
         unfused.lines.append(f"{node.op_type} {node.name!r} -> {', '.join(n.op_type for n in builder.nodes)}")
     del graph.node[:]
     graph.node.extend(nodes)

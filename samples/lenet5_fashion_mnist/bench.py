@@ -207,6 +207,11 @@ def rows(epochs: float, seeds: tuple[int, ...] = (0,)) -> list[Row]:
         out.append(Row(f"joint-40x-c15-s{seed}", "ADMM pruning + 15 clusters (4-bit indices)", "40x+c15", "compress",
                        1 - 1 / 40, {"prune": {"sparsity": 1 - 1 / 40}, "quantize": {"clusters": 15},
                                     "train": {"seed": seed}}))
+        # Ternary with a level of its own on each side ({-a, 0, +b}, as trained ternary quantization has it): half
+        # of each layer's weights pruned, the rest on a 2-value k-means codebook (2-bit indices, as int2 ternary).
+        out.append(Row(f"ternary-c2-s{seed}", "ADMM 50% pruning per layer + 2 clusters (asymmetric ternary)",
+                       "ternary-c2", "compress", 0.5, {"prune": {"sparsity": 0.5, "allocation": "uniform", "stages": 1},
+                                                       "quantize": {"clusters": 2}, "train": {"seed": seed}}))
         # The same levels with one scale per tensor (--per-tensor; the product's default for ternary levels).
         for name, quant, s in (("binary", {"bits": 1}, None), ("ternary", {"ternary": True}, None),
                                ("4bit", {"bits": 4}, None), ("40x-4bit", {"bits": 4}, 1 - 1 / 40)):
