@@ -50,8 +50,8 @@ Pass = Callable[[onnx.ModelProto], bool]
 # Nodes onnx2torch (after down-conversion) cannot take are moved to this domain; converters.onnx_ops
 # registers a converter for every op in STASHED_OPS there.
 STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
-STASHED_OPS = frozenset({"AveragePool", "Clip", "ConstantOfShape", "ConvTranspose", "Gelu", "GlobalMaxPool",
-                         "LayerNormalization", "Mish", "Pad", "Split"})
+STASHED_OPS = frozenset({"Attention", "AveragePool", "Clip", "ConstantOfShape", "ConvTranspose", "Gelu",
+                         "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "RMSNormalization", "Split"})
 
 # Ops whose ``auto_pad = SAME_UPPER / SAME_LOWER`` onnx2torch refuses ("not implemented"): Keras-era
 # converters (tf2onnx where a shape is unknown, keras2onnx, tflite and CoreML converters) write it.
@@ -358,6 +358,9 @@ def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shape
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
         shape = shapes().get(node.input[0])
         return shape is None or any(d is None for d in shape[axis:])
+    if node.op_type == "Attention" and (node_attr(node, "softcap", 0.0) or len([o for o in node.output if o]) > 3
+                                        or any(node.input[6:])):
+        return False  # a softcap, the scores output and padded key lengths are not converted: the import says so
     if node.op_type == "Pad":
         # onnx2torch's Pad 11/13 pads reflect/edge only on the trailing spatial dims; ours pads any axis.
         return opset >= 11

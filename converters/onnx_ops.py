@@ -10,7 +10,8 @@
   passed through untrained.
 - ``LessOrEqual`` / ``GreaterOrEqual`` 16 (``converters.onnx_versions``: the version 12 converter).
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
-  bring down to opset 17 (``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
+  bring down to opset 17 (``Attention`` 23 and ``RMSNormalization`` 23, which the dynamo exporter writes at
+  opset 23, ``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
   ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op),
   and those onnx2torch mishandles: ``Pad`` from opset 11 (reflect/edge on trailing dims only), ``Clip``
   with an empty or run-time bound, ``LayerNormalization`` whose input shape is unknown (sized from its
@@ -31,7 +32,9 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
-from onnx_admm.converters import fused_ops, onnx_versions, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters import onnx_versions, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters.attention import OnnxAttention
+from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
 from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS
 from onnx_admm.converters.padding import convert_average_pool, convert_conv_transpose
 
@@ -159,6 +162,13 @@ def _simple(module_factory: Callable[[OnnxNode], nn.Module]):
     return convert
 
 
+def _attention(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
+    a = node.attributes
+    module = OnnxAttention(bool(a.get("is_causal", 0)), float(a.get("scale", 0.0)), int(a.get("q_num_heads", 0)),
+                           int(a.get("kv_num_heads", 0)), len(node.output_values))
+    return OperationConverterResult(module, onnx_mapping_from_node(node))
+
+
 _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterResult]] = {
     "GlobalMaxPool": _simple(lambda node: OnnxGlobalMaxPool()),
     "Gelu": _simple(lambda node: OnnxGelu(node.attributes.get("approximate", "none"))),
@@ -167,6 +177,9 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "Pad": _simple(lambda node: OnnxPad18(node.attributes.get("mode", "constant"))),
     "Clip": _simple(lambda node: OnnxClipAny()),
     "LayerNormalization": _layer_norm,
+    "RMSNormalization": _simple(lambda node: OnnxRmsNormalize(float(node.attributes.get("epsilon", 1e-5)),
+                                                              int(node.attributes.get("axis", -1)))),
+    "Attention": _attention,
     "AveragePool": convert_average_pool,
     "ConvTranspose": convert_conv_transpose,
     # The same op as opset 9's (20 adds element types): onnx's version converter has no way down for it.

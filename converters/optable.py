@@ -58,7 +58,8 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
 # other op (Reshape shapes, Clip bounds, Resize scales, Pow exponents ...) stay fixed buffers.
 TRAINABLE_CONSUMERS = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Add", "Sub", "Mul", "PRelu",
-    "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LSTM", "GRU", "RNN",
+    "BatchNormalization", "LayerNormalization", "RMSNormalization", "InstanceNormalization", "GroupNormalization",
+    "LSTM", "GRU", "RNN",
 })  # fmt: skip
 
 # The torch parameter's (output-channel, input-channel) axes per consuming op: Conv and Linear (Gemm)

@@ -419,13 +419,13 @@ def test_constant_of_shape_from_opset_20_imports():
 
 
 def test_a_model_fused_by_onnxruntimes_optimizer_is_refused_with_the_way_round_it():
-    # onnxruntime's transformer optimizer (and optimum's ORTOptimizer) fuses layers into com.microsoft ops
-    # onnx2torch cannot convert: the export before that fusion imports, and the result can be optimized after.
+    # onnxruntime's fused ops import as the ops they stand for (tests/test_fused.py), except what is not spelled:
+    # here a FusedMatMul transposing a constant. The export before the fusion imports.
     from onnx import TensorProto, helper
 
     w = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("FusedMatMul", ["x", "W"], ["h"], domain="com.microsoft", name="fused"),
+        [helper.make_node("FusedMatMul", ["x", "W"], ["h"], domain="com.microsoft", name="fused", transB=1),
          helper.make_node("Relu", ["h"], ["y"])],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [onnx.numpy_helper.from_array(w, "W")])
@@ -437,6 +437,79 @@ def test_a_model_fused_by_onnxruntimes_optimizer_is_refused_with_the_way_round_i
         "cannot import the model: node 'fused': com.microsoft.FusedMatMul (opset 1) has no converter; run "
         "`onnx-admm inspect` for the full list, or compress the model as exported, before onnxruntime's optimizer "
         "fused it (then optimize the result)")
+
+
+def _attention23(case: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """ONNX's Attention (opset 23) as the dynamo exporter writes it for scaled_dot_product_attention, with the
+    variants onnxruntime runs: 8 query heads over 4 or 8 key heads, [B, N, S, h] or [B, S, N * h] tensors."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    b, s, past, heads, kv, h = 2, 5, 3, 8, 4, 4
+    feeds = {"q": rng.standard_normal((b, heads, s, h)), "k": rng.standard_normal((b, kv, s, h)),
+             "v": rng.standard_normal((b, kv, s, h))}
+    inputs, outputs, attrs = ["q", "k", "v"], ["y"], {}
+    if case == "causal past":
+        feeds["pk"], feeds["pv"] = rng.standard_normal((b, kv, past, h)), rng.standard_normal((b, kv, past, h))
+        inputs += ["", "pk", "pv"]
+        outputs += ["present_k", "present_v"]
+        attrs["is_causal"] = 1
+    elif case == "causal":
+        attrs = {"is_causal": 1, "scale": 0.3}
+    elif case == "boolean mask":
+        feeds["mask"] = rng.random((b, 1, s, s)) > 0.4
+        feeds["mask"][..., 0] = True
+        inputs.append("mask")
+    elif case == "additive mask":
+        feeds["mask"] = rng.standard_normal((s, s))
+        inputs.append("mask")
+    elif case == "flat heads":
+        feeds = {k: t.transpose(0, 2, 1, 3).reshape(b, s, -1) for k, t in feeds.items()}
+        attrs = {"q_num_heads": heads, "kv_num_heads": kv}
+    feeds = {k: t if t.dtype == bool else t.astype(np.float32) for k, t in feeds.items()}
+    infos = [helper.make_tensor_value_info(n, TensorProto.BOOL if feeds[n].dtype == bool else TensorProto.FLOAT,
+                                           list(feeds[n].shape)) for n in inputs if n]
+    graph = helper.make_graph([helper.make_node("Attention", inputs, outputs, name="attention", **attrs),
+                               helper.make_node("RMSNormalization", ["y", "scale"], ["z"], name="rms", epsilon=1e-5)],
+                              "sdpa", infos, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                              for n in ["z", *outputs[1:]]],
+                              [onnx.numpy_helper.from_array(rng.standard_normal(h if case != "flat heads" else heads * h)
+                                                            .astype(np.float32), "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), feeds
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "causal past", "boolean mask", "additive mask", "flat heads"])
+def test_onnx_attention_and_rms_normalization_of_opset_23_match_onnxruntime(case):
+    # torch's dynamo exporter at opset 23 writes scaled_dot_product_attention as Attention and RMSNorm as
+    # RMSNormalization, which onnx's version converter cannot bring down to 17 ("No Previous Version"): both are
+    # stashed and converted at their own semantics. With a past, onnxruntime aligns the causal mask to the lower
+    # right (a query sees the past and the keys up to its own position). The scale trains like a LayerNorm's.
+    model, feeds = _attention23(case)
+    torch_vs_onnxruntime(model, feeds)
+    assert "scale" in {w.onnx_name for w in import_model(model).weights}
+
+
+def test_a_dynamo_export_at_opset_23_checks(tmp_path):
+    # A transformer layer and an RMSNorm exported by dynamo at opset 23: Attention and RMSNormalization in the graph.
+    from onnx_admm.check import check
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.norm = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.RMSNorm(32)
+
+        def forward(self, x):
+            return self.norm(self.layer(x))
+
+    torch.manual_seed(0)
+    path = tmp_path / "block23.onnx"
+    x = torch.randn(2, 5, 32)
+    torch.onnx.export(Block().eval(), (x,), str(path), dynamo=True, opset_version=23,
+                      dynamic_shapes={"x": {0: torch.export.Dim("N")}})
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Attention", "RMSNormalization"} <= ops
+    report = check(path, {"x": np.random.default_rng(0).standard_normal((4, 5, 32)).astype(np.float32)})
+    assert report.passed, report.format()
 
 
 def test_a_weight_quantized_by_an_onnxruntime_op_onnx_admm_does_not_decode_is_refused_with_the_way_round_it():
