@@ -136,6 +136,50 @@ def _dynamic_matmul(rw: _Rewriter, node, producers, readers, removed) -> list[on
     return _matmul(rw, node, a, rw.add_init(b, _dequantized(value, scale, rw.const(zp), 1)), bias)
 
 
+def _dynamic_input(name: str, producers) -> str | None:
+    """The float tensor a DynamicQuantizeLinear quantized into ``name`` (None: ``name`` is no such output)."""
+    dql = producers.get(name)
+    return dql.input[0] if dql is not None and dql.op_type == "DynamicQuantizeLinear" and dql.output[0] == name else None
+
+
+def _contrib(op_type: str, inputs: list[str], node: onnx.NodeProto) -> onnx.NodeProto:
+    """The float com.microsoft op the quantized one stands for, with its name, outputs and attributes."""
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    new = helper.make_node(op_type, inputs, list(node.output), name=node.name, domain="com.microsoft")
+    new.attribute.extend(node.attribute)
+    return new
+
+
+def _qattention(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.QAttention (quantize_dynamic of a model onnxruntime's optimizer fused): the input from a
+    DynamicQuantizeLinear, the packed q/k/v weights int8 with a scale and zero point (per tensor or per
+    column) -> com.microsoft.Attention of the float input and weights (``converters.fused`` imports it)."""
+    names = list(node.input) + [""] * (9 - len(node.input))
+    x, w, bias, _x_scale, w_scale, mask, _x_zp, w_zp, past = names[:9]
+    source, value, scale = _dynamic_input(x, producers), rw.const(w), rw.const(w_scale)
+    if source is None or value is None or scale is None or value.ndim != 2:
+        return None
+    weight = rw.add_init(w, _dequantized(value, scale, rw.const(w_zp), 1))
+    return [_contrib("Attention", [source, weight, bias, mask, past], node)]
+
+
+def _qembed_norm(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.QEmbedLayerNormalization: word, position and segment tables, gamma and beta as integers
+    with one scale and zero point each -> com.microsoft.EmbedLayerNormalization of their float values."""
+    names = list(node.input) + [""] * (18 - len(node.input))
+    floats = []
+    for k in range(5):
+        q, scale = names[2 + k], rw.const(names[8 + k])
+        value = rw.const(q) if q else None
+        if q and (value is None or scale is None):
+            return None
+        floats.append(rw.add_init(q, _dequantized(value, scale, rw.const(names[13 + k]), 0)) if q else "")
+    word, position, segment, gamma, beta = floats
+    return [_contrib("EmbedLayerNormalization", [names[0], names[1], word, position, segment, gamma, beta, names[7]],
+                     node)]
+
+
 def _matmul(rw: _Rewriter, node: onnx.NodeProto, a: str, weight: str, bias: str) -> list[onnx.NodeProto]:
     """MatMul(a, weight) under the node's name and outputs, then Add(bias) where there is one."""
     if not bias:
@@ -307,6 +351,8 @@ REWRITES: dict[str, Callable] = {
     "DynamicQuantizeLSTM": _lstm,
     "DynamicQuantizeMatMul": _dynamic_matmul,
     "MatMulNBits": _nbits,
+    "QAttention": _qattention,
+    "QEmbedLayerNormalization": _qembed_norm,
     "GatherBlockQuantized": _gather_blocks,
     "QLinearConv": _static("Conv", lambda n: [_at(n, 0, 1, 2), _at(n, 3, 4, 5)], lambda n: _at(n, 6, 7),
                            extra=_bias(8, 1, 4)),

@@ -391,3 +391,24 @@ def _mha_case(case: str, rng: np.random.Generator):
 def test_multi_head_attention_imports_as_onnxruntime_computes_it(case, tmp_path):
     model, feeds = _mha_case(case, _rng(17))
     _assert_imports_as_onnxruntime_runs(model, feeds, tmp_path, {"wq", "wk", "wv"})
+
+
+def test_an_optimized_bert_quantized_by_onnxruntime_imports_as_its_float_fused_form(tmp_path):
+    # optimum's usual path: optimize, then quantize_dynamic, which writes QAttention and QEmbedLayerNormalization
+    # (int8 weights, the attention's input through DynamicQuantizeLinear). They import as the float Attention and
+    # EmbedLayerNormalization, which then import as above; check compares the float form with the quantized file.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fused, quantized = tmp_path / "fused.onnx", tmp_path / "quantized.onnx"
+    onnx.save(_tiny_bert(), str(fused))
+    quantize_dynamic(str(fused), str(quantized), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    ops = {n.op_type for n in onnx.load(str(quantized)).graph.node}
+    assert {"QAttention", "QEmbedLayerNormalization"} <= ops
+    report = check(quantized, _embed_feeds(_rng(18)))
+    assert report.passed, report.format()
+    imported = import_model(onnx.load(str(quantized)))
+    assert any(line.startswith("QAttention 'attn") and line.endswith("-> Attention") for line in imported.dequantized)
+    assert any(line.startswith("QEmbedLayerNormalization") for line in imported.dequantized)
+    assert {"Attention 'attn_quant'", "EmbedLayerNormalization 'embed_quant'"} <= {
+        line.split(" ->")[0] for line in imported.unfused}
