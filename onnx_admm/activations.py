@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from onnx_admm.converters.errors import first_line
 from onnx_admm.converters.modelio import save_model, scratch_dir
 from onnx_admm.converters.qdq import calibrate, insert_qdq, plan_qdq
 from onnx_admm.converters.qdq_tune import fit_ranges, unfused
@@ -132,20 +133,29 @@ def activation_report(result: CompressResult, compressed: Path, original: onnx.M
         save_model(original, paths["original"])
         save_model(as_float.export(-1).model, paths["compressed_fp32"])
         # onnxruntime's own static quantization of the original, on the same calibration samples: the bar.
-        # It logs a pre-processing hint on the root logger at every call: not the user's concern here.
+        # It logs a pre-processing hint on the root logger at every call: not the user's concern here. It can
+        # fail where ours does not (a model onnxruntime's optimizer fused: its calibration cannot type the
+        # tensors after a com.microsoft op); the report then says why the bar is missing.
+        rows: dict[str, dict] = {}
         logging.disable(logging.WARNING)
         try:
             quantize_static(str(paths["original"]), str(paths["quantize_static"]), _Reader(),
                             quant_format=QuantFormat.QDQ, per_channel=True)
+        except Exception as exc:  # onnxruntime's quantizer raises bare ValueErrors / RuntimeErrors
+            rows["quantize_static"] = {"accuracy": None, "agreement": None, "bytes": None, "latency_ms": {},
+                                       "error": first_line(exc)}
+            logger.warning("onnxruntime's quantize_static of the original failed, so the report has no bar for the "
+                           "int8 model: %s", first_line(exc))
         finally:
             logging.disable(logging.NOTSET)
-        rows = {}
         for key in ("compressed_fp32", "compressed_int8", "quantize_static"):
+            if key in rows:
+                continue
             check = validate(paths["original"], paths[key], held_out, threads=threads, latency_batches=0,
                              score_output=result.config.train.output, scratch=tmp)
             rows[key] = {"accuracy": check.compressed.accuracy, "agreement": check.agreement,
                          "bytes": check.compressed.bytes, "latency_ms": {}}
-        keys = list(rows)
+        keys = [key for key in rows if "error" not in rows[key]]
         sessions = tuple(open_session(paths[key], threads) for key in keys)
         for batch in LATENCY_BATCHES:
             feed = _latency_feed(held_out, batch)

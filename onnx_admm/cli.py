@@ -464,6 +464,7 @@ def _summary(report: dict) -> str:
         act = report["activations"]
         lines.append("int8 activations (accuracy or agreement; ms at batch " + "/".join(act["compressed_int8"]["latency_ms"])
                      + "): " + "; ".join(
+                         f"{key} failed ({act[key]['error']})" if act[key].get("error") else
                          f"{key} {pct(act[key]['accuracy'] if act[key]['accuracy'] is not None else act[key]['agreement'])}"
                          f" {'/'.join(f'{ms:.3g}' for ms in act[key]['latency_ms'].values())}"
                          for key in ("compressed_fp32", "compressed_int8", "quantize_static")))

@@ -153,6 +153,8 @@ def _activations(act: dict | None) -> str:
     for key, label in names.items():
         row = act.get(key) or {}
         latency = row.get("latency_ms") or {}
+        if row.get("error"):
+            label = f"{label} (failed: {row['error']})"
         rows.append((escape(label), _pct(row.get("accuracy")), _pct(row.get("agreement")), _num(row.get("bytes")),
                      *(_ms(latency.get(b)) for b in batches)))
     head = ("model", "accuracy", "agreement", "bytes", *(f"latency, batch {b}" for b in batches))
