@@ -61,13 +61,24 @@ _RANGE_MIN = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128, onnx.Tenso
 def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether ``model`` holds onnxruntime quantizer output (integer operators or activation QuantizeLinear)."""
     sources = constant_sources(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
         if node.domain in DEFAULT_DOMAINS or node.domain == _MS:
-            if node.op_type in REWRITES or node.op_type == "DynamicQuantizeLinear":
+            if node.op_type == "DequantizeLinear":
+                if _gathered_table(node, producers, sources):
+                    return True
+            elif node.op_type in REWRITES or node.op_type == "DynamicQuantizeLinear":
                 return True
             if node.op_type == "QuantizeLinear" and node.input[0] not in sources:
                 return True
     return False
+
+
+def _gathered_table(node: onnx.NodeProto, producers: dict, sources: dict) -> bool:
+    """A DequantizeLinear of rows Gathered from a constant (an embedding table quantized by onnxruntime; every
+    other DequantizeLinear decodes a constant weight or an activation)."""
+    gather = producers.get(node.input[0])
+    return gather is not None and gather.op_type == "Gather" and gather.input[0] in sources
 
 
 def integer_weight_bits(model: onnx.ModelProto) -> int | None:
@@ -75,16 +86,19 @@ def integer_weight_bits(model: onnx.ModelProto) -> int | None:
     ``bits``, 8 for onnxruntime's other integer operators), or None when every weight is float: what --bits
     keeps a compressed copy of it as small."""
     sources = constant_sources(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
     widths = []
     for node in model.graph.node:
         if node.domain not in DEFAULT_DOMAINS and node.domain != _MS:
             continue
         if node.op_type == "MatMulNBits":
             widths.append(next((a.i for a in node.attribute if a.name == "bits"), 4))
-        elif node.op_type == "DequantizeLinear" and node.input[0] in sources:
-            width = integer_element_bits(tensor_shape_and_type(model, sources[node.input[0]])[1])
+        elif node.op_type == "DequantizeLinear" and (node.input[0] in sources or
+                                                     _gathered_table(node, producers, sources)):
+            weight = node.input[0] if node.input[0] in sources else producers[node.input[0]].input[0]
+            width = integer_element_bits(tensor_shape_and_type(model, sources[weight])[1])
             widths.extend([width] if width else [])
-        elif node.op_type in REWRITES:
+        elif node.op_type in REWRITES and node.op_type != "DequantizeLinear":
             widths.append(8)
     return min(widths, default=None)
 

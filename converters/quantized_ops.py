@@ -151,6 +151,34 @@ def _contrib(op_type: str, inputs: list[str], node: onnx.NodeProto) -> onnx.Node
     return new
 
 
+def _integer_to_float(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """com.microsoft.MatMulIntegerToFloat (an InferenceSession's saved optimized graph of a quantize_dynamic
+    model): A from a DynamicQuantizeLinear, B an integer constant with its scale and zero point, a bias ->
+    MatMul of the float input and weight (+ Add)."""
+    names = list(node.input) + [""] * (7 - len(node.input))
+    a, b, _a_scale, b_scale, _a_zp, b_zp, bias = names[:7]
+    source, value, scale = _dynamic_input(a, producers), rw.const(b), rw.const(b_scale)
+    if source is None or value is None or scale is None or value.ndim != 2:
+        return None
+    return _matmul(rw, node, source, rw.add_init(b, _dequantized(value, scale, rw.const(b_zp), 1)), bias)
+
+
+def _gathered(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
+    """DequantizeLinear(Gather(integer table, ids)) with one scale (an InferenceSession's saved graph of a
+    quantize_dynamic model moves an embedding's DequantizeLinear after its Gather) -> Gather of the float table.
+    Every other DequantizeLinear is left to the passes that know it (None)."""
+    gather = producers.get(node.input[0])
+    if gather is None or gather.op_type != "Gather" or len(readers.get(gather.output[0], [])) != 1:
+        return None
+    table, scale = rw.const(gather.input[0]), rw.const(node.input[1])
+    zero_point = rw.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if table is None or scale is None or np.size(scale) != 1 or table.dtype.kind not in "iu":
+        return None
+    removed.add(id(gather))
+    floats = rw.add_init(gather.input[0], _dequantized(table, scale, zero_point, 0))
+    return [_float_node("Gather", [floats, gather.input[1]], list(node.output), node.name, gather)]
+
+
 def _qattention(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.NodeProto] | None:
     """com.microsoft.QAttention (quantize_dynamic of a model onnxruntime's optimizer fused): the input from a
     DynamicQuantizeLinear, the packed q/k/v weights int8 with a scale and zero point (per tensor or per
@@ -351,6 +379,8 @@ REWRITES: dict[str, Callable] = {
     "DynamicQuantizeLSTM": _lstm,
     "DynamicQuantizeMatMul": _dynamic_matmul,
     "MatMulNBits": _nbits,
+    "MatMulIntegerToFloat": _integer_to_float,
+    "DequantizeLinear": _gathered,
     "QAttention": _qattention,
     "QEmbedLayerNormalization": _qembed_norm,
     "GatherBlockQuantized": _gather_blocks,

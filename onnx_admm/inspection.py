@@ -35,7 +35,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     except UserError as exc:
         problems.append(str(exc))
         try:
-            problems += unsupported_nodes(normalize(model))
+            problems += unsupported_nodes(normalize(unfuse(model).model))
         except UserError:
             pass
     return {

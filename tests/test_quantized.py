@@ -293,3 +293,37 @@ def test_an_embedding_table_quantized_in_blocks_imports_as_its_float_table(tmp_p
     report = check(tmp_path / "embed.onnx", {"ids": ids})
     assert report.passed, report.format()
     assert sorted(e.onnx_shape for e in import_model(model).weights if e.compressible) == [(32, 8), (50, 32)]
+
+
+def test_the_session_saved_forms_of_a_dynamically_quantized_model_import(tmp_path):
+    # What an InferenceSession saves at the extended level for a quantize_dynamic BERT: MatMulIntegerToFloat
+    # (one DynamicQuantizeLinear's integers times int8 weights, back to float, + bias) where the quantized input
+    # feeds several MatMuls, and an embedding's DequantizeLinear moved after its Gather of the int8 table.
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    table = rng.integers(-127, 128, (30, 16)).astype(np.int8)
+    weight = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (table, "table_quantized"), (np.array(0.02, np.float32), "table_scale"), (np.array(3, np.int8), "table_zp"),
+        (weight, "w_quantized"), (np.array(0.01, np.float32), "w_scale"), (np.array(0, np.int8), "w_zp"),
+        (rng.standard_normal(8).astype(np.float32), "bias"))]
+    nodes = [helper.make_node("Gather", ["table_quantized", "ids"], ["rows_quantized"], name="embed"),
+             helper.make_node("DequantizeLinear", ["rows_quantized", "table_scale", "table_zp"], ["rows"], name="embed_dq"),
+             helper.make_node("DynamicQuantizeLinear", ["rows"], ["xq", "xs", "xzp"], name="dql"),
+             helper.make_node("MatMulIntegerToFloat", ["xq", "w_quantized", "xs", "w_scale", "xzp", "w_zp", "bias"], ["y"],
+                              domain="com.microsoft", name="proj")]
+    graph = helper.make_graph(nodes, "saved", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "saved.onnx"
+    onnx.save(model, str(path))
+    report = check(path, {"ids": rng.integers(0, 30, (16, 5)).astype(np.int64)})
+    assert report.passed, report.format()
+    imported = import_model(model)
+    assert imported.dequantized == ["DequantizeLinear 'embed_dq' -> Gather", "MatMulIntegerToFloat 'proj' -> MatMul + Add"]
+    assert imported.integer_bits == 8
+    # The float table and weight are what onnxruntime decodes: (q - zero point) * scale.
+    weights = {w.onnx_name: imported.onnx_values([w])[w.param] for w in imported.weights}
+    np.testing.assert_array_equal(weights["table"], ((table.astype(np.int64) - 3) * np.float32(0.02)).astype(np.float32))
+    np.testing.assert_array_equal(weights["w"], weight.astype(np.float32) * np.float32(0.01))
