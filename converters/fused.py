@@ -82,16 +82,18 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
-    def add(self, op_type: str, inputs: list[str], output: str | None = None, domain: str = "",
+    def add(self, op_type: str, inputs: list[str], output: str | list[str] | None = None, domain: str = "",
             **attrs: object) -> str:
-        out = output or self.fresh(op_type.lower())
+        """A node reading ``inputs`` into ``output`` (a fresh tensor when None; a list for several outputs);
+        returns its (first) output."""
+        outputs = output if isinstance(output, list) else [output or self.fresh(op_type.lower())]
         name = self.fresh(op_type)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
         fused_inputs = list(self.node.input)
         for k, tensor in enumerate(inputs):
             if tensor and tensor in fused_inputs:
                 self.origin[(name, k)] = (self.label, self.node.op_type, fused_inputs.index(tensor))
-        return out
+        return outputs[0]
 
 
 def _gelu(b: _Builder, x: str, approximate: str) -> None:
@@ -182,20 +184,21 @@ def _rewrite_attention(b: _Builder) -> bool:
     if b.input(2):
         qkv = b.add("Add", [qkv, b.input(2)])
     extra = [b.input(k) for k in (3, 4, 5)]
-    name = b.fresh("attention")
-    attrs = {"num_heads": int(node_attr(b.node, "num_heads")), "unidirectional": int(node_attr(b.node, "unidirectional", 0)),
-             "mask_filter_value": float(node_attr(b.node, "mask_filter_value", -10000.0)),
-             "scale": float(node_attr(b.node, "scale", 0.0)),
-             "present": int(bool(b.output(1))), "given": "".join("mpb"[k] for k, t in enumerate(extra) if t)}
+    attrs = {**_attention_attributes(b), "present": int(bool(b.output(1))),
+             "given": "".join("mpb"[k] for k, t in enumerate(extra) if t)}
     sizes = [int(s) for s in node_attr(b.node, "qkv_hidden_sizes", [])]
     if sizes:
         attrs["qkv_hidden_sizes"] = sizes
-    outputs = [b.output(0)] + ([b.output(1)] if b.output(1) else [])
-    b.nodes.append(helper.make_node("AttentionCore", [qkv, *[t for t in extra if t]], outputs, name=name,
-                                    domain=FUSED_DOMAIN, **attrs))
-    for k, tensor in enumerate(t for t in extra if t):
-        b.origin[(name, k + 1)] = (b.label, "Attention", list(b.node.input).index(tensor))
+    b.add("AttentionCore", [qkv, *[t for t in extra if t]], [b.output(0)] + ([b.output(1)] if b.output(1) else []),
+          domain=FUSED_DOMAIN, **attrs)
     return True
+
+
+def _attention_attributes(b: _Builder) -> dict[str, object]:
+    """The attributes Attention and MultiHeadAttention share, with onnxruntime's defaults."""
+    return {"num_heads": int(node_attr(b.node, "num_heads")), "unidirectional": int(node_attr(b.node, "unidirectional", 0)),
+            "mask_filter_value": float(node_attr(b.node, "mask_filter_value", -10000.0)),
+            "scale": float(node_attr(b.node, "scale", 0.0))}
 
 
 # MultiHeadAttention's inputs after the query, as the letters OnnxMultiHeadCore knows them by.
@@ -210,14 +213,10 @@ def _rewrite_multi_head(b: _Builder, readers: set[str]) -> bool:
         return False
     present = [b.output(1) or b.fresh("present_key"), b.output(2) or b.fresh("present_value")]
     inputs = [b.input(0)] + [b.input(k) for k in _MHA_INPUTS if b.input(k)]
-    attrs = {"num_heads": int(node_attr(b.node, "num_heads")), "unidirectional": int(node_attr(b.node, "unidirectional", 0)),
-             "mask_filter_value": float(node_attr(b.node, "mask_filter_value", -10000.0)),
-             "scale": float(node_attr(b.node, "scale", 0.0)),
-             "given": "".join(letter for k, letter in _MHA_INPUTS.items() if b.input(k)),
+    attrs = {**_attention_attributes(b), "given": "".join(letter for k, letter in _MHA_INPUTS.items() if b.input(k)),
              "presents": 2 if b.output(1) or b.output(2) else 0}
-    outputs = [b.output(0)] + (present if attrs["presents"] else [])
-    b.nodes.append(helper.make_node("MultiHeadCore", inputs, outputs, name=b.fresh("attention"), domain=FUSED_DOMAIN,
-                                    **attrs))
+    b.add("MultiHeadCore", inputs, [b.output(0)] + (present if attrs["presents"] else []), domain=FUSED_DOMAIN,
+          **attrs)
     return True
 
 
