@@ -530,6 +530,8 @@ CASES = {
     "200x": {"train": {"epochs": 10}, "prune": {"sparsity": 0.995}},
     "binary": {"train": {"epochs": 10}, "quantize": {"bits": 1}},
     "40x-4bit": {"train": {"epochs": 10}, "prune": {"sparsity": 0.975}, "quantize": {"bits": 4}},
+    # The sweep's 50% run with 4-bit levels (RESULTS.md, fifteenth session: the stage start as a candidate).
+    "50-4bit": {"admm": {"epochs": 2, "retrain_epochs": 1}, "prune": {"sparsity": 0.5}, "quantize": {"bits": 4}},
     # 30% of the filters with the default budget, at the default rate and at 0.03 (RESULTS.md, fourteenth session).
     "filters30": {"prune": {"structure": "filter", "sparsity": 0.3}},
     "filters30-lr03": {"prune": {"structure": "filter", "sparsity": 0.3}, "train": {"lr": 0.03}},
