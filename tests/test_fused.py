@@ -3,6 +3,9 @@ to onnxruntime's kernels, and written back into the fused graph."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -428,3 +431,42 @@ def test_int8_activations_of_an_optimized_bert_report_the_bar_onnxruntime_could_
     assert act["quantize_static"]["error"].startswith("Unable to get valid quantization scale for input")
     assert act["compressed_int8"]["bytes"] > 0 and set(act["compressed_int8"]["latency_ms"]) == {"1", "64"}
     assert act["quantize_static"]["latency_ms"] == {}
+
+
+OPTIMIZED_BERT = Path(__file__).resolve().parents[1] / "samples/corpus/bert_optimized/bert_optimized.onnx"
+
+
+def _bert_feeds(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = _rng(seed)
+    lengths = rng.integers(4, 13, n)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": rng.integers(5, 60, (n, 12)) * mask, "attention_mask": mask,
+            "token_type_ids": np.zeros((n, 12), np.int64)}
+
+
+def test_onnxruntimes_optimizer_output_checks_and_compresses_into_its_fused_graph(tmp_path):
+    # The real thing (samples/corpus/bert_optimized/make.py): a Hugging Face BERT that onnxruntime's transformer
+    # optimizer fused, compressed without labels; the written file keeps every fused node and computes the
+    # trained module in onnxruntime.
+    model = onnx.load(str(OPTIMIZED_BERT))
+    assert {n.op_type for n in model.graph.node if n.domain == MS} == {
+        "EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}
+    report = check(OPTIMIZED_BERT, _bert_feeds(16, 20))
+    assert report.passed, report.format()
+    config = CompressConfig.from_dict({"train": {"threads": 1, "batch_size": 16},
+                                       "admm": {"epochs": 1, "retrain_epochs": 1}, "prune": {"sparsity": 0.5}})
+    result = compress(str(OPTIMIZED_BERT), _bert_feeds(96, 21), config, val_data=_bert_feeds(64, 22), metric_floor=0.0)
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    written = onnx.load(str(out))
+    # The optimizer shares equal initializers (random LayerNorm scales are all ones): the tensor one fused node
+    # reads as a LayerNorm's beta and as a dense bias trains as two, and that node reads a copy of its own.
+    copies = {i for n in written.graph.node for i in n.input if re.search(r"_untied\d*$", i)}
+    assert copies and copies <= {t.name for t in written.graph.initializer}
+    assert any(i in copies for n in written.graph.node if n.domain == MS for i in n.input)  # a fused node's own
+    assert [(n.op_type, n.name, [re.sub(r"_untied\d*$", "", i) for i in n.input]) for n in written.graph.node] == [
+        (n.op_type, n.name, list(n.input)) for n in model.graph.node]
+    params = result.report["params"]
+    assert params["nonzero"] == round(0.5 * params["total"])
+    feeds = _bert_feeds(8, 23)
+    np.testing.assert_allclose(_ort(written, feeds)[0], result.imported.run(feeds)[0], rtol=0, atol=ATOL)
