@@ -487,3 +487,18 @@ def test_a_tensor_a_fused_node_reads_in_two_roles_gets_a_copy_at_the_fused_input
     assert sorted(written.input[3:5]) == ["b1", "b1_untied"]
     feeds = {k: v[:8] for k, v in data.items()}
     np.testing.assert_allclose(_ort(onnx.load(str(out)), feeds)[0], result.imported.run(feeds)[0], rtol=0, atol=ATOL)
+
+
+def test_filter_pruning_of_an_optimized_model_says_to_prune_the_export(tmp_path):
+    # The channel analysis knows the standard ops only: a fused BERT has no group it can cut, and the error
+    # says what to do instead of listing unknown shapes alone.
+    path = tmp_path / "bert_opt.onnx"
+    onnx.save(_tiny_bert(), str(path))
+    data = {k: np.concatenate([v] * 22)[:64] for k, v in _embed_feeds(_rng(25)).items()}
+    config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
+                                       "prune": {"structure": "filter", "sparsity": 0.3}})
+    with pytest.raises(UserError, match=r"^no weight can lose whole filters \(onnxruntime's fused ops \(Attention, "
+                                        r"BiasGelu, EmbedLayerNormalization, SkipLayerNormalization\) stop the channel "
+                                        r"analysis: filter-prune the model as exported, then let onnxruntime's "
+                                        r"optimizer fuse the result\): "):
+        compress(str(path), data, config)

@@ -16,6 +16,7 @@ import torch
 
 from onnx_admm.converters.dequantize import weight_decoders
 from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.fused import unfuse
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
 from onnx_admm.structures import NMPattern
@@ -36,7 +37,7 @@ def legalize(plan: Plan, original: onnx.ModelProto, shapes: dict[str, torch.Size
         groups = {member: g for g in channel_groups(original) for member in g.producers}
         # Weights the graph computes from constants by moving entries (not DequantizeLinear / codebook decoders).
         computed = {name for name, d in weight_decoders(original).items() if d.op_type not in _DECODING_OPS}
-        plan, left_alone = _keep_removable_filters(plan, groups, held, computed)
+        plan, left_alone = _keep_removable_filters(plan, groups, held, computed, _fused_hint(original))
     if any(isinstance(w.structure, NMPattern) for w in plan.weights):
         plan, nm_alone = _keep_nm_weights(plan, shapes, groups)
         left_alone.update(nm_alone)
@@ -47,8 +48,15 @@ def legalize(plan: Plan, original: onnx.ModelProto, shapes: dict[str, torch.Size
 _DECODING_OPS = ("DequantizeLinear", "Gather")
 
 
+def _fused_hint(original: onnx.ModelProto) -> str:
+    """What to do where onnxruntime's fused ops stop the channel analysis (it knows the standard ops only)."""
+    fused = sorted({line.split(" ")[0] for line in unfuse(original).lines})
+    return (f"onnxruntime's fused ops ({', '.join(fused)}) stop the channel analysis: filter-prune the model as "
+            "exported, then let onnxruntime's optimizer fuse the result" if fused else "")
+
+
 def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup], held: set[str],
-                            computed: set[str]) -> tuple[Plan, dict[str, str]]:
+                            computed: set[str], hint: str = "") -> tuple[Plan, dict[str, str]]:
     """Filter pruning only where the channels can leave the graph and every weight reading them trains
     (their input channels are masked with the filters), a coupled group's members all pruned together
     (``plan.coupled``) or all left alone."""
@@ -76,7 +84,7 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup], held: s
         if w.spec.label in left_alone and w.spec.label in feeding:
             left_alone[w.spec.label] += (f" (it keeps its filters, and its input channels still leave with the "
                                          f"filters of {feeding[w.spec.label]!r})")
-    plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters")
+    plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters", hint)
     coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
                if label in pruned and label not in left_alone and len(g.producers) > 1}
     # An attention projection loses whole heads: its rows are ranked and kept by head.
@@ -117,12 +125,17 @@ def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
     return _left_alone(plan, left_alone, "N:M", "no weight can take the N:M pattern")
 
 
-def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str) -> tuple[Plan, dict[str, str]]:
-    """``leave_alone`` with a warning per weight; an error when no weight keeps a target."""
+def _left_alone(plan: Plan, reasons: dict[str, str], what: str, none_left: str,
+                hint: str = "") -> tuple[Plan, dict[str, str]]:
+    """``leave_alone`` with a warning per weight; an error when no weight keeps a target. ``hint``: what the
+    user can do about the graph as a whole, said once (and first in the error)."""
     for label, reason in reasons.items():
         logger.warning("%s is left alone (%s): %s", label, what, reason)
+    if reasons and hint:
+        logger.warning("%s", hint)
     plan = leave_alone(plan, list(reasons))
     if not plan.weights:
-        raise UserError(f"{none_left}: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+        raise UserError(f"{none_left}" + (f" ({hint})" if hint else "") + ": "
+                        + "; ".join(f"{k}: {v}" for k, v in reasons.items())
                         + "; choose another structure, or add rules for the weights that can take it")
     return plan, reasons
