@@ -72,8 +72,8 @@ def _integer_op(rw: _Rewriter, node, producers, readers, removed) -> list[onnx.N
     scales = producers.get(scales_name)
     operands = []
     for q, zp in ((a, a_zp), (b, b_zp)):
-        dql = producers.get(q)
-        if dql is not None and dql.op_type == "DynamicQuantizeLinear" and dql.output[0] == q:
+        dql = _dynamic_quantizer(q, producers)
+        if dql is not None:
             operands.append(("dynamic", dql))
         elif rw.const(q) is not None:
             operands.append(("const", zp))
@@ -136,10 +136,16 @@ def _dynamic_matmul(rw: _Rewriter, node, producers, readers, removed) -> list[on
     return _matmul(rw, node, a, rw.add_init(b, _dequantized(value, scale, rw.const(zp), 1)), bias)
 
 
+def _dynamic_quantizer(name: str, producers) -> onnx.NodeProto | None:
+    """The DynamicQuantizeLinear whose integers ``name`` is (None: ``name`` is no such output)."""
+    dql = producers.get(name)
+    return dql if dql is not None and dql.op_type == "DynamicQuantizeLinear" and dql.output[0] == name else None
+
+
 def _dynamic_input(name: str, producers) -> str | None:
     """The float tensor a DynamicQuantizeLinear quantized into ``name`` (None: ``name`` is no such output)."""
-    dql = producers.get(name)
-    return dql.input[0] if dql is not None and dql.op_type == "DynamicQuantizeLinear" and dql.output[0] == name else None
+    dql = _dynamic_quantizer(name, producers)
+    return None if dql is None else dql.input[0]
 
 
 def _contrib(op_type: str, inputs: list[str], node: onnx.NodeProto) -> onnx.NodeProto:
