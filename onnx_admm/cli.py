@@ -269,8 +269,9 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
               help="How a global --sparsity is split over layers (default lamp; sensitivity: from each layer's "
                    "measured accuracy drop, as the analyze command measures it).")
 @click.option("--round-to", type=click.IntRange(min=1),
-              help="Filter pruning keeps a multiple of N filters per layer, the nearest to its share (8 or 16: "
-                   "onnxruntime runs such channel counts faster; default 8; 1 keeps the exact share).")
+              help="Filter pruning keeps a multiple of N filters per layer, the nearest to its share where that "
+                   "is within an eighth of the layer's filters, else of N/2, N/4 ... (8 or 16: onnxruntime runs "
+                   "such channel counts faster; default 8; 1 keeps the exact share).")
 @click.option("--reconstruct/--no-reconstruct", default=None,
               help="After each hard projection, refit the kept weights of every pruned layer to its outputs on "
                    "training samples (default on; without labels, to the original's layer outputs).")

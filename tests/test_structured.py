@@ -348,10 +348,19 @@ def test_heads_within_a_previous_support_and_bad_arguments():
 
 
 @pytest.mark.parametrize("keep, n, multiple, expected", [
-    (10, 16, 8, 8), (12, 16, 8, 16), (19, 32, 8, 16), (38, 64, 8, 40), (5, 64, 8, 8),  # nearest, at least one multiple
+    (10, 16, 8, 8), (19, 32, 8, 16), (38, 64, 8, 40), (5, 64, 8, 8),  # nearest, at least one multiple
+    (22, 32, 8, 24), (45, 64, 8, 48), (90, 128, 8, 88),
     (86, 90, 8, 88), (89, 90, 8, 88), (90, 90, 8, 90),  # never above the layer's count; a whole layer stays
     (3, 8, 8, 3), (5, 6, 8, 5),  # a layer of no more than `multiple` filters keeps its share
     (0, 64, 8, 0), (10, 16, 1, 10),  # an emptied layer, or no rounding
+    # More than an eighth of the layer's filters away: the nearest multiple of half as many, down to exact.
+    (11, 16, 8, 12), (12, 16, 8, 12),  # 8 / 16 would move 3 / 4 filters of 16
+    (3, 16, 8, 4),  # 8 (at least one multiple) would keep more than twice the share
+    (1, 16, 8, 2),  # 2 is within 2 of one filter of 16
+    (1, 6, 4, 1),  # no multiple of 4 or 2 within 6 / 8 of one filter: the exact share
+    (22, 40, 16, 24),  # 16 is 6 away (> 40 / 8): the nearest multiple of 8
 ])
 def test_rounded_keep(keep, n, multiple, expected):
     assert rounded_keep(keep, n, multiple) == expected
+    if multiple > 1 and 0 < keep < n and n > multiple:
+        assert abs(expected - keep) <= n / 8
