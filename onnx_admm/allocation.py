@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,11 +93,16 @@ def _magnitudes(w: Tensor, allowed: Tensor | None) -> Tensor:
 def _lamp_along(descending: Tensor) -> Tensor:
     """LAMP scores of magnitudes sorted in descending order. The scores fall along it: w^2 falls and the
     sum above it grows."""
-    sorted_sq = descending.double().square()
+    # In place where it can be: a layer of 38M weights (AlexNet's fc6) held five float64 copies at once.
+    scores = descending.double()
+    if scores is descending:
+        scores = scores.clone()
+    scores.square_()
     # An entry's denominator: its own square and those of every entry ranked before it (at least as large).
     # It is 0 only where the entry is 0 (and every positive float32 squared is far above float64's tiny),
     # so clamping it gives those entries 0 without a second pass.
-    return sorted_sq / torch.cumsum(sorted_sq, 0).clamp_min(torch.finfo(torch.float64).tiny)
+    denominator = torch.cumsum(scores, 0).clamp_min_(torch.finfo(torch.float64).tiny)
+    return scores.div_(denominator)
 
 
 def _sorted_lamp(w: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -112,10 +119,13 @@ def _lamp_multiset(w: Tensor, allowed: Tensor | None) -> Tensor:
     """The LAMP scores of ``_sorted_lamp`` without their order: equal magnitudes have equal squares, so
     whichever of them comes first, the scores along the sort are the same. An unstable sort of the
     values alone skips the index sort and the gather (a third of the time on ResNet-50's 25M weights)."""
-    descending = torch.sort(_magnitudes(w, allowed), descending=True).values
-    if allowed is not None:
-        descending = descending[: int(allowed.sum())]
-    return _lamp_along(descending)
+    magnitudes = _magnitudes(w, allowed)
+    ascending = (magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.float()).numpy()
+    ascending.sort()  # in place, and no indices (torch.sort makes both: 12 bytes an entry more)
+    # The entries outside ``allowed`` (-1) sort first; the reversed view of the rest becomes one float64 copy.
+    count = ascending.size if allowed is None else int(allowed.sum())
+    return _lamp_along(torch.from_numpy(np.ascontiguousarray(ascending[ascending.size - count:][::-1],
+                                                             dtype=np.float64)))
 
 
 def lamp_scores(w: Tensor, allowed: Tensor | None = None) -> Tensor:
@@ -223,7 +233,9 @@ def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:
     for name, w in weights.items():
         mask = None if allowed is None else allowed[name]
         if method == "lamp":
-            tails.append(_lamp_multiset(w, mask)[mins[name]:])
+            # Ascending (LAMP scores fall along the descending sort): the flip's copy leaves the minimum's
+            # entries behind, and a threshold's count in the layer is a binary search.
+            tails.append(_lamp_multiset(w, mask)[mins[name]:].flip(0))
             continue
         score = w.detach().reshape(-1).abs().cpu()
         if mask is not None:
@@ -236,25 +248,59 @@ def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:
     keeps = dict(mins)
     rest = keep - sum(mins.values())
     if rest > 0:
-        values = torch.cat([t.double() for t in tails])
-        owners = torch.repeat_interleave(torch.arange(len(tails)), torch.tensor([t.numel() for t in tails]))
-        chosen = _top_count(values, rest)
-        for name, extra in zip(weights, torch.bincount(owners[chosen], minlength=len(weights)).tolist()):
-            keeps[name] += extra
+        extra = _top_counts(tails, rest, ascending=method == "lamp")
+        for name, more in zip(weights, extra):
+            keeps[name] += more
     return keeps
 
 
-def _top_count(values: Tensor, k: int) -> Tensor:
-    """Mask of the ``k`` largest of ``values`` (1-D), lower index first among ties: a stable descending
-    sort's first k, found by one O(n) selection of the k-th largest value."""
-    n = values.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool)
-    threshold = torch.kthvalue(values, n - k + 1).values
-    chosen = values > threshold
-    ties = (values == threshold).nonzero().squeeze(1)
-    chosen[ties[: k - int(chosen.sum())]] = True
-    return chosen
+def _top_counts(tails: list[Tensor], k: int, ascending: bool = False) -> list[int]:
+    """How many entries of each of ``tails`` (1-D, >= 0) are among the ``k`` largest of all of them, ties to
+    the earlier tails (as a stable descending sort of their concatenation takes them).
+
+    The k-th largest value is found without joining the tails (a model of 61M weights held five float64
+    copies of them at once, besides the training state): for ``ascending`` (sorted) tails by bisection on
+    the bit patterns of non-negative doubles, which order as their values, counting each tail by binary
+    search; else by one O(n) selection over their concatenation in the tails' own dtype.
+    """
+    sizes = [t.numel() for t in tails]
+    if k >= sum(sizes):
+        return sizes
+    if ascending:
+        def at_least(t: Tensor, value: float, strictly: bool = False) -> int:
+            return t.numel() - int(torch.searchsorted(t, torch.tensor([value], dtype=t.dtype), right=strictly))
+
+        low, high = 0, _bits(max(float(t[-1]) for t in tails if t.numel())) + 1  # counts k or more; fewer
+        while high - low > 1:
+            middle = (low + high) // 2
+            if sum(at_least(t, _value(middle)) for t in tails) >= k:
+                low = middle
+            else:
+                high = middle
+        threshold = _value(low)
+        above = [at_least(t, threshold, strictly=True) for t in tails]
+        ties = [at_least(t, threshold) - a for t, a in zip(tails, above)]
+    else:
+        values = torch.cat(tails) if len({t.dtype for t in tails}) == 1 else torch.cat([t.double() for t in tails])
+        threshold = torch.kthvalue(values, values.numel() - k + 1).values
+        del values
+        above = [int((t > threshold).sum()) for t in tails]
+        ties = [int((t == threshold).sum()) for t in tails]
+    short = k - sum(above)
+    for i, tied in enumerate(ties):
+        take = min(short, tied)
+        above[i] += take
+        short -= take
+    return above
+
+
+def _bits(value: float) -> int:
+    """The bit pattern of a non-negative double as an integer (they order as the values)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _value(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
 def _integer_quotas(quotas, mins, caps, keep) -> dict[str, int]:
