@@ -51,6 +51,7 @@ from onnx_admm.converters.branches import Folding
 from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.fused import unfuse
+from onnx_admm.converters.fx_params import current_value, freeze_unmapped, tie
 from onnx_admm.converters.quantized import dequantize_model, integer_weight_bits
 from onnx_admm.converters.scores import ScoreOutput, find_score_output, score_of_a_cut
 from onnx_admm.converters.shapes import inferred_types
@@ -184,7 +185,9 @@ class ImportedModel:
     # The graph write-back writes into: the user's model, or for a model quantized by onnxruntime its
     # float form (``converters.quantized``), whose replacements ``dequantized`` lists.
     original: onnx.ModelProto
-    normalized: onnx.ModelProto  # what onnx2torch converted: the normalized copy, or its trainable sub-model
+    # What onnx2torch converted: the normalized copy, or its trainable sub-model, its initializers above 1 kB
+    # emptied once converted (the module holds them).
+    normalized: onnx.ModelProto
     # Graph outputs the module does not compute; the original graph computes them from output_names
     # with the nodes listed in not_converted (one line each: node, op, opset), kept as they are.
     passed_through: list[str] = field(default_factory=list)
@@ -358,15 +361,15 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
             continue
         if not all(op in TRAINABLE_CONSUMERS for *_, op, _i in tensor_uses):
             continue
-        value = _current_value(gm, tensor_uses[0])
+        value = current_value(gm, tensor_uses[0])
         if not value.is_floating_point() or (value.numel() <= 1 and tensor_uses[0][2] == "param"):
             continue  # scalars such as attention scales and epsilons are not parameters
         groups: dict[tuple, list] = defaultdict(list)
         for use in tensor_uses:
             groups[(use[2], use[3])].append(use)
         for group_index, ((role, layout), group) in enumerate(groups.items()):
-            torch_shape = tuple(_current_value(gm, group[0]).shape)
-            param = _tie(gm, params_container, group)
+            torch_shape = tuple(current_value(gm, group[0]).shape)
+            param = tie(gm, params_container, group)
             consumers = tuple(unfused.consumer(c) for c in orig_consumers.get(onnx_name, ())
                               if (c.op_type, c.input_index) in {(op, i) for *_, op, i in group})
             weights.append(WeightEntry(
@@ -383,7 +386,7 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
                 owns_tensor=group_index == 0,
             ))
     gm.recompile()
-    _freeze_unmapped(gm, {w.param for w in weights})
+    freeze_unmapped(gm, {w.param for w in weights})
 
     specs = graph_inputs(normalized)  # the converted graph's placeholders, in order
     names = [spec.name for spec in specs]
@@ -408,9 +411,19 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
         score = score_of_a_cut(original, normalized, trained)
     batch, axes = baked_batch(normalized)
     axes = {name: axes[name] for name in names + trained if name in axes} or fixed_axes
+    _drop_weight_values(normalized)
     return ImportedModel(module, weights, names, trained, score, original, normalized, passed,
                          not_converted if passed else [], batch, axes, fixed, fixed_reason, dequantized, folding,
                          computed, integer_bits, unfused.lines)
+
+
+def _drop_weight_values(normalized: onnx.ModelProto) -> None:
+    """Empty the initializers of the converted copy above 1 kB (name, type and dims stay): the module holds
+    those weights now, and the copy, kept for its graph's outputs and small constants, held a second copy of
+    every weight through the run (AlexNet: 233 MB)."""
+    for t in normalized.graph.initializer:
+        if t.ByteSize() > 1024:
+            t.CopyFrom(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
 
 
 def _expose(normalized: onnx.ModelProto, name: str) -> None:
@@ -442,54 +455,6 @@ def _linear_layout(node: onnx.NodeProto, index: int) -> Layout:
     if index == 1:
         return Layout(transpose=not attrs.get("transB", 0), scale=float(attrs.get("alpha", 1.0)))
     return Layout(scale=float(attrs.get("beta", 1.0)))
-
-
-def _current_value(gm: fx.GraphModule, use: tuple) -> torch.Tensor:
-    owner, attr = use[0], use[1]
-    if isinstance(owner, fx.Node):
-        return gm.get_buffer(owner.target)
-    return getattr(owner, attr)
-
-
-def _tie(gm: fx.GraphModule, container: nn.Module, group: list) -> str:
-    """Make every use in ``group`` read one Parameter; return its qualified name."""
-    first = group[0]
-    if isinstance(first[0], fx.Node):
-        data = gm.get_buffer(first[0].target).detach().clone()
-        param = nn.Parameter(data)
-        key = f"p{len(container._parameters)}"
-        container.register_parameter(key, param)
-        qualified = f"onnx_params.{key}"
-    else:
-        param = getattr(first[0], first[1])
-        qualified = f"{_module_name(gm, first[0])}.{first[1]}"
-    for owner, attr, *_ in group:
-        if isinstance(owner, fx.Node):
-            owner.target = qualified
-        elif getattr(owner, attr) is not param:
-            setattr(owner, attr, param)
-    return qualified
-
-
-def _module_name(gm: fx.GraphModule, module: nn.Module) -> str:
-    for name, candidate in gm.named_modules():
-        if candidate is module:
-            return name
-    raise RuntimeError("module not found in graph module")
-
-
-def _freeze_unmapped(gm: fx.GraphModule, mapped: set[str]) -> None:
-    """Parameters we cannot write back must not train: the ONNX model would not see the change."""
-    for name, param in gm.named_parameters():
-        if name not in mapped:
-            logger.debug("freezing %s: no ONNX tensor to write it back to", name)
-            param.requires_grad_(False)
-    # Promoted buffers are dead now; drop them so memory holds one copy.
-    live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    container = getattr(gm, "initializers", None)
-    for name in list(container._buffers) if container is not None else []:
-        if f"initializers.{name}" not in live:
-            del container._buffers[name]
 
 
 def _consumers_of_constants(model: onnx.ModelProto) -> dict[str, list[Consumer]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -30,6 +31,7 @@ from onnx_admm.sources import load_npz
 from onnx_admm.recipe import CompressConfig
 from onnx_admm.validate import validate
 from onnx_admm.converters.graphinfo import graph_inputs
+from onnx_admm.converters.importer import import_model
 
 EEG_SCRIPT = Path(__file__).resolve().parent.parent / "samples" / "eeg" / "make_sample.py"
 
@@ -260,3 +262,22 @@ def test_lamp_allocation_holds_no_copy_of_every_score_at_once():
     per_weight = (memory.peak_rss_mb() - before) * 2**20 / n
     assert sum(keeps.values()) == n // 3
     assert per_weight < 28, f"{per_weight:.1f} bytes a weight"
+
+
+def test_the_converted_copy_keeps_no_second_copy_of_the_weights(wide):
+    """``ImportedModel.normalized`` (what onnx2torch converted) is kept for its graph's outputs and small
+    constants; its weights' values live in the module, so its initializers above 1 kB are emptied. The user's
+    graph keeps them, and the module still computes what onnxruntime does on the original."""
+    model = onnx.load(wide[0])
+    imported = import_model(model)
+    copied = {t.name: t for t in imported.normalized.graph.initializer}
+    assert copied["w1"].dims == [4096, 64] and copied["w1"].data_type == TensorProto.FLOAT
+    assert copied["w1"].ByteSize() < 64 and copied["w2"].ByteSize() < 64
+    assert numpy_helper.to_array(copied["b2"]).shape == (4,)  # a small constant keeps its values
+    kept = {t.name: numpy_helper.to_array(t) for t in imported.original.graph.initializer}
+    assert kept["w1"].shape == (4096, 64) and np.abs(kept["w1"]).sum() > 0
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    with torch.no_grad():
+        ours = imported.module(torch.from_numpy(x))[0].numpy()
+    theirs = ort.InferenceSession(str(wide[0]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
