@@ -9,6 +9,7 @@ ConvTranspose decoder). Each compress is 1 ADMM + 1 retraining epoch on 48 sampl
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -281,3 +282,22 @@ def test_the_converted_copy_keeps_no_second_copy_of_the_weights(wide):
         ours = imported.module(torch.from_numpy(x))[0].numpy()
     theirs = ort.InferenceSession(str(wide[0]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_importing_holds_one_copy_of_the_weights_beside_the_users_graph():
+    """A 64 MB weight: the import holds the module's copy and nothing else (measured 66 MB). Emptying the
+    converted copy's initializers in place kept its protobuf memory (130 MB held): it is a fresh message."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4096, 4096)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4096])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    del weight
+    gc.collect()
+    before = memory.current_rss_mb()
+    imported = import_model(model)
+    gc.collect()
+    held = memory.current_rss_mb() - before
+    assert imported.module.get_parameter(imported.weights[0].param).numel() == 4096 * 4096
+    assert held < 100, f"the import holds {held:.0f} MB for a 64 MB weight"
