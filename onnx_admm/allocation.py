@@ -91,13 +91,10 @@ def _magnitudes(w: Tensor, allowed: Tensor | None) -> Tensor:
 
 
 def _lamp_along(descending: Tensor) -> Tensor:
-    """LAMP scores of magnitudes sorted in descending order. The scores fall along it: w^2 falls and the
-    sum above it grows."""
-    # In place where it can be: a layer of 38M weights (AlexNet's fc6) held five float64 copies at once.
-    scores = descending.double()
-    if scores is descending:
-        scores = scores.clone()
-    scores.square_()
+    """LAMP scores of magnitudes sorted in descending order, computed in place: ``descending`` (float64, the
+    caller's own copy) becomes the scores. The scores fall along it: w^2 falls and the sum above it grows."""
+    # In place: a layer of 38M weights (AlexNet's fc6) held five float64 copies at once.
+    scores = descending.square_()
     # An entry's denominator: its own square and those of every entry ranked before it (at least as large).
     # It is 0 only where the entry is 0 (and every positive float32 squared is far above float64's tiny),
     # so clamping it gives those entries 0 without a second pass.
@@ -112,7 +109,7 @@ def _sorted_lamp(w: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
     order = torch.sort(mag, descending=True, stable=True).indices
     if allowed is not None:
         order = order[: int(allowed.sum())]
-    return _lamp_along(mag[order]), order
+    return _lamp_along(mag[order].double()), order
 
 
 def _lamp_multiset(w: Tensor, allowed: Tensor | None) -> Tensor:
@@ -227,7 +224,7 @@ def _by_scores(weights, keep, method, mins, allowed) -> dict[str, int]:
     # Each layer's minimum comes from its own top entries (by |w|, which orders LAMP scores the same
     # way within a layer); the rest of the budget goes to the best remaining scores over all layers.
     # Only counts come out, so only each layer's multiset of remaining scores matters: no per-layer
-    # sort for `global`, and one selection (not a sort) over all layers; ties between layers go to the
+    # sort for `global`, and no sort over all layers (``_top_counts``); ties between layers go to the
     # earlier layer, as a stable sort of the concatenation would.
     tails = []
     for name, w in weights.items():

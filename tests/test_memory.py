@@ -249,8 +249,8 @@ def test_compress_memory_stays_bounded(eeg):
 def test_lamp_allocation_holds_no_copy_of_every_score_at_once():
     """The LAMP split of a budget over 6.3M weights (AlexNet's 61M peaked 2.3 GB above the training state at
     every ADMM update): the scores of all layers, then their concatenation, a selection's copy of it and a
-    layer index per entry were 57 bytes a weight; the scores sorted per layer and counted by binary search
-    are under 20 (measured 19.5)."""
+    layer index per entry were 57 bytes a weight; the scores sorted per layer, each layer's float64 copy
+    squared and divided in place, and counted by binary search, 14.1 (the bound leaves the allocator room)."""
     if not memory.reset_peak():
         pytest.skip("/proc/self/clear_refs is not writable here: no per-test peak")
     generator = torch.Generator().manual_seed(0)
@@ -262,7 +262,7 @@ def test_lamp_allocation_holds_no_copy_of_every_score_at_once():
     keeps = allocate(weights, n // 3, Allocation())
     per_weight = (memory.peak_rss_mb() - before) * 2**20 / n
     assert sum(keeps.values()) == n // 3
-    assert per_weight < 28, f"{per_weight:.1f} bytes a weight"
+    assert per_weight < 24, f"{per_weight:.1f} bytes a weight"
 
 
 def test_the_converted_copy_keeps_no_second_copy_of_the_weights(wide):
