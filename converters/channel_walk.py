@@ -450,17 +450,18 @@ class ChannelWalk:
             target = [int(v) for v in a.value(shape_src).reshape(-1)]
         r_in, r_out = len(dims_in), len(dims_out)
         tail = dims_in[layout.axis:]
-        if (layout.outer == 1 and 0 < len(tail) <= r_out and all(isinstance(d, int) for d in tail)
+        if (0 < len(tail) <= r_out and all(isinstance(d, int) for d in tail)
                 and dims_out[r_out - len(tail):] == tail):
             # Only the dims before the channels are regrouped (tf2onnx's [N, L, C] -> [N*L, C] around a
-            # MatMul, and back): the channels keep their axis, counted from the end, and their blocks.
+            # MatMul, and back): the channels keep their axis, counted from the end, and their blocks (outer
+            # ones too: a Keras Reshape of NHWC features [N, W, H, C] -> [N, W, H*C] before such a Dense).
             p = r_out - len(tail)
             entry = target[p]
             if entry == -1 or (entry == 0 and p == layout.axis):
                 return layout.along(p)
             if entry != dims_out[p]:
                 raise NotPrunable(f"Reshape {label}: shape entry {p} is {entry}, not the size {dims_out[p]}")
-            self.reshapes.append(ShapeEdit(shape_src, label, p, layout.inner))
+            self.reshapes.append(ShapeEdit(shape_src, label, p, layout.inner * layout.outer))
             return layout.along(p)
         for p in range(layout.axis + 1):
             q = r_in - r_out + p + 1

@@ -15,7 +15,8 @@ that keep channels apart:
   and its output carries the channels on;
 - Flatten, and a Reshape whose constant shape merges the channel axis with the dims after (or before)
   it: each channel then owns a block of ``H*W`` features; the Reshape constant is rewritten; or one that only
-  regroups the dims before the channels (``[N*L, C]`` <-> ``[N, L, C]``). A shape computed from the input
+  regroups the dims before the channels (``[N*L, C]`` <-> ``[N, L, C]``, also once a channels-last
+  merge holds them in outer blocks: a Keras Reshape ``[N, W, H, C] -> [N, W, H*C]`` before a Dense). A shape computed from the input
   with one dim that follows the inputs (tf2onnx's Keras Dense on a sequence) gets a constant of its own
   first (``ChannelGroup.frozen``), -1 at that dim;
 - the consumers, whose INPUT channels shrink: Conv (weight axis 1), Gemm (B columns for transB=1, rows

@@ -329,6 +329,40 @@ def test_keras_dense_on_a_sequence_reshapes_with_a_computed_shape():
     assert _value(shrunk, reshape.input[1]).tolist() == [-1, 4, 3]
 
 
+def test_keras_reshape_of_channels_last_features_into_a_sequence_then_dense():
+    # A Keras CTC reader (tf2onnx): conv features [N, C, W, H] -> Transpose to [N, W, H, C] -> Reshape to
+    # [N, W, H*C] (a shape read from the input) -> the next Dense's Reshape [-1, H*C], MatMul. The conv's
+    # filters sit in the merged axis as H outer blocks; the second Reshape only regroups the dims before it.
+    # It stopped the group ("splits or reorders the channel axis"), so the reader's largest conv kept its filters.
+    model = _text_model(
+        """
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (input, w, b)
+        t = Transpose <perm = [0, 2, 3, 1]> (c)
+        sh = Shape (input)
+        n = Slice (sh, zero, one)
+        seq_shape = Concat <axis = 0> (n, steps, features)
+        s = Reshape (t, seq_shape)
+        flat = Reshape (s, dense_shape)
+        h = MatMul (flat, fc)
+        """,
+        "float[3, 2, 3, 3] w = " + _floats((3, 2, 3, 3), 1) + ", float[3] b = " + _floats((3,), 2)
+        + ", int64[1] zero = {0}, int64[1] one = {1}, int64[1] steps = {5}, int64[1] features = {12}"
+        + ", int64[2] dense_shape = {-1, 12}, float[12, 4] fc = " + _floats((12, 4), 3),
+        "float[N, 2, 5, 4] input",
+        "float[M, 4] h",
+    )
+    (group, _) = channel_groups(model)
+    assert group.prunable, group.reason
+    assert [f.values for f in group.frozen] == [(-1, 5, 12)]
+    rows = [hh * 3 + 1 for hh in range(4)]  # channel 1 at each of the 4 positions along H
+    shrunk = _check_equivalent(model, Case(keep={"w": [1]}, zero={"fc": (0, rows)},
+                                           shapes={"w": (2, 2, 3, 3), "b": (2,), "fc": (8, 4)},
+                                           input_shape=(2, 5, 4)))
+    assert _value(shrunk, "dense_shape").tolist() == [-1, 8]
+    reshape = next(n for n in shrunk.graph.node if list(n.output) == ["s"])
+    assert _value(shrunk, reshape.input[1]).tolist() == [-1, 5, 8]
+
+
 def _keras_flatten(shape_use: str) -> onnx.ModelProto:
     # tf2onnx's Keras Flatten after a Conv: Transpose to NHWC, Reshape to Concat(Shape(t)[:1], [48]), MatMul.
     return _text_model(

@@ -1,7 +1,8 @@
 """Text lines drawn from 5x7 digit bitmaps, numpy only: the captcha reader's images and the PaddleOCR-style
 recognizer's (``paddle_ocr/make.py`` runs in an environment without torch).
 
-``rec_lines`` and ``det_pages`` are the PaddleOCR-style recognizer's lines and detector's pages.
+``rec_lines`` and ``det_pages`` are the PaddleOCR-style recognizer's lines and detector's pages,
+``keras_captchas`` the Keras CTC reader's images (``keras_captcha/make.py``).
 
 Each line holds 4-6 digits scaled to random sizes, at random offsets and ink levels, with a clutter line
 across the image and Gaussian noise, so a reader has to tell strokes from noise.
@@ -96,3 +97,11 @@ def det_pages(n: int, seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray
             (y0, x0), (y1, x1) = ink.min(0), ink.max(0)
             masks[i, 0, y + y0:y + y1 + 1, x + x0:x + x1 + 1] = 1
     return np.repeat(pages, 3, axis=1), masks
+
+
+def keras_captchas(n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``n`` captchas of the torch reader's kind (32x100, 4-6 digits) as the Keras reader takes them: [n, 100, 32,
+    1], the width first and channels last (the Keras captcha example transposes its images); digits as classes
+    0-9 (the blank is the last class, 10, in Keras's CTC)."""
+    images, texts, _ = render_lines(n, seed, 32, 100, glyph_widths=(10, 14), glyph_heights=(17, 24), step=4)
+    return np.ascontiguousarray(images[:, 0].transpose(0, 2, 1)[..., None]), [t - 1 for t in texts]

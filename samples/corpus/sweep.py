@@ -347,6 +347,15 @@ def _paddle_ocr(kind: str) -> Callable[[Path], tuple[Path, Feeds | None]]:
     return build
 
 
+def _keras_captcha(work: Path) -> tuple[Path, Feeds | None]:
+    """A Keras CTC captcha reader exported by tf2onnx, committed (samples/corpus/keras_captcha/make.py: [N, 100,
+    32, 1] images, two bidirectional LSTMs, [N, 25, 11] probabilities, blank last), fed captchas of a seed it did
+    not train on."""
+    from glyphs import keras_captchas
+
+    return Path(__file__).resolve().parent / "keras_captcha" / "keras_captcha.onnx", {"image": keras_captchas(256, 5)[0]}
+
+
 def _tf2onnx_like(work: Path) -> tuple[Path, Feeds | None]:
     """Bytes -> OneHot(256) -> MatMul + Gather embedding -> LayerNorm as tf2onnx writes it -> MLP."""
     from onnx import TensorProto, helper, numpy_helper
@@ -485,6 +494,8 @@ CORPUS = [
           "paddle2onnx 2.1, opset 14, [N, T, C] CTC probabilities", _paddle_ocr("rec")),
     Entry("ppocr_det", "PaddlePaddle (trained, synthetic pages; DB detector layout; committed file)",
           "paddle2onnx 2.1, opset 14, [N, 1, H, W] Sigmoid map", _paddle_ocr("det")),
+    Entry("keras_captcha", "Keras CTC reader (trained, synthetic captchas; committed file)",
+          "tf2onnx 1.17, opset 15, bidirectional LSTM ops, [N, T, C] probabilities, blank last", _keras_captcha),
     Entry("nudenet_320n", "PyPI nudenet wheel (trained)", "ultralytics (torch), fixed batch 1", _nudenet, "nudenet"),
     Entry("mtcnn_onet", "PyPI facenet-pytorch wheel (trained weights)", "torch TorchScript", _facenet_onet,
           "facenet_pytorch"),
