@@ -225,9 +225,11 @@ def validate(original: str, compressed: str, data: str, batch_size: int | None, 
     dataset = resolve_data(data, graph_inputs(load_model(original)))
     report = run_validate(original, compressed, dataset, batch_size=batch_size, threads=threads)
     click.echo(format_table(report))
+    for note in report.warnings():
+        logging.getLogger("onnx_admm.validate").warning("%s", note)
     verdict, failure = gate.judge(report.drop, report.retained)
     if report_path:
-        save_json({**report.to_dict(), "gate": verdict}, report_path)
+        save_json({**report.to_dict(), "warnings": report.warnings(), "gate": verdict}, report_path)
     if failure is not None:
         click.echo(failure, err=True)
         sys.exit(EXIT_GATE)

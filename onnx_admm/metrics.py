@@ -152,6 +152,8 @@ class SequenceMatch(TaskMetric):
     def details(self) -> dict:
         return {"sequence_match": self.sequence_match,
                 "error_rate": self.edits / max(self.reference_length, 1) if self.samples else None,
+                # Symbols the original's decoded sequences hold in all: 0 when it reads nothing (all blank).
+                "reference_symbols": self.reference_length if self.blank is not None else None,
                 "decode": "greedy CTC (repeats collapsed, blank removed)" if self.blank is not None else "per step",
                 "blank": self.blank, "blank_from": ("given" if self.blank_given else "the original's most frequent class")
                 if self.blank is not None else None,

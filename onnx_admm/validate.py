@@ -123,6 +123,17 @@ class ValidationReport:
                 f"{self.task['metric']} says little about the compressed one; check that the data is what the "
                 "model expects (layout, scaling, channel order) or give labels")
 
+    def empty_reads(self) -> str | None:
+        """A warning when the original decodes every held-out sample to an empty sequence (every step the
+        blank): sequence match is then 1 for any model that reads nothing either, a destroyed one included."""
+        task = self.task or {}
+        if task.get("metric") != "sequence match" or task.get("reference_symbols") != 0:
+            return None
+        return (f"the original reads nothing on the {self.samples} held-out samples (every time step is the blank, "
+                f"class {task['blank']}), so {task['metric']} says nothing about the compressed model; give data the "
+                "original reads (layout, scaling, channel order), or name the blank with [train] blank if it is "
+                "another class")
+
     def no_positives(self) -> str | None:
         """A warning when the original marks no positive on the held-out samples: a positive-set metric is
         then 1 by definition (nothing to find, nothing found) and the gate cannot tell a detector that finds
@@ -144,6 +155,12 @@ class ValidationReport:
                 "head's per-position logits) and there are no labels, so nothing measures the task and the gate "
                 "cannot tell a broken model: the report compares the outputs' values only (outputs[]); name the "
                 "score tensor with [train] output = \"name\" where one exists, or give labels")
+
+    def warnings(self) -> list[str]:
+        """What makes the task metric say little or nothing on these samples (the checks above), for the
+        report and ``validate``'s output."""
+        return [note for note in (self.constant_reference(), self.no_positives(), self.empty_reads(),
+                                  self.unmeasured()) if note]
 
     @property
     def retained(self) -> tuple[str, float] | None:

@@ -171,6 +171,29 @@ def test_validate_reports_sequence_match_first_for_a_destroyed_ctc_reader(tmp_pa
     assert itself.task["value"] == 1.0 and itself.task["error_rate"] == 0.0
 
 
+def test_an_original_that_reads_nothing_is_named(tmp_path):
+    # A reader that gives every step the blank matches any other reader of nothing: sequence match 1.0 says
+    # nothing then (a paddle2onnx CRNN exported before it had learnt to read scored 1.000 at 30% filters).
+    onnx.save(_ctc_model(0.0), str(tmp_path / "blank.onnx"))
+    onnx.save(_ctc_model(1.0), str(tmp_path / "reads.onnx"))
+    x = np.random.default_rng(4).normal(size=(96, 12, 4)).astype(np.float32)
+    data = Dataset({"x": x}, None, {"x"})
+    report = validate(tmp_path / "blank.onnx", tmp_path / "blank.onnx", data, batch_size=32, latency_batches=0)
+    assert report.task["value"] == 1.0 and report.task["reference_symbols"] == 0
+    assert report.empty_reads() == (
+        "the original reads nothing on the 96 held-out samples (every time step is the blank, class 0), so sequence "
+        "match says nothing about the compressed model; give data the original reads (layout, scaling, channel "
+        "order), or name the blank with [train] blank if it is another class")
+    reads = validate(tmp_path / "reads.onnx", tmp_path / "reads.onnx", data, batch_size=32, latency_batches=0)
+    assert reads.task["reference_symbols"] > 0 and reads.empty_reads() is None
+    # `validate` says it too, and writes it in its JSON report.
+    np.savez(tmp_path / "x.npz", x=x)
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "blank.onnx"), str(tmp_path / "blank.onnx"),
+                                       "--data", str(tmp_path / "x.npz"), "--report", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "v.json").read_text())["warnings"] == [report.empty_reads()]
+
+
 def test_evaluate_without_labels_returns_the_task_metric():
     reference = torch.from_numpy(_captchas(n=16)).T  # [T, N] class ids
     scores = torch.nn.functional.one_hot(reference, 10).float() * 5  # [T, N, C]

@@ -108,8 +108,7 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
                   "it help)") if discarded else None
     grown = _larger_file(validation.original.gzip_bytes, validation.compressed.gzip_bytes,
                          None if final.quant else imported.integer_bits)
-    for note in (validation.constant_reference(), validation.no_positives(), validation.unmeasured(), retraining,
-                 grown):
+    for note in (*validation.warnings(), retraining, grown):
         if note:
             warnings.append(note)
             logger.warning("%s", note)
