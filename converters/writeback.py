@@ -101,6 +101,7 @@ def write_back(
     decoders = weight_decoders(original)
     graph_input_names = {i.name for i in model.graph.input}
     taken = tensor_names(model)
+    view = GraphView(original)
     untied: set[str] = set()
     changes: list[str] = []
     plans: list[_Plan] = []
@@ -126,6 +127,8 @@ def write_back(
         else:
             offered = update.encoders or encoders
             candidates = [e for e in (enc.encode(name, value, update.quant) for enc in offered) if e]
+            if value.ndim >= 2 and value.shape[-1] % 4 and _read_as_matmul_b(view, update):
+                candidates = _without_int2(candidates)
         plans.append(_Plan(name, update, location, candidates))
 
     model, failures = _raise_for(model, plans, max_opset, {n.name for n in model.graph.node}, changes)
@@ -173,6 +176,31 @@ def write_back(
     if metadata:
         _set_metadata(model, metadata)
     return WriteBackResult(model, encodings, changes, notes, sizes)
+
+
+def _read_as_matmul_b(view: GraphView, update: TensorUpdate) -> bool:
+    """Whether a MatMul reads the tensor as its right operand (its own readers, or the untied copy's)."""
+    if update.consumers:
+        return any(k == 1 and label in view.by_label and view.by_label[label].op_type == "MatMul"
+                   for label, k in update.consumers)
+    return any(k == 1 and view.nodes[i].op_type == "MatMul" for i, k in view.readers.get(update.onnx_name, ()))
+
+
+def _without_int2(candidates: Sequence[Encoding]) -> list[Encoding]:
+    """The candidates with an int2 container replaced by its fallback (int4).
+
+    onnxruntime (1.32) fuses DequantizeLinear and a MatMul into MatMulNBits at its default optimization level,
+    and computes an int2 weight wrongly there when its N columns do not fill whole bytes (N % 4 != 0): a
+    binary 64 x 11 classifier head gave outputs off by their own size (N = 5, 6, 7, 9, 10, 11, 13, 17 all
+    wrong; 4, 8, 12, 16, 20, 24 right; int4 right for every N). Such a weight is stored in int4.
+    """
+    kept = []
+    for candidate in candidates:
+        while candidate is not None and candidate.kind == "int2":
+            candidate = candidate.fallback
+        if candidate is not None:
+            kept.append(candidate)
+    return kept
 
 
 def _choose(candidates: Sequence[Encoding], opset: float) -> Encoding:

@@ -182,6 +182,30 @@ def test_binary_and_ternary_export_as_int2(constraint, levels):
         assert all(np.unique(row).size == 2 for row in decoded)
 
 
+@pytest.mark.parametrize("columns, kind", [(11, "int4"), (12, "int2")])
+def test_binary_matmul_weight_with_columns_not_in_whole_bytes_is_stored_as_int4(columns, kind):
+    # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits at its default optimization level and reads an
+    # int2 [K, N] weight wrongly when N % 4 != 0 (a binary Keras CTC reader's 64 x 11 head: outputs off by their
+    # own size). Such a weight goes to int4; N = 12 keeps int2. The default session must match numpy.
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, {columns}] y) {{
+            y = MatMul (x, W)
+        }}
+    """)
+    rng = np.random.default_rng(0)
+    model.graph.initializer.append(numpy_helper.from_array(rng.normal(size=(64, columns)).astype(np.float32), "W"))
+    update = _update(Binary(per_channel=True, axis=1), _weight(model))
+    result = write_back(model, [update])
+    assert result.encodings == {"W": kind}
+    x = rng.normal(size=(8, 64)).astype(np.float32)
+    (y,) = _run(result.model, {"x": x})
+    reference = x.astype(np.float64) @ update.value.astype(np.float64)
+    # MatMulNBits quantizes the activations to int8 (accuracy level 4): about 0.5% of max |y|; the int2 misread
+    # was about 100%.
+    np.testing.assert_allclose(y, reference, atol=0.03 * np.abs(reference).max())
+
+
 def test_codebook_through_cast_and_gather():
     model = _gemm_model((20, 30))
     w = _weight(model)
