@@ -24,7 +24,8 @@ import onnx
 
 from onnx_admm.converters.dequantize import decode, remove_decoders, weight_decoders
 from onnx_admm.converters.encoders import DEFAULT_ENCODERS, DenseEncoder, Encoder, Encoding, QuantSpec, rename_parts
-from onnx_admm.converters.graphinfo import GraphView, constant_sources, fresh_name, node_label, tensor_names, tensor_value
+from onnx_admm.converters.graphinfo import (GraphView, constant_sources, fresh_name, node_attr, node_label, tensor_names,
+                                            tensor_value)
 from onnx_admm.converters.opset import OpsetError, default_opset, raise_opset
 
 logger = logging.getLogger(__name__)
@@ -179,20 +180,24 @@ def write_back(
 
 
 def _read_as_matmul_b(view: GraphView, update: TensorUpdate) -> bool:
-    """Whether a MatMul reads the tensor as its right operand (its own readers, or the untied copy's)."""
+    """Whether a MatMul, or a Gemm without transB, reads the tensor as its [K, N] right operand (its own
+    readers, or the untied copy's): the two onnxruntime fuses with a DequantizeLinear into MatMulNBits."""
+    def fused(node: onnx.NodeProto, k: int) -> bool:
+        return k == 1 and (node.op_type == "MatMul" or node.op_type == "Gemm" and not node_attr(node, "transB", 0))
+
     if update.consumers:
-        return any(k == 1 and label in view.by_label and view.by_label[label].op_type == "MatMul"
-                   for label, k in update.consumers)
-    return any(k == 1 and view.nodes[i].op_type == "MatMul" for i, k in view.readers.get(update.onnx_name, ()))
+        return any(label in view.by_label and fused(view.by_label[label], k) for label, k in update.consumers)
+    return any(fused(view.nodes[i], k) for i, k in view.readers.get(update.onnx_name, ()))
 
 
 def _without_int2(candidates: Sequence[Encoding]) -> list[Encoding]:
     """The candidates with an int2 container replaced by its fallback (int4).
 
-    onnxruntime (1.32) fuses DequantizeLinear and a MatMul into MatMulNBits at its default optimization level,
-    and computes an int2 weight wrongly there when its N columns do not fill whole bytes (N % 4 != 0): a
-    binary 64 x 11 classifier head gave outputs off by their own size (N = 5, 6, 7, 9, 10, 11, 13, 17 all
-    wrong; 4, 8, 12, 16, 20, 24 right; int4 right for every N). Such a weight is stored in int4.
+    onnxruntime (1.32) fuses DequantizeLinear and a MatMul (or a Gemm without transB) into MatMulNBits at its
+    default optimization level, and computes an int2 weight wrongly there when its N columns do not fill whole
+    bytes (N % 4 != 0): a binary 64 x 11 classifier head gave outputs off by their own size (N = 5, 6, 7, 9,
+    10, 11, 13, 17 all wrong; 4, 8, 12, 16, 20, 24 right; int4 right for every N; a Gemm with transB, a Conv
+    or a batched [B, K, N] weight is not fused). Such a weight is stored in int4.
     """
     kept = []
     for candidate in candidates:

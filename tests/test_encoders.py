@@ -182,15 +182,16 @@ def test_binary_and_ternary_export_as_int2(constraint, levels):
         assert all(np.unique(row).size == 2 for row in decoded)
 
 
-@pytest.mark.parametrize("columns, kind", [(11, "int4"), (12, "int2")])
-def test_binary_matmul_weight_with_columns_not_in_whole_bytes_is_stored_as_int4(columns, kind):
-    # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits at its default optimization level and reads an
-    # int2 [K, N] weight wrongly when N % 4 != 0 (a binary Keras CTC reader's 64 x 11 head: outputs off by their
-    # own size). Such a weight goes to int4; N = 12 keeps int2. The default session must match numpy.
+@pytest.mark.parametrize("op, columns, kind", [("MatMul", 11, "int4"), ("MatMul", 12, "int2"), ("Gemm", 11, "int4")])
+def test_binary_matmul_weight_with_columns_not_in_whole_bytes_is_stored_as_int4(op, columns, kind):
+    # onnxruntime fuses DequantizeLinear + MatMul (or Gemm without transB) into MatMulNBits at its default
+    # optimization level and reads an int2 [K, N] weight wrongly when N % 4 != 0 (a binary Keras CTC reader's
+    # 64 x 11 head: outputs off by their own size). Such a weight goes to int4; N = 12 keeps int2. The default
+    # session must match numpy.
     model = onnx.parser.parse_model(f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 64] x) => (float[N, {columns}] y) {{
-            y = MatMul (x, W)
+            y = {op} (x, W)
         }}
     """)
     rng = np.random.default_rng(0)

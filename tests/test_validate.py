@@ -245,3 +245,34 @@ def test_compress_report_warns_of_an_original_that_predicts_one_class(tmp_path):
     report = compress(path, str(tmp_path / "d.npz"), config, metric_floor=0).report
     assert report["metrics"]["task"]["reference_classes"] == 1
     assert [w for w in report["warnings"] if "predicts the same class for all" in w]
+
+
+def test_compress_report_says_when_onnxruntime_does_not_compute_what_was_trained(tmp_path, monkeypatch):
+    # The written file is run in onnxruntime against the trained weights in torch on a few held-out samples
+    # (pipeline.fidelity): a runtime that reads the stored weights otherwise (onnxruntime 1.32 misread int2
+    # MatMul weights with N % 4 != 0) must not pass for a model the compression destroyed.
+    import onnx_admm.pipeline.results as results
+    from onnx_admm.api import compress
+    from onnx_admm.recipe import CompressConfig
+
+    path = _save(_classifier(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.repeat(X, 4, axis=0))
+    config = CompressConfig.from_dict({"prune": {"sparsity": 0.5}, "train": {"epochs": 1, "threads": 1}})
+    check = compress(path, str(tmp_path / "d.npz"), config, metric_floor=0).report["written_vs_trained"]
+    assert check["agrees"] and check["samples"] == 16 and set(check["outputs"]) == {"logits", "probs"}
+    assert check["worst"] < 1e-5
+
+    real = results.write_back
+
+    def shifted_bias(*args, **kwargs):  # a runtime that reads the file otherwise: the bias comes out shifted
+        written = real(*args, **kwargs)
+        bias = next(t for t in written.model.graph.initializer if t.name == "B")
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 3.0, "B"))
+        return written
+
+    monkeypatch.setattr(results, "write_back", shifted_bias)
+    report = compress(path, str(tmp_path / "d.npz"), config, metric_floor=0).report
+    check = report["written_vs_trained"]
+    assert not check["agrees"] and check["worst"] > 0.5
+    (warning,) = [w for w in report["warnings"] if w.startswith("onnxruntime does not compute what was trained")]
+    assert "on 16 held-out samples its output 'logits' differs" in warning

@@ -22,6 +22,7 @@ from onnx_admm.converters.shrink import count_macs
 from onnx_admm.converters.writeback import WriteBackResult
 from onnx_admm import __version__
 from onnx_admm.data import Dataset
+from onnx_admm.pipeline.fidelity import disagreement, written_vs_trained
 from onnx_admm.pipeline.results import CompressResult, Measured
 from onnx_admm.structures import nm_pattern
 from onnx_admm.report_schema import SCHEMA_VERSION
@@ -108,7 +109,8 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
                   "it help)") if discarded else None
     grown = _larger_file(validation.original.gzip_bytes, validation.compressed.gzip_bytes,
                          None if final.quant else imported.integer_bits)
-    for note in (*validation.warnings(), retraining, grown):
+    written = written_vs_trained(result, exported.model, compressed, held_out, staged.scratch(folder))
+    for note in (disagreement(written), *validation.warnings(), retraining, grown):
         if note:
             warnings.append(note)
             logger.warning("%s", note)
@@ -117,6 +119,9 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
         "schema_version": SCHEMA_VERSION,  # the contract readers check first (onnx_admm.report_schema)
         "structure": structure,
         "nm": nm,
+        # The file in onnxruntime against the trained weights in torch on a few held-out samples
+        # (pipeline.fidelity); null with int8 activations.
+        "written_vs_trained": written,
         "batch": {**_batch_report(imported, measured.batch.train, validation.batch_size),
                   "memory": measured.batch.describe()},
         # What was trained, and the graph outputs computed from it by nodes kept as they are.

@@ -601,6 +601,7 @@ def run_entry(entry: Entry, work: Path, samples: int, case: str = "50") -> dict:
         score = result.report.get("score") or {}
         row["per"] = score.get("per", "MSE, no score output")
         row["task"] = result.report["metrics"]["task"]
+        row["written_vs_trained"] = result.report["written_vs_trained"]
         row["wall_s"], row["peak_rss_mb"] = result.report["wall_s"], result.report["peak_rss_mb"]
         row["io_same"] = _io(folder / "compressed.onnx") == _io(path)
         if not row["io_same"]:
