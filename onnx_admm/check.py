@@ -27,6 +27,7 @@ graph converts, onnxruntime is asked for the trained tensors themselves (added a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import ImportedModel, import_model, join_chunks
 from onnx_admm.converters.inputs import synthesize_inputs
 from onnx_admm.converters.modelio import load_model, save_model, scratch_dir
+from onnx_admm.converters.encoders import QuantSpec
 from onnx_admm.converters.writeback import write_back
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
         report.steps.append(Step("torch vs onnxruntime", ok, f"max abs diff {diff:.3g}", diff))
         report.steps.append(_check_backward(imported, feeds))
         report.steps.append(_check_perturbed(imported, feeds, Path(tmp), seed))
+        report.steps.append(_check_binary(imported, feeds, Path(tmp)))
         report.steps.append(_check_unchanged(graph, Path(tmp)))
     return report
 
@@ -327,29 +330,64 @@ def _check_backward(imported: ImportedModel, feeds: dict[str, np.ndarray]) -> St
 
 def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Path, seed: int) -> Step:
     generator = torch.Generator().manual_seed(seed)
+
+    def perturb(entry, p: torch.Tensor) -> None:
+        p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1 * (p.std() if p.numel() > 1 else 1.0))
+        if entry.compressible:  # zero most of it, so the sparse encoder is exercised too
+            keep = torch.rand(p.shape, generator=generator) < 0.1
+            p.mul_(keep.to(p.dtype))
+
+    return _check_written("perturbed write-back", imported, feeds, tmp, perturb)
+
+
+def _check_binary(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Path) -> Step:
+    """Every compressible weight on binary levels (sign x mean |w| per output channel, as ``--binary`` makes
+    them), stored as integers (int2 + DequantizeLinear, or the container write-back picks): a runtime that reads
+    the integers otherwise fails here, before a compress does (onnxruntime 1.32 fuses DequantizeLinear + MatMul
+    into MatMulNBits and misread int2 weights whose N % 4 != 0; write-back now stores those as int4)."""
+
+    def binarize(entry, p: torch.Tensor) -> QuantSpec | None:
+        if not entry.compressible or p.numel() < 2:
+            return None
+        out = entry.channel_axes[0] if p.dim() >= 2 else None
+        dims = tuple(d for d in range(p.dim()) if d != out)
+        a = p.abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+        p.copy_(torch.where(p >= 0, a, -a))
+        scale = a.reshape(-1).cpu().numpy().astype(np.float32) / np.float32(entry.layout.scale)
+        if out is None:
+            return QuantSpec(2, scale.reshape(()))
+        # the scale's axis in the tensor's ONNX layout (a Gemm weight may be stored transposed)
+        return QuantSpec(2, scale, p.dim() - 1 - out if entry.layout.transpose else out)
+
+    return _check_written("binary write-back", imported, feeds, tmp, binarize)
+
+
+def _check_written(name: str, imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Path,
+                   change: Callable[..., QuantSpec | None]) -> Step:
+    """The weights changed in torch by ``change(entry, parameter)`` (which returns how it quantized them, if
+    it did), written back into the original graph and run in onnxruntime: the same outputs as torch."""
     saved = {e.param: imported.parameter(e).detach().clone() for e in imported.weights}
+    quant: dict[str, QuantSpec] = {}
     try:
         with torch.no_grad():
             for entry in imported.weights:
-                p = imported.parameter(entry)
-                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1 * (p.std() if p.numel() > 1 else 1.0))
-                if entry.compressible:  # zero most of it, so the sparse encoder is exercised too
-                    keep = torch.rand(p.shape, generator=generator) < 0.1
-                    p.mul_(keep.to(p.dtype))
+                spec = change(entry, imported.parameter(entry))
+                if spec is not None:
+                    quant[entry.param] = spec
         expected = imported.run(feeds)
-        result = write_back(imported.original, imported.updates())
-        path = tmp / "perturbed.onnx"
+        result = write_back(imported.original, imported.updates(quant=quant))
+        path = tmp / f"{name.split()[0]}.onnx"
         save_model(result.model, path)
         refused = _checker_complaint(path, imported.original)
         if refused:
-            return Step("perturbed write-back", False, f"onnx's checker refuses the written model: {refused}")
+            return Step(name, False, f"onnx's checker refuses the written model: {refused}")
         got = trained_outputs_in_onnxruntime(result.model, path, feeds, imported, tmp)
         if imported.passed_through:
             run_batched(path, feeds, imported)  # the passed-through outputs still compute
         ok, diff = within_tolerance(expected, got)
         amplified = ""
         if not ok:
-            # Is the difference float32 rounding the perturbed weights amplify (LayerNorm over a tiny
+            # Is the difference float32 rounding the changed weights amplify (LayerNorm over a tiny
             # variance, cancellation) or a write-back fault? Rounding shows up as torch's own float32
             # result against float64 at the same weights; a wrong tensor moves the outputs far more.
             noise = float32_noise(imported, feeds, expected)
@@ -357,15 +395,15 @@ def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp:
                 ok = within_tolerance(expected, got, [AMPLIFIED * n for n in noise])[0]
                 amplified = (f"; torch's own float32 vs float64 at these weights differ by up to {max(noise):.3g}: "
                              + ("float amplification, not a write-back fault" if ok else
-                                f"more than {AMPLIFIED:g}x that, a write-back fault"))
+                                f"more than {AMPLIFIED:g}x that, a write-back fault or onnxruntime "
+                                "reading the stored weights otherwise"))
     finally:
         with torch.no_grad():
             for entry in imported.weights:
                 imported.parameter(entry).copy_(saved[entry.param])
     kinds = sorted(set(result.encodings.values()))
     passed = f"; passed-through {', '.join(imported.passed_through)} run" if imported.passed_through else ""
-    return Step("perturbed write-back", ok,
-                f"max abs diff {diff:.3g} (encodings: {', '.join(kinds) or 'none'}){passed}{amplified}", diff)
+    return Step(name, ok, f"max abs diff {diff:.3g} (encodings: {', '.join(kinds) or 'none'}){passed}{amplified}", diff)
 
 
 def _checker_complaint(path: Path, original: onnx.ModelProto) -> str | None:

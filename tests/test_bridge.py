@@ -34,7 +34,7 @@ def test_check_passes(any_onnx_model):
     report = check(any_onnx_model.path)
     assert report.passed, report.format()
     assert [s.name for s in report.steps] == [
-        "import", "torch vs onnxruntime", "backward", "perturbed write-back", "unchanged write-back"]
+        "import", "torch vs onnxruntime", "backward", "perturbed write-back", "binary write-back", "unchanged write-back"]
 
 
 def test_weight_map_names_values_and_gradients(any_onnx_model):

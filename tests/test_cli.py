@@ -61,7 +61,7 @@ def test_check_passes_with_data_and_json(digits_sample):
     result = _run("check", digits_sample.model, "--data", digits_sample.test, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["passed"] and len(report["steps"]) == 5
+    assert report["passed"] and len(report["steps"]) == 6
     torch_vs_ort = report["steps"][1]
     assert torch_vs_ort["value"] < 1e-4
 
@@ -69,7 +69,7 @@ def test_check_passes_with_data_and_json(digits_sample):
 def test_check_dynamo_external_data(lenet5_dynamo_onnx):
     result = _run("check", lenet5_dynamo_onnx)
     assert result.exit_code == 0, result.output
-    assert result.output.count("PASS") == 5
+    assert result.output.count("PASS") == 6
 
 
 def test_validate_table_and_report(digits_sample, tmp_path):
