@@ -187,7 +187,9 @@ def _read_as_matmul_b(view: GraphView, update: TensorUpdate) -> bool:
 
     if update.consumers:
         return any(label in view.by_label and fused(view.by_label[label], k) for label, k in update.consumers)
-    return any(fused(view.nodes[i], k) for i, k in view.readers.get(update.onnx_name, ()))
+    # onnxruntime drops Identity nodes before it fuses: read through them.
+    names = {update.onnx_name} | {alias for alias, source in view.aliases.items() if source == update.onnx_name}
+    return any(fused(view.nodes[i], k) for name in names for i, k in view.readers.get(name, ()))
 
 
 def _without_int2(candidates: Sequence[Encoding]) -> list[Encoding]:
