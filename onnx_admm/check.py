@@ -207,10 +207,9 @@ def _check_dequantized(float_path: Path, quantized_path: Path, feeds: dict[str, 
     ours, theirs = run_batched(float_path, feeds, imported), run_batched(quantized_path, feeds, imported)
     ok, worst, widest = True, 0.0, 0.0
     for a, b in zip(ours, theirs):
-        if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating) and a.size:
-            diff = np.abs(a.astype(np.float64) - b)
-            rel = float(diff.mean()) / (float(np.mean(np.abs(b))) or 1.0)
-            widest = max(widest, float(diff.max()) / (float(np.max(np.abs(b))) or 1.0))
+        rel = relative_mean_diff(b, a)
+        if rel is not None:
+            widest = max(widest, float(np.abs(a.astype(np.float64) - b).max()) / (float(np.max(np.abs(b))) or 1.0))
             worst = max(worst, rel)
             ok &= rel <= QUANTIZED_RTOL
     replaced = "; ".join(imported.dequantized[:3]) + (f" (+{len(imported.dequantized) - 3} more)"
@@ -219,6 +218,15 @@ def _check_dequantized(float_path: Path, quantized_path: Path, feeds: dict[str, 
     return Step("dequantized", ok or not gated, f"float form vs quantized file: mean abs diff {worst:.3g} x "
                                                 f"mean|output| ({limit}), max {widest:.3g} x max|output|; replaced "
                                                 f"{replaced}", worst, skipped=not gated)
+
+
+def relative_mean_diff(reference: object, other: object) -> float | None:
+    """Mean |difference| over mean |reference| of a float output (None for another kind, or an empty one): a
+    fault that moves every element shows in it, rounding that moves a few elements far does not."""
+    if not (isinstance(reference, np.ndarray) and np.issubdtype(reference.dtype, np.floating) and reference.size):
+        return None
+    diff = float(np.abs(reference.astype(np.float64) - np.asarray(other, np.float64)).mean())
+    return diff / (float(np.mean(np.abs(reference))) or 1.0)
 
 
 def check_batch_size(imported: ImportedModel) -> int:
