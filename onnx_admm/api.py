@@ -206,9 +206,16 @@ def _compress(original, original_path, external, imported, splits, config, emit:
     check_labels(imported, train_data, held_out)
     # The rate depends on whether the data has labels (recipe.CompressConfig.lr_for); from here on the config
     # carries the one the run trains at, as the report gives it.
-    lr, source = config.lr_for(labelled=not (isinstance(train_data, Dataset) and train_data.labels is None))
+    labelled = not (isinstance(train_data, Dataset) and train_data.labels is None)
+    lr, source = config.lr_for(labelled=labelled)
+    batch = config.train.batch_size
+    small = config.small_data_schedule(len(train_data), labelled) if isinstance(train_data, Dataset) else None
+    if small is not None:
+        batch, lr = small
+        source = (f"binary weights without labels on {len(train_data)} training inputs: batch {batch} for "
+                  f"{len(train_data) // batch} steps an epoch, recipe.small_data_schedule")
     logger.info("training at lr %g (%s)", lr, source)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr, batch_size=batch))
     if world.active and isinstance(train_data, PluginData):
         _check_same_start(world, select)
     calibration = calibration_data(original, train_data, config.output)

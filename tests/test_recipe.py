@@ -352,3 +352,15 @@ def test_a_round_to_of_its_own_needs_filter_pruning():
     assert CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": "filter", "round_to": 16}})
     assert CompressConfig.from_dict({"prune": {"sparsity": 0.5, "round_to": 16},
                                      "rules": [{"match": "conv*", "structure": "filter"}]})
+
+
+def test_small_data_schedule_is_for_label_free_binary_runs_on_few_inputs():
+    binary = CompressConfig.from_dict({"quantize": {"bits": 1}})
+    assert binary.small_data_schedule(103, labelled=False) == (8, pytest.approx(0.015))
+    assert binary.small_data_schedule(512, labelled=False) == (32, pytest.approx(0.03))  # 16 steps an epoch
+    assert binary.small_data_schedule(1024, labelled=False) is None  # 16 steps at the default batch 64
+    assert binary.small_data_schedule(103, labelled=True) is None
+    for keys in ({"train": {"batch_size": 16}}, {"train": {"lr": 0.05}}):  # the recipe's own choice stands
+        assert CompressConfig.from_dict({"quantize": {"bits": 1}, **keys}).small_data_schedule(103, False) is None
+    for keys in ({"prune": {"sparsity": 0.975}}, {"quantize": {"ternary": True}}):  # measured for binary only
+        assert CompressConfig.from_dict(keys).small_data_schedule(103, False) is None
