@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import mmap
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +26,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_admm import memory
-from onnx_admm.allocation import Allocation, allocate
 from onnx_admm.api import compress
 from onnx_admm.data import Rows
 from onnx_admm.sources import load_npz
@@ -250,19 +250,31 @@ def test_lamp_allocation_holds_no_copy_of_every_score_at_once():
     """The LAMP split of a budget over 6.3M weights (AlexNet's 61M peaked 2.3 GB above the training state at
     every ADMM update): the scores of all layers, then their concatenation, a selection's copy of it and a
     layer index per entry were 57 bytes a weight; the scores sorted per layer, each layer's float64 copy
-    squared and divided in place, and counted by binary search, 14.1 (the bound leaves the allocator room)."""
+    squared and divided in place, and counted by binary search, 14.1 (the bound leaves the allocator room).
+
+    Measured in a process of its own: in the suite's, what earlier tests left in the heap (and glibc's mmap
+    threshold, which grows as large blocks are freed) moved the figure to 25.4 once."""
     if not memory.reset_peak():
         pytest.skip("/proc/self/clear_refs is not writable here: no per-test peak")
-    generator = torch.Generator().manual_seed(0)
-    weights = {"a": torch.randn(2048, 2048, generator=generator), "b": torch.randn(1024, 2048, generator=generator),
-               "c": torch.randn(64, 64, generator=generator)}
-    n = sum(w.numel() for w in weights.values())
-    memory.reset_peak()
-    before = memory.current_rss_mb()
-    keeps = allocate(weights, n // 3, Allocation())
-    per_weight = (memory.peak_rss_mb() - before) * 2**20 / n
-    assert sum(keeps.values()) == n // 3
-    assert per_weight < 24, f"{per_weight:.1f} bytes a weight"
+    script = """
+import torch
+from onnx_admm import memory
+from onnx_admm.allocation import Allocation, allocate
+generator = torch.Generator().manual_seed(0)
+weights = {"a": torch.randn(2048, 2048, generator=generator), "b": torch.randn(1024, 2048, generator=generator),
+           "c": torch.randn(64, 64, generator=generator)}
+n = sum(w.numel() for w in weights.values())
+memory.reset_peak()
+before = memory.current_rss_mb()
+keeps = allocate(weights, n // 3, Allocation())
+print(sum(keeps.values()) == n // 3, (memory.peak_rss_mb() - before) * 2**20 / n)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    exact, per_weight = run.stdout.split()
+    assert exact == "True"
+    assert float(per_weight) < 24, f"{float(per_weight):.1f} bytes a weight"
 
 
 def test_the_converted_copy_keeps_no_second_copy_of_the_weights(wide):
