@@ -79,12 +79,14 @@ PRUNE_LR = 0.02
 BINARY_LR = 0.03
 # A label-free binary run on few representative inputs takes at least this many optimizer steps an epoch (a
 # smaller batch, never under SMALL_BATCH), its rate following the batch's square root from BINARY_LR at 32: at the
-# default batch 128 inputs gave 2 steps an epoch. Batch 8 at 0.015 against 32 at 0.03, 10 epochs, seeds 0 / 1:
-# sklearn MLP 0.82 against 0.59 top-1 agreement, an LSTM 0.88 / 0.84, the digits CNN 0.95 / 0.93, a Keras CNN
-# 0.95 / 0.91, a segmenter's F1 0.92 / 0.90, a Keras CTC reader's sequence match 0.93 / 0.42 (means of the two
-# seeds; samples/corpus/RESULTS.md). At 40x the batch moved the rows both ways, so pruning keeps the default.
+# default batch 128 inputs gave 2 steps an epoch. Batch 8 at 0.015 against 32 at 0.03, 10 epochs, means of seeds
+# 0-2: sklearn MLP 0.82 against 0.58 top-1 agreement, an LSTM 0.90 / 0.84, the digits CNN 0.95 / 0.91, a Keras CNN
+# 0.94 / 0.87, a segmenter's F1 0.92 / 0.90, a Keras CTC reader's sequence match 0.92 / 0.42 (samples/corpus/
+# RESULTS.md). At 40x the batch moved the rows both ways, so pruning keeps the default.
 SMALL_DATA_STEPS = 16
 SMALL_BATCH = 8
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything ``compress`` needs; what a TOML recipe loads into."""
