@@ -86,6 +86,12 @@ class Layout:
             value = value / self.scale
         return np.ascontiguousarray(value.T) if self.transpose else value
 
+    def quant_spec(self, bits: int, scale: np.ndarray, axis: int | None, ndim: int) -> QuantSpec:
+        """How levels made on the torch parameter (``scale`` along its ``axis``) lie on the ONNX tensor."""
+        if axis is not None and self.transpose:
+            axis = ndim - 1 - axis
+        return QuantSpec(bits=bits, scale=np.asarray(scale, np.float32) / np.float32(self.scale), axis=axis)
+
 
 @dataclass
 class WeightEntry:

@@ -43,6 +43,8 @@ from onnx_admm.converters.inputs import synthesize_inputs
 from onnx_admm.converters.modelio import load_model, save_model, scratch_dir
 from onnx_admm.converters.encoders import QuantSpec
 from onnx_admm.converters.writeback import write_back
+from onnx_admm.quantizers import quantize
+from onnx_admm.signs import Binary
 
 logger = logging.getLogger(__name__)
 
@@ -358,14 +360,9 @@ def _check_binary(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Pa
         if not entry.compressible or p.numel() < 2:
             return None
         out = entry.channel_axes[0] if p.dim() >= 2 else None
-        dims = tuple(d for d in range(p.dim()) if d != out)
-        a = p.abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
-        p.copy_(torch.where(p >= 0, a, -a))
-        scale = a.reshape(-1).cpu().numpy().astype(np.float32) / np.float32(entry.layout.scale)
-        if out is None:
-            return QuantSpec(2, scale.reshape(()))
-        # the scale's axis in the tensor's ONNX layout (a Gemm weight may be stored transposed)
-        return QuantSpec(2, scale, p.dim() - 1 - out if entry.layout.transpose else out)
+        qt = quantize(Binary(per_channel=out is not None, axis=out or 0), p)
+        p.copy_(qt.dequantize())
+        return entry.layout.quant_spec(qt.bits, qt.scale.cpu().numpy(), qt.axis, p.dim())
 
     return _check_written("binary write-back", imported, feeds, tmp, binarize)
 

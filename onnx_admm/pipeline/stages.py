@@ -503,11 +503,7 @@ def _quant_spec(imported: ImportedModel, param: str, choice: QuantChoice, qt) ->
     if qt is None:  # a codebook: its levels are the values themselves
         return QuantSpec(bits=max(1, math.ceil(math.log2(max(2, choice.clusters)))))
     entry = next(e for e in imported.weights if e.param == param)
-    scale = qt.scale.detach().cpu().numpy().astype(np.float32) / np.float32(entry.layout.scale)
-    axis = qt.axis
-    if axis is not None and entry.layout.transpose:
-        axis = qt.q.dim() - 1 - axis
-    return QuantSpec(bits=qt.bits, scale=scale, axis=axis)
+    return entry.layout.quant_spec(qt.bits, qt.scale.detach().cpu().numpy(), qt.axis, qt.q.dim())
 
 
 def _level_axis(w: WeightPlan, stage: int) -> int | None:
