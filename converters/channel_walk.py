@@ -4,13 +4,14 @@ shrink with them (``converters.groups`` describes the whole analysis)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 
 from onnx_admm.converters.channel_blocks import joined_blocks, joined_range, split_blocks
+from onnx_admm.converters.channel_reshape import flatten_layout, reshape_layout
+from onnx_admm.converters.channel_select import select_step
 from onnx_admm.converters.channels import (ChannelLayout, FrozenShape, NotPrunable, ShapeEdit, TensorSlice,
                                             fed_at_run_time)
 from onnx_admm.converters.graphinfo import fresh_name, node_attr
@@ -34,7 +35,11 @@ class ChannelWalk:
     # Computed inputs (a Reshape's shape) that get a constant of their own before the cut; ``names``: every
     # tensor name of the model, which those constants must not take.
     frozen: list[FrozenShape] = field(default_factory=list)
+    # (node label, input index) of zero initial states that the cut drops (``converters.recurrent_units``).
+    cleared: list[tuple[str, int]] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
+    # Reshapes whose computed shape follows the cut (``shape_entries.computed_reshape``).
+    follows: set[str] = field(default_factory=set)
     # Shape nodes that read a tensor carrying the channels (``check_shape_reads``).
     shape_reads: list[int] = field(default_factory=list)
     # Resize nodes given sizes computed at run time: label -> the sizes' entries and the channels' layout,
@@ -310,7 +315,7 @@ class ChannelWalk:
             data_input_only()
             dims = a.shape(name)
             axis = node_attr(node, "axis", 1)
-            return [(node.output[0], self._flatten(dims, layout, axis + rank if axis < 0 else axis, label))]
+            return [(node.output[0], flatten_layout(self, dims, layout, axis + rank if axis < 0 else axis, label))]
         if op == "Reshape":
             data_input_only()
             return [(node.output[0], self._reshape(i, name, layout))]
@@ -367,7 +372,9 @@ class ChannelWalk:
             return []
         if op == "Split":
             return split_blocks(self, i, layout, rank)
-        if op in ("Slice", "Gather", "Softmax", "LogSoftmax", "LayerNormalization"):
+        if op in ("Slice", "Gather"):
+            return select_step(self, i, layout, rank)
+        if op in ("Softmax", "LogSoftmax", "LayerNormalization"):
             raise NotPrunable(f"the channels reach {op} {label}, which is not handled")
         raise NotPrunable(f"the channels reach {op} {label}, an op this analysis does not know")
 
@@ -421,81 +428,9 @@ class ChannelWalk:
             return [(node.output[0], follows)]
         raise NotPrunable(f"the channels reach grouped Conv {label} (group={groups}), which is not handled")
 
-    def _flatten(self, dims: list | None, layout: ChannelLayout, start: int, label: str) -> ChannelLayout:
-        """Flatten(axis=start): dims ``start..`` become output axis 1."""
-        if start > layout.axis:
-            raise NotPrunable(f"Flatten {label} merges the channel axis into the first output axis")
-        if dims is None or any(not isinstance(d, int) for d in dims[start:]):
-            raise NotPrunable(f"Flatten {label} flattens dims of unknown size")
-        outer = layout.outer * math.prod(dims[start : layout.axis])
-        return dataclasses.replace(layout, axis=1, inner=layout.inner * math.prod(dims[layout.axis + 1 :]), outer=outer)
-
     def _reshape(self, i: int, name: str, layout: ChannelLayout) -> ChannelLayout:
-        a = self.a
-        node, label = a.nodes[i], a.labels[i]
-        dims_in, dims_out = a.shape(name), a.shape(node.output[0])
-        if dims_in is None or dims_out is None:
-            raise NotPrunable(f"the shapes around Reshape {label} are unknown")
-        shape_src = a.constant(node.input[1])
-        if shape_src is None:
-            # tf2onnx writes a Keras Dense on [N, L, C] as Reshape to [N*L, C], MatMul, and a Reshape back to
-            # a shape read from the input's Shape. With one dim that follows the inputs (the batch), the shape
-            # is those dims with -1 there: a constant of the Reshape's own, which the cut edits.
-            varying = [k for k, d in enumerate(dims_out) if not isinstance(d, int)]
-            if len(varying) > 1:
-                raise NotPrunable(f"Reshape {label} computes its shape, with {len(varying)} dims that follow the inputs")
-            target = [-1 if k in varying else int(d) for k, d in enumerate(dims_out)]
-            shape_src = self.own_copy(i, target)
-        else:
-            target = [int(v) for v in a.value(shape_src).reshape(-1)]
-        r_in, r_out = len(dims_in), len(dims_out)
-        tail = dims_in[layout.axis:]
-        if (0 < len(tail) <= r_out and all(isinstance(d, int) for d in tail)
-                and dims_out[r_out - len(tail):] == tail):
-            # Only the dims before the channels are regrouped (tf2onnx's [N, L, C] -> [N*L, C] around a
-            # MatMul, and back): the channels keep their axis, counted from the end, and their blocks (outer
-            # ones too: a Keras Reshape of NHWC features [N, W, H, C] -> [N, W, H*C] before such a Dense).
-            p = r_out - len(tail)
-            entry = target[p]
-            if entry == -1 or (entry == 0 and p == layout.axis):
-                return layout.along(p)
-            if entry != dims_out[p]:
-                raise NotPrunable(f"Reshape {label}: shape entry {p} is {entry}, not the size {dims_out[p]}")
-            self.reshapes.append(ShapeEdit(shape_src, label, p, layout.inner * layout.outer))
-            return layout.along(p)
-        for p in range(layout.axis + 1):
-            q = r_in - r_out + p + 1
-            if q <= layout.axis or q > r_in:
-                continue
-            merged = dims_in[p:q]
-            kept_in = dims_in[:p] + dims_in[q:]
-            kept_out = dims_out[:p] + dims_out[p + 1 :]
-            kept_entries = target[:p] + target[p + 1 :]
-            # An output dim inference left unknown or renamed (-1 beside a symbolic batch) is the input's dim
-            # when every other dim lines up: the element counts must agree.
-            if not all(
-                d_in == d_out or (not isinstance(d_out, int) and entry in (-1, 0))
-                for d_in, d_out, entry in zip(kept_in, kept_out, kept_entries)
-            ):
-                continue
-            if any(not isinstance(d, int) for d in merged) or dims_out[p] != math.prod(merged):
-                continue
-            new = dataclasses.replace(
-                layout,
-                axis=p,
-                inner=layout.inner * math.prod(dims_in[layout.axis + 1 : q]),
-                outer=layout.outer * math.prod(dims_in[p : layout.axis]),
-            )
-            entry = target[p]
-            if entry == 0 and q == p + 1:
-                return new  # 0 copies the (single) channel dim, whatever its new size
-            if entry == -1:
-                return new
-            if entry != dims_out[p]:
-                raise NotPrunable(f"Reshape {label}: shape entry {p} is {entry}, not the size {dims_out[p]}")
-            self.reshapes.append(ShapeEdit(shape_src, label, p, new.inner * new.outer))
-            return new
-        raise NotPrunable(f"Reshape {label} splits or reorders the channel axis")
+        """Where Reshape ``i`` puts the channels (attention heads follow rules of their own)."""
+        return reshape_layout(self, i, name, layout)
 
     def _axes(self, node: onnx.NodeProto, label: str) -> list[int] | None:
         """The ``axes`` of Squeeze/Unsqueeze/Reduce*, from the attribute or a constant input; None if absent."""

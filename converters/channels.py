@@ -87,7 +87,8 @@ class ChannelGroup:
     Attributes:
         name: The (first) producer's weight tensor (the key ``shrink`` takes).
         node: Label of the (first) producing node (``graphinfo.node_label``).
-        op_type: Conv, ConvTranspose, Gemm or MatMul (other weights appear as not prunable).
+        op_type: Conv, ConvTranspose, Gemm, MatMul, or LSTM / GRU / RNN (hidden units; other weights appear as
+            not prunable).
         n_channels: Number of output channels (filters).
         outputs: Slices along the channel axis: the producer's weight and bias, normalisation
             parameters, per-channel constants.
@@ -105,6 +106,8 @@ class ChannelGroup:
             attention head: a block of rows of each of Q, K and V, of one fused projection or of each
             member, see ``converters.heads``).
         frozen: Computed Reshape shapes the shrink pass replaces with constants first.
+        cleared: (node label, input index) of a recurrent layer's zero initial states, computed with its
+            hidden size in their shape: the cut leaves those inputs out (zero by the op's definition).
     """
 
     name: str
@@ -123,6 +126,7 @@ class ChannelGroup:
     member_nodes: tuple[str, ...] = ()
     unit: str = "channel"
     frozen: tuple[FrozenShape, ...] = ()
+    cleared: tuple[tuple[str, int], ...] = ()
 
     @property
     def producers(self) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from onnx_admm.converters.channels import ChannelGroup, FrozenShape
 from onnx_admm.converters.encoders import DenseEncoder, SparseEncoder
 from onnx_admm.converters.graphinfo import constant_sources, node_label, tensor_names, tensor_value
 from onnx_admm.converters.heads_chains import split_shared_repeats
+from onnx_admm.converters.optable import RECURRENT
 from onnx_admm.converters.writeback import TensorUpdate
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,15 @@ def cut(
             shape.reshape(-1)[edit.index] -= removed.size * edit.per_channel
             values[edit.tensor] = shape
         changed_tensors.update(group.activations)
+        for label in group.member_nodes:
+            node = nodes[label]
+            if node.op_type in RECURRENT:  # the units are its hidden size
+                _set_int(node, "hidden_size", kept.size)
+                changes.append(f"{label}: hidden_size {group.n_channels} -> {kept.size}")
+        for label, k in group.cleared:
+            changes.append(f"{label}: input {k} ({nodes[label].input[k]}, zeros sized by the hidden units) left out: "
+                           "a missing initial state is zero")
+            nodes[label].input[k] = ""
         members = f" (members {', '.join(group.producers)})" if len(group.producers) > 1 else ""
         summary.append(f"{name}: kept {kept.size} of {group.n_channels} {group.unit}s ({removed.size} removed)"
                        f"{members}")
@@ -296,6 +306,15 @@ def with_frozen(model: onnx.ModelProto, frozen: tuple[FrozenShape, ...]) -> list
     for t in unread:
         model.graph.initializer.remove(t)
     return changes
+
+
+def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
+    """Set (or add) the int attribute ``name`` of ``node``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.i = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _copy_zeros(node: onnx.NodeProto) -> None:

@@ -20,7 +20,12 @@ that keep channels apart:
   with one dim that follows the inputs (tf2onnx's Keras Dense on a sequence) gets a constant of its own
   first (``ChannelGroup.frozen``), -1 at that dim;
 - the consumers, whose INPUT channels shrink: Conv (weight axis 1), Gemm (B columns for transB=1, rows
-  for transB=0), MatMul with a constant right operand (rows).
+  for transB=0), MatMul with a constant right operand (rows), an LSTM / GRU / RNN (W's axis 2);
+- Slice and Gather of another axis than the channels' (``converters.channel_select``), and a Reshape whose
+  shape is computed from the channels' own dims so that it follows the cut (``shape_entries.computed_reshape``).
+
+The hidden units of an LSTM, GRU or RNN are a group too (``converters.recurrent_units``): W and R are its two
+members, its outputs Y, Y_h and Y_c carry the units on.
 
 - Concat on the channel axis: the group's channels become one range of the joined channels
   (``ChannelLayout.offset``/``total``); each input's group cuts its own range of the consumers' input axis.
@@ -37,8 +42,8 @@ group.
 
 Anything else stops the walk and marks the group not prunable, with the reason: a graph output, a
 branch that comes from a graph input or whose channels are not the same layers' in the same layout,
-unequal Split pieces, Slice, Gather, Softmax, LayerNormalization, a Concat on another axis or of copies of
-the units beside other channels (YOLOv8's neck C2f), a Reshape that splits or
+unequal Split pieces, a Slice or Gather of the channels, Softmax, LayerNormalization, a Concat on another
+axis or of copies of the units beside other channels (YOLOv8's neck C2f), a Reshape that splits or
 reorders the channels, a grouped (non-depthwise) Conv, a tensor shared with a node outside the group
 (exporters merge equal initializers), or an op this module does not know.
 
@@ -68,7 +73,8 @@ from onnx_admm.converters.channels import (ChannelGroup, ChannelLayout, NotPruna
 from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_names, tensor_value
 from onnx_admm.converters.heads import Probe, feeds_attention, head_group, probe_shapes
 from onnx_admm.converters.heads_chains import split_shared_repeats
-from onnx_admm.converters.optable import BROADCAST, LINEAR
+from onnx_admm.converters.optable import BROADCAST, LINEAR, RECURRENT
+from onnx_admm.converters.recurrent_units import hidden_units, recurrent_starts
 from onnx_admm.converters.shapes import inferred_types
 
 logger = logging.getLogger(__name__)
@@ -77,7 +83,7 @@ __all__ = ["ChannelGroup", "ShapeEdit", "TensorSlice", "channel_groups", "channe
 
 
 def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
-    """The channel groups of every Conv/Gemm/MatMul weight, in graph order.
+    """The channel groups of every Conv/Gemm/MatMul weight and recurrent layer, in graph order.
 
     Depthwise, grouped and transposed Conv weights and MatMul weights on the left are listed as not
     prunable (a depthwise Conv's channels follow the group of the layer that feeds it).
@@ -179,7 +185,7 @@ class _Analysis:
         depthwise_of: dict[str, str] = {}  # depthwise node label -> group name
         pending_depthwise: list[tuple[int, str, int]] = []
         for i, node in enumerate(self.nodes):
-            if node.domain not in ("", "ai.onnx") or node.op_type not in LINEAR:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in LINEAR | RECURRENT:
                 continue
             # MatMul: the constant right operand; a constant left one is listed as not prunable.
             index = self._weight_input(i)
@@ -258,7 +264,7 @@ class _Analysis:
         while True:
             walk = ChannelWalk(self, weight, n_channels, names=self.names)
             try:
-                walk.run([self._start(walk, i, blocks.get(i, 1)) for i in members])
+                walk.run([start for i in members for start in self._starts(walk, i, blocks.get(i, 1))])
             except Regroup as exc:
                 if blocks:  # pieces of pieces
                     raise NotPrunable(f"{exc} after another Split regrouped them") from None
@@ -282,7 +288,9 @@ class _Analysis:
         walk.check_sharing()
         walk.check_shape_reads()
         members.sort()  # graph order: the first producer names the group
-        weights = tuple(self.constant(self.nodes[i].input[self._weight_input(i)]) for i in members)
+        # A recurrent layer's units are rows of both its W and its R.
+        weights = tuple(self.constant(self.nodes[i].input[k]) for i in members
+                        for k in ((1, 2) if self.nodes[i].op_type in RECURRENT else (self._weight_input(i),)))
         return ChannelGroup(
             name=weights[0],
             node=self.labels[members[0]],
@@ -297,6 +305,7 @@ class _Analysis:
             members=weights,
             member_nodes=tuple(self.labels[i] for i in members),
             frozen=tuple(walk.frozen),
+            cleared=tuple(walk.cleared),
         )
 
     def _weight_input(self, index: int) -> int:
@@ -326,6 +335,9 @@ class _Analysis:
                 )
             producer = self.nodes[i]
             weight = self.constant(producer.input[1]) if len(producer.input) > 1 else None
+            if producer.op_type in RECURRENT and weight is not None:
+                found.append(i)  # its hidden units
+                continue
             if producer.op_type in LINEAR and weight is not None:
                 # A depthwise Conv passes its input's channels on; any other layer makes the branch's
                 # channels (a ConvTranspose too: the group then stops at its start, with the reason).
@@ -344,10 +356,19 @@ class _Analysis:
         src = self.constant(name)
         return self.value(src) if src is not None else None
 
-    def _start(self, walk: ChannelWalk, index: int, blocks: int = 1) -> tuple[str, ChannelLayout]:
+    def _starts(self, walk: ChannelWalk, index: int, blocks: int = 1) -> list[tuple[str, ChannelLayout]]:
         """Record node ``index``'s weight (and bias) as cut along its output channels (in ``blocks`` outer
-        blocks of the units, after a Split regrouped them: ``channel_blocks``); returns where its output
-        holds them."""
+        blocks of the units, after a Split regrouped them: ``channel_blocks``); returns its outputs with where
+        they hold them (a recurrent layer's hidden units: ``recurrent_units``)."""
+        node, label = self.nodes[index], self.labels[index]
+        if node.op_type in RECURRENT:
+            if blocks != 1:
+                raise NotPrunable(f"the hidden units of {node.op_type} {label} are split into pieces")
+            return recurrent_starts(self, walk, index)
+        return [self._start(walk, index, blocks)]
+
+    def _start(self, walk: ChannelWalk, index: int, blocks: int) -> tuple[str, ChannelLayout]:
+        """``_starts`` for a Conv, ConvTranspose, Gemm or MatMul: its one output."""
         node, label = self.nodes[index], self.labels[index]
         weight = self.constant(node.input[self._weight_input(index)])
         if weight in self.constant_inputs:
@@ -398,6 +419,8 @@ class _Depthwise(Exception):
 
 
 def _out_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+    if node.op_type in RECURRENT:
+        return hidden_units(node, shape)
     if node.op_type == "Gemm":
         return shape[0] if node_attr(node, "transB", 0) else shape[1]
     if node.op_type == "MatMul":

@@ -39,6 +39,9 @@ CHANNEL_FIRST = POOLS | {
 }  # fmt: skip
 
 RECURRENT = frozenset({"GRU", "LSTM", "RNN"})
+# Gate blocks per direction: W is [directions, gates * hidden, input], R [directions, gates * hidden, hidden],
+# B [directions, 2 * gates * hidden] (LSTM's peepholes P [directions, 3 * hidden]).
+RECURRENT_GATES: dict[str, int] = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # Inputs of the recurrent ops that onnx2torch's converters (converters.onnx_ops) need as constants: W, R, B
 # (and LSTM's peepholes P).
 RECURRENT_CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
@@ -64,9 +67,13 @@ TRAINABLE_CONSUMERS = frozenset({
 
 # The torch parameter's (output-channel, input-channel) axes per consuming op: Conv and Linear (Gemm)
 # keep filters first; a ConvTranspose weight is [in, out / groups, k...]; a MatMul weight [K, N] stays in
-# ONNX layout. Ops absent here (Gather tables, recurrent W/R [directions, gates*hidden, in]) have no
-# filters or channels to prune whole.
-CHANNEL_AXES: dict[str, tuple[int, int]] = {"Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": (0, 1), "MatMul": (1, 0)}
+# ONNX layout; a recurrent W / R [directions, gates * hidden, input] holds a row per gate and hidden unit
+# (the unit's rows lie in ``gates`` blocks, converters.recurrent_units). Gather tables have no filters or
+# channels to prune whole.
+CHANNEL_AXES: dict[str, tuple[int, int]] = {
+    "Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": (0, 1), "MatMul": (1, 0), "LSTM": (1, 2), "GRU": (1, 2),
+    "RNN": (1, 2),
+}  # fmt: skip
 
 # The domain names of the standard ONNX operators (a node may spell it either way).
 DEFAULT_DOMAINS = ("", "ai.onnx")

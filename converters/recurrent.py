@@ -22,6 +22,8 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult
 from torch import nn
 
+from onnx_admm.converters.optable import RECURRENT_GATES
+
 
 # ONNX activation name -> (function(x, alpha, beta), default alpha, default beta); None: not used.
 _ACTIVATIONS: dict[str, tuple[Callable, float | None, float | None]] = {
@@ -38,12 +40,8 @@ _ACTIVATIONS: dict[str, tuple[Callable, float | None, float | None]] = {
     "softplus": (lambda x, a, b: F.softplus(x), None, None),
 }
 
-# op -> (gates, default activations of one direction)
-_RECURRENT = {
-    "LSTM": (4, ("Sigmoid", "Tanh", "Tanh")),
-    "GRU": (3, ("Sigmoid", "Tanh")),
-    "RNN": (1, ("Tanh",)),
-}
+# op -> the default activations of one direction
+_DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
 
 # (module attribute, ONNX input index, weight-map role) of the Parameters a recurrent module holds.
 RECURRENT_PARAMS = (("W", 1, "weight"), ("R", 2, "weight"), ("B", 3, "bias"), ("P", 7, "param"))
@@ -256,7 +254,7 @@ def _constant(node: OnnxNode, graph: OnnxGraph, index: int) -> torch.Tensor | No
 
 def _convert_recurrent(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     op = node.operation_type
-    gates, default_acts = _RECURRENT[op]
+    gates, default_acts = RECURRENT_GATES[op], _DEFAULT_ACTIVATIONS[op]
     attrs = node.attributes
     direction = attrs.get("direction", "forward")
     directions = 2 if direction == "bidirectional" else 1

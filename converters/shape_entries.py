@@ -25,10 +25,14 @@ from onnx_admm.converters.graphinfo import node_attr
 @dataclass(frozen=True)
 class Entry:
     """One entry of a shape tensor: ``dim`` is ``(tensor, axis)`` when the entry is exactly that dim of the
-    tensor's Shape; ``deps`` every such dim it is computed from (empty for a constant)."""
+    tensor's Shape; ``deps`` every such dim it is computed from (empty for a constant); ``factors`` the dims
+    whose product it is, when it is one (a Shape's dims multiplied, Keras' Tensordot's ``ReduceProd``);
+    ``value`` a constant's."""
 
     deps: frozenset[tuple[str, int]]
     dim: tuple[str, int] | None = None
+    factors: tuple[tuple[str, int], ...] | None = None
+    value: int | None = None
 
 
 # Ops that compute on a Shape's output (the dims) on its way to a Reshape's shape or a Resize's sizes.
@@ -54,7 +58,7 @@ def _entries(a: Any, name: str, memo: dict) -> list[Entry] | None:
     src = a.constant(name)
     if src is not None:
         values = a.value(src)
-        return None if values.ndim > 1 else [Entry(frozenset())] * values.size
+        return None if values.ndim > 1 else [Entry(frozenset(), value=int(v)) for v in values.reshape(-1)]
     index = a.producer_index.get(name)
     if index is None:
         return None  # a graph input
@@ -65,7 +69,8 @@ def _entries(a: Any, name: str, memo: dict) -> list[Entry] | None:
         if dims is None:
             return None
         start, end = node_attr(node, "start", 0), node_attr(node, "end", len(dims))
-        return [Entry(frozenset({(node.input[0], d)}), (node.input[0], d)) for d in range(len(dims))[start:end]]
+        return [Entry(frozenset({(node.input[0], d)}), (node.input[0], d), ((node.input[0], d),))
+                for d in range(len(dims))[start:end]]
     inputs = [shape_entries(a, x, memo) if x else None for x in node.input]
     if op in PASS:
         out = a.shape(node.output[0])
@@ -86,13 +91,21 @@ def _entries(a: Any, name: str, memo: dict) -> list[Entry] | None:
             return None
         deps = [frozenset().union(*(e.deps for e in x)) for x in inputs]
         if op == "ReduceProd":
-            return [Entry(frozenset().union(*deps))]
+            return [Entry(frozenset().union(*deps), factors=_product([e for x in inputs for e in x]))]
         width = max(len(x) for x in inputs)
         if any(len(x) not in (1, width) for x in inputs):
             return None
-        return [Entry(frozenset().union(*(x[0 if len(x) == 1 else k].deps for x in inputs)))
-                for k in range(width)]
+        operands = [[x[0 if len(x) == 1 else k] for x in inputs] for k in range(width)]
+        return [Entry(frozenset().union(*(e.deps for e in row)), factors=_product(row) if op == "Mul" else None)
+                for row in operands]
     return None
+
+
+def _product(entries: list[Entry]) -> tuple[tuple[str, int], ...] | None:
+    """The factors of the product of ``entries``, when each is a product of dims."""
+    if any(e.factors is None for e in entries):
+        return None
+    return tuple(f for e in entries for f in e.factors)
 
 
 def _slice(a: Any, node: onnx.NodeProto, data: list[Entry] | None) -> list[Entry] | None:
@@ -146,7 +159,8 @@ def check_shape_reads(walk: Any) -> None:
                 raise NotPrunable(f"the shape of the channels reaches the graph output {name!r}")
             for i in a.readers.get(name, []):
                 node, label = a.nodes[i], a.labels[i]
-                if node.op_type == "Reshape" and name == node.input[1] and (label, 1) in frozen:
+                computed = (label, 1) in frozen or label in walk.follows  # a constant of its own, or it follows the cut
+                if node.op_type == "Reshape" and name == node.input[1] and computed:
                     continue
                 if node.op_type == "Resize" and name in node.input[3:]:
                     # torch's F.interpolate(y, size=x.shape[-2:]) reads x's height and width, not its channels.
@@ -183,3 +197,41 @@ def _sizes_follow(walk: Any, label: str, entries: list[Entry], layout: Any) -> N
     for k, entry in enumerate(entries):
         if k != layout.axis and any(_counts(walk, dep) for dep in entry.deps):
             raise NotPrunable(f"Resize {label} computes entry {k} of its sizes from the count of the channels")
+
+
+def computed_reshape(walk: Any, i: int, name: str, dims_out: list) -> tuple[list, int] | None:
+    """Reshape node ``i`` of ``walk`` (data ``name``) computes its shape from the shapes of tensors that carry
+    the channels so that the cut keeps it right; returns the output dims with the channels' entry at its
+    present size (where shape inference left it unknown) and its position (nothing to edit there: it follows
+    the cut), or None. Either no entry depends on a channel count and the channels' entry is -1 (TorchScript's
+    ``x.flatten(1, 2)``: ``[Shape(x)[0], -1, Shape(x)[3]]``), or one entry is a product of dims with exactly one
+    count among them, a count that shrinks with the units, and no other depends on one (torch dynamo's
+    ``Shape(x)[2] * Shape(x)[3]``, Keras' Tensordot's ``ReduceProd`` of the dims it merges)."""
+    a = walk.a
+    entries = shape_entries(a, a.nodes[i].input[1])
+    if entries is None or len(entries) != len(dims_out):
+        return None
+    counting = [k for k, e in enumerate(entries) if any(_counts(walk, dep) for dep in e.deps)]
+    if not counting:
+        free = [k for k, e in enumerate(entries) if e.value == -1]
+        others = [e for e in entries if e.value != -1]
+        picked = [e.dim[1] for e in others if e.dim is not None and e.dim[0] == name]
+        dims_in = a.shape(name) or []
+        rest = [d for k, d in enumerate(dims_in) if k not in picked]
+        if len(free) != 1 or len(picked) != len(others) or len(set(picked)) != len(picked) or not all(
+                isinstance(d, int) for d in rest):
+            return None
+        size, p = int(np.prod(rest)), free[0]
+    elif len(counting) == 1:
+        p = counting[0]
+        factors = entries[p].factors or ()
+        counts = [f for f in factors if _counts(walk, f)]
+        sizes = [(a.shape(t) or [None] * (d + 1))[d] for t, d in factors]
+        plain = all(walk.reached[t].total is None and walk.reached[t].stride is None for t, _ in counts)
+        if len(counts) != 1 or not plain or not all(isinstance(v, int) for v in sizes):
+            return None
+        size = int(np.prod(sizes))
+    else:
+        return None
+    walk.follows.add(a.labels[i])
+    return [size if k == p else d for k, d in enumerate(dims_out)], p

@@ -20,7 +20,7 @@ data must be loaded. ``ShrinkResult.cuts`` records what was taken out of each te
 :func:`cut_update` can cut a trained value and its quantization (a per-channel scale along a cut axis)
 the same way: compress shrinks the original graph first and then writes the cut, still quantized values
 into it, so the encoders of ``converters.writeback`` (int8/int4/int2 + DequantizeLinear, codebook) see
-the shrunk tensors. ``count_macs`` gives multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul node
+the shrunk tensors. ``count_macs`` gives multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul and LSTM/GRU/RNN node
 from shapes inferred at a fixed batch size, and parameter counts.
 """
 
@@ -38,6 +38,7 @@ from onnx_admm.converters.errors import first_line
 from onnx_admm.converters.evaluate import evaluate
 from onnx_admm.converters.graphinfo import constant_sources, dim_value, graph_inputs, node_label, tensor_value
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
+from onnx_admm.converters.optable import LINEAR, RECURRENT
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def shrink(
 
 def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequence[int]] | None = None,
                feeds: Mapping[str, np.ndarray] | None = None) -> dict:
-    """Multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul node at ``batch``, and parameter counts.
+    """Multiply-accumulates per Conv/ConvTranspose/Gemm/MatMul and recurrent node at ``batch``, and parameter
+    counts.
 
     The batch size replaces the first dim of every graph input that is symbolic or unknown, and ``inputs``
     gives whole shapes (an image's height and width the graph leaves dynamic); shapes come from ONNX shape
@@ -117,7 +119,7 @@ def count_macs(model: onnx.ModelProto, batch: int = 1, inputs: Mapping[str, Sequ
         shapes[name] = list(shape)
 
     counted = [(i, node) for i, node in enumerate(model.graph.node)
-               if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.domain in ("", "ai.onnx")]
+               if node.op_type in LINEAR | RECURRENT and node.domain in ("", "ai.onnx")]
     missing = [node for _, node in counted if _node_macs(node, shapes) is None]
     if feeds is not None and missing:
         # Where inference loses the shapes (BERT's position ids cut to the sequence by a computed Slice, and
@@ -152,8 +154,11 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int | None]]) -> 
         dims = shapes.get(name)
         return dims if dims is not None and all(isinstance(d, int) and d > 0 for d in dims) else None
 
-    out = known(node.output[0])
     weight = known(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type in RECURRENT:  # every step: W [directions, gates * hidden, input] and R [.., hidden]
+        x, r = known(node.input[0]), known(node.input[2]) if len(node.input) > 2 else None
+        return None if x is None or weight is None or r is None else x[0] * x[1] * (math.prod(weight) + math.prod(r))
+    out = known(node.output[0]) if node.output[0] else None
     if node.op_type == "Conv":
         return None if out is None or weight is None else math.prod(out) * math.prod(weight[1:])
     if node.op_type == "ConvTranspose":

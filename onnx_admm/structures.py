@@ -68,8 +68,10 @@ class _AxisStructure(Structure):
 
     def constraint(self, shape, sparsity, axes, keep=None):
         axis = axes[self.which]
-        # projections' Filter and Channel group along tensor dims 0 and 1: the one this weight's axis is.
-        return (Filter if axis == 0 else Channel)(self.keep_groups(shape[axis], sparsity))
+        keep = self.keep_groups(shape[axis], sparsity)
+        # projections' Filter and Channel group along tensor dims 0 and 1: the one this weight's axis is. A
+        # recurrent weight's input axis is its third: one index of it per unit.
+        return (Filter, Channel)[axis](keep) if axis < 2 else Heads(keep, axis)
 
     def keep_groups(self, n: int, sparsity: float) -> int:
         """How many of the axis's ``n`` indices stay at ``sparsity``."""
@@ -81,8 +83,9 @@ class Filters(_AxisStructure):
     """Output channels (filters, neurons): removed from the graph with what reads them.
 
     A unit may own several blocks of the output axis (an attention head: ``inner`` = head_dim rows of each
-    of the ``outer`` = 3 thirds of a fused Q/K/V projection; the graph analysis finds them, a recipe's
-    ``filter`` starts as one row per unit).
+    of the ``outer`` = 3 thirds of a fused Q/K/V projection; a recurrent layer's hidden unit: a row of each
+    of the ``outer`` gate blocks; the graph analysis finds them, a recipe's ``filter`` starts as one row per
+    unit). Heads are counted exactly (``round_to`` 1).
     """
 
     name: ClassVar[str] = "filter"
@@ -98,7 +101,7 @@ class Filters(_AxisStructure):
             return super().constraint(shape, sparsity, axes, keep)
         axis = axes[self.which]
         units = shape[axis] // (self.outer * self.inner)
-        return Heads(group_keep_count(units, sparsity), axis, self.outer, self.inner)
+        return Heads(self.keep_groups(units, sparsity), axis, self.outer, self.inner)
 
     def keep_groups(self, n: int, sparsity: float) -> int:
         return rounded_keep(group_keep_count(n, sparsity), n, self.round_to)

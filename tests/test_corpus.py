@@ -201,11 +201,11 @@ def test_the_dense_layer_of_a_keras_export_loses_units_through_its_computed_resh
     assert list(weights[dense.name].dims) == [256, 32]
 
 
-def test_filter_pruning_leaves_recurrent_weights_alone_and_cuts_the_convs(tmp_path, one_thread):
-    # crnn_seq_first (conv trunk, bidirectional GRU, [T, N, C] head): --structure filter used to stop the
-    # run before training ("weight 'onnx::GRU_222' (GRU) has no filters or channels"); the GRU's weights are
-    # now left alone with that reason, as any weight whose filters cannot leave is, and the first conv loses
-    # filters.
+def test_filter_pruning_removes_recurrent_hidden_units_with_the_convs(tmp_path, one_thread):
+    # crnn_seq_first (conv trunk, flatten(1, 2) to a shape computed as [Shape(x)[0], -1, Shape(x)[3]],
+    # bidirectional GRU, [T, N, C] head): --structure filter left the GRU alone ("GRU filters are not
+    # removable") and the last conv too (its Reshape "computes its shape, with 2 dims that follow the inputs").
+    # Both lose half their units now: the GRU's hidden_size, W's and R's gate rows, R's and the head's columns.
     from onnx_admm.api import compress
     from onnx_admm.data import Dataset
     from onnx_admm.recipe import CompressConfig
@@ -214,11 +214,19 @@ def test_filter_pruning_leaves_recurrent_weights_alone_and_cuts_the_convs(tmp_pa
     feeds = data if data is not None else sweep._inputs(sweep.load_model(path), 64, 0)
     config = CompressConfig.from_dict({"train": {"threads": 1}, "admm": {"epochs": 1, "retrain_epochs": 1},
                                        "prune": {"sparsity": 0.5, "structure": "filter"}})
-    report = compress(path, Dataset(feeds, None, set(feeds)), config, metric_floor=0).report
-    alone = report["left_alone"]
-    assert [k for k, v in alone.items() if v == "GRU filters are not removable"] == ["onnx::GRU_222", "onnx::GRU_223"]
-    first = next(layer for layer in report["layers"] if layer["name"] == "conv.0.weight")
-    assert first["shape"] == [16, 1, 3, 3] and first["stored_shape"] == [8, 1, 3, 3]
+    result = compress(path, Dataset(feeds, None, set(feeds)), config, metric_floor=0)
+    assert list(result.report["left_alone"]) == ["onnx::MatMul_224"]  # the head: its classes reach LogSoftmax
+    stored = {layer["name"]: layer["stored_shape"] for layer in result.report["layers"]}
+    assert stored == {"conv.0.weight": [8, 1, 3, 3], "conv.3.weight": [16, 8, 3, 3], "onnx::GRU_222": [2, 72, 64],
+                      "onnx::GRU_223": [2, 72, 24], "onnx::MatMul_224": [48, 12]}
+    written = result.model()
+    (gru,) = [n for n in written.graph.node if n.op_type == "GRU"]
+    assert onnx.helper.get_attribute_value(next(a for a in gru.attribute if a.name == "hidden_size")) == 24
+    # the written file computes what was trained: onnxruntime against the trained weights in torch
+    feed = {name: np.asarray(value)[:8] for name, value in feeds.items()}
+    got = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    want = result.imported.run(feed)[0]
+    assert np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max())
 
 
 def test_seq2seq_transformer_imports_whole_with_its_logits_as_the_score(tmp_path, one_thread):

@@ -424,7 +424,7 @@ def test_a_slice_through_the_heads_keeps_the_reason(exporter, separate_qkv):
     qkv = next(g for g in groups if g.n_channels == 3 * 32)
     first = {"torchscript": "/Slice", "dynamo": "node_slice_1"}[exporter]
     assert not qkv.prunable
-    assert qkv.reason == (f"the channels reach Slice {first}, which is not handled; as attention heads: no attention "
+    assert qkv.reason == (f"Slice {first} slices the channel axis; as attention heads: no attention "
                           f"heads found (Slice {first} takes entries 8..40 of the heads' axis, not whole blocks of 32 "
                           "heads of 1)")
 

@@ -894,8 +894,77 @@ def test_the_conv_before_a_recurrent_layer_loses_filters_and_its_input_weight_co
     torch.manual_seed(0)
     path = export_torch(module.eval(), torch.zeros(1, 1, 4, 10), tmp_path / f"{kind}.onnx", "torchscript")
     groups, shrunk = _shrunk_matches_masked_torch(path, (1, 4, 10))
-    (last,) = [g for g in groups.values() if any(s.axis == 2 for s in g.consumers)]
+    (last,) = [g for g in groups.values() if g.op_type == "Conv" and any(s.axis == 2 for s in g.consumers)]
     (weight,) = [s.tensor for s in last.consumers]
     model = load_model(path)
     assert [n.op_type for n in model.graph.node if weight in n.input] == [kind.upper()]
-    assert last.n_channels == 24 and _value(shrunk, weight).shape[2] == 12 and len(groups) == 2
+    assert last.n_channels == 24 and _value(shrunk, weight).shape[2] == 12
+    # the recurrent layer's own hidden units are the third group
+    assert sorted(g.op_type for g in groups.values()) == ["Conv", "Conv", kind.upper()]
+
+
+class _Recurrent(torch.nn.Module):
+    """A recurrent classifier over [N, 7, 10] inputs: its per-step outputs (or the last layer's final state)
+    read by a Linear."""
+
+    def __init__(self, kind: str, bidirectional: bool, layers: int, batch_first: bool, last_state: bool) -> None:
+        super().__init__()
+        self.rnn = getattr(torch.nn, kind)(10, 16, num_layers=layers, bidirectional=bidirectional,
+                                           batch_first=batch_first)
+        self.fc = torch.nn.Linear(16 * (2 if bidirectional else 1), 5)
+        self.batch_first, self.last_state = batch_first, last_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        if self.last_state:
+            return self.fc((state[0] if isinstance(state, tuple) else state)[-1])
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("kind, exporter, bidirectional, layers, batch_first, last_state", [
+    ("LSTM", "torchscript", True, 2, False, False),   # Y -> Transpose -> Reshape [T, N, 2H] -> the next LSTM
+    ("GRU", "dynamo", False, 2, True, False),         # Y -> Transpose -> Reshape to a shape computed from its dims
+    ("LSTM", "dynamo", True, 1, True, False),
+    ("LSTM", "torchscript", False, 1, False, True),   # Y_h -> Gather(-1) -> Gemm
+])
+def test_recurrent_hidden_units_leave_the_graph(kind, exporter, bidirectional, layers, batch_first, last_state,
+                                                tmp_path):
+    # Unit j of a recurrent layer owns a row of each gate block of W and R, its entries of B, R's column j and
+    # the next layers' inputs; hidden_size shrinks and the zero initial states (computed from the batch size,
+    # with the hidden size in their shape) are left out, as zeros by the op's definition.
+    torch.manual_seed(0)
+    module = _Recurrent(kind, bidirectional, layers, batch_first, last_state).eval()
+    path = export_torch(module, torch.zeros(2, 7, 10), tmp_path / "rnn.onnx", exporter)
+    groups, shrunk = _shrunk_matches_masked_torch(path, (7, 10))
+    recurrent = [g for g in groups.values() if g.op_type == kind]
+    assert len(recurrent) == layers and all(g.n_channels == 16 and len(g.producers) == 2 for g in recurrent)
+    nodes = [n for n in shrunk.graph.node if n.op_type == kind]
+    gates = {"LSTM": 4, "GRU": 3}[kind]
+    for node, group in zip(nodes, recurrent):
+        assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "hidden_size")) == 8
+        assert all(not node.input[k] for _, k in group.cleared) and len(group.cleared) == (2 if kind == "LSTM" else 1)
+        w, r = (_value(shrunk, name) for name in node.input[1:3])
+        assert w.shape[1] == r.shape[1] == gates * 8 and r.shape[2] == 8
+
+
+def test_recurrent_units_stay_where_the_state_is_fed_or_leaves_the_graph():
+    # A streaming model's state is a graph input (or output): its hidden size is part of the graph's I/O.
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W", (1, 4, 3)), ("R", (1, 4, 4)), ("fc", (4, 2)))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 3])
+    h0 = helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", 4])
+
+    def reason(inputs: list, state: str, output: str) -> str:
+        nodes = [helper.make_node("RNN", ["x", "W", "R", "", "", state], ["", "h"], hidden_size=4),
+                 helper.make_node("ReduceMean", ["h"], ["s"], axes=[0], keepdims=0),
+                 helper.make_node("MatMul", ["s", "fc"], ["logits"])]
+        out = helper.make_tensor_value_info(output, TensorProto.FLOAT, None)
+        model = helper.make_model(helper.make_graph(nodes, "g", inputs, [out], inits),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        (group,) = [g for g in channel_groups(model) if g.op_type == "RNN"]
+        assert not group.prunable
+        return group.reason
+
+    assert "initial state 'h0'" in reason([x, h0], "h0", "logits")
+    assert "graph output 'h'" in reason([x], "", "h")

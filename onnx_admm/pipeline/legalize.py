@@ -87,11 +87,18 @@ def _keep_removable_filters(plan: Plan, groups: dict[str, ChannelGroup], held: s
     plan, left_alone = _left_alone(plan, left_alone, "filter pruning", "no weight can lose whole filters", hint)
     coupled = {g.name: tuple(pruned[m] for m in g.producers) for label, g in groups.items()
                if label in pruned and label not in left_alone and len(g.producers) > 1}
-    # An attention projection loses whole heads: its rows are ranked and kept by head.
-    weights = tuple(dataclasses.replace(w, structure=dataclasses.replace(
-                        w.structure, **dict(zip(("outer", "inner"), groups[w.spec.label].blocks(w.spec.label)))))
+    # An attention projection loses whole heads, a recurrent layer whole hidden units: its rows are ranked and
+    # kept by unit. A head count is kept exactly (4 heads do not round to 8).
+    weights = tuple(dataclasses.replace(w, structure=_unit_structure(w.structure, groups[w.spec.label], w.spec.label))
                     if w.removes_channels and w.spec.label in groups else w for w in plan.weights)
     return dataclasses.replace(plan, weights=weights, coupled=tuple(coupled.values())), left_alone
+
+
+def _unit_structure(structure, group: ChannelGroup, label: str):
+    """``structure`` (filters) with the blocks one unit of ``group`` owns along ``label``'s output axis."""
+    outer, inner = group.blocks(label)
+    exact = {"round_to": 1} if group.unit == "head" else {}
+    return dataclasses.replace(structure, outer=outer, inner=inner, **exact)
 
 
 # The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
