@@ -80,11 +80,11 @@ class ChannelWalk:
                         # Stepped already through another input. A broadcasting op waits for all its operands, so
                         # this is another op reading the channels twice (an SPPF's Concat of x and its pools):
                         # its second copy would keep every channel.
-                        if self.a.nodes[i].op_type not in BROADCAST:
+                        if self.a.nodes[i].op_type not in BROADCAST and not self._stacks(i):
                             raise NotPrunable(f"the channels reach {self.a.nodes[i].op_type} {self.a.labels[i]} "
                                               "through several inputs")
                         continue
-                    if self.a.nodes[i].op_type == "Concat":
+                    if self.a.nodes[i].op_type == "Concat" and not self._stacks(i):
                         joins.add(i)
                         continue
                     other = self._blocking_operand(i)
@@ -112,14 +112,26 @@ class ChannelWalk:
         self.blocked = waiting
 
     def _blocking_operand(self, i: int) -> str | None:
-        """For a broadcasting op, an operand that is computed but does not carry this group's channels."""
+        """For a broadcasting op (or a Concat along another axis), an operand that is computed but does not carry
+        this group's channels."""
         node = self.a.nodes[i]
-        if node.op_type not in BROADCAST:
+        if node.op_type not in BROADCAST and not self._stacks(i):
             return None
         for name in node.input:
             if name and self.a.constant(name) is None and name not in self.reached:
                 return name
         return None
+
+    def _stacks(self, i: int) -> bool:
+        """Node ``i`` is a Concat along another axis than the channels' (the stacked final states of a torch
+        RNN's layers, a class token before the patches): every input holds the same channels, as a sum's
+        operands do (the producers of the others are coupled to the group), a constant one is cut alike."""
+        node = self.a.nodes[i]
+        carried = next((x for x in node.input if x in self.reached), None)
+        if node.op_type != "Concat" or carried is None:
+            return False
+        rank = len(self.a.shape(carried) or ())
+        return bool(rank) and node_attr(node, "axis", 0) % rank != self.reached[carried].axis
 
     # -- slices -----------------------------------------------------------------------------------------
 
@@ -363,6 +375,8 @@ class ChannelWalk:
             if pads[layout.axis] or pads[layout.axis + rank]:
                 raise NotPrunable(f"Pad {label} pads the channel axis")
             return [(node.output[0], layout)]
+        if op == "Concat" and self._stacks(i):
+            return self._broadcast(i, layout)
         if op == "Concat":
             if len(carried) > 1:  # the group's channels joined to themselves: blocks of the same units
                 return [(node.output[0], joined_blocks(self, i, carried, layout, rank))]

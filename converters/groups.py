@@ -21,6 +21,8 @@ that keep channels apart:
   first (``ChannelGroup.frozen``), -1 at that dim;
 - the consumers, whose INPUT channels shrink: Conv (weight axis 1), Gemm (B columns for transB=1, rows
   for transB=0), MatMul with a constant right operand (rows), an LSTM / GRU / RNN (W's axis 2);
+- a Concat along another axis than the channels' (torch's stacked final states of an RNN's layers): every
+  input holds the same channels, as a sum's operands do, so the producers of the others are coupled;
 - Slice and Gather of another axis than the channels' (``converters.channel_select``), and a Reshape whose
   shape is computed from the channels' own dims so that it follows the cut (``shape_entries.computed_reshape``).
 

@@ -926,23 +926,30 @@ class _Recurrent(torch.nn.Module):
     ("GRU", "dynamo", False, 2, True, False),         # Y -> Transpose -> Reshape to a shape computed from its dims
     ("LSTM", "dynamo", True, 1, True, False),
     ("LSTM", "torchscript", False, 1, False, True),   # Y_h -> Gather(-1) -> Gemm
+    ("GRU", "torchscript", False, 2, True, True),     # Concat(Y_h of each layer, axis 0) -> Gather(-1): coupled
 ])
 def test_recurrent_hidden_units_leave_the_graph(kind, exporter, bidirectional, layers, batch_first, last_state,
                                                 tmp_path):
     # Unit j of a recurrent layer owns a row of each gate block of W and R, its entries of B, R's column j and
     # the next layers' inputs; hidden_size shrinks and the zero initial states (computed from the batch size,
-    # with the hidden size in their shape) are left out, as zeros by the op's definition.
+    # with the hidden size in their shape) are left out, as zeros by the op's definition. torch stacks the
+    # layers' final states along axis 0 before h[-1]: that Concat couples the layers (the same units leave both).
     torch.manual_seed(0)
     module = _Recurrent(kind, bidirectional, layers, batch_first, last_state).eval()
     path = export_torch(module, torch.zeros(2, 7, 10), tmp_path / "rnn.onnx", exporter)
     groups, shrunk = _shrunk_matches_masked_torch(path, (7, 10))
     recurrent = [g for g in groups.values() if g.op_type == kind]
-    assert len(recurrent) == layers and all(g.n_channels == 16 and len(g.producers) == 2 for g in recurrent)
+    coupled = last_state and layers > 1
+    assert len(recurrent) == (1 if coupled else layers) and all(g.n_channels == 16 for g in recurrent)
+    assert sorted(len(g.producers) for g in recurrent) == ([2 * layers] if coupled else [2] * layers)  # W and R
     nodes = [n for n in shrunk.graph.node if n.op_type == kind]
+    labels = {node_label(n, i): n for i, n in enumerate(shrunk.graph.node)}
+    states = {(label, k) for g in recurrent for label, k in g.cleared}
+    assert len(nodes) == layers and len(states) == layers * (2 if kind == "LSTM" else 1)
+    assert all(not labels[label].input[k] for label, k in states)
     gates = {"LSTM": 4, "GRU": 3}[kind]
-    for node, group in zip(nodes, recurrent):
+    for node in nodes:
         assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "hidden_size")) == 8
-        assert all(not node.input[k] for _, k in group.cleared) and len(group.cleared) == (2 if kind == "LSTM" else 1)
         w, r = (_value(shrunk, name) for name in node.input[1:3])
         assert w.shape[1] == r.shape[1] == gates * 8 and r.shape[2] == 8
 
