@@ -34,7 +34,7 @@ from torch import fx, nn
 from onnx_admm.converters import onnx_ops, recurrent  # noqa: F401 - onnx_ops registers the extra onnx2torch converters
 from onnx_admm.converters.batch_axis import baked_batch, fixed_batch
 from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.optable import CHANNEL_AXES, TRAINABLE_CONSUMERS
+from onnx_admm.converters.optable import CHANNEL_AXES, SCALE_AXES, TRAINABLE_CONSUMERS
 from onnx_admm.converters.graphinfo import (
     Consumer,
     GraphView,
@@ -115,6 +115,11 @@ class WeightEntry:
     def channel_axes(self) -> tuple[int | None, int | None]:
         """The torch parameter's (output-channel, input-channel) axes (``CHANNEL_AXES``); (None, None) without."""
         return CHANNEL_AXES.get(self.op_type, (None, None))
+
+    @property
+    def scale_axis(self) -> int | None:
+        """The axis per-channel quantization scales run along (``SCALE_AXES``, else the output channels')."""
+        return SCALE_AXES.get(self.op_type, self.channel_axes[0])
 
 
 class OnnxModule(nn.Module):

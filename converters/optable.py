@@ -75,6 +75,11 @@ CHANNEL_AXES: dict[str, tuple[int, int]] = {
     "RNN": (1, 2),
 }  # fmt: skip
 
+# Where per-channel quantization scales run along another axis than the filters: a recurrent W / R keeps one
+# scale per direction (a scale per gate row measured 5-13% larger gzip'd files at the same agreement on four
+# recurrent corpus models at 50% + 4 bits).
+SCALE_AXES: dict[str, int] = {"LSTM": 0, "GRU": 0, "RNN": 0}
+
 # The domain names of the standard ONNX operators (a node may spell it either way).
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

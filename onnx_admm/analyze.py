@@ -144,7 +144,8 @@ def _measure(model, data, val_data, labels, config: CompressConfig, levels, bits
     minimum = Allocation(min_keep=config.prune.min_keep, floor=config.prune.floor).minimum
     probes = pruning_probes(params, levels, minimum)
     for s in specs:
-        probes[s.name] += [Probe(choice(bits=b, per_channel=s.out_axis is not None).quantizer(s.out_axis or 0), bits=b)
+        per_channel = s.scale_axis is not None
+        probes[s.name] += [Probe(choice(bits=b, per_channel=per_channel).quantizer(s.scale_axis or 0), bits=b)
                            for b in sorted(set(bits), reverse=True)]
     labels_of = {s.name: s.label for s in specs}  # progress names the ONNX weights, as the table does
     emit = None if progress is None else (lambda e: progress({**e, "layer": labels_of[e["layer"]]} if "layer" in e else e))

@@ -64,7 +64,7 @@ Data = (str | Path | Mapping[str, Any] | Iterable[Mapping[str, Any]] | Callable[
 def weight_specs(imported: ImportedModel) -> list[WeightSpec]:
     specs = []
     for entry in imported.compressible():
-        specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, *entry.channel_axes))
+        specs.append(WeightSpec(entry.param, entry.onnx_name, entry.op_type, *entry.channel_axes, entry.scale_axis))
     return specs
 
 

@@ -359,7 +359,7 @@ def _check_binary(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Pa
     def binarize(entry, p: torch.Tensor) -> QuantSpec | None:
         if not entry.compressible or p.numel() < 2:
             return None
-        out = entry.channel_axes[0] if p.dim() >= 2 else None
+        out = entry.scale_axis if p.dim() >= 2 else None
         qt = quantize(Binary(per_channel=out is not None, axis=out or 0), p)
         p.copy_(qt.dequantize())
         return entry.layout.quant_spec(qt.bits, qt.scale.cpu().numpy(), qt.axis, p.dim())

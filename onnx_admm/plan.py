@@ -43,10 +43,15 @@ class WeightSpec:
     # they make no sense (Gather tables). ``in_axis`` defaults to the other one of the first two.
     out_axis: int | None = 0
     in_axis: int | None = None
+    # The axis per-channel quantization scales run along: ``out_axis`` unless given (a recurrent W / R keeps
+    # one scale per direction, axis 0).
+    scale_axis: int | None = None
 
     def __post_init__(self) -> None:
         if self.in_axis is None and self.out_axis is not None:
             object.__setattr__(self, "in_axis", 0 if self.out_axis == 1 else 1)
+        if self.scale_axis is None:
+            object.__setattr__(self, "scale_axis", self.out_axis)
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,8 @@ class WeightPlan:
 
     @property
     def scale_axis(self) -> int:
-        """The axis per-channel scales and levels run along: the output-channel axis (0 where there is none)."""
-        return self.spec.out_axis or 0
+        """The axis per-channel scales and levels run along (``WeightSpec.scale_axis``; 0 where there is none)."""
+        return self.spec.scale_axis or 0
 
     def quantizer(self, stage: int):
         """Stage ``stage``'s quantizer of this weight, None when it is not quantized then."""
