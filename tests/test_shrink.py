@@ -975,3 +975,49 @@ def test_recurrent_units_stay_where_the_state_is_fed_or_leaves_the_graph():
 
     assert "initial state 'h0'" in reason([x, h0], "h0", "logits")
     assert "graph output 'h'" in reason([x], "", "h")
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_units_cut_peepholes_and_constant_states(op):
+    # Hand-built: a bidirectional layer with every optional input given as a constant (B, initial_h, LSTM's
+    # initial_c and peepholes P), its Y read by a MatMul and its Y_h by another. Removing units must equal
+    # zeroing their readers' rows in onnxruntime (1e-5), with every constant cut. (onnxruntime runs layout 0
+    # only: "Batchwise recurrent operations (layout == 1) are not supported".)
+    rng, layout = np.random.default_rng(0), 0
+    gates, hidden, inputs, batch, steps = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 6, 5, 2, 4
+    values = {"W": (2, gates * hidden, inputs), "R": (2, gates * hidden, hidden), "B": (2, 2 * gates * hidden),
+              "h0": (batch, 2, hidden) if layout else (2, batch, hidden), "fc": (2 * hidden, 3), "fh": (hidden, 3)}
+    if op == "LSTM":
+        values.update({"c0": values["h0"], "P": (2, 3 * hidden)})
+    inits = {name: rng.standard_normal(shape).astype(np.float32) * 0.5 for name, shape in values.items()}
+    x_shape = [batch, steps, inputs] if layout else [steps, batch, inputs]
+    names = ["x", "W", "R", "B", "", "h0"] + (["c0", "P"] if op == "LSTM" else [])
+    y_merge = [batch, steps, 2 * hidden] if layout else [steps, batch, 2 * hidden]
+    nodes = [helper.make_node(op, names, ["y", "yh"], hidden_size=hidden, direction="bidirectional", layout=layout),
+             # Y [.., 2, H] -> its directions side by side -> a MatMul; Y_h's mean over the directions -> another
+             helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 1, 2, 3] if layout else [0, 2, 1, 3]),
+             helper.make_node("Reshape", ["yt", "shape"], ["ym"]),
+             helper.make_node("MatMul", ["ym", "fc"], ["out"]),
+             helper.make_node("ReduceMean", ["yh"], ["hm"], axes=[1 if layout else 0], keepdims=0),
+             helper.make_node("MatMul", ["hm", "fh"], ["out_h"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, y_merge[:2] + [3]),
+         helper.make_tensor_value_info("out_h", TensorProto.FLOAT, [batch, 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array(y_merge, np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (group,) = [g for g in channel_groups(model) if g.op_type == op]
+    assert group.prunable, group.reason
+    removed = np.array([1, 4])
+    shrunk = shrink(model, {group.name: np.setdiff1d(np.arange(hidden), removed)}, [group]).model
+    onnx.checker.check_model(shrunk, full_check=True)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    want, got = _run(zeroed(model, group, removed), x), _run(shrunk, x)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    kept = hidden - len(removed)
+    cut = {name: _value(shrunk, name).shape for name in inits}
+    assert cut["W"] == (2, gates * kept, inputs) and cut["R"] == (2, gates * kept, kept)
+    assert cut["B"] == (2, 2 * gates * kept) and cut["h0"][2] == kept and cut["fc"] == (2 * kept, 3)
+    assert cut["fh"] == (kept, 3) and (op != "LSTM" or (cut["P"] == (2, 3 * kept) and cut["c0"][2] == kept))
