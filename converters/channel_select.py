@@ -29,6 +29,8 @@ def select_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tup
     op = node.op_type
     if any(k != 0 for k, name in enumerate(node.input) if name in walk.reached):
         raise NotPrunable(f"the channels reach an index input of {op} {label}")
+    if not rank:
+        raise NotPrunable(f"the rank of the input of {op} {label} is unknown (shape inference failed)")
     if op == "Gather":
         axis = node_attr(node, "axis", 0) % rank
         if axis == layout.axis:

@@ -155,12 +155,15 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(model: str, as_json: bool) -> None:
+@click.option("--filters", is_flag=True,
+              help="Also list what filter pruning would cut: each layer's filters (a recurrent layer's hidden units, "
+                   "attention heads) with the weights that lose them together, or why a layer keeps them.")
+def inspect(model: str, as_json: bool, filters: bool) -> None:
     """List the compressible weights of MODEL, its score output, and anything that cannot be imported."""
     from onnx_admm.converters.modelio import json_safe
     from onnx_admm.inspection import format_inspection, inspect_model
 
-    info = inspect_model(model)
+    info = inspect_model(model, filters=filters)
     click.echo(json.dumps(json_safe(info), indent=2, allow_nan=False) if as_json else format_inspection(info))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from onnx_admm.converters.fused import unfuse, weights_view
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import compressible_weights, graph_inputs
+from onnx_admm.converters.groups import channel_groups, channel_groups_summary
 from onnx_admm.converters.scores import find_score_output
 from onnx_admm.converters.importer import import_model, unsupported_nodes
 from onnx_admm.converters.modelio import load_model
@@ -16,8 +17,10 @@ from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.quantized import dequantize_model
 
 
-def inspect_model(path: str | Path) -> dict[str, Any]:
-    """A JSON-ready description: inputs, outputs, score output, compressible weights, import problems."""
+def inspect_model(path: str | Path, filters: bool = False) -> dict[str, Any]:
+    """A JSON-ready description: inputs, outputs, score output, compressible weights, import problems; with
+    ``filters``, the channel groups filter pruning would cut (each layer's filters, a recurrent layer's hidden
+    units, attention heads), or why a layer keeps them."""
     quantized = load_model(path)
     # A model quantized by onnxruntime is compressed as its float form: describe that one's weights.
     model, dequantized = dequantize_model(quantized)
@@ -68,6 +71,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "dequantized": dequantized,
         # onnxruntime's fused nodes the import spells in standard ops (compress keeps them in the file).
         "unfused": unfuse(model).lines,
+        **({"filter_groups": channel_groups_summary(channel_groups(model))} if filters else {}),
     }
 
 
@@ -107,7 +111,21 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["unfused"]:
         lines.append("  optimized by onnxruntime: its fused nodes import as standard ops and stay in the written file")
         lines += [f"    {u}" for u in info["unfused"]]
+    if "filter_groups" in info:
+        lines += _format_groups(info["filter_groups"])
     if not info["importable"]:
         lines.append("  cannot import:")
         lines += [f"    {p}" for p in info["problems"]]
     return "\n".join(lines)
+
+
+def _format_groups(groups: list[dict[str, Any]]) -> list[str]:
+    """The filter-pruning section of ``format_inspection``: a line per group, its units or why it keeps them."""
+    prunable = sum(g["prunable"] for g in groups)
+    lines = [f"  filter pruning (--structure filter): {prunable} of {len(groups)} groups can lose units",
+             f"    {'group (first weight)':<40} {'op':<14} {'units':>8}  the weights that lose them with it, or why not"]
+    for g in groups:
+        units = f"{g['channels']} {g['unit']}s" if g["unit"] != "channel" else str(g["channels"])
+        why = ", ".join(g["members"][1:]) if g["prunable"] else f"keeps them: {g['reason']}"
+        lines.append(f"    {g['name']:<40} {g['op_type']:<14} {units:>8}  {why}".rstrip())
+    return lines

@@ -51,6 +51,20 @@ def test_inspect_table_says_what_rules_match(digits_sample):
     assert 'recipe rules match these weight names: [[rules]] match = "0.weight"' in result.output
 
 
+def test_inspect_filters_lists_what_filter_pruning_would_cut_and_why_not(digits_sample):
+    # Before a long --structure filter run: each layer's units, or why it keeps them (here the head's classes
+    # are the graph output).
+    result = _run("inspect", digits_sample.model, "--filters")
+    assert result.exit_code == 0, result.output
+    assert "filter pruning (--structure filter): 3 of 4 groups can lose units" in result.output
+    assert "keeps them: the channels reach the graph output 'logits'" in result.output
+    groups = json.loads(_run("inspect", digits_sample.model, "--json", "--filters").output)["filter_groups"]
+    assert [(g["name"], g["op_type"], g["channels"], g["prunable"]) for g in groups] == [
+        ("0.weight", "Conv", 16, True), ("2.weight", "Conv", 32, True), ("5.weight", "Gemm", 64, True),
+        ("7.weight", "Gemm", 10, False)]
+    assert "filter_groups" not in json.loads(_run("inspect", digits_sample.model, "--json").output)
+
+
 def test_inspect_names_probabilities_output(two_outputs_torchscript_onnx):
     info = json.loads(_run("inspect", two_outputs_torchscript_onnx, "--json").output)
     assert info["score_output"]["name"] == "logits"

@@ -1021,3 +1021,27 @@ def test_recurrent_units_cut_peepholes_and_constant_states(op):
     assert cut["W"] == (2, gates * kept, inputs) and cut["R"] == (2, gates * kept, kept)
     assert cut["B"] == (2, 2 * gates * kept) and cut["h0"][2] == kept and cut["fc"] == (2 * kept, 3)
     assert cut["fh"] == (kept, 3) and (op != "LSTM" or (cut["P"] == (2, 3 * kept) and cut["c0"][2] == kept))
+
+
+def test_a_slice_of_channels_whose_rank_inference_lost_stops_the_group_with_the_reason(monkeypatch):
+    # Where ONNX shape inference loses the shapes past an LSTM (a 40x-pruned Keras reader stored with sparse
+    # initializers), the Slice that cuts Y into its directions read rank 0 and raised ZeroDivisionError out of
+    # the analysis. Here inference is made to lose Y's shape alone.
+    from onnx_admm.converters import groups as groups_module
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W", (1, 16, 3)), ("R", (1, 16, 4)), ("fc", (4, 2)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("zero", [0]), ("one", [1]))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=4),
+             helper.make_node("Slice", ["y", "zero", "one", "one"], ["y0"]),
+             helper.make_node("Squeeze", ["y0", "one"], ["s"]),
+             helper.make_node("MatMul", ["s", "fc"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, "N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [g.prunable for g in channel_groups(model) if g.op_type == "LSTM"] == [True]
+    inferred = groups_module._Analysis.shape
+    monkeypatch.setattr(groups_module._Analysis, "shape", lambda self, name: None if name == "y" else inferred(self, name))
+    (group,) = [g for g in channel_groups(model) if g.op_type == "LSTM"]
+    assert not group.prunable and group.reason.startswith("the rank of the input of Slice")
