@@ -75,6 +75,10 @@ CHANNEL_AXES: dict[str, tuple[int, int]] = {
     "RNN": (1, 2),
 }  # fmt: skip
 
+# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
+# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
+NM_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
 # Where per-channel quantization scales run along another axis than the filters: a recurrent W / R keeps one
 # scale per direction (a scale per gate row measured 5-13% larger gzip'd files at the same agreement on four
 # recurrent corpus models at 50% + 4 bits).

@@ -258,3 +258,14 @@ def test_recurrent_weights_lose_units_along_their_gate_rows_and_keep_a_scale_per
     # a unit of a 12-wide layer under filter pruning: 4 gate rows of W (after legalize gives the blocks)
     constraint = dataclasses.replace(lstm.structure, outer=4).constraint((4, 48, 24), 0.5, (1, 2))
     assert (constraint.dim, constraint.outer, constraint.keep_groups) == (1, 4, 6)
+
+
+def test_a_rule_asking_n_m_of_a_recurrent_weight_is_an_error():
+    # A recurrent weight has gate rows and input columns now (filter pruning removes its units), but no N:M
+    # kernel reads it: a rule that names it with a pattern is a mistake, as it was before it had those axes.
+    specs = [WeightSpec("w", "W", "LSTM", 1, 2, 0), WeightSpec("fc", "fc.weight", "Gemm", 0, 1)]
+    with pytest.raises(UserError, match="'W' \\(LSTM\\): structure '2:4' applies to Conv, Gemm, MatMul weights"):
+        make_plan(specs, CompressConfig.from_dict({"prune": {"sparsity": 0.5},
+                                                   "rules": [{"match": "W", "structure": "2:4"}]}))
+    plan = make_plan(specs, CompressConfig.from_dict({"prune": {"sparsity": 0.5, "structure": "2:4"}}))
+    assert {w.spec.name for w in plan.weights} == {"w", "fc"}  # the run's own pattern: legalize leaves W alone

@@ -18,6 +18,7 @@ from onnx_admm.converters.dequantize import weight_decoders
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.fused import unfuse
 from onnx_admm.converters.groups import ChannelGroup, channel_groups
+from onnx_admm.converters.optable import NM_OPS
 from onnx_admm.plan import Plan, leave_alone, reduction_axis
 from onnx_admm.structures import NMPattern
 
@@ -101,11 +102,6 @@ def _unit_structure(structure, group: ChannelGroup, label: str):
     return dataclasses.replace(structure, outer=outer, inner=inner, **exact)
 
 
-# The ops whose weights the N:M kernels of sparse tensor cores read (TensorRT's Convolution and fully
-# connected layers); a ConvTranspose, an embedding or a recurrent weight gains nothing from the pattern.
-_NM_OPS = ("Conv", "Gemm", "MatMul")
-
-
 def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
                      groups: dict[str, ChannelGroup]) -> tuple[Plan, dict[str, str]]:
     """N:M only on Conv/Gemm/MatMul weights whose input axis splits into runs of M and keeps its length;
@@ -121,7 +117,7 @@ def _keep_nm_weights(plan: Plan, shapes: dict[str, torch.Size],
         if not isinstance(pattern, NMPattern):
             continue
         length = shapes[w.spec.name][reduction_axis(w.spec)]
-        if w.spec.op_type not in _NM_OPS:
+        if w.spec.op_type not in NM_OPS:
             left_alone[w.spec.label] = f"{w.structure} applies to Conv, Gemm and MatMul weights, not {w.spec.op_type}"
         elif length % pattern.m:
             left_alone[w.spec.label] = (f"{w.structure} needs the input axis in runs of {pattern.m}; it holds {length} "

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.optable import NM_OPS
 from onnx_admm import structures
 from onnx_admm.plan import ImpossibleTarget, Plan, WeightPlan, WeightSpec, check_budget
 from onnx_admm.allocation import Allocation
@@ -110,13 +111,18 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
             quant = (quantize.bits, quantize.ternary, quantize.clusters)
         if sparsity is None and not shared and not any(q not in (None, False) for q in quant):
             continue
-        # A weight without filters (a recurrent one) under the run's structure is left alone by legalize, as a
-        # filter that cannot leave the graph is; a rule that names it with that structure is a mistake.
+        # A weight without filters (a Gather table), or a recurrent one under N:M, is left alone by legalize under
+        # the run's structure, as a filter that cannot leave the graph is; a rule that names it so is a mistake.
         if structure.grouped and (sparsity is not None or shared) and rule is not None and rule.structure:
+            nm = isinstance(structure, NMPattern)
             if spec.out_axis is None:
-                has = "input axis to group along" if isinstance(structure, NMPattern) else "filters or channels"
+                has = "input axis to group along" if nm else "filters or channels"
                 raise UserError(f"weight {spec.label!r} ({spec.op_type}) has no {has}: structure '{structure}' "
                                 "cannot apply; add a rule with structure = \"unstructured\"")
+            if nm and spec.op_type not in NM_OPS:
+                raise UserError(f"weight {spec.label!r} ({spec.op_type}): structure '{structure}' applies to "
+                                f"{', '.join(sorted(NM_OPS))} weights, the layers N:M kernels run; add a rule with "
+                                "structure = \"unstructured\"")
         rows.append((spec, sparsity, shared, structure, quant))
     if not rows:
         raise UserError("nothing to compress: no compressible weight has a target; pass --sparsity (e.g. 0.9), "
