@@ -258,6 +258,11 @@ def test_recurrent_weights_lose_units_along_their_gate_rows_and_keep_a_scale_per
     # a unit of a 12-wide layer under filter pruning: 4 gate rows of W (after legalize gives the blocks)
     constraint = dataclasses.replace(lstm.structure, outer=4).constraint((4, 48, 24), 0.5, (1, 2))
     assert (constraint.dim, constraint.outer, constraint.keep_groups) == (1, 4, 6)
+    # input channels: whole columns of axis 2 (this raised TypeError before the weight had axes)
+    w = torch.randn(2, 48, 24)
+    support = structures.Channels().constraint(tuple(w.shape), 0.5, (1, 2)).support(w)
+    columns = support.movedim(2, 0).reshape(24, -1)
+    assert int(columns.all(dim=1).sum()) == 12 and not (columns.any(dim=1) & ~columns.all(dim=1)).any()
 
 
 def test_a_rule_asking_n_m_of_a_recurrent_weight_is_an_error():
