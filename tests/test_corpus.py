@@ -83,6 +83,14 @@ def test_keras_ctc_reader_keeps_its_reads_and_its_largest_conv_loses_filters(tmp
     conv = groups["functional_1/conv2d_1_2/convolution/ReadVariableOp:0"]
     assert conv.prunable and conv.n_channels == 64, conv.reason
     _shrinks_as_masked(model, conv, np.arange(0, 64, 4), {"image": data["image"][:16]})
+    # Both bidirectional LSTMs lose hidden units: Y cut into its directions by Slices and joined again, the
+    # zero states tf2onnx computes from the batch left out, the Dense's Tensordot shape computed by ReduceProd.
+    for name, r, units, state in (("W__193", "R__194", 64, "Concat__187:0"), ("W__170", "R__171", 32, "Concat__164:0")):
+        lstm = groups[name]
+        assert lstm.prunable and lstm.n_channels == units and lstm.producers == (name, r), lstm.reason
+        assert [model.graph.node[[n.name for n in model.graph.node].index(label)].input[k]
+                for label, k in lstm.cleared] == [state, state]
+        _shrinks_as_masked(model, lstm, np.arange(0, units, 3), {"image": data["image"][:16]})
 
 
 def test_check_runs_the_paddle_detector_without_data():
