@@ -75,7 +75,7 @@ from onnx_admm.converters.channels import (ChannelGroup, ChannelLayout, NotPruna
 from onnx_admm.converters.graphinfo import GraphView, TensorSource, constant_sources, node_attr, resolve, tensor_names, tensor_value
 from onnx_admm.converters.heads import Probe, feeds_attention, head_group, probe_shapes
 from onnx_admm.converters.heads_chains import split_shared_repeats
-from onnx_admm.converters.optable import BROADCAST, LINEAR, RECURRENT
+from onnx_admm.converters.optable import BROADCAST, LINEAR, RECURRENT, WEIGHT_INPUTS
 from onnx_admm.converters.recurrent_units import hidden_units, recurrent_starts
 from onnx_admm.converters.shapes import inferred_types
 
@@ -292,7 +292,8 @@ class _Analysis:
         members.sort()  # graph order: the first producer names the group
         # A recurrent layer's units are rows of both its W and its R.
         weights = tuple(self.constant(self.nodes[i].input[k]) for i in members
-                        for k in ((1, 2) if self.nodes[i].op_type in RECURRENT else (self._weight_input(i),)))
+                        for k in (WEIGHT_INPUTS[self.nodes[i].op_type] if self.nodes[i].op_type in RECURRENT
+                                  else (self._weight_input(i),)))
         return ChannelGroup(
             name=weights[0],
             node=self.labels[members[0]],

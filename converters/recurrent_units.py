@@ -25,7 +25,7 @@ import onnx
 
 from onnx_admm.converters.channels import ChannelLayout, NotPrunable, fed_at_run_time
 from onnx_admm.converters.graphinfo import node_attr
-from onnx_admm.converters.optable import RECURRENT_GATES
+from onnx_admm.converters.optable import RECURRENT_GATES, WEIGHT_INPUTS
 
 __all__ = ["hidden_units", "recurrent_starts", "zero_valued"]
 
@@ -47,7 +47,8 @@ def recurrent_starts(a: Any, walk: Any, index: int) -> list[tuple[str, ChannelLa
     units in ``walk``; returns its outputs with where they hold the units."""
     node, label = a.nodes[index], a.labels[index]
     op, gates = node.op_type, RECURRENT_GATES[node.op_type]
-    w, r = (a.constant(node.input[k]) if len(node.input) > k else None for k in (1, 2))
+    w_in, r_in = WEIGHT_INPUTS[op]
+    w, r = (a.constant(node.input[k]) if len(node.input) > k else None for k in (w_in, r_in))
     if w is None or r is None:
         raise NotPrunable(f"{op} {label} computes its W or R at run time")
     for tensor in (w, r):
@@ -57,9 +58,9 @@ def recurrent_starts(a: Any, walk: Any, index: int) -> list[tuple[str, ChannelLa
     if a.value(r).shape[-1] != n or a.value(w).shape[1] != gates * n:
         raise NotPrunable(f"{op} {label}: W / R of shapes {list(a.value(w).shape)} / {list(a.value(r).shape)} "
                           f"do not hold {gates} gates of hidden_size {n}")
-    walk.slice(w, 1, "weight", ChannelLayout(0, outer=gates), (label, 1))
-    walk.slice(r, 1, "weight", ChannelLayout(0, outer=gates), (label, 2))
-    walk.slice(r, 2, "consumer", ChannelLayout(0), (label, 2))
+    walk.slice(w, 1, "weight", ChannelLayout(0, outer=gates), (label, w_in))
+    walk.slice(r, 1, "weight", ChannelLayout(0, outer=gates), (label, r_in))
+    walk.slice(r, 2, "consumer", ChannelLayout(0), (label, r_in))
     if len(node.input) > 3 and node.input[3]:
         walk.slice_input(node.input[3], 1, "bias", ChannelLayout(0, outer=2 * gates), (label, 3))
     if op == "LSTM" and len(node.input) > 7 and node.input[7]:
