@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "corpus"))
 
+import cut_probe  # noqa: E402
 import seq2seq  # noqa: E402
 import sweep  # noqa: E402
 import synthetic  # noqa: E402
@@ -252,3 +253,11 @@ def test_seq2seq_transformer_imports_whole_with_its_logits_as_the_score(tmp_path
     feeds = seq2seq.feeds(6, 3)
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(imported.run(feeds)[0], reference, atol=1e-4)
+
+
+def test_cut_probe_compares_every_cut_group_with_the_zeroed_original():
+    # samples/corpus/cut_probe.py, the check the eighteenth session ran over 390 local files: the committed Keras
+    # reader (convs, a Dense, two bidirectional LSTMs) with half of every group's units removed.
+    row = cut_probe.probe(str(Path(sweep.__file__).parent / "keras_captcha" / "keras_captcha.onnx"))
+    assert "error" not in row, row
+    assert row["prunable"] == 5 and row["ops"] == ["Conv", "LSTM", "MatMul"] and row["rel_diff"] < 1e-5
