@@ -1042,6 +1042,32 @@ def test_a_slice_of_channels_whose_rank_inference_lost_stops_the_group_with_the_
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert [g.prunable for g in channel_groups(model) if g.op_type == "LSTM"] == [True]
     inferred = groups_module._Analysis.shape
-    monkeypatch.setattr(groups_module._Analysis, "shape", lambda self, name: None if name == "y" else inferred(self, name))
+    monkeypatch.setattr(groups_module._Analysis, "shape",
+                        lambda self, name: None if name == "y" else inferred(self, name))
     (group,) = [g for g in channel_groups(model) if g.op_type == "LSTM"]
     assert not group.prunable and group.reason.startswith("the rank of the input of Slice")
+
+
+class _ResidualRecurrent(torch.nn.Module):
+    """y = LSTM(Linear(x)) + Linear(x): the LSTM's units and the projection's outputs meet in a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc = torch.nn.Linear(10, 16), torch.nn.Linear(16, 5)
+        self.rnn = torch.nn.LSTM(16, 16, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.inp(x)
+        return self.fc(torch.relu(self.rnn(a)[0] + a))
+
+
+def test_recurrent_units_summed_with_a_projection_are_one_coupled_group(tmp_path):
+    # The sum couples the projection's outputs with the LSTM's hidden units: one group of three members (the
+    # projection, W and R), and W loses both its units' rows and, as the projection's reader, its input columns.
+    torch.manual_seed(0)
+    path = export_torch(_ResidualRecurrent().eval(), torch.zeros(2, 7, 10), tmp_path / "res.onnx", "torchscript")
+    groups, shrunk = _shrunk_matches_masked_torch(path, (7, 10))
+    (group,) = [g for g in groups.values() if len(g.producers) > 1]
+    assert group.op_type == "MatMul" and len(group.producers) == 3 and group.n_channels == 16
+    (lstm,) = [n for n in shrunk.graph.node if n.op_type == "LSTM"]
+    assert _value(shrunk, lstm.input[1]).shape == (1, 32, 8) and _value(shrunk, lstm.input[2]).shape == (1, 32, 8)
