@@ -14,7 +14,7 @@ from typing import Any
 from onnx_admm.converters.channels import ChannelLayout, NotPrunable
 from onnx_admm.converters.graphinfo import node_attr
 
-__all__ = ["select_step"]
+__all__ = ["select_step", "slice_axes"]
 
 
 def select_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tuple[str, ChannelLayout]]:
@@ -39,7 +39,7 @@ def select_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tup
         if indices is None:
             raise NotPrunable(f"the indices of Gather {label} have an unknown rank")
         return [(node.output[0], layout if axis > layout.axis else layout.along(layout.axis - 1 + len(indices)))]
-    axes = _slice_axes(a, node)
+    axes = slice_axes(a, node)
     if axes is None:
         raise NotPrunable(f"Slice {label} slices axes it computes")
     if layout.axis in [x % rank for x in axes]:
@@ -47,7 +47,7 @@ def select_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tup
     return [(node.output[0], layout)]
 
 
-def _slice_axes(a: Any, node: Any) -> list[int] | None:
+def slice_axes(a: Any, node: Any) -> list[int] | None:
     """The axes a Slice cuts (opset 1's attribute, or the constant ``axes`` input; all the first len(starts)
     without it), None when they are computed or their count is unknown."""
     if len(node.input) == 1:  # opset < 10: starts, ends, axes are attributes

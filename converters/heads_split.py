@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from onnx_admm.converters.channel_select import slice_axes
 from onnx_admm.converters.channels import ChannelLayout, NotPrunable, ShapeEdit
 from onnx_admm.converters.graphinfo import node_attr
 
@@ -76,15 +77,10 @@ def slice_step(walk: Any, i: int, layout: ChannelLayout, rank: int) -> list[tupl
     if len(node.input) < 3:
         raise NotPrunable(f"Slice {label} holds its bounds in attributes (opset < 10), which are not edited")
     starts, ends = node.input[1], node.input[2]
-    if len(node.input) > 3 and node.input[3]:
-        if a.constant(node.input[3]) is None:
-            raise NotPrunable(f"Slice {label} has computed axes")
-        axes = [int(x) % rank for x in a.value(a.constant(node.input[3])).reshape(-1)]
-    else:  # one bound per axis from the first
-        count = (a.shape(starts) or [None])[0]
-        if not isinstance(count, int):
-            raise NotPrunable(f"the number of bounds of Slice {label} is unknown")
-        axes = list(range(count))
+    axes = slice_axes(a, node)
+    if axes is None:
+        raise NotPrunable(f"Slice {label} has computed axes, or a number of bounds that is unknown")
+    axes = [x % rank for x in axes]
     if len(node.input) > 4 and node.input[4]:
         steps = walk.a.known(node.input[4])
         if steps is None or any(int(x) != 1 for x in steps.reshape(-1)):
