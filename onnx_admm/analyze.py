@@ -190,7 +190,7 @@ def _measured_specs(imported: ImportedModel, original, config: CompressConfig,
     if config.prune.sparsity is None and config.prune.targets is None:
         config = config.replace(prune={"sparsity": 0.5})
     plan = make_plan(specs, config)
-    plan = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape for s in specs},
+    plan = legalize(plan, imported.original, {s.name: imported.module.get_parameter(s.name).shape for s in specs},
                     imported.held())[0]
     pruned = [w.spec for w in plan.weights if w.sparsity is not None or w.shared]
     if layers:

@@ -193,8 +193,10 @@ def _compress(original, original_path, external, imported, splits, config, emit:
     specs = weight_specs(imported)
     plan = make_plan(specs, config)
     floors = checked_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
-    plan, groups, left_alone = legalize(plan, original, {s.name: imported.module.get_parameter(s.name).shape
-                                                         for s in specs}, imported.held())
+    # The channel analysis reads the graph the shrink pass cuts: for a model quantized by onnxruntime its float
+    # form (the quantized file's DynamicQuantizeLSTM / MatMulInteger hold no weight the analysis follows).
+    plan, groups, left_alone = legalize(plan, imported.original, {s.name: imported.module.get_parameter(s.name).shape
+                                                                  for s in specs}, imported.held())
     # A compressible weight without a target (skipped, or outside every rule with no global target) is
     # left untouched: it does not train either.
     for name in plan.untouched(specs):
