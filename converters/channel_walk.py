@@ -118,7 +118,8 @@ class ChannelWalk:
         if node.op_type not in BROADCAST and not self._stacks(i):
             return None
         for name in node.input:
-            if name and self.a.constant(name) is None and name not in self.reached:
+            if name and name not in self.reached and self.a.constant(name) is None and (
+                    self._reshaped_constant(name) is None):
                 return name
         return None
 
@@ -409,9 +410,42 @@ class ChannelWalk:
             if name in self.reached:
                 if self.reached[name] != layout or len(a.shape(name) or ()) != out_rank:
                     raise NotPrunable(f"the operands of {node.op_type} {label} hold the channels in different layouts")
+            elif self._reshaped_constant(name) is not None:
+                self._cut_reshaped_constant(name, layout, out_rank)
             else:
                 self.broadcast_constant(name, layout, (label, k), out_rank)
         return [(node.output[0], layout)]
+
+    def _reshaped_constant(self, name: str) -> int | None:
+        """The node index of the Reshape that computes ``name`` from a 1-D constant and a constant shape (the
+        float form of quantize_dynamic's conv adds its bias so: ``Reshape(bias, [1, C, 1, 1])``), else None."""
+        i = self.a.producer_index.get(name)
+        if i is None or self.a.nodes[i].op_type != "Reshape" or len(self.a.readers.get(name, [])) != 1:
+            return None
+        source, shape = (self.a.constant(x) for x in self.a.nodes[i].input[:2])
+        return i if source is not None and shape is not None and self.a.value(source).ndim == 1 else None
+
+    def _cut_reshaped_constant(self, name: str, layout: ChannelLayout, out_rank: int) -> None:
+        """Cut the 1-D constant behind ``name`` (``_reshaped_constant``) and the Reshape's shape entry that holds
+        the channels, when it has an entry per channel position (a size of 1 there broadcasts: nothing to cut)."""
+        a = self.a
+        i = self._reshaped_constant(name)
+        label, (source, shape) = a.labels[i], (a.constant(x) for x in a.nodes[i].input[:2])
+        target = [int(v) for v in a.value(shape).reshape(-1)]
+        axis = layout.axis - (out_rank - len(target))
+        if len(target) > out_rank or axis < 0 or target[axis] == 1:
+            if len(target) > out_rank:
+                raise NotPrunable(f"Reshape {label} raises the rank of the constant it broadcasts")
+            return
+        # -1 there takes whatever the cut constant holds (quantize_dynamic's [1, -1, 1, 1]); a size is edited.
+        entries = self.entries(layout)
+        size = entries if target[axis] == -1 and target.count(-1) == 1 and 0 not in target else target[axis]
+        if size != entries or len(a.value(source)) != entries:
+            raise NotPrunable(f"Reshape {label} of a constant does not hold one entry per channel on the channel axis")
+        self.slice(source, 0, "constant", layout.along(0), (label, 0))
+        if target[axis] != -1:
+            self.reshapes.append(ShapeEdit(shape, label, axis, layout.inner * layout.outer))
+        self.reached[name] = layout.along(axis)
 
     def _need_nchw(self, layout: ChannelLayout, op: str, label: str) -> None:
         # Outer blocks on axis 1 (a C2f's Concat of its pieces) are channel positions like any other: the

@@ -1071,3 +1071,31 @@ def test_recurrent_units_summed_with_a_projection_are_one_coupled_group(tmp_path
     assert group.op_type == "MatMul" and len(group.producers) == 3 and group.n_channels == 16
     (lstm,) = [n for n in shrunk.graph.node if n.op_type == "LSTM"]
     assert _value(shrunk, lstm.input[1]).shape == (1, 32, 8) and _value(shrunk, lstm.input[2]).shape == (1, 32, 8)
+
+
+@pytest.mark.parametrize("channel_entry", [-1, 6])
+def test_a_bias_reshaped_from_a_constant_is_cut_with_the_filters(channel_entry):
+    # quantize_dynamic's float form adds a conv's bias after it as Reshape(bias, [1, -1, 1, 1]): that computed
+    # operand stopped the group ("coupled ... with a branch whose channels do not come from the same layers").
+    # The bias is cut with the filters; a size in the shape (6 here) is edited, a -1 takes the cut length.
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (6, 2, 3, 3)), ("bias", (6,)), ("w2", (4, 6, 3, 3)))]
+    inits.append(numpy_helper.from_array(np.array([1, channel_entry, 1, 1], np.int64), "shape"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["bias", "shape"], ["b"]),
+             helper.make_node("Add", ["c", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    group = next(g for g in channel_groups(model) if g.name == "w1")
+    assert group.prunable, group.reason
+    removed = np.array([0, 3])
+    shrunk = shrink(model, {"w1": np.setdiff1d(np.arange(6), removed)}, [group]).model
+    onnx.checker.check_model(shrunk, full_check=True)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(shrunk, x)[0], _run(zeroed(model, group, removed), x)[0], atol=1e-5)
+    assert _value(shrunk, "bias").shape == (4,)
+    assert _value(shrunk, "shape").tolist() == [1, -1 if channel_entry == -1 else 4, 1, 1]
