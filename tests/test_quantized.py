@@ -133,6 +133,14 @@ def test_filter_pruning_of_a_quantized_file_removes_filters_from_its_float_form(
     assert len(alone) == 1 and shapes == [(8, 1, 3, 3), (16, 8, 3, 3)]
     x = digits_data[1][:64]
     np.testing.assert_allclose(_ort(written, {"input": x})[0], result.imported.run({"input": x})[0], atol=1e-4)
+    # The report's MACs count the quantized original as its float form (its integer ops counted 0 before).
+    from onnx_admm.data import Dataset
+    from onnx_admm.pipeline.report import _structure_report
+
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    macs = _structure_report(quantized_digits[form], out, {}, Dataset({"input": x}, None, {"input"}), 1)["macs"]
+    assert macs["original"] == 112320 and 0 < macs["compressed"] < macs["original"] / 2
 
 
 def test_check_and_inspect_on_quantized_files(quantized_digits, digits_data):

@@ -18,6 +18,7 @@ from onnx_admm.converters.fused import weights_view
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.converters.modelio import Staged, load_model, save_model
+from onnx_admm.converters.quantized import dequantize_model
 from onnx_admm.converters.shrink import count_macs
 from onnx_admm.converters.writeback import WriteBackResult
 from onnx_admm import __version__
@@ -207,11 +208,12 @@ def _structure_report(original: Path, compressed: Path, kept: dict[str, np.ndarr
     (only at its batch for a graph that runs at one batch)."""
     # Counted per sample (per fixed batch) at the held-out inputs' own shapes: an image model whose height and
     # width the graph leaves dynamic has no Conv shapes otherwise. Weights behind DequantizeLinear / codebook
-    # decoders count as the tensors they decode to.
+    # decoders count as the tensors they decode to; a model quantized by onnxruntime as its float form (its
+    # ConvInteger / QLinearConv / MatMulInteger nodes counted nothing: 0 MACs before the shrink).
     feed = next(held_out.batches(fixed or 1))
     feed = {name: np.asarray(array) for name, array in feed.items() if name != "labels"}
     shapes = {name: array.shape for name, array in feed.items()}
-    before, after = (count_macs(weights_view(load_model(path))[0], inputs=shapes, feeds=feed)
+    before, after = (count_macs(weights_view(dequantize_model(load_model(path))[0])[0], inputs=shapes, feeds=feed)
                      for path in (original, compressed))
     macs = {"original": before["macs"], "compressed": after["macs"], "samples": fixed or 1}
     if before["unknown"] or after["unknown"]:
