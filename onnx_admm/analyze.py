@@ -126,9 +126,9 @@ def _measure(model, data, val_data, labels, config: CompressConfig, levels, bits
     measured = val_data if val_data is not None else data
     dataset = as_data(measured, graph_inputs(original), "val_data" if val_data is not None else "data")
     imported = import_for_data(original, dataset, config.train.output)
-    if imported.folding is not None:  # the layers and the write-backs below are those of the folded graph
-        original = imported.original
-    specs = _measured_specs(imported, original, config, layers)
+    # The layers and the write-backs below are those of imported.original: a folded graph, a quantized one's
+    # float form.
+    specs = _measured_specs(imported, config, layers)
     dataset = sample(_with_labels(dataset, labels), samples, config.train.seed)
     check_labels(imported, dataset, dataset)
     score = ScoreSpec(imported.score.index if imported.score else None,
@@ -180,7 +180,7 @@ def _with_labels(dataset: Dataset | PluginData, labels: str | Path | np.ndarray 
     return Dataset(dataset.inputs, labels.astype(np.int64), set(dataset.batched), dict(dataset.axes))
 
 
-def _measured_specs(imported: ImportedModel, original, config: CompressConfig,
+def _measured_specs(imported: ImportedModel, config: CompressConfig,
                     layers: Sequence[str] | None) -> list[WeightSpec]:
     """The weights compress would prune under ``config`` (a global target stands in when it has none)."""
     specs = weight_specs(imported)
