@@ -192,6 +192,8 @@ def _compress(original, original_path, external, imported, splits, config, emit:
     imported.module.to(device)
     specs = weight_specs(imported)
     plan = make_plan(specs, config)
+    if plan.allocation.method != config.prune.allocation:  # whole groups only: the report names the split used
+        config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, allocation=plan.allocation.method))
     floors = checked_budget(plan, {s.name: imported.module.get_parameter(s.name) for s in specs})
     # The channel analysis reads the graph the shrink pass cuts: for a model quantized by onnxruntime its float
     # form (the quantized file's DynamicQuantizeLSTM / MatMulInteger hold no weight the analysis follows).

@@ -223,6 +223,12 @@ def test_round_to_flag_reaches_the_filter_counts(digits_sample, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["config"]["prune"]["round_to"] == 1  # the exact shares, not the default's multiples of 8
     assert report["structure"]["kept_channels"] == {"0.weight": 10, "2.weight": 19, "5.weight": 38}
+    assert report["config"]["prune"]["allocation"] == "uniform"  # each layer its own 40%: the split the run used
+    split = _compress(digits_sample, tmp_path / "s.onnx", "--sparsity", "0.4", "--structure", "filter",
+                      "--allocation", "sensitivity")
+    assert split.exit_code == 1 and not (tmp_path / "s.onnx").exists()
+    assert split.output.strip().splitlines()[0].startswith(
+        "Error: prune.allocation 'sensitivity' splits a global budget of single weights over the layers")
     bad = _compress(digits_sample, tmp_path / "b.onnx", "--structure", "filter", "--sparsity", "0.4", "--round-to", "0")
     assert bad.exit_code == 2 and "Invalid value for '--round-to': 0 is not in the range x>=1." in bad.output
     # Without filter pruning the flag would round nothing: refused, nothing written.

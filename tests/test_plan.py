@@ -76,6 +76,23 @@ def test_structure_needs_filters():
     assert plan.by_name()["emb"].structure == structures.Unstructured()
 
 
+@pytest.mark.parametrize("structure", ["filter", "channel", "column", "block"])
+def test_a_split_of_single_weights_asked_of_whole_groups_is_an_error_and_the_plan_names_the_uniform_split(structure):
+    # Each layer of a filter (channel, column, block) run loses its own share of its groups: LAMP, global magnitude,
+    # ERK and the sensitivity split rank single weights of a global pool, which such a run does not have.
+    for allocation in ("global", "erk", "sensitivity"):
+        with pytest.raises(UserError, match=f"prune.allocation '{allocation}' splits a global budget of single "
+                                            f"weights .* under structure '{structure}' every layer loses its own "
+                                            "share \\(0.3\\) of its groups"):
+            _plan({"prune": {"sparsity": 0.3, "structure": structure, "allocation": allocation}})
+    assert _plan({"prune": {"sparsity": 0.3, "structure": structure}}).allocation.method == "uniform"
+    assert _plan({"prune": {"sparsity": 0.3, "structure": structure, "allocation": "uniform"}}).allocation.method == "uniform"
+    # A rule that prunes one layer weight by weight puts it in a global pool: the split applies to it.
+    mixed = _plan({"prune": {"sparsity": 0.3, "structure": structure, "allocation": "global"},
+                   "rules": [{"match": "fc.weight", "structure": "unstructured"}]})
+    assert mixed.allocation.method == "global" and mixed.by_name()["fc"].shared
+
+
 @pytest.mark.parametrize("structure, kind", [("unstructured", Unstructured), ("filter", Filter),
                                               ("column", Column), ("block", Block)])
 def test_stage_constraints_and_nesting(structure, kind):

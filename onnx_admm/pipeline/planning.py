@@ -22,7 +22,7 @@ from onnx_admm.converters.optable import NM_OPS
 from onnx_admm import structures
 from onnx_admm.plan import ImpossibleTarget, Plan, WeightPlan, WeightSpec, check_budget
 from onnx_admm.allocation import Allocation
-from onnx_admm.recipe import CompressConfig, Rule
+from onnx_admm.recipe import CompressConfig, PruneConfig, Rule
 from onnx_admm.quant_choices import choice
 from onnx_admm.schedule import auto_stages, cubic_stages, geometric_stages
 from onnx_admm.structures import NMPattern
@@ -127,6 +127,7 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
     if not rows:
         raise UserError("nothing to compress: no compressible weight has a target; pass --sparsity (e.g. 0.9), "
                         "--bits, or a recipe rule with `sparsity` or `bits`")
+    allocation = _allocation(prune, global_target, rows)
     n = max([prune_stages if any(r[1] is not None or r[2] for r in rows) else 1]
             + [len(r[4][0]) if isinstance(r[4][0], tuple) else 1 for r in rows] + [bit_stages if quantize.enabled else 1])
     global_stages = None
@@ -157,7 +158,23 @@ def make_plan(specs: Sequence[WeightSpec], config: CompressConfig) -> Plan:
         else:
             quant = (None,) * n
         weights.append(WeightPlan(spec, own, shared, structure, quant))
-    return Plan(tuple(weights), n, global_stages, Allocation(prune.allocation, prune.min_keep, prune.floor))
+    return Plan(tuple(weights), n, global_stages, Allocation(allocation, prune.min_keep, prune.floor))
+
+
+def _allocation(prune: PruneConfig, target: float | None, rows: list) -> str:
+    """The split the run uses: ``prune.allocation`` where single weights share the global target; ``uniform``
+    where only whole groups (filters, channels, columns, blocks) do, since each such layer loses its own share
+    of its groups. A split the recipe asks for by name there would do nothing, so it is an error."""
+    pooled = any(shared and not structure.grouped for _, _, shared, structure, _ in rows)
+    grouped = [structure for _, _, shared, structure, _ in rows if shared and structure.grouped]
+    if pooled or not grouped:
+        return prune.allocation
+    if prune.allocation not in ("lamp", "uniform"):  # lamp is the default: a filter run that names none
+        raise UserError(f"prune.allocation '{prune.allocation}' splits a global budget of single weights over the "
+                        f"layers, and no weight here is pruned one by one: under structure '{grouped[0]}' every "
+                        f"layer loses its own share ({target:g}) of its groups. Leave the allocation out, "
+                        "or give layers their own sparsity with [[rules]] (onnx-admm inspect --filters lists them)")
+    return "uniform"
 
 
 def _spaced(target: float, n: int, spacing: str) -> list[float]:
