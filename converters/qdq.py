@@ -26,7 +26,7 @@ graph's inputs, outputs and node names stay; only Q/DQ nodes and their constants
 Weights keep their integer levels when they have them: a weight already stored as DequantizeLinear of
 int8/int4/int2 with zero point 0 is re-stored as int8 with the same integers and the same scales (it
 decodes to the same floats bit for bit); any other weight (float, sparse, codebook) is quantized per
-output channel, symmetric int8 (scale ``max|w| / 127``). Activations are asymmetric int8, per tensor,
+output channel, symmetric int8 on 7 bits (scale ``max|w| / 63``: ``WEIGHT_PEAK``). Activations are asymmetric int8, per tensor,
 scale ``(max - min) / 255`` over the calibration range widened to include 0.
 """
 
@@ -58,6 +58,13 @@ INTEGER_OPS = ("Conv", "Gemm", "MatMul")
 # Ops that only move or select values: onnxruntime drops a DQ -> op -> Q pair around them when both
 # sides share scale and zero point, and runs the op on int8.
 _MOVERS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
+# The largest integer of a weight quantized here: 7 bits, not 8. On x86 CPUs without VNNI (AVX2, and AVX-512
+# before it) onnxruntime's int8 kernels sum pairs of uint8 x int8 products in 16 bits (VPMADDUBSW), which
+# saturates once 2 x 255 x |w| passes 32,767: with weights at +-127 the digits' int8 MatMul read 0.78 where
+# 1.06 is right on an AMD EPYC (AVX2). At +-63 no pair can saturate, so the file computes the same on every
+# CPU; onnxruntime's own quantizer calls this reduce_range.
+WEIGHT_PEAK = 63
+
 # Activations a QuantizeLinear with the int8 minimum as zero point makes redundant (ReluQuantFusion).
 _FUSED = ("Relu",)
 # Integer ops that onnxruntime fuses with a float output (no QuantizeLinear behind them).
@@ -261,6 +268,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
     front: list[onnx.NodeProto] = []
     how: dict[str, str] = {}
     weight_scales: dict[str, np.ndarray] = {}
+    wide: list[str] = []
     for output in plan.nodes:
         # Looked up each time: dropping a decoder rebuilds graph.node.
         node = next(n for n in graph.node if n.output and n.output[0] == output)
@@ -268,6 +276,8 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
         if weight not in weight_scales:
             scale, axis, q, how[weight] = _int8_levels(out, weight, _channel_axis(node, out, weight))
             weight_scales[weight] = scale
+            if how[weight] == "kept" and _level_peak(_constant_value(out, weight), scale, axis) > WEIGHT_PEAK:
+                wide.append(weight)
             if q is not None:  # None: already int8 behind DequantizeLinear (dense or sparse), kept as stored
                 _drop_constant(out, weight, taken)
                 encoding = _int8_encoding(weight, q, scale, axis)
@@ -287,6 +297,11 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
                        numpy_helper.from_array(np.zeros_like(q), f"{bias}_zero_point")]
             _store(graph, tensors, dequantize_node(bias, [], 0), front, taken, node_names)
 
+    if wide:
+        logger.warning("int8 activations: %d weight(s) keep 8-bit levels beyond +-%d (%s): on x86 CPUs without VNNI "
+                       "onnxruntime's int8 kernels saturate their products, and the file computes less exactly "
+                       "there; compress with --bits 7 for a file exact on every CPU", len(wide), WEIGHT_PEAK,
+                       ", ".join(wide[:3]))
     # Activation pairs go right after their producer (graph inputs: at the front), consumers read the DQ.
     after: dict[str, list[onnx.NodeProto]] = {}
     dequantized: dict[str, str] = {}
@@ -349,10 +364,16 @@ def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.nda
                 return scale, own_axis, q, "kept"
     value = value.astype(np.float32)
     peak = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != axis))
-    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    scale = np.where(peak > 0, peak / WEIGHT_PEAK, 1.0).astype(np.float32)
     shape = [-1 if i == axis else 1 for i in range(value.ndim)]
-    q = np.clip(np.rint(value / scale.reshape(shape)), -127, 127).astype(np.int64)
+    q = np.clip(np.rint(value / scale.reshape(shape)), -WEIGHT_PEAK, WEIGHT_PEAK).astype(np.int64)
     return scale, axis, q, "quantized"
+
+
+def _level_peak(value: np.ndarray, scale: np.ndarray, axis: int) -> float:
+    """The largest |integer level| of ``value`` on ``scale`` (per channel along ``axis``, or one scale)."""
+    shape = [-1 if i == axis else 1 for i in range(value.ndim)] if scale.ndim else []
+    return float(np.abs(np.rint(value.astype(np.float64) / scale.reshape(shape))).max(initial=0.0))
 
 
 def _int8_encoding(name: str, q: np.ndarray, scale: np.ndarray, axis: int) -> Encoding:

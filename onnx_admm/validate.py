@@ -179,7 +179,7 @@ class ValidationReport:
         return result
 
 
-def open_session(path: str | Path, threads: int = 1, exact: bool = False) -> ort.InferenceSession:
+def open_session(path: str | Path, threads: int = 1, exact: bool = False, fused: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session with a fixed thread count and sequential execution.
 
     Args:
@@ -188,6 +188,9 @@ def open_session(path: str | Path, threads: int = 1, exact: bool = False) -> ort
         exact: Compute what the graph says: onnxruntime fuses a blockwise int4 DequantizeLinear and its
             MatMul into MatMulNBits at accuracy level 4, which quantizes the activations to int8 (0.5% of
             max|output| on a small MLP); exact keeps level 0, float activations (check's reference).
+        fused: False turns every graph optimization off, so a QDQ graph runs as written (DequantizeLinear, the
+            float op, QuantizeLinear) instead of on onnxruntime's fused int8 kernels: the quantized graph's own
+            math, which those kernels leave on x86 CPUs without VNNI (check's dequantized step).
 
     Returns:
         The session.
@@ -211,6 +214,8 @@ def open_session(path: str | Path, threads: int = 1, exact: bool = False) -> ort
     options.enable_cpu_mem_arena = False
     if exact:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types

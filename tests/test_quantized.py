@@ -29,9 +29,14 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "QLinearGlobalAveragePool", "DynamicQuantizeLSTM"}
 
 
-def _ort(path_or_model, feeds):
+def _ort(path_or_model, feeds, fused: bool = True):
+    """``fused=False``: the graph as written (no fusions into onnxruntime's int8 kernels, which saturate on x86
+    CPUs without VNNI: the QDQ digits CNN 0.146 x max|output| off its own graph on an AVX2 AMD EPYC)."""
     source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+    options = ort.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[bytes], list[bytes]]:
@@ -67,7 +72,7 @@ def test_float_form_imports_and_follows_the_quantized_model(quantized_digits, di
     kept = {n.name for n in quantized.graph.node if n.op_type in float_ops}
     assert kept <= {n.name for n in imported.original.graph.node}
     x = digits_data[1]
-    reference = _ort(path, {"input": x})[0]
+    reference = _ort(path, {"input": x}, fused=False)[0]
     got = imported.run({"input": x})[0]
     # Stated tolerance: the float form drops the int8 activation rounding and the saturation at the top
     # of the calibrated ranges. Measured on the 360 test images: at most 6% of max|logit| on the worst
@@ -336,7 +341,9 @@ def test_the_session_saved_forms_of_a_dynamically_quantized_model_import(tmp_pat
 
     rng = np.random.default_rng(4)
     table = rng.integers(-127, 128, (30, 16)).astype(np.int8)
-    weight = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+    # Within +-63, as a file quantized with reduce_range: full-range int8 weights times uint8 activations saturate
+    # onnxruntime's MatMulIntegerToFloat on x86 CPUs without VNNI, which no float form can follow.
+    weight = rng.integers(-63, 64, (16, 8)).astype(np.int8)
     inits = [numpy_helper.from_array(a, n) for a, n in (
         (table, "table_quantized"), (np.array(0.02, np.float32), "table_scale"), (np.array(3, np.int8), "table_zp"),
         (weight, "w_quantized"), (np.array(0.01, np.float32), "w_scale"), (np.array(0, np.int8), "w_zp"),

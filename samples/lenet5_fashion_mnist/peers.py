@@ -42,12 +42,13 @@ PRUNE_SCORES = ("wanda", "magnitude")
 
 
 def available() -> bool:
-    """Whether onnxsim imports (the rows need it; the rest of the benchmark does not)."""
+    """Whether onnxsim 0.8's API imports (the rows need it; the rest of the benchmark does not). A folder named
+    onnxsim on the path imports as an empty namespace package, so the API itself is looked for."""
     try:
-        import onnxsim  # noqa: F401
+        import onnxsim
     except ImportError:
         return False
-    return True
+    return hasattr(onnxsim, "apply_wanda_pruning")
 
 
 def run(recipe: dict, sparsity: float | None, dense: Path, out: Path, images: np.ndarray,
