@@ -64,6 +64,8 @@ _MOVERS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
 # 1.06 is right on an AMD EPYC (AVX2). At +-63 no pair can saturate, so the file computes the same on every
 # CPU; onnxruntime's own quantizer calls this reduce_range.
 WEIGHT_PEAK = 63
+# The largest |level| of a kept weight that cannot saturate: 2 x 255 x 64 = 32,640 (7-bit levels, [-64, 63]).
+SAFE_PEAK = 64
 
 # Activations a QuantizeLinear with the int8 minimum as zero point makes redundant (ReluQuantFusion).
 _FUSED = ("Relu",)
@@ -250,10 +252,12 @@ def calibrate(model: onnx.ModelProto, plan: QdqPlan, feeds: Iterable[Mapping[str
 
 @dataclass
 class QdqResult:
-    """The QDQ model and how each weight was stored (``kept``: its integer levels; ``quantized``: new)."""
+    """The QDQ model and how each weight was stored (``kept``: its integer levels; ``quantized``: new);
+    ``wide``: the kept weights whose levels pass ``SAFE_PEAK`` (saturating on x86 CPUs without VNNI)."""
 
     model: onnx.ModelProto
     weights: dict[str, str]
+    wide: tuple[str, ...] = ()
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, ActivationRange]) -> QdqResult:
@@ -276,7 +280,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
         if weight not in weight_scales:
             scale, axis, q, how[weight] = _int8_levels(out, weight, _channel_axis(node, out, weight))
             weight_scales[weight] = scale
-            if how[weight] == "kept" and _level_peak(_constant_value(out, weight), scale, axis) > WEIGHT_PEAK:
+            if how[weight] == "kept" and _level_peak(_constant_value(out, weight), scale, axis) > SAFE_PEAK:
                 wide.append(weight)
             if q is not None:  # None: already int8 behind DequantizeLinear (dense or sparse), kept as stored
                 _drop_constant(out, weight, taken)
@@ -297,11 +301,6 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
                        numpy_helper.from_array(np.zeros_like(q), f"{bias}_zero_point")]
             _store(graph, tensors, dequantize_node(bias, [], 0), front, taken, node_names)
 
-    if wide:
-        logger.warning("int8 activations: %d weight(s) keep 8-bit levels beyond +-%d (%s): on x86 CPUs without VNNI "
-                       "onnxruntime's int8 kernels saturate their products, and the file computes less exactly "
-                       "there; compress with --bits 7 for a file exact on every CPU", len(wide), WEIGHT_PEAK,
-                       ", ".join(wide[:3]))
     # Activation pairs go right after their producer (graph inputs: at the front), consumers read the DQ.
     after: dict[str, list[onnx.NodeProto]] = {}
     dequantized: dict[str, str] = {}
@@ -331,7 +330,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
             ordered.extend(after.get(output, []))
     del graph.node[:]
     graph.node.extend(ordered)
-    return QdqResult(out, how)
+    return QdqResult(out, how, tuple(wide))
 
 
 def _channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight: str) -> int:

@@ -29,7 +29,7 @@ import onnx
 
 from onnx_admm.converters.errors import first_line
 from onnx_admm.converters.modelio import save_model, scratch_dir
-from onnx_admm.converters.qdq import calibrate, insert_qdq, plan_qdq
+from onnx_admm.converters.qdq import SAFE_PEAK, calibrate, insert_qdq, plan_qdq
 from onnx_admm.converters.qdq_tune import fit_ranges, unfused
 from onnx_admm.converters.writeback import WriteBackResult
 from onnx_admm.data import LABELS, Dataset
@@ -91,6 +91,11 @@ def int8_model(model: onnx.ModelProto, calibration: Dataset,
                     fit.runs, fit.minmax_error, fit.error, {t: f for t, f in fit.factors.items() if f != 1.0})
         chosen = dict(fit.ranges)
     result = insert_qdq(model, plan, chosen)
+    if result.wide:
+        logger.warning("int8 activations: %d weight(s) keep 8-bit levels beyond +-%d (%s): on x86 CPUs without VNNI "
+                       "onnxruntime's int8 kernels saturate their products, and the file computes less exactly "
+                       "there; compress with --bits 7 for a file exact on every CPU", len(result.wide), SAFE_PEAK,
+                       ", ".join(result.wide[:3]))
     logger.info("int8 activations: %d nodes, %d Q/DQ pairs, weights %s", len(plan.nodes), len(plan.activations),
                 result.weights)
     return result.model, result.weights

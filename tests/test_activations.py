@@ -23,7 +23,7 @@ from onnx_admm.converters.dequantize import decode, weight_decoders
 from onnx_admm.converters.errors import UserError
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.qdq import calibrate, insert_qdq, plan_qdq
-from onnx_admm.activations import calibration_data
+from onnx_admm.activations import calibration_data, int8_model
 from onnx_admm.api import compress
 from onnx_admm.cli import _summary, main
 from onnx_admm.data import Dataset
@@ -276,7 +276,7 @@ def test_4bit_levels_become_the_same_integers_in_int8():
     assert np.array_equal(value, (q * scale).astype(np.float32))
 
 
-@pytest.mark.parametrize("levels, bits, warned", [(63, 8, False), (127, 8, True), (7, 4, False)])
+@pytest.mark.parametrize("levels, bits, warned", [(-64, 7, False), (65, 8, True), (127, 8, True), (7, 4, False)])
 def test_kept_levels_beyond_seven_bits_are_named_as_saturating_without_vnni(caplog, levels, bits, warned):
     from onnx_admm.converters.encoders import DequantizeLinearEncoder, QuantSpec
 
@@ -287,11 +287,12 @@ def test_kept_levels_beyond_seven_bits_are_named_as_saturating_without_vnni(capl
     model.graph.initializer.extend(encoding.initializers)
     model.graph.node.insert(0, encoding.nodes[0])
     plan = plan_qdq(model)
-    with caplog.at_level(logging.WARNING, logger="onnx_admm.converters.qdq"):
-        result = insert_qdq(model, plan, calibrate(model, plan, [{"X": np.ones((2, 2), np.float32)}]))
-    assert result.weights == {"W": "kept"}
-    said = [r.getMessage() for r in caplog.records if "beyond +-63" in r.getMessage()]
-    assert said == (["int8 activations: 1 weight(s) keep 8-bit levels beyond +-63 (W): on x86 CPUs without VNNI "
+    result = insert_qdq(model, plan, calibrate(model, plan, [{"X": np.ones((2, 2), np.float32)}]))
+    assert result.weights == {"W": "kept"} and result.wide == (("W",) if warned else ())
+    with caplog.at_level(logging.WARNING, logger="onnx_admm.activations"):
+        int8_model(model, Dataset({"X": np.ones((4, 2), np.float32)}, None, {"X"}))
+    said = [r.getMessage() for r in caplog.records if "beyond +-64" in r.getMessage()]
+    assert said == (["int8 activations: 1 weight(s) keep 8-bit levels beyond +-64 (W): on x86 CPUs without VNNI "
                      "onnxruntime's int8 kernels saturate their products, and the file computes less exactly there; "
                      "compress with --bits 7 for a file exact on every CPU"] if warned else [])
 
