@@ -26,8 +26,8 @@ graph's inputs, outputs and node names stay; only Q/DQ nodes and their constants
 Weights keep their integer levels when they have them: a weight already stored as DequantizeLinear of
 int8/int4/int2 with zero point 0 is re-stored as int8 with the same integers and the same scales (it
 decodes to the same floats bit for bit); any other weight (float, sparse, codebook) is quantized per
-output channel, symmetric int8 on 7 bits (scale ``max|w| / 63``: ``WEIGHT_PEAK``). Activations are asymmetric int8, per tensor,
-scale ``(max - min) / 255`` over the calibration range widened to include 0.
+output channel, symmetric int8 on 7 bits (scale ``max|w| / 63``: ``WEIGHT_PEAK``). Activations are
+asymmetric int8, per tensor, scale ``(max - min) / 255`` over the calibration range widened to include 0.
 """
 
 from __future__ import annotations
