@@ -278,9 +278,9 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, ranges: Mapping[str, Activ
         node = next(n for n in graph.node if n.output and n.output[0] == output)
         weight, bias = plan.weights[output]
         if weight not in weight_scales:
-            scale, axis, q, how[weight] = _int8_levels(out, weight, _channel_axis(node, out, weight))
+            scale, axis, q, how[weight], saturates = _int8_levels(out, weight, _channel_axis(node, out, weight))
             weight_scales[weight] = scale
-            if how[weight] == "kept" and _level_peak(_constant_value(out, weight), scale, axis) > SAFE_PEAK:
+            if saturates:
                 wide.append(weight)
             if q is not None:  # None: already int8 behind DequantizeLinear (dense or sparse), kept as stored
                 _drop_constant(out, weight, taken)
@@ -342,10 +342,12 @@ def _channel_axis(node: onnx.NodeProto, model: onnx.ModelProto, weight: str) -> 
     return _constant_value(model, weight).ndim - 1
 
 
-def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.ndarray, int, np.ndarray | None, str]:
-    """(scale, axis, int8 levels, how) for ``weight``: its own levels if it has them, else per-channel ones.
+def _int8_levels(model: onnx.ModelProto, weight: str,
+                 axis: int) -> tuple[np.ndarray, int, np.ndarray | None, str, bool]:
+    """(scale, axis, int8 levels, how, wide) for ``weight``: its own levels if it has them, else per-channel ones.
 
-    The levels are None when the weight is stored as int8 with zero point 0 already: it stays as it is.
+    The levels are None when the weight is stored as int8 with zero point 0 already: it stays as it is, and
+    ``wide`` says whether its levels pass ``SAFE_PEAK`` (int4 / int2 levels and levels made here never do).
     """
     decoder = weight_decoders(model).get(weight)
     value = _constant_value(model, weight)
@@ -357,16 +359,16 @@ def _int8_levels(model: onnx.ModelProto, weight: str, axis: int) -> tuple[np.nda
         own_axis = int(node_attr(dq, "axis", 1)) % value.ndim if scale.ndim else axis
         if not np.any(zero) and value.dtype == np.float32:
             if _elem_type(model, sources[dq.input[0]]) == _INT8:
-                return scale, own_axis, None, "kept"
+                return scale, own_axis, None, "kept", _level_peak(value, scale, own_axis) > SAFE_PEAK
             q = integer_levels(value, QuantSpec(8, scale, own_axis if scale.ndim else None))
             if q is not None:  # int4 / int2 levels: the same integers in an int8 container
-                return scale, own_axis, q, "kept"
+                return scale, own_axis, q, "kept", False
     value = value.astype(np.float32)
     peak = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != axis))
     scale = np.where(peak > 0, peak / WEIGHT_PEAK, 1.0).astype(np.float32)
     shape = [-1 if i == axis else 1 for i in range(value.ndim)]
     q = np.clip(np.rint(value / scale.reshape(shape)), -WEIGHT_PEAK, WEIGHT_PEAK).astype(np.int64)
-    return scale, axis, q, "quantized"
+    return scale, axis, q, "quantized", False
 
 
 def _level_peak(value: np.ndarray, scale: np.ndarray, axis: int) -> float:
