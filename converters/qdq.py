@@ -347,7 +347,7 @@ def _int8_levels(model: onnx.ModelProto, weight: str,
     """(scale, axis, int8 levels, how, wide) for ``weight``: its own levels if it has them, else per-channel ones.
 
     The levels are None when the weight is stored as int8 with zero point 0 already: it stays as it is, and
-    ``wide`` says whether its levels pass ``SAFE_PEAK`` (int4 / int2 levels and levels made here never do).
+    ``wide`` says whether kept levels pass ``SAFE_PEAK`` (levels made here never do).
     """
     decoder = weight_decoders(model).get(weight)
     value = _constant_value(model, weight)
@@ -362,7 +362,7 @@ def _int8_levels(model: onnx.ModelProto, weight: str,
                 return scale, own_axis, None, "kept", _level_peak(value, scale, own_axis) > SAFE_PEAK
             q = integer_levels(value, QuantSpec(8, scale, own_axis if scale.ndim else None))
             if q is not None:  # int4 / int2 levels: the same integers in an int8 container
-                return scale, own_axis, q, "kept", False
+                return scale, own_axis, q, "kept", bool(np.abs(q).max(initial=0) > SAFE_PEAK)
     value = value.astype(np.float32)
     peak = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != axis))
     scale = np.where(peak > 0, peak / WEIGHT_PEAK, 1.0).astype(np.float32)
