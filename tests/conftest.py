@@ -41,6 +41,24 @@ import pytest
 
 from models import DIGITS_DIR, MODELS, ONNX_FILES, DigitsSample, OnnxFile, export
 
+# Under pytest-xdist (the README's `-n auto`) each worker is a process of its own: workers that each ran torch
+# on every core would fight over them, so each takes its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+# More than four workers buy little (a few long end-to-end tests set the pace) and each holds torch, onnxruntime
+# and its own session fixtures in memory.
+MAX_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)  # a run without pytest-xdist installed has no such hook
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """What ``-n auto`` means here: one worker per usable core, at most ``MAX_WORKERS``."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
 
 @pytest.fixture(scope="session")
 def onnx_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
