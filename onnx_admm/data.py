@@ -327,8 +327,8 @@ def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     if want.kind == "f" and not _all_finite(array):
         bad = sum(int(np.count_nonzero(~np.isfinite(chunk))) for chunk in _chunks(array))
         raise UserError(
-            f"{source}: input {spec.name!r} holds {bad} NaN or infinite value(s); every loss would be NaN: "
-            "clean or drop those samples"
+            f"{source}: input {spec.name!r} holds {bad} NaN or infinite value(s), on which no loss or metric can be "
+            "measured (compress, validate, check and analyze alike): clean or drop those samples"
         )
     # float64 -> float32 (numpy's default float) and int32 -> int64 are the common, harmless casts.
     return array.astype(want, copy=False)
