@@ -33,6 +33,7 @@ Helpers for tests (import them: ``from models import MODELS, expected_weight_nam
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,29 @@ MAX_WORKERS = 4
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """What ``-n auto`` means here: one worker per usable core, at most ``MAX_WORKERS``."""
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+# A shell that starts the suite in the background (`cmd &` in a script) starts it with SIGINT ignored, and the
+# in-process tests of Ctrl-C would then receive nothing: every test process runs as from a terminal instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Fail a test after which SIGINT's or SIGTERM's handler is not the one it started with.
+
+    The product installs handlers for the length of a run and must put the previous ones back: a handler left
+    behind swallows the next Ctrl-C of a pipeline that embeds it (and, here, of every later test in the worker).
+    """
+    watched = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.getsignal(signum) for signum in watched}
+    yield
+    left = {signal.Signals(signum).name: signal.getsignal(signum) for signum in watched
+            if signal.getsignal(signum) is not before[signum]}
+    for signum in watched:
+        signal.signal(signum, before[signum])
+    assert not left, f"signal handler(s) left installed: {left}"
 
 
 @pytest.fixture(scope="session")
