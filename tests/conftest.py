@@ -28,6 +28,10 @@ Fixtures:
   temporary folder (``tempfile.gettempdir()``) for the test, and lists the onnx-admm entries in it.
 
 Helpers for tests (import them: ``from models import MODELS, expected_weight_names``): see models.py.
+
+Every test process (one per pytest-xdist worker under ``-n auto``) runs torch on its share of the cores, and
+with Ctrl-C's default handler even when a background shell started it with SIGINT ignored; every test must
+leave SIGINT's and SIGTERM's handlers as it found them (an autouse guard fails it otherwise).
 """
 
 from __future__ import annotations
@@ -42,13 +46,19 @@ import pytest
 
 from models import DIGITS_DIR, MODELS, ONNX_FILES, DigitsSample, OnnxFile, export
 
+
+def _usable_cores() -> int:
+    # sched_getaffinity is Linux's (it honours taskset and container CPU sets); elsewhere every core counts.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # Under pytest-xdist (the README's `-n auto`) each worker is a process of its own: workers that each ran torch
 # on every core would fight over them, so each takes its share of the cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    torch.set_num_threads(max(1, _usable_cores() // _WORKERS))
 
 # More than four workers buy little (a few long end-to-end tests set the pace) and each holds torch, onnxruntime
 # and its own session fixtures in memory.
@@ -58,7 +68,7 @@ MAX_WORKERS = 4
 @pytest.hookimpl(optionalhook=True)  # a run without pytest-xdist installed has no such hook
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """What ``-n auto`` means here: one worker per usable core, at most ``MAX_WORKERS``."""
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return max(1, min(MAX_WORKERS, _usable_cores()))
 
 
 # A shell that starts the suite in the background (`cmd &` in a script) starts it with SIGINT ignored, and the
