@@ -7,6 +7,7 @@ Everything here works on the ORIGINAL ModelProto (no normalisation needed), so `
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,9 @@ class InputSpec:
     dtype: np.dtype
     # Each dim is an int, a symbolic name (str), or None when unknown.
     shape: tuple[int | str | None, ...] | None
+    # NaN marks a missing value here: every node reading the input is an ai.onnx.ml Imputer replacing NaN
+    # (skl2onnx's SimpleImputer), so data may hold NaN (not infinities).
+    imputes_nan: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,8 +146,17 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = None
         if ttype.HasField("shape"):
             shape = tuple(dim_value(d) for d in ttype.shape.dim)
-        specs.append(InputSpec(value.name, dtype, shape))
+        readers = [node for node in model.graph.node if value.name in node.input]
+        specs.append(InputSpec(value.name, dtype, shape, bool(readers) and all(map(_imputes_nan, readers))))
     return specs
+
+
+def _imputes_nan(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is an ai.onnx.ml Imputer that replaces NaN (its float form's usual replaced value)."""
+    if node.domain != "ai.onnx.ml" or node.op_type != "Imputer":
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return bool(attrs.get("imputed_value_floats")) and math.isnan(attrs.get("replaced_value_float", 0.0))
 
 
 def tensor_shape_and_type(model: onnx.ModelProto, source: TensorSource) -> tuple[tuple[int, ...], int]:

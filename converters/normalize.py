@@ -52,6 +52,9 @@ Pass = Callable[[onnx.ModelProto], bool]
 STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
 STASHED_OPS = frozenset({"Attention", "AveragePool", "Clip", "ConstantOfShape", "ConvTranspose", "Gelu",
                          "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "RMSNormalization", "Split"})
+# skl2onnx's preprocessing ops of the ai.onnx.ml domain, always stashed: onnx2torch cannot name a module after a
+# domain with dots in it (converters.ml_ops).
+ML_STASHED_OPS = frozenset({"Imputer", "Scaler"})
 
 # Ops whose ``auto_pad = SAME_UPPER / SAME_LOWER`` onnx2torch refuses ("not implemented"): Keras-era
 # converters (tf2onnx where a shape is unknown, keras2onnx, tflite and CoreML converters) write it.
@@ -340,6 +343,8 @@ def explicit_auto_pad(model: onnx.ModelProto) -> bool:
 
 
 def _needs_stash(node: onnx.NodeProto, opset: int, initializers: set[str], shapes: Callable[[], dict]) -> bool:
+    if node.domain == "ai.onnx.ml":
+        return node.op_type in ML_STASHED_OPS
     if node.domain not in ("", "ai.onnx") or node.op_type not in STASHED_OPS:
         return False
     if node.op_type in ("AveragePool", "ConvTranspose"):

@@ -1,6 +1,7 @@
 """Node converters onnx2torch 1.5 lacks, registered with its ``add_converter`` when this module is imported.
 
 - ``LSTM``, ``GRU``, ``RNN``: ``converters.recurrent``.
+- skl2onnx's ``Scaler`` and ``Imputer`` (ai.onnx.ml, stashed: ``normalize.ML_STASHED_OPS``): ``converters.ml_ops``.
 - The private ops that spell onnxruntime's fused transformer ops (``converters.fused``): ``converters.fused_ops``.
 - ``GlobalMaxPool`` (opset 1).
 - ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
@@ -33,9 +34,10 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from onnx_admm.converters import onnx_versions, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters.ml_ops import convert_imputer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
-from onnx_admm.converters.normalize import STASH_DOMAIN, STASHED_OPS
+from onnx_admm.converters.normalize import ML_STASHED_OPS, STASH_DOMAIN, STASHED_OPS
 from onnx_admm.converters.padding import convert_average_pool, convert_conv_transpose
 
 class OnnxGlobalMaxPool(nn.Module, OnnxToTorchModule):
@@ -184,9 +186,11 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "ConvTranspose": convert_conv_transpose,
     # The same op as opset 9's (20 adds element types): onnx's version converter has no way down for it.
     "ConstantOfShape": get_converter(domain="", operation_type="ConstantOfShape", version=9),
+    "Imputer": convert_imputer,
+    "Scaler": convert_scaler,
 }
-if set(_STASH_CONVERTERS) != set(STASHED_OPS):
-    raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS)} and onnx_ops disagree: {sorted(_STASH_CONVERTERS)}")
+if set(_STASH_CONVERTERS) != STASHED_OPS | ML_STASHED_OPS:
+    raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS | ML_STASHED_OPS)} and onnx_ops disagree: {sorted(_STASH_CONVERTERS)}")
 
 for _op, _converter in _STASH_CONVERTERS.items():
     add_converter(operation_type=_op, version=1, domain=STASH_DOMAIN)(_converter)

@@ -324,10 +324,11 @@ def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
                     f"{source}: input {spec.name!r} dim {axis} is {array.shape[axis]}, but the graph fixes it to "
                     f"{dim} {format_shape(spec.shape)}; reshape or resize the data"
                 )
-    if want.kind == "f" and not _all_finite(array):
-        bad = sum(int(np.count_nonzero(~np.isfinite(chunk))) for chunk in _chunks(array))
+    if want.kind == "f" and not _all_finite(array, allow_nan=spec.imputes_nan):
+        what = "infinite" if spec.imputes_nan else "NaN or infinite"
+        bad = sum(int(np.count_nonzero(_invalid(chunk, spec.imputes_nan))) for chunk in _chunks(array))
         raise UserError(
-            f"{source}: input {spec.name!r} holds {bad} NaN or infinite value(s), on which no loss or metric can be "
+            f"{source}: input {spec.name!r} holds {bad} {what} value(s), on which no loss or metric can be "
             "measured (compress, validate, check and analyze alike): clean or drop those samples"
         )
     # float64 -> float32 (numpy's default float) and int32 -> int64 are the common, harmless casts.
@@ -348,9 +349,14 @@ def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
         yield array[start:start + rows]
 
 
-def _all_finite(array: np.ndarray) -> bool:
+def _invalid(chunk: np.ndarray, allow_nan: bool) -> np.ndarray:
+    # NaN is a missing value where the graph imputes it (InputSpec.imputes_nan); infinities never are.
+    return np.isinf(chunk) if allow_nan else ~np.isfinite(chunk)
+
+
+def _all_finite(array: np.ndarray, allow_nan: bool = False) -> bool:
     try:
-        return all(bool(np.isfinite(chunk).all()) for chunk in _chunks(array))
+        return not any(bool(_invalid(chunk, allow_nan).any()) for chunk in _chunks(array))
     finally:
         release(array)
 
