@@ -8,6 +8,8 @@ depended on that node, and the whole model failed to import. Both are elementwis
 
 - ``Scaler``: ``Y = (X - offset) * scale``, float output; ``offset`` and ``scale`` hold one value or one per
   feature.
+- ``Normalizer`` (Normalizer): each row divided by its max, L1 or L2 norm; ``Binarizer``: 1 above the
+  threshold, else 0.
 - ``Imputer``: entries equal to ``replaced_value_float`` (NaN, its usual value, matches NaN) take the imputed
   value of their feature (``imputed_value_floats``, one or one per feature); integer inputs use the int64
   attributes. Data whose NaN marks a value the graph imputes is accepted as such
@@ -47,6 +49,47 @@ class OnnxImputer(nn.Module, OnnxToTorchModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         missing = x.isnan() if isinstance(self.replaced, float) and math.isnan(self.replaced) else x == self.replaced
         return torch.where(missing, self.imputed.to(x.dtype), x)
+
+
+class OnnxNormalizer(nn.Module, OnnxToTorchModule):
+    """Each row (last axis) divided by its max (MAX: the largest value, signed, as onnxruntime divides), its sum
+    of absolute values (L1) or its Euclidean norm (L2)."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = x.to(torch.float32)
+        if self.norm == "MAX":
+            return x / x.amax(dim=-1, keepdim=True)
+        if self.norm == "L1":
+            return x / x.abs().sum(dim=-1, keepdim=True)
+        return x / x.square().sum(dim=-1, keepdim=True).sqrt()
+
+
+class OnnxBinarizer(nn.Module, OnnxToTorchModule):
+    """1 where x > threshold, else 0, in the input's type."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (x > self.threshold).to(x.dtype)
+
+
+def convert_normalizer(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
+    norm = node.attributes.get("norm", "MAX")
+    norm = norm.decode() if isinstance(norm, bytes) else str(norm)
+    if norm not in ("MAX", "L1", "L2"):
+        raise NotImplementedError(f"Normalizer norm {norm!r} (MAX, L1 and L2 are defined)")
+    return OperationConverterResult(OnnxNormalizer(norm), onnx_mapping_from_node(node))
+
+
+def convert_binarizer(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
+    module = OnnxBinarizer(float(node.attributes.get("threshold", 0.0)))
+    return OperationConverterResult(module, onnx_mapping_from_node(node))
 
 
 def convert_scaler(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001

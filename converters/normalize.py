@@ -54,7 +54,7 @@ STASHED_OPS = frozenset({"Attention", "AveragePool", "Clip", "ConstantOfShape", 
                          "GlobalMaxPool", "LayerNormalization", "Mish", "Pad", "RMSNormalization", "Split"})
 # skl2onnx's preprocessing ops of the ai.onnx.ml domain, always stashed: onnx2torch cannot name a module after a
 # domain with dots in it (converters.ml_ops).
-ML_STASHED_OPS = frozenset({"Imputer", "Scaler"})
+ML_STASHED_OPS = frozenset({"Binarizer", "Imputer", "Normalizer", "Scaler"})
 
 # Ops whose ``auto_pad = SAME_UPPER / SAME_LOWER`` onnx2torch refuses ("not implemented"): Keras-era
 # converters (tf2onnx where a shape is unknown, keras2onnx, tflite and CoreML converters) write it.

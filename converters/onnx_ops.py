@@ -1,7 +1,7 @@
 """Node converters onnx2torch 1.5 lacks, registered with its ``add_converter`` when this module is imported.
 
 - ``LSTM``, ``GRU``, ``RNN``: ``converters.recurrent``.
-- skl2onnx's ``Scaler`` and ``Imputer`` (ai.onnx.ml, stashed: ``normalize.ML_STASHED_OPS``): ``converters.ml_ops``.
+- skl2onnx's ``Scaler``, ``Imputer``, ``Normalizer`` and ``Binarizer`` (ai.onnx.ml, stashed: ``normalize.ML_STASHED_OPS``): ``converters.ml_ops``.
 - The private ops that spell onnxruntime's fused transformer ops (``converters.fused``): ``converters.fused_ops``.
 - ``GlobalMaxPool`` (opset 1).
 - ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
@@ -34,7 +34,7 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from onnx_admm.converters import onnx_versions, recurrent  # noqa: F401 - register converters when imported
-from onnx_admm.converters.ml_ops import convert_imputer, convert_scaler
+from onnx_admm.converters.ml_ops import convert_binarizer, convert_imputer, convert_normalizer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
 from onnx_admm.converters.normalize import ML_STASHED_OPS, STASH_DOMAIN, STASHED_OPS
@@ -186,7 +186,9 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "ConvTranspose": convert_conv_transpose,
     # The same op as opset 9's (20 adds element types): onnx's version converter has no way down for it.
     "ConstantOfShape": get_converter(domain="", operation_type="ConstantOfShape", version=9),
+    "Binarizer": convert_binarizer,
     "Imputer": convert_imputer,
+    "Normalizer": convert_normalizer,
     "Scaler": convert_scaler,
 }
 if set(_STASH_CONVERTERS) != STASHED_OPS | ML_STASHED_OPS:

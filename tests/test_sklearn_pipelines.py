@@ -99,16 +99,24 @@ def test_nan_is_still_refused_where_the_graph_does_not_impute_it(tmp_path):
     assert f"{bad}: input 'X' holds 2 NaN or infinite value(s)" in result.output
 
 
-@pytest.mark.parametrize("front", ["scaler_one_value", "imputer_int64"])
+@pytest.mark.parametrize("front", ["scaler_one_value", "imputer_int64", "normalizer_MAX", "normalizer_L1",
+                                   "normalizer_L2", "binarizer"])
 def test_the_other_attribute_forms_match_onnxruntime(tmp_path, front):
-    # A Scaler with one offset and one scale for every feature, and an Imputer of int64 inputs (its -1 entries
-    # take the value 7): torch and onnxruntime agree on inputs that hold the replaced value.
+    # A Scaler with one offset and one scale for every feature, an Imputer of int64 inputs (its -1 entries take
+    # the value 7), the Normalizer's three norms and a Binarizer: torch and onnxruntime agree, and onnxruntime
+    # computes what the formulas say.
     from onnx import TensorProto, helper
 
     w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], np.linspace(-1, 1, 12).astype(np.float32))
     if front == "scaler_one_value":
         first = helper.make_node("Scaler", ["x"], ["f"], domain="ai.onnx.ml", offset=[0.5], scale=[2.0])
         dtype, x = TensorProto.FLOAT, np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+        nodes = [first, helper.make_node("MatMul", ["f", "W"], ["y"])]
+    elif front != "imputer_int64":  # rows with negative entries, as onnxruntime computes them (MAX: the signed max)
+        kind, _, norm = front.partition("_")
+        attrs = {"norm": norm} if norm else {"threshold": 0.25}
+        first = helper.make_node(kind.capitalize(), ["x"], ["f"], domain="ai.onnx.ml", **attrs)
+        dtype, x = TensorProto.FLOAT, np.array([[-3, 1, 2, 0.5], [0.5, -0.25, 0.25, 1]], dtype=np.float32)
         nodes = [first, helper.make_node("MatMul", ["f", "W"], ["y"])]
     else:
         first = helper.make_node("Imputer", ["x"], ["i"], domain="ai.onnx.ml", imputed_value_int64s=[7],
@@ -124,5 +132,10 @@ def test_the_other_attribute_forms_match_onnxruntime(tmp_path, front):
     report = check(path, {"x": x})
     assert report.passed and report.steps[1].name == "torch vs onnxruntime", report.format()
     got = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
-    features = (x - 0.5) * 2.0 if front == "scaler_one_value" else np.where(x == -1, 7, x).astype(np.float32)
+    features = {"scaler_one_value": lambda: (x - 0.5) * 2.0,
+                "imputer_int64": lambda: np.where(x == -1, 7, x).astype(np.float32),
+                "normalizer_MAX": lambda: x / x.max(1, keepdims=True),
+                "normalizer_L1": lambda: x / np.abs(x).sum(1, keepdims=True),
+                "normalizer_L2": lambda: x / np.sqrt((x * x).sum(1, keepdims=True)),
+                "binarizer": lambda: (x > 0.25).astype(np.float32)}[front]()
     np.testing.assert_allclose(got, features @ onnx.numpy_helper.to_array(w), rtol=1e-5, atol=1e-5)
