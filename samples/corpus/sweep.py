@@ -308,6 +308,33 @@ def _sklearn(work: Path) -> tuple[Path, Feeds | None]:
     return path, {onnx.load(str(path)).graph.input[0].name: x}
 
 
+def _sklearn_pipeline(work: Path) -> tuple[Path, Feeds | None]:
+    """SimpleImputer + StandardScaler + MLPClassifier (64-32-10) on digits with a tenth of the values missing
+    (NaN), written by skl2onnx: its Imputer and Scaler nodes come ahead of the network."""
+    import warnings
+
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.impute import SimpleImputer
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    x[np.random.default_rng(0).random(x.shape) < 0.1] = np.nan
+    pipe = make_pipeline(SimpleImputer(), StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=100,
+                                                                          random_state=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipe.fit(x, y)
+    path = work / "sklearn_pipeline.onnx"
+    path.write_bytes(to_onnx(pipe, x[:1], options={"zipmap": False},
+                             target_opset={"": 17, "ai.onnx.ml": 3}).SerializeToString())
+    return path, {"X": x}
+
+
 def _keras_bytes(work: Path) -> tuple[Path, Feeds | None]:
     """A Keras byte classifier exported by tf2onnx, committed with 600 streams it did not train on
     (samples/corpus/keras_bytes/make.py says how they were made)."""
@@ -483,6 +510,8 @@ CORPUS = [
     Entry("digits_vit", "scikit-learn digits (trained ViT)", "torch dynamo, dynamic batch", digits_vit()),
     Entry("lstm_classifier", "torch nn (random)", "torch TorchScript", _lstm),
     Entry("sklearn_mlp", "scikit-learn digits (trained)", "skl2onnx", _sklearn),
+    Entry("sklearn_pipeline", "scikit-learn digits, 10% missing (imputer + scaler + MLP, trained)",
+          "skl2onnx (ai.onnx.ml Imputer, Scaler)", _sklearn_pipeline),
     Entry("bytes_onehot_layernorm", "hand-built", "tf2onnx op pattern", _tf2onnx_like),
     Entry("keras_bytes", "Keras (trained, synthetic byte streams; committed file)", "tf2onnx 1.16, opset 15",
           _keras_bytes),
