@@ -4,11 +4,11 @@ dots), where ``converters.onnx_ops`` registers these converters.
 
 A scikit-learn pipeline such as ``make_pipeline(StandardScaler(), MLPClassifier())`` exports as a ``Scaler``
 node feeding the network (``SimpleImputer``: an ``Imputer`` node). Without a converter every trainable tensor
-depended on that node, and the whole model failed to import. Both are elementwise along the last axis:
+depended on that node, and the whole model failed to import. Each works along the last axis (the features):
 
 - ``Scaler``: ``Y = (X - offset) * scale``, float output; ``offset`` and ``scale`` hold one value or one per
   feature.
-- ``Normalizer`` (Normalizer): each row divided by its max, L1 or L2 norm; ``Binarizer``: 1 above the
+- ``Normalizer`` (scikit-learn's Normalizer): each row divided by its max, L1 or L2 norm; ``Binarizer``: 1 above the
   threshold, else 0.
 - ``Imputer``: entries equal to ``replaced_value_float`` (NaN, its usual value, matches NaN) take the imputed
   value of their feature (``imputed_value_floats``, one or one per feature); integer inputs use the int64
@@ -25,6 +25,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
+
 
 class OnnxScaler(nn.Module, OnnxToTorchModule):
     """(x - offset) * scale along the last axis, in float32 whatever the input's type (the op's output type)."""

@@ -1,7 +1,8 @@
 """Node converters onnx2torch 1.5 lacks, registered with its ``add_converter`` when this module is imported.
 
 - ``LSTM``, ``GRU``, ``RNN``: ``converters.recurrent``.
-- skl2onnx's ``Scaler``, ``Imputer``, ``Normalizer`` and ``Binarizer`` (ai.onnx.ml, stashed: ``normalize.ML_STASHED_OPS``): ``converters.ml_ops``.
+- skl2onnx's ``Scaler``, ``Imputer``, ``Normalizer`` and ``Binarizer`` (ai.onnx.ml, stashed:
+  ``normalize.ML_STASHED_OPS``): ``converters.ml_ops``.
 - The private ops that spell onnxruntime's fused transformer ops (``converters.fused``): ``converters.fused_ops``.
 - ``GlobalMaxPool`` (opset 1).
 - ``OneHot`` (opsets 9 and 11: tf2onnx writes it for byte and token inputs), any ``axis``, negative
@@ -192,7 +193,8 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "Scaler": convert_scaler,
 }
 if set(_STASH_CONVERTERS) != STASHED_OPS | ML_STASHED_OPS:
-    raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS | ML_STASHED_OPS)} and onnx_ops disagree: {sorted(_STASH_CONVERTERS)}")
+    raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS | ML_STASHED_OPS)} and onnx_ops disagree: "
+                      f"{sorted(_STASH_CONVERTERS)}")
 
 for _op, _converter in _STASH_CONVERTERS.items():
     add_converter(operation_type=_op, version=1, domain=STASH_DOMAIN)(_converter)
