@@ -137,6 +137,8 @@ def resolve(name: str, aliases: dict[str, str]) -> str:
 def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a caller feeds: graph inputs that are not initializers."""
     inits = {t.name for t in model.graph.initializer}
+    # Who reads each input, only where some node imputes NaN (the index costs a pass over a large graph).
+    view = GraphView(model) if any(map(_imputes_nan, model.graph.node)) else None
     specs = []
     for value in model.graph.input:
         if value.name in inits:
@@ -146,7 +148,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = None
         if ttype.HasField("shape"):
             shape = tuple(dim_value(d) for d in ttype.shape.dim)
-        readers = [node for node in model.graph.node if value.name in node.input]
+        readers = [view.nodes[i] for i, _ in view.readers.get(value.name, [])] if view else []
         specs.append(InputSpec(value.name, dtype, shape, bool(readers) and all(map(_imputes_nan, readers))))
     return specs
 
