@@ -9,9 +9,8 @@ from onnx import defs, helper
 from onnx2torch.node_converters import get_converter
 
 from onnx_admm.converters import onnx_ops  # noqa: F401 - registers the extra onnx2torch converters
-from onnx_admm.converters.errors import UserError
-from onnx_admm.converters.graphinfo import FLOAT_TYPES, subgraph_reads
-from onnx_admm.converters.optable import TRAINABLE_CONSUMERS
+from onnx_admm.converters.errors import STRING_INPUT_FIX, UserError
+from onnx_admm.converters.graphinfo import FLOAT_TYPES, subgraph_reads, weight_dependent
 from onnx_admm.converters.shapes import inferred_types
 
 
@@ -78,9 +77,13 @@ def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[on
     candidates = [o.name for o in graph.output if o.name in producer]
     candidates += [out for node in converted for out in node.output if out in read_by_rest and out not in candidates]
     types = inferred_types(normalized)
-    trained = [name for name in candidates
-               if types.get(name, (0,))[0] in FLOAT_TYPES and _reads_trainable_weight(name, producer, inits)]
+    dependent = weight_dependent(normalized)
+    trained = [name for name in candidates if types.get(name, (0,))[0] in FLOAT_TYPES and name in dependent]
     if not trained:
+        strings = [v.name for v in graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.STRING]
+        if strings:
+            raise UserError(f"cannot import the model: input {strings[0]!r} is a string tensor, and torch holds no "
+                            f"strings; {STRING_INPUT_FIX}")
         _raise_unsupported(problems, ", and no float tensor that depends on a trainable weight can be computed "
                                      "without it")
     return _sub_model(normalized, trained, producer, types), trained
@@ -104,26 +107,6 @@ def _raise_unsupported(problems: list[str], why: str) -> None:
     raise UserError(
         f"cannot import the model: {problems[0]}{more}{why}; run `onnx-admm inspect` for the full list, or {fix}"
     )
-
-
-# Ops whose output depends on their input's shape only: a tensor computed from them (a causal mask's
-# Expand of ones to the sequence length) does not change when a weight does.
-_SHAPE_ONLY = ("Shape", "Size")
-
-
-def _reads_trainable_weight(name: str, producer: dict[str, onnx.NodeProto], inits: dict) -> bool:
-    seen, stack = set(), [name]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or id(node) in seen or node.op_type in _SHAPE_ONLY:
-            continue
-        seen.add(id(node))
-        if node.op_type in TRAINABLE_CONSUMERS and any(
-            i in inits and inits[i].data_type in FLOAT_TYPES and len(inits[i].dims) >= 1 for i in node.input
-        ):
-            return True
-        stack.extend(node.input)
-    return False
 
 
 def _sub_model(model: onnx.ModelProto, outputs: list[str], producer: dict, types: dict) -> onnx.ModelProto:

@@ -20,3 +20,10 @@ def first_line(exc: BaseException) -> str:
     quotes of a library's (onnx's C++ converter, onnxruntime) many-line messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# What a model with a string input needs before onnx-admm can train it: torch holds no strings, so neither the
+# import nor the data can carry them (the import and the data checks give the same fix).
+STRING_INPUT_FIX = ("encode the strings as integer codes before the model and export it with integer inputs "
+                    "(scikit-learn: an OrdinalEncoder fitted outside the pipeline, and Int64TensorType inputs "
+                    "for skl2onnx)")

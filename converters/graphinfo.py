@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_admm.converters.optable import WEIGHT_INPUTS
+from onnx_admm.converters.optable import TRAINABLE_CONSUMERS, WEIGHT_INPUTS
 from onnx_admm.converters.shapes import dim_value
 
 logger = logging.getLogger(__name__)
@@ -245,6 +245,28 @@ class GraphView:
         if self._aliases is None:
             self._aliases = identity_aliases(self.model)
         return self._aliases
+
+
+# Ops whose output depends on their input's shape only: a tensor computed from them (a causal mask's
+# Expand of ones to the sequence length) does not change when a weight does.
+SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+def weight_dependent(model: onnx.ModelProto) -> set[str]:
+    """The tensors whose value changes when a trainable weight does: the outputs of a node that reads a float
+    initializer of one or more dims through a trainable op (``optable.TRAINABLE_CONSUMERS``), and everything
+    computed from them except through ``SHAPE_ONLY`` ops. The graph is in topological order, as ONNX requires."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES and len(t.dims) >= 1}
+    dependent: set[str] = set()
+    for node in graph.node:
+        if node.op_type in SHAPE_ONLY:
+            continue
+        reads = [*node.input, *subgraph_reads(node)]
+        if any(name in dependent for name in reads) or (
+                node.op_type in TRAINABLE_CONSUMERS and any(name in weights for name in node.input)):
+            dependent.update(name for name in node.output if name)
+    return dependent
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -35,6 +35,7 @@ from onnx_admm.converters.evaluate import evaluate
 from onnx_admm.converters.graphinfo import (constant_node_value, constant_sources, identity_aliases, live_nodes,
                                             node_attr, node_label, sparse_to_dense)
 from onnx_admm.converters.optable import RECURRENT_CONSTANT_INPUTS
+from onnx_admm.converters.ort_nodes import run_in_onnxruntime
 from onnx_admm.converters.ranks import annotate_unknown_ranks
 from onnx_admm.converters.shapes import inferred_shapes
 
@@ -232,6 +233,12 @@ def convert_opset(model: onnx.ModelProto) -> bool:
         ) from None
     model.CopyFrom(converted)
     return True
+
+
+def onnxruntime_nodes(model: onnx.ModelProto) -> bool:
+    """Nodes without a torch converter that need no gradient run in onnxruntime (``converters.ort_nodes``)."""
+    version = _default_opset(model)
+    return run_in_onnxruntime(model, UPGRADE_OPSET if 0 < version < OLDEST_CONVERTED else min(version, TARGET_OPSET))
 
 
 def _upconvert_opset(model: onnx.ModelProto, version: int) -> bool:
@@ -509,6 +516,7 @@ PASSES: list[Pass] = [
     expand_resize_axes,
     explicit_auto_pad,
     stash_ops,
+    onnxruntime_nodes,
     convert_opset,
     # The converter can add Constant nodes and Identity chains of its own: run the cleanups after it.
     constants_to_initializers,

@@ -34,7 +34,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
-from onnx_admm.converters import onnx_versions, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters import onnx_versions, ort_nodes, recurrent  # noqa: F401 - register converters when imported
 from onnx_admm.converters.ml_ops import convert_binarizer, convert_imputer, convert_normalizer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too

@@ -187,7 +187,10 @@ def _synthesized_feeds(model: onnx.ModelProto, path: Path, imported: ImportedMod
     for size in PROBE_SIZES:
         feeds = synthesize_inputs(model, batch=batch, seed=seed, other=size)
         if tried and all(feeds[name].shape == shape for name, shape in tried[0][1].items()):
-            raise failure  # no dynamic dim besides the batch: onnxruntime's own line says what is wrong
+            # No dynamic dim besides the batch: onnxruntime's line says what is wrong, with the shapes, or the
+            # synthesized values are (an unknown category of a OneHotEncoder).
+            raise UserError(f"{failure}; if the values matter (categories, token ids), pass inputs the model runs on "
+                            "with --data (an .npz keyed by input name)")
         tried.append((size, {name: array.shape for name, array in feeds.items()}))
         try:
             run_batched(path, feeds, imported)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_admm.converters.errors import UserError
+from onnx_admm.converters.errors import STRING_INPUT_FIX, UserError
 from onnx_admm.converters.graphinfo import InputSpec, format_shape
 
 logger = logging.getLogger(__name__)
@@ -299,6 +299,9 @@ def _as_array(value: object, key: str, source: str) -> np.ndarray:
 
 def _check_input(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     want, have = spec.dtype, array.dtype
+    if want.kind == "O":
+        raise UserError(f"{source}: input {spec.name!r} is a string tensor of the graph, and torch holds no strings; "
+                        f"{STRING_INPUT_FIX}")
     if want.kind != have.kind and not (want.kind in "iu" and have.kind in "iu"):
         hint = " and scale it as the model expects" if want.kind == "f" else ""
         raise UserError(

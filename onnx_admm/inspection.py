@@ -13,6 +13,7 @@ from onnx_admm.converters.groups import channel_groups, channel_groups_summary
 from onnx_admm.converters.scores import find_score_output
 from onnx_admm.converters.importer import import_model, unsupported_nodes
 from onnx_admm.converters.modelio import load_model
+from onnx_admm.converters.ort_nodes import in_onnxruntime
 from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.quantized import dequantize_model
 
@@ -64,6 +65,8 @@ def inspect_model(path: str | Path, filters: bool = False) -> dict[str, Any]:
         "trained_outputs": imported.output_names if imported else [],
         "passed_through": imported.passed_through if imported else [],
         "not_converted": imported.not_converted if imported else [],
+        # Nodes without a torch converter that no gradient crosses: the module runs them in onnxruntime.
+        "onnxruntime_nodes": in_onnxruntime(imported.normalized) if imported else [],
         "baked_batch": imported.baked_batch if imported else None,
         "fixed_batch": imported.fixed_batch if imported else None,
         "fixed_batch_reason": imported.fixed_batch_reason if imported else None,
@@ -99,6 +102,9 @@ def format_inspection(info: dict[str, Any]) -> str:
             lines.append(f"  trains {', '.join(info['trained_outputs'])}; passes through "
                          f"{', '.join(info['passed_through'])}, computed by nodes kept as they are:")
             lines += [f"    {p}" for p in info["not_converted"]]
+        if info["onnxruntime_nodes"]:
+            lines.append("  runs in onnxruntime inside the module (no gradient crosses them, no torch converter):")
+            lines += [f"    {n}" for n in info["onnxruntime_nodes"]]
         if info["baked_batch"] is not None:
             lines.append(f"  exported with a fixed batch of {info['baked_batch']}: trains at any batch size; "
                          f"onnxruntime runs the original in batches of {info['baked_batch']}")

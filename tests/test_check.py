@@ -113,7 +113,8 @@ def test_no_synthesized_size_that_runs_asks_for_data(tmp_path):
     assert message.endswith("synthesized inputs with dynamic dims at 8, 32, 64, 128 do not fit this model: pass "
                             "inputs it runs on with --data (an .npz keyed by input name)")
     assert "\n" not in message
-    # A graph without dynamic dims besides the batch: one size is all there is, and onnxruntime's line is the error.
+    # A graph without dynamic dims besides the batch: one size is all there is; onnxruntime's line is the error, and
+    # --data is the way out where the synthesized values are what failed.
     fixed = onnx.load(str(_pooled_model(tmp_path / "fixed.onnx", pool=2, fixed=100)))
     for dim, size in zip(fixed.graph.input[0].type.tensor_type.shape.dim[2:], (8, 8)):
         dim.Clear()
@@ -121,7 +122,9 @@ def test_no_synthesized_size_that_runs_asks_for_data(tmp_path):
     onnx.save(fixed, str(tmp_path / "fixed.onnx"))
     with pytest.raises(check_module.UserError) as error:
         check(tmp_path / "fixed.onnx")
-    assert str(error.value).startswith("onnxruntime failed to run ") and "--data" not in str(error.value)
+    assert str(error.value).startswith("onnxruntime failed to run ") and "\n" not in str(error.value)
+    assert str(error.value).endswith("; if the values matter (categories, token ids), pass inputs the model runs on "
+                                     "with --data (an .npz keyed by input name)")
 
 
 def test_a_float16_model_is_checked_in_float16_steps(tmp_path):

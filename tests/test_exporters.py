@@ -148,6 +148,21 @@ def test_sklearn_zipmap_output_is_passed_through(tmp_path):
 
 
 def test_no_trainable_weight_before_the_unconverted_part_is_an_error():
+    # String class labels: the ArrayFeatureExtractor cannot run inside the module (torch holds no strings).
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
+        g (float[N, 3] x) => (string[N, 1] y) <string[3] classes = {"a", "b", "c"}> {
+            a = ArgMax <axis = 1> (x)
+            y = ai.onnx.ml.ArrayFeatureExtractor (classes, a)
+        }
+    """)
+    with pytest.raises(UserError, match="ArrayFeatureExtractor.*no float tensor that depends on a trainable weight"):
+        import_model(model)
+
+
+def test_a_graph_without_weights_imports_and_compress_says_there_is_nothing_to_compress(tmp_path):
+    # Integer class labels: the ArrayFeatureExtractor runs in onnxruntime inside the module (converters/ort_nodes.py),
+    # so the graph imports whole, with nothing to train; check's backward step and compress say so.
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
         g (float[N, 3] x) => (int64[N, 1] y) <int64[3] classes = {7, 8, 9}> {
@@ -155,8 +170,19 @@ def test_no_trainable_weight_before_the_unconverted_part_is_an_error():
             y = ai.onnx.ml.ArrayFeatureExtractor (classes, a)
         }
     """)
-    with pytest.raises(UserError, match="ArrayFeatureExtractor.*no float tensor that depends on a trainable weight"):
-        import_model(model)
+    imported = import_model(model)
+    assert imported.weights == [] and imported.output_names == ["y"]
+    path, data = tmp_path / "labels.onnx", tmp_path / "x.npz"
+    onnx.save(model, str(path))
+    np.savez(data, x=np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32))
+    report = check(path)
+    assert [s.name for s in report.steps if not s.passed] == ["backward"]
+    assert report.steps[2].detail == "the model has no trainable tensor (no constant weight feeds a converted op)"
+    result = CliRunner().invoke(main, ["compress", str(path), "-o", str(tmp_path / "out.onnx"), "--data", str(data),
+                                       "--sparsity", "0.5", "--quiet"])
+    assert result.exit_code == 1 and not (tmp_path / "out.onnx").exists()
+    assert result.output.strip().splitlines()[-1].startswith(
+        "Error: the model has no compressible weight that onnx-admm can train; compress needs")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ from vit import digits_vit  # noqa: E402
 import vad  # noqa: E402
 import seq2seq  # noqa: E402
 import yolo  # noqa: E402
+import frontends  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 
@@ -335,6 +336,18 @@ def _sklearn_pipeline(work: Path) -> tuple[Path, Feeds | None]:
     return path, {"X": x}
 
 
+def _audio_stft(work: Path) -> tuple[Path, Feeds | None]:
+    """A sound classifier with its own torch.stft spectrogram (samples/corpus/frontends.py), trained on synthetic
+    clips; clips of another seed."""
+    return frontends.build_audio(work / "audio_stft.onnx"), {"wave": frontends.make_clips(384, 1)[0]}
+
+
+def _sklearn_columns(work: Path) -> tuple[Path, Feeds | None]:
+    """A ColumnTransformer (scaled pixels, one-hot grey levels) + MLP on digits (samples/corpus/frontends.py)."""
+    path, x, _ = frontends.build_columns(work / "sklearn_columns.onnx")
+    return path, {"X": x}
+
+
 def _keras_bytes(work: Path) -> tuple[Path, Feeds | None]:
     """A Keras byte classifier exported by tf2onnx, committed with 600 streams it did not train on
     (samples/corpus/keras_bytes/make.py says how they were made)."""
@@ -512,6 +525,10 @@ CORPUS = [
     Entry("sklearn_mlp", "scikit-learn digits (trained)", "skl2onnx", _sklearn),
     Entry("sklearn_pipeline", "scikit-learn digits, 10% missing (imputer + scaler + MLP, trained)",
           "skl2onnx (ai.onnx.ml Imputer, Scaler)", _sklearn_pipeline),
+    Entry("sklearn_columns", "scikit-learn digits (ColumnTransformer: scaler + one-hot levels, MLP; trained)",
+          "skl2onnx (ai.onnx.ml ArrayFeatureExtractor, OneHotEncoder in onnxruntime)", _sklearn_columns),
+    Entry("audio_stft", "synthetic tones (trained; torch.stft spectrogram front end)",
+          "torch dynamo, dynamic batch (STFT in onnxruntime)", _audio_stft),
     Entry("bytes_onehot_layernorm", "hand-built", "tf2onnx op pattern", _tf2onnx_like),
     Entry("keras_bytes", "Keras (trained, synthetic byte streams; committed file)", "tf2onnx 1.16, opset 15",
           _keras_bytes),
