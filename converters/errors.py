@@ -22,6 +22,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's first line without its status number: "[ONNXRuntimeError] : 10 : INVALID_GRAPH : ..." ->
+    "INVALID_GRAPH : ..."."""
+    line = first_line(exc)
+    prefix = "[ONNXRuntimeError] : "
+    if line.startswith(prefix):
+        line = line[len(prefix):].split(" : ", 1)[-1]
+    return line
+
+
 # What a model with a string input needs before onnx-admm can train it: torch holds no strings, so neither the
 # import nor the data can carry them (the import and the data checks give the same fix).
 STRING_INPUT_FIX = ("encode the strings as integer codes before the model and export it with integer inputs "

@@ -177,7 +177,22 @@ class _Analysis:
         src = self.constant(name)
         if src is not None:
             return list(self.value(src).shape)
+        if name not in self.shapes and name in self.producer_index:
+            # Shape inference stopped (an ai.onnx.ml Scaler has no shape function): the dims measured in
+            # onnxruntime, a dim that follows the inputs' sizes unknown.
+            probe = self.probe()
+            if not isinstance(probe, NotPrunable) and name in probe.dims:
+                self.shapes[name] = [d if isinstance(d, int) else None for d in probe.dims[name]]
         return self.shapes.get(name)
+
+    def probe(self) -> Probe | NotPrunable:
+        """Every tensor's dims measured in onnxruntime (``heads.probe_shapes``), once; why they could not be."""
+        if self._probe is None:
+            try:
+                self._probe = probe_shapes(self.model)
+            except NotPrunable as exc:
+                self._probe = exc
+        return self._probe
 
     # -- groups ---------------------------------------------------------------------------------------
 
@@ -234,15 +249,11 @@ class _Analysis:
         node = self.nodes[index]
         shape = self.value(weight).shape
         if node.op_type in ("MatMul", "Gemm") and feeds_attention(self, index):
-            if self._probe is None:
-                try:
-                    self._probe = probe_shapes(self.model)
-                except NotPrunable as exc:
-                    self._probe = exc
+            probe = self.probe()
             try:
-                if isinstance(self._probe, NotPrunable):
-                    raise self._probe
-                return head_group(self, index, weight, self._probe)
+                if isinstance(probe, NotPrunable):
+                    raise probe
+                return head_group(self, index, weight, probe)
             except NotPrunable as exc:
                 reason = f"{reason}; as attention heads: {exc}"
         return ChannelGroup(weight, self.labels[index], node.op_type, _out_channels(node, shape), prunable=False,

@@ -10,11 +10,12 @@
 - ``Trilu`` (opset 14): both exporters write a transformer decoder's causal mask with it
   (``nn.Transformer`` with ``tgt_is_causal``); without it the import stopped there and the decoder was
   passed through untrained.
+- Unary ops, ``Shrink``, ``ThresholdedRelu``, ``CastLike`` and ``GridSample``: ``converters.extra_ops``.
 - ``LessOrEqual`` / ``GreaterOrEqual`` 16 (``converters.onnx_versions``: the version 12 converter).
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
   bring down to opset 17 (``Attention`` 23 and ``RMSNormalization`` 23, which the dynamo exporter writes at
   opset 23, ``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
-  ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op),
+  ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op; ``GridSample`` 20),
   and those onnx2torch mishandles: ``Pad`` from opset 11 (reflect/edge on trailing dims only), ``Clip``
   with an empty or run-time bound, ``LayerNormalization`` whose input shape is unknown (sized from its
   scale here), ``AveragePool`` with pads that differ between the ends of an axis or SAME padding and
@@ -35,6 +36,7 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from onnx_admm.converters import onnx_versions, ort_nodes, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters.extra_ops import convert_grid_sample  # registers the other extra converters too
 from onnx_admm.converters.ml_ops import convert_binarizer, convert_imputer, convert_normalizer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
@@ -191,6 +193,7 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "Imputer": convert_imputer,
     "Normalizer": convert_normalizer,
     "Scaler": convert_scaler,
+    "GridSample": convert_grid_sample,
 }
 if set(_STASH_CONVERTERS) != STASHED_OPS | ML_STASHED_OPS:
     raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS | ML_STASHED_OPS)} and onnx_ops disagree: "

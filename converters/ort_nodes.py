@@ -30,6 +30,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
+from onnx_admm.converters.errors import UserError, ort_message
 from onnx_admm.converters.graphinfo import SHAPE_ONLY, subgraphs, weight_dependent
 from onnx_admm.converters.shapes import inferred_types
 
@@ -131,6 +132,7 @@ class OrtNode(nn.Module, OnnxToTorchModule):
         original.attribute.extend(a for a in node.attribute if a.name not in _RESERVED)
         original.op_type, original.domain = self.op_type, self.domain
         self.node_bytes = original.SerializeToString()
+        self.node_name = node.name
         self.input_names = list(node.input)
         self.output_names = list(node.output)
         self._sessions: dict[tuple, ort.InferenceSession] = {}
@@ -160,7 +162,7 @@ class OrtNode(nn.Module, OnnxToTorchModule):
             options = ort.SessionOptions()
             options.intra_op_num_threads = max(1, torch.get_num_threads())
             options.inter_op_num_threads = 1
-            options.log_severity_level = 3
+            options.log_severity_level = 4  # its errors become ours (forward), not a second line on stderr
             session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             self._sessions[key] = session
         return session
@@ -168,7 +170,12 @@ class OrtNode(nn.Module, OnnxToTorchModule):
     def forward(self, *inputs: torch.Tensor | None):  # noqa: D102
         arrays = [None if x is None else x.detach().cpu().numpy() for x in inputs]
         feeds = {name: array for name, array in zip(self.input_names, arrays) if name and array is not None}
-        results = iter(self._session(arrays).run(None, feeds))
+        try:
+            results = iter(self._session(arrays).run(None, feeds))
+        except Exception as exc:  # onnxruntime raises its own pybind types
+            raise UserError(f"node {self.node_name!r} ({self.op_type}, run in onnxruntime) failed on the data: "
+                            f"{ort_message(exc)}; give inputs the model accepts (a category it knows, a token id in "
+                            "range)") from None
         device = next((x.device for x in inputs if x is not None), torch.device("cpu"))
         # onnx2torch picks a multi-output node's outputs by their index among the node's outputs, unnamed ones too.
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(next(results))).to(device) if name else None

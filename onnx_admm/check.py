@@ -112,9 +112,10 @@ def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def within_tolerance(reference: list[np.ndarray], other: list[np.ndarray],
-                     extra: list[float] | None = None) -> tuple[bool, float]:
-    """Outputs agree within ATOL + RTOL * max|reference| (HALF_ATOL / HALF_RTOL for float16 outputs; + ``extra[i]``
-    on output i; non-float outputs must be equal)."""
+                     extra: list[float] | None = None, half: bool = False) -> tuple[bool, float]:
+    """Outputs agree within ATOL + RTOL * max|reference| (HALF_ATOL / HALF_RTOL for float16 outputs, and for every
+    output where ``half``: a model that computes in float16 inside float32 inputs and outputs; + ``extra[i]`` on
+    output i; non-float outputs must be equal)."""
     ok = True
     for i, (ref, got) in enumerate(zip(reference, other)):
         if ref.shape != got.shape:
@@ -122,7 +123,7 @@ def within_tolerance(reference: list[np.ndarray], other: list[np.ndarray],
         if np.issubdtype(ref.dtype, np.floating):
             scale = float(np.max(np.abs(ref))) if ref.size else 0.0
             slack = extra[i] if extra is not None else 0.0
-            atol, rtol = (HALF_ATOL, HALF_RTOL) if np.float16 in (ref.dtype, np.asarray(got).dtype) else (ATOL, RTOL)
+            atol, rtol = (HALF_ATOL, HALF_RTOL) if half or np.float16 in (ref.dtype, np.asarray(got).dtype) else (ATOL, RTOL)
             ok &= bool(np.all(np.abs(ref.astype(np.float64) - got) <= atol + rtol * scale + slack))
         else:
             ok &= bool(np.array_equal(ref, got))
@@ -170,7 +171,7 @@ def check(model_path: str | Path, feeds: dict[str, np.ndarray] | None = None, se
             save_model(graph, graph_path)
             report.steps.append(_check_dequantized(graph_path, model_path, feeds, imported, gated=not synthesized))
         reference = trained_outputs_in_onnxruntime(graph, graph_path, feeds, imported, Path(tmp))
-        ok, diff = within_tolerance(reference, imported.run(feeds))
+        ok, diff = within_tolerance(reference, imported.run(feeds), half=_computes_in_half(imported))
         report.steps.append(Step("torch vs onnxruntime", ok, f"max abs diff {diff:.3g}", diff))
         report.steps.append(_check_backward(imported, feeds))
         report.steps.append(_check_perturbed(imported, feeds, Path(tmp), seed))
@@ -356,6 +357,12 @@ def _check_backward(imported: ImportedModel, feeds: dict[str, np.ndarray]) -> St
     return Step("backward", True, f"gradients reach all {len(imported.weights)} trainable tensors")
 
 
+def _computes_in_half(imported: ImportedModel) -> bool:
+    """Whether a trained weight is float16 or bfloat16 (onnxconverter-common's float16 conversion keeps float32
+    inputs and outputs with ``keep_io_types``): the graph then rounds in half precision's steps inside."""
+    return any(imported.parameter(e).dtype in (torch.float16, torch.bfloat16) for e in imported.weights)
+
+
 def _check_perturbed(imported: ImportedModel, feeds: dict[str, np.ndarray], tmp: Path, seed: int) -> Step:
     generator = torch.Generator().manual_seed(seed)
 
@@ -407,7 +414,8 @@ def _check_written(name: str, imported: ImportedModel, feeds: dict[str, np.ndarr
         got = trained_outputs_in_onnxruntime(result.model, path, feeds, imported, tmp)
         if imported.passed_through:
             run_batched(path, feeds, imported)  # the passed-through outputs still compute
-        ok, diff = within_tolerance(expected, got)
+        half = _computes_in_half(imported)
+        ok, diff = within_tolerance(expected, got, half=half)
         amplified = ""
         if not ok:
             # Is the difference float32 rounding the changed weights amplify (LayerNorm over a tiny
@@ -415,7 +423,7 @@ def _check_written(name: str, imported: ImportedModel, feeds: dict[str, np.ndarr
             # result against float64 at the same weights; a wrong tensor moves the outputs far more.
             noise = float32_noise(imported, feeds, expected)
             if noise is not None:
-                ok = within_tolerance(expected, got, [AMPLIFIED * n for n in noise])[0]
+                ok = within_tolerance(expected, got, [AMPLIFIED * n for n in noise], half=half)[0]
                 amplified = (f"; torch's own float32 vs float64 at these weights differ by up to {max(noise):.3g}: "
                              + ("float amplification, not a write-back fault" if ok else
                                 f"more than {AMPLIFIED:g}x that, a write-back fault or onnxruntime "

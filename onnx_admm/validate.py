@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_admm.converters.errors import UserError, first_line
+from onnx_admm.converters.errors import UserError, ort_message
 from onnx_admm.converters.graphinfo import graph_inputs
 from onnx_admm.converters.scores import find_score_output, other_probabilities
 from onnx_admm.converters.modelio import load_model, require_model_file, save_model, scratch_dir
@@ -220,18 +220,9 @@ def open_session(path: str | Path, threads: int = 1, exact: bool = False, fused:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         raise UserError(
-            f"cannot load {path} in onnxruntime: {_ort_message(exc)}; check it with onnx.checker.check_model "
+            f"cannot load {path} in onnxruntime: {ort_message(exc)}; check it with onnx.checker.check_model "
             "and keep its external data files next to it"
         ) from None
-
-
-def _ort_message(exc: Exception) -> str:
-    line = first_line(exc)
-    # "[ONNXRuntimeError] : 10 : INVALID_GRAPH : ..." -> "INVALID_GRAPH : ..."
-    prefix = "[ONNXRuntimeError] : "
-    if line.startswith(prefix):
-        line = line[len(prefix):].split(" : ", 1)[-1]
-    return line
 
 
 def validate(
@@ -427,7 +418,7 @@ def run_session(session: ort.InferenceSession, path: Path, names: list[str], fee
         return dict(zip(names, session.run(names, feed)))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         shapes = {name: tuple(array.shape) for name, array in feed.items()}
-        raise UserError(f"onnxruntime failed to run {path} on inputs {shapes}: {_ort_message(exc)}") from None
+        raise UserError(f"onnxruntime failed to run {path} on inputs {shapes}: {ort_message(exc)}") from None
 
 
 def latency_ms(original: str | Path, compressed: str | Path, data: Dataset, batch_size: int, *, threads: int = 1,

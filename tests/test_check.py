@@ -149,6 +149,37 @@ def test_a_float16_model_is_checked_in_float16_steps(tmp_path):
     assert step.value > check_module.ATOL + check_module.RTOL * float(np.abs(y).max())  # over float32's tolerance
 
 
+def test_a_float16_model_with_float32_inputs_and_outputs_is_checked_in_float16_steps(tmp_path):
+    # onnxconverter-common's float16 conversion with keep_io_types: float32 in and out, Casts around a float16
+    # graph. The float32 outputs carry float16 rounding, which the float32 tolerance called a failed check.
+    import onnxruntime as ort
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(512, 32), torch.nn.GELU(), torch.nn.Linear(32, 10)).eval().half()
+    half = tmp_path / "half.onnx"
+    torch.onnx.export(net, (torch.randn(2, 1, 8, 8).half(),), str(half), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}})
+    model = onnx.load(str(half))
+    for node in model.graph.node:
+        node.input[:] = ["x16" if name == "x" else name for name in node.input]
+        node.output[:] = ["y16" if name == "y" else name for name in node.output]
+    model.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="to_half"))
+    model.graph.node.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT, name="to_float"))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    path = tmp_path / "keep_io.onnx"
+    onnx.save(model, str(path))
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    report = check(path, feeds)
+    assert report.passed, report.format()
+    step = next(s for s in report.steps if s.name == "torch vs onnxruntime")
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert y.dtype == np.float32
+    assert step.value > check_module.ATOL + check_module.RTOL * float(np.abs(y).max())  # over float32's tolerance
+
+
 def test_what_onnx_checker_refuses_in_the_original_does_not_fail_the_write_back(tmp_path, monkeypatch):
     # A graph output declared without a shape: onnxruntime runs the file, onnx's checker refuses it ("Field 'shape'
     # of 'type' is required but missing"). That ended check with an internal error. The written model is judged

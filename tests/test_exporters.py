@@ -310,7 +310,8 @@ def test_sklearn_regressor_compresses_without_labels_and_keeps_its_outputs(tmp_p
 
 
 def _cut_before_the_head(mask: bool) -> onnx.ModelProto:
-    """Two Gemm + Relu layers, then an op onnx2torch cannot convert (ThresholdedRelu) and the head: the
+    """Two Gemm + Relu layers, then an op without a converter (ThresholdedRelu, whose converter the tests remove:
+    ``_without_thresholded_relu``) and the head: the
     import stops before the head. With ``mask``, a ones tensor shaped like the second layer's output (a mask
     computed from shapes) is read past the cut as well."""
     rng = np.random.default_rng(0)
@@ -330,6 +331,17 @@ def _cut_before_the_head(mask: bool) -> onnx.ModelProto:
         t = ThresholdedRelu <alpha = 0.1> (h)""" + head, 17, {k: v.astype(np.float32) for k, v in weights.items()})
 
 
+@pytest.fixture
+def _without_thresholded_relu(monkeypatch):
+    """onnx2torch's registry without ThresholdedRelu: an elementwise op the channel walk knows, left without a
+    converter, so the graph is cut there."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    for description in [d for d in _CONVERTER_REGISTRY if d.operation_type == "ThresholdedRelu"]:
+        monkeypatch.delitem(_CONVERTER_REGISTRY, description)
+
+
+@pytest.mark.usefixtures("_without_thresholded_relu")
 def test_a_cut_before_the_head_trains_the_part_before_it_on_its_outputs():
     imported = import_model(_cut_before_the_head(mask=True))
     # The ones computed from h's shape do not depend on a weight: not a trained output (it was, and as the
@@ -338,6 +350,7 @@ def test_a_cut_before_the_head_trains_the_part_before_it_on_its_outputs():
     assert imported.score is None  # the head is past the cut: the loss is h's MSE to the original's
 
 
+@pytest.mark.usefixtures("_without_thresholded_relu")
 def test_filters_read_past_the_cut_are_left_alone(tmp_path):
     path, data, out = tmp_path / "cut.onnx", tmp_path / "x.npz", tmp_path / "out.onnx"
     save_model(_cut_before_the_head(mask=False), path)

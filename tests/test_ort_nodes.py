@@ -210,3 +210,49 @@ def test_a_string_input_is_refused_with_the_same_fix_by_the_import_and_by_the_da
                                        "--epochs", "1", "--quiet"])
     assert result.exit_code == 1 and not out.exists()
     assert result.output.strip().splitlines()[-1] == f"Error: {data}: input 'X' is a string tensor of the graph, and {fix}"
+
+
+def test_filter_pruning_reaches_a_layer_after_a_scaler_whose_shape_inference_stops(tmp_path):
+    # onnx has no shape function for ai.onnx.ml Scaler: the hidden layer's output rank was unknown and filter
+    # pruning refused it. The walk now measures the dims it lacks in onnxruntime (converters/groups.py).
+    path, train, test = _column_transformer(tmp_path)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["compress", str(path), "-o", str(out), "--data", str(train), "--val-data",
+                                       str(test), "--structure", "filter", "--sparsity", "0.5", "--epochs", "1",
+                                       "--threads", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(str(out))
+    dims = {t.name: list(t.dims) for t in written.graph.initializer if t.name.startswith(("coefficient", "intercepts"))}
+    assert dims == {"coefficient": [14, 16], "intercepts": [1, 16], "coefficient1": [16, 1], "intercepts1": [1, 1]}
+    x = dict(np.load(test))["X"]
+    probabilities = ort.InferenceSession(str(out)).run(["probabilities"], {"X": x})[0]
+    assert probabilities.shape == (len(x), 2) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_a_value_the_node_refuses_in_onnxruntime_is_the_users_error_named_by_node(tmp_path):
+    # A OneHotEncoder that refuses unknown categories (zeros = 0), fed a category it does not know while training:
+    # one line naming the node and the fix, exit 1, nothing written.
+    from onnx.parser import parse_model
+
+    model = parse_model("""
+        <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
+        g (int64[N, 1] x) => (float[N, 2] y) <float[3, 2] W = {1, 0, 0, 1, 1, 1}> {
+            h = ai.onnx.ml.OneHotEncoder <cats_int64s = [0, 1, 2], zeros = 0> (x)
+            f = Reshape (h, shape)
+            y = MatMul (f, W)
+        }
+    """)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 3], np.int64), "shape"))
+    path, data, out = tmp_path / "onehot.onnx", tmp_path / "x.npz", tmp_path / "out.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(0).integers(0, 3, (32, 1))
+    x[5, 0] = 7
+    np.savez(data, x=x)
+    result = CliRunner().invoke(main, ["compress", str(path), "-o", str(out), "--data", str(data), "--sparsity", "0.5",
+                                       "--epochs", "1", "--quiet"])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: node 'OneHotEncoder_0_unnamed' (OneHotEncoder, run in onnxruntime) failed on the data: FAIL : Non-zero "
+        "status code returned while running OneHotEncoder node. Name:'OneHotEncoder_0_unnamed' Status Message: Unknown "
+        "Category and "
+        "zeros = 0.; give inputs the model accepts (a category it knows, a token id in range)")
