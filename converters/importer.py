@@ -410,6 +410,11 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
         w.param = "graph_module." + w.param
     module.eval()
     passed = [o.name for o in original.graph.output if o.name not in trained]
+    untouched = sorted(compressible_names - {w.onnx_name for w in weights}) if passed else []
+    if untouched:
+        logger.warning("%d compressible weight(s) lie past the part of the graph onnx-admm converts and stay as they "
+                       "are: %s (%s)", len(untouched), ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else ""),
+                       not_converted[0] if not_converted else "no converter")
     if inner is not None:
         if inner.name not in trained:
             raise UserError(f"score tensor {inner.name!r} is computed by a part of the graph onnx-admm cannot convert "

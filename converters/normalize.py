@@ -8,7 +8,7 @@ Measured on torch 2.14 exports: opset 20 → 17 plus the cleanups below made LeN
 ResNet-18, MobileNetV2, VGG-11 and a transformer layer import and match onnxruntime.
 
 onnx's version converter has no way down for some ops (Gelu 20, Mish 18, Split 18, Pad 18+, ConstantOfShape 20,
-GlobalMaxPool 22, GridSample 20: "No Adapter ...") and one failure stops the whole conversion. Before converting,
+GlobalMaxPool 22, GridSample 20, ScatterElements 18: "No Adapter ...") and one failure stops the whole conversion. Before converting,
 ``stash_ops`` moves such nodes to the private domain ``STASH_DOMAIN``, where the converter leaves them
 alone and ``converters.onnx_ops`` registers onnx2torch converters for them at their newest semantics.
 Nodes onnx2torch mishandles go there too: Pad from opset 11 (it pads reflect/edge only on trailing
@@ -53,7 +53,7 @@ Pass = Callable[[onnx.ModelProto], bool]
 STASH_DOMAIN = "onnx_admm_stash"  # no dots: onnx2torch prefixes module names with the domain
 STASHED_OPS = frozenset({"Attention", "AveragePool", "Clip", "ConstantOfShape", "ConvTranspose", "Gelu",
                          "GlobalMaxPool", "GridSample", "LayerNormalization", "Mish", "Pad", "RMSNormalization",
-                         "Split"})
+                         "ScatterElements", "Split"})
 # skl2onnx's preprocessing ops of the ai.onnx.ml domain, always stashed: onnx2torch cannot name a module after a
 # domain with dots in it (converters.ml_ops).
 ML_STASHED_OPS = frozenset({"Binarizer", "Imputer", "Normalizer", "Scaler"})

@@ -15,7 +15,7 @@
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
   bring down to opset 17 (``Attention`` 23 and ``RMSNormalization`` 23, which the dynamo exporter writes at
   opset 23, ``Gelu`` 20, ``Mish`` 18, ``Split`` 18, ``Pad`` 18+, ``GlobalMaxPool`` 22,
-  ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op; ``GridSample`` 20),
+  ``ConstantOfShape`` 20: onnx2torch's opset 9 converter, the same op; ``GridSample`` 20, ``ScatterElements`` 18),
   and those onnx2torch mishandles: ``Pad`` from opset 11 (reflect/edge on trailing dims only), ``Clip``
   with an empty or run-time bound, ``LayerNormalization`` whose input shape is unknown (sized from its
   scale here), ``AveragePool`` with pads that differ between the ends of an axis or SAME padding and
@@ -36,7 +36,7 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from onnx_admm.converters import onnx_versions, ort_nodes, recurrent  # noqa: F401 - register converters when imported
-from onnx_admm.converters.extra_ops import convert_grid_sample  # registers the other extra converters too
+from onnx_admm.converters.extra_ops import convert_grid_sample, convert_scatter_elements  # and registers the others
 from onnx_admm.converters.ml_ops import convert_binarizer, convert_imputer, convert_normalizer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
@@ -194,6 +194,7 @@ _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterR
     "Normalizer": convert_normalizer,
     "Scaler": convert_scaler,
     "GridSample": convert_grid_sample,
+    "ScatterElements": convert_scatter_elements,
 }
 if set(_STASH_CONVERTERS) != STASHED_OPS | ML_STASHED_OPS:
     raise ImportError(f"normalize.STASHED_OPS {sorted(STASHED_OPS | ML_STASHED_OPS)} and onnx_ops disagree: "

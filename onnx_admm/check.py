@@ -104,9 +104,19 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def _difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """|x - y| in float64, 0 where both are NaN or equal infinities: a NaN both runtimes compute at the same place
+    (a MeanVarianceNormalization of a constant channel is 0 / 0 in onnxruntime) is agreement, not a fault."""
+    x, y = np.atleast_1d(np.asarray(x, np.float64)), np.atleast_1d(np.asarray(y, np.float64))  # a scalar output too
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(x - y)
+    diff[(np.isnan(x) & np.isnan(y)) | (np.isinf(x) & (x == y))] = 0.0
+    return diff
+
+
 def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Largest absolute difference over paired float outputs (0.0 when there are none)."""
-    diffs = [float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+    """Largest absolute difference over paired float outputs (0.0 when there are none; ``_difference``)."""
+    diffs = [float(np.max(_difference(x, y))) if x.size else 0.0
              for x, y in zip(a, b) if np.issubdtype(np.asarray(x).dtype, np.floating)]
     return max(diffs, default=0.0)
 
@@ -121,10 +131,11 @@ def within_tolerance(reference: list[np.ndarray], other: list[np.ndarray],
         if ref.shape != got.shape:
             return False, float("inf")
         if np.issubdtype(ref.dtype, np.floating):
-            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            finite = np.abs(ref[np.isfinite(ref)])
+            scale = float(np.max(finite)) if finite.size else 0.0
             slack = extra[i] if extra is not None else 0.0
             atol, rtol = (HALF_ATOL, HALF_RTOL) if half or np.float16 in (ref.dtype, np.asarray(got).dtype) else (ATOL, RTOL)
-            ok &= bool(np.all(np.abs(ref.astype(np.float64) - got) <= atol + rtol * scale + slack))
+            ok &= bool(np.all(_difference(ref, got) <= atol + rtol * scale + slack))
         else:
             ok &= bool(np.array_equal(ref, got))
     return ok, max_abs_diff(reference, other)

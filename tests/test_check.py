@@ -220,3 +220,13 @@ def test_binary_write_back_is_run_as_onnxruntime_reads_it(tmp_path, monkeypatch)
     step = next(s for s in check(path).steps if s.name == "binary write-back")
     assert not step.passed and step.value > 0.1, step.detail
     assert "a write-back fault or onnxruntime reading the stored weights otherwise" in step.detail
+
+
+def test_a_nan_both_runtimes_compute_at_the_same_place_is_agreement():
+    # onnxruntime's MeanVarianceNormalization of a constant slice is 0 / 0: torch computes the same NaN there.
+    nan, inf = float("nan"), float("inf")
+    same = [np.array([nan, 1.0, inf], np.float32)]
+    assert check_module.within_tolerance(same, [np.array([nan, 1.0, inf], np.float32)]) == (True, 0.0)
+    assert not check_module.within_tolerance(same, [np.array([0.0, 1.0, inf], np.float32)])[0]
+    assert not check_module.within_tolerance(same, [np.array([nan, 1.0, -inf], np.float32)])[0]
+    assert not check_module.within_tolerance(same, [np.array([nan, 1.5, inf], np.float32)])[0]

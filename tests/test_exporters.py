@@ -342,8 +342,12 @@ def _without_thresholded_relu(monkeypatch):
 
 
 @pytest.mark.usefixtures("_without_thresholded_relu")
-def test_a_cut_before_the_head_trains_the_part_before_it_on_its_outputs():
+def test_a_cut_before_the_head_trains_the_part_before_it_on_its_outputs(caplog):
     imported = import_model(_cut_before_the_head(mask=True))
+    # The head's weight stays as it is, and the user is told (before, nothing said so).
+    assert [r.getMessage() for r in caplog.records if "past the part" in r.getMessage() and r.levelname == "WARNING"
+            ][0] == ("1 compressible weight(s) lie past the part of the graph onnx-admm converts and stay as they are: "
+                     "w2 (node 'ThresholdedRelu_4_unnamed': ThresholdedRelu (opset 17) has no converter)")
     # The ones computed from h's shape do not depend on a weight: not a trained output (it was, and as the
     # first [N, C] tensor it became the "class scores" the loss and the selection metric read, always 100%).
     assert (imported.output_names, imported.passed_through) == (["h"], ["y"])
