@@ -58,6 +58,12 @@ def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[on
         return normalized, [o.name for o in graph.output]
     opsets = {o.domain: o.version for o in normalized.opset_import}
     bad = [node for node in graph.node if not _has_converter(node, opsets)]
+    invalid = [n for n in bad if n.domain in ("", "ai.onnx") and not defs.has(n.op_type)]
+    if invalid:
+        # tf2onnx writes ComplexAbs and Log1p (tf.abs of a complex STFT, tf.math.log1p) as if they were ONNX ops.
+        raise UserError(f"cannot import the model: node {invalid[0].name!r}: {invalid[0].op_type} is not an ONNX "
+                        f"operator, so the file is not valid ONNX (onnxruntime refuses to load it too); re-export "
+                        "the model without it")
     if any(not defs.has(n.op_type, _domain_version(n, opsets)[0]) for n in bad):
         _raise_unsupported(problems, "")
     bad_ids = {id(n) for n in bad}  # by identity: protobuf == compares whole messages
@@ -89,6 +95,12 @@ def trainable_part(normalized: onnx.ModelProto, problems: list[str]) -> tuple[on
     return _sub_model(normalized, trained, producer, types), trained
 
 
+# tf2onnx writes a Keras GRU, SimpleRNN or ConvLSTM2D (and an LSTM it cannot fuse) as a Loop over the time steps;
+# unrolled (Keras: unroll=True) the same layer exports as plain ops, which import and train.
+LOOP_MARK = ": Loop (opset"
+LOOP_FIX = ("export a recurrent layer unrolled (Keras: unroll=True) or as ONNX's LSTM / GRU / RNN op instead of a "
+            "Loop")
+
 # com.microsoft ops that onnxruntime's quantizers write (the others come from its optimizer's fusions).
 _MS_QUANTIZED = ("Quant", "NBits", "Bnb4", "FpQ4", "QAttention", "QOrdered", "QLinear", "QGemm", "QEmbed")
 
@@ -102,6 +114,8 @@ def _raise_unsupported(problems: list[str], why: str) -> None:
         # onnxruntime's transformer optimizer fuses a model's attention, layer norms and GELUs into com.microsoft
         # ops (optimum's ORTOptimizer too): the unfused export it started from imports.
         fix = "compress the model as exported, before onnxruntime's optimizer fused it (then optimize the result)"
+    elif LOOP_MARK in problems[0]:
+        fix = LOOP_FIX
     else:
         fix = "re-export without that op"
     raise UserError(

@@ -48,7 +48,7 @@ from onnx_admm.converters.graphinfo import (
 )
 from onnx_admm.converters.dequantize import decoded_view
 from onnx_admm.converters.branches import Folding
-from onnx_admm.converters.convertible import trainable_part, unsupported_nodes
+from onnx_admm.converters.convertible import LOOP_FIX, LOOP_MARK, trainable_part, unsupported_nodes
 from onnx_admm.converters.normalize import normalize
 from onnx_admm.converters.fused import unfuse
 from onnx_admm.converters.fx_params import current_value, freeze_unmapped, tie
@@ -412,9 +412,10 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     passed = [o.name for o in original.graph.output if o.name not in trained]
     untouched = sorted(compressible_names - {w.onnx_name for w in weights}) if passed else []
     if untouched:
+        cut = not_converted[0] if not_converted else "no converter"
         logger.warning("%d compressible weight(s) lie past the part of the graph onnx-admm converts and stay as they "
-                       "are: %s (%s)", len(untouched), ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else ""),
-                       not_converted[0] if not_converted else "no converter")
+                       "are: %s (%s)%s", len(untouched), ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else ""),
+                       cut, f"; to compress them, {LOOP_FIX}" if LOOP_MARK in cut else "")
     if inner is not None:
         if inner.name not in trained:
             raise UserError(f"score tensor {inner.name!r} is computed by a part of the graph onnx-admm cannot convert "

@@ -37,7 +37,7 @@ from onnx_admm.converters.graphinfo import (constant_node_value, constant_source
 from onnx_admm.converters.optable import RECURRENT_CONSTANT_INPUTS
 from onnx_admm.converters.ort_nodes import run_in_onnxruntime
 from onnx_admm.converters.ranks import annotate_unknown_ranks
-from onnx_admm.converters.shapes import inferred_shapes
+from onnx_admm.converters.shapes import inferred_shapes, record_output_types
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +401,8 @@ def stash_ops(model: onnx.ModelProto) -> bool:
         return cache[0]
 
     stashed = [node for node in model.graph.node if _needs_stash(node, opset, initializers, shapes)]
+    if stashed:
+        record_output_types(model, stashed)
     for node in stashed:
         node.domain = STASH_DOMAIN
     if stashed and not any(o.domain == STASH_DOMAIN for o in model.opset_import):

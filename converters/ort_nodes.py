@@ -32,7 +32,7 @@ from torch import nn
 
 from onnx_admm.converters.errors import UserError, ort_message
 from onnx_admm.converters.graphinfo import SHAPE_ONLY, subgraphs, weight_dependent
-from onnx_admm.converters.shapes import inferred_types
+from onnx_admm.converters.shapes import inferred_types, record_output_types
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ def run_in_onnxruntime(model: onnx.ModelProto, converted_opset: int) -> bool:
                                helper.make_attribute(_IR, model.ir_version)])
         node.op_type, node.domain = ORT_OP, ORT_DOMAIN
         moved.append(node)
-        # Shape inference cannot see through a private op: the types found here carry on past it.
-        known = {v.name for v in model.graph.value_info}
-        for name in outputs:
-            if name not in known and name in types:
-                elem, dims = types[name]
-                model.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims and list(dims)))
+    record_output_types(model, moved, types)
     if moved:
         model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
         logger.info("%d node(s) without a torch converter run in onnxruntime, with no gradient through them: %s",

@@ -52,3 +52,19 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]
     """Static shapes from ``inferred_types`` by tensor name; a symbolic or unknown dim is None."""
     return {name: tuple(d if isinstance(d, int) else None for d in dims)
             for name, (_, dims) in inferred_types(model).items() if dims is not None}
+
+
+def record_output_types(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                        types: dict[str, tuple[int, Dims | None]] | None = None) -> None:
+    """Add the inferred type and dims of ``nodes``' outputs to the graph's value_info, before the nodes move to a
+    private domain: shape inference cannot see through such a node, and the types found here carry on past it.
+
+    ``types``: ``inferred_types(model)`` when the caller has it."""
+    types = inferred_types(model) if types is None else types
+    known = {v.name for v in model.graph.value_info}
+    for node in nodes:
+        for name in node.output:
+            if name and name not in known and name in types:
+                elem, dims = types[name]
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, dims and list(dims)))
+                known.add(name)

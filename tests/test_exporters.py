@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 import pytest
 import torch
 from click.testing import CliRunner
@@ -530,3 +531,41 @@ def test_a_model_at_opset_9_trains_whole_and_is_written_back_at_opset_9(tmp_path
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     ok, diff = within_tolerance(result.imported.run({"x": x[:8]}), session.run(None, {"x": x[:8]}))
     assert ok, diff
+
+
+def test_an_op_that_is_not_onnx_is_named_as_an_invalid_file():
+    # tf2onnx writes tf.abs of a complex STFT as "ComplexAbs" in the default domain: no ONNX op, and onnxruntime
+    # refuses the file too. The import says so instead of asking for a converter.
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                               helper.make_node("ComplexAbs", ["h"], ["y"], name="abs")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UserError) as error:
+        import_model(model)
+    assert str(error.value) == ("cannot import the model: node 'abs': ComplexAbs is not an ONNX operator, so the file "
+                                "is not valid ONNX (onnxruntime refuses to load it too); re-export the model without it")
+
+
+def test_a_loop_before_every_weight_asks_for_the_layer_unrolled():
+    # tf2onnx writes a Keras SimpleRNN or GRU as a Loop over the time steps; before every weight, nothing trains.
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
+             numpy_helper.from_array(np.ones((4, 2), np.float32), "W")]
+    graph = helper.make_graph([helper.make_node("Loop", ["trips", "go", "x"], ["h"], name="while_loop", body=body),
+                               helper.make_node("MatMul", ["h", "W"], ["y"], name="dense")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    with pytest.raises(UserError) as error:
+        import_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert str(error.value).endswith("or export a recurrent layer unrolled (Keras: unroll=True) or as ONNX's LSTM / "
+                                     "GRU / RNN op instead of a Loop")
+    assert str(error.value).startswith("cannot import the model: node 'while_loop': Loop (opset 17) has no converter")

@@ -67,3 +67,32 @@ def test_underivable_rank_names_the_node():
     model.graph.output[0].type.tensor_type.ClearField("shape")  # a declared output rank would give it away
     with pytest.raises(UserError, match=r"cannot tell the rank of 'hs', the input of node 'bn' \(BatchNormalization\)"):
         import_model(model)
+
+
+def test_a_dilated_causal_conv1d_as_tf2onnx_writes_it_imports_past_its_stashed_pad(tmp_path):
+    # Keras Conv1D(dilation_rate=2, padding="causal") through tf2onnx: Pad (opset 11+, moved to the private domain
+    # for import), Unsqueeze, Transpose, a dilated Conv2D, Squeeze, then GlobalAveragePool. Shape inference cannot
+    # see through the stashed Pad: the pool's rank was unknown and the import stopped ("cannot tell the rank").
+    # The stash now records the types it found, so inference carries on past it.
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([0, 4, 0, 0, 0, 0], np.int64), "pads"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(rng.normal(size=(8, 8, 1, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "dense")]
+    n = helper.make_node
+    nodes = [n("Pad", ["x", "pads"], ["padded"], name="pad"),
+             n("Unsqueeze", ["padded", "one"], ["expanded"], name="expand"),
+             n("Transpose", ["expanded"], ["nchw"], perm=[0, 3, 1, 2], name="nchw"),
+             n("Conv", ["nchw", "w"], ["conv"], dilations=[1, 2], kernel_shape=[1, 3], name="conv"),
+             n("Squeeze", ["conv", "two"], ["squeezed"], name="squeeze"),
+             n("GlobalAveragePool", ["squeezed"], ["pooled"], name="pool"),
+             n("Squeeze", ["pooled", "two"], ["features"], name="flat"),
+             n("MatMul", ["features", "dense"], ["y"], name="dense")]
+    graph = helper.make_graph(nodes, "tcn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    path = tmp_path / "tcn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = check(path)
+    assert report.passed, report.format()
+    assert [w.onnx_name for w in import_model(onnx.load(str(path))).weights] == ["w", "dense"]
