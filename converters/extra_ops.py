@@ -165,33 +165,35 @@ class OnnxGridSample(nn.Module, OnnxToTorchModule):
                              align_corners=self.align_corners)
 
 
-def _attr(node: OnnxNode, name: str, default):
-    value = node.attributes.get(name, default)
-    return value.decode() if isinstance(value, bytes) else value
+def simple_converter(factory: Callable[[OnnxNode], nn.Module]) -> Callable[..., OperationConverterResult]:
+    """An onnx2torch converter whose module ``factory`` builds from the node alone, reading the node's inputs in
+    order."""
+    def convert(node: OnnxNode, graph: OnnxGraph | None) -> OperationConverterResult:  # noqa: ARG001
+        return OperationConverterResult(factory(node), onnx_mapping_from_node(node))
 
-
-def convert_grid_sample(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
-    """GridSample 16 and 20 (the stashed one, ``normalize.STASH_DOMAIN``)."""
-    module = OnnxGridSample(_attr(node, "mode", "bilinear"), _attr(node, "padding_mode", "zeros"),
-                            bool(_attr(node, "align_corners", 0)))
-    return OperationConverterResult(module, onnx_mapping_from_node(node))
-
-
-def convert_scatter_elements(node: OnnxNode, graph: OnnxGraph | None) -> OperationConverterResult:  # noqa: ARG001
-    """ScatterElements 11-18 (18, with max and min, is stashed: ``normalize.STASH_DOMAIN``)."""
-    module = OnnxScatterElements(int(_attr(node, "axis", 0)), _attr(node, "reduction", "none"))
-    return OperationConverterResult(module, onnx_mapping_from_node(node))
+    return convert
 
 
 def _register(op: str, factory: Callable[[OnnxNode], nn.Module]) -> None:
     """One converter for every version of ``op`` up to the opset of the import (onnx2torch looks a converter up by
     the version the op changed at)."""
-    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
-        return OperationConverterResult(factory(node), onnx_mapping_from_node(node))
-
     for version in sorted({defs.get_schema(op, v).since_version for v in range(1, TARGET_OPSET + 1)
-                           if defs.has(op) and _exists(op, v)}):
-        add_converter(operation_type=op, version=version)(convert)
+                           if _exists(op, v)}):
+        add_converter(operation_type=op, version=version)(simple_converter(factory))
+
+
+def _grid_sample(node: OnnxNode) -> OnnxGridSample:
+    return OnnxGridSample(node.attributes.get("mode", "bilinear"), node.attributes.get("padding_mode", "zeros"),
+                          bool(node.attributes.get("align_corners", 0)))
+
+
+def _scatter_elements(node: OnnxNode) -> OnnxScatterElements:
+    return OnnxScatterElements(int(node.attributes.get("axis", 0)), node.attributes.get("reduction", "none"))
+
+
+# Also registered in normalize.STASH_DOMAIN (converters.onnx_ops), for the versions onnx cannot bring down to 17.
+convert_grid_sample = simple_converter(_grid_sample)
+convert_scatter_elements = simple_converter(_scatter_elements)
 
 
 def _exists(op: str, version: int) -> bool:
@@ -205,12 +207,15 @@ def _exists(op: str, version: int) -> bool:
 for _op, _function in (("Sinh", torch.sinh), ("Cosh", torch.cosh), ("Asinh", torch.asinh), ("Acosh", torch.acosh),
                        ("Atanh", torch.atanh)):
     _register(_op, lambda node, f=_function: _Elementwise(f))
-_register("Shrink", lambda node: OnnxShrink(float(_attr(node, "bias", 0.0)), float(_attr(node, "lambd", 0.5))))
-_register("ThresholdedRelu", lambda node: OnnxThresholdedRelu(float(_attr(node, "alpha", 1.0))))
+_register("Shrink", lambda node: OnnxShrink(float(node.attributes.get("bias", 0.0)),
+                                            float(node.attributes.get("lambd", 0.5))))
+_register("ThresholdedRelu", lambda node: OnnxThresholdedRelu(float(node.attributes.get("alpha", 1.0))))
 _register("CastLike", lambda node: OnnxCastLike())
-_register("SpaceToDepth", lambda node: OnnxSpaceToDepth(int(_attr(node, "blocksize", 2))))
-_register("LpNormalization", lambda node: OnnxLpNormalization(int(_attr(node, "axis", -1)), int(_attr(node, "p", 2))))
-_register("MeanVarianceNormalization", lambda node: OnnxMeanVarianceNormalization(list(_attr(node, "axes", [0, 2, 3]))))
-_register("ScatterElements", lambda node: convert_scatter_elements(node, None).torch_module)
-_register("GlobalLpPool", lambda node: OnnxGlobalLpPool(int(_attr(node, "p", 2))))
+_register("SpaceToDepth", lambda node: OnnxSpaceToDepth(int(node.attributes.get("blocksize", 2))))
+_register("LpNormalization", lambda node: OnnxLpNormalization(int(node.attributes.get("axis", -1)),
+                                                              int(node.attributes.get("p", 2))))
+_register("MeanVarianceNormalization",
+          lambda node: OnnxMeanVarianceNormalization(list(node.attributes.get("axes", [0, 2, 3]))))
+_register("ScatterElements", _scatter_elements)  # 18 is stashed (converters.onnx_ops): max / min have no way down
+_register("GlobalLpPool", lambda node: OnnxGlobalLpPool(int(node.attributes.get("p", 2))))
 add_converter(operation_type="GridSample", version=16)(convert_grid_sample)  # 20 is stashed: no way down to 17

@@ -414,8 +414,8 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     if untouched:
         cut = not_converted[0] if not_converted else "no converter"
         logger.warning("%d compressible weight(s) lie past the part of the graph onnx-admm converts and stay as they "
-                       "are: %s (%s)%s", len(untouched), ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else ""),
-                       cut, f"; to compress them, {LOOP_FIX}" if LOOP_MARK in cut else "")
+                       "are: %s (%s)%s", len(untouched),
+                       ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else ""), cut, f"; to compress them, {LOOP_FIX}" if LOOP_MARK in cut else "")
     if inner is not None:
         if inner.name not in trained:
             raise UserError(f"score tensor {inner.name!r} is computed by a part of the graph onnx-admm cannot convert "

@@ -36,7 +36,8 @@ from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationCon
 from torch import nn
 
 from onnx_admm.converters import onnx_versions, ort_nodes, recurrent  # noqa: F401 - register converters when imported
-from onnx_admm.converters.extra_ops import convert_grid_sample, convert_scatter_elements  # and registers the others
+from onnx_admm.converters.extra_ops import (  # and registers the other extra converters
+    convert_grid_sample, convert_scatter_elements, simple_converter)
 from onnx_admm.converters.ml_ops import convert_binarizer, convert_imputer, convert_normalizer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
@@ -160,13 +161,6 @@ def _layer_norm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(OnnxLayerNorm(axis=axis, epsilon=eps), onnx_mapping_from_node(node))
 
 
-def _simple(module_factory: Callable[[OnnxNode], nn.Module]):
-    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
-        return OperationConverterResult(module_factory(node), onnx_mapping_from_node(node))
-
-    return convert
-
-
 def _attention(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
     a = node.attributes
     module = OnnxAttention(bool(a.get("is_causal", 0)), float(a.get("scale", 0.0)), int(a.get("q_num_heads", 0)),
@@ -175,14 +169,14 @@ def _attention(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  #
 
 
 _STASH_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph], OperationConverterResult]] = {
-    "GlobalMaxPool": _simple(lambda node: OnnxGlobalMaxPool()),
-    "Gelu": _simple(lambda node: OnnxGelu(node.attributes.get("approximate", "none"))),
-    "Mish": _simple(lambda node: OnnxMish()),
-    "Split": _simple(lambda node: OnnxSplit18(int(node.attributes.get("axis", 0)), len(node.output_values))),
-    "Pad": _simple(lambda node: OnnxPad18(node.attributes.get("mode", "constant"))),
-    "Clip": _simple(lambda node: OnnxClipAny()),
+    "GlobalMaxPool": simple_converter(lambda node: OnnxGlobalMaxPool()),
+    "Gelu": simple_converter(lambda node: OnnxGelu(node.attributes.get("approximate", "none"))),
+    "Mish": simple_converter(lambda node: OnnxMish()),
+    "Split": simple_converter(lambda node: OnnxSplit18(int(node.attributes.get("axis", 0)), len(node.output_values))),
+    "Pad": simple_converter(lambda node: OnnxPad18(node.attributes.get("mode", "constant"))),
+    "Clip": simple_converter(lambda node: OnnxClipAny()),
     "LayerNormalization": _layer_norm,
-    "RMSNormalization": _simple(lambda node: OnnxRmsNormalize(float(node.attributes.get("epsilon", 1e-5)),
+    "RMSNormalization": simple_converter(lambda node: OnnxRmsNormalize(float(node.attributes.get("epsilon", 1e-5)),
                                                               int(node.attributes.get("axis", -1)))),
     "Attention": _attention,
     "AveragePool": convert_average_pool,
@@ -227,7 +221,7 @@ class OnnxOneHot(nn.Module, OnnxToTorchModule):
 
 for _version in (9, 11):
     add_converter(operation_type="OneHot", version=_version)(
-        _simple(lambda node: OnnxOneHot(int(node.attributes.get("axis", -1)))))
+        simple_converter(lambda node: OnnxOneHot(int(node.attributes.get("axis", -1)))))
 
 
 class OnnxTrilu(nn.Module, OnnxToTorchModule):
@@ -242,4 +236,5 @@ class OnnxTrilu(nn.Module, OnnxToTorchModule):
         return torch.triu(x, diagonal) if self.upper else torch.tril(x, diagonal)
 
 
-add_converter(operation_type="Trilu", version=14)(_simple(lambda node: OnnxTrilu(bool(node.attributes.get("upper", 1)))))
+add_converter(operation_type="Trilu", version=14)(
+    simple_converter(lambda node: OnnxTrilu(bool(node.attributes.get("upper", 1)))))

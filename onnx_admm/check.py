@@ -134,7 +134,8 @@ def within_tolerance(reference: list[np.ndarray], other: list[np.ndarray],
             finite = np.abs(ref[np.isfinite(ref)])
             scale = float(np.max(finite)) if finite.size else 0.0
             slack = extra[i] if extra is not None else 0.0
-            atol, rtol = (HALF_ATOL, HALF_RTOL) if half or np.float16 in (ref.dtype, np.asarray(got).dtype) else (ATOL, RTOL)
+            in_half = half or np.float16 in (ref.dtype, np.asarray(got).dtype)
+            atol, rtol = (HALF_ATOL, HALF_RTOL) if in_half else (ATOL, RTOL)
             ok &= bool(np.all(_difference(ref, got) <= atol + rtol * scale + slack))
         else:
             ok &= bool(np.array_equal(ref, got))

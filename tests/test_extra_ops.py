@@ -12,8 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_admm.check import check
 from onnx_admm.converters.importer import import_model
 
-_UNARY = {  # op -> (nodes from h to g, attributes)
-    "Sinh": [], "Cosh": [], "Asinh": [],
+_INTO_DOMAIN = {  # nodes that bring h into the op's domain (Acosh: >= 1, Atanh: inside (-1, 1)), as b
     "Acosh": [helper.make_node("Abs", ["h"], ["a"]), helper.make_node("Add", ["a", "one_and_a_half"], ["b"])],
     "Atanh": [helper.make_node("Tanh", ["h"], ["b"])],
 }
@@ -24,7 +23,7 @@ def _between_two_weights(op: str, opset: int, **attrs) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "W1"),
              numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W2"),
              numpy_helper.from_array(np.array(1.5, np.float32), "one_and_a_half")]
-    before = _UNARY.get(op, [])
+    before = _INTO_DOMAIN.get(op, [])
     inputs = ["b" if before else "h"]
     if op == "CastLike":
         inputs.append("one_and_a_half")
@@ -48,7 +47,8 @@ def _assert_trains_through(model: onnx.ModelProto, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("op", "attrs"), [
-    ("LpNormalization", {}), ("LpNormalization", {"p": 1, "axis": 0}), ("Sinh", {}), ("Cosh", {}), ("Asinh", {}), ("Acosh", {}), ("Atanh", {}), ("Shrink", {"bias": 0.2, "lambd": 0.3}),
+    ("LpNormalization", {}), ("LpNormalization", {"p": 1, "axis": 0}), ("Sinh", {}), ("Cosh", {}), ("Asinh", {}),
+    ("Acosh", {}), ("Atanh", {}), ("Shrink", {"bias": 0.2, "lambd": 0.3}),
     ("Shrink", {}), ("ThresholdedRelu", {"alpha": 0.4}), ("ThresholdedRelu", {}), ("CastLike", {}),
 ])
 def test_an_elementwise_op_between_two_weights_trains_both(tmp_path, op, attrs):
