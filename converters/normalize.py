@@ -37,7 +37,7 @@ from onnx_admm.converters.graphinfo import (constant_node_value, constant_source
 from onnx_admm.converters.optable import RECURRENT_CONSTANT_INPUTS
 from onnx_admm.converters.ort_nodes import run_in_onnxruntime
 from onnx_admm.converters.ranks import annotate_unknown_ranks
-from onnx_admm.converters.shapes import inferred_shapes, record_output_types
+from onnx_admm.converters.shapes import inferred_shapes, inferred_types, record_output_types, static_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -393,16 +393,21 @@ def stash_ops(model: onnx.ModelProto) -> bool:
     """Move nodes the version converter or onnx2torch cannot take to ``STASH_DOMAIN`` (module doc)."""
     opset = _default_opset(model)
     initializers = {t.name for t in model.graph.initializer}
-    cache: list[dict] = []
+    cache: dict[str, dict] = {}  # shape inference once, for the LayerNorm rule and the types stashed nodes keep
+
+    def types() -> dict:
+        if "types" not in cache:
+            cache["types"] = inferred_types(model)
+        return cache["types"]
 
     def shapes() -> dict:
-        if not cache:
-            cache.append(inferred_shapes(model))
-        return cache[0]
+        if "shapes" not in cache:
+            cache["shapes"] = static_shapes(types())
+        return cache["shapes"]
 
     stashed = [node for node in model.graph.node if _needs_stash(node, opset, initializers, shapes)]
     if stashed:
-        record_output_types(model, stashed)
+        record_output_types(model, stashed, types())
     for node in stashed:
         node.domain = STASH_DOMAIN
     if stashed and not any(o.domain == STASH_DOMAIN for o in model.opset_import):

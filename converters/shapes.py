@@ -50,8 +50,13 @@ def inferred_types(model: onnx.ModelProto, data_prop: bool = False) -> dict[str,
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     """Static shapes from ``inferred_types`` by tensor name; a symbolic or unknown dim is None."""
+    return static_shapes(inferred_types(model))
+
+
+def static_shapes(types: dict[str, tuple[int, Dims | None]]) -> dict[str, tuple[int | None, ...]]:
+    """``inferred_shapes`` of types already inferred."""
     return {name: tuple(d if isinstance(d, int) else None for d in dims)
-            for name, (_, dims) in inferred_types(model).items() if dims is not None}
+            for name, (_, dims) in types.items() if dims is not None}
 
 
 def record_output_types(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
