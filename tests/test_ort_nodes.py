@@ -6,6 +6,7 @@ and OneHotEncoder, a Size after a weight. Before, each of these models failed to
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
@@ -70,8 +71,11 @@ def test_a_spectrogram_front_end_imports_checks_and_prunes_to_the_exact_count(tm
     data, out = tmp_path / "wave.npz", tmp_path / "out.onnx"
     np.savez(data, wave=rng.standard_normal((96, 1024)).astype(np.float32))
     result = CliRunner().invoke(main, ["compress", str(path), "-o", str(out), "--data", str(data), "--sparsity", "0.5",
-                                       "--epochs", "1", "--threads", "1", "--quiet"])
+                                       "--epochs", "1", "--threads", "1", "--quiet",
+                                       "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["onnxruntime_nodes"] == [
+        f"node {stft.name!r}: STFT (opset {opset})"]
     written = onnx.load(str(out))
     assert written.graph.input == original.graph.input and written.graph.output == original.graph.output
     assert [n.op_type for n in written.graph.node] == [n.op_type for n in original.graph.node]

@@ -18,6 +18,7 @@ from onnx_admm.converters.fused import weights_view
 from onnx_admm.converters.graphinfo import constant_sources, tensor_value
 from onnx_admm.converters.importer import ImportedModel
 from onnx_admm.converters.modelio import Staged, load_model, save_model
+from onnx_admm.converters.ort_nodes import in_onnxruntime
 from onnx_admm.converters.quantized import dequantize_model
 from onnx_admm.converters.shrink import count_macs
 from onnx_admm.converters.writeback import WriteBackResult
@@ -132,6 +133,8 @@ def build_report(result: CompressResult, exported: WriteBackResult, compressed: 
         "score": validation.score,
         "passed_through": list(imported.passed_through),
         "not_converted": list(imported.not_converted),
+        # Nodes without a torch converter that no gradient crosses, run in onnxruntime inside the module.
+        "onnxruntime_nodes": in_onnxruntime(imported.normalized),
         # The papers' figure (nonzeros x value bits + index bits + codebooks), and the raw bits of the
         # compressed weights' encodings in the file.
         "storage_bits": {"original": 32 * total, "compressed": sum(layer["storage_bits"] for layer in layers),
