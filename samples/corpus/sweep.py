@@ -375,6 +375,14 @@ def _keras_digits(work: Path) -> tuple[Path, Feeds | None]:
     return Path(__file__).resolve().parent / "keras_digits" / "keras_digits.onnx", {"image": x[order]}
 
 
+def _keras_tcn(work: Path) -> tuple[Path, Feeds | None]:
+    """A Keras TCN (dilated causal Conv1D blocks) exported by tf2onnx, committed (samples/corpus/keras_tcn/make.py),
+    fed 600 signals of its task it did not train on."""
+    from keras_tcn.signals import signals
+
+    return Path(__file__).resolve().parent / "keras_tcn" / "keras_tcn.onnx", {"signal": signals(600, 1)[0]}
+
+
 def _paddle_ocr(kind: str) -> Callable[[Path], tuple[Path, Feeds | None]]:
     """PaddleOCR-style recognizer (``rec``) or detector (``det``) exported by paddle2onnx, committed
     (samples/corpus/paddle_ocr/make.py), fed lines or pages of seeds they did not train on."""
@@ -536,6 +544,8 @@ CORPUS = [
           "torch TorchScript, then onnxruntime's transformer optimizer (fused com.microsoft ops)", _bert_optimized),
     Entry("keras_digits", "Keras CNN (trained on scikit-learn digits; committed file)", "tf2onnx 1.16, opset 15",
           _keras_digits),
+    Entry("keras_tcn", "Keras TCN (trained, synthetic two-channel events; committed file)",
+          "tf2onnx 1.17, opset 17, causal dilated Conv1D", _keras_tcn),
     Entry("ppocr_rec", "PaddlePaddle (trained, synthetic digit lines; PP-OCRv3 rec layout; committed file)",
           "paddle2onnx 2.1, opset 14, [N, T, C] CTC probabilities", _paddle_ocr("rec")),
     Entry("ppocr_det", "PaddlePaddle (trained, synthetic pages; DB detector layout; committed file)",
