@@ -10,7 +10,8 @@
 - ``Trilu`` (opset 14): both exporters write a transformer decoder's causal mask with it
   (``nn.Transformer`` with ``tgt_is_causal``); without it the import stopped there and the decoder was
   passed through untrained.
-- Unary ops, ``Shrink``, ``ThresholdedRelu``, ``CastLike`` and ``GridSample``: ``converters.extra_ops``.
+- Unary ops, ``Shrink``, ``ThresholdedRelu``, ``CastLike``, ``GridSample`` and more: ``converters.extra_ops``.
+- Nodes no gradient crosses, moved to ``ort_nodes.ORT_DOMAIN``: ``converters.ort_nodes.OrtNode``.
 - ``LessOrEqual`` / ``GreaterOrEqual`` 16 (``converters.onnx_versions``: the version 12 converter).
 - Ops the normalize pass moves to ``normalize.STASH_DOMAIN``: those onnx's version converter cannot
   bring down to opset 17 (``Attention`` 23 and ``RMSNormalization`` 23, which the dynamo exporter writes at
@@ -35,13 +36,14 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
-from onnx_admm.converters import onnx_versions, ort_nodes, recurrent  # noqa: F401 - register converters when imported
+from onnx_admm.converters import onnx_versions, recurrent  # noqa: F401 - register converters when imported
 from onnx_admm.converters.extra_ops import (  # and registers the other extra converters
     convert_grid_sample, convert_scatter_elements, simple_converter)
 from onnx_admm.converters.ml_ops import convert_binarizer, convert_imputer, convert_normalizer, convert_scaler
 from onnx_admm.converters.attention import OnnxAttention
 from onnx_admm.converters.fused_ops import OnnxRmsNormalize  # registers the private ops' converters too
 from onnx_admm.converters.normalize import ML_STASHED_OPS, STASH_DOMAIN, STASHED_OPS
+from onnx_admm.converters.ort_nodes import ORT_DOMAIN, ORT_OP, OrtNode
 from onnx_admm.converters.padding import convert_average_pool, convert_conv_transpose
 
 class OnnxGlobalMaxPool(nn.Module, OnnxToTorchModule):
@@ -197,6 +199,7 @@ if set(_STASH_CONVERTERS) != STASHED_OPS | ML_STASHED_OPS:
 for _op, _converter in _STASH_CONVERTERS.items():
     add_converter(operation_type=_op, version=1, domain=STASH_DOMAIN)(_converter)
 add_converter(operation_type="GlobalMaxPool", version=1)(_STASH_CONVERTERS["GlobalMaxPool"])
+add_converter(operation_type=ORT_OP, version=1, domain=ORT_DOMAIN)(simple_converter(lambda node: OrtNode(node.proto)))
 
 
 

@@ -6,13 +6,13 @@ A torch audio model computes its spectrogram with ``torch.stft`` (an ``STFT`` no
 models did not import at all. No gradient has to pass through these nodes: nothing they read depends on a
 trainable weight (``graphinfo.weight_dependent``), or their output depends only on a shape (``Size``). So the
 normalize pass ``run_in_onnxruntime`` moves them to ``ORT_DOMAIN`` (the original op, domain and opset kept in
-reserved attributes), and their converter builds ``OrtNode``: a module that runs that one node in an onnxruntime
-session, on the CPU, with the tensors it is given. The rest of the model trains in torch as before; write-back
-is by tensor name on the original graph, which keeps the node as it was.
+reserved attributes), and their converter (registered by ``converters.onnx_ops``) builds ``OrtNode``: a module that
+runs that one node in an onnxruntime session, on the CPU, with the tensors it is given. The rest of the model
+trains in torch as before; write-back is by tensor name on the original graph, which keeps the node as it was.
 
 A node whose inputs depend on a weight and whose float output feeds the network is not moved: training the
 weights before it needs its gradient, so the import stops and names it, as before. Nor are nodes with
-subgraphs (their bodies read outer tensors), string tensors (torch holds none) or outputs of unknown type.
+subgraphs (their bodies read outer tensors) or string tensors (torch holds none).
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import defs, helper
-from onnx2torch.node_converters.registry import add_converter, get_converter
-from onnx2torch.onnx_graph import OnnxGraph
-from onnx2torch.onnx_node import OnnxNode
-from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
+from onnx2torch.node_converters.registry import get_converter
+from onnx2torch.utils.common import OnnxToTorchModule
 from torch import nn
 
 from onnx_admm.converters.errors import UserError, ort_message
@@ -177,7 +175,3 @@ class OrtNode(nn.Module, OnnxToTorchModule):
                         for name in self.output_names)
         return tensors[0] if len(tensors) == 1 else tensors
 
-
-@add_converter(operation_type=ORT_OP, version=1, domain=ORT_DOMAIN)
-def _convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:  # noqa: ARG001
-    return OperationConverterResult(OrtNode(node.proto), onnx_mapping_from_node(node))
