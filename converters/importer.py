@@ -413,9 +413,10 @@ def import_model(original: onnx.ModelProto, output: str | None = None, folding: 
     untouched = sorted(compressible_names - {w.onnx_name for w in weights}) if passed else []
     if untouched:
         cut = not_converted[0] if not_converted else "no converter"
+        listed = ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else "")
+        fix = f"; to compress them, {LOOP_FIX}" if LOOP_MARK in cut else ""
         logger.warning("%d compressible weight(s) lie past the part of the graph onnx-admm converts and stay as they "
-                       "are: %s (%s)%s", len(untouched),
-                       ", ".join(untouched[:5]) + (", ..." if len(untouched) > 5 else ""), cut, f"; to compress them, {LOOP_FIX}" if LOOP_MARK in cut else "")
+                       "are: %s (%s)%s", len(untouched), listed, cut, fix)
     if inner is not None:
         if inner.name not in trained:
             raise UserError(f"score tensor {inner.name!r} is computed by a part of the graph onnx-admm cannot convert "

@@ -8,9 +8,9 @@ Measured on torch 2.14 exports: opset 20 → 17 plus the cleanups below made LeN
 ResNet-18, MobileNetV2, VGG-11 and a transformer layer import and match onnxruntime.
 
 onnx's version converter has no way down for some ops (Gelu 20, Mish 18, Split 18, Pad 18+, ConstantOfShape 20,
-GlobalMaxPool 22, GridSample 20, ScatterElements 18: "No Adapter ...") and one failure stops the whole conversion. Before converting,
-``stash_ops`` moves such nodes to the private domain ``STASH_DOMAIN``, where the converter leaves them
-alone and ``converters.onnx_ops`` registers onnx2torch converters for them at their newest semantics.
+GlobalMaxPool 22, GridSample 20, ScatterElements 18: "No Adapter ...") and one failure stops the whole conversion.
+Before converting, ``stash_ops`` moves such nodes to the private domain ``STASH_DOMAIN``, where the converter
+leaves them alone and ``converters.onnx_ops`` registers onnx2torch converters for them at their newest semantics.
 Nodes onnx2torch mishandles go there too: Pad from opset 11 (it pads reflect/edge only on trailing
 dims), Clip with an empty or computed bound (it wants constants), LayerNormalization whose input
 shape inference cannot tell (it sizes the layer from that shape).

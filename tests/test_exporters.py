@@ -544,8 +544,9 @@ def test_an_op_that_is_not_onnx_is_named_as_an_invalid_file():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UserError) as error:
         import_model(model)
-    assert str(error.value) == ("cannot import the model: node 'abs': ComplexAbs is not an ONNX operator, so the file "
-                                "is not valid ONNX (onnxruntime refuses to load it too); re-export the model without it")
+    assert str(error.value) == (
+        "cannot import the model: node 'abs': ComplexAbs is not an ONNX operator, so the file is not valid ONNX "
+        "(onnxruntime refuses to load it too); re-export the model without it")
 
 
 def test_a_loop_before_every_weight_asks_for_the_layer_unrolled():
